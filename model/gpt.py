@@ -1,0 +1,164 @@
+"""recipe.model -> megatron-core TransformerConfig + layer spec -> GPTModel chunks (Llama-style)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig
+from pretrain.errors import UserError
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBuild:
+    """What the model builder needs beyond recipe.model: the layout sizes and numerics."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
+    context: int = 1
+    expert: int = 1
+    sequence_parallel: bool = False
+    precision: str = "fp32"
+    use_cpu_initialization: bool = True  # CPU init is also what makes init TP-size invariant
+    perform_initialization: bool = True
+
+
+def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
+    """Megatron-LM's padding: round up to a multiple of make_vocab_size_divisible_by × tensor."""
+    multiple = model.make_vocab_size_divisible_by * tensor
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(model: ModelConfig, build: ModelBuild):
+    """A megatron-core TransformerConfig for a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = _DTYPES[build.precision]
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups or model.num_attention_heads,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_method_std,
+        # Fusions need apex or TE; the unfused paths are exact and portable.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        cross_entropy_loss_fusion=False,
+        tensor_model_parallel_size=build.tensor,
+        pipeline_model_parallel_size=build.pipeline,
+        virtual_pipeline_model_parallel_size=build.virtual_pipeline,
+        context_parallel_size=build.context,
+        expert_model_parallel_size=build.expert,
+        sequence_parallel=build.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=build.precision == "bf16",
+        fp16=build.precision == "fp16",
+        calculate_per_token_loss=True,
+        use_cpu_initialization=build.use_cpu_initialization,
+        perform_initialization=build.perform_initialization,
+    )
+
+
+def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None):
+    """The transformer block spec: our local layers, or transformer-engine's when asked for."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if model.transformer_impl == "transformer_engine":
+        return _te_layer_spec()
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from model.layers import RMSNorm, SDPAttention
+
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = RMSNorm
+    spec.submodules.pre_mlp_layernorm = RMSNorm
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
+
+
+def _te_layer_spec():
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        raise UserError(
+            "model.transformer_impl: transformer_engine needs transformer-engine, which is not "
+            "installed: pip install -e '.[gpu]' on a CUDA machine, or set model.transformer_impl=local"
+        ) from None
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    return get_gpt_layer_with_transformer_engine_spec()
+
+
+def build_model_chunks(model: ModelConfig, build: ModelBuild, vocab_size: int) -> List[torch.nn.Module]:
+    """One GPTModel per virtual pipeline stage held by this rank (one chunk without interleaving).
+
+    Needs megatron-core's parallel state initialized for the same sizes as `build`.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    config = transformer_config(model, build)
+    chunks = []
+    for vp_stage in range(build.virtual_pipeline or 1):
+        stage = vp_stage if build.virtual_pipeline else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(model, config, stage),
+            vocab_size=padded_vocab_size(model, vocab_size, build.tensor),
+            max_sequence_length=model.seq_length,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            share_embeddings_and_output_weights=not model.untie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(model.rotary_base),
+            vp_stage=stage,
+        )
+        chunks.append(chunk)
+    return chunks
+
+
+@contextlib.contextmanager
+def meta_device():
+    """Builds modules without allocating their weights (parameter counting, `--dry-run`)."""
+    with torch.device("meta"):
+        yield
+
+
+def count_parameters_formula(model: ModelConfig, vocab_size: int) -> int:
+    """Hand formula for the Llama-style decoder's parameter count (no biases, untied or tied)."""
+    h, f, layers = model.hidden_size, model.ffn_hidden_size, model.num_layers
+    heads = model.num_attention_heads
+    groups = model.num_query_groups or heads
+    head_dim = h // heads
+    attention = h * (heads + 2 * groups) * head_dim + heads * head_dim * h
+    mlp = 2 * h * f + f * h
+    norms = 2 * h
+    embeddings = vocab_size * h * (2 if model.untie_embeddings else 1)
+    return layers * (attention + mlp + norms) + h + embeddings

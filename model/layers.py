@@ -1,0 +1,65 @@
+"""Local-spec layers megatron-core lacks on CPU: SDPA core attention and a sequence-parallel RMSNorm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+
+class SDPAttention(DotProductAttention):
+    """Causal core attention through `F.scaled_dot_product_attention` (flash/memory-efficient kernels).
+
+    megatron-core's local DotProductAttention materializes the [b, np, s, s] score matrix; this
+    keeps its constructor (head bookkeeping, softmax scale, dropout) and replaces the math with one
+    SDPA call, so attention memory is linear in the sequence length.
+    """
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention supports neither packed sequences nor bias")
+        mask_type = attn_mask_type or self.attn_mask_type
+        if mask_type != AttnMaskType.causal or attention_mask is not None:
+            raise NotImplementedError(f"SDPAttention supports causal masks only, got {mask_type}")
+        # [s, b, np, hn] -> [b, np, s, hn]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        dropout = self.attention_dropout.p if self.training else 0.0
+        group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
+        attend = lambda: F.scaled_dot_product_attention(  # noqa: E731
+            q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale,
+            enable_gqa=group > 1,
+        )
+        if dropout > 0.0:
+            # Heads are split over TP ranks, so dropout draws from the tensor-parallel RNG.
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                context = attend()
+        else:
+            context = attend()
+        # [b, np, s, hn] -> [s, b, np * hn]
+        context = context.permute(2, 0, 1, 3).contiguous()
+        return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm with megatron-core's norm constructor, usable under sequence parallelism.
+
+    Under sequence parallelism each TP rank normalizes its own sequence slice, so the weight's
+    gradient is partial; the `sequence_parallel` attribute makes megatron-core's
+    `finalize_model_grads` all-reduce it over the tensor-parallel group (megatron-core's own
+    WrappedTorchNorm refuses sequence parallelism outright: transformer/torch_norm.py:32).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        setattr(self.weight, "sequence_parallel", config.sequence_parallel)

@@ -1,0 +1,144 @@
+"""The parallel layout of a run: sizes, this rank's coordinates, and megatron-core's process groups."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from pretrain.config import ParallelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Sizes of each parallel axis; their product (with dp) is the world size.
+
+    Built from a validated recipe (`pretrain.config.validate_for_world` did the checks), so the
+    constructor only derives, it does not re-check.
+    """
+
+    world_size: int
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
+    context: int = 1
+    expert: int = 1
+    sequence_parallel: bool = False
+
+    @property
+    def data(self) -> int:
+        return self.world_size // (self.tensor * self.pipeline * self.context)
+
+    @property
+    def model_chunks(self) -> int:
+        """Model chunks held by one pipeline rank (virtual pipeline stages)."""
+        return self.virtual_pipeline or 1
+
+    @classmethod
+    def from_config(cls, parallel: ParallelConfig, world_size: int) -> "Layout":
+        return cls(
+            world_size=world_size,
+            tensor=parallel.tensor,
+            pipeline=parallel.pipeline,
+            virtual_pipeline=parallel.virtual_pipeline,
+            context=parallel.context,
+            expert=parallel.expert,
+            sequence_parallel=parallel.sequence_parallel,
+        )
+
+    def describe(self) -> str:
+        vpp = f" (x{self.virtual_pipeline} virtual)" if self.virtual_pipeline else ""
+        return (
+            f"world {self.world_size} = tensor {self.tensor} x pipeline {self.pipeline}{vpp}"
+            f" x context {self.context} x data {self.data}; expert {self.expert}"
+            + (", sequence parallel" if self.sequence_parallel else "")
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in the layout (read from megatron-core after initialization)."""
+
+    rank: int
+    tensor_rank: int
+    pipeline_rank: int
+    data_rank: int
+    context_rank: int
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == dist.get_world_size() - 1
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's variables; a plain `python` run is 1 process."""
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return rank, local_rank, world_size
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    """`auto` uses this node's GPU for the local rank when there is one, else the CPU."""
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+def init_process_group(device: torch.device, rank: int, world_size: int) -> None:
+    """NCCL on GPU, gloo on CPU. A plain single process gets a private rendezvous."""
+    if dist.is_initialized():
+        return
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(_free_port())
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=30)
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_model_parallel(layout: Layout) -> RankInfo:
+    """Creates megatron-core's process groups for `layout` and returns this rank's coordinates."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        context_parallel_size=layout.context,
+        expert_model_parallel_size=layout.expert,
+    )
+    return RankInfo(
+        rank=dist.get_rank(),
+        tensor_rank=ps.get_tensor_model_parallel_rank(),
+        pipeline_rank=ps.get_pipeline_model_parallel_rank(),
+        data_rank=ps.get_data_parallel_rank(),
+        context_rank=ps.get_context_parallel_rank(),
+    )
+
+
+def shutdown() -> None:
+    """Destroys megatron-core's groups and the process group (tests reuse processes)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

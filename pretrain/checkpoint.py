@@ -1,0 +1,105 @@
+"""Checkpoints with megatron-core dist_checkpointing: complete-or-invisible saves, `auto` resume."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from pretrain.errors import UserError
+
+LATEST = "latest"
+_ITER = re.compile(r"^iter_(\d{7})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def complete_checkpoints(ckpt_dir: pathlib.Path) -> List[pathlib.Path]:
+    """Finished checkpoints, oldest first; a save in progress lives under a `.tmp` name."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and _ITER.match(p.name)]
+    return sorted(found, key=lambda p: int(_ITER.match(p.name).group(1)))
+
+
+def resolve_load(load: Optional[str], ckpt_dir: pathlib.Path) -> Optional[pathlib.Path]:
+    """`None` -> no load; `auto` -> newest complete checkpoint in ckpt_dir (or none); else a path."""
+    if load is None:
+        return None
+    if load == "auto":
+        found = complete_checkpoints(ckpt_dir)
+        return found[-1] if found else None
+    path = pathlib.Path(load)
+    if path.is_dir() and (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    if not (path / "metadata.json").is_file():
+        raise UserError(f"checkpoint.load: '{load}' is not a complete checkpoint (no metadata.json)")
+    return path
+
+
+def _model_sharded_state_dict(chunks) -> dict:
+    sd = {}
+    for i, chunk in enumerate(chunks):
+        sd[f"model{i}" if len(chunks) > 1 else "model"] = _unwrap(chunk).sharded_state_dict()
+    return sd
+
+
+def _unwrap(chunk):
+    """DDP -> the wrapped module (Float16Module or GPTModel), which knows its sharded state."""
+    return getattr(chunk, "module", chunk)
+
+
+def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict) -> pathlib.Path:
+    """Writes `<dir>/iter_N.tmp`, then renames it to `iter_N` and updates `latest` (rank 0)."""
+    from megatron.core import dist_checkpointing
+
+    final = ckpt_dir / checkpoint_name(step)
+    tmp = ckpt_dir / (checkpoint_name(step) + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    state = _model_sharded_state_dict(chunks)
+    state["optimizer"] = optimizer.sharded_state_dict(state)
+    state["extra"] = extra
+    dist_checkpointing.save(state, str(tmp))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if final.exists():  # re-saving the same step (e.g. a rerun): replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_atomic(ckpt_dir / LATEST, final.name)
+    dist.barrier()
+    return final
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load(path: pathlib.Path, chunks, optimizer) -> dict:
+    """Restores model chunks and optimizer in place; returns the `extra` dict saved with them."""
+    from megatron.core import dist_checkpointing
+
+    template = _model_sharded_state_dict(chunks)
+    template["optimizer"] = optimizer.sharded_state_dict(template, is_loading=True)
+    template["extra"] = None
+    with torch.no_grad():
+        state = dist_checkpointing.load(template, str(path))
+    for i, chunk in enumerate(chunks):
+        key = f"model{i}" if len(chunks) > 1 else "model"
+        _unwrap(chunk).load_state_dict(state[key])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["extra"]

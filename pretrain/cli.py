@@ -1,0 +1,63 @@
+"""Command line of pretrain_gpt.py: parse, validate, dry-run or train; user errors exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from pretrain.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_gpt.py",
+        description="Pretrain a GPT from a recipe: torchrun --nproc_per_node=N pretrain_gpt.py "
+        "--recipe NAME_OR_PATH [key.path=value ...]",
+    )
+    parser.add_argument("--recipe", required=True, help="recipes/NAME(.yaml) or a path to a YAML")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=60")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate for the world size, print layout and parameter counts, exit")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="world size for --dry-run (default: WORLD_SIZE or 1)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pretrain.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.dry_run:
+        from pretrain.dry_run import dry_run
+
+        world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+        print(dry_run(recipe, world_size))
+        return 0
+    from parallel.layout import shutdown
+    from pretrain.trainer import train
+
+    try:
+        record = train(recipe)
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", "0")) == 0 and record:
+        print(f"final loss {record['loss']:.4f} after {record['step']} steps", flush=True)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        rank = os.environ.get("RANK")
+        where = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"error: {where}{e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR

@@ -1,0 +1,109 @@
+"""`--dry-run`: validate a recipe for a world size; print the layout and parameter counts, no weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Tuple
+
+from model.gpt import count_parameters_formula, padded_vocab_size
+from parallel.layout import Layout
+from pretrain.config import Recipe, validate_for_world
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """What one pipeline rank holds: its layer ranges (one per virtual chunk) and parameters per TP rank."""
+
+    pipeline_rank: int
+    layers: Tuple[Tuple[int, int], ...]   # half-open [first, last) global layer indices per chunk
+    params_per_rank: int
+
+
+def stage_layers(num_layers: int, layout: Layout) -> List[Tuple[Tuple[int, int], ...]]:
+    """megatron-core's even split: chunk c of pipeline rank p holds block c·pp + p."""
+    chunks = layout.model_chunks
+    per_block = num_layers // (layout.pipeline * chunks)
+    plans = []
+    for p in range(layout.pipeline):
+        blocks = [c * layout.pipeline + p for c in range(chunks)]
+        plans.append(tuple((b * per_block, (b + 1) * per_block) for b in blocks))
+    return plans
+
+
+def params_per_rank(recipe: Recipe, layout: Layout, vocab: int, layers: int, first: bool, last: bool) -> int:
+    """Parameters on one rank of a stage: TP splits every matmul, norms are replicated."""
+    m = recipe.model
+    h, heads = m.hidden_size, m.num_attention_heads
+    groups = m.num_query_groups or heads
+    head_dim = h // heads
+    tp = layout.tensor
+    layer = (h * (heads + 2 * groups) * head_dim + heads * head_dim * h + 3 * h * m.ffn_hidden_size) // tp
+    layer += 2 * h
+    total = layers * layer
+    if first:
+        total += vocab * h // tp
+    if last:
+        total += h + (vocab * h // tp if (m.untie_embeddings or not first) else 0)
+    return total
+
+
+def plan(recipe: Recipe, world_size: int) -> Tuple[Layout, int, List[StagePlan]]:
+    validate_for_world(recipe, world_size)
+    layout = Layout.from_config(recipe.parallel, world_size)
+    vocab = padded_vocab_size(recipe.model, _vocab_size(recipe), layout.tensor)
+    stages = []
+    for p, ranges in enumerate(stage_layers(recipe.model.num_layers, layout)):
+        layers = sum(b - a for a, b in ranges)
+        count = params_per_rank(recipe, layout, vocab, layers, p == 0, p == layout.pipeline - 1)
+        stages.append(StagePlan(p, ranges, count))
+    return layout, vocab, stages
+
+
+def _vocab_size(recipe: Recipe) -> int:
+    if recipe.model.vocab_size:
+        return recipe.model.vocab_size
+    from data.tokenizer import build_tokenizer
+
+    return build_tokenizer(recipe.data.tokenizer).vocab_size
+
+
+def meta_parameter_count(recipe: Recipe, vocab: int) -> int:
+    """Builds the whole model (TP=PP=1) on the meta device and counts; allocates no weights."""
+    import torch
+    import torch.distributed as dist
+
+    from model.gpt import ModelBuild, build_model_chunks, meta_device
+    from parallel import cpu_compat
+    from parallel.layout import Layout as _Layout, init_model_parallel, shutdown
+
+    cpu_compat.enable(torch.device("cpu"))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        init_model_parallel(_Layout(world_size=1))
+        build = ModelBuild(precision="fp32", perform_initialization=False)
+        with meta_device():
+            chunk = build_model_chunks(recipe.model, build, vocab)[0]
+        return sum(p.numel() for p in chunk.parameters())
+    finally:
+        shutdown()
+
+
+def dry_run(recipe: Recipe, world_size: int) -> str:
+    layout, vocab, stages = plan(recipe, world_size)
+    total = count_parameters_formula(recipe.model, vocab)
+    built = meta_parameter_count(recipe, vocab)
+    lines = [
+        f"recipe {recipe.source}: valid for world size {world_size}",
+        f"layout: {layout.describe()}",
+        f"micro-batches per step: "
+        f"{recipe.train.global_batch_size // (recipe.train.micro_batch_size * layout.data)}",
+        f"vocabulary: {vocab} (padded)",
+        f"parameters: {built:,} total ({built / 1e9:.2f}B; formula {total:,})",
+    ]
+    for s in stages:
+        ranges = ", ".join(f"{a}-{b - 1}" for a, b in s.layers)
+        lines.append(
+            f"  pipeline stage {s.pipeline_rank}: layers {ranges}; "
+            f"{s.params_per_rank:,} parameters per tensor-parallel rank"
+        )
+    return "\n".join(lines)

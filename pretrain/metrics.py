@@ -1,0 +1,108 @@
+"""Per-step metrics: metrics.jsonl, wandb (offline without a key), and human progress on stdout."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import sys
+from typing import Optional
+
+from pretrain.config import LoggingConfig, ModelConfig
+
+# Dense bf16 peak per device in TFLOP/s, by a substring of torch.cuda.get_device_name().
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+
+
+def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward), Megatron-LM's accounting.
+
+    Matmul parameters cost 6 FLOPs per token (the input embedding is a lookup, not a matmul);
+    causal attention scores and values add 6 · layers · seq · hidden (half of the full square).
+    """
+    from model.gpt import count_parameters_formula
+
+    matmul_params = count_parameters_formula(model, vocab_size) - vocab_size * model.hidden_size
+    if not model.untie_embeddings:
+        matmul_params += vocab_size * model.hidden_size  # the tied output layer is still a matmul
+    attention = 6 * model.num_layers * model.seq_length * model.hidden_size
+    return 6.0 * matmul_params + attention
+
+
+def device_peak_tflops(device_name: Optional[str]) -> Optional[float]:
+    if not device_name:
+        return None
+    for key, peak in PEAK_TFLOPS.items():
+        if key in device_name:
+            return peak
+    return None
+
+
+class MetricsLog:
+    """Writes one JSON object per logged step; only the logging rank creates one."""
+
+    def __init__(self, log_dir: pathlib.Path, resume_step: int, recipe_dict: dict, cfg: LoggingConfig):
+        self.path = log_dir / "metrics.jsonl"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_after(self.path, resume_step)
+        self.cfg = cfg
+        self.wandb_run = _init_wandb(cfg, log_dir, recipe_dict)
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+        print(_progress_line(record), flush=True)
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+
+
+def _truncate_after(path: pathlib.Path, step: int) -> None:
+    """A resumed run rewrites the steps after its checkpoint, so the file holds one curve."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def _init_wandb(cfg: LoggingConfig, log_dir: pathlib.Path, recipe_dict: dict):
+    if cfg.wandb.mode == "disabled":
+        return None
+    import wandb
+
+    mode = cfg.wandb.mode
+    if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
+        print("wandb: no API key found, logging offline (wandb sync later)", file=sys.stderr)
+        mode = "offline"
+    return wandb.init(
+        project=cfg.wandb.project,
+        name=cfg.wandb.name or cfg.name,
+        mode=mode,
+        dir=str(log_dir),
+        config=recipe_dict,
+    )
+
+
+def _has_netrc_key() -> bool:
+    netrc = pathlib.Path(os.environ.get("NETRC", pathlib.Path.home() / ".netrc"))
+    return netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def _progress_line(r: dict) -> str:
+    parts = [
+        f"step {r['step']:>6}",
+        f"loss {r['loss']:.4f}",
+        f"lr {r['lr']:.3e}",
+        f"grad_norm {r['grad_norm']:.3f}",
+        f"{r['tokens_per_s']:.0f} tok/s",
+        f"{r['step_time_s'] * 1000:.0f} ms",
+    ]
+    if r.get("mfu") is not None and not math.isnan(r["mfu"]):
+        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+    return " | ".join(parts)
