@@ -1,0 +1,71 @@
+"""Turn text into token ids and back: a built-in byte tokenizer or a local HF `tokenizer.json`."""
+
+import os
+
+from pretrain.errors import UserError
+
+# Names that tokenizer families use for their end-of-document token, in order of preference.
+EOD_TOKEN_NAMES = ("<|endoftext|>", "</s>", "<eos>")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255 plus one end-of-document id (256): needs no file, works offline."""
+
+    vocab_size = 257
+
+    @property
+    def eod(self) -> int:
+        return 256
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def detokenize(self, ids) -> str:
+        # EOD has no byte; dropping it keeps decode total instead of raising on a valid id.
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A HuggingFace `tokenizers` tokenizer read from a local JSON file, behind the same interface."""
+
+    def __init__(self, json_path: str):
+        import tokenizers  # only paid for when a real tokenizer is asked for
+
+        try:
+            self._tokenizer = tokenizers.Tokenizer.from_file(json_path)
+        except Exception as error:  # the library raises bare Exceptions for unreadable files
+            first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise UserError(f"tokenizer '{json_path}' could not be read: {first_line}") from None
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self._eod = _find_eod(self._tokenizer, json_path)
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    def tokenize(self, text: str) -> list[int]:
+        # No BOS/EOS from the post-processor: preprocess appends exactly one EOD per document.
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids) -> str:
+        return self._tokenizer.decode(list(ids), skip_special_tokens=False)
+
+
+def _find_eod(tokenizer, json_path: str) -> int:
+    """The id of the first known end-of-document token the vocabulary holds."""
+    for name in EOD_TOKEN_NAMES:
+        token_id = tokenizer.token_to_id(name)
+        if token_id is not None:
+            return token_id
+    names = ", ".join(EOD_TOKEN_NAMES)
+    raise UserError(f"tokenizer '{json_path}' has no end-of-document token: expected one of {names}")
+
+
+def build_tokenizer(name: str):
+    """'byte' → ByteTokenizer; a local tokenizer.json (or a folder holding one) → HFTokenizer."""
+    if name == "byte":
+        return ByteTokenizer()
+    path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
+    if not os.path.isfile(path):
+        raise UserError(f"tokenizer '{name}' not found: give 'byte' or a local tokenizer.json path")
+    return HFTokenizer(path)
