@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 from pretrain.errors import UserError
@@ -50,8 +51,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_dependency_warnings() -> None:
+    """megatron-core warns at import about every optional fused kernel it lacks (TE, apex):
+    on CPU that is expected, and a wall of it hides the progress lines."""
+    for module in (r"megatron\..*", r"torch\.distributed\..*"):
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if not args.debug:
+        _quiet_dependency_warnings()
     try:
         return run(args)
     except UserError as e:

@@ -529,8 +529,6 @@ def _check_schedule(recipe: Recipe) -> None:
     if t.global_batch_size % t.micro_batch_size:
         raise RecipeError(f"train.global_batch_size = {t.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size = {t.micro_batch_size}")
-    if o.warmup_steps > t.steps:
-        raise RecipeError(f"optimizer.warmup_steps = {o.warmup_steps} exceeds train.steps = {t.steps}")
     if o.min_lr > o.lr:
         raise RecipeError(f"optimizer.min_lr = {o.min_lr} exceeds optimizer.lr = {o.lr}")
     if not all(0 <= b < 1 for b in o.betas):

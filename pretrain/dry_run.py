@@ -81,11 +81,18 @@ def meta_parameter_count(recipe: Recipe, vocab: int) -> int:
     try:
         init_model_parallel(_Layout(world_size=1))
         build = ModelBuild(precision="fp32", perform_initialization=False)
+        # The local spec has the same parameters as transformer-engine's (TE only fuses the
+        # norms into the linears), and builds without TE installed.
+        local = dataclasses.replace(recipe.model, transformer_impl="local")
         with meta_device():
-            chunk = build_model_chunks(recipe.model, build, vocab)[0]
+            chunk = build_model_chunks(local, build, vocab)[0]
         return sum(p.numel() for p in chunk.parameters())
     finally:
         shutdown()
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
 def dry_run(recipe: Recipe, world_size: int) -> str:
@@ -98,7 +105,7 @@ def dry_run(recipe: Recipe, world_size: int) -> str:
         f"micro-batches per step: "
         f"{recipe.train.global_batch_size // (recipe.train.micro_batch_size * layout.data)}",
         f"vocabulary: {vocab} (padded)",
-        f"parameters: {built:,} total ({built / 1e9:.2f}B; formula {total:,})",
+        f"parameters: {built:,} total ({_human(built)}; formula {total:,})",
     ]
     for s in stages:
         ranges = ", ".join(f"{a}-{b - 1}" for a, b in s.layers)

@@ -283,6 +283,7 @@ def train(recipe: Recipe) -> dict:
         print(f"layout: {run.layout.describe()}; {num_micro_batches(run)} micro-batches/step", flush=True)
     record = {}
     interval = recipe.checkpoint.interval
+    start_step = run.step
     while run.step < recipe.train.steps:
         start = time.perf_counter()
         out = train_step(run, run.step)
@@ -292,7 +293,8 @@ def train(recipe: Recipe) -> dict:
             log.log(record)
         if recipe.checkpoint.save and interval and run.step % interval == 0:
             save_checkpoint(run)
-    if recipe.checkpoint.save and (not interval or run.step % interval != 0):
+    trained = run.step > start_step
+    if recipe.checkpoint.save and trained and (not interval or run.step % interval != 0):
         save_checkpoint(run)
     if log is not None:
         log.close()

@@ -1,4 +1,26 @@
 import pathlib
 import sys
 
+import pytest
+
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true",
+                     help="rewrite tests/golden/*.json from this run instead of comparing")
+
+
+@pytest.fixture(scope="session")
+def update_golden(request) -> bool:
+    return request.config.getoption("--update-golden")
+
+
+@pytest.fixture(scope="session")
+def synthetic_corpus(tmp_path_factory) -> str:
+    """The trainer tests' corpus: deterministic on every machine (not the stdlib text)."""
+    from data.preprocess import build_synthetic_corpus
+
+    prefix = str(tmp_path_factory.mktemp("corpus") / "text_document")
+    build_synthetic_corpus(prefix, num_docs=2000, seed=0)
+    return prefix

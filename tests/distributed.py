@@ -1,0 +1,43 @@
+"""Runs pretrain_gpt.py the way users do (torchrun, N gloo processes) and reads back its metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+from typing import List, Sequence
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_pretrain(nproc: int, recipe: str, overrides: Sequence[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N pretrain_gpt.py --recipe R overrides...`; 1 = plain python."""
+    if nproc == 1:
+        cmd = [sys.executable, "pretrain_gpt.py"]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "pretrain_gpt.py"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
+    proc = subprocess.run(
+        cmd + ["--recipe", recipe, *overrides], cwd=REPO, env=env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(log_dir: pathlib.Path) -> List[dict]:
+    with open(log_dir / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def assert_close_curves(actual: List[dict], expected: List[dict], rel: float, keys=("loss", "grad_norm")) -> None:
+    """Same steps, and each key within `rel` relative difference at every step."""
+    assert [r["step"] for r in actual] == [r["step"] for r in expected]
+    for a, e in zip(actual, expected):
+        for key in keys:
+            diff = abs(a[key] - e[key]) / max(abs(e[key]), 1e-12)
+            assert diff <= rel, f"step {a['step']} {key}: {a[key]!r} vs {e[key]!r} (rel {diff:.2e} > {rel})"
