@@ -12,7 +12,7 @@ from typing import Iterable, Iterator, Optional
 import numpy
 
 from data.tokenizer import ByteTokenizer, build_tokenizer
-from pretrain.errors import UserError
+from pretrain.errors import UserError, quiet_dependency_warnings
 
 BYTE_VOCAB_SIZE = ByteTokenizer.vocab_size
 QUICKSTART_MAX_BYTES = 4_000_000
@@ -272,6 +272,7 @@ def _run(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     """Build one corpus and print a one-line summary; bad input → one line on stderr, exit 2."""
     args = _parser().parse_args(argv)
+    quiet_dependency_warnings()
     start = time.perf_counter()
     try:
         stats = _run(args)

@@ -48,6 +48,16 @@ def resolve_load(load: Optional[str], ckpt_dir: pathlib.Path) -> Optional[pathli
     return path
 
 
+def refuse_to_overwrite(load: Optional[str], ckpt_dir: pathlib.Path) -> None:
+    """A fresh run (no `checkpoint.load`) must not write over an earlier run's checkpoints."""
+    found = complete_checkpoints(ckpt_dir)
+    if load is None and found:
+        raise UserError(
+            f"checkpoint dir '{ckpt_dir}' already holds checkpoints (newest {found[-1].name}): "
+            "resume with checkpoint.load=auto, or set another logging.dir / checkpoint.dir"
+        )
+
+
 def _model_sharded_state_dict(chunks) -> dict:
     sd = {}
     for i, chunk in enumerate(chunks):

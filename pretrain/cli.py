@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from typing import List, Optional
 
-from pretrain.errors import UserError
+from pretrain.errors import UserError, quiet_dependency_warnings
 
 EXIT_USER_ERROR = 2
 
@@ -46,24 +45,18 @@ def run(args: argparse.Namespace) -> int:
         record = train(recipe)
     finally:
         shutdown()
-    if int(os.environ.get("RANK", "0")) == 0 and record:
-        print(f"final loss {record['loss']:.4f} after {record['step']} steps", flush=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if record:
+            print(f"final loss {record['loss']:.4f} after {record['step']} steps", flush=True)
+        else:
+            print(f"nothing to train: already at train.steps = {recipe.train.steps}", flush=True)
     return 0
-
-
-def _quiet_dependency_warnings() -> None:
-    """megatron-core warns at import about every optional fused kernel it lacks (TE, apex):
-    on CPU that is expected, and a wall of it hides the progress lines."""
-    for module in (r"megatron\..*", r"torch\.distributed\..*"):
-        warnings.filterwarnings("ignore", category=UserWarning, module=module)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if not args.debug:
-        _quiet_dependency_warnings()
+        quiet_dependency_warnings()
     try:
         return run(args)
     except UserError as e:

@@ -243,6 +243,7 @@ def save_checkpoint(run: Run) -> None:
 def maybe_resume(run: Run) -> None:
     path = checkpoint.resolve_load(run.recipe.checkpoint.load, run.ckpt_dir)
     if path is None:
+        checkpoint.refuse_to_overwrite(run.recipe.checkpoint.load, run.ckpt_dir)
         return
     extra = checkpoint.load(path, run.chunks, run.optimizer)
     run.scheduler.load_state_dict(extra["scheduler"])

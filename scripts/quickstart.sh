@@ -5,5 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 .venv/bin/python -m data.preprocess quickstart --output-prefix runs/quickstart/corpus/text_document
-.venv/bin/torchrun --standalone --nproc_per_node="${NPROC:-2}" pretrain_gpt.py --recipe tiny_gpt \
-    logging.dir=runs/quickstart "$@"
+NPROC="${NPROC:-2}"
+ARGS=(--recipe tiny_gpt logging.dir=runs/quickstart checkpoint.load=auto "$@")
+# Validate first in one process: a bad override is then one clean line (exit 2), not a torchrun
+# failure report. A rerun resumes from the newest checkpoint (checkpoint.load=auto).
+.venv/bin/python pretrain_gpt.py "${ARGS[@]}" --dry-run --world-size "$NPROC" >/dev/null
+OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" .venv/bin/torchrun --standalone --nproc_per_node="$NPROC" \
+    pretrain_gpt.py "${ARGS[@]}"
