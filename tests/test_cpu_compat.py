@@ -50,6 +50,29 @@ def _clip_grads():
     return param.grad
 
 
+def _dist_checkpoint_save():
+    """dist_checkpointing/strategies/filesystem_async.py:230: torch.cuda.synchronize before writing."""
+    import tempfile
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        state = {"w": ShardedTensor.from_rank_offsets("w", torch.arange(4.0), replica_id=0)}
+        template = {"w": ShardedTensor.from_rank_offsets("w", torch.zeros(4), replica_id=0)}
+        with tempfile.TemporaryDirectory() as tmp:
+            dist_checkpointing.save(state, tmp)
+            loaded = dist_checkpointing.load(template, tmp)
+        assert torch.equal(loaded["w"], torch.arange(4.0))
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
 SITES = {
     "rng.get_state": _seed_and_fork,
     "rng.manual_seed": _seed_and_fork,
@@ -57,6 +80,7 @@ SITES = {
     "rng.get_cuda_state": _seed_and_fork,
     "device.current_device": _global_memory_buffer,
     "device.mode": _fp32_optimizer,
+    "device.synchronize": _dist_checkpoint_save,
 }
 
 
