@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import time
 from functools import partial
@@ -104,6 +105,7 @@ def build_optimizer(recipe: Recipe, chunks):
         clip_grad=train.grad_clip, bf16=train.precision == "bf16", fp16=train.precision == "fp16",
         params_dtype=chunks[0].config.params_dtype,
         use_distributed_optimizer=recipe.parallel.distributed_optimizer,
+        initial_loss_scale=_initial_loss_scale(recipe),
     )
     optimizer = get_megatron_optimizer(config, chunks)
     decay_steps = opt.decay_steps or max(train.steps - opt.warmup_steps, 1)
@@ -117,6 +119,14 @@ def build_optimizer(recipe: Recipe, chunks):
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
     )
     return optimizer, scheduler
+
+
+def _initial_loss_scale(recipe: Recipe) -> float:
+    """fp16 only: the backpropagated loss is a token *sum* (per-token loss, normalized after the
+    all-reduce), so start the dynamic scale where 2^16 / tokens-per-micro-batch keeps it in fp16
+    range, instead of megatron-core's 2^32, which skips the first ~40 steps while it backs off."""
+    tokens = recipe.train.micro_batch_size * recipe.model.seq_length
+    return float(2 ** max(int(math.log2(2**16 / tokens)), 0))
 
 
 def wire_schedule(chunks, optimizer) -> None:
@@ -202,9 +212,10 @@ def train_step(run: Run, step: int) -> dict:
         micro_batch_size=run.recipe.train.micro_batch_size,
         forward_only=False,
     )
-    _, grad_norm, _ = run.optimizer.step()
+    updated, grad_norm, _ = run.optimizer.step()
     return {
         "loss": _global_mean_loss(run, losses),
+        "skipped": not updated,  # fp16 overflow: megatron-core skips the update and lowers the scale
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": run.optimizer.param_groups[0]["lr"],
     }
@@ -264,6 +275,8 @@ def _metrics_record(run: Run, out: dict, step_time: float, tokens_per_step: int,
         "tokens_per_s": tokens_per_s,
         "step_time_s": step_time,
     }
+    if out["skipped"]:
+        record["skipped"] = True
     if peak is not None:
         tflops = fpt * tokens_per_s / run.layout.world_size / 1e12
         record["tflops_per_device"] = tflops
