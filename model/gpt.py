@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import dataclasses
 from typing import List, Optional
 
@@ -31,8 +32,14 @@ class ModelBuild:
 
 
 def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
-    """Megatron-LM's padding: round up to a multiple of make_vocab_size_divisible_by × tensor."""
-    multiple = model.make_vocab_size_divisible_by * tensor
+    """Rounds up to a multiple of lcm(make_vocab_size_divisible_by, tensor).
+
+    Megatron-LM pads to a multiple of divisible_by × tensor, so the model (its padded rows, hence
+    its init and softmax) changes with the layout. With the least common multiple the padded size
+    is the same for every tensor size that divides divisible_by (1, 2, 4, … 128 for the default),
+    and each rank's shard is still a whole number of rows.
+    """
+    multiple = math.lcm(model.make_vocab_size_divisible_by, tensor)
     return -(-vocab_size // multiple) * multiple
 
 

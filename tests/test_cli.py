@@ -184,13 +184,13 @@ def test_tiny_gpt_dry_run_tensor_2_pipeline_2(runs):
     lines = _ok(runs["tiny_tp2_pp2"])
     assert lines[1] == "layout: world 8 = tensor 2 x pipeline 2 x context 1 x data 2; expert 1"
     assert lines[2] == "micro-batches per step: 2"  # 8 / (micro 2 × data 2)
-    assert lines[3] == "vocabulary: 512 (padded)"  # 257 up to a multiple of 128 × tensor 2
+    assert lines[3] == "vocabulary: 384 (padded)"  # 257 up to a multiple of lcm(128, tensor 2)
     matrices, norms = _per_layer(64, 176, 4, 2)
-    total = 4 * (matrices + norms) + 64 + 2 * 512 * 64
-    assert total == 250_432
-    assert lines[4] == f"parameters: {total:,} total (0.25M; formula {total:,})"
-    stages = _expected_stages(layers=4, h=64, f=176, heads=4, groups=2, vocab=512, tp=2, pp=2, vpp=None)
-    assert [count for _, count in stages] == [62_720, 62_784]
+    total = 4 * (matrices + norms) + 64 + 2 * 384 * 64
+    assert total == 234_048
+    assert lines[4] == f"parameters: {total:,} total (0.23M; formula {total:,})"
+    stages = _expected_stages(layers=4, h=64, f=176, heads=4, groups=2, vocab=384, tp=2, pp=2, vpp=None)
+    assert [count for _, count in stages] == [58_624, 58_688]
     assert lines[5:] == _stage_lines(stages)
     # Across all ranks of one model replica every weight is held once, except the norms,
     # which each tensor-parallel rank holds in full.
