@@ -26,9 +26,13 @@ class ModelBuild:
     context: int = 1
     expert: int = 1
     sequence_parallel: bool = False
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
     precision: str = "fp32"
     use_cpu_initialization: bool = True  # CPU init is also what makes init TP-size invariant
     perform_initialization: bool = True
+    init_seed: int = 1234  # per-layer init streams derive from it (model/layers.py)
+    batch_p2p_comm: bool = True  # False on gloo: see transformer_config
 
 
 def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
@@ -74,6 +78,8 @@ def transformer_config(model: ModelConfig, build: ModelBuild):
         tensor_model_parallel_size=build.tensor,
         pipeline_model_parallel_size=build.pipeline,
         virtual_pipeline_model_parallel_size=build.virtual_pipeline,
+        num_layers_in_first_pipeline_stage=build.first_stage_layers,
+        num_layers_in_last_pipeline_stage=build.last_stage_layers,
         context_parallel_size=build.context,
         expert_model_parallel_size=build.expert,
         sequence_parallel=build.sequence_parallel,
@@ -82,12 +88,15 @@ def transformer_config(model: ModelConfig, build: ModelBuild):
         bf16=build.precision == "bf16",
         fp16=build.precision == "fp16",
         calculate_per_token_loss=True,
+        # gloo + batched isend/irecv gives silently wrong gradients with interleaved pipelines
+        # (../shared/notes/megatron-core-on-cpu.md, "Silent traps"); NCCL batches correctly.
+        batch_p2p_comm=build.batch_p2p_comm,
         use_cpu_initialization=build.use_cpu_initialization,
         perform_initialization=build.perform_initialization,
     )
 
 
-def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None):
+def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None, init_seed: int = 0):
     """The transformer block spec: our local layers, or transformer-engine's when asked for."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -98,9 +107,11 @@ def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None):
         return _te_layer_spec()
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from model.layers import RMSNorm, SDPAttention
+    from model.layers import RMSNorm, SDPAttention, SeededTransformerLayer
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.module = SeededTransformerLayer
+    spec.params = {**spec.params, "init_seed": init_seed}
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
@@ -137,7 +148,7 @@ def build_model_chunks(model: ModelConfig, build: ModelBuild, vocab_size: int) -
         stage = vp_stage if build.virtual_pipeline else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(model, config, stage),
+            transformer_layer_spec=layer_spec(model, config, stage, build.init_seed),
             vocab_size=padded_vocab_size(model, vocab_size, build.tensor),
             max_sequence_length=model.seq_length,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

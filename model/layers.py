@@ -7,6 +7,10 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    get_transformer_layer_offset,
+)
 
 
 class SDPAttention(DotProductAttention):
@@ -63,3 +67,24 @@ class RMSNorm(torch.nn.RMSNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+
+
+class SeededTransformerLayer(TransformerLayer):
+    """A TransformerLayer whose weights are drawn from a generator seeded by its global index.
+
+    megatron-core draws every weight from one stream in construction order, so the layers of
+    pipeline stage 2 get the numbers stage 1 would have used: a different model per pipeline
+    size. Reseeding with (init_seed, global layer number) before each layer makes the
+    initialization, and so the whole loss curve, independent of pipeline and virtual-pipeline
+    sizes; tensor parallelism is already invariant through CPU initialization of full weights.
+    """
+
+    def __init__(self, config, submodules, layer_number: int = 1, *args, init_seed: int = 0,
+                 vp_stage=None, **kwargs):
+        offset = get_transformer_layer_offset(config, vp_stage)
+        torch.manual_seed(_layer_seed(init_seed, layer_number + offset))
+        super().__init__(config, submodules, layer_number, *args, vp_stage=vp_stage, **kwargs)
+
+
+def _layer_seed(init_seed: int, global_layer_number: int) -> int:
+    return (init_seed * 1_000_003 + global_layer_number) % (2**63)

@@ -112,10 +112,12 @@ def _patches() -> List[Patch]:
         Patch("rng.get_cuda_state", "tensor_parallel/random.py:41-69 _get_cuda_rng_state",
               mcore_random, "_get_cuda_rng_state", _cpu_get_rng_state),
         # torch.cuda.current_device() raises on a CPU build; megatron uses it as the device of
-        # its buffers (utils.py:631, distributed/param_and_grad_buffer.py), which CudaToCpuMode
-        # then places on CPU.
-        Patch("device.current_device", "utils.py:631 torch.cuda.current_device",
-              cuda, "current_device", lambda: 0),
+        # its buffers (utils.py:631, distributed/param_and_grad_buffer.py) and inside autograd
+        # backward functions, e.g. the sequence-parallel reduce-scatter buffer at
+        # tensor_parallel/layers.py:551. Torch function modes do not reach custom autograd
+        # backward passes, so the answer itself must be the CPU, not an ordinal for the mode.
+        Patch("device.current_device", "utils.py:631, tensor_parallel/layers.py:551 current_device",
+              cuda, "current_device", lambda: _CPU),
         # Checkpoint saving waits for device-to-host copies before writing; CPU tensors need none.
         Patch("device.synchronize", "dist_checkpointing/strategies/filesystem_async.py:230",
               cuda, "synchronize", lambda device=None: None),

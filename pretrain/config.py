@@ -65,6 +65,10 @@ class ParallelConfig:
     expert: int = 1  # ranks that split the experts (MoE)
     sequence_parallel: bool = False  # shard activations along the sequence inside tensor-parallel regions
     distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
+    # Uneven pipeline split (no virtual pipeline): layers on the first / last stage, e.g. fewer
+    # where the embedding or the output layer and loss live; the rest split evenly. None = even.
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
 
 
 @dataclass
@@ -503,7 +507,9 @@ def _check_model_shape(recipe: Recipe) -> None:
     _require_divides("parallel.tensor", p.tensor, heads, m.num_attention_heads)
     if m.num_query_groups is not None:
         _require_divides("parallel.tensor", p.tensor, "model.num_query_groups", m.num_query_groups)
-    if p.virtual_pipeline is None:
+    if p.first_stage_layers is not None or p.last_stage_layers is not None:
+        _check_uneven_pipeline(recipe)
+    elif p.virtual_pipeline is None:
         _require_divides("parallel.pipeline", p.pipeline, "model.num_layers", m.num_layers)
     else:
         _require_divides("parallel.pipeline × parallel.virtual_pipeline", p.pipeline * p.virtual_pipeline,
@@ -513,6 +519,41 @@ def _check_model_shape(recipe: Recipe) -> None:
     if p.sequence_parallel:
         _require_divides("parallel.tensor", p.tensor, "model.seq_length / parallel.context",
                          m.seq_length // p.context)
+
+
+def pipeline_stage_layers(parallel: ParallelConfig, num_layers: int) -> List[int]:
+    """Layers held by each pipeline rank (all its virtual chunks together)."""
+    first, last, pp = parallel.first_stage_layers, parallel.last_stage_layers, parallel.pipeline
+    if first is None and last is None:
+        return [num_layers // pp] * pp
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle = num_layers - (first or 0) - (last or 0)
+    per_middle = middle // middle_stages if middle_stages else 0
+    counts = [per_middle] * pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    return counts
+
+
+def _check_uneven_pipeline(recipe: Recipe) -> None:
+    p, layers = recipe.parallel, recipe.model.num_layers
+    keys = [k for k in ("first_stage_layers", "last_stage_layers") if getattr(p, k) is not None]
+    named = " and ".join(f"parallel.{k}" for k in keys)
+    if p.pipeline < 2:
+        raise RecipeError(f"{named} requires parallel.pipeline > 1, got parallel.pipeline = {p.pipeline}")
+    if p.virtual_pipeline is not None:
+        raise RecipeError(f"{named} cannot be combined with parallel.virtual_pipeline")
+    for key in keys:
+        if getattr(p, key) < 1:
+            raise RecipeError(f"parallel.{key} must be positive, got {getattr(p, key)}")
+    middle_stages = p.pipeline - len(keys)
+    middle = layers - sum(getattr(p, k) for k in keys)
+    if middle < middle_stages or (middle_stages == 0 and middle != 0) or (middle_stages and middle % middle_stages):
+        raise RecipeError(
+            f"{named} leave {middle} of model.num_layers = {layers} for {middle_stages} other pipeline "
+            f"stage(s): they must split evenly, at least one layer each")
 
 
 def _check_parallel_flags(recipe: Recipe) -> None:
@@ -563,6 +604,14 @@ def validate_for_world(recipe: Recipe, world_size: int) -> None:
         raise RecipeError(f"train.global_batch_size = {t.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size × data-parallel size = {t.micro_batch_size} × {dp} "
                           f"= {t.micro_batch_size * dp}")
+    micro_batches = t.global_batch_size // (t.micro_batch_size * dp)
+    if p.pipeline > 1 and micro_batches < p.pipeline:
+        raise RecipeError(f"{micro_batches} micro-batches per step (train.global_batch_size / "
+                          f"(micro_batch_size × data-parallel size)) are fewer than parallel.pipeline = "
+                          f"{p.pipeline}: raise train.global_batch_size")
+    if p.virtual_pipeline is not None and micro_batches % p.pipeline:
+        raise RecipeError(f"{micro_batches} micro-batches per step are not a multiple of parallel.pipeline = "
+                          f"{p.pipeline}, which the interleaved schedule (parallel.virtual_pipeline) needs")
     expert_room = world_size // (p.tensor * p.pipeline)
     if expert_room % p.expert:
         raise RecipeError(f"parallel.expert = {p.expert} does not divide the world size / "

@@ -7,7 +7,7 @@ from typing import List, Tuple
 
 from model.gpt import count_parameters_formula, padded_vocab_size
 from parallel.layout import Layout
-from pretrain.config import Recipe, validate_for_world
+from pretrain.config import Recipe, pipeline_stage_layers, validate_for_world
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,8 +19,14 @@ class StagePlan:
     params_per_rank: int
 
 
-def stage_layers(num_layers: int, layout: Layout) -> List[Tuple[Tuple[int, int], ...]]:
-    """megatron-core's even split: chunk c of pipeline rank p holds block c·pp + p."""
+def stage_layers(recipe: Recipe, layout: Layout) -> List[Tuple[Tuple[int, int], ...]]:
+    """megatron-core's split: chunk c of pipeline rank p holds block c·pp + p (even blocks), or
+    one contiguous range per rank with a first/last-stage adjustment."""
+    num_layers = recipe.model.num_layers
+    if recipe.parallel.first_stage_layers is not None or recipe.parallel.last_stage_layers is not None:
+        counts = pipeline_stage_layers(recipe.parallel, num_layers)
+        starts = [sum(counts[:p]) for p in range(layout.pipeline)]
+        return [((a, a + n),) for a, n in zip(starts, counts)]
     chunks = layout.model_chunks
     per_block = num_layers // (layout.pipeline * chunks)
     plans = []
@@ -52,7 +58,7 @@ def plan(recipe: Recipe, world_size: int) -> Tuple[Layout, int, List[StagePlan]]
     layout = Layout.from_config(recipe.parallel, world_size)
     vocab = padded_vocab_size(recipe.model, _vocab_size(recipe), layout.tensor)
     stages = []
-    for p, ranges in enumerate(stage_layers(recipe.model.num_layers, layout)):
+    for p, ranges in enumerate(stage_layers(recipe, layout)):
         layers = sum(b - a for a, b in ranges)
         count = params_per_rank(recipe, layout, vocab, layers, p == 0, p == layout.pipeline - 1)
         stages.append(StagePlan(p, ranges, count))

@@ -76,7 +76,10 @@ def build_model(recipe: Recipe, layout: Layout, device: torch.device, vocab_size
     build = ModelBuild(
         tensor=layout.tensor, pipeline=layout.pipeline, virtual_pipeline=layout.virtual_pipeline,
         context=layout.context, expert=layout.expert, sequence_parallel=layout.sequence_parallel,
-        precision=recipe.train.precision,
+        first_stage_layers=recipe.parallel.first_stage_layers,
+        last_stage_layers=recipe.parallel.last_stage_layers,
+        precision=recipe.train.precision, init_seed=recipe.train.seed,
+        batch_p2p_comm=device.type == "cuda",
     )
     chunks = [c.to(device) for c in build_model_chunks(recipe.model, build, vocab_size)]
     if recipe.train.precision != "fp32":
@@ -263,6 +266,13 @@ def maybe_resume(run: Run) -> None:
         print(f"resumed from {path} at step {run.step}", flush=True)
 
 
+def pipeline_bubble(layout: Layout, micro_batches: int) -> float:
+    """Idle fraction of a step in megatron-core's (interleaved) 1F1B schedule:
+    (pp − 1) / (vpp · m + pp − 1) for pp stages, vpp chunks each, m micro-batches, equal-time stages."""
+    pp, vpp = layout.pipeline, layout.model_chunks
+    return (pp - 1) / (vpp * micro_batches + pp - 1)
+
+
 def _metrics_record(run: Run, out: dict, step_time: float, tokens_per_step: int, fpt: float,
                     peak: Optional[float]) -> dict:
     tokens_per_s = tokens_per_step / step_time
@@ -274,6 +284,8 @@ def _metrics_record(run: Run, out: dict, step_time: float, tokens_per_step: int,
         "consumed_tokens": run.step * tokens_per_step,
         "tokens_per_s": tokens_per_s,
         "step_time_s": step_time,
+        "micro_batches": num_micro_batches(run),
+        "pipeline_bubble": pipeline_bubble(run.layout, num_micro_batches(run)),
     }
     if out["skipped"]:
         record["skipped"] = True

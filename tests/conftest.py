@@ -24,3 +24,14 @@ def synthetic_corpus(tmp_path_factory) -> str:
     prefix = str(tmp_path_factory.mktemp("corpus") / "text_document")
     build_synthetic_corpus(prefix, num_docs=2000, seed=0)
     return prefix
+
+
+
+@pytest.fixture(scope="session")
+def reference(synthetic_corpus, tmp_path_factory):
+    """tiny_gpt, one process, fp32: the curve every other layout must reproduce."""
+    from tests.distributed import read_metrics, run_pretrain, tiny_overrides
+
+    log_dir = tmp_path_factory.mktemp("reference")
+    run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, log_dir))
+    return log_dir, read_metrics(log_dir)

@@ -12,6 +12,15 @@ from typing import List, Sequence
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+TINY_STEPS = 10
+
+
+def tiny_overrides(corpus: str, log_dir, *extra: str) -> list:
+    """tiny_gpt for TINY_STEPS steps on the synthetic corpus, without wandb."""
+    return [f"data.path={corpus}", f"logging.dir={log_dir}", "logging.wandb.mode=disabled",
+            f"train.steps={TINY_STEPS}", *extra]
+
+
 def run_pretrain(nproc: int, recipe: str, overrides: Sequence[str], timeout: int = 300) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=N pretrain_gpt.py --recipe R overrides...`; 1 = plain python."""
     if nproc == 1:

@@ -31,6 +31,33 @@ def _global_memory_buffer():
     return GlobalMemoryBuffer().get_tensor((2, 3), torch.float32, "t")
 
 
+def _sequence_parallel_linear_backward():
+    """tensor_parallel/layers.py:551: the SP reduce-scatter buffer is allocated inside an autograd
+    backward, where no torch function mode applies, on torch.cuda.current_device()."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.layers import linear_with_grad_accumulation_and_async_allreduce
+
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    parallel_state.destroy_global_memory_buffer()
+    parallel_state._set_global_memory_buffer()  # the forward all-gather's buffer (no patch involved)
+    try:
+        x = torch.randn(4, 1, 3, requires_grad=True)
+        w = torch.randn(5, 3, requires_grad=True)
+        y = linear_with_grad_accumulation_and_async_allreduce(
+            x, w, None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
+            sequence_parallel=True, tp_group=dist.group.WORLD,
+        )
+        y.sum().backward()
+        assert torch.allclose(x.grad, w.sum(0).expand(4, 1, 3))
+    finally:
+        parallel_state.destroy_global_memory_buffer()
+        if owns_group:
+            dist.destroy_process_group()
+
+
 def _fp32_optimizer():
     """optimizer/optimizer.py:907: FP32Optimizer keeps its scale in torch.tensor(device='cuda')."""
     from megatron.core.optimizer import OptimizerConfig
@@ -78,7 +105,7 @@ SITES = {
     "rng.manual_seed": _seed_and_fork,
     "rng.set_state": _seed_and_fork,
     "rng.get_cuda_state": _seed_and_fork,
-    "device.current_device": _global_memory_buffer,
+    "device.current_device": _sequence_parallel_linear_backward,
     "device.mode": _fp32_optimizer,
     "device.synchronize": _dist_checkpoint_save,
 }
@@ -99,6 +126,14 @@ def test_site_works_with_the_layer(name):
 
 def test_every_patch_has_a_site_test():
     assert sorted(cpu_compat.patch_names()) == sorted(SITES)
+
+
+def test_global_memory_buffer_allocates_on_cpu():
+    with cpu_compat.applied(skip=("device.current_device",)):
+        with pytest.raises((RuntimeError, AssertionError)):
+            _global_memory_buffer()
+    with cpu_compat.applied():
+        assert _global_memory_buffer().device.type == "cpu"
 
 
 def test_type_check_sites_pass_only_with_the_mode():
@@ -122,6 +157,6 @@ def test_tensor_parallel_rng_is_separate_and_deterministic():
 def test_layer_is_reverted_and_never_enabled_on_cuda():
     original = torch.cuda.current_device
     with cpu_compat.applied():
-        assert torch.cuda.current_device() == 0
+        assert torch.cuda.current_device() == torch.device("cpu")
     assert torch.cuda.current_device is original
     assert cpu_compat.enable(torch.device("cuda", 0)) is False

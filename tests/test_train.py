@@ -5,25 +5,12 @@ import pathlib
 
 import pytest
 
-from tests.distributed import assert_close_curves, read_metrics, run_pretrain
+from tests.distributed import TINY_STEPS, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "tiny_gpt_fp32.json"
-STEPS = 10
+STEPS = TINY_STEPS
 # fp32 on CPU: a different layout only changes the reduction order of identical numbers.
 REL = 1e-5
-
-
-def _overrides(corpus: str, log_dir: pathlib.Path, *extra: str) -> list:
-    return [f"data.path={corpus}", f"logging.dir={log_dir}", "logging.wandb.mode=disabled",
-            f"train.steps={STEPS}", *extra]
-
-
-@pytest.fixture(scope="module")
-def reference(synthetic_corpus, tmp_path_factory):
-    """tiny_gpt, one process, fp32: the curve every other run must reproduce."""
-    log_dir = tmp_path_factory.mktemp("reference")
-    run_pretrain(1, "tiny_gpt", _overrides(synthetic_corpus, log_dir))
-    return log_dir, read_metrics(log_dir)
 
 
 def test_reference_matches_golden_losses(reference, update_golden):
@@ -64,7 +51,7 @@ def test_dp2_and_auto_resume_reproduce_single_process(reference, synthetic_corpu
     megatron-core's torch-Adam `step` reload drift (pretrain/checkpoint.py)."""
     _, expected = reference
     half = STEPS // 2
-    run_pretrain(2, "tiny_gpt", _overrides(synthetic_corpus, tmp_path, *extra) + [f"train.steps={half}"])
-    proc = run_pretrain(2, "tiny_gpt", _overrides(synthetic_corpus, tmp_path, *extra, "checkpoint.load=auto"))
+    run_pretrain(2, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, *extra) + [f"train.steps={half}"])
+    proc = run_pretrain(2, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, *extra, "checkpoint.load=auto"))
     assert f"resumed from {tmp_path / 'checkpoints' / f'iter_{half:07d}'} at step {half}" in proc.stdout
     assert_close_curves(read_metrics(tmp_path), expected, rel=REL)
