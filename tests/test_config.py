@@ -441,6 +441,49 @@ def test_world_batch_and_expert_messages():
         validate_for_world(r, 0)
 
 
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.pipeline=4", "train.global_batch_size=4"], 4,
+     "2 micro-batches per step (train.global_batch_size / (micro_batch_size × data-parallel size)) are "
+     "fewer than parallel.pipeline = 4: raise train.global_batch_size"),
+    (["parallel.pipeline=2", "parallel.virtual_pipeline=2", "train.global_batch_size=6"], 2,
+     "3 micro-batches per step are not a multiple of parallel.pipeline = 2, which the interleaved "
+     "schedule (parallel.virtual_pipeline) needs"),
+])
+def test_micro_batch_messages_for_pipelines(overrides, world, message):
+    r = load_recipe("tiny_gpt", overrides)
+    with pytest.raises(RecipeError) as info:
+        validate_for_world(r, world)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.first_stage_layers=1"],
+     "parallel.first_stage_layers requires parallel.pipeline > 1, got parallel.pipeline = 1"),
+    (["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.last_stage_layers=1"],
+     "parallel.last_stage_layers cannot be combined with parallel.virtual_pipeline"),
+    (["parallel.pipeline=2", "parallel.first_stage_layers=0"],
+     "parallel.first_stage_layers must be positive, got 0"),
+    (["parallel.pipeline=4", "parallel.first_stage_layers=2"],
+     "parallel.first_stage_layers leave 2 of model.num_layers = 4 for 3 other pipeline stage(s): "
+     "they must split evenly, at least one layer each"),
+    (["parallel.pipeline=2", "parallel.first_stage_layers=1", "parallel.last_stage_layers=2"],
+     "parallel.first_stage_layers and parallel.last_stage_layers leave 1 of model.num_layers = 4 for 0 "
+     "other pipeline stage(s): they must split evenly, at least one layer each"),
+])
+def test_uneven_pipeline_messages(overrides, message):
+    assert error_of("tiny_gpt", overrides) == message
+
+
+def test_uneven_pipeline_split():
+    from pretrain.config import pipeline_stage_layers
+
+    r = load_recipe("tiny_gpt", ["model.num_layers=8", "parallel.pipeline=4",
+                                 "parallel.first_stage_layers=1", "parallel.last_stage_layers=3"])
+    assert pipeline_stage_layers(r.parallel, 8) == [1, 2, 2, 3]
+    even = load_recipe("tiny_gpt", ["parallel.pipeline=2"])
+    assert pipeline_stage_layers(even.parallel, 4) == [2, 2]
+
+
 # ------------------------------------------------------------------------------------------- dumping
 
 
