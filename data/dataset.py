@@ -122,3 +122,20 @@ def get_micro_batch(ds, step, micro_index, dp_rank, dp_size, micro_batch_size, g
         "loss_mask": torch.ones(tokens.shape, dtype=torch.float32),
         "position_ids": torch.arange(tokens.shape[1], dtype=torch.int64).expand_as(tokens).contiguous(),
     }
+
+
+def slice_for_context_parallel(batch: dict, cp_rank: int, cp_size: int) -> dict:
+    """This context-parallel rank's share of each [b, s] tensor: megatron's load-balanced layout.
+
+    Each sequence is cut into 2·cp equal chunks and rank r keeps chunks r and 2·cp−1−r, so under a
+    causal mask every rank has the same amount of attention work.
+    """
+    if cp_size == 1:
+        return batch
+    out = {}
+    for key, value in batch.items():
+        b, s = value.shape
+        chunks = value.view(b, 2 * cp_size, s // (2 * cp_size))  # [b, 2cp, s/2cp]
+        keep = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank])
+        out[key] = chunks.index_select(1, keep).reshape(b, -1)  # [b, s/cp]
+    return out

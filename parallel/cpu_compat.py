@@ -45,7 +45,9 @@ class CudaToCpuMode(TorchFunctionMode):
     - `Tensor.type() == 'torch.cuda.FloatTensor'` checks: optimizer/clip_grads.py:167,
       optimizer/distrib_optimizer.py:420-433, optimizer/optimizer.py (param-group sorting):
       answered with the CUDA spelling so fp32/bf16 params take their normal path;
-    - `.cuda()` / `.to("cuda")` on tensors: dist_checkpointing and the optimizers.
+    - `.cuda()` / `.to("cuda")` on tensors: dist_checkpointing and the optimizers;
+    - `pin_memory=True` (page-locked staging for host-to-GPU copies, needs a GPU): the RoPE
+      slice per context-parallel rank, models/common/embeddings/rope_utils.py:62.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -58,6 +60,8 @@ class CudaToCpuMode(TorchFunctionMode):
             return args[0]
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = _CPU
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU) + tuple(args[2:])
         return func(*args, **kwargs)

@@ -136,6 +136,30 @@ def test_global_memory_buffer_allocates_on_cpu():
         assert _global_memory_buffer().device.type == "cpu"
 
 
+class _FakeContextGroup:
+    """What get_pos_emb_on_this_cp_rank asks of its group: size and rank."""
+
+    def size(self):
+        return 2
+
+    def rank(self):
+        return 1
+
+
+def test_rope_slice_per_context_rank_needs_the_mode():
+    """models/common/embeddings/rope_utils.py:62: pin_memory=True, then .cuda()."""
+    from megatron.core.models.common.embeddings.rope_utils import get_pos_emb_on_this_cp_rank
+
+    emb = torch.arange(8.0).view(8, 1, 1, 1)  # [s, 1, 1, dim]
+    with cpu_compat.applied(skip=("device.mode",)):
+        with pytest.raises(RuntimeError):
+            get_pos_emb_on_this_cp_rank(emb, 0, _FakeContextGroup())
+    with cpu_compat.applied():
+        sliced = get_pos_emb_on_this_cp_rank(emb, 0, _FakeContextGroup())
+    # 4 chunks of 2 positions; CP rank 1 of 2 holds chunks 1 and 2.
+    assert sliced.view(-1).tolist() == [2.0, 3.0, 4.0, 5.0]
+
+
 def test_type_check_sites_pass_only_with_the_mode():
     with cpu_compat.applied(skip=("device.mode",)):
         with pytest.raises(AssertionError):

@@ -5,6 +5,7 @@ from collections import Counter
 
 import numpy
 import pytest
+import torch
 
 from data.dataset import PackedDataset, get_micro_batch, num_micro_batches
 from data.preprocess import (
@@ -269,3 +270,19 @@ def test_quickstart_corpus_builds_then_skips(tmp_path):
     assert again["skipped"] and again["tokens"] == stats["tokens"]
     assert (tmp_path / "qs.bin").stat().st_mtime_ns == mtime
     assert not build_quickstart_corpus(prefix, max_bytes=40_000)["skipped"]  # other size → rebuild
+
+
+def test_context_parallel_slices_are_load_balanced_and_cover_the_sequence():
+    from data.dataset import slice_for_context_parallel
+
+    tokens = torch.arange(2 * 16).view(2, 16)
+    batch = {"tokens": tokens, "labels": tokens + 1}
+    cp = 4
+    parts = [slice_for_context_parallel(batch, r, cp) for r in range(cp)]
+    # Rank 0 holds chunks 0 and 7 (of 8 chunks of 2 positions), rank 3 chunks 3 and 4.
+    assert parts[0]["tokens"][0].tolist() == [0, 1, 14, 15]
+    assert parts[3]["tokens"][0].tolist() == [6, 7, 8, 9]
+    assert torch.equal(parts[1]["labels"], parts[1]["tokens"] + 1)
+    joined = torch.cat([p["tokens"] for p in parts], dim=1)
+    assert sorted(joined[1].tolist()) == tokens[1].tolist()
+    assert slice_for_context_parallel(batch, 0, 1) is batch

@@ -226,7 +226,7 @@ def _build_tiny(seed: int):
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     vocab = padded_vocab_size(_tiny(), BYTE_VOCAB, tensor=1)
-    (chunk,) = build_model_chunks(_tiny(), ModelBuild(precision="fp32"), BYTE_VOCAB)
+    (chunk,) = build_model_chunks(_tiny(), ModelBuild(precision="fp32", init_seed=seed), BYTE_VOCAB)
     return chunk, vocab
 
 
