@@ -115,6 +115,12 @@ def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None, init_
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    if config.context_parallel_size > 1:
+        # megatron-core's local attention refuses context parallelism (TE-only upstream): ours
+        # is a ring over the CP group (model/ring_attention.py).
+        from model.ring_attention import RingAttention
+
+        spec.submodules.self_attention.submodules.core_attention = RingAttention
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
 

@@ -516,6 +516,9 @@ def _check_model_shape(recipe: Recipe) -> None:
                          "model.num_layers", m.num_layers)
     if p.context > 1:  # each sequence is split into 2 × context chunks (load-balanced causal attention)
         _require_divides("2 × parallel.context", 2 * p.context, "model.seq_length", m.seq_length)
+        if m.attention_dropout > 0 and m.transformer_impl == "local":
+            raise RecipeError(f"parallel.context = {p.context} uses ring attention, which has no attention "
+                              f"dropout: set model.attention_dropout = 0 (got {m.attention_dropout})")
     if p.sequence_parallel:
         _require_divides("parallel.tensor", p.tensor, "model.seq_length / parallel.context",
                          m.seq_length // p.context)

@@ -163,7 +163,7 @@ def build_run(recipe: Recipe) -> Run:
 
 def micro_batches(run: Run, step: int) -> Iterator[dict]:
     """This rank's micro-batches of optimizer step `step` (0-based), on the run's device."""
-    from data.dataset import get_micro_batch
+    from data.dataset import get_micro_batch, slice_for_context_parallel
 
     train = run.recipe.train
     for m in range(num_micro_batches(run)):
@@ -171,6 +171,7 @@ def micro_batches(run: Run, step: int) -> Iterator[dict]:
             run.dataset, step, m, run.rank.data_rank, run.layout.data,
             train.micro_batch_size, train.global_batch_size,
         )
+        batch = slice_for_context_parallel(batch, run.rank.context_rank, run.layout.context)
         yield {k: v.to(run.device) for k, v in batch.items()}
 
 

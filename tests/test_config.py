@@ -474,6 +474,12 @@ def test_uneven_pipeline_messages(overrides, message):
     assert error_of("tiny_gpt", overrides) == message
 
 
+def test_ring_attention_has_no_dropout():
+    message = ("parallel.context = 2 uses ring attention, which has no attention dropout: "
+               "set model.attention_dropout = 0 (got 0.1)")
+    assert error_of("tiny_gpt", ["parallel.context=2", "model.attention_dropout=0.1"]) == message
+
+
 def test_uneven_pipeline_split():
     from pretrain.config import pipeline_stage_layers
 

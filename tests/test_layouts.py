@@ -24,6 +24,11 @@ LAYOUTS = {
     "pp2-vpp2": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
     "pp4": (4, ["parallel.pipeline=4"]),
     "tp2-pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
+    # context parallelism: our ring attention (model/ring_attention.py) on the load-balanced layout
+    "cp2": (2, ["parallel.context=2"]),
+    "cp4": (4, ["parallel.context=4"]),
+    "cp2-tp2": (4, ["parallel.context=2", "parallel.tensor=2"]),
+    "cp2-pp2": (4, ["parallel.context=2", "parallel.pipeline=2"]),
 }
 
 

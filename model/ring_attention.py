@@ -1,0 +1,349 @@
+"""Ring attention for context parallelism: block kernels with log-sum-exp, the K/V ring, and a core_attention.
+
+Layout (megatron's load-balanced causal layout): the sequence is cut into 2·cp equal chunks and CP
+rank r holds chunks r and 2·cp−1−r, in that order. Each rank keeps its queries; K/V blocks travel
+around the ring and every rank merges the partial attention of each block with the online-softmax
+rule. Scores exist only for one block at a time ([s/cp, s/cp]), never for the whole sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import warnings
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+Tensor = torch.Tensor
+
+# ------------------------------------------------------------------------------------ block kernels
+
+
+class BlockKernels(NamedTuple):
+    """One attention backend: forward returns (out, lse), backward takes the final out and lse."""
+
+    forward: Callable[[Tensor, Tensor, Tensor, bool, float], Tuple[Tensor, Tensor]]
+    backward: Callable[..., Tuple[Tensor, Tensor, Tensor]]
+
+
+def _causal_mask(sq: int, sk: int, device) -> Tensor:
+    """True where a key is in the future of its query (masked); the standard lower triangle is kept."""
+    return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(1)
+
+
+def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
+    # [b, h, sq, d] x [b, h, sk, d] -> scores [b, h, sq, sk], one block only
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    if causal:
+        scores = scores.masked_fill(_causal_mask(q.size(2), k.size(2), q.device), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # [b, h, sq]
+    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float())
+    return out.to(q.dtype), lse
+
+
+def _math_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    qf, kf, vf, doutf = q.float(), k.float(), v.float(), dout.float()
+    scores = torch.matmul(qf, kf.transpose(-2, -1)) * scale
+    if causal:
+        scores = scores.masked_fill(_causal_mask(q.size(2), k.size(2), q.device), float("-inf"))
+    probs = torch.exp(scores - lse.float().unsqueeze(-1))  # [b, h, sq, sk], normalized by the FINAL lse
+    d_probs = torch.matmul(doutf, vf.transpose(-2, -1))
+    delta = (doutf * out.float()).sum(-1, keepdim=True)  # [b, h, sq, 1]: rowsum(dO ∘ O) of the final out
+    d_scores = probs * (d_probs - delta) * scale
+    dq = torch.matmul(d_scores, kf)
+    dk = torch.matmul(d_scores.transpose(-2, -1), qf)
+    dv = torch.matmul(probs.transpose(-2, -1), doutf)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _aten_cpu_forward(q, k, v, causal: bool, scale: float):
+    # Private aten op (torch 2.13 schema: q, k, v, dropout_p, is_causal, *, attn_mask, scale).
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse
+
+
+def _aten_cpu_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+
+
+# UNTESTED here (no CUDA, no flash-attn in CI): flash-attn >= 2.6 works in [b, s, h, d] and returns
+# softmax_lse [b, h, sq] fp32. Selected only when its backward has the signature written below.
+def _flash_attn_forward(q, k, v, causal: bool, scale: float):
+    from flash_attn import flash_attn_func
+
+    out, lse, _ = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), dropout_p=0.0,
+                                  softmax_scale=scale, causal=causal, return_attn_probs=True)
+    return out.transpose(1, 2), lse
+
+
+def _flash_attn_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    from flash_attn.flash_attn_interface import _flash_attn_backward
+
+    dout_, q_, k_, v_, out_ = (t.transpose(1, 2).contiguous() for t in (dout, q, k, v, out))
+    dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
+    _flash_attn_backward(dout_, q_, k_, v_, out_, lse.contiguous(), dq, dk, dv, dropout_p=0.0,
+                         softmax_scale=scale, causal=causal, window_size_left=-1, window_size_right=-1,
+                         softcap=0.0, alibi_slopes=None, deterministic=False)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
+
+
+BACKENDS = {
+    "math": BlockKernels(_math_forward, _math_backward),
+    "aten_cpu": BlockKernels(_aten_cpu_forward, _aten_cpu_backward),
+    "flash_attn": BlockKernels(_flash_attn_forward, _flash_attn_backward),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_for(device_type: str, dtype: torch.dtype) -> str:
+    """Chosen once per (device type, dtype): the fastest backend that exists and runs, else plain math.
+
+    CUDA uses flash-attn for fp16/bf16 when it is installed and plain math otherwise (torch's CUDA
+    efficient-attention op pads its lse, which the backward would need back: not wired, untested).
+    """
+    if device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_attn_usable():
+        return "flash_attn"
+    if device_type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        probe = torch.randn(1, 1, 2, 8).to(dtype)
+        try:
+            out, lse = _aten_cpu_forward(probe, probe, probe, True, 1.0)
+            _aten_cpu_backward(torch.ones_like(probe), probe, probe, probe, out, lse, True, 1.0)
+            return "aten_cpu"
+        except (RuntimeError, NotImplementedError) as error:  # the private op's signature moved
+            warnings.warn(f"ring attention: aten CPU attention unusable for {dtype} ({error}); using plain math")
+    return "math"
+
+
+def _flash_attn_usable() -> bool:
+    try:
+        from flash_attn.flash_attn_interface import _flash_attn_backward
+    except ImportError:
+        return False
+    return "window_size_left" in inspect.signature(_flash_attn_backward).parameters
+
+
+def select_backend(t: Tensor) -> str:
+    """Name of the BACKENDS entry that block_forward/block_backward use for tensors like `t`."""
+    return _backend_for(t.device.type, t.dtype)
+
+
+def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    """Attention of one block: q [b, h, sq, d], k/v [b, h, sk, d] -> out [b, h, sq, d], lse [b, h, sq] fp32."""
+    out, lse = BACKENDS[select_backend(q)].forward(q, k, v, causal, scale)
+    return out, lse.float()
+
+
+def block_backward(dout, q, k, v, out, lse, causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """Gradients of one block given the FINAL (merged) out and lse of its query rows: (dq, dk, dv)."""
+    return BACKENDS[select_backend(q)].backward(dout, q, k, v, out, lse, causal, scale)
+
+
+# ---------------------------------------------------------------------------------------- the ring
+
+_KV_TAG, _DKV_TAG = 0, 1  # distinct tags: gloo matches messages by (peer, tag)
+
+
+class _Ring(NamedTuple):
+    group: dist.ProcessGroup
+    rank: int  # rank inside the CP group
+    size: int
+    next: int  # global rank of (rank + 1) mod size
+    prev: int  # global rank of (rank - 1) mod size
+
+    @classmethod
+    def of(cls, group) -> "_Ring":
+        ranks = dist.get_process_group_ranks(group)
+        rank, size = dist.get_rank(group), len(ranks)
+        return cls(group, rank, size, ranks[(rank + 1) % size], ranks[(rank - 1) % size])
+
+    def shift(self, tensor: Tensor, tag: int) -> Tuple[List, Tensor]:
+        """Posts send(tensor → next) and recv(← prev); returns (works, buffer the recv fills)."""
+        incoming = torch.empty_like(tensor)
+        send = lambda: dist.isend(tensor, self.next, group=self.group, tag=tag)  # noqa: E731
+        recv = lambda: dist.irecv(incoming, self.prev, group=self.group, tag=tag)  # noqa: E731
+        # Even ranks send first, odd ranks receive first: cannot deadlock even where p2p blocks.
+        works = [send(), recv()] if self.rank % 2 == 0 else [recv(), send()]
+        return works, incoming
+
+
+def _arrive(pending: Tuple[List, Tensor]) -> Tensor:
+    works, incoming = pending
+    for work in works:
+        work.wait()
+    return incoming
+
+
+def _step_blocks(step: int, rank: int, size: int, half: int):
+    """(query rows, key rows, causal) at ring `step`, against the K/V of CP rank (rank − step) mod size.
+
+    Fully masked quarter-blocks are never computed: an earlier rank's second chunk is in the
+    future of all our queries; a later rank's both chunks are in the future of our first chunk.
+    """
+    source = (rank - step) % size
+    if step == 0:
+        return slice(None), slice(None), True
+    if source < rank:
+        return slice(None), slice(0, half), False
+    return slice(half, None), slice(None), False
+
+
+def _expand_heads(kv: Tensor, cols: slice, rep: int) -> Tuple[Tensor, Tensor]:
+    # [2, b, ng, s/cp, hn] -> k, v [b, np, keys, hn]
+    kv = kv[:, :, :, cols]
+    if rep > 1:
+        kv = kv.repeat_interleave(rep, dim=2)
+    return kv[0], kv[1]
+
+
+def _reduce_heads(grad: Tensor, rep: int) -> Tensor:
+    # [b, np, keys, hn] -> [b, ng, keys, hn]: a shared K/V head gets the sum over its query heads
+    b, heads, keys, hn = grad.shape
+    return grad.float().view(b, heads // rep, rep, keys, hn).sum(2)
+
+
+def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """Online softmax in fp32, in place: out/lse ([b, np, rows, hn] / [b, np, rows]) absorb one block."""
+    new_lse = torch.logaddexp(lse, block_lse)
+    out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
+    out.add_(block_out.float() * torch.exp(block_lse - new_lse).unsqueeze(-1))
+    lse.copy_(new_lse)
+
+
+def _ring_forward(q: Tensor, kv: Tensor, ring: _Ring, scale: float) -> Tuple[Tensor, Tensor]:
+    """q [b, np, s/cp, hn], kv [2, b, ng, s/cp, hn] -> out [b, np, s/cp, hn] fp32, lse [b, np, s/cp] fp32."""
+    half, rep = q.size(2) // 2, q.size(1) // kv.size(2)
+    out = lse = None
+    for step in range(ring.size):
+        # send next: the block we hold moves on while we compute with it
+        pending = ring.shift(kv, _KV_TAG) if step < ring.size - 1 else None
+        # compute current
+        rows, cols, causal = _step_blocks(step, ring.rank, ring.size, half)
+        k, v = _expand_heads(kv, cols, rep)
+        block_out, block_lse = block_forward(q[:, :, rows], k, v, causal, scale)
+        # merge (step 0 is the causal diagonal: every query row sees at least itself)
+        if out is None:
+            out, lse = block_out.float(), block_lse
+        else:
+            _merge(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+        if pending is not None:
+            kv = _arrive(pending)
+    return out, lse
+
+
+def _ring_backward(dout, q, kv, out, lse, ring: _Ring, scale: float) -> Tuple[Tensor, Tensor]:
+    """-> dq [b, np, s/cp, hn] fp32, dkv [2, b, ng, s/cp, hn] fp32 for this rank's own K/V.
+
+    A block's dK/dV accumulator follows its K/V one step behind: rank r adds its share of block j
+    and passes it on; after cp hops it is back at rank j, complete.
+    """
+    half, rep = q.size(2) // 2, q.size(1) // kv.size(2)
+    dq = torch.zeros_like(q, dtype=torch.float32)
+    dkv_pending = None
+    for step in range(ring.size):
+        # send next: K/V for the following step
+        kv_pending = ring.shift(kv, _KV_TAG) if step < ring.size - 1 else None
+        # compute current: this block's share of dq (local) and of dk/dv (travelling)
+        rows, cols, causal = _step_blocks(step, ring.rank, ring.size, half)
+        k, v = _expand_heads(kv, cols, rep)
+        dq_block, dk_block, dv_block = block_backward(
+            dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows], causal, scale)
+        dq[:, :, rows] += dq_block
+        # merge into the accumulator that previous ranks built for this block, then pass it on
+        dkv = _arrive(dkv_pending) if dkv_pending is not None else torch.zeros_like(kv, dtype=torch.float32)
+        dkv[0][:, :, cols] += _reduce_heads(dk_block, rep)
+        dkv[1][:, :, cols] += _reduce_heads(dv_block, rep)
+        if ring.size > 1:
+            dkv_pending = ring.shift(dkv, _DKV_TAG)
+        if kv_pending is not None:
+            kv = _arrive(kv_pending)
+    return dq, (_arrive(dkv_pending) if dkv_pending is not None else dkv)
+
+
+def _check_heads(heads: int, groups: int) -> None:
+    if groups <= 0 or heads % groups != 0:
+        raise ValueError(f"ring attention needs num_attention_heads ({heads}) divisible by num_query_groups ({groups})")
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    """Causal attention over a context-parallel group, on megatron's load-balanced layout.
+
+    q [b, np, s/cp, hn], k/v [b, ng, s/cp, hn] (np a multiple of ng) -> out [b, np, s/cp, hn].
+    Forward communication: each rank's K/V (stacked, ng heads) travels once around `group`
+    (cp−1 isend/irecv hops, each overlapped with one block of compute).
+    Backward communication: the K/V travel around again (cp−1 hops) and their fp32 dK/dV
+    accumulators follow one step behind (cp hops), ending at the rank that owns the K/V.
+    cp == 1 communicates nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group, scale: float) -> Tensor:
+        _check_heads(q.size(1), k.size(1))
+        if q.size(2) % 2:
+            raise ValueError(f"ring attention needs an even local sequence (two chunks), got {q.size(2)}")
+        ring = _Ring.of(group)
+        kv = torch.stack((k, v)).contiguous()  # [2, b, ng, s/cp, hn]: one message per hop
+        out, lse = _ring_forward(q.contiguous(), kv, ring, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.scale = ring, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        q, k, v, out, lse = ctx.saved_tensors
+        kv = torch.stack((k, v)).contiguous()
+        dq, dkv = _ring_backward(dout.contiguous(), q.contiguous(), kv, out, lse, ctx.ring, ctx.scale)
+        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+
+
+# ------------------------------------------------------------------------------- core attention
+
+
+class RingAttention(DotProductAttention):
+    """Causal core attention over the context-parallel group (megatron-core's local
+    DotProductAttention refuses context parallelism; TE's needs a GPU).
+
+    Takes query [s/cp, b, np, hn] and key/value [s/cp, b, ng, hn] in the load-balanced layout and
+    returns [s/cp, b, np·hn]. No dropout, mask tensor, bias or packed sequences.
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection=None):
+        _check_heads(config.num_attention_heads, config.num_query_groups or config.num_attention_heads)
+        if config.apply_query_key_layer_scaling:
+            raise ValueError("ring attention does not support apply_query_key_layer_scaling; set it to False")
+        # The parent asserts context_parallel_size == 1 (only TE may do CP); it reads nothing
+        # else from it, so it is built from a shallow copy and then given the real config.
+        parent_config = copy.copy(config)
+        parent_config.context_parallel_size = 1
+        super().__init__(parent_config, layer_number, attn_mask_type, attention_type,
+                         attention_dropout=attention_dropout, softmax_scale=softmax_scale,
+                         cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        self.config = config
+        cp_group = getattr(pg_collection, "cp", None)  # megatron's Attention passes tp and cp
+        self.cp_group = cp_group if cp_group is not None else parallel_state.get_context_parallel_group()
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None) -> Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("RingAttention supports neither packed sequences nor bias")
+        mask_type = attn_mask_type or self.attn_mask_type
+        if mask_type != AttnMaskType.causal or attention_mask is not None:
+            raise NotImplementedError(f"RingAttention supports causal masks only, got {mask_type}")
+        if self.training and self.attention_dropout.p > 0.0:
+            raise NotImplementedError(
+                f"RingAttention has no attention dropout, got {self.attention_dropout.p}; set attention_dropout to 0")
+        # [s/cp, b, np, hn] -> [b, np, s/cp, hn]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        context = RingAttentionFunction.apply(q, k, v, self.cp_group, self.softmax_scale)
+        # [b, np, s/cp, hn] -> [s/cp, b, np * hn]
+        context = context.permute(2, 0, 1, 3).contiguous()
+        return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)

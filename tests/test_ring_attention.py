@@ -1,0 +1,229 @@
+"""model/ring_attention.py: block kernels against SDPA autograd; the ring on 2 and 4 gloo processes
+against full-sequence causal attention; cp=1 and the core_attention module against SDPAttention."""
+
+import datetime
+import math
+import re
+import socket
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from model.ring_attention import (
+    BACKENDS,
+    RingAttention,
+    RingAttentionFunction,
+    _step_blocks,
+    select_backend,
+)
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+SCALE = 0.2  # not 1/sqrt(d), so a dropped scale shows
+
+
+def load_balanced_slice(x: torch.Tensor, cp_rank: int, cp: int, dim: int) -> torch.Tensor:
+    """Chunks cp_rank and 2·cp−1−cp_rank of 2·cp equal chunks along `dim`, in that order."""
+    chunks = x.chunk(2 * cp, dim)
+    return torch.cat((chunks[cp_rank], chunks[2 * cp - 1 - cp_rank]), dim)
+
+
+def _randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------ block kernels
+
+
+@pytest.mark.parametrize("backend", ["math", "aten_cpu"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_block_kernels_equal_sdpa_autograd(backend, causal):
+    b, h, sq, d = 2, 3, 8, 16
+    sk = sq if causal else 12
+    # row slices of larger tensors, as the ring passes them (not contiguous)
+    q = _randn(b, h, 2 * sq, d, seed=0)[:, :, sq:].requires_grad_()
+    k = _randn(b, h, sk + 4, d, seed=1)[:, :, 4:].requires_grad_()
+    v = _randn(b, h, sk + 4, d, seed=2)[:, :, 4:].requires_grad_()
+    dout = _randn(b, h, sq, d, seed=3)
+
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=SCALE)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    scores = (q @ k.transpose(-2, -1) * SCALE).detach()
+    if causal:
+        scores = scores.masked_fill(torch.ones(sq, sk, dtype=torch.bool).triu(1), float("-inf"))
+
+    kernels = BACKENDS[backend]
+    with torch.no_grad():
+        out, lse = kernels.forward(q, k, v, causal, SCALE)
+        grads = kernels.backward(dout, q, k, v, out, lse, causal, SCALE)
+    assert lse.dtype == torch.float32 and lse.shape == (b, h, sq)
+    torch.testing.assert_close(out, ref.detach(), **TOL)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1), **TOL)
+    for name, got, want in zip("qkv", grads, ref_grads):
+        torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"d{name}: {m}")
+
+
+def test_cpu_uses_the_aten_kernels():
+    """Guards against the probe silently falling back to plain math after a torch upgrade."""
+    assert select_backend(torch.zeros(1)) == "aten_cpu"
+    assert select_backend(torch.zeros(1, dtype=torch.bfloat16)) == "aten_cpu"
+
+
+def test_fully_masked_quarter_blocks_are_skipped():
+    half = 4  # cp=4, rank 1 holds chunks 1 and 6
+    assert _step_blocks(0, 1, 4, half) == (slice(None), slice(None), True)
+    assert _step_blocks(1, 1, 4, half) == (slice(None), slice(0, half), False)  # from rank 0: its chunk 0
+    assert _step_blocks(2, 1, 4, half) == (slice(half, None), slice(None), False)  # from rank 3: chunk 6 only
+    assert _step_blocks(3, 1, 4, half) == (slice(half, None), slice(None), False)  # from rank 2
+
+
+# ---------------------------------------------------------------------------------------- the ring
+
+B, HEADS, GROUPS, HEAD_DIM, SEQ = 2, 4, 2, 16, 64
+
+
+def _full_problem():
+    """Full-sequence q, k, v, dout and the reference output and gradients (SDPA, causal, GQA)."""
+    q = _randn(B, HEADS, SEQ, HEAD_DIM, seed=10).requires_grad_()
+    k = _randn(B, GROUPS, SEQ, HEAD_DIM, seed=11).requires_grad_()
+    v = _randn(B, GROUPS, SEQ, HEAD_DIM, seed=12).requires_grad_()
+    dout = _randn(B, HEADS, SEQ, HEAD_DIM, seed=13)
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=True)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    return (q.detach(), k.detach(), v.detach(), dout), (out.detach(), *grads)
+
+
+def _check_ring(group, cp: int, cp_rank: int) -> None:
+    (q, k, v, dout), expected = _full_problem()
+    shard = lambda t: load_balanced_slice(t, cp_rank, cp, dim=2)  # noqa: E731
+    local = [shard(t).requires_grad_() for t in (q, k, v)]
+    out = RingAttentionFunction.apply(*local, group, SCALE)
+    out.backward(shard(dout))
+    got = (out.detach(), *(t.grad for t in local))
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(a, shard(e), **TOL, msg=lambda m: f"cp={cp} rank {cp_rank} {name}: {m}")
+
+
+def _ring_worker(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    # a timeout turns a ring that lost a message into a failure instead of a hung test
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+        _check_ring(dist.group.WORLD, cp=4, cp_rank=rank)
+        # ranks 2, 3 form a group whose local ranks differ from their global ones
+        _check_ring(pairs[rank // 2], cp=2, cp_rank=rank % 2)
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ring_equals_full_causal_attention_cp2_cp4_gqa():
+    """One 4-process gloo world: the ring over all 4 ranks, and over two 2-rank groups."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ring_worker, args=(4, _free_port()), nprocs=4, join=True)
+
+
+# ------------------------------------------------------------------ cp = 1 and the core attention
+
+
+@pytest.fixture(scope="module")
+def megatron_single_process():
+    """One gloo process with megatron-core's parallel state (context size 1), under the CPU layer."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from parallel import cpu_compat
+    from parallel.layout import Layout, init_model_parallel, shutdown
+
+    with cpu_compat.applied():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            init_model_parallel(Layout(world_size=1))
+            model_parallel_cuda_manual_seed(1234)
+            yield
+        finally:
+            shutdown()
+
+
+def _attention_kwargs(heads=HEADS, groups=GROUPS, context=1, **model_changes):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from model.gpt import ModelBuild, transformer_config
+    from pretrain.config import ModelConfig
+
+    model = ModelConfig(num_layers=1, hidden_size=heads * HEAD_DIM, ffn_hidden_size=4 * heads * HEAD_DIM,
+                        num_attention_heads=heads, num_query_groups=groups, **model_changes)
+    config = transformer_config(model, ModelBuild(context=context))
+    return dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+
+
+def test_cp1_function_equals_sdpa(megatron_single_process):
+    from megatron.core import parallel_state
+
+    (q, k, v, dout), expected = _full_problem()
+    local = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = RingAttentionFunction.apply(*local, parallel_state.get_context_parallel_group(), SCALE)
+    out.backward(dout)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in local)), expected):
+        torch.testing.assert_close(a, e, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_ring_attention_module_equals_sdp_attention(megatron_single_process):
+    """The core_attention at cp=1 equals SDPAttention, in megatron's [s, b, np, hn] layout;
+    a config with context_parallel_size > 1 passes DotProductAttention's CP assertion."""
+    from model.layers import SDPAttention
+
+    ring = RingAttention(**_attention_kwargs(context=2))
+    assert ring.config.context_parallel_size == 2
+    assert ring.softmax_scale == pytest.approx(1 / math.sqrt(HEAD_DIM))
+    sdpa = SDPAttention(**_attention_kwargs())
+    s = 32
+    qkv = [_randn(s, B, n, HEAD_DIM, seed=20 + i).requires_grad_() for i, n in enumerate((HEADS, GROUPS, GROUPS))]
+    out, ref = ring(*qkv, None), sdpa(*qkv, None)
+    assert out.shape == (s, B, HEADS * HEAD_DIM)
+    torch.testing.assert_close(out, ref, **TOL)
+    dout = _randn(*out.shape, seed=30)
+    for got, want in zip(torch.autograd.grad(out, qkv, dout), torch.autograd.grad(ref, qkv, dout)):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_heads_not_divisible_by_groups_is_a_clear_error():
+    message = "ring attention needs num_attention_heads (6) divisible by num_query_groups (4)"
+    q, kv = torch.zeros(1, 6, 4, 8), torch.zeros(1, 4, 4, 8)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RingAttentionFunction.apply(q, kv, kv, None, 1.0)
+    config = types.SimpleNamespace(num_attention_heads=6, num_query_groups=4)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RingAttention(config, 1, None, "self")
+
+
+def test_ring_attention_rejects_what_it_does_not_implement(megatron_single_process):
+    from megatron.core.transformer.enums import AttnMaskType
+
+    with pytest.raises(ValueError, match="apply_query_key_layer_scaling"):
+        kwargs = _attention_kwargs()
+        kwargs["config"].apply_query_key_layer_scaling = True
+        RingAttention(**kwargs)
+    s = 4
+    q = _randn(s, 1, HEADS, HEAD_DIM, seed=0)
+    k, v = _randn(s, 1, GROUPS, HEAD_DIM, seed=1), _randn(s, 1, GROUPS, HEAD_DIM, seed=2)
+    ring = RingAttention(**_attention_kwargs())
+    with pytest.raises(NotImplementedError, match="causal masks only"):
+        ring(q, k, v, None, attn_mask_type=AttnMaskType.padding)
+    with pytest.raises(NotImplementedError, match="causal masks only"):
+        ring(q, k, v, torch.ones(1, 1, s, s, dtype=torch.bool))
+    with pytest.raises(NotImplementedError, match="neither packed sequences nor bias"):
+        ring(q, k, v, None, packed_seq_params=object())
+    dropping = RingAttention(**_attention_kwargs(attention_dropout=0.1))
+    with pytest.raises(NotImplementedError, match="no attention dropout"):
+        dropping.train()(q, k, v, None)
+    dropping.eval()(q, k, v, None)  # dropout is off in evaluation
