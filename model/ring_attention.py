@@ -208,6 +208,19 @@ def _reduce_heads(grad: Tensor, rep: int) -> Tensor:
     return grad.float().view(b, heads // rep, rep, keys, hn).sum(2)
 
 
+def _fold(x: Tensor, rep: int) -> Tensor:
+    # [b, np, rows, ...] -> [b, ng, rep·rows, ...]: the query heads sharing one K/V head become
+    # more rows of that head (exact without a causal mask, where rows are independent)
+    b, heads, rows = x.shape[:3]
+    return x.reshape(b, heads // rep, rep * rows, *x.shape[3:])
+
+
+def _unfold(x: Tensor, rep: int) -> Tensor:
+    # [b, ng, rep·rows, ...] -> [b, np, rows, ...]
+    b, groups, folded = x.shape[:3]
+    return x.reshape(b, groups * rep, folded // rep, *x.shape[3:])
+
+
 def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
     """Online softmax in fp32, in place: out/lse ([b, np, rows, hn] / [b, np, rows]) absorb one block."""
     new_lse = torch.logaddexp(lse, block_lse)
@@ -225,8 +238,13 @@ def _ring_forward(q: Tensor, kv: Tensor, ring: _Ring, scale: float) -> Tuple[Ten
         pending = ring.shift(kv, _KV_TAG) if step < ring.size - 1 else None
         # compute current
         rows, cols, causal = _step_blocks(step, ring.rank, ring.size, half)
-        k, v = _expand_heads(kv, cols, rep)
-        block_out, block_lse = block_forward(q[:, :, rows], k, v, causal, scale)
+        if causal:
+            k, v = _expand_heads(kv, cols, rep)
+            block_out, block_lse = block_forward(q[:, :, rows], k, v, causal, scale)
+        else:  # no mask: fold query heads onto their K/V head instead of copying K/V rep times
+            k, v = kv[0][:, :, cols].contiguous(), kv[1][:, :, cols].contiguous()
+            block_out, block_lse = block_forward(_fold(q[:, :, rows], rep), k, v, False, scale)
+            block_out, block_lse = _unfold(block_out, rep), _unfold(block_lse, rep)
         # merge (step 0 is the causal diagonal: every query row sees at least itself)
         if out is None:
             out, lse = block_out.float(), block_lse
@@ -251,14 +269,22 @@ def _ring_backward(dout, q, kv, out, lse, ring: _Ring, scale: float) -> Tuple[Te
         kv_pending = ring.shift(kv, _KV_TAG) if step < ring.size - 1 else None
         # compute current: this block's share of dq (local) and of dk/dv (travelling)
         rows, cols, causal = _step_blocks(step, ring.rank, ring.size, half)
-        k, v = _expand_heads(kv, cols, rep)
-        dq_block, dk_block, dv_block = block_backward(
-            dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows], causal, scale)
+        if causal:
+            k, v = _expand_heads(kv, cols, rep)
+            dq_block, dk_block, dv_block = block_backward(
+                dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows], True, scale)
+            dk_block, dv_block = _reduce_heads(dk_block, rep), _reduce_heads(dv_block, rep)
+        else:  # folded query heads (see _ring_forward): dk/dv come out per K/V head already
+            k, v = kv[0][:, :, cols].contiguous(), kv[1][:, :, cols].contiguous()
+            fold = lambda t: _fold(t[:, :, rows], rep)  # noqa: E731
+            dq_block, dk_block, dv_block = block_backward(
+                fold(dout), fold(q), k, v, fold(out), fold(lse), False, scale)
+            dq_block = _unfold(dq_block, rep)
         dq[:, :, rows] += dq_block
         # merge into the accumulator that previous ranks built for this block, then pass it on
         dkv = _arrive(dkv_pending) if dkv_pending is not None else torch.zeros_like(kv, dtype=torch.float32)
-        dkv[0][:, :, cols] += _reduce_heads(dk_block, rep)
-        dkv[1][:, :, cols] += _reduce_heads(dv_block, rep)
+        dkv[0][:, :, cols] += dk_block
+        dkv[1][:, :, cols] += dv_block
         if ring.size > 1:
             dkv_pending = ring.shift(dkv, _DKV_TAG)
         if kv_pending is not None:
