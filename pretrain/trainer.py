@@ -99,7 +99,6 @@ def build_model(recipe: Recipe, layout: Layout, device: torch.device, vocab_size
 def build_optimizer(recipe: Recipe, chunks):
     """megatron-core's (distributed) Adam with Megatron's LR schedule, stepped once per step."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     opt, train = recipe.optimizer, recipe.train
     config = OptimizerConfig(
@@ -111,17 +110,29 @@ def build_optimizer(recipe: Recipe, chunks):
         initial_loss_scale=_initial_loss_scale(recipe),
     )
     optimizer = get_megatron_optimizer(config, chunks)
+    scheduler = build_scheduler(recipe, optimizer)
+    return optimizer, scheduler
+
+
+_DECAY_STYLES = {"cosine": "cosine", "linear": "linear", "wsd": "WSD", "constant": "constant"}
+
+
+def build_scheduler(recipe: Recipe, optimizer):
+    """Megatron's OptimizerParamScheduler in optimizer steps; the recipe's schedule wins on resume."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    opt, train = recipe.optimizer, recipe.train
     decay_steps = opt.decay_steps or max(train.steps - opt.warmup_steps, 1)
-    scheduler = OptimizerParamScheduler(
+    return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=opt.lr, min_lr=opt.min_lr,
         lr_warmup_steps=opt.warmup_steps, lr_decay_steps=opt.warmup_steps + decay_steps,
-        lr_decay_style=opt.decay, start_wd=opt.weight_decay, end_wd=opt.weight_decay,
+        lr_decay_style=_DECAY_STYLES[opt.decay],
+        start_wd=opt.weight_decay, end_wd=opt.weight_decay,
         wd_incr_steps=max(train.steps, 1), wd_incr_style="constant",
         wsd_decay_steps=opt.wsd_decay_steps or max(decay_steps // 10, 1),
         lr_wsd_decay_style="linear",
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
     )
-    return optimizer, scheduler
 
 
 def _initial_loss_scale(recipe: Recipe) -> float:
