@@ -35,3 +35,22 @@ def reference(synthetic_corpus, tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("reference")
     run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, log_dir))
     return log_dir, read_metrics(log_dir)
+
+
+@pytest.fixture(scope="module")
+def megatron_single_process():
+    """One gloo process with megatron-core's parallel state (all sizes 1), under the CPU layer."""
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from parallel import cpu_compat
+    from parallel.layout import Layout, init_model_parallel, shutdown
+
+    with cpu_compat.applied():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            init_model_parallel(Layout(world_size=1))
+            model_parallel_cuda_manual_seed(1234)
+            yield
+        finally:
+            shutdown()

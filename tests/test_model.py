@@ -24,23 +24,7 @@ BYTE_VOCAB = 257  # the byte tokenizer tiny_gpt trains with (vocab_size: null in
 LLAMA_31_70B_PARAMETERS = 70_553_706_496  # published Llama-3.1-70B count
 
 
-@pytest.fixture(scope="module", autouse=True)
-def megatron_single_process():
-    """One gloo process with megatron-core's parallel state, under the CPU layer, for the module."""
-    import torch.distributed as dist
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from parallel import cpu_compat
-    from parallel.layout import Layout, init_model_parallel, shutdown
-
-    with cpu_compat.applied():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        try:
-            init_model_parallel(Layout(world_size=1))
-            model_parallel_cuda_manual_seed(1234)
-            yield
-        finally:
-            shutdown()
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
 
 
 def _tiny():

@@ -136,24 +136,6 @@ def test_ring_equals_full_causal_attention_cp2_cp4_gqa():
 # ------------------------------------------------------------------ cp = 1 and the core attention
 
 
-@pytest.fixture(scope="module")
-def megatron_single_process():
-    """One gloo process with megatron-core's parallel state (context size 1), under the CPU layer."""
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from parallel import cpu_compat
-    from parallel.layout import Layout, init_model_parallel, shutdown
-
-    with cpu_compat.applied():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        try:
-            init_model_parallel(Layout(world_size=1))
-            model_parallel_cuda_manual_seed(1234)
-            yield
-        finally:
-            shutdown()
-
-
 def _attention_kwargs(heads=HEADS, groups=GROUPS, context=1, **model_changes):
     from megatron.core.transformer.enums import AttnMaskType
 
