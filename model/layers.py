@@ -21,6 +21,14 @@ class SDPAttention(DotProductAttention):
     SDPA call, so attention memory is linear in the sequence length.
     """
 
+    def __init__(self, config, *args, **kwargs):
+        if config.apply_query_key_layer_scaling:
+            # Upstream divides softmax_scale by the layer number and multiplies it back inside
+            # its fused softmax; one SDPA call (or one ring) has no such second half.
+            raise ValueError(
+                f"{type(self).__name__} does not support apply_query_key_layer_scaling; set it to False")
+        super().__init__(config, *args, **kwargs)
+
     def forward(
         self,
         query: torch.Tensor,
@@ -31,11 +39,7 @@ class SDPAttention(DotProductAttention):
         attention_bias=None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPAttention supports neither packed sequences nor bias")
-        mask_type = attn_mask_type or self.attn_mask_type
-        if mask_type != AttnMaskType.causal or attention_mask is not None:
-            raise NotImplementedError(f"SDPAttention supports causal masks only, got {mask_type}")
+        self._check_call(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         # [s, b, np, hn] -> [b, np, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout = self.attention_dropout.p if self.training else 0.0
@@ -50,6 +54,18 @@ class SDPAttention(DotProductAttention):
                 context = attend()
         else:
             context = attend()
+        return self._to_hidden(context)
+
+    def _check_call(self, attention_mask, attn_mask_type, attention_bias, packed_seq_params) -> None:
+        """Causal self-attention only: megatron passes no mask tensor for it in the local spec."""
+        name = type(self).__name__
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError(f"{name} supports neither packed sequences nor bias")
+        mask_type = attn_mask_type or self.attn_mask_type
+        if mask_type != AttnMaskType.causal or attention_mask is not None:
+            raise NotImplementedError(f"{name} supports causal masks only, got {mask_type}")
+
+    def _to_hidden(self, context: torch.Tensor) -> torch.Tensor:
         # [b, np, s, hn] -> [s, b, np * hn]
         context = context.permute(2, 0, 1, 3).contiguous()
         return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)

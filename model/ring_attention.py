@@ -17,8 +17,9 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+
+from model.layers import SDPAttention
 
 Tensor = torch.Tensor
 
@@ -332,7 +333,7 @@ class RingAttentionFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------- core attention
 
 
-class RingAttention(DotProductAttention):
+class RingAttention(SDPAttention):
     """Causal core attention over the context-parallel group (megatron-core's local
     DotProductAttention refuses context parallelism; TE's needs a GPU).
 
@@ -344,8 +345,6 @@ class RingAttention(DotProductAttention):
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None):
         _check_heads(config.num_attention_heads, config.num_query_groups or config.num_attention_heads)
-        if config.apply_query_key_layer_scaling:
-            raise ValueError("ring attention does not support apply_query_key_layer_scaling; set it to False")
         # The parent asserts context_parallel_size == 1 (only TE may do CP); it reads nothing
         # else from it, so it is built from a shallow copy and then given the real config.
         parent_config = copy.copy(config)
@@ -359,17 +358,11 @@ class RingAttention(DotProductAttention):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None) -> Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("RingAttention supports neither packed sequences nor bias")
-        mask_type = attn_mask_type or self.attn_mask_type
-        if mask_type != AttnMaskType.causal or attention_mask is not None:
-            raise NotImplementedError(f"RingAttention supports causal masks only, got {mask_type}")
+        self._check_call(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         if self.training and self.attention_dropout.p > 0.0:
             raise NotImplementedError(
                 f"RingAttention has no attention dropout, got {self.attention_dropout.p}; set attention_dropout to 0")
         # [s/cp, b, np, hn] -> [b, np, s/cp, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         context = RingAttentionFunction.apply(q, k, v, self.cp_group, self.softmax_scale)
-        # [b, np, s/cp, hn] -> [s/cp, b, np * hn]
-        context = context.permute(2, 0, 1, 3).contiguous()
-        return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)
+        return self._to_hidden(context)  # [s/cp, b, np * hn]

@@ -148,6 +148,20 @@ def test_sdpa_attention_is_causal():
     assert not torch.allclose(out[-1], out2[-1])
 
 
+def test_sdpa_attention_refuses_query_key_layer_scaling():
+    """Upstream rescales by the layer number inside its own softmax; one SDPA call cannot."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from model.gpt import ModelBuild, transformer_config
+    from model.layers import SDPAttention
+
+    config = transformer_config(ModelConfig(), ModelBuild())
+    config.apply_query_key_layer_scaling = True
+    message = "SDPAttention does not support apply_query_key_layer_scaling; set it to False"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SDPAttention(config, layer_number=2, attn_mask_type=AttnMaskType.causal, attention_type="self")
+
+
 def test_sdpa_attention_rejects_what_it_does_not_implement():
     from megatron.core.transformer.enums import AttnMaskType
 
