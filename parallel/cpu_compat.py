@@ -11,7 +11,7 @@ Nothing here is ever applied on a GPU run: `enable()` refuses when the run's dev
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List
+from typing import Dict, List
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -169,6 +169,6 @@ def enable(device: torch.device) -> bool:
     return True
 
 
-def applied(skip: tuple = ()) -> Callable:
+def applied(skip: tuple = ()) -> CpuCompat:
     """Context manager form for tests: `with applied(skip=("rng.manual_seed",)): ...`."""
     return CpuCompat(skip=skip)
