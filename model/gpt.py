@@ -25,6 +25,7 @@ class ModelBuild:
     virtual_pipeline: Optional[int] = None
     context: int = 1
     expert: int = 1
+    expert_tensor: Optional[int] = None  # None = tensor
     sequence_parallel: bool = False
     first_stage_layers: Optional[int] = None
     last_stage_layers: Optional[int] = None
@@ -48,8 +49,10 @@ def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
 
 
 def transformer_config(model: ModelConfig, build: ModelBuild):
-    """A megatron-core TransformerConfig for a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA)."""
+    """A megatron-core TransformerConfig for a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA, MoE)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from model.moe import transformer_config_fields
 
     dtype = _DTYPES[build.precision]
     return TransformerConfig(
@@ -93,6 +96,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild):
         batch_p2p_comm=build.batch_p2p_comm,
         use_cpu_initialization=build.use_cpu_initialization,
         perform_initialization=build.perform_initialization,
+        **transformer_config_fields(model, build.expert_tensor or build.tensor, build.precision),
     )
 
 
@@ -102,14 +106,30 @@ def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None, init_
         TransformerBlockSubmodules,
         get_num_layers_to_build,
     )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    from pretrain.config import moe_layer_pattern
 
     if model.transformer_impl == "transformer_engine":
-        return _te_layer_spec()
+        return _te_layer_spec(config, vp_stage)
+    from model.layers import RMSNorm
+
+    dense, moe = _local_layer_spec(config, init_seed, None), None
+    if model.moe.num_experts is not None:
+        moe = _local_layer_spec(config, init_seed, model.moe.num_experts)
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+    pattern = moe_layer_pattern(model)[offset:offset + get_num_layers_to_build(config, vp_stage=vp_stage)]
+    return TransformerBlockSubmodules(
+        layer_specs=[moe if is_moe else dense for is_moe in pattern], layer_norm=RMSNorm)
+
+
+def _local_layer_spec(config, init_seed: int, num_experts: Optional[int]):
+    """megatron-core's local layer with our seeded layer, RMSNorm, SDPA/ring attention and experts."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     from model.layers import RMSNorm, SDPAttention, SeededTransformerLayer
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
     spec.module = SeededTransformerLayer
     spec.params = {**spec.params, "init_seed": init_seed}
     spec.submodules.input_layernorm = RMSNorm
@@ -121,11 +141,14 @@ def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None, init_
         from model.ring_attention import RingAttention
 
         spec.submodules.self_attention.submodules.core_attention = RingAttention
-    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=RMSNorm)
+    if num_experts is not None:
+        from model.moe import SeededSequentialMLP
+
+        spec.submodules.mlp.submodules.experts.module = SeededSequentialMLP
+    return spec
 
 
-def _te_layer_spec():
+def _te_layer_spec(config, vp_stage: Optional[int]):
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
@@ -134,10 +157,15 @@ def _te_layer_spec():
             "installed: pip install -e '.[gpu]' on a CUDA machine, or set model.transformer_impl=local"
         ) from None
     from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    return get_gpt_layer_with_transformer_engine_spec()
+    if config.num_moe_experts is None:
+        return get_gpt_layer_with_transformer_engine_spec()
+    # Dense and MoE layers by config.moe_layer_freq; grouped-GEMM experts when moe_grouped_gemm.
+    return get_gpt_decoder_block_spec(
+        config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage)
 
 
 def build_model_chunks(model: ModelConfig, build: ModelBuild, vocab_size: int) -> List[torch.nn.Module]:
@@ -175,14 +203,36 @@ def meta_device():
         yield
 
 
-def count_parameters_formula(model: ModelConfig, vocab_size: int) -> int:
-    """Hand formula for the Llama-style decoder's parameter count (no biases, untied or tied)."""
-    h, f, layers = model.hidden_size, model.ffn_hidden_size, model.num_layers
+@dataclasses.dataclass(frozen=True)
+class ParameterCount:
+    total: int
+    active: int  # what one token passes through: top_k routed experts (+ shared); = total when dense
+
+
+def parameter_counts(model: ModelConfig, vocab_size: int) -> ParameterCount:
+    """Hand formula for the Llama-style decoder, dense or MoE (no biases; untied or tied)."""
+    from pretrain.config import moe_layer_pattern
+
+    h, moe = model.hidden_size, model.moe
     heads = model.num_attention_heads
     groups = model.num_query_groups or heads
     head_dim = h // heads
     attention = h * (heads + 2 * groups) * head_dim + heads * head_dim * h
-    mlp = 2 * h * f + f * h
     norms = 2 * h
     embeddings = vocab_size * h * (2 if model.untie_embeddings else 1)
-    return layers * (attention + mlp + norms) + h + embeddings
+    total = active = model.num_layers * (attention + norms) + h + embeddings
+    for is_moe in moe_layer_pattern(model):
+        if not is_moe:
+            total += 3 * h * model.ffn_hidden_size
+            active += 3 * h * model.ffn_hidden_size
+            continue
+        expert = 3 * h * (moe.ffn_hidden_size or model.ffn_hidden_size)
+        always = 3 * h * (moe.shared_expert_ffn_hidden_size or 0) + moe.num_experts * h  # shared + router
+        total += moe.num_experts * expert + always
+        active += moe.top_k * expert + always
+    return ParameterCount(total=total, active=active)
+
+
+def count_parameters_formula(model: ModelConfig, vocab_size: int) -> int:
+    """Total parameters by hand formula (see parameter_counts)."""
+    return parameter_counts(model, vocab_size).total

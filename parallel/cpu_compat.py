@@ -98,9 +98,83 @@ def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
     return torch.get_rng_state()
 
 
+class HostEvent:
+    """Stand-in for torch.cuda.Event: CPU work is already complete when recorded."""
+
+    def record(self, stream=None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class HostStream:
+    """Stand-in for torch.cuda.Stream: the CPU has one in-order stream, so ordering is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record_event(self, event=None) -> HostEvent:
+        return event or HostEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+
+_HOST_STREAM = HostStream()
+
+
+def _host_split_sizes(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron's maybe_move_tensor_to_cpu for tensors already on the CPU.
+
+    Upstream converts the alltoall split sizes to numpy only when `tensor.is_cuda`; CPU tensors stay
+    tensors, which `all_to_all_single` rejects ("incompatible function arguments").
+    """
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
+def _uneven_all_gather(original):
+    """torch.distributed.all_gather that also gathers tensors of different lengths on gloo.
+
+    gloo requires equal sizes ("ProcessGroupGloo::allgather: invalid tensor size"); NCCL does
+    not. Used by megatron's gather with output_split_sizes (tensor_parallel/mappings.py:150), which
+    the MoE alltoall dispatcher calls under tensor × expert parallelism. Pads every piece to the
+    longest, gathers, and copies each rank's rows out; equal sizes take the original path.
+    """
+
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        if async_op or len({tuple(t.shape) for t in tensor_list}) <= 1:
+            return original(tensor_list, tensor, group=group, async_op=async_op)
+        longest = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        pieces = [torch.empty_like(padded) for _ in tensor_list]
+        original(pieces, padded, group=group)
+        for out, piece in zip(tensor_list, pieces):
+            out.copy_(piece[: out.shape[0]])
+        return None
+
+    return all_gather
+
+
 def _patches() -> List[Patch]:
     """The attribute patches, built lazily so importing this module never imports megatron."""
     from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer.moe import token_dispatcher
 
     cuda = torch.cuda
     return [
@@ -125,6 +199,17 @@ def _patches() -> List[Patch]:
         # Checkpoint saving waits for device-to-host copies before writing; CPU tensors need none.
         Patch("device.synchronize", "dist_checkpointing/strategies/filesystem_async.py:230",
               cuda, "synchronize", lambda device=None: None),
+        # The MoE alltoall dispatcher copies its split sizes to the host on a side stream and
+        # waits on an event (transformer/moe/token_dispatcher.py:445,871-897); `torch.cuda.stream(s)`
+        # itself is a no-op without CUDA and needs no patch.
+        Patch("stream.Stream", "transformer/moe/token_dispatcher.py:445 torch.cuda.Stream()",
+              cuda, "Stream", HostStream),
+        Patch("stream.current_stream", "transformer/moe/token_dispatcher.py:871 current_stream",
+              cuda, "current_stream", lambda device=None: _HOST_STREAM),
+        Patch("moe.split_sizes", "transformer/moe/token_dispatcher.py:876-893 maybe_move_tensor_to_cpu",
+              token_dispatcher, "maybe_move_tensor_to_cpu", _host_split_sizes),
+        Patch("dist.uneven_all_gather", "tensor_parallel/mappings.py:150 all_gather with split sizes",
+              torch.distributed, "all_gather", _uneven_all_gather(torch.distributed.all_gather)),
     ]
 
 
@@ -147,6 +232,44 @@ class CpuCompat:
             self.mode.__exit__(*exc)
         for patch in reversed(self.patches):
             patch.revert()
+
+
+def fix_upstream_bugs() -> List[str]:
+    """Fixes for megatron-core bugs that are not about the device; applied on CPU and GPU alike.
+
+    - transformer/moe/moe_utils.py:1192: the MoE router's gating GEMM tests `te_general_gemm is not
+      None`, but the name is bound only when transformer-engine imports, so every MoE forward
+      without TE raises NameError. Binding it to None selects upstream's own torch.mm path.
+    - transformer/moe/router.py:457-466,486-498 with calculate_per_token_loss (ours, always): each
+      tensor×context-parallel rank attaches its *partial* load-balancing loss (its tokens' share of
+      the probabilities) and its z-loss (coefficient already divided by the tp×cp size) scaled by
+      its *local* token count, so the summed gradient is 1/(tp·cp) of the single-process one: TP2
+      with sequence parallelism trained a different model (grad norm 3.0107 vs 3.0076 at step 2 on
+      tiny_moe). Scaling by the group's token count is the same as multiplying the aux-loss scale
+      by tp·cp, which is what the wrapped `MoEAuxLossAutoScaler.set_loss_scale` does.
+    Returns the names of the fixes applied (empty when nothing needed fixing).
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    applied = []
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+        applied.append("moe_utils.te_general_gemm")
+    scaler = moe_utils.MoEAuxLossAutoScaler
+    if not getattr(scaler.set_loss_scale, "_scaled_by_tp_cp", False):
+        scaler.set_loss_scale = staticmethod(_aux_loss_scale_by_tp_cp(scaler.set_loss_scale))
+        applied.append("MoEAuxLossAutoScaler.set_loss_scale")
+    return applied
+
+
+def _aux_loss_scale_by_tp_cp(original):
+    def set_loss_scale(scale: torch.Tensor) -> None:
+        from megatron.core import parallel_state as ps
+
+        original(scale * ps.get_tensor_and_context_parallel_world_size())
+
+    set_loss_scale._scaled_by_tp_cp = True
+    return set_loss_scale
 
 
 def patch_names() -> List[str]:

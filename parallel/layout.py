@@ -27,6 +27,7 @@ class Layout:
     virtual_pipeline: Optional[int] = None
     context: int = 1
     expert: int = 1
+    expert_tensor: Optional[int] = None  # None = tensor
     sequence_parallel: bool = False
 
     @property
@@ -47,6 +48,7 @@ class Layout:
             virtual_pipeline=parallel.virtual_pipeline,
             context=parallel.context,
             expert=parallel.expert,
+            expert_tensor=parallel.expert_tensor,
             sequence_parallel=parallel.sequence_parallel,
         )
 
@@ -55,6 +57,7 @@ class Layout:
         return (
             f"world {self.world_size} = tensor {self.tensor} x pipeline {self.pipeline}{vpp}"
             f" x context {self.context} x data {self.data}; expert {self.expert}"
+            + (f" x expert tensor {self.expert_tensor}" if self.expert_tensor else "")
             + (", sequence parallel" if self.sequence_parallel else "")
         )
 
@@ -124,6 +127,7 @@ def init_model_parallel(layout: Layout) -> RankInfo:
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
         context_parallel_size=layout.context,
         expert_model_parallel_size=layout.expert,
+        expert_tensor_parallel_size=layout.expert_tensor,
     )
     return RankInfo(
         rank=dist.get_rank(),

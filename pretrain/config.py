@@ -33,9 +33,39 @@ COMMAND_LINE = "on the command line"  # where-phrase for override errors (files 
 # ----------------------------------------------------------------------------------------------- schema
 
 
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+MOE_LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "none")
+MOE_DROP_POLICIES = ("probs", "position")
+MOE_DISPATCHERS = ("alltoall", "allgather")
+
+
+@dataclass
+class MoeConfig:
+    """Mixture of experts in place of the MLP (megatron-core's MoELayer); num_experts: null = dense."""
+
+    num_experts: Optional[int] = None  # routed experts per MoE layer; null = a dense model
+    top_k: int = 2  # experts per token
+    ffn_hidden_size: Optional[int] = None  # SwiGLU inner size of one expert; null = model.ffn_hidden_size
+    shared_expert_ffn_hidden_size: Optional[int] = None  # inner size of all shared experts together; null = none
+    layer_freq: int = 1  # every N-th layer is MoE (1 = all), counted after first_dense_layers
+    first_dense_layers: int = 0  # leading dense layers (DeepSeek's first_k_dense_replace)
+    score_function: str = "softmax"  # softmax | sigmoid (router scores)
+    pre_softmax: bool = False  # softmax over all experts before top-k (else over the chosen top-k)
+    load_balancing: str = "aux_loss"  # aux_loss (per micro-batch) | seq_aux_loss (per sequence) | none
+    aux_loss_coeff: float = 1e-2  # weight of the load-balancing loss
+    z_loss_coeff: float = 0.0  # weight of the router z-loss (logit size); 0 = off
+    expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3): a routing bias nudged each step
+    bias_update_rate: float = 1e-3  # expert-bias step size, per optimizer step
+    capacity_factor: Optional[float] = None  # tokens an expert takes, x its fair share; null = dropless
+    drop_policy: str = "probs"  # over capacity, drop the lowest-probability (probs) or latest (position)
+    pad_to_capacity: bool = False  # pad every expert's input to its capacity (needs capacity_factor)
+    dispatcher: str = "alltoall"  # alltoall | allgather: how tokens reach expert-parallel ranks
+    grouped_gemm: bool = False  # one grouped GEMM for all local experts (GPU, transformer-engine)
+
+
 @dataclass
 class ModelConfig:
-    """Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU MLP."""
+    """Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU MLP (or mixture of experts)."""
 
     num_layers: int = 2
     hidden_size: int = 64
@@ -52,6 +82,7 @@ class ModelConfig:
     hidden_dropout: float = 0.0  # probability, [0, 1)
     attention_dropout: float = 0.0  # probability, [0, 1)
     transformer_impl: str = "local"  # local | transformer_engine
+    moe: MoeConfig = field(default_factory=MoeConfig)
 
 
 @dataclass
@@ -62,7 +93,8 @@ class ParallelConfig:
     pipeline: int = 1  # ranks that split the layer stack
     virtual_pipeline: Optional[int] = None  # None = no interleaving; else model chunks per pipeline rank
     context: int = 1  # ranks that split each sequence
-    expert: int = 1  # ranks that split the experts (MoE)
+    expert: int = 1  # ranks that split the experts (MoE); carved out of the data-parallel ranks
+    expert_tensor: Optional[int] = None  # ranks that split each expert's weights; null = parallel.tensor
     sequence_parallel: bool = False  # shard activations along the sequence inside tensor-parallel regions
     distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
     # Uneven pipeline split (no virtual pipeline): layers on the first / last stage, e.g. fewer
@@ -459,15 +491,21 @@ _POSITIVE = (
     "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline", "parallel.context", "parallel.expert",
     "train.steps", "train.global_batch_size", "train.micro_batch_size",
     "optimizer.lr", "optimizer.eps", "optimizer.decay_steps", "optimizer.wsd_decay_steps",
-    "logging.interval",
+    "logging.interval", "parallel.expert_tensor",
+    "model.moe.num_experts", "model.moe.top_k", "model.moe.ffn_hidden_size",
+    "model.moe.shared_expert_ffn_hidden_size", "model.moe.layer_freq", "model.moe.capacity_factor",
 )  # None (an unset optional) is skipped
 _NON_NEGATIVE = (
     "train.seed", "train.grad_clip", "optimizer.min_lr", "optimizer.weight_decay", "optimizer.warmup_steps",
     "data.num_workers", "checkpoint.interval",
+    "model.moe.first_dense_layers", "model.moe.aux_loss_coeff", "model.moe.z_loss_coeff",
+    "model.moe.bias_update_rate",
 )
 _CHOICES = (
     ("model.transformer_impl", TRANSFORMER_IMPLS), ("train.precision", PRECISIONS),
     ("train.device", DEVICES), ("optimizer.decay", DECAYS), ("logging.wandb.mode", WANDB_MODES),
+    ("model.moe.score_function", MOE_SCORE_FUNCTIONS), ("model.moe.load_balancing", MOE_LOAD_BALANCING),
+    ("model.moe.drop_policy", MOE_DROP_POLICIES), ("model.moe.dispatcher", MOE_DISPATCHERS),
 )
 
 
@@ -559,6 +597,46 @@ def _check_uneven_pipeline(recipe: Recipe) -> None:
             f"stage(s): they must split evenly, at least one layer each")
 
 
+def moe_layer_pattern(model: ModelConfig) -> List[bool]:
+    """Which layers are MoE: none for a dense model; else after `first_dense_layers`, every `layer_freq`-th."""
+    moe = model.moe
+    if moe.num_experts is None:
+        return [False] * model.num_layers
+    return [i >= moe.first_dense_layers and (i - moe.first_dense_layers) % moe.layer_freq == 0
+            for i in range(model.num_layers)]
+
+
+def _check_moe(recipe: Recipe) -> None:
+    moe, p = recipe.model.moe, recipe.parallel
+    if moe.num_experts is None:
+        if p.expert > 1:
+            raise RecipeError(f"parallel.expert = {p.expert} needs experts: set model.moe.num_experts")
+        return
+    if moe.top_k > moe.num_experts:
+        raise RecipeError(f"model.moe.top_k = {moe.top_k} exceeds model.moe.num_experts = {moe.num_experts}")
+    _require_divides("parallel.expert", p.expert, "model.moe.num_experts", moe.num_experts)
+    if moe.first_dense_layers >= recipe.model.num_layers:
+        raise RecipeError(f"model.moe.first_dense_layers = {moe.first_dense_layers} leaves no MoE layer in "
+                          f"model.num_layers = {recipe.model.num_layers}")
+    if moe.expert_bias and moe.score_function != "sigmoid":
+        raise RecipeError("model.moe.expert_bias = true needs model.moe.score_function = sigmoid, "
+                          f"got {moe.score_function}")
+    if moe.pad_to_capacity and moe.capacity_factor is None:
+        raise RecipeError("model.moe.pad_to_capacity = true needs model.moe.capacity_factor")
+    if moe.top_k == 1 and moe.score_function == "softmax" and not moe.pre_softmax:
+        raise RecipeError("model.moe.top_k = 1 with softmax scores needs model.moe.pre_softmax = true "
+                          "(a softmax over one expert is constant: the router would get no gradient)")
+    if p.tensor > 1 and not p.sequence_parallel:
+        raise RecipeError(f"model.moe with parallel.tensor = {p.tensor} needs parallel.sequence_parallel = true "
+                          "(megatron-core's MoE layer refuses tensor parallelism without it)")
+    if moe.grouped_gemm and recipe.model.transformer_impl != "transformer_engine":
+        raise RecipeError("model.moe.grouped_gemm = true needs model.transformer_impl = transformer_engine "
+                          "(grouped GEMM experts come from transformer-engine)")
+    expert_tensor = p.expert_tensor or p.tensor
+    ffn = moe.ffn_hidden_size or recipe.model.ffn_hidden_size
+    _require_divides("parallel.expert_tensor", expert_tensor, "model.moe.ffn_hidden_size", ffn)
+
+
 def _check_parallel_flags(recipe: Recipe) -> None:
     p = recipe.parallel
     if p.sequence_parallel and p.tensor == 1:
@@ -590,6 +668,7 @@ def validate_static(recipe: Recipe) -> None:
     _check_ranges(recipe)
     _check_model_shape(recipe)
     _check_parallel_flags(recipe)
+    _check_moe(recipe)
     _check_schedule(recipe)
 
 
@@ -615,10 +694,11 @@ def validate_for_world(recipe: Recipe, world_size: int) -> None:
     if p.virtual_pipeline is not None and micro_batches % p.pipeline:
         raise RecipeError(f"{micro_batches} micro-batches per step are not a multiple of parallel.pipeline = "
                           f"{p.pipeline}, which the interleaved schedule (parallel.virtual_pipeline) needs")
-    expert_room = world_size // (p.tensor * p.pipeline)
-    if expert_room % p.expert:
-        raise RecipeError(f"parallel.expert = {p.expert} does not divide the world size / "
-                          f"(parallel.tensor × parallel.pipeline) = {expert_room}")
+    expert_tensor = p.expert_tensor or p.tensor
+    expert_room = world_size // (expert_tensor * p.pipeline)
+    if world_size % (expert_tensor * p.pipeline) or expert_room % p.expert:
+        raise RecipeError(f"parallel.expert × parallel.expert_tensor = {p.expert} × {expert_tensor} does not "
+                          f"divide the world size / parallel.pipeline = {world_size // p.pipeline}")
 
 
 # ------------------------------------------------------------------------------------------- dumping

@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Tuple
 
-from model.gpt import count_parameters_formula, padded_vocab_size
+from model.gpt import padded_vocab_size, parameter_counts
 from parallel.layout import Layout
-from pretrain.config import Recipe, pipeline_stage_layers, validate_for_world
+from pretrain.config import Recipe, moe_layer_pattern, pipeline_stage_layers, validate_for_world
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,16 +36,28 @@ def stage_layers(recipe: Recipe, layout: Layout) -> List[Tuple[Tuple[int, int], 
     return plans
 
 
-def params_per_rank(recipe: Recipe, layout: Layout, vocab: int, layers: int, first: bool, last: bool) -> int:
-    """Parameters on one rank of a stage: TP splits every matmul, norms are replicated."""
-    m = recipe.model
+def layer_params_per_rank(recipe: Recipe, layout: Layout, is_moe: bool) -> int:
+    """One layer's parameters on one rank: TP splits attention and dense/shared MLPs, EP splits the
+    routed experts and expert-TP each expert; norms and the router are replicated."""
+    m, moe = recipe.model, recipe.model.moe
     h, heads = m.hidden_size, m.num_attention_heads
     groups = m.num_query_groups or heads
     head_dim = h // heads
     tp = layout.tensor
-    layer = (h * (heads + 2 * groups) * head_dim + heads * head_dim * h + 3 * h * m.ffn_hidden_size) // tp
-    layer += 2 * h
-    total = layers * layer
+    attention = (h * (heads + 2 * groups) * head_dim + heads * head_dim * h) // tp
+    if not is_moe:
+        return attention + 3 * h * m.ffn_hidden_size // tp + 2 * h
+    expert = 3 * h * (moe.ffn_hidden_size or m.ffn_hidden_size) // (layout.expert_tensor or tp)
+    shared = 3 * h * (moe.shared_expert_ffn_hidden_size or 0) // tp
+    return attention + moe.num_experts // layout.expert * expert + shared + moe.num_experts * h + 2 * h
+
+
+def params_per_rank(recipe: Recipe, layout: Layout, vocab: int, ranges, first: bool, last: bool) -> int:
+    """Parameters on one rank of a stage holding the global layer `ranges` (half-open pairs)."""
+    m = recipe.model
+    h, tp = m.hidden_size, layout.tensor
+    pattern = moe_layer_pattern(m)
+    total = sum(layer_params_per_rank(recipe, layout, pattern[i]) for a, b in ranges for i in range(a, b))
     if first:
         total += vocab * h // tp
     if last:
@@ -59,8 +71,7 @@ def plan(recipe: Recipe, world_size: int) -> Tuple[Layout, int, List[StagePlan]]
     vocab = padded_vocab_size(recipe.model, _vocab_size(recipe), layout.tensor)
     stages = []
     for p, ranges in enumerate(stage_layers(recipe, layout)):
-        layers = sum(b - a for a, b in ranges)
-        count = params_per_rank(recipe, layout, vocab, layers, p == 0, p == layout.pipeline - 1)
+        count = params_per_rank(recipe, layout, vocab, ranges, p == 0, p == layout.pipeline - 1)
         stages.append(StagePlan(p, ranges, count))
     return layout, vocab, stages
 
@@ -103,7 +114,7 @@ def _human(n: int) -> str:
 
 def dry_run(recipe: Recipe, world_size: int) -> str:
     layout, vocab, stages = plan(recipe, world_size)
-    total = count_parameters_formula(recipe.model, vocab)
+    counts = parameter_counts(recipe.model, vocab)
     built = meta_parameter_count(recipe, vocab)
     lines = [
         f"recipe {recipe.source}: valid for world size {world_size}",
@@ -111,12 +122,15 @@ def dry_run(recipe: Recipe, world_size: int) -> str:
         f"micro-batches per step: "
         f"{recipe.train.global_batch_size // (recipe.train.micro_batch_size * layout.data)}",
         f"vocabulary: {vocab} (padded)",
-        f"parameters: {built:,} total ({_human(built)}; formula {total:,})",
+        f"parameters: {built:,} total ({_human(built)}; formula {counts.total:,})",
     ]
+    if recipe.model.moe.num_experts is not None:
+        lines.append(f"active parameters per token: {counts.active:,} ({_human(counts.active)}; "
+                     f"top-{recipe.model.moe.top_k} of {recipe.model.moe.num_experts} experts)")
     for s in stages:
         ranges = ", ".join(f"{a}-{b - 1}" for a, b in s.layers)
         lines.append(
             f"  pipeline stage {s.pipeline_rank}: layers {ranges}; "
-            f"{s.params_per_rank:,} parameters per tensor-parallel rank"
+            f"{s.params_per_rank:,} parameters per rank"
         )
     return "\n".join(lines)

@@ -19,11 +19,12 @@ def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
     """Training FLOPs per token (forward + backward = 3 × forward), Megatron-LM's accounting.
 
     Matmul parameters cost 6 FLOPs per token (the input embedding is a lookup, not a matmul);
-    causal attention scores and values add 6 · layers · seq · hidden (half of the full square).
+    with MoE only the active ones count (top_k routed experts, shared experts, router); causal
+    attention scores and values add 6 · layers · seq · hidden (half of the full square).
     """
-    from model.gpt import count_parameters_formula
+    from model.gpt import parameter_counts
 
-    matmul_params = count_parameters_formula(model, vocab_size) - vocab_size * model.hidden_size
+    matmul_params = parameter_counts(model, vocab_size).active - vocab_size * model.hidden_size
     if not model.untie_embeddings:
         matmul_params += vocab_size * model.hidden_size  # the tied output layer is still a matmul
     attention = 6 * model.num_layers * model.seq_length * model.hidden_size
@@ -53,7 +54,7 @@ class MetricsLog:
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+            self.wandb_run.log(wandb_scalars(record), step=record["step"])
         print(_progress_line(record), flush=True)
 
     def close(self) -> None:
@@ -106,3 +107,20 @@ def _progress_line(r: dict) -> str:
     if r.get("mfu") is not None and not math.isnan(r["mfu"]):
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
     return " | ".join(parts)
+
+
+def wandb_scalars(record: dict) -> dict:
+    """A metrics record as flat wandb scalars: nested fields become slash paths, so the per-layer
+    expert load {"moe_expert_load": {"1": [f0, f1, ...]}} is one chart per expert under
+    moe_expert_load/layer_1/expert_<e>."""
+    flat = {}
+    for key, value in record.items():
+        if key == "step":
+            continue
+        if key == "moe_expert_load":
+            for layer, fractions in value.items():
+                for expert, fraction in enumerate(fractions):
+                    flat[f"{key}/layer_{layer}/expert_{expert}"] = fraction
+        else:
+            flat[key] = value
+    return flat

@@ -41,6 +41,7 @@ class Run:
     vocab_size: int
     log_dir: pathlib.Path
     ckpt_dir: pathlib.Path
+    moe: Optional[object] = None  # model.moe.MoeMonitor when the model has experts
     step: int = 0
 
 
@@ -58,6 +59,7 @@ def build_runtime(recipe: Recipe):
     validate_for_world(recipe, world_size)
     device = pick_device(recipe.train.device, local_rank)
     cpu_compat.enable(device)
+    cpu_compat.fix_upstream_bugs()
     init_process_group(device, rank, world_size)
     layout = Layout.from_config(recipe.parallel, world_size)
     return layout, init_model_parallel(layout), device
@@ -75,7 +77,8 @@ def build_model(recipe: Recipe, layout: Layout, device: torch.device, vocab_size
     model_parallel_cuda_manual_seed(recipe.train.seed)
     build = ModelBuild(
         tensor=layout.tensor, pipeline=layout.pipeline, virtual_pipeline=layout.virtual_pipeline,
-        context=layout.context, expert=layout.expert, sequence_parallel=layout.sequence_parallel,
+        context=layout.context, expert=layout.expert, expert_tensor=recipe.parallel.expert_tensor,
+        sequence_parallel=layout.sequence_parallel,
         first_stage_layers=recipe.parallel.first_stage_layers,
         last_stage_layers=recipe.parallel.last_stage_layers,
         precision=recipe.train.precision, init_seed=recipe.train.seed,
@@ -165,10 +168,15 @@ def build_run(recipe: Recipe) -> Run:
     chunks = build_model(recipe, layout, device, vocab_size)
     optimizer, scheduler = build_optimizer(recipe, chunks)
     wire_schedule(chunks, optimizer)
+    moe = None
+    if recipe.model.moe.num_experts is not None:
+        from model.moe import MoeMonitor
+
+        moe = MoeMonitor(recipe.model, chunks)
     return Run(
         recipe=recipe, layout=layout, rank=rank, device=device, chunks=chunks,
         optimizer=optimizer, scheduler=scheduler, dataset=dataset, vocab_size=vocab_size,
-        log_dir=log_dir_of(recipe), ckpt_dir=ckpt_dir_of(recipe),
+        log_dir=log_dir_of(recipe), ckpt_dir=ckpt_dir_of(recipe), moe=moe,
     )
 
 
@@ -228,12 +236,17 @@ def train_step(run: Run, step: int) -> dict:
         forward_only=False,
     )
     updated, grad_norm, _ = run.optimizer.step()
-    return {
+    out = {
         "loss": _global_mean_loss(run, losses),
         "skipped": not updated,  # fp16 overflow: megatron-core skips the update and lowers the scale
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": run.optimizer.param_groups[0]["lr"],
     }
+    if run.moe is not None:
+        out["moe"] = run.moe.step_metrics(
+            run.device, num_micro_batches(run), run.layout.data,
+            run.layout.world_size // run.layout.pipeline)
+    return out
 
 
 def _global_mean_loss(run: Run, losses: list) -> float:
@@ -301,6 +314,7 @@ def _metrics_record(run: Run, out: dict, step_time: float, tokens_per_step: int,
     }
     if out["skipped"]:
         record["skipped"] = True
+    record.update(out.get("moe", {}))
     if peak is not None:
         tflops = fpt * tokens_per_s / run.layout.world_size / 1e12
         record["tflops_per_device"] = tflops

@@ -428,7 +428,8 @@ def test_llama70b_on_a_wrong_world_size():
 
 
 def test_world_batch_and_expert_messages():
-    r = load_recipe("tiny_gpt", ["parallel.tensor=2", "parallel.expert=3"])
+    r = load_recipe("tiny_moe", ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                                 "parallel.expert=3", "model.moe.num_experts=6"])
     with pytest.raises(RecipeError) as info:
         validate_for_world(r, 6)
     assert str(info.value) == (
@@ -436,7 +437,7 @@ def test_world_batch_and_expert_messages():
     with pytest.raises(RecipeError) as info:
         validate_for_world(r, 8)
     assert str(info.value) == (
-        "parallel.expert = 3 does not divide the world size / (parallel.tensor × parallel.pipeline) = 4")
+        "parallel.expert × parallel.expert_tensor = 3 × 2 does not divide the world size / parallel.pipeline = 8")
     with pytest.raises(RecipeError, match=re.escape("world size must be positive, got 0")):
         validate_for_world(r, 0)
 

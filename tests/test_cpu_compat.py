@@ -100,6 +100,91 @@ def _dist_checkpoint_save():
             dist.destroy_process_group()
 
 
+def _moe_alltoall_forward_backward():
+    """transformer/moe/token_dispatcher.py:445 torch.cuda.Stream(), :871 torch.cuda.current_stream():
+    an MoE layer with the alltoall dispatcher, forward and backward, on one process."""
+    import torch.distributed as dist
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from parallel.layout import Layout, init_model_parallel, shutdown
+
+    cpu_compat.fix_upstream_bugs()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = None  # built once per process, upstream caches it
+    try:
+        init_model_parallel(Layout(world_size=1))
+        model_parallel_cuda_manual_seed(1)
+        config = TransformerConfig(
+            num_layers=1, hidden_size=8, num_attention_heads=2, num_moe_experts=4, moe_router_topk=2,
+            moe_ffn_hidden_size=16, moe_token_dispatcher_type="alltoall", add_bias_linear=False,
+            use_cpu_initialization=True, calculate_per_token_loss=True)
+        layer = MoELayer(config, get_gpt_layer_local_spec(num_experts=4).submodules.mlp.submodules)
+        layer.set_layer_number(1)
+        x = torch.randn(5, 2, 8, requires_grad=True)
+        out, _ = layer(x)
+        out.sum().backward()
+        assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+    finally:
+        MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = None
+        shutdown()
+
+
+def _alltoall_split_sizes():
+    """transformer/moe/token_dispatcher.py:876-893: split sizes stay tensors on the CPU, and
+    all_to_all_single (mappings.py:538) only takes integer lists ("incompatible function arguments")."""
+    import torch.distributed as dist
+    from megatron.core.transformer.moe import token_dispatcher
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        splits = token_dispatcher.maybe_move_tensor_to_cpu(torch.tensor([4]), as_numpy=True)
+        out = torch.empty(4)
+        dist.all_to_all_single(out, torch.arange(4.0), output_split_sizes=splits, input_split_sizes=splits)
+        assert out.tolist() == [0.0, 1.0, 2.0, 3.0]
+    finally:
+        dist.destroy_process_group()
+
+
+def _uneven_gather_worker(rank: int, init_file: str, use_patch: bool, results) -> None:
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel.mappings import _gather_along_first_dim
+
+    skip = () if use_patch else ("dist.uneven_all_gather",)
+    with cpu_compat.applied(skip=skip):
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+        try:
+            piece = torch.full((2 + rank, 3), float(rank))  # 2 rows on rank 0, 3 on rank 1
+            gathered = _gather_along_first_dim(piece, dist.group.WORLD, output_split_sizes=[2, 3])
+            results[rank] = gathered[:, 0].tolist()
+        except RuntimeError as exc:
+            results[rank] = str(exc)
+        finally:
+            dist.destroy_process_group()
+
+
+def _uneven_all_gather():
+    """tensor_parallel/mappings.py:150: all_gather with output_split_sizes, which the alltoall
+    dispatcher uses under tensor × expert parallelism; gloo needs equal sizes. Two processes."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    use_patch = torch.distributed.all_gather.__name__ == "all_gather" and \
+        torch.distributed.all_gather.__module__ == cpu_compat.__name__
+    with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_uneven_gather_worker, args=(f"{tmp}/init", use_patch, results), nprocs=2)
+        outcome = dict(results)
+    for rank in (0, 1):
+        if not isinstance(outcome[rank], list):
+            raise RuntimeError(outcome[rank])
+        assert outcome[rank] == [0.0, 0.0, 1.0, 1.0, 1.0]
+
+
 SITES = {
     "rng.get_state": _seed_and_fork,
     "rng.manual_seed": _seed_and_fork,
@@ -108,13 +193,17 @@ SITES = {
     "device.current_device": _sequence_parallel_linear_backward,
     "device.mode": _fp32_optimizer,
     "device.synchronize": _dist_checkpoint_save,
+    "stream.Stream": _moe_alltoall_forward_backward,
+    "stream.current_stream": _moe_alltoall_forward_backward,
+    "moe.split_sizes": _alltoall_split_sizes,
+    "dist.uneven_all_gather": _uneven_all_gather,
 }
 
 
 @pytest.mark.parametrize("name", sorted(SITES))
 def test_site_fails_without_its_patch(name):
     with cpu_compat.applied(skip=(name,)):
-        with pytest.raises((RuntimeError, AssertionError, AttributeError)):
+        with pytest.raises((RuntimeError, AssertionError, AttributeError, TypeError)):
             SITES[name]()
 
 
