@@ -46,6 +46,7 @@ def megatron_single_process():
     from parallel import cpu_compat
     from parallel.layout import Layout, init_model_parallel, shutdown
 
+    cpu_compat.fix_upstream_bugs()  # as the trainer does (pretrain/trainer.py:build_runtime)
     with cpu_compat.applied():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         try:

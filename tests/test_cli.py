@@ -56,6 +56,7 @@ def runs(tmp_path_factory):
         "tiny_tp2_pp2": ["--recipe", "tiny_gpt", "--dry-run", "--world-size", "8",
                          "parallel.tensor=2", "parallel.pipeline=2"],
         "llama70b_100": ["--recipe", "llama70b", "--dry-run", "--world-size", "100"],
+        "mixtral_64": ["--recipe", "mixtral_8x7b", "--dry-run", "--world-size", "64"],
         "unknown_key": UNKNOWN_KEY,
         "unknown_key_debug": ["--debug", *UNKNOWN_KEY],
         "missing_recipe": ["--recipe", "nope"],
@@ -162,7 +163,7 @@ def _expected_stages(*, layers, h, f, heads, groups, vocab, tp, pp, vpp):
 
 
 def _stage_lines(stages):
-    return [f"  pipeline stage {p}: layers {ranges}; {count:,} parameters per tensor-parallel rank"
+    return [f"  pipeline stage {p}: layers {ranges}; {count:,} parameters per rank"
             for p, (ranges, count) in enumerate(stages)]
 
 
@@ -178,6 +179,24 @@ def test_llama70b_dry_run_on_512(runs):
                               tp=8, pp=4, vpp=5)
     assert stages[0][0] == "0-3, 16-19, 32-35, 48-51, 64-67"
     assert lines[5:] == _stage_lines(stages)
+
+
+def test_mixtral_dry_run_counts_total_and_active_parameters(runs):
+    """Published Mixtral-8x7B: 46.7B parameters, 12.9B active per token (top-2 of 8 experts)."""
+    lines = _ok(runs["mixtral_64"])
+    assert lines[1] == ("layout: world 64 = tensor 2 x pipeline 4 x context 1 x data 8; "
+                        "expert 8 x expert tensor 1, sequence parallel")
+    h, f, layers, vocab = 4096, 14336, 32, 32000
+    attention = h * (32 + 2 * 8) * 128 + 32 * 128 * h
+    expert, router, norms = 3 * h * f, 8 * h, 2 * h
+    total = layers * (attention + 8 * expert + router + norms) + h + 2 * vocab * h
+    active = layers * (attention + 2 * expert + router + norms) + h + 2 * vocab * h
+    assert (total, active) == (46_702_792_704, 12_879_925_248)
+    assert lines[4] == f"parameters: {total:,} total (46.70B; formula {total:,})"  # built on meta = formula
+    assert lines[5] == f"active parameters per token: {active:,} (12.88B; top-2 of 8 experts)"
+    # Per rank of stage 1 (8 middle layers): attention split over tensor 2, one whole expert
+    # (expert 8, expert tensor 1), the router and norms replicated.
+    assert lines[7] == f"  pipeline stage 1: layers 8-15; {8 * (attention // 2 + expert + router + norms):,} parameters per rank"
 
 
 def test_tiny_gpt_dry_run_tensor_2_pipeline_2(runs):
