@@ -66,7 +66,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild):
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=True,
         activation_func=F.silu,
-        add_bias_linear=False,
+        add_bias_linear=model.add_bias_linear,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
@@ -142,9 +142,11 @@ def _local_layer_spec(config, init_seed: int, num_experts: Optional[int]):
 
         spec.submodules.self_attention.submodules.core_attention = RingAttention
     if num_experts is not None:
-        from model.moe import SeededSequentialMLP
+        from model.moe import ExpertRowParallelLinear, SeededSequentialMLP
 
-        spec.submodules.mlp.submodules.experts.module = SeededSequentialMLP
+        experts = spec.submodules.mlp.submodules.experts
+        experts.module = SeededSequentialMLP
+        experts.submodules.linear_fc2 = ExpertRowParallelLinear
     return spec
 
 
@@ -210,26 +212,31 @@ class ParameterCount:
 
 
 def parameter_counts(model: ModelConfig, vocab_size: int) -> ParameterCount:
-    """Hand formula for the Llama-style decoder, dense or MoE (no biases; untied or tied)."""
+    """Hand formula for the Llama-style decoder, dense or MoE, with or without linear biases."""
     from pretrain.config import moe_layer_pattern
 
-    h, moe = model.hidden_size, model.moe
+    h, moe, bias = model.hidden_size, model.moe, int(model.add_bias_linear)
     heads = model.num_attention_heads
     groups = model.num_query_groups or heads
-    head_dim = h // heads
-    attention = h * (heads + 2 * groups) * head_dim + heads * head_dim * h
+    qkv = (heads + 2 * groups) * (h // heads)
+    attention = h * qkv + heads * (h // heads) * h + bias * (qkv + h)
     norms = 2 * h
     embeddings = vocab_size * h * (2 if model.untie_embeddings else 1)
+
+    def mlp(ffn: int) -> int:  # SwiGLU: fc1 to 2·ffn (gate and up), fc2 back to h
+        return 3 * h * ffn + bias * (2 * ffn + h)
+
     total = active = model.num_layers * (attention + norms) + h + embeddings
     for is_moe in moe_layer_pattern(model):
         if not is_moe:
-            total += 3 * h * model.ffn_hidden_size
-            active += 3 * h * model.ffn_hidden_size
+            total += mlp(model.ffn_hidden_size)
+            active += mlp(model.ffn_hidden_size)
             continue
-        expert = 3 * h * (moe.ffn_hidden_size or model.ffn_hidden_size)
-        always = 3 * h * (moe.shared_expert_ffn_hidden_size or 0) + moe.num_experts * h  # shared + router
-        total += moe.num_experts * expert + always
-        active += moe.top_k * expert + always
+        expert = mlp(moe.ffn_hidden_size or model.ffn_hidden_size)
+        shared = mlp(moe.shared_expert_ffn_hidden_size) if moe.shared_expert_ffn_hidden_size else 0
+        router = moe.num_experts * (h + bias)
+        total += moe.num_experts * expert + shared + router
+        active += moe.top_k * expert + shared + router
     return ParameterCount(total=total, active=active)
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 import torch
-from megatron.core.transformer.moe.experts import SequentialMLP
+from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.router import TopKRouter
 
 from pretrain.config import ModelConfig, moe_layer_pattern
@@ -72,6 +73,23 @@ class SeededSequentialMLP(SequentialMLP):
         torch.set_rng_state(state)
 
 
+class ExpertRowParallelLinear(RowParallelLinear):
+    """An expert's output projection whose output may be modified in place.
+
+    With linear biases, megatron-core's expert MLP adds the probability-weighted bias in place
+    (`output += output_bias * probs`, transformer/mlp.py:247), but the output of the
+    tensor-parallel reduction is a custom-Function view, which autograd forbids modifying
+    ("Output 0 of _ReduceFromModelParallelRegion is a view and is being modified inplace").
+    A copy in exactly that case (expert, with bias) makes the upstream add legal.
+    """
+
+    def forward(self, input_, *args, **kwargs):
+        output, bias = super().forward(input_, *args, **kwargs)
+        if bias is not None and self.is_expert:
+            output = output.clone()
+        return output, bias
+
+
 class RoutingStats:
     """Tokens per expert, per global layer, accumulated over one step from the routers' outputs.
 
@@ -120,7 +138,8 @@ def load_metrics(load: torch.Tensor, routed: torch.Tensor, moe_layers: List[int]
 
     `load[l, e]` = tokens expert e of layer l processed; `routed[l]` = token-expert pairs the
     router chose before capacity dropping. Imbalance per layer: max/mean and the coefficient of
-    variation (std/mean) of the per-expert counts; summaries take the worst (max) layer.
+    variation (std/mean) of the per-expert counts, per layer (`moe_load_cv_by_layer`) and for the
+    worst layer (`moe_load_cv`, `moe_load_max_over_mean`).
     """
     out: Dict[str, object] = {}
     fractions, max_over_mean, cv = {}, [], []
@@ -138,6 +157,7 @@ def load_metrics(load: torch.Tensor, routed: torch.Tensor, moe_layers: List[int]
     out["moe_load_cv_mean"] = sum(cv) / len(cv)
     out["moe_dropped_fraction"] = (routed_total - kept_total) / routed_total if routed_total else 0.0
     out["moe_expert_load"] = fractions
+    out["moe_load_cv_by_layer"] = {str(layer + 1): c for layer, c in zip(moe_layers, cv)}
     return out
 
 

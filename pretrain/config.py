@@ -82,6 +82,7 @@ class ModelConfig:
     hidden_dropout: float = 0.0  # probability, [0, 1)
     attention_dropout: float = 0.0  # probability, [0, 1)
     transformer_impl: str = "local"  # local | transformer_engine
+    add_bias_linear: bool = False  # biases in attention and MLP/expert linears (GPT-2 style); Llama has none
     moe: MoeConfig = field(default_factory=MoeConfig)
 
 
@@ -633,6 +634,12 @@ def _check_moe(recipe: Recipe) -> None:
         raise RecipeError("model.moe.grouped_gemm = true needs model.transformer_impl = transformer_engine "
                           "(grouped GEMM experts come from transformer-engine)")
     expert_tensor = p.expert_tensor or p.tensor
+    if recipe.model.add_bias_linear and moe.shared_expert_ffn_hidden_size is not None:
+        raise RecipeError("model.add_bias_linear = true cannot be combined with "
+                          "model.moe.shared_expert_ffn_hidden_size (megatron-core's shared experts have no biases)")
+    if recipe.model.add_bias_linear and expert_tensor > 1:
+        raise RecipeError(f"model.add_bias_linear = true with experts needs parallel.expert_tensor = 1, got "
+                          f"{expert_tensor} (megatron-core supports expert biases only without expert tensor parallelism)")
     ffn = moe.ffn_hidden_size or recipe.model.ffn_hidden_size
     _require_divides("parallel.expert_tensor", expert_tensor, "model.moe.ffn_hidden_size", ffn)
 

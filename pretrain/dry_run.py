@@ -38,18 +38,24 @@ def stage_layers(recipe: Recipe, layout: Layout) -> List[Tuple[Tuple[int, int], 
 
 def layer_params_per_rank(recipe: Recipe, layout: Layout, is_moe: bool) -> int:
     """One layer's parameters on one rank: TP splits attention and dense/shared MLPs, EP splits the
-    routed experts and expert-TP each expert; norms and the router are replicated."""
+    routed experts and expert-TP each expert; norms, the router and row-parallel biases (the
+    output projections') are replicated."""
     m, moe = recipe.model, recipe.model.moe
-    h, heads = m.hidden_size, m.num_attention_heads
+    h, heads, bias = m.hidden_size, m.num_attention_heads, int(m.add_bias_linear)
     groups = m.num_query_groups or heads
-    head_dim = h // heads
+    qkv = (heads + 2 * groups) * (h // heads)
     tp = layout.tensor
-    attention = (h * (heads + 2 * groups) * head_dim + heads * head_dim * h) // tp
+
+    def mlp(ffn: int, split: int) -> int:
+        return (3 * h * ffn + bias * 2 * ffn) // split + bias * h
+
+    attention = (h * qkv + heads * (h // heads) * h + bias * qkv) // tp + bias * h
     if not is_moe:
-        return attention + 3 * h * m.ffn_hidden_size // tp + 2 * h
-    expert = 3 * h * (moe.ffn_hidden_size or m.ffn_hidden_size) // (layout.expert_tensor or tp)
-    shared = 3 * h * (moe.shared_expert_ffn_hidden_size or 0) // tp
-    return attention + moe.num_experts // layout.expert * expert + shared + moe.num_experts * h + 2 * h
+        return attention + mlp(m.ffn_hidden_size, tp) + 2 * h
+    expert = mlp(moe.ffn_hidden_size or m.ffn_hidden_size, layout.expert_tensor or tp)
+    shared = mlp(moe.shared_expert_ffn_hidden_size, tp) if moe.shared_expert_ffn_hidden_size else 0
+    router = moe.num_experts * (h + bias)
+    return attention + moe.num_experts // layout.expert * expert + shared + router + 2 * h
 
 
 def params_per_rank(recipe: Recipe, layout: Layout, vocab: int, ranges, first: bool, last: bool) -> int:

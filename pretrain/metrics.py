@@ -121,6 +121,9 @@ def wandb_scalars(record: dict) -> dict:
             for layer, fractions in value.items():
                 for expert, fraction in enumerate(fractions):
                     flat[f"{key}/layer_{layer}/expert_{expert}"] = fraction
+        elif isinstance(value, dict):
+            for layer, number in value.items():
+                flat[f"{key}/layer_{layer}"] = number
         else:
             flat[key] = value
     return flat

@@ -120,7 +120,18 @@ def test_load_imbalance_metrics():
     assert metrics["moe_load_max_over_mean"] == 4.0  # worst layer: all on one expert
     assert metrics["moe_load_cv"] == pytest.approx(math.sqrt(3))  # std 17.32 / mean 10
     assert metrics["moe_load_cv_mean"] == pytest.approx(math.sqrt(3) / 2)
+    assert metrics["moe_load_cv_by_layer"] == {"1": 0.0, "2": pytest.approx(math.sqrt(3))}
     assert metrics["moe_dropped_fraction"] == 0.0
+
+
+def test_wandb_gets_one_scalar_per_layer_and_expert():
+    from pretrain.metrics import wandb_scalars
+
+    record = {"step": 3, "loss": 2.5, "moe_expert_load": {"1": [0.75, 0.25]},
+              "moe_load_cv_by_layer": {"1": 0.5}}
+    assert wandb_scalars(record) == {
+        "loss": 2.5, "moe_expert_load/layer_1/expert_0": 0.75, "moe_expert_load/layer_1/expert_1": 0.25,
+        "moe_load_cv_by_layer/layer_1": 0.5}
 
 
 def test_expert_bias_lowers_load_imbalance_over_steps(megatron_single_process):
@@ -151,6 +162,29 @@ def test_expert_bias_lowers_load_imbalance_over_steps(megatron_single_process):
     assert ranges[-1] > 0.2  # the bias did the balancing (no aux loss here)
 
 
+def test_expert_biases_train_where_upstream_raises(megatron_single_process):
+    """transformer/mlp.py:247 adds the expert bias in place on a custom-Function view; our expert
+    output projection (model/moe.py:ExpertRowParallelLinear) returns a copy in that case."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from model.gpt import _local_layer_spec, transformer_config
+
+    model = dataclasses.replace(_tiny_moe_model(), add_bias_linear=True)
+    config = transformer_config(model, ModelBuild())
+    x = _tokens(seed=5, tokens=8).expand(8, 2, 3).repeat(1, 1, 22)[..., :64].contiguous()
+
+    def forward_backward(submodules):
+        layer = MoELayer(config, submodules)
+        layer.set_layer_number(1)
+        out, _ = layer(x.clone().requires_grad_(True))
+        out.sum().backward()
+
+    with pytest.raises(RuntimeError, match="is a view and is being modified inplace"):
+        forward_backward(get_gpt_layer_local_spec(num_experts=8).submodules.mlp.submodules)
+    forward_backward(_local_layer_spec(config, 0, num_experts=8).submodules.mlp.submodules)
+
+
 def test_upstream_te_general_gemm_name_error_is_fixed(megatron_single_process):
     """moe_utils.py:1192 reads `te_general_gemm`, bound only when transformer-engine imports."""
     from megatron.core.transformer.moe import moe_utils
@@ -172,13 +206,15 @@ def test_upstream_te_general_gemm_name_error_is_fixed(megatron_single_process):
 # ------------------------------------------------------------------------- parameters and recipes
 
 
-@pytest.mark.parametrize("moe_fields", [
-    {},
-    {"shared_expert_ffn_hidden_size": 96},
-    {"first_dense_layers": 1, "layer_freq": 2},
-], ids=["tiny_moe", "shared", "dense-first-every-2nd"])
-def test_formula_equals_built_model(moe_fields, megatron_single_process):
-    model = _tiny_moe_model(**moe_fields)
+@pytest.mark.parametrize("moe_fields, biases", [
+    ({}, False),
+    ({"shared_expert_ffn_hidden_size": 96}, False),
+    ({"first_dense_layers": 1, "layer_freq": 2}, False),
+    ({"first_dense_layers": 1}, True),
+    ({"num_experts": None}, True),
+], ids=["tiny_moe", "shared", "dense-first-every-2nd", "biases", "dense-biases"])
+def test_formula_equals_built_model(moe_fields, biases, megatron_single_process):
+    model = dataclasses.replace(_tiny_moe_model(**moe_fields), add_bias_linear=biases)
     vocab = padded_vocab_size(model, 257, tensor=1)
     with meta_device():
         (chunk,) = build_model_chunks(model, ModelBuild(perform_initialization=False), vocab)
@@ -215,6 +251,12 @@ def test_layer_pattern():
     (["model.moe.dispatcher=flex"], "model.moe.dispatcher must be one of alltoall | allgather, got 'flex'"),
     (["model.moe.capacity_factor=0"], "model.moe.capacity_factor must be positive, got 0.0"),
     (["parallel.expert_tensor=3"], "parallel.expert_tensor = 3 does not divide model.moe.ffn_hidden_size = 64"),
+    (["model.add_bias_linear=true", "model.moe.shared_expert_ffn_hidden_size=64"],
+     "model.add_bias_linear = true cannot be combined with model.moe.shared_expert_ffn_hidden_size "
+     "(megatron-core's shared experts have no biases)"),
+    (["model.add_bias_linear=true", "parallel.expert_tensor=2"],
+     "model.add_bias_linear = true with experts needs parallel.expert_tensor = 1, got 2 "
+     "(megatron-core supports expert biases only without expert tensor parallelism)"),
 ])
 def test_moe_recipe_errors(overrides, message):
     with pytest.raises(RecipeError, match="^" + re.escape(message) + "$"):
@@ -238,6 +280,9 @@ MOE_LAYOUTS = {
     "ep2": (2, ["parallel.expert=2"]),
     "ep4": (4, ["parallel.expert=4"]),
     "ep2-tp2": (4, ["parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
+    # experts whole (expert tensor 1) while attention is tensor-split: expert data-parallel 2
+    "ep2-tp2-etp1": (4, ["parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true",
+                         "parallel.expert_tensor=1"]),
     "ep2-pp2": (4, ["parallel.expert=2", "parallel.pipeline=2"]),
     "ep2-allgather": (2, ["parallel.expert=2", "model.moe.dispatcher=allgather"]),
     "cp2": (2, ["parallel.context=2"]),
