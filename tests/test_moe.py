@@ -335,3 +335,17 @@ def test_expert_bias_in_training_reports_its_range(synthetic_corpus, tmp_path):
     for k, record in enumerate(records, start=1):
         assert -0.01 * k - 1e-7 <= record["moe_expert_bias_min"] < 0 < record["moe_expert_bias_max"] <= 0.01 * k + 1e-7
     assert "moe_aux_loss" not in records[0]
+
+
+@pytest.mark.slow
+def test_seq_aux_loss_with_context_and_expert_parallel(synthetic_corpus, tmp_path):
+    """Per-sequence balancing loss, CP2×EP2 against one process (3 steps): the sequence is split
+    over context ranks, so each rank's loss is partial and its gradient scale matters."""
+    extra = ["model.moe.load_balancing=seq_aux_loss", "train.steps=3"]
+    run_pretrain(1, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path / "one", *extra))
+    run_pretrain(4, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path / "four", *extra,
+                                               "parallel.context=2", "parallel.expert=2"))
+    expected = read_metrics(tmp_path / "one")
+    assert 1.0 <= expected[0]["moe_seq_aux_loss"] < 1.5
+    assert_close_curves(read_metrics(tmp_path / "four"), expected, rel=FP32_REL,
+                        keys=("loss", "grad_norm", "moe_seq_aux_loss", "moe_z_loss"))
