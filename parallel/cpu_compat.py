@@ -247,8 +247,14 @@ def fix_upstream_bugs() -> List[str]:
       with sequence parallelism trained a different model (grad norm 3.0107 vs 3.0076 at step 2 on
       tiny_moe). Scaling by the group's token count is the same as multiplying the aux-loss scale
       by tp·cp, which is what the wrapped `MoEAuxLossAutoScaler.set_loss_scale` does.
+    - optimizer/distrib_optimizer.py:940 with torch Adam (no TE/apex): a `fully_reshardable` load
+      copies every key of a param's Adam state from the checkpoint, `step` included, which the
+      checkpoint keeps only in the param groups (the loader skips it at :2101): `KeyError: 'step'`.
+      The wrapper passes the param's own step tensor for it (a no-op copy); the step itself is
+      restored from the param groups (pretrain/checkpoint.py:_restore_adam_steps).
     Returns the names of the fixes applied (empty when nothing needed fixing).
     """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.transformer.moe import moe_utils
 
     applied = []
@@ -259,7 +265,25 @@ def fix_upstream_bugs() -> List[str]:
     if not getattr(scaler.set_loss_scale, "_scaled_by_tp_cp", False):
         scaler.set_loss_scale = staticmethod(_aux_loss_scale_by_tp_cp(scaler.set_loss_scale))
         applied.append("MoEAuxLossAutoScaler.set_loss_scale")
+    setter = DistributedOptimizer._set_main_param_and_optimizer_states
+    if not getattr(setter, "_keeps_own_step", False):
+        DistributedOptimizer._set_main_param_and_optimizer_states = _keep_own_adam_step(setter)
+        applied.append("DistributedOptimizer._set_main_param_and_optimizer_states")
     return applied
+
+
+def _keep_own_adam_step(original):
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            own = self.optimizer.state[main_param].get("step")
+            if own is not None:
+                tensors = {**tensors, "step": own}
+        return original(self, model_param, tensors)
+
+    set_states._keeps_own_step = True
+    return set_states
 
 
 def _aux_loss_scale_by_tp_cp(original):

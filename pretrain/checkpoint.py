@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pathlib
+import pickle
 import re
 import shutil
+import time
 from typing import List, Optional
 
 import torch
@@ -14,10 +16,14 @@ import torch.distributed as dist
 from pretrain.errors import UserError
 
 LATEST = "latest"
-# The distributed optimizer's state format. 'dp_reshardable' saves each rank's flat buffers as is
-# (reloadable at another data-parallel size); megatron-core's default 'fully_sharded_model_space'
-# cannot be saved in 0.16 ("ShardedTensor.flattened_range is not supported").
-_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# The distributed optimizer's state formats (checkpoint.optimizer_format): 'fully_reshardable' maps
+# the state onto the model's parameters (resume at any layout); 'dp_reshardable' saves each rank's
+# flat buffers as is (only the data-parallel size may change). megatron-core's default
+# 'fully_sharded_model_space' cannot be saved in 0.16 ("ShardedTensor.flattened_range is not supported").
+DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"
+# A test hook for crash safety, "STEP:SECONDS": when saving step STEP, sleep after the shards are
+# written and before the checkpoint is renamed into place, so a test can kill the trainer mid-save.
+SLOW_SAVE_ENV = "PRETRAIN_FAULT_SLOW_SAVE"
 _ITER = re.compile(r"^iter_(\d{7})$")
 
 
@@ -70,8 +76,12 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict) -> pathlib.Path:
-    """Writes `<dir>/iter_N.tmp`, then renames it to `iter_N` and updates `latest` (rank 0)."""
+def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict,
+         optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT, keep_last: Optional[int] = None) -> pathlib.Path:
+    """Writes `<dir>/iter_N.tmp`, then renames it to `iter_N` and updates `latest` (rank 0).
+
+    `optimizer=None` saves the model only (a weights checkpoint, e.g. converted from Hugging Face).
+    """
     from megatron.core import dist_checkpointing
 
     final = ckpt_dir / checkpoint_name(step)
@@ -81,17 +91,49 @@ def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict) -> p
         tmp.mkdir(parents=True)
     dist.barrier()
     state = _model_sharded_state_dict(chunks)
-    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIMIZER_METADATA)
-    state["extra"] = extra
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_format_metadata(optimizer_format))
+    state["extra"] = {**extra, "kind": "training" if optimizer is not None else "weights",
+                      "optimizer_format": optimizer_format if optimizer is not None else None}
     dist_checkpointing.save(state, str(tmp))
     dist.barrier()
+    _maybe_pause_for_fault_test(step)
     if dist.get_rank() == 0:
         if final.exists():  # re-saving the same step (e.g. a rerun): replace it whole
             shutil.rmtree(final)
         os.rename(tmp, final)
         _write_atomic(ckpt_dir / LATEST, final.name)
+        if keep_last:
+            prune(ckpt_dir, keep_last)
     dist.barrier()
     return final
+
+
+def _maybe_pause_for_fault_test(step: int) -> None:
+    hook = os.environ.get(SLOW_SAVE_ENV)
+    if hook:
+        at, seconds = hook.split(":")
+        if int(at) == step:
+            time.sleep(float(seconds))
+
+
+def _format_metadata(optimizer_format: str) -> dict:
+    return {"distrib_optim_sharding_type": optimizer_format}
+
+
+def prune(ckpt_dir: pathlib.Path, keep_last: int) -> List[pathlib.Path]:
+    """Deletes all but the `keep_last` newest complete checkpoints, and leftover `.tmp` saves older
+    than the newest; the newest complete one (what `latest` names) is always kept."""
+    complete = complete_checkpoints(ckpt_dir)
+    doomed = complete[: max(len(complete) - max(keep_last, 1), 0)]
+    newest = int(_ITER.match(complete[-1].name).group(1)) if complete else -1
+    for stale in ckpt_dir.glob("iter_*.tmp"):
+        match = _ITER.match(stale.name[: -len(".tmp")])
+        if match and int(match.group(1)) < newest:
+            doomed.append(stale)
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
 
 
 def _write_atomic(path: pathlib.Path, text: str) -> None:
@@ -150,22 +192,87 @@ def _restore_adam_steps(optimizer) -> None:
                     adam.state[p]["step"] = torch.tensor(float(group["step"]))
 
 
-def load(path: pathlib.Path, chunks, optimizer) -> dict:
-    """Restores model chunks and optimizer in place; returns the `extra` dict saved with them."""
+def read_extra(path: pathlib.Path) -> dict:
+    """The checkpoint's `extra` dict (step, scheduler, recipe, ...), after the safety checks."""
     from megatron.core import dist_checkpointing
 
-    _give_fresh_adam_a_step(optimizer)
+    check_safe_to_load(path)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return common.get("extra") or {}
+
+
+def load(path: pathlib.Path, chunks, optimizer) -> dict:
+    """Restores model chunks, and the optimizer unless the checkpoint holds weights only
+    (`kind: weights`, e.g. converted from Hugging Face: the optimizer keeps its fresh state)."""
+    from megatron.core import dist_checkpointing
+
+    extra = read_extra(path)
+    weights_only = extra.get("kind") == "weights"
+    # Checkpoints from before `optimizer_format` was recorded were all dp_reshardable.
+    optimizer_format = None if weights_only else extra.get("optimizer_format", "dp_reshardable")
     template = _model_sharded_state_dict(chunks)
-    template["optimizer"] = optimizer.sharded_state_dict(
-        template, is_loading=True, metadata=_OPTIMIZER_METADATA
-    )
-    template["extra"] = None
+    if optimizer_format is not None:
+        _give_fresh_adam_a_step(optimizer)
+        template["optimizer"] = optimizer.sharded_state_dict(
+            template, is_loading=True, metadata=_format_metadata(optimizer_format))
     # Copies into parameters (and their views inside the optimizer) must not be recorded.
     with torch.no_grad():
         state = dist_checkpointing.load(template, str(path))
         for i, chunk in enumerate(chunks):
             key = f"model{i}" if len(chunks) > 1 else "model"
             _unwrap(chunk).load_state_dict(state[key])
-        optimizer.load_state_dict(state["optimizer"])
-    _restore_adam_steps(optimizer)
-    return state["extra"]
+        if optimizer_format is not None:
+            optimizer.load_state_dict(state["optimizer"])
+    if optimizer_format is not None:
+        _restore_adam_steps(optimizer)
+    return extra
+
+
+# Classes a torch.distributed.checkpoint `.metadata` file may name; anything else (os.system, a
+# user's class, ...) means the file is not what our save wrote.
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {
+    ("torch.distributed.checkpoint.planner", name) for name in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadItemType")
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),  # torch layout by name, as torch's own safe unpickler allows
+    ("torch", "Size"), ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in _METADATA_GLOBALS or dtype:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name}")
+
+
+def check_safe_to_load(path: pathlib.Path) -> None:
+    """Refuses a checkpoint whose pickled parts could run code when loaded.
+
+    megatron-core reads `common.pt` with torch.load (weights_only by default since torch 2.6) and
+    torch.distributed.checkpoint reads `.metadata` with plain pickle.load. Both are checked here
+    first: common.pt with weights_only=True explicitly, `.metadata` with an unpickler that knows
+    only the classes torch's checkpoint metadata is made of.
+    """
+    common = path / "common.pt"
+    try:
+        if common.is_file():
+            torch.load(common, map_location="cpu", weights_only=True)
+        metadata = path / ".metadata"
+        if metadata.is_file():
+            with open(metadata, "rb") as f:
+                _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as exc:
+        where = "common.pt" if "weights_only" in str(exc) else ".metadata"
+        named = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch's weights_only message
+        name = named.group(1) if named else str(exc)
+        raise UserError(f"checkpoint '{path}': {where} holds objects a checkpoint may not contain, "
+                        f"refusing to unpickle it (it names {name})") from None
+    except (EOFError, RuntimeError, OSError) as exc:
+        raise UserError(f"checkpoint '{path}' is unreadable: {' '.join(str(exc).split())[:160]}") from None

@@ -25,6 +25,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DECAYS = ("cosine", "linear", "wsd", "constant")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 WANDB_MODES = ("online", "offline", "disabled")
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 DEVICES = ("auto", "cpu", "cuda")
 
 COMMAND_LINE = "on the command line"  # where-phrase for override errors (files read "in <path>")
@@ -143,6 +144,10 @@ class CheckpointConfig:
     interval: int = 0  # save every N steps; 0 = only at the end
     load: Optional[str] = None  # None | "auto" (latest complete checkpoint in dir) | a path
     save: bool = True
+    keep_last: Optional[int] = None  # keep the N newest complete checkpoints (null = all); never deletes the newest
+    # Distributed-optimizer state: fully_reshardable (resume at any layout; gathered per data-parallel
+    # group when saving) | dp_reshardable (each rank's shard as is: faster, only the data-parallel size may change)
+    optimizer_format: str = "fully_reshardable"
 
 
 @dataclass
@@ -492,7 +497,7 @@ _POSITIVE = (
     "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline", "parallel.context", "parallel.expert",
     "train.steps", "train.global_batch_size", "train.micro_batch_size",
     "optimizer.lr", "optimizer.eps", "optimizer.decay_steps", "optimizer.wsd_decay_steps",
-    "logging.interval", "parallel.expert_tensor",
+    "logging.interval", "parallel.expert_tensor", "checkpoint.keep_last",
     "model.moe.num_experts", "model.moe.top_k", "model.moe.ffn_hidden_size",
     "model.moe.shared_expert_ffn_hidden_size", "model.moe.layer_freq", "model.moe.capacity_factor",
 )  # None (an unset optional) is skipped
@@ -507,6 +512,7 @@ _CHOICES = (
     ("train.device", DEVICES), ("optimizer.decay", DECAYS), ("logging.wandb.mode", WANDB_MODES),
     ("model.moe.score_function", MOE_SCORE_FUNCTIONS), ("model.moe.load_balancing", MOE_LOAD_BALANCING),
     ("model.moe.drop_policy", MOE_DROP_POLICIES), ("model.moe.dispatcher", MOE_DISPATCHERS),
+    ("checkpoint.optimizer_format", OPTIMIZER_FORMATS),
 )
 
 

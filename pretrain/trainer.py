@@ -217,10 +217,22 @@ def _forward_step(data_iterator, model):
     return output, partial(_loss_func, batch["loss_mask"])
 
 
+def seed_step(seed: int, step: int) -> None:
+    """Reseeds every random stream (dropout: data-parallel, tensor-parallel and expert trackers)
+    from (train.seed, step) before step `step`, so random draws are a function of the step alone:
+    a resumed run draws exactly what the uninterrupted one did, and checkpoints need no RNG state."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    step_seed = (seed * 1_000_003 + step + 1) % (2**31)
+    torch.manual_seed(step_seed)
+    model_parallel_cuda_manual_seed(step_seed)
+
+
 def train_step(run: Run, step: int) -> dict:
     """One optimizer step over the global batch; returns loss, grad norm and lr (all ranks)."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    seed_step(run.recipe.train.seed, step)
     for chunk in run.chunks:
         chunk.zero_grad_buffer()
     run.optimizer.zero_grad()
@@ -274,7 +286,9 @@ def _extra_state(run: Run) -> dict:
 
 
 def save_checkpoint(run: Run) -> None:
-    path = checkpoint.save(run.ckpt_dir, run.step, run.chunks, run.optimizer, _extra_state(run))
+    cfg = run.recipe.checkpoint
+    path = checkpoint.save(run.ckpt_dir, run.step, run.chunks, run.optimizer, _extra_state(run),
+                           optimizer_format=cfg.optimizer_format, keep_last=cfg.keep_last)
     if run.rank.rank == 0:
         print(f"saved checkpoint {path}", flush=True)
 
@@ -284,7 +298,13 @@ def maybe_resume(run: Run) -> None:
     if path is None:
         checkpoint.refuse_to_overwrite(run.recipe.checkpoint.load, run.ckpt_dir)
         return
+    if checkpoint.read_extra(path).get("kind") == "weights":  # e.g. converted from Hugging Face
+        checkpoint.refuse_to_overwrite(None, run.ckpt_dir)
     extra = checkpoint.load(path, run.chunks, run.optimizer)
+    if extra.get("kind") == "weights":
+        if run.rank.rank == 0:
+            print(f"loaded weights from {path}; training starts at step 0", flush=True)
+        return
     run.scheduler.load_state_dict(extra["scheduler"])
     run.step = int(extra["step"])
     if run.rank.rank == 0:

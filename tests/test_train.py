@@ -44,7 +44,10 @@ def test_metrics_and_checkpoint_are_written(reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["parallel.distributed_optimizer=true"]], ids=["dp2", "dp2-distopt"])
+@pytest.mark.parametrize("extra", [
+    [], ["parallel.distributed_optimizer=true"],
+    ["parallel.distributed_optimizer=true", "checkpoint.optimizer_format=dp_reshardable"],
+], ids=["dp2", "dp2-distopt", "dp2-distopt-dp-reshardable"])
 def test_dp2_and_auto_resume_reproduce_single_process(reference, synthetic_corpus, tmp_path, extra):
     """Two gloo processes, stopped at step 5 and resumed with checkpoint.load=auto: the one
     metrics.jsonl holds the reference curve. With the distributed optimizer this also catches

@@ -1,0 +1,188 @@
+"""Checkpoints: resume at another layout equals the uninterrupted run, a crash mid-save leaves the
+previous checkpoint in charge, retention, and loading never unpickles arbitrary objects."""
+
+import os
+import pathlib
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pretrain import checkpoint
+from pretrain.errors import UserError
+from tests.distributed import REPO, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
+
+# fp32 on CPU: a layout change only reorders additions of the same numbers (measured ≤ 7.5e-7).
+REL = 1e-5
+STEPS, HALF = 20, 10
+
+
+@pytest.fixture(scope="module")
+def reference20(synthetic_corpus, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("reference20")
+    run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, log_dir, f"train.steps={STEPS}"))
+    return read_metrics(log_dir)
+
+
+@pytest.fixture(scope="module")
+def moe_reference20(synthetic_corpus, tmp_path_factory):
+    log_dir = tmp_path_factory.mktemp("moe-reference20")
+    run_pretrain(1, "tiny_moe", tiny_overrides(synthetic_corpus, log_dir, f"train.steps={STEPS}",
+                                               "parallel.distributed_optimizer=true"))
+    return read_metrics(log_dir)
+
+
+RESHARDS = {
+    # name: (recipe, (procs, overrides) saving at step 10, (procs, overrides) resuming to 20)
+    "tp2-pp2-to-tp1-pp1": ("tiny_gpt", (4, ["parallel.tensor=2", "parallel.pipeline=2"]), (1, [])),
+    "pp2-to-pp4": ("tiny_gpt", (2, ["parallel.pipeline=2"]), (4, ["parallel.pipeline=4"])),
+    "dp2-to-dp1-distopt": ("tiny_gpt", (2, ["parallel.distributed_optimizer=true"]),
+                           (1, ["parallel.distributed_optimizer=true"])),
+    "pp2-vpp2-distopt-to-tp2-sp": ("tiny_gpt",
+                                   (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2",
+                                        "parallel.distributed_optimizer=true"]),
+                                   (2, ["parallel.tensor=2", "parallel.sequence_parallel=true",
+                                        "parallel.distributed_optimizer=true"])),
+    "moe-ep2-to-ep1-distopt": ("tiny_moe", (2, ["parallel.expert=2", "parallel.distributed_optimizer=true"]),
+                               (1, ["parallel.distributed_optimizer=true"])),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RESHARDS))
+def test_resume_at_another_layout_continues_the_curve(name, request, synthetic_corpus, tmp_path):
+    recipe, (n1, first), (n2, second) = RESHARDS[name]
+    expected = request.getfixturevalue("moe_reference20" if recipe == "tiny_moe" else "reference20")
+    run_pretrain(n1, recipe, tiny_overrides(synthetic_corpus, tmp_path, *first, f"train.steps={HALF}"))
+    proc = run_pretrain(n2, recipe, tiny_overrides(synthetic_corpus, tmp_path, *second,
+                                                   f"train.steps={STEPS}", "checkpoint.load=auto"))
+    assert f"at step {HALF}" in proc.stdout
+    assert_close_curves(read_metrics(tmp_path), expected, rel=REL)
+
+
+def test_dropout_resume_is_exact(synthetic_corpus, tmp_path):
+    """Random streams are reseeded from (seed, step) each step (pretrain/trainer.py:seed_step), so
+    dropout after a resume draws what the uninterrupted run drew: equal bit for bit."""
+    extra = ["model.hidden_dropout=0.2", "model.attention_dropout=0.1"]
+    run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "whole", *extra, "train.steps=4"))
+    run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "split", *extra, "train.steps=2"))
+    run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "split", *extra, "train.steps=4",
+                                               "checkpoint.load=auto"))
+    whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
+    assert [(r["loss"], r["grad_norm"]) for r in split] == [(r["loss"], r["grad_norm"]) for r in whole]
+
+
+# ----------------------------------------------------------------------------------- crash safety
+
+
+def test_sigkill_mid_save_leaves_previous_checkpoint_in_charge(reference, synthetic_corpus, tmp_path):
+    """The trainer is killed (SIGKILL, from outside) after the step-4 shards are written but before
+    the rename: step 2 stays the newest complete checkpoint, `auto` resumes from it, and the
+    resumed run reproduces the reference curve."""
+    _, expected = reference
+    ckpt = tmp_path / "checkpoints"
+    cmd = [sys.executable, "pretrain_gpt.py", "--recipe", "tiny_gpt",
+           *tiny_overrides(synthetic_corpus, tmp_path, "train.steps=6", "checkpoint.interval=2")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{checkpoint.SLOW_SAVE_ENV: "4:60"})
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (ckpt / "iter_0000004.tmp" / "metadata.json").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "never reached the step-4 save"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+    assert [p.name for p in checkpoint.complete_checkpoints(ckpt)] == ["iter_0000002"]
+    assert (ckpt / "latest").read_text().strip() == "iter_0000002"
+    assert checkpoint.resolve_load("auto", ckpt) == ckpt / "iter_0000002"
+    out = run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, "train.steps=6",
+                                                     "checkpoint.interval=2", "checkpoint.load=auto"))
+    assert f"resumed from {ckpt / 'iter_0000002'} at step 2" in out.stdout
+    assert_close_curves(read_metrics(tmp_path), expected[:6], rel=REL)
+    assert not list(ckpt.glob("*.tmp"))  # the step-4 save was redone and renamed
+
+
+def _fake_checkpoints(ckpt: pathlib.Path, steps, tmp_steps=()):
+    for step in steps:
+        (ckpt / checkpoint.checkpoint_name(step)).mkdir(parents=True)
+        (ckpt / checkpoint.checkpoint_name(step) / "metadata.json").write_text("{}")
+    for step in tmp_steps:
+        (ckpt / (checkpoint.checkpoint_name(step) + ".tmp")).mkdir(parents=True)
+
+
+def test_keep_last_prunes_oldest_and_stale_partial_saves(tmp_path):
+    _fake_checkpoints(tmp_path, [2, 4, 6, 8], tmp_steps=[3, 10])
+    checkpoint.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006", "iter_0000008", "iter_0000010.tmp"]
+    checkpoint.prune(tmp_path, keep_last=0)  # 0 still keeps the newest complete one
+    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["iter_0000008"]
+
+
+def test_keep_last_in_training(synthetic_corpus, tmp_path):
+    run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, "train.steps=6",
+                                               "checkpoint.interval=2", "checkpoint.keep_last=2"))
+    ckpt = tmp_path / "checkpoints"
+    assert [p.name for p in checkpoint.complete_checkpoints(ckpt)] == ["iter_0000004", "iter_0000006"]
+    assert (ckpt / "latest").read_text().strip() == "iter_0000006"
+
+
+# ------------------------------------------------------------------------------ safe loading
+
+
+class _Payload:
+    """Unpickling this runs `touch <marker>`: what a hostile checkpoint would do."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture
+def saved_checkpoint(reference, tmp_path) -> pathlib.Path:
+    log_dir, _ = reference
+    copy = tmp_path / "ckpt" / "iter_0000010"
+    shutil.copytree(log_dir / "checkpoints" / "iter_0000010", copy)
+    return copy
+
+
+def test_genuine_checkpoint_passes_the_safety_check(saved_checkpoint):
+    checkpoint.check_safe_to_load(saved_checkpoint)
+    assert checkpoint.read_extra(saved_checkpoint)["step"] == 10
+
+
+@pytest.mark.parametrize("part", ["common.pt", ".metadata"])
+def test_hostile_pickle_is_refused_without_running_it(part, saved_checkpoint, tmp_path):
+    marker = tmp_path / "pwned"
+    target = saved_checkpoint / part
+    if part == "common.pt":
+        torch.save({"extra": _Payload(marker)}, target)
+    else:
+        target.write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(UserError) as info:
+        checkpoint.check_safe_to_load(saved_checkpoint)
+    assert str(info.value).startswith(
+        f"checkpoint '{saved_checkpoint}': {part} holds objects a checkpoint may not contain, "
+        f"refusing to unpickle it (it names {os.name}.system)")
+    assert not marker.exists()
+
+
+def test_hostile_checkpoint_is_a_one_line_error(saved_checkpoint, synthetic_corpus, tmp_path):
+    marker = tmp_path / "pwned"
+    (saved_checkpoint / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    proc = subprocess.run(
+        [sys.executable, "pretrain_gpt.py", "--recipe", "tiny_gpt",
+         *tiny_overrides(synthetic_corpus, tmp_path / "run", f"checkpoint.load={saved_checkpoint}")],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint '{saved_checkpoint}': .metadata holds")
+    assert not marker.exists()
