@@ -71,6 +71,13 @@ class SeededSequentialMLP(SequentialMLP):
                 is_expert=True, tp_group=pg_collection.expt_tp,
             ))
         torch.set_rng_state(state)
+        # Expert parameters live in their own gradient buffers and optimizer at every EP size
+        # (upstream does so only when EP > 1): the optimizer is then chained (dense + expert)
+        # at EP 1 too, so its checkpoint keys do not depend on the EP size and a run saved at
+        # EP 2 resumes at EP 1. Their gradients are reduced over the expert-data-parallel group,
+        # which at EP 1 is the data-parallel group: the same sum.
+        for param in self.local_experts.parameters():
+            param.allreduce = False
 
 
 class ExpertRowParallelLinear(RowParallelLinear):

@@ -37,6 +37,16 @@ def reference(synthetic_corpus, tmp_path_factory):
     return log_dir, read_metrics(log_dir)
 
 
+@pytest.fixture(scope="session")
+def moe_reference(synthetic_corpus, tmp_path_factory):
+    """tiny_moe, one process, fp32: the curve every expert-parallel layout must reproduce."""
+    from tests.distributed import read_metrics, run_pretrain, tiny_overrides
+
+    log_dir = tmp_path_factory.mktemp("moe-reference")
+    run_pretrain(1, "tiny_moe", tiny_overrides(synthetic_corpus, log_dir))
+    return read_metrics(log_dir)
+
+
 @pytest.fixture(scope="module")
 def megatron_single_process():
     """One gloo process with megatron-core's parallel state (all sizes 1), under the CPU layer."""

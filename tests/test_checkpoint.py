@@ -15,31 +15,34 @@ import torch
 
 from pretrain import checkpoint
 from pretrain.errors import UserError
-from tests.distributed import REPO, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
+from tests.distributed import (
+    REPO,
+    TINY_STEPS,
+    assert_close_curves,
+    read_metrics,
+    run_pretrain,
+    tiny_overrides,
+)
 
 # fp32 on CPU: a layout change only reorders additions of the same numbers (measured ≤ 7.5e-7).
 REL = 1e-5
-STEPS, HALF = 20, 10
+HALF = TINY_STEPS // 2  # saved at this step at one layout, resumed to TINY_STEPS at another
 
 
-@pytest.fixture(scope="module")
-def reference20(synthetic_corpus, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("reference20")
-    run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, log_dir, f"train.steps={STEPS}"))
-    return read_metrics(log_dir)
-
-
-@pytest.fixture(scope="module")
-def moe_reference20(synthetic_corpus, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("moe-reference20")
-    run_pretrain(1, "tiny_moe", tiny_overrides(synthetic_corpus, log_dir, f"train.steps={STEPS}",
-                                               "parallel.distributed_optimizer=true"))
-    return read_metrics(log_dir)
+@pytest.mark.slow
+def test_20_steps_equal_10_at_tp2_pp2_then_10_at_tp1_pp1(synthetic_corpus, tmp_path):
+    """The headline case at full length: model, optimizer, schedule and data position carry over."""
+    run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "whole", "train.steps=20"))
+    run_pretrain(4, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "split", "train.steps=10",
+                                               "parallel.tensor=2", "parallel.pipeline=2"))
+    proc = run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "split", "train.steps=20",
+                                                      "checkpoint.load=auto"))
+    assert "at step 10" in proc.stdout
+    assert_close_curves(read_metrics(tmp_path / "split"), read_metrics(tmp_path / "whole"), rel=REL)
 
 
 RESHARDS = {
-    # name: (recipe, (procs, overrides) saving at step 10, (procs, overrides) resuming to 20)
-    "tp2-pp2-to-tp1-pp1": ("tiny_gpt", (4, ["parallel.tensor=2", "parallel.pipeline=2"]), (1, [])),
+    # name: (recipe, (procs, overrides) saving at step HALF, (procs, overrides) resuming to TINY_STEPS)
     "pp2-to-pp4": ("tiny_gpt", (2, ["parallel.pipeline=2"]), (4, ["parallel.pipeline=4"])),
     "dp2-to-dp1-distopt": ("tiny_gpt", (2, ["parallel.distributed_optimizer=true"]),
                            (1, ["parallel.distributed_optimizer=true"])),
@@ -48,6 +51,8 @@ RESHARDS = {
                                         "parallel.distributed_optimizer=true"]),
                                    (2, ["parallel.tensor=2", "parallel.sequence_parallel=true",
                                         "parallel.distributed_optimizer=true"])),
+    # Expert parameters get their own optimizer at every EP size (model/moe.py), so the chained
+    # optimizer's checkpoint keys match between EP 2 and EP 1.
     "moe-ep2-to-ep1-distopt": ("tiny_moe", (2, ["parallel.expert=2", "parallel.distributed_optimizer=true"]),
                                (1, ["parallel.distributed_optimizer=true"])),
 }
@@ -57,10 +62,12 @@ RESHARDS = {
 @pytest.mark.parametrize("name", list(RESHARDS))
 def test_resume_at_another_layout_continues_the_curve(name, request, synthetic_corpus, tmp_path):
     recipe, (n1, first), (n2, second) = RESHARDS[name]
-    expected = request.getfixturevalue("moe_reference20" if recipe == "tiny_moe" else "reference20")
+    if recipe == "tiny_moe":
+        expected = request.getfixturevalue("moe_reference")
+    else:
+        _, expected = request.getfixturevalue("reference")
     run_pretrain(n1, recipe, tiny_overrides(synthetic_corpus, tmp_path, *first, f"train.steps={HALF}"))
-    proc = run_pretrain(n2, recipe, tiny_overrides(synthetic_corpus, tmp_path, *second,
-                                                   f"train.steps={STEPS}", "checkpoint.load=auto"))
+    proc = run_pretrain(n2, recipe, tiny_overrides(synthetic_corpus, tmp_path, *second, "checkpoint.load=auto"))
     assert f"at step {HALF}" in proc.stdout
     assert_close_curves(read_metrics(tmp_path), expected, rel=REL)
 

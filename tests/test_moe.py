@@ -289,13 +289,6 @@ MOE_LAYOUTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def moe_reference(synthetic_corpus, tmp_path_factory):
-    log_dir = tmp_path_factory.mktemp("moe-reference")
-    run_pretrain(1, "tiny_moe", tiny_overrides(synthetic_corpus, log_dir))
-    return read_metrics(log_dir)
-
-
 def test_moe_metrics_are_logged(moe_reference):
     first, last = moe_reference[0], moe_reference[-1]
     assert last["loss"] < first["loss"] - 1.0
