@@ -202,14 +202,15 @@ def read_extra(path: pathlib.Path) -> dict:
 
 
 def load(path: pathlib.Path, chunks, optimizer) -> dict:
-    """Restores model chunks, and the optimizer unless the checkpoint holds weights only
-    (`kind: weights`, e.g. converted from Hugging Face: the optimizer keeps its fresh state)."""
+    """Restores model chunks, and the optimizer unless `optimizer` is None or the checkpoint holds
+    weights only (`kind: weights`, e.g. converted from Hugging Face: the optimizer keeps its fresh
+    state)."""
     from megatron.core import dist_checkpointing
 
     extra = read_extra(path)
     weights_only = extra.get("kind") == "weights"
     # Checkpoints from before `optimizer_format` was recorded were all dp_reshardable.
-    optimizer_format = None if weights_only else extra.get("optimizer_format", "dp_reshardable")
+    optimizer_format = None if weights_only or optimizer is None else extra.get("optimizer_format", "dp_reshardable")
     template = _model_sharded_state_dict(chunks)
     if optimizer_format is not None:
         _give_fresh_adam_a_step(optimizer)

@@ -480,6 +480,11 @@ def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:
     return recipe
 
 
+def model_config_from_dict(tree: Dict[str, Any], where: str) -> ModelConfig:
+    """A `model:` section (e.g. the recipe stored in a checkpoint) checked against the schema."""
+    return _build(ModelConfig, _clean_section(tree, ModelConfig, "model", where))
+
+
 # ------------------------------------------------------------------------------------------ validation
 
 

@@ -282,6 +282,7 @@ def _extra_state(run: Run) -> dict:
         "consumed_samples": run.step * run.recipe.train.global_batch_size,
         "scheduler": run.scheduler.state_dict(),
         "recipe": recipe_to_dict(run.recipe),
+        "vocab_size": run.vocab_size,  # unpadded: what an export to Hugging Face keeps
     }
 
 
