@@ -196,25 +196,34 @@ def num_micro_batches(run: Run) -> int:
     return train.global_batch_size // (train.micro_batch_size * run.layout.data)
 
 
-def _loss_func(loss_mask: torch.Tensor, poison: bool, output_tensor: torch.Tensor):
-    """Sum of masked token losses; megatron-core divides by the global token count.
-    `poison` (debug.nan_loss_at_step) makes it NaN, for the non-finite guard to catch."""
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of masked token losses; megatron-core divides by the global token count."""
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1).float()
     loss_sum = torch.sum(losses * mask)
-    if poison:
-        loss_sum = loss_sum * float("nan")
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach(), mask.sum()])
     return loss_sum, num_tokens, {"lm loss": report}
 
 
-def _forward_step(data_iterator, model, poison: bool = False):
+def _forward_step(data_iterator, model):
     batch = next(data_iterator)
     output = model(
         batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
     )
-    return output, partial(_loss_func, batch["loss_mask"], poison)
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+def _forward_step_with_nan_loss(data_iterator, model):
+    """debug.nan_loss_at_step: the usual forward step, its loss multiplied by NaN."""
+    output, loss_func = _forward_step(data_iterator, model)
+    return output, partial(_nan_loss, loss_func)
+
+
+def _nan_loss(loss_func, output_tensor: torch.Tensor):
+    loss_sum, num_tokens, reports = loss_func(output_tensor)
+    nan_sum = torch.tensor([float("nan"), 1.0], device=loss_sum.device)  # [loss sum, token count]
+    return loss_sum * float("nan"), num_tokens, {k: v * nan_sum for k, v in reports.items()}
 
 
 def _forward_backward(run: Run, step: int) -> list:
@@ -226,7 +235,7 @@ def _forward_backward(run: Run, step: int) -> list:
         time.sleep(debug.stall_s)
     iterators = [micro_batches(run, step) for _ in run.chunks]
     return get_forward_backward_func()(
-        forward_step_func=partial(_forward_step, poison=debug.nan_loss_at_step == step + 1),
+        forward_step_func=_forward_step_with_nan_loss if debug.nan_loss_at_step == step + 1 else _forward_step,
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=run.chunks if len(run.chunks) > 1 else run.chunks[0],
         num_microbatches=num_micro_batches(run),
