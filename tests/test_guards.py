@@ -104,6 +104,18 @@ def test_skipping_is_bounded():
 # ------------------------------------------------------------------------------------- preemption
 
 
+@pytest.mark.parametrize("codes, expected", [
+    ([75, 75], 75), ([75, -signal.SIGTERM], 75), ([-signal.SIGKILL, 3], 3), ([2], 2),
+    ([75, 1], None), ([75, 3], None), ([-signal.SIGTERM], None), ([1], None),
+])
+def test_launcher_exit_code_is_the_one_the_workers_agree_on(codes, expected):
+    from types import SimpleNamespace
+
+    from pretrain.launch import exit_code_of
+
+    assert exit_code_of({rank: SimpleNamespace(exitcode=code) for rank, code in enumerate(codes)}) == expected
+
+
 def _launch(overrides):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
     cmd = [sys.executable, "-m", "pretrain.launch", "--standalone", "--nproc_per_node=2", "pretrain_gpt.py",
