@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-from pretrain.errors import UserError, quiet_dependency_warnings
+from pretrain.errors import RunStopped, UserError, quiet_dependency_warnings
 
 EXIT_USER_ERROR = 2
 
@@ -66,3 +66,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         where = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"error: {where}{e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except RunStopped as e:
+        # Every rank stops at the same step for the same reason: rank 0 says it once.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{e.label}: {e}", file=sys.stderr, flush=True)
+        return e.exit_code

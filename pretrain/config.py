@@ -27,6 +27,7 @@ TRANSFORMER_IMPLS = ("local", "transformer_engine")
 WANDB_MODES = ("online", "offline", "disabled")
 OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 DEVICES = ("auto", "cpu", "cuda")
+NONFINITE_MODES = ("skip", "stop")
 
 COMMAND_LINE = "on the command line"  # where-phrase for override errors (files read "in <path>")
 
@@ -114,6 +115,14 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     grad_clip: float = 1.0  # max global grad norm; 0 = no clipping
     device: str = "auto"  # auto | cpu | cuda ; auto = cuda when available
+    # Fault guards (pretrain/guards.py). A step whose loss or gradients are not finite never updates
+    # the model; `skip` drops the step (its batch and lr slot are still consumed) and goes on, `stop`
+    # ends the run with exit code 3.
+    on_nonfinite: str = "skip"  # skip | stop
+    max_skipped_steps: int = 10  # skip: stop once more steps than this were skipped (resumes included)
+    # Report rank, step, phase and Python stacks on stderr when one phase of a step (forward_backward,
+    # optimizer, logging, checkpoint) runs longer than this; seconds, 0 = no watchdog.
+    watchdog_timeout_s: float = 0.0
 
 
 @dataclass
@@ -158,6 +167,15 @@ class WandbConfig:
 
 
 @dataclass
+class DebugConfig:
+    """Fault injection, to watch the fault guards work (tests, a new cluster); never set in a real run."""
+
+    nan_loss_at_step: Optional[int] = None  # 1-based step whose loss is multiplied by NaN on every rank
+    stall_at_step: Optional[int] = None  # 1-based step whose forward/backward first sleeps debug.stall_s
+    stall_s: float = 0.0  # seconds
+
+
+@dataclass
 class LoggingConfig:
     name: str = "run"  # run name; no '/'
     dir: Optional[str] = None  # None = runs/<name>
@@ -176,6 +194,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     # Path of the recipe file it was loaded from; not a YAML key.
     source: Optional[str] = field(default=None, metadata={"yaml": False})
 
@@ -505,10 +524,12 @@ _POSITIVE = (
     "logging.interval", "parallel.expert_tensor", "checkpoint.keep_last",
     "model.moe.num_experts", "model.moe.top_k", "model.moe.ffn_hidden_size",
     "model.moe.shared_expert_ffn_hidden_size", "model.moe.layer_freq", "model.moe.capacity_factor",
+    "debug.nan_loss_at_step", "debug.stall_at_step",
 )  # None (an unset optional) is skipped
 _NON_NEGATIVE = (
     "train.seed", "train.grad_clip", "optimizer.min_lr", "optimizer.weight_decay", "optimizer.warmup_steps",
-    "data.num_workers", "checkpoint.interval",
+    "data.num_workers", "checkpoint.interval", "train.max_skipped_steps", "train.watchdog_timeout_s",
+    "debug.stall_s",
     "model.moe.first_dense_layers", "model.moe.aux_loss_coeff", "model.moe.z_loss_coeff",
     "model.moe.bias_update_rate",
 )
@@ -517,7 +538,7 @@ _CHOICES = (
     ("train.device", DEVICES), ("optimizer.decay", DECAYS), ("logging.wandb.mode", WANDB_MODES),
     ("model.moe.score_function", MOE_SCORE_FUNCTIONS), ("model.moe.load_balancing", MOE_LOAD_BALANCING),
     ("model.moe.drop_policy", MOE_DROP_POLICIES), ("model.moe.dispatcher", MOE_DISPATCHERS),
-    ("checkpoint.optimizer_format", OPTIMIZER_FORMATS),
+    ("checkpoint.optimizer_format", OPTIMIZER_FORMATS), ("train.on_nonfinite", NONFINITE_MODES),
 )
 
 

@@ -1,4 +1,4 @@
-"""User-facing output: one-line errors (exit code 2, no traceback unless --debug), quiet imports."""
+"""User-facing output: one-line errors (exit code 2, no traceback unless --debug), early stops, quiet imports."""
 
 import warnings
 
@@ -9,6 +9,14 @@ class UserError(Exception):
 
 class RecipeError(UserError):
     """A recipe or override that is invalid; the message names the key and, where known, the file."""
+
+
+class RunStopped(Exception):
+    """Training stopped early on purpose (a fault guard, a preemption signal); every rank raises it
+    at the same step. Printed as one line by rank 0; the process exits with `exit_code`."""
+
+    exit_code = 1
+    label = "error"  # the printed line starts with it
 
 
 def quiet_dependency_warnings() -> None:

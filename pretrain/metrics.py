@@ -6,6 +6,8 @@ import json
 import math
 import os
 import pathlib
+import secrets
+import string
 import sys
 from typing import Optional
 
@@ -72,6 +74,22 @@ def _truncate_after(path: pathlib.Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+WANDB_RUN_ID_FILE = "wandb_run_id"
+
+
+def wandb_run_id(log_dir: pathlib.Path) -> str:
+    """The wandb run id of the run in `log_dir`: read from `<log_dir>/wandb_run_id`, or made and
+    written there by the first job, so every resumed job logs to the same wandb run."""
+    path = log_dir / WANDB_RUN_ID_FILE
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))  # wandb's id form
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
 def _init_wandb(cfg: LoggingConfig, log_dir: pathlib.Path, recipe_dict: dict):
     if cfg.wandb.mode == "disabled":
         return None
@@ -87,6 +105,8 @@ def _init_wandb(cfg: LoggingConfig, log_dir: pathlib.Path, recipe_dict: dict):
         mode=mode,
         dir=str(log_dir),
         config=recipe_dict,
+        id=wandb_run_id(log_dir),
+        resume="allow",  # a resumed job continues the run; `wandb sync` merges its offline parts
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import sys
 import time
 from functools import partial
 from typing import Iterator, List, Optional
@@ -22,7 +23,10 @@ from parallel.layout import (
     world_from_env,
 )
 from pretrain import checkpoint
-from pretrain.config import Recipe, recipe_to_dict, validate_for_world
+from pretrain.config import DebugConfig, Recipe, recipe_to_dict, validate_for_world
+from pretrain.guards import (
+    Guards, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog, agree, grads_are_finite,
+)
 from pretrain.metrics import MetricsLog, device_peak_tflops, flops_per_token
 
 
@@ -43,6 +47,7 @@ class Run:
     ckpt_dir: pathlib.Path
     moe: Optional[object] = None  # model.moe.MoeMonitor when the model has experts
     step: int = 0
+    nonfinite_steps: int = 0  # steps skipped by the non-finite guard, resumes included
 
 
 def log_dir_of(recipe: Recipe) -> pathlib.Path:
@@ -228,18 +233,28 @@ def seed_step(seed: int, step: int) -> None:
     model_parallel_cuda_manual_seed(step_seed)
 
 
-def train_step(run: Run, step: int) -> dict:
-    """One optimizer step over the global batch; returns loss, grad norm and lr (all ranks)."""
+def _forward_step_with_nan_loss(data_iterator, model):
+    """debug.nan_loss_at_step: the usual forward step, its loss multiplied by NaN."""
+    output, loss_func = _forward_step(data_iterator, model)
+    return output, partial(_nan_loss, loss_func)
+
+
+def _nan_loss(loss_func, output_tensor: torch.Tensor):
+    loss_sum, num_tokens, reports = loss_func(output_tensor)
+    nan_sum = torch.tensor([float("nan"), 1.0], device=loss_sum.device)  # [loss sum, token count]
+    return loss_sum * float("nan"), num_tokens, {k: v * nan_sum for k, v in reports.items()}
+
+
+def _forward_backward(run: Run, step: int) -> list:
+    """Forward and backward of every micro-batch of step `step` (0-based); the loss reports."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    seed_step(run.recipe.train.seed, step)
-    for chunk in run.chunks:
-        chunk.zero_grad_buffer()
-    run.optimizer.zero_grad()
-    run.scheduler.step(increment=1)  # step k (1-based) trains with lr(k): warmup starts above 0
+    debug: DebugConfig = run.recipe.debug
+    if debug.stall_at_step == step + 1:
+        time.sleep(debug.stall_s)
     iterators = [micro_batches(run, step) for _ in run.chunks]
-    losses = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+    return get_forward_backward_func()(
+        forward_step_func=_forward_step_with_nan_loss if debug.nan_loss_at_step == step + 1 else _forward_step,
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=run.chunks if len(run.chunks) > 1 else run.chunks[0],
         num_microbatches=num_micro_batches(run),
@@ -247,10 +262,33 @@ def train_step(run: Run, step: int) -> dict:
         micro_batch_size=run.recipe.train.micro_batch_size,
         forward_only=False,
     )
-    updated, grad_norm, _ = run.optimizer.step()
+
+
+def train_step(run: Run, step: int, guards: Guards) -> dict:
+    """One optimizer step over the global batch; returns loss, grad norm, lr, and what every rank
+    agreed on: `nonfinite` (the update was not applied) and `stop` (a preemption signal arrived)."""
+    seed_step(run.recipe.train.seed, step)
+    for chunk in run.chunks:
+        chunk.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    run.scheduler.step(increment=1)  # step k (1-based) trains with lr(k): warmup starts above 0
+    with guards.watchdog.phase(step + 1, "forward_backward"):
+        losses = _forward_backward(run, step)
+    with guards.watchdog.phase(step + 1, "optimizer"):
+        loss = _global_mean_loss(run, losses)
+        # fp16 gradients overflow by design while the loss scale adjusts: megatron-core's optimizer
+        # finds those itself (and skips the update), so only the loss is ours to check there.
+        check_grads = run.recipe.train.precision != "fp16"
+        bad = not math.isfinite(loss) or (check_grads and not grads_are_finite(run.chunks))
+        nonfinite, stop = agree([bad, guards.stop.requested], run.device)
+        updated, grad_norm = False, None
+        if not nonfinite:
+            updated, grad_norm, _ = run.optimizer.step()
     out = {
-        "loss": _global_mean_loss(run, losses),
-        "skipped": not updated,  # fp16 overflow: megatron-core skips the update and lowers the scale
+        "loss": loss,
+        "skipped": not updated,  # non-finite, or fp16 overflow (megatron-core lowers the scale)
+        "nonfinite": nonfinite,
+        "stop": stop,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": run.optimizer.param_groups[0]["lr"],
     }
@@ -281,17 +319,20 @@ def _extra_state(run: Run) -> dict:
         "step": run.step,
         "consumed_samples": run.step * run.recipe.train.global_batch_size,
         "scheduler": run.scheduler.state_dict(),
+        "nonfinite_steps": run.nonfinite_steps,
         "recipe": recipe_to_dict(run.recipe),
         "vocab_size": run.vocab_size,  # unpadded: what an export to Hugging Face keeps
     }
 
 
-def save_checkpoint(run: Run) -> None:
+def save_checkpoint(run: Run) -> int:
+    """Saves the run at its current step; returns that step."""
     cfg = run.recipe.checkpoint
     path = checkpoint.save(run.ckpt_dir, run.step, run.chunks, run.optimizer, _extra_state(run),
                            optimizer_format=cfg.optimizer_format, keep_last=cfg.keep_last)
     if run.rank.rank == 0:
         print(f"saved checkpoint {path}", flush=True)
+    return run.step
 
 
 def maybe_resume(run: Run) -> None:
@@ -308,6 +349,7 @@ def maybe_resume(run: Run) -> None:
         return
     run.scheduler.load_state_dict(extra["scheduler"])
     run.step = int(extra["step"])
+    run.nonfinite_steps = int(extra.get("nonfinite_steps", 0))  # absent before the fault guards
     if run.rank.rank == 0:
         print(f"resumed from {path} at step {run.step}", flush=True)
 
@@ -331,6 +373,7 @@ def _metrics_record(run: Run, out: dict, step_time: float, tokens_per_step: int,
         "tokens_per_s": tokens_per_s,
         "step_time_s": step_time,
         "micro_batches": num_micro_batches(run),
+        "nonfinite_steps": run.nonfinite_steps,
         "pipeline_bubble": pipeline_bubble(run.layout, num_micro_batches(run)),
     }
     if out["skipped"]:
@@ -344,31 +387,73 @@ def _metrics_record(run: Run, out: dict, step_time: float, tokens_per_step: int,
 
 
 def train(recipe: Recipe) -> dict:
-    """Trains `recipe` to `train.steps`; returns the last metrics record (on every rank)."""
-    run = build_run(recipe)
-    maybe_resume(run)
+    """Trains `recipe` to `train.steps`; returns the last metrics record (on every rank).
+
+    Raises Preempted after the checkpoint when a preemption signal arrived (SIGTERM, SIGUSR1), and
+    NonfiniteStop when the non-finite guard ends the run; every rank raises at the same step."""
+    with StopRequest().installed() as stop:
+        run = build_run(recipe)
+        maybe_resume(run)
+        guard = NonfiniteGuard(recipe.train.on_nonfinite, recipe.train.max_skipped_steps, run.nonfinite_steps)
+        log = None
+        if run.rank.rank == 0:
+            log = MetricsLog(run.log_dir, run.step, recipe_to_dict(recipe), recipe.logging)
+            print(f"layout: {run.layout.describe()}; {num_micro_batches(run)} micro-batches/step", flush=True)
+        try:
+            with Watchdog(run.rank.rank, recipe.train.watchdog_timeout_s) as watchdog:
+                return _train_loop(run, Guards(stop, guard, watchdog), log)
+        finally:
+            if log is not None:
+                log.close()
+
+
+def _train_loop(run: Run, guards: Guards, log: Optional[MetricsLog]) -> dict:
+    recipe = run.recipe
     tokens_per_step = recipe.train.global_batch_size * recipe.model.seq_length
     fpt = flops_per_token(recipe.model, run.vocab_size)
     peak = device_peak_tflops(torch.cuda.get_device_name() if run.device.type == "cuda" else None)
-    log = None
-    if run.rank.rank == 0:
-        log = MetricsLog(run.log_dir, run.step, recipe_to_dict(recipe), recipe.logging)
-        print(f"layout: {run.layout.describe()}; {num_micro_batches(run)} micro-batches/step", flush=True)
-    record = {}
-    interval = recipe.checkpoint.interval
-    start_step = run.step
+    record, start_step, saved_at = {}, run.step, None
     while run.step < recipe.train.steps:
         start = time.perf_counter()
-        out = train_step(run, run.step)
+        out = train_step(run, run.step, guards)
         run.step += 1
+        stop_reason = _count_nonfinite(run, guards.nonfinite, out)
         record = _metrics_record(run, out, time.perf_counter() - start, tokens_per_step, fpt, peak)
-        if log is not None and (run.step % recipe.logging.interval == 0 or run.step == recipe.train.steps):
-            log.log(record)
-        if recipe.checkpoint.save and interval and run.step % interval == 0:
+        with guards.watchdog.phase(run.step, "logging"):
+            if log is not None and (run.step % recipe.logging.interval == 0 or run.step == recipe.train.steps
+                                    or out["nonfinite"] or out["stop"]):
+                log.log(record)
+        if stop_reason:
+            raise NonfiniteStop(stop_reason)
+        if recipe.checkpoint.save and recipe.checkpoint.interval and run.step % recipe.checkpoint.interval == 0:
+            with guards.watchdog.phase(run.step, "checkpoint"):
+                saved_at = save_checkpoint(run)
+        if out["stop"]:
+            raise _preempt(run, guards.watchdog, saved_at)
+    if recipe.checkpoint.save and run.step > start_step and saved_at != run.step:
+        with guards.watchdog.phase(run.step, "checkpoint"):
             save_checkpoint(run)
-    trained = run.step > start_step
-    if recipe.checkpoint.save and trained and (not interval or run.step % interval != 0):
-        save_checkpoint(run)
-    if log is not None:
-        log.close()
     return record
+
+
+def _count_nonfinite(run: Run, guard: NonfiniteGuard, out: dict) -> Optional[str]:
+    """Counts a non-finite step (warning on rank 0); returns why the run must stop, or None."""
+    if not out["nonfinite"]:
+        return None
+    reason = guard.count(run.step, out["loss"])
+    run.nonfinite_steps = guard.skipped
+    if reason is None and run.rank.rank == 0:
+        print(guard.warning(run.step, out["loss"]), file=sys.stderr, flush=True)
+    return reason
+
+
+def _preempt(run: Run, watchdog: Watchdog, saved_at: Optional[int]) -> Preempted:
+    """Saves the checkpoint of the step every rank stopped after (unless just saved)."""
+    where = "checkpoint.save = false: no checkpoint written"
+    if run.recipe.checkpoint.save:
+        if saved_at != run.step:
+            with watchdog.phase(run.step, "checkpoint"):
+                save_checkpoint(run)
+        where = f"saved {run.ckpt_dir / checkpoint.checkpoint_name(run.step)}"
+    return Preempted(f"preemption signal: stopped after step {run.step}, {where}; "
+                     f"resume with checkpoint.load=auto (exit code {Preempted.exit_code})")

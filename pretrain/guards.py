@@ -1,0 +1,171 @@
+"""Fault guards of the training loop: preemption signals, non-finite steps and a stall watchdog."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import faulthandler
+import math
+import signal
+import sys
+import threading
+import time
+from typing import Iterator, Optional, Sequence, TextIO
+
+import torch
+import torch.distributed as dist
+
+from pretrain.errors import RunStopped
+
+# Exit codes of pretrain_gpt.py besides 0 and 2 (bad input); docs/slurm.md lists them.
+EXIT_NONFINITE = 3  # a fault guard stopped the run: non-finite loss or gradients
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again later": checkpoint saved, resume with load=auto
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Preempted(RunStopped):
+    """A preemption signal stopped the run after a step all ranks agreed on, and a checkpoint."""
+
+    exit_code = EXIT_PREEMPTED
+    label = "stopped"
+
+
+class NonfiniteStop(RunStopped):
+    """A step's loss or gradients were not finite and the recipe says stop (or skipped too many)."""
+
+    exit_code = EXIT_NONFINITE
+
+
+class StopRequest:
+    """Remembers the first preemption signal this process received; the loop decides when to stop.
+
+    The handler only records: a print there could interrupt a print of the main thread."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signal is None:
+            self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def installed(self, signals: Sequence[int] = PREEMPTION_SIGNALS) -> Iterator["StopRequest"]:
+        """Handles `signals` while the block runs; the previous handlers come back after it."""
+        previous = {s: signal.signal(s, self._handle) for s in signals}
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def agree(flags: Sequence[bool], device: torch.device) -> list:
+    """Logical OR of each flag over every rank (one small all-reduce): all ranks get the same answers,
+    so they skip or stop at the same step."""
+    tensor = torch.tensor([float(f) for f in flags], device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in tensor.tolist()]
+
+
+def grads_are_finite(chunks) -> bool:
+    """This rank's gradient buffers (megatron-core DDP chunks) hold only finite values.
+
+    A sum per buffer, not an element-wise test: no temporary as large as the gradients, and NaN or
+    ±inf anywhere makes the sum non-finite. With the distributed optimizer each rank checks its whole
+    buffer (its own reduced shard and its local gradients of the others), so a fault on any rank
+    shows up after `agree`."""
+    for chunk in chunks:
+        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
+            if not math.isfinite(float(buffer.grad_data.sum())):
+                return False
+    return True
+
+
+class NonfiniteGuard:
+    """Counts steps with a non-finite loss or gradient and says when the run must stop instead."""
+
+    def __init__(self, mode: str, max_skipped: int, skipped: int = 0) -> None:
+        self.mode, self.max_skipped, self.skipped = mode, max_skipped, skipped
+
+    def count(self, step: int, loss: float) -> Optional[str]:
+        """Records step `step` (1-based) as not applied; returns why the run must stop, or None."""
+        what = f"non-finite loss or gradients at step {step} (loss {loss}), the model was not updated"
+        if self.mode == "stop":
+            return f"{what}; stopping (train.on_nonfinite = stop)"
+        self.skipped += 1
+        if self.skipped > self.max_skipped:
+            return (f"{what}; {self.skipped} steps skipped, more than train.max_skipped_steps = "
+                    f"{self.max_skipped}: stopping")
+        return None
+
+    def warning(self, step: int, loss: float) -> str:
+        return (f"warning: non-finite loss or gradients at step {step} (loss {loss}): step skipped, "
+                f"{self.skipped} of at most {self.max_skipped} (train.max_skipped_steps)")
+
+
+@dataclasses.dataclass
+class Guards:
+    """What the loop consults each step: a preemption request, the non-finite guard, the watchdog."""
+
+    stop: StopRequest
+    nonfinite: NonfiniteGuard
+    watchdog: "Watchdog"
+
+
+class Watchdog:
+    """A thread that reports a phase of the loop running longer than `timeout_s`: rank, step, phase,
+    elapsed time, then every thread's Python stack (faulthandler). It only reports; the run goes on.
+    `timeout_s = 0` starts no thread and `phase` costs nothing."""
+
+    def __init__(self, rank: int, timeout_s: float, stream: TextIO = sys.stderr) -> None:
+        self.rank, self.timeout_s, self.stream = rank, timeout_s, stream
+        self._lock = threading.Lock()
+        self._current: Optional[tuple] = None  # (step, phase, start, next report at)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "Watchdog":
+        if self.timeout_s > 0:
+            self._thread = threading.Thread(target=self._watch, name="pretrain-watchdog", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    @contextlib.contextmanager
+    def phase(self, step: int, name: str) -> Iterator[None]:
+        """Marks the block as phase `name` of step `step` (1-based)."""
+        if self._thread is None:
+            yield
+            return
+        start = time.monotonic()
+        with self._lock:
+            self._current = (step, name, start, start + self.timeout_s)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._current = None
+
+    def _watch(self) -> None:
+        poll = min(self.timeout_s / 4, 1.0)
+        while not self._stop.wait(poll):
+            with self._lock:
+                current = self._current
+                if current is None or time.monotonic() < current[3]:
+                    continue
+                step, name, start, next_report = current
+                self._current = (step, name, start, next_report + self.timeout_s)
+            self._report(step, name, time.monotonic() - start)
+
+    def _report(self, step: int, name: str, elapsed: float) -> None:
+        print(f"watchdog: rank {self.rank} step {step} phase {name} running for {elapsed:.1f} s "
+              f"(train.watchdog_timeout_s = {self.timeout_s:g}); Python stacks follow", file=self.stream, flush=True)
+        faulthandler.dump_traceback(file=self.stream, all_threads=True)

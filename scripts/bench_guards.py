@@ -1,0 +1,47 @@
+"""Per-step cost of the fault guards (gradient check + the all-reduce every rank agrees on) next to
+a whole training step, for one recipe in one process:
+
+    python scripts/bench_guards.py --recipe tiny_gpt data.path=PREFIX [--iters 50]
+"""
+
+import argparse
+import os
+import statistics
+import time
+
+from pretrain.config import load_recipe
+from pretrain.guards import Guards, NonfiniteGuard, StopRequest, Watchdog, agree, grads_are_finite
+from pretrain.trainer import build_run, train_step
+
+
+def _median_ms(fn, iters: int) -> float:
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29533")
+    recipe = load_recipe(args.recipe, ["logging.wandb.mode=disabled", "checkpoint.save=false", *args.overrides])
+    run = build_run(recipe)
+    guards = Guards(StopRequest(), NonfiniteGuard("skip", 10), Watchdog(0, 0))
+    step = iter(range(10**9))
+    train_step(run, next(step), guards)  # warm-up; leaves real gradients in the buffers
+    check = _median_ms(lambda: agree([not grads_are_finite(run.chunks), False], run.device), args.iters)
+    whole = _median_ms(lambda: train_step(run, next(step), guards), args.iters)
+    params = sum(b.grad_data.numel() for c in run.chunks for b in c.buffers + c.expert_parallel_buffers)
+    print(f"{params:,} gradient elements: guard {check:.3f} ms, whole step {whole:.1f} ms "
+          f"(median of {args.iters}); guard share {100 * check / whole:.2f}%")
+
+
+if __name__ == "__main__":
+    main()
