@@ -8,6 +8,7 @@ import pickle
 import re
 import shutil
 import time
+from functools import partial
 from typing import List, Optional
 
 import torch
@@ -77,10 +78,14 @@ def _unwrap(chunk):
 
 
 def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict,
-         optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT, keep_last: Optional[int] = None) -> pathlib.Path:
+         optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT, keep_last: Optional[int] = None,
+         async_queue=None) -> pathlib.Path:
     """Writes `<dir>/iter_N.tmp`, then renames it to `iter_N` and updates `latest` (rank 0).
 
     `optimizer=None` saves the model only (a weights checkpoint, e.g. converted from Hugging Face).
+    With `async_queue` (megatron-core's AsyncCallsQueue) the shards are written by a background
+    process from a snapshot taken now, and the rename happens when the queue finalizes the save
+    (`finish_async_saves`): until then the checkpoint is invisible to `auto`, as any partial save.
     """
     from megatron.core import dist_checkpointing
 
@@ -95,7 +100,20 @@ def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict,
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_format_metadata(optimizer_format))
     state["extra"] = {**extra, "kind": "training" if optimizer is not None else "weights",
                       "optimizer_format": optimizer_format if optimizer is not None else None}
-    dist_checkpointing.save(state, str(tmp))
+    publish = partial(_publish, ckpt_dir, step, tmp, final, keep_last)
+    if async_queue is None:
+        dist_checkpointing.save(state, str(tmp))
+        publish()
+        return final
+    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+    request.finalize_fns.append(publish)
+    async_queue.schedule_async_request(request)
+    return final
+
+
+def _publish(ckpt_dir: pathlib.Path, step: int, tmp: pathlib.Path, final: pathlib.Path,
+             keep_last: Optional[int]) -> None:
+    """Every rank's shards are written: make the checkpoint visible (collective)."""
     dist.barrier()
     _maybe_pause_for_fault_test(step)
     if dist.get_rank() == 0:
@@ -106,7 +124,20 @@ def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict,
         if keep_last:
             prune(ckpt_dir, keep_last)
     dist.barrier()
-    return final
+
+
+def new_async_queue():
+    """megatron-core's queue of background saves (checkpoint.async_save)."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    return AsyncCallsQueue()
+
+
+def finish_async_saves(queue, blocking: bool = False) -> List[int]:
+    """Publishes the background saves that are done (all of them when `blocking`); collective."""
+    if queue is None:
+        return []
+    return queue.maybe_finalize_async_calls(blocking=blocking)
 
 
 def _maybe_pause_for_fault_test(step: int) -> None:

@@ -154,6 +154,7 @@ class CheckpointConfig:
     load: Optional[str] = None  # None | "auto" (latest complete checkpoint in dir) | a path
     save: bool = True
     keep_last: Optional[int] = None  # keep the N newest complete checkpoints (null = all); never deletes the newest
+    async_save: bool = False  # write shards in a background process while training goes on
     # Distributed-optimizer state: fully_reshardable (resume at any layout; gathered per data-parallel
     # group when saving) | dp_reshardable (each rank's shard as is: faster, only the data-parallel size may change)
     optimizer_format: str = "fully_reshardable"

@@ -46,6 +46,7 @@ class Run:
     log_dir: pathlib.Path
     ckpt_dir: pathlib.Path
     moe: Optional[object] = None  # model.moe.MoeMonitor when the model has experts
+    async_saves: Optional[object] = None  # background checkpoint writes (checkpoint.async_save)
     step: int = 0
     nonfinite_steps: int = 0  # steps skipped by the non-finite guard, resumes included
 
@@ -328,11 +329,20 @@ def _extra_state(run: Run) -> dict:
 def save_checkpoint(run: Run) -> int:
     """Saves the run at its current step; returns that step."""
     cfg = run.recipe.checkpoint
+    if cfg.async_save and run.async_saves is None:
+        run.async_saves = checkpoint.new_async_queue()
     path = checkpoint.save(run.ckpt_dir, run.step, run.chunks, run.optimizer, _extra_state(run),
-                           optimizer_format=cfg.optimizer_format, keep_last=cfg.keep_last)
+                           optimizer_format=cfg.optimizer_format, keep_last=cfg.keep_last,
+                           async_queue=run.async_saves)
     if run.rank.rank == 0:
-        print(f"saved checkpoint {path}", flush=True)
+        background = " (writing in the background)" if cfg.async_save else ""
+        print(f"saved checkpoint {path}{background}", flush=True)
     return run.step
+
+
+def finish_saves(run: Run, blocking: bool) -> None:
+    """Publishes finished background saves (all of them when `blocking`); collective, cheap."""
+    checkpoint.finish_async_saves(run.async_saves, blocking=blocking)
 
 
 def maybe_resume(run: Run) -> None:
@@ -423,6 +433,7 @@ def _train_loop(run: Run, guards: Guards, log: Optional[MetricsLog]) -> dict:
             if log is not None and (run.step % recipe.logging.interval == 0 or run.step == recipe.train.steps
                                     or out["nonfinite"] or out["stop"]):
                 log.log(record)
+        finish_saves(run, blocking=bool(stop_reason))
         if stop_reason:
             raise NonfiniteStop(stop_reason)
         if recipe.checkpoint.save and recipe.checkpoint.interval and run.step % recipe.checkpoint.interval == 0:
@@ -433,6 +444,8 @@ def _train_loop(run: Run, guards: Guards, log: Optional[MetricsLog]) -> dict:
     if recipe.checkpoint.save and run.step > start_step and saved_at != run.step:
         with guards.watchdog.phase(run.step, "checkpoint"):
             save_checkpoint(run)
+    with guards.watchdog.phase(run.step, "checkpoint"):
+        finish_saves(run, blocking=True)
     return record
 
 
@@ -451,9 +464,10 @@ def _preempt(run: Run, watchdog: Watchdog, saved_at: Optional[int]) -> Preempted
     """Saves the checkpoint of the step every rank stopped after (unless just saved)."""
     where = "checkpoint.save = false: no checkpoint written"
     if run.recipe.checkpoint.save:
-        if saved_at != run.step:
-            with watchdog.phase(run.step, "checkpoint"):
+        with watchdog.phase(run.step, "checkpoint"):
+            if saved_at != run.step:
                 save_checkpoint(run)
+            finish_saves(run, blocking=True)
         where = f"saved {run.ckpt_dir / checkpoint.checkpoint_name(run.step)}"
     return Preempted(f"preemption signal: stopped after step {run.step}, {where}; "
                      f"resume with checkpoint.load=auto (exit code {Preempted.exit_code})")

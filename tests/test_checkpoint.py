@@ -193,3 +193,18 @@ def test_hostile_checkpoint_is_a_one_line_error(saved_checkpoint, synthetic_corp
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint '{saved_checkpoint}': .metadata holds")
     assert not marker.exists()
+
+
+def test_async_save_snapshots_the_step_it_was_asked_for(reference, synthetic_corpus, tmp_path):
+    """checkpoint.async_save: the step-2 shards are written in the background while steps 3-4 change
+    the weights; resuming from step 2 (not the newest) still reproduces the reference curve."""
+    _, expected = reference
+    extra = ["checkpoint.async_save=true", "checkpoint.interval=2"]
+    first = run_pretrain(2, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, *extra, "train.steps=4"))
+    assert "iter_0000002 (writing in the background)" in first.stdout
+    ckpt = tmp_path / "checkpoints"
+    assert [p.name for p in checkpoint.complete_checkpoints(ckpt)] == ["iter_0000002", "iter_0000004"]
+    run_pretrain(2, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, *extra,
+                                               f"checkpoint.load={ckpt / 'iter_0000002'}"))
+    assert_close_curves(read_metrics(tmp_path), expected, rel=REL)
+    assert (ckpt / "latest").read_text().strip() == f"iter_{TINY_STEPS:07d}"
