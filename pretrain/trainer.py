@@ -37,11 +37,12 @@ class Run:
     chunks: List[torch.nn.Module]
     optimizer: object
     scheduler: object
-    dataset: object
+    data: dict  # split name -> data.dataset.BlendedSamples ('train', and 'valid' when configured)
     vocab_size: int
     log_dir: pathlib.Path
     ckpt_dir: pathlib.Path
     step: int = 0
+    consumed_samples: int = 0  # training samples read so far: the next step starts at this global index
 
 
 def log_dir_of(recipe: Recipe) -> pathlib.Path:
@@ -154,32 +155,48 @@ def wire_schedule(chunks, optimizer) -> None:
     config.grad_scale_func = optimizer.scale_loss
 
 
+def build_data(recipe: Recipe, tokenizer, log_dir: pathlib.Path) -> dict:
+    """Train (and valid) samples of data.path / data.blend; every rank calls this at once."""
+    from data.dataset import blend_of, build_samples
+    from pretrain.errors import UserError
+
+    data = recipe.data
+    train_blend = blend_of(data.path, data.blend)
+    if not train_blend:
+        raise UserError("no training data: set data.path to an indexed dataset prefix, or data.blend")
+    return build_samples(
+        train_blend, blend_of(data.valid_path, data.valid_blend), data.split,
+        seq_length=recipe.model.seq_length, seed=recipe.train.seed, eod=tokenizer.eod,
+        eod_mask_loss=data.eod_mask_loss, cache_dir=str(data.cache_dir or log_dir / "data_cache"),
+        vocab_size=tokenizer.vocab_size,
+    )
+
+
 def build_run(recipe: Recipe) -> Run:
-    from data.dataset import PackedDataset
     from data.tokenizer import build_tokenizer
 
     layout, rank, device = build_runtime(recipe)
     tokenizer = build_tokenizer(recipe.data.tokenizer)
     vocab_size = recipe.model.vocab_size or tokenizer.vocab_size
-    dataset = PackedDataset(recipe.data.path, recipe.model.seq_length, recipe.train.seed)
+    data = build_data(recipe, tokenizer, log_dir_of(recipe))
     chunks = build_model(recipe, layout, device, vocab_size)
     optimizer, scheduler = build_optimizer(recipe, chunks)
     wire_schedule(chunks, optimizer)
     return Run(
         recipe=recipe, layout=layout, rank=rank, device=device, chunks=chunks,
-        optimizer=optimizer, scheduler=scheduler, dataset=dataset, vocab_size=vocab_size,
+        optimizer=optimizer, scheduler=scheduler, data=data, vocab_size=vocab_size,
         log_dir=log_dir_of(recipe), ckpt_dir=ckpt_dir_of(recipe),
     )
 
 
-def micro_batches(run: Run, step: int) -> Iterator[dict]:
-    """This rank's micro-batches of optimizer step `step` (0-based), on the run's device."""
+def micro_batches(run: Run, samples, first: int) -> Iterator[dict]:
+    """This rank's micro-batches of the global batch starting at sample `first`, on the run's device."""
     from data.dataset import get_micro_batch, slice_for_context_parallel
 
     train = run.recipe.train
     for m in range(num_micro_batches(run)):
         batch = get_micro_batch(
-            run.dataset, step, m, run.rank.data_rank, run.layout.data,
+            samples, first, m, run.rank.data_rank, run.layout.data,
             train.micro_batch_size, train.global_batch_size,
         )
         batch = slice_for_context_parallel(batch, run.rank.context_rank, run.layout.context)
@@ -209,24 +226,30 @@ def _forward_step(data_iterator, model):
     return output, partial(_loss_func, batch["loss_mask"])
 
 
-def train_step(run: Run, step: int) -> dict:
-    """One optimizer step over the global batch; returns loss, grad norm and lr (all ranks)."""
+def _forward_backward(run: Run, samples, first: int, forward_only: bool) -> list:
+    """megatron-core's schedule for this layout over the global batch starting at sample `first`."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    for chunk in run.chunks:
-        chunk.zero_grad_buffer()
-    run.optimizer.zero_grad()
-    run.scheduler.step(increment=1)  # step k (1-based) trains with lr(k): warmup starts above 0
-    iterators = [micro_batches(run, step) for _ in run.chunks]
-    losses = get_forward_backward_func()(
+    iterators = [micro_batches(run, samples, first) for _ in run.chunks]
+    return get_forward_backward_func()(
         forward_step_func=_forward_step,
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=run.chunks if len(run.chunks) > 1 else run.chunks[0],
         num_microbatches=num_micro_batches(run),
         seq_length=run.recipe.model.seq_length,
         micro_batch_size=run.recipe.train.micro_batch_size,
-        forward_only=False,
+        forward_only=forward_only,
     )
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step over the next global batch; returns loss, grad norm and lr (all ranks)."""
+    for chunk in run.chunks:
+        chunk.zero_grad_buffer()
+    run.optimizer.zero_grad()
+    run.scheduler.step(increment=1)  # step k (1-based) trains with lr(k): warmup starts above 0
+    losses = _forward_backward(run, run.data["train"], run.consumed_samples, forward_only=False)
+    run.consumed_samples += run.recipe.train.global_batch_size
     updated, grad_norm, _ = run.optimizer.step()
     return {
         "loss": _global_mean_loss(run, losses),
@@ -236,8 +259,30 @@ def train_step(run: Run, step: int) -> dict:
     }
 
 
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """Token-mean loss over the first train.eval_steps global batches of the validation samples,
+    forward only (every layout, pipeline included); the same samples at every evaluation."""
+    gbs = run.recipe.train.global_batch_size
+    for chunk in run.chunks:
+        chunk.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for k in range(run.recipe.train.eval_steps):
+        total += _loss_sums(run, _forward_backward(run, run.data["valid"], k * gbs, forward_only=True))
+    for chunk in run.chunks:
+        chunk.train()
+    val_loss = float(total[0] / total[1])
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+
+
 def _global_mean_loss(run: Run, losses: list) -> float:
     """Token-mean LM loss over the global batch, made known to every rank."""
+    total = _loss_sums(run, losses)
+    return float(total[0] / total[1])
+
+
+def _loss_sums(run: Run, losses: list) -> torch.Tensor:
+    """[loss sum, token count] over the global batch (float64, CPU), made known to every rank."""
     from megatron.core import parallel_state as ps
 
     total = torch.zeros(2, dtype=torch.float64)
@@ -248,13 +293,13 @@ def _global_mean_loss(run: Run, losses: list) -> float:
         dist.all_reduce(total, group=dp_group)
     total = total.to(run.device)
     dist.broadcast(total, src=dist.get_world_size() - 1)
-    return float(total[0] / total[1])
+    return total.cpu()
 
 
 def _extra_state(run: Run) -> dict:
     return {
         "step": run.step,
-        "consumed_samples": run.step * run.recipe.train.global_batch_size,
+        "consumed_samples": run.consumed_samples,
         "scheduler": run.scheduler.state_dict(),
         "recipe": recipe_to_dict(run.recipe),
     }
@@ -274,6 +319,9 @@ def maybe_resume(run: Run) -> None:
     extra = checkpoint.load(path, run.chunks, run.optimizer)
     run.scheduler.load_state_dict(extra["scheduler"])
     run.step = int(extra["step"])
+    # Samples are addressed by global index: resuming at any data-parallel size continues at the
+    # first sample the interrupted run had not trained on.
+    run.consumed_samples = int(extra.get("consumed_samples", run.step * run.recipe.train.global_batch_size))
     if run.rank.rank == 0:
         print(f"resumed from {path} at step {run.step}", flush=True)
 
@@ -293,7 +341,7 @@ def _metrics_record(run: Run, out: dict, step_time: float, tokens_per_step: int,
         "loss": out["loss"],
         "lr": out["lr"],
         "grad_norm": out["grad_norm"],
-        "consumed_tokens": run.step * tokens_per_step,
+        "consumed_tokens": run.consumed_samples * run.recipe.model.seq_length,
         "tokens_per_s": tokens_per_s,
         "step_time_s": step_time,
         "micro_batches": num_micro_batches(run),
@@ -324,10 +372,14 @@ def train(recipe: Recipe) -> dict:
     start_step = run.step
     while run.step < recipe.train.steps:
         start = time.perf_counter()
-        out = train_step(run, run.step)
+        out = train_step(run)
         run.step += 1
         record = _metrics_record(run, out, time.perf_counter() - start, tokens_per_step, fpt, peak)
-        if log is not None and (run.step % recipe.logging.interval == 0 or run.step == recipe.train.steps):
+        last = run.step == recipe.train.steps
+        evaluated = recipe.train.eval_interval and (run.step % recipe.train.eval_interval == 0 or last)
+        if evaluated:
+            record.update(evaluate(run))
+        if log is not None and (run.step % recipe.logging.interval == 0 or last or evaluated):
             log.log(record)
         if recipe.checkpoint.save and interval and run.step % interval == 0:
             save_checkpoint(run)
