@@ -69,7 +69,7 @@ def test_missing_tokenizer_path_is_a_user_error(tmp_path):
     missing = str(tmp_path / "nope.json")
     with pytest.raises(UserError) as error:
         build_tokenizer(missing)
-    assert str(error.value) == f"tokenizer '{missing}' not found: give 'byte' or a local tokenizer.json path"
+    assert str(error.value) == f"tokenizer '{missing}' not found: give 'byte', a local tokenizer.json path or a hub name"
 
 
 # ---- synthetic documents and indexed files -------------------------------------------------------
@@ -325,21 +325,77 @@ def test_cli_text_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
     assert main(["text", "--input", str(bad), "--output-prefix", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert err == f"error: {bad}:2: no field 'text': choose the field with --text-key\n"
+    assert capsys.readouterr().err == (
+        f"error: {bad}: row 2: no text in field 'text' (fields: body): choose the field with --text-key\n")
+    assert not list(tmp_path.glob("out*"))  # nothing half-written is left behind
     assert main(["text", "--input", str(tmp_path / "*.txt"), "--output-prefix", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == f"error: input '{tmp_path / '*.txt'}' matches no file\n"
+    missing = tmp_path / "missing.jsonl"
+    assert main(["text", "--input", str(missing), "--output-prefix", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"error: input '{missing}' not found or not a file: give files or globs\n"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["text", "--input", str(empty), "--output-prefix", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "error: the input holds no documents: nothing to write\n"
+    assert not list(tmp_path.glob("o.*"))
 
 
 def test_cli_text_writes_jsonl_and_text(tmp_path, capsys):
     (tmp_path / "a.jsonl").write_text('{"text": "ab"}\n\n{"text": "c"}\n')
-    (tmp_path / "b.txt").write_text("xyz")
+    (tmp_path / "b.txt").write_text("xyz\nsecond line")
     prefix = str(tmp_path / "out")
     inputs = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")]
     assert main(["text", "--input", *inputs, "--output-prefix", prefix]) == 0
-    assert "3 documents, 9 tokens" in capsys.readouterr().out
+    assert "3 documents, 21 tokens" in capsys.readouterr().out
     indexed = _indexed(prefix)  # kept alive: its arrays view a memory map closed on deletion
-    assert [d.tolist() for d in indexed[0:3]] == [[97, 98, 256], [99, 256], [120, 121, 122, 256]]
+    assert [d.tolist() for d in indexed[0:2]] == [[97, 98, 256], [99, 256]]
+    assert bytes(indexed[2][:-1].tolist()) == b"xyz\nsecond line"  # a text file is one document
+
+
+def test_round_trip_trained_bpe_two_workers(tmp_path, capsys):
+    """jsonl + parquet documents → a BPE trained on them → 2 tokenizer processes → .bin/.idx that
+    megatron-core's IndexedDataset reads back as exactly the tokenizer's ids plus one EOD each."""
+    import pyarrow
+    import pyarrow.parquet
+
+    texts = [f"document {i}: " + "naïve café, ünïcode → ∑ " * (i % 7) + "end" for i in range(600)]
+    with open(tmp_path / "part1.jsonl", "w") as file:
+        for text in texts[:400]:
+            file.write(json.dumps({"id": 1, "content": text}) + "\n")
+    pyarrow.parquet.write_table(pyarrow.table({"content": texts[400:]}), tmp_path / "part2.parquet")
+    prefix = str(tmp_path / "out" / "corpus")
+    argv = ["text", "--input", str(tmp_path / "part1.jsonl"), str(tmp_path / "*.parquet"), "--text-key", "content",
+            "--train-tokenizer", "400", "--workers", "2", "--output-prefix", prefix]
+    assert main(argv) == 0
+    assert f"(tokenizer {tmp_path / 'out' / 'tokenizer.json'})" in capsys.readouterr().out
+    tokenizer = build_tokenizer(str(tmp_path / "out"))
+    assert tokenizer.vocab_size == 400 and tokenizer.eod == 0  # <|endoftext|>, the only special token
+    indexed = _indexed(prefix)
+    assert len(indexed) == len(texts) and indexed.index.dtype == numpy.uint16
+    for i, text in enumerate(texts):
+        ids = tokenizer.tokenize(text)
+        assert indexed[i].tolist() == ids + [tokenizer.eod]
+        assert tokenizer.detokenize(ids) == text
+
+
+def test_tokenization_streams_with_bounded_read_ahead():
+    """An endless input still yields batches: at most workers × in-flight batches are read ahead."""
+    from data.preprocess import BATCH_DOCUMENTS, IN_FLIGHT_PER_WORKER, tokenized_batches
+
+    pulled = 0
+
+    def endless():
+        nonlocal pulled
+        while True:
+            pulled += 1
+            yield "some text"
+
+    batches = tokenized_batches(endless(), "byte", workers=2)
+    for _ in range(3):
+        flat, lengths = next(batches)
+        assert lengths.tolist() == [10] * BATCH_DOCUMENTS and flat[9] == 256
+    batches.close()
+    assert pulled <= (2 * IN_FLIGHT_PER_WORKER + 3) * BATCH_DOCUMENTS
 
 
 # ---- quickstart corpus ---------------------------------------------------------------------------
