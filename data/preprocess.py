@@ -174,7 +174,8 @@ def build_synthetic_corpus(prefix: str, num_docs: int = 2000, seed: int = 0) -> 
 # HF datasets builder per file ending; any other file is plain text, one document per file.
 INPUT_BUILDERS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
                   ".parquet": "parquet", ".arrow": "arrow"}
-BATCH_DOCUMENTS = 256  # documents per tokenization task
+BATCH_DOCUMENTS = 256  # documents per tokenization task at most,
+BATCH_CHARACTERS = 256 * 1024  # and about this much text, so that long documents still spread over workers
 IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory however large the input is
 EOD_TOKEN = "<|endoftext|>"  # the EOD of a tokenizer trained here (data.tokenizer finds it by name)
 
@@ -257,13 +258,14 @@ def _row_text(row: dict, key: str, name: str, number: int) -> str:
     return value
 
 
-def _batches(texts: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch = []
+def _batches(texts: Iterable[str], size: int, characters: int = BATCH_CHARACTERS) -> Iterator[list[str]]:
+    batch, held = [], 0
     for text in texts:
         batch.append(text)
-        if len(batch) == size:
+        held += len(text)
+        if len(batch) == size or held >= characters:
             yield batch
-            batch = []
+            batch, held = [], 0
     if batch:
         yield batch
 
@@ -279,9 +281,12 @@ def _init_worker(tokenizer_name: str) -> None:
 
 
 def _tokenize_batch(texts: list[str], tokenizer=None) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """(all ids of the batch with an EOD after each document, int64; per-document lengths)."""
+    """(all ids of the batch with an EOD after each document, int64; per-document lengths).
+
+    Documents without a single token are left out, as Megatron-LM's preprocess_data.py does: a
+    lone EOD would only teach the model to follow EOD with EOD."""
     tokenizer = tokenizer or _WORKER_TOKENIZER
-    docs = tokenizer.tokenize_batch(texts)
+    docs = [d for d in tokenizer.tokenize_batch(texts) if len(d)]
     lengths = numpy.fromiter((len(d) + 1 for d in docs), dtype=numpy.int64, count=len(docs))
     flat = numpy.empty(int(lengths.sum()), dtype=numpy.int64)
     ends = numpy.cumsum(lengths)

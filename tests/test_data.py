@@ -176,6 +176,17 @@ def test_split_shares_are_disjoint_document_ranges(counting_prefix, tmp_path):
     assert seen["train"] == set(range(32)) and seen["valid"] == set(range(32, 40))
 
 
+def test_separate_validation_blend(counting_prefix, tmp_path):
+    other = str(tmp_path / "other")
+    write_indexed([[7] * 63] * 20, other, vocab_size=5000, eod=4999)
+    data = _samples(counting_prefix, 32, tmp_path, valid=[(1.0, other), (3.0, counting_prefix)])
+    train, valid = data["train"], data["valid"]
+    assert [s.prefix for s in train.sources] == [counting_prefix]
+    assert len(train.sources[0]) == (40 * 100 - 1) // 32  # the train data keeps every document
+    assert [s.prefix for s in valid.sources] == [other, counting_prefix]
+    assert Counter(valid.locate(i)[0] for i in range(400)) == {0: 100, 1: 300}
+
+
 def test_blend_shares_follow_the_weights(tmp_path):
     """Over N samples each dataset's count is within 1 sample of weight × N (greedy blending), also
     when a small dataset wraps into later epochs."""
@@ -341,7 +352,7 @@ def test_cli_text_errors_are_one_line(tmp_path, capsys):
 
 
 def test_cli_text_writes_jsonl_and_text(tmp_path, capsys):
-    (tmp_path / "a.jsonl").write_text('{"text": "ab"}\n\n{"text": "c"}\n')
+    (tmp_path / "a.jsonl").write_text('{"text": "ab"}\n\n{"text": ""}\n{"text": "c"}\n')  # empty: left out
     (tmp_path / "b.txt").write_text("xyz\nsecond line")
     prefix = str(tmp_path / "out")
     inputs = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")]
