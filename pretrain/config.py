@@ -123,7 +123,7 @@ class DataConfig:
     # the model's RoPE ignores position_ids and its attention is causal over the whole sample.
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
-    tokenizer: str = "byte"  # byte (built-in, 257 ids) or a local tokenizer path
+    tokenizer: str = "byte"  # byte (built-in, 257 ids), a local tokenizer.json (or its folder), or a hub name
     num_workers: int = 0  # DataLoader worker processes; 0 = load in the main process
 
 
