@@ -92,6 +92,7 @@ def main() -> None:
     (work / "megatron").mkdir(exist_ok=True)
     theirs_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in (args.megatron_lm, args.extra_path) if p))
     times = {"ours": [], "megatron": []}
+    load_before = os.getloadavg()[0]
     for _ in range(args.rounds):
         times["ours"].append(timed(ours, REPO, env))
         times["megatron"].append(timed(theirs, args.megatron_lm, theirs_env))
@@ -99,6 +100,7 @@ def main() -> None:
     tokens = tokens_in(ours_prefix)
     same = (pathlib.Path(ours_prefix + ".bin").read_bytes() == pathlib.Path(theirs_prefix + ".bin").read_bytes()
             and tokens == tokens_in(theirs_prefix))
+    print(f"1-minute load average before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f}")
     print(f"input {corpus}: {documents} documents, {corpus.stat().st_size / 1e6:.1f} MB; {tokens} tokens; "
           f"identical .bin: {same}")
     medians = {}
