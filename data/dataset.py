@@ -186,9 +186,13 @@ def build_source_splits(prefix: str, split: str, seq_length: int, seed: int, eod
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
     check_vocabulary_fits(open_indexed(prefix), prefix, vocab_size)
+    # megatron-core names its cache files by the prefix path, not the content: a corpus rebuilt
+    # under the same prefix must not meet the indices of the old one.
+    sizes = "-".join(str(os.path.getsize(prefix + ending)) for ending in (".bin", ".idx"))
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=([prefix], None), split=split,
-        path_to_cache=cache_dir, tokenizer=_EodOnly(eod), mmap_bin_files=True,
+        path_to_cache=os.path.join(cache_dir, f"{os.path.basename(prefix)}-{sizes}"),
+        tokenizer=_EodOnly(eod), mmap_bin_files=True,
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,  # causal attention builds its own mask
     )

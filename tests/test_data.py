@@ -166,6 +166,15 @@ def test_sample_order_is_deterministic_per_seed(counting_prefix, tmp_path):
     assert sorted(first[:n]) == sorted(first[n:]) and first[:n] != first[n:]
 
 
+def test_a_corpus_rebuilt_under_the_same_prefix_gets_fresh_indices(tmp_path):
+    prefix = str(tmp_path / "corpus")
+    write_indexed([[1] * 40] * 10, prefix, vocab_size=257, eod=256)
+    assert len(_samples(prefix, 16, tmp_path, eod=256, vocab_size=257)["train"].sources[0]) == 25
+    write_indexed([[2] * 40] * 30, prefix, vocab_size=257, eod=256)  # same path, same cache folder
+    rebuilt = _samples(prefix, 16, tmp_path, eod=256, vocab_size=257)["train"].sources[0]
+    assert len(rebuilt) == 76 and set(rebuilt[75]["tokens"].tolist()) <= {2, 256}
+
+
 def test_split_shares_are_disjoint_document_ranges(counting_prefix, tmp_path):
     data = _samples(counting_prefix, 32, tmp_path, split="80,20,0")
     assert set(data) == {"train", "valid"}
