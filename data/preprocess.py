@@ -210,6 +210,9 @@ def input_streams(paths: list[str], hub_name: Optional[str] = None, hub_subset: 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # read errors become our one line
     if hub_name is not None:
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()  # its retry warnings would precede our one error line
         yield hub_name, "hub", _load(hub_name, "hub", hub_name, hub_subset, split=hub_split, streaming=True)
     for path in paths:
         if os.path.getsize(path) == 0:
@@ -226,6 +229,8 @@ def _load(name: str, builder: str, *args, **kwargs):
     try:
         return datasets.load_dataset(*args, **kwargs)
     except Exception as error:  # datasets/pyarrow raise many types for unreadable input
+        if builder == "hub":
+            raise UserError(f"dataset '{name}' could not be loaded: {_first_line(error)}") from None
         raise UserError(f"input '{name}' cannot be read as {builder}: {_first_line(error)}") from None
 
 
@@ -244,6 +249,8 @@ def text_documents(streams: Iterable[tuple[str, str, Iterable[dict]]], text_key:
         except UserError:
             raise
         except Exception as error:  # datasets/pyarrow raise many types for unreadable input
+            if builder == "hub":
+                raise UserError(f"dataset '{name}' could not be read: {_first_line(error)}") from None
             raise UserError(f"input '{name}' cannot be read as {builder}: {_first_line(error)}") from None
 
 

@@ -372,6 +372,18 @@ def test_cli_text_writes_jsonl_and_text(tmp_path, capsys):
     assert bytes(indexed[2][:-1].tolist()) == b"xyz\nsecond line"  # a text file is one document
 
 
+def test_hf_dataset_by_name(tmp_path, capsys):
+    """--hf-dataset goes through datasets.load_dataset(NAME, streaming=True); a dataset folder is a
+    name it resolves without the network."""
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text('{"text": "hub"}\n{"text": "row"}\n')
+    prefix = str(tmp_path / "hub")
+    assert main(["text", "--hf-dataset", str(tmp_path / "ds"), "--output-prefix", prefix]) == 0
+    assert "2 documents, 8 tokens" in capsys.readouterr().out
+    assert main(["text", "--output-prefix", prefix]) == 2
+    assert capsys.readouterr().err == "error: give --input files or --hf-dataset NAME\n"
+
+
 def test_round_trip_trained_bpe_two_workers(tmp_path, capsys):
     """jsonl + parquet documents → a BPE trained on them → 2 tokenizer processes → .bin/.idx that
     megatron-core's IndexedDataset reads back as exactly the tokenizer's ids plus one EOD each."""
