@@ -1,15 +1,39 @@
-"""Pack an indexed corpus into shuffled fixed-length windows and cut them into per-DP-rank micro-batches."""
+"""Blend indexed datasets into packed samples addressed by one global sample index; cut them into per-DP-rank micro-batches.
+
+Sample i of a split depends on the data, the split, seq_length and the seed only: never on the number of
+ranks, the batch layout or the length of the run. A run that resumes at consumed sample c (at any
+data-parallel size) therefore reads samples c, c+1, … exactly as the uninterrupted run would.
+
+- megatron-core builds each dataset's split (BlendedMegatronDatasetBuilder + GPTDataset): documents
+  shuffled by seed, packed with their EODs into windows of seq_length + 1 tokens, windows shuffled,
+  indices cached on disk (rank 0 builds, the others wait at a barrier, then load).
+- It is built for one epoch (num_samples=None): megatron-core sizes the indices by the run length
+  otherwise, so a run of 2k steps would see other samples than a run of k steps resumed to 2k.
+  Later epochs reuse the packing in a fresh order per epoch (`SourceSamples`).
+- Datasets are interleaved by megatron-core's own greedy blending (helpers.build_blending_indices),
+  whose choice for sample i depends only on samples before i, so it is extended on demand.
+"""
+
+from __future__ import annotations
 
 import os
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy
 import torch
 
 from pretrain.errors import UserError
 
+SPLITS = ("train", "valid", "test")
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
-def _open_indexed(prefix: str):
-    """megatron-core's IndexedDataset, after naming any missing file (megatron would only assert)."""
+
+# ---- opening and checking one indexed dataset ---------------------------------------------------
+
+
+def open_indexed(prefix: str):
+    """megatron-core's IndexedDataset, after checking what megatron would only assert or crash on later:
+    both files exist, the .idx parses, and the .bin holds every token the .idx points to."""
     for path in (prefix + ".bin", prefix + ".idx"):
         if not os.path.isfile(path):
             raise UserError(
@@ -18,76 +42,204 @@ def _open_indexed(prefix: str):
             )
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    return IndexedDataset(prefix)
+    # Built in two steps so that a failed __init__ can be given the attributes IndexedDataset.__del__
+    # deletes; otherwise the garbage collector prints an AttributeError traceback after our one line.
+    indexed = IndexedDataset.__new__(IndexedDataset)
+    try:
+        indexed.__init__(prefix)
+    except (AssertionError, ValueError, TypeError, OSError, IndexError):
+        indexed.bin_reader = indexed.index = None
+        raise UserError(
+            f"data file '{prefix}.idx' is truncated or not a megatron-core index: rebuild it with "
+            "'python -m data.preprocess'"
+        ) from None
+    _check_bin_size(indexed, prefix)
+    return indexed
 
 
-class PackedDataset(torch.utils.data.Dataset):
-    """All documents (each ending in EOD) as one token stream, cut into windows of seq_length + 1.
+def _check_bin_size(indexed, prefix: str) -> None:
+    index = indexed.index
+    expected = 0
+    if len(index):
+        expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        raise UserError(
+            f"data file '{prefix}.bin' holds {actual} bytes but '{prefix}.idx' describes {expected}: "
+            "one of them is truncated or from another build; rebuild both with 'python -m data.preprocess'"
+        )
 
-    Window w covers stream tokens [w*seq_length, w*seq_length + seq_length + 1): consecutive windows
-    share one boundary token so every token is a label exactly once. Sample i of epoch e is window
-    permutation_e[i % len], with permutation_e drawn from RandomState(seed + e); indices past len
-    wrap into the next epoch, so a trainer can ask for any step without tracking epochs.
+
+def check_vocabulary_fits(indexed, prefix: str, vocab_size: int) -> None:
+    """uint16 files cannot hold ids ≥ 65536: such a file was written for another tokenizer."""
+    limit = numpy.iinfo(indexed.index.dtype).max + 1
+    if vocab_size > limit:
+        raise UserError(
+            f"data file '{prefix}.bin' stores {numpy.dtype(indexed.index.dtype).name} token ids (< {limit}) "
+            f"but the tokenizer has {vocab_size} ids: it was built for another tokenizer; rebuild it "
+            "with 'python -m data.preprocess' and this tokenizer"
+        )
+
+
+# ---- one dataset split, repeated for ever -------------------------------------------------------
+
+
+class _EodOnly:
+    """What megatron-core's GPTDataset asks of a tokenizer: the EOD id (and a cache identity)."""
+
+    vocab_size = None
+
+    def __init__(self, eod: int):
+        self.eod = eod
+        self.unique_identifiers = {"class": "EodOnly", "eod": eod}
+
+
+class SourceSamples:
+    """One dataset's split (a one-epoch megatron-core GPTDataset) as an endless sample sequence.
+
+    Sample j is GPTDataset item j for j < len (megatron's own shuffled order); epoch e ≥ 1 visits
+    the same windows in the order permutation_e, drawn from RandomState([seed, e]).
     """
 
-    def __init__(self, prefix: str, seq_length: int, seed: int):
+    def __init__(self, gpt_dataset, prefix: str, seed: int):
+        self.gpt = gpt_dataset
         self.prefix = prefix
-        self.seq_length = seq_length
         self.seed = seed
-        self._indexed = _open_indexed(prefix)
-        lengths = self._indexed.sequence_lengths.astype(numpy.int64)
-        # stream offset of each document's first token, plus the total at the end
-        self._starts = numpy.concatenate(([0], numpy.cumsum(lengths)))
-        self.num_tokens = int(self._starts[-1])
-        self.num_windows = (self.num_tokens - 1) // seq_length if self.num_tokens else 0
-        if self.num_windows < 1:
-            raise UserError(
-                f"data file '{prefix}.bin' holds {self.num_tokens} tokens, too few for one sample of "
-                f"seq_length {seq_length} (needs {seq_length + 1}): use more data or a shorter seq_length"
-            )
-        self._permutations: dict[int, numpy.ndarray] = {}
+        self._permutations: Dict[int, numpy.ndarray] = {}
 
     def __len__(self) -> int:
-        return self.num_windows
+        return len(self.gpt)
 
-    def __getitem__(self, index: int) -> numpy.ndarray:
-        """int64 [seq_length + 1] tokens of sample `index` (any index ≥ 0; past len → later epochs)."""
-        if index < 0:
-            raise IndexError(f"sample index {index} is negative")
-        epoch, position = divmod(int(index), self.num_windows)
-        return self.window(int(self._permutation(epoch)[position]))
+    def position(self, j: int) -> int:
+        """GPTDataset index of endless sample j."""
+        if j < 0:
+            raise IndexError(f"sample index {j} is negative")
+        epoch, offset = divmod(int(j), len(self.gpt))
+        return offset if epoch == 0 else int(self._permutation(epoch)[offset])
 
-    def __iter__(self):
-        # __getitem__ never raises IndexError for large indices, so the default protocol would not stop.
-        return (self[i] for i in range(len(self)))
+    def __getitem__(self, j: int) -> dict:
+        return self.gpt[self.position(j)]
 
     def _permutation(self, epoch: int) -> numpy.ndarray:
-        """Window order of `epoch`; the last two are kept since batches straddle one boundary at a time."""
+        # Batches straddle at most one epoch boundary at a time: keep the last two orders.
         if epoch not in self._permutations:
             if len(self._permutations) >= 2:
                 self._permutations.pop(min(self._permutations))
-            rng = numpy.random.RandomState(self.seed + epoch)
-            self._permutations[epoch] = rng.permutation(self.num_windows)
+            rng = numpy.random.RandomState([self.seed, epoch])
+            self._permutations[epoch] = rng.permutation(len(self.gpt))
         return self._permutations[epoch]
 
-    def window(self, w: int) -> numpy.ndarray:
-        """Window `w` in stream order (unshuffled): tokens [w*seq_length, w*seq_length + seq_length + 1)."""
-        if not 0 <= w < self.num_windows:
-            raise IndexError(f"window {w} outside [0, {self.num_windows})")
-        return self.read_stream(w * self.seq_length, self.seq_length + 1)
 
-    def read_stream(self, start: int, count: int) -> numpy.ndarray:
-        """`count` int64 tokens of the concatenated stream from `start`, read document piece by piece."""
-        if start < 0 or start + count > self.num_tokens:
-            raise IndexError(f"stream range [{start}, {start + count}) outside [0, {self.num_tokens})")
-        pieces = []
-        document = int(numpy.searchsorted(self._starts, start, side="right")) - 1
-        while count > 0:
-            offset = start - int(self._starts[document])
-            length = min(count, int(self._starts[document + 1]) - start)
-            pieces.append(self._indexed.get(document, offset=offset, length=length))
-            start, count, document = start + length, count - length, document + 1
-        return numpy.concatenate(pieces).astype(numpy.int64)
+class BlendedSamples:
+    """Several SourceSamples interleaved in proportion to their weights; sample i → (source, j)."""
+
+    def __init__(self, sources: Sequence[SourceSamples], weights: Sequence[float]):
+        self.sources = list(sources)
+        total = float(sum(weights))
+        self.weights = numpy.array([w / total for w in weights], dtype=numpy.float64)
+        self._source = numpy.zeros(0, dtype=numpy.int16)
+        self._sample = numpy.zeros(0, dtype=numpy.int64)
+
+    def locate(self, i: int) -> Tuple[int, int]:
+        """(source number, endless sample index in that source) of global sample i."""
+        if i < 0:
+            raise IndexError(f"sample index {i} is negative")
+        if len(self.sources) == 1:
+            return 0, int(i)
+        if i >= self._source.size:
+            self._extend(max(2 * self._source.size, i + 1, 1024))
+        return int(self._source[i]), int(self._sample[i])
+
+    def _extend(self, size: int) -> None:
+        # The greedy choice for sample i looks only at samples before i, so a longer table starts
+        # with the shorter one: the blend of a sample never depends on how far a run goes.
+        from megatron.core.datasets import helpers
+
+        source = numpy.zeros(size, dtype=numpy.int16)
+        sample = numpy.zeros(size, dtype=numpy.int64)
+        helpers.build_blending_indices(source, sample, self.weights, len(self.sources), size, False)
+        self._source, self._sample = source, sample
+
+    def __getitem__(self, i: int) -> dict:
+        source, j = self.locate(i)
+        return self.sources[source][j]
+
+
+# ---- building the splits ------------------------------------------------------------------------
+
+
+def blend_of(path: Optional[str], blend: Optional[Sequence[Tuple[float, str]]]) -> List[Tuple[float, str]]:
+    """data.path / data.blend (or their valid_ twins) as one list of (weight, prefix)."""
+    if blend is not None:
+        return [(float(w), str(p)) for w, p in blend]
+    return [(1.0, path)] if path is not None else []
+
+
+def build_source_splits(prefix: str, split: str, seq_length: int, seed: int, eod: int,
+                        eod_mask_loss: bool, cache_dir: str, vocab_size: int) -> List[Optional[object]]:
+    """megatron-core GPTDatasets for the train/valid/test document ranges of one prefix (None: no share).
+
+    Call on every rank at once when torch.distributed is initialized: rank 0 builds and caches the
+    indices, the others wait at a barrier and then load them.
+    """
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    check_vocabulary_fits(open_indexed(prefix), prefix, vocab_size)
+    # megatron-core names its cache files by the prefix path, not the content: a corpus rebuilt
+    # under the same prefix must not meet the indices of the old one.
+    sizes = "-".join(str(os.path.getsize(prefix + ending)) for ending in (".bin", ".idx"))
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=([prefix], None), split=split,
+        path_to_cache=os.path.join(cache_dir, f"{os.path.basename(prefix)}-{sizes}"),
+        tokenizer=_EodOnly(eod), mmap_bin_files=True,
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=eod_mask_loss,
+        create_attention_mask=False,  # causal attention builds its own mask
+    )
+    return BlendedMegatronDatasetBuilder(GPTDataset, [None] * 3, lambda: True, config).build()
+
+
+def _require_samples(dataset, prefix: str, split_name: str, split: str, seq_length: int) -> None:
+    if dataset is not None and len(dataset) > 0:
+        return
+    tokens = int(numpy.sum(dataset.dataset.sequence_lengths[dataset.indices])) if dataset is not None else 0
+    whole = split_name == "train" and parse_shares(split)[1:] == [0.0, 0.0]
+    share = "" if whole else f": its {split_name} share (data.split '{split}')"
+    raise UserError(
+        f"data file '{prefix}.bin'{share} holds {tokens} tokens, too few for one sample of seq_length "
+        f"{seq_length} (needs {seq_length + 1}): use more data or a shorter seq_length"
+    )
+
+
+def parse_shares(split: str) -> List[float]:
+    shares = [float(x) for x in split.split(",")]
+    return shares + [0.0] * (3 - len(shares))
+
+
+def build_samples(train_blend: List[Tuple[float, str]], valid_blend: List[Tuple[float, str]], split: str,
+                  seq_length: int, seed: int, eod: int, eod_mask_loss: bool, cache_dir: str,
+                  vocab_size: int) -> Dict[str, BlendedSamples]:
+    """{'train': …, 'valid': …} (valid only when there is validation data). The train blend's
+    datasets are split by document shares `split` (its test share is held out, never read); a
+    non-empty `valid_blend` is used whole as the validation data instead of a valid share."""
+    jobs = [(train_blend, split)] + ([(valid_blend, "0,1,0")] if valid_blend else [])
+    per_split: Dict[str, List[Tuple[float, SourceSamples]]] = {}
+    for blend, source_split in jobs:
+        for weight, prefix in blend:
+            datasets = build_source_splits(prefix, source_split, seq_length, seed, eod, eod_mask_loss,
+                                           cache_dir, vocab_size)
+            for name, dataset in zip(SPLITS[:2], datasets):
+                if dataset is None:
+                    continue
+                _require_samples(dataset, prefix, name, source_split, seq_length)
+                per_split.setdefault(name, []).append((weight, SourceSamples(dataset, prefix, seed)))
+    return {
+        name: BlendedSamples([s for _, s in entries], [w for w, _ in entries])
+        for name, entries in per_split.items()
+    }
+
+
+# ---- the per-rank batch layout ------------------------------------------------------------------
 
 
 def num_micro_batches(micro_batch_size: int, dp_size: int, global_batch_size: int) -> int:
@@ -100,28 +252,27 @@ def num_micro_batches(micro_batch_size: int, dp_size: int, global_batch_size: in
     return global_batch_size // (micro_batch_size * dp_size)
 
 
-def sample_indices(step, micro_index, dp_rank, dp_size, micro_batch_size, global_batch_size) -> range:
-    """Global sample indices of one micro-batch: a step's samples are the same set for every dp_size."""
+def sample_indices(first, micro_index, dp_rank, dp_size, micro_batch_size, global_batch_size) -> range:
+    """Global sample indices of one micro-batch of the global batch starting at sample `first`.
+
+    The batch is samples [first, first + global_batch_size) for every dp_size; micro-batch m of
+    rank r holds samples first + (m·dp + r)·mbs …, so DP ranks read disjoint shares of it.
+    """
     count = num_micro_batches(micro_batch_size, dp_size, global_batch_size)
     if not 0 <= micro_index < count:
         raise IndexError(f"micro_index {micro_index} outside [0, {count})")
     if not 0 <= dp_rank < dp_size:
         raise IndexError(f"dp_rank {dp_rank} outside [0, {dp_size})")
-    first = step * global_batch_size + micro_index * micro_batch_size * dp_size + dp_rank * micro_batch_size
-    return range(first, first + micro_batch_size)
+    start = first + micro_index * micro_batch_size * dp_size + dp_rank * micro_batch_size
+    return range(start, start + micro_batch_size)
 
 
-def get_micro_batch(ds, step, micro_index, dp_rank, dp_size, micro_batch_size, global_batch_size) -> dict:
-    """tokens/labels/loss_mask/position_ids [b, s] for one DP rank's micro-batch of optimizer `step`."""
-    indices = sample_indices(step, micro_index, dp_rank, dp_size, micro_batch_size, global_batch_size)
-    windows = torch.from_numpy(numpy.stack([ds[i] for i in indices]))  # [b, s + 1]
-    tokens, labels = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # [b, s]
-    return {
-        "tokens": tokens,
-        "labels": labels,
-        "loss_mask": torch.ones(tokens.shape, dtype=torch.float32),
-        "position_ids": torch.arange(tokens.shape[1], dtype=torch.int64).expand_as(tokens).contiguous(),
-    }
+def get_micro_batch(samples, first, micro_index, dp_rank, dp_size, micro_batch_size, global_batch_size) -> dict:
+    """tokens/labels/loss_mask/position_ids [b, s] for one DP rank's micro-batch of the global batch
+    that starts at sample `first` (= samples consumed before it)."""
+    indices = sample_indices(first, micro_index, dp_rank, dp_size, micro_batch_size, global_batch_size)
+    items = [samples[i] for i in indices]
+    return {key: torch.stack([item[key] for item in items]).contiguous() for key in BATCH_KEYS}  # [b, s]
 
 
 def slice_for_context_parallel(batch: dict, cp_rank: int, cp_size: int) -> dict:

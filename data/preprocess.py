@@ -1,8 +1,10 @@
-"""Turn documents (stdlib source, synthetic motifs, text/jsonl files) into indexed .bin/.idx files."""
+"""Turn documents (stdlib source, synthetic motifs, the user's files or a hub dataset) into indexed .bin/.idx files."""
 
 import argparse
+import collections
 import glob
 import json
+import multiprocessing
 import os
 import sys
 import sysconfig
@@ -167,7 +169,15 @@ def build_synthetic_corpus(prefix: str, num_docs: int = 2000, seed: int = 0) -> 
     return write_indexed(docs, prefix, tokenizer.vocab_size, tokenizer.eod)
 
 
-# ---- text: the user's own plain-text or jsonl files ----------------------------------------------
+# ---- text: the user's files or a hub dataset, read through HF datasets, streamed -----------------
+
+# HF datasets builder per file ending; any other file is plain text, one document per file.
+INPUT_BUILDERS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
+                  ".parquet": "parquet", ".arrow": "arrow"}
+BATCH_DOCUMENTS = 256  # documents per tokenization task at most,
+BATCH_CHARACTERS = 256 * 1024  # and about this much text, so that long documents still spread over workers
+IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory however large the input is
+EOD_TOKEN = "<|endoftext|>"  # the EOD of a tokenizer trained here (data.tokenizer finds it by name)
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
@@ -179,65 +189,233 @@ def expand_inputs(patterns: list[str]) -> list[str]:
             raise UserError(f"input '{pattern}' matches no file")
         for path in matches:
             if not os.path.isfile(path):
-                raise UserError(f"input '{path}' not found or not a file: give text or .jsonl files")
+                raise UserError(f"input '{path}' not found or not a file: give files or globs")
         paths.extend(matches)
     return paths
 
 
-def text_documents(paths: list[str], text_key: str = "text") -> Iterator[str]:
-    """One document per .jsonl line (field `text_key`) or per other (plain-text) file."""
+def _builder_of(path: str) -> str:
+    name = os.path.basename(path).lower()
+    for ending, builder in INPUT_BUILDERS.items():
+        if name.endswith(ending):
+            return builder
+    return "text"
+
+
+def input_streams(paths: list[str], hub_name: Optional[str] = None, hub_subset: Optional[str] = None,
+                  hub_split: str = "train") -> Iterator[tuple[str, str, Iterable[dict]]]:
+    """(name, builder, streaming rows) per input file, or for the one hub dataset asked for by name."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # read errors become our one line
+    if hub_name is not None:
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()  # its retry warnings would precede our one error line
+        yield hub_name, "hub", _load(hub_name, "hub", hub_name, hub_subset, split=hub_split, streaming=True)
     for path in paths:
-        if path.endswith(".jsonl"):
-            yield from _jsonl_documents(path, text_key)
-        else:
-            yield _read_text(path)
+        if os.path.getsize(path) == 0:
+            continue  # holds no documents (and datasets cannot infer a schema from it)
+        builder = _builder_of(path)
+        options = {"sample_by": "document"} if builder == "text" else {}
+        yield path, builder, _load(path, builder, builder, data_files=[path], split="train", streaming=True,
+                                   **options)
 
 
-def _read_text(path: str) -> str:
+def _load(name: str, builder: str, *args, **kwargs):
+    import datasets
+
     try:
-        with open(path, encoding="utf-8") as file:
-            return file.read()
-    except UnicodeDecodeError as error:
-        message = f"input '{path}' is not UTF-8 text (byte {error.start}): convert it to UTF-8"
-        raise UserError(message) from None
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as error:  # datasets/pyarrow raise many types for unreadable input
+        if builder == "hub":
+            raise UserError(f"dataset '{name}' could not be loaded: {_first_line(error)}") from None
+        raise UserError(f"input '{name}' cannot be read as {builder}: {_first_line(error)}") from None
 
 
-def _jsonl_documents(path: str, text_key: str) -> Iterator[str]:
-    with open(path, "rb") as file:
-        for line_number, raw in enumerate(file, start=1):
-            line = _decode_line(raw, path, line_number)
-            if line.strip():
-                yield _jsonl_text(line, path, line_number, text_key)
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
-def _decode_line(raw: bytes, path: str, line_number: int) -> str:
+def text_documents(streams: Iterable[tuple[str, str, Iterable[dict]]], text_key: str = "text") -> Iterator[str]:
+    """The text of every row; plain-text files are one document each (their column is 'text')."""
+    for name, builder, rows in streams:
+        key = "text" if builder == "text" else text_key
+        try:
+            for number, row in enumerate(rows, start=1):
+                yield _row_text(row, key, name, number)
+        except UserError:
+            raise
+        except Exception as error:  # datasets/pyarrow raise many types for unreadable input
+            if builder == "hub":
+                raise UserError(f"dataset '{name}' could not be read: {_first_line(error)}") from None
+            raise UserError(f"input '{name}' cannot be read as {builder}: {_first_line(error)}") from None
+
+
+def _row_text(row: dict, key: str, name: str, number: int) -> str:
+    value = row.get(key)
+    if value is None:
+        fields = ", ".join(k for k, v in row.items() if v is not None)
+        raise UserError(f"{name}: row {number}: no text in field '{key}' (fields: {fields}): "
+                        "choose the field with --text-key")
+    if not isinstance(value, str):
+        raise UserError(f"{name}: row {number}: field '{key}' is {type(value).__name__}, not a string")
+    return value
+
+
+def _batches(texts: Iterable[str], size: int, characters: int = BATCH_CHARACTERS) -> Iterator[list[str]]:
+    batch, held = [], 0
+    for text in texts:
+        batch.append(text)
+        held += len(text)
+        if len(batch) == size or held >= characters:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
+
+
+# Each pool worker builds its own tokenizer once (initializer) and keeps it for its tasks.
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer_name: str) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
+    _WORKER_TOKENIZER = build_tokenizer(tokenizer_name)
+
+
+def _tokenize_batch(texts: list[str], tokenizer=None) -> tuple[numpy.ndarray, numpy.ndarray]:
+    """(all ids of the batch with an EOD after each document, int64; per-document lengths).
+
+    Documents without a single token are left out, as Megatron-LM's preprocess_data.py does: a
+    lone EOD would only teach the model to follow EOD with EOD."""
+    tokenizer = tokenizer or _WORKER_TOKENIZER
+    docs = [d for d in tokenizer.tokenize_batch(texts) if len(d)]
+    lengths = numpy.fromiter((len(d) + 1 for d in docs), dtype=numpy.int64, count=len(docs))
+    flat = numpy.empty(int(lengths.sum()), dtype=numpy.int64)
+    ends = numpy.cumsum(lengths)
+    flat[ends - 1] = tokenizer.eod
+    for doc, end in zip(docs, ends):
+        flat[end - 1 - len(doc): end - 1] = doc
+    return flat, lengths
+
+
+def tokenized_batches(texts: Iterable[str], tokenizer_name: str, workers: int,
+                      batch_size: int = BATCH_DOCUMENTS) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
+    """Tokenized batches in input order; with workers > 1 a process pool, at most a few batches ahead."""
+    batches = _batches(texts, batch_size)
+    if workers <= 1:
+        tokenizer = build_tokenizer(tokenizer_name)
+        yield from (_tokenize_batch(batch, tokenizer) for batch in batches)
+        return
+    # spawn, not fork: the parent may already run tokenizer threads (training a BPE) or hold locks
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_name,)) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_tokenize_batch, (batch,)))
+            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def write_batches(batches: Iterable[tuple[numpy.ndarray, numpy.ndarray]], prefix: str, vocab_size: int,
+                  tokenizer_name: str, progress: bool = True) -> dict:
+    """Stream batches into PREFIX.bin/.idx, written under temporary names and renamed when complete:
+    an error or interruption leaves no partial files behind."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+    tmp = prefix + ".tmp"
+    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=token_dtype(vocab_size))
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}:{line_number}: not UTF-8 text: convert the file to UTF-8") from None
+        stats = _add_batches(builder, batches, vocab_size, tokenizer_name, progress)
+        builder.finalize(tmp + ".idx")
+        if stats["documents"] == 0:
+            raise UserError("the input holds no documents: nothing to write")
+    except BaseException:
+        builder.data_file.close()
+        for ending in (".bin", ".idx"):
+            if os.path.exists(tmp + ending):
+                os.remove(tmp + ending)
+        raise
+    os.replace(tmp + ".bin", prefix + ".bin")
+    os.replace(tmp + ".idx", prefix + ".idx")
+    return stats
 
 
-def _jsonl_text(line: str, path: str, line_number: int, text_key: str) -> str:
-    where = f"{path}:{line_number}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise UserError(f"{where}: not valid JSON ({error.msg}): each line must be one JSON object") from None
-    if not isinstance(record, dict) or text_key not in record:
-        raise UserError(f"{where}: no field '{text_key}': choose the field with --text-key")
-    if not isinstance(record[text_key], str):
-        raise UserError(f"{where}: field '{text_key}' is {type(record[text_key]).__name__}, not a string")
-    return record[text_key]
+def _add_batches(builder, batches, vocab_size: int, tokenizer_name: str, progress: bool) -> dict:
+    documents = tokens = 0
+    with _progress_bar(progress) as bar:
+        for flat, lengths in batches:
+            if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
+                raise UserError(f"tokenizer '{tokenizer_name}' produced id {int(flat.max())} outside its "
+                                f"vocabulary of {vocab_size} ids")
+            start = 0
+            for length in lengths.tolist():
+                builder.add_document(flat[start:start + length], [length])
+                start += length
+            documents += lengths.size
+            tokens += flat.size
+            bar.update(int(lengths.size))
+            bar.set_postfix(tokens=tokens, refresh=False)
+    return {"documents": documents, "tokens": tokens}
+
+
+def _progress_bar(enabled: bool):
+    from tqdm import tqdm
+
+    # disable=None: shown on a terminal only, so logs and captured stderr keep one-line errors
+    return tqdm(unit=" docs", file=sys.stderr, disable=None if enabled else True, mininterval=0.5)
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, path: str) -> str:
+    """Train a byte-level BPE tokenizer (HF tokenizers) on `texts`; save it as `path`, return `path`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOD_TOKEN], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte stays encodable
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tokenizer.save(path)
+    return path
 
 
 def build_text_corpus(
-    patterns: list[str], prefix: str, tokenizer_name: str = "byte", text_key: str = "text"
+    patterns: list[str], prefix: str, tokenizer_name: str = "byte", text_key: str = "text",
+    workers: int = 1, train_vocab_size: Optional[int] = None, hub: Optional[tuple] = None,
+    progress: bool = True,
 ) -> dict:
-    """Tokenize the user's files with `tokenizer_name` and write PREFIX.bin/.idx."""
-    tokenizer = build_tokenizer(tokenizer_name)
+    """Tokenize the input documents (files and/or one hub dataset) and write PREFIX.bin/.idx.
+
+    With `train_vocab_size`, first train a BPE tokenizer of that size on the same documents and
+    save it as tokenizer.json beside the output; its path is returned under 'tokenizer'.
+    """
     paths = expand_inputs(patterns)
-    docs = (tokenizer.tokenize(text) for text in text_documents(paths, text_key))
-    return write_indexed(docs, prefix, tokenizer.vocab_size, tokenizer.eod)
+    hub_name, hub_subset, hub_split = hub or (None, None, "train")
+
+    def documents() -> Iterator[str]:  # a fresh stream per pass: nothing held in memory
+        return text_documents(input_streams(paths, hub_name, hub_subset, hub_split), text_key)
+
+    stats = {}
+    if train_vocab_size is not None:
+        path = os.path.join(os.path.dirname(os.path.abspath(prefix)), "tokenizer.json")
+        tokenizer_name = stats["tokenizer"] = train_bpe_tokenizer(documents(), train_vocab_size, path)
+    tokenizer = build_tokenizer(tokenizer_name)
+    if tokenizer.vocab_size > numpy.iinfo(numpy.int32).max:
+        raise UserError(f"tokenizer '{tokenizer_name}' has {tokenizer.vocab_size} ids, more than int32 token "
+                        "files can hold")
+    batches = tokenized_batches(documents(), tokenizer_name, workers)
+    return {**stats, **write_batches(batches, prefix, tokenizer.vocab_size, tokenizer_name, progress)}
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -253,11 +431,20 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--output-prefix", required=True)
     synthetic.add_argument("--num-docs", type=int, default=2000)
     synthetic.add_argument("--seed", type=int, default=0)
-    text = commands.add_parser("text", help="your plain-text files or .jsonl files")
-    text.add_argument("--input", nargs="+", required=True, help="files or globs")
+    text = commands.add_parser("text", help="your files (jsonl/json/parquet/arrow/text) or a hub dataset")
+    text.add_argument("--input", nargs="+", default=[], help="files or globs; .jsonl/.json/.parquet/.arrow "
+                      "rows are documents, any other file is one plain-text document")
+    text.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face hub dataset (downloaded; streamed)")
+    text.add_argument("--hf-subset", metavar="NAME", help="the hub dataset's configuration")
+    text.add_argument("--hf-split", default="train", help="the hub dataset's split")
     text.add_argument("--output-prefix", required=True)
-    text.add_argument("--tokenizer", default="byte", help="'byte' or a local tokenizer.json path")
-    text.add_argument("--text-key", default="text", help="jsonl field holding the text")
+    text.add_argument("--tokenizer", default="byte",
+                      help="'byte', a local tokenizer.json (or its folder), or a hub tokenizer name")
+    text.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
+                      help="first train a byte-level BPE of this size on the input; saved as tokenizer.json "
+                      "beside the output and used")
+    text.add_argument("--text-key", default="text", help="the field holding the text (json/parquet/arrow)")
+    text.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     return parser
 
 
@@ -266,7 +453,18 @@ def _run(args: argparse.Namespace) -> dict:
         return build_quickstart_corpus(args.output_prefix, args.max_bytes)
     if args.command == "synthetic":
         return build_synthetic_corpus(args.output_prefix, args.num_docs, args.seed)
-    return build_text_corpus(args.input, args.output_prefix, args.tokenizer, args.text_key)
+    if not args.input and args.hf_dataset is None:
+        raise UserError("give --input files or --hf-dataset NAME")
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.train_tokenizer is not None and args.tokenizer != "byte":
+        raise UserError("--train-tokenizer trains the tokenizer to use: leave out --tokenizer")
+    if args.train_tokenizer is not None and args.train_tokenizer < BYTE_VOCAB_SIZE:
+        raise UserError(f"--train-tokenizer {args.train_tokenizer}: a byte-level BPE needs at least "
+                        f"{BYTE_VOCAB_SIZE} ids (256 bytes and the EOD)")
+    hub = (args.hf_dataset, args.hf_subset, args.hf_split) if args.hf_dataset else None
+    return build_text_corpus(args.input, args.output_prefix, args.tokenizer, args.text_key,
+                             args.workers, args.train_tokenizer, hub)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -281,9 +479,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     verb = "kept up-to-date" if stats.get("skipped") else "wrote"
     seconds = time.perf_counter() - start
+    trained = f" (tokenizer {stats['tokenizer']})" if "tokenizer" in stats else ""
     print(
-        f"{verb} {args.output_prefix}.bin/.idx: {stats['documents']} documents, "
-        f"{stats['tokens']} tokens, {seconds:.1f} s"
+        f"{verb} {args.output_prefix}.bin/.idx{trained}: {stats['documents']} documents, "
+        f"{stats['tokens']} tokens, {seconds:.1f} s, {stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s"
     )
     return 0
 

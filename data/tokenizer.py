@@ -2,6 +2,9 @@
 
 import os
 
+import numpy
+from typing import Optional
+
 from pretrain.errors import UserError
 
 # Names that tokenizer families use for their end-of-document token, in order of preference.
@@ -20,22 +23,32 @@ class ByteTokenizer:
     def tokenize(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def tokenize_batch(self, texts: list[str]) -> list[numpy.ndarray]:
+        return [numpy.frombuffer(text.encode("utf-8"), dtype=numpy.uint8) for text in texts]
+
     def detokenize(self, ids) -> str:
         # EOD has no byte; dropping it keeps decode total instead of raising on a valid id.
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
 class HFTokenizer:
-    """A HuggingFace `tokenizers` tokenizer read from a local JSON file, behind the same interface."""
+    """A HuggingFace `tokenizers` tokenizer from a local JSON file (or, by name, the hub), behind the same interface."""
 
-    def __init__(self, json_path: str):
+    def __init__(self, json_path: str, hub_name: Optional[str] = None):
         import tokenizers  # only paid for when a real tokenizer is asked for
 
         try:
-            self._tokenizer = tokenizers.Tokenizer.from_file(json_path)
+            if hub_name is not None:
+                self._tokenizer = tokenizers.Tokenizer.from_pretrained(hub_name)
+            else:
+                self._tokenizer = tokenizers.Tokenizer.from_file(json_path)
         except Exception as error:  # the library raises bare Exceptions for unreadable files
             first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if hub_name is not None:
+                raise UserError(f"tokenizer '{hub_name}' is no local path and could not be loaded from the "
+                                f"Hugging Face hub: {first_line}") from None
             raise UserError(f"tokenizer '{json_path}' could not be read: {first_line}") from None
+        json_path = hub_name or json_path
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self._eod = _find_eod(self._tokenizer, json_path)
 
@@ -46,6 +59,9 @@ class HFTokenizer:
     def tokenize(self, text: str) -> list[int]:
         # No BOS/EOS from the post-processor: preprocess appends exactly one EOD per document.
         return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
     def detokenize(self, ids) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
@@ -61,11 +77,20 @@ def _find_eod(tokenizer, json_path: str) -> int:
     raise UserError(f"tokenizer '{json_path}' has no end-of-document token: expected one of {names}")
 
 
+def _looks_like_a_path(name: str) -> bool:
+    """Hub names are 'model' or 'org/model'; anything path-like must exist locally (no download)."""
+    return (name.startswith(("/", ".", "~")) or name.endswith(".json") or os.sep + os.sep in name
+            or name.count("/") > 1)
+
+
 def build_tokenizer(name: str):
-    """'byte' → ByteTokenizer; a local tokenizer.json (or a folder holding one) → HFTokenizer."""
+    """'byte' → ByteTokenizer; a local tokenizer.json (or a folder holding one) → HFTokenizer;
+    any other 'org/model' name → that tokenizer from the Hugging Face hub (downloaded once)."""
     if name == "byte":
         return ByteTokenizer()
     path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
-    if not os.path.isfile(path):
-        raise UserError(f"tokenizer '{name}' not found: give 'byte' or a local tokenizer.json path")
-    return HFTokenizer(path)
+    if os.path.isfile(path):
+        return HFTokenizer(path)
+    if _looks_like_a_path(name):
+        raise UserError(f"tokenizer '{name}' not found: give 'byte', a local tokenizer.json path or a hub name")
+    return HFTokenizer(path, hub_name=name)

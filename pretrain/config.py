@@ -8,6 +8,7 @@ checks that need the number of ranks.
 
 import dataclasses
 import difflib
+import math
 import os
 import pathlib
 import re
@@ -123,6 +124,11 @@ class TrainConfig:
     # Report rank, step, phase and Python stacks on stderr when one phase of a step (forward_backward,
     # optimizer, logging, checkpoint) runs longer than this; seconds, 0 = no watchdog.
     watchdog_timeout_s: float = 0.0
+    # Validation: every eval_interval optimizer steps (and after the last), the token-mean loss over
+    # eval_steps global batches of the validation data, logged as val_loss and val_ppl. 0 = never.
+    # The same validation samples each time, so successive val_loss values are comparable.
+    eval_interval: int = 0
+    eval_steps: int = 10  # global batches (of train.global_batch_size samples) per validation
 
 
 @dataclass
@@ -142,8 +148,25 @@ class OptimizerConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # prefix of an indexed dataset (PREFIX.bin / PREFIX.idx)
-    tokenizer: str = "byte"  # byte (built-in, 257 ids) or a local tokenizer path
+    """Indexed datasets (PREFIX.bin / PREFIX.idx) blended, split by documents, packed into samples."""
+
+    path: Optional[str] = None  # one indexed dataset prefix; shorthand for blend: [[1.0, path]]
+    # Several datasets: [[weight, prefix], ...], each weight > 0 (normalized to sum 1); a sample is
+    # drawn from each in proportion to its weight. Only one of path / blend.
+    blend: Optional[List[Tuple[float, str]]] = None
+    # Shares of each dataset's documents for train,valid,test (Megatron-LM's --split), e.g. "98,1,1".
+    split: str = "100,0,0"
+    # Separate validation data instead of a valid share of data.split: a prefix, or a weighted blend.
+    valid_path: Optional[str] = None
+    valid_blend: Optional[List[Tuple[float, str]]] = None
+    # Where megatron-core caches its document/sample/shuffle indices; None = <logging.dir>/data_cache.
+    cache_dir: Optional[str] = None
+    eod_mask_loss: bool = False  # no loss on the prediction made at each EOD token (Megatron-LM's)
+    # Restart positions / attention at each EOD inside a packed sample (Megatron-LM's flags). Refused:
+    # the model's RoPE ignores position_ids and its attention is causal over the whole sample.
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    tokenizer: str = "byte"  # byte (built-in, 257 ids), a local tokenizer.json (or its folder), or a hub name
     num_workers: int = 0  # DataLoader worker processes; 0 = load in the main process
 
 
@@ -368,7 +391,12 @@ def _expected(tp: Any) -> str:
     if inner is not None:
         return f"{_expected(inner)} or null"
     if get_origin(tp) is tuple:
-        return f"a list of {len(get_args(tp))} numbers"
+        args = get_args(tp)
+        if all(a in (int, float) for a in args):
+            return f"a list of {len(args)} numbers"
+        return f"a list [{', '.join(_expected(a) for a in args)}]"
+    if get_origin(tp) is list:
+        return f"a list, each item {_expected(get_args(tp)[0])}"
     if dataclasses.is_dataclass(tp):
         return "a section (mapping of keys)"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
@@ -399,6 +427,10 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise _Mismatch
         return tuple(_convert_scalar(v, a) for v, a in zip(value, args))
+    if get_origin(tp) is list:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_convert(v, get_args(tp)[0], key, where) for v in value]
     return _convert_scalar(value, tp)
 
 
@@ -522,7 +554,7 @@ _POSITIVE = (
     "parallel.tensor", "parallel.pipeline", "parallel.virtual_pipeline", "parallel.context", "parallel.expert",
     "train.steps", "train.global_batch_size", "train.micro_batch_size",
     "optimizer.lr", "optimizer.eps", "optimizer.decay_steps", "optimizer.wsd_decay_steps",
-    "logging.interval", "parallel.expert_tensor", "checkpoint.keep_last",
+    "logging.interval", "parallel.expert_tensor", "checkpoint.keep_last", "train.eval_steps",
     "model.moe.num_experts", "model.moe.top_k", "model.moe.ffn_hidden_size",
     "model.moe.shared_expert_ffn_hidden_size", "model.moe.layer_freq", "model.moe.capacity_factor",
     "debug.nan_loss_at_step", "debug.stall_at_step",
@@ -530,7 +562,7 @@ _POSITIVE = (
 _NON_NEGATIVE = (
     "train.seed", "train.grad_clip", "optimizer.min_lr", "optimizer.weight_decay", "optimizer.warmup_steps",
     "data.num_workers", "checkpoint.interval", "train.max_skipped_steps", "train.watchdog_timeout_s",
-    "debug.stall_s",
+    "debug.stall_s", "train.eval_interval",
     "model.moe.first_dense_layers", "model.moe.aux_loss_coeff", "model.moe.z_loss_coeff",
     "model.moe.bias_update_rate",
 )
@@ -703,6 +735,54 @@ def _check_schedule(recipe: Recipe) -> None:
                           f"optimizer.decay_steps = {o.decay_steps}")
 
 
+def parse_split(text: str) -> List[float]:
+    """'98,1,1' -> [98.0, 1.0, 1.0] (missing shares are 0); RecipeError naming data.split otherwise."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        shares = [float(p) for p in parts]
+    except ValueError:
+        shares = []
+    if not 1 <= len(shares) <= 3 or not all(math.isfinite(x) and x >= 0 for x in shares) or not shares[0] > 0:
+        raise RecipeError(f"data.split must be 1 to 3 comma-separated non-negative shares "
+                          f"(train,valid,test) with a positive train share, e.g. '98,1,1', got '{text}'")
+    return shares + [0.0] * (3 - len(shares))
+
+
+def _check_blend(key: str, blend: Optional[List[Tuple[float, str]]]) -> None:
+    if blend is None:
+        return
+    if not blend:
+        raise RecipeError(f"{key} is an empty list: give [[weight, prefix], ...] or null")
+    for i, (weight, prefix) in enumerate(blend):
+        if not (math.isfinite(weight) and weight > 0):
+            raise RecipeError(f"{key}[{i}] ('{prefix}'): weight must be positive, got {weight}")
+        if not prefix:
+            raise RecipeError(f"{key}[{i}]: the dataset prefix is empty")
+
+
+def _check_data(recipe: Recipe) -> None:
+    d, t = recipe.data, recipe.train
+    for single, many in (("path", "blend"), ("valid_path", "valid_blend")):
+        if getattr(d, single) is not None and getattr(d, many) is not None:
+            raise RecipeError(f"data.{single} and data.{many} are both set: use one (set the other to null)")
+    _check_blend("data.blend", d.blend)
+    _check_blend("data.valid_blend", d.valid_blend)
+    shares = parse_split(d.split)
+    separate_valid = d.valid_path is not None or d.valid_blend is not None
+    if separate_valid and shares[1] > 0:
+        raise RecipeError(f"data.split '{d.split}' gives a valid share and data.valid_path / valid_blend "
+                          "is set too: use one source of validation data")
+    if t.eval_interval and not separate_valid and shares[1] == 0:
+        raise RecipeError(f"train.eval_interval = {t.eval_interval} needs validation data: give data.split a "
+                          "valid share (e.g. '98,1,1') or set data.valid_path")
+    if d.reset_attention_mask:
+        raise RecipeError("data.reset_attention_mask = true is not supported: the model's attention is causal "
+                          "over the whole packed sample and takes no per-document mask; set it to false")
+    if d.reset_position_ids:
+        raise RecipeError("data.reset_position_ids = true is not supported: megatron-core's GPTModel computes "
+                          "RoPE from the position in the sample, never from position_ids; set it to false")
+
+
 def validate_static(recipe: Recipe) -> None:
     """Checks that need no world size: ranges, choices, shapes vs. parallel sizes, batch and schedule."""
     _check_ranges(recipe)
@@ -710,6 +790,7 @@ def validate_static(recipe: Recipe) -> None:
     _check_parallel_flags(recipe)
     _check_moe(recipe)
     _check_schedule(recipe)
+    _check_data(recipe)
 
 
 def validate_for_world(recipe: Recipe, world_size: int) -> None:
@@ -745,7 +826,7 @@ def validate_for_world(recipe: Recipe, world_size: int) -> None:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}

@@ -124,6 +124,8 @@ def _progress_line(r: dict) -> str:
         f"{r['tokens_per_s']:.0f} tok/s",
         f"{r['step_time_s'] * 1000:.0f} ms",
     ]
+    if "val_loss" in r:
+        parts.append(f"val_loss {r['val_loss']:.4f}")
     if r.get("mfu") is not None and not math.isnan(r["mfu"]):
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
     return " | ".join(parts)

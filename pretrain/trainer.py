@@ -41,7 +41,7 @@ class Run:
     chunks: List[torch.nn.Module]
     optimizer: object
     scheduler: object
-    dataset: object
+    data: dict  # split name -> data.dataset.BlendedSamples ('train', and 'valid' when configured)
     vocab_size: int
     log_dir: pathlib.Path
     ckpt_dir: pathlib.Path
@@ -49,6 +49,7 @@ class Run:
     async_saves: Optional[object] = None  # background checkpoint writes (checkpoint.async_save)
     step: int = 0
     nonfinite_steps: int = 0  # steps skipped by the non-finite guard, resumes included
+    consumed_samples: int = 0  # training samples read so far: the next step starts at this global index
 
 
 def log_dir_of(recipe: Recipe) -> pathlib.Path:
@@ -163,14 +164,30 @@ def wire_schedule(chunks, optimizer) -> None:
     config.grad_scale_func = optimizer.scale_loss
 
 
+def build_data(recipe: Recipe, tokenizer, log_dir: pathlib.Path) -> dict:
+    """Train (and valid) samples of data.path / data.blend; every rank calls this at once."""
+    from data.dataset import blend_of, build_samples
+    from pretrain.errors import UserError
+
+    data = recipe.data
+    train_blend = blend_of(data.path, data.blend)
+    if not train_blend:
+        raise UserError("no training data: set data.path to an indexed dataset prefix, or data.blend")
+    return build_samples(
+        train_blend, blend_of(data.valid_path, data.valid_blend), data.split,
+        seq_length=recipe.model.seq_length, seed=recipe.train.seed, eod=tokenizer.eod,
+        eod_mask_loss=data.eod_mask_loss, cache_dir=str(data.cache_dir or log_dir / "data_cache"),
+        vocab_size=tokenizer.vocab_size,
+    )
+
+
 def build_run(recipe: Recipe) -> Run:
-    from data.dataset import PackedDataset
     from data.tokenizer import build_tokenizer
 
     layout, rank, device = build_runtime(recipe)
     tokenizer = build_tokenizer(recipe.data.tokenizer)
     vocab_size = recipe.model.vocab_size or tokenizer.vocab_size
-    dataset = PackedDataset(recipe.data.path, recipe.model.seq_length, recipe.train.seed)
+    data = build_data(recipe, tokenizer, log_dir_of(recipe))
     chunks = build_model(recipe, layout, device, vocab_size)
     optimizer, scheduler = build_optimizer(recipe, chunks)
     wire_schedule(chunks, optimizer)
@@ -181,19 +198,19 @@ def build_run(recipe: Recipe) -> Run:
         moe = MoeMonitor(recipe.model, chunks)
     return Run(
         recipe=recipe, layout=layout, rank=rank, device=device, chunks=chunks,
-        optimizer=optimizer, scheduler=scheduler, dataset=dataset, vocab_size=vocab_size,
+        optimizer=optimizer, scheduler=scheduler, data=data, vocab_size=vocab_size,
         log_dir=log_dir_of(recipe), ckpt_dir=ckpt_dir_of(recipe), moe=moe,
     )
 
 
-def micro_batches(run: Run, step: int) -> Iterator[dict]:
-    """This rank's micro-batches of optimizer step `step` (0-based), on the run's device."""
+def micro_batches(run: Run, samples, first: int) -> Iterator[dict]:
+    """This rank's micro-batches of the global batch starting at sample `first`, on the run's device."""
     from data.dataset import get_micro_batch, slice_for_context_parallel
 
     train = run.recipe.train
     for m in range(num_micro_batches(run)):
         batch = get_micro_batch(
-            run.dataset, step, m, run.rank.data_rank, run.layout.data,
+            samples, first, m, run.rank.data_rank, run.layout.data,
             train.micro_batch_size, train.global_batch_size,
         )
         batch = slice_for_context_parallel(batch, run.rank.context_rank, run.layout.context)
@@ -246,22 +263,24 @@ def _nan_loss(loss_func, output_tensor: torch.Tensor):
     return loss_sum * float("nan"), num_tokens, {k: v * nan_sum for k, v in reports.items()}
 
 
-def _forward_backward(run: Run, step: int) -> list:
-    """Forward and backward of every micro-batch of step `step` (0-based); the loss reports."""
+def _forward_backward(run: Run, samples, first: int, forward_only: bool, step: Optional[int] = None) -> list:
+    """megatron-core's schedule for this layout over the global batch starting at sample `first`;
+    `step` (0-based; training only) is where the `debug` section's fault injections apply."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     debug: DebugConfig = run.recipe.debug
-    if debug.stall_at_step == step + 1:
+    if step is not None and debug.stall_at_step == step + 1:
         time.sleep(debug.stall_s)
-    iterators = [micro_batches(run, step) for _ in run.chunks]
+    poisoned = step is not None and debug.nan_loss_at_step == step + 1
+    iterators = [micro_batches(run, samples, first) for _ in run.chunks]
     return get_forward_backward_func()(
-        forward_step_func=_forward_step_with_nan_loss if debug.nan_loss_at_step == step + 1 else _forward_step,
+        forward_step_func=_forward_step_with_nan_loss if poisoned else _forward_step,
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=run.chunks if len(run.chunks) > 1 else run.chunks[0],
         num_microbatches=num_micro_batches(run),
         seq_length=run.recipe.model.seq_length,
         micro_batch_size=run.recipe.train.micro_batch_size,
-        forward_only=False,
+        forward_only=forward_only,
     )
 
 
@@ -274,7 +293,8 @@ def train_step(run: Run, step: int, guards: Guards) -> dict:
     run.optimizer.zero_grad()
     run.scheduler.step(increment=1)  # step k (1-based) trains with lr(k): warmup starts above 0
     with guards.watchdog.phase(step + 1, "forward_backward"):
-        losses = _forward_backward(run, step)
+        losses = _forward_backward(run, run.data["train"], run.consumed_samples, forward_only=False, step=step)
+        run.consumed_samples += run.recipe.train.global_batch_size  # a skipped step uses up its batch too
     with guards.watchdog.phase(step + 1, "optimizer"):
         loss = _global_mean_loss(run, losses)
         # fp16 gradients overflow by design while the loss scale adjusts: megatron-core's optimizer
@@ -300,8 +320,30 @@ def train_step(run: Run, step: int, guards: Guards) -> dict:
     return out
 
 
+@torch.no_grad()
+def evaluate(run: Run) -> dict:
+    """Token-mean loss over the first train.eval_steps global batches of the validation samples,
+    forward only (every layout, pipeline included); the same samples at every evaluation."""
+    gbs = run.recipe.train.global_batch_size
+    for chunk in run.chunks:
+        chunk.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for k in range(run.recipe.train.eval_steps):
+        total += _loss_sums(run, _forward_backward(run, run.data["valid"], k * gbs, forward_only=True))
+    for chunk in run.chunks:
+        chunk.train()
+    val_loss = float(total[0] / total[1])
+    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+
+
 def _global_mean_loss(run: Run, losses: list) -> float:
     """Token-mean LM loss over the global batch, made known to every rank."""
+    total = _loss_sums(run, losses)
+    return float(total[0] / total[1])
+
+
+def _loss_sums(run: Run, losses: list) -> torch.Tensor:
+    """[loss sum, token count] over the global batch (float64, CPU), made known to every rank."""
     from megatron.core import parallel_state as ps
 
     total = torch.zeros(2, dtype=torch.float64)
@@ -312,13 +354,13 @@ def _global_mean_loss(run: Run, losses: list) -> float:
         dist.all_reduce(total, group=dp_group)
     total = total.to(run.device)
     dist.broadcast(total, src=dist.get_world_size() - 1)
-    return float(total[0] / total[1])
+    return total.cpu()
 
 
 def _extra_state(run: Run) -> dict:
     return {
         "step": run.step,
-        "consumed_samples": run.step * run.recipe.train.global_batch_size,
+        "consumed_samples": run.consumed_samples,
         "scheduler": run.scheduler.state_dict(),
         "nonfinite_steps": run.nonfinite_steps,
         "recipe": recipe_to_dict(run.recipe),
@@ -360,6 +402,9 @@ def maybe_resume(run: Run) -> None:
     run.scheduler.load_state_dict(extra["scheduler"])
     run.step = int(extra["step"])
     run.nonfinite_steps = int(extra.get("nonfinite_steps", 0))  # absent before the fault guards
+    # Samples are addressed by global index: resuming at any data-parallel size continues at the
+    # first sample the interrupted run had not trained on.
+    run.consumed_samples = int(extra.get("consumed_samples", run.step * run.recipe.train.global_batch_size))
     if run.rank.rank == 0:
         print(f"resumed from {path} at step {run.step}", flush=True)
 
@@ -379,7 +424,7 @@ def _metrics_record(run: Run, out: dict, step_time: float, tokens_per_step: int,
         "loss": out["loss"],
         "lr": out["lr"],
         "grad_norm": out["grad_norm"],
-        "consumed_tokens": run.step * tokens_per_step,
+        "consumed_tokens": run.consumed_samples * run.recipe.model.seq_length,
         "tokens_per_s": tokens_per_s,
         "step_time_s": step_time,
         "micro_batches": num_micro_batches(run),
@@ -429,8 +474,13 @@ def _train_loop(run: Run, guards: Guards, log: Optional[MetricsLog]) -> dict:
         run.step += 1
         stop_reason = _count_nonfinite(run, guards.nonfinite, out)
         record = _metrics_record(run, out, time.perf_counter() - start, tokens_per_step, fpt, peak)
+        last = run.step == recipe.train.steps
+        evaluated = bool(recipe.train.eval_interval) and (run.step % recipe.train.eval_interval == 0 or last)
+        if evaluated:
+            with guards.watchdog.phase(run.step, "evaluation"):
+                record.update(evaluate(run))
         with guards.watchdog.phase(run.step, "logging"):
-            if log is not None and (run.step % recipe.logging.interval == 0 or run.step == recipe.train.steps
+            if log is not None and (run.step % recipe.logging.interval == 0 or last or evaluated
                                     or out["nonfinite"] or out["stop"]):
                 log.log(record)
         finish_saves(run, blocking=bool(stop_reason))

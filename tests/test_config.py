@@ -237,7 +237,8 @@ def test_unknown_nested_key(tmp_path):
 def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
     write(tmp_path, "r.yaml", "data: {zzz: 1}\n")
     assert error_of("r.yaml") == (
-        "unknown key 'data.zzz' in r.yaml; valid keys under 'data': path, tokenizer, num_workers")
+        "unknown key 'data.zzz' in r.yaml; valid keys under 'data': path, blend, split, valid_path, "
+        "valid_blend, cache_dir, eod_mask_loss, reset_position_ids, reset_attention_mask, tokenizer, num_workers")
 
 
 def test_source_is_not_a_yaml_key(tmp_path):
@@ -373,9 +374,39 @@ def test_yaml_1_2_floats_in_files(tmp_path):
      "optimizer.wsd_decay_steps is only used with optimizer.decay = wsd, got optimizer.decay = cosine"),
     (["optimizer.decay=wsd", "optimizer.decay_steps=10", "optimizer.wsd_decay_steps=20"],
      "optimizer.wsd_decay_steps = 20 exceeds optimizer.decay_steps = 10"),
+    (["train.eval_steps=0"], "train.eval_steps must be positive, got 0"),
+    (["data.blend=[[1, a]]"], "data.path and data.blend are both set: use one (set the other to null)"),
+    (["data.path=null", "data.blend=[[0.5, a], [0, b]]"], "data.blend[1] ('b'): weight must be positive, got 0.0"),
+    (["data.path=null", "data.blend=[[-1, a]]"], "data.blend[0] ('a'): weight must be positive, got -1.0"),
+    (["data.path=null", "data.blend=[]"], "data.blend is an empty list: give [[weight, prefix], ...] or null"),
+    (["data.valid_blend=[[0, v]]"], "data.valid_blend[0] ('v'): weight must be positive, got 0.0"),
+    (["data.split=98;1;1"], "data.split must be 1 to 3 comma-separated non-negative shares (train,valid,test) "
+                            "with a positive train share, e.g. '98,1,1', got '98;1;1'"),
+    (["data.split=0,1,0"], "data.split must be 1 to 3 comma-separated non-negative shares (train,valid,test) "
+                           "with a positive train share, e.g. '98,1,1', got '0,1,0'"),
+    (["data.split=98,2", "data.valid_path=v"], "data.split '98,2' gives a valid share and data.valid_path / "
+                                               "valid_blend is set too: use one source of validation data"),
+    (["train.eval_interval=5"], "train.eval_interval = 5 needs validation data: give data.split a valid share "
+                                "(e.g. '98,1,1') or set data.valid_path"),
+    (["data.reset_attention_mask=true"],
+     "data.reset_attention_mask = true is not supported: the model's attention is causal over the whole "
+     "packed sample and takes no per-document mask; set it to false"),
+    (["data.reset_position_ids=true"],
+     "data.reset_position_ids = true is not supported: megatron-core's GPTModel computes RoPE from the "
+     "position in the sample, never from position_ids; set it to false"),
 ])
 def test_static_validation_messages(overrides, message):
     assert error_of("tiny_gpt", overrides) == message
+
+
+def test_data_blend_and_split_keys():
+    r = load_recipe("tiny_gpt", ["data.path=null", "data.blend=[[0.7, a], [3, b]]", "data.split=98,1,1",
+                                 "train.eval_interval=10"])
+    assert r.data.blend == [(0.7, "a"), (3.0, "b")] and r.data.split == "98,1,1"
+    assert load_recipe("tiny_gpt", ["data.valid_path=v", "train.eval_interval=1"]).data.valid_path == "v"
+    assert error_of("tiny_gpt", ["data.path=null", "data.blend=[a, b]"]) == (
+        "wrong type for 'data.blend' on the command line: expected a list, each item a list "
+        "[a number, a string] or null, got a list of 2 items")
 
 
 def test_valid_layouts_pass():

@@ -7,7 +7,7 @@ import numpy
 import pytest
 import torch
 
-from data.dataset import PackedDataset, get_micro_batch, num_micro_batches
+from data.dataset import build_samples, get_micro_batch, num_micro_batches, open_indexed, sample_indices
 from data.preprocess import (
     build_quickstart_corpus,
     build_synthetic_corpus,
@@ -69,7 +69,7 @@ def test_missing_tokenizer_path_is_a_user_error(tmp_path):
     missing = str(tmp_path / "nope.json")
     with pytest.raises(UserError) as error:
         build_tokenizer(missing)
-    assert str(error.value) == f"tokenizer '{missing}' not found: give 'byte' or a local tokenizer.json path"
+    assert str(error.value) == f"tokenizer '{missing}' not found: give 'byte', a local tokenizer.json path or a hub name"
 
 
 # ---- synthetic documents and indexed files -------------------------------------------------------
@@ -113,89 +113,162 @@ def test_token_dtype_rule(tmp_path):
     assert indexed[0].tolist() == [70000, 1, 99_999]
 
 
-# ---- packing -------------------------------------------------------------------------------------
+# ---- packing (megatron-core GPTDataset, one epoch, endless) --------------------------------------
 
 
-def _stream(prefix):
-    indexed = _indexed(prefix)
-    return numpy.concatenate([indexed[i] for i in range(len(indexed))]).astype(numpy.int64)
+def _samples(prefix, seq_length, tmp_path, seed=0, split="100,0,0", eod=4999, vocab_size=5000,
+             eod_mask_loss=False, blend=None, valid=()):
+    """{'train': BlendedSamples, ...} of `prefix` (or of a weighted `blend`), indices cached under tmp."""
+    blend = blend or [(1.0, str(prefix))]
+    return build_samples(blend, list(valid), split, seq_length, seed, eod, eod_mask_loss,
+                         str(tmp_path / "cache"), vocab_size)
 
 
-def test_windows_cover_the_stream_exactly(synthetic_prefix):
+def _ids(samples, count):
+    """The identity (source, GPTDataset position) of samples 0..count-1 of a BlendedSamples."""
+    out = []
+    for i in range(count):
+        source, j = samples.locate(i)
+        out.append((source, samples.sources[source].position(j)))
+    return out
+
+
+def test_samples_pack_every_document_once_with_its_eod(counting_prefix, tmp_path):
     seq_length = 64
-    ds = PackedDataset(synthetic_prefix, seq_length, seed=0)
-    stream = _stream(synthetic_prefix)
-    assert len(ds) == (len(stream) - 1) // seq_length
-    windows = [ds.window(w) for w in range(len(ds))]
-    assert all(w.dtype == numpy.int64 and w.shape == (seq_length + 1,) for w in windows)
-    covered = numpy.concatenate([w[:-1] for w in windows])
-    assert numpy.array_equal(covered, stream[: len(covered)])
-    # the extra token of each window is the first of the next: every token is a label once
-    assert all(windows[w][-1] == windows[w + 1][0] for w in range(len(ds) - 1))
+    train = _samples(counting_prefix, seq_length, tmp_path)["train"]
+    source = train.sources[0]
+    total = 40 * 100  # 40 documents of 99 distinct ids + EOD
+    assert len(source) == (total - 1) // seq_length
+    labels = []
+    for j in range(len(source)):
+        sample = source[j]
+        assert sample["tokens"].shape == sample["labels"].shape == (seq_length,)
+        assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])
+        assert torch.equal(sample["position_ids"], torch.arange(seq_length))
+        labels += sample["labels"].tolist()
+    counts = Counter(labels)
+    # every document token is a label at most once; only the tail that fills no sample is left out
+    assert max(n for token, n in counts.items() if token != 4999) == 1
+    assert total - len(labels) <= seq_length and counts[4999] >= 40 - 1
 
 
-def test_shuffle_is_a_deterministic_permutation_per_seed(counting_prefix):
-    a, b, c = (PackedDataset(counting_prefix, 64, seed=s) for s in (3, 3, 4))
-    order_a = [_window_id(a, i) for i in range(len(a))]
-    assert order_a == [_window_id(b, i) for i in range(len(b))]
-    assert order_a != [_window_id(c, i) for i in range(len(c))]
-    assert sorted(order_a) == list(range(len(a)))
+def test_sample_order_is_deterministic_per_seed(counting_prefix, tmp_path):
+    a = _samples(counting_prefix, 64, tmp_path / "a", seed=3)["train"]
+    b = _samples(counting_prefix, 64, tmp_path / "b", seed=3)["train"]  # built afresh, own cache
+    b_cached = _samples(counting_prefix, 64, tmp_path / "b", seed=3)["train"]  # loaded from the cache
+    c = _samples(counting_prefix, 64, tmp_path / "c", seed=4)["train"]
+    n = len(a.sources[0])
+    first = [a[i]["tokens"].tolist() for i in range(2 * n)]
+    assert first == [b[i]["tokens"].tolist() for i in range(2 * n)]
+    assert first == [b_cached[i]["tokens"].tolist() for i in range(2 * n)]
+    assert first[:n] != [c[i]["tokens"].tolist() for i in range(n)]
+    # epoch 2 visits the same windows in another order
+    assert sorted(first[:n]) == sorted(first[n:]) and first[:n] != first[n:]
 
 
-def _window_id(ds, i):
-    """Which unshuffled window sample i is (unique in the counting corpus)."""
-    sample = ds[i]
-    matches = [w for w in range(len(ds)) if numpy.array_equal(ds.window(w), sample)]
-    return matches[0]
+def test_a_corpus_rebuilt_under_the_same_prefix_gets_fresh_indices(tmp_path):
+    prefix = str(tmp_path / "corpus")
+    write_indexed([[1] * 40] * 10, prefix, vocab_size=257, eod=256)
+    assert len(_samples(prefix, 16, tmp_path, eod=256, vocab_size=257)["train"].sources[0]) == 25
+    write_indexed([[2] * 40] * 30, prefix, vocab_size=257, eod=256)  # same path, same cache folder
+    rebuilt = _samples(prefix, 16, tmp_path, eod=256, vocab_size=257)["train"].sources[0]
+    assert len(rebuilt) == 76 and set(rebuilt[75]["tokens"].tolist()) <= {2, 256}
 
 
-def test_epoch_wrap_uses_a_new_permutation(counting_prefix):
-    ds = PackedDataset(counting_prefix, 64, seed=0)
-    n = len(ds)
-    first = [tuple(ds[i]) for i in range(n)]
-    second = [tuple(ds[n + i]) for i in range(n)]
-    assert sorted(first) == sorted(second)  # same windows again
-    assert first != second  # in another order
-    assert numpy.array_equal(ds[n], ds.window(int(numpy.random.RandomState(1).permutation(n)[0])))
+def test_split_shares_are_disjoint_document_ranges(counting_prefix, tmp_path):
+    data = _samples(counting_prefix, 32, tmp_path, split="80,20,0")
+    assert set(data) == {"train", "valid"}
+    seen = {}
+    for name, samples in data.items():
+        source = samples.sources[0]
+        seen[name] = {t // 100 for j in range(len(source)) for t in source[j]["tokens"].tolist() if t != 4999}
+    assert seen["train"] == set(range(32)) and seen["valid"] == set(range(32, 40))
 
 
-# ---- micro-batches -------------------------------------------------------------------------------
+def test_separate_validation_blend(counting_prefix, tmp_path):
+    other = str(tmp_path / "other")
+    write_indexed([[7] * 63] * 20, other, vocab_size=5000, eod=4999)
+    data = _samples(counting_prefix, 32, tmp_path, valid=[(1.0, other), (3.0, counting_prefix)])
+    train, valid = data["train"], data["valid"]
+    assert [s.prefix for s in train.sources] == [counting_prefix]
+    assert len(train.sources[0]) == (40 * 100 - 1) // 32  # the train data keeps every document
+    assert [s.prefix for s in valid.sources] == [other, counting_prefix]
+    assert Counter(valid.locate(i)[0] for i in range(400)) == {0: 100, 1: 300}
 
 
-def _step_samples(ds, step, dp_size, micro_batch_size, global_batch_size):
-    samples = Counter()
-    for dp_rank in range(dp_size):
-        for micro in range(num_micro_batches(micro_batch_size, dp_size, global_batch_size)):
-            batch = get_micro_batch(ds, step, micro, dp_rank, dp_size, micro_batch_size, global_batch_size)
-            samples.update(tuple(row) for row in batch["tokens"].tolist())
-    return samples
+def test_blend_shares_follow_the_weights(tmp_path):
+    """Over N samples each dataset's count is within 1 sample of weight × N (greedy blending), also
+    when a small dataset wraps into later epochs."""
+    prefixes = []
+    for k, docs in enumerate((30, 10, 200)):
+        prefixes.append(str(tmp_path / f"d{k}"))
+        write_indexed([[k] * 63] * docs, prefixes[-1], vocab_size=257, eod=256)
+    weights = (0.5, 0.3, 0.2)
+    train = _samples(None, 16, tmp_path, eod=256, vocab_size=257, blend=list(zip(weights, prefixes)))["train"]
+    n = 5000
+    counts = Counter(train.locate(i)[0] for i in range(n))
+    for k, weight in enumerate(weights):
+        assert abs(counts[k] - weight * n) <= 1, (k, counts)
+    assert {int(train[i]["tokens"][0]) for i in range(30) if train.locate(i)[0] == 1} == {1}
+    assert len(train.sources[1]) < counts[1]  # dataset 1 was read for more than one epoch
 
 
-@pytest.mark.parametrize("dp_size,micro_batch_size", [(2, 1), (2, 2), (4, 1), (4, 2)])
-def test_a_step_holds_the_same_samples_for_any_dp_size(synthetic_prefix, dp_size, micro_batch_size):
-    ds = PackedDataset(synthetic_prefix, 32, seed=0)
-    for step in (0, 1, 7):
-        reference = _step_samples(ds, step, 1, 1, 8)
-        assert sum(reference.values()) == 8
-        assert _step_samples(ds, step, dp_size, micro_batch_size, 8) == reference
+def test_blend_of_a_sample_does_not_depend_on_how_far_the_run_goes(tmp_path):
+    prefixes = [str(tmp_path / "a"), str(tmp_path / "b")]
+    for k, prefix in enumerate(prefixes):
+        write_indexed([[k] * 31] * 50, prefix, vocab_size=257, eod=256)
+    blend = [(0.7, prefixes[0]), (0.3, prefixes[1])]
+    short = _samples(None, 16, tmp_path, eod=256, vocab_size=257, blend=blend)["train"]
+    far = _samples(None, 16, tmp_path, eod=256, vocab_size=257, blend=blend)["train"]
+    far.locate(100_000)  # a long run builds the blending table far ahead first
+    assert _ids(short, 3000) == _ids(far, 3000)
 
 
-def test_micro_batch_tensors(synthetic_prefix):
-    import torch
+def _consumed(train, steps, first, dp_size, micro_batch_size=2, global_batch_size=8):
+    """Sample identities each step reads, gathered over all DP ranks and micro-batches."""
+    per_step = []
+    for step in range(steps):
+        ids = []
+        for dp_rank in range(dp_size):
+            for m in range(num_micro_batches(micro_batch_size, dp_size, global_batch_size)):
+                start = first + step * global_batch_size
+                for i in sample_indices(start, m, dp_rank, dp_size, micro_batch_size, global_batch_size):
+                    source, j = train.locate(i)
+                    ids.append((source, train.sources[source].position(j), i))
+        per_step.append(sorted(ids))
+    return per_step
 
-    ds = PackedDataset(synthetic_prefix, 32, seed=0)
-    batch = get_micro_batch(
-        ds, step=2, micro_index=1, dp_rank=1, dp_size=2, micro_batch_size=2, global_batch_size=8
-    )
-    tokens, labels = batch["tokens"], batch["labels"]
-    assert tokens.shape == labels.shape == batch["loss_mask"].shape == batch["position_ids"].shape == (2, 32)
+
+@pytest.mark.parametrize("resume_dp", [1, 2, 4])
+def test_resume_reads_exactly_the_uninterrupted_samples(tmp_path, resume_dp):
+    """Steps 1..2k at DP=2 read the same samples, step by step, as steps 1..k at DP=2 then k+1..2k
+    resumed at `resume_dp` from consumed_samples = k × global batch: no repeat, no skip."""
+    prefixes = [str(tmp_path / "a"), str(tmp_path / "b")]
+    for k, prefix in enumerate(prefixes):
+        write_indexed([[k] * 40] * 30, prefix, vocab_size=257, eod=256)
+    blend = [(0.6, prefixes[0]), (0.4, prefixes[1])]
+    k, gbs = 12, 8  # 24 steps of 8: past one epoch of each dataset
+    uninterrupted = _consumed(_samples(None, 16, tmp_path / "x", eod=256, vocab_size=257, blend=blend)["train"],
+                              2 * k, 0, dp_size=2)
+    train = _samples(None, 16, tmp_path / "y", eod=256, vocab_size=257, blend=blend)["train"]
+    first_half = _consumed(train, k, 0, dp_size=2)
+    resumed = _consumed(train, k, first=k * gbs, dp_size=resume_dp)
+    assert first_half + resumed == uninterrupted
+    indices = [i for step in uninterrupted for (_, _, i) in step]
+    assert sorted(indices) == list(range(2 * k * gbs))
+
+
+def test_micro_batch_tensors_and_eod_mask_loss(synthetic_prefix, tmp_path):
+    train = _samples(synthetic_prefix, 32, tmp_path, eod=256, vocab_size=257, eod_mask_loss=True)["train"]
+    batch = get_micro_batch(train, 16, micro_index=1, dp_rank=1, dp_size=2, micro_batch_size=2,
+                            global_batch_size=8)
+    tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+    assert tokens.shape == labels.shape == loss_mask.shape == batch["position_ids"].shape == (2, 32)
     assert tokens.dtype == labels.dtype == batch["position_ids"].dtype == torch.int64
-    assert batch["loss_mask"].dtype == torch.float32 and bool((batch["loss_mask"] == 1).all())
-    assert torch.equal(batch["position_ids"][1], torch.arange(32))
-    # step 2, micro 1, rank 1 of 2 with mbs 2 → samples 16 + 4 + 2 = 22, 23
-    assert torch.equal(tokens[0], torch.from_numpy(ds[22][:-1]))
-    assert torch.equal(labels[:, :-1], tokens[:, 1:])
-    assert torch.equal(labels[1], torch.from_numpy(ds[23][1:]))
+    assert loss_mask.dtype == torch.float32
+    # first sample 16, micro 1, rank 1 of 2 with mbs 2 → samples 16 + 4 + 2 = 22, 23
+    assert torch.equal(tokens[0], train[22]["tokens"]) and torch.equal(labels[1], train[23]["labels"])
+    assert torch.equal(loss_mask, (tokens != 256).float())  # no loss on predictions made at EOD
 
 
 # ---- errors for people ---------------------------------------------------------------------------
@@ -204,28 +277,67 @@ def test_micro_batch_tensors(synthetic_prefix):
 def test_missing_bin_and_idx_are_named(tmp_path):
     prefix = str(tmp_path / "corpus")
     with pytest.raises(UserError) as error:
-        PackedDataset(prefix, 16, seed=0)
+        open_indexed(prefix)
     assert str(error.value) == (
         f"data file '{prefix}.bin' not found: build it with 'python -m data.preprocess' or fix the data path"
     )
     write_indexed([[1, 2, 3]], prefix, vocab_size=257)
     (tmp_path / "corpus.idx").unlink()
     with pytest.raises(UserError) as error:
-        PackedDataset(prefix, 16, seed=0)
+        open_indexed(prefix)
     assert str(error.value) == (
         f"data file '{prefix}.idx' not found: build it with 'python -m data.preprocess' or fix the data path"
     )
 
 
-def test_too_small_corpus_names_file_and_sizes(tmp_path):
+def test_truncated_bin_and_idx_are_named(tmp_path):
+    prefix = str(tmp_path / "corpus")
+    write_indexed([[1, 2, 3], [4, 5]], prefix, vocab_size=257)  # 7 uint16 tokens = 14 bytes
+    whole = (tmp_path / "corpus.bin").read_bytes()
+    (tmp_path / "corpus.bin").write_bytes(whole[:10])
+    with pytest.raises(UserError) as error:
+        open_indexed(prefix)
+    assert str(error.value) == (
+        f"data file '{prefix}.bin' holds 10 bytes but '{prefix}.idx' describes 14: one of them is truncated "
+        "or from another build; rebuild both with 'python -m data.preprocess'"
+    )
+    (tmp_path / "corpus.bin").write_bytes(whole)
+    index = (tmp_path / "corpus.idx").read_bytes()
+    (tmp_path / "corpus.idx").write_bytes(index[: len(index) // 2])
+    with pytest.raises(UserError) as error:
+        open_indexed(prefix)
+    assert str(error.value) == (
+        f"data file '{prefix}.idx' is truncated or not a megatron-core index: rebuild it with "
+        "'python -m data.preprocess'"
+    )
+
+
+def test_tokenizer_vocabulary_larger_than_the_file_dtype(tmp_path):
+    prefix = str(tmp_path / "narrow")
+    write_indexed([[1, 2]], prefix, vocab_size=257)
+    with pytest.raises(UserError) as error:
+        _samples(prefix, 2, tmp_path, vocab_size=100_000)
+    assert str(error.value) == (
+        f"data file '{prefix}.bin' stores uint16 token ids (< 65536) but the tokenizer has 100000 ids: it was "
+        "built for another tokenizer; rebuild it with 'python -m data.preprocess' and this tokenizer"
+    )
+
+
+def test_too_small_corpus_or_share_names_file_and_sizes(tmp_path):
     prefix = str(tmp_path / "tiny")
     write_indexed([[1, 2, 3], [4]], prefix, vocab_size=257)  # 6 tokens with the EODs
-    assert len(PackedDataset(prefix, 5, seed=0)) == 1
+    assert len(_samples(prefix, 5, tmp_path, eod=256, vocab_size=257)["train"].sources[0]) == 1
     with pytest.raises(UserError) as error:
-        PackedDataset(prefix, 6, seed=0)
+        _samples(prefix, 6, tmp_path, eod=256, vocab_size=257)
     assert str(error.value) == (
         f"data file '{prefix}.bin' holds 6 tokens, too few for one sample of seq_length 6 (needs 7): "
         "use more data or a shorter seq_length"
+    )
+    with pytest.raises(UserError) as error:
+        _samples(prefix, 2, tmp_path, eod=256, vocab_size=257, split="98,2,0")
+    assert str(error.value) == (
+        f"data file '{prefix}.bin': its valid share (data.split '98,2,0') holds 0 tokens, too few for one "
+        "sample of seq_length 2 (needs 3): use more data or a shorter seq_length"
     )
 
 
@@ -233,21 +345,89 @@ def test_cli_text_errors_are_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
     assert main(["text", "--input", str(bad), "--output-prefix", str(tmp_path / "out")]) == 2
-    err = capsys.readouterr().err
-    assert err == f"error: {bad}:2: no field 'text': choose the field with --text-key\n"
+    assert capsys.readouterr().err == (
+        f"error: {bad}: row 2: no text in field 'text' (fields: body): choose the field with --text-key\n")
+    assert not list(tmp_path.glob("out*"))  # nothing half-written is left behind
     assert main(["text", "--input", str(tmp_path / "*.txt"), "--output-prefix", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == f"error: input '{tmp_path / '*.txt'}' matches no file\n"
+    missing = tmp_path / "missing.jsonl"
+    assert main(["text", "--input", str(missing), "--output-prefix", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == f"error: input '{missing}' not found or not a file: give files or globs\n"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["text", "--input", str(empty), "--output-prefix", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == "error: the input holds no documents: nothing to write\n"
+    assert not list(tmp_path.glob("o.*"))
 
 
 def test_cli_text_writes_jsonl_and_text(tmp_path, capsys):
-    (tmp_path / "a.jsonl").write_text('{"text": "ab"}\n\n{"text": "c"}\n')
-    (tmp_path / "b.txt").write_text("xyz")
+    (tmp_path / "a.jsonl").write_text('{"text": "ab"}\n\n{"text": ""}\n{"text": "c"}\n')  # empty: left out
+    (tmp_path / "b.txt").write_text("xyz\nsecond line")
     prefix = str(tmp_path / "out")
     inputs = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.txt")]
     assert main(["text", "--input", *inputs, "--output-prefix", prefix]) == 0
-    assert "3 documents, 9 tokens" in capsys.readouterr().out
+    assert "3 documents, 21 tokens" in capsys.readouterr().out
     indexed = _indexed(prefix)  # kept alive: its arrays view a memory map closed on deletion
-    assert [d.tolist() for d in indexed[0:3]] == [[97, 98, 256], [99, 256], [120, 121, 122, 256]]
+    assert [d.tolist() for d in indexed[0:2]] == [[97, 98, 256], [99, 256]]
+    assert bytes(indexed[2][:-1].tolist()) == b"xyz\nsecond line"  # a text file is one document
+
+
+def test_hf_dataset_by_name(tmp_path, capsys):
+    """--hf-dataset goes through datasets.load_dataset(NAME, streaming=True); a dataset folder is a
+    name it resolves without the network."""
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "train.jsonl").write_text('{"text": "hub"}\n{"text": "row"}\n')
+    prefix = str(tmp_path / "hub")
+    assert main(["text", "--hf-dataset", str(tmp_path / "ds"), "--output-prefix", prefix]) == 0
+    assert "2 documents, 8 tokens" in capsys.readouterr().out
+    assert main(["text", "--output-prefix", prefix]) == 2
+    assert capsys.readouterr().err == "error: give --input files or --hf-dataset NAME\n"
+
+
+def test_round_trip_trained_bpe_two_workers(tmp_path, capsys):
+    """jsonl + parquet documents → a BPE trained on them → 2 tokenizer processes → .bin/.idx that
+    megatron-core's IndexedDataset reads back as exactly the tokenizer's ids plus one EOD each."""
+    import pyarrow
+    import pyarrow.parquet
+
+    texts = [f"document {i}: " + "naïve café, ünïcode → ∑ " * (i % 7) + "end" for i in range(600)]
+    with open(tmp_path / "part1.jsonl", "w") as file:
+        for text in texts[:400]:
+            file.write(json.dumps({"id": 1, "content": text}) + "\n")
+    pyarrow.parquet.write_table(pyarrow.table({"content": texts[400:]}), tmp_path / "part2.parquet")
+    prefix = str(tmp_path / "out" / "corpus")
+    argv = ["text", "--input", str(tmp_path / "part1.jsonl"), str(tmp_path / "*.parquet"), "--text-key", "content",
+            "--train-tokenizer", "400", "--workers", "2", "--output-prefix", prefix]
+    assert main(argv) == 0
+    assert f"(tokenizer {tmp_path / 'out' / 'tokenizer.json'})" in capsys.readouterr().out
+    tokenizer = build_tokenizer(str(tmp_path / "out"))
+    assert tokenizer.vocab_size == 400 and tokenizer.eod == 0  # <|endoftext|>, the only special token
+    indexed = _indexed(prefix)
+    assert len(indexed) == len(texts) and indexed.index.dtype == numpy.uint16
+    for i, text in enumerate(texts):
+        ids = tokenizer.tokenize(text)
+        assert indexed[i].tolist() == ids + [tokenizer.eod]
+        assert tokenizer.detokenize(ids) == text
+
+
+def test_tokenization_streams_with_bounded_read_ahead():
+    """An endless input still yields batches: at most workers × in-flight batches are read ahead."""
+    from data.preprocess import BATCH_DOCUMENTS, IN_FLIGHT_PER_WORKER, tokenized_batches
+
+    pulled = 0
+
+    def endless():
+        nonlocal pulled
+        while True:
+            pulled += 1
+            yield "some text"
+
+    batches = tokenized_batches(endless(), "byte", workers=2)
+    for _ in range(3):
+        flat, lengths = next(batches)
+        assert lengths.tolist() == [10] * BATCH_DOCUMENTS and flat[9] == 256
+    batches.close()
+    assert pulled <= (2 * IN_FLIGHT_PER_WORKER + 3) * BATCH_DOCUMENTS
 
 
 # ---- quickstart corpus ---------------------------------------------------------------------------
@@ -261,9 +441,9 @@ def test_quickstart_corpus_builds_then_skips(tmp_path):
     assert json.loads((tmp_path / "qs.json").read_text()) == {
         "documents": stats["documents"], "tokens": stats["tokens"], "max_bytes": 50_000
     }
-    ds = PackedDataset(prefix, 128, seed=0)
-    assert len(ds) == (stats["tokens"] - 1) // 128
-    text = ByteTokenizer().detokenize(ds.window(0))
+    source = _samples(prefix, 128, tmp_path, eod=256, vocab_size=257)["train"].sources[0]
+    assert len(source) == (stats["tokens"] - 1) // 128
+    text = ByteTokenizer().detokenize(source[0]["tokens"].tolist())
     assert text.isprintable() or "\n" in text
     mtime = (tmp_path / "qs.bin").stat().st_mtime_ns
     again = build_quickstart_corpus(prefix, max_bytes=50_000)

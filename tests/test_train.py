@@ -1,6 +1,7 @@
 """End-to-end training: golden losses, data-parallel equivalence, exact resume, outputs."""
 
 import json
+import math
 import pathlib
 
 import pytest
@@ -58,3 +59,48 @@ def test_dp2_and_auto_resume_reproduce_single_process(reference, synthetic_corpu
     proc = run_pretrain(2, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, *extra, "checkpoint.load=auto"))
     assert f"resumed from {tmp_path / 'checkpoints' / f'iter_{half:07d}'} at step {half}" in proc.stdout
     assert_close_curves(read_metrics(tmp_path), expected, rel=REL)
+
+
+VALIDATION = ["train.eval_interval=5", "train.eval_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_with_validation(synthetic_corpus, tmp_path_factory):
+    """tiny_gpt on 2 pipeline stages with a validation every 5 steps."""
+    log_dir = tmp_path_factory.mktemp("pp2_validation")
+    overrides = tiny_overrides(synthetic_corpus, log_dir, *VALIDATION, f"data.valid_path={synthetic_corpus}",
+                               "parallel.pipeline=2")
+    run_pretrain(2, "tiny_gpt", overrides)
+    return read_metrics(log_dir)
+
+
+def _validations(metrics):
+    return [{"step": r["step"], "val_loss": r["val_loss"]} for r in metrics if "val_loss" in r]
+
+
+@pytest.mark.slow
+def test_validation_is_forward_only_and_pipeline_ready(reference, pipeline_with_validation):
+    _, expected = reference
+    metrics = pipeline_with_validation
+    assert_close_curves(metrics, expected, rel=REL)  # evaluating changes nothing in training
+    assert [r["step"] for r in metrics if "val_loss" in r] == [5, 10]
+    for r in metrics:
+        if "val_loss" in r:
+            assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-12)
+    assert _validations(metrics)[1]["val_loss"] < _validations(metrics)[0]["val_loss"]
+
+
+@pytest.mark.slow
+def test_resume_at_another_data_parallel_size(reference, synthetic_corpus, pipeline_with_validation, tmp_path):
+    """Stopped at step 5 on 2 data-parallel ranks, resumed on 1 (same global batch): the samples
+    continue at consumed_samples, so the curve is the uninterrupted one, and validation after the
+    resume sees what a pipeline-parallel run sees."""
+    _, expected = reference
+    half = STEPS // 2
+    valid = [*VALIDATION, f"data.valid_path={synthetic_corpus}"]
+    run_pretrain(2, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, *valid) + [f"train.steps={half}"])
+    proc = run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, *valid, "checkpoint.load=auto"))
+    assert "layout: world 1" in proc.stdout and f"at step {half}" in proc.stdout
+    metrics = read_metrics(tmp_path)
+    assert_close_curves(metrics, expected, rel=REL)
+    assert_close_curves(_validations(metrics), _validations(pipeline_with_validation), rel=REL, keys=("val_loss",))
