@@ -57,6 +57,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if not args.debug:
         quiet_dependency_warnings()
+    from parallel.cpu_compat import import_megatron_without_jit_fusers
+
+    import_megatron_without_jit_fusers()  # CPU-only machines: 3.5 s faster start, see there
     try:
         return run(args)
     except UserError as e:

@@ -149,6 +149,9 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = parser.parse_args(argv)
     quiet_dependency_warnings()
+    from parallel.cpu_compat import import_megatron_without_jit_fusers
+
+    import_megatron_without_jit_fusers()
     try:
         if args.command == "import":
             print(f"wrote {import_hf(args.hf_dir, args.out_dir)}")

@@ -5,6 +5,10 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from parallel.cpu_compat import import_megatron_without_jit_fusers  # noqa: E402
+
+import_megatron_without_jit_fusers()  # as pretrain_gpt.py does: no TorchDynamo import on CPU
+
 
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true",

@@ -273,3 +273,24 @@ def test_layer_is_reverted_and_never_enabled_on_cuda():
         assert torch.cuda.current_device() == torch.device("cpu")
     assert torch.cuda.current_device is original
     assert cpu_compat.enable(torch.device("cuda", 0)) is False
+
+
+def test_checkpoint_writer_queue_is_forked_and_works():
+    """filesystem_async.py:54 spawns a Manager (re-importing torch, ~2 s) on a process's first save;
+    on the CPU the layer puts a forked one in its place: it must pass results like the original."""
+    import multiprocessing
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    saved = filesystem_async._results_queue
+    filesystem_async._results_queue = None
+    try:
+        assert cpu_compat.fork_checkpoint_results_queue() is True
+        queue = filesystem_async._get_write_results_queue()
+        queue.put({"rank": 0})
+        assert queue.get(timeout=10) == {"rank": 0}
+        assert cpu_compat.fork_checkpoint_results_queue() is False  # never replaces a live queue
+        children = multiprocessing.active_children()
+        assert any(type(p).__name__ == "ForkProcess" for p in children), children
+    finally:
+        filesystem_async._results_queue = saved
