@@ -51,6 +51,7 @@ RESHARDS = {
                                         "parallel.distributed_optimizer=true"]),
                                    (2, ["parallel.tensor=2", "parallel.sequence_parallel=true",
                                         "parallel.distributed_optimizer=true"])),
+    "cp2-to-cp1": ("tiny_gpt", (2, ["parallel.context=2"]), (1, [])),
     # Expert parameters get their own optimizer at every EP size (model/moe.py), so the chained
     # optimizer's checkpoint keys match between EP 2 and EP 1.
     "moe-ep2-to-ep1-distopt": ("tiny_moe", (2, ["parallel.expert=2", "parallel.distributed_optimizer=true"]),
