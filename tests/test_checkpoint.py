@@ -97,16 +97,20 @@ def test_sigkill_mid_save_leaves_previous_checkpoint_in_charge(reference, synthe
     cmd = [sys.executable, "pretrain_gpt.py", "--recipe", "tiny_gpt",
            *tiny_overrides(synthetic_corpus, tmp_path, "train.steps=6", "checkpoint.interval=2")]
     env = dict(os.environ, OMP_NUM_THREADS="1", **{checkpoint.SLOW_SAVE_ENV: "4:60"})
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Its own session, killed as a group (as a scheduler kills a job): the trainer and its helper
+    # processes (the checkpoint writer's queue manager) die together.
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not (ckpt / "iter_0000004.tmp" / "metadata.json").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "never reached the step-4 save"
             time.sleep(0.1)
-        proc.send_signal(signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
-        proc.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     assert [p.name for p in checkpoint.complete_checkpoints(ckpt)] == ["iter_0000002"]
     assert (ckpt / "latest").read_text().strip() == "iter_0000002"
     assert checkpoint.resolve_load("auto", ckpt) == ckpt / "iter_0000002"
