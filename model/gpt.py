@@ -211,32 +211,44 @@ class ParameterCount:
     active: int  # what one token passes through: top_k routed experts (+ shared); = total when dense
 
 
-def parameter_counts(model: ModelConfig, vocab_size: int) -> ParameterCount:
-    """Hand formula for the Llama-style decoder, dense or MoE, with or without linear biases."""
-    from pretrain.config import moe_layer_pattern
+def layer_parameters(model: ModelConfig, is_moe: bool, tensor: int = 1, expert_tensor: Optional[int] = None,
+                     experts: Optional[int] = None) -> int:
+    """One decoder layer's parameters on one rank (no split: the whole layer).
 
+    `tensor` splits attention and dense/shared MLPs (column-parallel biases too; row-parallel
+    biases, norms and the router are replicated); `expert_tensor` (default `tensor`) splits each
+    routed expert; `experts` is how many routed experts are counted (default all of them: the
+    ones one expert-parallel rank holds, or the top_k one token passes through).
+    """
     h, moe, bias = model.hidden_size, model.moe, int(model.add_bias_linear)
     heads = model.num_attention_heads
     groups = model.num_query_groups or heads
     qkv = (heads + 2 * groups) * (h // heads)
-    attention = h * qkv + heads * (h // heads) * h + bias * (qkv + h)
+
+    def mlp(ffn: int, split: int) -> int:  # SwiGLU: fc1 to 2·ffn (gate and up), fc2 back to h
+        return (3 * h * ffn + bias * 2 * ffn) // split + bias * h
+
+    attention = (h * qkv + heads * (h // heads) * h + bias * qkv) // tensor + bias * h
     norms = 2 * h
+    if not is_moe:
+        return attention + mlp(model.ffn_hidden_size, tensor) + norms
+    expert = mlp(moe.ffn_hidden_size or model.ffn_hidden_size, expert_tensor or tensor)
+    shared = mlp(moe.shared_expert_ffn_hidden_size, tensor) if moe.shared_expert_ffn_hidden_size else 0
+    router = moe.num_experts * (h + bias)
+    routed = moe.num_experts if experts is None else experts
+    return attention + routed * expert + shared + router + norms
+
+
+def parameter_counts(model: ModelConfig, vocab_size: int) -> ParameterCount:
+    """Hand formula for the Llama-style decoder, dense or MoE, with or without linear biases."""
+    from pretrain.config import moe_layer_pattern
+
+    h = model.hidden_size
     embeddings = vocab_size * h * (2 if model.untie_embeddings else 1)
-
-    def mlp(ffn: int) -> int:  # SwiGLU: fc1 to 2·ffn (gate and up), fc2 back to h
-        return 3 * h * ffn + bias * (2 * ffn + h)
-
-    total = active = model.num_layers * (attention + norms) + h + embeddings
-    for is_moe in moe_layer_pattern(model):
-        if not is_moe:
-            total += mlp(model.ffn_hidden_size)
-            active += mlp(model.ffn_hidden_size)
-            continue
-        expert = mlp(moe.ffn_hidden_size or model.ffn_hidden_size)
-        shared = mlp(moe.shared_expert_ffn_hidden_size) if moe.shared_expert_ffn_hidden_size else 0
-        router = moe.num_experts * (h + bias)
-        total += moe.num_experts * expert + shared + router
-        active += moe.top_k * expert + shared + router
+    pattern = moe_layer_pattern(model)
+    total = sum(layer_parameters(model, is_moe) for is_moe in pattern) + h + embeddings
+    active = sum(layer_parameters(model, is_moe, experts=model.moe.top_k if is_moe else None)
+                 for is_moe in pattern) + h + embeddings
     return ParameterCount(total=total, active=active)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import List, Tuple
 
-from model.gpt import padded_vocab_size, parameter_counts
+from model.gpt import layer_parameters, padded_vocab_size, parameter_counts
 from parallel.layout import Layout
 from pretrain.config import Recipe, moe_layer_pattern, pipeline_stage_layers, validate_for_world
 
@@ -36,34 +36,15 @@ def stage_layers(recipe: Recipe, layout: Layout) -> List[Tuple[Tuple[int, int], 
     return plans
 
 
-def layer_params_per_rank(recipe: Recipe, layout: Layout, is_moe: bool) -> int:
-    """One layer's parameters on one rank: TP splits attention and dense/shared MLPs, EP splits the
-    routed experts and expert-TP each expert; norms, the router and row-parallel biases (the
-    output projections') are replicated."""
-    m, moe = recipe.model, recipe.model.moe
-    h, heads, bias = m.hidden_size, m.num_attention_heads, int(m.add_bias_linear)
-    groups = m.num_query_groups or heads
-    qkv = (heads + 2 * groups) * (h // heads)
-    tp = layout.tensor
-
-    def mlp(ffn: int, split: int) -> int:
-        return (3 * h * ffn + bias * 2 * ffn) // split + bias * h
-
-    attention = (h * qkv + heads * (h // heads) * h + bias * qkv) // tp + bias * h
-    if not is_moe:
-        return attention + mlp(m.ffn_hidden_size, tp) + 2 * h
-    expert = mlp(moe.ffn_hidden_size or m.ffn_hidden_size, layout.expert_tensor or tp)
-    shared = mlp(moe.shared_expert_ffn_hidden_size, tp) if moe.shared_expert_ffn_hidden_size else 0
-    router = moe.num_experts * (h + bias)
-    return attention + moe.num_experts // layout.expert * expert + shared + router + 2 * h
-
-
 def params_per_rank(recipe: Recipe, layout: Layout, vocab: int, ranges, first: bool, last: bool) -> int:
-    """Parameters on one rank of a stage holding the global layer `ranges` (half-open pairs)."""
+    """Parameters on one rank of a stage holding the global layer `ranges` (half-open pairs): TP splits
+    every matmul, EP the routed experts (model/gpt.py:layer_parameters)."""
     m = recipe.model
     h, tp = m.hidden_size, layout.tensor
     pattern = moe_layer_pattern(m)
-    total = sum(layer_params_per_rank(recipe, layout, pattern[i]) for a, b in ranges for i in range(a, b))
+    experts = m.moe.num_experts // layout.expert if m.moe.num_experts else None
+    total = sum(layer_parameters(m, pattern[i], tensor=tp, expert_tensor=layout.expert_tensor, experts=experts)
+                for a, b in ranges for i in range(a, b))
     if first:
         total += vocab * h // tp
     if last:
