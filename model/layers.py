@@ -98,9 +98,10 @@ class SeededTransformerLayer(TransformerLayer):
     def __init__(self, config, submodules, layer_number: int = 1, *args, init_seed: int = 0,
                  vp_stage=None, **kwargs):
         offset = get_transformer_layer_offset(config, vp_stage)
-        torch.manual_seed(_layer_seed(init_seed, layer_number + offset))
+        torch.manual_seed(derive_seed(init_seed, layer_number + offset))
         super().__init__(config, submodules, layer_number, *args, vp_stage=vp_stage, **kwargs)
 
 
-def _layer_seed(init_seed: int, global_layer_number: int) -> int:
-    return (init_seed * 1_000_003 + global_layer_number) % (2**63)
+def derive_seed(base: int, index: int) -> int:
+    """A seed for item `index` (a global layer, an expert, a step) of a stream seeded `base`."""
+    return (base * 1_000_003 + index) % (2**63)

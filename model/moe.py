@@ -11,6 +11,7 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.router import TopKRouter
 
+from model.layers import derive_seed
 from pretrain.config import ModelConfig, moe_layer_pattern
 
 
@@ -44,10 +45,6 @@ def transformer_config_fields(model: ModelConfig, expert_tensor: int, precision:
     )
 
 
-def _expert_seed(base: int, global_expert: int) -> int:
-    return (base * 1_000_003 + global_expert) % (2**63)
-
-
 class SeededSequentialMLP(SequentialMLP):
     """SequentialMLP whose expert `e` is drawn from a generator seeded by (layer stream, e).
 
@@ -65,7 +62,7 @@ class SeededSequentialMLP(SequentialMLP):
         first = pg_collection.ep.rank() * num_local_experts
         self.num_local_experts = num_local_experts
         for i in range(num_local_experts):
-            torch.manual_seed(_expert_seed(base, first + i))
+            torch.manual_seed(derive_seed(base, first + i))
             self.local_experts.append(MLP(
                 self.config, submodules, ffn_hidden_size=self.config.moe_ffn_hidden_size,
                 is_expert=True, tp_group=pg_collection.expt_tp,
@@ -108,6 +105,8 @@ class RoutingStats:
     def __init__(self, num_layers: int, num_experts: int, top_k: int, pad_to_capacity: bool):
         self.top_k = top_k
         self.pad_to_capacity = pad_to_capacity
+        # Accumulated where the routers run (moved to the device at the first routing): a copy to
+        # the host per router call would synchronize a GPU once per MoE layer and micro-batch.
         self.load = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.routed = torch.zeros(num_layers, dtype=torch.float64)  # token-expert pairs before dropping
 
@@ -126,15 +125,17 @@ class RoutingStats:
             return  # evaluation, or recomputation in a backward pass
         probs, routing_map = outputs
         kept = routing_map & (probs > 0) if self.pad_to_capacity else routing_map
+        if self.load.device != routing_map.device:
+            self.load, self.routed = self.load.to(routing_map.device), self.routed.to(routing_map.device)
         row = router.layer_number - 1
-        self.load[row] += kept.sum(dim=0).detach().to("cpu", torch.float64)
+        self.load[row] += kept.sum(dim=0).detach().to(torch.float64)
         self.routed[row] += routing_map.shape[0] * self.top_k
 
     def reduce_and_reset(self, device: torch.device) -> dict:
         """Global counts (collective: every rank calls it), then zeroed for the next step."""
         packed = torch.cat([self.load, self.routed[:, None]], dim=1).to(device)
         torch.distributed.all_reduce(packed)
-        packed = packed.cpu()
+        packed = packed.cpu()  # the step's one copy to the host
         self.load.zero_()
         self.routed.zero_()
         return {"load": packed[:, :-1], "routed": packed[:, -1]}

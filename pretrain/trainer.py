@@ -246,7 +246,9 @@ def seed_step(seed: int, step: int) -> None:
     a resumed run draws exactly what the uninterrupted one did, and checkpoints need no RNG state."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    step_seed = (seed * 1_000_003 + step + 1) % (2**31)
+    from model.layers import derive_seed
+
+    step_seed = derive_seed(seed, step + 1) % (2**31)  # megatron adds offsets: keep it in int32 range
     torch.manual_seed(step_seed)
     model_parallel_cuda_manual_seed(step_seed)
 
@@ -392,10 +394,9 @@ def maybe_resume(run: Run) -> None:
     if path is None:
         checkpoint.refuse_to_overwrite(run.recipe.checkpoint.load, run.ckpt_dir)
         return
-    if checkpoint.read_extra(path).get("kind") == "weights":  # e.g. converted from Hugging Face
-        checkpoint.refuse_to_overwrite(None, run.ckpt_dir)
     extra = checkpoint.load(path, run.chunks, run.optimizer)
-    if extra.get("kind") == "weights":
+    if extra.get("kind") == "weights":  # e.g. converted from Hugging Face: a fresh run from these weights
+        checkpoint.refuse_to_overwrite(None, run.ckpt_dir)
         if run.rank.rank == 0:
             print(f"loaded weights from {path}; training starts at step 0", flush=True)
         return
