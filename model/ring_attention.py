@@ -74,9 +74,47 @@ def _aten_cpu_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
         dout, q, k, v, out, lse, 0.0, causal, scale=scale)
 
 
-# UNTESTED here (no CUDA, no flash-attn in CI): flash-attn >= 2.6 works in [b, s, h, d] and returns
-# softmax_lse [b, h, sq] fp32. Selected only when its backward has the signature written below.
+# CUDA kernels. None of them runs in CI (no GPU there): each is used only after `_verify` has
+# compared it with plain math on this device, dtype and head size (see _backend_for).
+
+
+def _cuda_flash_forward(q, k, v, causal: bool, scale: float):
+    # torch's flash kernel (fp16/bf16, sm80+): lse [b, h, sq] fp32
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    return out, lse
+
+
+def _cuda_flash_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    # cum_seq None = not variable-length; the rng tensors are read only under dropout
+    no_rng = torch.empty((), dtype=torch.int64, device=q.device)
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        dout, q, k, v, out, lse.contiguous(), None, None, q.size(2), k.size(2), 0.0, causal, no_rng, no_rng,
+        scale=scale)
+
+
+_EFFICIENT_LSE_ALIGN = 32  # torch's memory-efficient kernel pads its lse rows to a multiple of this
+
+
+def _cuda_efficient_forward(q, k, v, causal: bool, scale: float):
+    # torch's memory-efficient kernel (also fp32): its lse [b, h, sq padded] is trimmed to sq
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
+                                                                      scale=scale)[:2]
+    return out, lse[..., :q.size(2)]
+
+
+def _cuda_efficient_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    rows = q.size(2)
+    padded = -(-rows // _EFFICIENT_LSE_ALIGN) * _EFFICIENT_LSE_ALIGN
+    lse = torch.nn.functional.pad(lse.float(), (0, padded - rows)).contiguous()
+    no_rng = torch.empty((), dtype=torch.int64)
+    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+        dout.contiguous(), q, k, v, None, out.contiguous(), lse, no_rng, no_rng, 0.0, [True, True, True, False],
+        causal, scale=scale)
+    return dq, dk, dv
+
+
 def _flash_attn_forward(q, k, v, causal: bool, scale: float):
+    # flash-attn >= 2.6 works in [b, s, h, d] and returns softmax_lse [b, h, sq] fp32
     from flash_attn import flash_attn_func
 
     out, lse, _ = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), dropout_p=0.0,
@@ -95,34 +133,7 @@ def _flash_attn_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
-BACKENDS = {
-    "math": BlockKernels(_math_forward, _math_backward),
-    "aten_cpu": BlockKernels(_aten_cpu_forward, _aten_cpu_backward),
-    "flash_attn": BlockKernels(_flash_attn_forward, _flash_attn_backward),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _backend_for(device_type: str, dtype: torch.dtype) -> str:
-    """Chosen once per (device type, dtype): the fastest backend that exists and runs, else plain math.
-
-    CUDA uses flash-attn for fp16/bf16 when it is installed and plain math otherwise (torch's CUDA
-    efficient-attention op pads its lse, which the backward would need back: not wired, untested).
-    """
-    if device_type == "cuda" and dtype in (torch.float16, torch.bfloat16) and _flash_attn_usable():
-        return "flash_attn"
-    if device_type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu"):
-        probe = torch.randn(1, 1, 2, 8).to(dtype)
-        try:
-            out, lse = _aten_cpu_forward(probe, probe, probe, True, 1.0)
-            _aten_cpu_backward(torch.ones_like(probe), probe, probe, probe, out, lse, True, 1.0)
-            return "aten_cpu"
-        except (RuntimeError, NotImplementedError) as error:  # the private op's signature moved
-            warnings.warn(f"ring attention: aten CPU attention unusable for {dtype} ({error}); using plain math")
-    return "math"
-
-
-def _flash_attn_usable() -> bool:
+def _flash_attn_installed() -> bool:
     try:
         from flash_attn.flash_attn_interface import _flash_attn_backward
     except ImportError:
@@ -130,9 +141,78 @@ def _flash_attn_usable() -> bool:
     return "window_size_left" in inspect.signature(_flash_attn_backward).parameters
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+BACKENDS = {
+    "math": BlockKernels(_math_forward, _math_backward),
+    "aten_cpu": BlockKernels(_aten_cpu_forward, _aten_cpu_backward),
+    "flash_attn": BlockKernels(_flash_attn_forward, _flash_attn_backward),
+    "cuda_flash": BlockKernels(_cuda_flash_forward, _cuda_flash_backward),
+    "cuda_efficient": BlockKernels(_cuda_efficient_forward, _cuda_efficient_backward),
+}
+
+# Fastest first, per device type: (backend, applies to this dtype?). Plain math is the last resort.
+CANDIDATES = {
+    "cuda": (("flash_attn", lambda dtype: dtype in _HALF and _flash_attn_installed()),
+             ("cuda_flash", lambda dtype: dtype in _HALF),
+             ("cuda_efficient", lambda dtype: True)),
+    "cpu": (("aten_cpu", lambda dtype: True),),
+}
+
+# Largest relative error (Frobenius norm) a backend may show against fp32 math on the probe. A
+# kernel that is wired wrongly (lse base or padding, layout, scale, causal alignment) is off by O(1).
+_PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
+
+
+def _verify(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+    """None when backend `name` gives math's out, lse, dq, dk, dv on a small problem, else what differs.
+
+    The problem has the ring's two block shapes: a causal diagonal block and an unmasked block with
+    twice as many query rows as keys, each query row given the lse of its own block.
+    """
+    kernels, tolerance = BACKENDS[name], _PROBE_TOLERANCE.get(dtype, 4e-2)
+    generator = torch.Generator().manual_seed(0)
+    draw = lambda rows: torch.randn(1, 2, rows, head_dim, generator=generator).to(device, dtype)  # noqa: E731
+    for causal, rows, keys in ((True, 64, 64), (False, 128, 64)):
+        q, k, v, dout = draw(rows), draw(keys), draw(keys), draw(rows)
+        scale = head_dim ** -0.5
+        want_out, want_lse = _math_forward(q.double(), k.double(), v.double(), causal, scale)
+        want = (want_out, want_lse) + _math_backward(dout.double(), q.double(), k.double(), v.double(), want_out,
+                                                     want_lse, causal, scale)
+        try:
+            out, lse = kernels.forward(q, k, v, causal, scale)
+            got = (out, lse) + tuple(kernels.backward(dout, q, k, v, out, lse, causal, scale))
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
+            return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        for label, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+            if a.shape != b.shape:
+                return f"{label} has shape {tuple(a.shape)}, math {tuple(b.shape)}"
+            error = ((a.double() - b).norm() / b.norm()).item()
+            if not error <= tolerance:  # also catches NaN
+                return f"{label} differs from math by {error:.2g} (relative; allowed {tolerance:g})"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_for(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
+    """Chosen once per (device type, dtype, head size): the first candidate that runs and agrees with
+    plain math on a probe (_verify), else plain math. A candidate that fails is named in a warning."""
+    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device(
+        device_type)
+    for name, applies in CANDIDATES.get(device_type, ()):
+        if not applies(dtype):
+            continue
+        problem = _verify(name, device, dtype, head_dim)
+        if problem is None:
+            return name
+        warnings.warn(f"ring attention: not using the {name} kernels for {dtype}, head size {head_dim} on "
+                      f"{device_type}: {problem}; trying the next")
+    return "math"
+
+
 def select_backend(t: Tensor) -> str:
-    """Name of the BACKENDS entry that block_forward/block_backward use for tensors like `t`."""
-    return _backend_for(t.device.type, t.dtype)
+    """Name of the BACKENDS entry that block_forward/block_backward use for q tensors like `t` [b, h, s, d]."""
+    return _backend_for(t.device.type, t.dtype, t.size(-1))
 
 
 def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:

@@ -14,9 +14,12 @@ import torch.nn.functional as F
 
 from model.ring_attention import (
     BACKENDS,
+    BlockKernels,
     RingAttention,
     RingAttentionFunction,
+    _backend_for,
     _step_blocks,
+    _verify,
     select_backend,
 )
 
@@ -67,8 +70,52 @@ def test_block_kernels_equal_sdpa_autograd(backend, causal):
 
 def test_cpu_uses_the_aten_kernels():
     """Guards against the probe silently falling back to plain math after a torch upgrade."""
-    assert select_backend(torch.zeros(1)) == "aten_cpu"
-    assert select_backend(torch.zeros(1, dtype=torch.bfloat16)) == "aten_cpu"
+    for dtype in (torch.float32, torch.bfloat16):
+        for head_dim in (16, 128):
+            assert select_backend(torch.zeros(1, 1, 2, head_dim, dtype=dtype)) == "aten_cpu", (dtype, head_dim)
+
+
+@pytest.fixture
+def fresh_backend_choice():
+    _backend_for.cache_clear()
+    yield
+    _backend_for.cache_clear()
+
+
+@pytest.mark.parametrize("defect, message", [
+    ("lse_base2", "lse differs from math by"),
+    ("padded_lse", "lse has shape (1, 2, 96), math (1, 2, 64)"),
+    ("causal_dropped_in_backward", "dq differs from math by"),
+    ("raises", "RuntimeError: kernel not compiled for this device"),
+])
+def test_a_wrongly_wired_kernel_is_never_selected(defect, message, monkeypatch, fresh_backend_choice):
+    """Backends that cannot run in CI (CUDA, flash-attn) are used only once a probe against plain
+    math passed; here the probe meets the ways such wiring goes wrong, on the CPU candidate."""
+    good = BACKENDS["aten_cpu"]
+
+    def forward(q, k, v, causal, scale):
+        if defect == "raises":
+            raise RuntimeError("kernel not compiled for this device\nsecond line")
+        out, lse = good.forward(q, k, v, causal, scale)
+        if defect == "lse_base2":
+            lse = lse / math.log(2)
+        if defect == "padded_lse":
+            lse = F.pad(lse, (0, 32))
+        return out, lse
+
+    def backward(dout, q, k, v, out, lse, causal, scale):
+        return good.backward(dout, q, k, v, out, lse, causal and defect != "causal_dropped_in_backward", scale)
+
+    monkeypatch.setitem(BACKENDS, "aten_cpu", BlockKernels(forward, backward))
+    with pytest.warns(UserWarning, match=re.escape(message)) as warned:
+        assert select_backend(torch.zeros(1, 1, 2, 16)) == "math"
+    assert "not using the aten_cpu kernels for torch.float32, head size 16 on cpu" in str(warned[0].message)
+
+
+def test_probe_accepts_a_correct_kernel_in_every_cpu_dtype(fresh_backend_choice):
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        assert _verify("aten_cpu", torch.device("cpu"), dtype, 64) is None, dtype
+        assert _verify("math", torch.device("cpu"), dtype, 64) is None, dtype
 
 
 def test_fully_masked_quarter_blocks_are_skipped():
@@ -209,3 +256,27 @@ def test_ring_attention_rejects_what_it_does_not_implement(megatron_single_proce
     with pytest.raises(NotImplementedError, match="no attention dropout"):
         dropping.train()(q, k, v, None)
     dropping.eval()(q, k, v, None)  # dropout is off in evaluation
+
+
+def test_context_parallel_selects_the_ring_or_transformer_engine(megatron_single_process):
+    """Local layers at CP > 1 get the ring as core attention; transformer_impl = transformer_engine
+    hands CP to TE's attention with parallel.context_comm as its cp_comm_type (no TE here: the
+    clear error is what a CPU user sees)."""
+    import dataclasses
+
+    from model.gpt import ModelBuild, layer_spec, transformer_config
+    from pretrain.config import ModelConfig
+    from pretrain.errors import UserError
+
+    model = ModelConfig(num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4)
+    ring_config = transformer_config(model, ModelBuild(context=2))
+    assert ring_config.cp_comm_type == "p2p"
+    spec = layer_spec(model, ring_config)
+    (layer,) = spec.layer_specs
+    assert layer.submodules.self_attention.submodules.core_attention is RingAttention
+    te_model = dataclasses.replace(model, transformer_impl="transformer_engine")
+    te_config = transformer_config(te_model, ModelBuild(context=2, context_comm="a2a"))
+    assert te_config.cp_comm_type == "a2a"
+    with pytest.raises(UserError, match=re.escape("model.transformer_impl: transformer_engine needs "
+                                                  "transformer-engine, which is not installed")):
+        layer_spec(te_model, te_config)
