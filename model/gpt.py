@@ -24,6 +24,7 @@ class ModelBuild:
     pipeline: int = 1
     virtual_pipeline: Optional[int] = None
     context: int = 1
+    context_comm: str = "p2p"  # transformer-engine's cp_comm_type; the local ring is p2p
     expert: int = 1
     expert_tensor: Optional[int] = None  # None = tensor
     sequence_parallel: bool = False
@@ -84,6 +85,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild):
         num_layers_in_first_pipeline_stage=build.first_stage_layers,
         num_layers_in_last_pipeline_stage=build.last_stage_layers,
         context_parallel_size=build.context,
+        cp_comm_type=build.context_comm,
         expert_model_parallel_size=build.expert,
         sequence_parallel=build.sequence_parallel,
         params_dtype=dtype,

@@ -25,6 +25,7 @@ RECIPES_DIR = REPO_ROOT / "recipes"
 PRECISIONS = ("fp32", "bf16", "fp16")
 DECAYS = ("cosine", "linear", "wsd", "constant")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
+CONTEXT_COMMS = ("p2p", "a2a", "all_gather")  # transformer-engine's cp_comm_type values we pass on
 WANDB_MODES = ("online", "offline", "disabled")
 OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 DEVICES = ("auto", "cpu", "cuda")
@@ -97,6 +98,10 @@ class ParallelConfig:
     pipeline: int = 1  # ranks that split the layer stack
     virtual_pipeline: Optional[int] = None  # None = no interleaving; else model chunks per pipeline rank
     context: int = 1  # ranks that split each sequence
+    # How context-parallel attention communicates. p2p: K/V travel around a ring (ours with the local
+    # layers, transformer-engine's otherwise); a2a (all-to-all between sequence and heads) and
+    # all_gather (of K/V) exist only in transformer-engine's attention.
+    context_comm: str = "p2p"  # p2p | a2a | all_gather
     expert: int = 1  # ranks that split the experts (MoE); carved out of the data-parallel ranks
     expert_tensor: Optional[int] = None  # ranks that split each expert's weights; null = parallel.tensor
     sequence_parallel: bool = False  # shard activations along the sequence inside tensor-parallel regions
@@ -572,6 +577,7 @@ _CHOICES = (
     ("model.moe.score_function", MOE_SCORE_FUNCTIONS), ("model.moe.load_balancing", MOE_LOAD_BALANCING),
     ("model.moe.drop_policy", MOE_DROP_POLICIES), ("model.moe.dispatcher", MOE_DISPATCHERS),
     ("checkpoint.optimizer_format", OPTIMIZER_FORMATS), ("train.on_nonfinite", NONFINITE_MODES),
+    ("parallel.context_comm", CONTEXT_COMMS),
 )
 
 
@@ -620,6 +626,13 @@ def _check_model_shape(recipe: Recipe) -> None:
                          "model.num_layers", m.num_layers)
     if p.context > 1:  # each sequence is split into 2 × context chunks (load-balanced causal attention)
         _require_divides("2 × parallel.context", 2 * p.context, "model.seq_length", m.seq_length)
+        if p.context_comm != "p2p" and m.transformer_impl == "local":
+            raise RecipeError(f"parallel.context_comm = {p.context_comm} needs model.transformer_impl = "
+                              f"transformer_engine; the local layers' ring attention is p2p")
+        if p.context_comm == "a2a":  # all-to-all trades sequence shards for head shards
+            _require_divides("parallel.tensor × parallel.context", p.tensor * p.context,
+                             "model.num_query_groups" if m.num_query_groups else heads,
+                             m.num_query_groups or m.num_attention_heads)
         if m.attention_dropout > 0 and m.transformer_impl == "local":
             raise RecipeError(f"parallel.context = {p.context} uses ring attention, which has no attention "
                               f"dropout: set model.attention_dropout = 0 (got {m.attention_dropout})")

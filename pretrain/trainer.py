@@ -84,7 +84,7 @@ def build_model(recipe: Recipe, layout: Layout, device: torch.device, vocab_size
     model_parallel_cuda_manual_seed(recipe.train.seed)
     build = ModelBuild(
         tensor=layout.tensor, pipeline=layout.pipeline, virtual_pipeline=layout.virtual_pipeline,
-        context=layout.context, expert=layout.expert, expert_tensor=recipe.parallel.expert_tensor,
+        context=layout.context, context_comm=recipe.parallel.context_comm, expert=layout.expert, expert_tensor=recipe.parallel.expert_tensor,
         sequence_parallel=layout.sequence_parallel,
         first_stage_layers=recipe.parallel.first_stage_layers,
         last_stage_layers=recipe.parallel.last_stage_layers,

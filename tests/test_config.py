@@ -360,6 +360,12 @@ def test_yaml_1_2_floats_in_files(tmp_path):
     (["parallel.pipeline=2", "parallel.virtual_pipeline=3"],
      "parallel.pipeline × parallel.virtual_pipeline = 6 does not divide model.num_layers = 4"),
     (["parallel.context=3"], "2 × parallel.context = 6 does not divide model.seq_length = 128"),
+    (["parallel.context_comm=ring"], "parallel.context_comm must be one of p2p | a2a | all_gather, got 'ring'"),
+    (["parallel.context=2", "parallel.context_comm=a2a"],
+     "parallel.context_comm = a2a needs model.transformer_impl = transformer_engine; the local layers' ring "
+     "attention is p2p"),
+    (["parallel.context=4", "parallel.context_comm=a2a", "model.transformer_impl=transformer_engine"],
+     "parallel.tensor × parallel.context = 4 does not divide model.num_query_groups = 2"),
     (["parallel.tensor=2", "parallel.sequence_parallel=true", "model.seq_length=5"],
      "parallel.tensor = 2 does not divide model.seq_length / parallel.context = 5"),
     (["parallel.sequence_parallel=true"],
