@@ -1,12 +1,23 @@
 """Benchmark: ring attention's peak memory and time per rank at a context-parallel size.
 
-    python scripts/bench_ring_attention.py --seq 8192                       # CP = 1
+CPU (gloo; peak RSS growth and wall time):
+
+    python scripts/bench_ring_attention.py --seq 8192                                      # CP = 1
     torchrun --standalone --nproc_per_node=4 scripts/bench_ring_attention.py --seq 8192   # CP = 4
 
+GPU (NCCL across GPUs; CUDA-event time and peak allocated memory), with a reference row: one
+attention call on the whole sequence (flash-attn when installed, else torch's flash SDPA kernel):
+
+    torchrun --standalone --nproc_per_node=2 scripts/bench_ring_attention.py --device cuda --dtype bf16
+
+One GPU cannot hold two NCCL ranks, so `--simulate-cp N` runs every rank of a CP = N ring in turn in
+one process over a no-op process group: the blocks each rank computes are exact, no bytes move.
+That is the ring's compute per rank; on NVLink its transfers overlap the next block's compute.
+
+    python scripts/bench_ring_attention.py --device cuda --dtype bf16 --simulate-cp 2 --seq 32768
+
 Each rank holds its load-balanced S/cp slice of q, k, v and runs forward + backward of one causal
-attention over the whole sequence. Reported per rank: the growth of the process's peak RSS over
-the attention (inputs, outputs, gradients and every buffer the ring or the kernels allocate) and
-the best wall time. Rank 0 prints the largest value over ranks.
+attention over the whole sequence. Rank 0 prints the largest value over ranks.
 """
 
 from __future__ import annotations
@@ -15,30 +26,127 @@ import argparse
 import os
 import pathlib
 import resource
+import statistics
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
-def _peak_mib() -> float:
+
+def _peak_mib(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _attend(b: int, heads: int, groups: int, local: int, head_dim: int) -> float:
-    """Forward + backward of ring attention on fresh local inputs; returns the wall seconds."""
-    import torch
-    import torch.distributed as dist
+class _Timer:
+    """Wall time of a callable: CUDA events on a GPU (after a synchronize), perf_counter on CPU."""
 
+    def __init__(self, device):
+        self.device = device
+
+    def __call__(self, fn) -> float:
+        import torch
+
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(self.device)
+        begin.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(self.device)
+        return begin.elapsed_time(end) / 1000
+
+
+def _inputs(args, local: int, device, dtype):
+    import torch
+
+    shape = lambda heads: (1, heads, local, args.head_dim)  # noqa: E731  [b, heads, s/cp, hn]
+    return [torch.randn(*shape(h), device=device, dtype=dtype, requires_grad=True)
+            for h in (args.heads, args.groups, args.groups)]
+
+
+def _ring_call(args, local: int, device, dtype, group):
+    """Forward + backward of ring attention on fresh local inputs."""
     from model.ring_attention import RingAttentionFunction
 
-    q = torch.randn(b, heads, local, head_dim, requires_grad=True)  # [b, np, s/cp, hn]
-    k = torch.randn(b, groups, local, head_dim, requires_grad=True)  # [b, ng, s/cp, hn]
-    v = torch.randn(b, groups, local, head_dim, requires_grad=True)
-    dist.barrier()
-    start = time.perf_counter()
-    RingAttentionFunction.apply(q, k, v, dist.group.WORLD, head_dim ** -0.5).sum().backward()
-    return time.perf_counter() - start
+    q, k, v = _inputs(args, local, device, dtype)
+    return lambda: RingAttentionFunction.apply(q, k, v, group, args.head_dim ** -0.5).sum().backward()
+
+
+def _full_sequence_call(args, device, dtype):
+    """(name, factory of a callable): forward + backward of one causal attention call over the whole
+    sequence, flash-attn's when installed, else torch's flash SDPA kernel."""
+    import torch.nn.functional as F
+
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        flash_attn_func = None
+
+    def make():
+        q, k, v = _inputs(args, args.seq, device, dtype)
+        if flash_attn_func is not None:  # [b, s, heads, hn]
+            qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+            return lambda: flash_attn_func(qt, kt, vt, causal=True).sum().backward()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        def call():
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+
+        return call
+
+    return ("flash-attn" if flash_attn_func is not None else "torch SDPA flash"), make
+
+
+def _measure(make_call, iters: int, timer, device) -> tuple:
+    """(best and median seconds, peak memory growth in MiB) of `iters` runs after one warm-up; the
+    memory counts inputs, outputs, gradients and every buffer the call allocates."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        base = _peak_mib(device)
+    call = make_call()
+    call()  # warm-up: kernel choice and its probe, communication buffers
+    times = [timer(call) for _ in range(iters)]
+    return min(times), statistics.median(times), _peak_mib(device) - base
+
+
+def _init_group(args, device):
+    import torch.distributed as dist
+
+    if args.simulate_cp:
+        return  # per simulated rank, in _simulate
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _simulate(args, device, dtype, timer) -> list:
+    """One rank after the other of a CP = simulate_cp ring over a no-op ('fake') process group."""
+    import torch.distributed as dist
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    cp, rows = args.simulate_cp, []
+    for rank in range(cp):
+        dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=cp)
+        rows.append(_measure(lambda: _ring_call(args, args.seq // cp, device, dtype, dist.group.WORLD),
+                             args.iters, timer, device))
+        dist.destroy_process_group()
+    return rows
 
 
 def main() -> None:
@@ -48,30 +156,62 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--simulate-cp", type=int, default=0,
+                        help="run the N ranks of a CP ring one after the other in this process (one GPU)")
     args = parser.parse_args()
 
     import torch
     import torch.distributed as dist
 
-    if "RANK" in os.environ:
-        dist.init_process_group("gloo")
+    dtype = getattr(torch, DTYPES[args.dtype])
+    if args.device == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
     else:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    cp = dist.get_world_size()
-    local = args.seq // cp
-    # A tiny call first, so one-time costs (kernel libraries, thread pools, communication buffers)
-    # are in the baseline and not counted as attention memory.
-    _attend(1, args.heads, args.groups, 2 * cp, args.head_dim)
-    base = _peak_mib()
-    times = []
-    for _ in range(args.iters + 1):
-        times.append(_attend(1, args.heads, args.groups, local, args.head_dim))
-    stats = torch.tensor([_peak_mib() - base, min(times[1:])], dtype=torch.float64)
-    dist.all_reduce(stats, op=dist.ReduceOp.MAX)
-    if dist.get_rank() == 0:
-        print(f"cp={cp} seq={args.seq} heads={args.heads}/{args.groups} hn={args.head_dim}: "
-              f"attention peak memory per rank {stats[0]:.0f} MiB, fwd+bwd {stats[1]:.2f} s (max over ranks)")
-    dist.destroy_process_group()
+        device = torch.device("cpu")
+    timer = _Timer(device)
+    _init_group(args, device)
+
+    if args.simulate_cp:
+        cp, rank = args.simulate_cp, 0
+        per_rank = _simulate(args, device, dtype, timer)
+        best, median, memory = (max(row[i] for row in per_rank) for i in range(3))
+        medians = ", ".join(f"{row[1] * 1e3:.2f}" for row in per_rank)
+        where = f"simulated, ranks one after the other (per rank: {medians} ms)"
+    else:
+        cp, rank = dist.get_world_size(), dist.get_rank()
+        if device.type == "cpu":
+            # A tiny call first, so one-time costs (kernel libraries, thread pools, communication
+            # buffers) are in the baseline and not counted as attention memory.
+            _ring_call(args, 2 * cp, device, dtype, dist.group.WORLD)()
+        stats = torch.tensor(_measure(lambda: _ring_call(args, args.seq // cp, device, dtype, dist.group.WORLD),
+                                      args.iters, timer, device), dtype=torch.float64, device=device)
+        dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        best, median, memory = stats.tolist()
+        where = f"{dist.get_backend()}, {cp} processes"
+
+    from model.ring_attention import select_backend
+
+    kernels = select_backend(torch.zeros(1, 1, 2, args.head_dim, device=device, dtype=dtype))
+    if rank == 0:
+        print(f"cp={cp} seq={args.seq} heads={args.heads}/{args.groups} hn={args.head_dim} {args.dtype} "
+              f"on {device.type} ({where}); block kernels: {kernels}")
+        # a CPU process's peak RSS only grows, so ranks simulated one after the other have no own peak
+        shown = "n/a (simulated on CPU)" if args.simulate_cp and device.type == "cpu" else f"{memory:.0f} MiB"
+        print(f"ring attention fwd+bwd per rank: best {best * 1e3:.2f} ms, median {median * 1e3:.2f} ms; "
+              f"attention peak memory per rank {shown}")
+        if device.type == "cuda":
+            name, make = _full_sequence_call(args, device, dtype)
+            full_best, full_median, full_memory = _measure(make, args.iters, timer, device)
+            print(f"one {name} call on the whole sequence fwd+bwd: best {full_best * 1e3:.2f} ms, "
+                  f"median {full_median * 1e3:.2f} ms; peak memory {full_memory:.0f} MiB")
+            print(f"ring per rank / whole-sequence call (medians): {median / full_median:.3f} "
+                  f"(ideal 1/cp = {1 / cp:.3f})")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

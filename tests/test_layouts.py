@@ -29,6 +29,8 @@ LAYOUTS = {
     "cp4": (4, ["parallel.context=4"]),
     "cp2-tp2": (4, ["parallel.context=2", "parallel.tensor=2"]),
     "cp2-pp2": (4, ["parallel.context=2", "parallel.pipeline=2"]),
+    # 4 processes / CP 2 = data-parallel 2: gradients reduce over data × context ranks
+    "cp2-dp2-distopt": (4, ["parallel.context=2", "parallel.distributed_optimizer=true"]),
 }
 
 
