@@ -172,7 +172,10 @@ class DataConfig:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     tokenizer: str = "byte"  # byte (built-in, 257 ids), a local tokenizer.json (or its folder), or a hub name
-    num_workers: int = 0  # DataLoader worker processes; 0 = load in the main process
+    # Processes that build the next training step's micro-batches while the model computes this one
+    # (a torch DataLoader, pinned memory on GPUs; validation batches are built in the training
+    # process); 0 = build them in the training process. The samples are the same either way.
+    num_workers: int = 0
 
 
 @dataclass

@@ -8,7 +8,7 @@ import pathlib
 import sys
 import time
 from functools import partial
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,7 @@ class Run:
     step: int = 0
     nonfinite_steps: int = 0  # steps skipped by the non-finite guard, resumes included
     consumed_samples: int = 0  # training samples read so far: the next step starts at this global index
+    loader: Optional[object] = None  # data.loader.PrefetchingLoader when data.num_workers > 0
 
 
 def log_dir_of(recipe: Recipe) -> pathlib.Path:
@@ -203,18 +204,38 @@ def build_run(recipe: Recipe) -> Run:
     )
 
 
-def micro_batches(run: Run, samples, first: int) -> Iterator[dict]:
-    """This rank's micro-batches of the global batch starting at sample `first`, on the run's device."""
-    from data.dataset import get_micro_batch, slice_for_context_parallel
+def rank_share(run: Run):
+    """Which part of each global batch this rank reads (data-parallel share, context-parallel slice)."""
+    from data.loader import RankShare
 
     train = run.recipe.train
-    for m in range(num_micro_batches(run)):
-        batch = get_micro_batch(
-            samples, first, m, run.rank.data_rank, run.layout.data,
-            train.micro_batch_size, train.global_batch_size,
-        )
-        batch = slice_for_context_parallel(batch, run.rank.context_rank, run.layout.context)
-        yield {k: v.to(run.device) for k, v in batch.items()}
+    return RankShare(run.rank.data_rank, run.layout.data, run.rank.context_rank, run.layout.context,
+                     train.micro_batch_size, train.global_batch_size)
+
+
+def micro_batches(run: Run, samples, first: int) -> List[dict]:
+    """This rank's micro-batches of the global batch starting at sample `first`, on the run's device."""
+    share = rank_share(run)
+    return [{k: v.to(run.device) for k, v in share.batch(samples, first, m).items()}
+            for m in range(share.micro_batches)]
+
+
+def train_loader(run: Run):
+    """data.num_workers > 0: a loader whose workers read ahead from the next step to train; else None."""
+    from data.loader import PrefetchingLoader
+
+    workers = run.recipe.data.num_workers
+    if not workers:
+        return None
+    return PrefetchingLoader(run.data["train"], rank_share(run), run.consumed_samples,
+                             run.recipe.train.steps - run.step, workers, run.device)
+
+
+def train_batches(run: Run) -> List[dict]:
+    """This rank's micro-batches of the next training step (from the loader's workers when there are)."""
+    if run.loader is not None:
+        return run.loader.step_batches(run.consumed_samples)
+    return micro_batches(run, run.data["train"], run.consumed_samples)
 
 
 def num_micro_batches(run: Run) -> int:
@@ -265,8 +286,8 @@ def _nan_loss(loss_func, output_tensor: torch.Tensor):
     return loss_sum * float("nan"), num_tokens, {k: v * nan_sum for k, v in reports.items()}
 
 
-def _forward_backward(run: Run, samples, first: int, forward_only: bool, step: Optional[int] = None) -> list:
-    """megatron-core's schedule for this layout over the global batch starting at sample `first`;
+def _forward_backward(run: Run, batches: List[dict], forward_only: bool, step: Optional[int] = None) -> list:
+    """megatron-core's schedule for this layout over this rank's micro-batches of one global batch;
     `step` (0-based; training only) is where the `debug` section's fault injections apply."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -274,7 +295,7 @@ def _forward_backward(run: Run, samples, first: int, forward_only: bool, step: O
     if step is not None and debug.stall_at_step == step + 1:
         time.sleep(debug.stall_s)
     poisoned = step is not None and debug.nan_loss_at_step == step + 1
-    iterators = [micro_batches(run, samples, first) for _ in run.chunks]
+    iterators = [iter(batches) for _ in run.chunks]  # every model chunk reads the same micro-batches
     return get_forward_backward_func()(
         forward_step_func=_forward_step_with_nan_loss if poisoned else _forward_step,
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
@@ -295,7 +316,7 @@ def train_step(run: Run, step: int, guards: Guards) -> dict:
     run.optimizer.zero_grad()
     run.scheduler.step(increment=1)  # step k (1-based) trains with lr(k): warmup starts above 0
     with guards.watchdog.phase(step + 1, "forward_backward"):
-        losses = _forward_backward(run, run.data["train"], run.consumed_samples, forward_only=False, step=step)
+        losses = _forward_backward(run, train_batches(run), forward_only=False, step=step)
         run.consumed_samples += run.recipe.train.global_batch_size  # a skipped step uses up its batch too
     with guards.watchdog.phase(step + 1, "optimizer"):
         loss = _global_mean_loss(run, losses)
@@ -331,7 +352,8 @@ def evaluate(run: Run) -> dict:
         chunk.eval()
     total = torch.zeros(2, dtype=torch.float64)
     for k in range(run.recipe.train.eval_steps):
-        total += _loss_sums(run, _forward_backward(run, run.data["valid"], k * gbs, forward_only=True))
+        batches = micro_batches(run, run.data["valid"], k * gbs)
+        total += _loss_sums(run, _forward_backward(run, batches, forward_only=True))
     for chunk in run.chunks:
         chunk.train()
     val_loss = float(total[0] / total[1])
@@ -450,6 +472,7 @@ def train(recipe: Recipe) -> dict:
     with StopRequest().installed() as stop:
         run = build_run(recipe)
         maybe_resume(run)
+        run.loader = train_loader(run)
         guard = NonfiniteGuard(recipe.train.on_nonfinite, recipe.train.max_skipped_steps, run.nonfinite_steps)
         log = None
         if run.rank.rank == 0:
@@ -459,6 +482,8 @@ def train(recipe: Recipe) -> dict:
             with Watchdog(run.rank.rank, recipe.train.watchdog_timeout_s) as watchdog:
                 return _train_loop(run, Guards(stop, guard, watchdog), log)
         finally:
+            if run.loader is not None:
+                run.loader.close()
             if log is not None:
                 log.close()
 

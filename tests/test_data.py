@@ -271,6 +271,32 @@ def test_micro_batch_tensors_and_eod_mask_loss(synthetic_prefix, tmp_path):
     assert torch.equal(loss_mask, (tokens != 256).float())  # no loss on predictions made at EOD
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_prefetching_loader_hands_out_what_the_training_process_builds(synthetic_prefix, tmp_path, workers):
+    """data.num_workers: worker processes build exactly get_micro_batch + the CP slice, step by step,
+    from a resumed step's first sample on; a step asked for out of order is refused."""
+    from data.loader import PrefetchingLoader, RankShare
+
+    train = _samples(synthetic_prefix, 32, tmp_path, eod=256, vocab_size=257)["train"]
+    share = RankShare(dp_rank=1, dp_size=2, cp_rank=1, cp_size=2, micro_batch_size=2, global_batch_size=8)
+    first, steps = 24, 3  # resumed after 3 steps of 8 samples
+    loader = PrefetchingLoader(train, share, first, steps, workers, torch.device("cpu"))
+    for step in range(steps):
+        start = first + step * 8
+        got = loader.step_batches(start)
+        assert len(got) == 2  # 8 samples / (2 per micro-batch × 2 DP ranks)
+        for m, batch in enumerate(got):
+            whole = get_micro_batch(train, start, m, dp_rank=1, dp_size=2, micro_batch_size=2, global_batch_size=8)
+            for key, value in batch.items():
+                assert value.shape == (2, 16)  # the CP rank's half of each 32-token sample
+                chunks = whole[key].view(2, 4, 8)  # 2·cp chunks; CP rank 1 of 2 holds chunks 1 and 2
+                assert torch.equal(value, torch.cat((chunks[:, 1], chunks[:, 2]), 1)), (step, m, key)
+    loader.close()
+    loader = PrefetchingLoader(train, share, first, steps, workers, torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="data loader is at sample 24, the step asked for sample 32"):
+        loader.step_batches(32)
+
+
 # ---- errors for people ---------------------------------------------------------------------------
 
 

@@ -46,13 +46,14 @@ def test_metrics_and_checkpoint_are_written(reference):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [
-    [], ["parallel.distributed_optimizer=true"],
+    ["data.num_workers=2"], ["parallel.distributed_optimizer=true"],
     ["parallel.distributed_optimizer=true", "checkpoint.optimizer_format=dp_reshardable"],
-], ids=["dp2", "dp2-distopt", "dp2-distopt-dp-reshardable"])
+], ids=["dp2-loader-workers", "dp2-distopt", "dp2-distopt-dp-reshardable"])
 def test_dp2_and_auto_resume_reproduce_single_process(reference, synthetic_corpus, tmp_path, extra):
     """Two gloo processes, stopped at step 5 and resumed with checkpoint.load=auto: the one
     metrics.jsonl holds the reference curve. With the distributed optimizer this also catches
-    megatron-core's torch-Adam `step` reload drift (pretrain/checkpoint.py)."""
+    megatron-core's torch-Adam `step` reload drift (pretrain/checkpoint.py); with loader workers,
+    that they read from the resumed step on."""
     _, expected = reference
     half = STEPS // 2
     run_pretrain(2, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, *extra) + [f"train.steps={half}"])
