@@ -10,7 +10,10 @@ Nothing here is ever applied on a GPU run: `enable()` refuses when the run's dev
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import os
+import signal
 from typing import Dict, List
 
 import torch
@@ -272,16 +275,36 @@ def fork_checkpoint_results_queue() -> bool:
     first save of a process (spawn keeps CUDA state out of the child); the spawned interpreter
     re-imports torch: 1.7-2.4 s on every process's first save here, the checkpoint itself taking
     0.06 s. Without CUDA there is nothing to keep out, and the writer processes themselves are
-    forked upstream already (filesystem_async.py:264). Returns whether it replaced the queue.
+    forked upstream already (filesystem_async.py:264). The manager process dies with its trainer,
+    also when the trainer alone is killed with SIGKILL (the spawned one upstream was orphaned).
+    Returns whether it replaced the queue.
     """
     import multiprocessing
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if torch.cuda.is_available() or filesystem_async._results_queue is not None:
         return False
-    filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+    manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+    manager.start(initializer=_die_with_parent, initargs=(os.getpid(),))
+    filesystem_async._results_queue = manager.Queue()
     return True
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """In a forked helper process: SIGKILL when `parent_pid` exits (Linux; elsewhere a no-op).
+
+    SIGKILL, not SIGTERM: the helper inherits the trainer's Python SIGTERM handler, which only
+    records a preemption request.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before the line above
+        os._exit(0)
 
 
 def fix_upstream_bugs() -> List[str]:

@@ -1,5 +1,7 @@
 """Each CPU-layer patch: the upstream megatron-core site fails without it and works with it."""
 
+import pathlib
+
 import pytest
 import torch
 
@@ -273,6 +275,42 @@ def test_layer_is_reverted_and_never_enabled_on_cuda():
         assert torch.cuda.current_device() == torch.device("cpu")
     assert torch.cuda.current_device is original
     assert cpu_compat.enable(torch.device("cuda", 0)) is False
+
+
+def test_checkpoint_writer_queue_process_dies_with_a_killed_trainer(tmp_path):
+    """A trainer killed alone with SIGKILL (no process-group kill) takes its queue manager along."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import sys, time\n"
+        "from parallel import cpu_compat\n"
+        "assert cpu_compat.fork_checkpoint_results_queue()\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n")
+    root = pathlib.Path(__file__).resolve().parents[1]
+    trainer = subprocess.Popen([sys.executable, str(script)], cwd=root, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(root)})
+    manager = None
+    try:
+        assert trainer.stdout.readline().strip() == "ready"
+        (manager,) = psutil.Process(trainer.pid).children()
+        os.kill(trainer.pid, signal.SIGKILL)
+        trainer.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while manager.is_running() and manager.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not manager.is_running() or manager.status() == psutil.STATUS_ZOMBIE, "queue manager outlived its trainer"
+    finally:
+        trainer.kill()
+        if manager is not None and manager.is_running():
+            manager.kill()
 
 
 def test_checkpoint_writer_queue_is_forked_and_works():
