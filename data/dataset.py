@@ -218,17 +218,19 @@ def parse_shares(split: str) -> List[float]:
 
 def build_samples(train_blend: List[Tuple[float, str]], valid_blend: List[Tuple[float, str]], split: str,
                   seq_length: int, seed: int, eod: int, eod_mask_loss: bool, cache_dir: str,
-                  vocab_size: int) -> Dict[str, BlendedSamples]:
-    """{'train': …, 'valid': …} (valid only when there is validation data). The train blend's
-    datasets are split by document shares `split` (its test share is held out, never read); a
-    non-empty `valid_blend` is used whole as the validation data instead of a valid share."""
+                  vocab_size: int, with_test: bool = False) -> Dict[str, BlendedSamples]:
+    """{'train': …, 'valid': …, 'test': …} (valid only when there is validation data, test only when
+    asked for). The train blend's datasets are split by document shares `split` (its test share is
+    held out, and read only `with_test`); a non-empty `valid_blend` is used whole as the validation
+    data instead of a valid share."""
+    names = SPLITS if with_test else SPLITS[:2]
     jobs = [(train_blend, split)] + ([(valid_blend, "0,1,0")] if valid_blend else [])
     per_split: Dict[str, List[Tuple[float, SourceSamples]]] = {}
     for blend, source_split in jobs:
         for weight, prefix in blend:
             datasets = build_source_splits(prefix, source_split, seq_length, seed, eod, eod_mask_loss,
                                            cache_dir, vocab_size)
-            for name, dataset in zip(SPLITS[:2], datasets):
+            for name, dataset in zip(names, datasets):
                 if dataset is None:
                     continue
                 _require_samples(dataset, prefix, name, source_split, seq_length)

@@ -134,6 +134,9 @@ class TrainConfig:
     # The same validation samples each time, so successive val_loss values are comparable.
     eval_interval: int = 0
     eval_steps: int = 10  # global batches (of train.global_batch_size samples) per validation
+    # After the last step, the same loss over eval_steps global batches of the test share of
+    # data.split (its third number), logged as test_loss and test_ppl.
+    test_at_end: bool = False
 
 
 @dataclass
@@ -791,6 +794,9 @@ def _check_data(recipe: Recipe) -> None:
     if t.eval_interval and not separate_valid and shares[1] == 0:
         raise RecipeError(f"train.eval_interval = {t.eval_interval} needs validation data: give data.split a "
                           "valid share (e.g. '98,1,1') or set data.valid_path")
+    if t.test_at_end and shares[2] == 0:
+        raise RecipeError(f"train.test_at_end = true needs a test share in data.split (its third number, "
+                          f"e.g. '98,1,1'), got '{d.split}'")
     if d.reset_attention_mask:
         raise RecipeError("data.reset_attention_mask = true is not supported: the model's attention is causal "
                           "over the whole packed sample and takes no per-document mask; set it to false")

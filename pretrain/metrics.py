@@ -124,8 +124,9 @@ def _progress_line(r: dict) -> str:
         f"{r['tokens_per_s']:.0f} tok/s",
         f"{r['step_time_s'] * 1000:.0f} ms",
     ]
-    if "val_loss" in r:
-        parts.append(f"val_loss {r['val_loss']:.4f}")
+    for key in ("val_loss", "test_loss"):
+        if key in r:
+            parts.append(f"{key} {r[key]:.4f}")
     if r.get("mfu") is not None and not math.isnan(r["mfu"]):
         parts.append(f"mfu {100 * r['mfu']:.1f}%")
     return " | ".join(parts)

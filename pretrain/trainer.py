@@ -166,7 +166,7 @@ def wire_schedule(chunks, optimizer) -> None:
 
 
 def build_data(recipe: Recipe, tokenizer, log_dir: pathlib.Path) -> dict:
-    """Train (and valid) samples of data.path / data.blend; every rank calls this at once."""
+    """Train (valid, test) samples of data.path / data.blend; every rank calls this at once."""
     from data.dataset import blend_of, build_samples
     from pretrain.errors import UserError
 
@@ -178,7 +178,7 @@ def build_data(recipe: Recipe, tokenizer, log_dir: pathlib.Path) -> dict:
         train_blend, blend_of(data.valid_path, data.valid_blend), data.split,
         seq_length=recipe.model.seq_length, seed=recipe.train.seed, eod=tokenizer.eod,
         eod_mask_loss=data.eod_mask_loss, cache_dir=str(data.cache_dir or log_dir / "data_cache"),
-        vocab_size=tokenizer.vocab_size,
+        vocab_size=tokenizer.vocab_size, with_test=recipe.train.test_at_end,
     )
 
 
@@ -344,20 +344,22 @@ def train_step(run: Run, step: int, guards: Guards) -> dict:
 
 
 @torch.no_grad()
-def evaluate(run: Run) -> dict:
-    """Token-mean loss over the first train.eval_steps global batches of the validation samples,
-    forward only (every layout, pipeline included); the same samples at every evaluation."""
+def evaluate(run: Run, split: str = "valid") -> dict:
+    """Token-mean loss over the first train.eval_steps global batches of the `split` samples ('valid'
+    or 'test'), forward only (every layout, pipeline included); the same samples at every evaluation.
+    Returns {val_loss, val_ppl} or {test_loss, test_ppl}."""
     gbs = run.recipe.train.global_batch_size
     for chunk in run.chunks:
         chunk.eval()
     total = torch.zeros(2, dtype=torch.float64)
     for k in range(run.recipe.train.eval_steps):
-        batches = micro_batches(run, run.data["valid"], k * gbs)
+        batches = micro_batches(run, run.data[split], k * gbs)
         total += _loss_sums(run, _forward_backward(run, batches, forward_only=True))
     for chunk in run.chunks:
         chunk.train()
-    val_loss = float(total[0] / total[1])
-    return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0))}
+    loss = float(total[0] / total[1])
+    prefix = {"valid": "val", "test": "test"}[split]
+    return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 700.0))}
 
 
 def _global_mean_loss(run: Run, losses: list) -> float:
@@ -505,6 +507,9 @@ def _train_loop(run: Run, guards: Guards, log: Optional[MetricsLog]) -> dict:
         if evaluated:
             with guards.watchdog.phase(run.step, "evaluation"):
                 record.update(evaluate(run))
+        if last and recipe.train.test_at_end:
+            with guards.watchdog.phase(run.step, "evaluation"):
+                record.update(evaluate(run, "test"))
         with guards.watchdog.phase(run.step, "logging"):
             if log is not None and (run.step % recipe.logging.interval == 0 or last or evaluated
                                     or out["nonfinite"] or out["stop"]):

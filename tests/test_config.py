@@ -381,6 +381,8 @@ def test_yaml_1_2_floats_in_files(tmp_path):
     (["optimizer.decay=wsd", "optimizer.decay_steps=10", "optimizer.wsd_decay_steps=20"],
      "optimizer.wsd_decay_steps = 20 exceeds optimizer.decay_steps = 10"),
     (["train.eval_steps=0"], "train.eval_steps must be positive, got 0"),
+    (["train.test_at_end=true"],
+     "train.test_at_end = true needs a test share in data.split (its third number, e.g. '98,1,1'), got '100,0,0'"),
     (["data.blend=[[1, a]]"], "data.path and data.blend are both set: use one (set the other to null)"),
     (["data.path=null", "data.blend=[[0.5, a], [0, b]]"], "data.blend[1] ('b'): weight must be positive, got 0.0"),
     (["data.path=null", "data.blend=[[-1, a]]"], "data.blend[0] ('a'): weight must be positive, got -1.0"),

@@ -185,6 +185,17 @@ def test_split_shares_are_disjoint_document_ranges(counting_prefix, tmp_path):
     assert seen["train"] == set(range(32)) and seen["valid"] == set(range(32, 40))
 
 
+def test_test_share_is_read_only_when_asked_for(counting_prefix, tmp_path):
+    assert set(_samples(counting_prefix, 32, tmp_path / "a", split="70,20,10")) == {"train", "valid"}
+    data = build_samples([(1.0, counting_prefix)], [], "70,20,10", 32, 0, 4999, False, str(tmp_path / "b"), 5000,
+                         with_test=True)
+    seen = {}
+    for name, samples in data.items():
+        source = samples.sources[0]
+        seen[name] = {t // 100 for j in range(len(source)) for t in source[j]["tokens"].tolist() if t != 4999}
+    assert seen == {"train": set(range(28)), "valid": set(range(28, 36)), "test": set(range(36, 40))}
+
+
 def test_separate_validation_blend(counting_prefix, tmp_path):
     other = str(tmp_path / "other")
     write_indexed([[7] * 63] * 20, other, vocab_size=5000, eod=4999)

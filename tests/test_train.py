@@ -91,6 +91,21 @@ def test_validation_is_forward_only_and_pipeline_ready(reference, pipeline_with_
     assert _validations(metrics)[1]["val_loss"] < _validations(metrics)[0]["val_loss"]
 
 
+def test_test_share_is_evaluated_after_the_last_step(synthetic_corpus, tmp_path):
+    """train.test_at_end: test_loss / test_ppl in the last record only, beside the validation of
+    the same step, from other documents than the validation's."""
+    steps = ["train.steps=4", "train.eval_interval=2", "train.eval_steps=1", "train.test_at_end=true",
+             "data.split=80,10,10"]
+    proc = run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path) + steps)
+    metrics = read_metrics(tmp_path)
+    assert [r["step"] for r in metrics if "test_loss" in r] == [4]
+    assert [r["step"] for r in metrics if "val_loss" in r] == [2, 4]
+    last = metrics[-1]
+    assert math.isfinite(last["test_loss"]) and last["test_loss"] != last["val_loss"]
+    assert last["test_ppl"] == pytest.approx(math.exp(last["test_loss"]), rel=1e-12)
+    assert f"test_loss {last['test_loss']:.4f}" in proc.stdout
+
+
 @pytest.mark.slow
 def test_resume_at_another_data_parallel_size(reference, synthetic_corpus, pipeline_with_validation, tmp_path):
     """Stopped at step 5 on 2 data-parallel ranks, resumed on 1 (same global batch): the samples
