@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from model.ring_attention import (
     BACKENDS,
+    CANDIDATES,
     BlockKernels,
     RingAttention,
     RingAttentionFunction,
@@ -87,6 +88,7 @@ def fresh_backend_choice():
     ("padded_lse", "lse has shape (1, 2, 96), math (1, 2, 64)"),
     ("causal_dropped_in_backward", "dq differs from math by"),
     ("raises", "RuntimeError: kernel not compiled for this device"),
+    ("gqa_heads_strided", "out differs from math by"),
 ])
 def test_a_wrongly_wired_kernel_is_never_selected(defect, message, monkeypatch, fresh_backend_choice):
     """Backends that cannot run in CI (CUDA, flash-attn) are used only once a probe against plain
@@ -94,6 +96,9 @@ def test_a_wrongly_wired_kernel_is_never_selected(defect, message, monkeypatch, 
     good = BACKENDS["aten_cpu"]
 
     def forward(q, k, v, causal, scale):
+        if defect == "gqa_heads_strided":  # K/V head j serves query heads j, j + ng, …: not megatron's order
+            rep = q.size(1) // k.size(1)
+            k, v = k.repeat(1, rep, 1, 1), v.repeat(1, rep, 1, 1)
         if defect == "raises":
             raise RuntimeError("kernel not compiled for this device\nsecond line")
         out, lse = good.forward(q, k, v, causal, scale)
@@ -106,10 +111,11 @@ def test_a_wrongly_wired_kernel_is_never_selected(defect, message, monkeypatch, 
     def backward(dout, q, k, v, out, lse, causal, scale):
         return good.backward(dout, q, k, v, out, lse, causal and defect != "causal_dropped_in_backward", scale)
 
-    monkeypatch.setitem(BACKENDS, "aten_cpu", BlockKernels(forward, backward))
+    monkeypatch.setitem(BACKENDS, "aten_cpu", BlockKernels(forward, backward, gqa=defect == "gqa_heads_strided"))
     with pytest.warns(UserWarning, match=re.escape(message)) as warned:
         assert select_backend(torch.zeros(1, 1, 2, 16)) == "math"
     assert "not using the aten_cpu kernels for torch.float32, head size 16 on cpu" in str(warned[0].message)
+    assert ("with 4 query heads on 2 K/V heads" in str(warned[0].message)) == (defect == "gqa_heads_strided")
 
 
 def test_probe_accepts_a_correct_kernel_in_every_cpu_dtype(fresh_backend_choice):
@@ -143,6 +149,7 @@ def _full_problem():
 
 
 def _check_ring(group, cp: int, cp_rank: int) -> None:
+    """The ring's out, dq, dk, dv on this rank's slices equal the full-sequence reference's slices."""
     (q, k, v, dout), expected = _full_problem()
     shard = lambda t: load_balanced_slice(t, cp_rank, cp, dim=2)  # noqa: E731
     local = [shard(t).requires_grad_() for t in (q, k, v)]
@@ -160,9 +167,15 @@ def _ring_worker(rank: int, world: int, port: int) -> None:
                             timeout=datetime.timedelta(seconds=60))
     try:
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
-        _check_ring(dist.group.WORLD, cp=4, cp_rank=rank)
-        # ranks 2, 3 form a group whose local ranks differ from their global ones
-        _check_ring(pairs[rank // 2], cp=2, cp_rank=rank % 2)
+        # The CPU kernel takes the K/V heads as they are (native GQA); plain math gets them folded
+        # (unmasked blocks) or copied per query head (the causal block).
+        for backend, candidates in (("aten_cpu", CANDIDATES["cpu"]), ("math", ())):
+            CANDIDATES["cpu"] = candidates
+            _backend_for.cache_clear()
+            assert select_backend(torch.zeros(1, HEADS, 2, HEAD_DIM)) == backend
+            _check_ring(dist.group.WORLD, cp=4, cp_rank=rank)
+            # ranks 2, 3 form a group whose local ranks differ from their global ones
+            _check_ring(pairs[rank // 2], cp=2, cp_rank=rank % 2)
     finally:
         dist.destroy_process_group()
 
