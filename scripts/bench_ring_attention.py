@@ -18,6 +18,13 @@ That is the ring's compute per rank; on NVLink its transfers overlap the next bl
 
 Each rank holds its load-balanced S/cp slice of q, k, v and runs forward + backward of one causal
 attention over the whole sequence. Rank 0 prints the largest value over ranks.
+
+`--reference` measures instead what a CP = 1 layer runs (model/layers.py:SDPAttention): one
+`F.scaled_dot_product_attention` call over the whole sequence (on a GPU, flash-attn's when installed).
+
+On the CPU the memory figure is the growth of the process's peak RSS. glibc's malloc raises its
+mmap threshold after large frees and then keeps freed tensors in its heap, so RSS creeps above the
+live tensors step after step; the threshold is pinned (mallopt) so that RSS follows them.
 """
 
 from __future__ import annotations
@@ -33,6 +40,16 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _pin_malloc_mmap_threshold() -> None:
+    """glibc: tensors above 64 KiB are mmapped and unmapped when freed (M_MMAP_THRESHOLD = -3)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).mallopt(-3, 64 * 1024)
+    except (OSError, AttributeError):  # not glibc: RSS stays an upper bound
+        pass
 
 
 def _peak_mib(device) -> float:
@@ -83,12 +100,14 @@ def _ring_call(args, local: int, device, dtype, group):
 
 def _full_sequence_call(args, device, dtype):
     """(name, factory of a callable): forward + backward of one causal attention call over the whole
-    sequence, flash-attn's when installed, else torch's flash SDPA kernel."""
+    sequence: flash-attn's when installed on a GPU, else torch SDPA (its flash kernel on a GPU)."""
     import torch.nn.functional as F
 
     try:
         from flash_attn import flash_attn_func
     except ImportError:
+        flash_attn_func = None
+    if device.type != "cuda":
         flash_attn_func = None
 
     def make():
@@ -99,12 +118,16 @@ def _full_sequence_call(args, device, dtype):
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         def call():
+            attend = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)  # noqa: E731
+            if device.type != "cuda":
+                return attend().sum().backward()
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+                attend().sum().backward()
 
         return call
 
-    return ("flash-attn" if flash_attn_func is not None else "torch SDPA flash"), make
+    name = "flash-attn" if flash_attn_func is not None else "torch SDPA" + (" flash" if device.type == "cuda" else "")
+    return name, make
 
 
 def _measure(make_call, iters: int, timer, device) -> tuple:
@@ -160,7 +183,11 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--simulate-cp", type=int, default=0,
                         help="run the N ranks of a CP ring one after the other in this process (one GPU)")
+    parser.add_argument("--reference", action="store_true",
+                        help="measure one whole-sequence SDPA call (what CP = 1 runs) instead of the ring")
     args = parser.parse_args()
+    if args.device == "cpu":
+        _pin_malloc_mmap_threshold()
 
     import torch
     import torch.distributed as dist
@@ -173,6 +200,15 @@ def main() -> None:
     else:
         device = torch.device("cpu")
     timer = _Timer(device)
+    if args.reference:
+        name, make = _full_sequence_call(args, device, dtype)
+        if device.type == "cpu":  # one-time costs out of the baseline, as for the ring
+            _full_sequence_call(argparse.Namespace(**{**vars(args), "seq": 16}), device, dtype)[1]()()
+        best, median, memory = _measure(make, args.iters, timer, device)
+        print(f"seq={args.seq} heads={args.heads}/{args.groups} hn={args.head_dim} {args.dtype} on {device.type}: "
+              f"one {name} call fwd+bwd: best {best * 1e3:.2f} ms, median {median * 1e3:.2f} ms; "
+              f"peak memory {memory:.0f} MiB")
+        return
     _init_group(args, device)
 
     if args.simulate_cp:
