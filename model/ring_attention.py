@@ -441,8 +441,9 @@ class RingAttentionFunction(torch.autograd.Function):
         if q.size(2) % 2:
             raise ValueError(f"ring attention needs an even local sequence (two chunks), got {q.size(2)}")
         ring = _Ring.of(group)
-        kv = torch.stack((k, v)).contiguous()  # [2, b, ng, s/cp, hn]: one message per hop
-        out, lse = _ring_forward(q.contiguous(), kv, ring, scale)
+        # K/V stacked [2, b, ng, s/cp, hn]: one message per hop. Not bound here, so the ring's
+        # reference is the only one and the copy is freed once it has been passed on.
+        out, lse = _ring_forward(q.contiguous(), torch.stack((k, v)), ring, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.scale = ring, scale
@@ -451,8 +452,8 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        kv = torch.stack((k, v)).contiguous()
-        dq, dkv = _ring_backward(dout.contiguous(), q.contiguous(), kv, out, lse, ctx.ring, ctx.scale)
+        dq, dkv = _ring_backward(dout.contiguous(), q.contiguous(), torch.stack((k, v)), out, lse, ctx.ring,
+                                 ctx.scale)
         return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
 
 
