@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy
 import torch
 
+from pretrain.config import parse_split
 from pretrain.errors import UserError
 
 SPLITS = ("train", "valid", "test")
@@ -203,17 +204,12 @@ def _require_samples(dataset, prefix: str, split_name: str, split: str, seq_leng
     if dataset is not None and len(dataset) > 0:
         return
     tokens = int(numpy.sum(dataset.dataset.sequence_lengths[dataset.indices])) if dataset is not None else 0
-    whole = split_name == "train" and parse_shares(split)[1:] == [0.0, 0.0]
+    whole = split_name == "train" and parse_split(split)[1:] == [0.0, 0.0]
     share = "" if whole else f": its {split_name} share (data.split '{split}')"
     raise UserError(
         f"data file '{prefix}.bin'{share} holds {tokens} tokens, too few for one sample of seq_length "
         f"{seq_length} (needs {seq_length + 1}): use more data or a shorter seq_length"
     )
-
-
-def parse_shares(split: str) -> List[float]:
-    shares = [float(x) for x in split.split(",")]
-    return shares + [0.0] * (3 - len(shares))
 
 
 def build_samples(train_blend: List[Tuple[float, str]], valid_blend: List[Tuple[float, str]], split: str,

@@ -303,12 +303,14 @@ def _tokenize_batch(texts: list[str], tokenizer=None) -> tuple[numpy.ndarray, nu
     return flat, lengths
 
 
-def tokenized_batches(texts: Iterable[str], tokenizer_name: str, workers: int,
-                      batch_size: int = BATCH_DOCUMENTS) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
-    """Tokenized batches in input order; with workers > 1 a process pool, at most a few batches ahead."""
+def tokenized_batches(texts: Iterable[str], tokenizer_name: str, workers: int, batch_size: int = BATCH_DOCUMENTS,
+                      tokenizer=None) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
+    """Tokenized batches in input order; with workers > 1 a process pool, at most a few batches ahead.
+    One worker uses `tokenizer` when given (already built from `tokenizer_name`: a hub name is not
+    fetched twice); the pool's processes build their own from the name."""
     batches = _batches(texts, batch_size)
     if workers <= 1:
-        tokenizer = build_tokenizer(tokenizer_name)
+        tokenizer = tokenizer or build_tokenizer(tokenizer_name)
         yield from (_tokenize_batch(batch, tokenizer) for batch in batches)
         return
     # spawn, not fork: the parent may already run tokenizer threads (training a BPE) or hold locks
@@ -414,7 +416,7 @@ def build_text_corpus(
     if tokenizer.vocab_size > numpy.iinfo(numpy.int32).max:
         raise UserError(f"tokenizer '{tokenizer_name}' has {tokenizer.vocab_size} ids, more than int32 token "
                         "files can hold")
-    batches = tokenized_batches(documents(), tokenizer_name, workers)
+    batches = tokenized_batches(documents(), tokenizer_name, workers, tokenizer=tokenizer)
     return {**stats, **write_batches(batches, prefix, tokenizer.vocab_size, tokenizer_name, progress)}
 
 
