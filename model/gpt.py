@@ -252,8 +252,3 @@ def parameter_counts(model: ModelConfig, vocab_size: int) -> ParameterCount:
     active = sum(layer_parameters(model, is_moe, experts=model.moe.top_k if is_moe else None)
                  for is_moe in pattern) + h + embeddings
     return ParameterCount(total=total, active=active)
-
-
-def count_parameters_formula(model: ModelConfig, vocab_size: int) -> int:
-    """Total parameters by hand formula (see parameter_counts)."""
-    return parameter_counts(model, vocab_size).total

@@ -243,9 +243,8 @@ class MoeMonitor:
     def _global_bias_range(self, device) -> Optional[List[float]]:
         if not self.expert_bias:
             return None
-        local = expert_bias_range(self.chunks) or [float("inf"), float("-inf")]  # a stage without MoE
-        low = torch.tensor([local[0]], dtype=torch.float64, device=device)
-        high = torch.tensor([local[1]], dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(low, op=torch.distributed.ReduceOp.MIN)
-        torch.distributed.all_reduce(high, op=torch.distributed.ReduceOp.MAX)
-        return [float(low), float(high)]
+        low, high = expert_bias_range(self.chunks) or [float("inf"), float("-inf")]  # a stage without MoE
+        # one MAX all-reduce for both ends: min(x) = -max(-x)
+        ends = torch.tensor([-low, high], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(ends, op=torch.distributed.ReduceOp.MAX)
+        return [-float(ends[0]), float(ends[1])]

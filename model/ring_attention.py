@@ -178,16 +178,20 @@ def _verify(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) 
     """
     kernels, tolerance = BACKENDS[name], _PROBE_TOLERANCE.get(dtype, 4e-2)
     generator = torch.Generator().manual_seed(0)
-    draw = lambda heads, rows: torch.randn(1, heads, rows, head_dim, generator=generator).to(device, dtype)  # noqa: E731
+
+    def draw(heads: int, rows: int) -> Tensor:
+        return torch.randn(1, heads, rows, head_dim, generator=generator).to(device, dtype)
+
     cases = [(2, 2, True, 64, 64), (2, 2, False, 128, 64)]
     if kernels.gqa:
         cases += [(4, 2, True, 64, 64), (4, 2, False, 128, 64)]
+    scale = head_dim ** -0.5
     for heads, groups, causal, rows, keys in cases:
         q, k, v, dout = draw(heads, rows), draw(groups, keys), draw(groups, keys), draw(heads, rows)
-        want = _math_reference(q, k, v, dout, causal, head_dim ** -0.5)
+        want = _math_reference(q, k, v, dout, causal, scale)
         try:
-            out, lse = kernels.forward(q, k, v, causal, head_dim ** -0.5)
-            got = (out, lse) + tuple(kernels.backward(dout, q, k, v, out, lse, causal, head_dim ** -0.5))
+            out, lse = kernels.forward(q, k, v, causal, scale)
+            got = (out, lse) + tuple(kernels.backward(dout, q, k, v, out, lse, causal, scale))
         except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
             return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         for label, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):

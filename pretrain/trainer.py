@@ -85,8 +85,8 @@ def build_model(recipe: Recipe, layout: Layout, device: torch.device, vocab_size
     model_parallel_cuda_manual_seed(recipe.train.seed)
     build = ModelBuild(
         tensor=layout.tensor, pipeline=layout.pipeline, virtual_pipeline=layout.virtual_pipeline,
-        context=layout.context, context_comm=recipe.parallel.context_comm, expert=layout.expert, expert_tensor=recipe.parallel.expert_tensor,
-        sequence_parallel=layout.sequence_parallel,
+        context=layout.context, context_comm=recipe.parallel.context_comm, expert=layout.expert,
+        expert_tensor=layout.expert_tensor, sequence_parallel=layout.sequence_parallel,
         first_stage_layers=recipe.parallel.first_stage_layers,
         last_stage_layers=recipe.parallel.last_stage_layers,
         precision=recipe.train.precision, init_seed=recipe.train.seed,
@@ -239,8 +239,7 @@ def train_batches(run: Run) -> List[dict]:
 
 
 def num_micro_batches(run: Run) -> int:
-    train = run.recipe.train
-    return train.global_batch_size // (train.micro_batch_size * run.layout.data)
+    return rank_share(run).micro_batches
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from model.gpt import (
     ModelBuild,
     build_model_chunks,
-    count_parameters_formula,
     meta_device,
     padded_vocab_size,
+    parameter_counts,
     transformer_config,
 )
 from pretrain.config import ModelConfig, load_recipe
@@ -50,14 +50,14 @@ def _built_parameter_count(model: ModelConfig, vocab: int) -> int:
 def test_formula_equals_built_model_tiny(change):
     model = dataclasses.replace(_tiny(), **change)
     vocab = padded_vocab_size(model, BYTE_VOCAB, tensor=1)
-    assert count_parameters_formula(model, vocab) == _built_parameter_count(model, vocab)
+    assert parameter_counts(model, vocab).total == _built_parameter_count(model, vocab)
 
 
 def test_formula_variants_differ():
     """The three tiny variants really are different models (guards the parametrization above)."""
     tiny = _tiny()
     counts = {
-        count_parameters_formula(dataclasses.replace(tiny, **change), 384)
+        parameter_counts(dataclasses.replace(tiny, **change), 384).total
         for change in ({}, {"untie_embeddings": False}, {"num_query_groups": None})
     }
     assert len(counts) == 3
@@ -80,7 +80,7 @@ def test_formula_equals_hand_count_tiny():
     assert per_layer == 4096 + 2048 + 2048 + 4096 + 3 * 11264 + 128
     expected = 4 * per_layer + hidden + vocab * hidden + hidden * vocab  # final norm, embedding, output
     assert expected == 234_048
-    assert count_parameters_formula(m, vocab) == expected
+    assert parameter_counts(m, vocab).total == expected
 
 
 def test_llama70b_is_the_published_count():
@@ -88,7 +88,7 @@ def test_llama70b_is_the_published_count():
     assert model.vocab_size == 128256
     vocab = padded_vocab_size(model, model.vocab_size, tensor=1)
     assert vocab == 128256
-    assert count_parameters_formula(model, vocab) == LLAMA_31_70B_PARAMETERS
+    assert parameter_counts(model, vocab).total == LLAMA_31_70B_PARAMETERS
     assert _built_parameter_count(model, vocab) == LLAMA_31_70B_PARAMETERS
 
 
