@@ -21,7 +21,6 @@ LATEST = "latest"
 # the state onto the model's parameters (resume at any layout); 'dp_reshardable' saves each rank's
 # flat buffers as is (only the data-parallel size may change). megatron-core's default
 # 'fully_sharded_model_space' cannot be saved in 0.16 ("ShardedTensor.flattened_range is not supported").
-DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"
 # A test hook for crash safety, "STEP:SECONDS": when saving step STEP, sleep after the shards are
 # written and before the checkpoint is renamed into place, so a test can kill the trainer mid-save.
 SLOW_SAVE_ENV = "PRETRAIN_FAULT_SLOW_SAVE"
@@ -78,11 +77,12 @@ def _unwrap(chunk):
 
 
 def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict,
-         optimizer_format: str = DEFAULT_OPTIMIZER_FORMAT, keep_last: Optional[int] = None,
+         optimizer_format: Optional[str] = None, keep_last: Optional[int] = None,
          async_queue=None) -> pathlib.Path:
     """Writes `<dir>/iter_N.tmp`, then renames it to `iter_N` and updates `latest` (rank 0).
 
-    `optimizer=None` saves the model only (a weights checkpoint, e.g. converted from Hugging Face).
+    `optimizer=None` saves the model only (a weights checkpoint, e.g. converted from Hugging Face);
+    otherwise `optimizer_format` is checkpoint.optimizer_format.
     With `async_queue` (megatron-core's AsyncCallsQueue) the shards are written by a background
     process from a snapshot taken now, and the rename happens when the queue finalizes the save
     (`finish_async_saves`): until then the checkpoint is invisible to `auto`, as any partial save.

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
+from pretrain.cli import EXIT_USER_ERROR  # noqa: E402
 from pretrain.errors import UserError, quiet_dependency_warnings  # noqa: E402
 
 
@@ -161,7 +162,7 @@ def main(argv: Optional[list] = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     return 0
 
 
