@@ -172,15 +172,18 @@ _PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 2e-
 def _verify(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
     """None when backend `name` gives math's out, lse, dq, dk, dv on a small problem, else what differs.
 
-    The problem has the ring's block shapes: a causal diagonal block and an unmasked block with
-    twice as many query rows as keys, each query row given the lse of its own block; for a kernel
-    that claims `gqa`, both again with 4 query heads on 2 K/V heads.
+    The problem has the ring's block shapes and layout: a causal diagonal block and an unmasked
+    block with twice as many query rows as keys, each query row given the lse of its own block; for
+    a kernel that claims `gqa`, both again with 4 query heads on 2 K/V heads.
     """
     kernels, tolerance = BACKENDS[name], _PROBE_TOLERANCE.get(dtype, 4e-2)
     generator = torch.Generator().manual_seed(0)
 
     def draw(heads: int, rows: int) -> Tensor:
-        return torch.randn(1, heads, rows, head_dim, generator=generator).to(device, dtype)
+        # as the ring passes them: a model's [s, b, h, d] seen as [b, h, s, d] (b = 2, so the batch
+        # stride is not the sequence's), a slice at an offset
+        full = torch.randn(2 * rows, 2, heads, head_dim, generator=generator).to(device, dtype)
+        return full[rows:].permute(1, 2, 0, 3)
 
     cases = [(2, 2, True, 64, 64), (2, 2, False, 128, 64)]
     if kernels.gqa:
@@ -249,7 +252,7 @@ def block_backward(dout, q, k, v, out, lse, causal: bool, scale: float) -> Tuple
 
 # ---------------------------------------------------------------------------------------- the ring
 
-_KV_TAG, _DKV_TAG = 0, 1  # distinct tags: gloo matches messages by (peer, tag)
+_K_TAG, _V_TAG, _DK_TAG, _DV_TAG = 0, 1, 2, 3  # distinct tags: gloo matches messages by (peer, tag)
 
 
 class _Ring(NamedTuple):
@@ -265,35 +268,69 @@ class _Ring(NamedTuple):
         rank, size = dist.get_rank(group), len(ranks)
         return cls(group, rank, size, ranks[(rank + 1) % size], ranks[(rank - 1) % size])
 
-    def shift(self, tensor: Tensor, tag: int) -> Tuple[List, Tensor]:
-        """Posts send(tensor → next) and recv(← prev); returns (works, buffer the recv fills)."""
-        incoming = torch.empty_like(tensor)
-        send = lambda: dist.isend(tensor, self.next, group=self.group, tag=tag)  # noqa: E731
-        recv = lambda: dist.irecv(incoming, self.prev, group=self.group, tag=tag)  # noqa: E731
+    def shift(self, tensors: Tuple[Tensor, ...], tags: Tuple[int, ...]) -> "_Transfer":
+        """Posts send(each dense tensor → next) and recv(← prev), one message per tensor and tag."""
+        incoming = tuple(torch.empty_like(t) for t in tensors)  # same strides as t (dense)
+        sends = [lambda t=t, tag=tag: dist.isend(_message(t), self.next, group=self.group, tag=tag)
+                 for t, tag in zip(tensors, tags)]
+        recvs = [lambda t=t, tag=tag: dist.irecv(_message(t), self.prev, group=self.group, tag=tag)
+                 for t, tag in zip(incoming, tags)]
         # Even ranks send first, odd ranks receive first: cannot deadlock even where p2p blocks.
-        works = [send(), recv()] if self.rank % 2 == 0 else [recv(), send()]
-        return works, incoming
+        works = [post() for post in (sends + recvs if self.rank % 2 == 0 else recvs + sends)]
+        return _Transfer(works, incoming, tensors)
 
 
-def _arrive(pending: Tuple[List, Tensor]) -> Tensor:
-    works, incoming = pending
-    for work in works:
+class _Transfer(NamedTuple):
+    works: List
+    incoming: Tuple[Tensor, ...]  # what the recvs fill, laid out like the tensors sent
+    # The tensors sent stay referenced until _arrive, as a send may read them until then; so every
+    # backend holds the same memory, also the no-op one the benchmark simulates a ring with.
+    sent: Tuple[Tensor, ...]
+
+
+def _dense(t: Tensor) -> Tensor:
+    """t itself when its elements fill one block of memory in some order of its dims (a model's
+    [s, b, h, d] heads seen as [b, h, s, d]), else a copy that does, in the same order of dims (a
+    value split out of the fused QKV projection). The ring keeps that layout: its messages,
+    accumulators and output are allocated like the input, and the kernels take the views as they
+    are (so a model's [s, b, ...] tensors are never copied into [b, h, s, d])."""
+    order = _stride_order(t)
+    if t.permute(order).is_contiguous():
+        return t
+    return t.permute(order).contiguous().permute([order.index(dim) for dim in range(t.dim())])
+
+
+def _stride_order(t: Tensor) -> List[int]:
+    return sorted(range(t.dim()), key=t.stride, reverse=True)
+
+
+def _message(t: Tensor) -> Tensor:
+    # a dense t's elements as one contiguous tensor, what isend/irecv need
+    return t.permute(_stride_order(t))
+
+
+def _arrive(pending: _Transfer) -> Tuple[Tensor, ...]:
+    for work in pending.works:
         work.wait()
-    return incoming
+    return pending.incoming
 
 
-def _step_blocks(step: int, rank: int, size: int, half: int):
-    """(query rows, key rows, causal) at ring `step`, against the K/V of CP rank (rank − step) mod size.
+def _step_blocks(step: int, rank: int, size: int, half: int) -> Tuple[Tuple[slice, slice, bool], ...]:
+    """The (query rows, key rows, causal) pieces computed at ring `step`, against the K/V of CP rank
+    (rank − step) mod size: the causal diagonal at step 0 (its results start the accumulators),
+    after that the two quarter-blocks [one chunk of ours × one chunk of its] not fully masked, one
+    kernel call each, so that no piece's gradients exceed half our rows or half its keys.
 
     Fully masked quarter-blocks are never computed: an earlier rank's second chunk is in the
     future of all our queries; a later rank's both chunks are in the future of our first chunk.
     """
     source = (rank - step) % size
     if step == 0:
-        return slice(None), slice(None), True
-    if source < rank:
-        return slice(None), slice(0, half), False
-    return slice(half, None), slice(None), False
+        return ((slice(None), slice(None), True),)
+    first, second = slice(0, half), slice(half, None)
+    if source < rank:  # both our chunks see its first chunk
+        return (first, first, False), (second, first, False)
+    return (second, first, False), (second, second, False)  # our second chunk sees both of its
 
 
 def _reduce_heads(grad: Tensor, rep: int) -> Tensor:
@@ -315,7 +352,7 @@ def _unfold(x: Tensor, rep: int) -> Tensor:
     return x.reshape(b, groups * rep, folded // rep, *x.shape[3:])
 
 
-def _heads_plan(q: Tensor, kv: Tensor, causal: bool) -> str:
+def _heads_plan(q: Tensor, k: Tensor, causal: bool) -> str:
     """How a block meets grouped-query attention (rep query heads per K/V head):
 
     - 'native': equal head counts, or a kernel that takes fewer K/V heads (`BlockKernels.gqa`);
@@ -324,24 +361,24 @@ def _heads_plan(q: Tensor, kv: Tensor, causal: bool) -> str:
     - 'expand' (other kernels, the causal block): K/V copied per query head.
 
     With the CPU kernel 'native' beat folding on unmasked blocks too: at 8K tokens, 32/8 heads,
-    fp32, the peak per rank went from 733 to 701 MiB at CP 2 and from 405 to 389 MiB at CP 4.
+    fp32, the peak RSS per rank went from 733 to 701 MiB at CP 2 and from 405 to 389 MiB at CP 4.
     """
-    if q.size(1) == kv.size(2) or BACKENDS[select_backend(q)].gqa:
+    if q.size(1) == k.size(1) or BACKENDS[select_backend(q)].gqa:
         return "native"
     return "expand" if causal else "fold"
 
 
-def _block_kv(kv: Tensor, cols: slice, rep: int, expand: bool) -> Tuple[Tensor, Tensor]:
-    # [2, b, ng, s/cp, hn] -> k, v [b, ng, keys, hn] (or [b, np, keys, hn], copied per query head)
+def _block_kv(kv: Tuple[Tensor, Tensor], cols: slice, rep: int, expand: bool) -> Tuple[Tensor, Tensor]:
+    # k, v [b, ng, s/cp, hn] -> [b, ng, keys, hn] (or [b, np, keys, hn], copied per query head)
     k, v = kv[0][:, :, cols], kv[1][:, :, cols]
     if expand:
         return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return k.contiguous(), v.contiguous()
+    return k, v
 
 
-def _attend_block(q: Tensor, kv: Tensor, rows: slice, cols: slice, causal: bool, scale: float):
-    """(out, lse) of query rows `rows` against key rows `cols` of kv, per query head."""
-    rep, plan = q.size(1) // kv.size(2), _heads_plan(q, kv, causal)
+def _attend_block(q: Tensor, kv: Tuple[Tensor, Tensor], rows: slice, cols: slice, causal: bool, scale: float):
+    """(out, lse) of query rows `rows` against key rows `cols` of kv = (k, v), per query head."""
+    rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv[0], causal)
     k, v = _block_kv(kv, cols, rep, expand=plan == "expand")
     if plan != "fold":
         return block_forward(q[:, :, rows], k, v, causal, scale)
@@ -351,7 +388,7 @@ def _attend_block(q: Tensor, kv: Tensor, rows: slice, cols: slice, causal: bool,
 
 def _grad_block(dout, q, kv, out, lse, rows: slice, cols: slice, causal: bool, scale: float):
     """(dq [b, np, rows, hn], dk and dv [b, ng, keys, hn]) of one block, given the final out and lse."""
-    rep, plan = q.size(1) // kv.size(2), _heads_plan(q, kv, causal)
+    rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv[0], causal)
     k, v = _block_kv(kv, cols, rep, expand=plan == "expand")
     if plan == "fold":
         fold = lambda t: _fold(t[:, :, rows], rep)  # noqa: E731
@@ -373,54 +410,64 @@ def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> No
     lse.copy_(new_lse)
 
 
-def _ring_forward(q: Tensor, kv: Tensor, ring: _Ring, scale: float) -> Tuple[Tensor, Tensor]:
-    """q [b, np, s/cp, hn], kv [2, b, ng, s/cp, hn] -> out [b, np, s/cp, hn] fp32, lse [b, np, s/cp] fp32."""
+def _fp32_like(t: Tensor, like: Tensor) -> Tensor:
+    """t in fp32 with like's layout (t itself when it already is; a size-1 dim's stride is moot)."""
+    if t.dtype == torch.float32 and all(a == b or n == 1 for a, b, n in zip(t.stride(), like.stride(), t.shape)):
+        return t
+    return torch.empty_like(like, dtype=torch.float32).copy_(t)
+
+
+def _ring_forward(q: Tensor, kv: Tuple[Tensor, Tensor], ring: _Ring, scale: float) -> Tuple[Tensor, Tensor]:
+    """q [b, np, s/cp, hn], kv = (k, v) [b, ng, s/cp, hn] -> out [b, np, s/cp, hn] fp32, lse [b, np, s/cp] fp32."""
     half = q.size(2) // 2
     out = lse = None
     for step in range(ring.size):
         # send next: the block we hold moves on while we compute with it
-        pending = ring.shift(kv, _KV_TAG) if step < ring.size - 1 else None
-        # compute current
-        rows, cols, causal = _step_blocks(step, ring.rank, ring.size, half)
-        block_out, block_lse = _attend_block(q, kv, rows, cols, causal, scale)
-        # merge (step 0 is the causal diagonal: every query row sees at least itself)
-        if out is None:
-            out, lse = block_out.float(), block_lse
-        else:
-            _merge(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+        pending = ring.shift(kv, (_K_TAG, _V_TAG)) if step < ring.size - 1 else None
+        # compute current, merge (step 0 is the causal diagonal: every query row sees at least itself)
+        for rows, cols, causal in _step_blocks(step, ring.rank, ring.size, half):
+            block_out, block_lse = _attend_block(q, kv, rows, cols, causal, scale)
+            if out is None:
+                out, lse = _fp32_like(block_out, q), block_lse
+            else:
+                _merge(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+            del block_out, block_lse  # freed before the next kernel allocates its own
         if pending is not None:
             kv = _arrive(pending)
     return out, lse
 
 
-def _ring_backward(dout, q, kv, out, lse, ring: _Ring, scale: float) -> Tuple[Tensor, Tensor]:
-    """-> dq [b, np, s/cp, hn] fp32, dkv [2, b, ng, s/cp, hn] fp32 for this rank's own K/V.
+def _ring_backward(dout, q, kv: Tuple[Tensor, Tensor], out, lse, ring: _Ring,
+                   scale: float) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """-> dq [b, np, s/cp, hn] fp32, (dk, dv) [b, ng, s/cp, hn] fp32 for this rank's own K/V.
 
     A block's dK/dV accumulator follows its K/V one step behind: rank r adds its share of block j
     and passes it on; after cp hops it is back at rank j, complete.
     """
     half = q.size(2) // 2
-    dq = None
-    dkv_pending = None
+    dq = dkv_pending = None
     for step in range(ring.size):
         # send next: K/V for the following step
-        kv_pending = ring.shift(kv, _KV_TAG) if step < ring.size - 1 else None
+        kv_pending = ring.shift(kv, (_K_TAG, _V_TAG)) if step < ring.size - 1 else None
         # compute current: this block's share of dq (local) and of dk/dv (travelling)
-        rows, cols, causal = _step_blocks(step, ring.rank, ring.size, half)
-        dq_block, dk_block, dv_block = _grad_block(dout, q, kv, out, lse, rows, cols, causal, scale)
-        if dq is None:  # step 0, the causal diagonal, covers every query row
-            dq = dq_block.float()
-        else:
-            dq[:, :, rows] += dq_block
-        # merge into the accumulator that previous ranks built for this block, then pass it on
-        dkv = _arrive(dkv_pending) if dkv_pending is not None else torch.zeros_like(kv, dtype=torch.float32)
-        dkv[0][:, :, cols] += dk_block
-        dkv[1][:, :, cols] += dv_block
+        dk = dv = None
+        for rows, cols, causal in _step_blocks(step, ring.rank, ring.size, half):
+            dq_block, dk_block, dv_block = _grad_block(dout, q, kv, out, lse, rows, cols, causal, scale)
+            if dq is None:  # step 0, the causal diagonal: every query row, our own block's keys
+                dq, dk, dv = _fp32_like(dq_block, q), _fp32_like(dk_block, kv[0]), _fp32_like(dv_block, kv[1])
+            else:
+                if dk is None:  # the accumulators that previous ranks built for this block
+                    dk, dv = _arrive(dkv_pending)
+                dq[:, :, rows] += dq_block
+                dk[:, :, cols] += dk_block
+                dv[:, :, cols] += dv_block
+            del dq_block, dk_block, dv_block  # freed before the next kernel allocates its own
+        # pass the accumulators on
         if ring.size > 1:
-            dkv_pending = ring.shift(dkv, _DKV_TAG)
+            dkv_pending = ring.shift((dk, dv), (_DK_TAG, _DV_TAG))
         if kv_pending is not None:
             kv = _arrive(kv_pending)
-    return dq, (_arrive(dkv_pending) if dkv_pending is not None else dkv)
+    return dq, (_arrive(dkv_pending) if dkv_pending is not None else (dk, dv))
 
 
 def _check_heads(heads: int, groups: int) -> None:
@@ -432,10 +479,12 @@ class RingAttentionFunction(torch.autograd.Function):
     """Causal attention over a context-parallel group, on megatron's load-balanced layout.
 
     q [b, np, s/cp, hn], k/v [b, ng, s/cp, hn] (np a multiple of ng) -> out [b, np, s/cp, hn].
-    Forward communication: each rank's K/V (stacked, ng heads) travels once around `group`
-    (cp−1 isend/irecv hops, each overlapped with one block of compute).
+    Forward communication: each rank's K and V (ng heads, two messages) travel once around
+    `group` (cp−1 isend/irecv hops, each overlapped with one block of compute).
     Backward communication: the K/V travel around again (cp−1 hops) and their fp32 dK/dV
     accumulators follow one step behind (cp hops), ending at the rank that owns the K/V.
+    Dense inputs in any dim order (a model's [s, b, h, d] seen as [b, h, s, d]) are used as they
+    are, and the output and gradients come back in the same layout.
     cp == 1 communicates nothing.
     """
 
@@ -445,9 +494,7 @@ class RingAttentionFunction(torch.autograd.Function):
         if q.size(2) % 2:
             raise ValueError(f"ring attention needs an even local sequence (two chunks), got {q.size(2)}")
         ring = _Ring.of(group)
-        # K/V stacked [2, b, ng, s/cp, hn]: one message per hop. Not bound here, so the ring's
-        # reference is the only one and the copy is freed once it has been passed on.
-        out, lse = _ring_forward(q.contiguous(), torch.stack((k, v)), ring, scale)
+        out, lse = _ring_forward(_dense(q), (_dense(k), _dense(v)), ring, scale)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring, ctx.scale = ring, scale
@@ -456,9 +503,9 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout: Tensor):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dkv = _ring_backward(dout.contiguous(), q.contiguous(), torch.stack((k, v)), out, lse, ctx.ring,
-                                 ctx.scale)
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None
+        dq, (dk, dv) = _ring_backward(_dense(dout), _dense(q), (_dense(k), _dense(v)), out, lse, ctx.ring,
+                                      ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 # ------------------------------------------------------------------------------- core attention

@@ -1,6 +1,6 @@
 """Benchmark: ring attention's peak memory and time per rank at a context-parallel size.
 
-CPU (gloo; peak RSS growth and wall time):
+CPU (gloo; peak allocated memory and wall time):
 
     python scripts/bench_ring_attention.py --seq 8192                                      # CP = 1
     torchrun --standalone --nproc_per_node=4 scripts/bench_ring_attention.py --seq 8192   # CP = 4
@@ -16,15 +16,18 @@ That is the ring's compute per rank; on NVLink its transfers overlap the next bl
 
     python scripts/bench_ring_attention.py --device cuda --dtype bf16 --simulate-cp 2 --seq 32768
 
-Each rank holds its load-balanced S/cp slice of q, k, v and runs forward + backward of one causal
-attention over the whole sequence. Rank 0 prints the largest value over ranks.
+Each rank holds its load-balanced S/cp slice of q, k, v and of the output gradient, in a model's
+layout ([s, b, h, d] tensors seen as [b, h, s, d], as megatron's attention passes them), and runs
+forward + backward of one causal attention over the whole sequence. Rank 0 prints the largest value
+over ranks.
 
 `--reference` measures instead what a CP = 1 layer runs (model/layers.py:SDPAttention): one
 `F.scaled_dot_product_attention` call over the whole sequence (on a GPU, flash-attn's when installed).
 
-On the CPU the memory figure is the growth of the process's peak RSS. glibc's malloc raises its
-mmap threshold after large frees and then keeps freed tensors in its heap, so RSS creeps above the
-live tensors step after step; the threshold is pinned (mallopt) so that RSS follows them.
+Peak memory is the most bytes live in torch's allocator during one call, counting the inputs, the
+output gradient, the output, the input gradients and every buffer and kernel workspace: on a GPU
+`torch.cuda.max_memory_allocated`, on the CPU the profiler's allocation events (exact, and free of
+what malloc keeps after a free, which made the process's RSS creep from run to run).
 """
 
 from __future__ import annotations
@@ -32,7 +35,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import resource
 import statistics
 import sys
 import time
@@ -42,22 +44,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _pin_malloc_mmap_threshold() -> None:
-    """glibc: tensors above 64 KiB are mmapped and unmapped when freed (M_MMAP_THRESHOLD = -3)."""
-    import ctypes
+def _cpu_peak_mib(fn) -> float:
+    """Most MiB live in torch's CPU allocator while fn runs, from the profiler's memory events."""
+    from torch.profiler import ProfilerActivity, profile
 
-    try:
-        ctypes.CDLL(None).mallopt(-3, 64 * 1024)
-    except (OSError, AttributeError):  # not glibc: RSS stays an upper bound
-        pass
-
-
-def _peak_mib(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:  # frees of blocks allocated before fn are not reported
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
 
 
 class _Timer:
@@ -83,19 +82,22 @@ class _Timer:
 
 
 def _inputs(args, local: int, device, dtype):
+    """q, k, v and the output gradient: [s, b, h, d] tensors (q, k, v leaves) seen as [b, h, s, d]."""
     import torch
 
-    shape = lambda heads: (1, heads, local, args.head_dim)  # noqa: E731  [b, heads, s/cp, hn]
-    return [torch.randn(*shape(h), device=device, dtype=dtype, requires_grad=True)
-            for h in (args.heads, args.groups, args.groups)]
+    def draw(heads: int, grad: bool):
+        t = torch.randn(local, 1, heads, args.head_dim, device=device, dtype=dtype, requires_grad=grad)
+        return t.permute(1, 2, 0, 3)
+
+    return draw(args.heads, True), draw(args.groups, True), draw(args.groups, True), draw(args.heads, False)
 
 
 def _ring_call(args, local: int, device, dtype, group):
     """Forward + backward of ring attention on fresh local inputs."""
     from model.ring_attention import RingAttentionFunction
 
-    q, k, v = _inputs(args, local, device, dtype)
-    return lambda: RingAttentionFunction.apply(q, k, v, group, args.head_dim ** -0.5).sum().backward()
+    q, k, v, dout = _inputs(args, local, device, dtype)
+    return lambda: RingAttentionFunction.apply(q, k, v, group, args.head_dim ** -0.5).backward(dout)
 
 
 def _full_sequence_call(args, device, dtype):
@@ -111,14 +113,14 @@ def _full_sequence_call(args, device, dtype):
         flash_attn_func = None
 
     def make():
-        q, k, v = _inputs(args, args.seq, device, dtype)
-        if flash_attn_func is not None:  # [b, s, heads, hn]
-            qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-            return lambda: flash_attn_func(qt, kt, vt, causal=True).sum().backward()
+        q, k, v, dout = _inputs(args, args.seq, device, dtype)
+        if flash_attn_func is not None:  # [b, s, heads, hn]: the same memory (b = 1)
+            qt, kt, vt, dt = (t.transpose(1, 2) for t in (q, k, v, dout))
+            return lambda: flash_attn_func(qt, kt, vt, causal=True).backward(dt)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         if device.type != "cuda":  # what SDPAttention runs at CP = 1
-            return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+            return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(dout)
         # the flash kernel on K/V copied per query head: same FLOPs, and no doubt whether this torch
         # version's flash path takes grouped K/V
         rep = args.heads // args.groups
@@ -126,7 +128,7 @@ def _full_sequence_call(args, device, dtype):
 
         def call():
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                F.scaled_dot_product_attention(q, ke, ve, is_causal=True).sum().backward()
+                F.scaled_dot_product_attention(q, ke, ve, is_causal=True).backward(dout)
 
         return call
 
@@ -136,20 +138,22 @@ def _full_sequence_call(args, device, dtype):
 
 
 def _measure(make_call, iters: int, timer, device) -> tuple:
-    """(best and median seconds, peak memory growth in MiB) of `iters` runs after one warm-up; the
-    memory counts inputs, outputs, gradients and every buffer the call allocates."""
+    """(best and median seconds of `iters` runs after one warm-up, peak memory in MiB of one run
+    counting its inputs, output gradient and everything the call allocates)."""
     import torch
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device) / 2**20
-    else:
-        base = _peak_mib(device)
     call = make_call()
     call()  # warm-up: kernel choice and its probe, communication buffers
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device) / 2**20 - base
+    else:
+        memory = _cpu_peak_mib(lambda: make_call()())  # fresh inputs, allocated under the profiler
     times = [timer(call) for _ in range(iters)]
-    return min(times), statistics.median(times), _peak_mib(device) - base
+    return min(times), statistics.median(times), memory
 
 
 def _init_group(args, device):
@@ -191,8 +195,6 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true",
                         help="measure one whole-sequence SDPA call (what CP = 1 runs) instead of the ring")
     args = parser.parse_args()
-    if args.device == "cpu":
-        _pin_malloc_mmap_threshold()
 
     import torch
     import torch.distributed as dist
@@ -207,8 +209,6 @@ def main() -> None:
     timer = _Timer(device)
     if args.reference:
         name, make = _full_sequence_call(args, device, dtype)
-        if device.type == "cpu":  # one-time costs out of the baseline, as for the ring
-            _full_sequence_call(argparse.Namespace(**{**vars(args), "seq": 16}), device, dtype)[1]()()
         best, median, memory = _measure(make, args.iters, timer, device)
         print(f"seq={args.seq} heads={args.heads}/{args.groups} hn={args.head_dim} {args.dtype} on {device.type}: "
               f"one {name} call fwd+bwd: best {best * 1e3:.2f} ms, median {median * 1e3:.2f} ms; "
@@ -224,10 +224,6 @@ def main() -> None:
         where = f"simulated, ranks one after the other (per rank: {medians} ms)"
     else:
         cp, rank = dist.get_world_size(), dist.get_rank()
-        if device.type == "cpu":
-            # A tiny call first, so one-time costs (kernel libraries, thread pools, communication
-            # buffers) are in the baseline and not counted as attention memory.
-            _ring_call(args, 2 * cp, device, dtype, dist.group.WORLD)()
         stats = torch.tensor(_measure(lambda: _ring_call(args, args.seq // cp, device, dtype, dist.group.WORLD),
                                       args.iters, timer, device), dtype=torch.float64, device=device)
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
@@ -240,10 +236,8 @@ def main() -> None:
     if rank == 0:
         print(f"cp={cp} seq={args.seq} heads={args.heads}/{args.groups} hn={args.head_dim} {args.dtype} "
               f"on {device.type} ({where}); block kernels: {kernels}")
-        # a CPU process's peak RSS only grows, so ranks simulated one after the other have no own peak
-        shown = "n/a (simulated on CPU)" if args.simulate_cp and device.type == "cpu" else f"{memory:.0f} MiB"
         print(f"ring attention fwd+bwd per rank: best {best * 1e3:.2f} ms, median {median * 1e3:.2f} ms; "
-              f"attention peak memory per rank {shown}")
+              f"attention peak memory per rank {memory:.0f} MiB")
         if device.type == "cuda":
             name, make = _full_sequence_call(args, device, dtype)
             full_best, full_median, full_memory = _measure(make, args.iters, timer, device)

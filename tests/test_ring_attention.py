@@ -85,7 +85,7 @@ def fresh_backend_choice():
 
 @pytest.mark.parametrize("defect, message", [
     ("lse_base2", "lse differs from math by"),
-    ("padded_lse", "lse has shape (1, 2, 96), math (1, 2, 64)"),
+    ("padded_lse", "lse has shape (2, 2, 96), math (2, 2, 64)"),
     ("causal_dropped_in_backward", "dq differs from math by"),
     ("raises", "RuntimeError: kernel not compiled for this device"),
     ("gqa_heads_strided", "out differs from math by"),
@@ -126,10 +126,26 @@ def test_probe_accepts_a_correct_kernel_in_every_cpu_dtype(fresh_backend_choice)
 
 def test_fully_masked_quarter_blocks_are_skipped():
     half = 4  # cp=4, rank 1 holds chunks 1 and 6
-    assert _step_blocks(0, 1, 4, half) == (slice(None), slice(None), True)
-    assert _step_blocks(1, 1, 4, half) == (slice(None), slice(0, half), False)  # from rank 0: its chunk 0
-    assert _step_blocks(2, 1, 4, half) == (slice(half, None), slice(None), False)  # from rank 3: chunk 6 only
-    assert _step_blocks(3, 1, 4, half) == (slice(half, None), slice(None), False)  # from rank 2
+    first, second = slice(0, half), slice(half, None)
+    assert _step_blocks(0, 1, 4, half) == ((slice(None), slice(None), True),)
+    # from rank 0 (chunks 0, 7): chunk 0, seen by our chunk 1 and our chunk 6
+    assert _step_blocks(1, 1, 4, half) == ((first, first, False), (second, first, False))
+    # from rank 3 (chunks 3, 4) and rank 2 (chunks 2, 5): both, seen by our chunk 6 only
+    assert _step_blocks(2, 1, 4, half) == ((second, first, False), (second, second, False))
+    assert _step_blocks(3, 1, 4, half) == ((second, first, False), (second, second, False))
+
+
+def test_the_ring_keeps_a_models_layout():
+    """A model's [s, b, h, d] tensors are used as they are; a value split out of the fused QKV
+    projection (not dense) is copied in the same order of dims, so messages stay contiguous."""
+    from model.ring_attention import _dense, _message
+
+    q = _randn(6, 2, 3, 5, seed=0).permute(1, 2, 0, 3)  # [s, b, h, d] -> [b, h, s, d]
+    assert _dense(q) is q and _message(q).is_contiguous()
+    v = _randn(6, 2, 3, 4 * 5, seed=1)[..., 15:].permute(1, 2, 0, 3)  # last hn of [s, b, ng, 4·hn]
+    copy = _dense(v)
+    assert torch.equal(copy, v) and _message(copy).is_contiguous()
+    assert copy.permute(2, 0, 1, 3).is_contiguous(), copy.stride()  # still [s, b, h, d] in memory
 
 
 # ---------------------------------------------------------------------------------------- the ring
@@ -149,15 +165,26 @@ def _full_problem():
 
 
 def _check_ring(group, cp: int, cp_rank: int) -> None:
-    """The ring's out, dq, dk, dv on this rank's slices equal the full-sequence reference's slices."""
+    """The ring's out, dq, dk, dv on this rank's slices equal the full-sequence reference's slices,
+    for contiguous [b, h, s, d] inputs and for a model's [s, b, h, d] tensors seen as [b, h, s, d];
+    the output and gradients come back in the input's layout."""
     (q, k, v, dout), expected = _full_problem()
     shard = lambda t: load_balanced_slice(t, cp_rank, cp, dim=2)  # noqa: E731
-    local = [shard(t).requires_grad_() for t in (q, k, v)]
-    out = RingAttentionFunction.apply(*local, group, SCALE)
-    out.backward(shard(dout))
-    got = (out.detach(), *(t.grad for t in local))
-    for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
-        torch.testing.assert_close(a, shard(e), **TOL, msg=lambda m: f"cp={cp} rank {cp_rank} {name}: {m}")
+    for layout in ("bhsd", "sbhd"):
+        if layout == "bhsd":
+            leaves = [shard(t).requires_grad_() for t in (q, k, v)]
+            view = lambda t: t  # noqa: E731
+        else:
+            leaves = [shard(t).permute(2, 0, 1, 3).contiguous().requires_grad_() for t in (q, k, v)]
+            view = lambda t: t.permute(1, 2, 0, 3)  # noqa: E731  [s, b, h, d] -> [b, h, s, d]
+        out = RingAttentionFunction.apply(*(view(t) for t in leaves), group, SCALE)
+        out.backward(view(shard(dout).permute(2, 0, 1, 3).contiguous()) if layout == "sbhd" else shard(dout))
+        got = (out.detach(), *(view(t.grad) for t in leaves))
+        for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
+            where = f"cp={cp} rank {cp_rank} {layout} {name}"
+            torch.testing.assert_close(a, shard(e), **TOL, msg=lambda m: f"{where}: {m}")
+        if layout == "sbhd":  # a model's layer reshapes it to [s, b, h·d] without a copy
+            assert out.permute(2, 0, 1, 3).is_contiguous(), f"cp={cp} rank {cp_rank}: out strides {out.stride()}"
 
 
 def _ring_worker(rank: int, world: int, port: int) -> None:
