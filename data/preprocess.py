@@ -277,14 +277,15 @@ def _batches(texts: Iterable[str], size: int, characters: int = BATCH_CHARACTERS
         yield batch
 
 
-# Each pool worker builds its own tokenizer once (initializer) and keeps it for its tasks.
+# Each pool worker receives the parent's tokenizer once (initializer; pickled, a HF tokenizer as its
+# JSON) and keeps it for its tasks: no worker reads a file or asks the hub again.
 _WORKER_TOKENIZER = None
 
 
-def _init_worker(tokenizer_name: str) -> None:
+def _init_worker(tokenizer) -> None:
     global _WORKER_TOKENIZER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    _WORKER_TOKENIZER = build_tokenizer(tokenizer_name)
+    _WORKER_TOKENIZER = tokenizer
 
 
 def _tokenize_batch(texts: list[str], tokenizer=None) -> tuple[numpy.ndarray, numpy.ndarray]:
@@ -306,16 +307,16 @@ def _tokenize_batch(texts: list[str], tokenizer=None) -> tuple[numpy.ndarray, nu
 def tokenized_batches(texts: Iterable[str], tokenizer_name: str, workers: int, batch_size: int = BATCH_DOCUMENTS,
                       tokenizer=None) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
     """Tokenized batches in input order; with workers > 1 a process pool, at most a few batches ahead.
-    One worker uses `tokenizer` when given (already built from `tokenizer_name`: a hub name is not
-    fetched twice); the pool's processes build their own from the name."""
+    `tokenizer`, when given, is the one already built from `tokenizer_name` (a hub name is fetched
+    once); the pool's processes get a copy of it."""
     batches = _batches(texts, batch_size)
+    tokenizer = tokenizer or build_tokenizer(tokenizer_name)
     if workers <= 1:
-        tokenizer = tokenizer or build_tokenizer(tokenizer_name)
         yield from (_tokenize_batch(batch, tokenizer) for batch in batches)
         return
     # spawn, not fork: the parent may already run tokenizer threads (training a BPE) or hold locks
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_name,)) as pool:
+    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         pending: collections.deque = collections.deque()
         for batch in batches:
             pending.append(pool.apply_async(_tokenize_batch, (batch,)))

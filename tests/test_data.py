@@ -447,6 +447,25 @@ def test_round_trip_trained_bpe_two_workers(tmp_path, capsys):
         assert tokenizer.detokenize(ids) == text
 
 
+def test_pool_workers_get_the_parents_tokenizer(tmp_path):
+    """The tokenizer is built once: the pool's processes get the parent's copy and never build their
+    own from the name (which for a hub name asks the hub once per worker). Its file is gone here
+    before the pool starts, and the workers still tokenize exactly as one process does."""
+    import os
+
+    from data.preprocess import tokenized_batches, train_bpe_tokenizer
+
+    texts = [f"document {i}: " + "naïve café " * (i % 5) for i in range(40)]
+    path = train_bpe_tokenizer(iter(texts), 300, str(tmp_path / "tokenizer.json"))
+    tokenizer = build_tokenizer(path)
+    os.remove(path)
+    single = list(tokenized_batches(iter(texts), path, workers=1, batch_size=7, tokenizer=tokenizer))
+    pooled = list(tokenized_batches(iter(texts), path, workers=2, batch_size=7, tokenizer=tokenizer))
+    assert len(pooled) == len(single) == 6
+    for (ids, lengths), (want_ids, want_lengths) in zip(pooled, single):
+        assert numpy.array_equal(ids, want_ids) and numpy.array_equal(lengths, want_lengths)
+
+
 def test_tokenization_streams_with_bounded_read_ahead():
     """An endless input still yields batches: at most workers × in-flight batches are read ahead."""
     from data.preprocess import BATCH_DOCUMENTS, IN_FLIGHT_PER_WORKER, tokenized_batches
