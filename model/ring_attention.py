@@ -112,9 +112,10 @@ def _cuda_efficient_backward(dout, q, k, v, out, lse, causal: bool, scale: float
     padded = -(-rows // _EFFICIENT_LSE_ALIGN) * _EFFICIENT_LSE_ALIGN
     lse = torch.nn.functional.pad(lse.float(), (0, padded - rows)).contiguous()
     no_rng = torch.empty((), dtype=torch.int64)
+    # the kernel reads out and dout with [b, s, h, d] row strides (what its forward returns)
+    dout, out = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (dout, out))
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-        dout.contiguous(), q, k, v, None, out.contiguous(), lse, no_rng, no_rng, 0.0, [True, True, True, False],
-        causal, scale=scale)
+        dout, q, k, v, None, out, lse, no_rng, no_rng, 0.0, [True, True, True, False], causal, scale=scale)
     return dq, dk, dv
 
 
@@ -240,9 +241,10 @@ def select_backend(t: Tensor) -> str:
 
 
 def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
-    """Attention of one block: q [b, h, sq, d], k/v [b, h, sk, d] -> out [b, h, sq, d], lse [b, h, sq] fp32."""
+    """Attention of one block: q [b, h, sq, d], k/v [b, h, sk, d] -> out [b, h, sq, d], lse [b, h, sq]
+    in the accumulation dtype (fp32; fp64 for fp64 inputs)."""
     out, lse = BACKENDS[select_backend(q)].forward(q, k, v, causal, scale)
-    return out, lse.float()
+    return out, lse.to(_accumulation_dtype(q))
 
 
 def block_backward(dout, q, k, v, out, lse, causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
@@ -334,9 +336,10 @@ def _step_blocks(step: int, rank: int, size: int, half: int) -> Tuple[Tuple[slic
 
 
 def _reduce_heads(grad: Tensor, rep: int) -> Tensor:
-    # [b, np, keys, hn] -> [b, ng, keys, hn] fp32: a shared K/V head gets the sum over its query heads
+    # [b, np, keys, hn] -> [b, ng, keys, hn] in the accumulation dtype: a shared K/V head gets the
+    # sum over its query heads
     b, heads, keys, hn = grad.shape
-    return grad.float().view(b, heads // rep, rep, keys, hn).sum(2)
+    return grad.to(_accumulation_dtype(grad)).view(b, heads // rep, rep, keys, hn).sum(2)
 
 
 def _fold(x: Tensor, rep: int) -> Tensor:
@@ -402,19 +405,26 @@ def _grad_block(dout, q, kv, out, lse, rows: slice, cols: slice, causal: bool, s
 
 
 def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
-    """Online softmax in fp32, in place: out/lse ([b, np, rows, hn] / [b, np, rows]) absorb one block
+    """Online softmax in the accumulation dtype, in place: out/lse ([b, np, rows, hn] / [b, np, rows]) absorb one block
     (whose out, a fresh kernel result, is scaled in place: no block-sized temporary)."""
     new_lse = torch.logaddexp(lse, block_lse)
     out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
-    out.add_(block_out.float().mul_(torch.exp(block_lse - new_lse).unsqueeze(-1)))
+    out.add_(block_out.to(out.dtype).mul_(torch.exp(block_lse - new_lse).unsqueeze(-1)))
     lse.copy_(new_lse)
 
 
-def _fp32_like(t: Tensor, like: Tensor) -> Tensor:
-    """t in fp32 with like's layout (t itself when it already is; a size-1 dim's stride is moot)."""
-    if t.dtype == torch.float32 and all(a == b or n == 1 for a, b, n in zip(t.stride(), like.stride(), t.shape)):
+def _accumulation_dtype(t: Tensor) -> torch.dtype:
+    # merges and gradient sums run in fp32; fp64 inputs keep fp64 (the CPU kernel wants lse in it)
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _accumulator_like(t: Tensor, like: Tensor) -> Tensor:
+    """t in the accumulation dtype with like's layout (t itself when it already is; a size-1 dim's
+    stride is moot)."""
+    dtype = _accumulation_dtype(like)
+    if t.dtype == dtype and all(a == b or n == 1 for a, b, n in zip(t.stride(), like.stride(), t.shape)):
         return t
-    return torch.empty_like(like, dtype=torch.float32).copy_(t)
+    return torch.empty_like(like, dtype=dtype).copy_(t)
 
 
 def _ring_forward(q: Tensor, kv: Tuple[Tensor, Tensor], ring: _Ring, scale: float) -> Tuple[Tensor, Tensor]:
@@ -428,7 +438,7 @@ def _ring_forward(q: Tensor, kv: Tuple[Tensor, Tensor], ring: _Ring, scale: floa
         for rows, cols, causal in _step_blocks(step, ring.rank, ring.size, half):
             block_out, block_lse = _attend_block(q, kv, rows, cols, causal, scale)
             if out is None:
-                out, lse = _fp32_like(block_out, q), block_lse
+                out, lse = _accumulator_like(block_out, q), block_lse
             else:
                 _merge(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
             del block_out, block_lse  # freed before the next kernel allocates its own
@@ -454,7 +464,7 @@ def _ring_backward(dout, q, kv: Tuple[Tensor, Tensor], out, lse, ring: _Ring,
         for rows, cols, causal in _step_blocks(step, ring.rank, ring.size, half):
             dq_block, dk_block, dv_block = _grad_block(dout, q, kv, out, lse, rows, cols, causal, scale)
             if dq is None:  # step 0, the causal diagonal: every query row, our own block's keys
-                dq, dk, dv = _fp32_like(dq_block, q), _fp32_like(dk_block, kv[0]), _fp32_like(dv_block, kv[1])
+                dq, dk, dv = _accumulator_like(dq_block, q), _accumulator_like(dk_block, kv[0]), _accumulator_like(dv_block, kv[1])
             else:
                 if dk is None:  # the accumulators that previous ranks built for this block
                     dk, dv = _arrive(dkv_pending)

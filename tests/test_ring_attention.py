@@ -235,15 +235,17 @@ def _attention_kwargs(heads=HEADS, groups=GROUPS, context=1, **model_changes):
     return dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
 
 
-def test_cp1_function_equals_sdpa(megatron_single_process):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cp1_function_equals_sdpa(megatron_single_process, dtype):
     from megatron.core import parallel_state
 
     (q, k, v, dout), expected = _full_problem()
-    local = [t.clone().requires_grad_() for t in (q, k, v)]
+    local = [t.to(dtype).requires_grad_() for t in (q, k, v)]
     out = RingAttentionFunction.apply(*local, parallel_state.get_context_parallel_group(), SCALE)
-    out.backward(dout)
+    out.backward(dout.to(dtype))
     for name, a, e in zip(("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in local)), expected):
-        torch.testing.assert_close(a, e, **TOL, msg=lambda m: f"{name}: {m}")
+        assert a.dtype == dtype, f"{name} is {a.dtype}"
+        torch.testing.assert_close(a.float(), e, **TOL, msg=lambda m: f"{dtype} {name}: {m}")
 
 
 def test_ring_attention_module_equals_sdp_attention(megatron_single_process):
