@@ -1,6 +1,10 @@
-"""User-facing output: one-line errors (exit code 2, no traceback unless --debug), early stops, quiet imports."""
+"""User-facing output: one-line errors (exit code 2, no traceback unless --debug), early stops, quiet imports,
+a quick exit."""
 
+import gc
+import sys
 import warnings
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -25,3 +29,13 @@ def quiet_dependency_warnings() -> None:
     for module in (r"megatron\..*", r"torch\.distributed\..*"):
         for category in (UserWarning, DeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", category=category, module=module)
+
+
+def exit_quickly(code: int) -> NoReturn:
+    """sys.exit(code) without the interpreter's last full garbage collection over every object torch
+    and megatron-core made at import: 1.0 of the 1.2 s a process took to exit here. The objects move
+    to the collector's permanent generation, which it skips; they are still freed when their modules
+    are cleared, atexit hooks (wandb, multiprocessing) still run, and the OS takes back the rest.
+    For entry points, once their work is done: files are written and closed by then."""
+    gc.freeze()
+    sys.exit(code)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from pretrain.cli import EXIT_USER_ERROR  # noqa: E402
-from pretrain.errors import UserError, quiet_dependency_warnings  # noqa: E402
+from pretrain.errors import UserError, exit_quickly, quiet_dependency_warnings  # noqa: E402
 
 
 def _progress(items, desc: str):
@@ -167,4 +167,4 @@ def main(argv: Optional[list] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quickly(main())
