@@ -14,7 +14,7 @@ from typing import Iterable, Iterator, Optional
 import numpy
 
 from data.tokenizer import ByteTokenizer, build_tokenizer
-from pretrain.errors import UserError, quiet_dependency_warnings
+from pretrain.errors import UserError, exit_quickly, quiet_dependency_warnings
 
 BYTE_VOCAB_SIZE = ByteTokenizer.vocab_size
 QUICKSTART_MAX_BYTES = 4_000_000
@@ -491,4 +491,4 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quickly(main())
