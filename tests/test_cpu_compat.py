@@ -153,6 +153,8 @@ def _alltoall_split_sizes():
 
 def _uneven_gather_worker(rank: int, init_file: str, use_patch: bool, results) -> None:
     import torch.distributed as dist
+
+    cpu_compat.import_megatron_without_jit_fusers()  # a spawned child: conftest did not run here
     from megatron.core.tensor_parallel.mappings import _gather_along_first_dim
 
     skip = () if use_patch else ("dist.uneven_all_gather",)
