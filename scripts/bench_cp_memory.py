@@ -8,8 +8,8 @@ the number of processes. One micro-batch of random tokens is cut per CP rank as 
 cuts it (load-balanced chunks), and one forward + backward runs through megatron-core's schedule
 and our loss. The figure is that step's activation memory: the most bytes live in torch's allocator
 during it beyond what was live before it (parameters, gradient buffers), on the CPU from the
-profiler's allocation events (scripts/bench_ring_attention.py:_cpu_peak_mib), on a GPU
-`torch.cuda.max_memory_allocated`. Largest over ranks.
+profiler's allocation events, on a GPU `torch.cuda.max_memory_allocated`
+(scripts/bench_ring_attention.py:peak_mib). Largest over ranks.
 
 Default model (the `--recipe` overrides below): tiny_gpt widened to 1024 hidden, 8 query heads on 2
 K/V heads of 128, 4 layers, 8K tokens, micro-batch 1, fp32. Extra `key.path=value` arguments
@@ -70,7 +70,7 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
-    from bench_ring_attention import _cpu_peak_mib
+    from bench_ring_attention import peak_mib
     from data.tokenizer import build_tokenizer
     from parallel.layout import shutdown
     from pretrain.trainer import build_model, build_runtime
@@ -80,14 +80,7 @@ def main() -> None:
     chunks = build_model(recipe, layout, device, vocab_size)
     batch = _batch(recipe, vocab_size, rank.context_rank, layout.context, device)
     _step(recipe, chunks, batch)  # warm-up: kernel choice and its probe, gradient buffers
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        _step(recipe, chunks, batch)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    else:
-        peak = _cpu_peak_mib(lambda: _step(recipe, chunks, batch))
+    peak = peak_mib(lambda: _step(recipe, chunks, batch), device)
     stats = torch.tensor([peak], dtype=torch.float64, device=device)
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:

@@ -59,6 +59,21 @@ def _cpu_peak_mib(fn) -> float:
     return peak / 2**20
 
 
+def peak_mib(fn, device) -> float:
+    """Most MiB live in torch's allocator while fn runs, beyond what was live before it:
+    `torch.cuda.max_memory_allocated` on a GPU, the profiler's allocation events on the CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return _cpu_peak_mib(fn)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
 class _Timer:
     """Wall time of a callable: CUDA events on a GPU (after a synchronize), perf_counter on CPU."""
 
@@ -140,18 +155,9 @@ def _full_sequence_call(args, device, dtype):
 def _measure(make_call, iters: int, timer, device) -> tuple:
     """(best and median seconds of `iters` runs after one warm-up, peak memory in MiB of one run
     counting its inputs, output gradient and everything the call allocates)."""
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device) / 2**20
     call = make_call()
     call()  # warm-up: kernel choice and its probe, communication buffers
-    if device.type == "cuda":
-        memory = torch.cuda.max_memory_allocated(device) / 2**20 - base
-    else:
-        memory = _cpu_peak_mib(lambda: make_call()())  # fresh inputs, allocated under the profiler
+    memory = peak_mib(lambda: make_call()(), device)  # fresh inputs, allocated while measured
     times = [timer(call) for _ in range(iters)]
     return min(times), statistics.median(times), memory
 
