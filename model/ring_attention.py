@@ -405,8 +405,8 @@ def _grad_block(dout, q, kv, out, lse, rows: slice, cols: slice, causal: bool, s
 
 
 def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
-    """Online softmax in the accumulation dtype, in place: out/lse ([b, np, rows, hn] / [b, np, rows]) absorb one block
-    (whose out, a fresh kernel result, is scaled in place: no block-sized temporary)."""
+    """Online softmax in the accumulation dtype, in place: out/lse ([b, np, rows, hn] / [b, np, rows])
+    absorb one block (whose out, a fresh kernel result, is scaled in place: no block-sized temporary)."""
     new_lse = torch.logaddexp(lse, block_lse)
     out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
     out.add_(block_out.to(out.dtype).mul_(torch.exp(block_lse - new_lse).unsqueeze(-1)))
@@ -428,7 +428,8 @@ def _accumulator_like(t: Tensor, like: Tensor) -> Tensor:
 
 
 def _ring_forward(q: Tensor, kv: Tuple[Tensor, Tensor], ring: _Ring, scale: float) -> Tuple[Tensor, Tensor]:
-    """q [b, np, s/cp, hn], kv = (k, v) [b, ng, s/cp, hn] -> out [b, np, s/cp, hn] fp32, lse [b, np, s/cp] fp32."""
+    """q [b, np, s/cp, hn], kv = (k, v) [b, ng, s/cp, hn] -> out [b, np, s/cp, hn], lse [b, np, s/cp],
+    both in the accumulation dtype."""
     half = q.size(2) // 2
     out = lse = None
     for step in range(ring.size):
@@ -449,7 +450,8 @@ def _ring_forward(q: Tensor, kv: Tuple[Tensor, Tensor], ring: _Ring, scale: floa
 
 def _ring_backward(dout, q, kv: Tuple[Tensor, Tensor], out, lse, ring: _Ring,
                    scale: float) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-    """-> dq [b, np, s/cp, hn] fp32, (dk, dv) [b, ng, s/cp, hn] fp32 for this rank's own K/V.
+    """-> dq [b, np, s/cp, hn], (dk, dv) [b, ng, s/cp, hn] for this rank's own K/V, in the
+    accumulation dtype.
 
     A block's dK/dV accumulator follows its K/V one step behind: rank r adds its share of block j
     and passes it on; after cp hops it is back at rank j, complete.
@@ -464,7 +466,8 @@ def _ring_backward(dout, q, kv: Tuple[Tensor, Tensor], out, lse, ring: _Ring,
         for rows, cols, causal in _step_blocks(step, ring.rank, ring.size, half):
             dq_block, dk_block, dv_block = _grad_block(dout, q, kv, out, lse, rows, cols, causal, scale)
             if dq is None:  # step 0, the causal diagonal: every query row, our own block's keys
-                dq, dk, dv = _accumulator_like(dq_block, q), _accumulator_like(dk_block, kv[0]), _accumulator_like(dv_block, kv[1])
+                dq = _accumulator_like(dq_block, q)
+                dk, dv = _accumulator_like(dk_block, kv[0]), _accumulator_like(dv_block, kv[1])
             else:
                 if dk is None:  # the accumulators that previous ranks built for this block
                     dk, dv = _arrive(dkv_pending)
@@ -491,8 +494,9 @@ class RingAttentionFunction(torch.autograd.Function):
     q [b, np, s/cp, hn], k/v [b, ng, s/cp, hn] (np a multiple of ng) -> out [b, np, s/cp, hn].
     Forward communication: each rank's K and V (ng heads, two messages) travel once around
     `group` (cp−1 isend/irecv hops, each overlapped with one block of compute).
-    Backward communication: the K/V travel around again (cp−1 hops) and their fp32 dK/dV
-    accumulators follow one step behind (cp hops), ending at the rank that owns the K/V.
+    Backward communication: the K/V travel around again (cp−1 hops) and their dK/dV accumulators
+    (fp32; fp64 for fp64 inputs) follow one step behind (cp hops), ending at the rank that owns
+    the K/V.
     Dense inputs in any dim order (a model's [s, b, h, d] seen as [b, h, s, d]) are used as they
     are, and the output and gradients come back in the same layout.
     cp == 1 communicates nothing.
