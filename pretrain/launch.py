@@ -20,6 +20,7 @@ from typing import List, Optional
 import psutil
 
 from pretrain.cli import EXIT_USER_ERROR
+from pretrain.errors import exit_quickly
 from pretrain.guards import EXIT_NONFINITE, EXIT_PREEMPTED, PREEMPTION_SIGNALS
 
 PROPAGATED_EXIT_CODES = (EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_PREEMPTED)
@@ -80,4 +81,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_quickly(main())
