@@ -190,14 +190,40 @@ def build_source_splits(prefix: str, split: str, seq_length: int, seed: int, eod
     # megatron-core names its cache files by the prefix path, not the content: a corpus rebuilt
     # under the same prefix must not meet the indices of the old one.
     sizes = "-".join(str(os.path.getsize(prefix + ending)) for ending in (".bin", ".idx"))
+    cache = os.path.join(cache_dir, f"{os.path.basename(prefix)}-{sizes}")
+    check_cache_files(cache)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=([prefix], None), split=split,
-        path_to_cache=os.path.join(cache_dir, f"{os.path.basename(prefix)}-{sizes}"),
+        path_to_cache=cache,
         tokenizer=_EodOnly(eod), mmap_bin_files=True,
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,  # causal attention builds its own mask
     )
     return BlendedMegatronDatasetBuilder(GPTDataset, [None] * 3, lambda: True, config).build()
+
+
+def check_cache_files(folder: str) -> None:
+    """Refuses index files megatron-core would load with `numpy.load(allow_pickle=True)`
+    (gpt_dataset.py): a file without the .npy header is unpickled there, so a cache folder from
+    elsewhere could run code. Each must be a plain .npy array of numbers."""
+    from numpy.lib import format as npy
+
+    if not os.path.isdir(folder):
+        return
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".npy"):
+            continue
+        path = os.path.join(folder, name)
+        with open(path, "rb") as f:
+            try:
+                version = npy.read_magic(f)
+                read_header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}[version]
+                dtype = read_header(f)[2]
+            except (ValueError, KeyError, EOFError):
+                dtype = None
+        if dtype is None or dtype.hasobject:
+            raise UserError(f"data cache file '{path}' is not a plain numpy array (loading it could run "
+                            f"code): delete the folder '{folder}' and it is built again")
 
 
 def _require_samples(dataset, prefix: str, split_name: str, split: str, seq_length: int) -> None:

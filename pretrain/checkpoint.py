@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pathlib
-import pickle
 import re
 import shutil
 import time
@@ -48,7 +48,11 @@ def resolve_load(load: Optional[str], ckpt_dir: pathlib.Path) -> Optional[pathli
         return found[-1] if found else None
     path = pathlib.Path(load)
     if path.is_dir() and (path / LATEST).is_file():
-        path = path / (path / LATEST).read_text().strip()
+        name = (path / LATEST).read_text(errors="replace").strip()
+        if not _ITER.match(name):  # never a path: `latest` from elsewhere must not point outside
+            raise UserError(f"checkpoint.load: '{path / LATEST}' names '{name[:40]}', not a checkpoint "
+                            "like iter_0000100")
+        path = path / name
     if not (path / "metadata.json").is_file():
         raise UserError(f"checkpoint.load: '{load}' is not a complete checkpoint (no metadata.json)")
     return path
@@ -223,10 +227,32 @@ def _restore_adam_steps(optimizer) -> None:
                     adam.state[p]["step"] = torch.tensor(float(group["step"]))
 
 
+def _load_refusing_unsafe(template: dict, path: pathlib.Path) -> dict:
+    """dist_checkpointing.load; a byte item refused by pretrain/safe_loading.py on any rank is
+    raised as that one-line UserError instead of torch's gathered multi-rank report."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from pretrain.safe_loading import UnsafeFile, refusal_in
+
+    try:
+        return dist_checkpointing.load(template, str(path))
+    except UnsafeFile as exc:
+        refusal: Optional[UnsafeFile] = exc
+    except CheckpointException as exc:
+        refusal = refusal_in(exc)
+        if refusal is None:
+            raise
+    raise UserError(f"checkpoint '{path}': {refusal}")
+
+
 def read_extra(path: pathlib.Path) -> dict:
     """The checkpoint's `extra` dict (step, scheduler, recipe, ...), after the safety checks."""
     from megatron.core import dist_checkpointing
 
+    from pretrain import safe_loading
+
+    safe_loading.install()
     check_safe_to_load(path)
     common = dist_checkpointing.load_common_state_dict(str(path))
     return common.get("extra") or {}
@@ -249,7 +275,7 @@ def load(path: pathlib.Path, chunks, optimizer) -> dict:
             template, is_loading=True, metadata=_format_metadata(optimizer_format))
     # Copies into parameters (and their views inside the optimizer) must not be recorded.
     with torch.no_grad():
-        state = dist_checkpointing.load(template, str(path))
+        state = _load_refusing_unsafe(template, path)
         for i, chunk in enumerate(chunks):
             key = f"model{i}" if len(chunks) > 1 else "model"
             _unwrap(chunk).load_state_dict(state[key])
@@ -260,51 +286,18 @@ def load(path: pathlib.Path, chunks, optimizer) -> dict:
     return extra
 
 
-# Classes a torch.distributed.checkpoint `.metadata` file may name; anything else (os.system, a
-# user's class, ...) means the file is not what our save wrote.
-_METADATA_GLOBALS = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.planner", name) for name in (
-        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadItemType")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),  # torch layout by name, as torch's own safe unpickler allows
-    ("torch", "Size"), ("collections", "OrderedDict"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
-        if (module, name) in _METADATA_GLOBALS or dtype:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name}")
-
-
 def check_safe_to_load(path: pathlib.Path) -> None:
-    """Refuses a checkpoint whose pickled parts could run code when loaded.
+    """Refuses a checkpoint whose `common.pt` or `.metadata` could run code when loaded, before
+    megatron-core opens it (pretrain/safe_loading.py checks every other pickle as it is read)."""
+    from pretrain import safe_loading
 
-    megatron-core reads `common.pt` with torch.load (weights_only by default since torch 2.6) and
-    torch.distributed.checkpoint reads `.metadata` with plain pickle.load. Both are checked here
-    first: common.pt with weights_only=True explicitly, `.metadata` with an unpickler that knows
-    only the classes torch's checkpoint metadata is made of.
-    """
-    common = path / "common.pt"
+    common, metadata = path / "common.pt", path / ".metadata"
     try:
         if common.is_file():
-            torch.load(common, map_location="cpu", weights_only=True)
-        metadata = path / ".metadata"
+            with open(common, "rb") as f:
+                safe_loading.check_weights_only(io.BytesIO(f.read()), f"checkpoint '{path}': common.pt")
         if metadata.is_file():
-            with open(metadata, "rb") as f:
-                _MetadataUnpickler(f).load()
-    except pickle.UnpicklingError as exc:
-        where = "common.pt" if "weights_only" in str(exc) else ".metadata"
-        named = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch's weights_only message
-        name = named.group(1) if named else str(exc)
-        raise UserError(f"checkpoint '{path}': {where} holds objects a checkpoint may not contain, "
-                        f"refusing to unpickle it (it names {name})") from None
+            safe_loading.unpickle_or_refuse(safe_loading.MetadataUnpickler, metadata.read_bytes(),
+                                            f"checkpoint '{path}': .metadata")
     except (EOFError, RuntimeError, OSError) as exc:
         raise UserError(f"checkpoint '{path}' is unreadable: {' '.join(str(exc).split())[:160]}") from None

@@ -29,6 +29,9 @@ def quiet_dependency_warnings() -> None:
     for module in (r"megatron\..*", r"torch\.distributed\..*"):
         for category in (UserWarning, DeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", category=category, module=module)
+    # dist_checkpointing builds torch ShardedTensors on every save and load; torch's deprecation
+    # notice is attributed to whichever frame calls it (on CPU, the device layer's function mode).
+    warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
 
 
 def exit_quickly(code: int) -> NoReturn:

@@ -61,10 +61,11 @@ def _single_process():
     init_model_parallel(Layout(world_size=1))
 
 
-def _build(model_cfg):
+def _build(model_cfg, vocab_size: int):
+    """The model at tensor = pipeline = 1 for `vocab_size` tokens (padded as training pads it)."""
     from model.gpt import ModelBuild, build_model_chunks, padded_vocab_size
 
-    vocab = padded_vocab_size(model_cfg, model_cfg.vocab_size, tensor=1)
+    vocab = padded_vocab_size(model_cfg, vocab_size, tensor=1)
     (chunk,) = build_model_chunks(model_cfg, ModelBuild(perform_initialization=False), vocab)
     return chunk, vocab
 
@@ -83,7 +84,7 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     if checkpoint.complete_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints: choose an empty directory")
     _single_process()
-    model, vocab = _build(model_cfg)
+    model, vocab = _build(model_cfg, model_cfg.vocab_size)
     ours = hf_to_ours(read_hf_tensors(hf_dir), model_cfg, vocab)
     _load_exactly(model, ours, f"{hf_dir}")
     recipe = Recipe(model=model_cfg)
@@ -127,7 +128,7 @@ def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
         raise UserError(f"checkpoint '{path}' does not record its vocabulary size")
     config = hf_config_from_model(model_cfg, vocab_size)  # refuses what HF cannot express, early
     _single_process()
-    model, _ = _build(model_cfg)
+    model, _ = _build(model_cfg, vocab_size)
     checkpoint.load(path, [model], None)
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     tensors = ours_to_hf(ours, model_cfg, vocab_size)

@@ -213,3 +213,12 @@ def test_async_save_snapshots_the_step_it_was_asked_for(reference, synthetic_cor
                                                f"checkpoint.load={ckpt / 'iter_0000002'}"))
     assert_close_curves(read_metrics(tmp_path), expected, rel=REL)
     assert (ckpt / "latest").read_text().strip() == f"iter_{TINY_STEPS:07d}"
+
+
+def test_latest_must_name_a_checkpoint(saved_checkpoint):
+    """`latest` from elsewhere is never followed as a path."""
+    (saved_checkpoint.parent / "latest").write_text("../../../etc\n")
+    with pytest.raises(UserError, match=r"latest' names '\.\./\.\./\.\./etc', not a checkpoint like iter_0000100"):
+        checkpoint.resolve_load(str(saved_checkpoint.parent), saved_checkpoint.parent)
+    (saved_checkpoint.parent / "latest").write_text("iter_0000010\n")
+    assert checkpoint.resolve_load(str(saved_checkpoint.parent), saved_checkpoint.parent) == saved_checkpoint

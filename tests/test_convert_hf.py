@@ -146,3 +146,13 @@ def test_bad_hf_dir_is_a_one_line_error(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: config.json: architectures ['GPT2LMHeadModel'] not supported; "
         "expected one of ['LlamaForCausalLM', 'MixtralForCausalLM']"]
+
+
+def test_export_of_a_recipe_without_vocab_size(reference, tmp_path):
+    """tiny_gpt says `vocab_size: null` (the tokenizer's): the checkpoint records the real size (the
+    quickstart's checkpoint failed to export with a TypeError)."""
+    log_dir, _ = reference
+    proc = _convert("export", str(log_dir / "checkpoints"), str(tmp_path / "hf"))
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["vocab_size"] == 257  # the byte tokenizer's ids, unpadded
