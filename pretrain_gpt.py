@@ -1,7 +1,7 @@
 """Pretrain a GPT from a recipe: `torchrun --nproc_per_node=N pretrain_gpt.py --recipe NAME [key=value ...]`."""
 
 from pretrain.cli import main
-from pretrain.errors import exit_quickly
+from upstream.process import exit_quickly
 
 if __name__ == "__main__":
     exit_quickly(main())

@@ -22,11 +22,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy
 import torch
 
-from pretrain.config import parse_split
-from pretrain.errors import UserError
+from common.errors import UserError
+from data.config import parse_split
 
 SPLITS = ("train", "valid", "test")
-BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
 # ---- opening and checking one indexed dataset ---------------------------------------------------
@@ -263,40 +262,7 @@ def build_samples(train_blend: List[Tuple[float, str]], valid_blend: List[Tuple[
     }
 
 
-# ---- the per-rank batch layout ------------------------------------------------------------------
-
-
-def num_micro_batches(micro_batch_size: int, dp_size: int, global_batch_size: int) -> int:
-    """Micro-batches each DP rank runs per optimizer step; gbs must split evenly over mbs × dp."""
-    if global_batch_size % (micro_batch_size * dp_size):
-        raise ValueError(
-            f"global_batch_size {global_batch_size} is not a multiple of "
-            f"micro_batch_size {micro_batch_size} × data-parallel size {dp_size}"
-        )
-    return global_batch_size // (micro_batch_size * dp_size)
-
-
-def sample_indices(first, micro_index, dp_rank, dp_size, micro_batch_size, global_batch_size) -> range:
-    """Global sample indices of one micro-batch of the global batch starting at sample `first`.
-
-    The batch is samples [first, first + global_batch_size) for every dp_size; micro-batch m of
-    rank r holds samples first + (m·dp + r)·mbs …, so DP ranks read disjoint shares of it.
-    """
-    count = num_micro_batches(micro_batch_size, dp_size, global_batch_size)
-    if not 0 <= micro_index < count:
-        raise IndexError(f"micro_index {micro_index} outside [0, {count})")
-    if not 0 <= dp_rank < dp_size:
-        raise IndexError(f"dp_rank {dp_rank} outside [0, {dp_size})")
-    start = first + micro_index * micro_batch_size * dp_size + dp_rank * micro_batch_size
-    return range(start, start + micro_batch_size)
-
-
-def get_micro_batch(samples, first, micro_index, dp_rank, dp_size, micro_batch_size, global_batch_size) -> dict:
-    """tokens/labels/loss_mask/position_ids [b, s] for one DP rank's micro-batch of the global batch
-    that starts at sample `first` (= samples consumed before it)."""
-    indices = sample_indices(first, micro_index, dp_rank, dp_size, micro_batch_size, global_batch_size)
-    items = [samples[i] for i in indices]
-    return {key: torch.stack([item[key] for item in items]).contiguous() for key in BATCH_KEYS}  # [b, s]
+# ---- context parallelism ------------------------------------------------------------------------
 
 
 def slice_for_context_parallel(batch: dict, cp_rank: int, cp_size: int) -> dict:

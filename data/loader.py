@@ -1,57 +1,94 @@
-"""This rank's training micro-batches, read ahead by worker processes (`data.num_workers`).
+"""This rank's share of every global batch (the batch plan), and the loader that reads it ahead.
 
-Item n of `RankMicroBatches` is micro-batch n mod m of step n div m (m micro-batches per step),
-counted from the step that starts at sample `first`: the same tensors `data.dataset.get_micro_batch`
-and `slice_for_context_parallel` give in the training process, only built in a torch DataLoader
-worker while the model computes the step before. The sample order therefore does not depend on
-the number of workers, and a resume starts the loader at the resumed step's first sample.
+A step reads samples [first, first + global_batch_size); data-parallel rank r takes micro-batch m
+as samples first + (m·dp + r)·mbs …, and each context-parallel rank its slices of the sequence
+(`data.dataset.slice_for_context_parallel`). `BatchPlan` is the one place the micro-batch count is
+computed: the recipe's world-size check, the dry run and the trainer all read it from here.
+
+With `data.num_workers > 0`, item n of `RankMicroBatches` is micro-batch n mod m of step n div m,
+counted from the step that starts at sample `first`: the same tensors `BatchPlan.batch` gives in
+the training process, only built in a torch DataLoader worker while the model computes the step
+before. The sample order therefore does not depend on the number of workers, and a resume starts
+the loader at the resumed step's first sample.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List
+import dataclasses
+from typing import Dict, List, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.dataset import get_micro_batch, num_micro_batches, slice_for_context_parallel
+from common.errors import RecipeError
+from data.dataset import slice_for_context_parallel
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
 
-@dataclass(frozen=True)
-class RankShare:
-    """Which part of each global batch one rank reads."""
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """Which part of each global batch one rank reads; the global batch must split evenly."""
 
-    dp_rank: int
-    dp_size: int
-    cp_rank: int
-    cp_size: int
-    micro_batch_size: int
     global_batch_size: int
+    micro_batch_size: int
+    dp_size: int = 1
+    dp_rank: int = 0
+    cp_size: int = 1
+    cp_rank: int = 0
+
+    def __post_init__(self) -> None:
+        per_step = self.micro_batch_size * self.dp_size
+        if self.global_batch_size % per_step:
+            raise RecipeError(f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size × data-parallel size = {self.micro_batch_size} × "
+                              f"{self.dp_size} = {per_step}")
+
+    @classmethod
+    def of(cls, global_batch_size: int, micro_batch_size: int, dp_size: int) -> "BatchPlan":
+        return cls(global_batch_size, micro_batch_size, dp_size)
+
+    def for_rank(self, dp_rank: int, cp_rank: int, cp_size: int) -> "BatchPlan":
+        return dataclasses.replace(self, dp_rank=dp_rank, cp_rank=cp_rank, cp_size=cp_size)
 
     @property
     def micro_batches(self) -> int:
-        return num_micro_batches(self.micro_batch_size, self.dp_size, self.global_batch_size)
+        """Micro-batches each data-parallel rank runs per optimizer step."""
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
 
-    def batch(self, samples, first: int, micro_index: int) -> dict:
+    def indices(self, first: int, micro_index: int) -> range:
+        """Global sample indices of micro-batch `micro_index` of the global batch at sample `first`."""
+        if not 0 <= micro_index < self.micro_batches:
+            raise IndexError(f"micro_index {micro_index} outside [0, {self.micro_batches})")
+        start = first + (micro_index * self.dp_size + self.dp_rank) * self.micro_batch_size
+        return range(start, start + self.micro_batch_size)
+
+    def whole_batch(self, samples, first: int, micro_index: int) -> Dict[str, torch.Tensor]:
+        """tokens/labels/loss_mask/position_ids [b, s] of this data-parallel rank's micro-batch."""
+        items = [samples[i] for i in self.indices(first, micro_index)]
+        return {key: torch.stack([item[key] for item in items]).contiguous() for key in BATCH_KEYS}  # [b, s]
+
+    def batch(self, samples, first: int, micro_index: int) -> Dict[str, torch.Tensor]:
         """This rank's [b, s/cp] tensors of micro-batch `micro_index` of the global batch at `first`."""
-        batch = get_micro_batch(samples, first, micro_index, self.dp_rank, self.dp_size,
-                                self.micro_batch_size, self.global_batch_size)
-        return slice_for_context_parallel(batch, self.cp_rank, self.cp_size)
+        return slice_for_context_parallel(self.whole_batch(samples, first, micro_index), self.cp_rank, self.cp_size)
+
+    def step_batches(self, samples, first: int, device: torch.device) -> List[Dict[str, torch.Tensor]]:
+        """All of this rank's micro-batches of the global batch at sample `first`, on `device`."""
+        return [{k: v.to(device) for k, v in self.batch(samples, first, m).items()} for m in range(self.micro_batches)]
 
 
 class RankMicroBatches(Dataset):
     """`steps` steps of this rank's micro-batches, from the global batch that starts at sample `first`."""
 
-    def __init__(self, samples, share: RankShare, first: int, steps: int):
-        self.samples, self.share, self.first, self.steps = samples, share, first, steps
+    def __init__(self, samples, plan: BatchPlan, first: int, steps: int):
+        self.samples, self.plan, self.first, self.steps = samples, plan, first, steps
 
     def __len__(self) -> int:
-        return self.steps * self.share.micro_batches
+        return self.steps * self.plan.micro_batches
 
     def __getitem__(self, n: int) -> dict:
-        step, micro_index = divmod(n, self.share.micro_batches)
-        return self.share.batch(self.samples, self.first + step * self.share.global_batch_size, micro_index)
+        step, micro_index = divmod(n, self.plan.micro_batches)
+        return self.plan.batch(self.samples, self.first + step * self.plan.global_batch_size, micro_index)
 
 
 class PrefetchingLoader:
@@ -61,23 +98,41 @@ class PrefetchingLoader:
     GPU); with `pin` the batches arrive in pinned memory and are copied to the device asynchronously.
     """
 
-    def __init__(self, samples, share: RankShare, first: int, steps: int, workers: int, device: torch.device):
-        self.share, self.next_first, self.device = share, first, device
+    def __init__(self, samples, plan: BatchPlan, first: int, steps: int, workers: int, device: torch.device):
+        self.plan, self.next_first, self.device = plan, first, device
         loader = DataLoader(
-            RankMicroBatches(samples, share, first, steps), batch_size=None, shuffle=False,
+            RankMicroBatches(samples, plan, first, steps), batch_size=None, shuffle=False,
             num_workers=workers, pin_memory=device.type == "cuda",
             multiprocessing_context="fork" if workers else None,
         )
-        self._batches = iter(loader)
+        self._batches: Optional[object] = iter(loader)
 
     def step_batches(self, first: int) -> List[dict]:
         """The micro-batches of the global batch at sample `first`, which must be the next one in order."""
         if first != self.next_first:
             raise RuntimeError(f"data loader is at sample {self.next_first}, the step asked for sample {first}")
-        self.next_first += self.share.global_batch_size
+        self.next_first += self.plan.global_batch_size
         return [{key: value.to(self.device, non_blocking=True) for key, value in next(self._batches).items()}
-                for _ in range(self.share.micro_batches)]
+                for _ in range(self.plan.micro_batches)]
 
     def close(self) -> None:
         """Stops the workers (also done when the loader is garbage-collected)."""
         self._batches = None
+
+
+class TrainBatches:
+    """The training steps' micro-batches, in order from sample `first`: read ahead by `workers`
+    processes, or built in this process when there are none."""
+
+    def __init__(self, samples, plan: BatchPlan, first: int, steps: int, workers: int, device: torch.device):
+        self.samples, self.plan, self.device = samples, plan, device
+        self.loader = PrefetchingLoader(samples, plan, first, steps, workers, device) if workers else None
+
+    def step(self, first: int) -> List[dict]:
+        if self.loader is not None:
+            return self.loader.step_batches(first)
+        return self.plan.step_batches(self.samples, first, self.device)
+
+    def close(self) -> None:
+        if self.loader is not None:
+            self.loader.close()

@@ -2,31 +2,27 @@
 
 import argparse
 import collections
-import glob
 import json
 import multiprocessing
 import os
 import sys
-import sysconfig
 import time
 from typing import Iterable, Iterator, Optional
 
 import numpy
 
+from common.errors import EXIT_USER_ERROR, UserError
+from data.sources import (
+    BYTE_VOCAB_SIZE,
+    QUICKSTART_MAX_BYTES,
+    expand_inputs,
+    input_streams,
+    quickstart_documents,
+    synthetic_documents,
+    text_documents,
+)
 from data.tokenizer import ByteTokenizer, build_tokenizer
-from pretrain.errors import UserError, exit_quickly, quiet_dependency_warnings
-
-BYTE_VOCAB_SIZE = ByteTokenizer.vocab_size
-QUICKSTART_MAX_BYTES = 4_000_000
-# Folders of the stdlib that are not representative source (tests, IDE, third-party installs).
-QUICKSTART_SKIP_DIRS = frozenset({"test", "tests", "idlelib", "site-packages"})
-
-# Synthetic corpus shape: short lowercase motifs repeated with rare noise, so that even a tiny model
-# learns the unigram/bigram statistics (loss falls within tens of steps) and, later, copying.
-SYNTHETIC_ALPHABET = numpy.arange(ord("a"), ord("z") + 1, dtype=numpy.int64)
-SYNTHETIC_SEPARATOR = ord(" ")
-SYNTHETIC_NUM_MOTIFS = 64
-SYNTHETIC_NOISE = 0.05
+from upstream.process import exit_quickly, prepare_process
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -36,9 +32,9 @@ def token_dtype(vocab_size: int) -> type:
 
 def _indexed_dataset_builder():
     """megatron-core's IndexedDatasetBuilder; on a CPU-only machine megatron-core is first imported
-    with its JIT fuser off (parallel/cpu_compat.py), which takes a corpus build's import from 4.0 s
-    to about 1 s."""
-    from parallel.cpu_compat import import_megatron_without_jit_fusers
+    with its JIT fuser off (upstream/process.py), which takes most of the import time off a corpus
+    build."""
+    from upstream.process import import_megatron_without_jit_fusers
 
     import_megatron_without_jit_fusers()
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -84,28 +80,6 @@ def _with_eod(doc: list[int], eod: int, vocab_size: int, prefix: str) -> numpy.n
 # ---- quickstart: Python's own standard library as text -------------------------------------------
 
 
-def _stdlib_source_paths() -> list[str]:
-    """Every *.py of the stdlib outside the skipped folders, sorted so the order is reproducible."""
-    root = sysconfig.get_paths()["stdlib"]
-    paths = []
-    for folder, subfolders, files in os.walk(root):
-        subfolders[:] = [name for name in subfolders if name not in QUICKSTART_SKIP_DIRS]
-        paths.extend(os.path.join(folder, name) for name in files if name.endswith(".py"))
-    return sorted(paths)
-
-
-def quickstart_documents(max_bytes: int = QUICKSTART_MAX_BYTES) -> Iterator[str]:
-    """One document per stdlib source file, in path order, stopping before max_bytes UTF-8 bytes."""
-    total = 0
-    for path in _stdlib_source_paths():
-        with open(path, "rb") as file:
-            raw = file.read()
-        if total + len(raw) > max_bytes:
-            return
-        total += len(raw)
-        yield raw.decode("utf-8", errors="replace")
-
-
 def _read_stamp(prefix: str) -> Optional[dict]:
     try:
         with open(prefix + ".json") as file:
@@ -146,34 +120,6 @@ def build_quickstart_corpus(prefix: str, max_bytes: int = QUICKSTART_MAX_BYTES) 
 # ---- synthetic: learnable, machine-independent token streams -------------------------------------
 
 
-def synthetic_documents(num_docs: int, seed: int, vocab_size: int = BYTE_VOCAB_SIZE) -> Iterator[list[int]]:
-    """Documents of 20..300 ids, each a repeated motif from a shared bank with 5% noise.
-
-    numpy's legacy RandomState has a frozen stream and every draw names its dtype, so the
-    documents are identical on every machine and numpy version (golden losses rely on this).
-    """
-    if vocab_size <= SYNTHETIC_ALPHABET[-1]:
-        highest = int(SYNTHETIC_ALPHABET[-1])
-        raise ValueError(f"synthetic documents use ids up to {highest}: vocab_size {vocab_size} is too small")
-    rng = numpy.random.RandomState(seed)
-    bank = [_random_motif(rng) for _ in range(SYNTHETIC_NUM_MOTIFS)]
-    for _ in range(num_docs):
-        length = int(rng.randint(20, 301, dtype=numpy.int64))
-        motif = bank[int(rng.randint(0, SYNTHETIC_NUM_MOTIFS, dtype=numpy.int64))]
-        repeats = length // motif.size + 1
-        doc = numpy.tile(motif, repeats)[:length]
-        noisy = rng.random_sample(length) < SYNTHETIC_NOISE
-        noise = SYNTHETIC_ALPHABET[rng.randint(0, SYNTHETIC_ALPHABET.size, size=length, dtype=numpy.int64)]
-        yield numpy.where(noisy, noise, doc).tolist()
-
-
-def _random_motif(rng: numpy.random.RandomState) -> numpy.ndarray:
-    """A 3..8-letter word followed by a space, so documents read as 'abcd abcd abcd ...'."""
-    size = int(rng.randint(3, 9, dtype=numpy.int64))
-    letters = SYNTHETIC_ALPHABET[rng.randint(0, SYNTHETIC_ALPHABET.size, size=size, dtype=numpy.int64)]
-    return numpy.append(letters, SYNTHETIC_SEPARATOR)
-
-
 def build_synthetic_corpus(prefix: str, num_docs: int = 2000, seed: int = 0) -> dict:
     """Write `num_docs` synthetic documents (byte vocabulary) to PREFIX.bin/.idx."""
     tokenizer = ByteTokenizer()
@@ -184,97 +130,10 @@ def build_synthetic_corpus(prefix: str, num_docs: int = 2000, seed: int = 0) -> 
 # ---- text: the user's files or a hub dataset, read through HF datasets, streamed -----------------
 
 # HF datasets builder per file ending; any other file is plain text, one document per file.
-INPUT_BUILDERS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
-                  ".parquet": "parquet", ".arrow": "arrow"}
 BATCH_DOCUMENTS = 256  # documents per tokenization task at most,
 BATCH_CHARACTERS = 256 * 1024  # and about this much text, so that long documents still spread over workers
 IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory however large the input is
 EOD_TOKEN = "<|endoftext|>"  # the EOD of a tokenizer trained here (data.tokenizer finds it by name)
-
-
-def expand_inputs(patterns: list[str]) -> list[str]:
-    """Files named by paths or globs, in the order given (each glob sorted), each checked to exist."""
-    paths = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise UserError(f"input '{pattern}' matches no file")
-        for path in matches:
-            if not os.path.isfile(path):
-                raise UserError(f"input '{path}' not found or not a file: give files or globs")
-        paths.extend(matches)
-    return paths
-
-
-def _builder_of(path: str) -> str:
-    name = os.path.basename(path).lower()
-    for ending, builder in INPUT_BUILDERS.items():
-        if name.endswith(ending):
-            return builder
-    return "text"
-
-
-def input_streams(paths: list[str], hub_name: Optional[str] = None, hub_subset: Optional[str] = None,
-                  hub_split: str = "train") -> Iterator[tuple[str, str, Iterable[dict]]]:
-    """(name, builder, streaming rows) per input file, or for the one hub dataset asked for by name."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # read errors become our one line
-    if hub_name is not None:
-        from huggingface_hub.utils import logging as hub_logging
-
-        hub_logging.set_verbosity_error()  # its retry warnings would precede our one error line
-        yield hub_name, "hub", _load(hub_name, "hub", hub_name, hub_subset, split=hub_split, streaming=True)
-    for path in paths:
-        if os.path.getsize(path) == 0:
-            continue  # holds no documents (and datasets cannot infer a schema from it)
-        builder = _builder_of(path)
-        options = {"sample_by": "document"} if builder == "text" else {}
-        yield path, builder, _load(path, builder, builder, data_files=[path], split="train", streaming=True,
-                                   **options)
-
-
-def _load(name: str, builder: str, *args, **kwargs):
-    import datasets
-
-    try:
-        return datasets.load_dataset(*args, **kwargs)
-    except Exception as error:  # datasets/pyarrow raise many types for unreadable input
-        if builder == "hub":
-            raise UserError(f"dataset '{name}' could not be loaded: {_first_line(error)}") from None
-        raise UserError(f"input '{name}' cannot be read as {builder}: {_first_line(error)}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def text_documents(streams: Iterable[tuple[str, str, Iterable[dict]]], text_key: str = "text") -> Iterator[str]:
-    """The text of every row; plain-text files are one document each (their column is 'text')."""
-    for name, builder, rows in streams:
-        key = "text" if builder == "text" else text_key
-        try:
-            for number, row in enumerate(rows, start=1):
-                yield _row_text(row, key, name, number)
-        except UserError:
-            raise
-        except Exception as error:  # datasets/pyarrow raise many types for unreadable input
-            if builder == "hub":
-                raise UserError(f"dataset '{name}' could not be read: {_first_line(error)}") from None
-            raise UserError(f"input '{name}' cannot be read as {builder}: {_first_line(error)}") from None
-
-
-def _row_text(row: dict, key: str, name: str, number: int) -> str:
-    value = row.get(key)
-    if value is None:
-        fields = ", ".join(k for k, v in row.items() if v is not None)
-        raise UserError(f"{name}: row {number}: no text in field '{key}' (fields: {fields}): "
-                        "choose the field with --text-key")
-    if not isinstance(value, str):
-        raise UserError(f"{name}: row {number}: field '{key}' is {type(value).__name__}, not a string")
-    return value
 
 
 def _batches(texts: Iterable[str], size: int, characters: int = BATCH_CHARACTERS) -> Iterator[list[str]]:
@@ -484,20 +343,20 @@ def _run(args: argparse.Namespace) -> dict:
 def main(argv: Optional[list[str]] = None) -> int:
     """Build one corpus and print a one-line summary; bad input → one line on stderr, exit 2."""
     args = _parser().parse_args(argv)
-    quiet_dependency_warnings()
+    prepare_process()
     start = time.perf_counter()
     try:
         stats = _run(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    verb = "kept up-to-date" if stats.get("skipped") else "wrote"
-    seconds = time.perf_counter() - start
+        return EXIT_USER_ERROR
     trained = f" (tokenizer {stats['tokenizer']})" if "tokenizer" in stats else ""
-    print(
-        f"{verb} {args.output_prefix}.bin/.idx{trained}: {stats['documents']} documents, "
-        f"{stats['tokens']} tokens, {seconds:.1f} s, {stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s"
-    )
+    summary = f"{args.output_prefix}.bin/.idx{trained}: {stats['documents']} documents, {stats['tokens']} tokens"
+    if stats.get("skipped"):
+        print(f"kept up-to-date {summary} (built earlier from the same sources)")
+        return 0
+    seconds = time.perf_counter() - start
+    print(f"wrote {summary}, {seconds:.1f} s, {stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s")
     return 0
 
 

@@ -5,7 +5,7 @@ import os
 import numpy
 from typing import Optional
 
-from pretrain.errors import UserError
+from common.errors import UserError
 
 # Names that tokenizer families use for their end-of-document token, in order of preference.
 EOD_TOKEN_NAMES = ("<|endoftext|>", "</s>", "<eos>")

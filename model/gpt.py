@@ -3,33 +3,25 @@
 from __future__ import annotations
 
 import contextlib
-import math
 import dataclasses
-from typing import List, Optional
+import math
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import ModelConfig
-from pretrain.errors import UserError
+from common.errors import UserError
+from model.config import ModelConfig, moe_layer_pattern
+from parallel.layout import Layout
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelBuild:
-    """What the model builder needs beyond recipe.model: the layout sizes and numerics."""
+    """What the model builder needs beyond recipe.model: the layout and the numerics."""
 
-    tensor: int = 1
-    pipeline: int = 1
-    virtual_pipeline: Optional[int] = None
-    context: int = 1
-    context_comm: str = "p2p"  # transformer-engine's cp_comm_type; the local ring is p2p
-    expert: int = 1
-    expert_tensor: Optional[int] = None  # None = tensor
-    sequence_parallel: bool = False
-    first_stage_layers: Optional[int] = None
-    last_stage_layers: Optional[int] = None
+    layout: Layout = dataclasses.field(default_factory=lambda: Layout(world_size=1))
     precision: str = "fp32"
     use_cpu_initialization: bool = True  # CPU init is also what makes init TP-size invariant
     perform_initialization: bool = True
@@ -55,7 +47,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild):
 
     from model.moe import transformer_config_fields
 
-    dtype = _DTYPES[build.precision]
+    dtype, layout = _DTYPES[build.precision], build.layout
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -79,26 +71,26 @@ def transformer_config(model: ModelConfig, build: ModelBuild):
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
-        tensor_model_parallel_size=build.tensor,
-        pipeline_model_parallel_size=build.pipeline,
-        virtual_pipeline_model_parallel_size=build.virtual_pipeline,
-        num_layers_in_first_pipeline_stage=build.first_stage_layers,
-        num_layers_in_last_pipeline_stage=build.last_stage_layers,
-        context_parallel_size=build.context,
-        cp_comm_type=build.context_comm,
-        expert_model_parallel_size=build.expert,
-        sequence_parallel=build.sequence_parallel,
+        tensor_model_parallel_size=layout.tensor,
+        pipeline_model_parallel_size=layout.pipeline,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
+        num_layers_in_first_pipeline_stage=layout.first_stage_layers,
+        num_layers_in_last_pipeline_stage=layout.last_stage_layers,
+        context_parallel_size=layout.context,
+        cp_comm_type=layout.context_comm,
+        expert_model_parallel_size=layout.expert,
+        sequence_parallel=layout.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=build.precision == "bf16",
         fp16=build.precision == "fp16",
         calculate_per_token_loss=True,
         # gloo + batched isend/irecv gives silently wrong gradients with interleaved pipelines
-        # (../shared/notes/megatron-core-on-cpu.md, "Silent traps"); NCCL batches correctly.
+        # (docs/megatron-core-on-cpu.md, "Silent traps"); NCCL batches correctly.
         batch_p2p_comm=build.batch_p2p_comm,
         use_cpu_initialization=build.use_cpu_initialization,
         perform_initialization=build.perform_initialization,
-        **transformer_config_fields(model, build.expert_tensor or build.tensor, build.precision),
+        **transformer_config_fields(model, layout.expert_tensor or layout.tensor, build.precision),
     )
 
 
@@ -109,8 +101,6 @@ def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None, init_
         get_num_layers_to_build,
     )
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-
-    from pretrain.config import moe_layer_pattern
 
     if model.transformer_impl == "transformer_engine":
         return _te_layer_spec(config, vp_stage)
@@ -172,31 +162,57 @@ def _te_layer_spec(config, vp_stage: Optional[int]):
         config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage)
 
 
-def build_model_chunks(model: ModelConfig, build: ModelBuild, vocab_size: int) -> List[torch.nn.Module]:
+def build_model_chunks(model: ModelConfig, build: ModelBuild, vocab_size: int,
+                       groups: Optional[Any] = None) -> List[torch.nn.Module]:
     """One GPTModel per virtual pipeline stage held by this rank (one chunk without interleaving).
 
-    Needs megatron-core's parallel state initialized for the same sizes as `build`.
+    `groups`: megatron-core's ProcessGroupCollection for `build.layout` (default: the one
+    parallel_state holds, which must be initialized for the same sizes).
     """
-    from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
+    from megatron.core.pipeline_parallel.utils import (
+        is_pp_first_stage,
+        is_pp_last_stage,
+        is_vp_first_stage,
+        is_vp_last_stage,
+    )
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
+    groups = groups or ProcessGroupCollection.use_mpu_process_groups()
     config = transformer_config(model, build)
+    vpp = build.layout.virtual_pipeline
     chunks = []
-    for vp_stage in range(build.virtual_pipeline or 1):
-        stage = vp_stage if build.virtual_pipeline else None
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
         chunk = GPTModel(
             config=config,
             transformer_layer_spec=layer_spec(model, config, stage, build.init_seed),
-            vocab_size=padded_vocab_size(model, vocab_size, build.tensor),
+            vocab_size=padded_vocab_size(model, vocab_size, build.layout.tensor),
             max_sequence_length=model.seq_length,
-            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            pre_process=is_pp_first_stage(groups.pp) and is_vp_first_stage(stage, vpp),
+            post_process=is_pp_last_stage(groups.pp) and is_vp_last_stage(stage, vpp),
             share_embeddings_and_output_weights=not model.untie_embeddings,
             position_embedding_type="rope",
             rotary_base=int(model.rotary_base),
             vp_stage=stage,
+            pg_collection=groups,
         )
         chunks.append(chunk)
+    return chunks
+
+
+def build_model(model: ModelConfig, build: ModelBuild, vocab_size: int, device: torch.device,
+                groups: Any) -> List[torch.nn.Module]:
+    """This rank's model chunks on `device` in the training precision (bf16/fp16 inside megatron-core's
+    Float16Module), initialized from `build.init_seed` as at every other layout."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.module import Float16Module
+
+    torch.manual_seed(build.init_seed)
+    model_parallel_cuda_manual_seed(build.init_seed)
+    chunks = [c.to(device) for c in build_model_chunks(model, build, vocab_size, groups)]
+    if build.precision != "fp32":
+        chunks = [Float16Module(c.config, c) for c in chunks]
     return chunks
 
 
@@ -243,8 +259,6 @@ def layer_parameters(model: ModelConfig, is_moe: bool, tensor: int = 1, expert_t
 
 def parameter_counts(model: ModelConfig, vocab_size: int) -> ParameterCount:
     """Hand formula for the Llama-style decoder, dense or MoE, with or without linear biases."""
-    from pretrain.config import moe_layer_pattern
-
     h = model.hidden_size
     embeddings = vocab_size * h * (2 if model.untie_embeddings else 1)
     pattern = moe_layer_pattern(model)

@@ -20,8 +20,8 @@ from typing import Dict, Iterator, Mapping, Tuple
 
 import torch
 
-from pretrain.config import ModelConfig, MoeConfig, moe_layer_pattern
-from pretrain.errors import UserError
+from model.config import ModelConfig, MoeConfig, moe_layer_pattern
+from common.errors import UserError
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}
 

@@ -12,7 +12,7 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.router import TopKRouter
 
 from model.layers import derive_seed
-from pretrain.config import ModelConfig, moe_layer_pattern
+from model.config import ModelConfig, moe_layer_pattern
 
 
 def transformer_config_fields(model: ModelConfig, expert_tensor: int, precision: str) -> dict:

@@ -1,4 +1,5 @@
-"""Ring attention for context parallelism: block kernels with log-sum-exp, the K/V ring, and a core_attention.
+"""Ring attention for context parallelism: the K/V ring over block kernels (model/attention_kernels.py)
+and the core_attention module that uses it.
 
 Layout (megatron's load-balanced causal layout): the sequence is cut into 2·cp equal chunks and CP
 rank r holds chunks r and 2·cp−1−r, in that order. Each rank keeps its queries; K/V blocks travel
@@ -9,248 +10,24 @@ rule. Scores exist only for one block at a time ([s/cp, s/cp]), never for the wh
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
-import warnings
-from typing import Callable, List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 
+from model.attention_kernels import (
+    BACKENDS,
+    accumulation_dtype,
+    block_backward,
+    block_forward,
+    reduce_heads,
+    select_backend,
+)
 from model.layers import SDPAttention
 
 Tensor = torch.Tensor
-
-# ------------------------------------------------------------------------------------ block kernels
-
-
-class BlockKernels(NamedTuple):
-    """One attention backend: forward returns (out, lse), backward takes the final out and lse.
-
-    `gqa`: k/v may have fewer heads than q (each K/V head serving consecutive query heads), and the
-    backward returns dk/dv per K/V head. Otherwise the ring hands it equal head counts.
-    """
-
-    forward: Callable[[Tensor, Tensor, Tensor, bool, float], Tuple[Tensor, Tensor]]
-    backward: Callable[..., Tuple[Tensor, Tensor, Tensor]]
-    gqa: bool = False
-
-
-def _causal_mask(sq: int, sk: int, device) -> Tensor:
-    """True where a key is in the future of its query (masked); the standard lower triangle is kept."""
-    return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(1)
-
-
-def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
-    # [b, h, sq, d] x [b, h, sk, d] -> scores [b, h, sq, sk], one block only
-    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
-    if causal:
-        scores = scores.masked_fill(_causal_mask(q.size(2), k.size(2), q.device), float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [b, h, sq]
-    out = torch.matmul(torch.exp(scores - lse.unsqueeze(-1)), v.float())
-    return out.to(q.dtype), lse
-
-
-def _math_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
-    qf, kf, vf, doutf = q.float(), k.float(), v.float(), dout.float()
-    scores = torch.matmul(qf, kf.transpose(-2, -1)) * scale
-    if causal:
-        scores = scores.masked_fill(_causal_mask(q.size(2), k.size(2), q.device), float("-inf"))
-    probs = torch.exp(scores - lse.float().unsqueeze(-1))  # [b, h, sq, sk], normalized by the FINAL lse
-    d_probs = torch.matmul(doutf, vf.transpose(-2, -1))
-    delta = (doutf * out.float()).sum(-1, keepdim=True)  # [b, h, sq, 1]: rowsum(dO ∘ O) of the final out
-    d_scores = probs * (d_probs - delta) * scale
-    dq = torch.matmul(d_scores, kf)
-    dk = torch.matmul(d_scores.transpose(-2, -1), qf)
-    dv = torch.matmul(probs.transpose(-2, -1), doutf)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-
-def _aten_cpu_forward(q, k, v, causal: bool, scale: float):
-    # Private aten op (torch 2.13 schema: q, k, v, dropout_p, is_causal, *, attn_mask, scale).
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    return out, lse
-
-
-def _aten_cpu_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse, 0.0, causal, scale=scale)
-
-
-# CUDA kernels. None of them runs in CI (no GPU there): each is used only after `_verify` has
-# compared it with plain math on this device, dtype and head size (see _backend_for).
-
-
-def _cuda_flash_forward(q, k, v, causal: bool, scale: float):
-    # torch's flash kernel (fp16/bf16, sm80+): lse [b, h, sq] fp32
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
-    return out, lse
-
-
-def _cuda_flash_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
-    # cum_seq None = not variable-length; the rng tensors are read only under dropout
-    no_rng = torch.empty((), dtype=torch.int64, device=q.device)
-    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dout, q, k, v, out, lse.contiguous(), None, None, q.size(2), k.size(2), 0.0, causal, no_rng, no_rng,
-        scale=scale)
-
-
-_EFFICIENT_LSE_ALIGN = 32  # torch's memory-efficient kernel pads its lse rows to a multiple of this
-
-
-def _cuda_efficient_forward(q, k, v, causal: bool, scale: float):
-    # torch's memory-efficient kernel (also fp32): its lse [b, h, sq padded] is trimmed to sq
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
-                                                                      scale=scale)[:2]
-    return out, lse[..., :q.size(2)]
-
-
-def _cuda_efficient_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
-    rows = q.size(2)
-    padded = -(-rows // _EFFICIENT_LSE_ALIGN) * _EFFICIENT_LSE_ALIGN
-    lse = torch.nn.functional.pad(lse.float(), (0, padded - rows)).contiguous()
-    no_rng = torch.empty((), dtype=torch.int64)
-    # the kernel reads out and dout with [b, s, h, d] row strides (what its forward returns)
-    dout, out = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (dout, out))
-    dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, k, v, None, out, lse, no_rng, no_rng, 0.0, [True, True, True, False], causal, scale=scale)
-    return dq, dk, dv
-
-
-def _flash_attn_forward(q, k, v, causal: bool, scale: float):
-    # flash-attn >= 2.6 works in [b, s, h, d] and returns softmax_lse [b, h, sq] fp32
-    from flash_attn import flash_attn_func
-
-    out, lse, _ = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), dropout_p=0.0,
-                                  softmax_scale=scale, causal=causal, return_attn_probs=True)
-    return out.transpose(1, 2), lse
-
-
-def _flash_attn_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
-    from flash_attn.flash_attn_interface import _flash_attn_backward
-
-    dout_, q_, k_, v_, out_ = (t.transpose(1, 2).contiguous() for t in (dout, q, k, v, out))
-    dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
-    _flash_attn_backward(dout_, q_, k_, v_, out_, lse.contiguous(), dq, dk, dv, dropout_p=0.0,
-                         softmax_scale=scale, causal=causal, window_size_left=-1, window_size_right=-1,
-                         softcap=0.0, alibi_slopes=None, deterministic=False)
-    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
-
-
-def _flash_attn_installed() -> bool:
-    try:
-        from flash_attn.flash_attn_interface import _flash_attn_backward
-    except ImportError:
-        return False
-    return "window_size_left" in inspect.signature(_flash_attn_backward).parameters
-
-
-_HALF = (torch.float16, torch.bfloat16)
-
-BACKENDS = {
-    "math": BlockKernels(_math_forward, _math_backward),
-    "aten_cpu": BlockKernels(_aten_cpu_forward, _aten_cpu_backward, gqa=True),
-    "flash_attn": BlockKernels(_flash_attn_forward, _flash_attn_backward, gqa=True),
-    "cuda_flash": BlockKernels(_cuda_flash_forward, _cuda_flash_backward),
-    "cuda_efficient": BlockKernels(_cuda_efficient_forward, _cuda_efficient_backward),
-}
-
-# Fastest first, per device type: (backend, applies to this dtype?). Plain math is the last resort.
-CANDIDATES = {
-    "cuda": (("flash_attn", lambda dtype: dtype in _HALF and _flash_attn_installed()),
-             ("cuda_flash", lambda dtype: dtype in _HALF),
-             ("cuda_efficient", lambda dtype: True)),
-    "cpu": (("aten_cpu", lambda dtype: True),),
-}
-
-# Largest relative error (Frobenius norm) a backend may show against fp32 math on the probe. A
-# kernel that is wired wrongly (lse base or padding, layout, scale, causal alignment) is off by O(1).
-_PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
-
-
-def _verify(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
-    """None when backend `name` gives math's out, lse, dq, dk, dv on a small problem, else what differs.
-
-    The problem has the ring's block shapes and layout: a causal diagonal block and an unmasked
-    block with twice as many query rows as keys, each query row given the lse of its own block; for
-    a kernel that claims `gqa`, both again with 4 query heads on 2 K/V heads.
-    """
-    kernels, tolerance = BACKENDS[name], _PROBE_TOLERANCE.get(dtype, 4e-2)
-    generator = torch.Generator().manual_seed(0)
-
-    def draw(heads: int, rows: int) -> Tensor:
-        # as the ring passes them: a model's [s, b, h, d] seen as [b, h, s, d] (b = 2, so the batch
-        # stride is not the sequence's), a slice at an offset
-        full = torch.randn(2 * rows, 2, heads, head_dim, generator=generator).to(device, dtype)
-        return full[rows:].permute(1, 2, 0, 3)
-
-    cases = [(2, 2, True, 64, 64), (2, 2, False, 128, 64)]
-    if kernels.gqa:
-        cases += [(4, 2, True, 64, 64), (4, 2, False, 128, 64)]
-    scale = head_dim ** -0.5
-    for heads, groups, causal, rows, keys in cases:
-        q, k, v, dout = draw(heads, rows), draw(groups, keys), draw(groups, keys), draw(heads, rows)
-        want = _math_reference(q, k, v, dout, causal, scale)
-        try:
-            out, lse = kernels.forward(q, k, v, causal, scale)
-            got = (out, lse) + tuple(kernels.backward(dout, q, k, v, out, lse, causal, scale))
-        except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
-            return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        for label, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-            if a.shape != b.shape:
-                return f"{label} has shape {tuple(a.shape)}, math {tuple(b.shape)}"
-            error = ((a.double() - b).norm() / b.norm()).item()
-            if not error <= tolerance:  # also catches NaN
-                where = f" with {heads} query heads on {groups} K/V heads" if heads != groups else ""
-                return f"{label} differs from math by {error:.2g}{where} (relative; allowed {tolerance:g})"
-    return None
-
-
-def _math_reference(q, k, v, dout, causal: bool, scale: float) -> Tuple[Tensor, ...]:
-    """out, lse, dq, dk, dv in fp32 plain math (float64 tensors), K/V heads shared by query heads."""
-    rep = q.size(1) // k.size(1)
-    q, dout = q.double(), dout.double()
-    k, v = (t.double().repeat_interleave(rep, dim=1) for t in (k, v))
-    out, lse = _math_forward(q, k, v, causal, scale)
-    dq, dk, dv = _math_backward(dout, q, k, v, out, lse, causal, scale)
-    return out, lse, dq, _reduce_heads(dk, rep).double(), _reduce_heads(dv, rep).double()
-
-
-@functools.lru_cache(maxsize=None)
-def _backend_for(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
-    """Chosen once per (device type, dtype, head size): the first candidate that runs and agrees with
-    plain math on a probe (_verify), else plain math. A candidate that fails is named in a warning."""
-    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device(
-        device_type)
-    for name, applies in CANDIDATES.get(device_type, ()):
-        if not applies(dtype):
-            continue
-        problem = _verify(name, device, dtype, head_dim)
-        if problem is None:
-            return name
-        warnings.warn(f"ring attention: not using the {name} kernels for {dtype}, head size {head_dim} on "
-                      f"{device_type}: {problem}; trying the next")
-    return "math"
-
-
-def select_backend(t: Tensor) -> str:
-    """Name of the BACKENDS entry that block_forward/block_backward use for q tensors like `t` [b, h, s, d]."""
-    return _backend_for(t.device.type, t.dtype, t.size(-1))
-
-
-def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
-    """Attention of one block: q [b, h, sq, d], k/v [b, h, sk, d] -> out [b, h, sq, d], lse [b, h, sq]
-    in the accumulation dtype (fp32; fp64 for fp64 inputs)."""
-    out, lse = BACKENDS[select_backend(q)].forward(q, k, v, causal, scale)
-    return out, lse.to(_accumulation_dtype(q))
-
-
-def block_backward(dout, q, k, v, out, lse, causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    """Gradients of one block given the FINAL (merged) out and lse of its query rows: (dq, dk, dv)."""
-    return BACKENDS[select_backend(q)].backward(dout, q, k, v, out, lse, causal, scale)
-
 
 # ---------------------------------------------------------------------------------------- the ring
 
@@ -335,13 +112,6 @@ def _step_blocks(step: int, rank: int, size: int, half: int) -> Tuple[Tuple[slic
     return (second, first, False), (second, second, False)  # our second chunk sees both of its
 
 
-def _reduce_heads(grad: Tensor, rep: int) -> Tensor:
-    # [b, np, keys, hn] -> [b, ng, keys, hn] in the accumulation dtype: a shared K/V head gets the
-    # sum over its query heads
-    b, heads, keys, hn = grad.shape
-    return grad.to(_accumulation_dtype(grad)).view(b, heads // rep, rep, keys, hn).sum(2)
-
-
 def _fold(x: Tensor, rep: int) -> Tensor:
     # [b, np, rows, ...] -> [b, ng, rep·rows, ...]: the query heads sharing one K/V head become
     # more rows of that head (exact without a causal mask, where rows are independent)
@@ -400,7 +170,7 @@ def _grad_block(dout, q, kv, out, lse, rows: slice, cols: slice, causal: bool, s
     dq, dk, dv = block_backward(dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows],
                                 causal, scale)
     if plan == "expand":
-        dk, dv = _reduce_heads(dk, rep), _reduce_heads(dv, rep)
+        dk, dv = reduce_heads(dk, rep), reduce_heads(dv, rep)
     return dq, dk, dv
 
 
@@ -413,15 +183,10 @@ def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> No
     lse.copy_(new_lse)
 
 
-def _accumulation_dtype(t: Tensor) -> torch.dtype:
-    # merges and gradient sums run in fp32; fp64 inputs keep fp64 (the CPU kernel wants lse in it)
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def _accumulator_like(t: Tensor, like: Tensor) -> Tensor:
     """t in the accumulation dtype with like's layout (t itself when it already is; a size-1 dim's
     stride is moot)."""
-    dtype = _accumulation_dtype(like)
+    dtype = accumulation_dtype(like)
     if t.dtype == dtype and all(a == b or n == 1 for a, b, n in zip(t.stride(), like.stride(), t.shape)):
         return t
     return torch.empty_like(like, dtype=dtype).copy_(t)

@@ -5,21 +5,19 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from typing import Optional
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from pretrain.config import ParallelConfig
+from common.errors import RecipeError
+from parallel.config import ParallelConfig
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Sizes of each parallel axis; their product (with dp) is the world size.
-
-    Built from a validated recipe (`pretrain.config.validate_for_world` did the checks), so the
-    constructor only derives, it does not re-check.
-    """
+    """Sizes of each parallel axis; their product (with dp) is the world size. The constructor
+    checks that they fit the world size (the section's own checks are ParallelConfig.check)."""
 
     world_size: int
     tensor: int = 1
@@ -29,6 +27,22 @@ class Layout:
     expert: int = 1
     expert_tensor: Optional[int] = None  # None = tensor
     sequence_parallel: bool = False
+    context_comm: str = "p2p"  # transformer-engine's cp_comm_type; the local ring is p2p
+    first_stage_layers: Optional[int] = None  # uneven pipeline split; None = even
+    last_stage_layers: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise RecipeError(f"world size must be positive, got {self.world_size}")
+        model_parallel = self.tensor * self.pipeline * self.context
+        if self.world_size % model_parallel:
+            raise RecipeError(f"parallel.tensor × parallel.pipeline × parallel.context = {model_parallel} "
+                              f"does not divide the world size {self.world_size}")
+        expert_tensor = self.expert_tensor or self.tensor
+        expert_room = self.world_size // (expert_tensor * self.pipeline)
+        if self.world_size % (expert_tensor * self.pipeline) or expert_room % self.expert:
+            raise RecipeError(f"parallel.expert × parallel.expert_tensor = {self.expert} × {expert_tensor} does not "
+                              f"divide the world size / parallel.pipeline = {self.world_size // self.pipeline}")
 
     @property
     def data(self) -> int:
@@ -50,7 +64,16 @@ class Layout:
             expert=parallel.expert,
             expert_tensor=parallel.expert_tensor,
             sequence_parallel=parallel.sequence_parallel,
+            context_comm=parallel.context_comm,
+            first_stage_layers=parallel.first_stage_layers,
+            last_stage_layers=parallel.last_stage_layers,
         )
+
+    def pipeline_bubble(self, micro_batches: int) -> float:
+        """Idle fraction of a step in megatron-core's (interleaved) 1F1B schedule:
+        (pp − 1) / (vpp · m + pp − 1) for pp stages, vpp chunks each, m micro-batches, equal-time stages."""
+        pp, vpp = self.pipeline, self.model_chunks
+        return (pp - 1) / (vpp * micro_batches + pp - 1)
 
     def describe(self) -> str:
         vpp = f" (x{self.virtual_pipeline} virtual)" if self.virtual_pipeline else ""
@@ -62,19 +85,29 @@ class Layout:
         )
 
 
+def pipeline_stage_layers(parallel: ParallelConfig, num_layers: int) -> list[int]:
+    """Layers held by each pipeline rank (all its virtual chunks together)."""
+    first, last, pp = parallel.first_stage_layers, parallel.last_stage_layers, parallel.pipeline
+    if first is None and last is None:
+        return [num_layers // pp] * pp
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle = num_layers - (first or 0) - (last or 0)
+    per_middle = middle // middle_stages if middle_stages else 0
+    counts = [per_middle] * pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    return counts
+
+
 @dataclasses.dataclass(frozen=True)
 class RankInfo:
     """Where this process sits in the layout (read from megatron-core after initialization)."""
 
     rank: int
-    tensor_rank: int
-    pipeline_rank: int
     data_rank: int
     context_rank: int
-
-    @property
-    def is_last(self) -> bool:
-        return self.rank == dist.get_world_size() - 1
 
 
 def world_from_env() -> tuple[int, int, int]:
@@ -115,9 +148,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_model_parallel(layout: Layout) -> RankInfo:
-    """Creates megatron-core's process groups for `layout` and returns this rank's coordinates."""
+def init_model_parallel(layout: Layout) -> Tuple[RankInfo, Any]:
+    """Creates megatron-core's process groups for `layout`; returns this rank's coordinates and the
+    groups as megatron-core's ProcessGroupCollection (what the model, the step and DDP are given)."""
     from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -129,13 +164,19 @@ def init_model_parallel(layout: Layout) -> RankInfo:
         expert_model_parallel_size=layout.expert,
         expert_tensor_parallel_size=layout.expert_tensor,
     )
-    return RankInfo(
-        rank=dist.get_rank(),
-        tensor_rank=ps.get_tensor_model_parallel_rank(),
-        pipeline_rank=ps.get_pipeline_model_parallel_rank(),
-        data_rank=ps.get_data_parallel_rank(),
-        context_rank=ps.get_context_parallel_rank(),
-    )
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    rank = RankInfo(rank=dist.get_rank(), data_rank=groups.dp.rank(), context_rank=groups.cp.rank())
+    return rank, groups
+
+
+def init_single_process() -> Any:
+    """One gloo process on the CPU with megatron-core's groups at every size 1 (conversion, the dry
+    run's meta-device count, benchmarks); returns the groups. `shutdown()` undoes it."""
+    from upstream import cpu
+
+    cpu.enable(torch.device("cpu"))
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return init_model_parallel(Layout(world_size=1))[1]
 
 
 def shutdown() -> None:

@@ -14,16 +14,14 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from pretrain.errors import UserError
+from common.errors import UserError
+from upstream import fixes, safe_loading
 
 LATEST = "latest"
 # The distributed optimizer's state formats (checkpoint.optimizer_format): 'fully_reshardable' maps
 # the state onto the model's parameters (resume at any layout); 'dp_reshardable' saves each rank's
 # flat buffers as is (only the data-parallel size may change). megatron-core's default
 # 'fully_sharded_model_space' cannot be saved in 0.16 ("ShardedTensor.flattened_range is not supported").
-# A test hook for crash safety, "STEP:SECONDS": when saving step STEP, sleep after the shards are
-# written and before the checkpoint is renamed into place, so a test can kill the trainer mid-save.
-SLOW_SAVE_ENV = "PRETRAIN_FAULT_SLOW_SAVE"
 _ITER = re.compile(r"^iter_(\d{7})$")
 
 
@@ -82,7 +80,7 @@ def _unwrap(chunk):
 
 def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict,
          optimizer_format: Optional[str] = None, keep_last: Optional[int] = None,
-         async_queue=None) -> pathlib.Path:
+         async_queue=None, pause_before_publish_s: float = 0.0) -> pathlib.Path:
     """Writes `<dir>/iter_N.tmp`, then renames it to `iter_N` and updates `latest` (rank 0).
 
     `optimizer=None` saves the model only (a weights checkpoint, e.g. converted from Hugging Face);
@@ -90,6 +88,7 @@ def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict,
     With `async_queue` (megatron-core's AsyncCallsQueue) the shards are written by a background
     process from a snapshot taken now, and the rename happens when the queue finalizes the save
     (`finish_async_saves`): until then the checkpoint is invisible to `auto`, as any partial save.
+    `pause_before_publish_s` (debug.save_pause_at_step) waits between writing and publishing.
     """
     from megatron.core import dist_checkpointing
 
@@ -104,7 +103,7 @@ def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict,
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_format_metadata(optimizer_format))
     state["extra"] = {**extra, "kind": "training" if optimizer is not None else "weights",
                       "optimizer_format": optimizer_format if optimizer is not None else None}
-    publish = partial(_publish, ckpt_dir, step, tmp, final, keep_last)
+    publish = partial(_publish, ckpt_dir, tmp, final, keep_last, pause_before_publish_s)
     if async_queue is None:
         dist_checkpointing.save(state, str(tmp))
         publish()
@@ -115,11 +114,11 @@ def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict,
     return final
 
 
-def _publish(ckpt_dir: pathlib.Path, step: int, tmp: pathlib.Path, final: pathlib.Path,
-             keep_last: Optional[int]) -> None:
+def _publish(ckpt_dir: pathlib.Path, tmp: pathlib.Path, final: pathlib.Path, keep_last: Optional[int],
+             pause_s: float) -> None:
     """Every rank's shards are written: make the checkpoint visible (collective)."""
     dist.barrier()
-    _maybe_pause_for_fault_test(step)
+    time.sleep(pause_s)
     if dist.get_rank() == 0:
         if final.exists():  # re-saving the same step (e.g. a rerun): replace it whole
             shutil.rmtree(final)
@@ -142,14 +141,6 @@ def finish_async_saves(queue, blocking: bool = False) -> List[int]:
     if queue is None:
         return []
     return queue.maybe_finalize_async_calls(blocking=blocking)
-
-
-def _maybe_pause_for_fault_test(step: int) -> None:
-    hook = os.environ.get(SLOW_SAVE_ENV)
-    if hook:
-        at, seconds = hook.split(":")
-        if int(at) == step:
-            time.sleep(float(seconds))
 
 
 def _format_metadata(optimizer_format: str) -> dict:
@@ -180,60 +171,13 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _torch_adam_optimizers(optimizer) -> list:
-    """The torch Adam instances inside megatron-core's distributed optimizer(s), when it uses them.
-
-    megatron-core falls back to torch's AdamW when neither transformer-engine nor apex is
-    installed: on every CPU, and on GPUs without them.
-    """
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return []
-    members = getattr(optimizer, "chained_optimizers", [optimizer])
-    return [
-        m.optimizer for m in members
-        if isinstance(m, distrib_optimizer.DistributedOptimizer) and m.optimizer is not None
-    ]
-
-
-def _give_fresh_adam_a_step(optimizer) -> None:
-    """Workaround: distrib_optimizer.py:642 asserts one shared Adam `step` across param states,
-    which a fresh torch Adam (no state until its first step) does not have, so a resume into a
-    new process fails. Zero state, exactly what torch Adam would create lazily, satisfies it."""
-    for adam in _torch_adam_optimizers(optimizer):
-        for group in adam.param_groups:
-            for p in group["params"]:
-                state = adam.state[p]
-                if "step" not in state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _restore_adam_steps(optimizer) -> None:
-    """Workaround: after a distributed-optimizer load with torch Adam, the per-param `step` is
-    wrong: megatron-core writes one shared tensor into every param's state
-    (distrib_optimizer.py:823), which torch Adam then increments once per parameter per
-    iteration, and with state already allocated the loaded value does not reach it at all (it
-    stays 0). Either way Adam's bias correction silently drifts from the uninterrupted run. The
-    checkpoint's step survives in each param group; give every param its own copy of it."""
-    for adam in _torch_adam_optimizers(optimizer):
-        for group in adam.param_groups:
-            if "step" not in group:
-                continue
-            for p in group["params"]:
-                if p in adam.state:
-                    adam.state[p]["step"] = torch.tensor(float(group["step"]))
-
-
 def _load_refusing_unsafe(template: dict, path: pathlib.Path) -> dict:
-    """dist_checkpointing.load; a byte item refused by pretrain/safe_loading.py on any rank is
+    """dist_checkpointing.load; a byte item refused by upstream/safe_loading.py on any rank is
     raised as that one-line UserError instead of torch's gathered multi-rank report."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from pretrain.safe_loading import UnsafeFile, refusal_in
+    from upstream.safe_loading import UnsafeFile, refusal_in
 
     try:
         return dist_checkpointing.load(template, str(path))
@@ -250,8 +194,6 @@ def read_extra(path: pathlib.Path) -> dict:
     """The checkpoint's `extra` dict (step, scheduler, recipe, ...), after the safety checks."""
     from megatron.core import dist_checkpointing
 
-    from pretrain import safe_loading
-
     safe_loading.install()
     check_safe_to_load(path)
     common = dist_checkpointing.load_common_state_dict(str(path))
@@ -262,7 +204,6 @@ def load(path: pathlib.Path, chunks, optimizer) -> dict:
     """Restores model chunks, and the optimizer unless `optimizer` is None or the checkpoint holds
     weights only (`kind: weights`, e.g. converted from Hugging Face: the optimizer keeps its fresh
     state)."""
-    from megatron.core import dist_checkpointing
 
     extra = read_extra(path)
     weights_only = extra.get("kind") == "weights"
@@ -270,7 +211,7 @@ def load(path: pathlib.Path, chunks, optimizer) -> dict:
     optimizer_format = None if weights_only or optimizer is None else extra.get("optimizer_format", "dp_reshardable")
     template = _model_sharded_state_dict(chunks)
     if optimizer_format is not None:
-        _give_fresh_adam_a_step(optimizer)
+        fixes.give_fresh_adam_a_step(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(
             template, is_loading=True, metadata=_format_metadata(optimizer_format))
     # Copies into parameters (and their views inside the optimizer) must not be recorded.
@@ -282,15 +223,13 @@ def load(path: pathlib.Path, chunks, optimizer) -> dict:
         if optimizer_format is not None:
             optimizer.load_state_dict(state["optimizer"])
     if optimizer_format is not None:
-        _restore_adam_steps(optimizer)
+        fixes.restore_adam_steps(optimizer)
     return extra
 
 
 def check_safe_to_load(path: pathlib.Path) -> None:
     """Refuses a checkpoint whose `common.pt` or `.metadata` could run code when loaded, before
-    megatron-core opens it (pretrain/safe_loading.py checks every other pickle as it is read)."""
-    from pretrain import safe_loading
-
+    megatron-core opens it (upstream/safe_loading.py checks every other pickle as it is read)."""
     common, metadata = path / "common.pt", path / ".metadata"
     try:
         if common.is_file():

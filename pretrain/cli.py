@@ -1,4 +1,4 @@
-"""Command line of pretrain_gpt.py: parse, validate, dry-run or train; user errors exit 2."""
+"""Command line of pretrain_gpt.py: parse, validate, print the recipe, dry-run or train; user errors exit 2."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-from pretrain.errors import RunStopped, UserError, quiet_dependency_warnings
-
-EXIT_USER_ERROR = 2
+from common.errors import EXIT_USER_ERROR, RunStopped, UserError
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
@@ -24,19 +22,24 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="validate for the world size, print layout and parameter counts, exit")
     parser.add_argument("--world-size", type=int, default=None,
                         help="world size for --dry-run (default: WORLD_SIZE or 1)")
+    parser.add_argument("--print-recipe", action="store_true",
+                        help="print the resolved recipe (every key, defaults included) as YAML, exit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> int:
-    from pretrain.config import load_recipe
+    from pretrain.recipe import dump_recipe, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_recipe:
+        print(dump_recipe(recipe), end="")
+        return 0
     # After the recipe is checked (a bad one fails in a fraction of a second, without torch), before
-    # anything imports megatron-core: CPU-only machines start 3.5 s faster, see there.
-    from parallel.cpu_compat import import_megatron_without_jit_fusers
+    # anything imports megatron-core (upstream/process.py): a bad recipe fails before torch loads.
+    from upstream.process import prepare_process
 
-    import_megatron_without_jit_fusers()
+    prepare_process(quiet=not args.debug)
     if args.dry_run:
         from pretrain.dry_run import dry_run
 
@@ -51,17 +54,16 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
-        if record:
+        if "loss" in record:
             print(f"final loss {record['loss']:.4f} after {record['step']} steps", flush=True)
         else:
-            print(f"nothing to train: already at train.steps = {recipe.train.steps}", flush=True)
+            print(f"nothing to train: the run is at step {record['step']}, train.steps = {recipe.train.steps}",
+                  flush=True)
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
-    if not args.debug:
-        quiet_dependency_warnings()
     try:
         return run(args)
     except UserError as e:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Tuple
+from typing import List, NamedTuple, Tuple
 
+from data.loader import BatchPlan
+
+from model.config import moe_layer_pattern
 from model.gpt import layer_parameters, padded_vocab_size, parameter_counts
-from parallel.layout import Layout
-from pretrain.config import Recipe, moe_layer_pattern, pipeline_stage_layers, validate_for_world
+from parallel.layout import Layout, pipeline_stage_layers
+from pretrain.recipe import Recipe, validate_for_world
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +26,7 @@ def stage_layers(recipe: Recipe, layout: Layout) -> List[Tuple[Tuple[int, int], 
     """megatron-core's split: chunk c of pipeline rank p holds block c·pp + p (even blocks), or
     one contiguous range per rank with a first/last-stage adjustment."""
     num_layers = recipe.model.num_layers
-    if recipe.parallel.first_stage_layers is not None or recipe.parallel.last_stage_layers is not None:
+    if layout.first_stage_layers is not None or layout.last_stage_layers is not None:
         counts = pipeline_stage_layers(recipe.parallel, num_layers)
         starts = [sum(counts[:p]) for p in range(layout.pipeline)]
         return [((a, a + n),) for a, n in zip(starts, counts)]
@@ -52,15 +55,22 @@ def params_per_rank(recipe: Recipe, layout: Layout, vocab: int, ranges, first: b
     return total
 
 
-def plan(recipe: Recipe, world_size: int) -> Tuple[Layout, int, List[StagePlan]]:
-    validate_for_world(recipe, world_size)
-    layout = Layout.from_config(recipe.parallel, world_size)
+class Plan(NamedTuple):
+    layout: Layout
+    batch: BatchPlan
+    vocab: int  # padded
+    stages: List[StagePlan]
+
+
+def plan(recipe: Recipe, world_size: int) -> Plan:
+    """The layout, batch plan, padded vocabulary and per-stage parameters for `world_size` ranks."""
+    layout, batch = validate_for_world(recipe, world_size)
     vocab = padded_vocab_size(recipe.model, _vocab_size(recipe), layout.tensor)
     stages = []
     for p, ranges in enumerate(stage_layers(recipe, layout)):
         count = params_per_rank(recipe, layout, vocab, ranges, p == 0, p == layout.pipeline - 1)
         stages.append(StagePlan(p, ranges, count))
-    return layout, vocab, stages
+    return Plan(layout, batch, vocab, stages)
 
 
 def _vocab_size(recipe: Recipe) -> int:
@@ -73,17 +83,11 @@ def _vocab_size(recipe: Recipe) -> int:
 
 def meta_parameter_count(recipe: Recipe, vocab: int) -> int:
     """Builds the whole model (TP=PP=1) on the meta device and counts; allocates no weights."""
-    import torch
-    import torch.distributed as dist
-
     from model.gpt import ModelBuild, build_model_chunks, meta_device
-    from parallel import cpu_compat
-    from parallel.layout import Layout as _Layout, init_model_parallel, shutdown
+    from parallel.layout import init_single_process, shutdown
 
-    cpu_compat.enable(torch.device("cpu"))
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    init_single_process()
     try:
-        init_model_parallel(_Layout(world_size=1))
         build = ModelBuild(precision="fp32", perform_initialization=False)
         # The local spec has the same parameters as transformer-engine's (TE only fuses the
         # norms into the linears), and builds without TE installed.
@@ -100,14 +104,13 @@ def _human(n: int) -> str:
 
 
 def dry_run(recipe: Recipe, world_size: int) -> str:
-    layout, vocab, stages = plan(recipe, world_size)
+    layout, batch_plan, vocab, stages = plan(recipe, world_size)
     counts = parameter_counts(recipe.model, vocab)
     built = meta_parameter_count(recipe, vocab)
     lines = [
         f"recipe {recipe.source}: valid for world size {world_size}",
         f"layout: {layout.describe()}",
-        f"micro-batches per step: "
-        f"{recipe.train.global_batch_size // (recipe.train.micro_batch_size * layout.data)}",
+        f"micro-batches per step: {batch_plan.micro_batches}",
         f"vocabulary: {vocab} (padded)",
         f"parameters: {built:,} total ({_human(built)}; formula {counts.total:,})",
     ]

@@ -15,11 +15,8 @@ from typing import Iterator, Optional, Sequence, TextIO
 import torch
 import torch.distributed as dist
 
-from pretrain.errors import RunStopped
+from common.errors import EXIT_NONFINITE, EXIT_PREEMPTED, RunStopped
 
-# Exit codes of pretrain_gpt.py besides 0 and 2 (bad input); docs/slurm.md lists them.
-EXIT_NONFINITE = 3  # a fault guard stopped the run: non-finite loss or gradients
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again later": checkpoint saved, resume with load=auto
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

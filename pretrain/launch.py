@@ -19,9 +19,9 @@ from typing import List, Optional
 
 import psutil
 
-from pretrain.cli import EXIT_USER_ERROR
-from pretrain.errors import exit_quickly
-from pretrain.guards import EXIT_NONFINITE, EXIT_PREEMPTED, PREEMPTION_SIGNALS
+from common.errors import EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USER_ERROR
+from pretrain.guards import PREEMPTION_SIGNALS
+from upstream.process import exit_quickly
 
 PROPAGATED_EXIT_CODES = (EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_PREEMPTED)
 # torchrun's agent turns these into its own shutdown; SIGTERM and SIGUSR1 are left to this module.

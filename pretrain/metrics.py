@@ -1,4 +1,5 @@
-"""Per-step metrics: metrics.jsonl, wandb (offline without a key), and human progress on stdout."""
+"""The `logging` recipe section and per-step metrics: the record, when to log it, metrics.jsonl,
+wandb (offline without a key), and human progress on stdout."""
 
 from __future__ import annotations
 
@@ -9,9 +10,31 @@ import pathlib
 import secrets
 import string
 import sys
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, Literal, Optional
 
-from pretrain.config import LoggingConfig, ModelConfig
+from common.errors import RecipeError
+from common.schema import PositiveInt
+from model.config import ModelConfig
+
+
+@dataclass
+class WandbConfig:
+    project: str = "pretrain"
+    name: Optional[str] = None  # None = logging.name
+    mode: Literal["online", "offline", "disabled"] = "offline"
+
+
+@dataclass
+class LoggingConfig:
+    name: str = "run"  # run name; no '/'
+    dir: Optional[str] = None  # None = runs/<name>
+    interval: PositiveInt = 1  # log every N steps
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def check(self) -> None:
+        if not self.name or "/" in self.name:
+            raise RecipeError(f"logging.name must be a non-empty name without '/', got '{self.name}'")
 
 # Dense bf16 peak per device in TFLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
@@ -40,6 +63,54 @@ def device_peak_tflops(device_name: Optional[str]) -> Optional[float]:
         if key in device_name:
             return peak
     return None
+
+
+class Metrics:
+    """Builds each step's record and logs it when due: every `logging.interval` steps, the last step,
+    a step with an evaluation, a skipped or stopping step. Every rank builds records (they return
+    the last one); only the rank holding `log` writes."""
+
+    def __init__(self, cfg: LoggingConfig, log: Optional["MetricsLog"], tokens_per_step: int, seq_length: int,
+                 flops_per_token: float, peak_tflops: Optional[float], world_size: int, micro_batches: int,
+                 pipeline_bubble: float):
+        self.cfg, self.log = cfg, log
+        self.tokens_per_step, self.seq_length = tokens_per_step, seq_length
+        self.flops_per_token, self.peak_tflops, self.world_size = flops_per_token, peak_tflops, world_size
+        self.micro_batches, self.pipeline_bubble = micro_batches, pipeline_bubble
+
+    def record(self, step: int, consumed_samples: int, nonfinite_steps: int, result: Any,
+               step_time: float) -> Dict[str, Any]:
+        """metrics.jsonl's fields for step `step` (1-based) from a pretrain.step.StepResult."""
+        tokens_per_s = self.tokens_per_step / step_time
+        record: Dict[str, Any] = {
+            "step": step,
+            "loss": result.loss,
+            "lr": result.lr,
+            "grad_norm": result.grad_norm,
+            "consumed_tokens": consumed_samples * self.seq_length,
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": step_time,
+            "micro_batches": self.micro_batches,
+            "nonfinite_steps": nonfinite_steps,
+            "pipeline_bubble": self.pipeline_bubble,
+        }
+        if not result.updated:
+            record["skipped"] = True
+        record.update(result.moe)
+        if self.peak_tflops is not None:
+            tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
+            record["tflops_per_device"] = tflops
+            record["mfu"] = tflops / self.peak_tflops
+        return record
+
+    def after_step(self, record: Dict[str, Any], result: Any, last: bool, evaluated: bool) -> None:
+        due = record["step"] % self.cfg.interval == 0 or last or evaluated or result.nonfinite or result.stop
+        if self.log is not None and due:
+            self.log.log(record)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
 
 
 class MetricsLog:

@@ -21,17 +21,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
 def _setup():
-    import torch.distributed as dist
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from parallel import cpu_compat
-    from parallel.layout import Layout, init_model_parallel
+    from parallel.layout import init_single_process
+    from upstream.process import prepare_process
 
-    import torch
-
-    cpu_compat.enable(torch.device("cpu"))
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    init_model_parallel(Layout(world_size=1))
+    prepare_process()
+    init_single_process()
     model_parallel_cuda_manual_seed(0)
 
 
@@ -51,7 +47,7 @@ def main() -> None:
 
     from model.gpt import ModelBuild, transformer_config
     from model.layers import SDPAttention
-    from pretrain.config import ModelConfig
+    from model.config import ModelConfig
 
     _setup()
     hidden = args.heads * args.head_dim

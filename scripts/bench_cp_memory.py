@@ -47,9 +47,9 @@ def _batch(recipe, vocab_size: int, cp_rank: int, cp_size: int, device) -> dict:
 def _step(recipe, chunks, batch) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from pretrain.trainer import _forward_step
+    from pretrain.step import forward_step
 
-    get_forward_backward_func()(forward_step_func=_forward_step, data_iterator=iter([batch]),
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]),
                                 model=chunks[0], num_microbatches=1, seq_length=recipe.model.seq_length,
                                 micro_batch_size=1, forward_only=False)
 
@@ -61,23 +61,27 @@ def main() -> None:
     args = parser.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
 
-    from pretrain.config import load_recipe
+    from pretrain.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, DEFAULTS + [f"parallel.context={world}"] + args.overrides)
-    from parallel.cpu_compat import import_megatron_without_jit_fusers
+    from upstream.process import prepare_process
 
-    import_megatron_without_jit_fusers()
+    prepare_process()
     import torch
     import torch.distributed as dist
 
     from bench_ring_attention import peak_mib
     from data.tokenizer import build_tokenizer
+    from model.gpt import ModelBuild, build_model
+    from parallel.data_parallel import wrap_data_parallel
     from parallel.layout import shutdown
-    from pretrain.trainer import build_model, build_runtime
+    from pretrain.trainer import build_runtime
 
-    layout, rank, device = build_runtime(recipe)
+    layout, _, rank, groups, device = build_runtime(recipe)
     vocab_size = recipe.model.vocab_size or build_tokenizer(recipe.data.tokenizer).vocab_size
-    chunks = build_model(recipe, layout, device, vocab_size)
+    build = ModelBuild(layout=layout, precision=recipe.train.precision, init_seed=recipe.train.seed)
+    chunks = wrap_data_parallel(build_model(recipe.model, build, vocab_size, device, groups),
+                                recipe.parallel.distributed_optimizer, groups)
     batch = _batch(recipe, vocab_size, rank.context_rank, layout.context, device)
     _step(recipe, chunks, batch)  # warm-up: kernel choice and its probe, gradient buffers
     peak = peak_mib(lambda: _step(recipe, chunks, batch), device)

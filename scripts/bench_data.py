@@ -31,14 +31,14 @@ def main() -> None:
     import torch.distributed as dist
 
     from data.dataset import build_samples
-    from data.loader import RankShare
+    from data.loader import BatchPlan
     from data.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(args.tokenizer)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # the builder's barrier
     samples = build_samples([(1.0, args.prefix)], [], "100,0,0", args.seq, 1234, tokenizer.eod, False,
                             tempfile.mkdtemp(), tokenizer.vocab_size)["train"]
-    share = RankShare(0, 1, 0, 1, micro_batch_size=1, global_batch_size=args.samples)
+    share = BatchPlan(global_batch_size=args.samples, micro_batch_size=1)
     times = []
     for step in range(args.steps + 1):
         start = time.perf_counter()

@@ -9,9 +9,10 @@ import os
 import statistics
 import time
 
-from pretrain.config import load_recipe
 from pretrain.guards import Guards, NonfiniteGuard, StopRequest, Watchdog, agree, grads_are_finite
-from pretrain.trainer import build_run, train_step
+from pretrain.recipe import load_recipe
+from pretrain.trainer import build_run
+from upstream.process import prepare_process
 
 
 def _median_ms(fn, iters: int) -> float:
@@ -32,13 +33,21 @@ def main() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29533")
     recipe = load_recipe(args.recipe, ["logging.wandb.mode=disabled", "checkpoint.save=false", *args.overrides])
+    prepare_process()
     run = build_run(recipe)
     guards = Guards(StopRequest(), NonfiniteGuard("skip", 10), Watchdog(0, 0))
-    step = iter(range(10**9))
-    train_step(run, next(step), guards)  # warm-up; leaves real gradients in the buffers
-    check = _median_ms(lambda: agree([not grads_are_finite(run.chunks), False], run.device), args.iters)
-    whole = _median_ms(lambda: train_step(run, next(step), guards), args.iters)
-    params = sum(b.grad_data.numel() for c in run.chunks for b in c.buffers + c.expert_parallel_buffers)
+    steps = iter(range(10**9))
+
+    def train_step() -> None:
+        step = next(steps)
+        first = step * recipe.train.global_batch_size
+        run.step.train(step, run.step.plan.step_batches(run.data["train"], first, run.device), guards)
+
+    train_step()  # warm-up; leaves real gradients in the buffers
+    chunks = run.step.chunks
+    check = _median_ms(lambda: agree([not grads_are_finite(chunks), False], run.device), args.iters)
+    whole = _median_ms(train_step, args.iters)
+    params = sum(b.grad_data.numel() for c in chunks for b in c.buffers + c.expert_parallel_buffers)
     print(f"{params:,} gradient elements: guard {check:.3f} ms, whole step {whole:.1f} ms "
           f"(median of {args.iters}); guard share {100 * check / whole:.2f}%")
 

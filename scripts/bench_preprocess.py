@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 
 def write_corpus(path: pathlib.Path, repeat: int) -> int:
-    from data.preprocess import quickstart_documents
+    from data.sources import quickstart_documents
 
     documents = list(quickstart_documents())
     with open(path, "w") as file:

@@ -254,7 +254,7 @@ def main() -> None:
         best, median, memory = stats.tolist()
         where = f"{dist.get_backend()}, {cp} processes"
 
-    from model.ring_attention import select_backend
+    from model.attention_kernels import select_backend
 
     kernels = select_backend(torch.zeros(1, 1, 2, args.head_dim, device=device, dtype=dtype))
     if rank == 0:

@@ -24,8 +24,9 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from pretrain.cli import EXIT_USER_ERROR  # noqa: E402
-from pretrain.errors import UserError, exit_quickly, quiet_dependency_warnings  # noqa: E402
+from common.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from parallel.layout import init_single_process  # noqa: E402
+from upstream.process import exit_quickly, prepare_process  # noqa: E402
 
 
 def _progress(items, desc: str):
@@ -48,19 +49,6 @@ def read_hf_tensors(hf_dir: pathlib.Path) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def _single_process():
-    """One gloo process with megatron-core's groups at tensor = pipeline = expert = 1."""
-    import torch.distributed as dist
-
-    from parallel import cpu_compat
-    from parallel.layout import Layout, init_model_parallel
-
-    cpu_compat.enable(torch.device("cpu"))
-    cpu_compat.fix_upstream_bugs()
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    init_model_parallel(Layout(world_size=1))
-
-
 def _build(model_cfg, vocab_size: int):
     """The model at tensor = pipeline = 1 for `vocab_size` tokens (padded as training pads it)."""
     from model.gpt import ModelBuild, build_model_chunks, padded_vocab_size
@@ -75,7 +63,7 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
 
     from model.hf import hf_to_ours, model_config_from_hf
     from pretrain import checkpoint
-    from pretrain.config import recipe_to_dict, Recipe
+    from pretrain.recipe import Recipe, recipe_to_dict
 
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
@@ -83,7 +71,7 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     model_cfg = model_config_from_hf(json.loads(config_path.read_text()))
     if checkpoint.complete_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints: choose an empty directory")
-    _single_process()
+    init_single_process()
     model, vocab = _build(model_cfg, model_cfg.vocab_size)
     ours = hf_to_ours(read_hf_tensors(hf_dir), model_cfg, vocab)
     _load_exactly(model, ours, f"{hf_dir}")
@@ -116,7 +104,7 @@ def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
 
     from model.hf import hf_config_from_model, ours_to_hf
     from pretrain import checkpoint
-    from pretrain.config import model_config_from_dict
+    from pretrain.recipe import model_config_from_dict
 
     path = checkpoint.resolve_load(str(ckpt), ckpt.parent)
     extra = checkpoint.read_extra(path)
@@ -127,7 +115,7 @@ def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     if vocab_size is None:
         raise UserError(f"checkpoint '{path}' does not record its vocabulary size")
     config = hf_config_from_model(model_cfg, vocab_size)  # refuses what HF cannot express, early
-    _single_process()
+    init_single_process()
     model, _ = _build(model_cfg, vocab_size)
     checkpoint.load(path, [model], None)
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
@@ -150,10 +138,7 @@ def main(argv: Optional[list] = None) -> int:
     exp.add_argument("out_dir", type=pathlib.Path)
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = parser.parse_args(argv)
-    quiet_dependency_warnings()
-    from parallel.cpu_compat import import_megatron_without_jit_fusers
-
-    import_megatron_without_jit_fusers()
+    prepare_process(quiet=not args.debug)
     try:
         if args.command == "import":
             print(f"wrote {import_hf(args.hf_dir, args.out_dir)}")

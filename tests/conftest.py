@@ -5,9 +5,9 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from parallel.cpu_compat import import_megatron_without_jit_fusers  # noqa: E402
+from upstream.process import prepare_process  # noqa: E402
 
-import_megatron_without_jit_fusers()  # as pretrain_gpt.py does: no TorchDynamo import on CPU
+prepare_process()  # as every entry point does: megatron-core without TorchDynamo on CPU, its fixes applied
 
 
 def pytest_addoption(parser):
@@ -57,11 +57,10 @@ def megatron_single_process():
     import torch.distributed as dist
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from parallel import cpu_compat
     from parallel.layout import Layout, init_model_parallel, shutdown
+    from upstream import cpu
 
-    cpu_compat.fix_upstream_bugs()  # as the trainer does (pretrain/trainer.py:build_runtime)
-    with cpu_compat.applied():
+    with cpu.applied():
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
         try:
             init_model_parallel(Layout(world_size=1))

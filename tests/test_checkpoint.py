@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pretrain import checkpoint
-from pretrain.errors import UserError
+from common.errors import UserError
 from tests.distributed import (
     REPO,
     TINY_STEPS,
@@ -74,7 +74,7 @@ def test_resume_at_another_layout_continues_the_curve(name, request, synthetic_c
 
 
 def test_dropout_resume_is_exact(synthetic_corpus, tmp_path):
-    """Random streams are reseeded from (seed, step) each step (pretrain/trainer.py:seed_step), so
+    """Random streams are reseeded from (seed, step) each step (pretrain/step.py:seed_step), so
     dropout after a resume draws what the uninterrupted run drew: equal bit for bit."""
     extra = ["model.hidden_dropout=0.2", "model.attention_dropout=0.1"]
     run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "whole", *extra, "train.steps=4"))
@@ -95,8 +95,9 @@ def test_sigkill_mid_save_leaves_previous_checkpoint_in_charge(reference, synthe
     _, expected = reference
     ckpt = tmp_path / "checkpoints"
     cmd = [sys.executable, "pretrain_gpt.py", "--recipe", "tiny_gpt",
-           *tiny_overrides(synthetic_corpus, tmp_path, "train.steps=6", "checkpoint.interval=2")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", **{checkpoint.SLOW_SAVE_ENV: "4:60"})
+           *tiny_overrides(synthetic_corpus, tmp_path, "train.steps=6", "checkpoint.interval=2",
+                           "debug.save_pause_at_step=4", "debug.save_pause_s=60")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     # Its own session, killed as a group (as a scheduler kills a job): the trainer and its helper
     # processes (the checkpoint writer's queue manager) die together.
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

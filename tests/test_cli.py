@@ -97,7 +97,7 @@ def test_debug_shows_the_traceback(runs):
     assert proc.returncode not in (0, USER_ERROR), proc.stderr
     assert "Traceback (most recent call last)" in proc.stderr
     assert proc.stderr.rstrip().splitlines()[-1] == (
-        "pretrain.errors.RecipeError: unknown key 'model.hiden_size' on the command line; "
+        "common.errors.RecipeError: unknown key 'model.hiden_size' on the command line; "
         "did you mean 'model.hidden_size'?")
 
 

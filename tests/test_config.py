@@ -6,11 +6,11 @@ import textwrap
 
 import pytest
 
-from pretrain.config import (
+from pretrain.recipe import (
     RECIPES_DIR, Recipe, dump_recipe, load_recipe, recipe_to_dict, resolve_recipe_path, validate_for_world,
     validate_static,
 )
-from pretrain.errors import RecipeError, UserError
+from common.errors import RecipeError, UserError
 
 
 @pytest.fixture(autouse=True)
@@ -459,8 +459,8 @@ def test_llama70b_values_and_world():
     assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups,
             m.vocab_size, m.seq_length, m.rotary_base) == (80, 8192, 28672, 64, 8, 128256, 8192, 500000.0)
     assert (p.tensor, p.pipeline, p.virtual_pipeline, p.context) == (8, 4, 5, 2)
-    validate_for_world(r, 512)
-    assert r.data_parallel_size(512) == 8
+    layout, plan = validate_for_world(r, 512)
+    assert (layout.data, plan.micro_batches) == (8, 64)
 
 
 def test_llama70b_on_a_wrong_world_size():
@@ -526,7 +526,7 @@ def test_ring_attention_has_no_dropout():
 
 
 def test_uneven_pipeline_split():
-    from pretrain.config import pipeline_stage_layers
+    from parallel.layout import pipeline_stage_layers
 
     r = load_recipe("tiny_gpt", ["model.num_layers=8", "parallel.pipeline=4",
                                  "parallel.first_stage_layers=1", "parallel.last_stage_layers=3"])

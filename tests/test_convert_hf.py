@@ -88,7 +88,7 @@ def _our_logits(ckpt: pathlib.Path, tokens: torch.Tensor) -> torch.Tensor:
 
     from model.gpt import ModelBuild, build_model_chunks, padded_vocab_size
     from pretrain import checkpoint
-    from pretrain.config import model_config_from_dict
+    from pretrain.recipe import model_config_from_dict
 
     model_cfg = model_config_from_dict(yaml.safe_load((ckpt / "model.yaml").read_text())["model"], "model.yaml")
     vocab = padded_vocab_size(model_cfg, model_cfg.vocab_size, tensor=1)

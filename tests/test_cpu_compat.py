@@ -5,7 +5,9 @@ import pathlib
 import pytest
 import torch
 
-from parallel import cpu_compat
+from upstream.process import prepare_process
+
+from upstream import cpu as cpu_compat
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer is for CPU-only runs")
 
@@ -114,7 +116,6 @@ def _moe_alltoall_forward_backward():
 
     from parallel.layout import Layout, init_model_parallel, shutdown
 
-    cpu_compat.fix_upstream_bugs()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = None  # built once per process, upstream caches it
     try:
@@ -154,7 +155,7 @@ def _alltoall_split_sizes():
 def _uneven_gather_worker(rank: int, init_file: str, use_patch: bool, results) -> None:
     import torch.distributed as dist
 
-    cpu_compat.import_megatron_without_jit_fusers()  # a spawned child: conftest did not run here
+    prepare_process()  # a spawned child: conftest did not run here
     from megatron.core.tensor_parallel.mappings import _gather_along_first_dim
 
     skip = () if use_patch else ("dist.uneven_all_gather",)
@@ -292,8 +293,8 @@ def test_checkpoint_writer_queue_process_dies_with_a_killed_trainer(tmp_path):
     script = tmp_path / "trainer.py"
     script.write_text(
         "import sys, time\n"
-        "from parallel import cpu_compat\n"
-        "assert cpu_compat.fork_checkpoint_results_queue()\n"
+        "from upstream import cpu\n"
+        "assert cpu.fork_checkpoint_results_queue()\n"
         "print('ready', flush=True)\n"
         "time.sleep(120)\n")
     root = pathlib.Path(__file__).resolve().parents[1]

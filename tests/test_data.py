@@ -7,17 +7,12 @@ import numpy
 import pytest
 import torch
 
-from data.dataset import build_samples, get_micro_batch, num_micro_batches, open_indexed, sample_indices
-from data.preprocess import (
-    build_quickstart_corpus,
-    build_synthetic_corpus,
-    main,
-    synthetic_documents,
-    token_dtype,
-    write_indexed,
-)
+from data.dataset import build_samples, open_indexed
+from data.loader import BatchPlan
+from data.preprocess import build_quickstart_corpus, build_synthetic_corpus, main, token_dtype, write_indexed
+from data.sources import synthetic_documents
 from data.tokenizer import ByteTokenizer, build_tokenizer
-from pretrain.errors import UserError
+from common.errors import UserError
 
 
 def _indexed(prefix):
@@ -241,9 +236,10 @@ def _consumed(train, steps, first, dp_size, micro_batch_size=2, global_batch_siz
     for step in range(steps):
         ids = []
         for dp_rank in range(dp_size):
-            for m in range(num_micro_batches(micro_batch_size, dp_size, global_batch_size)):
+            plan = BatchPlan(global_batch_size, micro_batch_size, dp_size, dp_rank)
+            for m in range(plan.micro_batches):
                 start = first + step * global_batch_size
-                for i in sample_indices(start, m, dp_rank, dp_size, micro_batch_size, global_batch_size):
+                for i in plan.indices(start, m):
                     source, j = train.locate(i)
                     ids.append((source, train.sources[source].position(j), i))
         per_step.append(sorted(ids))
@@ -271,8 +267,7 @@ def test_resume_reads_exactly_the_uninterrupted_samples(tmp_path, resume_dp):
 
 def test_micro_batch_tensors_and_eod_mask_loss(synthetic_prefix, tmp_path):
     train = _samples(synthetic_prefix, 32, tmp_path, eod=256, vocab_size=257, eod_mask_loss=True)["train"]
-    batch = get_micro_batch(train, 16, micro_index=1, dp_rank=1, dp_size=2, micro_batch_size=2,
-                            global_batch_size=8)
+    batch = BatchPlan(global_batch_size=8, micro_batch_size=2, dp_size=2, dp_rank=1).whole_batch(train, 16, 1)
     tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
     assert tokens.shape == labels.shape == loss_mask.shape == batch["position_ids"].shape == (2, 32)
     assert tokens.dtype == labels.dtype == batch["position_ids"].dtype == torch.int64
@@ -284,12 +279,12 @@ def test_micro_batch_tensors_and_eod_mask_loss(synthetic_prefix, tmp_path):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_prefetching_loader_hands_out_what_the_training_process_builds(synthetic_prefix, tmp_path, workers):
-    """data.num_workers: worker processes build exactly get_micro_batch + the CP slice, step by step,
-    from a resumed step's first sample on; a step asked for out of order is refused."""
-    from data.loader import PrefetchingLoader, RankShare
+    """data.num_workers: worker processes build exactly the data-parallel micro-batch + the CP slice,
+    step by step, from a resumed step's first sample on; a step asked for out of order is refused."""
+    from data.loader import PrefetchingLoader
 
     train = _samples(synthetic_prefix, 32, tmp_path, eod=256, vocab_size=257)["train"]
-    share = RankShare(dp_rank=1, dp_size=2, cp_rank=1, cp_size=2, micro_batch_size=2, global_batch_size=8)
+    share = BatchPlan(global_batch_size=8, micro_batch_size=2, dp_size=2, dp_rank=1, cp_size=2, cp_rank=1)
     first, steps = 24, 3  # resumed after 3 steps of 8 samples
     loader = PrefetchingLoader(train, share, first, steps, workers, torch.device("cpu"))
     for step in range(steps):
@@ -297,7 +292,7 @@ def test_prefetching_loader_hands_out_what_the_training_process_builds(synthetic
         got = loader.step_batches(start)
         assert len(got) == 2  # 8 samples / (2 per micro-batch × 2 DP ranks)
         for m, batch in enumerate(got):
-            whole = get_micro_batch(train, start, m, dp_rank=1, dp_size=2, micro_batch_size=2, global_batch_size=8)
+            whole = share.whole_batch(train, start, m)
             for key, value in batch.items():
                 assert value.shape == (2, 16)  # the CP rank's half of each 32-token sample
                 chunks = whole[key].view(2, 4, 8)  # 2·cp chunks; CP rank 1 of 2 holds chunks 1 and 2

@@ -1,11 +1,11 @@
 """`--dry-run` planning: which layers each pipeline stage holds, without building anything."""
 
-from pretrain.config import load_recipe
+from pretrain.recipe import load_recipe
 from pretrain.dry_run import plan
 
 
 def _layers(overrides, world):
-    _, _, stages = plan(load_recipe("tiny_gpt", overrides), world)
+    stages = plan(load_recipe("tiny_gpt", overrides), world).stages
     return [s.layers for s in stages]
 
 

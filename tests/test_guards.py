@@ -78,7 +78,7 @@ def test_watchdog_reports_the_stalled_phase_with_stacks(nan_and_stall):
     stalled = [float(elapsed) for step, phase, elapsed in reports if (step, phase) == ("2", "forward_backward")]
     assert len(stalled) >= 2 and 0.5 <= stalled[0] < 1.0, proc.stderr
     assert "most recent call first" in proc.stderr
-    assert re.search(r'File ".*pretrain/trainer.py", line \d+ in _forward_backward', proc.stderr)
+    assert re.search(r'File ".*pretrain/step.py", line \d+ in _forward_backward', proc.stderr)
 
 
 def test_nonfinite_stop_is_one_line_and_exit_code_3(synthetic_corpus, tmp_path):

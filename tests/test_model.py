@@ -18,7 +18,8 @@ from model.gpt import (
     parameter_counts,
     transformer_config,
 )
-from pretrain.config import ModelConfig, load_recipe
+from model.config import ModelConfig
+from pretrain.recipe import load_recipe
 
 BYTE_VOCAB = 257  # the byte tokenizer tiny_gpt trains with (vocab_size: null in its recipe)
 LLAMA_31_70B_PARAMETERS = 70_553_706_496  # published Llama-3.1-70B count

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from model.gpt import ModelBuild, build_model_chunks, meta_device, padded_vocab_size, parameter_counts
-from pretrain.config import RecipeError, load_recipe, moe_layer_pattern
+from common.errors import RecipeError
+from model.config import moe_layer_pattern
+from pretrain.recipe import load_recipe
 from tests.distributed import assert_close_curves, read_metrics, run_pretrain, tiny_overrides
 
 # ------------------------------------------------------------------------------ router unit tests
@@ -189,13 +191,13 @@ def test_upstream_te_general_gemm_name_error_is_fixed(megatron_single_process):
     """moe_utils.py:1192 reads `te_general_gemm`, bound only when transformer-engine imports."""
     from megatron.core.transformer.moe import moe_utils
 
-    from parallel import cpu_compat
+    from upstream import fixes
 
     saved = moe_utils.__dict__.pop("te_general_gemm", None)
     try:
         with pytest.raises(NameError, match="te_general_gemm"):
             moe_utils.router_gating_linear(torch.ones(2, 3), torch.ones(4, 3), None, torch.float32)
-        assert "moe_utils.te_general_gemm" in cpu_compat.fix_upstream_bugs()
+        assert "moe_utils.te_general_gemm" in fixes.apply_all()
         out = moe_utils.router_gating_linear(torch.ones(2, 3), torch.ones(4, 3), None, torch.float32)
         assert out.tolist() == [[3.0] * 4] * 2
     finally:
@@ -272,7 +274,7 @@ def test_expert_parallel_needs_experts():
 
 # Measured (2026-11-23, 10 steps): every layout below within 5.1e-8 (loss) and 7.8e-7 (grad norm)
 # of the one-process run; 1e-5 keeps the same margin as tests/test_layouts.py. Without the
-# aux-loss scale fix (parallel/cpu_compat.py:fix_upstream_bugs) ep2-tp2 was off by 4e-3 in grad norm.
+# aux-loss scale fix (upstream/fixes.py) ep2-tp2 was off by 4e-3 in grad norm.
 FP32_REL = 1e-5
 MOE_KEYS = ("loss", "grad_norm", "moe_aux_loss", "moe_z_loss", "moe_load_cv")
 

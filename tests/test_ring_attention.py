@@ -12,23 +12,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from parallel.cpu_compat import import_megatron_without_jit_fusers
+from upstream.process import import_megatron_without_jit_fusers
 
 # mp.spawn's children import this module, not conftest: they too import megatron-core without
 # TorchDynamo (3.5 s less for each of the 4 ranks below on a CPU)
 import_megatron_without_jit_fusers()
 
-from model.ring_attention import (  # noqa: E402
+from model.attention_kernels import (  # noqa: E402
     BACKENDS,
     CANDIDATES,
     BlockKernels,
-    RingAttention,
-    RingAttentionFunction,
     _backend_for,
-    _step_blocks,
     _verify,
     select_backend,
 )
+from model.ring_attention import RingAttention, RingAttentionFunction, _step_blocks  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 SCALE = 0.2  # not 1/sqrt(d), so a dropped scale shows
@@ -233,11 +231,12 @@ def _attention_kwargs(heads=HEADS, groups=GROUPS, context=1, **model_changes):
     from megatron.core.transformer.enums import AttnMaskType
 
     from model.gpt import ModelBuild, transformer_config
-    from pretrain.config import ModelConfig
+    from parallel.layout import Layout
+    from model.config import ModelConfig
 
     model = ModelConfig(num_layers=1, hidden_size=heads * HEAD_DIM, ffn_hidden_size=4 * heads * HEAD_DIM,
                         num_attention_heads=heads, num_query_groups=groups, **model_changes)
-    config = transformer_config(model, ModelBuild(context=context))
+    config = transformer_config(model, ModelBuild(layout=Layout(world_size=context, context=context)))
     return dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
 
 
@@ -313,17 +312,18 @@ def test_context_parallel_selects_the_ring_or_transformer_engine(megatron_single
     import dataclasses
 
     from model.gpt import ModelBuild, layer_spec, transformer_config
-    from pretrain.config import ModelConfig
-    from pretrain.errors import UserError
+    from parallel.layout import Layout
+    from model.config import ModelConfig
+    from common.errors import UserError
 
     model = ModelConfig(num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4)
-    ring_config = transformer_config(model, ModelBuild(context=2))
+    ring_config = transformer_config(model, ModelBuild(layout=Layout(world_size=2, context=2)))
     assert ring_config.cp_comm_type == "p2p"
     spec = layer_spec(model, ring_config)
     (layer,) = spec.layer_specs
     assert layer.submodules.self_attention.submodules.core_attention is RingAttention
     te_model = dataclasses.replace(model, transformer_impl="transformer_engine")
-    te_config = transformer_config(te_model, ModelBuild(context=2, context_comm="a2a"))
+    te_config = transformer_config(te_model, ModelBuild(layout=Layout(world_size=2, context=2, context_comm="a2a")))
     assert te_config.cp_comm_type == "a2a"
     with pytest.raises(UserError, match=re.escape("model.transformer_impl: transformer_engine needs "
                                                   "transformer-engine, which is not installed")):

@@ -18,8 +18,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from pretrain import safe_loading
-from pretrain.errors import UserError
+from upstream import safe_loading
+from common.errors import UserError
 from tests.distributed import REPO, run_pretrain, tiny_overrides
 
 

@@ -5,14 +5,14 @@ import types
 
 import pytest
 
-from pretrain.config import load_recipe
-from pretrain.trainer import build_scheduler
+from pretrain.recipe import load_recipe
+from pretrain.optim import build_scheduler
 
 
 def _lrs(overrides, steps):
     recipe = load_recipe("tiny_gpt", overrides)
     optimizer = types.SimpleNamespace(param_groups=[{"lr": 0.0, "weight_decay": 0.0}])
-    scheduler = build_scheduler(recipe, optimizer)
+    scheduler = build_scheduler(recipe.optimizer, recipe.train.steps, optimizer)
     lrs = []
     for _ in range(steps):
         scheduler.step(increment=1)  # as train_step: step k trains with lr(k)

@@ -1,11 +1,13 @@
-"""Makes megatron-core 0.16 run on a CPU with gloo: every patch named, narrow, and only without a GPU.
+"""The CPU device layer: makes megatron-core 0.16 run on a CPU with gloo; every patch named,
+narrow, and only without a GPU.
 
-megatron-core assumes CUDA at a few kinds of sites (see ../shared/notes/megatron-core-on-cpu.md).
-Each `Patch` below says which upstream sites it covers; `tests/test_cpu_compat.py` shows each site
-failing without its patch and working with it, so a megatron-core upgrade that fixes (or moves) a
-site shows up as a failing test rather than as a silent no-op.
+megatron-core assumes CUDA at a few kinds of sites (docs/megatron-core-on-cpu.md lists what was
+measured). Each `Patch` below says which upstream sites it covers; the upstream tests show each
+site failing without its patch and working with it, so a megatron-core upgrade that fixes (or
+moves) a site shows up as a failing test rather than as a silent no-op.
 
 Nothing here is ever applied on a GPU run: `enable()` refuses when the run's device is CUDA.
+Bug fixes that hold on every device are upstream/fixes.py's.
 """
 
 from __future__ import annotations
@@ -237,44 +239,13 @@ class CpuCompat:
             patch.revert()
 
 
-def _no_compile(model=None, **options):
-    """torch.compile's call forms (`@torch.compile`, `torch.compile(fn)`, `torch.compile(**opts)`)
-    returning the function unchanged."""
-    return model if model is not None else (lambda fn: fn)
-
-
-def import_megatron_without_jit_fusers() -> bool:
-    """On a machine without CUDA, imports megatron-core with its JIT fuser off.
-
-    megatron-core decorates its fused helpers (bias-GeLU, bias-SwiGLU, ...) with
-    `megatron.core.jit.jit_fuser`, which is `torch.compile`, at import time; creating those
-    wrappers imports TorchDynamo, 3.5 s of every process start on a CPU (import 4.9 s -> 1.3 s),
-    for functions our configs never call (the bias/activation fusions are off). This is upstream's
-    own `disable_jit_fuser()`, done before the decorators run: `torch.compile` is the identity
-    while `megatron.core` is first imported, so `jit_fuser` binds to the identity for good.
-    Returns whether it did so (not with CUDA, not when megatron-core is already imported).
-    """
-    import sys
-
-    if torch.cuda.is_available() or "megatron.core" in sys.modules:
-        return False
-    original = torch.compile
-    torch.compile = _no_compile
-    try:
-        import megatron.core  # noqa: F401  (binds megatron.core.jit.jit_fuser)
-    finally:
-        torch.compile = original
-    return True
-
-
 def fork_checkpoint_results_queue() -> bool:
     """On the CPU, the results queue of megatron-core's checkpoint writer comes from a forked
     multiprocessing manager instead of a spawned one.
 
     dist_checkpointing/strategies/filesystem_async.py:54 starts a *spawn* Manager for it on the
     first save of a process (spawn keeps CUDA state out of the child); the spawned interpreter
-    re-imports torch: 1.7-2.4 s on every process's first save here, the checkpoint itself taking
-    0.06 s. Without CUDA there is nothing to keep out, and the writer processes themselves are
+    re-imports torch, which takes far longer than a small checkpoint (docs/benchmarks.md). Without CUDA there is nothing to keep out, and the writer processes themselves are
     forked upstream already (filesystem_async.py:264). The manager process dies with its trainer,
     also when the trainer alone is killed with SIGKILL (the spawned one upstream was orphaned).
     Returns whether it replaced the queue.
@@ -305,68 +276,6 @@ def _die_with_parent(parent_pid: int) -> None:
         return
     if os.getppid() != parent_pid:  # the parent died before the line above
         os._exit(0)
-
-
-def fix_upstream_bugs() -> List[str]:
-    """Fixes for megatron-core bugs that are not about the device; applied on CPU and GPU alike.
-
-    - transformer/moe/moe_utils.py:1192: the MoE router's gating GEMM tests `te_general_gemm is not
-      None`, but the name is bound only when transformer-engine imports, so every MoE forward
-      without TE raises NameError. Binding it to None selects upstream's own torch.mm path.
-    - transformer/moe/router.py:457-466,486-498 with calculate_per_token_loss (ours, always): each
-      tensor×context-parallel rank attaches its *partial* load-balancing loss (its tokens' share of
-      the probabilities) and its z-loss (coefficient already divided by the tp×cp size) scaled by
-      its *local* token count, so the summed gradient is 1/(tp·cp) of the single-process one: TP2
-      with sequence parallelism trained a different model (grad norm 3.0107 vs 3.0076 at step 2 on
-      tiny_moe). Scaling by the group's token count is the same as multiplying the aux-loss scale
-      by tp·cp, which is what the wrapped `MoEAuxLossAutoScaler.set_loss_scale` does.
-    - optimizer/distrib_optimizer.py:940 with torch Adam (no TE/apex): a `fully_reshardable` load
-      copies every key of a param's Adam state from the checkpoint, `step` included, which the
-      checkpoint keeps only in the param groups (the loader skips it at :2101): `KeyError: 'step'`.
-      The wrapper passes the param's own step tensor for it (a no-op copy); the step itself is
-      restored from the param groups (pretrain/checkpoint.py:_restore_adam_steps).
-    Returns the names of the fixes applied (empty when nothing needed fixing).
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.core.transformer.moe import moe_utils
-
-    applied = []
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
-        applied.append("moe_utils.te_general_gemm")
-    scaler = moe_utils.MoEAuxLossAutoScaler
-    if not getattr(scaler.set_loss_scale, "_scaled_by_tp_cp", False):
-        scaler.set_loss_scale = staticmethod(_aux_loss_scale_by_tp_cp(scaler.set_loss_scale))
-        applied.append("MoEAuxLossAutoScaler.set_loss_scale")
-    setter = DistributedOptimizer._set_main_param_and_optimizer_states
-    if not getattr(setter, "_keeps_own_step", False):
-        DistributedOptimizer._set_main_param_and_optimizer_states = _keep_own_adam_step(setter)
-        applied.append("DistributedOptimizer._set_main_param_and_optimizer_states")
-    return applied
-
-
-def _keep_own_adam_step(original):
-    def set_states(self, model_param, tensors):
-        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            own = self.optimizer.state[main_param].get("step")
-            if own is not None:
-                tensors = {**tensors, "step": own}
-        return original(self, model_param, tensors)
-
-    set_states._keeps_own_step = True
-    return set_states
-
-
-def _aux_loss_scale_by_tp_cp(original):
-    def set_loss_scale(scale: torch.Tensor) -> None:
-        from megatron.core import parallel_state as ps
-
-        original(scale * ps.get_tensor_and_context_parallel_world_size())
-
-    set_loss_scale._scaled_by_tp_cp = True
-    return set_loss_scale
 
 
 def patch_names() -> List[str]:

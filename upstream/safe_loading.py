@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
 
 import torch
 
-from pretrain.errors import UserError
+from common.errors import UserError
 
 
 class UnsafeFile(UserError):

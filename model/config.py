@@ -1,0 +1,167 @@
+"""The `model` recipe section (Llama-style decoder, optional mixture of experts) and its checks
+against the parallel layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+from common.errors import RecipeError
+from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from parallel.config import ParallelConfig
+
+
+@dataclass
+class MoeConfig:
+    """Mixture of experts in place of the MLP (megatron-core's MoELayer); num_experts: null = dense."""
+
+    num_experts: Optional[PositiveInt] = None  # routed experts per MoE layer; null = a dense model
+    top_k: PositiveInt = 2  # experts per token
+    ffn_hidden_size: Optional[PositiveInt] = None  # SwiGLU inner size of one expert; null = model.ffn_hidden_size
+    shared_expert_ffn_hidden_size: Optional[PositiveInt] = None  # inner size of all shared experts together; null = none
+    layer_freq: PositiveInt = 1  # every N-th layer is MoE (1 = all), counted after first_dense_layers
+    first_dense_layers: NonNegativeInt = 0  # leading dense layers (DeepSeek's first_k_dense_replace)
+    score_function: Literal["softmax", "sigmoid"] = "softmax"  # router scores
+    pre_softmax: bool = False  # softmax over all experts before top-k (else over the chosen top-k)
+    # aux_loss: per micro-batch; seq_aux_loss: per sequence; none: no balancing loss
+    load_balancing: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
+    aux_loss_coeff: NonNegativeFloat = 1e-2  # weight of the load-balancing loss
+    z_loss_coeff: NonNegativeFloat = 0.0  # weight of the router z-loss (logit size); 0 = off
+    expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3): a routing bias nudged each step
+    bias_update_rate: NonNegativeFloat = 1e-3  # expert-bias step size, per optimizer step
+    capacity_factor: Optional[PositiveFloat] = None  # tokens an expert takes, x its fair share; null = dropless
+    drop_policy: Literal["probs", "position"] = "probs"  # over capacity, drop the lowest-probability or latest
+    pad_to_capacity: bool = False  # pad every expert's input to its capacity (needs capacity_factor)
+    dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # how tokens reach expert-parallel ranks
+    grouped_gemm: bool = False  # one grouped GEMM for all local experts (GPU, transformer-engine)
+
+
+@dataclass
+class ModelConfig:
+    """Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU MLP (or mixture of experts)."""
+
+    num_layers: PositiveInt = 2
+    hidden_size: PositiveInt = 64
+    ffn_hidden_size: PositiveInt = 176  # SwiGLU inner size
+    num_attention_heads: PositiveInt = 4
+    num_query_groups: Optional[PositiveInt] = None  # None = same as heads (MHA); < heads = grouped-query attention
+    vocab_size: Optional[PositiveInt] = None  # None = the tokenizer's vocabulary (data.tokenizer); padded later
+    make_vocab_size_divisible_by: PositiveInt = 128  # padding multiple (times parallel.tensor), as Megatron-LM
+    seq_length: PositiveInt = 128  # tokens per sample
+    rotary_base: PositiveFloat = 10000.0  # RoPE theta
+    norm_epsilon: PositiveFloat = 1e-5  # RMSNorm epsilon
+    untie_embeddings: bool = True  # True = separate output layer; False = share the input embedding
+    init_method_std: PositiveFloat = 0.02  # std of the normal weight init
+    hidden_dropout: Probability = 0.0
+    attention_dropout: Probability = 0.0
+    transformer_impl: Literal["local", "transformer_engine"] = "local"
+    add_bias_linear: bool = False  # biases in attention and MLP/expert linears (GPT-2 style); Llama has none
+    moe: MoeConfig = field(default_factory=MoeConfig)
+
+
+def check_model(model: ModelConfig, parallel: ParallelConfig) -> None:
+    """Shapes against the parallel sizes; run after parallel.check()."""
+    _check_shape(model, parallel)
+    parallel.check()
+    _check_moe(model, parallel)
+
+
+def _require_divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) -> None:
+    if dividend % divisor:
+        raise RecipeError(f"{divisor_name} = {divisor} does not divide {dividend_name} = {dividend}")
+
+
+def _check_shape(m: ModelConfig, p: ParallelConfig) -> None:
+    heads = "model.num_attention_heads"
+    _require_divides(heads, m.num_attention_heads, "model.hidden_size", m.hidden_size)
+    if m.num_query_groups is not None:
+        _require_divides("model.num_query_groups", m.num_query_groups, heads, m.num_attention_heads)
+    _require_divides("parallel.tensor", p.tensor, heads, m.num_attention_heads)
+    if m.num_query_groups is not None:
+        _require_divides("parallel.tensor", p.tensor, "model.num_query_groups", m.num_query_groups)
+    if p.first_stage_layers is not None or p.last_stage_layers is not None:
+        _check_uneven_pipeline(p, m.num_layers)
+    elif p.virtual_pipeline is None:
+        _require_divides("parallel.pipeline", p.pipeline, "model.num_layers", m.num_layers)
+    else:
+        _require_divides("parallel.pipeline × parallel.virtual_pipeline", p.pipeline * p.virtual_pipeline,
+                         "model.num_layers", m.num_layers)
+    if p.context > 1:  # each sequence is split into 2 × context chunks (load-balanced causal attention)
+        _require_divides("2 × parallel.context", 2 * p.context, "model.seq_length", m.seq_length)
+        if p.context_comm != "p2p" and m.transformer_impl == "local":
+            raise RecipeError(f"parallel.context_comm = {p.context_comm} needs model.transformer_impl = "
+                              f"transformer_engine; the local layers' ring attention is p2p")
+        if p.context_comm == "a2a":  # all-to-all trades sequence shards for head shards
+            _require_divides("parallel.tensor × parallel.context", p.tensor * p.context,
+                             "model.num_query_groups" if m.num_query_groups else heads,
+                             m.num_query_groups or m.num_attention_heads)
+        if m.attention_dropout > 0 and m.transformer_impl == "local":
+            raise RecipeError(f"parallel.context = {p.context} uses ring attention, which has no attention "
+                              f"dropout: set model.attention_dropout = 0 (got {m.attention_dropout})")
+    if p.sequence_parallel:
+        _require_divides("parallel.tensor", p.tensor, "model.seq_length / parallel.context",
+                         m.seq_length // p.context)
+
+
+def _check_uneven_pipeline(p: ParallelConfig, layers: int) -> None:
+    keys = [k for k in ("first_stage_layers", "last_stage_layers") if getattr(p, k) is not None]
+    named = " and ".join(f"parallel.{k}" for k in keys)
+    if p.pipeline < 2:
+        raise RecipeError(f"{named} requires parallel.pipeline > 1, got parallel.pipeline = {p.pipeline}")
+    if p.virtual_pipeline is not None:
+        raise RecipeError(f"{named} cannot be combined with parallel.virtual_pipeline")
+    for key in keys:
+        if getattr(p, key) < 1:
+            raise RecipeError(f"parallel.{key} must be positive, got {getattr(p, key)}")
+    middle_stages = p.pipeline - len(keys)
+    middle = layers - sum(getattr(p, k) for k in keys)
+    if middle < middle_stages or (middle_stages == 0 and middle != 0) or (middle_stages and middle % middle_stages):
+        raise RecipeError(
+            f"{named} leave {middle} of model.num_layers = {layers} for {middle_stages} other pipeline "
+            f"stage(s): they must split evenly, at least one layer each")
+
+
+def moe_layer_pattern(model: ModelConfig) -> List[bool]:
+    """Which layers are MoE: none for a dense model; else after `first_dense_layers`, every `layer_freq`-th."""
+    moe = model.moe
+    if moe.num_experts is None:
+        return [False] * model.num_layers
+    return [i >= moe.first_dense_layers and (i - moe.first_dense_layers) % moe.layer_freq == 0
+            for i in range(model.num_layers)]
+
+
+def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:
+    moe = model.moe
+    if moe.num_experts is None:
+        if p.expert > 1:
+            raise RecipeError(f"parallel.expert = {p.expert} needs experts: set model.moe.num_experts")
+        return
+    if moe.top_k > moe.num_experts:
+        raise RecipeError(f"model.moe.top_k = {moe.top_k} exceeds model.moe.num_experts = {moe.num_experts}")
+    _require_divides("parallel.expert", p.expert, "model.moe.num_experts", moe.num_experts)
+    if moe.first_dense_layers >= model.num_layers:
+        raise RecipeError(f"model.moe.first_dense_layers = {moe.first_dense_layers} leaves no MoE layer in "
+                          f"model.num_layers = {model.num_layers}")
+    if moe.expert_bias and moe.score_function != "sigmoid":
+        raise RecipeError("model.moe.expert_bias = true needs model.moe.score_function = sigmoid, "
+                          f"got {moe.score_function}")
+    if moe.pad_to_capacity and moe.capacity_factor is None:
+        raise RecipeError("model.moe.pad_to_capacity = true needs model.moe.capacity_factor")
+    if moe.top_k == 1 and moe.score_function == "softmax" and not moe.pre_softmax:
+        raise RecipeError("model.moe.top_k = 1 with softmax scores needs model.moe.pre_softmax = true "
+                          "(a softmax over one expert is constant: the router would get no gradient)")
+    if p.tensor > 1 and not p.sequence_parallel:
+        raise RecipeError(f"model.moe with parallel.tensor = {p.tensor} needs parallel.sequence_parallel = true "
+                          "(megatron-core's MoE layer refuses tensor parallelism without it)")
+    if moe.grouped_gemm and model.transformer_impl != "transformer_engine":
+        raise RecipeError("model.moe.grouped_gemm = true needs model.transformer_impl = transformer_engine "
+                          "(grouped GEMM experts come from transformer-engine)")
+    expert_tensor = p.expert_tensor or p.tensor
+    if model.add_bias_linear and moe.shared_expert_ffn_hidden_size is not None:
+        raise RecipeError("model.add_bias_linear = true cannot be combined with "
+                          "model.moe.shared_expert_ffn_hidden_size (megatron-core's shared experts have no biases)")
+    if model.add_bias_linear and expert_tensor > 1:
+        raise RecipeError(f"model.add_bias_linear = true with experts needs parallel.expert_tensor = 1, got "
+                          f"{expert_tensor} (megatron-core supports expert biases only without expert tensor parallelism)")
+    ffn = moe.ffn_hidden_size or model.ffn_hidden_size
+    _require_divides("parallel.expert_tensor", expert_tensor, "model.moe.ffn_hidden_size", ffn)

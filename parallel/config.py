@@ -1,0 +1,40 @@
+"""The `parallel` recipe section: how many ranks split each axis, and its own checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from common.errors import RecipeError
+from common.schema import PositiveInt
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout; the data-parallel size is what is left of the world size."""
+
+    tensor: PositiveInt = 1  # ranks that split each layer's weights
+    pipeline: PositiveInt = 1  # ranks that split the layer stack
+    virtual_pipeline: Optional[PositiveInt] = None  # None = no interleaving; else model chunks per pipeline rank
+    context: PositiveInt = 1  # ranks that split each sequence
+    # How context-parallel attention communicates. p2p: K/V travel around a ring (ours with the local
+    # layers, transformer-engine's otherwise); a2a (all-to-all between sequence and heads) and
+    # all_gather (of K/V) exist only in transformer-engine's attention.
+    context_comm: Literal["p2p", "a2a", "all_gather"] = "p2p"
+    expert: PositiveInt = 1  # ranks that split the experts (MoE); carved out of the data-parallel ranks
+    expert_tensor: Optional[PositiveInt] = None  # ranks that split each expert's weights; null = parallel.tensor
+    sequence_parallel: bool = False  # shard activations along the sequence inside tensor-parallel regions
+    distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
+    # Uneven pipeline split (no virtual pipeline): layers on the first / last stage, e.g. fewer
+    # where the embedding or the output layer and loss live; the rest split evenly. None = even.
+    first_stage_layers: Optional[int] = None
+    last_stage_layers: Optional[int] = None
+
+    def check(self) -> None:
+        """The section's own consistency; sizes against the model are model/config.py's."""
+        if self.sequence_parallel and self.tensor == 1:
+            raise RecipeError("parallel.sequence_parallel = true requires parallel.tensor > 1, "
+                              "got parallel.tensor = 1")
+        if self.virtual_pipeline is not None and self.virtual_pipeline > 1 and self.pipeline == 1:
+            raise RecipeError(f"parallel.virtual_pipeline = {self.virtual_pipeline} requires parallel.pipeline > 1, "
+                              f"got parallel.pipeline = 1")

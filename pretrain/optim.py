@@ -1,0 +1,94 @@
+"""The `optimizer` recipe section, and the optimizer and LR schedule it builds (megatron-core's)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, List, Literal, Optional, Tuple
+
+from common.errors import RecipeError
+from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warmup then a decay schedule down to min_lr."""
+
+    lr: PositiveFloat = 3e-4  # peak learning rate, reached at the end of warmup
+    min_lr: NonNegativeFloat = 3e-5  # learning rate at the end of decay
+    weight_decay: NonNegativeFloat = 0.1
+    betas: Tuple[float, float] = (0.9, 0.95)  # YAML gives a list of 2 floats
+    eps: PositiveFloat = 1e-8
+    warmup_steps: NonNegativeInt = 0  # optimizer steps of linear warmup from 0 to lr
+    decay: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    decay_steps: Optional[PositiveInt] = None  # None = train.steps - warmup_steps
+    wsd_decay_steps: Optional[PositiveInt] = None  # only for decay: wsd; None = 10% of decay_steps
+
+    def check(self) -> None:
+        if self.min_lr > self.lr:
+            raise RecipeError(f"optimizer.min_lr = {self.min_lr} exceeds optimizer.lr = {self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise RecipeError(f"optimizer.betas must be two values in [0, 1), got {list(self.betas)}")
+        if self.wsd_decay_steps is not None and self.decay != "wsd":
+            raise RecipeError(f"optimizer.wsd_decay_steps is only used with optimizer.decay = wsd, "
+                              f"got optimizer.decay = {self.decay}")
+        if self.wsd_decay_steps is not None and self.decay_steps is not None and self.wsd_decay_steps > self.decay_steps:
+            raise RecipeError(f"optimizer.wsd_decay_steps = {self.wsd_decay_steps} exceeds "
+                              f"optimizer.decay_steps = {self.decay_steps}")
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """What the optimizer needs from the train section."""
+
+    precision: str
+    grad_clip: float
+    steps: int
+    tokens_per_micro_batch: int  # fp16's initial loss scale depends on it
+
+
+def build_optimizer(cfg: OptimizerConfig, numerics: Numerics, chunks: List[Any], distributed: bool) -> Any:
+    """megatron-core's (distributed) Adam over the model chunks; stepped once per training step."""
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    config = MegatronOptimizerConfig(
+        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1], adam_eps=cfg.eps,
+        clip_grad=numerics.grad_clip, bf16=numerics.precision == "bf16", fp16=numerics.precision == "fp16",
+        params_dtype=chunks[0].config.params_dtype,
+        use_distributed_optimizer=distributed,
+        initial_loss_scale=initial_loss_scale(numerics.tokens_per_micro_batch),
+    )
+    return get_megatron_optimizer(config, chunks)
+
+
+_DECAY_STYLES = {"cosine": "cosine", "linear": "linear", "wsd": "WSD", "constant": "constant"}
+
+
+def build_scheduler(cfg: OptimizerConfig, steps: int, optimizer: Any) -> Any:
+    """Megatron's OptimizerParamScheduler in optimizer steps; the recipe's schedule wins on resume."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_steps = cfg.decay_steps or max(steps - cfg.warmup_steps, 1)
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.warmup_steps, lr_decay_steps=cfg.warmup_steps + decay_steps,
+        lr_decay_style=_DECAY_STYLES[cfg.decay],
+        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+        wd_incr_steps=max(steps, 1), wd_incr_style="constant",
+        wsd_decay_steps=cfg.wsd_decay_steps or max(decay_steps // 10, 1),
+        lr_wsd_decay_style="linear",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
+    )
+
+
+def initial_loss_scale(tokens_per_micro_batch: int) -> float:
+    """fp16 only: the backpropagated loss is a token *sum* (per-token loss, normalized after the
+    all-reduce), so start the dynamic scale where 2^16 / tokens-per-micro-batch keeps it in fp16
+    range, instead of megatron-core's 2^32, which skips the first ~40 steps while it backs off."""
+    return float(2 ** max(int(math.log2(2**16 / tokens_per_micro_batch)), 0))
+
+
+def current_lr(optimizer: Any) -> float:
+    return float(optimizer.param_groups[0]["lr"])

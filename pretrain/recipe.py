@@ -1,0 +1,167 @@
+"""A whole run's recipe: the sections put together, loaded from YAML, checked once.
+
+Each section's dataclass lives with the code that owns it (model/config.py, parallel/config.py,
+data/config.py, pretrain/optim.py, ...); the generic YAML machinery is common/schema.py. Checks
+that need the world size are the layout's (parallel/layout.py) and the batch plan's
+(data/loader.py); `validate_for_world` runs them with the one that spans both.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, Literal, Optional, Sequence
+
+from common import schema
+from common.errors import RecipeError
+from common.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
+from data.config import DataConfig
+from model.config import ModelConfig, check_model
+from parallel.config import ParallelConfig
+from pretrain.checkpointer import CheckpointConfig
+from pretrain.metrics import LoggingConfig
+from pretrain.optim import OptimizerConfig
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+RECIPES_DIR = REPO_ROOT / "recipes"
+
+
+@dataclass
+class TrainConfig:
+    """How long, on what batches, in what numerics, and what to do when a step goes wrong."""
+
+    steps: PositiveInt = 10  # optimizer steps
+    global_batch_size: PositiveInt = 8  # samples per optimizer step, across data-parallel ranks
+    micro_batch_size: PositiveInt = 2  # samples per forward/backward on one rank
+    seed: NonNegativeInt = 1234
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    grad_clip: NonNegativeFloat = 1.0  # max global grad norm; 0 = no clipping
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    # Fault guards (pretrain/guards.py). A step whose loss or gradients are not finite never updates
+    # the model; `skip` drops the step (its batch and lr slot are still consumed) and goes on, `stop`
+    # ends the run with exit code 3.
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    max_skipped_steps: NonNegativeInt = 10  # skip: stop once more steps than this were skipped (resumes included)
+    # Report rank, step, phase and Python stacks on stderr when one phase of a step (forward_backward,
+    # optimizer, logging, checkpoint) runs longer than this; seconds, 0 = no watchdog.
+    watchdog_timeout_s: NonNegativeFloat = 0.0
+    # Validation: every eval_interval optimizer steps (and after the last), the token-mean loss over
+    # eval_steps global batches of the validation data, logged as val_loss and val_ppl. 0 = never.
+    # The same validation samples each time, so successive val_loss values are comparable.
+    eval_interval: NonNegativeInt = 0
+    eval_steps: PositiveInt = 10  # global batches (of train.global_batch_size samples) per validation
+    # After the last step, the same loss over eval_steps global batches of the test share of
+    # data.split (its third number), logged as test_loss and test_ppl.
+    test_at_end: bool = False
+
+    def check(self) -> None:
+        if self.global_batch_size % self.micro_batch_size:
+            raise RecipeError(f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
+                              f"train.micro_batch_size = {self.micro_batch_size}")
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection, to watch the fault guards work (tests, a new cluster); never set in a real run."""
+
+    nan_loss_at_step: Optional[PositiveInt] = None  # 1-based step whose loss is multiplied by NaN on every rank
+    stall_at_step: Optional[PositiveInt] = None  # 1-based step whose forward/backward first sleeps debug.stall_s
+    stall_s: NonNegativeFloat = 0.0  # seconds
+    # 1-based step whose checkpoint pauses save_pause_s seconds after its shards are written and before
+    # it is published (renamed into place), to kill a run mid-save and see the previous one resume.
+    save_pause_at_step: Optional[PositiveInt] = None
+    save_pause_s: NonNegativeFloat = 0.0
+
+
+@dataclass
+class Recipe:
+    """A whole run. Components receive their own section, never the whole recipe."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    # Path of the recipe file it was loaded from; not a YAML key.
+    source: Optional[str] = field(default=None, metadata={"yaml": False})
+
+    def log_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.logging.dir or f"runs/{self.logging.name}")
+
+    def checkpoint_dir(self) -> pathlib.Path:
+        return pathlib.Path(self.checkpoint.dir or self.log_dir() / "checkpoints")
+
+
+def resolve_recipe_path(name_or_path: str) -> pathlib.Path:
+    """An existing file as given; else recipes/NAME or recipes/NAME.yaml under the repo root."""
+    found = schema.candidates(name_or_path, RECIPES_DIR)
+    for path in found:
+        if path.is_file():
+            return path
+    looked = ", ".join(schema.display(p) for p in found)
+    raise RecipeError(f"recipe '{name_or_path}' not found: looked for {looked}")
+
+
+def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:
+    """Recipe from a file (and its `base:` chain) plus `key.path=value` overrides, validated statically."""
+    path = resolve_recipe_path(name_or_path)
+    recipe = schema.load(Recipe, path, overrides, RECIPES_DIR)
+    recipe.source = str(path)
+    validate_static(recipe)
+    return recipe
+
+
+def validate_static(recipe: Recipe) -> None:
+    """Checks that need no world size: bounds, choices, shapes vs. parallel sizes, batch and schedule."""
+    schema.check_values(recipe)
+    recipe.logging.check()
+    check_model(recipe.model, recipe.parallel)
+    recipe.train.check()
+    recipe.optimizer.check()
+    recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
+
+
+def validate_for_world(recipe: Recipe, world_size: int):
+    """The layout for `world_size` ranks and this recipe's batch plan on them (rank 0's share); raises
+    RecipeError when the layout does not fit or the global batch does not split evenly."""
+    from data.loader import BatchPlan
+    from parallel.layout import Layout
+
+    layout = Layout.from_config(recipe.parallel, world_size)
+    t = recipe.train
+    plan = BatchPlan.of(t.global_batch_size, t.micro_batch_size, layout.data)
+    if layout.pipeline > 1 and plan.micro_batches < layout.pipeline:
+        raise RecipeError(f"{plan.micro_batches} micro-batches per step (train.global_batch_size / "
+                          f"(micro_batch_size × data-parallel size)) are fewer than parallel.pipeline = "
+                          f"{layout.pipeline}: raise train.global_batch_size")
+    if layout.virtual_pipeline is not None and plan.micro_batches % layout.pipeline:
+        raise RecipeError(f"{plan.micro_batches} micro-batches per step are not a multiple of parallel.pipeline = "
+                          f"{layout.pipeline}, which the interleaved schedule (parallel.virtual_pipeline) needs")
+    return layout, plan
+
+
+def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
+    """Plain nested dict (lists, not tuples) of every YAML key; `source` left out."""
+    return schema.to_dict(recipe)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The full recipe as YAML, in schema order; load_recipe reads it back to an equal recipe."""
+    return schema.dump(recipe)
+
+
+def model_config_from_dict(tree: Dict[str, Any], where: str) -> ModelConfig:
+    """A `model:` section (e.g. the recipe stored in a checkpoint) checked against the schema."""
+    return schema.from_dict(ModelConfig, tree, "model", where)
+
+
+def write_recipe(recipe: Recipe, path: pathlib.Path) -> None:
+    """The resolved recipe (every key) to `path`, atomically: `--recipe path` repeats the run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    source = f"# resolved from {recipe.source}\n" if recipe.source else ""
+    tmp.write_text(source + dump_recipe(recipe))
+    tmp.replace(path)

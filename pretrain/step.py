@@ -1,0 +1,200 @@
+"""One training step and one evaluation: megatron-core's forward/backward schedule over this rank's
+micro-batches, the per-token loss, the guarded optimizer step; each returns a typed result."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from data.loader import BatchPlan
+from pretrain.guards import Guards, agree, grads_are_finite
+from pretrain.optim import current_lr
+from pretrain.recipe import DebugConfig
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float  # token-mean LM loss over the global batch, the same on every rank
+    grad_norm: float  # before clipping; NaN when the optimizer did not run
+    lr: float
+    updated: bool  # the optimizer applied the step (not on a non-finite step or an fp16 overflow)
+    nonfinite: bool  # every rank agreed the loss or the gradients were not finite
+    stop: bool  # a preemption signal arrived on some rank
+    moe: Dict[str, Any] = field(default_factory=dict)
+
+
+def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Sum of masked token losses; megatron-core divides by the global token count."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss_sum = torch.sum(losses * mask)
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def forward_step(data_iterator, model):
+    """megatron-core's forward step: the next micro-batch through the model, and its loss function."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def _forward_step_with_nan_loss(data_iterator, model):
+    """debug.nan_loss_at_step: the usual forward step, its loss multiplied by NaN."""
+    output, loss = forward_step(data_iterator, model)
+    return output, partial(_nan_loss, loss)
+
+
+def _nan_loss(loss: Callable, output_tensor: torch.Tensor):
+    loss_sum, num_tokens, reports = loss(output_tensor)
+    nan_sum = torch.tensor([float("nan"), 1.0], device=loss_sum.device)  # [loss sum, token count]
+    return loss_sum * float("nan"), num_tokens, {k: v * nan_sum for k, v in reports.items()}
+
+
+def seed_step(seed: int, step: int) -> None:
+    """Reseeds every random stream (dropout: data-parallel, tensor-parallel and expert trackers)
+    from (train.seed, step) before step `step`, so random draws are a function of the step alone:
+    a resumed run draws exactly what the uninterrupted one did, and checkpoints need no RNG state."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from model.layers import derive_seed
+
+    step_seed = derive_seed(seed, step + 1) % (2**31)  # megatron adds offsets: keep it in int32 range
+    torch.manual_seed(step_seed)
+    model_parallel_cuda_manual_seed(step_seed)
+
+
+def wire_schedule(chunks: List[Any], optimizer: Any) -> None:
+    """The hooks megatron-core's schedules call: grad sync control and grad finalization."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config = chunks[0].config
+    no_sync = [c.no_sync for c in chunks]
+    config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+
+
+@dataclass
+class Step:
+    """Runs steps and evaluations of one rank: what megatron-core's schedule needs, wired once."""
+
+    chunks: List[Any]  # DDP-wrapped model chunks (one per virtual pipeline stage)
+    optimizer: Any
+    scheduler: Any
+    plan: BatchPlan  # this rank's share of each global batch
+    seq_length: int
+    seed: int
+    precision: str
+    debug: DebugConfig
+    device: torch.device
+    groups: Any  # megatron-core ProcessGroupCollection
+    moe: Optional[Any] = None  # model.moe.MoeMonitor when the model has experts
+
+    def __post_init__(self) -> None:
+        wire_schedule(self.chunks, self.optimizer)
+
+    def train(self, step: int, batches: List[dict], guards: Guards) -> StepResult:
+        """Optimizer step `step` (0-based) over this rank's micro-batches of the global batch."""
+        seed_step(self.seed, step)
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        self.scheduler.step(increment=1)  # step k (1-based) trains with lr(k): warmup starts above 0
+        with guards.watchdog.phase(step + 1, "forward_backward"):
+            losses = self._forward_backward(batches, forward_only=False, step=step)
+        with guards.watchdog.phase(step + 1, "optimizer"):
+            totals = self._loss_sums(losses)
+            loss = float(totals[0] / totals[1])
+            # fp16 gradients overflow by design while the loss scale adjusts: megatron-core's optimizer
+            # finds those itself (and skips the update), so only the loss is ours to check there.
+            check_grads = self.precision != "fp16"
+            bad = not math.isfinite(loss) or (check_grads and not grads_are_finite(self.chunks))
+            nonfinite, stop = agree([bad, guards.stop.requested], self.device)
+            updated, grad_norm = False, None
+            if not nonfinite:
+                updated, grad_norm, _ = self.optimizer.step()
+        moe = {}
+        if self.moe is not None:
+            moe = self.moe.step_metrics(self.device, self.plan.micro_batches, self.plan.dp_size,
+                                        dist.get_world_size() // self.groups.pp.size())
+        return StepResult(loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                          lr=current_lr(self.optimizer), updated=updated, nonfinite=nonfinite, stop=stop, moe=moe)
+
+    @torch.no_grad()
+    def evaluate(self, samples, eval_steps: int, prefix: str) -> Dict[str, float]:
+        """Token-mean loss over the first `eval_steps` global batches of `samples`, forward only
+        (every layout, pipeline included); the same samples at every evaluation. Returns
+        {<prefix>_loss, <prefix>_ppl}."""
+        for chunk in self.chunks:
+            chunk.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for k in range(eval_steps):
+            batches = self.plan.step_batches(samples, k * self.plan.global_batch_size, self.device)
+            total += self._loss_sums(self._forward_backward(batches, forward_only=True))
+        for chunk in self.chunks:
+            chunk.train()
+        loss = float(total[0] / total[1])
+        return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 700.0))}
+
+    def _forward_backward(self, batches: List[dict], forward_only: bool, step: Optional[int] = None) -> list:
+        """megatron-core's schedule for this layout over this rank's micro-batches of one global batch;
+        `step` (0-based; training only) is where the `debug` section's fault injections apply."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        if step is not None and self.debug.stall_at_step == step + 1:
+            time.sleep(self.debug.stall_s)
+        poisoned = step is not None and self.debug.nan_loss_at_step == step + 1
+        iterators = [iter(batches) for _ in self.chunks]  # every model chunk reads the same micro-batches
+        return get_forward_backward_func()(
+            forward_step_func=_forward_step_with_nan_loss if poisoned else forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
+            num_microbatches=self.plan.micro_batches,
+            seq_length=self.seq_length,
+            micro_batch_size=self.plan.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _loss_sums(self, losses: list) -> torch.Tensor:
+        """[loss sum, token count] over the global batch (float64, CPU), made known to every rank:
+        summed over the data- and context-parallel ranks of the last pipeline stage, which then
+        sends it to all (from the last rank, which is on the last stage)."""
+        total = torch.zeros(2, dtype=torch.float64)
+        if self.groups.pp.rank() == self.groups.pp.size() - 1:
+            for item in losses:
+                total += item["lm loss"].detach().to("cpu", torch.float64)
+            dist.all_reduce(total, group=self.groups.dp_cp)
+        total = total.to(self.device)
+        dist.broadcast(total, src=dist.get_world_size() - 1)
+        return total.cpu()
+
+
+@dataclass
+class Evaluation:
+    """When to evaluate: validation every `interval` steps and after the last, the test share after
+    the last when asked for; each over `eval_steps` global batches."""
+
+    step: Step
+    data: Dict[str, Any]  # split name -> samples
+    interval: int  # train.eval_interval; 0 = never
+    eval_steps: int
+    test_at_end: bool
+
+    def after(self, step: int, last: bool, watchdog: Any) -> Dict[str, float]:
+        """The evaluation metrics due after step `step` (1-based); {} when none is."""
+        out: Dict[str, float] = {}
+        if self.interval and (step % self.interval == 0 or last):
+            with watchdog.phase(step, "evaluation"):
+                out.update(self.step.evaluate(self.data["valid"], self.eval_steps, "val"))
+        if last and self.test_at_end:
+            with watchdog.phase(step, "evaluation"):
+                out.update(self.step.evaluate(self.data["test"], self.eval_steps, "test"))
+        return out
