@@ -153,6 +153,8 @@ TaskPlugin=task/none
 MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
+# A requeued job becomes eligible after cred_expire; without this it waits for the next pass (60 s).
+SchedulerParameters=sched_interval=1
 ReturnToService=2
 JobRequeue=1
 PreemptMode=OFF
