@@ -20,7 +20,7 @@ from tests.slurm_cluster import SlurmCluster, free_port, slurm_cluster  # noqa: 
 
 JOB_TIMEOUT_S = 240
 STOP_AT_STEP = 4  # the signal is sent once the step before is logged; this one stalls STALL_S first
-STALL_S = 4
+STALL_S = 5  # the signal reaches the workers well within it, also on a busy machine
 
 
 class Job:
