@@ -134,8 +134,8 @@ def test_usr1_from_slurm_checkpoints_requeues_and_resumes_the_same_curve(slurm_c
 @pytest.mark.slow
 def test_sigterm_to_the_job_step_checkpoints_and_exits_75_without_requeue(slurm_cluster, synthetic_corpus,
                                                                            tmp_path):
-    """`scancel --signal=TERM` signals every process of the job step (launchers and workers), as
-    Slurm does at a preemption with a grace time; the batch shell is not told, so it does not requeue."""
+    """`scancel --signal=TERM` signals every process of the job step (launchers and workers) but not
+    the batch shell, which therefore does not requeue: the job ends with the workers' 75."""
     job = Job(slurm_cluster, tmp_path, synthetic_corpus, f"debug.stall_at_step={STOP_AT_STEP}",
               f"debug.stall_s={STALL_S}")
     job.wait_for_step(STOP_AT_STEP - 1)
