@@ -24,8 +24,6 @@ from pretrain.guards import PREEMPTION_SIGNALS
 from upstream.process import exit_quickly
 
 PROPAGATED_EXIT_CODES = (EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_PREEMPTED)
-# torchrun's agent turns these into its own shutdown; SIGTERM and SIGUSR1 are left to this module.
-_AGENT_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
 
 
 def _workers() -> list:
@@ -52,6 +50,14 @@ def _forward(signum: int, frame) -> None:
             worker.send_signal(signum)
 
 
+def agent_signals(requested: str) -> str:
+    """torchrun's `--signals-to-handle` list without SIGTERM and SIGUSR1: the agent turns the signals
+    in it into its own shutdown (exit 1, a SignalException traceback); ours are left to `_forward`."""
+    ours = {sig.name for sig in PREEMPTION_SIGNALS}
+    names = (name.strip() for name in requested.split(","))
+    return ",".join(name for name in names if name and name not in ours)
+
+
 def exit_code_of(failures: dict) -> Optional[int]:
     """The exit code the failed workers agree on when it is one of ours, else None. Workers killed
     by SIGTERM or SIGKILL do not count against it: once one worker exits, torchrun stops the
@@ -66,11 +72,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = _AGENT_SIGNALS
+    args = torchrun.parse_args(argv)
+    # torch's launcher writes this option (default SIGTERM,SIGINT,SIGHUP,SIGQUIT) into
+    # TORCHELASTIC_SIGNALS_TO_HANDLE itself (torch/distributed/launcher/api.py, launch_agent), over
+    # any value set in the environment here: the option is where SIGTERM must be left out.
+    args.signals_to_handle = agent_signals(getattr(args, "signals_to_handle", ""))
     for sig in PREEMPTION_SIGNALS:
         signal.signal(sig, _forward)
     try:
-        torchrun.run(torchrun.parse_args(argv))
+        torchrun.run(args)
     except ChildFailedError as e:
         code = exit_code_of(e.failures)
         if code is not None:
