@@ -9,6 +9,20 @@ from upstream.process import prepare_process  # noqa: E402
 
 prepare_process()  # as every entry point does: megatron-core without TorchDynamo on CPU, its fixes applied
 
+pytest_plugins = ["tests.helpers.slurm"]  # the slurm_cluster fixture
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` tests need CUDA: without it they are skipped, with the reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
 
 def pytest_addoption(parser):
     parser.addoption("--update-golden", action="store_true",
@@ -34,7 +48,7 @@ def synthetic_corpus(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def reference(synthetic_corpus, tmp_path_factory):
     """tiny_gpt, one process, fp32: the curve every other layout must reproduce."""
-    from tests.distributed import read_metrics, run_pretrain, tiny_overrides
+    from tests.helpers.runs import read_metrics, run_pretrain, tiny_overrides
 
     log_dir = tmp_path_factory.mktemp("reference")
     run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, log_dir))
@@ -44,7 +58,7 @@ def reference(synthetic_corpus, tmp_path_factory):
 @pytest.fixture(scope="session")
 def moe_reference(synthetic_corpus, tmp_path_factory):
     """tiny_moe, one process, fp32: the curve every expert-parallel layout must reproduce."""
-    from tests.distributed import read_metrics, run_pretrain, tiny_overrides
+    from tests.helpers.runs import read_metrics, run_pretrain, tiny_overrides
 
     log_dir = tmp_path_factory.mktemp("moe-reference")
     run_pretrain(1, "tiny_moe", tiny_overrides(synthetic_corpus, log_dir))

@@ -5,7 +5,7 @@ import pathlib
 import pytest
 import torch
 
-from upstream.process import prepare_process
+from tests.helpers.spawn import run_distributed
 
 from upstream import cpu as cpu_compat
 
@@ -152,42 +152,28 @@ def _alltoall_split_sizes():
         dist.destroy_process_group()
 
 
-def _uneven_gather_worker(rank: int, init_file: str, use_patch: bool, results) -> None:
-    import torch.distributed as dist
-
-    prepare_process()  # a spawned child: conftest did not run here
+def _uneven_gather(rank: int, world: int, use_patch: bool):
+    """Rank r gathers 2 + r rows through megatron's gather with split sizes; the gathered first
+    column, or gloo's error."""
     from megatron.core.tensor_parallel.mappings import _gather_along_first_dim
 
-    skip = () if use_patch else ("dist.uneven_all_gather",)
-    with cpu_compat.applied(skip=skip):
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    with cpu_compat.applied(skip=() if use_patch else ("dist.uneven_all_gather",)):
+        piece = torch.full((2 + rank, 3), float(rank))  # 2 rows on rank 0, 3 on rank 1
         try:
-            piece = torch.full((2 + rank, 3), float(rank))  # 2 rows on rank 0, 3 on rank 1
-            gathered = _gather_along_first_dim(piece, dist.group.WORLD, output_split_sizes=[2, 3])
-            results[rank] = gathered[:, 0].tolist()
+            return _gather_along_first_dim(piece, torch.distributed.group.WORLD, output_split_sizes=[2, 3])[:, 0].tolist()
         except RuntimeError as exc:
-            results[rank] = str(exc)
-        finally:
-            dist.destroy_process_group()
+            return str(exc)
 
 
 def _uneven_all_gather():
     """tensor_parallel/mappings.py:150: all_gather with output_split_sizes, which the alltoall
     dispatcher uses under tensor × expert parallelism; gloo needs equal sizes. Two processes."""
-    import tempfile
-
-    import torch.multiprocessing as mp
-
     use_patch = torch.distributed.all_gather.__name__ == "all_gather" and \
         torch.distributed.all_gather.__module__ == cpu_compat.__name__
-    with tempfile.TemporaryDirectory() as tmp, mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_uneven_gather_worker, args=(f"{tmp}/init", use_patch, results), nprocs=2)
-        outcome = dict(results)
-    for rank in (0, 1):
-        if not isinstance(outcome[rank], list):
-            raise RuntimeError(outcome[rank])
-        assert outcome[rank] == [0.0, 0.0, 1.0, 1.0, 1.0]
+    for outcome in run_distributed(_uneven_gather, 2, use_patch):
+        if not isinstance(outcome, list):
+            raise RuntimeError(outcome)
+        assert outcome == [0.0, 0.0, 1.0, 1.0, 1.0]
 
 
 SITES = {
@@ -297,7 +283,7 @@ def test_checkpoint_writer_queue_process_dies_with_a_killed_trainer(tmp_path):
         "assert cpu.fork_checkpoint_results_queue()\n"
         "print('ready', flush=True)\n"
         "time.sleep(120)\n")
-    root = pathlib.Path(__file__).resolve().parents[1]
+    root = pathlib.Path(__file__).resolve().parents[2]
     trainer = subprocess.Popen([sys.executable, str(script)], cwd=root, stdout=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(root)})
     manager = None

@@ -8,7 +8,7 @@ batch_p2p_comm off on gloo (the interleaved-schedule trap), per-token loss norma
 
 import pytest
 
-from tests.distributed import assert_close_curves, read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.runs import assert_close_curves, read_metrics, run_pretrain, tiny_overrides
 
 # The issue asks for 1e-4; measured (2026-11-23) at most 5.4e-8 for losses and 8.1e-7 for grad
 # norms over all layouts here: they only reorder additions of the same fp32 numbers. 1e-5 keeps a

@@ -11,7 +11,7 @@ import sys
 import pytest
 from PIL import Image
 
-from tests.distributed import REPO, read_metrics, tiny_overrides
+from tests.helpers.runs import REPO, read_metrics, tiny_overrides
 
 sys.path.insert(0, str(REPO / "scripts"))
 import compare_runs  # noqa: E402

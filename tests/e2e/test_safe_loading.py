@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from upstream import safe_loading
 from common.errors import UserError
-from tests.distributed import REPO, run_pretrain, tiny_overrides
+from tests.helpers.runs import REPO, run_pretrain, tiny_overrides
 
 
 class _Payload:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pretrain.guards import EXIT_NONFINITE, EXIT_PREEMPTED, NonfiniteGuard
-from tests.distributed import REPO, assert_close_curves, read_metrics, tiny_overrides
+from tests.helpers.runs import REPO, assert_close_curves, read_metrics, tiny_overrides
 
 TIMEOUT_S = 300
 

@@ -20,6 +20,8 @@ from typing import Dict, Iterator, List, Optional
 
 import pytest
 
+from tests.helpers.spawn import free_port
+
 # Debian 12: Slurm 22.05. Without recommends: 8 packages, 3.5 MB, 4 to 20 s to download and install.
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "squeue")
@@ -73,12 +75,6 @@ def install_if_missing() -> None:
     missing = [p for p in PROGRAMS if _which(p) is None]
     if missing:
         raise SlurmUnavailable(f"apt-get installed {' '.join(PACKAGES)} but {', '.join(missing)} is missing")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _tail(path: pathlib.Path, lines: int) -> str:

@@ -1,4 +1,4 @@
-"""scripts/slurm/pretrain.sbatch under a real Slurm (tests/slurm_cluster.py: controller and two
+"""scripts/slurm/pretrain.sbatch under a real Slurm (tests/helpers/slurm.py: controller and two
 slurmd on this machine): two nodes, one gloo worker each, reproduce the single-process losses; Slurm's
 own SIGUSR1 to the batch shell makes the job checkpoint, exit 75, requeue itself and resume the same
 curve; SIGTERM to the job's processes checkpoints and exits 75 without a requeue; a bad recipe fails
@@ -15,8 +15,9 @@ import time
 import pytest
 
 from pretrain.guards import EXIT_PREEMPTED
-from tests.distributed import REPO, assert_close_curves, read_metrics, tiny_overrides
-from tests.slurm_cluster import SlurmCluster, free_port, slurm_cluster  # noqa: F401 (fixture)
+from tests.helpers.runs import REPO, assert_close_curves, read_metrics, tiny_overrides
+from tests.helpers.slurm import SlurmCluster
+from tests.helpers.spawn import free_port
 
 JOB_TIMEOUT_S = 240
 STOP_AT_STEP = 4  # the signal is sent once the step before is logged; this one stalls STALL_S first

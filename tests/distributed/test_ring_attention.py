@@ -1,10 +1,8 @@
 """model/ring_attention.py: block kernels against SDPA autograd; the ring on 2 and 4 gloo processes
 against full-sequence causal attention; cp=1 and the core_attention module against SDPAttention."""
 
-import datetime
 import math
 import re
-import socket
 import types
 
 import pytest
@@ -12,13 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from upstream.process import import_megatron_without_jit_fusers
-
-# mp.spawn's children import this module, not conftest: they too import megatron-core without
-# TorchDynamo (3.5 s less for each of the 4 ranks below on a CPU)
-import_megatron_without_jit_fusers()
-
-from model.attention_kernels import (  # noqa: E402
+from model.attention_kernels import (
     BACKENDS,
     CANDIDATES,
     BlockKernels,
@@ -26,7 +18,8 @@ from model.attention_kernels import (  # noqa: E402
     _verify,
     select_backend,
 )
-from model.ring_attention import RingAttention, RingAttentionFunction, _step_blocks  # noqa: E402
+from model.ring_attention import RingAttention, RingAttentionFunction, _step_blocks
+from tests.helpers.spawn import run_distributed
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 SCALE = 0.2  # not 1/sqrt(d), so a dropped scale shows
@@ -168,12 +161,13 @@ def _full_problem():
     return (q.detach(), k.detach(), v.detach(), dout), (out.detach(), *grads)
 
 
-def _check_ring(group, cp: int, cp_rank: int) -> None:
-    """The ring's out, dq, dk, dv on this rank's slices equal the full-sequence reference's slices,
-    for contiguous [b, h, s, d] inputs and for a model's [s, b, h, d] tensors seen as [b, h, s, d];
-    the output and gradients come back in the input's layout."""
-    (q, k, v, dout), expected = _full_problem()
+def _ring_results(group, cp: int, cp_rank: int) -> dict:
+    """The ring's out, dq, dk, dv on this rank's slices, for contiguous [b, h, s, d] inputs and for a
+    model's [s, b, h, d] tensors seen as [b, h, s, d] (returned as [b, h, s, d]); checks that the
+    output comes back in the input's layout."""
+    (q, k, v, dout), _ = _full_problem()
     shard = lambda t: load_balanced_slice(t, cp_rank, cp, dim=2)  # noqa: E731
+    results = {}
     for layout in ("bhsd", "sbhd"):
         if layout == "bhsd":
             leaves = [shard(t).requires_grad_() for t in (q, k, v)]
@@ -183,45 +177,40 @@ def _check_ring(group, cp: int, cp_rank: int) -> None:
             view = lambda t: t.permute(1, 2, 0, 3)  # noqa: E731  [s, b, h, d] -> [b, h, s, d]
         out = RingAttentionFunction.apply(*(view(t) for t in leaves), group, SCALE)
         out.backward(view(shard(dout).permute(2, 0, 1, 3).contiguous()) if layout == "sbhd" else shard(dout))
-        got = (out.detach(), *(view(t.grad) for t in leaves))
-        for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
-            where = f"cp={cp} rank {cp_rank} {layout} {name}"
-            torch.testing.assert_close(a, shard(e), **TOL, msg=lambda m: f"{where}: {m}")
         if layout == "sbhd":  # a model's layer reshapes it to [s, b, h·d] without a copy
             assert out.permute(2, 0, 1, 3).is_contiguous(), f"cp={cp} rank {cp_rank}: out strides {out.stride()}"
+        results[layout] = [out.detach().contiguous()] + [view(t.grad).contiguous() for t in leaves]
+    return results
 
 
-def _ring_worker(rank: int, world: int, port: int) -> None:
-    torch.set_num_threads(1)
-    # a timeout turns a ring that lost a message into a failure instead of a hung test
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
-        # The CPU kernel takes the K/V heads as they are (native GQA); plain math gets them folded
-        # (unmasked blocks) or copied per query head (the causal block).
-        for backend, candidates in (("aten_cpu", CANDIDATES["cpu"]), ("math", ())):
-            CANDIDATES["cpu"] = candidates
-            _backend_for.cache_clear()
-            assert select_backend(torch.zeros(1, HEADS, 2, HEAD_DIM)) == backend
-            _check_ring(dist.group.WORLD, cp=4, cp_rank=rank)
-            # ranks 2, 3 form a group whose local ranks differ from their global ones
-            _check_ring(pairs[rank // 2], cp=2, cp_rank=rank % 2)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ring_on_every_rank(rank: int, world: int) -> dict:
+    """On 4 ranks: the ring over all 4 and over two 2-rank groups, with the CPU kernel (native GQA)
+    and with plain math (K/V heads folded or copied per query head)."""
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
+    results = {}
+    for backend, candidates in (("aten_cpu", CANDIDATES["cpu"]), ("math", ())):
+        CANDIDATES["cpu"] = candidates
+        _backend_for.cache_clear()
+        assert select_backend(torch.zeros(1, HEADS, 2, HEAD_DIM)) == backend
+        results[(backend, 4)] = _ring_results(dist.group.WORLD, cp=4, cp_rank=rank)
+        # ranks 2, 3 form a group whose local ranks differ from their global ones
+        results[(backend, 2)] = _ring_results(pairs[rank // 2], cp=2, cp_rank=rank % 2)
+    return {f"{backend}/cp{cp}/{layout}": tensors for (backend, cp), by_layout in results.items()
+            for layout, tensors in by_layout.items()}
 
 
 def test_ring_equals_full_causal_attention_cp2_cp4_gqa():
-    """One 4-process gloo world: the ring over all 4 ranks, and over two 2-rank groups."""
-    import torch.multiprocessing as mp
-
-    mp.spawn(_ring_worker, args=(4, _free_port()), nprocs=4, join=True)
+    """One 4-process gloo world; every rank's slices of out, dq, dk, dv equal the same slices of one
+    full-sequence SDPA call computed here."""
+    _, expected = _full_problem()
+    per_rank = run_distributed(_ring_on_every_rank, 4)
+    for rank, results in enumerate(per_rank):
+        for case, got in results.items():
+            cp = int(case.split("/")[1][2:])
+            cp_rank = rank if cp == 4 else rank % 2
+            for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
+                torch.testing.assert_close(a, load_balanced_slice(e, cp_rank, cp, dim=2), **TOL,
+                                           msg=lambda m: f"rank {rank} {case} {name}: {m}")
 
 
 # ------------------------------------------------------------------ cp = 1 and the core attention

@@ -6,9 +6,9 @@ import pathlib
 
 import pytest
 
-from tests.distributed import TINY_STEPS, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.runs import TINY_STEPS, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
 
-GOLDEN = pathlib.Path(__file__).parent / "golden" / "tiny_gpt_fp32.json"
+GOLDEN = pathlib.Path(__file__).resolve().parents[1] / "golden" / "tiny_gpt_fp32.json"
 STEPS = TINY_STEPS
 # fp32 on CPU: a different layout only changes the reduction order of identical numbers.
 REL = 1e-5
@@ -120,3 +120,33 @@ def test_resume_at_another_data_parallel_size(reference, synthetic_corpus, pipel
     metrics = read_metrics(tmp_path)
     assert_close_curves(metrics, expected, rel=REL)
     assert_close_curves(_validations(metrics), _validations(pipeline_with_validation), rel=REL, keys=("val_loss",))
+
+
+def test_a_written_recipe_reproduces_its_run(reference, synthetic_corpus, tmp_path):
+    """Every run writes its resolved recipe to <logging.dir>/recipe.yaml; a run started from that
+    file alone (a new logging.dir aside) trains the same curve, bit for bit."""
+    log_dir, expected = reference
+    written = log_dir / "recipe.yaml"
+    assert written.read_text().startswith("# resolved from ")
+    run_pretrain(1, str(written), [f"logging.dir={tmp_path}"])
+    assert [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path)] == \
+        [(r["loss"], r["grad_norm"]) for r in expected]
+
+
+def test_print_recipe_shows_every_key_and_default(synthetic_corpus):
+    import yaml
+
+    from common import schema
+    from pretrain.recipe import Recipe, load_recipe
+
+    proc = run_pretrain(1, "tiny_gpt", ["--print-recipe", "train.steps=7"])
+    printed = yaml.safe_load(proc.stdout)
+
+    def keys(tree, prefix=""):
+        return [k for name, v in tree.items() for k in
+                ([f"{prefix}{name}"] + (keys(v, f"{prefix}{name}.") if isinstance(v, dict) else []))]
+
+    assert keys(printed) == schema.all_keys(Recipe)
+    assert printed["train"]["steps"] == 7 and printed["model"]["num_layers"] == 4  # override, recipe
+    assert printed["model"]["moe"]["top_k"] == 2  # a default the recipe does not name
+    assert printed == schema.to_dict(load_recipe("tiny_gpt", ["train.steps=7"]))

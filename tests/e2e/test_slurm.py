@@ -14,7 +14,7 @@ import time
 import pytest
 
 from pretrain.guards import EXIT_PREEMPTED
-from tests.distributed import REPO
+from tests.helpers.runs import REPO
 
 SLURM = REPO / "scripts" / "slurm"
 SCRIPTS = [SLURM / "pretrain.sbatch", SLURM / "launch.sh"]

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.distributed import REPO, read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.runs import REPO, read_metrics, run_pretrain, tiny_overrides
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 

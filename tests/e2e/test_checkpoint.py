@@ -15,7 +15,7 @@ import torch
 
 from pretrain import checkpoint
 from common.errors import UserError
-from tests.distributed import (
+from tests.helpers.runs import (
     REPO,
     TINY_STEPS,
     assert_close_curves,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from typing import List, Sequence
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 TINY_STEPS = 10

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.distributed import REPO, assert_close_curves, read_metrics, tiny_overrides
+from tests.helpers.runs import REPO, assert_close_curves, read_metrics, tiny_overrides
 
 TIMEOUT_S = 400
 PORT = 29417

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120
 USER_ERROR = 2
 
