@@ -16,16 +16,12 @@ import difflib
 import os
 import pathlib
 import re
+import types
+from collections.abc import Callable, Sequence
 from typing import (
     Annotated,
     Any,
-    Callable,
-    Dict,
-    List,
     Literal,
-    Optional,
-    Sequence,
-    Tuple,
     TypeVar,
     Union,
     get_args,
@@ -100,7 +96,7 @@ def display(path: pathlib.Path) -> str:
 def parse_yaml(text: str, prefix: str, with_line: bool = True) -> Any:
     """YAML text -> value; a syntax error becomes one line: `<prefix>[ line N]: <problem>`."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = f" line {mark.line + 1}" if mark is not None and with_line else ""
@@ -110,7 +106,7 @@ def parse_yaml(text: str, prefix: str, with_line: bool = True) -> Any:
         raise RecipeError(f"{prefix}: {' '.join(str(exc).split())}") from None
 
 
-def _read_file(path: pathlib.Path) -> Dict[str, Any]:
+def _read_file(path: pathlib.Path) -> dict[str, Any]:
     """One recipe file as a dict (empty file = {}); `base` stays in it."""
     where = f"in {display(path)}"
     try:
@@ -125,7 +121,7 @@ def _read_file(path: pathlib.Path) -> Dict[str, Any]:
     return data
 
 
-def candidates(name: str, search_dir: pathlib.Path) -> List[pathlib.Path]:
+def candidates(name: str, search_dir: pathlib.Path) -> list[pathlib.Path]:
     """Where a recipe name may live: as given, then search_dir/NAME and search_dir/NAME.yaml."""
     paths = [pathlib.Path(name), search_dir / name]
     if not name.endswith((".yaml", ".yml")):
@@ -146,11 +142,11 @@ def _resolve_base(base: Any, child: pathlib.Path, search_dir: pathlib.Path) -> p
     raise RecipeError(f"base recipe '{base}' {where} not found: looked for {looked}")
 
 
-def file_chain(path: pathlib.Path, search_dir: pathlib.Path) -> List[Tuple[pathlib.Path, Dict[str, Any]]]:
+def file_chain(path: pathlib.Path, search_dir: pathlib.Path) -> list[tuple[pathlib.Path, dict[str, Any]]]:
     """The recipe and its bases, root base first; a cycle is an error."""
-    chain: List[Tuple[pathlib.Path, Dict[str, Any]]] = []
-    seen: List[pathlib.Path] = []
-    current: Optional[pathlib.Path] = path
+    chain: list[tuple[pathlib.Path, dict[str, Any]]] = []
+    seen: list[pathlib.Path] = []
+    current: pathlib.Path | None = path
     while current is not None:
         real = current.resolve()
         if real in seen:
@@ -170,15 +166,15 @@ class _Mismatch(Exception):
     """A value does not fit a field's type; turned into a RecipeError naming the key."""
 
 
-def yaml_fields(cls: type) -> Dict[str, Any]:
+def yaml_fields(cls: type) -> dict[str, Any]:
     """Field name -> resolved type (Annotated kept), for the fields that are YAML keys."""
     hints = get_type_hints(cls, include_extras=True)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
 
 
-def _optional_inner(tp: Any) -> Optional[Any]:
-    """X for Optional[X], else None."""
-    if get_origin(tp) is Union:
+def _optional_inner(tp: Any) -> Any | None:
+    """X for Optional[X] (or X | None), else None."""
+    if get_origin(tp) in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         if len(args) == 1 and len(get_args(tp)) == 2:
             return args[0]
@@ -245,7 +241,7 @@ def _convert_scalar(value: Any, tp: Any) -> Any:
 def _convert(value: Any, tp: Any, key: str, where: str, root: type) -> Any:
     """`value` as type `tp` (not Optional); raises _Mismatch, or RecipeError from inside a section."""
     tp = _unannotated(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if value is not None and not isinstance(value, dict):
             raise _Mismatch
         return clean_section(value or {}, tp, key, where, root)
@@ -271,7 +267,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str, root: type) -> Any:
         raise RecipeError(f"wrong type for '{key}' {where}: expected {_expected(tp)}, got {describe(value)}") from None
 
 
-def all_keys(cls: type, prefix: str = "") -> List[str]:
+def all_keys(cls: type, prefix: str = "") -> list[str]:
     """Every dotted key of the schema under `cls`, sections included."""
     keys = []
     for name, tp in yaml_fields(cls).items():
@@ -287,7 +283,7 @@ def _unknown_key(key: Any, section: str, valid: Sequence[str], where: str, root:
     dotted = f"{section}.{key}" if section else str(key)
     match = difflib.get_close_matches(str(key), list(valid), n=1)
     if match:
-        suggestion: Optional[str] = f"{section}.{match[0]}" if section else match[0]
+        suggestion: str | None = f"{section}.{match[0]}" if section else match[0]
     else:
         by_leaf = {k.rsplit(".", 1)[-1]: k for k in reversed(all_keys(root))}
         leaf = difflib.get_close_matches(str(key), list(by_leaf), n=1, cutoff=0.8)
@@ -298,8 +294,8 @@ def _unknown_key(key: Any, section: str, valid: Sequence[str], where: str, root:
     return RecipeError(f"unknown key '{dotted}' {where}; valid keys {scope}: {', '.join(valid)}")
 
 
-def clean_section(raw: Dict[Any, Any], cls: type, section: str, where: str,
-                  root: Optional[type] = None) -> Dict[str, Any]:
+def clean_section(raw: dict[Any, Any], cls: type, section: str, where: str,
+                  root: type | None = None) -> dict[str, Any]:
     """Check one layer's `section` against `cls`: unknown keys and types; values converted. `root`
     is the whole schema (default `cls`), where an unknown key's closest match is looked for."""
     fields = yaml_fields(cls)
@@ -315,7 +311,7 @@ def clean_section(raw: Dict[Any, Any], cls: type, section: str, where: str,
 # ------------------------------------------------------------------------------- merging and loading
 
 
-def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """Deep merge of mappings; a list or scalar in `over` replaces."""
     out = dict(base)
     for key, value in over.items():
@@ -326,7 +322,7 @@ def _merge(base: Dict[str, Any], over: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _parse_override(text: str) -> Dict[str, Any]:
+def _parse_override(text: str) -> dict[str, Any]:
     """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value read as YAML."""
     key, sep, raw = text.partition("=")
     parts = key.strip().split(".")
@@ -338,19 +334,20 @@ def _parse_override(text: str) -> Dict[str, Any]:
     return value
 
 
-def build(cls: type, tree: Dict[str, Any]) -> Any:
+def build(cls: type, tree: dict[str, Any]) -> Any:
     """An instance of `cls` from a cleaned tree; missing keys keep their defaults."""
     kwargs = {}
     for name, tp in yaml_fields(cls).items():
         if name in tree:
             section = _unannotated(tp)
-            kwargs[name] = build(section, tree[name]) if dataclasses.is_dataclass(section) else tree[name]
+            is_section = isinstance(section, type) and dataclasses.is_dataclass(section)
+            kwargs[name] = build(section, tree[name]) if is_section else tree[name]
     return cls(**kwargs)
 
 
 def load(cls: type, path: pathlib.Path, overrides: Sequence[str], search_dir: pathlib.Path) -> Any:
     """`cls` from a file (and its `base:` chain) plus `key.path=value` overrides; types checked per layer."""
-    merged: Dict[str, Any] = {}
+    merged: dict[str, Any] = {}
     for file, data in file_chain(path, search_dir):
         merged = _merge(merged, clean_section(data, cls, "", f"in {display(file)}"))
     for text in overrides:
@@ -358,7 +355,7 @@ def load(cls: type, path: pathlib.Path, overrides: Sequence[str], search_dir: pa
     return build(cls, merged)
 
 
-def from_dict(cls: Any, tree: Dict[str, Any], section: str, where: str) -> Any:
+def from_dict(cls: Any, tree: dict[str, Any], section: str, where: str) -> Any:
     """One section (e.g. a recipe's stored in a checkpoint) checked against its schema."""
     return build(cls, clean_section(tree, cls, section, where))
 
@@ -385,7 +382,7 @@ def check_values(obj: Any, prefix: str = "") -> None:
             raise RecipeError(f"{key} must be one of {' | '.join(choices)}, got '{value}'")
 
 
-def choices_of(cls: type, name: str) -> Tuple[str, ...]:
+def choices_of(cls: type, name: str) -> tuple[str, ...]:
     """The choices of a Literal field (for messages and tests)."""
     tp = yaml_fields(cls)[name]
     tp = _optional_inner(tp) or tp
@@ -403,7 +400,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def to_dict(obj: Any) -> Dict[str, Any]:
+def to_dict(obj: Any) -> dict[str, Any]:
     """Plain nested dict (lists, not tuples) of every YAML key, in schema order."""
     out = {}
     for name, tp in yaml_fields(type(obj)).items():

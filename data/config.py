@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
 
 from common.errors import RecipeError
 from common.schema import NonNegativeInt
@@ -14,17 +13,17 @@ from common.schema import NonNegativeInt
 class DataConfig:
     """Indexed datasets (PREFIX.bin / PREFIX.idx) blended, split by documents, packed into samples."""
 
-    path: Optional[str] = None  # one indexed dataset prefix; shorthand for blend: [[1.0, path]]
+    path: str | None = None  # one indexed dataset prefix; shorthand for blend: [[1.0, path]]
     # Several datasets: [[weight, prefix], ...], each weight > 0 (normalized to sum 1); a sample is
     # drawn from each in proportion to its weight. Only one of path / blend.
-    blend: Optional[List[Tuple[float, str]]] = None
+    blend: list[tuple[float, str]] | None = None
     # Shares of each dataset's documents for train,valid,test (Megatron-LM's --split), e.g. "98,1,1".
     split: str = "100,0,0"
     # Separate validation data instead of a valid share of data.split: a prefix, or a weighted blend.
-    valid_path: Optional[str] = None
-    valid_blend: Optional[List[Tuple[float, str]]] = None
+    valid_path: str | None = None
+    valid_blend: list[tuple[float, str]] | None = None
     # Where megatron-core caches its document/sample/shuffle indices; None = <logging.dir>/data_cache.
-    cache_dir: Optional[str] = None
+    cache_dir: str | None = None
     eod_mask_loss: bool = False  # no loss on the prediction made at each EOD token (Megatron-LM's)
     # Restart positions / attention at each EOD inside a packed sample (Megatron-LM's flags). Refused:
     # the model's RoPE ignores position_ids and its attention is causal over the whole sample.
@@ -64,7 +63,7 @@ class DataConfig:
                               "RoPE from the position in the sample, never from position_ids; set it to false")
 
 
-def parse_split(text: str) -> List[float]:
+def parse_split(text: str) -> list[float]:
     """'98,1,1' -> [98.0, 1.0, 1.0] (missing shares are 0); RecipeError naming data.split otherwise."""
     parts = [p.strip() for p in str(text).split(",")]
     try:
@@ -77,7 +76,7 @@ def parse_split(text: str) -> List[float]:
     return shares + [0.0] * (3 - len(shares))
 
 
-def _check_blend(key: str, blend: Optional[List[Tuple[float, str]]]) -> None:
+def _check_blend(key: str, blend: list[tuple[float, str]] | None) -> None:
     if blend is None:
         return
     if not blend:

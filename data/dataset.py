@@ -17,7 +17,8 @@ data-parallel size) therefore reads samples c, c+1, … exactly as the uninterru
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy
 import torch
@@ -28,10 +29,16 @@ from data.config import parse_split
 SPLITS = ("train", "valid", "test")
 
 
+class Samples(Protocol):
+    """What the batch plan reads: sample i of a split, as megatron-core's GPTDataset gives it."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]: ...
+
+
 # ---- opening and checking one indexed dataset ---------------------------------------------------
 
 
-def open_indexed(prefix: str):
+def open_indexed(prefix: str) -> Any:
     """megatron-core's IndexedDataset, after checking what megatron would only assert or crash on later:
     both files exist, the .idx parses, and the .bin holds every token the .idx points to."""
     for path in (prefix + ".bin", prefix + ".idx"):
@@ -57,7 +64,7 @@ def open_indexed(prefix: str):
     return indexed
 
 
-def _check_bin_size(indexed, prefix: str) -> None:
+def _check_bin_size(indexed: Any, prefix: str) -> None:
     index = indexed.index
     expected = 0
     if len(index):
@@ -70,7 +77,7 @@ def _check_bin_size(indexed, prefix: str) -> None:
         )
 
 
-def check_vocabulary_fits(indexed, prefix: str, vocab_size: int) -> None:
+def check_vocabulary_fits(indexed: Any, prefix: str, vocab_size: int) -> None:
     """uint16 files cannot hold ids ≥ 65536: such a file was written for another tokenizer."""
     limit = numpy.iinfo(indexed.index.dtype).max + 1
     if vocab_size > limit:
@@ -101,11 +108,11 @@ class SourceSamples:
     the same windows in the order permutation_e, drawn from RandomState([seed, e]).
     """
 
-    def __init__(self, gpt_dataset, prefix: str, seed: int):
+    def __init__(self, gpt_dataset: Any, prefix: str, seed: int):
         self.gpt = gpt_dataset
         self.prefix = prefix
         self.seed = seed
-        self._permutations: Dict[int, numpy.ndarray] = {}
+        self._permutations: dict[int, numpy.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.gpt)
@@ -140,7 +147,7 @@ class BlendedSamples:
         self._source = numpy.zeros(0, dtype=numpy.int16)
         self._sample = numpy.zeros(0, dtype=numpy.int64)
 
-    def locate(self, i: int) -> Tuple[int, int]:
+    def locate(self, i: int) -> tuple[int, int]:
         """(source number, endless sample index in that source) of global sample i."""
         if i < 0:
             raise IndexError(f"sample index {i} is negative")
@@ -168,7 +175,7 @@ class BlendedSamples:
 # ---- building the splits ------------------------------------------------------------------------
 
 
-def blend_of(path: Optional[str], blend: Optional[Sequence[Tuple[float, str]]]) -> List[Tuple[float, str]]:
+def blend_of(path: str | None, blend: Sequence[tuple[float, str]] | None) -> list[tuple[float, str]]:
     """data.path / data.blend (or their valid_ twins) as one list of (weight, prefix)."""
     if blend is not None:
         return [(float(w), str(p)) for w, p in blend]
@@ -176,7 +183,7 @@ def blend_of(path: Optional[str], blend: Optional[Sequence[Tuple[float, str]]]) 
 
 
 def build_source_splits(prefix: str, split: str, seq_length: int, seed: int, eod: int,
-                        eod_mask_loss: bool, cache_dir: str, vocab_size: int) -> List[Optional[object]]:
+                        eod_mask_loss: bool, cache_dir: str, vocab_size: int) -> list[object | None]:
     """megatron-core GPTDatasets for the train/valid/test document ranges of one prefix (None: no share).
 
     Call on every rank at once when torch.distributed is initialized: rank 0 builds and caches the
@@ -225,7 +232,7 @@ def check_cache_files(folder: str) -> None:
                             f"code): delete the folder '{folder}' and it is built again")
 
 
-def _require_samples(dataset, prefix: str, split_name: str, split: str, seq_length: int) -> None:
+def _require_samples(dataset: Any, prefix: str, split_name: str, split: str, seq_length: int) -> None:
     if dataset is not None and len(dataset) > 0:
         return
     tokens = int(numpy.sum(dataset.dataset.sequence_lengths[dataset.indices])) if dataset is not None else 0
@@ -237,16 +244,16 @@ def _require_samples(dataset, prefix: str, split_name: str, split: str, seq_leng
     )
 
 
-def build_samples(train_blend: List[Tuple[float, str]], valid_blend: List[Tuple[float, str]], split: str,
+def build_samples(train_blend: list[tuple[float, str]], valid_blend: list[tuple[float, str]], split: str,
                   seq_length: int, seed: int, eod: int, eod_mask_loss: bool, cache_dir: str,
-                  vocab_size: int, with_test: bool = False) -> Dict[str, BlendedSamples]:
+                  vocab_size: int, with_test: bool = False) -> dict[str, BlendedSamples]:
     """{'train': …, 'valid': …, 'test': …} (valid only when there is validation data, test only when
     asked for). The train blend's datasets are split by document shares `split` (its test share is
     held out, and read only `with_test`); a non-empty `valid_blend` is used whole as the validation
     data instead of a valid share."""
     names = SPLITS if with_test else SPLITS[:2]
     jobs = [(train_blend, split)] + ([(valid_blend, "0,1,0")] if valid_blend else [])
-    per_split: Dict[str, List[Tuple[float, SourceSamples]]] = {}
+    per_split: dict[str, list[tuple[float, SourceSamples]]] = {}
     for blend, source_split in jobs:
         for weight, prefix in blend:
             datasets = build_source_splits(prefix, source_split, seq_length, seed, eod, eod_mask_loss,

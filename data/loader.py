@@ -15,13 +15,13 @@ the loader at the resumed step's first sample.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.errors import RecipeError
-from data.dataset import slice_for_context_parallel
+from data.dataset import Samples, slice_for_context_parallel
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -45,10 +45,10 @@ class BatchPlan:
                               f"{self.dp_size} = {per_step}")
 
     @classmethod
-    def of(cls, global_batch_size: int, micro_batch_size: int, dp_size: int) -> "BatchPlan":
+    def of(cls, global_batch_size: int, micro_batch_size: int, dp_size: int) -> BatchPlan:
         return cls(global_batch_size, micro_batch_size, dp_size)
 
-    def for_rank(self, dp_rank: int, cp_rank: int, cp_size: int) -> "BatchPlan":
+    def for_rank(self, dp_rank: int, cp_rank: int, cp_size: int) -> BatchPlan:
         return dataclasses.replace(self, dp_rank=dp_rank, cp_rank=cp_rank, cp_size=cp_size)
 
     @property
@@ -63,16 +63,16 @@ class BatchPlan:
         start = first + (micro_index * self.dp_size + self.dp_rank) * self.micro_batch_size
         return range(start, start + self.micro_batch_size)
 
-    def whole_batch(self, samples, first: int, micro_index: int) -> Dict[str, torch.Tensor]:
+    def whole_batch(self, samples: Samples, first: int, micro_index: int) -> dict[str, torch.Tensor]:
         """tokens/labels/loss_mask/position_ids [b, s] of this data-parallel rank's micro-batch."""
         items = [samples[i] for i in self.indices(first, micro_index)]
         return {key: torch.stack([item[key] for item in items]).contiguous() for key in BATCH_KEYS}  # [b, s]
 
-    def batch(self, samples, first: int, micro_index: int) -> Dict[str, torch.Tensor]:
+    def batch(self, samples: Samples, first: int, micro_index: int) -> dict[str, torch.Tensor]:
         """This rank's [b, s/cp] tensors of micro-batch `micro_index` of the global batch at `first`."""
         return slice_for_context_parallel(self.whole_batch(samples, first, micro_index), self.cp_rank, self.cp_size)
 
-    def step_batches(self, samples, first: int, device: torch.device) -> List[Dict[str, torch.Tensor]]:
+    def step_batches(self, samples: Samples, first: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
         """All of this rank's micro-batches of the global batch at sample `first`, on `device`."""
         return [{k: v.to(device) for k, v in self.batch(samples, first, m).items()} for m in range(self.micro_batches)]
 
@@ -80,7 +80,7 @@ class BatchPlan:
 class RankMicroBatches(Dataset):
     """`steps` steps of this rank's micro-batches, from the global batch that starts at sample `first`."""
 
-    def __init__(self, samples, plan: BatchPlan, first: int, steps: int):
+    def __init__(self, samples: Samples, plan: BatchPlan, first: int, steps: int):
         self.samples, self.plan, self.first, self.steps = samples, plan, first, steps
 
     def __len__(self) -> int:
@@ -98,20 +98,22 @@ class PrefetchingLoader:
     GPU); with `pin` the batches arrive in pinned memory and are copied to the device asynchronously.
     """
 
-    def __init__(self, samples, plan: BatchPlan, first: int, steps: int, workers: int, device: torch.device):
+    def __init__(self, samples: Samples, plan: BatchPlan, first: int, steps: int, workers: int,
+                 device: torch.device):
         self.plan, self.next_first, self.device = plan, first, device
         loader = DataLoader(
             RankMicroBatches(samples, plan, first, steps), batch_size=None, shuffle=False,
             num_workers=workers, pin_memory=device.type == "cuda",
             multiprocessing_context="fork" if workers else None,
         )
-        self._batches: Optional[object] = iter(loader)
+        self._batches: Iterator[dict[str, torch.Tensor]] | None = iter(loader)
 
-    def step_batches(self, first: int) -> List[dict]:
+    def step_batches(self, first: int) -> list[dict]:
         """The micro-batches of the global batch at sample `first`, which must be the next one in order."""
         if first != self.next_first:
             raise RuntimeError(f"data loader is at sample {self.next_first}, the step asked for sample {first}")
         self.next_first += self.plan.global_batch_size
+        assert self._batches is not None, "the loader was closed"
         return [{key: value.to(self.device, non_blocking=True) for key, value in next(self._batches).items()}
                 for _ in range(self.plan.micro_batches)]
 
@@ -124,11 +126,12 @@ class TrainBatches:
     """The training steps' micro-batches, in order from sample `first`: read ahead by `workers`
     processes, or built in this process when there are none."""
 
-    def __init__(self, samples, plan: BatchPlan, first: int, steps: int, workers: int, device: torch.device):
+    def __init__(self, samples: Samples, plan: BatchPlan, first: int, steps: int, workers: int,
+                 device: torch.device):
         self.samples, self.plan, self.device = samples, plan, device
         self.loader = PrefetchingLoader(samples, plan, first, steps, workers, device) if workers else None
 
-    def step(self, first: int) -> List[dict]:
+    def step(self, first: int) -> list[dict]:
         if self.loader is not None:
             return self.loader.step_batches(first)
         return self.plan.step_batches(self.samples, first, self.device)

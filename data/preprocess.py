@@ -7,7 +7,8 @@ import multiprocessing
 import os
 import sys
 import time
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy
 
@@ -21,7 +22,7 @@ from data.sources import (
     synthetic_documents,
     text_documents,
 )
-from data.tokenizer import ByteTokenizer, build_tokenizer
+from data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 from upstream.process import exit_quickly, prepare_process
 
 
@@ -43,7 +44,7 @@ def _indexed_dataset_builder():
 
 
 def write_indexed(
-    docs: Iterable[list[int]], prefix: str, vocab_size: int, eod: Optional[int] = None
+    docs: Iterable[list[int]], prefix: str, vocab_size: int, eod: int | None = None
 ) -> dict:
     """Write PREFIX.bin/.idx, one sequence per document with `eod` appended; return the counts.
 
@@ -80,7 +81,7 @@ def _with_eod(doc: list[int], eod: int, vocab_size: int, prefix: str) -> numpy.n
 # ---- quickstart: Python's own standard library as text -------------------------------------------
 
 
-def _read_stamp(prefix: str) -> Optional[dict]:
+def _read_stamp(prefix: str) -> dict | None:
     try:
         with open(prefix + ".json") as file:
             return json.load(file)
@@ -88,7 +89,7 @@ def _read_stamp(prefix: str) -> Optional[dict]:
         return None
 
 
-def _quickstart_is_current(prefix: str, max_bytes: int) -> Optional[dict]:
+def _quickstart_is_current(prefix: str, max_bytes: int) -> dict | None:
     """The stamp when PREFIX.bin/.idx were written for this max_bytes and still hold what it says."""
     stamp = _read_stamp(prefix)
     if not stamp or stamp.get("max_bytes") != max_bytes:
@@ -150,21 +151,23 @@ def _batches(texts: Iterable[str], size: int, characters: int = BATCH_CHARACTERS
 
 # Each pool worker receives the parent's tokenizer once (initializer; pickled, a HF tokenizer as its
 # JSON) and keeps it for its tasks: no worker reads a file or asks the hub again.
-_WORKER_TOKENIZER = None
+_WORKER_TOKENIZER: ByteTokenizer | HFTokenizer | None = None
 
 
-def _init_worker(tokenizer) -> None:
+def _init_worker(tokenizer: ByteTokenizer | HFTokenizer) -> None:
     global _WORKER_TOKENIZER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
     _WORKER_TOKENIZER = tokenizer
 
 
-def _tokenize_batch(texts: list[str], tokenizer=None) -> tuple[numpy.ndarray, numpy.ndarray]:
+def _tokenize_batch(texts: list[str], tokenizer: ByteTokenizer | HFTokenizer | None = None,
+                    ) -> tuple[numpy.ndarray, numpy.ndarray]:
     """(all ids of the batch with an EOD after each document, int64; per-document lengths).
 
     Documents without a single token are left out, as Megatron-LM's preprocess_data.py does: a
     lone EOD would only teach the model to follow EOD with EOD."""
     tokenizer = tokenizer or _WORKER_TOKENIZER
+    assert tokenizer is not None, "a pool worker's tokenizer comes from _init_worker"
     docs = [d for d in tokenizer.tokenize_batch(texts) if len(d)]
     lengths = numpy.fromiter((len(d) + 1 for d in docs), dtype=numpy.int64, count=len(docs))
     flat = numpy.empty(int(lengths.sum()), dtype=numpy.int64)
@@ -176,7 +179,8 @@ def _tokenize_batch(texts: list[str], tokenizer=None) -> tuple[numpy.ndarray, nu
 
 
 def tokenized_batches(texts: Iterable[str], tokenizer_name: str, workers: int, batch_size: int = BATCH_DOCUMENTS,
-                      tokenizer=None) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
+                      tokenizer: ByteTokenizer | HFTokenizer | None = None,
+                      ) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
     """Tokenized batches in input order; with workers > 1 a process pool, at most a few batches ahead.
     `tokenizer`, when given, is the one already built from `tokenizer_name` (a hub name is fetched
     once); the pool's processes get a copy of it."""
@@ -221,7 +225,8 @@ def write_batches(batches: Iterable[tuple[numpy.ndarray, numpy.ndarray]], prefix
     return stats
 
 
-def _add_batches(builder, batches, vocab_size: int, tokenizer_name: str, progress: bool) -> dict:
+def _add_batches(builder: Any, batches: Iterable[tuple[numpy.ndarray, numpy.ndarray]], vocab_size: int,
+                 tokenizer_name: str, progress: bool) -> dict:
     documents = tokens = 0
     with _progress_bar(progress) as bar:
         for flat, lengths in batches:
@@ -239,7 +244,7 @@ def _add_batches(builder, batches, vocab_size: int, tokenizer_name: str, progres
     return {"documents": documents, "tokens": tokens}
 
 
-def _progress_bar(enabled: bool):
+def _progress_bar(enabled: bool) -> Any:
     from tqdm import tqdm
 
     # disable=None: shown on a terminal only, so logs and captured stderr keep one-line errors
@@ -265,7 +270,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, path: str) -> str
 
 def build_text_corpus(
     patterns: list[str], prefix: str, tokenizer_name: str = "byte", text_key: str = "text",
-    workers: int = 1, train_vocab_size: Optional[int] = None, hub: Optional[tuple] = None,
+    workers: int = 1, train_vocab_size: int | None = None, hub: tuple | None = None,
     progress: bool = True,
 ) -> dict:
     """Tokenize the input documents (files and/or one hub dataset) and write PREFIX.bin/.idx.
@@ -340,7 +345,7 @@ def _run(args: argparse.Namespace) -> dict:
                              args.workers, args.train_tokenizer, hub)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Build one corpus and print a one-line summary; bad input → one line on stderr, exit 2."""
     args = _parser().parse_args(argv)
     prepare_process()

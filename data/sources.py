@@ -4,7 +4,8 @@ tests), and the user's files or a hub dataset streamed through Hugging Face `dat
 import glob
 import os
 import sysconfig
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy
 
@@ -27,7 +28,7 @@ SYNTHETIC_NOISE = 0.05
 def _stdlib_source_paths() -> list[str]:
     """Every *.py of the stdlib outside the skipped folders, sorted so the order is reproducible."""
     root = sysconfig.get_paths()["stdlib"]
-    paths = []
+    paths: list[str] = []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = [name for name in subfolders if name not in QUICKSTART_SKIP_DIRS]
         paths.extend(os.path.join(folder, name) for name in files if name.endswith(".py"))
@@ -98,7 +99,7 @@ def _builder_of(path: str) -> str:
     return "text"
 
 
-def input_streams(paths: list[str], hub_name: Optional[str] = None, hub_subset: Optional[str] = None,
+def input_streams(paths: list[str], hub_name: str | None = None, hub_subset: str | None = None,
                   hub_split: str = "train") -> Iterator[tuple[str, str, Iterable[dict]]]:
     """(name, builder, streaming rows) per input file, or for the one hub dataset asked for by name."""
     import datasets
@@ -119,7 +120,7 @@ def input_streams(paths: list[str], hub_name: Optional[str] = None, hub_subset: 
                                    **options)
 
 
-def _load(name: str, builder: str, *args, **kwargs):
+def _load(name: str, builder: str, *args: Any, **kwargs: Any) -> Any:
     import datasets
 
     try:

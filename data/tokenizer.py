@@ -1,9 +1,12 @@
 """Turn text into token ids and back: a built-in byte tokenizer or a local HF `tokenizer.json`."""
 
+from __future__ import annotations
+
 import os
+from collections.abc import Iterable
+from typing import Any
 
 import numpy
-from typing import Optional
 
 from common.errors import UserError
 
@@ -26,7 +29,7 @@ class ByteTokenizer:
     def tokenize_batch(self, texts: list[str]) -> list[numpy.ndarray]:
         return [numpy.frombuffer(text.encode("utf-8"), dtype=numpy.uint8) for text in texts]
 
-    def detokenize(self, ids) -> str:
+    def detokenize(self, ids: Iterable[int]) -> str:
         # EOD has no byte; dropping it keeps decode total instead of raising on a valid id.
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
@@ -34,7 +37,7 @@ class ByteTokenizer:
 class HFTokenizer:
     """A HuggingFace `tokenizers` tokenizer from a local JSON file (or, by name, the hub), behind the same interface."""
 
-    def __init__(self, json_path: str, hub_name: Optional[str] = None):
+    def __init__(self, json_path: str, hub_name: str | None = None):
         import tokenizers  # only paid for when a real tokenizer is asked for
 
         try:
@@ -63,11 +66,11 @@ class HFTokenizer:
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
 
-    def detokenize(self, ids) -> str:
+    def detokenize(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)
 
 
-def _find_eod(tokenizer, json_path: str) -> int:
+def _find_eod(tokenizer: Any, json_path: str) -> int:
     """The id of the first known end-of-document token the vocabulary holds."""
     for name in EOD_TOKEN_NAMES:
         token_id = tokenizer.token_to_id(name)
@@ -83,7 +86,7 @@ def _looks_like_a_path(name: str) -> bool:
             or name.count("/") > 1)
 
 
-def build_tokenizer(name: str):
+def build_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
     """'byte' → ByteTokenizer; a local tokenizer.json (or a folder holding one) → HFTokenizer;
     any other 'org/model' name → that tokenizer from the Hugging Face hub (downloaded once)."""
     if name == "byte":

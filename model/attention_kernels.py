@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from typing import Callable, NamedTuple, Optional, Tuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -25,17 +26,17 @@ class BlockKernels(NamedTuple):
     backward returns dk/dv per K/V head. Otherwise the ring hands it equal head counts.
     """
 
-    forward: Callable[[Tensor, Tensor, Tensor, bool, float], Tuple[Tensor, Tensor]]
-    backward: Callable[..., Tuple[Tensor, Tensor, Tensor]]
+    forward: Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
+    backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     gqa: bool = False
 
 
-def _causal_mask(sq: int, sk: int, device) -> Tensor:
+def _causal_mask(sq: int, sk: int, device: torch.device) -> Tensor:
     """True where a key is in the future of its query (masked); the standard lower triangle is kept."""
     return torch.ones(sq, sk, dtype=torch.bool, device=device).triu(1)
 
 
-def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
+def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     # [b, h, sq, d] x [b, h, sk, d] -> scores [b, h, sq, sk], one block only
     scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
     if causal:
@@ -45,7 +46,8 @@ def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float):
     return out.to(q.dtype), lse
 
 
-def _math_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+def _math_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
     qf, kf, vf, doutf = q.float(), k.float(), v.float(), dout.float()
     scores = torch.matmul(qf, kf.transpose(-2, -1)) * scale
     if causal:
@@ -60,13 +62,14 @@ def _math_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def _aten_cpu_forward(q, k, v, causal: bool, scale: float):
+def _aten_cpu_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     # Private aten op (torch 2.13 schema: q, k, v, dropout_p, is_causal, *, attn_mask, scale).
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
     return out, lse
 
 
-def _aten_cpu_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+def _aten_cpu_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         dout, q, k, v, out, lse, 0.0, causal, scale=scale)
 
@@ -75,13 +78,14 @@ def _aten_cpu_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
 # compared it with plain math on this device, dtype and head size (see _backend_for).
 
 
-def _cuda_flash_forward(q, k, v, causal: bool, scale: float):
+def _cuda_flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     # torch's flash kernel (fp16/bf16, sm80+): lse [b, h, sq] fp32
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
     return out, lse
 
 
-def _cuda_flash_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+def _cuda_flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
     # cum_seq None = not variable-length; the rng tensors are read only under dropout
     no_rng = torch.empty((), dtype=torch.int64, device=q.device)
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
@@ -92,14 +96,15 @@ def _cuda_flash_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
 _EFFICIENT_LSE_ALIGN = 32  # torch's memory-efficient kernel pads its lse rows to a multiple of this
 
 
-def _cuda_efficient_forward(q, k, v, causal: bool, scale: float):
+def _cuda_efficient_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     # torch's memory-efficient kernel (also fp32): its lse [b, h, sq padded] is trimmed to sq
     out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
                                                                       scale=scale)[:2]
     return out, lse[..., :q.size(2)]
 
 
-def _cuda_efficient_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+def _cuda_efficient_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
     rows = q.size(2)
     padded = -(-rows // _EFFICIENT_LSE_ALIGN) * _EFFICIENT_LSE_ALIGN
     lse = torch.nn.functional.pad(lse.float(), (0, padded - rows)).contiguous()
@@ -111,7 +116,7 @@ def _cuda_efficient_backward(dout, q, k, v, out, lse, causal: bool, scale: float
     return dq, dk, dv
 
 
-def _flash_attn_forward(q, k, v, causal: bool, scale: float):
+def _flash_attn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     # flash-attn >= 2.6 works in [b, s, h, d] and returns softmax_lse [b, h, sq] fp32
     from flash_attn import flash_attn_func
 
@@ -120,7 +125,8 @@ def _flash_attn_forward(q, k, v, causal: bool, scale: float):
     return out.transpose(1, 2), lse
 
 
-def _flash_attn_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+def _flash_attn_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+              scale: float) -> tuple[Tensor, Tensor, Tensor]:
     from flash_attn.flash_attn_interface import _flash_attn_backward
 
     dout_, q_, k_, v_, out_ = (t.transpose(1, 2).contiguous() for t in (dout, q, k, v, out))
@@ -162,7 +168,7 @@ CANDIDATES = {
 _PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
 
 
-def _verify(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> Optional[str]:
+def _verify(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
     """None when backend `name` gives math's out, lse, dq, dk, dv on a small problem, else what differs.
 
     The problem has the ring's block shapes and layout: a causal diagonal block and an unmasked
@@ -188,8 +194,8 @@ def _verify(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) 
         try:
             out, lse = kernels.forward(q, k, v, causal, scale)
             got = (out, lse) + tuple(kernels.backward(dout, q, k, v, out, lse, causal, scale))
-        except (RuntimeError, NotImplementedError, TypeError, ValueError) as error:
-            return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        except (RuntimeError, NotImplementedError, TypeError, ValueError) as failure:
+            return f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}"
         for label, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
             if a.shape != b.shape:
                 return f"{label} has shape {tuple(a.shape)}, math {tuple(b.shape)}"
@@ -200,7 +206,7 @@ def _verify(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) 
     return None
 
 
-def _math_reference(q, k, v, dout, causal: bool, scale: float) -> Tuple[Tensor, ...]:
+def _math_reference(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, causal: bool, scale: float) -> tuple[Tensor, ...]:
     """out, lse, dq, dk, dv in fp32 plain math (float64 tensors), K/V heads shared by query heads."""
     rep = q.size(1) // k.size(1)
     q, dout = q.double(), dout.double()
@@ -210,7 +216,7 @@ def _math_reference(q, k, v, dout, causal: bool, scale: float) -> Tuple[Tensor, 
     return out, lse, dq, reduce_heads(dk, rep).double(), reduce_heads(dv, rep).double()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _backend_for(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
     """Chosen once per (device type, dtype, head size): the first candidate that runs and agrees with
     plain math on a probe (_verify), else plain math. A candidate that fails is named in a warning."""
@@ -223,7 +229,7 @@ def _backend_for(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
         if problem is None:
             return name
         warnings.warn(f"ring attention: not using the {name} kernels for {dtype}, head size {head_dim} on "
-                      f"{device_type}: {problem}; trying the next")
+                      f"{device_type}: {problem}; trying the next", stacklevel=2)
     return "math"
 
 
@@ -232,14 +238,15 @@ def select_backend(t: Tensor) -> str:
     return _backend_for(t.device.type, t.dtype, t.size(-1))
 
 
-def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     """Attention of one block: q [b, h, sq, d], k/v [b, h, sk, d] -> out [b, h, sq, d], lse [b, h, sq]
     in the accumulation dtype (fp32; fp64 for fp64 inputs)."""
     out, lse = BACKENDS[select_backend(q)].forward(q, k, v, causal, scale)
     return out, lse.to(accumulation_dtype(q))
 
 
-def block_backward(dout, q, k, v, out, lse, causal: bool, scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+def block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one block given the FINAL (merged) out and lse of its query rows: (dq, dk, dv)."""
     return BACKENDS[select_backend(q)].backward(dout, q, k, v, out, lse, causal, scale)
 

@@ -4,7 +4,7 @@ against the parallel layout."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import Literal
 
 from common.errors import RecipeError
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
@@ -15,10 +15,10 @@ from parallel.config import ParallelConfig
 class MoeConfig:
     """Mixture of experts in place of the MLP (megatron-core's MoELayer); num_experts: null = dense."""
 
-    num_experts: Optional[PositiveInt] = None  # routed experts per MoE layer; null = a dense model
+    num_experts: PositiveInt | None = None  # routed experts per MoE layer; null = a dense model
     top_k: PositiveInt = 2  # experts per token
-    ffn_hidden_size: Optional[PositiveInt] = None  # SwiGLU inner size of one expert; null = model.ffn_hidden_size
-    shared_expert_ffn_hidden_size: Optional[PositiveInt] = None  # inner size of all shared experts together; null = none
+    ffn_hidden_size: PositiveInt | None = None  # SwiGLU inner size of one expert; null = model.ffn_hidden_size
+    shared_expert_ffn_hidden_size: PositiveInt | None = None  # inner size of all shared experts together; null = none
     layer_freq: PositiveInt = 1  # every N-th layer is MoE (1 = all), counted after first_dense_layers
     first_dense_layers: NonNegativeInt = 0  # leading dense layers (DeepSeek's first_k_dense_replace)
     score_function: Literal["softmax", "sigmoid"] = "softmax"  # router scores
@@ -29,7 +29,7 @@ class MoeConfig:
     z_loss_coeff: NonNegativeFloat = 0.0  # weight of the router z-loss (logit size); 0 = off
     expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3): a routing bias nudged each step
     bias_update_rate: NonNegativeFloat = 1e-3  # expert-bias step size, per optimizer step
-    capacity_factor: Optional[PositiveFloat] = None  # tokens an expert takes, x its fair share; null = dropless
+    capacity_factor: PositiveFloat | None = None  # tokens an expert takes, x its fair share; null = dropless
     drop_policy: Literal["probs", "position"] = "probs"  # over capacity, drop the lowest-probability or latest
     pad_to_capacity: bool = False  # pad every expert's input to its capacity (needs capacity_factor)
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # how tokens reach expert-parallel ranks
@@ -44,8 +44,8 @@ class ModelConfig:
     hidden_size: PositiveInt = 64
     ffn_hidden_size: PositiveInt = 176  # SwiGLU inner size
     num_attention_heads: PositiveInt = 4
-    num_query_groups: Optional[PositiveInt] = None  # None = same as heads (MHA); < heads = grouped-query attention
-    vocab_size: Optional[PositiveInt] = None  # None = the tokenizer's vocabulary (data.tokenizer); padded later
+    num_query_groups: PositiveInt | None = None  # None = same as heads (MHA); < heads = grouped-query attention
+    vocab_size: PositiveInt | None = None  # None = the tokenizer's vocabulary (data.tokenizer); padded later
     make_vocab_size_divisible_by: PositiveInt = 128  # padding multiple (times parallel.tensor), as Megatron-LM
     seq_length: PositiveInt = 128  # tokens per sample
     rotary_base: PositiveFloat = 10000.0  # RoPE theta
@@ -121,7 +121,7 @@ def _check_uneven_pipeline(p: ParallelConfig, layers: int) -> None:
             f"stage(s): they must split evenly, at least one layer each")
 
 
-def moe_layer_pattern(model: ModelConfig) -> List[bool]:
+def moe_layer_pattern(model: ModelConfig) -> list[bool]:
     """Which layers are MoE: none for a dense model; else after `first_dense_layers`, every `layer_freq`-th."""
     moe = model.moe
     if moe.num_experts is None:

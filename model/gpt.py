@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,10 @@ import torch.nn.functional as F
 from common.errors import UserError
 from model.config import ModelConfig, moe_layer_pattern
 from parallel.layout import Layout
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -41,7 +45,7 @@ def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def transformer_config(model: ModelConfig, build: ModelBuild):
+def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConfig:
     """A megatron-core TransformerConfig for a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA, MoE)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -94,7 +98,8 @@ def transformer_config(model: ModelConfig, build: ModelBuild):
     )
 
 
-def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None, init_seed: int = 0):
+def layer_spec(model: ModelConfig, config: TransformerConfig, vp_stage: int | None = None,
+               init_seed: int = 0) -> Any:
     """The transformer block spec: our local layers, or transformer-engine's when asked for."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -115,7 +120,7 @@ def layer_spec(model: ModelConfig, config, vp_stage: Optional[int] = None, init_
         layer_specs=[moe if is_moe else dense for is_moe in pattern], layer_norm=RMSNorm)
 
 
-def _local_layer_spec(config, init_seed: int, num_experts: Optional[int]):
+def _local_layer_spec(config: TransformerConfig, init_seed: int, num_experts: int | None) -> ModuleSpec:
     """megatron-core's local layer with our seeded layer, RMSNorm, SDPA/ring attention and experts."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -142,7 +147,7 @@ def _local_layer_spec(config, init_seed: int, num_experts: Optional[int]):
     return spec
 
 
-def _te_layer_spec(config, vp_stage: Optional[int]):
+def _te_layer_spec(config: TransformerConfig, vp_stage: int | None) -> Any:
     try:
         import transformer_engine  # noqa: F401
     except ImportError:
@@ -163,7 +168,7 @@ def _te_layer_spec(config, vp_stage: Optional[int]):
 
 
 def build_model_chunks(model: ModelConfig, build: ModelBuild, vocab_size: int,
-                       groups: Optional[Any] = None) -> List[torch.nn.Module]:
+                       groups: Any | None = None) -> list[torch.nn.Module]:
     """One GPTModel per virtual pipeline stage held by this rank (one chunk without interleaving).
 
     `groups`: megatron-core's ProcessGroupCollection for `build.layout` (default: the one
@@ -202,7 +207,7 @@ def build_model_chunks(model: ModelConfig, build: ModelBuild, vocab_size: int,
 
 
 def build_model(model: ModelConfig, build: ModelBuild, vocab_size: int, device: torch.device,
-                groups: Any) -> List[torch.nn.Module]:
+                groups: Any) -> list[torch.nn.Module]:
     """This rank's model chunks on `device` in the training precision (bf16/fp16 inside megatron-core's
     Float16Module), initialized from `build.init_seed` as at every other layout."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -229,8 +234,8 @@ class ParameterCount:
     active: int  # what one token passes through: top_k routed experts (+ shared); = total when dense
 
 
-def layer_parameters(model: ModelConfig, is_moe: bool, tensor: int = 1, expert_tensor: Optional[int] = None,
-                     experts: Optional[int] = None) -> int:
+def layer_parameters(model: ModelConfig, is_moe: bool, tensor: int = 1, expert_tensor: int | None = None,
+                     experts: int | None = None) -> int:
     """One decoder layer's parameters on one rank (no split: the whole layer).
 
     `tensor` splits attention and dense/shared MLPs (column-parallel biases too; row-parallel
@@ -252,6 +257,7 @@ def layer_parameters(model: ModelConfig, is_moe: bool, tensor: int = 1, expert_t
         return attention + mlp(model.ffn_hidden_size, tensor) + norms
     expert = mlp(moe.ffn_hidden_size or model.ffn_hidden_size, expert_tensor or tensor)
     shared = mlp(moe.shared_expert_ffn_hidden_size, tensor) if moe.shared_expert_ffn_hidden_size else 0
+    assert moe.num_experts is not None, "an MoE layer needs model.moe.num_experts"
     router = moe.num_experts * (h + bias)
     routed = moe.num_experts if experts is None else experts
     return attention + routed * expert + shared + router + norms

@@ -16,12 +16,12 @@ Layout facts the mapping rests on:
 
 from __future__ import annotations
 
-from typing import Dict, Iterator, Mapping, Tuple
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from model.config import ModelConfig, MoeConfig, moe_layer_pattern
 from common.errors import UserError
+from model.config import ModelConfig, MoeConfig, moe_layer_pattern
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}
 
@@ -100,20 +100,20 @@ def _check_exportable(model: ModelConfig) -> None:
         raise UserError(f"cannot express {', '.join(problems)} as Llama or Mixtral")
 
 
-def _qkv_dims(model: ModelConfig) -> Tuple[int, int, int]:
+def _qkv_dims(model: ModelConfig) -> tuple[int, int, int]:
     heads = model.num_attention_heads
     groups = model.num_query_groups or heads
     return heads, groups, model.hidden_size // heads
 
 
-def _layer_names(i: int) -> Iterator[Tuple[str, str]]:
+def _layer_names(i: int) -> Iterator[tuple[str, str]]:
     """(ours, HF) for the per-layer tensors that map one to one."""
     yield f"decoder.layers.{i}.input_layernorm.weight", f"model.layers.{i}.input_layernorm.weight"
     yield f"decoder.layers.{i}.pre_mlp_layernorm.weight", f"model.layers.{i}.post_attention_layernorm.weight"
     yield f"decoder.layers.{i}.self_attention.linear_proj.weight", f"model.layers.{i}.self_attn.o_proj.weight"
 
 
-def hf_to_ours(hf: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab: int) -> Dict[str, torch.Tensor]:
+def hf_to_ours(hf: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
     """Our state dict (TP=PP=EP=1 names) from HF tensors; a missing HF tensor is a UserError."""
     get = _getter(hf)
     heads, groups, d = _qkv_dims(model)
@@ -137,7 +137,7 @@ def hf_to_ours(hf: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab:
             continue
         moe = f"model.layers.{i}.block_sparse_moe"
         out[f"decoder.layers.{i}.mlp.router.weight"] = get(f"{moe}.gate.weight")
-        for e in range(model.moe.num_experts):
+        for e in range(model.moe.num_experts or 0):
             ours = f"decoder.layers.{i}.mlp.experts.local_experts.{e}"
             out[f"{ours}.linear_fc1.weight"] = torch.cat(
                 [get(f"{moe}.experts.{e}.w1.weight"), get(f"{moe}.experts.{e}.w3.weight")])
@@ -145,7 +145,7 @@ def hf_to_ours(hf: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab:
     return out
 
 
-def ours_to_hf(ours: Mapping[str, torch.Tensor], model: ModelConfig, vocab_size: int) -> Dict[str, torch.Tensor]:
+def ours_to_hf(ours: Mapping[str, torch.Tensor], model: ModelConfig, vocab_size: int) -> dict[str, torch.Tensor]:
     """HF tensors from our state dict (TP=PP=EP=1 names); the inverse of hf_to_ours."""
     _check_exportable(model)
     heads, groups, d = _qkv_dims(model)
@@ -170,7 +170,7 @@ def ours_to_hf(ours: Mapping[str, torch.Tensor], model: ModelConfig, vocab_size:
             continue
         moe = f"model.layers.{i}.block_sparse_moe"
         out[f"{moe}.gate.weight"] = ours[f"decoder.layers.{i}.mlp.router.weight"]
-        for e in range(model.moe.num_experts):
+        for e in range(model.moe.num_experts or 0):
             mine = f"decoder.layers.{i}.mlp.experts.local_experts.{e}"
             w1, w3 = ours[f"{mine}.linear_fc1.weight"].chunk(2)
             out[f"{moe}.experts.{e}.w1.weight"], out[f"{moe}.experts.{e}.w3.weight"] = w1, w3
@@ -178,7 +178,7 @@ def ours_to_hf(ours: Mapping[str, torch.Tensor], model: ModelConfig, vocab_size:
     return {name: t.contiguous() for name, t in out.items()}
 
 
-def _getter(hf: Mapping[str, torch.Tensor]):
+def _getter(hf: Mapping[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
     def get(name: str) -> torch.Tensor:
         if name not in hf:
             raise UserError(f"Hugging Face checkpoint has no tensor '{name}'")

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
     get_transformer_layer_offset,
@@ -21,7 +24,7 @@ class SDPAttention(DotProductAttention):
     SDPA call, so attention memory is linear in the sequence length.
     """
 
-    def __init__(self, config, *args, **kwargs):
+    def __init__(self, config: TransformerConfig, *args: Any, **kwargs: Any):
         if config.apply_query_key_layer_scaling:
             # Upstream divides softmax_scale by the layer number and multiplies it back inside
             # its fused softmax; one SDPA call (or one ring) has no such second half.
@@ -34,17 +37,17 @@ class SDPAttention(DotProductAttention):
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask,
-        attn_mask_type=None,
-        attention_bias=None,
-        packed_seq_params=None,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: object = None,
     ) -> torch.Tensor:
         self._check_call(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         # [s, b, np, hn] -> [b, np, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout = self.attention_dropout.p if self.training else 0.0
         group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        attend = lambda: F.scaled_dot_product_attention(  # noqa: E731
+        attend = lambda: F.scaled_dot_product_attention(
             q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale,
             enable_gqa=group > 1,
         )
@@ -56,7 +59,8 @@ class SDPAttention(DotProductAttention):
             context = attend()
         return self._to_hidden(context)
 
-    def _check_call(self, attention_mask, attn_mask_type, attention_bias, packed_seq_params) -> None:
+    def _check_call(self, attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None,
+                    attention_bias: torch.Tensor | None, packed_seq_params: object) -> None:
         """Causal self-attention only: megatron passes no mask tensor for it in the local spec."""
         name = type(self).__name__
         if packed_seq_params is not None or attention_bias is not None:
@@ -80,9 +84,9 @@ class RMSNorm(torch.nn.RMSNorm):
     WrappedTorchNorm refuses sequence parallelism outright: transformer/torch_norm.py:32).
     """
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused: Any):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
-        setattr(self.weight, "sequence_parallel", config.sequence_parallel)
+        self.weight.sequence_parallel = config.sequence_parallel  # type: ignore[attr-defined]
 
 
 class SeededTransformerLayer(TransformerLayer):
@@ -95,8 +99,8 @@ class SeededTransformerLayer(TransformerLayer):
     sizes; tensor parallelism is already invariant through CPU initialization of full weights.
     """
 
-    def __init__(self, config, submodules, layer_number: int = 1, *args, init_seed: int = 0,
-                 vp_stage=None, **kwargs):
+    def __init__(self, config: TransformerConfig, submodules: Any, layer_number: int = 1, *args: Any,
+                 init_seed: int = 0, vp_stage: int | None = None, **kwargs: Any):
         offset = get_transformer_layer_offset(config, vp_stage)
         torch.manual_seed(derive_seed(init_seed, layer_number + offset))
         super().__init__(config, submodules, layer_number, *args, vp_stage=vp_stage, **kwargs)

@@ -3,7 +3,7 @@ routing statistics for metrics. Parameter counts (total vs active) are in model/
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Any
 
 import torch
 from megatron.core.tensor_parallel import RowParallelLinear
@@ -11,8 +11,8 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.router import TopKRouter
 
-from model.layers import derive_seed
 from model.config import ModelConfig, moe_layer_pattern
+from model.layers import derive_seed
 
 
 def transformer_config_fields(model: ModelConfig, expert_tensor: int, precision: str) -> dict:
@@ -110,7 +110,7 @@ class RoutingStats:
         self.load = torch.zeros(num_layers, num_experts, dtype=torch.float64)
         self.routed = torch.zeros(num_layers, dtype=torch.float64)  # token-expert pairs before dropping
 
-    def attach(self, chunks) -> int:
+    def attach(self, chunks: list[torch.nn.Module]) -> int:
         """Hooks every router in `chunks`; returns how many were found."""
         count = 0
         for chunk in chunks:
@@ -120,7 +120,7 @@ class RoutingStats:
                     count += 1
         return count
 
-    def _hook(self, router, inputs, outputs) -> None:
+    def _hook(self, router: TopKRouter, inputs: Any, outputs: tuple[torch.Tensor, torch.Tensor]) -> None:
         if not (router.training and torch.is_grad_enabled()):
             return  # evaluation, or recomputation in a backward pass
         probs, routing_map = outputs
@@ -141,7 +141,7 @@ class RoutingStats:
         return {"load": packed[:, :-1], "routed": packed[:, -1]}
 
 
-def load_metrics(load: torch.Tensor, routed: torch.Tensor, moe_layers: List[int]) -> Dict[str, object]:
+def load_metrics(load: torch.Tensor, routed: torch.Tensor, moe_layers: list[int]) -> dict[str, object]:
     """metrics.jsonl fields from global counts: per-layer fractions, imbalance and dropped share.
 
     `load[l, e]` = tokens expert e of layer l processed; `routed[l]` = token-expert pairs the
@@ -149,7 +149,7 @@ def load_metrics(load: torch.Tensor, routed: torch.Tensor, moe_layers: List[int]
     variation (std/mean) of the per-expert counts, per layer (`moe_load_cv_by_layer`) and for the
     worst layer (`moe_load_cv`, `moe_load_max_over_mean`).
     """
-    out: Dict[str, object] = {}
+    out: dict[str, object] = {}
     fractions, max_over_mean, cv = {}, [], []
     for layer in moe_layers:
         counts = load[layer]
@@ -169,7 +169,7 @@ def load_metrics(load: torch.Tensor, routed: torch.Tensor, moe_layers: List[int]
     return out
 
 
-def expert_bias_range(chunks) -> Optional[List[float]]:
+def expert_bias_range(chunks: list[torch.nn.Module]) -> list[float] | None:
     """[min, max] of the aux-loss-free routing biases this rank holds; None without expert bias."""
     biases = [m.expert_bias for c in chunks for m in c.modules()
               if isinstance(m, TopKRouter) and m.expert_bias is not None]
@@ -192,8 +192,9 @@ _TRACKED_LOSSES = {
 class MoeMonitor:
     """Per-step MoE metrics: balancing losses, expert load, dropped tokens, expert-bias range."""
 
-    def __init__(self, model: ModelConfig, chunks):
+    def __init__(self, model: ModelConfig, chunks: list[torch.nn.Module]):
         moe = model.moe
+        assert moe.num_experts is not None, "MoeMonitor is for models with experts"
         self.moe_layers = [i for i, is_moe in enumerate(moe_layer_pattern(model)) if is_moe]
         self.num_layers = model.num_layers
         self.stats = RoutingStats(model.num_layers, moe.num_experts, moe.top_k, moe.pad_to_capacity)
@@ -219,7 +220,8 @@ class MoeMonitor:
             out["moe_expert_bias_min"], out["moe_expert_bias_max"] = bias
         return out
 
-    def _tracked_losses(self, device, micro_batches, data_parallel, ranks_per_stage) -> dict:
+    def _tracked_losses(self, device: torch.device, micro_batches: int, data_parallel: int,
+                        ranks_per_stage: int) -> dict:
         from megatron.core.transformer.moe.moe_utils import (
             clear_aux_losses_tracker,
             get_moe_layer_wise_logging_tracker,
@@ -240,7 +242,7 @@ class MoeMonitor:
             out[metric] = float(row[self.moe_layers].mean()) / (micro_batches * ranks)
         return out
 
-    def _global_bias_range(self, device) -> Optional[List[float]]:
+    def _global_bias_range(self, device: torch.device) -> list[float] | None:
         if not self.expert_bias:
             return None
         low, high = expert_bias_range(self.chunks) or [float("inf"), float("-inf")]  # a stage without MoE

@@ -10,12 +10,14 @@ rule. Scores exist only for one block at a time ([s/cp, s/cp]), never for the wh
 from __future__ import annotations
 
 import copy
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from model.attention_kernels import (
     BACKENDS,
@@ -42,12 +44,12 @@ class _Ring(NamedTuple):
     prev: int  # global rank of (rank - 1) mod size
 
     @classmethod
-    def of(cls, group) -> "_Ring":
+    def of(cls, group: dist.ProcessGroup) -> _Ring:
         ranks = dist.get_process_group_ranks(group)
         rank, size = dist.get_rank(group), len(ranks)
         return cls(group, rank, size, ranks[(rank + 1) % size], ranks[(rank - 1) % size])
 
-    def shift(self, tensors: Tuple[Tensor, ...], tags: Tuple[int, ...]) -> "_Transfer":
+    def shift(self, tensors: tuple[Tensor, ...], tags: tuple[int, ...]) -> _Transfer:
         """Posts send(each dense tensor → next) and recv(← prev), one message per tensor and tag."""
         incoming = tuple(torch.empty_like(t) for t in tensors)  # same strides as t (dense)
         sends = [lambda t=t, tag=tag: dist.isend(_message(t), self.next, group=self.group, tag=tag)
@@ -60,11 +62,11 @@ class _Ring(NamedTuple):
 
 
 class _Transfer(NamedTuple):
-    works: List
-    incoming: Tuple[Tensor, ...]  # what the recvs fill, laid out like the tensors sent
+    works: list
+    incoming: tuple[Tensor, ...]  # what the recvs fill, laid out like the tensors sent
     # The tensors sent stay referenced until _arrive, as a send may read them until then; so every
     # backend holds the same memory, also the no-op one the benchmark simulates a ring with.
-    sent: Tuple[Tensor, ...]
+    sent: tuple[Tensor, ...]
 
 
 def _dense(t: Tensor) -> Tensor:
@@ -79,7 +81,7 @@ def _dense(t: Tensor) -> Tensor:
     return t.permute(order).contiguous().permute([order.index(dim) for dim in range(t.dim())])
 
 
-def _stride_order(t: Tensor) -> List[int]:
+def _stride_order(t: Tensor) -> list[int]:
     return sorted(range(t.dim()), key=t.stride, reverse=True)
 
 
@@ -88,13 +90,15 @@ def _message(t: Tensor) -> Tensor:
     return t.permute(_stride_order(t))
 
 
-def _arrive(pending: _Transfer) -> Tuple[Tensor, ...]:
+def _arrive(pending: _Transfer) -> tuple[Tensor, Tensor]:
+    """The pair of tensors a shift of two (K and V, or dK and dV) brought in, once received."""
     for work in pending.works:
         work.wait()
-    return pending.incoming
+    first, second = pending.incoming
+    return first, second
 
 
-def _step_blocks(step: int, rank: int, size: int, half: int) -> Tuple[Tuple[slice, slice, bool], ...]:
+def _step_blocks(step: int, rank: int, size: int, half: int) -> tuple[tuple[slice, slice, bool], ...]:
     """The (query rows, key rows, causal) pieces computed at ring `step`, against the K/V of CP rank
     (rank − step) mod size: the causal diagonal at step 0 (its results start the accumulators),
     after that the two quarter-blocks [one chunk of ours × one chunk of its] not fully masked, one
@@ -141,7 +145,7 @@ def _heads_plan(q: Tensor, k: Tensor, causal: bool) -> str:
     return "expand" if causal else "fold"
 
 
-def _block_kv(kv: Tuple[Tensor, Tensor], cols: slice, rep: int, expand: bool) -> Tuple[Tensor, Tensor]:
+def _block_kv(kv: tuple[Tensor, Tensor], cols: slice, rep: int, expand: bool) -> tuple[Tensor, Tensor]:
     # k, v [b, ng, s/cp, hn] -> [b, ng, keys, hn] (or [b, np, keys, hn], copied per query head)
     k, v = kv[0][:, :, cols], kv[1][:, :, cols]
     if expand:
@@ -149,7 +153,8 @@ def _block_kv(kv: Tuple[Tensor, Tensor], cols: slice, rep: int, expand: bool) ->
     return k, v
 
 
-def _attend_block(q: Tensor, kv: Tuple[Tensor, Tensor], rows: slice, cols: slice, causal: bool, scale: float):
+def _attend_block(q: Tensor, kv: tuple[Tensor, Tensor], rows: slice, cols: slice, causal: bool,
+                  scale: float) -> tuple[Tensor, Tensor]:
     """(out, lse) of query rows `rows` against key rows `cols` of kv = (k, v), per query head."""
     rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv[0], causal)
     k, v = _block_kv(kv, cols, rep, expand=plan == "expand")
@@ -159,12 +164,13 @@ def _attend_block(q: Tensor, kv: Tuple[Tensor, Tensor], rows: slice, cols: slice
     return _unfold(out, rep), _unfold(lse, rep)
 
 
-def _grad_block(dout, q, kv, out, lse, rows: slice, cols: slice, causal: bool, scale: float):
+def _grad_block(dout: Tensor, q: Tensor, kv: tuple[Tensor, Tensor], out: Tensor, lse: Tensor, rows: slice,
+                cols: slice, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """(dq [b, np, rows, hn], dk and dv [b, ng, keys, hn]) of one block, given the final out and lse."""
     rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv[0], causal)
     k, v = _block_kv(kv, cols, rep, expand=plan == "expand")
     if plan == "fold":
-        fold = lambda t: _fold(t[:, :, rows], rep)  # noqa: E731
+        fold = lambda t: _fold(t[:, :, rows], rep)
         dq, dk, dv = block_backward(fold(dout), fold(q), k, v, fold(out), fold(lse), False, scale)
         return _unfold(dq, rep), dk, dv
     dq, dk, dv = block_backward(dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows],
@@ -192,29 +198,31 @@ def _accumulator_like(t: Tensor, like: Tensor) -> Tensor:
     return torch.empty_like(like, dtype=dtype).copy_(t)
 
 
-def _ring_forward(q: Tensor, kv: Tuple[Tensor, Tensor], ring: _Ring, scale: float) -> Tuple[Tensor, Tensor]:
+def _ring_forward(q: Tensor, kv: tuple[Tensor, Tensor], ring: _Ring, scale: float) -> tuple[Tensor, Tensor]:
     """q [b, np, s/cp, hn], kv = (k, v) [b, ng, s/cp, hn] -> out [b, np, s/cp, hn], lse [b, np, s/cp],
     both in the accumulation dtype."""
     half = q.size(2) // 2
-    out = lse = None
+    out: Tensor | None = None
+    lse: Tensor | None = None
     for step in range(ring.size):
         # send next: the block we hold moves on while we compute with it
         pending = ring.shift(kv, (_K_TAG, _V_TAG)) if step < ring.size - 1 else None
         # compute current, merge (step 0 is the causal diagonal: every query row sees at least itself)
         for rows, cols, causal in _step_blocks(step, ring.rank, ring.size, half):
             block_out, block_lse = _attend_block(q, kv, rows, cols, causal, scale)
-            if out is None:
+            if out is None or lse is None:
                 out, lse = _accumulator_like(block_out, q), block_lse
             else:
                 _merge(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
             del block_out, block_lse  # freed before the next kernel allocates its own
         if pending is not None:
             kv = _arrive(pending)
+    assert out is not None and lse is not None  # ring.size >= 1: step 0 always runs
     return out, lse
 
 
-def _ring_backward(dout, q, kv: Tuple[Tensor, Tensor], out, lse, ring: _Ring,
-                   scale: float) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+def _ring_backward(dout: Tensor, q: Tensor, kv: tuple[Tensor, Tensor], out: Tensor, lse: Tensor, ring: _Ring,
+                   scale: float) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """-> dq [b, np, s/cp, hn], (dk, dv) [b, ng, s/cp, hn] for this rank's own K/V, in the
     accumulation dtype.
 
@@ -222,29 +230,34 @@ def _ring_backward(dout, q, kv: Tuple[Tensor, Tensor], out, lse, ring: _Ring,
     and passes it on; after cp hops it is back at rank j, complete.
     """
     half = q.size(2) // 2
-    dq = dkv_pending = None
+    dq: Tensor | None = None
+    dkv_pending: _Transfer | None = None
     for step in range(ring.size):
         # send next: K/V for the following step
         kv_pending = ring.shift(kv, (_K_TAG, _V_TAG)) if step < ring.size - 1 else None
         # compute current: this block's share of dq (local) and of dk/dv (travelling)
-        dk = dv = None
+        dk: Tensor | None = None
+        dv: Tensor | None = None
         for rows, cols, causal in _step_blocks(step, ring.rank, ring.size, half):
             dq_block, dk_block, dv_block = _grad_block(dout, q, kv, out, lse, rows, cols, causal, scale)
             if dq is None:  # step 0, the causal diagonal: every query row, our own block's keys
                 dq = _accumulator_like(dq_block, q)
                 dk, dv = _accumulator_like(dk_block, kv[0]), _accumulator_like(dv_block, kv[1])
             else:
-                if dk is None:  # the accumulators that previous ranks built for this block
+                if dk is None or dv is None:  # the accumulators that previous ranks built for this block
+                    assert dkv_pending is not None
                     dk, dv = _arrive(dkv_pending)
                 dq[:, :, rows] += dq_block
                 dk[:, :, cols] += dk_block
                 dv[:, :, cols] += dv_block
             del dq_block, dk_block, dv_block  # freed before the next kernel allocates its own
         # pass the accumulators on
+        assert dk is not None and dv is not None
         if ring.size > 1:
             dkv_pending = ring.shift((dk, dv), (_DK_TAG, _DV_TAG))
         if kv_pending is not None:
             kv = _arrive(kv_pending)
+    assert dq is not None and dk is not None and dv is not None
     return dq, (_arrive(dkv_pending) if dkv_pending is not None else (dk, dv))
 
 
@@ -268,7 +281,7 @@ class RingAttentionFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, group, scale: float) -> Tensor:
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, scale: float) -> Tensor:
         _check_heads(q.size(1), k.size(1))
         if q.size(2) % 2:
             raise ValueError(f"ring attention needs an even local sequence (two chunks), got {q.size(2)}")
@@ -280,7 +293,7 @@ class RingAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, dout: Tensor):
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         dq, (dk, dv) = _ring_backward(_dense(dout), _dense(q), (_dense(k), _dense(v)), out, lse, ctx.ring,
                                       ctx.scale)
@@ -298,9 +311,9 @@ class RingAttention(SDPAttention):
     returns [s/cp, b, np·hn]. No dropout, mask tensor, bias or packed sequences.
     """
 
-    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
-                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
-                 cp_comm_type: Optional[str] = None, pg_collection=None):
+    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
+                 attention_type: str, attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection: ProcessGroupCollection | None = None):
         _check_heads(config.num_attention_heads, config.num_query_groups or config.num_attention_heads)
         # The parent asserts context_parallel_size == 1 (only TE may do CP); it reads nothing
         # else from it, so it is built from a shallow copy and then given the real config.
@@ -313,8 +326,9 @@ class RingAttention(SDPAttention):
         cp_group = getattr(pg_collection, "cp", None)  # megatron's Attention passes tp and cp
         self.cp_group = cp_group if cp_group is not None else parallel_state.get_context_parallel_group()
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None) -> Tensor:
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
+                packed_seq_params: object = None) -> Tensor:
         self._check_call(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         if self.training and self.attention_dropout.p > 0.0:
             raise NotImplementedError(

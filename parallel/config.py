@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal
 
 from common.errors import RecipeError
 from common.schema import PositiveInt
@@ -15,20 +15,20 @@ class ParallelConfig:
 
     tensor: PositiveInt = 1  # ranks that split each layer's weights
     pipeline: PositiveInt = 1  # ranks that split the layer stack
-    virtual_pipeline: Optional[PositiveInt] = None  # None = no interleaving; else model chunks per pipeline rank
+    virtual_pipeline: PositiveInt | None = None  # None = no interleaving; else model chunks per pipeline rank
     context: PositiveInt = 1  # ranks that split each sequence
     # How context-parallel attention communicates. p2p: K/V travel around a ring (ours with the local
     # layers, transformer-engine's otherwise); a2a (all-to-all between sequence and heads) and
     # all_gather (of K/V) exist only in transformer-engine's attention.
     context_comm: Literal["p2p", "a2a", "all_gather"] = "p2p"
     expert: PositiveInt = 1  # ranks that split the experts (MoE); carved out of the data-parallel ranks
-    expert_tensor: Optional[PositiveInt] = None  # ranks that split each expert's weights; null = parallel.tensor
+    expert_tensor: PositiveInt | None = None  # ranks that split each expert's weights; null = parallel.tensor
     sequence_parallel: bool = False  # shard activations along the sequence inside tensor-parallel regions
     distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
     # Uneven pipeline split (no virtual pipeline): layers on the first / last stage, e.g. fewer
     # where the embedding or the output layer and loss live; the rest split evenly. None = even.
-    first_stage_layers: Optional[int] = None
-    last_stage_layers: Optional[int] = None
+    first_stage_layers: int | None = None
+    last_stage_layers: int | None = None
 
     def check(self) -> None:
         """The section's own consistency; sizes against the model are model/config.py's."""

@@ -3,10 +3,10 @@ buffers reduced in fp32, optionally sharded with the distributed optimizer."""
 
 from __future__ import annotations
 
-from typing import Any, List
+from typing import Any
 
 
-def wrap_data_parallel(chunks: List[Any], distributed_optimizer: bool, groups: Any) -> List[Any]:
+def wrap_data_parallel(chunks: list[Any], distributed_optimizer: bool, groups: Any) -> list[Any]:
     """Each model chunk in megatron-core's DDP; only the first chunk buckets its gradients (the
     virtual-pipeline chunks after it are reduced whole), as Megatron-LM does."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -22,14 +22,14 @@ class Layout:
     world_size: int
     tensor: int = 1
     pipeline: int = 1
-    virtual_pipeline: Optional[int] = None
+    virtual_pipeline: int | None = None
     context: int = 1
     expert: int = 1
-    expert_tensor: Optional[int] = None  # None = tensor
+    expert_tensor: int | None = None  # None = tensor
     sequence_parallel: bool = False
     context_comm: str = "p2p"  # transformer-engine's cp_comm_type; the local ring is p2p
-    first_stage_layers: Optional[int] = None  # uneven pipeline split; None = even
-    last_stage_layers: Optional[int] = None
+    first_stage_layers: int | None = None  # uneven pipeline split; None = even
+    last_stage_layers: int | None = None
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -54,7 +54,7 @@ class Layout:
         return self.virtual_pipeline or 1
 
     @classmethod
-    def from_config(cls, parallel: ParallelConfig, world_size: int) -> "Layout":
+    def from_config(cls, parallel: ParallelConfig, world_size: int) -> Layout:
         return cls(
             world_size=world_size,
             tensor=parallel.tensor,
@@ -148,7 +148,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_model_parallel(layout: Layout) -> Tuple[RankInfo, Any]:
+def init_model_parallel(layout: Layout) -> tuple[RankInfo, Any]:
     """Creates megatron-core's process groups for `layout`; returns this rank's coordinates and the
     groups as megatron-core's ProcessGroupCollection (what the model, the step and DDP are given)."""
     from megatron.core import parallel_state as ps

@@ -8,8 +8,9 @@ import pathlib
 import re
 import shutil
 import time
+from collections.abc import Sequence
 from functools import partial
-from typing import List, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -29,15 +30,23 @@ def checkpoint_name(step: int) -> str:
     return f"iter_{step:07d}"
 
 
-def complete_checkpoints(ckpt_dir: pathlib.Path) -> List[pathlib.Path]:
+def complete_checkpoints(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
     """Finished checkpoints, oldest first; a save in progress lives under a `.tmp` name."""
     if not ckpt_dir.is_dir():
         return []
     found = [p for p in ckpt_dir.iterdir() if p.is_dir() and _ITER.match(p.name)]
-    return sorted(found, key=lambda p: int(_ITER.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
-def resolve_load(load: Optional[str], ckpt_dir: pathlib.Path) -> Optional[pathlib.Path]:
+def checkpoint_step(path: pathlib.Path) -> int:
+    """N of an `iter_NNNNNNN` folder."""
+    match = _ITER.match(path.name)
+    if match is None:
+        raise ValueError(f"'{path.name}' is not a checkpoint folder name like iter_0000100")
+    return int(match.group(1))
+
+
+def resolve_load(load: str | None, ckpt_dir: pathlib.Path) -> pathlib.Path | None:
     """`None` -> no load; `auto` -> newest complete checkpoint in ckpt_dir (or none); else a path."""
     if load is None:
         return None
@@ -56,7 +65,7 @@ def resolve_load(load: Optional[str], ckpt_dir: pathlib.Path) -> Optional[pathli
     return path
 
 
-def refuse_to_overwrite(load: Optional[str], ckpt_dir: pathlib.Path) -> None:
+def refuse_to_overwrite(load: str | None, ckpt_dir: pathlib.Path) -> None:
     """A fresh run (no `checkpoint.load`) must not write over an earlier run's checkpoints."""
     found = complete_checkpoints(ckpt_dir)
     if load is None and found:
@@ -66,7 +75,7 @@ def refuse_to_overwrite(load: Optional[str], ckpt_dir: pathlib.Path) -> None:
         )
 
 
-def _model_sharded_state_dict(chunks) -> dict:
+def _model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
     sd = {}
     for i, chunk in enumerate(chunks):
         sd[f"model{i}" if len(chunks) > 1 else "model"] = _unwrap(chunk).sharded_state_dict()
@@ -78,9 +87,9 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict,
-         optimizer_format: Optional[str] = None, keep_last: Optional[int] = None,
-         async_queue=None, pause_before_publish_s: float = 0.0) -> pathlib.Path:
+def save(ckpt_dir: pathlib.Path, step: int, chunks: Sequence[torch.nn.Module], optimizer: Any, extra: dict,
+         optimizer_format: str | None = None, keep_last: int | None = None,
+         async_queue: Any = None, pause_before_publish_s: float = 0.0) -> pathlib.Path:
     """Writes `<dir>/iter_N.tmp`, then renames it to `iter_N` and updates `latest` (rank 0).
 
     `optimizer=None` saves the model only (a weights checkpoint, e.g. converted from Hugging Face);
@@ -100,6 +109,7 @@ def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict,
     dist.barrier()
     state = _model_sharded_state_dict(chunks)
     if optimizer is not None:
+        assert optimizer_format is not None, "a training checkpoint needs checkpoint.optimizer_format"
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_format_metadata(optimizer_format))
     state["extra"] = {**extra, "kind": "training" if optimizer is not None else "weights",
                       "optimizer_format": optimizer_format if optimizer is not None else None}
@@ -114,7 +124,7 @@ def save(ckpt_dir: pathlib.Path, step: int, chunks, optimizer, extra: dict,
     return final
 
 
-def _publish(ckpt_dir: pathlib.Path, tmp: pathlib.Path, final: pathlib.Path, keep_last: Optional[int],
+def _publish(ckpt_dir: pathlib.Path, tmp: pathlib.Path, final: pathlib.Path, keep_last: int | None,
              pause_s: float) -> None:
     """Every rank's shards are written: make the checkpoint visible (collective)."""
     dist.barrier()
@@ -136,7 +146,7 @@ def new_async_queue():
     return AsyncCallsQueue()
 
 
-def finish_async_saves(queue, blocking: bool = False) -> List[int]:
+def finish_async_saves(queue: Any, blocking: bool = False) -> list[int]:
     """Publishes the background saves that are done (all of them when `blocking`); collective."""
     if queue is None:
         return []
@@ -147,12 +157,12 @@ def _format_metadata(optimizer_format: str) -> dict:
     return {"distrib_optim_sharding_type": optimizer_format}
 
 
-def prune(ckpt_dir: pathlib.Path, keep_last: int) -> List[pathlib.Path]:
+def prune(ckpt_dir: pathlib.Path, keep_last: int) -> list[pathlib.Path]:
     """Deletes all but the `keep_last` newest complete checkpoints, and leftover `.tmp` saves older
     than the newest; the newest complete one (what `latest` names) is always kept."""
     complete = complete_checkpoints(ckpt_dir)
     doomed = complete[: max(len(complete) - max(keep_last, 1), 0)]
-    newest = int(_ITER.match(complete[-1].name).group(1)) if complete else -1
+    newest = checkpoint_step(complete[-1]) if complete else -1
     for stale in ckpt_dir.glob("iter_*.tmp"):
         match = _ITER.match(stale.name[: -len(".tmp")])
         if match and int(match.group(1)) < newest:
@@ -182,7 +192,7 @@ def _load_refusing_unsafe(template: dict, path: pathlib.Path) -> dict:
     try:
         return dist_checkpointing.load(template, str(path))
     except UnsafeFile as exc:
-        refusal: Optional[UnsafeFile] = exc
+        refusal: UnsafeFile | None = exc
     except CheckpointException as exc:
         refusal = refusal_in(exc)
         if refusal is None:
@@ -200,7 +210,7 @@ def read_extra(path: pathlib.Path) -> dict:
     return common.get("extra") or {}
 
 
-def load(path: pathlib.Path, chunks, optimizer) -> dict:
+def load(path: pathlib.Path, chunks: Sequence[torch.nn.Module], optimizer: Any) -> dict:
     """Restores model chunks, and the optimizer unless `optimizer` is None or the checkpoint holds
     weights only (`kind: weights`, e.g. converted from Hugging Face: the optimizer keeps its fresh
     state)."""

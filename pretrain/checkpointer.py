@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pathlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal
 
 from common.schema import NonNegativeInt, PositiveInt
 
@@ -16,11 +16,11 @@ if TYPE_CHECKING:
 
 @dataclass
 class CheckpointConfig:
-    dir: Optional[str] = None  # None = <logging.dir>/checkpoints
+    dir: str | None = None  # None = <logging.dir>/checkpoints
     interval: NonNegativeInt = 0  # save every N steps; 0 = only at the end
-    load: Optional[str] = None  # None | "auto" (latest complete checkpoint in dir) | a path
+    load: str | None = None  # None | "auto" (latest complete checkpoint in dir) | a path
     save: bool = True
-    keep_last: Optional[PositiveInt] = None  # keep the N newest complete checkpoints (null = all); never deletes the newest
+    keep_last: PositiveInt | None = None  # keep the N newest complete checkpoints (null = all); never deletes the newest
     async_save: bool = False  # write shards in a background process while training goes on
     # Distributed-optimizer state: fully_reshardable (resume at any layout; gathered per data-parallel
     # group when saving) | dp_reshardable (each rank's shard as is: faster, only the data-parallel size may change)
@@ -40,15 +40,15 @@ class Checkpointer:
     """Owns the run's checkpoints: what `checkpoint.load` resumes, saving every `interval` steps and
     at the end, background saves (published when written), and the save before a preemption stop."""
 
-    def __init__(self, cfg: CheckpointConfig, ckpt_dir: pathlib.Path, chunks: List[Any], optimizer: Any,
-                 scheduler: Any, extra: Dict[str, Any], rank: int, save_pause: Optional[tuple] = None):
+    def __init__(self, cfg: CheckpointConfig, ckpt_dir: pathlib.Path, chunks: list[Any], optimizer: Any,
+                 scheduler: Any, extra: dict[str, Any], rank: int, save_pause: tuple | None = None):
         self.cfg, self.dir = cfg, ckpt_dir
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
         self.extra = extra  # saved with every checkpoint: the recipe, the vocabulary size
         self.rank = rank
         self.save_pause = save_pause  # (step, seconds): debug.save_pause_at_step
-        self.async_queue: Optional[Any] = None
-        self.saved_at: Optional[int] = None
+        self.async_queue: Any | None = None
+        self.saved_at: int | None = None
 
     def resume(self, state: TrainState, global_batch_size: int) -> None:
         """Loads `checkpoint.load` into the model, optimizer, schedule and `state`; a fresh run

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List, Optional
 
 from common.errors import EXIT_USER_ERROR, RunStopped, UserError
 
 
-def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="pretrain_gpt.py",
         description="Pretrain a GPT from a recipe: torchrun --nproc_per_node=N pretrain_gpt.py "
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)

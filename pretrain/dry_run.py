@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import List, NamedTuple, Tuple
+from typing import NamedTuple
 
 from data.loader import BatchPlan
-
 from model.config import moe_layer_pattern
 from model.gpt import layer_parameters, padded_vocab_size, parameter_counts
 from parallel.layout import Layout, pipeline_stage_layers
@@ -18,11 +17,11 @@ class StagePlan:
     """What one pipeline rank holds: its layer ranges (one per virtual chunk) and parameters per TP rank."""
 
     pipeline_rank: int
-    layers: Tuple[Tuple[int, int], ...]   # half-open [first, last) global layer indices per chunk
+    layers: tuple[tuple[int, int], ...]   # half-open [first, last) global layer indices per chunk
     params_per_rank: int
 
 
-def stage_layers(recipe: Recipe, layout: Layout) -> List[Tuple[Tuple[int, int], ...]]:
+def stage_layers(recipe: Recipe, layout: Layout) -> list[tuple[tuple[int, int], ...]]:
     """megatron-core's split: chunk c of pipeline rank p holds block c·pp + p (even blocks), or
     one contiguous range per rank with a first/last-stage adjustment."""
     num_layers = recipe.model.num_layers
@@ -39,7 +38,8 @@ def stage_layers(recipe: Recipe, layout: Layout) -> List[Tuple[Tuple[int, int], 
     return plans
 
 
-def params_per_rank(recipe: Recipe, layout: Layout, vocab: int, ranges, first: bool, last: bool) -> int:
+def params_per_rank(recipe: Recipe, layout: Layout, vocab: int, ranges: tuple[tuple[int, int], ...], first: bool,
+                    last: bool) -> int:
     """Parameters on one rank of a stage holding the global layer `ranges` (half-open pairs): TP splits
     every matmul, EP the routed experts (model/gpt.py:layer_parameters)."""
     m = recipe.model
@@ -59,7 +59,7 @@ class Plan(NamedTuple):
     layout: Layout
     batch: BatchPlan
     vocab: int  # padded
-    stages: List[StagePlan]
+    stages: list[StagePlan]
 
 
 def plan(recipe: Recipe, world_size: int) -> Plan:

@@ -10,7 +10,9 @@ import signal
 import sys
 import threading
 import time
-from typing import Iterator, Optional, Sequence, TextIO
+from collections.abc import Iterator, Sequence
+from types import FrameType
+from typing import Any, TextIO
 
 import torch
 import torch.distributed as dist
@@ -39,9 +41,9 @@ class StopRequest:
     The handler only records: a print there could interrupt a print of the main thread."""
 
     def __init__(self) -> None:
-        self.signal: Optional[int] = None
+        self.signal: int | None = None
 
-    def _handle(self, signum: int, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signal is None:
             self.signal = signum
 
@@ -50,7 +52,7 @@ class StopRequest:
         return self.signal is not None
 
     @contextlib.contextmanager
-    def installed(self, signals: Sequence[int] = PREEMPTION_SIGNALS) -> Iterator["StopRequest"]:
+    def installed(self, signals: Sequence[int] = PREEMPTION_SIGNALS) -> Iterator[StopRequest]:
         """Handles `signals` while the block runs; the previous handlers come back after it."""
         previous = {s: signal.signal(s, self._handle) for s in signals}
         try:
@@ -68,7 +70,7 @@ def agree(flags: Sequence[bool], device: torch.device) -> list:
     return [bool(v) for v in tensor.tolist()]
 
 
-def grads_are_finite(chunks) -> bool:
+def grads_are_finite(chunks: Sequence[Any]) -> bool:
     """This rank's gradient buffers (megatron-core DDP chunks) hold only finite values.
 
     A sum per buffer, not an element-wise test: no temporary as large as the gradients, and NaN or
@@ -88,7 +90,7 @@ class NonfiniteGuard:
     def __init__(self, mode: str, max_skipped: int, skipped: int = 0) -> None:
         self.mode, self.max_skipped, self.skipped = mode, max_skipped, skipped
 
-    def count(self, step: int, loss: float) -> Optional[str]:
+    def count(self, step: int, loss: float) -> str | None:
         """Records step `step` (1-based) as not applied; returns why the run must stop, or None."""
         what = f"non-finite loss or gradients at step {step} (loss {loss}), the model was not updated"
         if self.mode == "stop":
@@ -110,7 +112,7 @@ class Guards:
 
     stop: StopRequest
     nonfinite: NonfiniteGuard
-    watchdog: "Watchdog"
+    watchdog: Watchdog
 
 
 class Watchdog:
@@ -121,17 +123,17 @@ class Watchdog:
     def __init__(self, rank: int, timeout_s: float, stream: TextIO = sys.stderr) -> None:
         self.rank, self.timeout_s, self.stream = rank, timeout_s, stream
         self._lock = threading.Lock()
-        self._current: Optional[tuple] = None  # (step, phase, start, next report at)
+        self._current: tuple | None = None  # (step, phase, start, next report at)
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
-    def __enter__(self) -> "Watchdog":
+    def __enter__(self) -> Watchdog:
         if self.timeout_s > 0:
             self._thread = threading.Thread(target=self._watch, name="pretrain-watchdog", daemon=True)
             self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

@@ -15,7 +15,7 @@ import contextlib
 import os
 import signal
 import sys
-from typing import List, Optional
+from types import FrameType
 
 import psutil
 
@@ -36,7 +36,7 @@ def _workers() -> list:
     return found
 
 
-def _forward(signum: int, frame) -> None:
+def _forward(signum: int, frame: FrameType | None) -> None:
     """Passes a preemption signal to the workers (torchrun starts each in its own session, so a
     signal to the launcher's process group does not reach them). Before any worker exists, the
     launcher ends as plain torchrun would."""
@@ -58,7 +58,7 @@ def agent_signals(requested: str) -> str:
     return ",".join(name for name in names if name and name not in ours)
 
 
-def exit_code_of(failures: dict) -> Optional[int]:
+def exit_code_of(failures: dict) -> int | None:
     """The exit code the failed workers agree on when it is one of ours, else None. Workers killed
     by SIGTERM or SIGKILL do not count against it: once one worker exits, torchrun stops the
     others, which may still be tearing down after the same stop."""
@@ -68,7 +68,7 @@ def exit_code_of(failures: dict) -> Optional[int]:
     return None
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 

@@ -11,7 +11,7 @@ import secrets
 import string
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional
+from typing import Any, Literal
 
 from common.errors import RecipeError
 from common.schema import PositiveInt
@@ -21,14 +21,14 @@ from model.config import ModelConfig
 @dataclass
 class WandbConfig:
     project: str = "pretrain"
-    name: Optional[str] = None  # None = logging.name
+    name: str | None = None  # None = logging.name
     mode: Literal["online", "offline", "disabled"] = "offline"
 
 
 @dataclass
 class LoggingConfig:
     name: str = "run"  # run name; no '/'
-    dir: Optional[str] = None  # None = runs/<name>
+    dir: str | None = None  # None = runs/<name>
     interval: PositiveInt = 1  # log every N steps
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
@@ -56,7 +56,7 @@ def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
     return 6.0 * matmul_params + attention
 
 
-def device_peak_tflops(device_name: Optional[str]) -> Optional[float]:
+def device_peak_tflops(device_name: str | None) -> float | None:
     if not device_name:
         return None
     for key, peak in PEAK_TFLOPS.items():
@@ -70,8 +70,8 @@ class Metrics:
     a step with an evaluation, a skipped or stopping step. Every rank builds records (they return
     the last one); only the rank holding `log` writes."""
 
-    def __init__(self, cfg: LoggingConfig, log: Optional["MetricsLog"], tokens_per_step: int, seq_length: int,
-                 flops_per_token: float, peak_tflops: Optional[float], world_size: int, micro_batches: int,
+    def __init__(self, cfg: LoggingConfig, log: MetricsLog | None, tokens_per_step: int, seq_length: int,
+                 flops_per_token: float, peak_tflops: float | None, world_size: int, micro_batches: int,
                  pipeline_bubble: float):
         self.cfg, self.log = cfg, log
         self.tokens_per_step, self.seq_length = tokens_per_step, seq_length
@@ -79,10 +79,10 @@ class Metrics:
         self.micro_batches, self.pipeline_bubble = micro_batches, pipeline_bubble
 
     def record(self, step: int, consumed_samples: int, nonfinite_steps: int, result: Any,
-               step_time: float) -> Dict[str, Any]:
+               step_time: float) -> dict[str, Any]:
         """metrics.jsonl's fields for step `step` (1-based) from a pretrain.step.StepResult."""
         tokens_per_s = self.tokens_per_step / step_time
-        record: Dict[str, Any] = {
+        record: dict[str, Any] = {
             "step": step,
             "loss": result.loss,
             "lr": result.lr,
@@ -103,7 +103,7 @@ class Metrics:
             record["mfu"] = tflops / self.peak_tflops
         return record
 
-    def after_step(self, record: Dict[str, Any], result: Any, last: bool, evaluated: bool) -> None:
+    def after_step(self, record: dict[str, Any], result: Any, last: bool, evaluated: bool) -> None:
         due = record["step"] % self.cfg.interval == 0 or last or evaluated or result.nonfinite or result.stop
         if self.log is not None and due:
             self.log.log(record)
@@ -161,7 +161,7 @@ def wandb_run_id(log_dir: pathlib.Path) -> str:
     return run_id
 
 
-def _init_wandb(cfg: LoggingConfig, log_dir: pathlib.Path, recipe_dict: dict):
+def _init_wandb(cfg: LoggingConfig, log_dir: pathlib.Path, recipe_dict: dict) -> Any:
     if cfg.wandb.mode == "disabled":
         return None
     import wandb

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, List, Literal, Optional, Tuple
+from typing import Any, Literal
 
 from common.errors import RecipeError
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
@@ -17,12 +17,12 @@ class OptimizerConfig:
     lr: PositiveFloat = 3e-4  # peak learning rate, reached at the end of warmup
     min_lr: NonNegativeFloat = 3e-5  # learning rate at the end of decay
     weight_decay: NonNegativeFloat = 0.1
-    betas: Tuple[float, float] = (0.9, 0.95)  # YAML gives a list of 2 floats
+    betas: tuple[float, float] = (0.9, 0.95)  # YAML gives a list of 2 floats
     eps: PositiveFloat = 1e-8
     warmup_steps: NonNegativeInt = 0  # optimizer steps of linear warmup from 0 to lr
     decay: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    decay_steps: Optional[PositiveInt] = None  # None = train.steps - warmup_steps
-    wsd_decay_steps: Optional[PositiveInt] = None  # only for decay: wsd; None = 10% of decay_steps
+    decay_steps: PositiveInt | None = None  # None = train.steps - warmup_steps
+    wsd_decay_steps: PositiveInt | None = None  # only for decay: wsd; None = 10% of decay_steps
 
     def check(self) -> None:
         if self.min_lr > self.lr:
@@ -47,7 +47,7 @@ class Numerics:
     tokens_per_micro_batch: int  # fp16's initial loss scale depends on it
 
 
-def build_optimizer(cfg: OptimizerConfig, numerics: Numerics, chunks: List[Any], distributed: bool) -> Any:
+def build_optimizer(cfg: OptimizerConfig, numerics: Numerics, chunks: list[Any], distributed: bool) -> Any:
     """megatron-core's (distributed) Adam over the model chunks; stepped once per training step."""
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
     from megatron.core.optimizer import get_megatron_optimizer

@@ -9,8 +9,9 @@ that need the world size are the layout's (parallel/layout.py) and the batch pla
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 from common import schema
 from common.errors import RecipeError
@@ -21,6 +22,10 @@ from parallel.config import ParallelConfig
 from pretrain.checkpointer import CheckpointConfig
 from pretrain.metrics import LoggingConfig
 from pretrain.optim import OptimizerConfig
+
+if TYPE_CHECKING:  # imported where used: loading a recipe stays free of torch
+    from data.loader import BatchPlan
+    from parallel.layout import Layout
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -64,12 +69,12 @@ class TrainConfig:
 class DebugConfig:
     """Fault injection, to watch the fault guards work (tests, a new cluster); never set in a real run."""
 
-    nan_loss_at_step: Optional[PositiveInt] = None  # 1-based step whose loss is multiplied by NaN on every rank
-    stall_at_step: Optional[PositiveInt] = None  # 1-based step whose forward/backward first sleeps debug.stall_s
+    nan_loss_at_step: PositiveInt | None = None  # 1-based step whose loss is multiplied by NaN on every rank
+    stall_at_step: PositiveInt | None = None  # 1-based step whose forward/backward first sleeps debug.stall_s
     stall_s: NonNegativeFloat = 0.0  # seconds
     # 1-based step whose checkpoint pauses save_pause_s seconds after its shards are written and before
     # it is published (renamed into place), to kill a run mid-save and see the previous one resume.
-    save_pause_at_step: Optional[PositiveInt] = None
+    save_pause_at_step: PositiveInt | None = None
     save_pause_s: NonNegativeFloat = 0.0
 
 
@@ -86,7 +91,7 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     # Path of the recipe file it was loaded from; not a YAML key.
-    source: Optional[str] = field(default=None, metadata={"yaml": False})
+    source: str | None = field(default=None, metadata={"yaml": False})
 
     def log_dir(self) -> pathlib.Path:
         return pathlib.Path(self.logging.dir or f"runs/{self.logging.name}")
@@ -124,7 +129,7 @@ def validate_static(recipe: Recipe) -> None:
     recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
 
 
-def validate_for_world(recipe: Recipe, world_size: int):
+def validate_for_world(recipe: Recipe, world_size: int) -> tuple[Layout, BatchPlan]:
     """The layout for `world_size` ranks and this recipe's batch plan on them (rank 0's share); raises
     RecipeError when the layout does not fit or the global batch does not split evenly."""
     from data.loader import BatchPlan
@@ -143,7 +148,7 @@ def validate_for_world(recipe: Recipe, world_size: int):
     return layout, plan
 
 
-def recipe_to_dict(recipe: Recipe) -> Dict[str, Any]:
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     """Plain nested dict (lists, not tuples) of every YAML key; `source` left out."""
     return schema.to_dict(recipe)
 
@@ -153,7 +158,7 @@ def dump_recipe(recipe: Recipe) -> str:
     return schema.dump(recipe)
 
 
-def model_config_from_dict(tree: Dict[str, Any], where: str) -> ModelConfig:
+def model_config_from_dict(tree: dict[str, Any], where: str) -> ModelConfig:
     """A `model:` section (e.g. the recipe stored in a checkpoint) checked against the schema."""
     return schema.from_dict(ModelConfig, tree, "model", where)
 

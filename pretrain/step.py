@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from data.dataset import Samples
 from data.loader import BatchPlan
 from pretrain.guards import Guards, agree, grads_are_finite
 from pretrain.optim import current_lr
@@ -26,10 +28,11 @@ class StepResult:
     updated: bool  # the optimizer applied the step (not on a non-finite step or an fp16 overflow)
     nonfinite: bool  # every rank agreed the loss or the gradients were not finite
     stop: bool  # a preemption signal arrived on some rank
-    moe: Dict[str, Any] = field(default_factory=dict)
+    moe: dict[str, Any] = field(default_factory=dict)
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+def loss_func(loss_mask: torch.Tensor,
+              output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Sum of masked token losses; megatron-core divides by the global token count."""
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1).float()
@@ -52,7 +55,7 @@ def _forward_step_with_nan_loss(data_iterator, model):
     return output, partial(_nan_loss, loss)
 
 
-def _nan_loss(loss: Callable, output_tensor: torch.Tensor):
+def _nan_loss(loss: Callable, output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     loss_sum, num_tokens, reports = loss(output_tensor)
     nan_sum = torch.tensor([float("nan"), 1.0], device=loss_sum.device)  # [loss sum, token count]
     return loss_sum * float("nan"), num_tokens, {k: v * nan_sum for k, v in reports.items()}
@@ -71,7 +74,7 @@ def seed_step(seed: int, step: int) -> None:
     model_parallel_cuda_manual_seed(step_seed)
 
 
-def wire_schedule(chunks: List[Any], optimizer: Any) -> None:
+def wire_schedule(chunks: list[Any], optimizer: Any) -> None:
     """The hooks megatron-core's schedules call: grad sync control and grad finalization."""
     from megatron.core.distributed import finalize_model_grads
 
@@ -86,7 +89,7 @@ def wire_schedule(chunks: List[Any], optimizer: Any) -> None:
 class Step:
     """Runs steps and evaluations of one rank: what megatron-core's schedule needs, wired once."""
 
-    chunks: List[Any]  # DDP-wrapped model chunks (one per virtual pipeline stage)
+    chunks: list[Any]  # DDP-wrapped model chunks (one per virtual pipeline stage)
     optimizer: Any
     scheduler: Any
     plan: BatchPlan  # this rank's share of each global batch
@@ -96,12 +99,12 @@ class Step:
     debug: DebugConfig
     device: torch.device
     groups: Any  # megatron-core ProcessGroupCollection
-    moe: Optional[Any] = None  # model.moe.MoeMonitor when the model has experts
+    moe: Any | None = None  # model.moe.MoeMonitor when the model has experts
 
     def __post_init__(self) -> None:
         wire_schedule(self.chunks, self.optimizer)
 
-    def train(self, step: int, batches: List[dict], guards: Guards) -> StepResult:
+    def train(self, step: int, batches: list[dict], guards: Guards) -> StepResult:
         """Optimizer step `step` (0-based) over this rank's micro-batches of the global batch."""
         seed_step(self.seed, step)
         for chunk in self.chunks:
@@ -129,7 +132,7 @@ class Step:
                           lr=current_lr(self.optimizer), updated=updated, nonfinite=nonfinite, stop=stop, moe=moe)
 
     @torch.no_grad()
-    def evaluate(self, samples, eval_steps: int, prefix: str) -> Dict[str, float]:
+    def evaluate(self, samples: Samples, eval_steps: int, prefix: str) -> dict[str, float]:
         """Token-mean loss over the first `eval_steps` global batches of `samples`, forward only
         (every layout, pipeline included); the same samples at every evaluation. Returns
         {<prefix>_loss, <prefix>_ppl}."""
@@ -144,7 +147,7 @@ class Step:
         loss = float(total[0] / total[1])
         return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 700.0))}
 
-    def _forward_backward(self, batches: List[dict], forward_only: bool, step: Optional[int] = None) -> list:
+    def _forward_backward(self, batches: list[dict], forward_only: bool, step: int | None = None) -> list:
         """megatron-core's schedule for this layout over this rank's micro-batches of one global batch;
         `step` (0-based; training only) is where the `debug` section's fault injections apply."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -183,14 +186,14 @@ class Evaluation:
     the last when asked for; each over `eval_steps` global batches."""
 
     step: Step
-    data: Dict[str, Any]  # split name -> samples
+    data: dict[str, Any]  # split name -> samples
     interval: int  # train.eval_interval; 0 = never
     eval_steps: int
     test_at_end: bool
 
-    def after(self, step: int, last: bool, watchdog: Any) -> Dict[str, float]:
+    def after(self, step: int, last: bool, watchdog: Any) -> dict[str, float]:
         """The evaluation metrics due after step `step` (1-based); {} when none is."""
-        out: Dict[str, float] = {}
+        out: dict[str, float] = {}
         if self.interval and (step % self.interval == 0 or last):
             with watchdog.phase(step, "evaluation"):
                 out.update(self.step.evaluate(self.data["valid"], self.eval_steps, "val"))

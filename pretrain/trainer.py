@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any
 
 import torch
 
@@ -30,14 +30,14 @@ class Run:
     rank: RankInfo
     device: torch.device
     vocab_size: int
-    data: Dict[str, Any]  # split name -> data.dataset.BlendedSamples ('train'; 'valid', 'test' when asked for)
+    data: dict[str, Any]  # split name -> data.dataset.BlendedSamples ('train'; 'valid', 'test' when asked for)
     step: Step
     evaluation: Evaluation
     checkpointer: Checkpointer
     state: TrainState = dataclasses.field(default_factory=TrainState)
 
 
-def build_runtime(recipe: Recipe):
+def build_runtime(recipe: Recipe) -> tuple[Layout, BatchPlan, RankInfo, Any, torch.device]:
     """This process's device, process groups and share of each batch; the CPU layer when on a CPU."""
     rank, local_rank, world_size = world_from_env()
     layout, plan = validate_for_world(recipe, world_size)
@@ -49,7 +49,7 @@ def build_runtime(recipe: Recipe):
     return layout, plan, rank_info, groups, device
 
 
-def build_data(recipe: Recipe, tokenizer: Any) -> Dict[str, Any]:
+def build_data(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
     """Train (valid, test) samples of data.path / data.blend; every rank calls this at once."""
     from common.errors import UserError
     from data.dataset import blend_of, build_samples
@@ -121,7 +121,7 @@ def build_metrics(run: Run) -> Metrics:
                    run.layout.world_size, plan.micro_batches, run.layout.pipeline_bubble(plan.micro_batches))
 
 
-def train(recipe: Recipe) -> Dict[str, Any]:
+def train(recipe: Recipe) -> dict[str, Any]:
     """Trains `recipe` to `train.steps`; returns the last metrics record (on every rank), or only
     {"step": N} when the checkpoint was already at train.steps or beyond.
 
@@ -144,9 +144,9 @@ def train(recipe: Recipe) -> Dict[str, Any]:
             metrics.close()
 
 
-def _loop(run: Run, batches: TrainBatches, metrics: Metrics, guards: Guards) -> Dict[str, Any]:
+def _loop(run: Run, batches: TrainBatches, metrics: Metrics, guards: Guards) -> dict[str, Any]:
     recipe, state = run.recipe, run.state
-    record: Dict[str, Any] = {"step": state.step}
+    record: dict[str, Any] = {"step": state.step}
     start_step = state.step
     while state.step < recipe.train.steps:
         start = time.perf_counter()
@@ -172,7 +172,7 @@ def _loop(run: Run, batches: TrainBatches, metrics: Metrics, guards: Guards) -> 
     return record
 
 
-def _count_nonfinite(run: Run, guard: NonfiniteGuard, nonfinite: bool, loss: float) -> Optional[str]:
+def _count_nonfinite(run: Run, guard: NonfiniteGuard, nonfinite: bool, loss: float) -> str | None:
     """Counts a non-finite step (warning on rank 0); returns why the run must stop, or None."""
     if not nonfinite:
         return None

@@ -45,9 +45,9 @@ def main() -> None:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
+    from model.config import ModelConfig
     from model.gpt import ModelBuild, transformer_config
     from model.layers import SDPAttention
-    from model.config import ModelConfig
 
     _setup()
     hidden = args.heads * args.head_dim

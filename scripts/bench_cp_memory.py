@@ -9,7 +9,7 @@ cuts it (load-balanced chunks), and one forward + backward runs through megatron
 and our loss. The figure is that step's activation memory: the most bytes live in torch's allocator
 during it beyond what was live before it (parameters, gradient buffers), on the CPU from the
 profiler's allocation events, on a GPU `torch.cuda.max_memory_allocated`
-(scripts/bench_ring_attention.py:peak_mib). Largest over ranks.
+(pretrain/profiling.py:peak_mib). Largest over ranks.
 
 Default model (the `--recipe` overrides below): tiny_gpt widened to 1024 hidden, 8 query heads on 2
 K/V heads of 128, 4 layers, 8K tokens, micro-batch 1, fp32. Extra `key.path=value` arguments
@@ -22,16 +22,16 @@ import argparse
 import os
 import pathlib
 import sys
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 DEFAULTS = ["model.seq_length=8192", "model.hidden_size=1024", "model.ffn_hidden_size=2816",
             "model.num_attention_heads=8", "model.num_query_groups=2", "model.num_layers=4",
             "train.micro_batch_size=1", "train.global_batch_size=1", "logging.wandb.mode=disabled"]
 
 
-def _batch(recipe, vocab_size: int, cp_rank: int, cp_size: int, device) -> dict:
+def _batch(recipe: Any, vocab_size: int, cp_rank: int, cp_size: int, device: Any) -> dict:
     """One micro-batch [1, s] of random tokens, this CP rank's load-balanced share of it."""
     import torch
 
@@ -44,7 +44,7 @@ def _batch(recipe, vocab_size: int, cp_rank: int, cp_size: int, device) -> dict:
     return {k: v.contiguous().to(device) for k, v in slice_for_context_parallel(batch, cp_rank, cp_size).items()}
 
 
-def _step(recipe, chunks, batch) -> None:
+def _step(recipe: Any, chunks: list, batch: dict) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from pretrain.step import forward_step
@@ -70,11 +70,11 @@ def main() -> None:
     import torch
     import torch.distributed as dist
 
-    from bench_ring_attention import peak_mib
     from data.tokenizer import build_tokenizer
     from model.gpt import ModelBuild, build_model
     from parallel.data_parallel import wrap_data_parallel
     from parallel.layout import shutdown
+    from pretrain.profiling import peak_mib
     from pretrain.trainer import build_runtime
 
     layout, _, rank, groups, device = build_runtime(recipe)

@@ -8,6 +8,7 @@ import argparse
 import os
 import statistics
 import time
+from collections.abc import Callable
 
 from pretrain.guards import Guards, NonfiniteGuard, StopRequest, Watchdog, agree, grads_are_finite
 from pretrain.recipe import load_recipe
@@ -15,7 +16,7 @@ from pretrain.trainer import build_run
 from upstream.process import prepare_process
 
 
-def _median_ms(fn, iters: int) -> float:
+def _median_ms(fn: Callable[[], object], iters: int) -> float:
     times = []
     for _ in range(iters):
         start = time.perf_counter()

@@ -49,7 +49,7 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def timed(cmd, cwd, env) -> tuple:
+def timed(cmd: list[str], cwd: pathlib.Path | str, env: dict[str, str]) -> tuple:
     """(wall seconds, CPU seconds of the process and its workers) of one whole run."""
     cpu, start = _children_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
@@ -91,7 +91,7 @@ def main() -> None:
               str(work / "tok"), "--workers", str(args.workers), "--append-eod", "--json-keys", "text"]
     (work / "megatron").mkdir(exist_ok=True)
     theirs_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in (args.megatron_lm, args.extra_path) if p))
-    times = {"ours": [], "megatron": []}
+    times: dict[str, list[tuple]] = {"ours": [], "megatron": []}
     load_before = os.getloadavg()[0]
     for _ in range(args.rounds):
         times["ours"].append(timed(ours, REPO, env))

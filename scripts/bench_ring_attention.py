@@ -38,49 +38,22 @@ import pathlib
 import statistics
 import sys
 import time
+from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from pretrain.profiling import peak_mib
+
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-def _cpu_peak_mib(fn) -> float:
-    """Most MiB live in torch's CPU allocator while fn runs, from the profiler's memory events."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:  # frees of blocks allocated before fn are not reported
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak / 2**20
-
-
-def peak_mib(fn, device) -> float:
-    """Most MiB live in torch's allocator while fn runs, beyond what was live before it:
-    `torch.cuda.max_memory_allocated` on a GPU, the profiler's allocation events on the CPU."""
-    import torch
-
-    if device.type != "cuda":
-        return _cpu_peak_mib(fn)
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    base = torch.cuda.memory_allocated(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
 class _Timer:
     """Wall time of a callable: CUDA events on a GPU (after a synchronize), perf_counter on CPU."""
 
-    def __init__(self, device):
+    def __init__(self, device: Any):
         self.device = device
 
-    def __call__(self, fn) -> float:
+    def __call__(self, fn: Any) -> float:
         import torch
 
         if self.device.type != "cuda":
@@ -96,18 +69,18 @@ class _Timer:
         return begin.elapsed_time(end) / 1000
 
 
-def _inputs(args, local: int, device, dtype):
+def _inputs(args: argparse.Namespace, local: int, device: Any, dtype: Any) -> tuple[Any, ...]:
     """q, k, v and the output gradient: [s, b, h, d] tensors (q, k, v leaves) seen as [b, h, s, d]."""
     import torch
 
-    def draw(heads: int, grad: bool):
+    def draw(heads: int, grad: bool) -> Any:
         t = torch.randn(local, 1, heads, args.head_dim, device=device, dtype=dtype, requires_grad=grad)
         return t.permute(1, 2, 0, 3)
 
     return draw(args.heads, True), draw(args.groups, True), draw(args.groups, True), draw(args.heads, False)
 
 
-def _ring_call(args, local: int, device, dtype, group):
+def _ring_call(args: argparse.Namespace, local: int, device: Any, dtype: Any, group: Any) -> Any:
     """Forward + backward of ring attention on fresh local inputs."""
     from model.ring_attention import RingAttentionFunction
 
@@ -152,7 +125,7 @@ def _full_sequence_call(args, device, dtype):
     return ("torch SDPA flash (K/V per query head)" if device.type == "cuda" else "torch SDPA"), make
 
 
-def _measure(make_call, iters: int, timer, device) -> tuple:
+def _measure(make_call: Any, iters: int, timer: Any, device: Any) -> tuple:
     """(best and median seconds of `iters` runs after one warm-up, peak memory in MiB of one run
     counting its inputs, output gradient and everything the call allocates)."""
     call = make_call()
@@ -173,7 +146,7 @@ def _init_group(args, device):
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 
 
-def _simulate(args, device, dtype, timer) -> list:
+def _simulate(args: argparse.Namespace, device: Any, dtype: Any, timer: Any) -> list:
     """One rank after the other of a CP = simulate_cp ring over a no-op ('fake') process group.
 
     Its receives fill nothing, so each receive buffer gets a copy of what the rank sends: the
@@ -193,7 +166,7 @@ def _simulate(args, device, dtype, timer) -> list:
         return transfer
 
     cp, rows = args.simulate_cp, []
-    ring_attention._Ring.shift = shift_with_data
+    ring_attention._Ring.shift = shift_with_data  # type: ignore[method-assign]
     try:
         for rank in range(cp):
             dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=cp)
@@ -201,7 +174,7 @@ def _simulate(args, device, dtype, timer) -> list:
                                  args.iters, timer, device))
             dist.destroy_process_group()
     finally:
-        ring_attention._Ring.shift = shift
+        ring_attention._Ring.shift = shift  # type: ignore[method-assign]
     return rows
 
 

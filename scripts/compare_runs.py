@@ -22,7 +22,6 @@ import re
 import statistics
 import struct
 import sys
-from typing import Dict, List, Optional
 
 EXIT_USER_ERROR = 2
 PLOTS = (("loss", "loss", "LM loss"), ("throughput", "tokens_per_s", "tokens/s"),
@@ -37,7 +36,7 @@ class InputError(Exception):
 # ------------------------------------------------------------------------------------ reading runs
 
 
-def read_metrics_jsonl(path: pathlib.Path) -> List[dict]:
+def read_metrics_jsonl(path: pathlib.Path) -> list[dict]:
     records = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -57,7 +56,7 @@ _BLOCK = 32768  # the .wandb file is a LevelDB-style log: 32 KiB blocks of (crc,
 _FULL, _FIRST, _LAST = 1, 2, 4
 
 
-def _wandb_records(path: pathlib.Path) -> List[bytes]:
+def _wandb_records(path: pathlib.Path) -> list[bytes]:
     """The serialized records of a .wandb file (fragments joined; checksums not verified)."""
     data = path.read_bytes()
     if data[:4] != b":W&B":
@@ -80,7 +79,7 @@ def _wandb_records(path: pathlib.Path) -> List[bytes]:
     return records
 
 
-def read_wandb_file(path: pathlib.Path) -> Dict[int, dict]:
+def read_wandb_file(path: pathlib.Path) -> dict[int, dict]:
     """History rows of one .wandb file by step (`_step`), values as logged."""
     from wandb.proto import wandb_internal_pb2
 
@@ -97,16 +96,16 @@ def read_wandb_file(path: pathlib.Path) -> Dict[int, dict]:
     return rows
 
 
-def read_wandb_dir(files: List[pathlib.Path]) -> List[dict]:
+def read_wandb_dir(files: list[pathlib.Path]) -> list[dict]:
     """Offline parts of one run, oldest first (their folder names start with the date): a later
     part rewrites the steps it repeats, as a resumed run does."""
-    rows: Dict[int, dict] = {}
+    rows: dict[int, dict] = {}
     for path in sorted(files, key=lambda p: p.parent.name):
         rows.update(read_wandb_file(path))
     return [rows[step] for step in sorted(rows)]
 
 
-def read_api_run(path: str) -> List[dict]:
+def read_api_run(path: str) -> list[dict]:
     import wandb
 
     try:
@@ -117,7 +116,7 @@ def read_api_run(path: str) -> List[dict]:
     return sorted(rows, key=lambda r: r["step"])
 
 
-def read_run(spec: str) -> List[dict]:
+def read_run(spec: str) -> list[dict]:
     path = pathlib.Path(spec)
     if path.is_file() and path.suffix == ".wandb":
         rows = read_wandb_dir([path])
@@ -132,7 +131,7 @@ def read_run(spec: str) -> List[dict]:
     return rows
 
 
-def _read_run_dir(path: pathlib.Path) -> List[dict]:
+def _read_run_dir(path: pathlib.Path) -> list[dict]:
     if (path / "metrics.jsonl").is_file():
         return read_metrics_jsonl(path / "metrics.jsonl")
     wandb_files = list(path.glob("*.wandb")) or list(path.glob("offline-run-*/*.wandb")) \
@@ -145,13 +144,13 @@ def _read_run_dir(path: pathlib.Path) -> List[dict]:
 # ----------------------------------------------------------------------------------------- summary
 
 
-def _finite(rows: List[dict], key: str) -> List[tuple]:
+def _finite(rows: list[dict], key: str) -> list[tuple]:
     """(step, value) of the rows where `key` is a finite number."""
     return [(r["step"], r[key]) for r in rows
             if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
-def summarize(rows: List[dict]) -> dict:
+def summarize(rows: list[dict]) -> dict:
     losses = _finite(rows, "loss")
     speeds = [v for _, v in _finite(rows, "tokens_per_s")]
     mfus = [v for _, v in _finite(rows, "mfu")]
@@ -167,11 +166,11 @@ def summarize(rows: List[dict]) -> dict:
     }
 
 
-def _cell(value, fmt: str) -> str:
+def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
-def table(labels: List[str], summaries: List[dict]) -> str:
+def table(labels: list[str], summaries: list[dict]) -> str:
     header = ["run", "steps", "tokens", "final loss", "min loss (step)", "tokens/s (median)", "MFU (median)",
               "skipped"]
     lines = [header]
@@ -189,7 +188,7 @@ def table(labels: List[str], summaries: List[dict]) -> str:
 # ------------------------------------------------------------------------------------------- plots
 
 
-def plot(labels: List[str], runs: List[List[dict]], out_dir: pathlib.Path) -> List[pathlib.Path]:
+def plot(labels: list[str], runs: list[list[dict]], out_dir: pathlib.Path) -> list[pathlib.Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -222,7 +221,7 @@ def plot(labels: List[str], runs: List[List[dict]], out_dir: pathlib.Path) -> Li
 # -------------------------------------------------------------------------------------------- main
 
 
-def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="compare_runs.py", description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", help="run dirs, wandb offline runs/.wandb files, entity/project/run_id")
     parser.add_argument("--out", default="runs/compare", help="folder for the PNG plots (default runs/compare)")
@@ -230,7 +229,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _labels(args: argparse.Namespace) -> List[str]:
+def _labels(args: argparse.Namespace) -> list[str]:
     if args.labels is None:
         return [pathlib.Path(spec).name or spec for spec in args.runs]
     labels = args.labels.split(",")
@@ -239,7 +238,7 @@ def _labels(args: argparse.Namespace) -> List[str]:
     return labels
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         labels = _labels(args)

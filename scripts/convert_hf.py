@@ -17,7 +17,8 @@ import argparse
 import json
 import pathlib
 import sys
-from typing import Dict, Optional
+from collections.abc import Iterable
+from typing import TypeVar
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -25,17 +26,20 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from common.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from model.config import ModelConfig  # noqa: E402
 from parallel.layout import init_single_process  # noqa: E402
 from upstream.process import exit_quickly, prepare_process  # noqa: E402
 
+T = TypeVar("T")
 
-def _progress(items, desc: str):
+
+def _progress(items: Iterable[T], desc: str) -> Iterable[T]:
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, unit="tensor", file=sys.stderr, disable=None)
 
 
-def read_hf_tensors(hf_dir: pathlib.Path) -> Dict[str, torch.Tensor]:
+def read_hf_tensors(hf_dir: pathlib.Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     files = sorted(hf_dir.glob("*.safetensors"))
@@ -49,7 +53,7 @@ def read_hf_tensors(hf_dir: pathlib.Path) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def _build(model_cfg, vocab_size: int):
+def _build(model_cfg: ModelConfig, vocab_size: int) -> tuple[torch.nn.Module, int]:
     """The model at tensor = pipeline = 1 for `vocab_size` tokens (padded as training pads it)."""
     from model.gpt import ModelBuild, build_model_chunks, padded_vocab_size
 
@@ -72,6 +76,7 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     if checkpoint.complete_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints: choose an empty directory")
     init_single_process()
+    assert model_cfg.vocab_size is not None  # model_config_from_hf reads it from config.json
     model, vocab = _build(model_cfg, model_cfg.vocab_size)
     ours = hf_to_ours(read_hf_tensors(hf_dir), model_cfg, vocab)
     _load_exactly(model, ours, f"{hf_dir}")
@@ -84,7 +89,7 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     return path
 
 
-def _load_exactly(model, state: Dict[str, torch.Tensor], source: str) -> None:
+def _load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
@@ -107,6 +112,7 @@ def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     from pretrain.recipe import model_config_from_dict
 
     path = checkpoint.resolve_load(str(ckpt), ckpt.parent)
+    assert path is not None  # resolve_load gives None only for load None or auto
     extra = checkpoint.read_extra(path)
     if "recipe" not in extra:
         raise UserError(f"checkpoint '{path}' stores no recipe, so its architecture is unknown")
@@ -127,7 +133,7 @@ def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     return out_dir
 
 
-def main(argv: Optional[list] = None) -> int:
+def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     imp = sub.add_parser("import", help="HF safetensors dir -> weights-only checkpoint dir")

@@ -5,7 +5,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from upstream.process import prepare_process  # noqa: E402
+from upstream.process import prepare_process
 
 prepare_process()  # as every entry point does: megatron-core without TorchDynamo on CPU, its fixes applied
 

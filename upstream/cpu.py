@@ -16,13 +16,12 @@ import ctypes
 import dataclasses
 import os
 import signal
-from typing import Dict, List
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 
-def _is_cuda_device(device) -> bool:
+def _is_cuda_device(device: object) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"
     if isinstance(device, str):
@@ -95,24 +94,24 @@ def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
-def _cpu_set_rng_state(new_state, device=-1, graph_safe=False) -> None:
+def _cpu_set_rng_state(new_state: torch.Tensor, device: object = -1, graph_safe: bool = False) -> None:
     torch.set_rng_state(new_state)
 
 
-def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
+def _cpu_get_rng_state(device: object = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
     return torch.get_rng_state()
 
 
 class HostEvent:
     """Stand-in for torch.cuda.Event: CPU work is already complete when recorded."""
 
-    def record(self, stream=None) -> None:
+    def record(self, stream: object = None) -> None:
         pass
 
     def synchronize(self) -> None:
         pass
 
-    def wait(self, stream=None) -> None:
+    def wait(self, stream: object = None) -> None:
         pass
 
     def query(self) -> bool:
@@ -122,16 +121,16 @@ class HostEvent:
 class HostStream:
     """Stand-in for torch.cuda.Stream: the CPU has one in-order stream, so ordering is a no-op."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: object, **kwargs: object):
         pass
 
-    def wait_stream(self, other) -> None:
+    def wait_stream(self, other: object) -> None:
         pass
 
-    def wait_event(self, event) -> None:
+    def wait_event(self, event: object) -> None:
         pass
 
-    def record_event(self, event=None) -> HostEvent:
+    def record_event(self, event: HostEvent | None = None) -> HostEvent:
         return event or HostEvent()
 
     def synchronize(self) -> None:
@@ -141,13 +140,13 @@ class HostStream:
 _HOST_STREAM = HostStream()
 
 
-def _host_split_sizes(tensor, as_numpy: bool = False, record_stream: bool = False):
+def _host_split_sizes(tensor: object, as_numpy: bool = False, record_stream: bool = False) -> object:
     """megatron's maybe_move_tensor_to_cpu for tensors already on the CPU.
 
     Upstream converts the alltoall split sizes to numpy only when `tensor.is_cuda`; CPU tensors stay
     tensors, which `all_to_all_single` rejects ("incompatible function arguments").
     """
-    if as_numpy and torch.is_tensor(tensor):
+    if as_numpy and isinstance(tensor, torch.Tensor):
         return tensor.numpy()
     return tensor
 
@@ -176,7 +175,7 @@ def _uneven_all_gather(original):
     return all_gather
 
 
-def _patches() -> List[Patch]:
+def _patches() -> list[Patch]:
     """The attribute patches, built lazily so importing this module never imports megatron."""
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import token_dispatcher
@@ -225,14 +224,14 @@ class CpuCompat:
         self.patches = [p for p in _patches() if p.name not in skip]
         self.mode = None if "device.mode" in skip else CudaToCpuMode()
 
-    def __enter__(self) -> "CpuCompat":
+    def __enter__(self) -> CpuCompat:
         for patch in self.patches:
             patch.apply()
         if self.mode is not None:
             self.mode.__enter__()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.mode is not None:
             self.mode.__exit__(*exc)
         for patch in reversed(self.patches):
@@ -278,12 +277,12 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(0)
 
 
-def patch_names() -> List[str]:
+def patch_names() -> list[str]:
     """Names of every patch, for tests and `--dry-run` reporting."""
     return [p.name for p in _patches()] + ["device.mode"]
 
 
-_ACTIVE: Dict[str, CpuCompat] = {}
+_ACTIVE: dict[str, CpuCompat] = {}
 
 
 def enable(device: torch.device) -> bool:

@@ -8,7 +8,8 @@ the two Adam-step fixes act around a checkpoint load (pretrain/checkpoint.py cal
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, List
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -51,7 +52,7 @@ def _scale_aux_loss_by_tp_cp() -> bool:
         original(scale * ps.get_tensor_and_context_parallel_world_size())
 
     set_loss_scale._scaled_by_tp_cp = True  # type: ignore[attr-defined]
-    MoEAuxLossAutoScaler.set_loss_scale = staticmethod(set_loss_scale)  # type: ignore[method-assign]
+    MoEAuxLossAutoScaler.set_loss_scale = staticmethod(set_loss_scale)
     return True
 
 
@@ -76,7 +77,7 @@ def _keep_own_adam_step() -> bool:
         return original(self, model_param, tensors)
 
     set_states._keeps_own_step = True  # type: ignore[attr-defined]
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_states  # type: ignore[method-assign]
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
     return True
 
 
@@ -89,7 +90,7 @@ FIXES = (
 )
 
 
-def apply_all() -> List[str]:
+def apply_all() -> list[str]:
     """Applies every fix (idempotent); returns the names of those that changed something."""
     return [fix.name for fix in FIXES if fix.apply()]
 

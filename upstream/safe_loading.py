@@ -29,7 +29,8 @@ import importlib
 import io
 import pickle
 import warnings
-from typing import Any, Callable, Dict, Iterable, Optional, Set, Tuple
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -42,7 +43,7 @@ class UnsafeFile(UserError):
 
 # Classes a torch.distributed.checkpoint `.metadata` file may name; anything else (os.system, a
 # user's class, ...) means the file is not what a save wrote.
-_METADATA_GLOBALS: Set[Tuple[str, str]] = {
+_METADATA_GLOBALS: set[tuple[str, str]] = {
     ("torch.distributed.checkpoint.metadata", name) for name in (
         "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
         "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
@@ -153,7 +154,7 @@ def _load_bytes_weights_only(original: Callable) -> Callable:
     `weights_only=False`, refusing any item the weights-only unpickler would not load."""
 
     @functools.wraps(original)
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+    def load_bytes(self: Any, read_item: Any, value: io.BytesIO) -> None:
         check_weights_only(value, f"byte item '{read_item.dest_index.fqn}'")
         return original(self, read_item, value)
 
@@ -179,7 +180,7 @@ def _set_extra_state_checked(original: Callable) -> Callable:
     return set_extra_state
 
 
-def _te_extra_state_owners() -> Iterable[Tuple[Any, str, Callable]]:
+def _te_extra_state_owners() -> Iterable[tuple[Any, str, Callable]]:
     """(class, method, wrapper) for transformer-engine's extra-state readers, when TE is installed:
     TE's base module's set_extra_state and megatron-core's grouped-linear decoder of it."""
     try:
@@ -205,7 +206,7 @@ def _decode_extra_state_checked(original: Callable) -> Callable:
     return decode
 
 
-def install() -> Dict[str, bool]:
+def install() -> dict[str, bool]:
     """Applies the checks (idempotent); returns which ones are active. Every load path calls it."""
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.filesystem import FileSystemReader
@@ -218,7 +219,7 @@ def install() -> Dict[str, bool]:
     return {f"{cls.__name__}.{method}": True for cls, method, _ in owners}
 
 
-def refusal_in(exc: BaseException) -> Optional[UnsafeFile]:
+def refusal_in(exc: BaseException) -> UnsafeFile | None:
     """The UnsafeFile a failed dist-checkpoint load carries, if any: torch gathers every rank's
     exception into one CheckpointException (a BaseException)."""
     failures = getattr(exc, "failures", None) or {}

@@ -63,7 +63,7 @@ def test_block_kernels_equal_sdpa_autograd(backend, causal):
     torch.testing.assert_close(out, ref.detach(), **TOL)
     torch.testing.assert_close(lse, torch.logsumexp(scores, -1), **TOL)
     for name, got, want in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(got, want, **TOL, msg=lambda m, where=f"d{name}": f"{where}: {m}")
 
 
 def test_cpu_uses_the_aten_kernels():
@@ -166,15 +166,15 @@ def _ring_results(group, cp: int, cp_rank: int) -> dict:
     model's [s, b, h, d] tensors seen as [b, h, s, d] (returned as [b, h, s, d]); checks that the
     output comes back in the input's layout."""
     (q, k, v, dout), _ = _full_problem()
-    shard = lambda t: load_balanced_slice(t, cp_rank, cp, dim=2)  # noqa: E731
+    shard = lambda t: load_balanced_slice(t, cp_rank, cp, dim=2)
     results = {}
     for layout in ("bhsd", "sbhd"):
         if layout == "bhsd":
             leaves = [shard(t).requires_grad_() for t in (q, k, v)]
-            view = lambda t: t  # noqa: E731
+            view = lambda t: t
         else:
             leaves = [shard(t).permute(2, 0, 1, 3).contiguous().requires_grad_() for t in (q, k, v)]
-            view = lambda t: t.permute(1, 2, 0, 3)  # noqa: E731  [s, b, h, d] -> [b, h, s, d]
+            view = lambda t: t.permute(1, 2, 0, 3)
         out = RingAttentionFunction.apply(*(view(t) for t in leaves), group, SCALE)
         out.backward(view(shard(dout).permute(2, 0, 1, 3).contiguous()) if layout == "sbhd" else shard(dout))
         if layout == "sbhd":  # a model's layer reshapes it to [s, b, h·d] without a copy
@@ -210,7 +210,7 @@ def test_ring_equals_full_causal_attention_cp2_cp4_gqa():
             cp_rank = rank if cp == 4 else rank % 2
             for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
                 torch.testing.assert_close(a, load_balanced_slice(e, cp_rank, cp, dim=2), **TOL,
-                                           msg=lambda m: f"rank {rank} {case} {name}: {m}")
+                                           msg=lambda m, where=f"rank {rank} {case} {name}": f"{where}: {m}")
 
 
 # ------------------------------------------------------------------ cp = 1 and the core attention
@@ -219,9 +219,9 @@ def test_ring_equals_full_causal_attention_cp2_cp4_gqa():
 def _attention_kwargs(heads=HEADS, groups=GROUPS, context=1, **model_changes):
     from megatron.core.transformer.enums import AttnMaskType
 
+    from model.config import ModelConfig
     from model.gpt import ModelBuild, transformer_config
     from parallel.layout import Layout
-    from model.config import ModelConfig
 
     model = ModelConfig(num_layers=1, hidden_size=heads * HEAD_DIM, ffn_hidden_size=4 * heads * HEAD_DIM,
                         num_attention_heads=heads, num_query_groups=groups, **model_changes)
@@ -239,7 +239,7 @@ def test_cp1_function_equals_sdpa(megatron_single_process, dtype):
     out.backward(dout.to(dtype))
     for name, a, e in zip(("out", "dq", "dk", "dv"), (out.detach(), *(t.grad for t in local)), expected):
         assert a.dtype == dtype, f"{name} is {a.dtype}"
-        torch.testing.assert_close(a.float(), e, **TOL, msg=lambda m: f"{dtype} {name}: {m}")
+        torch.testing.assert_close(a.float(), e, **TOL, msg=lambda m, where=f"{dtype} {name}": f"{where}: {m}")
 
 
 def test_ring_attention_module_equals_sdp_attention(megatron_single_process):
@@ -300,10 +300,10 @@ def test_context_parallel_selects_the_ring_or_transformer_engine(megatron_single
     clear error is what a CPU user sees)."""
     import dataclasses
 
+    from common.errors import UserError
+    from model.config import ModelConfig
     from model.gpt import ModelBuild, layer_spec, transformer_config
     from parallel.layout import Layout
-    from model.config import ModelConfig
-    from common.errors import UserError
 
     model = ModelConfig(num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4)
     ring_config = transformer_config(model, ModelBuild(layout=Layout(world_size=2, context=2)))

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 
-from pretrain import checkpoint
 from common.errors import UserError
+from pretrain import checkpoint
 from tests.helpers.runs import (
     REPO,
     TINY_STEPS,

@@ -14,7 +14,7 @@ from PIL import Image
 from tests.helpers.runs import REPO, read_metrics, tiny_overrides
 
 sys.path.insert(0, str(REPO / "scripts"))
-import compare_runs  # noqa: E402
+import compare_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

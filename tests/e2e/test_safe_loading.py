@@ -18,9 +18,9 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-from upstream import safe_loading
 from common.errors import UserError
 from tests.helpers.runs import REPO, run_pretrain, tiny_overrides
+from upstream import safe_loading
 
 
 class _Payload:
@@ -228,9 +228,9 @@ def test_planted_data_cache_index_is_refused(reference, synthetic_corpus, tmp_pa
 
 
 def test_object_arrays_in_the_data_cache_are_refused(tmp_path):
-    from data.dataset import check_cache_files
-
     import numpy
+
+    from data.dataset import check_cache_files
 
     numpy.save(tmp_path / "a.npy", numpy.arange(4))
     check_cache_files(str(tmp_path))

@@ -7,7 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
-from typing import List, Sequence
+from collections.abc import Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -38,12 +38,12 @@ def run_pretrain(nproc: int, recipe: str, overrides: Sequence[str], timeout: int
     return proc
 
 
-def read_metrics(log_dir: pathlib.Path) -> List[dict]:
+def read_metrics(log_dir: pathlib.Path) -> list[dict]:
     with open(log_dir / "metrics.jsonl") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def assert_close_curves(actual: List[dict], expected: List[dict], rel: float, keys=("loss", "grad_norm")) -> None:
+def assert_close_curves(actual: list[dict], expected: list[dict], rel: float, keys=("loss", "grad_norm")) -> None:
     """Same steps, and each key within `rel` relative difference at every step."""
     assert [r["step"] for r in actual] == [r["step"] for r in expected]
     for a, e in zip(actual, expected):

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Dict, Iterator, List, Optional
+from collections.abc import Iterator
 
 import pytest
 
@@ -41,11 +41,11 @@ class SlurmUnavailable(Exception):
     """This machine cannot run the test cluster; the message says why."""
 
 
-def _which(program: str) -> Optional[str]:
+def _which(program: str) -> str | None:
     return shutil.which(program, path=f"{os.environ.get('PATH', '')}:{SBIN}")
 
 
-def _apt(args: List[str]) -> subprocess.CompletedProcess:
+def _apt(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     cmd = ["apt-get", *args, "-q", "-o", "DPkg::Lock::Timeout=300"]
     try:
@@ -90,21 +90,21 @@ class SlurmCluster:
     to the jobs, so their srun and scontrol use it too."""
 
     root: pathlib.Path
-    env: Dict[str, str]
-    daemons: Dict[str, subprocess.Popen] = dataclasses.field(default_factory=dict)
+    env: dict[str, str]
+    daemons: dict[str, subprocess.Popen] = dataclasses.field(default_factory=dict)
 
     def run(self, *cmd: str, timeout: float = 30, **kwargs) -> subprocess.CompletedProcess:
         kwargs.setdefault("env", self.env)
         return subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kwargs)
 
-    def job(self, job_id: str) -> Dict[str, str]:
+    def job(self, job_id: str) -> dict[str, str]:
         """`scontrol show job` as a dict (JobState, Reason, ExitCode, Restarts, ...); values with
         spaces (Command) are cut at the first one."""
         proc = self.run("scontrol", "--oneliner", "show", "job", job_id)
         assert proc.returncode == 0, f"scontrol show job {job_id}: {proc.stderr.strip()}\n{self.daemon_logs()}"
         return dict(re.findall(r"(\S+?)=(\S*)", proc.stdout))
 
-    def wait_until_done(self, job_id: str, timeout: float, explain=lambda: "") -> Dict[str, str]:
+    def wait_until_done(self, job_id: str, timeout: float, explain=lambda: "") -> dict[str, str]:
         """Polls the job until it has ended (a requeued job is PENDING again, so not ended)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -123,7 +123,7 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
-def _slurm_conf(root: pathlib.Path, host: str, ports: List[int]) -> str:
+def _slurm_conf(root: pathlib.Path, host: str, ports: list[int]) -> str:
     nodes = "\n".join(f"NodeName={node} NodeHostname={host} NodeAddr={node} Port={port} CPUs=1 State=UNKNOWN"
                       for node, port in zip(NODES, ports[1:]))
     return f"""\
@@ -163,7 +163,7 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def _start_munge(root: pathlib.Path, env: Dict[str, str], daemons: Dict[str, subprocess.Popen]) -> None:
+def _start_munge(root: pathlib.Path, env: dict[str, str], daemons: dict[str, subprocess.Popen]) -> None:
     munge = root / "munge"
     munge.mkdir(mode=0o755)
     key = munge / "munge.key"
@@ -174,7 +174,7 @@ def _start_munge(root: pathlib.Path, env: Dict[str, str], daemons: Dict[str, sub
         f"--pid-file={munge}/munged.pid", f"--log-file={root}/munged.log", f"--seed-file={munge}/seed"], env)
 
 
-def _spawn(root: pathlib.Path, name: str, cmd: List[str], env: Dict[str, str]) -> subprocess.Popen:
+def _spawn(root: pathlib.Path, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
     with open(root / f"{name}.stderr.log", "w") as out:
         return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
 

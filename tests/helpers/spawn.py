@@ -7,7 +7,8 @@ import datetime
 import os
 import socket
 import tempfile
-from typing import Any, Callable, List
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -34,7 +35,7 @@ def _rank_main(rank: int, fn: Callable, world_size: int, port: int, args: tuple,
         dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> List[Any]:
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
     """fn(rank, world_size, *args) on `world_size` gloo ranks, each with the default process group
     initialized; returns every rank's return value (tensors, numbers, lists, strings), rank order.
     An exception on any rank fails the caller with that rank's traceback. `fn` must be importable

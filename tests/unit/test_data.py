@@ -7,12 +7,12 @@ import numpy
 import pytest
 import torch
 
+from common.errors import UserError
 from data.dataset import build_samples, open_indexed
 from data.loader import BatchPlan
 from data.preprocess import build_quickstart_corpus, build_synthetic_corpus, main, token_dtype, write_indexed
 from data.sources import synthetic_documents
 from data.tokenizer import ByteTokenizer, build_tokenizer
-from common.errors import UserError
 
 
 def _indexed(prefix):

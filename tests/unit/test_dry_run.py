@@ -1,7 +1,7 @@
 """`--dry-run` planning: which layers each pipeline stage holds, without building anything."""
 
-from pretrain.recipe import load_recipe
 from pretrain.dry_run import plan
+from pretrain.recipe import load_recipe
 
 
 def _layers(overrides, world):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.config import ModelConfig
 from model.gpt import (
     ModelBuild,
     build_model_chunks,
@@ -18,7 +19,6 @@ from model.gpt import (
     parameter_counts,
     transformer_config,
 )
-from model.config import ModelConfig
 from pretrain.recipe import load_recipe
 
 BYTE_VOCAB = 257  # the byte tokenizer tiny_gpt trains with (vocab_size: null in its recipe)
@@ -133,7 +133,7 @@ def test_sdpa_attention_equals_megatron_dot_product_attention(heads, groups):
     grads = torch.autograd.grad(out, (q, k, v), grad_out)
     ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
     for name, got, want in zip("qkv", grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=lambda m: f"d{name}: {m}")
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=lambda m, where=f"d{name}": f"{where}: {m}")
 
 
 def test_sdpa_attention_is_causal():

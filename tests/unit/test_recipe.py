@@ -6,11 +6,17 @@ import textwrap
 
 import pytest
 
+from common.errors import RecipeError, UserError
 from pretrain.recipe import (
-    RECIPES_DIR, Recipe, dump_recipe, load_recipe, recipe_to_dict, resolve_recipe_path, validate_for_world,
+    RECIPES_DIR,
+    Recipe,
+    dump_recipe,
+    load_recipe,
+    recipe_to_dict,
+    resolve_recipe_path,
+    validate_for_world,
     validate_static,
 )
-from common.errors import RecipeError, UserError
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,8 @@ import types
 
 import pytest
 
-from pretrain.recipe import load_recipe
 from pretrain.optim import build_scheduler
+from pretrain.recipe import load_recipe
 
 
 def _lrs(overrides, steps):

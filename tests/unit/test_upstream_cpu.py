@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from tests.helpers.spawn import run_distributed
-
 from upstream import cpu as cpu_compat
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer is for CPU-only runs")
