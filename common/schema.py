@@ -80,8 +80,8 @@ _Loader.yaml_implicit_resolvers = {
 }
 _Loader.add_implicit_resolver(_BOOL_TAG, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 _Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def display(path: pathlib.Path) -> str:
@@ -294,8 +294,7 @@ def _unknown_key(key: Any, section: str, valid: Sequence[str], where: str, root:
     return RecipeError(f"unknown key '{dotted}' {where}; valid keys {scope}: {', '.join(valid)}")
 
 
-def clean_section(raw: dict[Any, Any], cls: type, section: str, where: str,
-                  root: type | None = None) -> dict[str, Any]:
+def clean_section(raw: dict[Any, Any], cls: type, section: str, where: str, root: type | None = None) -> dict[str, Any]:
     """Check one layer's `section` against `cls`: unknown keys and types; values converted. `root`
     is the whole schema (default `cls`), where an unknown key's closest match is looked for."""
     fields = yaml_fields(cls)
@@ -414,7 +413,8 @@ class _Dumper(yaml.SafeDumper):
 
 
 _Dumper.add_representer(
-    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True))
+    list, lambda dumper, value: dumper.represent_sequence("tag:yaml.org,2002:seq", value, flow_style=True)
+)
 
 
 def dump(obj: Any) -> str:

@@ -47,20 +47,30 @@ class DataConfig:
         shares = parse_split(d.split)
         separate_valid = d.valid_path is not None or d.valid_blend is not None
         if separate_valid and shares[1] > 0:
-            raise RecipeError(f"data.split '{d.split}' gives a valid share and data.valid_path / valid_blend "
-                              "is set too: use one source of validation data")
+            raise RecipeError(
+                f"data.split '{d.split}' gives a valid share and data.valid_path / valid_blend "
+                "is set too: use one source of validation data"
+            )
         if eval_interval and not separate_valid and shares[1] == 0:
-            raise RecipeError(f"train.eval_interval = {eval_interval} needs validation data: give data.split a "
-                              "valid share (e.g. '98,1,1') or set data.valid_path")
+            raise RecipeError(
+                f"train.eval_interval = {eval_interval} needs validation data: give data.split a "
+                "valid share (e.g. '98,1,1') or set data.valid_path"
+            )
         if test_at_end and shares[2] == 0:
-            raise RecipeError(f"train.test_at_end = true needs a test share in data.split (its third number, "
-                              f"e.g. '98,1,1'), got '{d.split}'")
+            raise RecipeError(
+                f"train.test_at_end = true needs a test share in data.split (its third number, "
+                f"e.g. '98,1,1'), got '{d.split}'"
+            )
         if d.reset_attention_mask:
-            raise RecipeError("data.reset_attention_mask = true is not supported: the model's attention is causal "
-                              "over the whole packed sample and takes no per-document mask; set it to false")
+            raise RecipeError(
+                "data.reset_attention_mask = true is not supported: the model's attention is causal "
+                "over the whole packed sample and takes no per-document mask; set it to false"
+            )
         if d.reset_position_ids:
-            raise RecipeError("data.reset_position_ids = true is not supported: megatron-core's GPTModel computes "
-                              "RoPE from the position in the sample, never from position_ids; set it to false")
+            raise RecipeError(
+                "data.reset_position_ids = true is not supported: megatron-core's GPTModel computes "
+                "RoPE from the position in the sample, never from position_ids; set it to false"
+            )
 
 
 def parse_split(text: str) -> list[float]:
@@ -71,8 +81,10 @@ def parse_split(text: str) -> list[float]:
     except ValueError:
         shares = []
     if not 1 <= len(shares) <= 3 or not all(math.isfinite(x) and x >= 0 for x in shares) or not shares[0] > 0:
-        raise RecipeError(f"data.split must be 1 to 3 comma-separated non-negative shares "
-                          f"(train,valid,test) with a positive train share, e.g. '98,1,1', got '{text}'")
+        raise RecipeError(
+            f"data.split must be 1 to 3 comma-separated non-negative shares "
+            f"(train,valid,test) with a positive train share, e.g. '98,1,1', got '{text}'"
+        )
     return shares + [0.0] * (3 - len(shares))
 
 

@@ -44,8 +44,7 @@ def open_indexed(prefix: str) -> Any:
     for path in (prefix + ".bin", prefix + ".idx"):
         if not os.path.isfile(path):
             raise UserError(
-                f"data file '{path}' not found: "
-                "build it with 'python -m data.preprocess' or fix the data path"
+                f"data file '{path}' not found: build it with 'python -m data.preprocess' or fix the data path"
             )
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
@@ -182,8 +181,9 @@ def blend_of(path: str | None, blend: Sequence[tuple[float, str]] | None) -> lis
     return [(1.0, path)] if path is not None else []
 
 
-def build_source_splits(prefix: str, split: str, seq_length: int, seed: int, eod: int,
-                        eod_mask_loss: bool, cache_dir: str, vocab_size: int) -> list[object | None]:
+def build_source_splits(
+    prefix: str, split: str, seq_length: int, seed: int, eod: int, eod_mask_loss: bool, cache_dir: str, vocab_size: int
+) -> list[object | None]:
     """megatron-core GPTDatasets for the train/valid/test document ranges of one prefix (None: no share).
 
     Call on every rank at once when torch.distributed is initialized: rank 0 builds and caches the
@@ -199,10 +199,16 @@ def build_source_splits(prefix: str, split: str, seq_length: int, seed: int, eod
     cache = os.path.join(cache_dir, f"{os.path.basename(prefix)}-{sizes}")
     check_cache_files(cache)
     config = GPTDatasetConfig(
-        random_seed=seed, sequence_length=seq_length, blend=([prefix], None), split=split,
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=([prefix], None),
+        split=split,
         path_to_cache=cache,
-        tokenizer=_EodOnly(eod), mmap_bin_files=True,
-        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=eod_mask_loss,
+        tokenizer=_EodOnly(eod),
+        mmap_bin_files=True,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,  # causal attention builds its own mask
     )
     return BlendedMegatronDatasetBuilder(GPTDataset, [None] * 3, lambda: True, config).build()
@@ -228,8 +234,10 @@ def check_cache_files(folder: str) -> None:
             except (ValueError, KeyError, EOFError):
                 dtype = None
         if dtype is None or dtype.hasobject:
-            raise UserError(f"data cache file '{path}' is not a plain numpy array (loading it could run "
-                            f"code): delete the folder '{folder}' and it is built again")
+            raise UserError(
+                f"data cache file '{path}' is not a plain numpy array (loading it could run "
+                f"code): delete the folder '{folder}' and it is built again"
+            )
 
 
 def _require_samples(dataset: Any, prefix: str, split_name: str, split: str, seq_length: int) -> None:
@@ -244,9 +252,18 @@ def _require_samples(dataset: Any, prefix: str, split_name: str, split: str, seq
     )
 
 
-def build_samples(train_blend: list[tuple[float, str]], valid_blend: list[tuple[float, str]], split: str,
-                  seq_length: int, seed: int, eod: int, eod_mask_loss: bool, cache_dir: str,
-                  vocab_size: int, with_test: bool = False) -> dict[str, BlendedSamples]:
+def build_samples(
+    train_blend: list[tuple[float, str]],
+    valid_blend: list[tuple[float, str]],
+    split: str,
+    seq_length: int,
+    seed: int,
+    eod: int,
+    eod_mask_loss: bool,
+    cache_dir: str,
+    vocab_size: int,
+    with_test: bool = False,
+) -> dict[str, BlendedSamples]:
     """{'train': …, 'valid': …, 'test': …} (valid only when there is validation data, test only when
     asked for). The train blend's datasets are split by document shares `split` (its test share is
     held out, and read only `with_test`); a non-empty `valid_blend` is used whole as the validation
@@ -256,16 +273,16 @@ def build_samples(train_blend: list[tuple[float, str]], valid_blend: list[tuple[
     per_split: dict[str, list[tuple[float, SourceSamples]]] = {}
     for blend, source_split in jobs:
         for weight, prefix in blend:
-            datasets = build_source_splits(prefix, source_split, seq_length, seed, eod, eod_mask_loss,
-                                           cache_dir, vocab_size)
+            datasets = build_source_splits(
+                prefix, source_split, seq_length, seed, eod, eod_mask_loss, cache_dir, vocab_size
+            )
             for name, dataset in zip(names, datasets):
                 if dataset is None:
                     continue
                 _require_samples(dataset, prefix, name, source_split, seq_length)
                 per_split.setdefault(name, []).append((weight, SourceSamples(dataset, prefix, seed)))
     return {
-        name: BlendedSamples([s for _, s in entries], [w for w, _ in entries])
-        for name, entries in per_split.items()
+        name: BlendedSamples([s for _, s in entries], [w for w, _ in entries]) for name, entries in per_split.items()
     }
 
 

@@ -40,9 +40,11 @@ class BatchPlan:
     def __post_init__(self) -> None:
         per_step = self.micro_batch_size * self.dp_size
         if self.global_batch_size % per_step:
-            raise RecipeError(f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
-                              f"train.micro_batch_size × data-parallel size = {self.micro_batch_size} × "
-                              f"{self.dp_size} = {per_step}")
+            raise RecipeError(
+                f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size × data-parallel size = {self.micro_batch_size} × "
+                f"{self.dp_size} = {per_step}"
+            )
 
     @classmethod
     def of(cls, global_batch_size: int, micro_batch_size: int, dp_size: int) -> BatchPlan:
@@ -98,12 +100,14 @@ class PrefetchingLoader:
     GPU); with `pin` the batches arrive in pinned memory and are copied to the device asynchronously.
     """
 
-    def __init__(self, samples: Samples, plan: BatchPlan, first: int, steps: int, workers: int,
-                 device: torch.device):
+    def __init__(self, samples: Samples, plan: BatchPlan, first: int, steps: int, workers: int, device: torch.device):
         self.plan, self.next_first, self.device = plan, first, device
         loader = DataLoader(
-            RankMicroBatches(samples, plan, first, steps), batch_size=None, shuffle=False,
-            num_workers=workers, pin_memory=device.type == "cuda",
+            RankMicroBatches(samples, plan, first, steps),
+            batch_size=None,
+            shuffle=False,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
             multiprocessing_context="fork" if workers else None,
         )
         self._batches: Iterator[dict[str, torch.Tensor]] | None = iter(loader)
@@ -114,8 +118,10 @@ class PrefetchingLoader:
             raise RuntimeError(f"data loader is at sample {self.next_first}, the step asked for sample {first}")
         self.next_first += self.plan.global_batch_size
         assert self._batches is not None, "the loader was closed"
-        return [{key: value.to(self.device, non_blocking=True) for key, value in next(self._batches).items()}
-                for _ in range(self.plan.micro_batches)]
+        return [
+            {key: value.to(self.device, non_blocking=True) for key, value in next(self._batches).items()}
+            for _ in range(self.plan.micro_batches)
+        ]
 
     def close(self) -> None:
         """Stops the workers (also done when the loader is garbage-collected)."""
@@ -126,8 +132,7 @@ class TrainBatches:
     """The training steps' micro-batches, in order from sample `first`: read ahead by `workers`
     processes, or built in this process when there are none."""
 
-    def __init__(self, samples: Samples, plan: BatchPlan, first: int, steps: int, workers: int,
-                 device: torch.device):
+    def __init__(self, samples: Samples, plan: BatchPlan, first: int, steps: int, workers: int, device: torch.device):
         self.samples, self.plan, self.device = samples, plan, device
         self.loader = PrefetchingLoader(samples, plan, first, steps, workers, device) if workers else None
 

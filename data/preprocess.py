@@ -43,9 +43,7 @@ def _indexed_dataset_builder():
     return IndexedDatasetBuilder
 
 
-def write_indexed(
-    docs: Iterable[list[int]], prefix: str, vocab_size: int, eod: int | None = None
-) -> dict:
+def write_indexed(docs: Iterable[list[int]], prefix: str, vocab_size: int, eod: int | None = None) -> dict:
     """Write PREFIX.bin/.idx, one sequence per document with `eod` appended; return the counts.
 
     `eod` defaults to vocab_size - 1, the byte tokenizer's EOD; pass the tokenizer's own otherwise.
@@ -160,8 +158,10 @@ def _init_worker(tokenizer: ByteTokenizer | HFTokenizer) -> None:
     _WORKER_TOKENIZER = tokenizer
 
 
-def _tokenize_batch(texts: list[str], tokenizer: ByteTokenizer | HFTokenizer | None = None,
-                    ) -> tuple[numpy.ndarray, numpy.ndarray]:
+def _tokenize_batch(
+    texts: list[str],
+    tokenizer: ByteTokenizer | HFTokenizer | None = None,
+) -> tuple[numpy.ndarray, numpy.ndarray]:
     """(all ids of the batch with an EOD after each document, int64; per-document lengths).
 
     Documents without a single token are left out, as Megatron-LM's preprocess_data.py does: a
@@ -174,13 +174,17 @@ def _tokenize_batch(texts: list[str], tokenizer: ByteTokenizer | HFTokenizer | N
     ends = numpy.cumsum(lengths)
     flat[ends - 1] = tokenizer.eod
     for doc, end in zip(docs, ends):
-        flat[end - 1 - len(doc): end - 1] = doc
+        flat[end - 1 - len(doc) : end - 1] = doc
     return flat, lengths
 
 
-def tokenized_batches(texts: Iterable[str], tokenizer_name: str, workers: int, batch_size: int = BATCH_DOCUMENTS,
-                      tokenizer: ByteTokenizer | HFTokenizer | None = None,
-                      ) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
+def tokenized_batches(
+    texts: Iterable[str],
+    tokenizer_name: str,
+    workers: int,
+    batch_size: int = BATCH_DOCUMENTS,
+    tokenizer: ByteTokenizer | HFTokenizer | None = None,
+) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
     """Tokenized batches in input order; with workers > 1 a process pool, at most a few batches ahead.
     `tokenizer`, when given, is the one already built from `tokenizer_name` (a hub name is fetched
     once); the pool's processes get a copy of it."""
@@ -201,8 +205,13 @@ def tokenized_batches(texts: Iterable[str], tokenizer_name: str, workers: int, b
             yield pending.popleft().get()
 
 
-def write_batches(batches: Iterable[tuple[numpy.ndarray, numpy.ndarray]], prefix: str, vocab_size: int,
-                  tokenizer_name: str, progress: bool = True) -> dict:
+def write_batches(
+    batches: Iterable[tuple[numpy.ndarray, numpy.ndarray]],
+    prefix: str,
+    vocab_size: int,
+    tokenizer_name: str,
+    progress: bool = True,
+) -> dict:
     """Stream batches into PREFIX.bin/.idx, written under temporary names and renamed when complete:
     an error or interruption leaves no partial files behind."""
     IndexedDatasetBuilder = _indexed_dataset_builder()
@@ -225,17 +234,24 @@ def write_batches(batches: Iterable[tuple[numpy.ndarray, numpy.ndarray]], prefix
     return stats
 
 
-def _add_batches(builder: Any, batches: Iterable[tuple[numpy.ndarray, numpy.ndarray]], vocab_size: int,
-                 tokenizer_name: str, progress: bool) -> dict:
+def _add_batches(
+    builder: Any,
+    batches: Iterable[tuple[numpy.ndarray, numpy.ndarray]],
+    vocab_size: int,
+    tokenizer_name: str,
+    progress: bool,
+) -> dict:
     documents = tokens = 0
     with _progress_bar(progress) as bar:
         for flat, lengths in batches:
             if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
-                raise UserError(f"tokenizer '{tokenizer_name}' produced id {int(flat.max())} outside its "
-                                f"vocabulary of {vocab_size} ids")
+                raise UserError(
+                    f"tokenizer '{tokenizer_name}' produced id {int(flat.max())} outside its "
+                    f"vocabulary of {vocab_size} ids"
+                )
             start = 0
             for length in lengths.tolist():
-                builder.add_document(flat[start:start + length], [length])
+                builder.add_document(flat[start : start + length], [length])
                 start += length
             documents += lengths.size
             tokens += flat.size
@@ -259,7 +275,9 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, path: str) -> str
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[EOD_TOKEN], show_progress=False,
+        vocab_size=vocab_size,
+        special_tokens=[EOD_TOKEN],
+        show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte stays encodable
     )
     tokenizer.train_from_iterator(texts, trainer)
@@ -269,8 +287,13 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, path: str) -> str
 
 
 def build_text_corpus(
-    patterns: list[str], prefix: str, tokenizer_name: str = "byte", text_key: str = "text",
-    workers: int = 1, train_vocab_size: int | None = None, hub: tuple | None = None,
+    patterns: list[str],
+    prefix: str,
+    tokenizer_name: str = "byte",
+    text_key: str = "text",
+    workers: int = 1,
+    train_vocab_size: int | None = None,
+    hub: tuple | None = None,
     progress: bool = True,
 ) -> dict:
     """Tokenize the input documents (files and/or one hub dataset) and write PREFIX.bin/.idx.
@@ -290,8 +313,9 @@ def build_text_corpus(
         tokenizer_name = stats["tokenizer"] = train_bpe_tokenizer(documents(), train_vocab_size, path)
     tokenizer = build_tokenizer(tokenizer_name)
     if tokenizer.vocab_size > numpy.iinfo(numpy.int32).max:
-        raise UserError(f"tokenizer '{tokenizer_name}' has {tokenizer.vocab_size} ids, more than int32 token "
-                        "files can hold")
+        raise UserError(
+            f"tokenizer '{tokenizer_name}' has {tokenizer.vocab_size} ids, more than int32 token files can hold"
+        )
     batches = tokenized_batches(documents(), tokenizer_name, workers, tokenizer=tokenizer)
     return {**stats, **write_batches(batches, prefix, tokenizer.vocab_size, tokenizer_name, progress)}
 
@@ -310,17 +334,27 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--num-docs", type=int, default=2000)
     synthetic.add_argument("--seed", type=int, default=0)
     text = commands.add_parser("text", help="your files (jsonl/json/parquet/arrow/text) or a hub dataset")
-    text.add_argument("--input", nargs="+", default=[], help="files or globs; .jsonl/.json/.parquet/.arrow "
-                      "rows are documents, any other file is one plain-text document")
+    text.add_argument(
+        "--input",
+        nargs="+",
+        default=[],
+        help="files or globs; .jsonl/.json/.parquet/.arrow "
+        "rows are documents, any other file is one plain-text document",
+    )
     text.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face hub dataset (downloaded; streamed)")
     text.add_argument("--hf-subset", metavar="NAME", help="the hub dataset's configuration")
     text.add_argument("--hf-split", default="train", help="the hub dataset's split")
     text.add_argument("--output-prefix", required=True)
-    text.add_argument("--tokenizer", default="byte",
-                      help="'byte', a local tokenizer.json (or its folder), or a hub tokenizer name")
-    text.add_argument("--train-tokenizer", type=int, metavar="VOCAB_SIZE",
-                      help="first train a byte-level BPE of this size on the input; saved as tokenizer.json "
-                      "beside the output and used")
+    text.add_argument(
+        "--tokenizer", default="byte", help="'byte', a local tokenizer.json (or its folder), or a hub tokenizer name"
+    )
+    text.add_argument(
+        "--train-tokenizer",
+        type=int,
+        metavar="VOCAB_SIZE",
+        help="first train a byte-level BPE of this size on the input; saved as tokenizer.json "
+        "beside the output and used",
+    )
     text.add_argument("--text-key", default="text", help="the field holding the text (json/parquet/arrow)")
     text.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     return parser
@@ -338,11 +372,14 @@ def _run(args: argparse.Namespace) -> dict:
     if args.train_tokenizer is not None and args.tokenizer != "byte":
         raise UserError("--train-tokenizer trains the tokenizer to use: leave out --tokenizer")
     if args.train_tokenizer is not None and args.train_tokenizer < BYTE_VOCAB_SIZE:
-        raise UserError(f"--train-tokenizer {args.train_tokenizer}: a byte-level BPE needs at least "
-                        f"{BYTE_VOCAB_SIZE} ids (256 bytes and the EOD)")
+        raise UserError(
+            f"--train-tokenizer {args.train_tokenizer}: a byte-level BPE needs at least "
+            f"{BYTE_VOCAB_SIZE} ids (256 bytes and the EOD)"
+        )
     hub = (args.hf_dataset, args.hf_subset, args.hf_split) if args.hf_dataset else None
-    return build_text_corpus(args.input, args.output_prefix, args.tokenizer, args.text_key,
-                             args.workers, args.train_tokenizer, hub)
+    return build_text_corpus(
+        args.input, args.output_prefix, args.tokenizer, args.text_key, args.workers, args.train_tokenizer, hub
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

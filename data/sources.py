@@ -75,8 +75,16 @@ def _random_motif(rng: numpy.random.RandomState) -> numpy.ndarray:
     return numpy.append(letters, SYNTHETIC_SEPARATOR)
 
 
-INPUT_BUILDERS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
-                  ".parquet": "parquet", ".arrow": "arrow"}
+INPUT_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".jsonl.gz": "json",
+    ".json.gz": "json",
+    ".parquet": "parquet",
+    ".arrow": "arrow",
+}
+
+
 def expand_inputs(patterns: list[str]) -> list[str]:
     """Files named by paths or globs, in the order given (each glob sorted), each checked to exist."""
     paths = []
@@ -99,8 +107,9 @@ def _builder_of(path: str) -> str:
     return "text"
 
 
-def input_streams(paths: list[str], hub_name: str | None = None, hub_subset: str | None = None,
-                  hub_split: str = "train") -> Iterator[tuple[str, str, Iterable[dict]]]:
+def input_streams(
+    paths: list[str], hub_name: str | None = None, hub_subset: str | None = None, hub_split: str = "train"
+) -> Iterator[tuple[str, str, Iterable[dict]]]:
     """(name, builder, streaming rows) per input file, or for the one hub dataset asked for by name."""
     import datasets
 
@@ -116,8 +125,7 @@ def input_streams(paths: list[str], hub_name: str | None = None, hub_subset: str
             continue  # holds no documents (and datasets cannot infer a schema from it)
         builder = _builder_of(path)
         options = {"sample_by": "document"} if builder == "text" else {}
-        yield path, builder, _load(path, builder, builder, data_files=[path], split="train", streaming=True,
-                                   **options)
+        yield path, builder, _load(path, builder, builder, data_files=[path], split="train", streaming=True, **options)
 
 
 def _load(name: str, builder: str, *args: Any, **kwargs: Any) -> Any:
@@ -155,8 +163,9 @@ def _row_text(row: dict, key: str, name: str, number: int) -> str:
     value = row.get(key)
     if value is None:
         fields = ", ".join(k for k, v in row.items() if v is not None)
-        raise UserError(f"{name}: row {number}: no text in field '{key}' (fields: {fields}): "
-                        "choose the field with --text-key")
+        raise UserError(
+            f"{name}: row {number}: no text in field '{key}' (fields: {fields}): choose the field with --text-key"
+        )
     if not isinstance(value, str):
         raise UserError(f"{name}: row {number}: field '{key}' is {type(value).__name__}, not a string")
     return value

@@ -48,8 +48,10 @@ class HFTokenizer:
         except Exception as error:  # the library raises bare Exceptions for unreadable files
             first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
             if hub_name is not None:
-                raise UserError(f"tokenizer '{hub_name}' is no local path and could not be loaded from the "
-                                f"Hugging Face hub: {first_line}") from None
+                raise UserError(
+                    f"tokenizer '{hub_name}' is no local path and could not be loaded from the "
+                    f"Hugging Face hub: {first_line}"
+                ) from None
             raise UserError(f"tokenizer '{json_path}' could not be read: {first_line}") from None
         json_path = hub_name or json_path
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
@@ -82,8 +84,7 @@ def _find_eod(tokenizer: Any, json_path: str) -> int:
 
 def _looks_like_a_path(name: str) -> bool:
     """Hub names are 'model' or 'org/model'; anything path-like must exist locally (no download)."""
-    return (name.startswith(("/", ".", "~")) or name.endswith(".json") or os.sep + os.sep in name
-            or name.count("/") > 1)
+    return name.startswith(("/", ".", "~")) or name.endswith(".json") or os.sep + os.sep in name or name.count("/") > 1
 
 
 def build_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:

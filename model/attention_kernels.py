@@ -19,6 +19,7 @@ import torch
 
 Tensor = torch.Tensor
 
+
 class BlockKernels(NamedTuple):
     """One attention backend: forward returns (out, lse), backward takes the final out and lse.
 
@@ -46,8 +47,9 @@ def _math_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -
     return out.to(q.dtype), lse
 
 
-def _math_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _math_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     qf, kf, vf, doutf = q.float(), k.float(), v.float(), dout.float()
     scores = torch.matmul(qf, kf.transpose(-2, -1)) * scale
     if causal:
@@ -68,10 +70,12 @@ def _aten_cpu_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: floa
     return out, lse
 
 
-def _aten_cpu_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _aten_cpu_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse, 0.0, causal, scale=scale)
+        dout, q, k, v, out, lse, 0.0, causal, scale=scale
+    )
 
 
 # CUDA kernels. None of them runs in CI (no GPU there): each is used only after `_verify` has
@@ -84,13 +88,14 @@ def _cuda_flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: fl
     return out, lse
 
 
-def _cuda_flash_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _cuda_flash_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     # cum_seq None = not variable-length; the rng tensors are read only under dropout
     no_rng = torch.empty((), dtype=torch.int64, device=q.device)
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        dout, q, k, v, out, lse.contiguous(), None, None, q.size(2), k.size(2), 0.0, causal, no_rng, no_rng,
-        scale=scale)
+        dout, q, k, v, out, lse.contiguous(), None, None, q.size(2), k.size(2), 0.0, causal, no_rng, no_rng, scale=scale
+    )
 
 
 _EFFICIENT_LSE_ALIGN = 32  # torch's memory-efficient kernel pads its lse rows to a multiple of this
@@ -98,13 +103,13 @@ _EFFICIENT_LSE_ALIGN = 32  # torch's memory-efficient kernel pads its lse rows t
 
 def _cuda_efficient_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
     # torch's memory-efficient kernel (also fp32): its lse [b, h, sq padded] is trimmed to sq
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal,
-                                                                      scale=scale)[:2]
-    return out, lse[..., :q.size(2)]
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+    return out, lse[..., : q.size(2)]
 
 
-def _cuda_efficient_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _cuda_efficient_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     rows = q.size(2)
     padded = -(-rows // _EFFICIENT_LSE_ALIGN) * _EFFICIENT_LSE_ALIGN
     lse = torch.nn.functional.pad(lse.float(), (0, padded - rows)).contiguous()
@@ -112,7 +117,8 @@ def _cuda_efficient_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     # the kernel reads out and dout with [b, s, h, d] row strides (what its forward returns)
     dout, out = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (dout, out))
     dq, dk, dv, _ = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, k, v, None, out, lse, no_rng, no_rng, 0.0, [True, True, True, False], causal, scale=scale)
+        dout, q, k, v, None, out, lse, no_rng, no_rng, 0.0, [True, True, True, False], causal, scale=scale
+    )
     return dq, dk, dv
 
 
@@ -120,20 +126,42 @@ def _flash_attn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: fl
     # flash-attn >= 2.6 works in [b, s, h, d] and returns softmax_lse [b, h, sq] fp32
     from flash_attn import flash_attn_func
 
-    out, lse, _ = flash_attn_func(*(t.transpose(1, 2) for t in (q, k, v)), dropout_p=0.0,
-                                  softmax_scale=scale, causal=causal, return_attn_probs=True)
+    out, lse, _ = flash_attn_func(
+        *(t.transpose(1, 2) for t in (q, k, v)),
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=causal,
+        return_attn_probs=True,
+    )
     return out.transpose(1, 2), lse
 
 
-def _flash_attn_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-              scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _flash_attn_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     from flash_attn.flash_attn_interface import _flash_attn_backward
 
     dout_, q_, k_, v_, out_ = (t.transpose(1, 2).contiguous() for t in (dout, q, k, v, out))
     dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
-    _flash_attn_backward(dout_, q_, k_, v_, out_, lse.contiguous(), dq, dk, dv, dropout_p=0.0,
-                         softmax_scale=scale, causal=causal, window_size_left=-1, window_size_right=-1,
-                         softcap=0.0, alibi_slopes=None, deterministic=False)
+    _flash_attn_backward(
+        dout_,
+        q_,
+        k_,
+        v_,
+        out_,
+        lse.contiguous(),
+        dq,
+        dk,
+        dv,
+        dropout_p=0.0,
+        softmax_scale=scale,
+        causal=causal,
+        window_size_left=-1,
+        window_size_right=-1,
+        softcap=0.0,
+        alibi_slopes=None,
+        deterministic=False,
+    )
     return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
@@ -157,9 +185,11 @@ BACKENDS = {
 
 # Fastest first, per device type: (backend, applies to this dtype?). Plain math is the last resort.
 CANDIDATES = {
-    "cuda": (("flash_attn", lambda dtype: dtype in _HALF and _flash_attn_installed()),
-             ("cuda_flash", lambda dtype: dtype in _HALF),
-             ("cuda_efficient", lambda dtype: True)),
+    "cuda": (
+        ("flash_attn", lambda dtype: dtype in _HALF and _flash_attn_installed()),
+        ("cuda_flash", lambda dtype: dtype in _HALF),
+        ("cuda_efficient", lambda dtype: True),
+    ),
     "cpu": (("aten_cpu", lambda dtype: True),),
 }
 
@@ -187,7 +217,7 @@ def _verify(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) 
     cases = [(2, 2, True, 64, 64), (2, 2, False, 128, 64)]
     if kernels.gqa:
         cases += [(4, 2, True, 64, 64), (4, 2, False, 128, 64)]
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     for heads, groups, causal, rows, keys in cases:
         q, k, v, dout = draw(heads, rows), draw(groups, keys), draw(groups, keys), draw(heads, rows)
         want = _math_reference(q, k, v, dout, causal, scale)
@@ -220,16 +250,20 @@ def _math_reference(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, causal: bool,
 def _backend_for(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
     """Chosen once per (device type, dtype, head size): the first candidate that runs and agrees with
     plain math on a probe (_verify), else plain math. A candidate that fails is named in a warning."""
-    device = torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device(
-        device_type)
+    device = (
+        torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
+    )
     for name, applies in CANDIDATES.get(device_type, ()):
         if not applies(dtype):
             continue
         problem = _verify(name, device, dtype, head_dim)
         if problem is None:
             return name
-        warnings.warn(f"ring attention: not using the {name} kernels for {dtype}, head size {head_dim} on "
-                      f"{device_type}: {problem}; trying the next", stacklevel=2)
+        warnings.warn(
+            f"ring attention: not using the {name} kernels for {dtype}, head size {head_dim} on "
+            f"{device_type}: {problem}; trying the next",
+            stacklevel=2,
+        )
     return "math"
 
 
@@ -245,8 +279,9 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -
     return out, lse.to(accumulation_dtype(q))
 
 
-def block_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def block_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one block given the FINAL (merged) out and lse of its query rows: (dq, dk, dv)."""
     return BACKENDS[select_backend(q)].backward(dout, q, k, v, out, lse, causal, scale)
 

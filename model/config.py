@@ -84,23 +84,33 @@ def _check_shape(m: ModelConfig, p: ParallelConfig) -> None:
     elif p.virtual_pipeline is None:
         _require_divides("parallel.pipeline", p.pipeline, "model.num_layers", m.num_layers)
     else:
-        _require_divides("parallel.pipeline × parallel.virtual_pipeline", p.pipeline * p.virtual_pipeline,
-                         "model.num_layers", m.num_layers)
+        _require_divides(
+            "parallel.pipeline × parallel.virtual_pipeline",
+            p.pipeline * p.virtual_pipeline,
+            "model.num_layers",
+            m.num_layers,
+        )
     if p.context > 1:  # each sequence is split into 2 × context chunks (load-balanced causal attention)
         _require_divides("2 × parallel.context", 2 * p.context, "model.seq_length", m.seq_length)
         if p.context_comm != "p2p" and m.transformer_impl == "local":
-            raise RecipeError(f"parallel.context_comm = {p.context_comm} needs model.transformer_impl = "
-                              f"transformer_engine; the local layers' ring attention is p2p")
+            raise RecipeError(
+                f"parallel.context_comm = {p.context_comm} needs model.transformer_impl = "
+                f"transformer_engine; the local layers' ring attention is p2p"
+            )
         if p.context_comm == "a2a":  # all-to-all trades sequence shards for head shards
-            _require_divides("parallel.tensor × parallel.context", p.tensor * p.context,
-                             "model.num_query_groups" if m.num_query_groups else heads,
-                             m.num_query_groups or m.num_attention_heads)
+            _require_divides(
+                "parallel.tensor × parallel.context",
+                p.tensor * p.context,
+                "model.num_query_groups" if m.num_query_groups else heads,
+                m.num_query_groups or m.num_attention_heads,
+            )
         if m.attention_dropout > 0 and m.transformer_impl == "local":
-            raise RecipeError(f"parallel.context = {p.context} uses ring attention, which has no attention "
-                              f"dropout: set model.attention_dropout = 0 (got {m.attention_dropout})")
+            raise RecipeError(
+                f"parallel.context = {p.context} uses ring attention, which has no attention "
+                f"dropout: set model.attention_dropout = 0 (got {m.attention_dropout})"
+            )
     if p.sequence_parallel:
-        _require_divides("parallel.tensor", p.tensor, "model.seq_length / parallel.context",
-                         m.seq_length // p.context)
+        _require_divides("parallel.tensor", p.tensor, "model.seq_length / parallel.context", m.seq_length // p.context)
 
 
 def _check_uneven_pipeline(p: ParallelConfig, layers: int) -> None:
@@ -118,7 +128,8 @@ def _check_uneven_pipeline(p: ParallelConfig, layers: int) -> None:
     if middle < middle_stages or (middle_stages == 0 and middle != 0) or (middle_stages and middle % middle_stages):
         raise RecipeError(
             f"{named} leave {middle} of model.num_layers = {layers} for {middle_stages} other pipeline "
-            f"stage(s): they must split evenly, at least one layer each")
+            f"stage(s): they must split evenly, at least one layer each"
+        )
 
 
 def moe_layer_pattern(model: ModelConfig) -> list[bool]:
@@ -126,8 +137,10 @@ def moe_layer_pattern(model: ModelConfig) -> list[bool]:
     moe = model.moe
     if moe.num_experts is None:
         return [False] * model.num_layers
-    return [i >= moe.first_dense_layers and (i - moe.first_dense_layers) % moe.layer_freq == 0
-            for i in range(model.num_layers)]
+    return [
+        i >= moe.first_dense_layers and (i - moe.first_dense_layers) % moe.layer_freq == 0
+        for i in range(model.num_layers)
+    ]
 
 
 def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:
@@ -140,28 +153,41 @@ def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:
         raise RecipeError(f"model.moe.top_k = {moe.top_k} exceeds model.moe.num_experts = {moe.num_experts}")
     _require_divides("parallel.expert", p.expert, "model.moe.num_experts", moe.num_experts)
     if moe.first_dense_layers >= model.num_layers:
-        raise RecipeError(f"model.moe.first_dense_layers = {moe.first_dense_layers} leaves no MoE layer in "
-                          f"model.num_layers = {model.num_layers}")
+        raise RecipeError(
+            f"model.moe.first_dense_layers = {moe.first_dense_layers} leaves no MoE layer in "
+            f"model.num_layers = {model.num_layers}"
+        )
     if moe.expert_bias and moe.score_function != "sigmoid":
-        raise RecipeError("model.moe.expert_bias = true needs model.moe.score_function = sigmoid, "
-                          f"got {moe.score_function}")
+        raise RecipeError(
+            f"model.moe.expert_bias = true needs model.moe.score_function = sigmoid, got {moe.score_function}"
+        )
     if moe.pad_to_capacity and moe.capacity_factor is None:
         raise RecipeError("model.moe.pad_to_capacity = true needs model.moe.capacity_factor")
     if moe.top_k == 1 and moe.score_function == "softmax" and not moe.pre_softmax:
-        raise RecipeError("model.moe.top_k = 1 with softmax scores needs model.moe.pre_softmax = true "
-                          "(a softmax over one expert is constant: the router would get no gradient)")
+        raise RecipeError(
+            "model.moe.top_k = 1 with softmax scores needs model.moe.pre_softmax = true "
+            "(a softmax over one expert is constant: the router would get no gradient)"
+        )
     if p.tensor > 1 and not p.sequence_parallel:
-        raise RecipeError(f"model.moe with parallel.tensor = {p.tensor} needs parallel.sequence_parallel = true "
-                          "(megatron-core's MoE layer refuses tensor parallelism without it)")
+        raise RecipeError(
+            f"model.moe with parallel.tensor = {p.tensor} needs parallel.sequence_parallel = true "
+            "(megatron-core's MoE layer refuses tensor parallelism without it)"
+        )
     if moe.grouped_gemm and model.transformer_impl != "transformer_engine":
-        raise RecipeError("model.moe.grouped_gemm = true needs model.transformer_impl = transformer_engine "
-                          "(grouped GEMM experts come from transformer-engine)")
+        raise RecipeError(
+            "model.moe.grouped_gemm = true needs model.transformer_impl = transformer_engine "
+            "(grouped GEMM experts come from transformer-engine)"
+        )
     expert_tensor = p.expert_tensor or p.tensor
     if model.add_bias_linear and moe.shared_expert_ffn_hidden_size is not None:
-        raise RecipeError("model.add_bias_linear = true cannot be combined with "
-                          "model.moe.shared_expert_ffn_hidden_size (megatron-core's shared experts have no biases)")
+        raise RecipeError(
+            "model.add_bias_linear = true cannot be combined with "
+            "model.moe.shared_expert_ffn_hidden_size (megatron-core's shared experts have no biases)"
+        )
     if model.add_bias_linear and expert_tensor > 1:
-        raise RecipeError(f"model.add_bias_linear = true with experts needs parallel.expert_tensor = 1, got "
-                          f"{expert_tensor} (megatron-core supports expert biases only without expert tensor parallelism)")
+        raise RecipeError(
+            f"model.add_bias_linear = true with experts needs parallel.expert_tensor = 1, got "
+            f"{expert_tensor} (megatron-core supports expert biases only without expert tensor parallelism)"
+        )
     ffn = moe.ffn_hidden_size or model.ffn_hidden_size
     _require_divides("parallel.expert_tensor", expert_tensor, "model.moe.ffn_hidden_size", ffn)

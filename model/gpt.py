@@ -98,8 +98,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
     )
 
 
-def layer_spec(model: ModelConfig, config: TransformerConfig, vp_stage: int | None = None,
-               init_seed: int = 0) -> Any:
+def layer_spec(model: ModelConfig, config: TransformerConfig, vp_stage: int | None = None, init_seed: int = 0) -> Any:
     """The transformer block spec: our local layers, or transformer-engine's when asked for."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
@@ -115,9 +114,8 @@ def layer_spec(model: ModelConfig, config: TransformerConfig, vp_stage: int | No
     if model.moe.num_experts is not None:
         moe = _local_layer_spec(config, init_seed, model.moe.num_experts)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
-    pattern = moe_layer_pattern(model)[offset:offset + get_num_layers_to_build(config, vp_stage=vp_stage)]
-    return TransformerBlockSubmodules(
-        layer_specs=[moe if is_moe else dense for is_moe in pattern], layer_norm=RMSNorm)
+    pattern = moe_layer_pattern(model)[offset : offset + get_num_layers_to_build(config, vp_stage=vp_stage)]
+    return TransformerBlockSubmodules(layer_specs=[moe if is_moe else dense for is_moe in pattern], layer_norm=RMSNorm)
 
 
 def _local_layer_spec(config: TransformerConfig, init_seed: int, num_experts: int | None) -> ModuleSpec:
@@ -163,12 +161,12 @@ def _te_layer_spec(config: TransformerConfig, vp_stage: int | None) -> Any:
     if config.num_moe_experts is None:
         return get_gpt_layer_with_transformer_engine_spec()
     # Dense and MoE layers by config.moe_layer_freq; grouped-GEMM experts when moe_grouped_gemm.
-    return get_gpt_decoder_block_spec(
-        config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage)
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage)
 
 
-def build_model_chunks(model: ModelConfig, build: ModelBuild, vocab_size: int,
-                       groups: Any | None = None) -> list[torch.nn.Module]:
+def build_model_chunks(
+    model: ModelConfig, build: ModelBuild, vocab_size: int, groups: Any | None = None
+) -> list[torch.nn.Module]:
     """One GPTModel per virtual pipeline stage held by this rank (one chunk without interleaving).
 
     `groups`: megatron-core's ProcessGroupCollection for `build.layout` (default: the one
@@ -206,8 +204,9 @@ def build_model_chunks(model: ModelConfig, build: ModelBuild, vocab_size: int,
     return chunks
 
 
-def build_model(model: ModelConfig, build: ModelBuild, vocab_size: int, device: torch.device,
-                groups: Any) -> list[torch.nn.Module]:
+def build_model(
+    model: ModelConfig, build: ModelBuild, vocab_size: int, device: torch.device, groups: Any
+) -> list[torch.nn.Module]:
     """This rank's model chunks on `device` in the training precision (bf16/fp16 inside megatron-core's
     Float16Module), initialized from `build.init_seed` as at every other layout."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -234,8 +233,9 @@ class ParameterCount:
     active: int  # what one token passes through: top_k routed experts (+ shared); = total when dense
 
 
-def layer_parameters(model: ModelConfig, is_moe: bool, tensor: int = 1, expert_tensor: int | None = None,
-                     experts: int | None = None) -> int:
+def layer_parameters(
+    model: ModelConfig, is_moe: bool, tensor: int = 1, expert_tensor: int | None = None, experts: int | None = None
+) -> int:
     """One decoder layer's parameters on one rank (no split: the whole layer).
 
     `tensor` splits attention and dense/shared MLPs (column-parallel biases too; row-parallel
@@ -269,6 +269,9 @@ def parameter_counts(model: ModelConfig, vocab_size: int) -> ParameterCount:
     embeddings = vocab_size * h * (2 if model.untie_embeddings else 1)
     pattern = moe_layer_pattern(model)
     total = sum(layer_parameters(model, is_moe) for is_moe in pattern) + h + embeddings
-    active = sum(layer_parameters(model, is_moe, experts=model.moe.top_k if is_moe else None)
-                 for is_moe in pattern) + h + embeddings
+    active = (
+        sum(layer_parameters(model, is_moe, experts=model.moe.top_k if is_moe else None) for is_moe in pattern)
+        + h
+        + embeddings
+    )
     return ParameterCount(total=total, active=active)

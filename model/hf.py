@@ -38,18 +38,28 @@ def model_config_from_hf(hf: Mapping) -> ModelConfig:
         raise UserError(f"config.json: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
     moe = MoeConfig()
     if arch == "mixtral":
-        moe = MoeConfig(num_experts=hf["num_local_experts"], top_k=hf["num_experts_per_tok"],
-                        ffn_hidden_size=hf["intermediate_size"], score_function="softmax",
-                        pre_softmax=False, load_balancing="aux_loss",
-                        aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.02)))
+        moe = MoeConfig(
+            num_experts=hf["num_local_experts"],
+            top_k=hf["num_experts_per_tok"],
+            ffn_hidden_size=hf["intermediate_size"],
+            score_function="softmax",
+            pre_softmax=False,
+            load_balancing="aux_loss",
+            aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.02)),
+        )
     rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
     return ModelConfig(
-        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"],
-        ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads, vocab_size=hf["vocab_size"],
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        vocab_size=hf["vocab_size"],
         seq_length=min(int(hf.get("max_position_embeddings", 4096)), 4096),
-        rotary_base=float(rope), norm_epsilon=float(hf.get("rms_norm_eps", 1e-5)),
-        untie_embeddings=not hf.get("tie_word_embeddings", False), moe=moe,
+        rotary_base=float(rope),
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-5)),
+        untie_embeddings=not hf.get("tie_word_embeddings", False),
+        moe=moe,
     )
 
 
@@ -57,23 +67,40 @@ def hf_config_from_model(model: ModelConfig, vocab_size: int) -> dict:
     """config.json for our model: LlamaForCausalLM, or MixtralForCausalLM when it has experts."""
     _check_exportable(model)
     config = {
-        "hidden_size": model.hidden_size, "intermediate_size": model.ffn_hidden_size,
-        "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_attention_heads,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
         "num_key_value_heads": model.num_query_groups or model.num_attention_heads,
         "head_dim": model.hidden_size // model.num_attention_heads,
-        "vocab_size": vocab_size, "max_position_embeddings": model.seq_length,
-        "rope_theta": model.rotary_base, "rms_norm_eps": model.norm_epsilon,
-        "tie_word_embeddings": not model.untie_embeddings, "hidden_act": "silu",
-        "initializer_range": model.init_method_std, "torch_dtype": "float32",
+        "vocab_size": vocab_size,
+        "max_position_embeddings": model.seq_length,
+        "rope_theta": model.rotary_base,
+        "rms_norm_eps": model.norm_epsilon,
+        "tie_word_embeddings": not model.untie_embeddings,
+        "hidden_act": "silu",
+        "initializer_range": model.init_method_std,
+        "torch_dtype": "float32",
     }
     if model.moe.num_experts is None:
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                "attention_bias": False, "mlp_bias": False, **config}
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "attention_bias": False,
+            "mlp_bias": False,
+            **config,
+        }
     moe = model.moe
-    return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **config,
-            "intermediate_size": moe.ffn_hidden_size or model.ffn_hidden_size,
-            "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
-            "router_aux_loss_coef": moe.aux_loss_coeff, "sliding_window": None}
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        **config,
+        "intermediate_size": moe.ffn_hidden_size or model.ffn_hidden_size,
+        "num_local_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "router_aux_loss_coef": moe.aux_loss_coeff,
+        "sliding_window": None,
+    }
 
 
 def _architecture(hf: Mapping) -> str:
@@ -117,8 +144,10 @@ def hf_to_ours(hf: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab:
     """Our state dict (TP=PP=EP=1 names) from HF tensors; a missing HF tensor is a UserError."""
     get = _getter(hf)
     heads, groups, d = _qkv_dims(model)
-    out = {"embedding.word_embeddings.weight": _pad_rows(get("model.embed_tokens.weight"), padded_vocab),
-           "decoder.final_layernorm.weight": get("model.norm.weight")}
+    out = {
+        "embedding.word_embeddings.weight": _pad_rows(get("model.embed_tokens.weight"), padded_vocab),
+        "decoder.final_layernorm.weight": get("model.norm.weight"),
+    }
     if model.untie_embeddings:
         out["output_layer.weight"] = _pad_rows(get("lm_head.weight"), padded_vocab)
     for i, is_moe in enumerate(moe_layer_pattern(model)):
@@ -132,7 +161,8 @@ def hf_to_ours(hf: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab:
         if not is_moe:
             mlp = f"model.layers.{i}.mlp"
             out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.cat(
-                [get(f"{mlp}.gate_proj.weight"), get(f"{mlp}.up_proj.weight")])
+                [get(f"{mlp}.gate_proj.weight"), get(f"{mlp}.up_proj.weight")]
+            )
             out[f"decoder.layers.{i}.mlp.linear_fc2.weight"] = get(f"{mlp}.down_proj.weight")
             continue
         moe = f"model.layers.{i}.block_sparse_moe"
@@ -140,7 +170,8 @@ def hf_to_ours(hf: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab:
         for e in range(model.moe.num_experts or 0):
             ours = f"decoder.layers.{i}.mlp.experts.local_experts.{e}"
             out[f"{ours}.linear_fc1.weight"] = torch.cat(
-                [get(f"{moe}.experts.{e}.w1.weight"), get(f"{moe}.experts.{e}.w3.weight")])
+                [get(f"{moe}.experts.{e}.w1.weight"), get(f"{moe}.experts.{e}.w3.weight")]
+            )
             out[f"{ours}.linear_fc2.weight"] = get(f"{moe}.experts.{e}.w2.weight")
     return out
 
@@ -149,8 +180,10 @@ def ours_to_hf(ours: Mapping[str, torch.Tensor], model: ModelConfig, vocab_size:
     """HF tensors from our state dict (TP=PP=EP=1 names); the inverse of hf_to_ours."""
     _check_exportable(model)
     heads, groups, d = _qkv_dims(model)
-    out = {"model.embed_tokens.weight": ours["embedding.word_embeddings.weight"][:vocab_size],
-           "model.norm.weight": ours["decoder.final_layernorm.weight"]}
+    out = {
+        "model.embed_tokens.weight": ours["embedding.word_embeddings.weight"][:vocab_size],
+        "model.norm.weight": ours["decoder.final_layernorm.weight"],
+    }
     if model.untie_embeddings:
         out["lm_head.weight"] = ours["output_layer.weight"][:vocab_size]
     for i, is_moe in enumerate(moe_layer_pattern(model)):
@@ -183,6 +216,7 @@ def _getter(hf: Mapping[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
         if name not in hf:
             raise UserError(f"Hugging Face checkpoint has no tensor '{name}'")
         return hf[name]
+
     return get
 
 

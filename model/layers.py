@@ -28,8 +28,7 @@ class SDPAttention(DotProductAttention):
         if config.apply_query_key_layer_scaling:
             # Upstream divides softmax_scale by the layer number and multiplies it back inside
             # its fused softmax; one SDPA call (or one ring) has no such second half.
-            raise ValueError(
-                f"{type(self).__name__} does not support apply_query_key_layer_scaling; set it to False")
+            raise ValueError(f"{type(self).__name__} does not support apply_query_key_layer_scaling; set it to False")
         super().__init__(config, *args, **kwargs)
 
     def forward(
@@ -48,7 +47,12 @@ class SDPAttention(DotProductAttention):
         dropout = self.attention_dropout.p if self.training else 0.0
         group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         attend = lambda: F.scaled_dot_product_attention(
-            q, k, v, dropout_p=dropout, is_causal=True, scale=self.softmax_scale,
+            q,
+            k,
+            v,
+            dropout_p=dropout,
+            is_causal=True,
+            scale=self.softmax_scale,
             enable_gqa=group > 1,
         )
         if dropout > 0.0:
@@ -59,8 +63,13 @@ class SDPAttention(DotProductAttention):
             context = attend()
         return self._to_hidden(context)
 
-    def _check_call(self, attention_mask: torch.Tensor | None, attn_mask_type: AttnMaskType | None,
-                    attention_bias: torch.Tensor | None, packed_seq_params: object) -> None:
+    def _check_call(
+        self,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None,
+        attention_bias: torch.Tensor | None,
+        packed_seq_params: object,
+    ) -> None:
         """Causal self-attention only: megatron passes no mask tensor for it in the local spec."""
         name = type(self).__name__
         if packed_seq_params is not None or attention_bias is not None:
@@ -99,8 +108,16 @@ class SeededTransformerLayer(TransformerLayer):
     sizes; tensor parallelism is already invariant through CPU initialization of full weights.
     """
 
-    def __init__(self, config: TransformerConfig, submodules: Any, layer_number: int = 1, *args: Any,
-                 init_seed: int = 0, vp_stage: int | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: Any,
+        layer_number: int = 1,
+        *args: Any,
+        init_seed: int = 0,
+        vp_stage: int | None = None,
+        **kwargs: Any,
+    ):
         offset = get_transformer_layer_offset(config, vp_stage)
         torch.manual_seed(derive_seed(init_seed, layer_number + offset))
         super().__init__(config, submodules, layer_number, *args, vp_stage=vp_stage, **kwargs)

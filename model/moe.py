@@ -63,10 +63,15 @@ class SeededSequentialMLP(SequentialMLP):
         self.num_local_experts = num_local_experts
         for i in range(num_local_experts):
             torch.manual_seed(derive_seed(base, first + i))
-            self.local_experts.append(MLP(
-                self.config, submodules, ffn_hidden_size=self.config.moe_ffn_hidden_size,
-                is_expert=True, tp_group=pg_collection.expt_tp,
-            ))
+            self.local_experts.append(
+                MLP(
+                    self.config,
+                    submodules,
+                    ffn_hidden_size=self.config.moe_ffn_hidden_size,
+                    is_expert=True,
+                    tp_group=pg_collection.expt_tp,
+                )
+            )
         torch.set_rng_state(state)
         # Expert parameters live in their own gradient buffers and optimizer at every EP size
         # (upstream does so only when EP > 1): the optimizer is then chained (dense + expert)
@@ -171,8 +176,9 @@ def load_metrics(load: torch.Tensor, routed: torch.Tensor, moe_layers: list[int]
 
 def expert_bias_range(chunks: list[torch.nn.Module]) -> list[float] | None:
     """[min, max] of the aux-loss-free routing biases this rank holds; None without expert bias."""
-    biases = [m.expert_bias for c in chunks for m in c.modules()
-              if isinstance(m, TopKRouter) and m.expert_bias is not None]
+    biases = [
+        m.expert_bias for c in chunks for m in c.modules() if isinstance(m, TopKRouter) and m.expert_bias is not None
+    ]
     if not biases:
         return None
     stacked = torch.stack([b.detach().float().cpu() for b in biases])
@@ -209,8 +215,7 @@ class MoeMonitor:
         if moe.z_loss_coeff > 0:
             self.tracked.append("z_loss")
 
-    def step_metrics(self, device: torch.device, micro_batches: int, data_parallel: int,
-                     ranks_per_stage: int) -> dict:
+    def step_metrics(self, device: torch.device, micro_batches: int, data_parallel: int, ranks_per_stage: int) -> dict:
         """Collective (every rank, every step). Losses are means over MoE layers, micro-batches and
         data-parallel ranks, as megatron-core reports them; `ranks_per_stage` = world / pipeline."""
         out = load_metrics(**self.stats.reduce_and_reset(device), moe_layers=self.moe_layers)
@@ -220,8 +225,9 @@ class MoeMonitor:
             out["moe_expert_bias_min"], out["moe_expert_bias_max"] = bias
         return out
 
-    def _tracked_losses(self, device: torch.device, micro_batches: int, data_parallel: int,
-                        ranks_per_stage: int) -> dict:
+    def _tracked_losses(
+        self, device: torch.device, micro_batches: int, data_parallel: int, ranks_per_stage: int
+    ) -> dict:
         from megatron.core.transformer.moe.moe_utils import (
             clear_aux_losses_tracker,
             get_moe_layer_wise_logging_tracker,
@@ -230,8 +236,12 @@ class MoeMonitor:
         if not self.tracked:
             return {}
         tracker = get_moe_layer_wise_logging_tracker()
-        rows = [tracker[n]["values"].detach().to(device, torch.float64) if n in tracker
-                else torch.zeros(self.num_layers, dtype=torch.float64, device=device) for n in self.tracked]
+        rows = [
+            tracker[n]["values"].detach().to(device, torch.float64)
+            if n in tracker
+            else torch.zeros(self.num_layers, dtype=torch.float64, device=device)
+            for n in self.tracked
+        ]
         values = torch.stack(rows)  # [names, layers]: this rank's sums over its micro-batches
         torch.distributed.all_reduce(values)  # pipeline stages hold disjoint layers
         clear_aux_losses_tracker()

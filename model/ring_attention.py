@@ -52,10 +52,14 @@ class _Ring(NamedTuple):
     def shift(self, tensors: tuple[Tensor, ...], tags: tuple[int, ...]) -> _Transfer:
         """Posts send(each dense tensor → next) and recv(← prev), one message per tensor and tag."""
         incoming = tuple(torch.empty_like(t) for t in tensors)  # same strides as t (dense)
-        sends = [lambda t=t, tag=tag: dist.isend(_message(t), self.next, group=self.group, tag=tag)
-                 for t, tag in zip(tensors, tags)]
-        recvs = [lambda t=t, tag=tag: dist.irecv(_message(t), self.prev, group=self.group, tag=tag)
-                 for t, tag in zip(incoming, tags)]
+        sends = [
+            lambda t=t, tag=tag: dist.isend(_message(t), self.next, group=self.group, tag=tag)
+            for t, tag in zip(tensors, tags)
+        ]
+        recvs = [
+            lambda t=t, tag=tag: dist.irecv(_message(t), self.prev, group=self.group, tag=tag)
+            for t, tag in zip(incoming, tags)
+        ]
         # Even ranks send first, odd ranks receive first: cannot deadlock even where p2p blocks.
         works = [post() for post in (sends + recvs if self.rank % 2 == 0 else recvs + sends)]
         return _Transfer(works, incoming, tensors)
@@ -153,8 +157,9 @@ def _block_kv(kv: tuple[Tensor, Tensor], cols: slice, rep: int, expand: bool) ->
     return k, v
 
 
-def _attend_block(q: Tensor, kv: tuple[Tensor, Tensor], rows: slice, cols: slice, causal: bool,
-                  scale: float) -> tuple[Tensor, Tensor]:
+def _attend_block(
+    q: Tensor, kv: tuple[Tensor, Tensor], rows: slice, cols: slice, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
     """(out, lse) of query rows `rows` against key rows `cols` of kv = (k, v), per query head."""
     rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv[0], causal)
     k, v = _block_kv(kv, cols, rep, expand=plan == "expand")
@@ -164,8 +169,17 @@ def _attend_block(q: Tensor, kv: tuple[Tensor, Tensor], rows: slice, cols: slice
     return _unfold(out, rep), _unfold(lse, rep)
 
 
-def _grad_block(dout: Tensor, q: Tensor, kv: tuple[Tensor, Tensor], out: Tensor, lse: Tensor, rows: slice,
-                cols: slice, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _grad_block(
+    dout: Tensor,
+    q: Tensor,
+    kv: tuple[Tensor, Tensor],
+    out: Tensor,
+    lse: Tensor,
+    rows: slice,
+    cols: slice,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dq [b, np, rows, hn], dk and dv [b, ng, keys, hn]) of one block, given the final out and lse."""
     rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv[0], causal)
     k, v = _block_kv(kv, cols, rep, expand=plan == "expand")
@@ -173,8 +187,7 @@ def _grad_block(dout: Tensor, q: Tensor, kv: tuple[Tensor, Tensor], out: Tensor,
         fold = lambda t: _fold(t[:, :, rows], rep)
         dq, dk, dv = block_backward(fold(dout), fold(q), k, v, fold(out), fold(lse), False, scale)
         return _unfold(dq, rep), dk, dv
-    dq, dk, dv = block_backward(dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows],
-                                causal, scale)
+    dq, dk, dv = block_backward(dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows], causal, scale)
     if plan == "expand":
         dk, dv = reduce_heads(dk, rep), reduce_heads(dv, rep)
     return dq, dk, dv
@@ -221,8 +234,9 @@ def _ring_forward(q: Tensor, kv: tuple[Tensor, Tensor], ring: _Ring, scale: floa
     return out, lse
 
 
-def _ring_backward(dout: Tensor, q: Tensor, kv: tuple[Tensor, Tensor], out: Tensor, lse: Tensor, ring: _Ring,
-                   scale: float) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+def _ring_backward(
+    dout: Tensor, q: Tensor, kv: tuple[Tensor, Tensor], out: Tensor, lse: Tensor, ring: _Ring, scale: float
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """-> dq [b, np, s/cp, hn], (dk, dv) [b, ng, s/cp, hn] for this rank's own K/V, in the
     accumulation dtype.
 
@@ -295,8 +309,7 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, (dk, dv) = _ring_backward(_dense(dout), _dense(q), (_dense(k), _dense(v)), out, lse, ctx.ring,
-                                      ctx.scale)
+        dq, (dk, dv) = _ring_backward(_dense(dout), _dense(q), (_dense(k), _dense(v)), out, lse, ctx.ring, ctx.scale)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
@@ -311,28 +324,51 @@ class RingAttention(SDPAttention):
     returns [s/cp, b, np·hn]. No dropout, mask tensor, bias or packed sequences.
     """
 
-    def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
-                 attention_type: str, attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection: ProcessGroupCollection | None = None):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+    ):
         _check_heads(config.num_attention_heads, config.num_query_groups or config.num_attention_heads)
         # The parent asserts context_parallel_size == 1 (only TE may do CP); it reads nothing
         # else from it, so it is built from a shallow copy and then given the real config.
         parent_config = copy.copy(config)
         parent_config.context_parallel_size = 1
-        super().__init__(parent_config, layer_number, attn_mask_type, attention_type,
-                         attention_dropout=attention_dropout, softmax_scale=softmax_scale,
-                         cp_comm_type=cp_comm_type, pg_collection=pg_collection)
+        super().__init__(
+            parent_config,
+            layer_number,
+            attn_mask_type,
+            attention_type,
+            attention_dropout=attention_dropout,
+            softmax_scale=softmax_scale,
+            cp_comm_type=cp_comm_type,
+            pg_collection=pg_collection,
+        )
         self.config = config
         cp_group = getattr(pg_collection, "cp", None)  # megatron's Attention passes tp and cp
         self.cp_group = cp_group if cp_group is not None else parallel_state.get_context_parallel_group()
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
-                packed_seq_params: object = None) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: object = None,
+    ) -> Tensor:
         self._check_call(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         if self.training and self.attention_dropout.p > 0.0:
             raise NotImplementedError(
-                f"RingAttention has no attention dropout, got {self.attention_dropout.p}; set attention_dropout to 0")
+                f"RingAttention has no attention dropout, got {self.attention_dropout.p}; set attention_dropout to 0"
+            )
         # [s/cp, b, np, hn] -> [b, np, s/cp, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         context = RingAttentionFunction.apply(q, k, v, self.cp_group, self.softmax_scale)

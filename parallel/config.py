@@ -33,8 +33,9 @@ class ParallelConfig:
     def check(self) -> None:
         """The section's own consistency; sizes against the model are model/config.py's."""
         if self.sequence_parallel and self.tensor == 1:
-            raise RecipeError("parallel.sequence_parallel = true requires parallel.tensor > 1, "
-                              "got parallel.tensor = 1")
+            raise RecipeError("parallel.sequence_parallel = true requires parallel.tensor > 1, got parallel.tensor = 1")
         if self.virtual_pipeline is not None and self.virtual_pipeline > 1 and self.pipeline == 1:
-            raise RecipeError(f"parallel.virtual_pipeline = {self.virtual_pipeline} requires parallel.pipeline > 1, "
-                              f"got parallel.pipeline = 1")
+            raise RecipeError(
+                f"parallel.virtual_pipeline = {self.virtual_pipeline} requires parallel.pipeline > 1, "
+                f"got parallel.pipeline = 1"
+            )

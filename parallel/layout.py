@@ -36,13 +36,17 @@ class Layout:
             raise RecipeError(f"world size must be positive, got {self.world_size}")
         model_parallel = self.tensor * self.pipeline * self.context
         if self.world_size % model_parallel:
-            raise RecipeError(f"parallel.tensor × parallel.pipeline × parallel.context = {model_parallel} "
-                              f"does not divide the world size {self.world_size}")
+            raise RecipeError(
+                f"parallel.tensor × parallel.pipeline × parallel.context = {model_parallel} "
+                f"does not divide the world size {self.world_size}"
+            )
         expert_tensor = self.expert_tensor or self.tensor
         expert_room = self.world_size // (expert_tensor * self.pipeline)
         if self.world_size % (expert_tensor * self.pipeline) or expert_room % self.expert:
-            raise RecipeError(f"parallel.expert × parallel.expert_tensor = {self.expert} × {expert_tensor} does not "
-                              f"divide the world size / parallel.pipeline = {self.world_size // self.pipeline}")
+            raise RecipeError(
+                f"parallel.expert × parallel.expert_tensor = {self.expert} × {expert_tensor} does not "
+                f"divide the world size / parallel.pipeline = {self.world_size // self.pipeline}"
+            )
 
     @property
     def data(self) -> int:
@@ -135,9 +139,7 @@ def init_process_group(device: torch.device, rank: int, world_size: int) -> None
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(
-        backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=30)
-    )
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=30))
 
 
 def _free_port() -> int:

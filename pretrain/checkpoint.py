@@ -57,8 +57,9 @@ def resolve_load(load: str | None, ckpt_dir: pathlib.Path) -> pathlib.Path | Non
     if path.is_dir() and (path / LATEST).is_file():
         name = (path / LATEST).read_text(errors="replace").strip()
         if not _ITER.match(name):  # never a path: `latest` from elsewhere must not point outside
-            raise UserError(f"checkpoint.load: '{path / LATEST}' names '{name[:40]}', not a checkpoint "
-                            "like iter_0000100")
+            raise UserError(
+                f"checkpoint.load: '{path / LATEST}' names '{name[:40]}', not a checkpoint like iter_0000100"
+            )
         path = path / name
     if not (path / "metadata.json").is_file():
         raise UserError(f"checkpoint.load: '{load}' is not a complete checkpoint (no metadata.json)")
@@ -87,9 +88,17 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def save(ckpt_dir: pathlib.Path, step: int, chunks: Sequence[torch.nn.Module], optimizer: Any, extra: dict,
-         optimizer_format: str | None = None, keep_last: int | None = None,
-         async_queue: Any = None, pause_before_publish_s: float = 0.0) -> pathlib.Path:
+def save(
+    ckpt_dir: pathlib.Path,
+    step: int,
+    chunks: Sequence[torch.nn.Module],
+    optimizer: Any,
+    extra: dict,
+    optimizer_format: str | None = None,
+    keep_last: int | None = None,
+    async_queue: Any = None,
+    pause_before_publish_s: float = 0.0,
+) -> pathlib.Path:
     """Writes `<dir>/iter_N.tmp`, then renames it to `iter_N` and updates `latest` (rank 0).
 
     `optimizer=None` saves the model only (a weights checkpoint, e.g. converted from Hugging Face);
@@ -111,8 +120,11 @@ def save(ckpt_dir: pathlib.Path, step: int, chunks: Sequence[torch.nn.Module], o
     if optimizer is not None:
         assert optimizer_format is not None, "a training checkpoint needs checkpoint.optimizer_format"
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_format_metadata(optimizer_format))
-    state["extra"] = {**extra, "kind": "training" if optimizer is not None else "weights",
-                      "optimizer_format": optimizer_format if optimizer is not None else None}
+    state["extra"] = {
+        **extra,
+        "kind": "training" if optimizer is not None else "weights",
+        "optimizer_format": optimizer_format if optimizer is not None else None,
+    }
     publish = partial(_publish, ckpt_dir, tmp, final, keep_last, pause_before_publish_s)
     if async_queue is None:
         dist_checkpointing.save(state, str(tmp))
@@ -124,8 +136,9 @@ def save(ckpt_dir: pathlib.Path, step: int, chunks: Sequence[torch.nn.Module], o
     return final
 
 
-def _publish(ckpt_dir: pathlib.Path, tmp: pathlib.Path, final: pathlib.Path, keep_last: int | None,
-             pause_s: float) -> None:
+def _publish(
+    ckpt_dir: pathlib.Path, tmp: pathlib.Path, final: pathlib.Path, keep_last: int | None, pause_s: float
+) -> None:
     """Every rank's shards are written: make the checkpoint visible (collective)."""
     dist.barrier()
     time.sleep(pause_s)
@@ -223,7 +236,8 @@ def load(path: pathlib.Path, chunks: Sequence[torch.nn.Module], optimizer: Any) 
     if optimizer_format is not None:
         fixes.give_fresh_adam_a_step(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(
-            template, is_loading=True, metadata=_format_metadata(optimizer_format))
+            template, is_loading=True, metadata=_format_metadata(optimizer_format)
+        )
     # Copies into parameters (and their views inside the optimizer) must not be recorded.
     with torch.no_grad():
         state = _load_refusing_unsafe(template, path)
@@ -246,7 +260,8 @@ def check_safe_to_load(path: pathlib.Path) -> None:
             with open(common, "rb") as f:
                 safe_loading.check_weights_only(io.BytesIO(f.read()), f"checkpoint '{path}': common.pt")
         if metadata.is_file():
-            safe_loading.unpickle_or_refuse(safe_loading.MetadataUnpickler, metadata.read_bytes(),
-                                            f"checkpoint '{path}': .metadata")
+            safe_loading.unpickle_or_refuse(
+                safe_loading.MetadataUnpickler, metadata.read_bytes(), f"checkpoint '{path}': .metadata"
+            )
     except (EOFError, RuntimeError, OSError) as exc:
         raise UserError(f"checkpoint '{path}' is unreadable: {' '.join(str(exc).split())[:160]}") from None

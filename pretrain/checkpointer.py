@@ -20,7 +20,9 @@ class CheckpointConfig:
     interval: NonNegativeInt = 0  # save every N steps; 0 = only at the end
     load: str | None = None  # None | "auto" (latest complete checkpoint in dir) | a path
     save: bool = True
-    keep_last: PositiveInt | None = None  # keep the N newest complete checkpoints (null = all); never deletes the newest
+    keep_last: PositiveInt | None = (
+        None  # keep the N newest complete checkpoints (null = all); never deletes the newest
+    )
     async_save: bool = False  # write shards in a background process while training goes on
     # Distributed-optimizer state: fully_reshardable (resume at any layout; gathered per data-parallel
     # group when saving) | dp_reshardable (each rank's shard as is: faster, only the data-parallel size may change)
@@ -40,8 +42,17 @@ class Checkpointer:
     """Owns the run's checkpoints: what `checkpoint.load` resumes, saving every `interval` steps and
     at the end, background saves (published when written), and the save before a preemption stop."""
 
-    def __init__(self, cfg: CheckpointConfig, ckpt_dir: pathlib.Path, chunks: list[Any], optimizer: Any,
-                 scheduler: Any, extra: dict[str, Any], rank: int, save_pause: tuple | None = None):
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        ckpt_dir: pathlib.Path,
+        chunks: list[Any],
+        optimizer: Any,
+        scheduler: Any,
+        extra: dict[str, Any],
+        rank: int,
+        save_pause: tuple | None = None,
+    ):
         self.cfg, self.dir = cfg, ckpt_dir
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
         self.extra = extra  # saved with every checkpoint: the recipe, the vocabulary size
@@ -112,12 +123,25 @@ class Checkpointer:
 
         if self.cfg.async_save and self.async_queue is None:
             self.async_queue = checkpoint.new_async_queue()
-        extra = {"step": state.step, "consumed_samples": state.consumed_samples,
-                 "nonfinite_steps": state.nonfinite_steps, "scheduler": self.scheduler.state_dict(), **self.extra}
+        extra = {
+            "step": state.step,
+            "consumed_samples": state.consumed_samples,
+            "nonfinite_steps": state.nonfinite_steps,
+            "scheduler": self.scheduler.state_dict(),
+            **self.extra,
+        }
         pause = self.save_pause[1] if self.save_pause and self.save_pause[0] == state.step else 0.0
-        path = checkpoint.save(self.dir, state.step, self.chunks, self.optimizer, extra,
-                               optimizer_format=self.cfg.optimizer_format, keep_last=self.cfg.keep_last,
-                               async_queue=self.async_queue, pause_before_publish_s=pause)
+        path = checkpoint.save(
+            self.dir,
+            state.step,
+            self.chunks,
+            self.optimizer,
+            extra,
+            optimizer_format=self.cfg.optimizer_format,
+            keep_last=self.cfg.keep_last,
+            async_queue=self.async_queue,
+            pause_before_publish_s=pause,
+        )
         background = " (writing in the background)" if self.cfg.async_save else ""
         self._say(f"saved checkpoint {path}{background}")
         self.saved_at = state.step

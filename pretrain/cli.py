@@ -17,12 +17,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--recipe", required=True, help="recipes/NAME(.yaml) or a path to a YAML")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=60")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="validate for the world size, print layout and parameter counts, exit")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="world size for --dry-run (default: WORLD_SIZE or 1)")
-    parser.add_argument("--print-recipe", action="store_true",
-                        help="print the resolved recipe (every key, defaults included) as YAML, exit")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate for the world size, print layout and parameter counts, exit"
+    )
+    parser.add_argument(
+        "--world-size", type=int, default=None, help="world size for --dry-run (default: WORLD_SIZE or 1)"
+    )
+    parser.add_argument(
+        "--print-recipe",
+        action="store_true",
+        help="print the resolved recipe (every key, defaults included) as YAML, exit",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     return parser.parse_args(argv)
 
@@ -56,8 +61,9 @@ def run(args: argparse.Namespace) -> int:
         if "loss" in record:
             print(f"final loss {record['loss']:.4f} after {record['step']} steps", flush=True)
         else:
-            print(f"nothing to train: the run is at step {record['step']}, train.steps = {recipe.train.steps}",
-                  flush=True)
+            print(
+                f"nothing to train: the run is at step {record['step']}, train.steps = {recipe.train.steps}", flush=True
+            )
     return 0
 
 

@@ -17,7 +17,7 @@ class StagePlan:
     """What one pipeline rank holds: its layer ranges (one per virtual chunk) and parameters per TP rank."""
 
     pipeline_rank: int
-    layers: tuple[tuple[int, int], ...]   # half-open [first, last) global layer indices per chunk
+    layers: tuple[tuple[int, int], ...]  # half-open [first, last) global layer indices per chunk
     params_per_rank: int
 
 
@@ -38,16 +38,20 @@ def stage_layers(recipe: Recipe, layout: Layout) -> list[tuple[tuple[int, int], 
     return plans
 
 
-def params_per_rank(recipe: Recipe, layout: Layout, vocab: int, ranges: tuple[tuple[int, int], ...], first: bool,
-                    last: bool) -> int:
+def params_per_rank(
+    recipe: Recipe, layout: Layout, vocab: int, ranges: tuple[tuple[int, int], ...], first: bool, last: bool
+) -> int:
     """Parameters on one rank of a stage holding the global layer `ranges` (half-open pairs): TP splits
     every matmul, EP the routed experts (model/gpt.py:layer_parameters)."""
     m = recipe.model
     h, tp = m.hidden_size, layout.tensor
     pattern = moe_layer_pattern(m)
     experts = m.moe.num_experts // layout.expert if m.moe.num_experts else None
-    total = sum(layer_parameters(m, pattern[i], tensor=tp, expert_tensor=layout.expert_tensor, experts=experts)
-                for a, b in ranges for i in range(a, b))
+    total = sum(
+        layer_parameters(m, pattern[i], tensor=tp, expert_tensor=layout.expert_tensor, experts=experts)
+        for a, b in ranges
+        for i in range(a, b)
+    )
     if first:
         total += vocab * h // tp
     if last:
@@ -115,12 +119,11 @@ def dry_run(recipe: Recipe, world_size: int) -> str:
         f"parameters: {built:,} total ({_human(built)}; formula {counts.total:,})",
     ]
     if recipe.model.moe.num_experts is not None:
-        lines.append(f"active parameters per token: {counts.active:,} ({_human(counts.active)}; "
-                     f"top-{recipe.model.moe.top_k} of {recipe.model.moe.num_experts} experts)")
+        lines.append(
+            f"active parameters per token: {counts.active:,} ({_human(counts.active)}; "
+            f"top-{recipe.model.moe.top_k} of {recipe.model.moe.num_experts} experts)"
+        )
     for s in stages:
         ranges = ", ".join(f"{a}-{b - 1}" for a, b in s.layers)
-        lines.append(
-            f"  pipeline stage {s.pipeline_rank}: layers {ranges}; "
-            f"{s.params_per_rank:,} parameters per rank"
-        )
+        lines.append(f"  pipeline stage {s.pipeline_rank}: layers {ranges}; {s.params_per_rank:,} parameters per rank")
     return "\n".join(lines)

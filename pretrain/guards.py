@@ -97,13 +97,17 @@ class NonfiniteGuard:
             return f"{what}; stopping (train.on_nonfinite = stop)"
         self.skipped += 1
         if self.skipped > self.max_skipped:
-            return (f"{what}; {self.skipped} steps skipped, more than train.max_skipped_steps = "
-                    f"{self.max_skipped}: stopping")
+            return (
+                f"{what}; {self.skipped} steps skipped, more than train.max_skipped_steps = "
+                f"{self.max_skipped}: stopping"
+            )
         return None
 
     def warning(self, step: int, loss: float) -> str:
-        return (f"warning: non-finite loss or gradients at step {step} (loss {loss}): step skipped, "
-                f"{self.skipped} of at most {self.max_skipped} (train.max_skipped_steps)")
+        return (
+            f"warning: non-finite loss or gradients at step {step} (loss {loss}): step skipped, "
+            f"{self.skipped} of at most {self.max_skipped} (train.max_skipped_steps)"
+        )
 
 
 @dataclasses.dataclass
@@ -165,6 +169,10 @@ class Watchdog:
             self._report(step, name, time.monotonic() - start)
 
     def _report(self, step: int, name: str, elapsed: float) -> None:
-        print(f"watchdog: rank {self.rank} step {step} phase {name} running for {elapsed:.1f} s "
-              f"(train.watchdog_timeout_s = {self.timeout_s:g}); Python stacks follow", file=self.stream, flush=True)
+        print(
+            f"watchdog: rank {self.rank} step {step} phase {name} running for {elapsed:.1f} s "
+            f"(train.watchdog_timeout_s = {self.timeout_s:g}); Python stacks follow",
+            file=self.stream,
+            flush=True,
+        )
         faulthandler.dump_traceback(file=self.stream, all_threads=True)

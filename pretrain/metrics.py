@@ -36,6 +36,7 @@ class LoggingConfig:
         if not self.name or "/" in self.name:
             raise RecipeError(f"logging.name must be a non-empty name without '/', got '{self.name}'")
 
+
 # Dense bf16 peak per device in TFLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
 
@@ -70,16 +71,26 @@ class Metrics:
     a step with an evaluation, a skipped or stopping step. Every rank builds records (they return
     the last one); only the rank holding `log` writes."""
 
-    def __init__(self, cfg: LoggingConfig, log: MetricsLog | None, tokens_per_step: int, seq_length: int,
-                 flops_per_token: float, peak_tflops: float | None, world_size: int, micro_batches: int,
-                 pipeline_bubble: float):
+    def __init__(
+        self,
+        cfg: LoggingConfig,
+        log: MetricsLog | None,
+        tokens_per_step: int,
+        seq_length: int,
+        flops_per_token: float,
+        peak_tflops: float | None,
+        world_size: int,
+        micro_batches: int,
+        pipeline_bubble: float,
+    ):
         self.cfg, self.log = cfg, log
         self.tokens_per_step, self.seq_length = tokens_per_step, seq_length
         self.flops_per_token, self.peak_tflops, self.world_size = flops_per_token, peak_tflops, world_size
         self.micro_batches, self.pipeline_bubble = micro_batches, pipeline_bubble
 
-    def record(self, step: int, consumed_samples: int, nonfinite_steps: int, result: Any,
-               step_time: float) -> dict[str, Any]:
+    def record(
+        self, step: int, consumed_samples: int, nonfinite_steps: int, result: Any, step_time: float
+    ) -> dict[str, Any]:
         """metrics.jsonl's fields for step `step` (1-based) from a pretrain.step.StepResult."""
         tokens_per_s = self.tokens_per_step / step_time
         record: dict[str, Any] = {

@@ -30,11 +30,17 @@ class OptimizerConfig:
         if not all(0 <= b < 1 for b in self.betas):
             raise RecipeError(f"optimizer.betas must be two values in [0, 1), got {list(self.betas)}")
         if self.wsd_decay_steps is not None and self.decay != "wsd":
-            raise RecipeError(f"optimizer.wsd_decay_steps is only used with optimizer.decay = wsd, "
-                              f"got optimizer.decay = {self.decay}")
-        if self.wsd_decay_steps is not None and self.decay_steps is not None and self.wsd_decay_steps > self.decay_steps:
-            raise RecipeError(f"optimizer.wsd_decay_steps = {self.wsd_decay_steps} exceeds "
-                              f"optimizer.decay_steps = {self.decay_steps}")
+            raise RecipeError(
+                f"optimizer.wsd_decay_steps is only used with optimizer.decay = wsd, got optimizer.decay = {self.decay}"
+            )
+        if (
+            self.wsd_decay_steps is not None
+            and self.decay_steps is not None
+            and self.wsd_decay_steps > self.decay_steps
+        ):
+            raise RecipeError(
+                f"optimizer.wsd_decay_steps = {self.wsd_decay_steps} exceeds optimizer.decay_steps = {self.decay_steps}"
+            )
 
 
 @dataclass(frozen=True)
@@ -53,9 +59,16 @@ def build_optimizer(cfg: OptimizerConfig, numerics: Numerics, chunks: list[Any],
     from megatron.core.optimizer import get_megatron_optimizer
 
     config = MegatronOptimizerConfig(
-        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1], adam_eps=cfg.eps,
-        clip_grad=numerics.grad_clip, bf16=numerics.precision == "bf16", fp16=numerics.precision == "fp16",
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.betas[0],
+        adam_beta2=cfg.betas[1],
+        adam_eps=cfg.eps,
+        clip_grad=numerics.grad_clip,
+        bf16=numerics.precision == "bf16",
+        fp16=numerics.precision == "fp16",
         params_dtype=chunks[0].config.params_dtype,
         use_distributed_optimizer=distributed,
         initial_loss_scale=initial_loss_scale(numerics.tokens_per_micro_batch),
@@ -72,14 +85,21 @@ def build_scheduler(cfg: OptimizerConfig, steps: int, optimizer: Any) -> Any:
 
     decay_steps = cfg.decay_steps or max(steps - cfg.warmup_steps, 1)
     return OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
-        lr_warmup_steps=cfg.warmup_steps, lr_decay_steps=cfg.warmup_steps + decay_steps,
+        optimizer,
+        init_lr=0.0,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=cfg.warmup_steps,
+        lr_decay_steps=cfg.warmup_steps + decay_steps,
         lr_decay_style=_DECAY_STYLES[cfg.decay],
-        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
-        wd_incr_steps=max(steps, 1), wd_incr_style="constant",
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=max(steps, 1),
+        wd_incr_style="constant",
         wsd_decay_steps=cfg.wsd_decay_steps or max(decay_steps // 10, 1),
         lr_wsd_decay_style="linear",
-        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
 
 

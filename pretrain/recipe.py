@@ -61,8 +61,10 @@ class TrainConfig:
 
     def check(self) -> None:
         if self.global_batch_size % self.micro_batch_size:
-            raise RecipeError(f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
-                              f"train.micro_batch_size = {self.micro_batch_size}")
+            raise RecipeError(
+                f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size = {self.micro_batch_size}"
+            )
 
 
 @dataclass
@@ -139,12 +141,16 @@ def validate_for_world(recipe: Recipe, world_size: int) -> tuple[Layout, BatchPl
     t = recipe.train
     plan = BatchPlan.of(t.global_batch_size, t.micro_batch_size, layout.data)
     if layout.pipeline > 1 and plan.micro_batches < layout.pipeline:
-        raise RecipeError(f"{plan.micro_batches} micro-batches per step (train.global_batch_size / "
-                          f"(micro_batch_size × data-parallel size)) are fewer than parallel.pipeline = "
-                          f"{layout.pipeline}: raise train.global_batch_size")
+        raise RecipeError(
+            f"{plan.micro_batches} micro-batches per step (train.global_batch_size / "
+            f"(micro_batch_size × data-parallel size)) are fewer than parallel.pipeline = "
+            f"{layout.pipeline}: raise train.global_batch_size"
+        )
     if layout.virtual_pipeline is not None and plan.micro_batches % layout.pipeline:
-        raise RecipeError(f"{plan.micro_batches} micro-batches per step are not a multiple of parallel.pipeline = "
-                          f"{layout.pipeline}, which the interleaved schedule (parallel.virtual_pipeline) needs")
+        raise RecipeError(
+            f"{plan.micro_batches} micro-batches per step are not a multiple of parallel.pipeline = "
+            f"{layout.pipeline}, which the interleaved schedule (parallel.virtual_pipeline) needs"
+        )
     return layout, plan
 
 

@@ -31,8 +31,9 @@ class StepResult:
     moe: dict[str, Any] = field(default_factory=dict)
 
 
-def loss_func(loss_mask: torch.Tensor,
-              output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def loss_func(
+    loss_mask: torch.Tensor, output_tensor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Sum of masked token losses; megatron-core divides by the global token count."""
     losses = output_tensor.float().view(-1)
     mask = loss_mask.view(-1).float()
@@ -55,7 +56,9 @@ def _forward_step_with_nan_loss(data_iterator, model):
     return output, partial(_nan_loss, loss)
 
 
-def _nan_loss(loss: Callable, output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def _nan_loss(
+    loss: Callable, output_tensor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     loss_sum, num_tokens, reports = loss(output_tensor)
     nan_sum = torch.tensor([float("nan"), 1.0], device=loss_sum.device)  # [loss sum, token count]
     return loss_sum * float("nan"), num_tokens, {k: v * nan_sum for k, v in reports.items()}
@@ -126,10 +129,18 @@ class Step:
                 updated, grad_norm, _ = self.optimizer.step()
         moe = {}
         if self.moe is not None:
-            moe = self.moe.step_metrics(self.device, self.plan.micro_batches, self.plan.dp_size,
-                                        dist.get_world_size() // self.groups.pp.size())
-        return StepResult(loss=loss, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                          lr=current_lr(self.optimizer), updated=updated, nonfinite=nonfinite, stop=stop, moe=moe)
+            moe = self.moe.step_metrics(
+                self.device, self.plan.micro_batches, self.plan.dp_size, dist.get_world_size() // self.groups.pp.size()
+            )
+        return StepResult(
+            loss=loss,
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            lr=current_lr(self.optimizer),
+            updated=updated,
+            nonfinite=nonfinite,
+            stop=stop,
+            moe=moe,
+        )
 
     @torch.no_grad()
     def evaluate(self, samples: Samples, eval_steps: int, prefix: str) -> dict[str, float]:

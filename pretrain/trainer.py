@@ -59,15 +59,22 @@ def build_data(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
     if not train_blend:
         raise UserError("no training data: set data.path to an indexed dataset prefix, or data.blend")
     return build_samples(
-        train_blend, blend_of(data.valid_path, data.valid_blend), data.split,
-        seq_length=recipe.model.seq_length, seed=recipe.train.seed, eod=tokenizer.eod,
-        eod_mask_loss=data.eod_mask_loss, cache_dir=str(data.cache_dir or recipe.log_dir() / "data_cache"),
-        vocab_size=tokenizer.vocab_size, with_test=recipe.train.test_at_end,
+        train_blend,
+        blend_of(data.valid_path, data.valid_blend),
+        data.split,
+        seq_length=recipe.model.seq_length,
+        seed=recipe.train.seed,
+        eod=tokenizer.eod,
+        eod_mask_loss=data.eod_mask_loss,
+        cache_dir=str(data.cache_dir or recipe.log_dir() / "data_cache"),
+        vocab_size=tokenizer.vocab_size,
+        with_test=recipe.train.test_at_end,
     )
 
 
-def build_step(recipe: Recipe, layout: Layout, plan: BatchPlan, groups: Any, device: torch.device,
-               vocab_size: int) -> Step:
+def build_step(
+    recipe: Recipe, layout: Layout, plan: BatchPlan, groups: Any, device: torch.device, vocab_size: int
+) -> Step:
     """The model (wrapped for data parallelism), its optimizer and LR schedule, wired into a Step."""
     from model.gpt import ModelBuild, build_model
     from parallel.data_parallel import wrap_data_parallel
@@ -84,9 +91,19 @@ def build_step(recipe: Recipe, layout: Layout, plan: BatchPlan, groups: Any, dev
         from model.moe import MoeMonitor
 
         moe = MoeMonitor(recipe.model, chunks)
-    return Step(chunks=chunks, optimizer=optimizer, scheduler=build_scheduler(recipe.optimizer, t.steps, optimizer),
-                plan=plan, seq_length=recipe.model.seq_length, seed=t.seed, precision=t.precision,
-                debug=recipe.debug, device=device, groups=groups, moe=moe)
+    return Step(
+        chunks=chunks,
+        optimizer=optimizer,
+        scheduler=build_scheduler(recipe.optimizer, t.steps, optimizer),
+        plan=plan,
+        seq_length=recipe.model.seq_length,
+        seed=t.seed,
+        precision=t.precision,
+        debug=recipe.debug,
+        device=device,
+        groups=groups,
+        moe=moe,
+    )
 
 
 def build_run(recipe: Recipe) -> Run:
@@ -99,13 +116,28 @@ def build_run(recipe: Recipe) -> Run:
     step = build_step(recipe, layout, plan, groups, device, vocab_size)
     debug = recipe.debug
     checkpointer = Checkpointer(
-        recipe.checkpoint, recipe.checkpoint_dir(), step.chunks, step.optimizer, step.scheduler,
+        recipe.checkpoint,
+        recipe.checkpoint_dir(),
+        step.chunks,
+        step.optimizer,
+        step.scheduler,
         extra={"recipe": recipe_to_dict(recipe), "vocab_size": vocab_size},  # unpadded: what an export keeps
-        rank=rank.rank, save_pause=(debug.save_pause_at_step, debug.save_pause_s))
+        rank=rank.rank,
+        save_pause=(debug.save_pause_at_step, debug.save_pause_s),
+    )
     t = recipe.train
     evaluation = Evaluation(step, data, t.eval_interval, t.eval_steps, t.test_at_end)
-    return Run(recipe=recipe, layout=layout, rank=rank, device=device, vocab_size=vocab_size, data=data,
-               step=step, evaluation=evaluation, checkpointer=checkpointer)
+    return Run(
+        recipe=recipe,
+        layout=layout,
+        rank=rank,
+        device=device,
+        vocab_size=vocab_size,
+        data=data,
+        step=step,
+        evaluation=evaluation,
+        checkpointer=checkpointer,
+    )
 
 
 def build_metrics(run: Run) -> Metrics:
@@ -116,9 +148,17 @@ def build_metrics(run: Run) -> Metrics:
         log = MetricsLog(recipe.log_dir(), run.state.step, recipe_to_dict(recipe), recipe.logging)
         print(f"layout: {run.layout.describe()}; {plan.micro_batches} micro-batches/step", flush=True)
     peak = device_peak_tflops(torch.cuda.get_device_name() if run.device.type == "cuda" else None)
-    return Metrics(recipe.logging, log, recipe.train.global_batch_size * recipe.model.seq_length,
-                   recipe.model.seq_length, flops_per_token(recipe.model, run.vocab_size), peak,
-                   run.layout.world_size, plan.micro_batches, run.layout.pipeline_bubble(plan.micro_batches))
+    return Metrics(
+        recipe.logging,
+        log,
+        recipe.train.global_batch_size * recipe.model.seq_length,
+        recipe.model.seq_length,
+        flops_per_token(recipe.model, run.vocab_size),
+        peak,
+        run.layout.world_size,
+        plan.micro_batches,
+        run.layout.pipeline_bubble(plan.micro_batches),
+    )
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
@@ -132,8 +172,14 @@ def train(recipe: Recipe) -> dict[str, Any]:
         run.checkpointer.resume(run.state, recipe.train.global_batch_size)
         if run.rank.rank == 0:
             write_recipe(recipe, recipe.log_dir() / "recipe.yaml")
-        batches = TrainBatches(run.data["train"], run.step.plan, run.state.consumed_samples,
-                               recipe.train.steps - run.state.step, recipe.data.num_workers, run.device)
+        batches = TrainBatches(
+            run.data["train"],
+            run.step.plan,
+            run.state.consumed_samples,
+            recipe.train.steps - run.state.step,
+            recipe.data.num_workers,
+            run.device,
+        )
         guard = NonfiniteGuard(recipe.train.on_nonfinite, recipe.train.max_skipped_steps, run.state.nonfinite_steps)
         metrics = build_metrics(run)
         try:
@@ -154,8 +200,9 @@ def _loop(run: Run, batches: TrainBatches, metrics: Metrics, guards: Guards) -> 
         state.consumed_samples += recipe.train.global_batch_size  # a skipped step uses up its batch too
         state.step += 1
         stop_reason = _count_nonfinite(run, guards.nonfinite, result.nonfinite, result.loss)
-        record = metrics.record(state.step, state.consumed_samples, state.nonfinite_steps, result,
-                                time.perf_counter() - start)
+        record = metrics.record(
+            state.step, state.consumed_samples, state.nonfinite_steps, result, time.perf_counter() - start
+        )
         last = state.step == recipe.train.steps
         record.update(run.evaluation.after(state.step, last, guards.watchdog))
         with guards.watchdog.phase(state.step, "logging"):
@@ -166,8 +213,10 @@ def _loop(run: Run, batches: TrainBatches, metrics: Metrics, guards: Guards) -> 
         run.checkpointer.after_step(state, guards.watchdog)
         if result.stop:
             where = run.checkpointer.before_preemption_stop(state, guards.watchdog)
-            raise Preempted(f"preemption signal: stopped after step {state.step}, {where}; "
-                            f"resume with checkpoint.load=auto (exit code {Preempted.exit_code})")
+            raise Preempted(
+                f"preemption signal: stopped after step {state.step}, {where}; "
+                f"resume with checkpoint.load=auto (exit code {Preempted.exit_code})"
+            )
     run.checkpointer.at_end(state, trained=state.step > start_step, watchdog=guards.watchdog)
     return record
 
@@ -181,4 +230,3 @@ def _count_nonfinite(run: Run, guard: NonfiniteGuard, nonfinite: bool, loss: flo
     if reason is None and run.rank.rank == 0:
         print(guard.warning(run.state.step, loss), file=sys.stderr, flush=True)
     return reason
-

@@ -52,8 +52,9 @@ def main() -> None:
     _setup()
     hidden = args.heads * args.head_dim
     config = transformer_config(
-        ModelConfig(hidden_size=hidden, num_attention_heads=args.heads,
-                    num_query_groups=args.groups, ffn_hidden_size=hidden),
+        ModelConfig(
+            hidden_size=hidden, num_attention_heads=args.heads, num_query_groups=args.groups, ffn_hidden_size=hidden
+        ),
         ModelBuild(),
     )
     cls = SDPAttention if args.impl == "sdpa" else DotProductAttention

@@ -26,9 +26,17 @@ from typing import Any
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-DEFAULTS = ["model.seq_length=8192", "model.hidden_size=1024", "model.ffn_hidden_size=2816",
-            "model.num_attention_heads=8", "model.num_query_groups=2", "model.num_layers=4",
-            "train.micro_batch_size=1", "train.global_batch_size=1", "logging.wandb.mode=disabled"]
+DEFAULTS = [
+    "model.seq_length=8192",
+    "model.hidden_size=1024",
+    "model.ffn_hidden_size=2816",
+    "model.num_attention_heads=8",
+    "model.num_query_groups=2",
+    "model.num_layers=4",
+    "train.micro_batch_size=1",
+    "train.global_batch_size=1",
+    "logging.wandb.mode=disabled",
+]
 
 
 def _batch(recipe: Any, vocab_size: int, cp_rank: int, cp_size: int, device: Any) -> dict:
@@ -39,8 +47,12 @@ def _batch(recipe: Any, vocab_size: int, cp_rank: int, cp_size: int, device: Any
 
     s = recipe.model.seq_length
     tokens = torch.randint(0, vocab_size, (1, s + 1), generator=torch.Generator().manual_seed(0))
-    batch = {"tokens": tokens[:, :-1], "labels": tokens[:, 1:], "position_ids": torch.arange(s).unsqueeze(0),
-             "loss_mask": torch.ones(1, s)}
+    batch = {
+        "tokens": tokens[:, :-1],
+        "labels": tokens[:, 1:],
+        "position_ids": torch.arange(s).unsqueeze(0),
+        "loss_mask": torch.ones(1, s),
+    }
     return {k: v.contiguous().to(device) for k, v in slice_for_context_parallel(batch, cp_rank, cp_size).items()}
 
 
@@ -49,9 +61,15 @@ def _step(recipe: Any, chunks: list, batch: dict) -> None:
 
     from pretrain.step import forward_step
 
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([batch]),
-                                model=chunks[0], num_microbatches=1, seq_length=recipe.model.seq_length,
-                                micro_batch_size=1, forward_only=False)
+    get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([batch]),
+        model=chunks[0],
+        num_microbatches=1,
+        seq_length=recipe.model.seq_length,
+        micro_batch_size=1,
+        forward_only=False,
+    )
 
 
 def main() -> None:
@@ -80,8 +98,9 @@ def main() -> None:
     layout, _, rank, groups, device = build_runtime(recipe)
     vocab_size = recipe.model.vocab_size or build_tokenizer(recipe.data.tokenizer).vocab_size
     build = ModelBuild(layout=layout, precision=recipe.train.precision, init_seed=recipe.train.seed)
-    chunks = wrap_data_parallel(build_model(recipe.model, build, vocab_size, device, groups),
-                                recipe.parallel.distributed_optimizer, groups)
+    chunks = wrap_data_parallel(
+        build_model(recipe.model, build, vocab_size, device, groups), recipe.parallel.distributed_optimizer, groups
+    )
     batch = _batch(recipe, vocab_size, rank.context_rank, layout.context, device)
     _step(recipe, chunks, batch)  # warm-up: kernel choice and its probe, gradient buffers
     peak = peak_mib(lambda: _step(recipe, chunks, batch), device)
@@ -89,9 +108,11 @@ def main() -> None:
     dist.all_reduce(stats, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
         m = recipe.model
-        print(f"cp={layout.context} seq={m.seq_length} layers={m.num_layers} hidden={m.hidden_size} "
-              f"heads={m.num_attention_heads}/{m.num_query_groups} {recipe.train.precision} on {device.type}: "
-              f"activation memory of one forward + backward per rank {stats.item():.0f} MiB")
+        print(
+            f"cp={layout.context} seq={m.seq_length} layers={m.num_layers} hidden={m.hidden_size} "
+            f"heads={m.num_attention_heads}/{m.num_query_groups} {recipe.train.precision} on {device.type}: "
+            f"activation memory of one forward + backward per rank {stats.item():.0f} MiB"
+        )
     shutdown()
 
 

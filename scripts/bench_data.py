@@ -36,8 +36,17 @@ def main() -> None:
 
     tokenizer = build_tokenizer(args.tokenizer)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # the builder's barrier
-    samples = build_samples([(1.0, args.prefix)], [], "100,0,0", args.seq, 1234, tokenizer.eod, False,
-                            tempfile.mkdtemp(), tokenizer.vocab_size)["train"]
+    samples = build_samples(
+        [(1.0, args.prefix)],
+        [],
+        "100,0,0",
+        args.seq,
+        1234,
+        tokenizer.eod,
+        False,
+        tempfile.mkdtemp(),
+        tokenizer.vocab_size,
+    )["train"]
     share = BatchPlan(global_batch_size=args.samples, micro_batch_size=1)
     times = []
     for step in range(args.steps + 1):
@@ -46,8 +55,10 @@ def main() -> None:
             share.batch(samples, step * args.samples, m)
         times.append(time.perf_counter() - start)
     median = statistics.median(times[1:])
-    print(f"seq {args.seq}, {args.samples} samples per step: median {median * 1e3:.2f} ms per step, "
-          f"{median / args.samples * 1e3:.3f} ms per sample")
+    print(
+        f"seq {args.seq}, {args.samples} samples per step: median {median * 1e3:.2f} ms per step, "
+        f"{median / args.samples * 1e3:.3f} ms per sample"
+    )
     dist.destroy_process_group()
 
 

@@ -49,8 +49,10 @@ def main() -> None:
     check = _median_ms(lambda: agree([not grads_are_finite(chunks), False], run.device), args.iters)
     whole = _median_ms(train_step, args.iters)
     params = sum(b.grad_data.numel() for c in chunks for b in c.buffers + c.expert_parallel_buffers)
-    print(f"{params:,} gradient elements: guard {check:.3f} ms, whole step {whole:.1f} ms "
-          f"(median of {args.iters}); guard share {100 * check / whole:.2f}%")
+    print(
+        f"{params:,} gradient elements: guard {check:.3f} ms, whole step {whole:.1f} ms "
+        f"(median of {args.iters}); guard share {100 * check / whole:.2f}%"
+    )
 
 
 if __name__ == "__main__":

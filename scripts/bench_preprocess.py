@@ -36,9 +36,23 @@ def write_corpus(path: pathlib.Path, repeat: int) -> int:
 
 
 def train_tokenizer(corpus: pathlib.Path, folder: pathlib.Path, vocab_size: int) -> None:
-    subprocess.run([sys.executable, "-m", "data.preprocess", "text", "--input", str(corpus),
-                    "--train-tokenizer", str(vocab_size), "--output-prefix", str(folder / "train_corpus")],
-                   cwd=REPO, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data.preprocess",
+            "text",
+            "--input",
+            str(corpus),
+            "--train-tokenizer",
+            str(vocab_size),
+            "--output-prefix",
+            str(folder / "train_corpus"),
+        ],
+        cwd=REPO,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     # transformers' AutoTokenizer (Megatron-LM's HuggingFaceTokenizer) needs the class and the EOD name
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
@@ -84,11 +98,37 @@ def main() -> None:
     if not (work / "tok" / "tokenizer.json").exists():
         train_tokenizer(corpus, work / "tok", args.vocab_size)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    ours = [sys.executable, "-m", "data.preprocess", "text", "--input", str(corpus), "--tokenizer",
-            str(work / "tok"), "--workers", str(args.workers), "--output-prefix", str(work / "ours" / "corpus")]
-    theirs = [sys.executable, "tools/preprocess_data.py", "--input", str(corpus), "--output-prefix",
-              str(work / "megatron" / "corpus"), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-              str(work / "tok"), "--workers", str(args.workers), "--append-eod", "--json-keys", "text"]
+    ours = [
+        sys.executable,
+        "-m",
+        "data.preprocess",
+        "text",
+        "--input",
+        str(corpus),
+        "--tokenizer",
+        str(work / "tok"),
+        "--workers",
+        str(args.workers),
+        "--output-prefix",
+        str(work / "ours" / "corpus"),
+    ]
+    theirs = [
+        sys.executable,
+        "tools/preprocess_data.py",
+        "--input",
+        str(corpus),
+        "--output-prefix",
+        str(work / "megatron" / "corpus"),
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        str(work / "tok"),
+        "--workers",
+        str(args.workers),
+        "--append-eod",
+        "--json-keys",
+        "text",
+    ]
     (work / "megatron").mkdir(exist_ok=True)
     theirs_env = dict(env, PYTHONPATH=os.pathsep.join(p for p in (args.megatron_lm, args.extra_path) if p))
     times: dict[str, list[tuple]] = {"ours": [], "megatron": []}
@@ -98,20 +138,27 @@ def main() -> None:
         times["megatron"].append(timed(theirs, args.megatron_lm, theirs_env))
     ours_prefix, theirs_prefix = str(work / "ours" / "corpus"), str(work / "megatron" / "corpus_text_document")
     tokens = tokens_in(ours_prefix)
-    same = (pathlib.Path(ours_prefix + ".bin").read_bytes() == pathlib.Path(theirs_prefix + ".bin").read_bytes()
-            and tokens == tokens_in(theirs_prefix))
+    same = pathlib.Path(ours_prefix + ".bin").read_bytes() == pathlib.Path(
+        theirs_prefix + ".bin"
+    ).read_bytes() and tokens == tokens_in(theirs_prefix)
     print(f"1-minute load average before / after: {load_before:.1f} / {os.getloadavg()[0]:.1f}")
-    print(f"input {corpus}: {documents} documents, {corpus.stat().st_size / 1e6:.1f} MB; {tokens} tokens; "
-          f"identical .bin: {same}")
+    print(
+        f"input {corpus}: {documents} documents, {corpus.stat().st_size / 1e6:.1f} MB; {tokens} tokens; "
+        f"identical .bin: {same}"
+    )
     medians = {}
     for name, runs in times.items():
         walls, cpus = [w for w, _ in runs], [c for _, c in runs]
         medians[name] = statistics.median(walls), statistics.median(cpus)
-        print(f"{name}: wall s {' '.join(f'{w:.2f}' for w in walls)}; CPU s {' '.join(f'{c:.2f}' for c in cpus)}; "
-              f"median {medians[name][0]:.2f} s wall = {tokens / medians[name][0]:.0f} tokens/s, "
-              f"{medians[name][1]:.2f} CPU s = {tokens / medians[name][1]:.0f} tokens per CPU s")
-    print(f"ratio ours/megatron: tokens/s {medians['megatron'][0] / medians['ours'][0]:.2f}, "
-          f"tokens per CPU s {medians['megatron'][1] / medians['ours'][1]:.2f}")
+        print(
+            f"{name}: wall s {' '.join(f'{w:.2f}' for w in walls)}; CPU s {' '.join(f'{c:.2f}' for c in cpus)}; "
+            f"median {medians[name][0]:.2f} s wall = {tokens / medians[name][0]:.0f} tokens/s, "
+            f"{medians[name][1]:.2f} CPU s = {tokens / medians[name][1]:.0f} tokens per CPU s"
+        )
+    print(
+        f"ratio ours/megatron: tokens/s {medians['megatron'][0] / medians['ours'][0]:.2f}, "
+        f"tokens per CPU s {medians['megatron'][1] / medians['ours'][1]:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -85,7 +85,7 @@ def _ring_call(args: argparse.Namespace, local: int, device: Any, dtype: Any, gr
     from model.ring_attention import RingAttentionFunction
 
     q, k, v, dout = _inputs(args, local, device, dtype)
-    return lambda: RingAttentionFunction.apply(q, k, v, group, args.head_dim ** -0.5).backward(dout)
+    return lambda: RingAttentionFunction.apply(q, k, v, group, args.head_dim**-0.5).backward(dout)
 
 
 def _full_sequence_call(args, device, dtype):
@@ -170,8 +170,11 @@ def _simulate(args: argparse.Namespace, device: Any, dtype: Any, timer: Any) -> 
     try:
         for rank in range(cp):
             dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=cp)
-            rows.append(_measure(lambda: _ring_call(args, args.seq // cp, device, dtype, dist.group.WORLD),
-                                 args.iters, timer, device))
+            rows.append(
+                _measure(
+                    lambda: _ring_call(args, args.seq // cp, device, dtype, dist.group.WORLD), args.iters, timer, device
+                )
+            )
             dist.destroy_process_group()
     finally:
         ring_attention._Ring.shift = shift  # type: ignore[method-assign]
@@ -187,10 +190,17 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--simulate-cp", type=int, default=0,
-                        help="run the N ranks of a CP ring one after the other in this process (one GPU)")
-    parser.add_argument("--reference", action="store_true",
-                        help="measure one whole-sequence SDPA call (what CP = 1 runs) instead of the ring")
+    parser.add_argument(
+        "--simulate-cp",
+        type=int,
+        default=0,
+        help="run the N ranks of a CP ring one after the other in this process (one GPU)",
+    )
+    parser.add_argument(
+        "--reference",
+        action="store_true",
+        help="measure one whole-sequence SDPA call (what CP = 1 runs) instead of the ring",
+    )
     args = parser.parse_args()
 
     import torch
@@ -207,9 +217,11 @@ def main() -> None:
     if args.reference:
         name, make = _full_sequence_call(args, device, dtype)
         best, median, memory = _measure(make, args.iters, timer, device)
-        print(f"seq={args.seq} heads={args.heads}/{args.groups} hn={args.head_dim} {args.dtype} on {device.type}: "
-              f"one {name} call fwd+bwd: best {best * 1e3:.2f} ms, median {median * 1e3:.2f} ms; "
-              f"peak memory {memory:.0f} MiB")
+        print(
+            f"seq={args.seq} heads={args.heads}/{args.groups} hn={args.head_dim} {args.dtype} on {device.type}: "
+            f"one {name} call fwd+bwd: best {best * 1e3:.2f} ms, median {median * 1e3:.2f} ms; "
+            f"peak memory {memory:.0f} MiB"
+        )
         return
     _init_group(args, device)
 
@@ -221,8 +233,13 @@ def main() -> None:
         where = f"simulated, ranks one after the other (per rank: {medians} ms)"
     else:
         cp, rank = dist.get_world_size(), dist.get_rank()
-        stats = torch.tensor(_measure(lambda: _ring_call(args, args.seq // cp, device, dtype, dist.group.WORLD),
-                                      args.iters, timer, device), dtype=torch.float64, device=device)
+        stats = torch.tensor(
+            _measure(
+                lambda: _ring_call(args, args.seq // cp, device, dtype, dist.group.WORLD), args.iters, timer, device
+            ),
+            dtype=torch.float64,
+            device=device,
+        )
         dist.all_reduce(stats, op=dist.ReduceOp.MAX)
         best, median, memory = stats.tolist()
         where = f"{dist.get_backend()}, {cp} processes"
@@ -231,17 +248,24 @@ def main() -> None:
 
     kernels = select_backend(torch.zeros(1, 1, 2, args.head_dim, device=device, dtype=dtype))
     if rank == 0:
-        print(f"cp={cp} seq={args.seq} heads={args.heads}/{args.groups} hn={args.head_dim} {args.dtype} "
-              f"on {device.type} ({where}); block kernels: {kernels}")
-        print(f"ring attention fwd+bwd per rank: best {best * 1e3:.2f} ms, median {median * 1e3:.2f} ms; "
-              f"attention peak memory per rank {memory:.0f} MiB")
+        print(
+            f"cp={cp} seq={args.seq} heads={args.heads}/{args.groups} hn={args.head_dim} {args.dtype} "
+            f"on {device.type} ({where}); block kernels: {kernels}"
+        )
+        print(
+            f"ring attention fwd+bwd per rank: best {best * 1e3:.2f} ms, median {median * 1e3:.2f} ms; "
+            f"attention peak memory per rank {memory:.0f} MiB"
+        )
         if device.type == "cuda":
             name, make = _full_sequence_call(args, device, dtype)
             full_best, full_median, full_memory = _measure(make, args.iters, timer, device)
-            print(f"one {name} call on the whole sequence fwd+bwd: best {full_best * 1e3:.2f} ms, "
-                  f"median {full_median * 1e3:.2f} ms; peak memory {full_memory:.0f} MiB")
-            print(f"ring per rank / whole-sequence call (medians): {median / full_median:.3f} "
-                  f"(ideal 1/cp = {1 / cp:.3f})")
+            print(
+                f"one {name} call on the whole sequence fwd+bwd: best {full_best * 1e3:.2f} ms, "
+                f"median {full_median * 1e3:.2f} ms; peak memory {full_memory:.0f} MiB"
+            )
+            print(
+                f"ring per rank / whole-sequence call (medians): {median / full_median:.3f} (ideal 1/cp = {1 / cp:.3f})"
+            )
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -24,8 +24,11 @@ import struct
 import sys
 
 EXIT_USER_ERROR = 2
-PLOTS = (("loss", "loss", "LM loss"), ("throughput", "tokens_per_s", "tokens/s"),
-         ("grad_norm", "grad_norm", "grad norm"))
+PLOTS = (
+    ("loss", "loss", "LM loss"),
+    ("throughput", "tokens_per_s", "tokens/s"),
+    ("grad_norm", "grad_norm", "grad norm"),
+)
 _API_RUN = re.compile(r"^[\w.-]+/[\w.-]+/[\w-]+$")
 
 
@@ -67,11 +70,11 @@ def _wandb_records(path: pathlib.Path) -> list[bytes]:
         if room < 7:  # a block's tail too short for a record header is padding
             pos += room
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             pos += room
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         pending = chunk if kind in (_FULL, _FIRST) else pending + chunk
         if kind in (_FULL, _LAST):
@@ -134,8 +137,11 @@ def read_run(spec: str) -> list[dict]:
 def _read_run_dir(path: pathlib.Path) -> list[dict]:
     if (path / "metrics.jsonl").is_file():
         return read_metrics_jsonl(path / "metrics.jsonl")
-    wandb_files = list(path.glob("*.wandb")) or list(path.glob("offline-run-*/*.wandb")) \
+    wandb_files = (
+        list(path.glob("*.wandb"))
+        or list(path.glob("offline-run-*/*.wandb"))
         or list(path.glob("wandb/offline-run-*/*.wandb"))
+    )
     if not wandb_files:
         raise InputError(f"'{path}' holds no metrics.jsonl and no wandb run (run-*.wandb)")
     return read_wandb_dir(wandb_files)
@@ -146,8 +152,7 @@ def _read_run_dir(path: pathlib.Path) -> list[dict]:
 
 def _finite(rows: list[dict], key: str) -> list[tuple]:
     """(step, value) of the rows where `key` is a finite number."""
-    return [(r["step"], r[key]) for r in rows
-            if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
+    return [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -171,14 +176,23 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def table(labels: list[str], summaries: list[dict]) -> str:
-    header = ["run", "steps", "tokens", "final loss", "min loss (step)", "tokens/s (median)", "MFU (median)",
-              "skipped"]
+    header = ["run", "steps", "tokens", "final loss", "min loss (step)", "tokens/s (median)", "MFU (median)", "skipped"]
     lines = [header]
     for label, s in zip(labels, summaries):
         best = "-" if s["min_loss"] is None else f"{s['min_loss'][1]:.4f} ({s['min_loss'][0]})"
         mfu = "-" if s["mfu"] is None else f"{100 * s['mfu']:.1f}%"
-        lines.append([label, str(s["steps"]), _cell(s["tokens"], ","), _cell(s["final_loss"], ".4f"), best,
-                      _cell(s["tokens_per_s"], ",.0f"), mfu, str(s["skipped"])])
+        lines.append(
+            [
+                label,
+                str(s["steps"]),
+                _cell(s["tokens"], ","),
+                _cell(s["final_loss"], ".4f"),
+                best,
+                _cell(s["tokens_per_s"], ",.0f"),
+                mfu,
+                str(s["skipped"]),
+            ]
+        )
     widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
     out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in lines]
     out.insert(1, "  ".join("-" * w for w in widths))

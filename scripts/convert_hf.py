@@ -81,11 +81,9 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     ours = hf_to_ours(read_hf_tensors(hf_dir), model_cfg, vocab)
     _load_exactly(model, ours, f"{hf_dir}")
     recipe = Recipe(model=model_cfg)
-    extra = {"step": 0, "recipe": recipe_to_dict(recipe), "vocab_size": model_cfg.vocab_size,
-             "source": str(hf_dir)}
+    extra = {"step": 0, "recipe": recipe_to_dict(recipe), "vocab_size": model_cfg.vocab_size, "source": str(hf_dir)}
     path = checkpoint.save(out_dir, 0, [model], None, extra)
-    (out_dir / "model.yaml").write_text(yaml.safe_dump({"model": recipe_to_dict(recipe)["model"]},
-                                                       sort_keys=False))
+    (out_dir / "model.yaml").write_text(yaml.safe_dump({"model": recipe_to_dict(recipe)["model"]}, sort_keys=False))
     return path
 
 
@@ -93,13 +91,16 @@ def _load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor], source
     expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise UserError(f"{source}: tensors do not match the architecture "
-                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise UserError(
+            f"{source}: tensors do not match the architecture "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
     own = model.state_dict()
     for name, tensor in _progress(sorted(state.items()), "converting"):
         if tuple(own[name].shape) != tuple(tensor.shape):
-            raise UserError(f"{source}: '{name}' has shape {tuple(tensor.shape)}, "
-                            f"the architecture needs {tuple(own[name].shape)}")
+            raise UserError(
+                f"{source}: '{name}' has shape {tuple(tensor.shape)}, the architecture needs {tuple(own[name].shape)}"
+            )
         with torch.no_grad():
             own[name].copy_(tensor)
 
@@ -128,8 +129,11 @@ def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     tensors = ours_to_hf(ours, model_cfg, vocab_size)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.detach().float().contiguous() for k, v in _progress(sorted(tensors.items()), "writing")},
-              str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().float().contiguous() for k, v in _progress(sorted(tensors.items()), "writing")},
+        str(out_dir / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
     return out_dir
 
 

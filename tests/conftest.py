@@ -25,8 +25,9 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_addoption(parser):
-    parser.addoption("--update-golden", action="store_true",
-                     help="rewrite tests/golden/*.json from this run instead of comparing")
+    parser.addoption(
+        "--update-golden", action="store_true", help="rewrite tests/golden/*.json from this run instead of comparing"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +43,6 @@ def synthetic_corpus(tmp_path_factory) -> str:
     prefix = str(tmp_path_factory.mktemp("corpus") / "text_document")
     build_synthetic_corpus(prefix, num_docs=2000, seed=0)
     return prefix
-
 
 
 @pytest.fixture(scope="session")

@@ -185,35 +185,81 @@ def _patches() -> list[Patch]:
         # CudaRNGStatesTracker.add/fork and model_parallel_cuda_manual_seed keep per-purpose
         # generator states (data-parallel, tensor-parallel, expert); on CPU the one CPU generator
         # plays the CUDA generator's role, so dropout inside TP regions forks from it as on GPU.
-        Patch("rng.get_state", "tensor_parallel/random.py:235,238 torch.cuda.get_rng_state",
-              cuda, "get_rng_state", lambda device="cuda": torch.get_rng_state()),
-        Patch("rng.manual_seed", "tensor_parallel/random.py:237,423 torch.cuda.manual_seed",
-              cuda, "manual_seed", _cpu_manual_seed),
-        Patch("rng.set_state", "tensor_parallel/random.py:72-110 _set_cuda_rng_state",
-              mcore_random, "_set_cuda_rng_state", _cpu_set_rng_state),
-        Patch("rng.get_cuda_state", "tensor_parallel/random.py:41-69 _get_cuda_rng_state",
-              mcore_random, "_get_cuda_rng_state", _cpu_get_rng_state),
+        Patch(
+            "rng.get_state",
+            "tensor_parallel/random.py:235,238 torch.cuda.get_rng_state",
+            cuda,
+            "get_rng_state",
+            lambda device="cuda": torch.get_rng_state(),
+        ),
+        Patch(
+            "rng.manual_seed",
+            "tensor_parallel/random.py:237,423 torch.cuda.manual_seed",
+            cuda,
+            "manual_seed",
+            _cpu_manual_seed,
+        ),
+        Patch(
+            "rng.set_state",
+            "tensor_parallel/random.py:72-110 _set_cuda_rng_state",
+            mcore_random,
+            "_set_cuda_rng_state",
+            _cpu_set_rng_state,
+        ),
+        Patch(
+            "rng.get_cuda_state",
+            "tensor_parallel/random.py:41-69 _get_cuda_rng_state",
+            mcore_random,
+            "_get_cuda_rng_state",
+            _cpu_get_rng_state,
+        ),
         # torch.cuda.current_device() raises on a CPU build; megatron uses it as the device of
         # its buffers (utils.py:631, distributed/param_and_grad_buffer.py) and inside autograd
         # backward functions, e.g. the sequence-parallel reduce-scatter buffer at
         # tensor_parallel/layers.py:551. Torch function modes do not reach custom autograd
         # backward passes, so the answer itself must be the CPU, not an ordinal for the mode.
-        Patch("device.current_device", "utils.py:631, tensor_parallel/layers.py:551 current_device",
-              cuda, "current_device", lambda: _CPU),
+        Patch(
+            "device.current_device",
+            "utils.py:631, tensor_parallel/layers.py:551 current_device",
+            cuda,
+            "current_device",
+            lambda: _CPU,
+        ),
         # Checkpoint saving waits for device-to-host copies before writing; CPU tensors need none.
-        Patch("device.synchronize", "dist_checkpointing/strategies/filesystem_async.py:230",
-              cuda, "synchronize", lambda device=None: None),
+        Patch(
+            "device.synchronize",
+            "dist_checkpointing/strategies/filesystem_async.py:230",
+            cuda,
+            "synchronize",
+            lambda device=None: None,
+        ),
         # The MoE alltoall dispatcher copies its split sizes to the host on a side stream and
         # waits on an event (transformer/moe/token_dispatcher.py:445,871-897); `torch.cuda.stream(s)`
         # itself is a no-op without CUDA and needs no patch.
-        Patch("stream.Stream", "transformer/moe/token_dispatcher.py:445 torch.cuda.Stream()",
-              cuda, "Stream", HostStream),
-        Patch("stream.current_stream", "transformer/moe/token_dispatcher.py:871 current_stream",
-              cuda, "current_stream", lambda device=None: _HOST_STREAM),
-        Patch("moe.split_sizes", "transformer/moe/token_dispatcher.py:876-893 maybe_move_tensor_to_cpu",
-              token_dispatcher, "maybe_move_tensor_to_cpu", _host_split_sizes),
-        Patch("dist.uneven_all_gather", "tensor_parallel/mappings.py:150 all_gather with split sizes",
-              torch.distributed, "all_gather", _uneven_all_gather(torch.distributed.all_gather)),
+        Patch(
+            "stream.Stream", "transformer/moe/token_dispatcher.py:445 torch.cuda.Stream()", cuda, "Stream", HostStream
+        ),
+        Patch(
+            "stream.current_stream",
+            "transformer/moe/token_dispatcher.py:871 current_stream",
+            cuda,
+            "current_stream",
+            lambda device=None: _HOST_STREAM,
+        ),
+        Patch(
+            "moe.split_sizes",
+            "transformer/moe/token_dispatcher.py:876-893 maybe_move_tensor_to_cpu",
+            token_dispatcher,
+            "maybe_move_tensor_to_cpu",
+            _host_split_sizes,
+        ),
+        Patch(
+            "dist.uneven_all_gather",
+            "tensor_parallel/mappings.py:150 all_gather with split sizes",
+            torch.distributed,
+            "all_gather",
+            _uneven_all_gather(torch.distributed.all_gather),
+        ),
     ]
 
 

@@ -83,10 +83,12 @@ def _keep_own_adam_step() -> bool:
 
 FIXES = (
     Fix("moe_utils.te_general_gemm", "transformer/moe/moe_utils.py:1192", _bind_te_general_gemm),
-    Fix("MoEAuxLossAutoScaler.set_loss_scale", "transformer/moe/router.py:457-466,486-498",
-        _scale_aux_loss_by_tp_cp),
-    Fix("DistributedOptimizer._set_main_param_and_optimizer_states", "optimizer/distrib_optimizer.py:940",
-        _keep_own_adam_step),
+    Fix("MoEAuxLossAutoScaler.set_loss_scale", "transformer/moe/router.py:457-466,486-498", _scale_aux_loss_by_tp_cp),
+    Fix(
+        "DistributedOptimizer._set_main_param_and_optimizer_states",
+        "optimizer/distrib_optimizer.py:940",
+        _keep_own_adam_step,
+    ),
 )
 
 
@@ -110,7 +112,8 @@ def _torch_adam_optimizers(optimizer: Any) -> list:
         return []
     members = getattr(optimizer, "chained_optimizers", [optimizer])
     return [
-        m.optimizer for m in members
+        m.optimizer
+        for m in members
         if isinstance(m, distrib_optimizer.DistributedOptimizer) and m.optimizer is not None
     ]
 

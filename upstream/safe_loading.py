@@ -43,18 +43,31 @@ class UnsafeFile(UserError):
 
 # Classes a torch.distributed.checkpoint `.metadata` file may name; anything else (os.system, a
 # user's class, ...) means the file is not what a save wrote.
-_METADATA_GLOBALS: set[tuple[str, str]] = {
-    ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
-        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
-} | {
-    ("torch.distributed.checkpoint.planner", name) for name in (
-        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadItemType")
-} | {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch.serialization", "_get_layout"),  # torch layout by name, as torch's own safe unpickler allows
-    ("torch", "Size"), ("collections", "OrderedDict"),
-}
+_METADATA_GLOBALS: set[tuple[str, str]] = (
+    {
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    }
+    | {
+        ("torch.distributed.checkpoint.planner", name)
+        for name in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "LoadItemType")
+    }
+    | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),  # torch layout by name, as torch's own safe unpickler allows
+        ("torch", "Size"),
+        ("collections", "OrderedDict"),
+    }
+)
 
 
 class MetadataUnpickler(pickle.Unpickler):
@@ -166,8 +179,9 @@ def check_te_extra_state(state: Any, where: str) -> None:
     """transformer-engine's extra state (a uint8 tensor of pickled bytes; empty = no FP8) holds only
     what TEStateUnpickler accepts. Called before TE's own `pickle.loads` of it."""
     if isinstance(state, torch.Tensor) and state.numel() > 0:
-        unpickle_or_refuse(TEStateUnpickler, state.detach().cpu().numpy().tobytes(),
-                           f"transformer-engine extra state of {where}")
+        unpickle_or_refuse(
+            TEStateUnpickler, state.detach().cpu().numpy().tobytes(), f"transformer-engine extra state of {where}"
+        )
 
 
 def _set_extra_state_checked(original: Callable) -> Callable:
@@ -211,8 +225,11 @@ def install() -> dict[str, bool]:
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.filesystem import FileSystemReader
 
-    owners = [(FileSystemReader, "read_metadata", _read_metadata_safely),
-              (DefaultLoadPlanner, "load_bytes", _load_bytes_weights_only), *_te_extra_state_owners()]
+    owners = [
+        (FileSystemReader, "read_metadata", _read_metadata_safely),
+        (DefaultLoadPlanner, "load_bytes", _load_bytes_weights_only),
+        *_te_extra_state_owners(),
+    ]
     for cls, method, wrap in owners:
         if not getattr(getattr(cls, method), "_checked", False):
             setattr(cls, method, wrap(getattr(cls, method)))

@@ -80,13 +80,16 @@ def fresh_backend_choice():
     _backend_for.cache_clear()
 
 
-@pytest.mark.parametrize("defect, message", [
-    ("lse_base2", "lse differs from math by"),
-    ("padded_lse", "lse has shape (2, 2, 96), math (2, 2, 64)"),
-    ("causal_dropped_in_backward", "dq differs from math by"),
-    ("raises", "RuntimeError: kernel not compiled for this device"),
-    ("gqa_heads_strided", "out differs from math by"),
-])
+@pytest.mark.parametrize(
+    "defect, message",
+    [
+        ("lse_base2", "lse differs from math by"),
+        ("padded_lse", "lse has shape (2, 2, 96), math (2, 2, 64)"),
+        ("causal_dropped_in_backward", "dq differs from math by"),
+        ("raises", "RuntimeError: kernel not compiled for this device"),
+        ("gqa_heads_strided", "out differs from math by"),
+    ],
+)
 def test_a_wrongly_wired_kernel_is_never_selected(defect, message, monkeypatch, fresh_backend_choice):
     """Backends that cannot run in CI (CUDA, flash-attn) are used only once a probe against plain
     math passed; here the probe meets the ways such wiring goes wrong, on the CPU candidate."""
@@ -195,8 +198,11 @@ def _ring_on_every_rank(rank: int, world: int) -> dict:
         results[(backend, 4)] = _ring_results(dist.group.WORLD, cp=4, cp_rank=rank)
         # ranks 2, 3 form a group whose local ranks differ from their global ones
         results[(backend, 2)] = _ring_results(pairs[rank // 2], cp=2, cp_rank=rank % 2)
-    return {f"{backend}/cp{cp}/{layout}": tensors for (backend, cp), by_layout in results.items()
-            for layout, tensors in by_layout.items()}
+    return {
+        f"{backend}/cp{cp}/{layout}": tensors
+        for (backend, cp), by_layout in results.items()
+        for layout, tensors in by_layout.items()
+    }
 
 
 def test_ring_equals_full_causal_attention_cp2_cp4_gqa():
@@ -209,8 +215,12 @@ def test_ring_equals_full_causal_attention_cp2_cp4_gqa():
             cp = int(case.split("/")[1][2:])
             cp_rank = rank if cp == 4 else rank % 2
             for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):
-                torch.testing.assert_close(a, load_balanced_slice(e, cp_rank, cp, dim=2), **TOL,
-                                           msg=lambda m, where=f"rank {rank} {case} {name}": f"{where}: {m}")
+                torch.testing.assert_close(
+                    a,
+                    load_balanced_slice(e, cp_rank, cp, dim=2),
+                    **TOL,
+                    msg=lambda m, where=f"rank {rank} {case} {name}": f"{where}: {m}",
+                )
 
 
 # ------------------------------------------------------------------ cp = 1 and the core attention
@@ -223,8 +233,14 @@ def _attention_kwargs(heads=HEADS, groups=GROUPS, context=1, **model_changes):
     from model.gpt import ModelBuild, transformer_config
     from parallel.layout import Layout
 
-    model = ModelConfig(num_layers=1, hidden_size=heads * HEAD_DIM, ffn_hidden_size=4 * heads * HEAD_DIM,
-                        num_attention_heads=heads, num_query_groups=groups, **model_changes)
+    model = ModelConfig(
+        num_layers=1,
+        hidden_size=heads * HEAD_DIM,
+        ffn_hidden_size=4 * heads * HEAD_DIM,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        **model_changes,
+    )
     config = transformer_config(model, ModelBuild(layout=Layout(world_size=context, context=context)))
     return dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
 
@@ -314,6 +330,8 @@ def test_context_parallel_selects_the_ring_or_transformer_engine(megatron_single
     te_model = dataclasses.replace(model, transformer_impl="transformer_engine")
     te_config = transformer_config(te_model, ModelBuild(layout=Layout(world_size=2, context=2, context_comm="a2a")))
     assert te_config.cp_comm_type == "a2a"
-    with pytest.raises(UserError, match=re.escape("model.transformer_impl: transformer_engine needs "
-                                                  "transformer-engine, which is not installed")):
+    with pytest.raises(
+        UserError,
+        match=re.escape("model.transformer_impl: transformer_engine needs transformer-engine, which is not installed"),
+    ):
         layer_spec(te_model, te_config)

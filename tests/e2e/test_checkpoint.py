@@ -33,10 +33,16 @@ HALF = TINY_STEPS // 2  # saved at this step at one layout, resumed to TINY_STEP
 def test_20_steps_equal_10_at_tp2_pp2_then_10_at_tp1_pp1(synthetic_corpus, tmp_path):
     """The headline case at full length: model, optimizer, schedule and data position carry over."""
     run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "whole", "train.steps=20"))
-    run_pretrain(4, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "split", "train.steps=10",
-                                               "parallel.tensor=2", "parallel.pipeline=2"))
-    proc = run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "split", "train.steps=20",
-                                                      "checkpoint.load=auto"))
+    run_pretrain(
+        4,
+        "tiny_gpt",
+        tiny_overrides(
+            synthetic_corpus, tmp_path / "split", "train.steps=10", "parallel.tensor=2", "parallel.pipeline=2"
+        ),
+    )
+    proc = run_pretrain(
+        1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "split", "train.steps=20", "checkpoint.load=auto")
+    )
     assert "at step 10" in proc.stdout
     assert_close_curves(read_metrics(tmp_path / "split"), read_metrics(tmp_path / "whole"), rel=REL)
 
@@ -44,18 +50,24 @@ def test_20_steps_equal_10_at_tp2_pp2_then_10_at_tp1_pp1(synthetic_corpus, tmp_p
 RESHARDS = {
     # name: (recipe, (procs, overrides) saving at step HALF, (procs, overrides) resuming to TINY_STEPS)
     "pp2-to-pp4": ("tiny_gpt", (2, ["parallel.pipeline=2"]), (4, ["parallel.pipeline=4"])),
-    "dp2-to-dp1-distopt": ("tiny_gpt", (2, ["parallel.distributed_optimizer=true"]),
-                           (1, ["parallel.distributed_optimizer=true"])),
-    "pp2-vpp2-distopt-to-tp2-sp": ("tiny_gpt",
-                                   (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2",
-                                        "parallel.distributed_optimizer=true"]),
-                                   (2, ["parallel.tensor=2", "parallel.sequence_parallel=true",
-                                        "parallel.distributed_optimizer=true"])),
+    "dp2-to-dp1-distopt": (
+        "tiny_gpt",
+        (2, ["parallel.distributed_optimizer=true"]),
+        (1, ["parallel.distributed_optimizer=true"]),
+    ),
+    "pp2-vpp2-distopt-to-tp2-sp": (
+        "tiny_gpt",
+        (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.distributed_optimizer=true"]),
+        (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.distributed_optimizer=true"]),
+    ),
     "cp2-to-cp1": ("tiny_gpt", (2, ["parallel.context=2"]), (1, [])),
     # Expert parameters get their own optimizer at every EP size (model/moe.py), so the chained
     # optimizer's checkpoint keys match between EP 2 and EP 1.
-    "moe-ep2-to-ep1-distopt": ("tiny_moe", (2, ["parallel.expert=2", "parallel.distributed_optimizer=true"]),
-                               (1, ["parallel.distributed_optimizer=true"])),
+    "moe-ep2-to-ep1-distopt": (
+        "tiny_moe",
+        (2, ["parallel.expert=2", "parallel.distributed_optimizer=true"]),
+        (1, ["parallel.distributed_optimizer=true"]),
+    ),
 }
 
 
@@ -79,8 +91,11 @@ def test_dropout_resume_is_exact(synthetic_corpus, tmp_path):
     extra = ["model.hidden_dropout=0.2", "model.attention_dropout=0.1"]
     run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "whole", *extra, "train.steps=4"))
     run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "split", *extra, "train.steps=2"))
-    run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "split", *extra, "train.steps=4",
-                                               "checkpoint.load=auto"))
+    run_pretrain(
+        1,
+        "tiny_gpt",
+        tiny_overrides(synthetic_corpus, tmp_path / "split", *extra, "train.steps=4", "checkpoint.load=auto"),
+    )
     whole, split = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "split")
     assert [(r["loss"], r["grad_norm"]) for r in split] == [(r["loss"], r["grad_norm"]) for r in whole]
 
@@ -94,14 +109,26 @@ def test_sigkill_mid_save_leaves_previous_checkpoint_in_charge(reference, synthe
     resumed run reproduces the reference curve."""
     _, expected = reference
     ckpt = tmp_path / "checkpoints"
-    cmd = [sys.executable, "pretrain_gpt.py", "--recipe", "tiny_gpt",
-           *tiny_overrides(synthetic_corpus, tmp_path, "train.steps=6", "checkpoint.interval=2",
-                           "debug.save_pause_at_step=4", "debug.save_pause_s=60")]
+    cmd = [
+        sys.executable,
+        "pretrain_gpt.py",
+        "--recipe",
+        "tiny_gpt",
+        *tiny_overrides(
+            synthetic_corpus,
+            tmp_path,
+            "train.steps=6",
+            "checkpoint.interval=2",
+            "debug.save_pause_at_step=4",
+            "debug.save_pause_s=60",
+        ),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # Its own session, killed as a group (as a scheduler kills a job): the trainer and its helper
     # processes (the checkpoint writer's queue manager) die together.
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not (ckpt / "iter_0000004.tmp" / "metadata.json").exists():
@@ -115,8 +142,11 @@ def test_sigkill_mid_save_leaves_previous_checkpoint_in_charge(reference, synthe
     assert [p.name for p in checkpoint.complete_checkpoints(ckpt)] == ["iter_0000002"]
     assert (ckpt / "latest").read_text().strip() == "iter_0000002"
     assert checkpoint.resolve_load("auto", ckpt) == ckpt / "iter_0000002"
-    out = run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, "train.steps=6",
-                                                     "checkpoint.interval=2", "checkpoint.load=auto"))
+    out = run_pretrain(
+        1,
+        "tiny_gpt",
+        tiny_overrides(synthetic_corpus, tmp_path, "train.steps=6", "checkpoint.interval=2", "checkpoint.load=auto"),
+    )
     assert f"resumed from {ckpt / 'iter_0000002'} at step 2" in out.stdout
     assert_close_curves(read_metrics(tmp_path), expected[:6], rel=REL)
     assert not list(ckpt.glob("*.tmp"))  # the step-4 save was redone and renamed
@@ -139,8 +169,11 @@ def test_keep_last_prunes_oldest_and_stale_partial_saves(tmp_path):
 
 
 def test_keep_last_in_training(synthetic_corpus, tmp_path):
-    run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, "train.steps=6",
-                                               "checkpoint.interval=2", "checkpoint.keep_last=2"))
+    run_pretrain(
+        1,
+        "tiny_gpt",
+        tiny_overrides(synthetic_corpus, tmp_path, "train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=2"),
+    )
     ckpt = tmp_path / "checkpoints"
     assert [p.name for p in checkpoint.complete_checkpoints(ckpt)] == ["iter_0000004", "iter_0000006"]
     assert (ckpt / "latest").read_text().strip() == "iter_0000006"
@@ -184,7 +217,8 @@ def test_hostile_pickle_is_refused_without_running_it(part, saved_checkpoint, tm
         checkpoint.check_safe_to_load(saved_checkpoint)
     assert str(info.value).startswith(
         f"checkpoint '{saved_checkpoint}': {part} holds objects a checkpoint may not contain, "
-        f"refusing to unpickle it (it names {os.name}.system)")
+        f"refusing to unpickle it (it names {os.name}.system)"
+    )
     assert not marker.exists()
 
 
@@ -192,9 +226,18 @@ def test_hostile_checkpoint_is_a_one_line_error(saved_checkpoint, synthetic_corp
     marker = tmp_path / "pwned"
     (saved_checkpoint / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
     proc = subprocess.run(
-        [sys.executable, "pretrain_gpt.py", "--recipe", "tiny_gpt",
-         *tiny_overrides(synthetic_corpus, tmp_path / "run", f"checkpoint.load={saved_checkpoint}")],
-        cwd=REPO, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "pretrain_gpt.py",
+            "--recipe",
+            "tiny_gpt",
+            *tiny_overrides(synthetic_corpus, tmp_path / "run", f"checkpoint.load={saved_checkpoint}"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint '{saved_checkpoint}': .metadata holds")
@@ -210,8 +253,9 @@ def test_async_save_snapshots_the_step_it_was_asked_for(reference, synthetic_cor
     assert "iter_0000002 (writing in the background)" in first.stdout
     ckpt = tmp_path / "checkpoints"
     assert [p.name for p in checkpoint.complete_checkpoints(ckpt)] == ["iter_0000002", "iter_0000004"]
-    run_pretrain(2, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, *extra,
-                                               f"checkpoint.load={ckpt / 'iter_0000002'}"))
+    run_pretrain(
+        2, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, *extra, f"checkpoint.load={ckpt / 'iter_0000002'}")
+    )
     assert_close_curves(read_metrics(tmp_path), expected, rel=REL)
     assert (ckpt / "latest").read_text().strip() == f"iter_{TINY_STEPS:07d}"
 

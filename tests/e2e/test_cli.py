@@ -20,8 +20,9 @@ UNKNOWN_KEY = ["--recipe", "tiny_gpt", "model.hiden_size=3"]
 def _run(args):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    return subprocess.run([sys.executable, "pretrain_gpt.py", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, "pretrain_gpt.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
+    )
 
 
 class _Runs:
@@ -50,11 +51,23 @@ def runs(tmp_path_factory):
     commands = {
         # slowest first, so the pool's two workers stay busy
         "no_data": ["--recipe", "tiny_gpt", "data.path=/nonexistent/x", *logs],
-        "transformer_engine": ["--recipe", "tiny_gpt", f"data.path={syn}",
-                               "model.transformer_impl=transformer_engine", *logs],
+        "transformer_engine": [
+            "--recipe",
+            "tiny_gpt",
+            f"data.path={syn}",
+            "model.transformer_impl=transformer_engine",
+            *logs,
+        ],
         "llama70b_512": ["--recipe", "llama70b", "--dry-run", "--world-size", "512"],
-        "tiny_tp2_pp2": ["--recipe", "tiny_gpt", "--dry-run", "--world-size", "8",
-                         "parallel.tensor=2", "parallel.pipeline=2"],
+        "tiny_tp2_pp2": [
+            "--recipe",
+            "tiny_gpt",
+            "--dry-run",
+            "--world-size",
+            "8",
+            "parallel.tensor=2",
+            "parallel.pipeline=2",
+        ],
         "llama70b_100": ["--recipe", "llama70b", "--dry-run", "--world-size", "100"],
         "mixtral_64": ["--recipe", "mixtral_8x7b", "--dry-run", "--world-size", "64"],
         "unknown_key": UNKNOWN_KEY,
@@ -89,7 +102,8 @@ def _ok(proc: subprocess.CompletedProcess) -> list:
 
 def test_unknown_override_key_suggests_the_closest(runs):
     assert _user_error(runs["unknown_key"]) == (
-        "error: unknown key 'model.hiden_size' on the command line; did you mean 'model.hidden_size'?")
+        "error: unknown key 'model.hiden_size' on the command line; did you mean 'model.hidden_size'?"
+    )
 
 
 def test_debug_shows_the_traceback(runs):
@@ -98,7 +112,8 @@ def test_debug_shows_the_traceback(runs):
     assert "Traceback (most recent call last)" in proc.stderr
     assert proc.stderr.rstrip().splitlines()[-1] == (
         "common.errors.RecipeError: unknown key 'model.hiden_size' on the command line; "
-        "did you mean 'model.hidden_size'?")
+        "did you mean 'model.hidden_size'?"
+    )
 
 
 def test_missing_recipe(runs):
@@ -108,28 +123,30 @@ def test_missing_recipe(runs):
 
 
 def test_recipe_file_typo_names_the_file_and_the_key(runs):
-    assert _user_error(runs["typo_file"]) == (
-        f"error: unknown key 'paralel' in {runs.typo}; did you mean 'parallel'?")
+    assert _user_error(runs["typo_file"]) == (f"error: unknown key 'paralel' in {runs.typo}; did you mean 'parallel'?")
 
 
 def test_layout_that_does_not_divide_the_world(runs):
     assert _user_error(runs["llama70b_100"]) == (
-        "error: parallel.tensor × parallel.pipeline × parallel.context = 64 "
-        "does not divide the world size 100")
+        "error: parallel.tensor × parallel.pipeline × parallel.context = 64 does not divide the world size 100"
+    )
 
 
 def test_missing_data_file(runs):
     assert _user_error(runs["no_data"]) == (
         "error: data file '/nonexistent/x.bin' not found: "
-        "build it with 'python -m data.preprocess' or fix the data path")
+        "build it with 'python -m data.preprocess' or fix the data path"
+    )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is not None,
-                    reason="transformer-engine is installed here")
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformer_engine") is not None, reason="transformer-engine is installed here"
+)
 def test_transformer_engine_not_installed(runs):
     assert _user_error(runs["transformer_engine"]) == (
         "error: model.transformer_impl: transformer_engine needs transformer-engine, which is not "
-        "installed: pip install -e '.[gpu]' on a CUDA machine, or set model.transformer_impl=local")
+        "installed: pip install -e '.[gpu]' on a CUDA machine, or set model.transformer_impl=local"
+    )
 
 
 # ---------------------------------------------------------------------------------------- dry runs
@@ -163,20 +180,22 @@ def _expected_stages(*, layers, h, f, heads, groups, vocab, tp, pp, vpp):
 
 
 def _stage_lines(stages):
-    return [f"  pipeline stage {p}: layers {ranges}; {count:,} parameters per rank"
-            for p, (ranges, count) in enumerate(stages)]
+    return [
+        f"  pipeline stage {p}: layers {ranges}; {count:,} parameters per rank"
+        for p, (ranges, count) in enumerate(stages)
+    ]
 
 
 def test_llama70b_dry_run_on_512(runs):
     lines = _ok(runs["llama70b_512"])
-    assert lines[1] == ("layout: world 512 = tensor 8 x pipeline 4 (x5 virtual) x context 2 x data 8; "
-                        "expert 1, sequence parallel")
+    assert lines[1] == (
+        "layout: world 512 = tensor 8 x pipeline 4 (x5 virtual) x context 2 x data 8; expert 1, sequence parallel"
+    )
     assert lines[2] == "micro-batches per step: 64"  # 512 / (micro 1 × data 8)
     assert lines[3] == "vocabulary: 128256 (padded)"
     assert "70,553,706,496" in lines[4]
     assert lines[4] == "parameters: 70,553,706,496 total (70.55B; formula 70,553,706,496)"
-    stages = _expected_stages(layers=80, h=8192, f=28672, heads=64, groups=8, vocab=128256,
-                              tp=8, pp=4, vpp=5)
+    stages = _expected_stages(layers=80, h=8192, f=28672, heads=64, groups=8, vocab=128256, tp=8, pp=4, vpp=5)
     assert stages[0][0] == "0-3, 16-19, 32-35, 48-51, 64-67"
     assert lines[5:] == _stage_lines(stages)
 
@@ -184,8 +203,9 @@ def test_llama70b_dry_run_on_512(runs):
 def test_mixtral_dry_run_counts_total_and_active_parameters(runs):
     """Published Mixtral-8x7B: 46.7B parameters, 12.9B active per token (top-2 of 8 experts)."""
     lines = _ok(runs["mixtral_64"])
-    assert lines[1] == ("layout: world 64 = tensor 2 x pipeline 4 x context 1 x data 8; "
-                        "expert 8 x expert tensor 1, sequence parallel")
+    assert lines[1] == (
+        "layout: world 64 = tensor 2 x pipeline 4 x context 1 x data 8; expert 8 x expert tensor 1, sequence parallel"
+    )
     h, f, layers, vocab = 4096, 14336, 32, 32000
     attention = h * (32 + 2 * 8) * 128 + 32 * 128 * h
     expert, router, norms = 3 * h * f, 8 * h, 2 * h
@@ -196,7 +216,10 @@ def test_mixtral_dry_run_counts_total_and_active_parameters(runs):
     assert lines[5] == f"active parameters per token: {active:,} (12.88B; top-2 of 8 experts)"
     # Per rank of stage 1 (8 middle layers): attention split over tensor 2, one whole expert
     # (expert 8, expert tensor 1), the router and norms replicated.
-    assert lines[7] == f"  pipeline stage 1: layers 8-15; {8 * (attention // 2 + expert + router + norms):,} parameters per rank"
+    assert (
+        lines[7]
+        == f"  pipeline stage 1: layers 8-15; {8 * (attention // 2 + expert + router + norms):,} parameters per rank"
+    )
 
 
 def test_tiny_gpt_dry_run_tensor_2_pipeline_2(runs):

@@ -21,8 +21,17 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def _write_run(path, losses, tokens_per_s, **extra):
     path.mkdir(parents=True)
-    rows = [dict(step=i + 1, loss=loss, grad_norm=1.0 / (i + 1), consumed_tokens=1024 * (i + 1),
-                 tokens_per_s=tokens_per_s[i], **extra) for i, loss in enumerate(losses)]
+    rows = [
+        dict(
+            step=i + 1,
+            loss=loss,
+            grad_norm=1.0 / (i + 1),
+            consumed_tokens=1024 * (i + 1),
+            tokens_per_s=tokens_per_s[i],
+            **extra,
+        )
+        for i, loss in enumerate(losses)
+    ]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -51,15 +60,25 @@ def test_table_and_plots_from_metrics_files(tmp_path, capsys):
     _assert_pngs(out)
 
 
-@pytest.mark.parametrize("make, message", [
-    (lambda tmp: tmp / "missing", "error: '{tmp}/missing' is not a run directory, a .wandb file or "
-                                  "entity/project/run_id"),
-    (lambda tmp: tmp, "error: '{tmp}' holds no metrics.jsonl and no wandb run (run-*.wandb)"),
-    (lambda tmp: _bad_jsonl(tmp), "error: {tmp}/bad/metrics.jsonl line 2 is not JSON: Expecting value"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (
+            lambda tmp: tmp / "missing",
+            "error: '{tmp}/missing' is not a run directory, a .wandb file or entity/project/run_id",
+        ),
+        (lambda tmp: tmp, "error: '{tmp}' holds no metrics.jsonl and no wandb run (run-*.wandb)"),
+        (lambda tmp: _bad_jsonl(tmp), "error: {tmp}/bad/metrics.jsonl line 2 is not JSON: Expecting value"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(tmp_path, make, message):
-    proc = subprocess.run([sys.executable, "scripts/compare_runs.py", str(make(tmp_path)), "--out",
-                           str(tmp_path / "plots")], cwd=REPO, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "scripts/compare_runs.py", str(make(tmp_path)), "--out", str(tmp_path / "plots")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [message.format(tmp=tmp_path)]
     assert proc.stdout == "" and not (tmp_path / "plots").exists()
@@ -80,8 +99,14 @@ def test_resumed_run_keeps_its_wandb_run_id(synthetic_corpus, tmp_path, capsys):
     for steps in (2, 4):
         overrides = tiny_overrides(synthetic_corpus, tmp_path, "checkpoint.load=auto", f"train.steps={steps}")
         overrides.remove("logging.wandb.mode=disabled")
-        proc = subprocess.run([sys.executable, "pretrain_gpt.py", "--recipe", "tiny_gpt", *overrides, "logging.wandb.mode=offline"],
-                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "pretrain_gpt.py", "--recipe", "tiny_gpt", *overrides, "logging.wandb.mode=offline"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
     assert re.fullmatch(r"[a-z0-9]{8}", run_id)
@@ -94,8 +119,12 @@ def test_resumed_run_keeps_its_wandb_run_id(synthetic_corpus, tmp_path, capsys):
     assert [r["step"] for r in from_wandb] == [r["step"] for r in expected] == [1, 2, 3, 4]
     for got, want in zip(from_wandb, expected):
         assert math.isclose(got["loss"], want["loss"], rel_tol=1e-12) and got["lr"] == want["lr"]
-    assert compare_runs.main([str(tmp_path), str(tmp_path / "wandb"), "--labels", "jsonl,wandb",
-                              "--out", str(tmp_path / "plots")]) == 0
+    assert (
+        compare_runs.main(
+            [str(tmp_path), str(tmp_path / "wandb"), "--labels", "jsonl,wandb", "--out", str(tmp_path / "plots")]
+        )
+        == 0
+    )
     rows = capsys.readouterr().out.splitlines()[2:4]
     assert rows[0].replace("jsonl", "wandb") == rows[1]  # the same numbers from either source
     _assert_pngs(tmp_path / "plots")

@@ -20,17 +20,34 @@ LOGITS_ATOL = 1e-4  # the issue's bound; measured 2.4e-7 for both models (fp32, 
 def _llama_config():
     # tiny_gpt's architecture (4 layers, h64, SwiGLU 176, 4 heads / 2 groups), as a Llama.
     return transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=176, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, rope_theta=10000.0, rms_norm_eps=1e-5,
-        max_position_embeddings=128, tie_word_embeddings=False)
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
 
 
 def _mixtral_config():
     return transformers.MixtralConfig(
-        hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, rope_theta=10000.0, rms_norm_eps=1e-5,
-        max_position_embeddings=128, num_local_experts=4, num_experts_per_tok=2,
-        tie_word_embeddings=False)
+        hidden_size=64,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=128,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        tie_word_embeddings=False,
+    )
 
 
 HF_MODELS = {
@@ -40,8 +57,9 @@ HF_MODELS = {
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "scripts/convert_hf.py", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "scripts/convert_hf.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module", params=list(HF_MODELS))
@@ -121,9 +139,18 @@ def test_any_layout_in_and_out(synthetic_corpus, tmp_path):
     assert _convert("import", str(tmp_path / "hf"), str(tmp_path / "ckpt")).returncode == 0
     runs = {"tp1": (1, []), "tp2-pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"])}
     for name, (nproc, extra) in runs.items():
-        proc = run_pretrain(nproc, "tiny_gpt", tiny_overrides(
-            synthetic_corpus, tmp_path / name, f"model.vocab_size={VOCAB}", "train.steps=1",
-            f"checkpoint.load={tmp_path / 'ckpt'}", *extra))
+        proc = run_pretrain(
+            nproc,
+            "tiny_gpt",
+            tiny_overrides(
+                synthetic_corpus,
+                tmp_path / name,
+                f"model.vocab_size={VOCAB}",
+                "train.steps=1",
+                f"checkpoint.load={tmp_path / 'ckpt'}",
+                *extra,
+            ),
+        )
         assert "loaded weights from" in proc.stdout
         out = _convert("export", str(tmp_path / name / "checkpoints"), str(tmp_path / f"{name}-hf"))
         assert out.returncode == 0, out.stderr
@@ -145,7 +172,8 @@ def test_bad_hf_dir_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: config.json: architectures ['GPT2LMHeadModel'] not supported; "
-        "expected one of ['LlamaForCausalLM', 'MixtralForCausalLM']"]
+        "expected one of ['LlamaForCausalLM', 'MixtralForCausalLM']"
+    ]
 
 
 def test_export_of_a_recipe_without_vocab_size(reference, tmp_path):

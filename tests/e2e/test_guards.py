@@ -22,8 +22,14 @@ TIMEOUT_S = 300
 def _run(cmd, overrides):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    return subprocess.run([sys.executable, *cmd, "--recipe", "tiny_gpt", *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    return subprocess.run(
+        [sys.executable, *cmd, "--recipe", "tiny_gpt", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
 
 
 def _model_and_adam_tensors(ckpt) -> dict:
@@ -44,17 +50,29 @@ def nan_and_stall(synthetic_corpus, tmp_path_factory):
     """One process, 4 steps, a checkpoint after each: step 2 stalls 2 s under a 0.5 s watchdog,
     step 3's loss is NaN."""
     log_dir = tmp_path_factory.mktemp("nan_and_stall")
-    proc = _run(["pretrain_gpt.py"], tiny_overrides(
-        synthetic_corpus, log_dir, "train.steps=4", "checkpoint.interval=1", "train.watchdog_timeout_s=0.5",
-        "debug.stall_at_step=2", "debug.stall_s=2", "debug.nan_loss_at_step=3"))
+    proc = _run(
+        ["pretrain_gpt.py"],
+        tiny_overrides(
+            synthetic_corpus,
+            log_dir,
+            "train.steps=4",
+            "checkpoint.interval=1",
+            "train.watchdog_timeout_s=0.5",
+            "debug.stall_at_step=2",
+            "debug.stall_s=2",
+            "debug.nan_loss_at_step=3",
+        ),
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return log_dir, proc
 
 
 def test_nonfinite_step_is_skipped_and_leaves_the_model_untouched(nan_and_stall, reference):
     log_dir, proc = nan_and_stall
-    assert ("warning: non-finite loss or gradients at step 3 (loss nan): step skipped, "
-            "1 of at most 10 (train.max_skipped_steps)") in proc.stderr.splitlines()
+    assert (
+        "warning: non-finite loss or gradients at step 3 (loss nan): step skipped, "
+        "1 of at most 10 (train.max_skipped_steps)"
+    ) in proc.stderr.splitlines()
     metrics = read_metrics(log_dir)
     assert [r["step"] for r in metrics] == [1, 2, 3, 4]
     assert_close_curves(metrics[:2], reference[1][:2], rel=1e-5)  # before the fault: the reference run
@@ -72,8 +90,12 @@ def test_nonfinite_step_is_skipped_and_leaves_the_model_untouched(nan_and_stall,
 
 def test_watchdog_reports_the_stalled_phase_with_stacks(nan_and_stall):
     _, proc = nan_and_stall
-    reports = re.findall(r"^watchdog: rank 0 step (\d+) phase (\w+) running for ([\d.]+) s "
-                         r"\(train.watchdog_timeout_s = 0.5\); Python stacks follow$", proc.stderr, re.M)
+    reports = re.findall(
+        r"^watchdog: rank 0 step (\d+) phase (\w+) running for ([\d.]+) s "
+        r"\(train.watchdog_timeout_s = 0.5\); Python stacks follow$",
+        proc.stderr,
+        re.M,
+    )
     # A loaded machine may stall other phases past 0.5 s too; the 2 s sleep is reported every 0.5 s.
     stalled = [float(elapsed) for step, phase, elapsed in reports if (step, phase) == ("2", "forward_backward")]
     assert len(stalled) >= 2 and 0.5 <= stalled[0] < 1.0, proc.stderr
@@ -82,12 +104,17 @@ def test_watchdog_reports_the_stalled_phase_with_stacks(nan_and_stall):
 
 
 def test_nonfinite_stop_is_one_line_and_exit_code_3(synthetic_corpus, tmp_path):
-    proc = _run(["pretrain_gpt.py"], tiny_overrides(
-        synthetic_corpus, tmp_path, "train.steps=3", "train.on_nonfinite=stop", "debug.nan_loss_at_step=2"))
+    proc = _run(
+        ["pretrain_gpt.py"],
+        tiny_overrides(
+            synthetic_corpus, tmp_path, "train.steps=3", "train.on_nonfinite=stop", "debug.nan_loss_at_step=2"
+        ),
+    )
     assert proc.returncode == EXIT_NONFINITE == 3, proc.stderr[-3000:]
     assert proc.stderr.splitlines() == [
         "error: non-finite loss or gradients at step 2 (loss nan), the model was not updated; "
-        "stopping (train.on_nonfinite = stop)"]
+        "stopping (train.on_nonfinite = stop)"
+    ]
     metrics = read_metrics(tmp_path)
     assert [r["step"] for r in metrics] == [1, 2] and metrics[1]["skipped"] is True
     assert not (tmp_path / "checkpoints").exists()  # nothing saved after the fault
@@ -98,16 +125,26 @@ def test_skipping_is_bounded():
     assert guard.count(5, float("inf")) is None
     assert guard.count(9, float("nan")) == (
         "non-finite loss or gradients at step 9 (loss nan), the model was not updated; "
-        "2 steps skipped, more than train.max_skipped_steps = 1: stopping")
+        "2 steps skipped, more than train.max_skipped_steps = 1: stopping"
+    )
 
 
 # ------------------------------------------------------------------------------------- preemption
 
 
-@pytest.mark.parametrize("codes, expected", [
-    ([75, 75], 75), ([75, -signal.SIGTERM], 75), ([-signal.SIGKILL, 3], 3), ([2], 2),
-    ([75, 1], None), ([75, 3], None), ([-signal.SIGTERM], None), ([1], None),
-])
+@pytest.mark.parametrize(
+    "codes, expected",
+    [
+        ([75, 75], 75),
+        ([75, -signal.SIGTERM], 75),
+        ([-signal.SIGKILL, 3], 3),
+        ([2], 2),
+        ([75, 1], None),
+        ([75, 3], None),
+        ([-signal.SIGTERM], None),
+        ([1], None),
+    ],
+)
 def test_launcher_exit_code_is_the_one_the_workers_agree_on(codes, expected):
     from types import SimpleNamespace
 
@@ -118,8 +155,17 @@ def test_launcher_exit_code_is_the_one_the_workers_agree_on(codes, expected):
 
 def _launch(overrides):
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    cmd = [sys.executable, "-m", "pretrain.launch", "--standalone", "--nproc_per_node=2", "pretrain_gpt.py",
-           "--recipe", "tiny_gpt", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pretrain.launch",
+        "--standalone",
+        "--nproc_per_node=2",
+        "pretrain_gpt.py",
+        "--recipe",
+        "tiny_gpt",
+        *overrides,
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -145,8 +191,12 @@ def _interrupt_after_first_step(launcher: subprocess.Popen, send) -> tuple:
 def _stopped_step(rc: int, stderr: str, ckpt_dir) -> int:
     """The step a preempted run stopped after; checks exit code, message and checkpoint."""
     assert rc == EXIT_PREEMPTED == 75, stderr[-5000:]
-    match = re.search(r"^stopped: preemption signal: stopped after step (\d+), saved (\S+); "
-                      r"resume with checkpoint.load=auto \(exit code 75\)$", stderr, re.M)
+    match = re.search(
+        r"^stopped: preemption signal: stopped after step (\d+), saved (\S+); "
+        r"resume with checkpoint.load=auto \(exit code 75\)$",
+        stderr,
+        re.M,
+    )
     assert match, stderr[-5000:]
     step = int(match.group(1))
     assert match.group(2) == str(ckpt_dir / f"iter_{step:07d}")

@@ -54,8 +54,13 @@ def test_tp2_pp2_dp2_on_8_processes(reference, synthetic_corpus, tmp_path):
 
 
 def test_pipeline_metrics_report_bubble_and_micro_batches(synthetic_corpus, tmp_path):
-    run_pretrain(2, "tiny_gpt", tiny_overrides(
-        synthetic_corpus, tmp_path, "parallel.pipeline=2", "parallel.virtual_pipeline=2", "train.steps=1"))
+    run_pretrain(
+        2,
+        "tiny_gpt",
+        tiny_overrides(
+            synthetic_corpus, tmp_path, "parallel.pipeline=2", "parallel.virtual_pipeline=2", "train.steps=1"
+        ),
+    )
     (record,) = read_metrics(tmp_path)
     # 4 micro-batches (8 samples / micro 2), 2 stages × 2 chunks: (2 - 1) / (2·4 + 2 - 1).
     assert record["micro_batches"] == 4

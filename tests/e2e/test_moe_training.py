@@ -18,8 +18,10 @@ MOE_LAYOUTS = {
     "ep4": (4, ["parallel.expert=4"]),
     "ep2-tp2": (4, ["parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
     # experts whole (expert tensor 1) while attention is tensor-split: expert data-parallel 2
-    "ep2-tp2-etp1": (4, ["parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true",
-                         "parallel.expert_tensor=1"]),
+    "ep2-tp2-etp1": (
+        4,
+        ["parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert_tensor=1"],
+    ),
     "ep2-pp2": (4, ["parallel.expert=2", "parallel.pipeline=2"]),
     "ep2-allgather": (2, ["parallel.expert=2", "model.moe.dispatcher=allgather"]),
     "cp2": (2, ["parallel.context=2"]),
@@ -50,16 +52,31 @@ def test_moe_layout_reproduces_single_process(name, moe_reference, synthetic_cor
 
 def test_capacity_drops_tokens_in_training(synthetic_corpus, tmp_path):
     """capacity_factor 0.5 with top-2 of 8: at most half the routing slots fit, the rest drop."""
-    run_pretrain(2, "tiny_moe", tiny_overrides(
-        synthetic_corpus, tmp_path, "parallel.expert=2", "model.moe.capacity_factor=0.5", "train.steps=2"))
+    run_pretrain(
+        2,
+        "tiny_moe",
+        tiny_overrides(
+            synthetic_corpus, tmp_path, "parallel.expert=2", "model.moe.capacity_factor=0.5", "train.steps=2"
+        ),
+    )
     for record in read_metrics(tmp_path):
         assert 0.5 <= record["moe_dropped_fraction"] < 0.9
 
 
 def test_expert_bias_in_training_reports_its_range(synthetic_corpus, tmp_path):
-    run_pretrain(1, "tiny_moe", tiny_overrides(
-        synthetic_corpus, tmp_path, "model.moe.score_function=sigmoid", "model.moe.expert_bias=true",
-        "model.moe.load_balancing=none", "model.moe.bias_update_rate=0.01", "train.steps=3"))
+    run_pretrain(
+        1,
+        "tiny_moe",
+        tiny_overrides(
+            synthetic_corpus,
+            tmp_path,
+            "model.moe.score_function=sigmoid",
+            "model.moe.expert_bias=true",
+            "model.moe.load_balancing=none",
+            "model.moe.bias_update_rate=0.01",
+            "train.steps=3",
+        ),
+    )
     records = read_metrics(tmp_path)
     # Step k's range is read after k updates of ±0.01 each (per expert, per layer).
     for k, record in enumerate(records, start=1):
@@ -73,9 +90,16 @@ def test_seq_aux_loss_with_context_and_expert_parallel(synthetic_corpus, tmp_pat
     over context ranks, so each rank's loss is partial and its gradient scale matters."""
     extra = ["model.moe.load_balancing=seq_aux_loss", "train.steps=3"]
     run_pretrain(1, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path / "one", *extra))
-    run_pretrain(4, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path / "four", *extra,
-                                               "parallel.context=2", "parallel.expert=2"))
+    run_pretrain(
+        4,
+        "tiny_moe",
+        tiny_overrides(synthetic_corpus, tmp_path / "four", *extra, "parallel.context=2", "parallel.expert=2"),
+    )
     expected = read_metrics(tmp_path / "one")
     assert 1.0 <= expected[0]["moe_seq_aux_loss"] < 1.5
-    assert_close_curves(read_metrics(tmp_path / "four"), expected, rel=FP32_REL,
-                        keys=("loss", "grad_norm", "moe_seq_aux_loss", "moe_z_loss"))
+    assert_close_curves(
+        read_metrics(tmp_path / "four"),
+        expected,
+        rel=FP32_REL,
+        keys=("loss", "grad_norm", "moe_seq_aux_loss", "moe_z_loss"),
+    )

@@ -28,12 +28,19 @@ class TwoNodes:
 
     def create(self) -> None:
         a, b = self.names
-        steps = [("netns", "add", a), ("netns", "add", b),
-                 ("link", "add", a, "type", "veth", "peer", "name", b),
-                 ("link", "set", a, "netns", a), ("link", "set", b, "netns", b)]
+        steps = [
+            ("netns", "add", a),
+            ("netns", "add", b),
+            ("link", "add", a, "type", "veth", "peer", "name", b),
+            ("link", "set", a, "netns", a),
+            ("link", "set", b, "netns", b),
+        ]
         for ns, addr in zip(self.names, self.addrs):
-            steps += [("-n", ns, "addr", "add", f"{addr}/24", "dev", ns), ("-n", ns, "link", "set", ns, "up"),
-                      ("-n", ns, "link", "set", "lo", "up")]
+            steps += [
+                ("-n", ns, "addr", "add", f"{addr}/24", "dev", ns),
+                ("-n", ns, "link", "set", ns, "up"),
+                ("-n", ns, "link", "set", "lo", "up"),
+            ]
         for step in steps:
             proc = _ip(*step)
             if proc.returncode != 0:
@@ -64,10 +71,27 @@ def two_nodes():
 def _node(nodes: TwoNodes, index: int, overrides) -> subprocess.Popen:
     ns, addr, head = nodes.names[index], nodes.addrs[index], nodes.addrs[0]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true", GLOO_SOCKET_IFNAME=ns)
-    cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "pretrain.launch", "--nnodes=2", "--nproc_per_node=2",
-           "--rdzv_backend=c10d", f"--rdzv_endpoint={head}:{PORT}", "--rdzv_id=two-nodes",
-           f"--rdzv_conf=is_host={'true' if index == 0 else 'false'}", f"--local_addr={addr}", "--max_restarts=0",
-           "pretrain_gpt.py", "--recipe", "tiny_gpt", *overrides]
+    cmd = [
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        sys.executable,
+        "-m",
+        "pretrain.launch",
+        "--nnodes=2",
+        "--nproc_per_node=2",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint={head}:{PORT}",
+        "--rdzv_id=two-nodes",
+        f"--rdzv_conf=is_host={'true' if index == 0 else 'false'}",
+        f"--local_addr={addr}",
+        "--max_restarts=0",
+        "pretrain_gpt.py",
+        "--recipe",
+        "tiny_gpt",
+        *overrides,
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

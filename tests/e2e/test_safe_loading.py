@@ -47,7 +47,8 @@ def plant_in_byte_items(ckpt: pathlib.Path, marker: pathlib.Path, kind: str) -> 
     for index, info in list(metadata.storage_data.items()):
         if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata) and kind in index.fqn:
             metadata.storage_data[index] = dataclasses.replace(
-                info, relative_path=target.name, offset=offset, length=len(payload))
+                info, relative_path=target.name, offset=offset, length=len(payload)
+            )
             planted += 1
     (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
     return planted
@@ -60,8 +61,14 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def _pretrain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "pretrain_gpt.py", "--recipe", "tiny_gpt", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [sys.executable, "pretrain_gpt.py", "--recipe", "tiny_gpt", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 @pytest.fixture
@@ -76,14 +83,21 @@ def planted(reference, tmp_path):
 
 def test_byte_item_payload_is_refused_on_resume(planted, synthetic_corpus, tmp_path):
     proc = _pretrain(*tiny_overrides(synthetic_corpus, tmp_path / "run", f"checkpoint.load={planted}"))
-    assert _one_error_line(proc).startswith(
-        f"error: checkpoint '{planted}': byte item 'decoder.layers.") and "(it names posix.system)" in proc.stderr
+    assert (
+        _one_error_line(proc).startswith(f"error: checkpoint '{planted}': byte item 'decoder.layers.")
+        and "(it names posix.system)" in proc.stderr
+    )
     assert not (tmp_path / "pwned").exists()
 
 
 def test_byte_item_payload_is_refused_by_export(planted, tmp_path):
-    proc = subprocess.run([sys.executable, "scripts/convert_hf.py", "export", str(planted), str(tmp_path / "hf")],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "scripts/convert_hf.py", "export", str(planted), str(tmp_path / "hf")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "refusing to unpickle it (it names posix.system)" in _one_error_line(proc)
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "hf" / "model.safetensors").exists()
 
@@ -92,10 +106,23 @@ def test_byte_item_payload_is_refused_by_export(planted, tmp_path):
 def test_byte_item_payload_is_refused_at_two_ranks(planted, synthetic_corpus, tmp_path):
     """Every rank reads byte items: under the launcher the run ends with exit 2, nothing ran."""
     proc = subprocess.run(
-        [sys.executable, "-m", "pretrain.launch", "--standalone", "--nproc_per_node=2", "pretrain_gpt.py",
-         "--recipe", "tiny_gpt", *tiny_overrides(synthetic_corpus, tmp_path / "run", f"checkpoint.load={planted}",
-                                                 "parallel.tensor=2")],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        [
+            sys.executable,
+            "-m",
+            "pretrain.launch",
+            "--standalone",
+            "--nproc_per_node=2",
+            "pretrain_gpt.py",
+            "--recipe",
+            "tiny_gpt",
+            *tiny_overrides(synthetic_corpus, tmp_path / "run", f"checkpoint.load={planted}", "parallel.tensor=2"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: checkpoint '{planted}': byte item" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -104,8 +131,13 @@ def test_byte_item_payload_is_refused_at_two_ranks(planted, synthetic_corpus, tm
 
 def test_optimizer_byte_items_are_checked(synthetic_corpus, tmp_path):
     """dp_reshardable distributed-optimizer state is a second kind of byte item (param groups, bucket sizes)."""
-    overrides = tiny_overrides(synthetic_corpus, tmp_path / "run", "train.steps=2",
-                               "parallel.distributed_optimizer=true", "checkpoint.optimizer_format=dp_reshardable")
+    overrides = tiny_overrides(
+        synthetic_corpus,
+        tmp_path / "run",
+        "train.steps=2",
+        "parallel.distributed_optimizer=true",
+        "checkpoint.optimizer_format=dp_reshardable",
+    )
     run_pretrain(1, "tiny_gpt", overrides)
     ckpt = tmp_path / "run" / "checkpoints" / "iter_0000002"
     assert plant_in_byte_items(ckpt, tmp_path / "pwned", "optimizer") >= 3
@@ -181,12 +213,18 @@ def _te_extra_state(state) -> torch.Tensor:
 def test_te_extra_state_loads_under_the_rule(te_recipe_module):
     """TE 2.x's FP8 state (transformer_engine/pytorch/module/base.py get_extra_state): the recipe,
     CPU scale / amax-history tensors and plain values."""
-    state = {"recipe": DelayedScaling(margin=1), "scale_fwd": torch.ones(3), "amax_history_fwd": torch.zeros(4, 3),
-             "scale_bwd": torch.ones(2), "amax_history_bwd": torch.zeros(4, 2),
-             "extra_fp8_variables": {"num_gemms": 1, "fp8_checkpoint": True, "fp8_group": None}}
+    state = {
+        "recipe": DelayedScaling(margin=1),
+        "scale_fwd": torch.ones(3),
+        "amax_history_fwd": torch.zeros(4, 3),
+        "scale_bwd": torch.ones(2),
+        "amax_history_bwd": torch.zeros(4, 2),
+        "extra_fp8_variables": {"num_gemms": 1, "fp8_checkpoint": True, "fp8_group": None},
+    }
     safe_loading.check_te_extra_state(_te_extra_state(state), "Linear")
-    loaded = safe_loading.unpickle_or_refuse(safe_loading.TEStateUnpickler,
-                                             _te_extra_state(state).numpy().tobytes(), "state")
+    loaded = safe_loading.unpickle_or_refuse(
+        safe_loading.TEStateUnpickler, _te_extra_state(state).numpy().tobytes(), "state"
+    )
     assert loaded["recipe"] == DelayedScaling(margin=1) and torch.equal(loaded["amax_history_fwd"], torch.zeros(4, 3))
     safe_loading.check_te_extra_state(torch.empty(0, dtype=torch.uint8), "Linear")  # no FP8: empty
 
@@ -200,8 +238,9 @@ def test_te_extra_state_payload_never_reaches_te(te_recipe_module, tmp_path):
 
     hostile = _te_extra_state({"recipe": DelayedScaling(), "extra_fp8_variables": {"x": _Payload(marker)}})
     checked = safe_loading._set_extra_state_checked(TELinear.set_extra_state)
-    with pytest.raises(safe_loading.UnsafeFile,
-                       match=r"transformer-engine extra state of TELinear holds .* \(it names posix.system\)"):
+    with pytest.raises(
+        safe_loading.UnsafeFile, match=r"transformer-engine extra state of TELinear holds .* \(it names posix.system\)"
+    ):
         checked(TELinear(), hostile)
     assert not marker.exists()
     TELinear().set_extra_state(hostile)  # unchecked, TE would run it
@@ -223,7 +262,8 @@ def test_planted_data_cache_index_is_refused(reference, synthetic_corpus, tmp_pa
     proc = _pretrain(*tiny_overrides(synthetic_corpus, tmp_path / "run", f"data.cache_dir={cache}"))
     assert _one_error_line(proc) == (
         f"error: data cache file '{index}' is not a plain numpy array (loading it could run code): "
-        f"delete the folder '{index.parent}' and it is built again")
+        f"delete the folder '{index.parent}' and it is built again"
+    )
     assert not marker.exists()
 
 

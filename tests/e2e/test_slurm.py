@@ -18,8 +18,14 @@ from tests.helpers.runs import REPO
 
 SLURM = REPO / "scripts" / "slurm"
 SCRIPTS = [SLURM / "pretrain.sbatch", SLURM / "launch.sh"]
-JOB = {"SLURM_JOB_ID": "4242", "SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_GPUS_ON_NODE": "8",
-       "SLURM_CPUS_PER_TASK": "64", "SLURM_JOB_NAME": "pretrain"}
+JOB = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_NNODES": "2",
+    "SLURM_JOB_NODELIST": "gpu[07-08]",
+    "SLURM_GPUS_ON_NODE": "8",
+    "SLURM_CPUS_PER_TASK": "64",
+    "SLURM_JOB_NAME": "pretrain",
+}
 
 
 def _shellcheck():
@@ -38,15 +44,22 @@ def fake_slurm(tmp_path):
     bin_dir, log = tmp_path / "bin", tmp_path / "log"
     bin_dir.mkdir()
     log.mkdir()
-    _fake(bin_dir, "scontrol", f'echo "$*" >> {log}/scontrol\n'
-                               'if [[ "$1 $2" == "show hostnames" ]]; then printf "gpu07\\ngpu08\\n"; fi\n')
+    _fake(
+        bin_dir,
+        "scontrol",
+        f'echo "$*" >> {log}/scontrol\nif [[ "$1 $2" == "show hostnames" ]]; then printf "gpu07\\ngpu08\\n"; fi\n',
+    )
     _fake(bin_dir, "python", f'echo "$*" >> {log}/python\n')
     # srun: records its arguments, then exits FAKE_SRUN_EXIT, or 75 on SIGUSR1 as the launcher would
-    _fake(bin_dir, "srun", f'echo "$*" > {log}/srun\n'
-                           f'trap \'echo USR1 >> {log}/srun_signals; exit {EXIT_PREEMPTED}\' USR1\n'
-                           f'touch {log}/srun_started\n'
-                           'for _ in $(seq "${FAKE_SRUN_TICKS:-0}"); do sleep 0.1; done\n'
-                           'exit "${FAKE_SRUN_EXIT:-0}"\n')
+    _fake(
+        bin_dir,
+        "srun",
+        f'echo "$*" > {log}/srun\n'
+        f"trap 'echo USR1 >> {log}/srun_signals; exit {EXIT_PREEMPTED}' USR1\n"
+        f"touch {log}/srun_started\n"
+        'for _ in $(seq "${FAKE_SRUN_TICKS:-0}"); do sleep 0.1; done\n'
+        'exit "${FAKE_SRUN_EXIT:-0}"\n',
+    )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMP_", "NCCL_", "CUDA_", "TORCH_"))}
     env.update(JOB, PATH=f"{bin_dir}:{env['PATH']}", PYTHON=str(bin_dir / "python"))
     return env, log
@@ -65,32 +78,45 @@ def test_scripts_pass_bash_n_and_shellcheck():
 
 def test_launch_builds_the_torchrun_command(fake_slurm):
     env, log = fake_slurm
-    proc = subprocess.run(["bash", str(SLURM / "launch.sh"), "--print", "tiny_gpt", "train.steps=5",
-                           "logging.name=a b"], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(SLURM / "launch.sh"), "--print", "tiny_gpt", "train.steps=5", "logging.name=a b"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     python = env["PYTHON"]
     assert proc.stdout.splitlines() == [
         "OMP_NUM_THREADS=8 CUDA_DEVICE_MAX_CONNECTIONS=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_DEBUG=WARN "
         f"{python} -m pretrain.launch --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d "
         "--rdzv_endpoint=gpu07:29400 --rdzv_id=4242 --max_restarts=0 pretrain_gpt.py --recipe tiny_gpt "
-        "checkpoint.load=auto train.steps=5 logging.name=a\\ b"]
+        "checkpoint.load=auto train.steps=5 logging.name=a\\ b"
+    ]
     assert (log / "scontrol").read_text() == "show hostnames gpu[07-08]\n"
 
 
 def test_launch_outside_slurm_is_one_line_exit_2(fake_slurm):
     env, _ = fake_slurm
     del env["SLURM_JOB_NODELIST"]
-    proc = subprocess.run(["bash", str(SLURM / "launch.sh"), "tiny_gpt"], env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        ["bash", str(SLURM / "launch.sh"), "tiny_gpt"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 2
-    assert proc.stderr == ("error: scripts/slurm/launch.sh runs inside a Slurm job step (srun): "
-                           "SLURM_JOB_NODELIST is not set\n")
+    assert proc.stderr == (
+        "error: scripts/slurm/launch.sh runs inside a Slurm job step (srun): SLURM_JOB_NODELIST is not set\n"
+    )
 
 
 def _sbatch(env, tmp_path, *args):
     env = dict(env, SLURM_SUBMIT_DIR=str(tmp_path))
-    return subprocess.Popen(["bash", str(SLURM / "pretrain.sbatch"), "tiny_gpt", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        ["bash", str(SLURM / "pretrain.sbatch"), "tiny_gpt", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_sbatch_passes_usr1_to_the_step_and_requeues(fake_slurm, tmp_path):
@@ -107,7 +133,8 @@ def test_sbatch_passes_usr1_to_the_step_and_requeues(fake_slurm, tmp_path):
     assert (log / "python").read_text() == "pretrain_gpt.py --recipe tiny_gpt train.steps=5 --dry-run --world-size 16\n"
     assert (log / "srun").read_text() == (
         "--ntasks-per-node=1 --kill-on-bad-exit=0 --output=logs/slurm/%x-%j-node%n.log --open-mode=append "
-        "scripts/slurm/launch.sh tiny_gpt train.steps=5\n")
+        "scripts/slurm/launch.sh tiny_gpt train.steps=5\n"
+    )
     assert (log / "srun_signals").read_text() == "USR1\n"
     assert (log / "scontrol").read_text() == "requeue 4242\n"
     assert "pretrain.sbatch: checkpoint saved; requeueing job 4242" in err.splitlines()

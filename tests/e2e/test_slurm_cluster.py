@@ -39,8 +39,17 @@ class Job:
         env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHON=sys.executable, RDZV_PORT=str(free_port()))
         # No GRES on the test cluster: --gpus-per-node=0 replaces the script's --gpus-per-node=8 and
         # launch.sh starts one process per node.
-        proc = cluster.run("sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "scripts/slurm/pretrain.sbatch",
-                           "tiny_gpt", *tiny_overrides(corpus, self.run_dir, *extra), cwd=self.submit, env=env)
+        proc = cluster.run(
+            "sbatch",
+            "--parsable",
+            "--nodes=2",
+            "--gpus-per-node=0",
+            "scripts/slurm/pretrain.sbatch",
+            "tiny_gpt",
+            *tiny_overrides(corpus, self.run_dir, *extra),
+            cwd=self.submit,
+            env=env,
+        )
         assert proc.returncode == 0, f"sbatch: {proc.stderr.strip()}\n{cluster.daemon_logs()}"
         self.id = proc.stdout.strip().split(";")[0]
 
@@ -69,7 +78,8 @@ class Job:
         while not (metrics.exists() and f'"step": {step},' in metrics.read_text()):
             state = self.cluster.job(self.id).get("JobState")
             assert state in ("PENDING", "RUNNING") and time.monotonic() < deadline, (
-                f"job {self.id} is {state} and has not logged step {step}\n{self.explain()}")
+                f"job {self.id} is {state} and has not logged step {step}\n{self.explain()}"
+            )
             time.sleep(0.2)
 
     def signal(self, *scancel_args: str) -> None:
@@ -82,14 +92,19 @@ class Job:
 
 def _assert_ended(job: Job, state: str, exit_code: int, restarts: int) -> None:
     info = job.wait_until_done()
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == (state, f"{exit_code}:0", str(restarts)), \
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == (state, f"{exit_code}:0", str(restarts)), (
         job.explain()
+    )
 
 
 def _stopped_step(job: Job) -> int:
     """The step the job's workers stopped after, from rank 0's one line; checks they saved it."""
-    match = re.search(r"^stopped: preemption signal: stopped after step (\d+), saved (\S+); "
-                      r"resume with checkpoint.load=auto \(exit code 75\)$", job.logs_text(), re.M)
+    match = re.search(
+        r"^stopped: preemption signal: stopped after step (\d+), saved (\S+); "
+        r"resume with checkpoint.load=auto \(exit code 75\)$",
+        job.logs_text(),
+        re.M,
+    )
     assert match, job.explain()
     step = int(match.group(1))
     assert match.group(2) == str(job.run_dir / "checkpoints" / f"iter_{step:07d}"), job.explain()
@@ -99,14 +114,16 @@ def _stopped_step(job: Job) -> int:
 
 
 @pytest.mark.slow
-def test_two_nodes_train_like_one_process_and_log_where_the_docs_say(slurm_cluster, reference, synthetic_corpus,
-                                                                     tmp_path):
+def test_two_nodes_train_like_one_process_and_log_where_the_docs_say(
+    slurm_cluster, reference, synthetic_corpus, tmp_path
+):
     job = Job(slurm_cluster, tmp_path, synthetic_corpus)
     _assert_ended(job, "COMPLETED", 0, restarts=0)
     # The batch shell's one line in <job name>-<job id>.out, the nodes' output in the node logs.
     out = job.out.read_text().splitlines()
-    assert len(out) == 1 and out[0].startswith(f"pretrain.sbatch: job {job.id} (restart 0) on 127.0.0.[1-2]: "
-                                               "tiny_gpt "), job.explain()
+    assert len(out) == 1 and out[0].startswith(
+        f"pretrain.sbatch: job {job.id} (restart 0) on 127.0.0.[1-2]: tiny_gpt "
+    ), job.explain()
     assert [p.name for p in job.node_logs()] == [f"pretrain-{job.id}-node0.log", f"pretrain-{job.id}-node1.log"]
     layout = "layout: world 2 = tensor 1 x pipeline 1 x context 1 x data 2; expert 1; 2 micro-batches/step"
     assert [layout in path.read_text() for path in job.node_logs()].count(True) == 1, job.explain()  # rank 0's node
@@ -114,18 +131,22 @@ def test_two_nodes_train_like_one_process_and_log_where_the_docs_say(slurm_clust
 
 
 @pytest.mark.slow
-def test_usr1_from_slurm_checkpoints_requeues_and_resumes_the_same_curve(slurm_cluster, reference,
-                                                                         synthetic_corpus, tmp_path):
+def test_usr1_from_slurm_checkpoints_requeues_and_resumes_the_same_curve(
+    slurm_cluster, reference, synthetic_corpus, tmp_path
+):
     """`scancel --signal=USR1 --batch` is what `#SBATCH --signal=B:USR1@300` sends at the time limit:
     the batch shell alone gets it, and the rest of the path is the script's and srun's."""
-    job = Job(slurm_cluster, tmp_path, synthetic_corpus, f"debug.stall_at_step={STOP_AT_STEP}",
-              f"debug.stall_s={STALL_S}")
+    job = Job(
+        slurm_cluster, tmp_path, synthetic_corpus, f"debug.stall_at_step={STOP_AT_STEP}", f"debug.stall_s={STALL_S}"
+    )
     job.wait_for_step(STOP_AT_STEP - 1)
     job.signal("--signal=USR1", "--batch")
     _assert_ended(job, "COMPLETED", 0, restarts=1)
     out = job.out.read_text()
-    for line in [f"pretrain.sbatch: checkpoint saved; requeueing job {job.id}",
-                 f"pretrain.sbatch: job {job.id} (restart 1) on 127.0.0.[1-2]"]:
+    for line in [
+        f"pretrain.sbatch: checkpoint saved; requeueing job {job.id}",
+        f"pretrain.sbatch: job {job.id} (restart 1) on 127.0.0.[1-2]",
+    ]:
         assert line in out, job.explain()
     step = _stopped_step(job)
     assert f"resumed from {job.run_dir}/checkpoints/iter_{step:07d} at step {step}" in job.logs_text(), job.explain()
@@ -133,12 +154,12 @@ def test_usr1_from_slurm_checkpoints_requeues_and_resumes_the_same_curve(slurm_c
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_job_step_checkpoints_and_exits_75_without_requeue(slurm_cluster, synthetic_corpus,
-                                                                           tmp_path):
+def test_sigterm_to_the_job_step_checkpoints_and_exits_75_without_requeue(slurm_cluster, synthetic_corpus, tmp_path):
     """`scancel --signal=TERM` signals every process of the job step (launchers and workers) but not
     the batch shell, which therefore does not requeue: the job ends with the workers' 75."""
-    job = Job(slurm_cluster, tmp_path, synthetic_corpus, f"debug.stall_at_step={STOP_AT_STEP}",
-              f"debug.stall_s={STALL_S}")
+    job = Job(
+        slurm_cluster, tmp_path, synthetic_corpus, f"debug.stall_at_step={STOP_AT_STEP}", f"debug.stall_s={STALL_S}"
+    )
     job.wait_for_step(STOP_AT_STEP - 1)
     job.signal("--signal=TERM")
     _assert_ended(job, "FAILED", EXIT_PREEMPTED, restarts=0)
@@ -171,9 +192,14 @@ def test_launcher_exits_75_on_sigterm(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    launcher = subprocess.Popen([sys.executable, "-m", "pretrain.launch", "--standalone", "--nproc_per_node=1",
-                                 str(worker)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "pretrain.launch", "--standalone", "--nproc_per_node=1", str(worker)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert launcher.stdout.readline() == "ready\n", launcher.communicate(timeout=60)
         launcher.send_signal(signal.SIGTERM)

@@ -45,10 +45,15 @@ def test_metrics_and_checkpoint_are_written(reference):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [
-    ["data.num_workers=2"], ["parallel.distributed_optimizer=true"],
-    ["parallel.distributed_optimizer=true", "checkpoint.optimizer_format=dp_reshardable"],
-], ids=["dp2-loader-workers", "dp2-distopt", "dp2-distopt-dp-reshardable"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["data.num_workers=2"],
+        ["parallel.distributed_optimizer=true"],
+        ["parallel.distributed_optimizer=true", "checkpoint.optimizer_format=dp_reshardable"],
+    ],
+    ids=["dp2-loader-workers", "dp2-distopt", "dp2-distopt-dp-reshardable"],
+)
 def test_dp2_and_auto_resume_reproduce_single_process(reference, synthetic_corpus, tmp_path, extra):
     """Two gloo processes, stopped at step 5 and resumed with checkpoint.load=auto: the one
     metrics.jsonl holds the reference curve. With the distributed optimizer this also catches
@@ -69,8 +74,9 @@ VALIDATION = ["train.eval_interval=5", "train.eval_steps=2"]
 def pipeline_with_validation(synthetic_corpus, tmp_path_factory):
     """tiny_gpt on 2 pipeline stages with a validation every 5 steps."""
     log_dir = tmp_path_factory.mktemp("pp2_validation")
-    overrides = tiny_overrides(synthetic_corpus, log_dir, *VALIDATION, f"data.valid_path={synthetic_corpus}",
-                               "parallel.pipeline=2")
+    overrides = tiny_overrides(
+        synthetic_corpus, log_dir, *VALIDATION, f"data.valid_path={synthetic_corpus}", "parallel.pipeline=2"
+    )
     run_pretrain(2, "tiny_gpt", overrides)
     return read_metrics(log_dir)
 
@@ -94,8 +100,13 @@ def test_validation_is_forward_only_and_pipeline_ready(reference, pipeline_with_
 def test_test_share_is_evaluated_after_the_last_step(synthetic_corpus, tmp_path):
     """train.test_at_end: test_loss / test_ppl in the last record only, beside the validation of
     the same step, from other documents than the validation's."""
-    steps = ["train.steps=4", "train.eval_interval=2", "train.eval_steps=1", "train.test_at_end=true",
-             "data.split=80,10,10"]
+    steps = [
+        "train.steps=4",
+        "train.eval_interval=2",
+        "train.eval_steps=1",
+        "train.test_at_end=true",
+        "data.split=80,10,10",
+    ]
     proc = run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path) + steps)
     metrics = read_metrics(tmp_path)
     assert [r["step"] for r in metrics if "test_loss" in r] == [4]
@@ -129,8 +140,9 @@ def test_a_written_recipe_reproduces_its_run(reference, synthetic_corpus, tmp_pa
     written = log_dir / "recipe.yaml"
     assert written.read_text().startswith("# resolved from ")
     run_pretrain(1, str(written), [f"logging.dir={tmp_path}"])
-    assert [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path)] == \
-        [(r["loss"], r["grad_norm"]) for r in expected]
+    assert [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path)] == [
+        (r["loss"], r["grad_norm"]) for r in expected
+    ]
 
 
 def test_print_recipe_shows_every_key_and_default(synthetic_corpus):
@@ -143,8 +155,11 @@ def test_print_recipe_shows_every_key_and_default(synthetic_corpus):
     printed = yaml.safe_load(proc.stdout)
 
     def keys(tree, prefix=""):
-        return [k for name, v in tree.items() for k in
-                ([f"{prefix}{name}"] + (keys(v, f"{prefix}{name}.") if isinstance(v, dict) else []))]
+        return [
+            k
+            for name, v in tree.items()
+            for k in ([f"{prefix}{name}"] + (keys(v, f"{prefix}{name}.") if isinstance(v, dict) else []))
+        ]
 
     assert keys(printed) == schema.all_keys(Recipe)
     assert printed["train"]["steps"] == 7 and printed["model"]["num_layers"] == 4  # override, recipe

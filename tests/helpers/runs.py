@@ -17,8 +17,13 @@ TINY_STEPS = 10
 
 def tiny_overrides(corpus: str, log_dir, *extra: str) -> list:
     """tiny_gpt for TINY_STEPS steps on the synthetic corpus, without wandb."""
-    return [f"data.path={corpus}", f"logging.dir={log_dir}", "logging.wandb.mode=disabled",
-            f"train.steps={TINY_STEPS}", *extra]
+    return [
+        f"data.path={corpus}",
+        f"logging.dir={log_dir}",
+        "logging.wandb.mode=disabled",
+        f"train.steps={TINY_STEPS}",
+        *extra,
+    ]
 
 
 def run_pretrain(nproc: int, recipe: str, overrides: Sequence[str], timeout: int = 300) -> subprocess.CompletedProcess:
@@ -26,12 +31,22 @@ def run_pretrain(nproc: int, recipe: str, overrides: Sequence[str], timeout: int
     if nproc == 1:
         cmd = [sys.executable, "pretrain_gpt.py"]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "pretrain_gpt.py"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "pretrain_gpt.py",
+        ]
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
     proc = subprocess.run(
-        cmd + ["--recipe", recipe, *overrides], cwd=REPO, env=env,
-        capture_output=True, text=True, timeout=timeout,
+        cmd + ["--recipe", recipe, *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")

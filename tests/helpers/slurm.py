@@ -33,8 +33,17 @@ NODES = ("127.0.0.1", "127.0.0.2")
 CRED_EXPIRE_S = 10
 INSTALL_TIMEOUT_S = 600
 START_TIMEOUT_S = 60
-DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY",
-               "BOOT_FAIL", "DEADLINE"}
+DONE_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 class SlurmUnavailable(Exception):
@@ -112,7 +121,8 @@ class SlurmCluster:
             if job.get("JobState") in DONE_STATES:
                 return job
             assert time.monotonic() < deadline, (
-                f"job {job_id} still {job.get('JobState')} after {timeout} s\n{explain()}\n{self.daemon_logs()}")
+                f"job {job_id} still {job.get('JobState')} after {timeout} s\n{explain()}\n{self.daemon_logs()}"
+            )
             time.sleep(0.5)
 
     def daemon_logs(self, lines: int = 30) -> str:
@@ -124,8 +134,10 @@ class SlurmCluster:
 
 
 def _slurm_conf(root: pathlib.Path, host: str, ports: list[int]) -> str:
-    nodes = "\n".join(f"NodeName={node} NodeHostname={host} NodeAddr={node} Port={port} CPUs=1 State=UNKNOWN"
-                      for node, port in zip(NODES, ports[1:]))
+    nodes = "\n".join(
+        f"NodeName={node} NodeHostname={host} NodeAddr={node} Port={port} CPUs=1 State=UNKNOWN"
+        for node, port in zip(NODES, ports[1:])
+    )
     return f"""\
 ClusterName=pretraintest
 SlurmctldHost={host}(127.0.0.1)
@@ -169,9 +181,21 @@ def _start_munge(root: pathlib.Path, env: dict[str, str], daemons: dict[str, sub
     key = munge / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
-    daemons["munged"] = _spawn(root, "munged", [
-        _which("munged"), "--foreground", "--force", f"--socket={munge}/munge.socket", f"--key-file={key}",
-        f"--pid-file={munge}/munged.pid", f"--log-file={root}/munged.log", f"--seed-file={munge}/seed"], env)
+    daemons["munged"] = _spawn(
+        root,
+        "munged",
+        [
+            _which("munged"),
+            "--foreground",
+            "--force",
+            f"--socket={munge}/munge.socket",
+            f"--key-file={key}",
+            f"--pid-file={munge}/munged.pid",
+            f"--log-file={root}/munged.log",
+            f"--seed-file={munge}/seed",
+        ],
+        env,
+    )
 
 
 def _spawn(root: pathlib.Path, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
@@ -186,16 +210,18 @@ def _wait_for_nodes(cluster: SlurmCluster) -> None:
     while time.monotonic() < deadline:
         for name, daemon in cluster.daemons.items():
             if daemon.poll() is not None:
-                raise SlurmUnavailable(f"{name} exited with code {daemon.returncode} at start-up\n"
-                                       f"{cluster.daemon_logs()}")
+                raise SlurmUnavailable(
+                    f"{name} exited with code {daemon.returncode} at start-up\n{cluster.daemon_logs()}"
+                )
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc = cluster.run("sinfo", "--noheader", "--Node", "--format=%N %T", timeout=15)
             states = proc.stdout.strip() if proc.returncode == 0 else proc.stderr.strip()
         if sorted(states.splitlines()) == [f"{node} idle" for node in NODES]:
             return
         time.sleep(0.25)
-    raise SlurmUnavailable(f"the nodes were not idle after {START_TIMEOUT_S} s (sinfo: {states!r})\n"
-                           f"{cluster.daemon_logs()}")
+    raise SlurmUnavailable(
+        f"the nodes were not idle after {START_TIMEOUT_S} s (sinfo: {states!r})\n{cluster.daemon_logs()}"
+    )
 
 
 def _stop(cluster: SlurmCluster) -> None:
@@ -242,8 +268,9 @@ def running_cluster() -> Iterator[SlurmCluster]:
             time.sleep(0.05)
         cluster.daemons["slurmctld"] = _spawn(root, "slurmctld", [_which("slurmctld"), "-D", "-i"], env)
         for node in NODES:
-            cluster.daemons[f"slurmd-{node}"] = _spawn(root, f"slurmd-{node}", [_which("slurmd"), "-D", "-N", node],
-                                                       env)
+            cluster.daemons[f"slurmd-{node}"] = _spawn(
+                root, f"slurmd-{node}", [_which("slurmd"), "-D", "-N", node], env
+            )
         _wait_for_nodes(cluster)
         yield cluster
     finally:

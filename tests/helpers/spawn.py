@@ -27,8 +27,13 @@ def _rank_main(rank: int, fn: Callable, world_size: int, port: int, args: tuple,
     prepare_process()  # a spawned child imports this module, not conftest
     torch.set_num_threads(1)
     # a timeout turns a lost message into a failure instead of a hung test
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=60),
+    )
     try:
         torch.save(fn(rank, world_size, *args), os.path.join(results, f"rank{rank}.pt"))
     finally:

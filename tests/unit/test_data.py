@@ -64,7 +64,9 @@ def test_missing_tokenizer_path_is_a_user_error(tmp_path):
     missing = str(tmp_path / "nope.json")
     with pytest.raises(UserError) as error:
         build_tokenizer(missing)
-    assert str(error.value) == f"tokenizer '{missing}' not found: give 'byte', a local tokenizer.json path or a hub name"
+    assert (
+        str(error.value) == f"tokenizer '{missing}' not found: give 'byte', a local tokenizer.json path or a hub name"
+    )
 
 
 # ---- synthetic documents and indexed files -------------------------------------------------------
@@ -111,12 +113,23 @@ def test_token_dtype_rule(tmp_path):
 # ---- packing (megatron-core GPTDataset, one epoch, endless) --------------------------------------
 
 
-def _samples(prefix, seq_length, tmp_path, seed=0, split="100,0,0", eod=4999, vocab_size=5000,
-             eod_mask_loss=False, blend=None, valid=()):
+def _samples(
+    prefix,
+    seq_length,
+    tmp_path,
+    seed=0,
+    split="100,0,0",
+    eod=4999,
+    vocab_size=5000,
+    eod_mask_loss=False,
+    blend=None,
+    valid=(),
+):
     """{'train': BlendedSamples, ...} of `prefix` (or of a weighted `blend`), indices cached under tmp."""
     blend = blend or [(1.0, str(prefix))]
-    return build_samples(blend, list(valid), split, seq_length, seed, eod, eod_mask_loss,
-                         str(tmp_path / "cache"), vocab_size)
+    return build_samples(
+        blend, list(valid), split, seq_length, seed, eod, eod_mask_loss, str(tmp_path / "cache"), vocab_size
+    )
 
 
 def _ids(samples, count):
@@ -182,8 +195,9 @@ def test_split_shares_are_disjoint_document_ranges(counting_prefix, tmp_path):
 
 def test_test_share_is_read_only_when_asked_for(counting_prefix, tmp_path):
     assert set(_samples(counting_prefix, 32, tmp_path / "a", split="70,20,10")) == {"train", "valid"}
-    data = build_samples([(1.0, counting_prefix)], [], "70,20,10", 32, 0, 4999, False, str(tmp_path / "b"), 5000,
-                         with_test=True)
+    data = build_samples(
+        [(1.0, counting_prefix)], [], "70,20,10", 32, 0, 4999, False, str(tmp_path / "b"), 5000, with_test=True
+    )
     seen = {}
     for name, samples in data.items():
         source = samples.sources[0]
@@ -255,8 +269,9 @@ def test_resume_reads_exactly_the_uninterrupted_samples(tmp_path, resume_dp):
         write_indexed([[k] * 40] * 30, prefix, vocab_size=257, eod=256)
     blend = [(0.6, prefixes[0]), (0.4, prefixes[1])]
     k, gbs = 12, 8  # 24 steps of 8: past one epoch of each dataset
-    uninterrupted = _consumed(_samples(None, 16, tmp_path / "x", eod=256, vocab_size=257, blend=blend)["train"],
-                              2 * k, 0, dp_size=2)
+    uninterrupted = _consumed(
+        _samples(None, 16, tmp_path / "x", eod=256, vocab_size=257, blend=blend)["train"], 2 * k, 0, dp_size=2
+    )
     train = _samples(None, 16, tmp_path / "y", eod=256, vocab_size=257, blend=blend)["train"]
     first_half = _consumed(train, k, 0, dp_size=2)
     resumed = _consumed(train, k, first=k * gbs, dp_size=resume_dp)
@@ -378,7 +393,8 @@ def test_cli_text_errors_are_one_line(tmp_path, capsys):
     bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
     assert main(["text", "--input", str(bad), "--output-prefix", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == (
-        f"error: {bad}: row 2: no text in field 'text' (fields: body): choose the field with --text-key\n")
+        f"error: {bad}: row 2: no text in field 'text' (fields: body): choose the field with --text-key\n"
+    )
     assert not list(tmp_path.glob("out*"))  # nothing half-written is left behind
     assert main(["text", "--input", str(tmp_path / "*.txt"), "--output-prefix", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == f"error: input '{tmp_path / '*.txt'}' matches no file\n"
@@ -428,8 +444,20 @@ def test_round_trip_trained_bpe_two_workers(tmp_path, capsys):
             file.write(json.dumps({"id": 1, "content": text}) + "\n")
     pyarrow.parquet.write_table(pyarrow.table({"content": texts[400:]}), tmp_path / "part2.parquet")
     prefix = str(tmp_path / "out" / "corpus")
-    argv = ["text", "--input", str(tmp_path / "part1.jsonl"), str(tmp_path / "*.parquet"), "--text-key", "content",
-            "--train-tokenizer", "400", "--workers", "2", "--output-prefix", prefix]
+    argv = [
+        "text",
+        "--input",
+        str(tmp_path / "part1.jsonl"),
+        str(tmp_path / "*.parquet"),
+        "--text-key",
+        "content",
+        "--train-tokenizer",
+        "400",
+        "--workers",
+        "2",
+        "--output-prefix",
+        prefix,
+    ]
     assert main(argv) == 0
     assert f"(tokenizer {tmp_path / 'out' / 'tokenizer.json'})" in capsys.readouterr().out
     tokenizer = build_tokenizer(str(tmp_path / "out"))
@@ -490,7 +518,9 @@ def test_quickstart_corpus_builds_then_skips(tmp_path):
     assert not stats["skipped"] and stats["documents"] > 0
     assert stats["tokens"] - stats["documents"] <= 50_000  # bytes plus one EOD per document
     assert json.loads((tmp_path / "qs.json").read_text()) == {
-        "documents": stats["documents"], "tokens": stats["tokens"], "max_bytes": 50_000
+        "documents": stats["documents"],
+        "tokens": stats["tokens"],
+        "max_bytes": 50_000,
     }
     source = _samples(prefix, 128, tmp_path, eod=256, vocab_size=257)["train"].sources[0]
     assert len(source) == (stats["tokens"] - 1) // 128

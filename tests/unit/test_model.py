@@ -43,11 +43,15 @@ def _built_parameter_count(model: ModelConfig, vocab: int) -> int:
 # ------------------------------------------------------------------------------- parameter counts
 
 
-@pytest.mark.parametrize("change", [
-    {},
-    {"untie_embeddings": False},
-    {"num_query_groups": None},
-], ids=["tiny_gpt", "tied", "mha"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {},
+        {"untie_embeddings": False},
+        {"num_query_groups": None},
+    ],
+    ids=["tiny_gpt", "tied", "mha"],
+)
 def test_formula_equals_built_model_tiny(change):
     model = dataclasses.replace(_tiny(), **change)
     vocab = padded_vocab_size(model, BYTE_VOCAB, tensor=1)
@@ -67,7 +71,12 @@ def test_formula_variants_differ():
 def test_formula_equals_hand_count_tiny():
     m = _tiny()
     assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups) == (
-        4, 64, 176, 4, 2)
+        4,
+        64,
+        176,
+        4,
+        2,
+    )
     vocab = padded_vocab_size(m, BYTE_VOCAB, tensor=1)
     assert vocab == 384
     hidden, ffn, head_dim = 64, 176, 64 // 4
@@ -102,8 +111,13 @@ def _attention_pair(heads: int, groups: int, head_dim: int):
 
     from model.layers import SDPAttention
 
-    model = ModelConfig(num_layers=1, hidden_size=heads * head_dim, ffn_hidden_size=4 * heads * head_dim,
-                        num_attention_heads=heads, num_query_groups=groups)
+    model = ModelConfig(
+        num_layers=1,
+        hidden_size=heads * head_dim,
+        ffn_hidden_size=4 * heads * head_dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+    )
     config = transformer_config(model, ModelBuild())
     kwargs = dict(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
     return SDPAttention(**kwargs), DotProductAttention(**kwargs)
@@ -277,15 +291,18 @@ def test_tiny_gpt_init_is_deterministic_per_seed():
 # ---------------------------------------------------------------------------------- vocab padding
 
 
-@pytest.mark.parametrize("vocab,divisible_by,tensor,expected", [
-    (257, 128, 1, 384),
-    (257, 128, 2, 384),   # the same at every tensor size dividing 128: the layout never changes the model
-    (257, 128, 8, 384),
-    (128256, 128, 8, 128256),
-    (100, 4, 3, 108),     # lcm(4, 3) = 12
-    (256, 128, 2, 256),
-    (384, 128, 1, 384),
-])
+@pytest.mark.parametrize(
+    "vocab,divisible_by,tensor,expected",
+    [
+        (257, 128, 1, 384),
+        (257, 128, 2, 384),  # the same at every tensor size dividing 128: the layout never changes the model
+        (257, 128, 8, 384),
+        (128256, 128, 8, 128256),
+        (100, 4, 3, 108),  # lcm(4, 3) = 12
+        (256, 128, 2, 256),
+        (384, 128, 1, 384),
+    ],
+)
 def test_padded_vocab_size(vocab, divisible_by, tensor, expected):
     model = ModelConfig(make_vocab_size_divisible_by=divisible_by)
     assert padded_vocab_size(model, vocab, tensor) == expected

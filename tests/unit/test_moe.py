@@ -22,16 +22,23 @@ def _router(**config_fields):
     from megatron.core.transformer.moe.router import TopKRouter
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    fields = dict(num_layers=1, hidden_size=3, num_attention_heads=1, num_moe_experts=4,
-                  moe_router_topk=2, add_bias_linear=False, use_cpu_initialization=True,
-                  calculate_per_token_loss=True, moe_router_load_balancing_type="aux_loss",
-                  moe_aux_loss_coeff=0.1)
+    fields = dict(
+        num_layers=1,
+        hidden_size=3,
+        num_attention_heads=1,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        add_bias_linear=False,
+        use_cpu_initialization=True,
+        calculate_per_token_loss=True,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=0.1,
+    )
     fields.update(config_fields)
     router = TopKRouter(TransformerConfig(**fields), pg_collection=get_default_pg_collection())
     router.set_layer_number(1)
     with torch.no_grad():
-        router.weight.copy_(torch.tensor([[1.0, 0.5, -0.5], [-1.0, 0.2, 0.3], [0.4, -0.7, 0.9],
-                                          [0.0, 1.0, -1.0]]))
+        router.weight.copy_(torch.tensor([[1.0, 0.5, -0.5], [-1.0, 0.2, 0.3], [0.4, -0.7, 0.9], [0.0, 1.0, -1.0]]))
     return router.train()
 
 
@@ -127,11 +134,13 @@ def test_load_imbalance_metrics():
 def test_wandb_gets_one_scalar_per_layer_and_expert():
     from pretrain.metrics import wandb_scalars
 
-    record = {"step": 3, "loss": 2.5, "moe_expert_load": {"1": [0.75, 0.25]},
-              "moe_load_cv_by_layer": {"1": 0.5}}
+    record = {"step": 3, "loss": 2.5, "moe_expert_load": {"1": [0.75, 0.25]}, "moe_load_cv_by_layer": {"1": 0.5}}
     assert wandb_scalars(record) == {
-        "loss": 2.5, "moe_expert_load/layer_1/expert_0": 0.75, "moe_expert_load/layer_1/expert_1": 0.25,
-        "moe_load_cv_by_layer/layer_1": 0.5}
+        "loss": 2.5,
+        "moe_expert_load/layer_1/expert_0": 0.75,
+        "moe_expert_load/layer_1/expert_1": 0.25,
+        "moe_load_cv_by_layer/layer_1": 0.5,
+    }
 
 
 def test_expert_bias_lowers_load_imbalance_over_steps(megatron_single_process):
@@ -141,9 +150,13 @@ def test_expert_bias_lowers_load_imbalance_over_steps(megatron_single_process):
 
     from model.moe import RoutingStats, load_metrics
 
-    router = _router(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                     moe_router_load_balancing_type="none", moe_aux_loss_coeff=0.0,
-                     moe_router_bias_update_rate=0.05)
+    router = _router(
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_router_bias_update_rate=0.05,
+    )
     stats = RoutingStats(num_layers=1, num_experts=4, top_k=2, pad_to_capacity=False)
     stats.attach([router])
     skewed = _tokens(seed=4, tokens=256) + torch.tensor([1.5, 0.0, 0.0])  # favours expert 0 (and 2)
@@ -153,8 +166,7 @@ def test_expert_bias_lowers_load_imbalance_over_steps(megatron_single_process):
         counts = stats.reduce_and_reset(torch.device("cpu"))
         cvs.append(load_metrics(counts["load"], counts["routed"], moe_layers=[0])["moe_load_cv"])
         with torch.no_grad():
-            router.expert_bias.copy_(get_updated_expert_bias(
-                router.local_tokens_per_expert, router.expert_bias, 0.05))
+            router.expert_bias.copy_(get_updated_expert_bias(router.local_tokens_per_expert, router.expert_bias, 0.05))
             router.local_tokens_per_expert.zero_()
         ranges.append(float(router.expert_bias.max() - router.expert_bias.min()))
     assert cvs[0] > 0.5, f"the input must start skewed, cv {cvs[0]:.3f}"
@@ -206,13 +218,17 @@ def test_upstream_te_general_gemm_name_error_is_fixed(megatron_single_process):
 # ------------------------------------------------------------------------- parameters and recipes
 
 
-@pytest.mark.parametrize("moe_fields, biases", [
-    ({}, False),
-    ({"shared_expert_ffn_hidden_size": 96}, False),
-    ({"first_dense_layers": 1, "layer_freq": 2}, False),
-    ({"first_dense_layers": 1}, True),
-    ({"num_experts": None}, True),
-], ids=["tiny_moe", "shared", "dense-first-every-2nd", "biases", "dense-biases"])
+@pytest.mark.parametrize(
+    "moe_fields, biases",
+    [
+        ({}, False),
+        ({"shared_expert_ffn_hidden_size": 96}, False),
+        ({"first_dense_layers": 1, "layer_freq": 2}, False),
+        ({"first_dense_layers": 1}, True),
+        ({"num_experts": None}, True),
+    ],
+    ids=["tiny_moe", "shared", "dense-first-every-2nd", "biases", "dense-biases"],
+)
 def test_formula_equals_built_model(moe_fields, biases, megatron_single_process):
     model = dataclasses.replace(_tiny_moe_model(**moe_fields), add_bias_linear=biases)
     vocab = padded_vocab_size(model, 257, tensor=1)
@@ -234,30 +250,50 @@ def test_layer_pattern():
     assert moe_layer_pattern(load_recipe("tiny_gpt").model) == [False] * 4
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["parallel.expert=3"], "parallel.expert = 3 does not divide model.moe.num_experts = 8"),
-    (["model.moe.top_k=9"], "model.moe.top_k = 9 exceeds model.moe.num_experts = 8"),
-    (["model.moe.expert_bias=true"],
-     "model.moe.expert_bias = true needs model.moe.score_function = sigmoid, got softmax"),
-    (["model.moe.pad_to_capacity=true"], "model.moe.pad_to_capacity = true needs model.moe.capacity_factor"),
-    (["parallel.tensor=2"], "model.moe with parallel.tensor = 2 needs parallel.sequence_parallel = true "
-                            "(megatron-core's MoE layer refuses tensor parallelism without it)"),
-    (["model.moe.grouped_gemm=true"], "model.moe.grouped_gemm = true needs model.transformer_impl = "
-                                      "transformer_engine (grouped GEMM experts come from transformer-engine)"),
-    (["model.moe.first_dense_layers=4"],
-     "model.moe.first_dense_layers = 4 leaves no MoE layer in model.num_layers = 4"),
-    (["model.moe.top_k=1"], "model.moe.top_k = 1 with softmax scores needs model.moe.pre_softmax = true "
-                            "(a softmax over one expert is constant: the router would get no gradient)"),
-    (["model.moe.dispatcher=flex"], "model.moe.dispatcher must be one of alltoall | allgather, got 'flex'"),
-    (["model.moe.capacity_factor=0"], "model.moe.capacity_factor must be positive, got 0.0"),
-    (["parallel.expert_tensor=3"], "parallel.expert_tensor = 3 does not divide model.moe.ffn_hidden_size = 64"),
-    (["model.add_bias_linear=true", "model.moe.shared_expert_ffn_hidden_size=64"],
-     "model.add_bias_linear = true cannot be combined with model.moe.shared_expert_ffn_hidden_size "
-     "(megatron-core's shared experts have no biases)"),
-    (["model.add_bias_linear=true", "parallel.expert_tensor=2"],
-     "model.add_bias_linear = true with experts needs parallel.expert_tensor = 1, got 2 "
-     "(megatron-core supports expert biases only without expert tensor parallelism)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.expert=3"], "parallel.expert = 3 does not divide model.moe.num_experts = 8"),
+        (["model.moe.top_k=9"], "model.moe.top_k = 9 exceeds model.moe.num_experts = 8"),
+        (
+            ["model.moe.expert_bias=true"],
+            "model.moe.expert_bias = true needs model.moe.score_function = sigmoid, got softmax",
+        ),
+        (["model.moe.pad_to_capacity=true"], "model.moe.pad_to_capacity = true needs model.moe.capacity_factor"),
+        (
+            ["parallel.tensor=2"],
+            "model.moe with parallel.tensor = 2 needs parallel.sequence_parallel = true "
+            "(megatron-core's MoE layer refuses tensor parallelism without it)",
+        ),
+        (
+            ["model.moe.grouped_gemm=true"],
+            "model.moe.grouped_gemm = true needs model.transformer_impl = "
+            "transformer_engine (grouped GEMM experts come from transformer-engine)",
+        ),
+        (
+            ["model.moe.first_dense_layers=4"],
+            "model.moe.first_dense_layers = 4 leaves no MoE layer in model.num_layers = 4",
+        ),
+        (
+            ["model.moe.top_k=1"],
+            "model.moe.top_k = 1 with softmax scores needs model.moe.pre_softmax = true "
+            "(a softmax over one expert is constant: the router would get no gradient)",
+        ),
+        (["model.moe.dispatcher=flex"], "model.moe.dispatcher must be one of alltoall | allgather, got 'flex'"),
+        (["model.moe.capacity_factor=0"], "model.moe.capacity_factor must be positive, got 0.0"),
+        (["parallel.expert_tensor=3"], "parallel.expert_tensor = 3 does not divide model.moe.ffn_hidden_size = 64"),
+        (
+            ["model.add_bias_linear=true", "model.moe.shared_expert_ffn_hidden_size=64"],
+            "model.add_bias_linear = true cannot be combined with model.moe.shared_expert_ffn_hidden_size "
+            "(megatron-core's shared experts have no biases)",
+        ),
+        (
+            ["model.add_bias_linear=true", "parallel.expert_tensor=2"],
+            "model.add_bias_linear = true with experts needs parallel.expert_tensor = 1, got 2 "
+            "(megatron-core supports expert biases only without expert tensor parallelism)",
+        ),
+    ],
+)
 def test_moe_recipe_errors(overrides, message):
     with pytest.raises(RecipeError, match="^" + re.escape(message) + "$"):
         load_recipe("tiny_moe", overrides)

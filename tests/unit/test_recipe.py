@@ -43,15 +43,23 @@ def error_of(name, overrides=()):
 
 
 def test_precedence_defaults_base_recipe_cli(tmp_path):
-    write(tmp_path, "base.yaml", """
+    write(
+        tmp_path,
+        "base.yaml",
+        """
         model: {num_layers: 8, hidden_size: 128}
         train: {steps: 20, seed: 7}
-    """)
-    write(tmp_path, "child.yaml", """
+    """,
+    )
+    write(
+        tmp_path,
+        "child.yaml",
+        """
         base: base.yaml
         model: {hidden_size: 256}
         train: {steps: 30}
-    """)
+    """,
+    )
     r = load_recipe("child.yaml", ["train.steps=40"])
     assert r.model.ffn_hidden_size == 176  # default
     assert r.model.num_layers == 8  # base
@@ -61,15 +69,23 @@ def test_precedence_defaults_base_recipe_cli(tmp_path):
 
 
 def test_deep_merge_keeps_siblings_and_lists_replace(tmp_path):
-    write(tmp_path, "base.yaml", """
+    write(
+        tmp_path,
+        "base.yaml",
+        """
         logging: {wandb: {project: p1, mode: online}}
         optimizer: {betas: [0.8, 0.9]}
-    """)
-    write(tmp_path, "child.yaml", """
+    """,
+    )
+    write(
+        tmp_path,
+        "child.yaml",
+        """
         base: base.yaml
         logging: {wandb: {mode: disabled}}
         optimizer: {betas: [0.7, 0.75]}
-    """)
+    """,
+    )
     r = load_recipe("child.yaml")
     assert (r.logging.wandb.project, r.logging.wandb.mode) == ("p1", "disabled")
     assert r.optimizer.betas == (0.7, 0.75)
@@ -103,9 +119,9 @@ def test_existing_path_wins_over_recipes_folder(tmp_path):
 
 def test_recipe_not_found():
     assert error_of("nope") == (
-        f"recipe 'nope' not found: looked for nope, {RECIPES_DIR}/nope, {RECIPES_DIR}/nope.yaml")
-    assert error_of("nope.yaml") == (
-        f"recipe 'nope.yaml' not found: looked for nope.yaml, {RECIPES_DIR}/nope.yaml")
+        f"recipe 'nope' not found: looked for nope, {RECIPES_DIR}/nope, {RECIPES_DIR}/nope.yaml"
+    )
+    assert error_of("nope.yaml") == (f"recipe 'nope.yaml' not found: looked for nope.yaml, {RECIPES_DIR}/nope.yaml")
 
 
 def test_recipe_error_is_a_user_error():
@@ -149,14 +165,15 @@ def test_base_self_cycle(tmp_path):
 def test_base_not_found(tmp_path):
     write(tmp_path, "a.yaml", "base: gone\n")
     assert error_of("a.yaml") == (
-        f"base recipe 'gone' in a.yaml not found: looked for gone, gone, {RECIPES_DIR}/gone, "
-        f"{RECIPES_DIR}/gone.yaml")
+        f"base recipe 'gone' in a.yaml not found: looked for gone, gone, {RECIPES_DIR}/gone, {RECIPES_DIR}/gone.yaml"
+    )
 
 
 def test_base_wrong_type(tmp_path):
     write(tmp_path, "a.yaml", "base: [x]\n")
     assert error_of("a.yaml") == (
-        "wrong type for 'base' in a.yaml: expected a recipe name or path, got a list of 1 item")
+        "wrong type for 'base' in a.yaml: expected a recipe name or path, got a list of 1 item"
+    )
 
 
 def test_unknown_key_in_base_names_the_base_file(tmp_path):
@@ -168,20 +185,23 @@ def test_unknown_key_in_base_names_the_base_file(tmp_path):
 # ------------------------------------------------------------------------------------------ overrides
 
 
-@pytest.mark.parametrize("override, key, expected", [
-    ("train.steps=6", "train.steps", 6),
-    ("optimizer.min_lr=1e-4", "optimizer.min_lr", 1e-4),
-    ("optimizer.lr=2", "optimizer.lr", 2.0),
-    ("train.steps=1e3", "train.steps", 1000),
-    ("train.steps=12.0", "train.steps", 12),
-    ("parallel.distributed_optimizer=true", "parallel.distributed_optimizer", True),
-    ("data.path=null", "data.path", None),
-    ("data.path=", "data.path", None),
-    ("data.path=/tmp/x/text_document", "data.path", "/tmp/x/text_document"),
-    ("optimizer.betas=[0.8,0.99]", "optimizer.betas", (0.8, 0.99)),
-    ("logging.wandb.mode=disabled", "logging.wandb.mode", "disabled"),
-    ("model={num_layers: 2}", "model.num_layers", 2),
-])
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("train.steps=6", "train.steps", 6),
+        ("optimizer.min_lr=1e-4", "optimizer.min_lr", 1e-4),
+        ("optimizer.lr=2", "optimizer.lr", 2.0),
+        ("train.steps=1e3", "train.steps", 1000),
+        ("train.steps=12.0", "train.steps", 12),
+        ("parallel.distributed_optimizer=true", "parallel.distributed_optimizer", True),
+        ("data.path=null", "data.path", None),
+        ("data.path=", "data.path", None),
+        ("data.path=/tmp/x/text_document", "data.path", "/tmp/x/text_document"),
+        ("optimizer.betas=[0.8,0.99]", "optimizer.betas", (0.8, 0.99)),
+        ("logging.wandb.mode=disabled", "logging.wandb.mode", "disabled"),
+        ("model={num_layers: 2}", "model.num_layers", 2),
+    ],
+)
 def test_override_values(override, key, expected):
     value = load_recipe("tiny_gpt", [override])
     for part in key.split("."):
@@ -197,23 +217,27 @@ def test_override_keeps_other_keys_of_the_section():
 @pytest.mark.parametrize("override", ["train.steps", "=3", "train..steps=3", ".steps=3"])
 def test_override_without_key_path_value(override):
     assert error_of("tiny_gpt", [override]) == (
-        f"override '{override}' is not of the form key.path=value (e.g. train.steps=100)")
+        f"override '{override}' is not of the form key.path=value (e.g. train.steps=100)"
+    )
 
 
 def test_override_bad_yaml_value():
     assert error_of("tiny_gpt", ["optimizer.betas=[0.9,"]) == (
         "invalid value in override 'optimizer.betas=[0.9,' on the command line: "
-        "expected the node content, but found '<stream end>'")
+        "expected the node content, but found '<stream end>'"
+    )
 
 
 def test_override_unknown_key():
     assert error_of("tiny_gpt", ["model.hiden_size=3"]) == (
-        "unknown key 'model.hiden_size' on the command line; did you mean 'model.hidden_size'?")
+        "unknown key 'model.hiden_size' on the command line; did you mean 'model.hidden_size'?"
+    )
 
 
 def test_override_cannot_set_base():
     assert error_of("tiny_gpt", ["base=llama70b"]).startswith(
-        "unknown key 'base' on the command line; valid keys at the top level: model, parallel, train,")
+        "unknown key 'base' on the command line; valid keys at the top level: model, parallel, train,"
+    )
 
 
 # -------------------------------------------------------------------------------------- unknown keys
@@ -236,15 +260,15 @@ def test_unknown_key_suggests_other_section(tmp_path):
 
 def test_unknown_nested_key(tmp_path):
     write(tmp_path, "r.yaml", "logging: {wandb: {projet: x}}\n")
-    assert error_of("r.yaml") == (
-        "unknown key 'logging.wandb.projet' in r.yaml; did you mean 'logging.wandb.project'?")
+    assert error_of("r.yaml") == ("unknown key 'logging.wandb.projet' in r.yaml; did you mean 'logging.wandb.project'?")
 
 
 def test_unknown_key_without_close_match_lists_valid_keys(tmp_path):
     write(tmp_path, "r.yaml", "data: {zzz: 1}\n")
     assert error_of("r.yaml") == (
         "unknown key 'data.zzz' in r.yaml; valid keys under 'data': path, blend, split, valid_path, "
-        "valid_blend, cache_dir, eod_mask_loss, reset_position_ids, reset_attention_mask, tokenizer, num_workers")
+        "valid_blend, cache_dir, eod_mask_loss, reset_position_ids, reset_attention_mask, tokenizer, num_workers"
+    )
 
 
 def test_source_is_not_a_yaml_key(tmp_path):
@@ -264,34 +288,45 @@ def test_file_is_named_relative_to_cwd_else_absolute(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------- wrong types
 
 
-@pytest.mark.parametrize("yaml_text, message", [
-    ("model: {hidden_size: 64x}",
-     "wrong type for 'model.hidden_size' in r.yaml: expected an integer, got the string '64x'"),
-    ("model: {hidden_size: 64.5}",
-     "wrong type for 'model.hidden_size' in r.yaml: expected an integer, got 64.5"),
-    ("model: {hidden_size: true}",
-     "wrong type for 'model.hidden_size' in r.yaml: expected an integer, got true"),
-    ("model: {hidden_size: {a: 1}}",
-     "wrong type for 'model.hidden_size' in r.yaml: expected an integer, got a mapping"),
-    ("model: {num_query_groups: two}",
-     "wrong type for 'model.num_query_groups' in r.yaml: expected an integer or null, got the string 'two'"),
-    ("model: {hidden_size: null}",
-     "wrong type for 'model.hidden_size' in r.yaml: expected an integer, got null"),
-    ("optimizer: {lr: fast}",
-     "wrong type for 'optimizer.lr' in r.yaml: expected a number, got the string 'fast'"),
-    ("parallel: {sequence_parallel: 1}",
-     "wrong type for 'parallel.sequence_parallel' in r.yaml: expected true or false, got 1"),
-    ("logging: {name: 2024}",
-     "wrong type for 'logging.name' in r.yaml: expected a string, got 2024"),
-    ("optimizer: {betas: 0.9}",
-     "wrong type for 'optimizer.betas' in r.yaml: expected a list of 2 numbers, got 0.9"),
-    ("optimizer: {betas: [0.9, x]}",
-     "wrong type for 'optimizer.betas' in r.yaml: expected a list of 2 numbers, got a list of 2 items"),
-    ("model: 3",
-     "wrong type for 'model' in r.yaml: expected a section (mapping of keys), got 3"),
-    ("logging: {wandb: offline}",
-     "wrong type for 'logging.wandb' in r.yaml: expected a section (mapping of keys), got the string 'offline'"),
-])
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        (
+            "model: {hidden_size: 64x}",
+            "wrong type for 'model.hidden_size' in r.yaml: expected an integer, got the string '64x'",
+        ),
+        ("model: {hidden_size: 64.5}", "wrong type for 'model.hidden_size' in r.yaml: expected an integer, got 64.5"),
+        ("model: {hidden_size: true}", "wrong type for 'model.hidden_size' in r.yaml: expected an integer, got true"),
+        (
+            "model: {hidden_size: {a: 1}}",
+            "wrong type for 'model.hidden_size' in r.yaml: expected an integer, got a mapping",
+        ),
+        (
+            "model: {num_query_groups: two}",
+            "wrong type for 'model.num_query_groups' in r.yaml: expected an integer or null, got the string 'two'",
+        ),
+        ("model: {hidden_size: null}", "wrong type for 'model.hidden_size' in r.yaml: expected an integer, got null"),
+        ("optimizer: {lr: fast}", "wrong type for 'optimizer.lr' in r.yaml: expected a number, got the string 'fast'"),
+        (
+            "parallel: {sequence_parallel: 1}",
+            "wrong type for 'parallel.sequence_parallel' in r.yaml: expected true or false, got 1",
+        ),
+        ("logging: {name: 2024}", "wrong type for 'logging.name' in r.yaml: expected a string, got 2024"),
+        (
+            "optimizer: {betas: 0.9}",
+            "wrong type for 'optimizer.betas' in r.yaml: expected a list of 2 numbers, got 0.9",
+        ),
+        (
+            "optimizer: {betas: [0.9, x]}",
+            "wrong type for 'optimizer.betas' in r.yaml: expected a list of 2 numbers, got a list of 2 items",
+        ),
+        ("model: 3", "wrong type for 'model' in r.yaml: expected a section (mapping of keys), got 3"),
+        (
+            "logging: {wandb: offline}",
+            "wrong type for 'logging.wandb' in r.yaml: expected a section (mapping of keys), got the string 'offline'",
+        ),
+    ],
+)
 def test_wrong_types(tmp_path, yaml_text, message):
     write(tmp_path, "r.yaml", yaml_text + "\n")
     assert error_of("r.yaml") == message
@@ -322,7 +357,8 @@ def test_duplicate_key_is_an_error(tmp_path):
 def test_yaml_1_2_booleans(tmp_path):
     write(tmp_path, "r.yaml", "logging: {name: no}\nparallel: {sequence_parallel: yes}\n")
     assert error_of("r.yaml") == (
-        "wrong type for 'parallel.sequence_parallel' in r.yaml: expected true or false, got the string 'yes'")
+        "wrong type for 'parallel.sequence_parallel' in r.yaml: expected true or false, got the string 'yes'"
+    )
     assert load_recipe("tiny_gpt", ["logging.name=no", "checkpoint.save=False"]).logging.name == "no"
 
 
@@ -335,97 +371,140 @@ def test_yaml_1_2_floats_in_files(tmp_path):
 # ---------------------------------------------------------------------------------- static validation
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.num_layers=0"], "model.num_layers must be positive, got 0"),
-    (["model.vocab_size=-5"], "model.vocab_size must be positive, got -5"),
-    (["parallel.virtual_pipeline=0"], "parallel.virtual_pipeline must be positive, got 0"),
-    (["train.micro_batch_size=0"], "train.micro_batch_size must be positive, got 0"),
-    (["optimizer.lr=0"], "optimizer.lr must be positive, got 0.0"),
-    (["data.num_workers=-1"], "data.num_workers must be non-negative, got -1"),
-    (["train.grad_clip=-1"], "train.grad_clip must be non-negative, got -1.0"),
-    (["model.hidden_dropout=1"], "model.hidden_dropout must be in [0, 1), got 1.0"),
-    (["train.precision=fp64"], "train.precision must be one of fp32 | bf16 | fp16, got 'fp64'"),
-    (["optimizer.decay=step"], "optimizer.decay must be one of cosine | linear | wsd | constant, got 'step'"),
-    (["model.transformer_impl=te"],
-     "model.transformer_impl must be one of local | transformer_engine, got 'te'"),
-    (["logging.wandb.mode=off"], "logging.wandb.mode must be one of online | offline | disabled, got 'off'"),
-    (["train.device=tpu"], "train.device must be one of auto | cpu | cuda, got 'tpu'"),
-    (["logging.name=a/b"], "logging.name must be a non-empty name without '/', got 'a/b'"),
-    (["train.on_nonfinite=ignore"], "train.on_nonfinite must be one of skip | stop, got 'ignore'"),
-    (["train.max_skipped_steps=-1"], "train.max_skipped_steps must be non-negative, got -1"),
-    (["train.watchdog_timeout_s=-2"], "train.watchdog_timeout_s must be non-negative, got -2.0"),
-    (["debug.nan_loss_at_step=0"], "debug.nan_loss_at_step must be positive, got 0"),
-    (["debug.stall_s=-1"], "debug.stall_s must be non-negative, got -1.0"),
-    (["model.num_attention_heads=3"],
-     "model.num_attention_heads = 3 does not divide model.hidden_size = 64"),
-    (["model.num_query_groups=3"],
-     "model.num_query_groups = 3 does not divide model.num_attention_heads = 4"),
-    (["parallel.tensor=8"], "parallel.tensor = 8 does not divide model.num_attention_heads = 4"),
-    (["parallel.tensor=4"], "parallel.tensor = 4 does not divide model.num_query_groups = 2"),
-    (["parallel.pipeline=3"], "parallel.pipeline = 3 does not divide model.num_layers = 4"),
-    (["parallel.pipeline=2", "parallel.virtual_pipeline=3"],
-     "parallel.pipeline × parallel.virtual_pipeline = 6 does not divide model.num_layers = 4"),
-    (["parallel.context=3"], "2 × parallel.context = 6 does not divide model.seq_length = 128"),
-    (["parallel.context_comm=ring"], "parallel.context_comm must be one of p2p | a2a | all_gather, got 'ring'"),
-    (["parallel.context=2", "parallel.context_comm=a2a"],
-     "parallel.context_comm = a2a needs model.transformer_impl = transformer_engine; the local layers' ring "
-     "attention is p2p"),
-    (["parallel.context=4", "parallel.context_comm=a2a", "model.transformer_impl=transformer_engine"],
-     "parallel.tensor × parallel.context = 4 does not divide model.num_query_groups = 2"),
-    (["parallel.tensor=2", "parallel.sequence_parallel=true", "model.seq_length=5"],
-     "parallel.tensor = 2 does not divide model.seq_length / parallel.context = 5"),
-    (["parallel.sequence_parallel=true"],
-     "parallel.sequence_parallel = true requires parallel.tensor > 1, got parallel.tensor = 1"),
-    (["parallel.virtual_pipeline=2"],
-     "parallel.virtual_pipeline = 2 requires parallel.pipeline > 1, got parallel.pipeline = 1"),
-    (["train.global_batch_size=7"],
-     "train.global_batch_size = 7 is not a multiple of train.micro_batch_size = 2"),
-    (["optimizer.min_lr=0.01"], "optimizer.min_lr = 0.01 exceeds optimizer.lr = 0.003"),
-    (["optimizer.betas=[0.9,1.0]"], "optimizer.betas must be two values in [0, 1), got [0.9, 1.0]"),
-    (["optimizer.wsd_decay_steps=5"],
-     "optimizer.wsd_decay_steps is only used with optimizer.decay = wsd, got optimizer.decay = cosine"),
-    (["optimizer.decay=wsd", "optimizer.decay_steps=10", "optimizer.wsd_decay_steps=20"],
-     "optimizer.wsd_decay_steps = 20 exceeds optimizer.decay_steps = 10"),
-    (["train.eval_steps=0"], "train.eval_steps must be positive, got 0"),
-    (["train.test_at_end=true"],
-     "train.test_at_end = true needs a test share in data.split (its third number, e.g. '98,1,1'), got '100,0,0'"),
-    (["data.blend=[[1, a]]"], "data.path and data.blend are both set: use one (set the other to null)"),
-    (["data.path=null", "data.blend=[[0.5, a], [0, b]]"], "data.blend[1] ('b'): weight must be positive, got 0.0"),
-    (["data.path=null", "data.blend=[[-1, a]]"], "data.blend[0] ('a'): weight must be positive, got -1.0"),
-    (["data.path=null", "data.blend=[]"], "data.blend is an empty list: give [[weight, prefix], ...] or null"),
-    (["data.valid_blend=[[0, v]]"], "data.valid_blend[0] ('v'): weight must be positive, got 0.0"),
-    (["data.split=98;1;1"], "data.split must be 1 to 3 comma-separated non-negative shares (train,valid,test) "
-                            "with a positive train share, e.g. '98,1,1', got '98;1;1'"),
-    (["data.split=0,1,0"], "data.split must be 1 to 3 comma-separated non-negative shares (train,valid,test) "
-                           "with a positive train share, e.g. '98,1,1', got '0,1,0'"),
-    (["data.split=98,2", "data.valid_path=v"], "data.split '98,2' gives a valid share and data.valid_path / "
-                                               "valid_blend is set too: use one source of validation data"),
-    (["train.eval_interval=5"], "train.eval_interval = 5 needs validation data: give data.split a valid share "
-                                "(e.g. '98,1,1') or set data.valid_path"),
-    (["data.reset_attention_mask=true"],
-     "data.reset_attention_mask = true is not supported: the model's attention is causal over the whole "
-     "packed sample and takes no per-document mask; set it to false"),
-    (["data.reset_position_ids=true"],
-     "data.reset_position_ids = true is not supported: megatron-core's GPTModel computes RoPE from the "
-     "position in the sample, never from position_ids; set it to false"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["model.num_layers=0"], "model.num_layers must be positive, got 0"),
+        (["model.vocab_size=-5"], "model.vocab_size must be positive, got -5"),
+        (["parallel.virtual_pipeline=0"], "parallel.virtual_pipeline must be positive, got 0"),
+        (["train.micro_batch_size=0"], "train.micro_batch_size must be positive, got 0"),
+        (["optimizer.lr=0"], "optimizer.lr must be positive, got 0.0"),
+        (["data.num_workers=-1"], "data.num_workers must be non-negative, got -1"),
+        (["train.grad_clip=-1"], "train.grad_clip must be non-negative, got -1.0"),
+        (["model.hidden_dropout=1"], "model.hidden_dropout must be in [0, 1), got 1.0"),
+        (["train.precision=fp64"], "train.precision must be one of fp32 | bf16 | fp16, got 'fp64'"),
+        (["optimizer.decay=step"], "optimizer.decay must be one of cosine | linear | wsd | constant, got 'step'"),
+        (["model.transformer_impl=te"], "model.transformer_impl must be one of local | transformer_engine, got 'te'"),
+        (["logging.wandb.mode=off"], "logging.wandb.mode must be one of online | offline | disabled, got 'off'"),
+        (["train.device=tpu"], "train.device must be one of auto | cpu | cuda, got 'tpu'"),
+        (["logging.name=a/b"], "logging.name must be a non-empty name without '/', got 'a/b'"),
+        (["train.on_nonfinite=ignore"], "train.on_nonfinite must be one of skip | stop, got 'ignore'"),
+        (["train.max_skipped_steps=-1"], "train.max_skipped_steps must be non-negative, got -1"),
+        (["train.watchdog_timeout_s=-2"], "train.watchdog_timeout_s must be non-negative, got -2.0"),
+        (["debug.nan_loss_at_step=0"], "debug.nan_loss_at_step must be positive, got 0"),
+        (["debug.stall_s=-1"], "debug.stall_s must be non-negative, got -1.0"),
+        (["model.num_attention_heads=3"], "model.num_attention_heads = 3 does not divide model.hidden_size = 64"),
+        (["model.num_query_groups=3"], "model.num_query_groups = 3 does not divide model.num_attention_heads = 4"),
+        (["parallel.tensor=8"], "parallel.tensor = 8 does not divide model.num_attention_heads = 4"),
+        (["parallel.tensor=4"], "parallel.tensor = 4 does not divide model.num_query_groups = 2"),
+        (["parallel.pipeline=3"], "parallel.pipeline = 3 does not divide model.num_layers = 4"),
+        (
+            ["parallel.pipeline=2", "parallel.virtual_pipeline=3"],
+            "parallel.pipeline × parallel.virtual_pipeline = 6 does not divide model.num_layers = 4",
+        ),
+        (["parallel.context=3"], "2 × parallel.context = 6 does not divide model.seq_length = 128"),
+        (["parallel.context_comm=ring"], "parallel.context_comm must be one of p2p | a2a | all_gather, got 'ring'"),
+        (
+            ["parallel.context=2", "parallel.context_comm=a2a"],
+            "parallel.context_comm = a2a needs model.transformer_impl = transformer_engine; the local layers' ring "
+            "attention is p2p",
+        ),
+        (
+            ["parallel.context=4", "parallel.context_comm=a2a", "model.transformer_impl=transformer_engine"],
+            "parallel.tensor × parallel.context = 4 does not divide model.num_query_groups = 2",
+        ),
+        (
+            ["parallel.tensor=2", "parallel.sequence_parallel=true", "model.seq_length=5"],
+            "parallel.tensor = 2 does not divide model.seq_length / parallel.context = 5",
+        ),
+        (
+            ["parallel.sequence_parallel=true"],
+            "parallel.sequence_parallel = true requires parallel.tensor > 1, got parallel.tensor = 1",
+        ),
+        (
+            ["parallel.virtual_pipeline=2"],
+            "parallel.virtual_pipeline = 2 requires parallel.pipeline > 1, got parallel.pipeline = 1",
+        ),
+        (["train.global_batch_size=7"], "train.global_batch_size = 7 is not a multiple of train.micro_batch_size = 2"),
+        (["optimizer.min_lr=0.01"], "optimizer.min_lr = 0.01 exceeds optimizer.lr = 0.003"),
+        (["optimizer.betas=[0.9,1.0]"], "optimizer.betas must be two values in [0, 1), got [0.9, 1.0]"),
+        (
+            ["optimizer.wsd_decay_steps=5"],
+            "optimizer.wsd_decay_steps is only used with optimizer.decay = wsd, got optimizer.decay = cosine",
+        ),
+        (
+            ["optimizer.decay=wsd", "optimizer.decay_steps=10", "optimizer.wsd_decay_steps=20"],
+            "optimizer.wsd_decay_steps = 20 exceeds optimizer.decay_steps = 10",
+        ),
+        (["train.eval_steps=0"], "train.eval_steps must be positive, got 0"),
+        (
+            ["train.test_at_end=true"],
+            "train.test_at_end = true needs a test share in data.split (its third number, e.g. '98,1,1'), got '100,0,0'",
+        ),
+        (["data.blend=[[1, a]]"], "data.path and data.blend are both set: use one (set the other to null)"),
+        (["data.path=null", "data.blend=[[0.5, a], [0, b]]"], "data.blend[1] ('b'): weight must be positive, got 0.0"),
+        (["data.path=null", "data.blend=[[-1, a]]"], "data.blend[0] ('a'): weight must be positive, got -1.0"),
+        (["data.path=null", "data.blend=[]"], "data.blend is an empty list: give [[weight, prefix], ...] or null"),
+        (["data.valid_blend=[[0, v]]"], "data.valid_blend[0] ('v'): weight must be positive, got 0.0"),
+        (
+            ["data.split=98;1;1"],
+            "data.split must be 1 to 3 comma-separated non-negative shares (train,valid,test) "
+            "with a positive train share, e.g. '98,1,1', got '98;1;1'",
+        ),
+        (
+            ["data.split=0,1,0"],
+            "data.split must be 1 to 3 comma-separated non-negative shares (train,valid,test) "
+            "with a positive train share, e.g. '98,1,1', got '0,1,0'",
+        ),
+        (
+            ["data.split=98,2", "data.valid_path=v"],
+            "data.split '98,2' gives a valid share and data.valid_path / "
+            "valid_blend is set too: use one source of validation data",
+        ),
+        (
+            ["train.eval_interval=5"],
+            "train.eval_interval = 5 needs validation data: give data.split a valid share "
+            "(e.g. '98,1,1') or set data.valid_path",
+        ),
+        (
+            ["data.reset_attention_mask=true"],
+            "data.reset_attention_mask = true is not supported: the model's attention is causal over the whole "
+            "packed sample and takes no per-document mask; set it to false",
+        ),
+        (
+            ["data.reset_position_ids=true"],
+            "data.reset_position_ids = true is not supported: megatron-core's GPTModel computes RoPE from the "
+            "position in the sample, never from position_ids; set it to false",
+        ),
+    ],
+)
 def test_static_validation_messages(overrides, message):
     assert error_of("tiny_gpt", overrides) == message
 
 
 def test_data_blend_and_split_keys():
-    r = load_recipe("tiny_gpt", ["data.path=null", "data.blend=[[0.7, a], [3, b]]", "data.split=98,1,1",
-                                 "train.eval_interval=10"])
+    r = load_recipe(
+        "tiny_gpt", ["data.path=null", "data.blend=[[0.7, a], [3, b]]", "data.split=98,1,1", "train.eval_interval=10"]
+    )
     assert r.data.blend == [(0.7, "a"), (3.0, "b")] and r.data.split == "98,1,1"
     assert load_recipe("tiny_gpt", ["data.valid_path=v", "train.eval_interval=1"]).data.valid_path == "v"
     assert error_of("tiny_gpt", ["data.path=null", "data.blend=[a, b]"]) == (
         "wrong type for 'data.blend' on the command line: expected a list, each item a list "
-        "[a number, a string] or null, got a list of 2 items")
+        "[a number, a string] or null, got a list of 2 items"
+    )
 
 
 def test_valid_layouts_pass():
-    load_recipe("tiny_gpt", ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=2",
-                             "parallel.virtual_pipeline=2", "parallel.context=2"])
+    load_recipe(
+        "tiny_gpt",
+        [
+            "parallel.tensor=2",
+            "parallel.sequence_parallel=true",
+            "parallel.pipeline=2",
+            "parallel.virtual_pipeline=2",
+            "parallel.context=2",
+        ],
+    )
     load_recipe("tiny_gpt", ["model.num_query_groups=null", "parallel.tensor=4"])
     load_recipe("tiny_gpt", ["optimizer.decay=wsd", "optimizer.wsd_decay_steps=5", "model.seq_length=127"])
 
@@ -452,7 +531,12 @@ def test_tiny_gpt_values():
     r = load_recipe("tiny_gpt")
     m = r.model
     assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups) == (
-        4, 64, 176, 4, 2)
+        4,
+        64,
+        176,
+        4,
+        2,
+    )
     assert (m.vocab_size, r.data.tokenizer, r.train.device) == (None, "byte", "auto")
     assert (r.optimizer.lr, r.optimizer.min_lr, r.optimizer.warmup_steps) == (3e-3, 3e-4, 5)
     validate_for_world(r, 1)
@@ -462,8 +546,16 @@ def test_tiny_gpt_values():
 def test_llama70b_values_and_world():
     r = load_recipe("llama70b")
     m, p = r.model, r.parallel
-    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups,
-            m.vocab_size, m.seq_length, m.rotary_base) == (80, 8192, 28672, 64, 8, 128256, 8192, 500000.0)
+    assert (
+        m.num_layers,
+        m.hidden_size,
+        m.ffn_hidden_size,
+        m.num_attention_heads,
+        m.num_query_groups,
+        m.vocab_size,
+        m.seq_length,
+        m.rotary_base,
+    ) == (80, 8192, 28672, 64, 8, 128256, 8192, 500000.0)
     assert (p.tensor, p.pipeline, p.virtual_pipeline, p.context) == (8, 4, 5, 2)
     layout, plan = validate_for_world(r, 512)
     assert (layout.data, plan.micro_batches) == (8, 64)
@@ -474,32 +566,46 @@ def test_llama70b_on_a_wrong_world_size():
     with pytest.raises(RecipeError) as info:
         validate_for_world(r, 100)
     assert str(info.value) == (
-        "parallel.tensor × parallel.pipeline × parallel.context = 64 does not divide the world size 100")
+        "parallel.tensor × parallel.pipeline × parallel.context = 64 does not divide the world size 100"
+    )
 
 
 def test_world_batch_and_expert_messages():
-    r = load_recipe("tiny_moe", ["parallel.tensor=2", "parallel.sequence_parallel=true",
-                                 "parallel.expert=3", "model.moe.num_experts=6"])
+    r = load_recipe(
+        "tiny_moe",
+        ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.expert=3", "model.moe.num_experts=6"],
+    )
     with pytest.raises(RecipeError) as info:
         validate_for_world(r, 6)
     assert str(info.value) == (
-        "train.global_batch_size = 8 is not a multiple of train.micro_batch_size × data-parallel size = 2 × 3 = 6")
+        "train.global_batch_size = 8 is not a multiple of train.micro_batch_size × data-parallel size = 2 × 3 = 6"
+    )
     with pytest.raises(RecipeError) as info:
         validate_for_world(r, 8)
     assert str(info.value) == (
-        "parallel.expert × parallel.expert_tensor = 3 × 2 does not divide the world size / parallel.pipeline = 8")
+        "parallel.expert × parallel.expert_tensor = 3 × 2 does not divide the world size / parallel.pipeline = 8"
+    )
     with pytest.raises(RecipeError, match=re.escape("world size must be positive, got 0")):
         validate_for_world(r, 0)
 
 
-@pytest.mark.parametrize("overrides, world, message", [
-    (["parallel.pipeline=4", "train.global_batch_size=4"], 4,
-     "2 micro-batches per step (train.global_batch_size / (micro_batch_size × data-parallel size)) are "
-     "fewer than parallel.pipeline = 4: raise train.global_batch_size"),
-    (["parallel.pipeline=2", "parallel.virtual_pipeline=2", "train.global_batch_size=6"], 2,
-     "3 micro-batches per step are not a multiple of parallel.pipeline = 2, which the interleaved "
-     "schedule (parallel.virtual_pipeline) needs"),
-])
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (
+            ["parallel.pipeline=4", "train.global_batch_size=4"],
+            4,
+            "2 micro-batches per step (train.global_batch_size / (micro_batch_size × data-parallel size)) are "
+            "fewer than parallel.pipeline = 4: raise train.global_batch_size",
+        ),
+        (
+            ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "train.global_batch_size=6"],
+            2,
+            "3 micro-batches per step are not a multiple of parallel.pipeline = 2, which the interleaved "
+            "schedule (parallel.virtual_pipeline) needs",
+        ),
+    ],
+)
 def test_micro_batch_messages_for_pipelines(overrides, world, message):
     r = load_recipe("tiny_gpt", overrides)
     with pytest.raises(RecipeError) as info:
@@ -507,35 +613,52 @@ def test_micro_batch_messages_for_pipelines(overrides, world, message):
     assert str(info.value) == message
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["parallel.first_stage_layers=1"],
-     "parallel.first_stage_layers requires parallel.pipeline > 1, got parallel.pipeline = 1"),
-    (["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.last_stage_layers=1"],
-     "parallel.last_stage_layers cannot be combined with parallel.virtual_pipeline"),
-    (["parallel.pipeline=2", "parallel.first_stage_layers=0"],
-     "parallel.first_stage_layers must be positive, got 0"),
-    (["parallel.pipeline=4", "parallel.first_stage_layers=2"],
-     "parallel.first_stage_layers leave 2 of model.num_layers = 4 for 3 other pipeline stage(s): "
-     "they must split evenly, at least one layer each"),
-    (["parallel.pipeline=2", "parallel.first_stage_layers=1", "parallel.last_stage_layers=2"],
-     "parallel.first_stage_layers and parallel.last_stage_layers leave 1 of model.num_layers = 4 for 0 "
-     "other pipeline stage(s): they must split evenly, at least one layer each"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["parallel.first_stage_layers=1"],
+            "parallel.first_stage_layers requires parallel.pipeline > 1, got parallel.pipeline = 1",
+        ),
+        (
+            ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.last_stage_layers=1"],
+            "parallel.last_stage_layers cannot be combined with parallel.virtual_pipeline",
+        ),
+        (
+            ["parallel.pipeline=2", "parallel.first_stage_layers=0"],
+            "parallel.first_stage_layers must be positive, got 0",
+        ),
+        (
+            ["parallel.pipeline=4", "parallel.first_stage_layers=2"],
+            "parallel.first_stage_layers leave 2 of model.num_layers = 4 for 3 other pipeline stage(s): "
+            "they must split evenly, at least one layer each",
+        ),
+        (
+            ["parallel.pipeline=2", "parallel.first_stage_layers=1", "parallel.last_stage_layers=2"],
+            "parallel.first_stage_layers and parallel.last_stage_layers leave 1 of model.num_layers = 4 for 0 "
+            "other pipeline stage(s): they must split evenly, at least one layer each",
+        ),
+    ],
+)
 def test_uneven_pipeline_messages(overrides, message):
     assert error_of("tiny_gpt", overrides) == message
 
 
 def test_ring_attention_has_no_dropout():
-    message = ("parallel.context = 2 uses ring attention, which has no attention dropout: "
-               "set model.attention_dropout = 0 (got 0.1)")
+    message = (
+        "parallel.context = 2 uses ring attention, which has no attention dropout: "
+        "set model.attention_dropout = 0 (got 0.1)"
+    )
     assert error_of("tiny_gpt", ["parallel.context=2", "model.attention_dropout=0.1"]) == message
 
 
 def test_uneven_pipeline_split():
     from parallel.layout import pipeline_stage_layers
 
-    r = load_recipe("tiny_gpt", ["model.num_layers=8", "parallel.pipeline=4",
-                                 "parallel.first_stage_layers=1", "parallel.last_stage_layers=3"])
+    r = load_recipe(
+        "tiny_gpt",
+        ["model.num_layers=8", "parallel.pipeline=4", "parallel.first_stage_layers=1", "parallel.last_stage_layers=3"],
+    )
     assert pipeline_stage_layers(r.parallel, 8) == [1, 2, 2, 3]
     even = load_recipe("tiny_gpt", ["parallel.pipeline=2"])
     assert pipeline_stage_layers(even.parallel, 4) == [2, 2]

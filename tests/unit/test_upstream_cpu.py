@@ -50,8 +50,13 @@ def _sequence_parallel_linear_backward():
         x = torch.randn(4, 1, 3, requires_grad=True)
         w = torch.randn(5, 3, requires_grad=True)
         y = linear_with_grad_accumulation_and_async_allreduce(
-            x, w, None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
-            sequence_parallel=True, tp_group=dist.group.WORLD,
+            x,
+            w,
+            None,
+            gradient_accumulation_fusion=False,
+            allreduce_dgrad=False,
+            sequence_parallel=True,
+            tp_group=dist.group.WORLD,
         )
         y.sum().backward()
         assert torch.allclose(x.grad, w.sum(0).expand(4, 1, 3))
@@ -121,9 +126,17 @@ def _moe_alltoall_forward_backward():
         init_model_parallel(Layout(world_size=1))
         model_parallel_cuda_manual_seed(1)
         config = TransformerConfig(
-            num_layers=1, hidden_size=8, num_attention_heads=2, num_moe_experts=4, moe_router_topk=2,
-            moe_ffn_hidden_size=16, moe_token_dispatcher_type="alltoall", add_bias_linear=False,
-            use_cpu_initialization=True, calculate_per_token_loss=True)
+            num_layers=1,
+            hidden_size=8,
+            num_attention_heads=2,
+            num_moe_experts=4,
+            moe_router_topk=2,
+            moe_ffn_hidden_size=16,
+            moe_token_dispatcher_type="alltoall",
+            add_bias_linear=False,
+            use_cpu_initialization=True,
+            calculate_per_token_loss=True,
+        )
         layer = MoELayer(config, get_gpt_layer_local_spec(num_experts=4).submodules.mlp.submodules)
         layer.set_layer_number(1)
         x = torch.randn(5, 2, 8, requires_grad=True)
@@ -159,7 +172,9 @@ def _uneven_gather(rank: int, world: int, use_patch: bool):
     with cpu_compat.applied(skip=() if use_patch else ("dist.uneven_all_gather",)):
         piece = torch.full((2 + rank, 3), float(rank))  # 2 rows on rank 0, 3 on rank 1
         try:
-            return _gather_along_first_dim(piece, torch.distributed.group.WORLD, output_split_sizes=[2, 3])[:, 0].tolist()
+            return _gather_along_first_dim(piece, torch.distributed.group.WORLD, output_split_sizes=[2, 3])[
+                :, 0
+            ].tolist()
         except RuntimeError as exc:
             return str(exc)
 
@@ -167,8 +182,10 @@ def _uneven_gather(rank: int, world: int, use_patch: bool):
 def _uneven_all_gather():
     """tensor_parallel/mappings.py:150: all_gather with output_split_sizes, which the alltoall
     dispatcher uses under tensor × expert parallelism; gloo needs equal sizes. Two processes."""
-    use_patch = torch.distributed.all_gather.__name__ == "all_gather" and \
-        torch.distributed.all_gather.__module__ == cpu_compat.__name__
+    use_patch = (
+        torch.distributed.all_gather.__name__ == "all_gather"
+        and torch.distributed.all_gather.__module__ == cpu_compat.__name__
+    )
     for outcome in run_distributed(_uneven_gather, 2, use_patch):
         if not isinstance(outcome, list):
             raise RuntimeError(outcome)
@@ -281,10 +298,16 @@ def test_checkpoint_writer_queue_process_dies_with_a_killed_trainer(tmp_path):
         "from upstream import cpu\n"
         "assert cpu.fork_checkpoint_results_queue()\n"
         "print('ready', flush=True)\n"
-        "time.sleep(120)\n")
+        "time.sleep(120)\n"
+    )
     root = pathlib.Path(__file__).resolve().parents[2]
-    trainer = subprocess.Popen([sys.executable, str(script)], cwd=root, stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONPATH": str(root)})
+    trainer = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
     manager = None
     try:
         assert trainer.stdout.readline().strip() == "ready"
@@ -294,7 +317,9 @@ def test_checkpoint_writer_queue_process_dies_with_a_killed_trainer(tmp_path):
         deadline = time.monotonic() + 10
         while manager.is_running() and manager.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not manager.is_running() or manager.status() == psutil.STATUS_ZOMBIE, "queue manager outlived its trainer"
+        assert not manager.is_running() or manager.status() == psutil.STATUS_ZOMBIE, (
+            "queue manager outlived its trainer"
+        )
     finally:
         trainer.kill()
         if manager is not None and manager.is_running():
