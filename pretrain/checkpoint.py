@@ -98,6 +98,7 @@ def save(
     keep_last: int | None = None,
     async_queue: Any = None,
     pause_before_publish_s: float = 0.0,
+    write_delay_s: float = 0.0,
 ) -> pathlib.Path:
     """Writes `<dir>/iter_N.tmp`, then renames it to `iter_N` and updates `latest` (rank 0).
 
@@ -106,7 +107,8 @@ def save(
     With `async_queue` (megatron-core's AsyncCallsQueue) the shards are written by a background
     process from a snapshot taken now, and the rename happens when the queue finalizes the save
     (`finish_async_saves`): until then the checkpoint is invisible to `auto`, as any partial save.
-    `pause_before_publish_s` (debug.save_pause_at_step) waits between writing and publishing.
+    `pause_before_publish_s` (debug.save_pause_at_step) waits between writing and publishing;
+    `write_delay_s` (debug.save_write_delay_s) delays an async save's background writer.
     """
     from megatron.core import dist_checkpointing
 
@@ -131,9 +133,17 @@ def save(
         publish()
         return final
     request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+    if write_delay_s:
+        request = request._replace(async_fn=partial(_delayed, write_delay_s, request.async_fn))
     request.finalize_fns.append(publish)
     async_queue.schedule_async_request(request)
     return final
+
+
+def _delayed(seconds: float, write: Any, *args: Any, **kwargs: Any) -> Any:
+    """In the background writer: wait, then write (debug.save_write_delay_s)."""
+    time.sleep(seconds)
+    return write(*args, **kwargs)
 
 
 def _publish(

@@ -64,6 +64,12 @@ def _nan_loss(
     return loss_sum * float("nan"), num_tokens, {k: v * nan_sum for k, v in reports.items()}
 
 
+def _poison_one_gradient(chunks: list[Any]) -> None:
+    """debug.nan_grad_at_step: the first element of this rank's first gradient buffer becomes NaN."""
+    buffer = chunks[0].buffers[0] if chunks[0].buffers else chunks[0].expert_parallel_buffers[0]
+    buffer.grad_data[0] = float("nan")
+
+
 def seed_step(seed: int, step: int) -> None:
     """Reseeds every random stream (dropout: data-parallel, tensor-parallel and expert trackers)
     from (train.seed, step) before step `step`, so random draws are a function of the step alone:
@@ -116,6 +122,8 @@ class Step:
         self.scheduler.step(increment=1)  # step k (1-based) trains with lr(k): warmup starts above 0
         with guards.watchdog.phase(step + 1, "forward_backward"):
             losses = self._forward_backward(batches, forward_only=False, step=step)
+        if self.debug.nan_grad_at_step == step + 1 and dist.get_rank() == 0:
+            _poison_one_gradient(self.chunks)
         with guards.watchdog.phase(step + 1, "optimizer"):
             totals = self._loss_sums(losses)
             loss = float(totals[0] / totals[1])

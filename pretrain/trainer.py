@@ -114,7 +114,6 @@ def build_run(recipe: Recipe) -> Run:
     vocab_size = recipe.model.vocab_size or tokenizer.vocab_size
     data = build_data(recipe, tokenizer)
     step = build_step(recipe, layout, plan, groups, device, vocab_size)
-    debug = recipe.debug
     checkpointer = Checkpointer(
         recipe.checkpoint,
         recipe.checkpoint_dir(),
@@ -123,7 +122,7 @@ def build_run(recipe: Recipe) -> Run:
         step.scheduler,
         extra={"recipe": recipe_to_dict(recipe), "vocab_size": vocab_size},  # unpadded: what an export keeps
         rank=rank.rank,
-        save_pause=(debug.save_pause_at_step, debug.save_pause_s),
+        debug=recipe.debug,
     )
     t = recipe.train
     evaluation = Evaluation(step, data, t.eval_interval, t.eval_steps, t.test_at_end)

@@ -47,20 +47,21 @@ def _model_and_adam_tensors(ckpt) -> dict:
 
 @pytest.fixture(scope="module")
 def nan_and_stall(synthetic_corpus, tmp_path_factory):
-    """One process, 4 steps, a checkpoint after each: step 2 stalls 2 s under a 0.5 s watchdog,
-    step 3's loss is NaN."""
+    """One process, 6 steps, a checkpoint after each: step 2 stalls 2 s under a 0.5 s watchdog,
+    step 3's loss is NaN, step 5 has a NaN gradient on a finite loss."""
     log_dir = tmp_path_factory.mktemp("nan_and_stall")
     proc = _run(
         ["pretrain_gpt.py"],
         tiny_overrides(
             synthetic_corpus,
             log_dir,
-            "train.steps=4",
+            "train.steps=6",
             "checkpoint.interval=1",
             "train.watchdog_timeout_s=0.5",
             "debug.stall_at_step=2",
             "debug.stall_s=2",
             "debug.nan_loss_at_step=3",
+            "debug.nan_grad_at_step=5",
         ),
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
@@ -74,11 +75,13 @@ def test_nonfinite_step_is_skipped_and_leaves_the_model_untouched(nan_and_stall,
         "1 of at most 10 (train.max_skipped_steps)"
     ) in proc.stderr.splitlines()
     metrics = read_metrics(log_dir)
-    assert [r["step"] for r in metrics] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
     assert_close_curves(metrics[:2], reference[1][:2], rel=1e-5)  # before the fault: the reference run
     assert math.isnan(metrics[2]["loss"]) and metrics[2]["skipped"] is True
-    assert [r["nonfinite_steps"] for r in metrics] == [0, 0, 1, 1]
+    assert [r["nonfinite_steps"] for r in metrics] == [0, 0, 1, 1, 2, 2]
     assert math.isfinite(metrics[3]["loss"]) and "skipped" not in metrics[3]  # the run goes on
+    # A skipped step uses up its lr slot: every step trains at the reference's lr of the same step.
+    assert [r["lr"] for r in metrics] == [r["lr"] for r in reference[1][:6]]
     ckpts = log_dir / "checkpoints"
     before, after = (_model_and_adam_tensors(ckpts / f"iter_000000{s}") for s in (2, 3))
     assert before.keys() == after.keys() and any(k.startswith("optimizer.state.exp_avg") for k in before)
@@ -86,6 +89,21 @@ def test_nonfinite_step_is_skipped_and_leaves_the_model_untouched(nan_and_stall,
         assert torch.equal(before[key], after[key]), key
     last = _model_and_adam_tensors(ckpts / "iter_0000004")
     assert not torch.equal(last["output_layer.weight"], after["output_layer.weight"])
+
+
+def test_nonfinite_gradient_with_a_finite_loss_is_skipped_too(nan_and_stall):
+    """The gradient half of the guard: step 5's loss is finite, one gradient element on rank 0 is
+    NaN; the step is skipped and the model and Adam state stay as they were after step 4."""
+    log_dir, proc = nan_and_stall
+    fifth = read_metrics(log_dir)[4]
+    assert math.isfinite(fifth["loss"]) and fifth["skipped"] is True and math.isnan(fifth["grad_norm"])
+    assert (
+        f"non-finite loss or gradients at step 5 (loss {fifth['loss']}): step skipped, 2 of at most 10" in proc.stderr
+    )
+    ckpts = log_dir / "checkpoints"
+    before, after = (_model_and_adam_tensors(ckpts / f"iter_000000{s}") for s in (4, 5))
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
 
 
 def test_watchdog_reports_the_stalled_phase_with_stacks(nan_and_stall):

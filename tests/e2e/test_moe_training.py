@@ -11,7 +11,8 @@ from tests.helpers.runs import assert_close_curves, read_metrics, run_pretrain, 
 # of the one-process run; 1e-5 keeps the same margin as tests/e2e/test_layouts.py. Without the
 # aux-loss scale fix (upstream/fixes.py) ep2-tp2 was off by 4e-3 in grad norm.
 FP32_REL = 1e-5
-MOE_KEYS = ("loss", "grad_norm", "moe_aux_loss", "moe_z_loss", "moe_load_cv")
+# moe_expert_load: every expert's share of every layer's tokens, so relabelled experts show
+MOE_KEYS = ("loss", "grad_norm", "moe_aux_loss", "moe_z_loss", "moe_load_cv", "moe_expert_load")
 
 MOE_LAYOUTS = {
     "ep2": (2, ["parallel.expert=2"]),

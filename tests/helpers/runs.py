@@ -59,9 +59,24 @@ def read_metrics(log_dir: pathlib.Path) -> list[dict]:
 
 
 def assert_close_curves(actual: list[dict], expected: list[dict], rel: float, keys=("loss", "grad_norm")) -> None:
-    """Same steps, and each key within `rel` relative difference at every step."""
+    """Same steps, and each key within `rel` relative difference at every step; a key holding a list
+    or a mapping (e.g. the per-layer, per-expert load) is compared entry by entry."""
     assert [r["step"] for r in actual] == [r["step"] for r in expected]
     for a, e in zip(actual, expected):
         for key in keys:
-            diff = abs(a[key] - e[key]) / max(abs(e[key]), 1e-12)
-            assert diff <= rel, f"step {a['step']} {key}: {a[key]!r} vs {e[key]!r} (rel {diff:.2e} > {rel})"
+            _assert_close(a[key], e[key], rel, f"step {a['step']} {key}")
+
+
+def _assert_close(actual, expected, rel: float, where: str) -> None:
+    if isinstance(expected, dict):
+        assert actual.keys() == expected.keys(), f"{where}: keys {sorted(actual)} vs {sorted(expected)}"
+        for name in expected:
+            _assert_close(actual[name], expected[name], rel, f"{where}[{name}]")
+        return
+    if isinstance(expected, list):
+        assert len(actual) == len(expected), f"{where}: {len(actual)} entries vs {len(expected)}"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            _assert_close(a, e, rel, f"{where}[{i}]")
+        return
+    diff = abs(actual - expected) / max(abs(expected), 1e-12)
+    assert diff <= rel, f"{where}: {actual!r} vs {expected!r} (rel {diff:.2e} > {rel})"

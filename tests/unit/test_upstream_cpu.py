@@ -23,7 +23,7 @@ def _seed_and_fork():
     # The fork draws from the tensor-parallel stream, seeded seed + 2718 + tp_rank upstream;
     # without the manual_seed patch torch.cuda.manual_seed is silently queued and never runs.
     expected = torch.rand(4, generator=torch.Generator().manual_seed(123 + 2718 + 1))
-    assert torch.equal(inside, expected)
+    assert torch.equal(inside, expected), "the fork did not draw from the tensor-parallel stream (seed 123 + 2718 + 1)"
     return outside_before, inside
 
 
@@ -192,32 +192,38 @@ def _uneven_all_gather():
         assert outcome == [0.0, 0.0, 1.0, 1.0, 1.0]
 
 
+NO_CUDA = (AssertionError, "Torch not compiled with CUDA enabled")
+WRONG_STREAM = (AssertionError, "the fork did not draw from the tensor-parallel stream")
+
+# Each site, and the error it raises without its patch: the upstream failure itself, not just any
+# exception (a broken test helper must not pass for a needed patch).
 SITES = {
-    "rng.get_state": _seed_and_fork,
-    "rng.manual_seed": _seed_and_fork,
-    "rng.set_state": _seed_and_fork,
-    "rng.get_cuda_state": _seed_and_fork,
-    "device.current_device": _sequence_parallel_linear_backward,
-    "device.mode": _fp32_optimizer,
-    "device.synchronize": _dist_checkpoint_save,
-    "stream.Stream": _moe_alltoall_forward_backward,
-    "stream.current_stream": _moe_alltoall_forward_backward,
-    "moe.split_sizes": _alltoall_split_sizes,
-    "dist.uneven_all_gather": _uneven_all_gather,
+    "rng.get_state": (_seed_and_fork, *NO_CUDA),
+    # without these two the CUDA seeding is silently skipped: dropout would draw from the wrong stream
+    "rng.manual_seed": (_seed_and_fork, *WRONG_STREAM),
+    "rng.set_state": (_seed_and_fork, *WRONG_STREAM),
+    "rng.get_cuda_state": (_seed_and_fork, *NO_CUDA),
+    "device.current_device": (_sequence_parallel_linear_backward, *NO_CUDA),
+    "device.mode": (_fp32_optimizer, *NO_CUDA),
+    "device.synchronize": (_dist_checkpoint_save, *NO_CUDA),
+    "stream.Stream": (_moe_alltoall_forward_backward, RuntimeError, "torch.cuda.Stream requires CUDA support"),
+    "stream.current_stream": (_moe_alltoall_forward_backward, *NO_CUDA),
+    "moe.split_sizes": (_alltoall_split_sizes, TypeError, "all_to_all_single\\(\\): incompatible function arguments"),
+    "dist.uneven_all_gather": (_uneven_all_gather, RuntimeError, "ProcessGroupGloo::allgather: invalid tensor size"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(SITES))
 def test_site_fails_without_its_patch(name):
-    with cpu_compat.applied(skip=(name,)):
-        with pytest.raises((RuntimeError, AssertionError, AttributeError, TypeError)):
-            SITES[name]()
+    site, error, message = SITES[name]
+    with cpu_compat.applied(skip=(name,)), pytest.raises(error, match=message):
+        site()
 
 
 @pytest.mark.parametrize("name", sorted(SITES))
 def test_site_works_with_the_layer(name):
     with cpu_compat.applied():
-        SITES[name]()
+        SITES[name][0]()
 
 
 def test_every_patch_has_a_site_test():
