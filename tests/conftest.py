@@ -73,6 +73,17 @@ def reference(synthetic_corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def masked_reference(synthetic_corpus, tmp_path_factory):
+    """tiny_gpt, one process, fp32, with tests.helpers.runs.MASKED: unequal loss-token counts per
+    micro-batch and rank, validation at steps 5 and 10. The curve layouts and resumes must reproduce."""
+    from tests.helpers.runs import MASKED, read_metrics, run_pretrain, tiny_overrides
+
+    log_dir = tmp_path_factory.mktemp("masked-reference")
+    run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, log_dir, *MASKED))
+    return read_metrics(log_dir)
+
+
+@pytest.fixture(scope="session")
 def moe_reference(synthetic_corpus, tmp_path_factory):
     """tiny_moe, one process, fp32: the curve every expert-parallel layout must reproduce."""
     from tests.helpers.runs import read_metrics, run_pretrain, tiny_overrides

@@ -547,3 +547,19 @@ def test_context_parallel_slices_are_load_balanced_and_cover_the_sequence():
     joined = torch.cat([p["tokens"] for p in parts], dim=1)
     assert sorted(joined[1].tolist()) == tokens[1].tolist()
     assert slice_for_context_parallel(batch, 0, 1) is batch
+
+
+def test_masked_training_data_has_unequal_token_counts(synthetic_corpus, tmp_path):
+    """What the layout and resume tests train on (tests/helpers/runs.py:MASKED): the loss-token
+    counts differ between the micro-batches of a step, between data-parallel ranks and between
+    context-parallel slices, so only per-token normalization gives every layout the same loss."""
+    train = _samples(
+        synthetic_corpus, 128, tmp_path, seed=1234, split="90,10,0", eod=256, vocab_size=257, eod_mask_loss=True
+    )["train"]
+    for dp, cp in ((1, 1), (2, 1), (1, 2), (2, 2)):
+        counts = []
+        for dp_rank in range(dp):
+            for cp_rank in range(cp):
+                plan = BatchPlan(8, 2, dp, dp_rank, cp, cp_rank)
+                counts += [int(plan.batch(train, 0, m)["loss_mask"].sum()) for m in range(plan.micro_batches)]
+        assert len(set(counts)) > 1, (dp, cp, counts)
