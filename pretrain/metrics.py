@@ -44,13 +44,15 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
     """Training FLOPs per token (forward + backward = 3 × forward), Megatron-LM's accounting.
 
-    Matmul parameters cost 6 FLOPs per token (the input embedding is a lookup, not a matmul);
-    with MoE only the active ones count (top_k routed experts, shared experts, router); causal
-    attention scores and values add 6 · layers · seq · hidden (half of the full square).
+    Matmul parameters cost 6 FLOPs per token (the input embedding is a lookup, not a matmul; norm
+    weights scale elementwise); with MoE only the active ones count (top_k routed experts, shared
+    experts, router); causal attention scores and values add 6 · layers · seq · hidden (half of the
+    full square).
     """
     from model.gpt import parameter_counts
 
-    matmul_params = parameter_counts(model, vocab_size).active - vocab_size * model.hidden_size
+    norms = (2 * model.num_layers + 1) * model.hidden_size
+    matmul_params = parameter_counts(model, vocab_size).active - vocab_size * model.hidden_size - norms
     if not model.untie_embeddings:
         matmul_params += vocab_size * model.hidden_size  # the tied output layer is still a matmul
     attention = 6 * model.num_layers * model.seq_length * model.hidden_size

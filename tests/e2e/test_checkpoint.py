@@ -51,10 +51,11 @@ def test_20_steps_equal_10_at_tp2_pp2_then_10_at_tp1_pp1(synthetic_corpus, tmp_p
 RESHARDS = {
     # name: (recipe, (procs, overrides) saving at step HALF, (procs, overrides) resuming to TINY_STEPS)
     "pp2-to-pp4": ("tiny_gpt", (2, ["parallel.pipeline=2"]), (4, ["parallel.pipeline=4"])),
-    "dp2-to-dp1-distopt": (
+    # dp_reshardable: each rank's flat optimizer shard as is; the data-parallel size may change
+    "dp2-to-dp1-distopt-dp-reshardable": (
         "tiny_gpt",
-        (2, ["parallel.distributed_optimizer=true"]),
-        (1, ["parallel.distributed_optimizer=true"]),
+        (2, ["parallel.distributed_optimizer=true", "checkpoint.optimizer_format=dp_reshardable"]),
+        (1, ["parallel.distributed_optimizer=true", "checkpoint.optimizer_format=dp_reshardable"]),
     ),
     "pp2-vpp2-distopt-to-tp2-sp": (
         "tiny_gpt",
@@ -269,6 +270,32 @@ def test_async_save_snapshots_the_step_it_was_asked_for(reference, synthetic_cor
     )
     assert_close_curves(read_metrics(tmp_path), expected, rel=REL)
     assert (ckpt / "latest").read_text().strip() == f"iter_{TINY_STEPS:07d}"
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(reference, synthetic_corpus, tmp_path):
+    """Without checkpoint.load, writing into an earlier run's checkpoint folder is refused (one line,
+    exit 2) and nothing there changes."""
+    log_dir, _ = reference
+    before = sorted(p.name for p in (log_dir / "checkpoints").iterdir())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "pretrain_gpt.py",
+            "--recipe",
+            "tiny_gpt",
+            *tiny_overrides(synthetic_corpus, tmp_path, f"checkpoint.dir={log_dir / 'checkpoints'}"),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == [
+        f"error: checkpoint dir '{log_dir / 'checkpoints'}' already holds checkpoints (newest iter_0000010): "
+        "resume with checkpoint.load=auto, or set another logging.dir / checkpoint.dir"
+    ]
+    assert sorted(p.name for p in (log_dir / "checkpoints").iterdir()) == before
 
 
 def test_latest_must_name_a_checkpoint(saved_checkpoint):

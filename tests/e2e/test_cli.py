@@ -70,6 +70,7 @@ def runs(tmp_path_factory):
         ],
         "llama70b_100": ["--recipe", "llama70b", "--dry-run", "--world-size", "100"],
         "mixtral_64": ["--recipe", "mixtral_8x7b", "--dry-run", "--world-size", "64"],
+        "deepseek_64": ["--recipe", "deepseek_moe_16b", "--dry-run", "--world-size", "64"],
         "unknown_key": UNKNOWN_KEY,
         "unknown_key_debug": ["--debug", *UNKNOWN_KEY],
         "missing_recipe": ["--recipe", "nope"],
@@ -220,6 +221,22 @@ def test_mixtral_dry_run_counts_total_and_active_parameters(runs):
         lines[7]
         == f"  pipeline stage 1: layers 8-15; {8 * (attention // 2 + expert + router + norms):,} parameters per rank"
     )
+
+
+def test_deepseek_moe_16b_dry_run_counts_total_and_active_parameters(runs):
+    """Published DeepSeekMoE-16B: 16.4B parameters, 2.8B activated per token (64 fine-grained experts,
+    top-6, 2 shared experts, the first layer dense, multi-head attention)."""
+    lines = _ok(runs["deepseek_64"])
+    assert lines[1] == "layout: world 64 = tensor 1 x pipeline 2 x context 1 x data 32; expert 8"
+    h, vocab, layers, expert = 2048, 102400, 28, 3 * 2048 * 1408
+    attention, norms = 4 * h * h, 2 * h
+    dense_layer = attention + 3 * h * 10944 + norms
+    shared, router = 3 * h * 2816, 64 * h
+    total = dense_layer + (layers - 1) * (attention + 64 * expert + shared + router + norms) + h + 2 * vocab * h
+    active = dense_layer + (layers - 1) * (attention + 6 * expert + shared + router + norms) + h + 2 * vocab * h
+    assert (total, active) == (16_375_728_128, 2_828_650_496)
+    assert f"parameters: {total:,} total (16.38B; formula {total:,})" in lines
+    assert f"active parameters per token: {active:,} (2.83B; top-6 of 64 experts)" in lines
 
 
 def test_tiny_gpt_dry_run_tensor_2_pipeline_2(runs):

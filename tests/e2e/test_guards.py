@@ -138,6 +138,87 @@ def test_nonfinite_stop_is_one_line_and_exit_code_3(synthetic_corpus, tmp_path):
     assert not (tmp_path / "checkpoints").exists()  # nothing saved after the fault
 
 
+def test_skipped_steps_count_across_resumes_and_one_too_many_exits_3(synthetic_corpus, tmp_path):
+    """train.max_skipped_steps = 1: the first job skips step 2 and saves at step 3 with one skipped
+    step recorded; the resumed job's second skip (step 5) is one too many: exit 3, one line."""
+    first = _run(
+        ["pretrain_gpt.py"],
+        tiny_overrides(
+            synthetic_corpus, tmp_path, "train.steps=3", "train.max_skipped_steps=1", "debug.nan_loss_at_step=2"
+        ),
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = _run(
+        ["pretrain_gpt.py"],
+        tiny_overrides(
+            synthetic_corpus,
+            tmp_path,
+            "train.steps=6",
+            "train.max_skipped_steps=1",
+            "debug.nan_loss_at_step=5",
+            "checkpoint.load=auto",
+        ),
+    )
+    assert second.returncode == EXIT_NONFINITE, second.stderr[-3000:]
+    assert second.stderr.splitlines() == [
+        "error: non-finite loss or gradients at step 5 (loss nan), the model was not updated; "
+        "2 steps skipped, more than train.max_skipped_steps = 1: stopping"
+    ]
+    assert [r["nonfinite_steps"] for r in read_metrics(tmp_path)] == [0, 1, 1, 1, 2]
+
+
+def test_fp16_trains_and_its_guard_skips_a_nan_loss(reference, synthetic_corpus, tmp_path):
+    """fp16 with megatron-core's dynamic loss scale: the run trains (close to fp32, not equal to it)
+    and the guard, which checks only the loss in fp16, skips the step whose loss is NaN."""
+    proc = _run(
+        ["pretrain_gpt.py"],
+        tiny_overrides(synthetic_corpus, tmp_path, "train.precision=fp16", "train.steps=6", "debug.nan_loss_at_step=4"),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert metrics[3]["skipped"] is True and math.isnan(metrics[3]["loss"])
+    fp32 = reference[1]
+    for step in (0, 1, 2):  # before the fault: within fp16's precision of fp32, and not equal to it
+        gap = abs(metrics[step]["loss"] - fp32[step]["loss"]) / fp32[step]["loss"]
+        assert 0 < gap < 1e-2, (step, metrics[step]["loss"], fp32[step]["loss"])
+    assert all(math.isfinite(r["loss"]) and "skipped" not in r for r in metrics[4:])
+
+
+def test_sigterm_to_a_single_process_saves_and_exits_75(synthetic_corpus, tmp_path):
+    """Without torchrun: pretrain_gpt.py itself stops after the current step, saves, exits 75."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "pretrain_gpt.py",
+            "--recipe",
+            "tiny_gpt",
+            *tiny_overrides(synthetic_corpus, tmp_path, "debug.stall_at_step=2", "debug.stall_s=3"),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    rc, _, stderr = _interrupt_after_first_step(proc, lambda: proc.send_signal(signal.SIGTERM))
+    assert _stopped_step(rc, stderr, tmp_path / "checkpoints") == 2
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_nonfinite_stop_through_the_launcher_exits_3(synthetic_corpus, tmp_path):
+    """`python -m pretrain.launch` exits with the code its workers agree on (plain torchrun: 1)."""
+    launcher = _launch(
+        tiny_overrides(
+            synthetic_corpus, tmp_path, "train.steps=3", "train.on_nonfinite=stop", "debug.nan_loss_at_step=2"
+        )
+    )
+    _, stderr = launcher.communicate(timeout=TIMEOUT_S)
+    assert launcher.returncode == EXIT_NONFINITE, stderr[-3000:]
+    assert "error: non-finite loss or gradients at step 2" in stderr and "Traceback" not in stderr
+
+
 def test_skipping_is_bounded():
     guard = NonfiniteGuard("skip", max_skipped=1, skipped=0)
     assert guard.count(5, float("inf")) is None

@@ -30,6 +30,7 @@ LAYOUTS = {
     "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
     "pp2": (2, ["parallel.pipeline=2"]),
     "pp2-uneven": (2, ["parallel.pipeline=2", "parallel.first_stage_layers=1"]),
+    "pp2-uneven-last": (2, ["parallel.pipeline=2", "parallel.last_stage_layers=1"]),
     "pp2-vpp2": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
     "pp4": (4, ["parallel.pipeline=4"]),
     "tp2-pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),

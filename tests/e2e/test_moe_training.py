@@ -51,6 +51,25 @@ def test_moe_layout_reproduces_single_process(name, moe_reference, synthetic_cor
     assert_close_curves(read_metrics(tmp_path), moe_reference, rel=FP32_REL, keys=MOE_KEYS)
 
 
+@pytest.mark.slow
+def test_capacity_position_dropping_padding_and_shared_experts_at_ep2(synthetic_corpus, tmp_path):
+    """Capacity-bound experts that drop the latest tokens, inputs padded to capacity, and shared
+    experts, all in training: EP2 reproduces one process (4 steps), and tokens really drop."""
+    extra = [
+        "model.moe.capacity_factor=1.0",
+        "model.moe.drop_policy=position",
+        "model.moe.pad_to_capacity=true",
+        "model.moe.shared_expert_ffn_hidden_size=64",
+        "train.steps=4",
+    ]
+    run_pretrain(1, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path / "one", *extra))
+    run_pretrain(2, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path / "ep2", *extra, "parallel.expert=2"))
+    expected = read_metrics(tmp_path / "one")
+    assert all(r["moe_dropped_fraction"] > 0 for r in expected)
+    keys = (*MOE_KEYS, "moe_dropped_fraction")
+    assert_close_curves(read_metrics(tmp_path / "ep2"), expected, rel=FP32_REL, keys=keys)
+
+
 def test_capacity_drops_tokens_in_training(synthetic_corpus, tmp_path):
     """capacity_factor 0.5 with top-2 of 8: at most half the routing slots fit, the rest drop."""
     run_pretrain(

@@ -420,6 +420,29 @@ def test_cli_text_writes_jsonl_and_text(tmp_path, capsys):
     assert bytes(indexed[2][:-1].tolist()) == b"xyz\nsecond line"  # a text file is one document
 
 
+def test_cli_text_reads_json_and_arrow_files(tmp_path, capsys):
+    """A .json file (a JSON array of rows) and an Arrow IPC stream file (as `datasets` saves them)
+    give the same documents as the .jsonl of the same rows."""
+    import json
+
+    import pyarrow
+
+    rows = [{"text": "ab", "id": 1}, {"text": "c", "id": 2}, {"text": "def", "id": 3}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    table = pyarrow.table({"text": [r["text"] for r in rows], "id": [r["id"] for r in rows]})
+    with pyarrow.OSFile(str(tmp_path / "rows.arrow"), "wb") as sink, pyarrow.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    documents = {}
+    for name in ("rows.jsonl", "rows.json", "rows.arrow"):
+        prefix = str(tmp_path / name.replace(".", "_"))
+        assert main(["text", "--input", str(tmp_path / name), "--output-prefix", prefix]) == 0, capsys.readouterr()
+        indexed = _indexed(prefix)
+        documents[name] = [indexed[i].tolist() for i in range(len(indexed))]
+    assert documents["rows.json"] == documents["rows.arrow"] == documents["rows.jsonl"]
+    assert documents["rows.jsonl"] == [[97, 98, 256], [99, 256], [100, 101, 102, 256]]
+
+
 def test_hf_dataset_by_name(tmp_path, capsys):
     """--hf-dataset goes through datasets.load_dataset(NAME, streaming=True); a dataset folder is a
     name it resolves without the network."""
