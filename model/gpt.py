@@ -31,6 +31,7 @@ class ModelBuild:
     perform_initialization: bool = True
     init_seed: int = 1234  # per-layer init streams derive from it (model/layers.py)
     batch_p2p_comm: bool = True  # False on gloo: see transformer_config
+    compile: tuple[str, ...] = ()  # train.compile: torch.compile of layers, or of their mlp / norms
 
 
 def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
@@ -215,9 +216,35 @@ def build_model(
     torch.manual_seed(build.init_seed)
     model_parallel_cuda_manual_seed(build.init_seed)
     chunks = [c.to(device) for c in build_model_chunks(model, build, vocab_size, groups)]
+    for chunk in chunks:
+        compile_layers(chunk, build.compile)
+    if build.compile and torch.distributed.get_rank() == 0:
+        print(f"torch.compile: {', '.join(build.compile)} of every transformer layer", flush=True)
     if build.precision != "fp32":
         chunks = [Float16Module(c.config, c) for c in chunks]
     return chunks
+
+
+def compile_layers(chunk: Any, targets: tuple[str, ...]) -> None:
+    """torch.compile, in place, each decoder layer of `chunk` (`layers`), or its MLP (`mlp`) and its
+    RMSNorms (`norms`); `chunk` is a GPTModel. A failure to compile raises at the first step: never a
+    silent eager run."""
+    import warnings
+
+    import torch._dynamo
+
+    if not targets:
+        return
+    # megatron-core warns inside a layer's forward; a warning would split the graph there
+    torch._dynamo.config.reorderable_logging_functions.add(warnings.warn)
+    for layer in chunk.decoder.layers:
+        if "layers" in targets:
+            layer.compile()
+        if "mlp" in targets:
+            layer.mlp.compile()
+        if "norms" in targets:
+            layer.input_layernorm.compile()
+            layer.pre_mlp_layernorm.compile()
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from common import schema
 from common.errors import RecipeError
@@ -22,10 +22,13 @@ from parallel.config import ParallelConfig
 from pretrain.checkpointer import CheckpointConfig
 from pretrain.metrics import LoggingConfig
 from pretrain.optim import OptimizerConfig
+from pretrain.profiling import ProfileConfig
 
 if TYPE_CHECKING:  # imported where used: loading a recipe stays free of torch
     from data.loader import BatchPlan
     from parallel.layout import Layout
+
+CompileTarget = Literal["layers", "mlp", "norms"]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -58,6 +61,10 @@ class TrainConfig:
     # After the last step, the same loss over eval_steps global batches of the test share of
     # data.split (its third number), logged as test_loss and test_ppl.
     test_at_end: bool = False
+    # torch.compile of parts of every transformer layer: `layers` (each whole layer), or `mlp` (the
+    # SwiGLU MLP: fuses the gate's activation and product) and/or `norms` (the RMSNorms). [] = eager.
+    compile: list[CompileTarget] = field(default_factory=list)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def check(self) -> None:
         if self.global_batch_size % self.micro_batch_size:
@@ -65,6 +72,15 @@ class TrainConfig:
                 f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size = {self.micro_batch_size}"
             )
+        for i, target in enumerate(self.compile):
+            if target not in get_args(CompileTarget):
+                choices = " | ".join(get_args(CompileTarget))
+                raise RecipeError(f"train.compile[{i}] must be one of {choices}, got '{target}'")
+        if "layers" in self.compile and len(self.compile) > 1:
+            raise RecipeError(
+                f"train.compile = {self.compile}: `layers` compiles each whole layer, its mlp and norms too"
+            )
+        self.profile.check()
 
 
 @dataclass
@@ -145,6 +161,9 @@ def validate_for_world(recipe: Recipe, world_size: int) -> tuple[Layout, BatchPl
 
     layout = Layout.from_config(recipe.parallel, world_size)
     t = recipe.train
+    beyond = [r for r in t.profile.ranks if r >= world_size] if t.profile.start_step is not None else []
+    if beyond:
+        raise RecipeError(f"train.profile.ranks {beyond} are not ranks of a world of {world_size}")
     plan = BatchPlan.of(t.global_batch_size, t.micro_batch_size, layout.data)
     if layout.pipeline > 1 and plan.micro_batches < layout.pipeline:
         raise RecipeError(

@@ -16,6 +16,7 @@ from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_
 from pretrain.checkpointer import Checkpointer, TrainState
 from pretrain.guards import Guards, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
 from pretrain.metrics import Metrics, MetricsLog, device_peak_tflops, flops_per_token
+from pretrain.profiling import Profiler
 from pretrain.recipe import Recipe, recipe_to_dict, validate_for_world, write_recipe
 from pretrain.step import Evaluation, Step
 from upstream import cpu
@@ -81,7 +82,13 @@ def build_step(
     from pretrain.optim import Numerics, build_optimizer, build_scheduler
 
     t = recipe.train
-    build = ModelBuild(layout=layout, precision=t.precision, init_seed=t.seed, batch_p2p_comm=device.type == "cuda")
+    build = ModelBuild(
+        layout=layout,
+        precision=t.precision,
+        init_seed=t.seed,
+        batch_p2p_comm=device.type == "cuda",
+        compile=tuple(t.compile),
+    )
     chunks = build_model(recipe.model, build, vocab_size, device, groups)
     chunks = wrap_data_parallel(chunks, recipe.parallel.distributed_optimizer, groups)
     numerics = Numerics(t.precision, t.grad_clip, t.steps, t.micro_batch_size * recipe.model.seq_length)
@@ -181,19 +188,22 @@ def train(recipe: Recipe) -> dict[str, Any]:
         )
         guard = NonfiniteGuard(recipe.train.on_nonfinite, recipe.train.max_skipped_steps, run.state.nonfinite_steps)
         metrics = build_metrics(run)
+        profiler = Profiler(recipe.train.profile, run.rank.rank, recipe.log_dir(), run.device)
         try:
             with Watchdog(run.rank.rank, recipe.train.watchdog_timeout_s) as watchdog:
-                return _loop(run, batches, metrics, Guards(stop, guard, watchdog))
+                return _loop(run, batches, metrics, profiler, Guards(stop, guard, watchdog))
         finally:
+            profiler.close()
             batches.close()
             metrics.close()
 
 
-def _loop(run: Run, batches: TrainBatches, metrics: Metrics, guards: Guards) -> dict[str, Any]:
+def _loop(run: Run, batches: TrainBatches, metrics: Metrics, profiler: Profiler, guards: Guards) -> dict[str, Any]:
     recipe, state = run.recipe, run.state
     record: dict[str, Any] = {"step": state.step}
     start_step = state.step
     while state.step < recipe.train.steps:
+        profiler.before_step(state.step + 1)
         start = time.perf_counter()
         result = run.step.train(state.step, batches.step(state.consumed_samples), guards)
         state.consumed_samples += recipe.train.global_batch_size  # a skipped step uses up its batch too
@@ -210,6 +220,7 @@ def _loop(run: Run, batches: TrainBatches, metrics: Metrics, guards: Guards) -> 
             run.checkpointer.finish()
             raise NonfiniteStop(stop_reason)
         run.checkpointer.after_step(state, guards.watchdog)
+        profiler.after_step(state.step)
         if result.stop:
             where = run.checkpointer.before_preemption_stop(state, guards.watchdog)
             raise Preempted(
