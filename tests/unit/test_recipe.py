@@ -520,11 +520,20 @@ def test_validate_static_on_a_built_recipe():
 # ----------------------------------------------------------------------------------- shipped recipes
 
 
-@pytest.mark.parametrize("name", ["tiny_gpt", "llama70b"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
 def test_shipped_recipes_load_and_validate(name):
     r = load_recipe(name)
     validate_static(r)
     assert r.source == str(RECIPES_DIR / f"{name}.yaml")
+
+
+@pytest.mark.parametrize("name, published", [("llama_1b", 1_235_814_400), ("llama_3b", 3_212_749_824)])
+def test_llama_3_2_recipes_have_the_published_parameter_counts(name, published):
+    """Llama-3.2-1B and -3B (tied embeddings): 1.24B and 3.21B parameters."""
+    from model.gpt import parameter_counts
+
+    model = load_recipe(name).model
+    assert parameter_counts(model, model.vocab_size).total == published
 
 
 def test_tiny_gpt_values():
