@@ -232,19 +232,8 @@ def test_hostile_pickle_is_refused_without_running_it(part, saved_checkpoint, tm
 def test_hostile_checkpoint_is_a_one_line_error(saved_checkpoint, synthetic_corpus, tmp_path):
     marker = tmp_path / "pwned"
     (saved_checkpoint / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "pretrain_gpt.py",
-            "--recipe",
-            "tiny_gpt",
-            *tiny_overrides(synthetic_corpus, tmp_path / "run", f"checkpoint.load={saved_checkpoint}"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    overrides = tiny_overrides(synthetic_corpus, tmp_path / "run", f"checkpoint.load={saved_checkpoint}")
+    proc = run_pretrain(1, "tiny_gpt", overrides, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint '{saved_checkpoint}': .metadata holds")
@@ -277,19 +266,8 @@ def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(reference, syntheti
     exit 2) and nothing there changes."""
     log_dir, _ = reference
     before = sorted(p.name for p in (log_dir / "checkpoints").iterdir())
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "pretrain_gpt.py",
-            "--recipe",
-            "tiny_gpt",
-            *tiny_overrides(synthetic_corpus, tmp_path, f"checkpoint.dir={log_dir / 'checkpoints'}"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    overrides = tiny_overrides(synthetic_corpus, tmp_path, f"checkpoint.dir={log_dir / 'checkpoints'}")
+    proc = run_pretrain(1, "tiny_gpt", overrides, check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.splitlines() == [
         f"error: checkpoint dir '{log_dir / 'checkpoints'}' already holds checkpoints (newest iter_0000010): "

@@ -14,22 +14,9 @@ import pytest
 import torch
 
 from pretrain.guards import EXIT_NONFINITE, EXIT_PREEMPTED, NonfiniteGuard
-from tests.helpers.runs import REPO, assert_close_curves, read_metrics, tiny_overrides
+from tests.helpers.runs import REPO, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
 
 TIMEOUT_S = 300
-
-
-def _run(cmd, overrides):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    return subprocess.run(
-        [sys.executable, *cmd, "--recipe", "tiny_gpt", *overrides],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
 
 
 def _model_and_adam_tensors(ckpt) -> dict:
@@ -50,8 +37,9 @@ def nan_and_stall(synthetic_corpus, tmp_path_factory):
     """One process, 6 steps, a checkpoint after each: step 2 stalls 2 s under a 0.5 s watchdog,
     step 3's loss is NaN, step 5 has a NaN gradient on a finite loss."""
     log_dir = tmp_path_factory.mktemp("nan_and_stall")
-    proc = _run(
-        ["pretrain_gpt.py"],
+    proc = run_pretrain(
+        1,
+        "tiny_gpt",
         tiny_overrides(
             synthetic_corpus,
             log_dir,
@@ -63,6 +51,7 @@ def nan_and_stall(synthetic_corpus, tmp_path_factory):
             "debug.nan_loss_at_step=3",
             "debug.nan_grad_at_step=5",
         ),
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return log_dir, proc
@@ -122,11 +111,13 @@ def test_watchdog_reports_the_stalled_phase_with_stacks(nan_and_stall):
 
 
 def test_nonfinite_stop_is_one_line_and_exit_code_3(synthetic_corpus, tmp_path):
-    proc = _run(
-        ["pretrain_gpt.py"],
+    proc = run_pretrain(
+        1,
+        "tiny_gpt",
         tiny_overrides(
             synthetic_corpus, tmp_path, "train.steps=3", "train.on_nonfinite=stop", "debug.nan_loss_at_step=2"
         ),
+        check=False,
     )
     assert proc.returncode == EXIT_NONFINITE == 3, proc.stderr[-3000:]
     assert proc.stderr.splitlines() == [
@@ -141,15 +132,18 @@ def test_nonfinite_stop_is_one_line_and_exit_code_3(synthetic_corpus, tmp_path):
 def test_skipped_steps_count_across_resumes_and_one_too_many_exits_3(synthetic_corpus, tmp_path):
     """train.max_skipped_steps = 1: the first job skips step 2 and saves at step 3 with one skipped
     step recorded; the resumed job's second skip (step 5) is one too many: exit 3, one line."""
-    first = _run(
-        ["pretrain_gpt.py"],
+    first = run_pretrain(
+        1,
+        "tiny_gpt",
         tiny_overrides(
             synthetic_corpus, tmp_path, "train.steps=3", "train.max_skipped_steps=1", "debug.nan_loss_at_step=2"
         ),
+        check=False,
     )
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _run(
-        ["pretrain_gpt.py"],
+    second = run_pretrain(
+        1,
+        "tiny_gpt",
         tiny_overrides(
             synthetic_corpus,
             tmp_path,
@@ -158,6 +152,7 @@ def test_skipped_steps_count_across_resumes_and_one_too_many_exits_3(synthetic_c
             "debug.nan_loss_at_step=5",
             "checkpoint.load=auto",
         ),
+        check=False,
     )
     assert second.returncode == EXIT_NONFINITE, second.stderr[-3000:]
     assert second.stderr.splitlines() == [
@@ -170,9 +165,11 @@ def test_skipped_steps_count_across_resumes_and_one_too_many_exits_3(synthetic_c
 def test_fp16_trains_and_its_guard_skips_a_nan_loss(reference, synthetic_corpus, tmp_path):
     """fp16 with megatron-core's dynamic loss scale: the run trains (close to fp32, not equal to it)
     and the guard, which checks only the loss in fp16, skips the step whose loss is NaN."""
-    proc = _run(
-        ["pretrain_gpt.py"],
+    proc = run_pretrain(
+        1,
+        "tiny_gpt",
         tiny_overrides(synthetic_corpus, tmp_path, "train.precision=fp16", "train.steps=6", "debug.nan_loss_at_step=4"),
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_metrics(tmp_path)

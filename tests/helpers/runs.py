@@ -33,29 +33,22 @@ def tiny_overrides(corpus: str, log_dir, *extra: str) -> list:
     ]
 
 
-def run_pretrain(nproc: int, recipe: str, overrides: Sequence[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node=N pretrain_gpt.py --recipe R overrides...`; 1 = plain python."""
-    if nproc == 1:
+def run_pretrain(
+    nproc: int, recipe: str, overrides: Sequence[str], timeout: int = 300, check: bool = True, launcher: bool = False
+) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=N pretrain_gpt.py --recipe R overrides...` (1 = plain
+    python; `launcher`: `python -m pretrain.launch` instead of torchrun). `check`: fail unless exit 0."""
+    if nproc == 1 and not launcher:
         cmd = [sys.executable, "pretrain_gpt.py"]
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "pretrain_gpt.py",
-        ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
+        runner = "pretrain.launch" if launcher else "torch.distributed.run"
+        cmd = [sys.executable, "-m", runner, "--standalone", f"--nproc_per_node={nproc}", "pretrain_gpt.py"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true")
     proc = subprocess.run(
-        cmd + ["--recipe", recipe, *overrides],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+        cmd + ["--recipe", recipe, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
     return proc
 
