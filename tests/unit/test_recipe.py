@@ -614,7 +614,7 @@ def test_validate_static_on_a_built_recipe():
 # ----------------------------------------------------------------------------------- shipped recipes
 
 
-@pytest.mark.parametrize("name", ["tiny_gpt", "llama70b"])
+@pytest.mark.parametrize("name", ["tiny_gpt", "llama70b", "llama1b"])
 def test_shipped_recipes_load_and_validate(name):
     r = load_recipe(name)
     validate_static(r)
@@ -761,7 +761,7 @@ def test_uneven_pipeline_split():
 # ------------------------------------------------------------------------------------------- dumping
 
 
-@pytest.mark.parametrize("name", ["tiny_gpt", "llama70b"])
+@pytest.mark.parametrize("name", ["tiny_gpt", "llama70b", "llama1b"])
 def test_dump_round_trip(tmp_path, name):
     r = load_recipe(name, ["optimizer.betas=[0.8,0.9]"])
     d = recipe_to_dict(r)
