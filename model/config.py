@@ -119,7 +119,7 @@ def _check_fp8_layers(fp8: Fp8Config, model: ModelConfig, parallel: ParallelConf
     n = fp8.first_last_layers_bf16
     if n == 0:
         return
-    if fp8.recipe == "delayed":  # megatron-core refuses it: the amax reduction spans all layers
+    if fp8.recipe == "delayed":  # megatron-core refuses it: per-layer FP8 contexts break its amax reduction
         raise RecipeError("fp8.first_last_layers_bf16 cannot be combined with fp8.recipe = delayed")
     if 2 * n >= model.num_layers:
         raise RecipeError(
