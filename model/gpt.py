@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
-from model.config import ModelConfig, moe_layer_pattern
+from model.config import Fp8Config, ModelConfig, moe_layer_pattern
 from parallel.layout import Layout
 
 if TYPE_CHECKING:
@@ -32,6 +32,7 @@ class ModelBuild:
     init_seed: int = 1234  # per-layer init streams derive from it (model/layers.py)
     batch_p2p_comm: bool = True  # False on gloo: see transformer_config
     compile: tuple[str, ...] = ()  # train.compile: torch.compile of layers, or of their mlp / norms
+    fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)  # recipe.fp8 (checked: model/config.py)
 
 
 def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
@@ -51,6 +52,12 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from model.moe import transformer_config_fields
+
+    fp8_fields = {}
+    if build.fp8.enabled:
+        from model.fp8 import transformer_config_fields as fp8_config_fields
+
+        fp8_fields = fp8_config_fields(build.fp8, model)
 
     dtype, layout = _DTYPES[build.precision], build.layout
     return TransformerConfig(
@@ -96,11 +103,20 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         use_cpu_initialization=build.use_cpu_initialization,
         perform_initialization=build.perform_initialization,
         **transformer_config_fields(model, layout.expert_tensor or layout.tensor, build.precision),
+        **fp8_fields,
     )
 
 
-def layer_spec(model: ModelConfig, config: TransformerConfig, vp_stage: int | None = None, init_seed: int = 0) -> Any:
-    """The transformer block spec: our local layers, or transformer-engine's when asked for."""
+def layer_spec(
+    model: ModelConfig,
+    config: TransformerConfig,
+    vp_stage: int | None = None,
+    init_seed: int = 0,
+    fp8: Fp8Config | None = None,
+    cp_group: Any = None,
+) -> Any:
+    """The transformer block spec: our local layers (their linears in FP8 where `fp8` asks for it),
+    or transformer-engine's when asked for. `cp_group`: the context-parallel group FP8 amaxes span."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -111,12 +127,17 @@ def layer_spec(model: ModelConfig, config: TransformerConfig, vp_stage: int | No
         return _te_layer_spec(config, vp_stage)
     from model.layers import RMSNorm
 
-    dense, moe = _local_layer_spec(config, init_seed, None), None
-    if model.moe.num_experts is not None:
-        moe = _local_layer_spec(config, init_seed, model.moe.num_experts)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     pattern = moe_layer_pattern(model)[offset : offset + get_num_layers_to_build(config, vp_stage=vp_stage)]
-    return TransformerBlockSubmodules(layer_specs=[moe if is_moe else dense for is_moe in pattern], layer_norm=RMSNorm)
+    specs = [_local_layer_spec(config, init_seed, model.moe.num_experts if is_moe else None) for is_moe in pattern]
+    if fp8 is not None and fp8.enabled:
+        from model.fp8 import fp8_layer, gemms_for, to_fp8
+
+        gemms = gemms_for(fp8, cp_group)
+        for number, spec in enumerate(specs, start=offset + 1):  # global layer numbers, 1-based
+            if fp8_layer(fp8, number, model.num_layers):
+                to_fp8(spec, gemms)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
 
 
 def _local_layer_spec(config: TransformerConfig, init_seed: int, num_experts: int | None) -> ModuleSpec:
@@ -190,7 +211,7 @@ def build_model_chunks(
         stage = vp_stage if vpp else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(model, config, stage, build.init_seed),
+            transformer_layer_spec=layer_spec(model, config, stage, build.init_seed, build.fp8, groups.cp),
             vocab_size=padded_vocab_size(model, vocab_size, build.layout.tensor),
             max_sequence_length=model.seq_length,
             pre_process=is_pp_first_stage(groups.pp) and is_vp_first_stage(stage, vpp),

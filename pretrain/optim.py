@@ -51,6 +51,9 @@ class Numerics:
     grad_clip: float
     steps: int
     tokens_per_micro_batch: int  # fp16's initial loss scale depends on it
+    # transformer-engine's FP8 recipe when it runs the GEMMs (its FP8 weights need the distributed
+    # optimizer to know it); None otherwise, the local FP8 path included (its weights are bf16)
+    te_fp8_recipe: str | None = None
 
 
 def build_optimizer(cfg: OptimizerConfig, numerics: Numerics, chunks: list[Any], distributed: bool) -> Any:
@@ -72,6 +75,7 @@ def build_optimizer(cfg: OptimizerConfig, numerics: Numerics, chunks: list[Any],
         params_dtype=chunks[0].config.params_dtype,
         use_distributed_optimizer=distributed,
         initial_loss_scale=initial_loss_scale(numerics.tokens_per_micro_batch),
+        fp8_recipe=numerics.te_fp8_recipe,
     )
     return get_megatron_optimizer(config, chunks)
 

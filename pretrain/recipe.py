@@ -17,7 +17,7 @@ from common import schema
 from common.errors import RecipeError
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
 from data.config import DataConfig
-from model.config import ModelConfig, check_model
+from model.config import Fp8Config, ModelConfig, check_fp8, check_model
 from parallel.config import ParallelConfig
 from pretrain.checkpointer import CheckpointConfig
 from pretrain.metrics import LoggingConfig
@@ -109,6 +109,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fp8: Fp8Config = field(default_factory=Fp8Config)  # FP8 GEMMs (model/config.py, model/fp8.py)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -148,6 +149,7 @@ def validate_static(recipe: Recipe) -> None:
     schema.check_values(recipe)
     recipe.logging.check()
     check_model(recipe.model, recipe.parallel)
+    check_fp8(recipe.fp8, recipe.model, recipe.parallel, recipe.train.precision)
     recipe.train.check()
     recipe.optimizer.check()
     recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)

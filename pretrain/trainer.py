@@ -43,6 +43,10 @@ def build_runtime(recipe: Recipe) -> tuple[Layout, BatchPlan, RankInfo, Any, tor
     rank, local_rank, world_size = world_from_env()
     layout, plan = validate_for_world(recipe, world_size)
     device = pick_device(recipe.train.device, local_rank)
+    if recipe.fp8.enabled:  # transformer-engine and its version, the device's FP8 GEMMs: before any work
+        from model.fp8 import check_runtime
+
+        check_runtime(recipe.fp8, recipe.model, device)
     cpu.enable(device)
     init_process_group(device, rank, world_size)
     rank_info, groups = init_model_parallel(layout)
@@ -88,10 +92,13 @@ def build_step(
         init_seed=t.seed,
         batch_p2p_comm=device.type == "cuda",
         compile=tuple(t.compile),
+        fp8=recipe.fp8,
     )
     chunks = build_model(recipe.model, build, vocab_size, device, groups)
-    chunks = wrap_data_parallel(chunks, recipe.parallel.distributed_optimizer, groups)
-    numerics = Numerics(t.precision, t.grad_clip, t.steps, t.micro_batch_size * recipe.model.seq_length)
+    te_fp8 = recipe.fp8.enabled and recipe.model.transformer_impl == "transformer_engine"
+    chunks = wrap_data_parallel(chunks, recipe.parallel.distributed_optimizer, groups, te_fp8 and recipe.fp8.params)
+    tokens = t.micro_batch_size * recipe.model.seq_length
+    numerics = Numerics(t.precision, t.grad_clip, t.steps, tokens, recipe.fp8.recipe if te_fp8 else None)
     optimizer = build_optimizer(recipe.optimizer, numerics, chunks, recipe.parallel.distributed_optimizer)
     moe = None
     if recipe.model.moe.num_experts is not None:
@@ -147,13 +154,17 @@ def build_run(recipe: Recipe) -> Run:
 
 
 def build_metrics(run: Run) -> Metrics:
-    """Rank 0 writes metrics.jsonl and wandb (from the resumed step on); every rank builds records."""
+    """Rank 0 writes metrics.jsonl and wandb (from the resumed step on); every rank builds records.
+    An FP8 run says so first, then which GEMMs run in FP8 (gathered from every rank's model)."""
     recipe, plan = run.recipe, run.step.plan
+    device_name = torch.cuda.get_device_name() if run.device.type == "cuda" else None
+    peak, fp8_peak = device_peak_tflops(device_name), device_peak_tflops(device_name, fp8=True)
+    fp8_lines = _fp8_lines(run, peak, fp8_peak) if recipe.fp8.enabled else []
     log = None
     if run.rank.rank == 0:
         log = MetricsLog(recipe.log_dir(), run.state.step, recipe_to_dict(recipe), recipe.logging)
-        print(f"layout: {run.layout.describe()}; {plan.micro_batches} micro-batches/step", flush=True)
-    peak = device_peak_tflops(torch.cuda.get_device_name() if run.device.type == "cuda" else None)
+        lines = [f"layout: {run.layout.describe()}; {plan.micro_batches} micro-batches/step"]
+        print("\n".join(fp8_lines[:1] + lines + fp8_lines[1:]), flush=True)
     return Metrics(
         recipe.logging,
         log,
@@ -164,7 +175,25 @@ def build_metrics(run: Run) -> Metrics:
         run.layout.world_size,
         plan.micro_batches,
         run.layout.pipeline_bubble(plan.micro_batches),
+        fp8_peak_tflops=fp8_peak if recipe.fp8.enabled else None,
     )
+
+
+def _fp8_lines(run: Run, peak: float | None, fp8_peak: float | None) -> list[str]:
+    """What an FP8 run logs before its first step; every rank takes part (its linears are gathered)."""
+    import torch.distributed as dist
+
+    from model.fp8 import describe, linear_places, summarize
+
+    lines = [describe(run.recipe.fp8, run.recipe.model)]
+    if run.recipe.model.transformer_impl == "local":
+        places: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(places, linear_places(run.step.chunks))
+        lines.append(summarize(set().union(*(p[0] for p in places)), set().union(*(p[1] for p in places))))
+    if peak is not None:
+        fp8 = f"mfu_fp8 against the FP8 peak ({fp8_peak:.0f} TFLOP/s)" if fp8_peak else "no FP8 peak known"
+        lines.append(f"mfu counts against the bf16 peak ({peak:.0f} TFLOP/s), {fp8}")
+    return lines
 
 
 def train(recipe: Recipe) -> dict[str, Any]:

@@ -6,7 +6,8 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, megatron.core, pytest, yaml, wandb, mypy, ruff" >/dev/null 2>&1; then
+# (torchao by its metadata: importing it takes seconds)
+if ! .venv/bin/python -c "import torch, megatron.core, pytest, yaml, wandb, mypy, ruff, importlib.metadata as m; m.version('torchao')" >/dev/null 2>&1; then
     .venv/bin/python -m pip install -q --upgrade pip
     # torch first, pinned: on a fresh machine this takes the local CPU wheel; an unpinned torch
     # pulls gigabytes of CUDA packages.
