@@ -1,5 +1,7 @@
-"""Ulysses context parallelism (parallel.context_comm a2a, and a2a+p2p with the ring across groups):
-all-to-all from sequence shards to head shards around a causal attention over the whole sequence.
+"""Ulysses context parallelism: all-to-all between sequence and head shards around causal attention.
+
+parallel.context_comm a2a runs one SDPA call over the whole sequence for each rank's share of the
+heads; a2a+p2p runs the ring (model/ring_attention.py) across the all-to-all groups instead.
 
 Layout: the rest of the model keeps megatron's load-balanced causal layout (2·cp chunks, CP rank r
 holds chunks r and 2·cp−1−r). The n consecutive CP ranks g·n … g·n+n−1 of an all-to-all group hold

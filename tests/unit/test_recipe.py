@@ -760,3 +760,15 @@ def test_dump_writes_lists_inline():
 def test_every_error_is_one_line(tmp_path):
     write(tmp_path, "r.yaml", "model: {hidden_size: [1, 2]}\n")
     assert "\n" not in error_of("r.yaml")
+
+
+def test_a2a_p2p_layout_names_megatrons_hierarchical_groups():
+    from parallel.layout import Layout
+
+    overrides = ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=2", "parallel.tensor=2"]
+    layout = Layout.from_config(load_recipe("tiny_gpt", overrides).parallel, world_size=8)
+    assert layout.hierarchical_context == [2, 2]  # [all-to-all group, ring]
+    assert layout.describe() == "world 8 = tensor 2 x pipeline 1 x context 4 (a2a 2 x p2p 2) x data 1; expert 1"
+    assert Layout(world_size=2, context=2, context_comm="a2a").hierarchical_context is None
+    with pytest.raises(RecipeError, match=re.escape("parallel.context_a2a = 3 does not fit parallel.context_comm")):
+        Layout(world_size=4, context=4, context_comm="a2a+p2p", context_a2a=3)
