@@ -152,8 +152,8 @@ def _check_fp8_local_experts(p: ParallelConfig) -> None:
 
 def check_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     """Shapes against the parallel sizes; run after parallel.check()."""
-    _check_shape(model, parallel)
     parallel.check()
+    _check_shape(model, parallel)
     _check_moe(model, parallel)
 
 
@@ -181,27 +181,63 @@ def _check_shape(m: ModelConfig, p: ParallelConfig) -> None:
             "model.num_layers",
             m.num_layers,
         )
-    if p.context > 1:  # each sequence is split into 2 × context chunks (load-balanced causal attention)
-        _require_divides("2 × parallel.context", 2 * p.context, "model.seq_length", m.seq_length)
-        if p.context_comm != "p2p" and m.transformer_impl == "local":
-            raise RecipeError(
-                f"parallel.context_comm = {p.context_comm} needs model.transformer_impl = "
-                f"transformer_engine; the local layers' ring attention is p2p"
-            )
-        if p.context_comm == "a2a":  # all-to-all trades sequence shards for head shards
-            _require_divides(
-                "parallel.tensor × parallel.context",
-                p.tensor * p.context,
-                "model.num_query_groups" if m.num_query_groups else heads,
-                m.num_query_groups or m.num_attention_heads,
-            )
-        if m.attention_dropout > 0 and m.transformer_impl == "local":
-            raise RecipeError(
-                f"parallel.context = {p.context} uses ring attention, which has no attention "
-                f"dropout: set model.attention_dropout = 0 (got {m.attention_dropout})"
-            )
+    if p.context > 1:
+        _check_context(m, p)
     if p.sequence_parallel:
         _require_divides("parallel.tensor", p.tensor, "model.seq_length / parallel.context", m.seq_length // p.context)
+
+
+def _check_context(m: ModelConfig, p: ParallelConfig) -> None:
+    # each sequence is split into 2 × context chunks (load-balanced causal attention)
+    _require_divides("2 × parallel.context", 2 * p.context, "model.seq_length", m.seq_length)
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    groups_key = "model.num_query_groups" if m.num_query_groups else "model.num_attention_heads"
+    if m.transformer_impl == "transformer_engine":
+        if p.context_comm in ("a2a", "a2a+p2p"):  # TE's all-to-all splits the query groups
+            a2a_key, a2a = _a2a_size(p)
+            _require_divides(f"parallel.tensor × {a2a_key}", p.tensor * a2a, groups_key, groups)
+        return
+    if p.context_comm == "all_gather":
+        raise RecipeError(
+            "parallel.context_comm = all_gather needs model.transformer_impl = transformer_engine; "
+            "the local layers do p2p, a2a and a2a+p2p"
+        )
+    if m.attention_dropout > 0:
+        # The ring's block kernels have none. Ulysses could drop in its SDPA call, but megatron-core's
+        # model-parallel random stream is per tensor rank: the CP ranks, holding different heads,
+        # would draw the same masks.
+        if p.context_comm == "a2a":
+            what = "has no attention dropout (its CP ranks would draw one mask stream for different heads)"
+        else:
+            what = "uses ring attention, which has no attention dropout"
+        raise RecipeError(
+            f"parallel.context = {p.context} with parallel.context_comm = {p.context_comm} {what}: "
+            f"set model.attention_dropout = 0 (got {m.attention_dropout})"
+        )
+    if p.context_comm == "p2p":
+        return
+    # Ulysses: each all-to-all rank takes a share of the heads a tensor rank holds
+    a2a_key, a2a = _a2a_size(p)
+    why = f"(parallel.context_comm = {p.context_comm} gives each of those ranks a share of the"
+    if (heads // p.tensor) % a2a:
+        raise RecipeError(
+            f"{a2a_key} = {a2a} does not divide model.num_attention_heads / parallel.tensor = "
+            f"{heads // p.tensor} {why} query heads)"
+        )
+    rank_groups = groups // p.tensor
+    if rank_groups % a2a and a2a % rank_groups:
+        raise RecipeError(
+            f"{a2a_key} = {a2a} and {groups_key} / parallel.tensor = {rank_groups} do not divide one another "
+            f"{why} K/V heads, split or copied)"
+        )
+
+
+def _a2a_size(p: ParallelConfig) -> tuple[str, int]:
+    """(key, size) of one all-to-all group: the whole context group with a2a, context_a2a with a2a+p2p."""
+    if p.context_comm == "a2a+p2p":
+        assert p.context_a2a is not None  # ParallelConfig.check refused a2a+p2p without it
+        return "parallel.context_a2a", p.context_a2a
+    return "parallel.context", p.context
 
 
 def _check_uneven_pipeline(p: ParallelConfig, layers: int) -> None:

@@ -90,6 +90,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         num_layers_in_last_pipeline_stage=layout.last_stage_layers,
         context_parallel_size=layout.context,
         cp_comm_type=layout.context_comm,
+        hierarchical_context_parallel_sizes=layout.hierarchical_context,
         expert_model_parallel_size=layout.expert,
         sequence_parallel=layout.sequence_parallel,
         params_dtype=dtype,
@@ -154,10 +155,13 @@ def _local_layer_spec(config: TransformerConfig, init_seed: int, num_experts: in
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if config.context_parallel_size > 1:
         # megatron-core's local attention refuses context parallelism (TE-only upstream): ours
-        # is a ring over the CP group (model/ring_attention.py).
+        # is a ring over the CP group (model/ring_attention.py), or Ulysses' all-to-all, alone or
+        # with the ring across its groups (model/ulysses.py).
         from model.ring_attention import RingAttention
+        from model.ulysses import UlyssesAttention
 
-        spec.submodules.self_attention.submodules.core_attention = RingAttention
+        ulysses = config.cp_comm_type in ("a2a", "a2a+p2p")
+        spec.submodules.self_attention.submodules.core_attention = UlyssesAttention if ulysses else RingAttention
     if num_experts is not None:
         from model.moe import ExpertRowParallelLinear, SeededSequentialMLP
 

@@ -27,7 +27,8 @@ class Layout:
     expert: int = 1
     expert_tensor: int | None = None  # None = tensor
     sequence_parallel: bool = False
-    context_comm: str = "p2p"  # transformer-engine's cp_comm_type; the local ring is p2p
+    context_comm: str = "p2p"  # megatron-core's cp_comm_type: p2p, a2a, a2a+p2p, all_gather (TE only)
+    context_a2a: int | None = None  # ranks per all-to-all group with a2a+p2p; None otherwise
     first_stage_layers: int | None = None  # uneven pipeline split; None = even
     last_stage_layers: int | None = None
 
@@ -40,6 +41,13 @@ class Layout:
                 f"parallel.tensor × parallel.pipeline × parallel.context = {model_parallel} "
                 f"does not divide the world size {self.world_size}"
             )
+        if (self.context_comm == "a2a+p2p") != (self.context_a2a is not None) or (
+            self.context_a2a is not None and self.context % self.context_a2a
+        ):
+            raise RecipeError(
+                f"parallel.context_a2a = {self.context_a2a} does not fit parallel.context_comm = "
+                f"{self.context_comm} with parallel.context = {self.context}"
+            )
         expert_tensor = self.expert_tensor or self.tensor
         expert_room = self.world_size // (expert_tensor * self.pipeline)
         if self.world_size % (expert_tensor * self.pipeline) or expert_room % self.expert:
@@ -51,6 +59,14 @@ class Layout:
     @property
     def data(self) -> int:
         return self.world_size // (self.tensor * self.pipeline * self.context)
+
+    @property
+    def hierarchical_context(self) -> list[int] | None:
+        """[all-to-all group size, ring size] with a2a+p2p (megatron-core's
+        hierarchical_context_parallel_sizes), else None."""
+        if self.context_a2a is None:
+            return None
+        return [self.context_a2a, self.context // self.context_a2a]
 
     @property
     def model_chunks(self) -> int:
@@ -69,6 +85,7 @@ class Layout:
             expert_tensor=parallel.expert_tensor,
             sequence_parallel=parallel.sequence_parallel,
             context_comm=parallel.context_comm,
+            context_a2a=parallel.context_a2a,
             first_stage_layers=parallel.first_stage_layers,
             last_stage_layers=parallel.last_stage_layers,
         )
@@ -79,11 +96,18 @@ class Layout:
         pp, vpp = self.pipeline, self.model_chunks
         return (pp - 1) / (vpp * micro_batches + pp - 1)
 
+    def _context_comm(self) -> str:
+        if self.context == 1:
+            return ""
+        if self.context_a2a is not None:
+            return f" (a2a {self.context_a2a} x p2p {self.context // self.context_a2a})"
+        return f" ({self.context_comm})"
+
     def describe(self) -> str:
         vpp = f" (x{self.virtual_pipeline} virtual)" if self.virtual_pipeline else ""
         return (
             f"world {self.world_size} = tensor {self.tensor} x pipeline {self.pipeline}{vpp}"
-            f" x context {self.context} x data {self.data}; expert {self.expert}"
+            f" x context {self.context}{self._context_comm()} x data {self.data}; expert {self.expert}"
             + (f" x expert tensor {self.expert_tensor}" if self.expert_tensor else "")
             + (", sequence parallel" if self.sequence_parallel else "")
         )
@@ -165,6 +189,9 @@ def init_model_parallel(layout: Layout) -> tuple[RankInfo, Any]:
         context_parallel_size=layout.context,
         expert_model_parallel_size=layout.expert,
         expert_tensor_parallel_size=layout.expert_tensor,
+        # a2a+p2p: megatron-core builds, for every CP group on every rank in the same order, the
+        # all-to-all groups (consecutive CP ranks) and the ring groups across them
+        hierarchical_context_parallel_sizes=layout.hierarchical_context,
     )
     groups = ProcessGroupCollection.use_mpu_process_groups()
     rank = RankInfo(rank=dist.get_rank(), data_rank=groups.dp.rank(), context_rank=groups.cp.rank())

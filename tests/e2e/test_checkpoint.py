@@ -63,6 +63,13 @@ RESHARDS = {
         (2, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.distributed_optimizer=true"]),
     ),
     "cp2-to-cp1": ("tiny_gpt", (2, ["parallel.context=2"]), (1, [])),
+    # the context-parallel communication changes nothing that is saved: Ulysses inside pairs with the
+    # ring across them, then Ulysses alone
+    "cp4-a2a2-p2p2-to-cp2-a2a": (
+        "tiny_gpt",
+        (4, ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=2"]),
+        (2, ["parallel.context=2", "parallel.context_comm=a2a"]),
+    ),
     # Expert parameters get their own optimizer at every EP size (model/moe.py), so the chained
     # optimizer's checkpoint keys match between EP 2 and EP 1.
     "moe-ep2-to-ep1-distopt": (

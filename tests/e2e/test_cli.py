@@ -190,7 +190,7 @@ def _stage_lines(stages):
 def test_llama70b_dry_run_on_512(runs):
     lines = _ok(runs["llama70b_512"])
     assert lines[1] == (
-        "layout: world 512 = tensor 8 x pipeline 4 (x5 virtual) x context 2 x data 8; expert 1, sequence parallel"
+        "layout: world 512 = tensor 8 x pipeline 4 (x5 virtual) x context 2 (p2p) x data 8; expert 1, sequence parallel"
     )
     assert lines[2] == "micro-batches per step: 64"  # 512 / (micro 1 × data 8)
     assert lines[3] == "vocabulary: 128256 (padded)"

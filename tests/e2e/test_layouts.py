@@ -41,6 +41,21 @@ LAYOUTS = {
     "cp2-pp2": (4, ["parallel.context=2", "parallel.pipeline=2"]),
     # 4 processes / CP 2 = data-parallel 2: gradients reduce over data × context ranks
     "cp2-dp2-distopt": (4, ["parallel.context=2", "parallel.distributed_optimizer=true"]),
+    # Ulysses (model/ulysses.py). tiny_gpt has 4 query heads on 2 K/V heads: CP 2 splits the K/V
+    # heads, CP 4 copies each to 2 ranks (one query head per rank); at TP2 each tensor rank has 2
+    # query heads on 1 K/V head, copied to both all-to-all ranks. a2a+p2p at CP 4 with TP2 and PP2
+    # is one 16-process run (as long as two 8-process ones, one run fewer).
+    "cp2-a2a": (2, ["parallel.context=2", "parallel.context_comm=a2a"]),
+    "cp4-a2a": (4, ["parallel.context=4", "parallel.context_comm=a2a"]),
+    "cp2-a2a-tp2-pp2": (
+        8,
+        ["parallel.context=2", "parallel.context_comm=a2a", "parallel.tensor=2", "parallel.pipeline=2"],
+    ),
+    "cp4-a2a2-p2p2-tp2-pp2": (
+        16,
+        ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=2"]
+        + ["parallel.tensor=2", "parallel.pipeline=2"],
+    ),
 }
 
 
@@ -52,6 +67,31 @@ def test_layout_reproduces_single_process(name, masked_reference, synthetic_corp
     metrics = read_metrics(tmp_path)
     assert_close_curves(metrics, masked_reference, rel=FP32_REL)
     assert_close_validation(metrics, masked_reference, rel=FP32_REL)
+
+
+EIGHT_HEADS = ["model.num_attention_heads=8", "model.num_query_groups=2"]
+
+
+@pytest.fixture(scope="module")
+def eight_head_reference(synthetic_corpus, tmp_path_factory):
+    """masked_reference's run with 8 query heads on 2 K/V heads (head size 8): a2a at CP 4 with TP2
+    needs 4 query heads per tensor rank, tiny_gpt has 2."""
+    log_dir = tmp_path_factory.mktemp("eight-head-reference")
+    run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, log_dir, *MASKED, *EIGHT_HEADS))
+    return read_metrics(log_dir)
+
+
+@pytest.mark.slow
+def test_cp4_a2a_tp2_pp2_on_16_processes(eight_head_reference, masked_reference, synthetic_corpus, tmp_path):
+    """Ulysses over 4 ranks beside TP2 and PP2: each rank gets one of a tensor rank's 4 query heads
+    and a copy of its one K/V head."""
+    extra = ["parallel.context=4", "parallel.context_comm=a2a", "parallel.tensor=2", "parallel.pipeline=2"]
+    run_pretrain(16, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, *MASKED, *EIGHT_HEADS, *extra), timeout=600)
+    metrics = read_metrics(tmp_path)
+    assert_close_curves(metrics, eight_head_reference, rel=FP32_REL)
+    assert_close_validation(metrics, eight_head_reference, rel=FP32_REL)
+    # the reference is not tiny_gpt's: the 8 heads make another model
+    assert abs(eight_head_reference[-1]["loss"] - masked_reference[-1]["loss"]) > 1e-3
 
 
 @pytest.mark.slow

@@ -403,11 +403,14 @@ def test_yaml_1_2_floats_in_files(tmp_path):
             "parallel.pipeline × parallel.virtual_pipeline = 6 does not divide model.num_layers = 4",
         ),
         (["parallel.context=3"], "2 × parallel.context = 6 does not divide model.seq_length = 128"),
-        (["parallel.context_comm=ring"], "parallel.context_comm must be one of p2p | a2a | all_gather, got 'ring'"),
         (
-            ["parallel.context=2", "parallel.context_comm=a2a"],
-            "parallel.context_comm = a2a needs model.transformer_impl = transformer_engine; the local layers' ring "
-            "attention is p2p",
+            ["parallel.context_comm=ring"],
+            "parallel.context_comm must be one of p2p | a2a | a2a+p2p | all_gather, got 'ring'",
+        ),
+        (
+            ["parallel.context=2", "parallel.context_comm=all_gather"],
+            "parallel.context_comm = all_gather needs model.transformer_impl = transformer_engine; the local layers "
+            "do p2p, a2a and a2a+p2p",
         ),
         (
             ["parallel.context=4", "parallel.context_comm=a2a", "model.transformer_impl=transformer_engine"],
@@ -747,12 +750,82 @@ def test_uneven_pipeline_messages(overrides, message):
     assert error_of("tiny_gpt", overrides) == message
 
 
-def test_ring_attention_has_no_dropout():
-    message = (
-        "parallel.context = 2 uses ring attention, which has no attention dropout: "
-        "set model.attention_dropout = 0 (got 0.1)"
-    )
-    assert error_of("tiny_gpt", ["parallel.context=2", "model.attention_dropout=0.1"]) == message
+def test_context_parallel_attention_has_no_dropout():
+    ring = "uses ring attention, which has no attention dropout"
+    ulysses = "has no attention dropout (its CP ranks would draw one mask stream for different heads)"
+    for comm, what in (("p2p", ring), ("a2a", ulysses), ("a2a+p2p", ring)):
+        extra = ["parallel.context_a2a=2"] if comm == "a2a+p2p" else []
+        overrides = ["parallel.context=4", f"parallel.context_comm={comm}", *extra, "model.attention_dropout=0.1"]
+        message = f"parallel.context = 4 with parallel.context_comm = {comm} {what}: set model.attention_dropout = 0 (got 0.1)"
+        assert error_of("tiny_gpt", overrides) == message
+
+
+ULYSSES_SHARE = "gives each of those ranks a share of the"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["parallel.context=4", "parallel.context_comm=a2a", "parallel.tensor=2"],
+            "parallel.context = 4 does not divide model.num_attention_heads / parallel.tensor = 2 "
+            f"(parallel.context_comm = a2a {ULYSSES_SHARE} query heads)",
+        ),
+        (
+            ["parallel.context=4", "parallel.context_comm=a2a", "model.hidden_size=96", "model.num_attention_heads=12"]
+            + ["model.num_query_groups=6"],
+            "parallel.context = 4 and model.num_query_groups / parallel.tensor = 6 do not divide one another "
+            f"(parallel.context_comm = a2a {ULYSSES_SHARE} K/V heads, split or copied)",
+        ),
+        (
+            ["parallel.context=8", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=4", "parallel.tensor=2"],
+            "parallel.context_a2a = 4 does not divide model.num_attention_heads / parallel.tensor = 2 "
+            f"(parallel.context_comm = a2a+p2p {ULYSSES_SHARE} query heads)",
+        ),
+        (
+            ["parallel.context=4", "parallel.context_comm=a2a+p2p"],
+            "parallel.context_comm = a2a+p2p needs parallel.context_a2a: the ranks of one all-to-all group, a "
+            "divisor of parallel.context = 4",
+        ),
+        (
+            ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=3"],
+            "parallel.context_a2a = 3 does not divide parallel.context = 4",
+        ),
+        (
+            ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=4"],
+            "parallel.context_a2a = 4 with parallel.context = 4 leaves a ring of one rank: "
+            "set parallel.context_comm = a2a",
+        ),
+        (
+            ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=1"],
+            "parallel.context_a2a = 1 with parallel.context = 4 leaves an all-to-all of one rank: "
+            "set parallel.context_comm = p2p",
+        ),
+        (
+            ["parallel.context=2", "parallel.context_a2a=2"],
+            "parallel.context_a2a = 2 is only read with parallel.context_comm = a2a+p2p, got parallel.context_comm = p2p",
+        ),
+        (
+            ["parallel.context=8", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=4"]
+            + ["model.transformer_impl=transformer_engine"],
+            "parallel.tensor × parallel.context_a2a = 4 does not divide model.num_query_groups = 2",
+        ),
+    ],
+)
+def test_ulysses_messages(overrides, message):
+    assert error_of("tiny_gpt", overrides) == message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["parallel.context=2", "parallel.context_comm=a2a"],  # K/V heads split: 2 on 2 ranks
+        ["parallel.context=4", "parallel.context_comm=a2a"],  # K/V heads copied: 2 to 4 ranks
+        ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=2", "parallel.tensor=2"],
+    ],
+)
+def test_ulysses_layouts_of_tiny_gpt_load(overrides):
+    load_recipe("tiny_gpt", overrides)
 
 
 def test_uneven_pipeline_split():
@@ -790,3 +863,15 @@ def test_dump_writes_lists_inline():
 def test_every_error_is_one_line(tmp_path):
     write(tmp_path, "r.yaml", "model: {hidden_size: [1, 2]}\n")
     assert "\n" not in error_of("r.yaml")
+
+
+def test_a2a_p2p_layout_names_megatrons_hierarchical_groups():
+    from parallel.layout import Layout
+
+    overrides = ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=2", "parallel.tensor=2"]
+    layout = Layout.from_config(load_recipe("tiny_gpt", overrides).parallel, world_size=8)
+    assert layout.hierarchical_context == [2, 2]  # [all-to-all group, ring]
+    assert layout.describe() == "world 8 = tensor 2 x pipeline 1 x context 4 (a2a 2 x p2p 2) x data 1; expert 1"
+    assert Layout(world_size=2, context=2, context_comm="a2a").hierarchical_context is None
+    with pytest.raises(RecipeError, match=re.escape("parallel.context_a2a = 3 does not fit parallel.context_comm")):
+        Layout(world_size=4, context=4, context_comm="a2a+p2p", context_a2a=3)
