@@ -258,21 +258,29 @@ def test_tiny_gpt_uses_our_layers():
 
 
 def test_tiny_gpt_initial_loss_is_log_vocab():
+    """257 byte ids padded to 384 rows: the loss is the cross entropy over the 257 real ids only
+    (about log 257 at init, not log 384), the padded logits are -inf, and the padded rows of the
+    output layer get no gradient."""
     model, vocab = _build_tiny(1234)
-    model.eval()
     b, s = 4, _tiny().seq_length
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, BYTE_VOCAB, (b, s + 1), generator=g)
     position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    losses = model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:])  # [b, s] per token
+    losses.sum().backward()
     with torch.no_grad():
-        losses = model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:])  # [b, s] per token
+        model.eval()
         logits = model(tokens[:, :-1], position_ids, None)  # [b, s, vocab]
     assert losses.shape == (b, s)
-    assert logits.shape == (b, s, vocab)
-    assert abs(losses.mean().item() - math.log(vocab)) < 0.3
-    # The loss is the cross entropy of the model's own logits against the shifted tokens.
-    reference = F.cross_entropy(logits.reshape(-1, vocab).float(), tokens[:, 1:].reshape(-1), reduction="none")
-    torch.testing.assert_close(losses.reshape(-1), reference, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (b, s, vocab) and vocab == 384
+    assert torch.all(logits[..., BYTE_VOCAB:] == float("-inf")) and torch.isfinite(logits[..., :BYTE_VOCAB]).all()
+    assert abs(losses.mean().item() - math.log(BYTE_VOCAB)) < 0.1
+    # The loss is the cross entropy of the model's own real-vocabulary logits against the shifted tokens.
+    real = logits[..., :BYTE_VOCAB].reshape(-1, BYTE_VOCAB).float()
+    reference = F.cross_entropy(real, tokens[:, 1:].reshape(-1), reduction="none")
+    torch.testing.assert_close(losses.detach().reshape(-1), reference, rtol=1e-5, atol=1e-5)
+    grad = model.output_layer.weight.grad
+    assert grad[BYTE_VOCAB:].abs().max() == 0 and grad[:BYTE_VOCAB].abs().max() > 0
 
 
 def test_tiny_gpt_init_is_deterministic_per_seed():
