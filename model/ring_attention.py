@@ -364,7 +364,8 @@ class RingAttention(SDPAttention):
         attention_bias: Tensor | None = None,
         packed_seq_params: object = None,
     ) -> Tensor:
-        self._check_call(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        if not self._check_call(query.size(0), attention_mask, attn_mask_type, attention_bias, packed_seq_params):
+            raise NotImplementedError("RingAttention has no generation step (context parallelism is for training)")
         if self.training and self.attention_dropout.p > 0.0:
             raise NotImplementedError(
                 f"RingAttention has no attention dropout, got {self.attention_dropout.p}; set attention_dropout to 0"
