@@ -43,9 +43,9 @@ def open_indexed(prefix: str) -> Any:
     both files exist, the .idx parses, and the .bin holds every token the .idx points to."""
     for path in (prefix + ".bin", prefix + ".idx"):
         if not os.path.isfile(path):
-            raise UserError(
-                f"data file '{path}' not found: build it with 'python -m data.preprocess' or fix the data path"
-            )
+            raise UserError(f"data file '{path}' not found: {build_command(prefix)}, or fix the data path")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"data file '{path}' cannot be read (permission denied)")
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     # Built in two steps so that a failed __init__ can be given the attributes IndexedDataset.__del__
@@ -61,6 +61,16 @@ def open_indexed(prefix: str) -> Any:
         ) from None
     _check_bin_size(indexed, prefix)
     return indexed
+
+
+QUICKSTART_PREFIX = os.path.join("runs", "quickstart", "corpus", "text_document")  # the tiny recipes' data.path
+
+
+def build_command(prefix: str) -> str:
+    """How to build the corpus `prefix`: the quickstart's own command for the tiny recipes' path."""
+    if os.path.normpath(prefix).endswith(QUICKSTART_PREFIX):
+        return f"build it with 'python -m data.preprocess quickstart --output-prefix {prefix}' (or bash scripts/quickstart.sh)"
+    return f"build it with 'python -m data.preprocess text --input FILES --output-prefix {prefix}'"
 
 
 def _check_bin_size(indexed: Any, prefix: str) -> None:

@@ -22,7 +22,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from common.errors import EXIT_USER_ERROR, UserError
+from common.errors import EXIT_USER_ERROR, UserError, path_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        if path_problem(exc) is None or args.debug:
+            raise
+        print(f"error: {path_problem(exc)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
 
 

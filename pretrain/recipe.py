@@ -8,6 +8,8 @@ that need the world size are the layout's (parallel/layout.py) and the batch pla
 
 from __future__ import annotations
 
+import difflib
+import os
 import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -115,7 +117,10 @@ def resolve_recipe_path(name_or_path: str) -> pathlib.Path:
         if path.is_file():
             return path
     looked = ", ".join(schema.display(p) for p in found)
-    raise RecipeError(f"recipe '{name_or_path}' not found: looked for {looked}")
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(pathlib.Path(name_or_path).stem, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise RecipeError(f"recipe '{name_or_path}' not found: looked for {looked}; {hint}recipes: {', '.join(names)}")
 
 
 def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:
@@ -173,6 +178,23 @@ def dump_recipe(recipe: Recipe) -> str:
 def model_config_from_dict(tree: dict[str, Any], where: str) -> ModelConfig:
     """A `model:` section (e.g. the recipe stored in a checkpoint) checked against the schema."""
     return schema.from_dict(ModelConfig, tree, "model", where)
+
+
+def make_output_dirs(recipe: Recipe) -> None:
+    """Creates the folders a run writes (logging.dir, the checkpoint folder when it saves,
+    data.cache_dir) before anything is built, so one that cannot be created or written is a
+    one-line error naming its key, not a failure deep in a save."""
+    cache = pathlib.Path(recipe.data.cache_dir or recipe.log_dir() / "data_cache")
+    dirs = [("logging.dir", recipe.log_dir()), ("data.cache_dir", cache)]
+    if recipe.checkpoint.save:
+        dirs.append(("checkpoint.dir", recipe.checkpoint_dir()))
+    for key, path in dirs:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RecipeError(f"{key} '{path}' cannot be created: {exc.strerror or exc}") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise RecipeError(f"{key} '{path}' is not writable")
 
 
 def write_recipe(recipe: Recipe, path: pathlib.Path) -> None:

@@ -16,7 +16,7 @@ from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_
 from pretrain.checkpointer import Checkpointer, TrainState
 from pretrain.guards import Guards, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
 from pretrain.metrics import Metrics, MetricsLog, device_peak_tflops, flops_per_token
-from pretrain.recipe import Recipe, recipe_to_dict, validate_for_world, write_recipe
+from pretrain.recipe import Recipe, make_output_dirs, recipe_to_dict, validate_for_world, write_recipe
 from pretrain.step import Evaluation, Step
 from upstream import cpu
 
@@ -102,6 +102,7 @@ def build_step(
         debug=recipe.debug,
         device=device,
         groups=groups,
+        vocab_size=vocab_size,
         moe=moe,
     )
 
@@ -166,6 +167,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     Raises Preempted after the checkpoint when a preemption signal arrived (SIGTERM, SIGUSR1), and
     NonfiniteStop when the non-finite guard ends the run; every rank raises at the same step."""
+    make_output_dirs(recipe)
     with StopRequest().installed() as stop:
         run = build_run(recipe)
         run.checkpointer.resume(run.state, recipe.train.global_batch_size)
@@ -195,7 +197,9 @@ def _loop(run: Run, batches: TrainBatches, metrics: Metrics, guards: Guards) -> 
     start_step = state.step
     while state.step < recipe.train.steps:
         start = time.perf_counter()
-        result = run.step.train(state.step, batches.step(state.consumed_samples), guards)
+        step_batches = batches.step(state.consumed_samples)
+        run.step.check_token_ids(step_batches, run.data["train"], state.consumed_samples)
+        result = run.step.train(state.step, step_batches, guards)
         state.consumed_samples += recipe.train.global_batch_size  # a skipped step uses up its batch too
         state.step += 1
         stop_reason = _count_nonfinite(run, guards.nonfinite, result.nonfinite, result.loss)

@@ -23,7 +23,7 @@ from typing import Any
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from common.errors import EXIT_USER_ERROR, UserError, path_problem  # noqa: E402
 from upstream.process import exit_quickly  # noqa: E402
 
 
@@ -62,6 +62,8 @@ def read_checkpoint(path: pathlib.Path) -> tuple[pathlib.Path, Any, str, int]:
 
     if not path.exists():
         raise UserError(f"--checkpoint '{path}' does not exist")
+    if not (path / "metadata.json").is_file() and not (path / checkpoint.LATEST).is_file():
+        raise UserError(f"--checkpoint '{path}' is neither a checkpoint folder (with 'latest') nor an iter_N")
     found = checkpoint.resolve_load(str(path), path.parent)
     assert found is not None  # resolve_load gives None only for load None or auto
     extra = checkpoint.read_extra(found)
@@ -170,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        if path_problem(exc) is None or args.debug:
+            raise
+        print(f"error: {path_problem(exc)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     finally:
         from parallel.layout import shutdown

@@ -3,10 +3,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+# pip's notices about the machine (a newer pip exists, running as root) are not about this project
+# and would bury the set-up's own output: off for these installs.
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 if ! .venv/bin/python -c "import torch, megatron.core, pytest, yaml, wandb, mypy, ruff" >/dev/null 2>&1; then
+    echo "setting up .venv (torch, megatron-core and the test tools; a few minutes the first time)"
     .venv/bin/python -m pip install -q --upgrade pip
     # torch first, pinned: on a fresh machine this takes the local CPU wheel; an unpinned torch
     # pulls gigabytes of CUDA packages.
