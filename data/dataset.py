@@ -136,6 +136,11 @@ class SourceSamples:
     def __getitem__(self, j: int) -> dict:
         return self.gpt[self.position(j)]
 
+    def documents(self, j: int) -> list[int]:
+        """Ids (in the dataset's .idx) of the documents endless sample j is cut from, in order."""
+        _, documents = self.gpt._query_document_sample_shuffle_indices(self.position(j))
+        return [int(d) for d in documents]
+
     def _permutation(self, epoch: int) -> numpy.ndarray:
         # Batches straddle at most one epoch boundary at a time: keep the last two orders.
         if epoch not in self._permutations:
@@ -179,6 +184,12 @@ class BlendedSamples:
     def __getitem__(self, i: int) -> dict:
         source, j = self.locate(i)
         return self.sources[source][j]
+
+    def origin(self, i: int) -> tuple[str, int, list[int]]:
+        """(dataset prefix, megatron-core GPTDataset index, document ids) of global sample i."""
+        source, j = self.locate(i)
+        origin = self.sources[source]
+        return origin.prefix, origin.position(j), origin.documents(j)
 
 
 # ---- building the splits ------------------------------------------------------------------------

@@ -53,18 +53,15 @@ def step_samples(
         for micro in range(plan.micro_batches):
             batch = rank_plan.whole_batch(samples, first, micro)  # [b, s], what the trainer reads
             for row, index in enumerate(rank_plan.indices(first, micro)):
-                source, j = samples.locate(index)
-                origin = samples.sources[source]
-                position = origin.position(j)
-                _, documents = origin.gpt._query_document_sample_shuffle_indices(position)
+                dataset, position, documents = samples.origin(index)
                 tokens = batch["tokens"][row].tolist() + batch["labels"][row, -1:].tolist()
                 yield SampleView(
                     index=index,
                     data_rank=data_rank,
                     micro_batch=micro,
-                    dataset=origin.prefix,
+                    dataset=dataset,
                     dataset_sample=position,
-                    documents=[int(d) for d in documents],
+                    documents=documents,
                     tokens=tokens,
                     loss_tokens=int(batch["loss_mask"][row].sum()),
                 )

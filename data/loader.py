@@ -99,14 +99,10 @@ def token_ids_beyond(samples: Samples, first: int, count: int, vocab_size: int) 
 
 def _sample_origin(samples: Samples, i: int) -> str:
     """'data file PREFIX.bin (documents …, sample i)' for a BlendedSamples; 'sample i' otherwise."""
-    locate = getattr(samples, "locate", None)
-    if locate is None:
+    if not hasattr(samples, "origin"):
         return f"sample {i}"
-    source, j = locate(i)
-    origin = samples.sources[source]  # type: ignore[attr-defined]
-    _, documents = origin.gpt._query_document_sample_shuffle_indices(origin.position(j))
-    docs = ", ".join(str(int(d)) for d in documents)
-    return f"data file '{origin.prefix}.bin' (documents {docs}, read as sample {i})"
+    prefix, _, documents = samples.origin(i)
+    return f"data file '{prefix}.bin' (documents {', '.join(map(str, documents))}, read as sample {i})"
 
 
 class RankMicroBatches(Dataset):

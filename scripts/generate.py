@@ -44,7 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """The sampling options' bounds, before anything is loaded."""
+    """The options' bounds and the checkpoint's existence, before anything is loaded."""
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -53,6 +53,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--top-k must be 0 (off) or positive, got {args.top_k}")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    path = args.checkpoint
+    if not path.exists():
+        raise UserError(f"--checkpoint '{path}' does not exist")
+    if not (path / "metadata.json").is_file() and not (path / "latest").is_file():
+        raise UserError(f"--checkpoint '{path}' is neither a checkpoint folder (with 'latest') nor an iter_N")
 
 
 def read_checkpoint(path: pathlib.Path) -> tuple[pathlib.Path, Any, str, int]:
@@ -60,10 +65,6 @@ def read_checkpoint(path: pathlib.Path) -> tuple[pathlib.Path, Any, str, int]:
     from pretrain import checkpoint
     from pretrain.recipe import model_config_from_dict
 
-    if not path.exists():
-        raise UserError(f"--checkpoint '{path}' does not exist")
-    if not (path / "metadata.json").is_file() and not (path / checkpoint.LATEST).is_file():
-        raise UserError(f"--checkpoint '{path}' is neither a checkpoint folder (with 'latest') nor an iter_N")
     found = checkpoint.resolve_load(str(path), path.parent)
     assert found is not None  # resolve_load gives None only for load None or auto
     extra = checkpoint.read_extra(found)
@@ -179,9 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {path_problem(exc)}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     finally:
-        from parallel.layout import shutdown
+        import torch.distributed as dist
 
-        shutdown()
+        if dist.is_initialized():
+            from parallel.layout import shutdown
+
+            shutdown()
 
 
 if __name__ == "__main__":
