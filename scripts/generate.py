@@ -9,7 +9,9 @@ the recipe stored in it gives the architecture and the tokenizer (`--tokenizer` 
 imported from Hugging Face, whose recipe names none). `--temperature 0` is greedy decoding. The
 text stops at the tokenizer's end-of-document token or after `--max-new-tokens`. Under torchrun the
 processes split the model by `--tensor` × `--pipeline` (their product is the number of processes)
-and rank 0 prints. Bad input is one `error:` line, exit code 2.
+and rank 0 prints. The model is built in fp32 whatever precision it trained in (a bf16 checkpoint
+is upcast as it loads: 4 bytes per parameter over the processes). Bad input is one `error:` line,
+exit code 2.
 """
 
 from __future__ import annotations
