@@ -180,21 +180,22 @@ def model_config_from_dict(tree: dict[str, Any], where: str) -> ModelConfig:
     return schema.from_dict(ModelConfig, tree, "model", where)
 
 
-def make_output_dirs(recipe: Recipe) -> None:
-    """Creates the folders a run writes (logging.dir, the checkpoint folder when it saves,
-    data.cache_dir) before anything is built, so one that cannot be created or written is a
-    one-line error naming its key, not a failure deep in a save."""
+def check_output_dirs(recipe: Recipe) -> None:
+    """The folders a run writes (logging.dir, the checkpoint folder when it saves, data.cache_dir)
+    can be created and written, checked before anything is built (and without creating them), so
+    one that cannot is a one-line error naming its key, not a failure deep in a save."""
     cache = pathlib.Path(recipe.data.cache_dir or recipe.log_dir() / "data_cache")
     dirs = [("logging.dir", recipe.log_dir()), ("data.cache_dir", cache)]
     if recipe.checkpoint.save:
         dirs.append(("checkpoint.dir", recipe.checkpoint_dir()))
     for key, path in dirs:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RecipeError(f"{key} '{path}' cannot be created: {exc.strerror or exc}") from None
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise RecipeError(f"{key} '{path}' is not writable")
+        existing = path.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise RecipeError(f"{key} '{path}' cannot be created: '{existing}' is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise RecipeError(f"{key} '{path}' cannot be written: '{existing}' is not writable")
 
 
 def write_recipe(recipe: Recipe, path: pathlib.Path) -> None:

@@ -16,7 +16,7 @@ from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_
 from pretrain.checkpointer import Checkpointer, TrainState
 from pretrain.guards import Guards, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
 from pretrain.metrics import Metrics, MetricsLog, device_peak_tflops, flops_per_token
-from pretrain.recipe import Recipe, make_output_dirs, recipe_to_dict, validate_for_world, write_recipe
+from pretrain.recipe import Recipe, check_output_dirs, recipe_to_dict, validate_for_world, write_recipe
 from pretrain.step import Evaluation, Step
 from upstream import cpu
 
@@ -167,7 +167,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     Raises Preempted after the checkpoint when a preemption signal arrived (SIGTERM, SIGUSR1), and
     NonfiniteStop when the non-finite guard ends the run; every rank raises at the same step."""
-    make_output_dirs(recipe)
+    check_output_dirs(recipe)
     with StopRequest().installed() as stop:
         run = build_run(recipe)
         run.checkpointer.resume(run.state, recipe.train.global_batch_size)

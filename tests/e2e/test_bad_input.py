@@ -100,7 +100,7 @@ def test_output_folder_that_cannot_be_created(capsys, tmp_path, a_file, syntheti
 
     overrides = tiny_overrides(synthetic_corpus, tmp_path / "run", f"{key}={a_file}/sub")
     line = _one_line(capsys, main, ["--recipe", "tiny_gpt", *overrides])
-    assert line == f"error: {key} '{a_file}/sub' cannot be created: Not a directory"
+    assert line == f"error: {key} '{a_file}/sub' cannot be created: '{a_file}' is a file, not a folder"
 
 
 def test_mistyped_recipe_gets_did_you_mean_and_the_list(capsys):

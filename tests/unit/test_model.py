@@ -314,3 +314,33 @@ def test_tiny_gpt_init_is_deterministic_per_seed():
 def test_padded_vocab_size(vocab, divisible_by, tensor, expected):
     model = ModelConfig(make_vocab_size_divisible_by=divisible_by)
     assert padded_vocab_size(model, vocab, tensor) == expected
+
+
+class _Shard(torch.nn.Module):
+    """Stands in for the output layer on one tensor-parallel rank: (logits shard, bias)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def forward(self, hidden):
+        return torch.zeros(hidden.size(0), 1, self.width), None
+
+
+@pytest.mark.parametrize("tensor", [1, 2, 4, 8])
+def test_padded_logits_are_masked_on_every_tensor_rank(tensor):
+    """257 ids padded to 384: across the ranks' shards exactly the global columns 257..383 are -inf
+    (at TP4 rank 2 holds both kinds, rank 3 only padding), and the gathered logits of generation too."""
+    from model.gpt import mask_padded_logits
+
+    padded = padded_vocab_size(ModelConfig(), BYTE_VOCAB, tensor)
+    shards = []
+    for rank in range(tensor):
+        layer = _Shard(padded // tensor)
+        mask_padded_logits(layer, BYTE_VOCAB, padded, rank)
+        shards.append(layer(torch.zeros(3, 1))[0])
+    logits = torch.cat(shards, dim=-1)  # [s, b, padded]
+    assert padded == 384 and torch.equal(torch.isinf(logits[0, 0]), torch.arange(padded) >= BYTE_VOCAB)
+    gathered = _Shard(padded)
+    mask_padded_logits(gathered, BYTE_VOCAB, padded, tensor - 1)  # any rank: the whole vocabulary
+    assert torch.equal(torch.isinf(gathered(torch.zeros(3, 1))[0][0, 0]), torch.arange(padded) >= BYTE_VOCAB)
