@@ -34,6 +34,16 @@ def _one_line(capsys, main, argv) -> str:
     return lines[0]
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """An in-process training start sets MASTER_ADDR/MASTER_PORT (parallel/layout.py): they must
+    not reach the processes later tests start."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture
 def a_file(tmp_path):
     """A plain file: a folder below it can neither be created nor written (as root too)."""
