@@ -209,8 +209,7 @@ class UlyssesAttention(ContextParallelAttention):
         attention_bias: Tensor | None = None,
         packed_seq_params: object = None,
     ) -> Tensor:
-        self._check_call(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
-        self._refuse_dropout()
+        self._check_training_call(query, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         context = ulysses_attention(query, key, value, self.a2a_group, self.ring_group, self.softmax_scale)
         return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)  # [s/cp, b, np·hn]
 

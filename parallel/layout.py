@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from common.errors import RecipeError
+from common.errors import RecipeError, UserError
 from parallel.config import ParallelConfig
 
 
@@ -147,9 +147,21 @@ def world_from_env() -> tuple[int, int, int]:
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
-    """`auto` uses this node's GPU for the local rank when there is one, else the CPU."""
+    """`auto` uses this node's GPU for the local rank when there is one, else the CPU; `cuda`
+    without a GPU for this local rank is a UserError (torch would fail deep in the first CUDA call)."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
+    if not torch.cuda.is_available():
+        built = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise UserError(
+            f"train.device = cuda but this machine has no usable GPU (torch {torch.__version__}, {built}): "
+            "use train.device=cpu or auto"
+        )
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(
+            f"local rank {local_rank} needs GPU {local_rank}, but this node has {torch.cuda.device_count()}: "
+            "start at most that many processes per node"
+        )
     return torch.device("cuda", local_rank)
 
 

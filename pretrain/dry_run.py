@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import NamedTuple
 
 from data.loader import BatchPlan
@@ -126,4 +127,19 @@ def dry_run(recipe: Recipe, world_size: int) -> str:
     for s in stages:
         ranges = ", ".join(f"{a}-{b - 1}" for a, b in s.layers)
         lines.append(f"  pipeline stage {s.pipeline_rank}: layers {ranges}; {s.params_per_rank:,} parameters per rank")
+    lines.extend(missing_data(recipe))
     return "\n".join(lines)
+
+
+def missing_data(recipe: Recipe) -> list[str]:
+    """A line per data file the recipe names that is not on this machine: the layout is valid, but
+    training here would stop at it (on a cluster the files may live where the run starts)."""
+    from data.dataset import blend_of, build_command
+
+    d = recipe.data
+    prefixes = [p for _, p in blend_of(d.path, d.blend) + blend_of(d.valid_path, d.valid_blend)]
+    return [
+        f"data: '{prefix}.bin/.idx' not found on this machine: {build_command(prefix)}"
+        for prefix in prefixes
+        if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"))
+    ]

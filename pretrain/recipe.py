@@ -8,6 +8,8 @@ that need the world size are the layout's (parallel/layout.py) and the batch pla
 
 from __future__ import annotations
 
+import difflib
+import os
 import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -132,7 +134,10 @@ def resolve_recipe_path(name_or_path: str) -> pathlib.Path:
         if path.is_file():
             return path
     looked = ", ".join(schema.display(p) for p in found)
-    raise RecipeError(f"recipe '{name_or_path}' not found: looked for {looked}")
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(pathlib.Path(name_or_path).stem, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise RecipeError(f"recipe '{name_or_path}' not found: looked for {looked}; {hint}recipes: {', '.join(names)}")
 
 
 def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:
@@ -194,6 +199,24 @@ def dump_recipe(recipe: Recipe) -> str:
 def model_config_from_dict(tree: dict[str, Any], where: str) -> ModelConfig:
     """A `model:` section (e.g. the recipe stored in a checkpoint) checked against the schema."""
     return schema.from_dict(ModelConfig, tree, "model", where)
+
+
+def check_output_dirs(recipe: Recipe) -> None:
+    """The folders a run writes (logging.dir, the checkpoint folder when it saves, data.cache_dir)
+    can be created and written, checked before anything is built (and without creating them), so
+    one that cannot is a one-line error naming its key, not a failure deep in a save."""
+    cache = pathlib.Path(recipe.data.cache_dir or recipe.log_dir() / "data_cache")
+    dirs = [("logging.dir", recipe.log_dir()), ("data.cache_dir", cache)]
+    if recipe.checkpoint.save:
+        dirs.append(("checkpoint.dir", recipe.checkpoint_dir()))
+    for key, path in dirs:
+        existing = path.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise RecipeError(f"{key} '{path}' cannot be created: '{existing}' is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise RecipeError(f"{key} '{path}' cannot be written: '{existing}' is not writable")
 
 
 def write_recipe(recipe: Recipe, path: pathlib.Path) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from common.errors import AgreedUserError
 from data.dataset import Samples
-from data.loader import BatchPlan
+from data.loader import BatchPlan, token_ids_beyond
 from pretrain.guards import Guards, agree, grads_are_finite
 from pretrain.optim import current_lr
 from pretrain.recipe import DebugConfig
@@ -108,6 +109,7 @@ class Step:
     debug: DebugConfig
     device: torch.device
     groups: Any  # megatron-core ProcessGroupCollection
+    vocab_size: int  # the model's (unpadded) vocabulary: every token id must be below it
     moe: Any | None = None  # model.moe.MoeMonitor when the model has experts
 
     def __post_init__(self) -> None:
@@ -150,6 +152,19 @@ class Step:
             moe=moe,
         )
 
+    def check_token_ids(self, batches: list[dict], samples: Samples, first: int) -> None:
+        """Raises AgreedUserError on every rank when any rank's micro-batches of the global batch at
+        sample `first` hold a token id outside the vocabulary (a corpus built with another
+        tokenizer), before the embedding would fail on it; one small all-reduce."""
+        extremes = torch.zeros(2, dtype=torch.int64, device=self.device)  # [max id, -min id]
+        for batch in batches:
+            for key in ("tokens", "labels"):
+                extremes = torch.maximum(extremes, torch.stack([batch[key].max(), -batch[key].min()]))
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+        highest, lowest = extremes.tolist()
+        if highest >= self.vocab_size or lowest > 0:
+            raise AgreedUserError(token_ids_beyond(samples, first, self.plan.global_batch_size, self.vocab_size))
+
     @torch.no_grad()
     def evaluate(self, samples: Samples, eval_steps: int, prefix: str) -> dict[str, float]:
         """Token-mean loss over the first `eval_steps` global batches of `samples`, forward only
@@ -160,6 +175,7 @@ class Step:
         total = torch.zeros(2, dtype=torch.float64)
         for k in range(eval_steps):
             batches = self.plan.step_batches(samples, k * self.plan.global_batch_size, self.device)
+            self.check_token_ids(batches, samples, k * self.plan.global_batch_size)
             total += self._loss_sums(self._forward_backward(batches, forward_only=True))
         for chunk in self.chunks:
             chunk.train()

@@ -17,7 +17,7 @@ from pretrain.checkpointer import Checkpointer, TrainState
 from pretrain.guards import Guards, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
 from pretrain.metrics import Metrics, MetricsLog, device_peak_tflops, flops_per_token
 from pretrain.profiling import Profiler
-from pretrain.recipe import Recipe, recipe_to_dict, validate_for_world, write_recipe
+from pretrain.recipe import Recipe, check_output_dirs, recipe_to_dict, validate_for_world, write_recipe
 from pretrain.step import Evaluation, Step
 from upstream import cpu
 
@@ -116,6 +116,7 @@ def build_step(
         debug=recipe.debug,
         device=device,
         groups=groups,
+        vocab_size=vocab_size,
         moe=moe,
     )
 
@@ -202,6 +203,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     Raises Preempted after the checkpoint when a preemption signal arrived (SIGTERM, SIGUSR1), and
     NonfiniteStop when the non-finite guard ends the run; every rank raises at the same step."""
+    check_output_dirs(recipe)
     with StopRequest().installed() as stop:
         run = build_run(recipe)
         run.checkpointer.resume(run.state, recipe.train.global_batch_size)
@@ -234,7 +236,9 @@ def _loop(run: Run, batches: TrainBatches, metrics: Metrics, profiler: Profiler,
     while state.step < recipe.train.steps:
         profiler.before_step(state.step + 1)
         start = time.perf_counter()
-        result = run.step.train(state.step, batches.step(state.consumed_samples), guards)
+        step_batches = batches.step(state.consumed_samples)
+        run.step.check_token_ids(step_batches, run.data["train"], state.consumed_samples)
+        result = run.step.train(state.step, step_batches, guards)
         state.consumed_samples += recipe.train.global_batch_size  # a skipped step uses up its batch too
         state.step += 1
         stop_reason = _count_nonfinite(run, guards.nonfinite, result.nonfinite, result.loss)

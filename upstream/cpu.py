@@ -16,6 +16,7 @@ import ctypes
 import dataclasses
 import os
 import signal
+import time
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -103,10 +104,20 @@ def _cpu_get_rng_state(device: object = "cuda", clone: bool = False, graph_safe:
 
 
 class HostEvent:
-    """Stand-in for torch.cuda.Event: CPU work is already complete when recorded."""
+    """Stand-in for torch.cuda.Event: CPU work is already complete when recorded, so the time it was
+    recorded at is when that work ended."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self.recorded_at: float | None = None
 
     def record(self, stream: object = None) -> None:
-        pass
+        self.recorded_at = time.perf_counter()
+
+    def elapsed_time(self, end: HostEvent) -> float:
+        """Milliseconds from this event to `end`, as torch.cuda.Event.elapsed_time."""
+        if self.recorded_at is None or end.recorded_at is None:
+            raise RuntimeError("elapsed_time needs both events recorded")
+        return 1000.0 * (end.recorded_at - self.recorded_at)
 
     def synchronize(self) -> None:
         pass
@@ -151,6 +162,11 @@ def _host_split_sizes(tensor: object, as_numpy: bool = False, record_stream: boo
     return tensor
 
 
+def _tensor_present(tensor: object) -> None:
+    """megatron's inference `_is_cuda` check without its device half: the tensor must exist."""
+    assert tensor is not None
+
+
 def _uneven_all_gather(original):
     """torch.distributed.all_gather that also gathers tensors of different lengths on gloo.
 
@@ -177,6 +193,7 @@ def _uneven_all_gather(original):
 
 def _patches() -> list[Patch]:
     """The attribute patches, built lazily so importing this module never imports megatron."""
+    from megatron.core.inference import communication_utils
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import token_dispatcher
 
@@ -245,6 +262,26 @@ def _patches() -> list[Patch]:
             cuda,
             "current_stream",
             lambda device=None: _HOST_STREAM,
+        ),
+        # The static-batch generation loop times every token with CUDA events
+        # (inference/text_generation_controllers/text_generation_controller.py:1163,1337); the
+        # CPU build's torch.cuda.Event is a dummy class that raises when instantiated.
+        Patch(
+            "stream.Event",
+            "inference/text_generation_controllers/text_generation_controller.py:1163 torch.cuda.Event",
+            cuda,
+            "Event",
+            HostEvent,
+        ),
+        # Generation across pipeline stages broadcasts the logits from the last stage and asserts
+        # first that they are on a GPU (inference/communication_utils.py:31 `_is_cuda`, called by
+        # broadcast_from_last_pipeline_stage); gloo broadcasts CPU tensors.
+        Patch(
+            "inference.is_cuda",
+            "inference/communication_utils.py:31 assert tensor.is_cuda",
+            communication_utils,
+            "_is_cuda",
+            _tensor_present,
         ),
         Patch(
             "moe.split_sizes",

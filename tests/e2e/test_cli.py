@@ -120,7 +120,10 @@ def test_debug_shows_the_traceback(runs):
 def test_missing_recipe(runs):
     line = _user_error(runs["missing_recipe"])
     assert line.startswith("error: recipe 'nope' not found")
-    assert line == "error: recipe 'nope' not found: looked for nope, recipes/nope, recipes/nope.yaml"
+    assert line == (
+        "error: recipe 'nope' not found: looked for nope, recipes/nope, recipes/nope.yaml; "
+        "recipes: deepseek_moe_16b, llama70b, llama_1b, llama_3b, mixtral_8x7b, tiny_gpt, tiny_moe"
+    )
 
 
 def test_recipe_file_typo_names_the_file_and_the_key(runs):
@@ -136,7 +139,8 @@ def test_layout_that_does_not_divide_the_world(runs):
 def test_missing_data_file(runs):
     assert _user_error(runs["no_data"]) == (
         "error: data file '/nonexistent/x.bin' not found: "
-        "build it with 'python -m data.preprocess' or fix the data path"
+        "build it with 'python -m data.preprocess text --input FILES --output-prefix /nonexistent/x', "
+        "or fix the data path"
     )
 
 

@@ -326,14 +326,16 @@ def test_missing_bin_and_idx_are_named(tmp_path):
     with pytest.raises(UserError) as error:
         open_indexed(prefix)
     assert str(error.value) == (
-        f"data file '{prefix}.bin' not found: build it with 'python -m data.preprocess' or fix the data path"
+        f"data file '{prefix}.bin' not found: build it with 'python -m data.preprocess text --input FILES "
+        f"--output-prefix {prefix}', or fix the data path"
     )
     write_indexed([[1, 2, 3]], prefix, vocab_size=257)
     (tmp_path / "corpus.idx").unlink()
     with pytest.raises(UserError) as error:
         open_indexed(prefix)
     assert str(error.value) == (
-        f"data file '{prefix}.idx' not found: build it with 'python -m data.preprocess' or fix the data path"
+        f"data file '{prefix}.idx' not found: build it with 'python -m data.preprocess text --input FILES "
+        f"--output-prefix {prefix}', or fix the data path"
     )
 
 

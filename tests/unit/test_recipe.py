@@ -118,10 +118,14 @@ def test_existing_path_wins_over_recipes_folder(tmp_path):
 
 
 def test_recipe_not_found():
+    listed = "recipes: deepseek_moe_16b, llama70b, llama_1b, llama_3b, mixtral_8x7b, tiny_gpt, tiny_moe"
     assert error_of("nope") == (
-        f"recipe 'nope' not found: looked for nope, {RECIPES_DIR}/nope, {RECIPES_DIR}/nope.yaml"
+        f"recipe 'nope' not found: looked for nope, {RECIPES_DIR}/nope, {RECIPES_DIR}/nope.yaml; {listed}"
     )
-    assert error_of("nope.yaml") == (f"recipe 'nope.yaml' not found: looked for nope.yaml, {RECIPES_DIR}/nope.yaml")
+    assert error_of("nope.yaml") == (
+        f"recipe 'nope.yaml' not found: looked for nope.yaml, {RECIPES_DIR}/nope.yaml; {listed}"
+    )
+    assert error_of("tiny-moe").endswith(f"did you mean 'tiny_moe'? {listed}")
 
 
 def test_recipe_error_is_a_user_error():

@@ -192,6 +192,38 @@ def _uneven_all_gather():
         assert outcome == [0.0, 0.0, 1.0, 1.0, 1.0]
 
 
+def _generation_timing_events():
+    """inference/text_generation_controllers/text_generation_controller.py:1163,1337,1346: the static
+    generation loop records a timing event per token and reads the time between them."""
+    import time
+
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    events[0].record()
+    time.sleep(0.01)
+    events[1].record()
+    events[1].synchronize()
+    assert 5.0 < events[0].elapsed_time(events[1]) < 1000.0
+
+
+def _pipeline_logits_broadcast():
+    """inference/communication_utils.py:31: generation under pipeline parallelism broadcasts the
+    last stage's logits, asserting `tensor.is_cuda` first (a bare assert: named here by its function)."""
+    import traceback
+
+    import torch.distributed as dist
+    from megatron.core.inference.communication_utils import broadcast_from_last_pipeline_stage
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        logits = torch.arange(6.0).view(1, 2, 3)
+        out = broadcast_from_last_pipeline_stage([1, 2, 3], torch.float32, logits, pp_group=dist.group.WORLD)
+        assert torch.equal(out, logits)
+    except AssertionError as exc:
+        raise AssertionError(f"{traceback.extract_tb(exc.__traceback__)[-1].name} asserted") from exc
+    finally:
+        dist.destroy_process_group()
+
+
 NO_CUDA = (AssertionError, "Torch not compiled with CUDA enabled")
 WRONG_STREAM = (AssertionError, "the fork did not draw from the tensor-parallel stream")
 
@@ -208,6 +240,8 @@ SITES = {
     "device.synchronize": (_dist_checkpoint_save, *NO_CUDA),
     "stream.Stream": (_moe_alltoall_forward_backward, RuntimeError, "torch.cuda.Stream requires CUDA support"),
     "stream.current_stream": (_moe_alltoall_forward_backward, *NO_CUDA),
+    "stream.Event": (_generation_timing_events, RuntimeError, "Tried to instantiate dummy base class Event"),
+    "inference.is_cuda": (_pipeline_logits_broadcast, AssertionError, "^_is_cuda asserted$"),
     "moe.split_sizes": (_alltoall_split_sizes, TypeError, "all_to_all_single\\(\\): incompatible function arguments"),
     "dist.uneven_all_gather": (_uneven_all_gather, RuntimeError, "ProcessGroupGloo::allgather: invalid tensor size"),
 }
