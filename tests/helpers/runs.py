@@ -49,7 +49,13 @@ def run_pretrain(
         cmd + ["--recipe", recipe, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}")
+        # A rank's one-line error can sit far above torchrun's failure summary: name it first.
+        said = [line for line in (proc.stdout + proc.stderr).splitlines() if "error: " in line]
+        raise AssertionError(
+            f"exit {proc.returncode}\nerror lines:\n"
+            + "\n".join(said[:20])
+            + f"\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+        )
     return proc
 
 
