@@ -192,6 +192,25 @@ def _uneven_all_gather():
         assert outcome == [0.0, 0.0, 1.0, 1.0, 1.0]
 
 
+def _fsdp_wrap():
+    """distributed/torch_fully_sharded_data_parallel.py:81: the FSDP2 wrapper's mesh is a CUDA mesh,
+    and fully_shard asks the CUDA device for its index ("device(): argument 'index' ... must be int")."""
+    import torch.distributed as dist
+    from megatron.core.distributed import TorchFullyShardedDataParallel, TorchFullyShardedDataParallelConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1)
+        module = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        wrapped = TorchFullyShardedDataParallel(
+            config, TorchFullyShardedDataParallelConfig(), module, process_group=dist.group.WORLD
+        )
+        assert wrapped.module[0].weight.device_mesh.device_type == "cpu"
+    finally:
+        dist.destroy_process_group()
+
+
 SITES = {
     "rng.get_state": _seed_and_fork,
     "rng.manual_seed": _seed_and_fork,
@@ -204,6 +223,7 @@ SITES = {
     "stream.current_stream": _moe_alltoall_forward_backward,
     "moe.split_sizes": _alltoall_split_sizes,
     "dist.uneven_all_gather": _uneven_all_gather,
+    "fsdp.device_mesh": _fsdp_wrap,
 }
 
 
@@ -345,3 +365,9 @@ def test_checkpoint_writer_queue_is_forked_and_works():
         assert any(type(p).__name__ == "ForkProcess" for p in children), children
     finally:
         filesystem_async._results_queue = saved
+
+
+def test_fsdp_wrapper_mesh_fails_as_cuda_without_the_patch():
+    with cpu_compat.applied(skip=("fsdp.device_mesh",)):
+        with pytest.raises(TypeError, match=r"device\(\): argument 'index' \(position 2\) must be int"):
+            _fsdp_wrap()
