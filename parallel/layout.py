@@ -30,6 +30,7 @@ class Layout:
     context_comm: str = "p2p"  # transformer-engine's cp_comm_type; the local ring is p2p
     first_stage_layers: int | None = None  # uneven pipeline split; None = even
     last_stage_layers: int | None = None
+    fsdp: str | None = None  # zero2 | zero3 (parallel.fsdp); None = replicated weights
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -71,6 +72,7 @@ class Layout:
             context_comm=parallel.context_comm,
             first_stage_layers=parallel.first_stage_layers,
             last_stage_layers=parallel.last_stage_layers,
+            fsdp=parallel.fsdp,
         )
 
     def pipeline_bubble(self, micro_batches: int) -> float:
@@ -86,6 +88,7 @@ class Layout:
             f" x context {self.context} x data {self.data}; expert {self.expert}"
             + (f" x expert tensor {self.expert_tensor}" if self.expert_tensor else "")
             + (", sequence parallel" if self.sequence_parallel else "")
+            + (f", fully sharded ({self.fsdp})" if self.fsdp else "")
         )
 
 

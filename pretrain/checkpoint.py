@@ -238,12 +238,13 @@ def load(path: pathlib.Path, chunks: Sequence[torch.nn.Module], optimizer: Any) 
         template["optimizer"] = optimizer.sharded_state_dict(
             template, is_loading=True, metadata=_format_metadata(optimizer_format)
         )
+    from parallel.data_parallel import load_module_state
+
     # Copies into parameters (and their views inside the optimizer) must not be recorded.
     with torch.no_grad():
         state = _load_refusing_unsafe(template, path)
         for i, chunk in enumerate(chunks):
-            key = f"model{i}" if len(chunks) > 1 else "model"
-            _unwrap(chunk).load_state_dict(state[key])
+            load_module_state(chunk, state[f"model{i}" if len(chunks) > 1 else "model"])
         if optimizer_format is not None:
             optimizer.load_state_dict(state["optimizer"])
     if optimizer_format is not None:

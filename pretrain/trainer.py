@@ -83,9 +83,11 @@ def build_step(
     t = recipe.train
     build = ModelBuild(layout=layout, precision=t.precision, init_seed=t.seed, batch_p2p_comm=device.type == "cuda")
     chunks = build_model(recipe.model, build, vocab_size, device, groups)
-    chunks = wrap_data_parallel(chunks, recipe.parallel.distributed_optimizer, groups)
+    chunks = wrap_data_parallel(chunks, recipe.parallel.distributed_optimizer, groups, layout.fsdp)
     numerics = Numerics(t.precision, t.grad_clip, t.steps, t.micro_batch_size * recipe.model.seq_length)
-    optimizer = build_optimizer(recipe.optimizer, numerics, chunks, recipe.parallel.distributed_optimizer)
+    optimizer = build_optimizer(
+        recipe.optimizer, numerics, chunks, recipe.parallel.distributed_optimizer, fp32_params=layout.fsdp is not None
+    )
     moe = None
     if recipe.model.moe.num_experts is not None:
         from model.moe import MoeMonitor
