@@ -1,12 +1,15 @@
 """Named fixes for megatron-core 0.16's torch FSDP2 path (TorchFullyShardedDataParallel) on any device.
 
 Each function patches one upstream site and says what goes wrong without it; upstream/fixes.py lists
-them in FIXES (applied once per process) and tests/unit/test_upstream_fsdp.py shows each site
-failing unfixed. The CPU-only part (the wrapper's CUDA device mesh) is upstream/cpu.py's.
+them in FIXES (applied once per process). A replaced function keeps the upstream one as
+`__wrapped__`, and a method added to the wrapper class can be deleted, which is how
+tests/distributed/test_fsdp.py shows each site failing unfixed. The CPU-only part (the wrapper's
+CUDA device mesh) is upstream/cpu.py's.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -40,11 +43,11 @@ def scale_gradients() -> bool:
     if "scale_gradients" in vars(TorchFullyShardedDataParallel):
         return False
 
-    @torch.no_grad()
     def scale(self: Any, scaling_factor: float) -> None:
-        for param in self.module.parameters():
-            if param.grad is not None:
-                param.grad.mul_(scaling_factor)
+        with torch.no_grad():
+            for param in self.module.parameters():
+                if param.grad is not None:
+                    param.grad.mul_(scaling_factor)
 
     TorchFullyShardedDataParallel.scale_gradients = scale
     return True
@@ -74,6 +77,7 @@ def shard_with_precision_sums_and_expert_groups() -> bool:
     if getattr(original, "_precision_sums_experts", False):
         return False
 
+    @functools.wraps(original)
     def __init__(self, config, ddp_config, module, *args, **kwargs):
         from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 
@@ -125,14 +129,15 @@ def optimizer_map_by_local_shard() -> bool:
     its local tensor (dist_checkpointing/optimizer.py:39,61), taken with `to_local_if_dtensor`
     (utils.py:1066), i.e. `DTensor.to_local()`. Since torch 2.10, `to_local()` of a *parameter*
     returns a fresh view (torch gh-166156), so no FSDP2 parameter matches the `_local_tensor` the
-    model's sharded tensors hold: "Sharded parameters mapping is empty", then a KeyError on the
-    first state at the first save. The module's name is bound to the DTensor's own local tensor
+    model's sharded tensors hold: "Sharded parameters mapping is empty", then "ValueError: Param id 0
+    does not match any model sharded param" at the first save. The module's name is bound to the DTensor's own local tensor
     instead (what the model's sharded tensors hold; a view of it saved and loaded the same bytes)."""
     from megatron.core.dist_checkpointing import optimizer as dist_optim
 
     if getattr(dist_optim.to_local_if_dtensor, "_own_local_tensor", False):
         return False
 
+    @functools.wraps(dist_optim.to_local_if_dtensor)
     def to_local_if_dtensor(tensor: torch.Tensor) -> torch.Tensor:
         return getattr(tensor, "_local_tensor", tensor)
 
@@ -154,6 +159,7 @@ def fp32_optimizer_loads_dtensor_state() -> bool:
     if getattr(original, "_dtensor_state", False):
         return False
 
+    @functools.wraps(original)
     def load_state_dict(self, state_dict):
         from torch.distributed.tensor import DTensor
 
@@ -188,6 +194,7 @@ def gated_fc1_shards() -> bool:
     if getattr(original, "_fsdp_gated_fc1", False):
         return False
 
+    @functools.wraps(original)
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = original(self, prefix, sharded_offsets, metadata)
         shards = fsdp_shards(self.linear_fc1.weight)
@@ -246,6 +253,7 @@ def expert_shards_in_checkpoints() -> bool:
     if getattr(original, "_fsdp_expert_shards", False):
         return False
 
+    @functools.wraps(original)
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         if not any(isinstance(p, DTensor) for p in self.local_experts.parameters()):
             return original(self, prefix, sharded_offsets, metadata)
