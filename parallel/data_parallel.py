@@ -61,21 +61,27 @@ def check_even_shards(chunk: Any) -> None:
     one of its [gate; up] halves (upstream/fsdp.py:gated_fc1_shards)."""
     from torch.distributed.tensor import DTensor
 
-    gated = chunk.config.gated_linear_unit
     for name, param in chunk.module.named_parameters():
-        if not isinstance(param, DTensor):
-            continue
-        ranks, rows = param.device_mesh.size(), param.shape[0]
-        if rows % ranks:
-            raise RecipeError(
-                f"parallel.fsdp: {name} has {rows} rows per tensor-parallel rank, which do not split "
-                f"evenly over the {ranks} ranks it is sharded over; choose a data-parallel size that divides {rows}"
-            )
-        if gated and name.rsplit(".", 1)[0].endswith("linear_fc1") and ranks > 1 and ranks % 2:
-            raise RecipeError(
-                f"parallel.fsdp: {name} is [gate; up], and each of the {ranks} ranks it is sharded over "
-                f"must hold rows of one half: use an even data-parallel size"
-            )
+        if isinstance(param, DTensor):
+            problem = uneven_shards(name, param.shape[0], param.device_mesh.size(), chunk.config.gated_linear_unit)
+            if problem:
+                raise RecipeError(problem)
+
+
+def uneven_shards(name: str, rows: int, ranks: int, gated: bool) -> str | None:
+    """Why parameter `name` (`rows` rows on its tensor-parallel rank) cannot be sharded over `ranks`
+    FSDP ranks (data × context-parallel; expert-data-parallel for experts), or None."""
+    where = f"the {ranks} ranks it is sharded over (data × context-parallel, or expert-data-parallel for experts)"
+    if rows % ranks:
+        return (
+            f"parallel.fsdp: {name} has {rows} rows per tensor-parallel rank, which do not split evenly over "
+            f"{where}; choose sizes that divide {rows}"
+        )
+    if gated and name.rsplit(".", 1)[0].endswith("linear_fc1") and ranks > 1 and ranks % 2:
+        return (
+            f"parallel.fsdp: {name} is [gate; up], and each of {where} must hold rows of one half: use an even number"
+        )
+    return None
 
 
 def local_gradients(chunks: Sequence[Any]) -> Iterator[torch.Tensor]:

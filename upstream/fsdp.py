@@ -36,8 +36,9 @@ def finish_grad_sync_takes_force_all_reduce() -> bool:
 def scale_gradients() -> bool:
     """With calculate_per_token_loss (ours, always) finalize_model_grads divides the gradients by
     the global token count through `scale_gradients`, which megatron-core's torch FSDP2 wrapper
-    inherits as a no-op: every gradient stays a token *sum* (tiny_gpt: 1024 tokens per step, grad
-    norm 1024x at one rank). The wrapper's gradients are its parameters' sharded `.grad`s."""
+    inherits as a no-op: every gradient stays a token *sum*, the step's token count times too large
+    (64x in tests/distributed/test_fsdp.py). The wrapper's gradients are its parameters' sharded
+    `.grad`s."""
     from megatron.core.distributed import TorchFullyShardedDataParallel
 
     if "scale_gradients" in vars(TorchFullyShardedDataParallel):

@@ -81,3 +81,44 @@ def test_plain_optimizer_loads_local_shards_back_as_dtensors(fsdp_step):
     states = list(optimizer.optimizer.state.values())
     assert all(isinstance(s["exp_avg"], DTensor) and isinstance(s["exp_avg_sq"], DTensor) for s in states)
     step()
+
+
+@pytest.mark.parametrize("fsdp, sharded_after_forward", [("zero3", True), ("zero2", False)])
+def test_zero3_frees_gathered_weights_after_forward_and_zero2_keeps_them(
+    fsdp, sharded_after_forward, megatron_single_process
+):
+    """What tells the two apart (their numbers are the same): after a forward, a zero3 layer holds
+    its sharded parameters again, a zero2 layer still the gathered ones (for its backward)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from torch.distributed.tensor import DTensor
+
+    from model.config import ModelConfig
+    from model.gpt import ModelBuild, build_model
+    from parallel.data_parallel import wrap_data_parallel
+    from parallel.layout import Layout
+
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    model = ModelConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, seq_length=SEQ)
+    build = ModelBuild(layout=Layout(world_size=1, fsdp=fsdp))
+    (chunk,) = wrap_data_parallel(build_model(model, build, 64, torch.device("cpu"), groups), False, groups, fsdp)
+    tokens = torch.randint(0, 64, (1, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    chunk(tokens[:, :-1], torch.arange(SEQ).unsqueeze(0), None, labels=tokens[:, 1:])
+    layer = chunk.module.decoder.layers[0]
+    assert isinstance(layer.mlp.linear_fc1.weight, DTensor) is sharded_after_forward
+
+
+def test_uneven_shards_are_refused_with_the_parameter_named():
+    from parallel.data_parallel import uneven_shards
+
+    where = "the 3 ranks it is sharded over (data × context-parallel, or expert-data-parallel for experts)"
+    assert uneven_shards("decoder.layers.0.input_layernorm.weight", 64, 3, gated=True) == (
+        f"parallel.fsdp: decoder.layers.0.input_layernorm.weight has 64 rows per tensor-parallel rank, which do "
+        f"not split evenly over {where}; choose sizes that divide 64"
+    )
+    assert uneven_shards("decoder.layers.0.mlp.linear_fc1.weight", 354, 3, gated=True) == (
+        f"parallel.fsdp: decoder.layers.0.mlp.linear_fc1.weight is [gate; up], and each of {where} must hold "
+        f"rows of one half: use an even number"
+    )
+    assert uneven_shards("decoder.layers.0.mlp.linear_fc1.weight", 354, 3, gated=False) is None
+    assert uneven_shards("decoder.layers.0.mlp.linear_fc1.weight", 352, 4, gated=True) is None
+    assert uneven_shards("decoder.layers.0.mlp.linear_fc1.weight", 352, 1, gated=True) is None
