@@ -62,15 +62,18 @@ def shard_with_precision_sums_and_expert_groups() -> bool:
     - gradients are *averaged* over the data-parallel ranks (FSDP2's default), while with
       calculate_per_token_loss megatron-core sums them and divides by the global token count
       itself: they come out 1/dp of the single-process ones;
-    - expert parameters are sharded over the data × context-parallel group, whose ranks hold
-      *different* experts when expert parallelism is on: each rank keeps its slice of its own
-      experts, and the all-gather stitches slices of different experts together (tiny_moe at
-      EP 2 trains another model, loss 5.9961 vs 5.9935 at step 1, with no error).
+    - expert parameters are sharded over the dense data × context-parallel group, but they belong
+      to the expert-data-parallel group. Under expert parallelism the dense group's ranks hold
+      *different* experts: each keeps a slice of its own, and the all-gather stitches slices of
+      different experts together (tiny_moe at EP 2: loss 5.9961 vs 5.9935 at step 1). With an
+      expert tensor size other than the tensor size the expert group spans ranks the dense one
+      does not, whose gradient contributions never arrive (tiny_moe at TP 2 + SP, expert tensor 1:
+      loss 2.3e-4 and grad norm 2.8e-3 off). No error either way.
     The construction runs with `fully_shard` given the precision as a MixedPrecisionPolicy (compute
-    in bf16/fp16, reduce in fp32 with grad_reduce_in_fp32) and sharding each expert-parallel
-    experts module first over its own expert-data-parallel group; then, for per-token losses, every
-    unit sums its reduce-scatter with SUM collectives (a divide factor of 1 alone would use NCCL's
-    PREMUL_SUM, which gloo does not have)."""
+    in bf16/fp16, reduce in fp32 with grad_reduce_in_fp32), and sharding each experts module whose
+    expert-data-parallel group is not the dense group first, over its own group; then, for
+    per-token losses, every unit sums its reduce-scatter with SUM collectives (a divide factor of 1
+    alone would use NCCL's PREMUL_SUM, which gloo does not have)."""
     from megatron.core.distributed import torch_fully_sharded_data_parallel as torch_fsdp
 
     cls = torch_fsdp.TorchFullyShardedDataParallel
@@ -87,11 +90,12 @@ def shard_with_precision_sums_and_expert_groups() -> bool:
             param_dtype=compute, reduce_dtype=torch.float32 if ddp_config.grad_reduce_in_fp32 else None
         )
         plain = torch_fsdp.fully_shard
+        dense = _group_ranks(_process_group(args, kwargs))
 
         def fully_shard(unit: torch.nn.Module, **options: Any) -> Any:
             # Called for each unit after upstream has recorded the parameters' attributes (and
             # before it restores them), so the experts sharded here keep theirs too.
-            for experts in _expert_parallel_experts(unit):
+            for experts in _experts_off_the_group(unit, dense):
                 mesh = torch_fsdp.DeviceMesh.from_group(experts.dp_group, "cuda")
                 plain(experts, **{**options, "mesh": mesh}, mp_policy=policy)
             return plain(unit, mp_policy=policy, **options)
@@ -112,16 +116,31 @@ def shard_with_precision_sums_and_expert_groups() -> bool:
     return True
 
 
-def _expert_parallel_experts(unit: torch.nn.Module) -> list[torch.nn.Module]:
-    """The experts modules inside `unit` (itself included) that expert parallelism splits and no
-    FSDP unit holds yet; at EP 1 the experts stay in their layer's unit, over the same ranks."""
+def _process_group(args: tuple, kwargs: dict) -> Any:
+    """The wrapper's `process_group` argument (after sub_modules_to_wrap and disable_bucketing), or
+    its default, the data × context-parallel group."""
+    from megatron.core import parallel_state
+
+    group = kwargs.get("process_group", args[2] if len(args) > 2 else None)
+    return group if group is not None else parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+
+def _group_ranks(group: Any) -> list[int]:
+    import torch.distributed as dist
+
+    return sorted(dist.get_process_group_ranks(group))
+
+
+def _experts_off_the_group(unit: torch.nn.Module, dense: list[int]) -> list[torch.nn.Module]:
+    """The experts modules inside `unit` (itself included), not yet sharded, whose
+    expert-data-parallel ranks are not the dense ones `dense`; others stay in their layer's unit."""
     from megatron.core.transformer.moe.experts import SequentialMLP
     from torch.distributed.fsdp import FSDPModule
 
     return [
         m
         for m in unit.modules()
-        if isinstance(m, SequentialMLP) and m.ep_group.size() > 1 and not isinstance(m, FSDPModule)
+        if isinstance(m, SequentialMLP) and not isinstance(m, FSDPModule) and _group_ranks(m.dp_group) != dense
     ]
 
 

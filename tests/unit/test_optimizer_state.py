@@ -1,6 +1,6 @@
 """pretrain/optimizer_state.py: which optimizer kind saved a checkpoint, its Adam step, and where each
 kind's checkpoint keeps the fp32 master weights another kind reads (the e2e resumes across kinds are
-tests/e2e/test_fsdp.py's)."""
+tests/e2e/test_fsdp_training.py's)."""
 
 import pytest
 

@@ -37,9 +37,21 @@ LAYOUTS = {
         4,
         ["parallel.fsdp=zero3", "parallel.tensor=2", "parallel.sequence_parallel=true"],
     ),
-    # experts on 2 expert-parallel ranks: sharded over their 2 expert-data-parallel ranks (4
-    # processes), or whole on each (2 processes); dense weights over all data-parallel ranks
-    "moe-zero3-ep2-dp4": ("tiny_moe", 4, ["parallel.fsdp=zero3", "parallel.expert=2"]),
+    # experts on 2 expert-parallel ranks, whole per rank (expert tensor 1) while attention is
+    # tensor-split: sharded over their own 2 expert-data-parallel ranks, a group the dense one is not
+    # (sharded with the dense group, they trained another model: 2.3e-4 loss, 2.8e-3 grad norm off);
+    # or on 2 processes whole on each rank, nothing to shard them over
+    "moe-zero3-ep2-tp2-sp-etp1": (
+        "tiny_moe",
+        4,
+        [
+            "parallel.fsdp=zero3",
+            "parallel.expert=2",
+            "parallel.tensor=2",
+            "parallel.sequence_parallel=true",
+            "parallel.expert_tensor=1",
+        ],
+    ),
     "moe-zero2-ep2-dp2": ("tiny_moe", 2, ["parallel.fsdp=zero2", "parallel.expert=2"]),
 }
 
@@ -94,7 +106,11 @@ RESUMES = {
     "fsdp-dp4-to-fsdp-pp2-dp2": ("zero2-dp4", 4, ["parallel.fsdp=zero3", "parallel.pipeline=2"]),
     "fsdp-to-distributed-optimizer": ("zero3-dp2", 2, ["parallel.distributed_optimizer=true"]),
     "fsdp-tp2-sp-to-ddp": ("zero3-tp2-sp-dp2", 1, []),
-    "moe-fsdp-ep2-to-distributed-optimizer-ep1": ("moe-zero3-ep2-dp4", 1, ["parallel.distributed_optimizer=true"]),
+    "moe-fsdp-ep2-tp2-to-distributed-optimizer-ep1": (
+        "moe-zero3-ep2-tp2-sp-etp1",
+        1,
+        ["parallel.distributed_optimizer=true"],
+    ),
 }
 
 
