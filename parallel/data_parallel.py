@@ -36,13 +36,16 @@ def wrap_data_parallel(
 
 def wrap_fully_sharded(chunk: Any, fsdp: str, groups: Any) -> Any:
     """One model chunk under torch FSDP2 (megatron-core's TorchFullyShardedDataParallel): each
-    transformer layer, the embedding and the root are sharding units over the data × context-parallel
-    ranks; expert-parallel experts are units over their expert-data-parallel ranks. zero3 frees each
+    transformer layer, the embedding (unless the output layer shares its weight) and the root are
+    sharding units over the data × context-parallel ranks; expert-parallel experts are units over their expert-data-parallel ranks. zero3 frees each
     unit's gathered weights after its forward and gathers them again for the backward; zero2 keeps
     them until the backward. The parameters stay the fp32 master weights: with bf16 the units gather
     them as bf16 for compute and reduce-scatter gradients in fp32. (upstream/fsdp.py gives
     megatron-core's wrapper that precision, per-token gradient sums and the experts' groups.)"""
     from megatron.core.distributed import TorchFullyShardedDataParallel, TorchFullyShardedDataParallelConfig
+    from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.transformer.transformer_layer import TransformerLayer
 
     ddp_config = TorchFullyShardedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -50,7 +53,15 @@ def wrap_fully_sharded(chunk: Any, fsdp: str, groups: Any) -> Any:
         check_for_nan_in_grad=False,
         reshard_after_forward=fsdp == "zero3",
     )
-    wrapped = TorchFullyShardedDataParallel(chunk.config, ddp_config, chunk, process_group=groups.dp_cp)
+    units = {TransformerLayer, RotaryEmbedding}
+    if not getattr(chunk, "share_embeddings_and_output_weights", False):
+        # A tied output layer multiplies by the embedding's weight outside the embedding's forward,
+        # where a unit of its own has already freed it ("aten.mm.default got mixed torch.Tensor and
+        # DTensor"): tied, the embedding stays in the root unit, gathered for the whole step.
+        units.add(LanguageModelEmbedding)
+    wrapped = TorchFullyShardedDataParallel(
+        chunk.config, ddp_config, chunk, sub_modules_to_wrap=units, process_group=groups.dp_cp
+    )
     check_even_shards(wrapped)
     return wrapped
 
