@@ -86,6 +86,9 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
 
     dtype, layout = _DTYPES[build.precision], build.layout
     return TransformerConfig(
+        # Which layers the spec builds; megatron-core's torch FSDP wrapper picks the modules it
+        # shards by it (torch_fully_sharded_data_parallel.py:113).
+        transformer_impl=model.transformer_impl,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
@@ -118,7 +121,9 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         hierarchical_context_parallel_sizes=layout.hierarchical_context,
         expert_model_parallel_size=layout.expert,
         sequence_parallel=layout.sequence_parallel,
-        params_dtype=dtype,
+        # Fully sharded: the parameters are the fp32 master weights, and FSDP gathers them in the
+        # training precision for compute (parallel/data_parallel.py).
+        params_dtype=torch.float32 if layout.fsdp else dtype,
         pipeline_dtype=dtype,
         bf16=build.precision == "bf16",
         fp16=build.precision == "fp16",
@@ -262,7 +267,8 @@ def build_model(
     model: ModelConfig, build: ModelBuild, vocab_size: int, device: torch.device, groups: Any
 ) -> list[torch.nn.Module]:
     """This rank's model chunks on `device` in the training precision (bf16/fp16 inside megatron-core's
-    Float16Module), initialized from `build.init_seed` as at every other layout."""
+    Float16Module; fp32 master weights when fully sharded, whose wrapper casts them), initialized from
+    `build.init_seed` as at every other layout."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.module import Float16Module
 
@@ -273,7 +279,7 @@ def build_model(
         compile_layers(chunk, build.compile)
     if build.compile and torch.distributed.get_rank() == 0:
         print(f"torch.compile: {', '.join(build.compile)} of every transformer layer", flush=True)
-    if build.precision != "fp32":
+    if build.precision != "fp32" and not build.layout.fsdp:
         chunks = [Float16Module(c.config, c) for c in chunks]
     return chunks
 

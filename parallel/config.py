@@ -27,6 +27,12 @@ class ParallelConfig:
     expert_tensor: PositiveInt | None = None  # ranks that split each expert's weights; null = parallel.tensor
     sequence_parallel: bool = False  # shard activations along the sequence inside tensor-parallel regions
     distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
+    # Fully sharded data parallelism (torch FSDP2 through megatron-core; docs/fsdp.md). zero2 shards
+    # gradients and optimizer state and keeps each layer's gathered weights from its forward to its
+    # backward; zero3 shards the weights too and gathers them again for the backward. null = each
+    # data-parallel rank holds the whole (tensor/pipeline-split) model: DDP, or ZeRO-1 with
+    # distributed_optimizer.
+    fsdp: Literal["zero2", "zero3"] | None = None
     # Uneven pipeline split (no virtual pipeline): layers on the first / last stage, e.g. fewer
     # where the embedding or the output layer and loss live; the rest split evenly. None = even.
     first_stage_layers: int | None = None
@@ -40,6 +46,11 @@ class ParallelConfig:
             raise RecipeError(
                 f"parallel.virtual_pipeline = {self.virtual_pipeline} requires parallel.pipeline > 1, "
                 f"got parallel.pipeline = 1"
+            )
+        if self.fsdp is not None and self.distributed_optimizer:
+            raise RecipeError(
+                f"parallel.fsdp = {self.fsdp} shards the optimizer state itself: set "
+                f"parallel.distributed_optimizer = false"
             )
         self._check_context_a2a()
 

@@ -31,6 +31,7 @@ class Layout:
     context_a2a: int | None = None  # ranks per all-to-all group with a2a+p2p; None otherwise
     first_stage_layers: int | None = None  # uneven pipeline split; None = even
     last_stage_layers: int | None = None
+    fsdp: str | None = None  # zero2 | zero3 (parallel.fsdp); None = replicated weights
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -88,6 +89,7 @@ class Layout:
             context_a2a=parallel.context_a2a,
             first_stage_layers=parallel.first_stage_layers,
             last_stage_layers=parallel.last_stage_layers,
+            fsdp=parallel.fsdp,
         )
 
     def pipeline_bubble(self, micro_batches: int) -> float:
@@ -110,6 +112,7 @@ class Layout:
             f" x context {self.context}{self._context_comm()} x data {self.data}; expert {self.expert}"
             + (f" x expert tensor {self.expert_tensor}" if self.expert_tensor else "")
             + (", sequence parallel" if self.sequence_parallel else "")
+            + (f", fully sharded ({self.fsdp})" if self.fsdp else "")
         )
 
 

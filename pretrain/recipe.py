@@ -156,6 +156,13 @@ def validate_static(recipe: Recipe) -> None:
     check_model(recipe.model, recipe.parallel)
     check_fp8(recipe.fp8, recipe.model, recipe.parallel, recipe.train.precision)
     recipe.train.check()
+    if recipe.parallel.fsdp is not None and recipe.train.precision == "fp16":
+        # FSDP's parameters are the fp32 master weights, stepped by an optimizer without fp16's loss
+        # scaling (megatron-core scales the loss only for fp16 parameters).
+        raise RecipeError(
+            f"parallel.fsdp = {recipe.parallel.fsdp} does not support train.precision = fp16 (no loss "
+            f"scaling for fully sharded fp32 master weights): use bf16"
+        )
     recipe.optimizer.check()
     recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
 

@@ -96,10 +96,18 @@ def build_step(
     )
     chunks = build_model(recipe.model, build, vocab_size, device, groups)
     te_fp8 = recipe.fp8.enabled and recipe.model.transformer_impl == "transformer_engine"
-    chunks = wrap_data_parallel(chunks, recipe.parallel.distributed_optimizer, groups, te_fp8 and recipe.fp8.params)
+    chunks = wrap_data_parallel(
+        chunks,
+        recipe.parallel.distributed_optimizer,
+        groups,
+        fsdp=layout.fsdp,
+        fp8_param_gather=te_fp8 and recipe.fp8.params,
+    )
     tokens = t.micro_batch_size * recipe.model.seq_length
     numerics = Numerics(t.precision, t.grad_clip, t.steps, tokens, recipe.fp8.recipe if te_fp8 else None)
-    optimizer = build_optimizer(recipe.optimizer, numerics, chunks, recipe.parallel.distributed_optimizer)
+    optimizer = build_optimizer(
+        recipe.optimizer, numerics, chunks, recipe.parallel.distributed_optimizer, fp32_params=layout.fsdp is not None
+    )
     moe = None
     if recipe.model.moe.num_experts is not None:
         from model.moe import MoeMonitor

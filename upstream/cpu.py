@@ -17,6 +17,7 @@ import dataclasses
 import os
 import signal
 import time
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -191,8 +192,20 @@ def _uneven_all_gather(original):
     return all_gather
 
 
+class HostDeviceMesh:
+    """Stand-in for the `DeviceMesh` name megatron-core's torch FSDP wrapper uses: its meshes are
+    built over the same process group, but for the CPU (gloo) instead of CUDA."""
+
+    @staticmethod
+    def from_group(group: Any, device_type: str, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        return DeviceMesh.from_group(group, "cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+
 def _patches() -> list[Patch]:
     """The attribute patches, built lazily so importing this module never imports megatron."""
+    from megatron.core.distributed import torch_fully_sharded_data_parallel as torch_fsdp
     from megatron.core.inference import communication_utils
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import token_dispatcher
@@ -289,6 +302,16 @@ def _patches() -> list[Patch]:
             token_dispatcher,
             "maybe_move_tensor_to_cpu",
             _host_split_sizes,
+        ),
+        # The FSDP2 wrapper builds its mesh with device type "cuda"; torch's fully_shard then asks that
+        # device for its current index (torch/distributed/fsdp/_fully_shard/_fsdp_init.py:223) and
+        # fails: "device(): argument 'index' (position 2) must be int, not torch.device".
+        Patch(
+            "fsdp.device_mesh",
+            "distributed/torch_fully_sharded_data_parallel.py:81 DeviceMesh.from_group(..., 'cuda')",
+            torch_fsdp,
+            "DeviceMesh",
+            HostDeviceMesh,
         ),
         Patch(
             "dist.uneven_all_gather",

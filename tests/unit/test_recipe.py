@@ -198,6 +198,8 @@ def test_unknown_key_in_base_names_the_base_file(tmp_path):
         ("train.steps=1e3", "train.steps", 1000),
         ("train.steps=12.0", "train.steps", 12),
         ("parallel.distributed_optimizer=true", "parallel.distributed_optimizer", True),
+        ("parallel.fsdp=zero3", "parallel.fsdp", "zero3"),
+        ("parallel.fsdp=null", "parallel.fsdp", None),
         ("data.path=null", "data.path", None),
         ("data.path=", "data.path", None),
         ("data.path=/tmp/x/text_document", "data.path", "/tmp/x/text_document"),
@@ -477,6 +479,21 @@ def test_yaml_1_2_floats_in_files(tmp_path):
             ["data.reset_attention_mask=true"],
             "data.reset_attention_mask = true is not supported: the model's attention is causal over the whole "
             "packed sample and takes no per-document mask; set it to false",
+        ),
+        (["parallel.fsdp=zero1"], "parallel.fsdp must be one of zero2 | zero3, got 'zero1'"),
+        (
+            ["parallel.fsdp=zero3", "parallel.distributed_optimizer=true"],
+            "parallel.fsdp = zero3 shards the optimizer state itself: set parallel.distributed_optimizer = false",
+        ),
+        (
+            ["parallel.fsdp=zero2", "model.transformer_impl=transformer_engine"],
+            "parallel.fsdp = zero2 is verified with model.transformer_impl = local only (got transformer_engine): "
+            "transformer-engine layers under FSDP2 are not yet checked",
+        ),
+        (
+            ["parallel.fsdp=zero3", "train.precision=fp16"],
+            "parallel.fsdp = zero3 does not support train.precision = fp16 (no loss scaling for fully sharded "
+            "fp32 master weights): use bf16",
         ),
         (
             ["data.reset_position_ids=true"],

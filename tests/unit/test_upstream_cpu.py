@@ -224,6 +224,25 @@ def _pipeline_logits_broadcast():
         dist.destroy_process_group()
 
 
+def _fsdp_wrap():
+    """distributed/torch_fully_sharded_data_parallel.py:81: the FSDP2 wrapper's mesh is a CUDA mesh,
+    and fully_shard asks the CUDA device for its index ("device(): argument 'index' ... must be int")."""
+    import torch.distributed as dist
+    from megatron.core.distributed import TorchFullyShardedDataParallel, TorchFullyShardedDataParallelConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1)
+        module = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        wrapped = TorchFullyShardedDataParallel(
+            config, TorchFullyShardedDataParallelConfig(), module, process_group=dist.group.WORLD
+        )
+        assert wrapped.module[0].weight.device_mesh.device_type == "cpu"
+    finally:
+        dist.destroy_process_group()
+
+
 NO_CUDA = (AssertionError, "Torch not compiled with CUDA enabled")
 WRONG_STREAM = (AssertionError, "the fork did not draw from the tensor-parallel stream")
 
@@ -244,6 +263,7 @@ SITES = {
     "inference.is_cuda": (_pipeline_logits_broadcast, AssertionError, "^_is_cuda asserted$"),
     "moe.split_sizes": (_alltoall_split_sizes, TypeError, "all_to_all_single\\(\\): incompatible function arguments"),
     "dist.uneven_all_gather": (_uneven_all_gather, RuntimeError, "ProcessGroupGloo::allgather: invalid tensor size"),
+    "fsdp.device_mesh": (_fsdp_wrap, TypeError, r"device\(\): argument 'index' \(position 2\) must be int"),
 }
 
 
