@@ -31,6 +31,7 @@ class ModelBuild:
     perform_initialization: bool = True
     init_seed: int = 1234  # per-layer init streams derive from it (model/layers.py)
     batch_p2p_comm: bool = True  # False on gloo: see transformer_config
+    overlap_p2p_comm: bool = False  # parallel.overlap_p2p_comm resolved (interleaved pipelines only)
     compile: tuple[str, ...] = ()  # train.compile: torch.compile of layers, or of their mlp / norms
     fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)  # recipe.fp8 (checked: model/config.py)
 
@@ -131,6 +132,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         # gloo + batched isend/irecv gives silently wrong gradients with interleaved pipelines
         # (docs/megatron-core-on-cpu.md, "Silent traps"); NCCL batches correctly.
         batch_p2p_comm=build.batch_p2p_comm,
+        overlap_p2p_comm=build.overlap_p2p_comm,
         use_cpu_initialization=build.use_cpu_initialization,
         perform_initialization=build.perform_initialization,
         **transformer_config_fields(model, layout.expert_tensor or layout.tensor, build.precision),

@@ -33,6 +33,19 @@ class ParallelConfig:
     # data-parallel rank holds the whole (tensor/pipeline-split) model: DDP, or ZeRO-1 with
     # distributed_optimizer.
     fsdp: Literal["zero2", "zero3"] | None = None
+    # Communication overlap, megatron-core's; null = on wherever it applies (docs/profiling.md).
+    # Reduce gradients (all-reduce, or reduce-scatter with distributed_optimizer) bucket by bucket
+    # while the backward still computes the rest.
+    overlap_grad_reduce: bool | None = None
+    # distributed_optimizer: the next forward all-gathers the updated weights bucket by bucket, each
+    # bucket while the layers before it compute, instead of all at once after the optimizer step.
+    overlap_param_gather: bool | None = None
+    # Parameters per gradient bucket with overlap_grad_reduce (the first pipeline stage; the others
+    # reduce in one bucket); null = megatron-core's max(40M, 1M × data-parallel size).
+    bucket_size: PositiveInt | None = None
+    # Interleaved pipeline (virtual_pipeline > 1): activations are sent and received while the next
+    # micro-batch computes.
+    overlap_p2p_comm: bool | None = None
     # Uneven pipeline split (no virtual pipeline): layers on the first / last stage, e.g. fewer
     # where the embedding or the output layer and loss live; the rest split evenly. None = even.
     first_stage_layers: int | None = None
@@ -53,6 +66,65 @@ class ParallelConfig:
                 f"parallel.distributed_optimizer = false"
             )
         self._check_context_a2a()
+        self._check_overlap()
+
+    def _check_overlap(self) -> None:
+        if self.fsdp is not None:
+            asked = [
+                k
+                for k in ("overlap_grad_reduce", "overlap_param_gather", "bucket_size")
+                if getattr(self, k) is not None
+            ]
+            if asked:
+                raise RecipeError(
+                    f"parallel.fsdp = {self.fsdp} overlaps its own all-gathers and reduce-scatters (torch FSDP2 "
+                    f"prefetching): leave parallel.{', parallel.'.join(asked)} null"
+                )
+        if self.overlap_param_gather and not self.distributed_optimizer:
+            raise RecipeError(
+                "parallel.overlap_param_gather = true needs parallel.distributed_optimizer = true: "
+                "without it every data-parallel rank updates whole weights and there is nothing to gather"
+            )
+        if self.bucket_size is not None and self.overlap_grad_reduce is False:
+            raise RecipeError(
+                f"parallel.bucket_size = {self.bucket_size} is only read with parallel.overlap_grad_reduce: "
+                f"without overlap megatron-core reduces each model chunk's gradients in one bucket"
+            )
+        if self.overlap_p2p_comm and (self.virtual_pipeline or 1) == 1:
+            raise RecipeError(
+                "parallel.overlap_p2p_comm = true: megatron-core overlaps pipeline sends and receives in the "
+                "interleaved schedule only; set parallel.virtual_pipeline > 1 or leave overlap_p2p_comm null"
+            )
+
+    def overlap_description(self) -> str:
+        """The overlaps a run gets, as its start-up line and --dry-run say them."""
+        if self.fsdp is not None:
+            return "torch FSDP2's own (all-gathers prefetched, reduce-scatters during the backward)"
+        on = [
+            name
+            for name, overlapped in (
+                ("gradient reduce", self.grad_reduce_overlapped),
+                ("parameter all-gather", self.param_gather_overlapped),
+                ("pipeline send/receive", self.p2p_overlapped),
+            )
+            if overlapped
+        ]
+        return ", ".join(on) or "none"
+
+    @property
+    def grad_reduce_overlapped(self) -> bool:
+        """overlap_grad_reduce resolved: DDP and the distributed optimizer, unless switched off."""
+        return self.fsdp is None and self.overlap_grad_reduce is not False
+
+    @property
+    def param_gather_overlapped(self) -> bool:
+        """overlap_param_gather resolved: with the distributed optimizer, unless switched off."""
+        return self.distributed_optimizer and self.overlap_param_gather is not False
+
+    @property
+    def p2p_overlapped(self) -> bool:
+        """overlap_p2p_comm resolved: with an interleaved pipeline, unless switched off."""
+        return (self.virtual_pipeline or 1) > 1 and self.overlap_p2p_comm is not False
 
     def _check_context_a2a(self) -> None:
         a2a, cp = self.context_a2a, self.context

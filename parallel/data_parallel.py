@@ -19,16 +19,23 @@ def wrap_data_parallel(
     *,
     fsdp: str | None = None,
     fp8_param_gather: bool = False,
+    overlap_grad_reduce: bool = False,
+    overlap_param_gather: bool = False,
+    bucket_size: int | None = None,
 ) -> list[Any]:
     """Each model chunk in megatron-core's DDP, or fully sharded when `fsdp` is zero2 / zero3.
-    `fp8_param_gather`: transformer-engine's FP8 weights (fp8.params), kept and all-gathered in FP8."""
+    `fp8_param_gather`: transformer-engine's FP8 weights (fp8.params), kept and all-gathered in FP8.
+    The overlaps are parallel.overlap_* resolved (ParallelConfig.grad_reduce_overlapped, ...): with
+    `overlap_param_gather` the model's weights are current only after a forward or `sync_params`."""
     if fsdp is not None:
         return [wrap_fully_sharded(c, fsdp, groups) for c in chunks]
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
+        bucket_size=bucket_size,
         use_distributed_optimizer=distributed_optimizer,
         check_for_nan_in_grad=False,
         fp8_param_gather=fp8_param_gather,
@@ -39,6 +46,17 @@ def wrap_data_parallel(
         DistributedDataParallel(c.config, ddp_config, c, disable_bucketing=i > 0, pg_collection=groups)
         for i, c in enumerate(chunks)
     ]
+
+
+def sync_params(chunks: Sequence[Any]) -> None:
+    """Makes every model weight current where the distributed optimizer's overlapped all-gather
+    (parallel.overlap_param_gather) has left it to the next forward: before a checkpoint is saved.
+    A no-op otherwise. Gathers synchronously; the next forward then finds the weights gathered."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    for chunk in chunks:
+        if isinstance(chunk, DistributedDataParallel) and chunk.use_forward_hook:
+            chunk.start_param_sync(force_sync=True)
 
 
 def wrap_fully_sharded(chunk: Any, fsdp: str, groups: Any) -> Any:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
+from parallel.data_parallel import sync_params
 from pretrain import optimizer_state
 from upstream import fixes, safe_loading
 
@@ -119,6 +120,7 @@ def save(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
+    sync_params(chunks)  # parallel.overlap_param_gather left the updated weights to the next forward
     state = _model_sharded_state_dict(chunks)
     if optimizer is not None:
         assert optimizer_format is not None, "a training checkpoint needs checkpoint.optimizer_format"

@@ -116,6 +116,7 @@ def dry_run(recipe: Recipe, world_size: int) -> str:
         f"recipe {recipe.source}: valid for world size {world_size}",
         f"layout: {layout.describe()}",
         f"micro-batches per step: {batch_plan.micro_batches}",
+        f"communication overlap: {recipe.parallel.overlap_description()}",
         f"vocabulary: {vocab} (padded)",
         f"parameters: {built:,} total ({_human(built)}; formula {counts.total:,})",
     ]

@@ -90,7 +90,9 @@ def build_step(
         layout=layout,
         precision=t.precision,
         init_seed=t.seed,
-        batch_p2p_comm=device.type == "cuda",
+        # megatron-core overlaps p2p only unbatched; gloo needs unbatched anyway (model/gpt.py)
+        batch_p2p_comm=device.type == "cuda" and not recipe.parallel.p2p_overlapped,
+        overlap_p2p_comm=recipe.parallel.p2p_overlapped,
         compile=tuple(t.compile),
         fp8=recipe.fp8,
     )
@@ -102,6 +104,9 @@ def build_step(
         groups,
         fsdp=layout.fsdp,
         fp8_param_gather=te_fp8 and recipe.fp8.params,
+        overlap_grad_reduce=recipe.parallel.grad_reduce_overlapped,
+        overlap_param_gather=recipe.parallel.param_gather_overlapped,
+        bucket_size=recipe.parallel.bucket_size,
     )
     tokens = t.micro_batch_size * recipe.model.seq_length
     numerics = Numerics(t.precision, t.grad_clip, t.steps, tokens, recipe.fp8.recipe if te_fp8 else None)
@@ -172,7 +177,10 @@ def build_metrics(run: Run) -> Metrics:
     log = None
     if run.rank.rank == 0:
         log = MetricsLog(recipe.log_dir(), run.state.step, recipe_to_dict(recipe), recipe.logging)
-        lines = [f"layout: {run.layout.describe()}; {plan.micro_batches} micro-batches/step"]
+        lines = [
+            f"layout: {run.layout.describe()}; {plan.micro_batches} micro-batches/step",
+            f"communication overlap: {recipe.parallel.overlap_description()}",
+        ]
         print("\n".join(fp8_lines[:1] + lines + fp8_lines[1:]), flush=True)
     return Metrics(
         recipe.logging,

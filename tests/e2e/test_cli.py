@@ -197,12 +197,13 @@ def test_llama70b_dry_run_on_512(runs):
         "layout: world 512 = tensor 8 x pipeline 4 (x5 virtual) x context 2 (p2p) x data 8; expert 1, sequence parallel"
     )
     assert lines[2] == "micro-batches per step: 64"  # 512 / (micro 1 × data 8)
-    assert lines[3] == "vocabulary: 128256 (padded)"
-    assert "70,553,706,496" in lines[4]
-    assert lines[4] == "parameters: 70,553,706,496 total (70.55B; formula 70,553,706,496)"
+    assert lines[3] == "communication overlap: gradient reduce, parameter all-gather, pipeline send/receive"
+    assert lines[4] == "vocabulary: 128256 (padded)"
+    assert "70,553,706,496" in lines[5]
+    assert lines[5] == "parameters: 70,553,706,496 total (70.55B; formula 70,553,706,496)"
     stages = _expected_stages(layers=80, h=8192, f=28672, heads=64, groups=8, vocab=128256, tp=8, pp=4, vpp=5)
     assert stages[0][0] == "0-3, 16-19, 32-35, 48-51, 64-67"
-    assert lines[5:] == _stage_lines(stages)
+    assert lines[6:] == _stage_lines(stages)
 
 
 def test_mixtral_dry_run_counts_total_and_active_parameters(runs):
@@ -217,12 +218,12 @@ def test_mixtral_dry_run_counts_total_and_active_parameters(runs):
     total = layers * (attention + 8 * expert + router + norms) + h + 2 * vocab * h
     active = layers * (attention + 2 * expert + router + norms) + h + 2 * vocab * h
     assert (total, active) == (46_702_792_704, 12_879_925_248)
-    assert lines[4] == f"parameters: {total:,} total (46.70B; formula {total:,})"  # built on meta = formula
-    assert lines[5] == f"active parameters per token: {active:,} (12.88B; top-2 of 8 experts)"
+    assert lines[5] == f"parameters: {total:,} total (46.70B; formula {total:,})"  # built on meta = formula
+    assert lines[6] == f"active parameters per token: {active:,} (12.88B; top-2 of 8 experts)"
     # Per rank of stage 1 (8 middle layers): attention split over tensor 2, one whole expert
     # (expert 8, expert tensor 1), the router and norms replicated.
     assert (
-        lines[7]
+        lines[8]
         == f"  pipeline stage 1: layers 8-15; {8 * (attention // 2 + expert + router + norms):,} parameters per rank"
     )
 
@@ -247,14 +248,15 @@ def test_tiny_gpt_dry_run_tensor_2_pipeline_2(runs):
     lines = _ok(runs["tiny_tp2_pp2"])
     assert lines[1] == "layout: world 8 = tensor 2 x pipeline 2 x context 1 x data 2; expert 1"
     assert lines[2] == "micro-batches per step: 2"  # 8 / (micro 2 × data 2)
-    assert lines[3] == "vocabulary: 384 (padded)"  # 257 up to a multiple of lcm(128, tensor 2)
+    assert lines[3] == "communication overlap: gradient reduce"  # no distributed optimizer, no interleaving
+    assert lines[4] == "vocabulary: 384 (padded)"  # 257 up to a multiple of lcm(128, tensor 2)
     matrices, norms = _per_layer(64, 176, 4, 2)
     total = 4 * (matrices + norms) + 64 + 2 * 384 * 64
     assert total == 234_048
-    assert lines[4] == f"parameters: {total:,} total (0.23M; formula {total:,})"
+    assert lines[5] == f"parameters: {total:,} total (0.23M; formula {total:,})"
     stages = _expected_stages(layers=4, h=64, f=176, heads=4, groups=2, vocab=384, tp=2, pp=2, vpp=None)
     assert [count for _, count in stages] == [58_624, 58_688]
-    assert lines[5:] == _stage_lines(stages)
+    assert lines[6:] == _stage_lines(stages)
     # Across all ranks of one model replica every weight is held once, except the norms,
     # which each tensor-parallel rank holds in full.
     replicated = 4 * norms + 64

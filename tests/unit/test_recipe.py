@@ -496,6 +496,26 @@ def test_yaml_1_2_floats_in_files(tmp_path):
             "fp32 master weights): use bf16",
         ),
         (
+            ["parallel.fsdp=zero3", "parallel.overlap_grad_reduce=true", "parallel.bucket_size=1000"],
+            "parallel.fsdp = zero3 overlaps its own all-gathers and reduce-scatters (torch FSDP2 prefetching): "
+            "leave parallel.overlap_grad_reduce, parallel.bucket_size null",
+        ),
+        (
+            ["parallel.overlap_param_gather=true"],
+            "parallel.overlap_param_gather = true needs parallel.distributed_optimizer = true: without it every "
+            "data-parallel rank updates whole weights and there is nothing to gather",
+        ),
+        (
+            ["parallel.overlap_grad_reduce=false", "parallel.bucket_size=1000"],
+            "parallel.bucket_size = 1000 is only read with parallel.overlap_grad_reduce: without overlap "
+            "megatron-core reduces each model chunk's gradients in one bucket",
+        ),
+        (
+            ["parallel.pipeline=2", "parallel.overlap_p2p_comm=true"],
+            "parallel.overlap_p2p_comm = true: megatron-core overlaps pipeline sends and receives in the "
+            "interleaved schedule only; set parallel.virtual_pipeline > 1 or leave overlap_p2p_comm null",
+        ),
+        (
             ["data.reset_position_ids=true"],
             "data.reset_position_ids = true is not supported: megatron-core's GPTModel computes RoPE from the "
             "position in the sample, never from position_ids; set it to false",
@@ -896,3 +916,27 @@ def test_a2a_p2p_layout_names_megatrons_hierarchical_groups():
     assert Layout(world_size=2, context=2, context_comm="a2a").hierarchical_context is None
     with pytest.raises(RecipeError, match=re.escape("parallel.context_a2a = 3 does not fit parallel.context_comm")):
         Layout(world_size=4, context=4, context_comm="a2a+p2p", context_a2a=3)
+
+
+@pytest.mark.parametrize(
+    "overrides, resolved",
+    [
+        # (grad reduce, param gather, p2p) overlapped: null = on wherever megatron-core has it
+        ([], (True, False, False)),
+        (["parallel.distributed_optimizer=true"], (True, True, False)),
+        (["parallel.pipeline=2", "parallel.virtual_pipeline=2"], (True, False, True)),
+        (["parallel.fsdp=zero3"], (False, False, False)),  # FSDP2 overlaps its own
+        (
+            ["parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=false"]
+            + ["parallel.overlap_param_gather=false"],
+            (False, False, False),
+        ),
+        (
+            ["parallel.pipeline=2", "parallel.virtual_pipeline=2", "parallel.overlap_p2p_comm=false"],
+            (True, False, False),
+        ),
+    ],
+)
+def test_overlap_defaults_resolve(overrides, resolved):
+    p = load_recipe("tiny_gpt", overrides).parallel
+    assert (p.grad_reduce_overlapped, p.param_gather_overlapped, p.p2p_overlapped) == resolved
