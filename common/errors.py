@@ -1,5 +1,8 @@
 """Errors meant for people and the exit codes of every entry point; imports nothing of ours."""
 
+import sys
+from collections.abc import Callable
+
 EXIT_USER_ERROR = 2  # bad input: a recipe, override, data file, checkpoint, path or tool argument
 EXIT_NONFINITE = 3  # a fault guard stopped the run: non-finite loss or gradients
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again later": checkpoint saved, resume with load=auto
@@ -13,6 +16,24 @@ def path_problem(exc: OSError) -> str | None:
         return None
     names = f"'{exc.filename}'" + (f" -> '{exc.filename2}'" if exc.filename2 else "")
     return f"{names}: {exc.strerror or exc}"
+
+
+def run_tool(body: Callable[[], int], debug: bool) -> int:
+    """A tool's main: bad input (a UserError, an OSError naming a path) becomes one `error:` line on
+    stderr and exit code 2; `debug` (the tools' --debug) lets it raise with its traceback."""
+    try:
+        return body()
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        problem = path_problem(exc)
+        if problem is None or debug:
+            raise
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
 
 
 class UserError(Exception):

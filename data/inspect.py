@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from collections.abc import Iterator
 from typing import Any
 
-from common.errors import EXIT_USER_ERROR, UserError, path_problem
+from common.errors import UserError, run_tool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,18 +133,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        return run(args)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except OSError as exc:
-        if path_problem(exc) is None or args.debug:
-            raise
-        print(f"error: {path_problem(exc)}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+    return run_tool(lambda: run(args), args.debug)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from common.errors import EXIT_USER_ERROR, UserError, path_problem  # noqa: E402
+from common.errors import UserError, run_tool  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from parallel.layout import init_single_process  # noqa: E402
 from upstream.process import exit_quickly, prepare_process  # noqa: E402
@@ -160,22 +160,15 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = parser.parse_args(argv)
     prepare_process(quiet=not args.debug)
-    try:
+
+    def body() -> int:
         if args.command == "import":
             print(f"wrote {import_hf(args.hf_dir, args.out_dir)}")
         else:
             print(f"wrote {export_hf(args.checkpoint, args.out_dir)}")
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except OSError as exc:
-        if path_problem(exc) is None or args.debug:
-            raise
-        print(f"error: {path_problem(exc)}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+        return 0
+
+    return run_tool(body, args.debug)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Any
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common.errors import EXIT_USER_ERROR, UserError, path_problem  # noqa: E402
+from common.errors import UserError, run_tool  # noqa: E402
 from upstream.process import exit_quickly  # noqa: E402
 
 
@@ -170,17 +170,7 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        return run(args)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except OSError as exc:
-        if path_problem(exc) is None or args.debug:
-            raise
-        print(f"error: {path_problem(exc)}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+        return run_tool(lambda: run(args), args.debug)
     finally:
         import torch.distributed as dist
 

@@ -1,0 +1,42 @@
+"""scripts/gpu_check.sh --smoke: every part of the GPU check (training runs of the 1B and 3B recipes
+with and without recompute, the FP8 path, the ring against one call, the SDPA kernel, the memory
+model against the allocator) runs end to end with tiny shapes on a CPU, so the script a lent GPU
+runs never rots."""
+
+import json
+import subprocess
+
+import pytest
+
+from tests.helpers.runs import REPO
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_part(tmp_path):
+    proc = subprocess.run(
+        ["bash", "scripts/gpu_check.sh", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    expected = {
+        "llama_1b_bf16",
+        "llama_1b_bf16_recompute_full",
+        "llama_3b_bf16",
+        "llama_3b_bf16_recompute_full",
+        "llama_1b_fp8_tensorwise",
+        "ring_cp2_vs_one_call",
+        "sdpa_kernel_llama_1b",
+        "memory_model_llama_1b",
+    }
+    assert expected <= set(summary), sorted(summary)
+    for name in expected:
+        assert summary[name]["rc"] == 0, name
+    for name in ("llama_1b_bf16", "llama_3b_bf16_recompute_full"):
+        assert summary[name]["tokens_per_s"] > 0 and 0 < summary[name]["mfu"]
+    table = proc.stdout.split("\n\n")[-1]
+    assert table.splitlines()[0].startswith("matmul_peak")
+    assert len(table.strip().splitlines()) == len(expected) + 1
