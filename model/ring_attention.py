@@ -351,33 +351,6 @@ class ContextParallelAttention(SDPAttention):
         cp_group = getattr(pg_collection, "cp", None)  # megatron's Attention passes its whole collection
         self.cp_group = cp_group if cp_group is not None else parallel_state.get_context_parallel_group()
 
-    def _check_training_call(
-        self,
-        query: Tensor,
-        attention_mask: Tensor | None,
-        attn_mask_type: AttnMaskType | None,
-        attention_bias: Tensor | None,
-        packed_seq_params: object,
-    ) -> None:
-        """A causal training call without dropout: context parallelism has no generation step."""
-        if not self._check_call(query.size(0), attention_mask, attn_mask_type, attention_bias, packed_seq_params):
-            raise NotImplementedError(
-                f"{type(self).__name__} has no generation step (context parallelism is for training)"
-            )
-        if self.training and self.attention_dropout.p > 0.0:
-            raise NotImplementedError(
-                f"{type(self).__name__} has no attention dropout, got {self.attention_dropout.p}; "
-                "set attention_dropout to 0"
-            )
-
-
-class RingAttention(ContextParallelAttention):
-    """Causal core attention over the context-parallel group by the K/V ring.
-
-    Takes query [s/cp, b, np, hn] and key/value [s/cp, b, ng, hn] in the load-balanced layout and
-    returns [s/cp, b, np·hn]. No dropout, mask tensor, bias or packed sequences.
-    """
-
     def forward(
         self,
         query: Tensor,
@@ -388,7 +361,32 @@ class RingAttention(ContextParallelAttention):
         attention_bias: Tensor | None = None,
         packed_seq_params: object = None,
     ) -> Tensor:
-        self._check_training_call(query, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        """megatron-core's core-attention call, for training only (context parallelism has no
+        generation step): causal, no mask tensor, bias, packed sequences or dropout."""
+        if not self._check_call(query.size(0), attention_mask, attn_mask_type, attention_bias, packed_seq_params):
+            raise NotImplementedError(
+                f"{type(self).__name__} has no generation step (context parallelism is for training)"
+            )
+        if self.training and self.attention_dropout.p > 0.0:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no attention dropout, got {self.attention_dropout.p}; "
+                "set attention_dropout to 0"
+            )
+        return self.attend(query, key, value)
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """[s/cp, b, np, hn] queries, [s/cp, b, ng, hn] keys and values, load-balanced -> [s/cp, b, np·hn]."""
+        raise NotImplementedError
+
+
+class RingAttention(ContextParallelAttention):
+    """Causal core attention over the context-parallel group by the K/V ring.
+
+    Takes query [s/cp, b, np, hn] and key/value [s/cp, b, ng, hn] in the load-balanced layout and
+    returns [s/cp, b, np·hn]. No dropout, mask tensor, bias or packed sequences.
+    """
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         # [s/cp, b, np, hn] -> [b, np, s/cp, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         context = RingAttentionFunction.apply(q, k, v, self.cp_group, self.softmax_scale)

@@ -199,17 +199,7 @@ class UlyssesAttention(ContextParallelAttention):
             dist.get_world_size(self.a2a_group),
         )
 
-    def forward(
-        self,
-        query: Tensor,
-        key: Tensor,
-        value: Tensor,
-        attention_mask: Tensor | None,
-        attn_mask_type: AttnMaskType | None = None,
-        attention_bias: Tensor | None = None,
-        packed_seq_params: object = None,
-    ) -> Tensor:
-        self._check_training_call(query, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+    def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         context = ulysses_attention(query, key, value, self.a2a_group, self.ring_group, self.softmax_scale)
         return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)  # [s/cp, b, np·hn]
 
