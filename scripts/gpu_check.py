@@ -56,7 +56,13 @@ def _train(name: str, out: pathlib.Path, corpus: str, recipe: str, smoke: bool, 
     log_dir = out / name
     sizes = (
         [
+            # tiny_gpt's shapes: the 1B/3B recipes' 128K vocabulary alone is 8 GB of fp32 state
             "model.num_layers=2",
+            "model.hidden_size=64",
+            "model.ffn_hidden_size=176",
+            "model.num_attention_heads=4",
+            "model.num_query_groups=2",
+            "model.vocab_size=384",
             "model.seq_length=128",
             "train.micro_batch_size=2",
             "train.global_batch_size=4",
