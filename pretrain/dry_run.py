@@ -8,7 +8,8 @@ from typing import NamedTuple
 from data.loader import BatchPlan
 from model.config import moe_layer_pattern
 from model.gpt import layer_parameters, padded_vocab_size, parameter_counts
-from parallel.layout import Layout, pipeline_stage_layers
+from parallel.config import pipeline_stage_layers
+from parallel.layout import Layout
 from pretrain.recipe import Recipe, validate_for_world
 
 
