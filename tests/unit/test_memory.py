@@ -1,0 +1,162 @@
+"""The memory model (pretrain/memory.py, activations.py): static terms against hand counts, the
+pipeline schedules' micro-batches in flight against megatron-core's rules, and the activation
+terms against the tensors a real forward keeps for its backward (one process, CPU kernels)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from model.gpt import ModelBuild, build_model_chunks, parameter_counts
+from pretrain.memory import Target, estimate, in_flight, setup_for, state_shards
+from pretrain.recipe import load_recipe
+
+BYTE_VOCAB = 257
+PADDED = 384
+CPU = Target.for_device("cpu", "local")
+
+
+def _recipe(*overrides: str):
+    return load_recipe("tiny_gpt", ["model.seq_length=64", "train.micro_batch_size=2", *overrides])
+
+
+# ------------------------------------------------------------------------------------- static terms
+
+
+def test_fp32_static_terms_are_hand_counts():
+    recipe = _recipe()
+    params = parameter_counts(recipe.model, PADDED).total
+    (stage,) = estimate(recipe, 1, CPU).stages
+    # fp32 weights, fp32 gradient buffer, Adam's two fp32 moments (the weights are the master copy)
+    assert (stage.weights, stage.grads, stage.optimizer) == (4 * params, 4 * params, 8 * params)
+
+
+def test_bf16_distributed_optimizer_shards_master_weights_and_moments():
+    recipe = _recipe("train.precision=bf16", "parallel.distributed_optimizer=true")
+    params = parameter_counts(recipe.model, PADDED).total
+    padded = -(-params // 128) * 128  # the buffer is padded to lcm(dp, 128) elements
+    (stage,) = estimate(recipe, 2, CPU).stages
+    assert stage.weights == 2 * padded and stage.grads == 4 * padded
+    assert stage.optimizer == 12 * padded // 2  # fp32 master + 2 moments, over 2 data-parallel ranks
+
+
+def test_sharding_factors():
+    from parallel.layout import Layout
+
+    layout = Layout(world_size=32, tensor=2, pipeline=2, context=2, expert=4, expert_tensor=1)
+    shards = state_shards(layout, distributed_optimizer=True)
+    assert shards["dense"].optimizer == 8  # data 4 × context 2
+    assert shards["expert"].optimizer == 4  # 32 / (pipeline 2 × expert 4 × expert tensor 1)
+    assert shards["dense"].grads == shards["dense"].weights == 1
+    assert state_shards(layout, distributed_optimizer=False)["dense"].optimizer == 1
+
+
+# ------------------------------------------------------------------------------------ the schedules
+
+
+@pytest.mark.parametrize("rank, held", [(0, 4), (1, 3), (3, 1)])
+def test_1f1b_holds_pipeline_minus_rank_micro_batches(rank, held):
+    ((live, backward),) = in_flight(pipeline=4, virtual=1, rank=rank, micro_batches=8)
+    assert live == [0] * held and backward == 0
+
+
+def test_1f1b_holds_at_most_the_micro_batches():
+    ((live, _),) = in_flight(pipeline=4, virtual=1, rank=0, micro_batches=2)
+    assert len(live) == 2
+
+
+def test_interleaved_first_stage_holds_megatron_warmup_plus_one():
+    pipeline, virtual, m = 4, 3, 8
+    moments = in_flight(pipeline, virtual, 0, m)
+    # megatron-core's warm-up on rank 0: (pp - 1)·2 + (vpp - 1)·pp forwards, then 1F1B
+    assert max(len(live) for live, _ in moments) == (pipeline - 1) * 2 + (virtual - 1) * pipeline + 1
+    assert sum(1 for _, b in moments if b is not None) == m * virtual  # every chunk-micro-batch runs backward once
+    last_rank = in_flight(pipeline, virtual, pipeline - 1, m)
+    assert max(len(live) for live, _ in last_rank) == (virtual - 1) * pipeline + 1
+
+
+# --------------------------------------------------------------------- activations against a forward
+
+
+SCALARS = 64  # bytes of 0-d tensors (loss scales, counts) the model leaves out, per layer and for the head
+
+
+def _saved_bytes(recipe, micro_batch: int) -> int:
+    """Bytes of the distinct storages one forward keeps for its backward (parameters excluded), as
+    they stand when the forward ends (an output-discarding recompute has freed its outputs)."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.module import Float16Module
+
+    model_parallel_cuda_manual_seed(0)
+    precision = recipe.train.precision
+    (model,) = build_model_chunks(recipe.model, ModelBuild(precision=precision), BYTE_VOCAB)
+    if precision != "fp32":
+        model = Float16Module(model.config, model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    s = recipe.model.seq_length
+    tokens = torch.randint(0, BYTE_VOCAB, (micro_batch, s + 1), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(s).unsqueeze(0).expand(micro_batch, s)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["train.precision=bf16"],
+        ["model.recompute_granularity=selective", "model.recompute_modules=[layernorm,mlp]"],
+        ["model.recompute_granularity=full", "model.recompute_method=uniform", "model.recompute_num_layers=2"],
+        ["model.recompute_granularity=full", "model.recompute_method=block", "model.recompute_num_layers=1"],
+    ],
+    ids=["fp32", "bf16", "selective-layernorm-mlp", "full-uniform-2", "full-block-1"],
+)
+def test_kept_bytes_equal_what_a_forward_keeps(overrides):
+    from pretrain.memory import chunk_bytes
+
+    recipe = _recipe(*overrides)
+    setup = setup_for(recipe, 1, CPU)
+    predicted = chunk_bytes(setup, (0, recipe.model.num_layers), first=True, last=True).kept
+    assert abs(predicted - _saved_bytes(recipe, micro_batch=2)) <= SCALARS * (recipe.model.num_layers + 1)
+
+
+@pytest.mark.usefixtures("megatron_single_process")
+def test_moe_kept_bytes_equal_what_a_forward_keeps():
+    from pretrain.memory import chunk_bytes
+
+    # capacity with padding: every expert computes exactly its capacity, whatever the routing
+    recipe = load_recipe(
+        "tiny_moe",
+        ["model.seq_length=64", "model.moe.capacity_factor=1.0", "model.moe.pad_to_capacity=true"],
+    )
+    setup = setup_for(recipe, 1, CPU)
+    predicted = chunk_bytes(setup, (0, recipe.model.num_layers), first=True, last=True).kept
+    # the router's per-expert counts and scalars: 76 bytes per layer
+    assert abs(predicted - _saved_bytes(recipe, micro_batch=2)) <= 2 * SCALARS * (recipe.model.num_layers + 1)
+
+
+def test_recompute_lowers_the_estimate_in_the_expected_order():
+    def peak(*overrides):
+        return estimate(_recipe("model.seq_length=512", *overrides), 1, CPU).worst.peak
+
+    none = peak()
+    layernorm = peak("model.recompute_granularity=selective", "model.recompute_modules=[layernorm]")
+    full = peak("model.recompute_granularity=full", "model.recompute_method=uniform", "model.recompute_num_layers=1")
+    assert full < layernorm < none
+
+
+def test_dry_run_target_is_the_recipe_device():
+    from pretrain.memory_report import dry_run_setup
+
+    assert dry_run_setup(_recipe("train.device=cpu"), 1, BYTE_VOCAB).target.kernels.device == "cpu"
+    assert dry_run_setup(_recipe(), 1, BYTE_VOCAB).target.kernels.device == "cuda"
+    assert dataclasses.replace(CPU).gloo
