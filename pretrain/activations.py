@@ -59,17 +59,18 @@ def norm_and_linear_input(width: int, tokens: int, shape: Shape, kernels: Kernel
     return norm + tokens * width * b
 
 
-def attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels, ring: bool) -> dict[str, int]:
+def attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int]:
     """Core attention and its inputs: rotated q and k, v (a view of the fused QKV output, which it
-    keeps alive; a dense copy in the ring), the output and the fp32 log-sum-exp; RoPE's cos/sin per
-    layer. No [s, s] scores: SDPA (flash / memory-efficient) and our ring never materialize them."""
+    keeps alive; our ring too saves the view it was given), the output and the fp32 log-sum-exp;
+    RoPE's cos/sin per layer. No [s, s] scores: SDPA (flash / memory-efficient) and our ring never
+    materialize them."""
     b, t, n = shape.dtype_bytes, shape.tensor, shape.tokens
     heads = m.num_attention_heads
     head_dim = m.hidden_size // heads
     kv = (m.num_query_groups or heads) * head_dim
     q, out = n * m.hidden_size // t * b, n * m.hidden_size // t * b
     k = n * kv // t * b
-    v = n * kv // t * b if ring else n * (m.hidden_size + 2 * kv) // t * b
+    v = n * (m.hidden_size + 2 * kv) // t * b
     lse = n * heads // t * FP32
     copy = out if kernels.device == "cuda" and shape.micro_batch > 1 else 0
     rope = 4 * shape.seq * head_dim * b  # cos and sin, for q and for k, in the activations' dtype
@@ -83,10 +84,10 @@ def mlp_bytes(ffn: int, tokens: int, split: int, b: int, scaled: bool = False) -
     return tokens * ffn // split * b * (6 if scaled else 5)
 
 
-def dense_layer(m: ModelConfig, shape: Shape, kernels: Kernels, ring: bool) -> dict[str, int]:
+def dense_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int]:
     """Bytes one dense layer keeps per micro-batch, by module (recompute takes modules out)."""
     n_sp = shape.sharded_tokens
-    attention = attention_bytes(m, shape, kernels, ring)
+    attention = attention_bytes(m, shape, kernels)
     dropout = 2 * n_sp * m.hidden_size if m.hidden_dropout > 0 else 0  # bool masks of the two residual adds
     return {
         "input_norm": norm_and_linear_input(m.hidden_size, n_sp, shape, kernels),
@@ -99,13 +100,13 @@ def dense_layer(m: ModelConfig, shape: Shape, kernels: Kernels, ring: bool) -> d
     }
 
 
-def moe_layer(m: ModelConfig, shape: Shape, kernels: Kernels, ring: bool) -> dict[str, int]:
+def moe_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int]:
     """A MoE layer: attention as dense; router (logits, scores, top-k), token permutation, the
     routed tokens every local expert keeps (balanced routing: each token reaches top_k experts; the
     capacity factor caps that), shared experts."""
     moe, h, b = m.moe, m.hidden_size, shape.dtype_bytes
     assert moe.num_experts is not None
-    layer = dense_layer(m, shape, kernels, ring)
+    layer = dense_layer(m, shape, kernels)
     del layer["mlp"]
     n_sp = shape.sharded_tokens  # each (sequence-parallel) rank routes its own tokens
     experts, k = moe.num_experts, moe.top_k
@@ -119,18 +120,12 @@ def moe_layer(m: ModelConfig, shape: Shape, kernels: Kernels, ring: bool) -> dic
     return layer
 
 
-def recompute_saved(parts: dict[str, int], modules: list[str], shape: Shape, m: ModelConfig, ring: bool) -> int:
+def recompute_saved(parts: dict[str, int], modules: list[str], shape: Shape, m: ModelConfig) -> int:
     """What a layer keeps under selective recompute of `modules` (megatron-core 0.16's checkpoints)."""
     kept = dict(parts)
     b, n_sp = shape.dtype_bytes, shape.sharded_tokens
-    if "core_attn" in modules:
-        # The checkpoint keeps the kernel's inputs (which it kept anyway) and drops its log-sum-exp;
-        # for the ring it keeps the fused QKV output its v is a view of, not the ring's dense copy.
+    if "core_attn" in modules:  # the checkpoint keeps the kernel's inputs (kept anyway), not its log-sum-exp
         kept["core_attn"] -= parts.get("lse", 0)
-        if ring:
-            heads = m.num_attention_heads
-            kv = (m.num_query_groups or heads) * (m.hidden_size // heads)
-            kept["core_attn"] += shape.tokens * (m.hidden_size + kv) // shape.tensor * b
     if "layernorm" in modules:  # each norm keeps only its input; its output is dropped and recomputed
         kept["input_norm"] = kept["pre_mlp_norm"] = n_sp * m.hidden_size * b
     for module in ("mlp", "moe", "shared_experts"):

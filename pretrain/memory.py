@@ -247,15 +247,15 @@ def backward_peak(items: list[tuple[int, int]]) -> int:
 def layer_items(setup: Setup, layers: tuple[int, int]) -> list[tuple[int, int]]:
     """(kept, backward transient) per layer, or per group of layers one checkpoint recomputes."""
     m, shape, target = setup.model, setup.shape, setup.target
-    ring, pattern = setup.layout.context > 1, moe_layer_pattern(m)
-    parts = [(act.moe_layer if pattern[i] else act.dense_layer)(m, shape, target.kernels, ring) for i in range(*layers)]
+    pattern = moe_layer_pattern(m)
+    parts = [(act.moe_layer if pattern[i] else act.dense_layer)(m, shape, target.kernels) for i in range(*layers)]
     full = [act.layer_saved(p) for p in parts]
     grads = [act.backward_transient(m, shape, pattern[i], target.gloo) for i in range(*layers)]
     hidden = shape.sharded_tokens * m.hidden_size * shape.dtype_bytes  # a checkpoint's input
     if m.recompute_granularity == "selective":
         modules = list(m.recompute_modules or ["core_attn"])
         return [
-            (act.recompute_saved(p, modules, shape, m, ring), act.recompute_transient(p, modules) + g)
+            (act.recompute_saved(p, modules, shape, m), act.recompute_transient(p, modules) + g)
             for p, g in zip(parts, grads)
         ]
     if m.recompute_granularity == "full":

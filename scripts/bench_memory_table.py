@@ -80,6 +80,12 @@ CONFIGS: dict[str, tuple[int, str, list[str]]] = {
     ),
     "dense fp32 cp2 s2048": (2, "tiny_gpt", ["parallel.context=2", "model.seq_length=2048"]),
     "dense bf16 dp2 distopt": (2, "tiny_gpt", ["parallel.distributed_optimizer=true", "train.precision=bf16"]),
+    # data 1 × context 2: the distributed optimizer shards over the context ranks too
+    "dense bf16 cp2 distopt s2048": (
+        2,
+        "tiny_gpt",
+        ["parallel.context=2", "parallel.distributed_optimizer=true", "train.precision=bf16", "model.seq_length=2048"],
+    ),
     "moe fp32 ep1": (1, "tiny_moe", MOE),
     "moe fp32 selective moe": (1, "tiny_moe", [*MOE, *selective("moe")]),
     "moe bf16 ep2 capacity mbs4 s512": (
