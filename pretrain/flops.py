@@ -28,10 +28,19 @@ def layer_forward_flops(m: ModelConfig, is_moe: bool) -> dict[str, float]:
     return parts
 
 
+def layer_totals(m: ModelConfig) -> list[float]:
+    """Forward FLOPs per token of each layer (each layer kind computed once)."""
+    kinds = {
+        is_moe: sum(_without_nested(layer_forward_flops(m, is_moe)).values())
+        for is_moe in (False, True)
+        if is_moe is False or m.moe.num_experts is not None
+    }
+    return [kinds[is_moe] for is_moe in moe_layer_pattern(m)]
+
+
 def model_forward_flops(m: ModelConfig, vocab: int) -> float:
     """Forward FLOPs per token of the whole model: every layer and the output layer."""
-    layers = sum(sum(_without_nested(layer_forward_flops(m, is_moe)).values()) for is_moe in moe_layer_pattern(m))
-    return layers + 2.0 * m.hidden_size * vocab
+    return sum(layer_totals(m)) + 2.0 * m.hidden_size * vocab
 
 
 def recompute_forward_flops(m: ModelConfig, chunks: int = 1) -> float:
@@ -41,16 +50,18 @@ def recompute_forward_flops(m: ModelConfig, chunks: int = 1) -> float:
     if m.recompute_granularity is None:
         return 0.0
     if m.recompute_granularity == "full":
-        every = [sum(_without_nested(layer_forward_flops(m, p)).values()) for p in pattern]
+        every = layer_totals(m)
         if m.recompute_method == "uniform":
             return float(sum(every))
         return float(sum(every)) * min(1.0, (m.recompute_num_layers or 0) * chunks / max(len(pattern), 1))
     modules = m.recompute_modules or ["core_attn"]
-    total = 0.0
-    for is_moe in pattern:
+    rerun = {}
+    for is_moe in set(pattern):
         parts = layer_forward_flops(m, is_moe)
-        total += sum(parts.get(mod, 0.0) for mod in modules if not (mod == "shared_experts" and "moe" in modules))
-    return total
+        rerun[is_moe] = sum(
+            parts.get(mod, 0.0) for mod in modules if not (mod == "shared_experts" and "moe" in modules)
+        )
+    return sum(rerun[is_moe] for is_moe in pattern)
 
 
 def _without_nested(parts: dict[str, float]) -> dict[str, float]:

@@ -5,6 +5,7 @@ logits and loss buffers, communication buffers; the peak, the worst rank, and wh
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from model.config import ModelConfig, moe_layer_pattern
 from model.gpt import layer_parameters
@@ -147,14 +148,8 @@ def _buffer_numel(params: int, dp: int, distributed: bool) -> int:
     """Gradient-buffer elements: the distributed optimizer pads each buffer to lcm(dp, 128)."""
     if not distributed or params == 0:
         return params
-    multiple = dp * 128 // _gcd(dp, 128)
+    multiple = math.lcm(dp, 128)
     return -(-params // multiple) * multiple
-
-
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
 
 
 def static_state(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, int]:

@@ -149,7 +149,10 @@ def table_lines(estimate: MemoryEstimate, setup: Setup) -> list[str]:
         lines.append(
             f"  {s.pipeline_rank:<5}  {ranks:<11}" + "".join(f"{v / unit[1]:>{w}.2f}" for v, w in zip(values, _WIDTHS))
         )
-    in_flight = f"{worst.in_flight} micro-batch{'es' if worst.in_flight != 1 else ''} in flight"
+    n = worst.in_flight
+    in_flight = f"{n} micro-batch{'es' if n != 1 else ''} in flight"
+    if setup.layout.virtual_pipeline:
+        in_flight = f"{n} model-chunk micro-batches in flight"
     lines.append(
         f"worst: pipeline stage {worst.pipeline_rank} ({_ranks(worst)}), peak {_size(worst.peak, unit)} ({in_flight})"
     )

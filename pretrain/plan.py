@@ -31,10 +31,15 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _recomputes(recipe: Recipe) -> list[dict[str, Any]]:
-    """A short ladder of recompute settings, cheapest first (the planner's, not the dry run's search)."""
+def _recomputes(recipe: Recipe, cache: dict[tuple, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """A short ladder of recompute settings, cheapest first (the planner's, not the dry run's search);
+    which are valid depends only on the layers per model chunk, so `cache` keeps them per split."""
     from pretrain.memory_report import recompute_candidates
 
+    p = recipe.parallel
+    key = (p.pipeline, p.virtual_pipeline, p.first_stage_layers, p.last_stage_layers)
+    if key in cache:
+        return cache[key]
     wanted = [
         {"recompute_granularity": None},
         {"recompute_granularity": "selective", "recompute_modules": ["layernorm"]},
@@ -45,7 +50,8 @@ def _recomputes(recipe: Recipe) -> list[dict[str, Any]]:
         {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
     ]
     possible = recompute_candidates(recipe)
-    return [w for w in wanted if w in possible]
+    cache[key] = [w for w in wanted if w in possible]
+    return cache[key]
 
 
 def layouts(recipe: Recipe, gpus: int, gpu_per_node: int) -> Iterator[dict[str, Any]]:
@@ -90,10 +96,11 @@ def candidates(recipe: Recipe, gpus: int, gpu: Any, vocab: int) -> list[Candidat
     from pretrain.step_time import step_time
 
     target = Target.for_device("cuda", recipe.model.transformer_impl)
-    out = []
+    out: list[Candidate] = []
+    cache: dict[tuple, list[dict[str, Any]]] = {}
     for layout in layouts(recipe, gpus, gpu.gpus_per_node):
         base = _apply(recipe, layout)
-        for fields in _recomputes(base):
+        for fields in _recomputes(base, cache):
             planned = _apply(base, {f"model.{k}": v for k, v in _recompute_fields(fields).items()})
             try:
                 check_model(planned.model, planned.parallel)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from model.config import moe_layer_pattern
-from pretrain.flops import layer_forward_flops, recompute_forward_flops
+from pretrain.flops import layer_totals, recompute_forward_flops
 from pretrain.memory import Setup
 
 
@@ -71,7 +71,7 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     tokens = shape.tokens  # per micro-batch on one rank's sequence shard
     flops_rate = gpu.peak(precision) * gpu.matmul_efficiency
     chunks = pp * layout.model_chunks
-    per_layer = [sum(v for k, v in layer_forward_flops(m, p).items() if k != "shared_experts") for p in pattern]
+    per_layer = layer_totals(m)
     recompute = recompute_forward_flops(m, chunks) / len(pattern)
     layers_per_stage = len(pattern) / pp
     head = 2.0 * m.hidden_size * setup.vocab

@@ -222,6 +222,7 @@ def test_llama70b_dry_run_on_512(runs):
         ["3", "384-511"],
     ]
     assert memory[6].startswith("worst: pipeline stage 0 (ranks 0-127), peak ")
+    assert memory[6].endswith(" GiB (23 model-chunk micro-batches in flight)")  # warm-up (4 - 1)·2 + (5 - 1)·4, plus 1
     assert memory[7].startswith("fits in 80 GiB: peak ")
 
 
@@ -266,7 +267,8 @@ def test_tiny_gpt_dry_run_tensor_2_pipeline_2(runs):
 
 
 def test_llama70b_dry_run_json_has_the_worst_rank_and_every_stage(runs):
-    report = json.loads(_ok(runs["llama70b_512_json"])[0])
+    (line,) = _ok(runs["llama70b_512_json"])  # one JSON object, nothing else on stdout
+    report = json.loads(line)
     memory = report["memory"]
     stages = memory["stages"]
     assert [s["ranks"] for s in stages] == [[0, 127], [128, 255], [256, 383], [384, 511]]
@@ -322,7 +324,8 @@ def test_tiny_gpt_memory_table_and_verdict(runs):
 
 
 def test_tiny_gpt_memory_json(runs):
-    memory = json.loads(_ok(runs["tiny_memory_json"])[0])["memory"]
+    (line,) = _ok(runs["tiny_memory_json"])
+    memory = json.loads(line)["memory"]
     assert {k: memory[k] for k in TINY_JSON} == TINY_JSON
 
 
