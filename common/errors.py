@@ -5,6 +5,16 @@ EXIT_NONFINITE = 3  # a fault guard stopped the run: non-finite loss or gradient
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again later": checkpoint saved, resume with load=auto
 
 
+def path_problem(exc: OSError) -> str | None:
+    """ "'PATH': reason" for an OSError about a path a person gave or a run writes (missing,
+    unreadable, unwritable, a file where a folder is needed, a full disk), for entry points to print
+    as one line; None when it names no path (then it is a bug, with its traceback)."""
+    if not exc.filename:
+        return None
+    names = f"'{exc.filename}'" + (f" -> '{exc.filename2}'" if exc.filename2 else "")
+    return f"{names}: {exc.strerror or exc}"
+
+
 class UserError(Exception):
     """Bad input from a person (recipe, override, data file, checkpoint, path): printed as one line, exit 2."""
 
@@ -19,3 +29,10 @@ class RunStopped(Exception):
 
     exit_code = 1
     label = "error"  # the printed line starts with it
+
+
+class AgreedUserError(RunStopped):
+    """Bad input that every rank found at the same step, after agreeing on it (e.g. token ids beyond
+    the vocabulary in one rank's batch): printed once by rank 0, exit 2."""
+
+    exit_code = EXIT_USER_ERROR

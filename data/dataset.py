@@ -43,9 +43,9 @@ def open_indexed(prefix: str) -> Any:
     both files exist, the .idx parses, and the .bin holds every token the .idx points to."""
     for path in (prefix + ".bin", prefix + ".idx"):
         if not os.path.isfile(path):
-            raise UserError(
-                f"data file '{path}' not found: build it with 'python -m data.preprocess' or fix the data path"
-            )
+            raise UserError(f"data file '{path}' not found: {build_command(prefix)}, or fix the data path")
+        if not os.access(path, os.R_OK):
+            raise UserError(f"data file '{path}' cannot be read (permission denied)")
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     # Built in two steps so that a failed __init__ can be given the attributes IndexedDataset.__del__
@@ -61,6 +61,16 @@ def open_indexed(prefix: str) -> Any:
         ) from None
     _check_bin_size(indexed, prefix)
     return indexed
+
+
+QUICKSTART_PREFIX = os.path.join("runs", "quickstart", "corpus", "text_document")  # the tiny recipes' data.path
+
+
+def build_command(prefix: str) -> str:
+    """How to build the corpus `prefix`: the quickstart's own command for the tiny recipes' path."""
+    if os.path.normpath(prefix).endswith(QUICKSTART_PREFIX):
+        return f"build it with 'python -m data.preprocess quickstart --output-prefix {prefix}' (or bash scripts/quickstart.sh)"
+    return f"build it with 'python -m data.preprocess text --input FILES --output-prefix {prefix}'"
 
 
 def _check_bin_size(indexed: Any, prefix: str) -> None:
@@ -126,6 +136,11 @@ class SourceSamples:
     def __getitem__(self, j: int) -> dict:
         return self.gpt[self.position(j)]
 
+    def documents(self, j: int) -> list[int]:
+        """Ids (in the dataset's .idx) of the documents endless sample j is cut from, in order."""
+        _, documents = self.gpt._query_document_sample_shuffle_indices(self.position(j))
+        return [int(d) for d in documents]
+
     def _permutation(self, epoch: int) -> numpy.ndarray:
         # Batches straddle at most one epoch boundary at a time: keep the last two orders.
         if epoch not in self._permutations:
@@ -169,6 +184,12 @@ class BlendedSamples:
     def __getitem__(self, i: int) -> dict:
         source, j = self.locate(i)
         return self.sources[source][j]
+
+    def origin(self, i: int) -> tuple[str, int, list[int]]:
+        """(dataset prefix, megatron-core GPTDataset index, document ids) of global sample i."""
+        source, j = self.locate(i)
+        origin = self.sources[source]
+        return origin.prefix, origin.position(j), origin.documents(j)
 
 
 # ---- building the splits ------------------------------------------------------------------------

@@ -79,6 +79,32 @@ class BatchPlan:
         return [{k: v.to(device) for k, v in self.batch(samples, first, m).items()} for m in range(self.micro_batches)]
 
 
+def token_ids_beyond(samples: Samples, first: int, count: int, vocab_size: int) -> str:
+    """Names the first of samples [first, first + count) holding a token id outside [0, vocab_size):
+    its dataset, document and id. For the error after a rank found one (host-side, reads the whole
+    global batch); '' when there is none."""
+    for i in range(first, first + count):
+        item = samples[i]
+        ids = torch.cat([item["tokens"], item["labels"][-1:]])
+        bad = ids[(ids < 0) | (ids >= vocab_size)]
+        if bad.numel():
+            where = _sample_origin(samples, i)
+            return (
+                f"{where} holds token id {int(bad[0])}, outside the model's {vocab_size} ids: it was built "
+                "with another tokenizer than data.tokenizer; rebuild it with 'python -m data.preprocess' "
+                "and this tokenizer (or set data.tokenizer to the one it was built with)"
+            )
+    return ""
+
+
+def _sample_origin(samples: Samples, i: int) -> str:
+    """'data file PREFIX.bin (documents …, sample i)' for a BlendedSamples; 'sample i' otherwise."""
+    if not hasattr(samples, "origin"):
+        return f"sample {i}"
+    prefix, _, documents = samples.origin(i)
+    return f"data file '{prefix}.bin' (documents {', '.join(map(str, documents))}, read as sample {i})"
+
+
 class RankMicroBatches(Dataset):
     """`steps` steps of this rank's micro-batches, from the global batch that starts at sample `first`."""
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy
 
-from common.errors import EXIT_USER_ERROR, UserError
+from common.errors import EXIT_USER_ERROR, UserError, path_problem
 from data.sources import (
     BYTE_VOCAB_SIZE,
     QUICKSTART_MAX_BYTES,
@@ -337,8 +337,9 @@ def _parser() -> argparse.ArgumentParser:
     text.add_argument(
         "--input",
         nargs="+",
+        action="extend",  # --input a --input b reads both, in that order
         default=[],
-        help="files or globs; .jsonl/.json/.parquet/.arrow "
+        help="files or globs (the option may be repeated); .jsonl/.json/.parquet/.arrow "
         "rows are documents, any other file is one plain-text document",
     )
     text.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face hub dataset (downloaded; streamed)")
@@ -391,6 +392,11 @@ def main(argv: list[str] | None = None) -> int:
         stats = _run(args)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as error:
+        if path_problem(error) is None:
+            raise
+        print(f"error: {path_problem(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
     trained = f" (tokenizer {stats['tokenizer']})" if "tokenizer" in stats else ""
     summary = f"{args.output_prefix}.bin/.idx{trained}: {stats['documents']} documents, {stats['tokens']} tokens"

@@ -1,5 +1,5 @@
-"""The `model` recipe section (Llama-style decoder, optional mixture of experts) and its checks
-against the parallel layout."""
+"""The `model` and `fp8` recipe sections (Llama-style decoder, optional mixture of experts, FP8
+GEMMs) and their checks against the parallel layout and the training precision."""
 
 from __future__ import annotations
 
@@ -75,12 +75,109 @@ class ModelConfig:
     moe: MoeConfig = field(default_factory=MoeConfig)
 
 
+FP8_RECIPES_LOCAL = ("tensorwise", "rowwise")  # current scaling through torch._scaled_mm (model/fp8.py)
+# transformer-engine versions megatron-core 0.16 needs for each recipe (fp8_utils.py, get_fp8_recipe)
+FP8_RECIPES_TE = {"delayed": "1.7", "tensorwise": "2.2", "blockwise": "2.3", "mxfp8": "2.1"}
+
+
+@dataclass
+class Fp8Config:
+    """FP8 GEMMs in the decoder layers' linears (QKV, output projection, fc1, fc2, experts); the
+    embedding, output layer, router, norms, softmax, loss, master weights and optimizer stay
+    bf16/fp32. What runs where: docs/fp8.md."""
+
+    enabled: bool = False
+    # hybrid: e4m3 forward operands (activations, weights), e5m2 gradients; e4m3: e4m3 for all three
+    format: Literal["hybrid", "e4m3"] = "hybrid"
+    # tensorwise / rowwise: current scaling, one scale per tensor / per row (local spec or, tensorwise,
+    # transformer-engine); delayed: scales from an amax history (transformer-engine); blockwise:
+    # 128-element blocks (transformer-engine, Hopper); mxfp8: 32-element blocks (transformer-engine, Blackwell)
+    recipe: Literal["tensorwise", "rowwise", "delayed", "blockwise", "mxfp8"] = "tensorwise"
+    amax_history_len: PositiveInt | None = None  # delayed only: steps of amax history; null = 1
+    # delayed only: the history's largest amax (max) or its last (most_recent); null = most_recent
+    amax_compute_algo: Literal["most_recent", "max"] | None = None
+    margin: NonNegativeInt | None = None  # delayed only: scales shrink by 2^margin; null = 0
+    first_last_layers_bf16: NonNegativeInt = 0  # decoder layers at each end whose GEMMs stay bf16; 0 = none
+    params: bool = False  # FP8 primary weights (transformer-engine's fp8_param): less memory, needs transformer-engine
+
+
+def check_fp8(fp8: Fp8Config, model: ModelConfig, parallel: ParallelConfig, precision: str) -> None:
+    """Each recipe × implementation either runs FP8 or is refused here (the device is checked at
+    run time, model/fp8.py:check_runtime); nothing when fp8.enabled is false."""
+    if not fp8.enabled:
+        return
+    if precision != "bf16":
+        raise RecipeError(f"fp8.enabled = true requires train.precision = bf16, got {precision}")
+    local = model.transformer_impl == "local"
+    if local and fp8.recipe not in FP8_RECIPES_LOCAL:
+        raise RecipeError(
+            f"fp8.recipe = {fp8.recipe} needs model.transformer_impl = transformer_engine "
+            f"(transformer-engine >= {FP8_RECIPES_TE[fp8.recipe]}); the local spec runs tensorwise and rowwise"
+        )
+    if not local and fp8.recipe not in FP8_RECIPES_TE:
+        raise RecipeError(
+            f"fp8.recipe = {fp8.recipe} runs on the local spec only (model.transformer_impl = local); "
+            f"transformer-engine's recipes are {' | '.join(FP8_RECIPES_TE)}"
+        )
+    if local and fp8.params:
+        raise RecipeError("fp8.params = true (FP8 primary weights) needs model.transformer_impl = transformer_engine")
+    for key in ("amax_history_len", "amax_compute_algo", "margin"):
+        if getattr(fp8, key) is not None and fp8.recipe != "delayed":
+            raise RecipeError(
+                f"fp8.{key} applies to fp8.recipe = delayed only; {fp8.recipe} scales from the current amax"
+            )
+    _check_fp8_layers(fp8, model, parallel)
+    if local and model.moe.num_experts is not None:
+        _check_fp8_local_experts(parallel)
+
+
+def _check_fp8_layers(fp8: Fp8Config, model: ModelConfig, parallel: ParallelConfig) -> None:
+    n = fp8.first_last_layers_bf16
+    if n == 0:
+        return
+    if fp8.recipe == "delayed":  # megatron-core refuses it: per-layer FP8 contexts break its amax reduction
+        raise RecipeError("fp8.first_last_layers_bf16 cannot be combined with fp8.recipe = delayed")
+    if 2 * n >= model.num_layers:
+        raise RecipeError(
+            f"fp8.first_last_layers_bf16 = {n} at each end leaves no FP8 layer in model.num_layers = {model.num_layers}"
+        )
+    per_stage = model.num_layers // parallel.pipeline
+    if model.transformer_impl == "transformer_engine" and n > per_stage:
+        raise RecipeError(
+            f"fp8.first_last_layers_bf16 = {n} exceeds the {per_stage} layers of a pipeline stage "
+            "(megatron-core's limit with transformer-engine)"
+        )
+
+
+def _check_fp8_local_experts(p: ParallelConfig) -> None:
+    """The local FP8 experts reduce amaxes over the ranks that split one micro-batch's tokens; an
+    expert fed from several data-parallel ranks would scale over tokens no single-process run
+    groups together, so its numerics would change with the layout."""
+    if p.expert > 1:
+        raise RecipeError(
+            f"fp8 on the local spec needs parallel.expert = 1, got {p.expert}: an expert's FP8 scales would span "
+            "the tokens of several data-parallel ranks, changing its numerics with the layout "
+            "(use model.transformer_impl = transformer_engine)"
+        )
+    if p.expert_tensor is not None and p.expert_tensor != p.tensor:
+        raise RecipeError(
+            f"fp8 on the local spec needs parallel.expert_tensor = parallel.tensor, got {p.expert_tensor} "
+            f"and {p.tensor}"
+        )
+
+
 def check_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     """Shapes against the parallel sizes; run after parallel.check()."""
-    _check_shape(model, parallel)
     parallel.check()
+    _check_shape(model, parallel)
     _check_moe(model, parallel)
     _check_recompute(model, parallel)
+    if parallel.fsdp is not None and model.transformer_impl != "local":
+        # Each upstream fix under FSDP (upstream/fsdp.py) was verified on the local layers only.
+        raise RecipeError(
+            f"parallel.fsdp = {parallel.fsdp} is verified with model.transformer_impl = local only "
+            f"(got {model.transformer_impl}): transformer-engine layers under FSDP2 are not yet checked"
+        )
 
 
 def _require_divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) -> None:
@@ -107,27 +204,63 @@ def _check_shape(m: ModelConfig, p: ParallelConfig) -> None:
             "model.num_layers",
             m.num_layers,
         )
-    if p.context > 1:  # each sequence is split into 2 × context chunks (load-balanced causal attention)
-        _require_divides("2 × parallel.context", 2 * p.context, "model.seq_length", m.seq_length)
-        if p.context_comm != "p2p" and m.transformer_impl == "local":
-            raise RecipeError(
-                f"parallel.context_comm = {p.context_comm} needs model.transformer_impl = "
-                f"transformer_engine; the local layers' ring attention is p2p"
-            )
-        if p.context_comm == "a2a":  # all-to-all trades sequence shards for head shards
-            _require_divides(
-                "parallel.tensor × parallel.context",
-                p.tensor * p.context,
-                "model.num_query_groups" if m.num_query_groups else heads,
-                m.num_query_groups or m.num_attention_heads,
-            )
-        if m.attention_dropout > 0 and m.transformer_impl == "local":
-            raise RecipeError(
-                f"parallel.context = {p.context} uses ring attention, which has no attention "
-                f"dropout: set model.attention_dropout = 0 (got {m.attention_dropout})"
-            )
+    if p.context > 1:
+        _check_context(m, p)
     if p.sequence_parallel:
         _require_divides("parallel.tensor", p.tensor, "model.seq_length / parallel.context", m.seq_length // p.context)
+
+
+def _check_context(m: ModelConfig, p: ParallelConfig) -> None:
+    # each sequence is split into 2 × context chunks (load-balanced causal attention)
+    _require_divides("2 × parallel.context", 2 * p.context, "model.seq_length", m.seq_length)
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    groups_key = "model.num_query_groups" if m.num_query_groups else "model.num_attention_heads"
+    if m.transformer_impl == "transformer_engine":
+        if p.context_comm in ("a2a", "a2a+p2p"):  # TE's all-to-all splits the query groups
+            a2a_key, a2a = _a2a_size(p)
+            _require_divides(f"parallel.tensor × {a2a_key}", p.tensor * a2a, groups_key, groups)
+        return
+    if p.context_comm == "all_gather":
+        raise RecipeError(
+            "parallel.context_comm = all_gather needs model.transformer_impl = transformer_engine; "
+            "the local layers do p2p, a2a and a2a+p2p"
+        )
+    if m.attention_dropout > 0:
+        # The ring's block kernels have none. Ulysses could drop in its SDPA call, but megatron-core's
+        # model-parallel random stream is per tensor rank: the CP ranks, holding different heads,
+        # would draw the same masks.
+        if p.context_comm == "a2a":
+            what = "has no attention dropout (its CP ranks would draw one mask stream for different heads)"
+        else:
+            what = "uses ring attention, which has no attention dropout"
+        raise RecipeError(
+            f"parallel.context = {p.context} with parallel.context_comm = {p.context_comm} {what}: "
+            f"set model.attention_dropout = 0 (got {m.attention_dropout})"
+        )
+    if p.context_comm == "p2p":
+        return
+    # Ulysses: each all-to-all rank takes a share of the heads a tensor rank holds
+    a2a_key, a2a = _a2a_size(p)
+    why = f"(parallel.context_comm = {p.context_comm} gives each of those ranks a share of the"
+    if (heads // p.tensor) % a2a:
+        raise RecipeError(
+            f"{a2a_key} = {a2a} does not divide model.num_attention_heads / parallel.tensor = "
+            f"{heads // p.tensor} {why} query heads)"
+        )
+    rank_groups = groups // p.tensor
+    if rank_groups % a2a and a2a % rank_groups:
+        raise RecipeError(
+            f"{a2a_key} = {a2a} and {groups_key} / parallel.tensor = {rank_groups} do not divide one another "
+            f"{why} K/V heads, split or copied)"
+        )
+
+
+def _a2a_size(p: ParallelConfig) -> tuple[str, int]:
+    """(key, size) of one all-to-all group: the whole context group with a2a, context_a2a with a2a+p2p."""
+    if p.context_comm == "a2a+p2p":
+        assert p.context_a2a is not None  # ParallelConfig.check refused a2a+p2p without it
+        return "parallel.context_a2a", p.context_a2a
+    return "parallel.context", p.context
 
 
 def _check_uneven_pipeline(p: ParallelConfig, layers: int) -> None:

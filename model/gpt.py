@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
-from model.config import ModelConfig, moe_layer_pattern
+from model.config import Fp8Config, ModelConfig, moe_layer_pattern
 from parallel.layout import Layout
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ class ModelBuild:
     perform_initialization: bool = True
     init_seed: int = 1234  # per-layer init streams derive from it (model/layers.py)
     batch_p2p_comm: bool = True  # False on gloo: see transformer_config
+    compile: tuple[str, ...] = ()  # train.compile: torch.compile of layers, or of their mlp / norms
+    fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)  # recipe.fp8 (checked: model/config.py)
 
 
 def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
@@ -45,14 +47,48 @@ def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
+def mask_padded_logits(output_layer: torch.nn.Module, vocab_size: int, padded_vocab: int, tp_rank: int) -> None:
+    """Padded vocabulary entries never carry probability: their logits become -inf in the output
+    layer's output, so the loss, evaluation and sampling all see a softmax over the real `vocab_size`
+    ids only (as an exported model, which drops the padded rows, does).
+
+    Without it the padded rows (zero on import, random from scratch) take probability mass: a Hugging
+    Face Llama of 257 ids padded to 384 trains 7 % above transformers' loss from the first step. The
+    fill is in place on this rank's shard (or on the gathered logits at inference), so it costs no
+    copy, and the masked entries get no gradient.
+    """
+    if vocab_size >= padded_vocab:
+        return
+
+    def hook(module: torch.nn.Module, inputs: Any, output: Any) -> Any:
+        logits = output[0]  # [s, b, padded/tp] (or the whole padded vocabulary when gathered)
+        shard = logits.size(-1)
+        start = 0 if shard == padded_vocab else tp_rank * shard
+        first_padded = max(vocab_size - start, 0)
+        if first_padded < shard:
+            logits[..., first_padded:] = float("-inf")
+        return output
+
+    output_layer.register_forward_hook(hook)
+
+
 def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConfig:
     """A megatron-core TransformerConfig for a Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA, MoE)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from model.moe import transformer_config_fields
 
+    fp8_fields = {}
+    if build.fp8.enabled:
+        from model.fp8 import transformer_config_fields as fp8_config_fields
+
+        fp8_fields = fp8_config_fields(build.fp8, model)
+
     dtype, layout = _DTYPES[build.precision], build.layout
     return TransformerConfig(
+        # Which layers the spec builds; megatron-core's torch FSDP wrapper picks the modules it
+        # shards by it (torch_fully_sharded_data_parallel.py:113).
+        transformer_impl=model.transformer_impl,
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size,
@@ -82,9 +118,12 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         num_layers_in_last_pipeline_stage=layout.last_stage_layers,
         context_parallel_size=layout.context,
         cp_comm_type=layout.context_comm,
+        hierarchical_context_parallel_sizes=layout.hierarchical_context,
         expert_model_parallel_size=layout.expert,
         sequence_parallel=layout.sequence_parallel,
-        params_dtype=dtype,
+        # Fully sharded: the parameters are the fp32 master weights, and FSDP gathers them in the
+        # training precision for compute (parallel/data_parallel.py).
+        params_dtype=torch.float32 if layout.fsdp else dtype,
         pipeline_dtype=dtype,
         bf16=build.precision == "bf16",
         fp16=build.precision == "fp16",
@@ -96,6 +135,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         perform_initialization=build.perform_initialization,
         **recompute_fields(model),
         **transformer_config_fields(model, layout.expert_tensor or layout.tensor, build.precision),
+        **fp8_fields,
     )
 
 
@@ -111,8 +151,16 @@ def recompute_fields(model: ModelConfig) -> dict[str, Any]:
     return fields
 
 
-def layer_spec(model: ModelConfig, config: TransformerConfig, vp_stage: int | None = None, init_seed: int = 0) -> Any:
-    """The transformer block spec: our local layers, or transformer-engine's when asked for."""
+def layer_spec(
+    model: ModelConfig,
+    config: TransformerConfig,
+    vp_stage: int | None = None,
+    init_seed: int = 0,
+    fp8: Fp8Config | None = None,
+    cp_group: Any = None,
+) -> Any:
+    """The transformer block spec: our local layers (their linears in FP8 where `fp8` asks for it),
+    or transformer-engine's when asked for. `cp_group`: the context-parallel group FP8 amaxes span."""
     from megatron.core.transformer.transformer_block import (
         TransformerBlockSubmodules,
         get_num_layers_to_build,
@@ -123,12 +171,17 @@ def layer_spec(model: ModelConfig, config: TransformerConfig, vp_stage: int | No
         return _te_layer_spec(config, vp_stage)
     from model.layers import RMSNorm
 
-    dense, moe = _local_layer_spec(config, init_seed, None), None
-    if model.moe.num_experts is not None:
-        moe = _local_layer_spec(config, init_seed, model.moe.num_experts)
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
     pattern = moe_layer_pattern(model)[offset : offset + get_num_layers_to_build(config, vp_stage=vp_stage)]
-    return TransformerBlockSubmodules(layer_specs=[moe if is_moe else dense for is_moe in pattern], layer_norm=RMSNorm)
+    specs = [_local_layer_spec(config, init_seed, model.moe.num_experts if is_moe else None) for is_moe in pattern]
+    if fp8 is not None and fp8.enabled:
+        from model.fp8 import fp8_layer, gemms_for, to_fp8
+
+        gemms = gemms_for(fp8, cp_group)
+        for number, spec in enumerate(specs, start=offset + 1):  # global layer numbers, 1-based
+            if fp8_layer(fp8, number, model.num_layers):
+                to_fp8(spec, gemms)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm)
 
 
 def _local_layer_spec(config: TransformerConfig, init_seed: int, num_experts: int | None) -> ModuleSpec:
@@ -145,10 +198,13 @@ def _local_layer_spec(config: TransformerConfig, init_seed: int, num_experts: in
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if config.context_parallel_size > 1:
         # megatron-core's local attention refuses context parallelism (TE-only upstream): ours
-        # is a ring over the CP group (model/ring_attention.py).
+        # is a ring over the CP group (model/ring_attention.py), or Ulysses' all-to-all, alone or
+        # with the ring across its groups (model/ulysses.py).
         from model.ring_attention import RingAttention
+        from model.ulysses import UlyssesAttention
 
-        spec.submodules.self_attention.submodules.core_attention = RingAttention
+        ulysses = config.cp_comm_type in ("a2a", "a2a+p2p")
+        spec.submodules.self_attention.submodules.core_attention = UlyssesAttention if ulysses else RingAttention
     if num_experts is not None:
         from model.moe import ExpertRowParallelLinear, SeededSequentialMLP
 
@@ -197,13 +253,14 @@ def build_model_chunks(
     groups = groups or ProcessGroupCollection.use_mpu_process_groups()
     config = transformer_config(model, build)
     vpp = build.layout.virtual_pipeline
+    padded = padded_vocab_size(model, vocab_size, build.layout.tensor)
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(model, config, stage, build.init_seed),
-            vocab_size=padded_vocab_size(model, vocab_size, build.layout.tensor),
+            transformer_layer_spec=layer_spec(model, config, stage, build.init_seed, build.fp8, groups.cp),
+            vocab_size=padded,
             max_sequence_length=model.seq_length,
             pre_process=is_pp_first_stage(groups.pp) and is_vp_first_stage(stage, vpp),
             post_process=is_pp_last_stage(groups.pp) and is_vp_last_stage(stage, vpp),
@@ -213,6 +270,8 @@ def build_model_chunks(
             vp_stage=stage,
             pg_collection=groups,
         )
+        if chunk.post_process:
+            mask_padded_logits(chunk.output_layer, vocab_size, padded, groups.tp.rank())
         chunks.append(chunk)
     return chunks
 
@@ -221,16 +280,43 @@ def build_model(
     model: ModelConfig, build: ModelBuild, vocab_size: int, device: torch.device, groups: Any
 ) -> list[torch.nn.Module]:
     """This rank's model chunks on `device` in the training precision (bf16/fp16 inside megatron-core's
-    Float16Module), initialized from `build.init_seed` as at every other layout."""
+    Float16Module; fp32 master weights when fully sharded, whose wrapper casts them), initialized from
+    `build.init_seed` as at every other layout."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.module import Float16Module
 
     torch.manual_seed(build.init_seed)
     model_parallel_cuda_manual_seed(build.init_seed)
     chunks = [c.to(device) for c in build_model_chunks(model, build, vocab_size, groups)]
-    if build.precision != "fp32":
+    for chunk in chunks:
+        compile_layers(chunk, build.compile)
+    if build.compile and torch.distributed.get_rank() == 0:
+        print(f"torch.compile: {', '.join(build.compile)} of every transformer layer", flush=True)
+    if build.precision != "fp32" and not build.layout.fsdp:
         chunks = [Float16Module(c.config, c) for c in chunks]
     return chunks
+
+
+def compile_layers(chunk: Any, targets: tuple[str, ...]) -> None:
+    """torch.compile, in place, each decoder layer of `chunk` (`layers`), or its MLP (`mlp`) and its
+    RMSNorms (`norms`); `chunk` is a GPTModel. A failure to compile raises at the first step: never a
+    silent eager run."""
+    import warnings
+
+    import torch._dynamo
+
+    if not targets:
+        return
+    # megatron-core warns inside a layer's forward; a warning would split the graph there
+    torch._dynamo.config.reorderable_logging_functions.add(warnings.warn)
+    for layer in chunk.decoder.layers:
+        if "layers" in targets:
+            layer.compile()
+        if "mlp" in targets:
+            layer.mlp.compile()
+        if "norms" in targets:
+            layer.input_layernorm.compile()
+            layer.pre_mlp_layernorm.compile()
 
 
 @contextlib.contextmanager

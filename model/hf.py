@@ -11,7 +11,8 @@ Layout facts the mapping rests on:
 - megatron's SwiGLU fc1 is [gate; up] stacked on the output dim; HF has gate_proj/up_proj (w1/w3).
 - both apply rotary embeddings to each head's two halves (rotate_half), so no permutation.
 - our vocabulary is padded (model/gpt.py:padded_vocab_size); padded rows are zero on import and
-  dropped on export.
+  dropped on export, and their logits are -inf in every forward (model/gpt.py:mask_padded_logits),
+  so the exported model computes what was trained.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class SDPAttention(DotProductAttention):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: object = None,
     ) -> torch.Tensor:
-        self._check_call(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
+        causal = self._check_call(query.size(0), attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         # [s, b, np, hn] -> [b, np, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout = self.attention_dropout.p if self.training else 0.0
@@ -51,7 +51,7 @@ class SDPAttention(DotProductAttention):
             k,
             v,
             dropout_p=dropout,
-            is_causal=True,
+            is_causal=causal,
             scale=self.softmax_scale,
             enable_gqa=group > 1,
         )
@@ -70,18 +70,24 @@ class SDPAttention(DotProductAttention):
 
     def _check_call(
         self,
+        query_length: int,
         attention_mask: torch.Tensor | None,
         attn_mask_type: AttnMaskType | None,
         attention_bias: torch.Tensor | None,
         packed_seq_params: object,
-    ) -> None:
-        """Causal self-attention only: megatron passes no mask tensor for it in the local spec."""
+    ) -> bool:
+        """Causal self-attention only: megatron passes no mask tensor for it in the local spec.
+        Returns whether the call is causal (False for a one-query generation step)."""
         name = type(self).__name__
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError(f"{name} supports neither packed sequences nor bias")
         mask_type = attn_mask_type or self.attn_mask_type
-        if mask_type != AttnMaskType.causal or attention_mask is not None:
+        # megatron-core's generation (attention.py:520) asks for no_mask when one new query meets
+        # the KV cache: every cached key is then in its past, which is what causal means for it.
+        decode_step = mask_type == AttnMaskType.no_mask and query_length == 1
+        if (mask_type != AttnMaskType.causal and not decode_step) or attention_mask is not None:
             raise NotImplementedError(f"{name} supports causal masks only, got {mask_type}")
+        return not decode_step
 
     def _to_hidden(self, context: torch.Tensor) -> torch.Tensor:
         # [b, np, s, hn] -> [s, b, np * hn]

@@ -316,13 +316,10 @@ class RingAttentionFunction(torch.autograd.Function):
 # ------------------------------------------------------------------------------- core attention
 
 
-class RingAttention(SDPAttention):
-    """Causal core attention over the context-parallel group (megatron-core's local
-    DotProductAttention refuses context parallelism; TE's needs a GPU).
-
-    Takes query [s/cp, b, np, hn] and key/value [s/cp, b, ng, hn] in the load-balanced layout and
-    returns [s/cp, b, np·hn]. No dropout, mask tensor, bias or packed sequences.
-    """
+class ContextParallelAttention(SDPAttention):
+    """What the context-parallel core attentions share (the ring here, Ulysses in model/ulysses.py):
+    megatron-core's constructor and the CP group. megatron-core's local DotProductAttention refuses
+    context parallelism (TE's needs a GPU)."""
 
     def __init__(
         self,
@@ -351,8 +348,35 @@ class RingAttention(SDPAttention):
             pg_collection=pg_collection,
         )
         self.config = config
-        cp_group = getattr(pg_collection, "cp", None)  # megatron's Attention passes tp and cp
+        cp_group = getattr(pg_collection, "cp", None)  # megatron's Attention passes its whole collection
         self.cp_group = cp_group if cp_group is not None else parallel_state.get_context_parallel_group()
+
+    def _check_training_call(
+        self,
+        query: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None,
+        attention_bias: Tensor | None,
+        packed_seq_params: object,
+    ) -> None:
+        """A causal training call without dropout: context parallelism has no generation step."""
+        if not self._check_call(query.size(0), attention_mask, attn_mask_type, attention_bias, packed_seq_params):
+            raise NotImplementedError(
+                f"{type(self).__name__} has no generation step (context parallelism is for training)"
+            )
+        if self.training and self.attention_dropout.p > 0.0:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no attention dropout, got {self.attention_dropout.p}; "
+                "set attention_dropout to 0"
+            )
+
+
+class RingAttention(ContextParallelAttention):
+    """Causal core attention over the context-parallel group by the K/V ring.
+
+    Takes query [s/cp, b, np, hn] and key/value [s/cp, b, ng, hn] in the load-balanced layout and
+    returns [s/cp, b, np·hn]. No dropout, mask tensor, bias or packed sequences.
+    """
 
     def forward(
         self,
@@ -364,11 +388,7 @@ class RingAttention(SDPAttention):
         attention_bias: Tensor | None = None,
         packed_seq_params: object = None,
     ) -> Tensor:
-        self._check_call(attention_mask, attn_mask_type, attention_bias, packed_seq_params)
-        if self.training and self.attention_dropout.p > 0.0:
-            raise NotImplementedError(
-                f"RingAttention has no attention dropout, got {self.attention_dropout.p}; set attention_dropout to 0"
-            )
+        self._check_training_call(query, attention_mask, attn_mask_type, attention_bias, packed_seq_params)
         # [s/cp, b, np, hn] -> [b, np, s/cp, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         context = RingAttentionFunction.apply(q, k, v, self.cp_group, self.softmax_scale)

@@ -17,14 +17,22 @@ class ParallelConfig:
     pipeline: PositiveInt = 1  # ranks that split the layer stack
     virtual_pipeline: PositiveInt | None = None  # None = no interleaving; else model chunks per pipeline rank
     context: PositiveInt = 1  # ranks that split each sequence
-    # How context-parallel attention communicates. p2p: K/V travel around a ring (ours with the local
-    # layers, transformer-engine's otherwise); a2a (all-to-all between sequence and heads) and
-    # all_gather (of K/V) exist only in transformer-engine's attention.
-    context_comm: Literal["p2p", "a2a", "all_gather"] = "p2p"
+    # How context-parallel attention communicates (ours with the local layers, transformer-engine's
+    # otherwise). p2p: K/V travel around a ring; a2a: all-to-all from sequence shards to head shards
+    # (Ulysses); a2a+p2p: all-to-all inside groups of context_a2a consecutive context ranks, the ring
+    # across the groups; all_gather (of K/V): transformer-engine only.
+    context_comm: Literal["p2p", "a2a", "a2a+p2p", "all_gather"] = "p2p"
+    context_a2a: PositiveInt | None = None  # ranks per all-to-all group with a2a+p2p (divides context); else null
     expert: PositiveInt = 1  # ranks that split the experts (MoE); carved out of the data-parallel ranks
     expert_tensor: PositiveInt | None = None  # ranks that split each expert's weights; null = parallel.tensor
     sequence_parallel: bool = False  # shard activations along the sequence inside tensor-parallel regions
     distributed_optimizer: bool = False  # shard optimizer state across data-parallel ranks
+    # Fully sharded data parallelism (torch FSDP2 through megatron-core; docs/fsdp.md). zero2 shards
+    # gradients and optimizer state and keeps each layer's gathered weights from its forward to its
+    # backward; zero3 shards the weights too and gathers them again for the backward. null = each
+    # data-parallel rank holds the whole (tensor/pipeline-split) model: DDP, or ZeRO-1 with
+    # distributed_optimizer.
+    fsdp: Literal["zero2", "zero3"] | None = None
     # Uneven pipeline split (no virtual pipeline): layers on the first / last stage, e.g. fewer
     # where the embedding or the output layer and loss live; the rest split evenly. None = even.
     first_stage_layers: int | None = None
@@ -38,6 +46,35 @@ class ParallelConfig:
             raise RecipeError(
                 f"parallel.virtual_pipeline = {self.virtual_pipeline} requires parallel.pipeline > 1, "
                 f"got parallel.pipeline = 1"
+            )
+        if self.fsdp is not None and self.distributed_optimizer:
+            raise RecipeError(
+                f"parallel.fsdp = {self.fsdp} shards the optimizer state itself: set "
+                f"parallel.distributed_optimizer = false"
+            )
+        self._check_context_a2a()
+
+    def _check_context_a2a(self) -> None:
+        a2a, cp = self.context_a2a, self.context
+        if self.context_comm != "a2a+p2p":
+            if a2a is not None:
+                raise RecipeError(
+                    f"parallel.context_a2a = {a2a} is only read with parallel.context_comm = a2a+p2p, "
+                    f"got parallel.context_comm = {self.context_comm}"
+                )
+            return
+        if a2a is None:
+            raise RecipeError(
+                f"parallel.context_comm = a2a+p2p needs parallel.context_a2a: the ranks of one all-to-all "
+                f"group, a divisor of parallel.context = {cp}"
+            )
+        if cp % a2a:
+            raise RecipeError(f"parallel.context_a2a = {a2a} does not divide parallel.context = {cp}")
+        if a2a == 1 or a2a == cp:
+            same = "p2p" if a2a == 1 else "a2a"
+            raise RecipeError(
+                f"parallel.context_a2a = {a2a} with parallel.context = {cp} leaves "
+                f"{'an all-to-all' if a2a == 1 else 'a ring'} of one rank: set parallel.context_comm = {same}"
             )
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from common.errors import RecipeError
+from common.errors import RecipeError, UserError
 from parallel.config import ParallelConfig
 
 
@@ -27,9 +27,11 @@ class Layout:
     expert: int = 1
     expert_tensor: int | None = None  # None = tensor
     sequence_parallel: bool = False
-    context_comm: str = "p2p"  # transformer-engine's cp_comm_type; the local ring is p2p
+    context_comm: str = "p2p"  # megatron-core's cp_comm_type: p2p, a2a, a2a+p2p, all_gather (TE only)
+    context_a2a: int | None = None  # ranks per all-to-all group with a2a+p2p; None otherwise
     first_stage_layers: int | None = None  # uneven pipeline split; None = even
     last_stage_layers: int | None = None
+    fsdp: str | None = None  # zero2 | zero3 (parallel.fsdp); None = replicated weights
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -39,6 +41,13 @@ class Layout:
             raise RecipeError(
                 f"parallel.tensor × parallel.pipeline × parallel.context = {model_parallel} "
                 f"does not divide the world size {self.world_size}"
+            )
+        if (self.context_comm == "a2a+p2p") != (self.context_a2a is not None) or (
+            self.context_a2a is not None and self.context % self.context_a2a
+        ):
+            raise RecipeError(
+                f"parallel.context_a2a = {self.context_a2a} does not fit parallel.context_comm = "
+                f"{self.context_comm} with parallel.context = {self.context}"
             )
         expert_tensor = self.expert_tensor or self.tensor
         expert_room = self.world_size // (expert_tensor * self.pipeline)
@@ -51,6 +60,14 @@ class Layout:
     @property
     def data(self) -> int:
         return self.world_size // (self.tensor * self.pipeline * self.context)
+
+    @property
+    def hierarchical_context(self) -> list[int] | None:
+        """[all-to-all group size, ring size] with a2a+p2p (megatron-core's
+        hierarchical_context_parallel_sizes), else None."""
+        if self.context_a2a is None:
+            return None
+        return [self.context_a2a, self.context // self.context_a2a]
 
     @property
     def model_chunks(self) -> int:
@@ -69,8 +86,10 @@ class Layout:
             expert_tensor=parallel.expert_tensor,
             sequence_parallel=parallel.sequence_parallel,
             context_comm=parallel.context_comm,
+            context_a2a=parallel.context_a2a,
             first_stage_layers=parallel.first_stage_layers,
             last_stage_layers=parallel.last_stage_layers,
+            fsdp=parallel.fsdp,
         )
 
     def pipeline_bubble(self, micro_batches: int) -> float:
@@ -79,13 +98,21 @@ class Layout:
         pp, vpp = self.pipeline, self.model_chunks
         return (pp - 1) / (vpp * micro_batches + pp - 1)
 
+    def _context_comm(self) -> str:
+        if self.context == 1:
+            return ""
+        if self.context_a2a is not None:
+            return f" (a2a {self.context_a2a} x p2p {self.context // self.context_a2a})"
+        return f" ({self.context_comm})"
+
     def describe(self) -> str:
         vpp = f" (x{self.virtual_pipeline} virtual)" if self.virtual_pipeline else ""
         return (
             f"world {self.world_size} = tensor {self.tensor} x pipeline {self.pipeline}{vpp}"
-            f" x context {self.context} x data {self.data}; expert {self.expert}"
+            f" x context {self.context}{self._context_comm()} x data {self.data}; expert {self.expert}"
             + (f" x expert tensor {self.expert_tensor}" if self.expert_tensor else "")
             + (", sequence parallel" if self.sequence_parallel else "")
+            + (f", fully sharded ({self.fsdp})" if self.fsdp else "")
         )
 
 
@@ -107,9 +134,21 @@ def world_from_env() -> tuple[int, int, int]:
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:
-    """`auto` uses this node's GPU for the local rank when there is one, else the CPU."""
+    """`auto` uses this node's GPU for the local rank when there is one, else the CPU; `cuda`
+    without a GPU for this local rank is a UserError (torch would fail deep in the first CUDA call)."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
+    if not torch.cuda.is_available():
+        built = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise UserError(
+            f"train.device = cuda but this machine has no usable GPU (torch {torch.__version__}, {built}): "
+            "use train.device=cpu or auto"
+        )
+    if local_rank >= torch.cuda.device_count():
+        raise UserError(
+            f"local rank {local_rank} needs GPU {local_rank}, but this node has {torch.cuda.device_count()}: "
+            "start at most that many processes per node"
+        )
     return torch.device("cuda", local_rank)
 
 
@@ -149,6 +188,9 @@ def init_model_parallel(layout: Layout) -> tuple[RankInfo, Any]:
         context_parallel_size=layout.context,
         expert_model_parallel_size=layout.expert,
         expert_tensor_parallel_size=layout.expert_tensor,
+        # a2a+p2p: megatron-core builds, for every CP group on every rank in the same order, the
+        # all-to-all groups (consecutive CP ranks) and the ring groups across them
+        hierarchical_context_parallel_sizes=layout.hierarchical_context,
     )
     groups = ProcessGroupCollection.use_mpu_process_groups()
     rank = RankInfo(rank=dist.get_rank(), data_rank=groups.dp.rank(), context_rank=groups.cp.rank())

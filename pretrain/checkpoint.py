@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
+from pretrain import optimizer_state
 from upstream import fixes, safe_loading
 
 LATEST = "latest"
@@ -98,6 +99,7 @@ def save(
     keep_last: int | None = None,
     async_queue: Any = None,
     pause_before_publish_s: float = 0.0,
+    write_delay_s: float = 0.0,
 ) -> pathlib.Path:
     """Writes `<dir>/iter_N.tmp`, then renames it to `iter_N` and updates `latest` (rank 0).
 
@@ -106,7 +108,8 @@ def save(
     With `async_queue` (megatron-core's AsyncCallsQueue) the shards are written by a background
     process from a snapshot taken now, and the rename happens when the queue finalizes the save
     (`finish_async_saves`): until then the checkpoint is invisible to `auto`, as any partial save.
-    `pause_before_publish_s` (debug.save_pause_at_step) waits between writing and publishing.
+    `pause_before_publish_s` (debug.save_pause_at_step) waits between writing and publishing;
+    `write_delay_s` (debug.save_write_delay_s) delays an async save's background writer.
     """
     from megatron.core import dist_checkpointing
 
@@ -131,9 +134,17 @@ def save(
         publish()
         return final
     request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+    if write_delay_s:
+        request = request._replace(async_fn=partial(_delayed, write_delay_s, request.async_fn))
     request.finalize_fns.append(publish)
     async_queue.schedule_async_request(request)
     return final
+
+
+def _delayed(seconds: float, write: Any, *args: Any, **kwargs: Any) -> Any:
+    """In the background writer: wait, then write (debug.save_write_delay_s)."""
+    time.sleep(seconds)
+    return write(*args, **kwargs)
 
 
 def _publish(
@@ -226,29 +237,63 @@ def read_extra(path: pathlib.Path) -> dict:
 def load(path: pathlib.Path, chunks: Sequence[torch.nn.Module], optimizer: Any) -> dict:
     """Restores model chunks, and the optimizer unless `optimizer` is None or the checkpoint holds
     weights only (`kind: weights`, e.g. converted from Hugging Face: the optimizer keeps its fresh
-    state)."""
+    state). The optimizer may be of another kind than the one that saved (plain DDP / FSDP, fp16/bf16,
+    distributed): pretrain/optimizer_state.py maps one onto the other."""
+    from parallel.data_parallel import load_module_state
 
     extra = read_extra(path)
     weights_only = extra.get("kind") == "weights"
     # Checkpoints from before `optimizer_format` was recorded were all dp_reshardable.
     optimizer_format = None if weights_only or optimizer is None else extra.get("optimizer_format", "dp_reshardable")
     template = _model_sharded_state_dict(chunks)
+    translation, second = None, {}
     if optimizer_format is not None:
+        translation = _translation(path, optimizer, optimizer_format)
         fixes.give_fresh_adam_a_step(optimizer)
         template["optimizer"] = optimizer.sharded_state_dict(
-            template, is_loading=True, metadata=_format_metadata(optimizer_format)
+            template,
+            is_loading=True,
+            metadata=_format_metadata("fully_reshardable" if translation else optimizer_format),
         )
+        if translation:
+            second = optimizer_state.point_masters(template, *translation[:2], _checkpoint_keys(path))
     # Copies into parameters (and their views inside the optimizer) must not be recorded.
     with torch.no_grad():
         state = _load_refusing_unsafe(template, path)
+        if second:
+            optimizer_state.fill(template, _load_refusing_unsafe(second, path))
         for i, chunk in enumerate(chunks):
-            key = f"model{i}" if len(chunks) > 1 else "model"
-            _unwrap(chunk).load_state_dict(state[key])
+            load_module_state(chunk, state[f"model{i}" if len(chunks) > 1 else "model"])
         if optimizer_format is not None:
-            optimizer.load_state_dict(state["optimizer"])
+            loaded = state["optimizer"]
+            if translation:
+                kind, _, step = translation
+                loaded = optimizer_state.loaded_into(template["optimizer"], loaded)
+                optimizer_state.set_step(loaded, kind, step)
+            optimizer.load_state_dict(loaded)
     if optimizer_format is not None:
         fixes.restore_adam_steps(optimizer)
     return extra
+
+
+def _translation(path: pathlib.Path, optimizer: Any, optimizer_format: str) -> tuple[str, str, int] | None:
+    """(current kind, saved kind, Adam's saved step) when another optimizer kind saved the checkpoint;
+    None when it is the current one."""
+    from megatron.core import dist_checkpointing
+
+    saved_optimizer = dist_checkpointing.load_common_state_dict(str(path)).get("optimizer")
+    kind, saved = optimizer_state.current_kind(optimizer), optimizer_state.saved_kind(saved_optimizer)
+    if kind == saved:
+        return None
+    optimizer_state.check_translatable(kind, saved, optimizer_format, str(path))
+    step = optimizer_state.saved_step(saved_optimizer)
+    return kind, saved, 0 if step is None else step
+
+
+def _checkpoint_keys(path: pathlib.Path) -> set:
+    from megatron.core import dist_checkpointing
+
+    return set(dist_checkpointing.load_tensors_metadata(str(path)))
 
 
 def check_safe_to_load(path: pathlib.Path) -> None:

@@ -12,6 +12,7 @@ from common.schema import NonNegativeInt, PositiveInt
 
 if TYPE_CHECKING:
     from pretrain.guards import Watchdog
+    from pretrain.recipe import DebugConfig
 
 
 @dataclass
@@ -51,13 +52,13 @@ class Checkpointer:
         scheduler: Any,
         extra: dict[str, Any],
         rank: int,
-        save_pause: tuple | None = None,
+        debug: DebugConfig | None = None,
     ):
         self.cfg, self.dir = cfg, ckpt_dir
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
         self.extra = extra  # saved with every checkpoint: the recipe, the vocabulary size
         self.rank = rank
-        self.save_pause = save_pause  # (step, seconds): debug.save_pause_at_step
+        self.debug = debug  # fault injection: pauses and delays of saves
         self.async_queue: Any | None = None
         self.saved_at: int | None = None
 
@@ -130,7 +131,8 @@ class Checkpointer:
             "scheduler": self.scheduler.state_dict(),
             **self.extra,
         }
-        pause = self.save_pause[1] if self.save_pause and self.save_pause[0] == state.step else 0.0
+        debug = self.debug
+        pause = debug.save_pause_s if debug and debug.save_pause_at_step == state.step else 0.0
         path = checkpoint.save(
             self.dir,
             state.step,
@@ -141,6 +143,7 @@ class Checkpointer:
             keep_last=self.cfg.keep_last,
             async_queue=self.async_queue,
             pause_before_publish_s=pause,
+            write_delay_s=debug.save_write_delay_s if debug else 0.0,
         )
         background = " (writing in the background)" if self.cfg.async_save else ""
         self._say(f"saved checkpoint {path}{background}")

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from common.errors import EXIT_USER_ERROR, RunStopped, UserError
+from common.errors import EXIT_USER_ERROR, RunStopped, UserError, path_problem
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -96,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK")
         where = f"[rank {rank}] " if rank not in (None, "0") else ""
         print(f"error: {where}{e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except OSError as e:
+        problem = path_problem(e)
+        if problem is None or args.debug:
+            raise
+        rank = os.environ.get("RANK")
+        where = f"[rank {rank}] " if rank not in (None, "0") else ""
+        print(f"error: {where}{problem}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except RunStopped as e:
         # Every rank stops at the same step for the same reason: rank 0 says it once.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any, NamedTuple
 
 from data.loader import BatchPlan
@@ -124,7 +125,7 @@ def dry_run(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None
     if as_json:
         return json.dumps(
             _report(recipe, world_size, layout, batch_plan, vocab, stages, counts.active, built)
-            | {"memory": memory_json(estimate, setup, gpu_memory_gib)}
+            | {"memory": memory_json(estimate, setup, gpu_memory_gib), "missing_data": missing_data(recipe)}
         )
     lines = [
         f"recipe {recipe.source}: valid for world size {world_size}",
@@ -144,6 +145,7 @@ def dry_run(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None
     lines += table_lines(estimate, setup)
     if gpu_memory_gib is not None:
         lines += fit_lines(estimate, setup, gpu_memory_gib)
+    lines.extend(missing_data(recipe))
     return "\n".join(lines)
 
 
@@ -166,3 +168,17 @@ def _report(
             for s in stages
         ],
     }
+
+
+def missing_data(recipe: Recipe) -> list[str]:
+    """A line per data file the recipe names that is not on this machine: the layout is valid, but
+    training here would stop at it (on a cluster the files may live where the run starts)."""
+    from data.dataset import blend_of, build_command
+
+    d = recipe.data
+    prefixes = [p for _, p in blend_of(d.path, d.blend) + blend_of(d.valid_path, d.valid_blend)]
+    return [
+        f"data: '{prefix}.bin/.idx' not found on this machine: {build_command(prefix)}"
+        for prefix in prefixes
+        if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"))
+    ]

@@ -71,17 +71,16 @@ def agree(flags: Sequence[bool], device: torch.device) -> list:
 
 
 def grads_are_finite(chunks: Sequence[Any]) -> bool:
-    """This rank's gradient buffers (megatron-core DDP chunks) hold only finite values.
+    """This rank's gradients (parallel.data_parallel.local_gradients) hold only finite values.
 
     A sum per buffer, not an element-wise test: no temporary as large as the gradients, and NaN or
     ±inf anywhere makes the sum non-finite. With the distributed optimizer each rank checks its whole
-    buffer (its own reduced shard and its local gradients of the others), so a fault on any rank
-    shows up after `agree`."""
-    for chunk in chunks:
-        for buffer in chunk.buffers + chunk.expert_parallel_buffers:
-            if not math.isfinite(float(buffer.grad_data.sum())):
-                return False
-    return True
+    buffer (its own reduced shard and its local gradients of the others); fully sharded, its shard of
+    the reduced gradients, where a fault on any rank has arrived through the reduce-scatter. Either
+    way a fault on any rank shows up after `agree`."""
+    from parallel.data_parallel import local_gradients
+
+    return all(math.isfinite(float(grad.sum())) for grad in local_gradients(chunks))
 
 
 class NonfiniteGuard:

@@ -37,30 +37,35 @@ class LoggingConfig:
             raise RecipeError(f"logging.name must be a non-empty name without '/', got '{self.name}'")
 
 
-# Dense bf16 peak per device in TFLOP/s, by a substring of torch.cuda.get_device_name().
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+# Dense bf16 and FP8 peaks per device in TFLOP/s, by a substring of torch.cuda.get_device_name()
+# (vendor data sheets, without sparsity; A100 and A10G have no FP8 tensor cores).
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
+FP8_PEAK_TFLOPS = {"H200": 1979.0, "H100": 1979.0, "B200": 4500.0, "L40S": 733.0}
 
 
 def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
     """Training FLOPs per token (forward + backward = 3 × forward), Megatron-LM's accounting.
 
-    Matmul parameters cost 6 FLOPs per token (the input embedding is a lookup, not a matmul);
-    with MoE only the active ones count (top_k routed experts, shared experts, router); causal
-    attention scores and values add 6 · layers · seq · hidden (half of the full square).
+    Matmul parameters cost 6 FLOPs per token (the input embedding is a lookup, not a matmul; norm
+    weights scale elementwise); with MoE only the active ones count (top_k routed experts, shared
+    experts, router); causal attention scores and values add 6 · layers · seq · hidden (half of the
+    full square).
     """
     from model.gpt import parameter_counts
 
-    matmul_params = parameter_counts(model, vocab_size).active - vocab_size * model.hidden_size
+    norms = (2 * model.num_layers + 1) * model.hidden_size
+    matmul_params = parameter_counts(model, vocab_size).active - vocab_size * model.hidden_size - norms
     if not model.untie_embeddings:
         matmul_params += vocab_size * model.hidden_size  # the tied output layer is still a matmul
     attention = 6 * model.num_layers * model.seq_length * model.hidden_size
     return 6.0 * matmul_params + attention
 
 
-def device_peak_tflops(device_name: str | None) -> float | None:
+def device_peak_tflops(device_name: str | None, fp8: bool = False) -> float | None:
+    """The dense bf16 (or FP8) peak of a GPU by name; None for a CPU or an unknown device."""
     if not device_name:
         return None
-    for key, peak in PEAK_TFLOPS.items():
+    for key, peak in (FP8_PEAK_TFLOPS if fp8 else PEAK_TFLOPS).items():
         if key in device_name:
             return peak
     return None
@@ -82,8 +87,10 @@ class Metrics:
         world_size: int,
         micro_batches: int,
         pipeline_bubble: float,
+        fp8_peak_tflops: float | None = None,  # FP8 runs on a GPU with an FP8 peak: adds mfu_fp8
     ):
         self.cfg, self.log = cfg, log
+        self.fp8_peak_tflops = fp8_peak_tflops
         self.tokens_per_step, self.seq_length = tokens_per_step, seq_length
         self.flops_per_token, self.peak_tflops, self.world_size = flops_per_token, peak_tflops, world_size
         self.micro_batches, self.pipeline_bubble = micro_batches, pipeline_bubble
@@ -112,6 +119,8 @@ class Metrics:
             tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
             record["tflops_per_device"] = tflops
             record["mfu"] = tflops / self.peak_tflops
+            if self.fp8_peak_tflops is not None:
+                record["mfu_fp8"] = tflops / self.fp8_peak_tflops
         return record
 
     def after_step(self, record: dict[str, Any], result: Any, last: bool, evaluated: bool) -> None:
@@ -210,7 +219,8 @@ def _progress_line(r: dict) -> str:
         if key in r:
             parts.append(f"{key} {r[key]:.4f}")
     if r.get("mfu") is not None and not math.isnan(r["mfu"]):
-        parts.append(f"mfu {100 * r['mfu']:.1f}%")
+        fp8 = f", {100 * r['mfu_fp8']:.1f}% of fp8 peak" if "mfu_fp8" in r else ""
+        parts.append(f"mfu {100 * r['mfu']:.1f}% of bf16 peak{fp8}")
     return " | ".join(parts)
 
 

@@ -51,13 +51,21 @@ class Numerics:
     grad_clip: float
     steps: int
     tokens_per_micro_batch: int  # fp16's initial loss scale depends on it
+    # transformer-engine's FP8 recipe when it runs the GEMMs (its FP8 weights need the distributed
+    # optimizer to know it); None otherwise, the local FP8 path included (its weights are bf16)
+    te_fp8_recipe: str | None = None
 
 
-def build_optimizer(cfg: OptimizerConfig, numerics: Numerics, chunks: list[Any], distributed: bool) -> Any:
-    """megatron-core's (distributed) Adam over the model chunks; stepped once per training step."""
+def build_optimizer(
+    cfg: OptimizerConfig, numerics: Numerics, chunks: list[Any], distributed: bool, fp32_params: bool = False
+) -> Any:
+    """megatron-core's (distributed) Adam over the model chunks; stepped once per training step.
+    `fp32_params`: the parameters are the fp32 master weights whatever the training precision (fully
+    sharded: FSDP casts them for compute), so Adam steps them directly, with no fp16/bf16 copy."""
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
     from megatron.core.optimizer import get_megatron_optimizer
 
+    half = not fp32_params
     config = MegatronOptimizerConfig(
         optimizer="adam",
         lr=cfg.lr,
@@ -67,11 +75,12 @@ def build_optimizer(cfg: OptimizerConfig, numerics: Numerics, chunks: list[Any],
         adam_beta2=cfg.betas[1],
         adam_eps=cfg.eps,
         clip_grad=numerics.grad_clip,
-        bf16=numerics.precision == "bf16",
-        fp16=numerics.precision == "fp16",
+        bf16=half and numerics.precision == "bf16",
+        fp16=half and numerics.precision == "fp16",
         params_dtype=chunks[0].config.params_dtype,
         use_distributed_optimizer=distributed,
         initial_loss_scale=initial_loss_scale(numerics.tokens_per_micro_batch),
+        fp8_recipe=numerics.te_fp8_recipe,
     )
     return get_megatron_optimizer(config, chunks)
 

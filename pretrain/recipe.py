@@ -8,24 +8,29 @@ that need the world size are the layout's (parallel/layout.py) and the batch pla
 
 from __future__ import annotations
 
+import difflib
+import os
 import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from common import schema
 from common.errors import RecipeError
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
 from data.config import DataConfig
-from model.config import ModelConfig, check_model
+from model.config import Fp8Config, ModelConfig, check_fp8, check_model
 from parallel.config import ParallelConfig
 from pretrain.checkpointer import CheckpointConfig
 from pretrain.metrics import LoggingConfig
 from pretrain.optim import OptimizerConfig
+from pretrain.profiling import ProfileConfig
 
 if TYPE_CHECKING:  # imported where used: loading a recipe stays free of torch
     from data.loader import BatchPlan
     from parallel.layout import Layout
+
+CompileTarget = Literal["layers", "mlp", "norms"]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -58,6 +63,10 @@ class TrainConfig:
     # After the last step, the same loss over eval_steps global batches of the test share of
     # data.split (its third number), logged as test_loss and test_ppl.
     test_at_end: bool = False
+    # torch.compile of parts of every transformer layer: `layers` (each whole layer), or `mlp` (the
+    # SwiGLU MLP: fuses the gate's activation and product) and/or `norms` (the RMSNorms). [] = eager.
+    compile: list[CompileTarget] = field(default_factory=list)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def check(self) -> None:
         if self.global_batch_size % self.micro_batch_size:
@@ -65,6 +74,15 @@ class TrainConfig:
                 f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size = {self.micro_batch_size}"
             )
+        for i, target in enumerate(self.compile):
+            if target not in get_args(CompileTarget):
+                choices = " | ".join(get_args(CompileTarget))
+                raise RecipeError(f"train.compile[{i}] must be one of {choices}, got '{target}'")
+        if "layers" in self.compile and len(self.compile) > 1:
+            raise RecipeError(
+                f"train.compile = {self.compile}: `layers` compiles each whole layer, its mlp and norms too"
+            )
+        self.profile.check()
 
 
 @dataclass
@@ -72,12 +90,18 @@ class DebugConfig:
     """Fault injection, to watch the fault guards work (tests, a new cluster); never set in a real run."""
 
     nan_loss_at_step: PositiveInt | None = None  # 1-based step whose loss is multiplied by NaN on every rank
+    # 1-based step after whose backward one gradient element on rank 0 is set to NaN (the loss stays
+    # finite): the guard's gradient check and the agreement of every rank on it
+    nan_grad_at_step: PositiveInt | None = None
     stall_at_step: PositiveInt | None = None  # 1-based step whose forward/backward first sleeps debug.stall_s
     stall_s: NonNegativeFloat = 0.0  # seconds
     # 1-based step whose checkpoint pauses save_pause_s seconds after its shards are written and before
     # it is published (renamed into place), to kill a run mid-save and see the previous one resume.
     save_pause_at_step: PositiveInt | None = None
     save_pause_s: NonNegativeFloat = 0.0
+    # checkpoint.async_save: the background writer of every save first sleeps this long while the
+    # trainer goes on, so the snapshot a save writes is seen to be independent of later steps
+    save_write_delay_s: NonNegativeFloat = 0.0
 
 
 @dataclass
@@ -87,6 +111,7 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fp8: Fp8Config = field(default_factory=Fp8Config)  # FP8 GEMMs (model/config.py, model/fp8.py)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -109,7 +134,10 @@ def resolve_recipe_path(name_or_path: str) -> pathlib.Path:
         if path.is_file():
             return path
     looked = ", ".join(schema.display(p) for p in found)
-    raise RecipeError(f"recipe '{name_or_path}' not found: looked for {looked}")
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+    close = difflib.get_close_matches(pathlib.Path(name_or_path).stem, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    raise RecipeError(f"recipe '{name_or_path}' not found: looked for {looked}; {hint}recipes: {', '.join(names)}")
 
 
 def load_recipe(name_or_path: str, overrides: Sequence[str] = ()) -> Recipe:
@@ -126,7 +154,15 @@ def validate_static(recipe: Recipe) -> None:
     schema.check_values(recipe)
     recipe.logging.check()
     check_model(recipe.model, recipe.parallel)
+    check_fp8(recipe.fp8, recipe.model, recipe.parallel, recipe.train.precision)
     recipe.train.check()
+    if recipe.parallel.fsdp is not None and recipe.train.precision == "fp16":
+        # FSDP's parameters are the fp32 master weights, stepped by an optimizer without fp16's loss
+        # scaling (megatron-core scales the loss only for fp16 parameters).
+        raise RecipeError(
+            f"parallel.fsdp = {recipe.parallel.fsdp} does not support train.precision = fp16 (no loss "
+            f"scaling for fully sharded fp32 master weights): use bf16"
+        )
     recipe.optimizer.check()
     recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
 
@@ -139,6 +175,9 @@ def validate_for_world(recipe: Recipe, world_size: int) -> tuple[Layout, BatchPl
 
     layout = Layout.from_config(recipe.parallel, world_size)
     t = recipe.train
+    beyond = [r for r in t.profile.ranks if r >= world_size] if t.profile.start_step is not None else []
+    if beyond:
+        raise RecipeError(f"train.profile.ranks {beyond} are not ranks of a world of {world_size}")
     plan = BatchPlan.of(t.global_batch_size, t.micro_batch_size, layout.data)
     if layout.pipeline > 1 and plan.micro_batches < layout.pipeline:
         raise RecipeError(
@@ -167,6 +206,24 @@ def dump_recipe(recipe: Recipe) -> str:
 def model_config_from_dict(tree: dict[str, Any], where: str) -> ModelConfig:
     """A `model:` section (e.g. the recipe stored in a checkpoint) checked against the schema."""
     return schema.from_dict(ModelConfig, tree, "model", where)
+
+
+def check_output_dirs(recipe: Recipe) -> None:
+    """The folders a run writes (logging.dir, the checkpoint folder when it saves, data.cache_dir)
+    can be created and written, checked before anything is built (and without creating them), so
+    one that cannot is a one-line error naming its key, not a failure deep in a save."""
+    cache = pathlib.Path(recipe.data.cache_dir or recipe.log_dir() / "data_cache")
+    dirs = [("logging.dir", recipe.log_dir()), ("data.cache_dir", cache)]
+    if recipe.checkpoint.save:
+        dirs.append(("checkpoint.dir", recipe.checkpoint_dir()))
+    for key, path in dirs:
+        existing = path.absolute()
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise RecipeError(f"{key} '{path}' cannot be created: '{existing}' is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise RecipeError(f"{key} '{path}' cannot be written: '{existing}' is not writable")
 
 
 def write_recipe(recipe: Recipe, path: pathlib.Path) -> None:

@@ -13,8 +13,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from common.errors import AgreedUserError
 from data.dataset import Samples
-from data.loader import BatchPlan
+from data.loader import BatchPlan, token_ids_beyond
 from pretrain.guards import Guards, agree, grads_are_finite
 from pretrain.optim import current_lr
 from pretrain.recipe import DebugConfig
@@ -64,6 +65,12 @@ def _nan_loss(
     return loss_sum * float("nan"), num_tokens, {k: v * nan_sum for k, v in reports.items()}
 
 
+def _poison_one_gradient(chunks: list[Any]) -> None:
+    """debug.nan_grad_at_step: the first element of this rank's first gradient buffer becomes NaN."""
+    buffer = chunks[0].buffers[0] if chunks[0].buffers else chunks[0].expert_parallel_buffers[0]
+    buffer.grad_data[0] = float("nan")
+
+
 def seed_step(seed: int, step: int) -> None:
     """Reseeds every random stream (dropout: data-parallel, tensor-parallel and expert trackers)
     from (train.seed, step) before step `step`, so random draws are a function of the step alone:
@@ -102,6 +109,7 @@ class Step:
     debug: DebugConfig
     device: torch.device
     groups: Any  # megatron-core ProcessGroupCollection
+    vocab_size: int  # the model's (unpadded) vocabulary: every token id must be below it
     moe: Any | None = None  # model.moe.MoeMonitor when the model has experts
 
     def __post_init__(self) -> None:
@@ -116,6 +124,8 @@ class Step:
         self.scheduler.step(increment=1)  # step k (1-based) trains with lr(k): warmup starts above 0
         with guards.watchdog.phase(step + 1, "forward_backward"):
             losses = self._forward_backward(batches, forward_only=False, step=step)
+        if self.debug.nan_grad_at_step == step + 1 and dist.get_rank() == 0:
+            _poison_one_gradient(self.chunks)
         with guards.watchdog.phase(step + 1, "optimizer"):
             totals = self._loss_sums(losses)
             loss = float(totals[0] / totals[1])
@@ -142,6 +152,19 @@ class Step:
             moe=moe,
         )
 
+    def check_token_ids(self, batches: list[dict], samples: Samples, first: int) -> None:
+        """Raises AgreedUserError on every rank when any rank's micro-batches of the global batch at
+        sample `first` hold a token id outside the vocabulary (a corpus built with another
+        tokenizer), before the embedding would fail on it; one small all-reduce."""
+        extremes = torch.zeros(2, dtype=torch.int64, device=self.device)  # [max id, -min id]
+        for batch in batches:
+            for key in ("tokens", "labels"):
+                extremes = torch.maximum(extremes, torch.stack([batch[key].max(), -batch[key].min()]))
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+        highest, lowest = extremes.tolist()
+        if highest >= self.vocab_size or lowest > 0:
+            raise AgreedUserError(token_ids_beyond(samples, first, self.plan.global_batch_size, self.vocab_size))
+
     @torch.no_grad()
     def evaluate(self, samples: Samples, eval_steps: int, prefix: str) -> dict[str, float]:
         """Token-mean loss over the first `eval_steps` global batches of `samples`, forward only
@@ -152,6 +175,7 @@ class Step:
         total = torch.zeros(2, dtype=torch.float64)
         for k in range(eval_steps):
             batches = self.plan.step_batches(samples, k * self.plan.global_batch_size, self.device)
+            self.check_token_ids(batches, samples, k * self.plan.global_batch_size)
             total += self._loss_sums(self._forward_backward(batches, forward_only=True))
         for chunk in self.chunks:
             chunk.train()

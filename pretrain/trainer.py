@@ -16,7 +16,8 @@ from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_
 from pretrain.checkpointer import Checkpointer, TrainState
 from pretrain.guards import Guards, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
 from pretrain.metrics import Metrics, MetricsLog, device_peak_tflops, flops_per_token
-from pretrain.recipe import Recipe, recipe_to_dict, validate_for_world, write_recipe
+from pretrain.profiling import Profiler
+from pretrain.recipe import Recipe, check_output_dirs, recipe_to_dict, validate_for_world, write_recipe
 from pretrain.step import Evaluation, Step
 from upstream import cpu
 
@@ -42,6 +43,10 @@ def build_runtime(recipe: Recipe) -> tuple[Layout, BatchPlan, RankInfo, Any, tor
     rank, local_rank, world_size = world_from_env()
     layout, plan = validate_for_world(recipe, world_size)
     device = pick_device(recipe.train.device, local_rank)
+    if recipe.fp8.enabled:  # transformer-engine and its version, the device's FP8 GEMMs: before any work
+        from model.fp8 import check_runtime
+
+        check_runtime(recipe.fp8, recipe.model, device)
     cpu.enable(device)
     init_process_group(device, rank, world_size)
     rank_info, groups = init_model_parallel(layout)
@@ -81,11 +86,28 @@ def build_step(
     from pretrain.optim import Numerics, build_optimizer, build_scheduler
 
     t = recipe.train
-    build = ModelBuild(layout=layout, precision=t.precision, init_seed=t.seed, batch_p2p_comm=device.type == "cuda")
+    build = ModelBuild(
+        layout=layout,
+        precision=t.precision,
+        init_seed=t.seed,
+        batch_p2p_comm=device.type == "cuda",
+        compile=tuple(t.compile),
+        fp8=recipe.fp8,
+    )
     chunks = build_model(recipe.model, build, vocab_size, device, groups)
-    chunks = wrap_data_parallel(chunks, recipe.parallel.distributed_optimizer, groups)
-    numerics = Numerics(t.precision, t.grad_clip, t.steps, t.micro_batch_size * recipe.model.seq_length)
-    optimizer = build_optimizer(recipe.optimizer, numerics, chunks, recipe.parallel.distributed_optimizer)
+    te_fp8 = recipe.fp8.enabled and recipe.model.transformer_impl == "transformer_engine"
+    chunks = wrap_data_parallel(
+        chunks,
+        recipe.parallel.distributed_optimizer,
+        groups,
+        fsdp=layout.fsdp,
+        fp8_param_gather=te_fp8 and recipe.fp8.params,
+    )
+    tokens = t.micro_batch_size * recipe.model.seq_length
+    numerics = Numerics(t.precision, t.grad_clip, t.steps, tokens, recipe.fp8.recipe if te_fp8 else None)
+    optimizer = build_optimizer(
+        recipe.optimizer, numerics, chunks, recipe.parallel.distributed_optimizer, fp32_params=layout.fsdp is not None
+    )
     moe = None
     if recipe.model.moe.num_experts is not None:
         from model.moe import MoeMonitor
@@ -102,6 +124,7 @@ def build_step(
         debug=recipe.debug,
         device=device,
         groups=groups,
+        vocab_size=vocab_size,
         moe=moe,
     )
 
@@ -114,7 +137,6 @@ def build_run(recipe: Recipe) -> Run:
     vocab_size = recipe.model.vocab_size or tokenizer.vocab_size
     data = build_data(recipe, tokenizer)
     step = build_step(recipe, layout, plan, groups, device, vocab_size)
-    debug = recipe.debug
     checkpointer = Checkpointer(
         recipe.checkpoint,
         recipe.checkpoint_dir(),
@@ -123,7 +145,7 @@ def build_run(recipe: Recipe) -> Run:
         step.scheduler,
         extra={"recipe": recipe_to_dict(recipe), "vocab_size": vocab_size},  # unpadded: what an export keeps
         rank=rank.rank,
-        save_pause=(debug.save_pause_at_step, debug.save_pause_s),
+        debug=recipe.debug,
     )
     t = recipe.train
     evaluation = Evaluation(step, data, t.eval_interval, t.eval_steps, t.test_at_end)
@@ -141,13 +163,17 @@ def build_run(recipe: Recipe) -> Run:
 
 
 def build_metrics(run: Run) -> Metrics:
-    """Rank 0 writes metrics.jsonl and wandb (from the resumed step on); every rank builds records."""
+    """Rank 0 writes metrics.jsonl and wandb (from the resumed step on); every rank builds records.
+    An FP8 run says so first, then which GEMMs run in FP8 (gathered from every rank's model)."""
     recipe, plan = run.recipe, run.step.plan
+    device_name = torch.cuda.get_device_name() if run.device.type == "cuda" else None
+    peak, fp8_peak = device_peak_tflops(device_name), device_peak_tflops(device_name, fp8=True)
+    fp8_lines = _fp8_lines(run, peak, fp8_peak) if recipe.fp8.enabled else []
     log = None
     if run.rank.rank == 0:
         log = MetricsLog(recipe.log_dir(), run.state.step, recipe_to_dict(recipe), recipe.logging)
-        print(f"layout: {run.layout.describe()}; {plan.micro_batches} micro-batches/step", flush=True)
-    peak = device_peak_tflops(torch.cuda.get_device_name() if run.device.type == "cuda" else None)
+        lines = [f"layout: {run.layout.describe()}; {plan.micro_batches} micro-batches/step"]
+        print("\n".join(fp8_lines[:1] + lines + fp8_lines[1:]), flush=True)
     return Metrics(
         recipe.logging,
         log,
@@ -158,7 +184,25 @@ def build_metrics(run: Run) -> Metrics:
         run.layout.world_size,
         plan.micro_batches,
         run.layout.pipeline_bubble(plan.micro_batches),
+        fp8_peak_tflops=fp8_peak if recipe.fp8.enabled else None,
     )
+
+
+def _fp8_lines(run: Run, peak: float | None, fp8_peak: float | None) -> list[str]:
+    """What an FP8 run logs before its first step; every rank takes part (its linears are gathered)."""
+    import torch.distributed as dist
+
+    from model.fp8 import describe, linear_places, summarize
+
+    lines = [describe(run.recipe.fp8, run.recipe.model)]
+    if run.recipe.model.transformer_impl == "local":
+        places: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(places, linear_places(run.step.chunks))
+        lines.append(summarize(set().union(*(p[0] for p in places)), set().union(*(p[1] for p in places))))
+    if peak is not None:
+        fp8 = f"mfu_fp8 against the FP8 peak ({fp8_peak:.0f} TFLOP/s)" if fp8_peak else "no FP8 peak known"
+        lines.append(f"mfu counts against the bf16 peak ({peak:.0f} TFLOP/s), {fp8}")
+    return lines
 
 
 def train(recipe: Recipe) -> dict[str, Any]:
@@ -167,6 +211,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
 
     Raises Preempted after the checkpoint when a preemption signal arrived (SIGTERM, SIGUSR1), and
     NonfiniteStop when the non-finite guard ends the run; every rank raises at the same step."""
+    check_output_dirs(recipe)
     with StopRequest().installed() as stop:
         run = build_run(recipe)
         run.checkpointer.resume(run.state, recipe.train.global_batch_size)
@@ -182,21 +227,26 @@ def train(recipe: Recipe) -> dict[str, Any]:
         )
         guard = NonfiniteGuard(recipe.train.on_nonfinite, recipe.train.max_skipped_steps, run.state.nonfinite_steps)
         metrics = build_metrics(run)
+        profiler = Profiler(recipe.train.profile, run.rank.rank, recipe.log_dir(), run.device)
         try:
             with Watchdog(run.rank.rank, recipe.train.watchdog_timeout_s) as watchdog:
-                return _loop(run, batches, metrics, Guards(stop, guard, watchdog))
+                return _loop(run, batches, metrics, profiler, Guards(stop, guard, watchdog))
         finally:
+            profiler.close()
             batches.close()
             metrics.close()
 
 
-def _loop(run: Run, batches: TrainBatches, metrics: Metrics, guards: Guards) -> dict[str, Any]:
+def _loop(run: Run, batches: TrainBatches, metrics: Metrics, profiler: Profiler, guards: Guards) -> dict[str, Any]:
     recipe, state = run.recipe, run.state
     record: dict[str, Any] = {"step": state.step}
     start_step = state.step
     while state.step < recipe.train.steps:
+        profiler.before_step(state.step + 1)
         start = time.perf_counter()
-        result = run.step.train(state.step, batches.step(state.consumed_samples), guards)
+        step_batches = batches.step(state.consumed_samples)
+        run.step.check_token_ids(step_batches, run.data["train"], state.consumed_samples)
+        result = run.step.train(state.step, step_batches, guards)
         state.consumed_samples += recipe.train.global_batch_size  # a skipped step uses up its batch too
         state.step += 1
         stop_reason = _count_nonfinite(run, guards.nonfinite, result.nonfinite, result.loss)
@@ -211,6 +261,7 @@ def _loop(run: Run, batches: TrainBatches, metrics: Metrics, guards: Guards) -> 
             run.checkpointer.finish()
             raise NonfiniteStop(stop_reason)
         run.checkpointer.after_step(state, guards.watchdog)
+        profiler.after_step(state.step)
         if result.stop:
             where = run.checkpointer.before_preemption_stop(state, guards.watchdog)
             raise Preempted(

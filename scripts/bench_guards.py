@@ -1,5 +1,6 @@
-"""Per-step cost of the fault guards (gradient check + the all-reduce every rank agrees on) next to
-a whole training step, for one recipe in one process:
+"""Per-step cost of the fault guards (gradient check + the all-reduce every rank agrees on) and of
+the token-id check (max/min of the step's batches + one all-reduce) next to a whole training step,
+for one recipe in one process:
 
     python scripts/bench_guards.py --recipe tiny_gpt data.path=PREFIX [--iters 50]
 """
@@ -47,11 +48,14 @@ def main() -> None:
     train_step()  # warm-up; leaves real gradients in the buffers
     chunks = run.step.chunks
     check = _median_ms(lambda: agree([not grads_are_finite(chunks), False], run.device), args.iters)
+    batches = run.step.plan.step_batches(run.data["train"], 0, run.device)
+    ids = _median_ms(lambda: run.step.check_token_ids(batches, run.data["train"], 0), args.iters)
     whole = _median_ms(train_step, args.iters)
     params = sum(b.grad_data.numel() for c in chunks for b in c.buffers + c.expert_parallel_buffers)
     print(
         f"{params:,} gradient elements: guard {check:.3f} ms, whole step {whole:.1f} ms "
-        f"(median of {args.iters}); guard share {100 * check / whole:.2f}%"
+        f"(median of {args.iters}); guard share {100 * check / whole:.2f}%; token-id check {ids:.3f} ms "
+        f"({100 * ids / whole:.2f}%)"
     )
 
 

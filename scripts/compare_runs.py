@@ -89,7 +89,12 @@ def read_wandb_file(path: pathlib.Path) -> dict[int, dict]:
     rows = {}
     for raw in _wandb_records(path):
         record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
+        try:
+            record.ParseFromString(raw)
+        except Exception as exc:  # protobuf's DecodeError (protobuf comes with wandb; not imported here)
+            if type(exc).__name__ != "DecodeError":
+                raise
+            raise InputError(f"{path} holds a record that is not a wandb record: the file is damaged") from None
         if record.WhichOneof("record_type") != "history":
             continue
         row = {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in record.history.item}
@@ -257,12 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         labels = _labels(args)
         runs = [read_run(spec) for spec in args.runs]
+        print(table(labels, [summarize(rows) for rows in runs]))
+        for path in plot(labels, runs, pathlib.Path(args.out)):
+            print(f"wrote {path}")
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
-    print(table(labels, [summarize(rows) for rows in runs]))
-    for path in plot(labels, runs, pathlib.Path(args.out)):
-        print(f"wrote {path}")
+    except OSError as exc:  # a path that cannot be read or written: one line, like the others
+        if not exc.filename:
+            raise
+        print(f"error: '{exc.filename}': {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     return 0
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from common.errors import EXIT_USER_ERROR, UserError  # noqa: E402
+from common.errors import EXIT_USER_ERROR, UserError, path_problem  # noqa: E402
 from model.config import ModelConfig  # noqa: E402
 from parallel.layout import init_single_process  # noqa: E402
 from upstream.process import exit_quickly, prepare_process  # noqa: E402
@@ -72,7 +72,18 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     config_path = hf_dir / "config.json"
     if not config_path.is_file():
         raise UserError(f"{hf_dir}: no config.json")
-    model_cfg = model_config_from_hf(json.loads(config_path.read_text()))
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{config_path}: expected a JSON object, got {type(hf_config).__name__}")
+    try:
+        model_cfg = model_config_from_hf(hf_config)
+    except KeyError as exc:
+        raise UserError(f"{config_path} has no {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{config_path}: {exc}") from None
     if checkpoint.complete_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints: choose an empty directory")
     init_single_process()
@@ -158,6 +169,11 @@ def main(argv: list | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:
+        if path_problem(exc) is None or args.debug:
+            raise
+        print(f"error: {path_problem(exc)}", file=sys.stderr)
         return EXIT_USER_ERROR
     return 0
 

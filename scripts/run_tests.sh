@@ -9,7 +9,8 @@ bash scripts/setup_env.sh || exit 1
 .venv/bin/ruff check --quiet . || { echo "error: ruff check found the problems above" >&2; exit 1; }
 .venv/bin/ruff format --check --quiet . || { echo "error: ruff format would reformat the files above" >&2; exit 1; }
 .venv/bin/mypy || { echo "error: mypy found the type errors above" >&2; exit 1; }
-.venv/bin/python -m pytest -q "$@"
+# --durations: the slowest tests, so the time budget (whole suite < 20 min on 2 cores) stays visible.
+.venv/bin/python -m pytest -q --durations=30 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "error: pytest collected no tests" >&2

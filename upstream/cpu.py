@@ -16,6 +16,8 @@ import ctypes
 import dataclasses
 import os
 import signal
+import time
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -103,10 +105,20 @@ def _cpu_get_rng_state(device: object = "cuda", clone: bool = False, graph_safe:
 
 
 class HostEvent:
-    """Stand-in for torch.cuda.Event: CPU work is already complete when recorded."""
+    """Stand-in for torch.cuda.Event: CPU work is already complete when recorded, so the time it was
+    recorded at is when that work ended."""
+
+    def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+        self.recorded_at: float | None = None
 
     def record(self, stream: object = None) -> None:
-        pass
+        self.recorded_at = time.perf_counter()
+
+    def elapsed_time(self, end: HostEvent) -> float:
+        """Milliseconds from this event to `end`, as torch.cuda.Event.elapsed_time."""
+        if self.recorded_at is None or end.recorded_at is None:
+            raise RuntimeError("elapsed_time needs both events recorded")
+        return 1000.0 * (end.recorded_at - self.recorded_at)
 
     def synchronize(self) -> None:
         pass
@@ -151,6 +163,11 @@ def _host_split_sizes(tensor: object, as_numpy: bool = False, record_stream: boo
     return tensor
 
 
+def _tensor_present(tensor: object) -> None:
+    """megatron's inference `_is_cuda` check without its device half: the tensor must exist."""
+    assert tensor is not None
+
+
 def _uneven_all_gather(original):
     """torch.distributed.all_gather that also gathers tensors of different lengths on gloo.
 
@@ -187,8 +204,21 @@ def _in_device_mode(replay):
     return run
 
 
+class HostDeviceMesh:
+    """Stand-in for the `DeviceMesh` name megatron-core's torch FSDP wrapper uses: its meshes are
+    built over the same process group, but for the CPU (gloo) instead of CUDA."""
+
+    @staticmethod
+    def from_group(group: Any, device_type: str, *args: Any, **kwargs: Any) -> Any:
+        from torch.distributed.device_mesh import DeviceMesh
+
+        return DeviceMesh.from_group(group, "cpu" if device_type == "cuda" else device_type, *args, **kwargs)
+
+
 def _patches() -> list[Patch]:
     """The attribute patches, built lazily so importing this module never imports megatron."""
+    from megatron.core.distributed import torch_fully_sharded_data_parallel as torch_fsdp
+    from megatron.core.inference import communication_utils
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import token_dispatcher
 
@@ -260,6 +290,26 @@ def _patches() -> list[Patch]:
             "current_stream",
             lambda device=None: _HOST_STREAM,
         ),
+        # The static-batch generation loop times every token with CUDA events
+        # (inference/text_generation_controllers/text_generation_controller.py:1163,1337); the
+        # CPU build's torch.cuda.Event is a dummy class that raises when instantiated.
+        Patch(
+            "stream.Event",
+            "inference/text_generation_controllers/text_generation_controller.py:1163 torch.cuda.Event",
+            cuda,
+            "Event",
+            HostEvent,
+        ),
+        # Generation across pipeline stages broadcasts the logits from the last stage and asserts
+        # first that they are on a GPU (inference/communication_utils.py:31 `_is_cuda`, called by
+        # broadcast_from_last_pipeline_stage); gloo broadcasts CPU tensors.
+        Patch(
+            "inference.is_cuda",
+            "inference/communication_utils.py:31 assert tensor.is_cuda",
+            communication_utils,
+            "_is_cuda",
+            _tensor_present,
+        ),
         Patch(
             "moe.split_sizes",
             "transformer/moe/token_dispatcher.py:876-893 maybe_move_tensor_to_cpu",
@@ -282,6 +332,16 @@ def _patches() -> list[Patch]:
             without_output,
             "_recompute",
             _in_device_mode(without_output._recompute),
+        ),
+        # The FSDP2 wrapper builds its mesh with device type "cuda"; torch's fully_shard then asks that
+        # device for its current index (torch/distributed/fsdp/_fully_shard/_fsdp_init.py:223) and
+        # fails: "device(): argument 'index' (position 2) must be int, not torch.device".
+        Patch(
+            "fsdp.device_mesh",
+            "distributed/torch_fully_sharded_data_parallel.py:81 DeviceMesh.from_group(..., 'cuda')",
+            torch_fsdp,
+            "DeviceMesh",
+            HostDeviceMesh,
         ),
         Patch(
             "dist.uneven_all_gather",

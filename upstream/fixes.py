@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from upstream import fsdp
+
 
 @dataclasses.dataclass(frozen=True)
 class Fix:
@@ -116,6 +118,30 @@ FIXES = (
         "optimizer/distrib_optimizer.py:940",
         _keep_own_adam_step,
     ),
+    # megatron-core's torch FSDP2 path (upstream/fsdp.py)
+    Fix(
+        "TorchFullyShardedDataParallel.finish_grad_sync",
+        "distributed/finalize_model_grads.py:443, data_parallel_base.py:48",
+        fsdp.finish_grad_sync_takes_force_all_reduce,
+    ),
+    Fix(
+        "TorchFullyShardedDataParallel.scale_gradients",
+        "distributed/finalize_model_grads.py:493, data_parallel_base.py:40",
+        fsdp.scale_gradients,
+    ),
+    Fix(
+        "TorchFullyShardedDataParallel.__init__",
+        "distributed/torch_fully_sharded_data_parallel.py:82-85,134,144",
+        fsdp.shard_with_precision_sums_and_expert_groups,
+    ),
+    Fix(
+        "dist_checkpointing.optimizer.to_local_if_dtensor",
+        "dist_checkpointing/optimizer.py:39,61",
+        fsdp.optimizer_map_by_local_shard,
+    ),
+    Fix("FP32Optimizer.load_state_dict", "optimizer/optimizer.py:1001-1010", fsdp.fp32_optimizer_loads_dtensor_state),
+    Fix("MLP.sharded_state_dict", "transformer/mlp.py:264,276-315", fsdp.gated_fc1_shards),
+    Fix("SequentialMLP.sharded_state_dict", "transformer/moe/experts.py:935-985", fsdp.expert_shards_in_checkpoints),
 )
 
 

@@ -116,6 +116,8 @@ def test_resumed_run_keeps_its_wandb_run_id(synthetic_corpus, tmp_path, capsys):
 
     from_wandb = compare_runs.read_run(str(tmp_path / "wandb"))
     expected = read_metrics(tmp_path)
+    first_job = compare_runs.read_run(str(parts[0] / f"run-{run_id}.wandb"))  # one .wandb file alone
+    assert [(r["step"], r["loss"]) for r in first_job] == [(r["step"], r["loss"]) for r in expected[:2]]
     assert [r["step"] for r in from_wandb] == [r["step"] for r in expected] == [1, 2, 3, 4]
     for got, want in zip(from_wandb, expected):
         assert math.isclose(got["loss"], want["loss"], rel_tol=1e-12) and got["lr"] == want["lr"]

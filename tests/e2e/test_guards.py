@@ -14,22 +14,9 @@ import pytest
 import torch
 
 from pretrain.guards import EXIT_NONFINITE, EXIT_PREEMPTED, NonfiniteGuard
-from tests.helpers.runs import REPO, assert_close_curves, read_metrics, tiny_overrides
+from tests.helpers.runs import REPO, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
 
 TIMEOUT_S = 300
-
-
-def _run(cmd, overrides):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    return subprocess.run(
-        [sys.executable, *cmd, "--recipe", "tiny_gpt", *overrides],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-    )
 
 
 def _model_and_adam_tensors(ckpt) -> dict:
@@ -47,21 +34,24 @@ def _model_and_adam_tensors(ckpt) -> dict:
 
 @pytest.fixture(scope="module")
 def nan_and_stall(synthetic_corpus, tmp_path_factory):
-    """One process, 4 steps, a checkpoint after each: step 2 stalls 2 s under a 0.5 s watchdog,
-    step 3's loss is NaN."""
+    """One process, 6 steps, a checkpoint after each: step 2 stalls 2 s under a 0.5 s watchdog,
+    step 3's loss is NaN, step 5 has a NaN gradient on a finite loss."""
     log_dir = tmp_path_factory.mktemp("nan_and_stall")
-    proc = _run(
-        ["pretrain_gpt.py"],
+    proc = run_pretrain(
+        1,
+        "tiny_gpt",
         tiny_overrides(
             synthetic_corpus,
             log_dir,
-            "train.steps=4",
+            "train.steps=6",
             "checkpoint.interval=1",
             "train.watchdog_timeout_s=0.5",
             "debug.stall_at_step=2",
             "debug.stall_s=2",
             "debug.nan_loss_at_step=3",
+            "debug.nan_grad_at_step=5",
         ),
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     return log_dir, proc
@@ -74,11 +64,13 @@ def test_nonfinite_step_is_skipped_and_leaves_the_model_untouched(nan_and_stall,
         "1 of at most 10 (train.max_skipped_steps)"
     ) in proc.stderr.splitlines()
     metrics = read_metrics(log_dir)
-    assert [r["step"] for r in metrics] == [1, 2, 3, 4]
+    assert [r["step"] for r in metrics] == [1, 2, 3, 4, 5, 6]
     assert_close_curves(metrics[:2], reference[1][:2], rel=1e-5)  # before the fault: the reference run
     assert math.isnan(metrics[2]["loss"]) and metrics[2]["skipped"] is True
-    assert [r["nonfinite_steps"] for r in metrics] == [0, 0, 1, 1]
+    assert [r["nonfinite_steps"] for r in metrics] == [0, 0, 1, 1, 2, 2]
     assert math.isfinite(metrics[3]["loss"]) and "skipped" not in metrics[3]  # the run goes on
+    # A skipped step uses up its lr slot: every step trains at the reference's lr of the same step.
+    assert [r["lr"] for r in metrics] == [r["lr"] for r in reference[1][:6]]
     ckpts = log_dir / "checkpoints"
     before, after = (_model_and_adam_tensors(ckpts / f"iter_000000{s}") for s in (2, 3))
     assert before.keys() == after.keys() and any(k.startswith("optimizer.state.exp_avg") for k in before)
@@ -86,6 +78,21 @@ def test_nonfinite_step_is_skipped_and_leaves_the_model_untouched(nan_and_stall,
         assert torch.equal(before[key], after[key]), key
     last = _model_and_adam_tensors(ckpts / "iter_0000004")
     assert not torch.equal(last["output_layer.weight"], after["output_layer.weight"])
+
+
+def test_nonfinite_gradient_with_a_finite_loss_is_skipped_too(nan_and_stall):
+    """The gradient half of the guard: step 5's loss is finite, one gradient element on rank 0 is
+    NaN; the step is skipped and the model and Adam state stay as they were after step 4."""
+    log_dir, proc = nan_and_stall
+    fifth = read_metrics(log_dir)[4]
+    assert math.isfinite(fifth["loss"]) and fifth["skipped"] is True and math.isnan(fifth["grad_norm"])
+    assert (
+        f"non-finite loss or gradients at step 5 (loss {fifth['loss']}): step skipped, 2 of at most 10" in proc.stderr
+    )
+    ckpts = log_dir / "checkpoints"
+    before, after = (_model_and_adam_tensors(ckpts / f"iter_000000{s}") for s in (4, 5))
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
 
 
 def test_watchdog_reports_the_stalled_phase_with_stacks(nan_and_stall):
@@ -104,11 +111,13 @@ def test_watchdog_reports_the_stalled_phase_with_stacks(nan_and_stall):
 
 
 def test_nonfinite_stop_is_one_line_and_exit_code_3(synthetic_corpus, tmp_path):
-    proc = _run(
-        ["pretrain_gpt.py"],
+    proc = run_pretrain(
+        1,
+        "tiny_gpt",
         tiny_overrides(
             synthetic_corpus, tmp_path, "train.steps=3", "train.on_nonfinite=stop", "debug.nan_loss_at_step=2"
         ),
+        check=False,
     )
     assert proc.returncode == EXIT_NONFINITE == 3, proc.stderr[-3000:]
     assert proc.stderr.splitlines() == [
@@ -118,6 +127,93 @@ def test_nonfinite_stop_is_one_line_and_exit_code_3(synthetic_corpus, tmp_path):
     metrics = read_metrics(tmp_path)
     assert [r["step"] for r in metrics] == [1, 2] and metrics[1]["skipped"] is True
     assert not (tmp_path / "checkpoints").exists()  # nothing saved after the fault
+
+
+def test_skipped_steps_count_across_resumes_and_one_too_many_exits_3(synthetic_corpus, tmp_path):
+    """train.max_skipped_steps = 1: the first job skips step 2 and saves at step 3 with one skipped
+    step recorded; the resumed job's second skip (step 5) is one too many: exit 3, one line."""
+    first = run_pretrain(
+        1,
+        "tiny_gpt",
+        tiny_overrides(
+            synthetic_corpus, tmp_path, "train.steps=3", "train.max_skipped_steps=1", "debug.nan_loss_at_step=2"
+        ),
+        check=False,
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_pretrain(
+        1,
+        "tiny_gpt",
+        tiny_overrides(
+            synthetic_corpus,
+            tmp_path,
+            "train.steps=6",
+            "train.max_skipped_steps=1",
+            "debug.nan_loss_at_step=5",
+            "checkpoint.load=auto",
+        ),
+        check=False,
+    )
+    assert second.returncode == EXIT_NONFINITE, second.stderr[-3000:]
+    assert second.stderr.splitlines() == [
+        "error: non-finite loss or gradients at step 5 (loss nan), the model was not updated; "
+        "2 steps skipped, more than train.max_skipped_steps = 1: stopping"
+    ]
+    assert [r["nonfinite_steps"] for r in read_metrics(tmp_path)] == [0, 1, 1, 1, 2]
+
+
+def test_fp16_trains_and_its_guard_skips_a_nan_loss(reference, synthetic_corpus, tmp_path):
+    """fp16 with megatron-core's dynamic loss scale: the run trains (close to fp32, not equal to it)
+    and the guard, which checks only the loss in fp16, skips the step whose loss is NaN."""
+    proc = run_pretrain(
+        1,
+        "tiny_gpt",
+        tiny_overrides(synthetic_corpus, tmp_path, "train.precision=fp16", "train.steps=6", "debug.nan_loss_at_step=4"),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_metrics(tmp_path)
+    assert metrics[3]["skipped"] is True and math.isnan(metrics[3]["loss"])
+    fp32 = reference[1]
+    for step in (0, 1, 2):  # before the fault: within fp16's precision of fp32, and not equal to it
+        gap = abs(metrics[step]["loss"] - fp32[step]["loss"]) / fp32[step]["loss"]
+        assert 0 < gap < 1e-2, (step, metrics[step]["loss"], fp32[step]["loss"])
+    assert all(math.isfinite(r["loss"]) and "skipped" not in r for r in metrics[4:])
+
+
+def test_sigterm_to_a_single_process_saves_and_exits_75(synthetic_corpus, tmp_path):
+    """Without torchrun: pretrain_gpt.py itself stops after the current step, saves, exits 75."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "pretrain_gpt.py",
+            "--recipe",
+            "tiny_gpt",
+            *tiny_overrides(synthetic_corpus, tmp_path, "debug.stall_at_step=2", "debug.stall_s=3"),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    rc, _, stderr = _interrupt_after_first_step(proc, lambda: proc.send_signal(signal.SIGTERM))
+    assert _stopped_step(rc, stderr, tmp_path / "checkpoints") == 2
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_nonfinite_stop_through_the_launcher_exits_3(synthetic_corpus, tmp_path):
+    """`python -m pretrain.launch` exits with the code its workers agree on (plain torchrun: 1)."""
+    launcher = _launch(
+        tiny_overrides(
+            synthetic_corpus, tmp_path, "train.steps=3", "train.on_nonfinite=stop", "debug.nan_loss_at_step=2"
+        )
+    )
+    _, stderr = launcher.communicate(timeout=TIMEOUT_S)
+    assert launcher.returncode == EXIT_NONFINITE, stderr[-3000:]
+    assert "error: non-finite loss or gradients at step 2" in stderr and "Traceback" not in stderr
 
 
 def test_skipping_is_bounded():

@@ -11,7 +11,8 @@ from tests.helpers.runs import assert_close_curves, read_metrics, run_pretrain, 
 # of the one-process run; 1e-5 keeps the same margin as tests/e2e/test_layouts.py. Without the
 # aux-loss scale fix (upstream/fixes.py) ep2-tp2 was off by 4e-3 in grad norm.
 FP32_REL = 1e-5
-MOE_KEYS = ("loss", "grad_norm", "moe_aux_loss", "moe_z_loss", "moe_load_cv")
+# moe_expert_load: every expert's share of every layer's tokens, so relabelled experts show
+MOE_KEYS = ("loss", "grad_norm", "moe_aux_loss", "moe_z_loss", "moe_load_cv", "moe_expert_load")
 
 MOE_LAYOUTS = {
     "ep2": (2, ["parallel.expert=2"]),
@@ -48,6 +49,25 @@ def test_moe_layout_reproduces_single_process(name, moe_reference, synthetic_cor
     nproc, extra = MOE_LAYOUTS[name]
     run_pretrain(nproc, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path, *extra))
     assert_close_curves(read_metrics(tmp_path), moe_reference, rel=FP32_REL, keys=MOE_KEYS)
+
+
+@pytest.mark.slow
+def test_capacity_position_dropping_padding_and_shared_experts_at_ep2(synthetic_corpus, tmp_path):
+    """Capacity-bound experts that drop the latest tokens, inputs padded to capacity, and shared
+    experts, all in training: EP2 reproduces one process (4 steps), and tokens really drop."""
+    extra = [
+        "model.moe.capacity_factor=1.0",
+        "model.moe.drop_policy=position",
+        "model.moe.pad_to_capacity=true",
+        "model.moe.shared_expert_ffn_hidden_size=64",
+        "train.steps=4",
+    ]
+    run_pretrain(1, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path / "one", *extra))
+    run_pretrain(2, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path / "ep2", *extra, "parallel.expert=2"))
+    expected = read_metrics(tmp_path / "one")
+    assert all(r["moe_dropped_fraction"] > 0 for r in expected)
+    keys = (*MOE_KEYS, "moe_dropped_fraction")
+    assert_close_curves(read_metrics(tmp_path / "ep2"), expected, rel=FP32_REL, keys=keys)
 
 
 def test_capacity_drops_tokens_in_training(synthetic_corpus, tmp_path):

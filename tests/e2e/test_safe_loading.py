@@ -60,17 +60,6 @@ def _one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def _pretrain(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "pretrain_gpt.py", "--recipe", "tiny_gpt", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-
-
 @pytest.fixture
 def planted(reference, tmp_path):
     """A copy of the reference run's step-10 checkpoint with its `_extra_state` byte items hostile."""
@@ -82,7 +71,9 @@ def planted(reference, tmp_path):
 
 
 def test_byte_item_payload_is_refused_on_resume(planted, synthetic_corpus, tmp_path):
-    proc = _pretrain(*tiny_overrides(synthetic_corpus, tmp_path / "run", f"checkpoint.load={planted}"))
+    proc = run_pretrain(
+        1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "run", f"checkpoint.load={planted}"), check=False
+    )
     assert (
         _one_error_line(proc).startswith(f"error: checkpoint '{planted}': byte item 'decoder.layers.")
         and "(it names posix.system)" in proc.stderr
@@ -105,24 +96,8 @@ def test_byte_item_payload_is_refused_by_export(planted, tmp_path):
 @pytest.mark.slow
 def test_byte_item_payload_is_refused_at_two_ranks(planted, synthetic_corpus, tmp_path):
     """Every rank reads byte items: under the launcher the run ends with exit 2, nothing ran."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pretrain.launch",
-            "--standalone",
-            "--nproc_per_node=2",
-            "pretrain_gpt.py",
-            "--recipe",
-            "tiny_gpt",
-            *tiny_overrides(synthetic_corpus, tmp_path / "run", f"checkpoint.load={planted}", "parallel.tensor=2"),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
+    overrides = tiny_overrides(synthetic_corpus, tmp_path / "run", f"checkpoint.load={planted}", "parallel.tensor=2")
+    proc = run_pretrain(2, "tiny_gpt", overrides, check=False, launcher=True)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"error: checkpoint '{planted}': byte item" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -141,7 +116,7 @@ def test_optimizer_byte_items_are_checked(synthetic_corpus, tmp_path):
     run_pretrain(1, "tiny_gpt", overrides)
     ckpt = tmp_path / "run" / "checkpoints" / "iter_0000002"
     assert plant_in_byte_items(ckpt, tmp_path / "pwned", "optimizer") >= 3
-    proc = _pretrain(*overrides, "train.steps=3", "checkpoint.load=auto")
+    proc = run_pretrain(1, "tiny_gpt", [*overrides, "train.steps=3", "checkpoint.load=auto"], check=False)
     assert _one_error_line(proc).startswith(f"error: checkpoint '{ckpt}': byte item '")
     assert not (tmp_path / "pwned").exists()
 
@@ -259,7 +234,9 @@ def test_planted_data_cache_index_is_refused(reference, synthetic_corpus, tmp_pa
     (index,) = cache.glob("*/*document_index.npy")
     marker = tmp_path / "pwned"
     index.write_bytes(pickle.dumps(_Payload(marker)))
-    proc = _pretrain(*tiny_overrides(synthetic_corpus, tmp_path / "run", f"data.cache_dir={cache}"))
+    proc = run_pretrain(
+        1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "run", f"data.cache_dir={cache}"), check=False
+    )
     assert _one_error_line(proc) == (
         f"error: data cache file '{index}' is not a plain numpy array (loading it could run code): "
         f"delete the folder '{index.parent}' and it is built again"

@@ -326,14 +326,16 @@ def test_missing_bin_and_idx_are_named(tmp_path):
     with pytest.raises(UserError) as error:
         open_indexed(prefix)
     assert str(error.value) == (
-        f"data file '{prefix}.bin' not found: build it with 'python -m data.preprocess' or fix the data path"
+        f"data file '{prefix}.bin' not found: build it with 'python -m data.preprocess text --input FILES "
+        f"--output-prefix {prefix}', or fix the data path"
     )
     write_indexed([[1, 2, 3]], prefix, vocab_size=257)
     (tmp_path / "corpus.idx").unlink()
     with pytest.raises(UserError) as error:
         open_indexed(prefix)
     assert str(error.value) == (
-        f"data file '{prefix}.idx' not found: build it with 'python -m data.preprocess' or fix the data path"
+        f"data file '{prefix}.idx' not found: build it with 'python -m data.preprocess text --input FILES "
+        f"--output-prefix {prefix}', or fix the data path"
     )
 
 
@@ -418,6 +420,29 @@ def test_cli_text_writes_jsonl_and_text(tmp_path, capsys):
     indexed = _indexed(prefix)  # kept alive: its arrays view a memory map closed on deletion
     assert [d.tolist() for d in indexed[0:2]] == [[97, 98, 256], [99, 256]]
     assert bytes(indexed[2][:-1].tolist()) == b"xyz\nsecond line"  # a text file is one document
+
+
+def test_cli_text_reads_json_and_arrow_files(tmp_path, capsys):
+    """A .json file (a JSON array of rows) and an Arrow IPC stream file (as `datasets` saves them)
+    give the same documents as the .jsonl of the same rows."""
+    import json
+
+    import pyarrow
+
+    rows = [{"text": "ab", "id": 1}, {"text": "c", "id": 2}, {"text": "def", "id": 3}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    table = pyarrow.table({"text": [r["text"] for r in rows], "id": [r["id"] for r in rows]})
+    with pyarrow.OSFile(str(tmp_path / "rows.arrow"), "wb") as sink, pyarrow.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    documents = {}
+    for name in ("rows.jsonl", "rows.json", "rows.arrow"):
+        prefix = str(tmp_path / name.replace(".", "_"))
+        assert main(["text", "--input", str(tmp_path / name), "--output-prefix", prefix]) == 0, capsys.readouterr()
+        indexed = _indexed(prefix)
+        documents[name] = [indexed[i].tolist() for i in range(len(indexed))]
+    assert documents["rows.json"] == documents["rows.arrow"] == documents["rows.jsonl"]
+    assert documents["rows.jsonl"] == [[97, 98, 256], [99, 256], [100, 101, 102, 256]]
 
 
 def test_hf_dataset_by_name(tmp_path, capsys):
@@ -547,3 +572,19 @@ def test_context_parallel_slices_are_load_balanced_and_cover_the_sequence():
     joined = torch.cat([p["tokens"] for p in parts], dim=1)
     assert sorted(joined[1].tolist()) == tokens[1].tolist()
     assert slice_for_context_parallel(batch, 0, 1) is batch
+
+
+def test_masked_training_data_has_unequal_token_counts(synthetic_corpus, tmp_path):
+    """What the layout and resume tests train on (tests/helpers/runs.py:MASKED): the loss-token
+    counts differ between the micro-batches of a step, between data-parallel ranks and between
+    context-parallel slices, so only per-token normalization gives every layout the same loss."""
+    train = _samples(
+        synthetic_corpus, 128, tmp_path, seed=1234, split="90,10,0", eod=256, vocab_size=257, eod_mask_loss=True
+    )["train"]
+    for dp, cp in ((1, 1), (2, 1), (1, 2), (2, 2)):
+        counts = []
+        for dp_rank in range(dp):
+            for cp_rank in range(cp):
+                plan = BatchPlan(8, 2, dp, dp_rank, cp, cp_rank)
+                counts += [int(plan.batch(train, 0, m)["loss_mask"].sum()) for m in range(plan.micro_batches)]
+        assert len(set(counts)) > 1, (dp, cp, counts)

@@ -258,21 +258,29 @@ def test_tiny_gpt_uses_our_layers():
 
 
 def test_tiny_gpt_initial_loss_is_log_vocab():
+    """257 byte ids padded to 384 rows: the loss is the cross entropy over the 257 real ids only
+    (about log 257 at init, not log 384), the padded logits are -inf, and the padded rows of the
+    output layer get no gradient."""
     model, vocab = _build_tiny(1234)
-    model.eval()
     b, s = 4, _tiny().seq_length
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, BYTE_VOCAB, (b, s + 1), generator=g)
     position_ids = torch.arange(s).unsqueeze(0).expand(b, s)
+    losses = model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:])  # [b, s] per token
+    losses.sum().backward()
     with torch.no_grad():
-        losses = model(tokens[:, :-1], position_ids, None, labels=tokens[:, 1:])  # [b, s] per token
+        model.eval()
         logits = model(tokens[:, :-1], position_ids, None)  # [b, s, vocab]
     assert losses.shape == (b, s)
-    assert logits.shape == (b, s, vocab)
-    assert abs(losses.mean().item() - math.log(vocab)) < 0.3
-    # The loss is the cross entropy of the model's own logits against the shifted tokens.
-    reference = F.cross_entropy(logits.reshape(-1, vocab).float(), tokens[:, 1:].reshape(-1), reduction="none")
-    torch.testing.assert_close(losses.reshape(-1), reference, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (b, s, vocab) and vocab == 384
+    assert torch.all(logits[..., BYTE_VOCAB:] == float("-inf")) and torch.isfinite(logits[..., :BYTE_VOCAB]).all()
+    assert abs(losses.mean().item() - math.log(BYTE_VOCAB)) < 0.1
+    # The loss is the cross entropy of the model's own real-vocabulary logits against the shifted tokens.
+    real = logits[..., :BYTE_VOCAB].reshape(-1, BYTE_VOCAB).float()
+    reference = F.cross_entropy(real, tokens[:, 1:].reshape(-1), reduction="none")
+    torch.testing.assert_close(losses.detach().reshape(-1), reference, rtol=1e-5, atol=1e-5)
+    grad = model.output_layer.weight.grad
+    assert grad[BYTE_VOCAB:].abs().max() == 0 and grad[:BYTE_VOCAB].abs().max() > 0
 
 
 def test_tiny_gpt_init_is_deterministic_per_seed():
@@ -306,3 +314,33 @@ def test_tiny_gpt_init_is_deterministic_per_seed():
 def test_padded_vocab_size(vocab, divisible_by, tensor, expected):
     model = ModelConfig(make_vocab_size_divisible_by=divisible_by)
     assert padded_vocab_size(model, vocab, tensor) == expected
+
+
+class _Shard(torch.nn.Module):
+    """Stands in for the output layer on one tensor-parallel rank: (logits shard, bias)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+
+    def forward(self, hidden):
+        return torch.zeros(hidden.size(0), 1, self.width), None
+
+
+@pytest.mark.parametrize("tensor", [1, 2, 4, 8])
+def test_padded_logits_are_masked_on_every_tensor_rank(tensor):
+    """257 ids padded to 384: across the ranks' shards exactly the global columns 257..383 are -inf
+    (at TP4 rank 2 holds both kinds, rank 3 only padding), and the gathered logits of generation too."""
+    from model.gpt import mask_padded_logits
+
+    padded = padded_vocab_size(ModelConfig(), BYTE_VOCAB, tensor)
+    shards = []
+    for rank in range(tensor):
+        layer = _Shard(padded // tensor)
+        mask_padded_logits(layer, BYTE_VOCAB, padded, rank)
+        shards.append(layer(torch.zeros(3, 1))[0])
+    logits = torch.cat(shards, dim=-1)  # [s, b, padded]
+    assert padded == 384 and torch.equal(torch.isinf(logits[0, 0]), torch.arange(padded) >= BYTE_VOCAB)
+    gathered = _Shard(padded)
+    mask_padded_logits(gathered, BYTE_VOCAB, padded, tensor - 1)  # any rank: the whole vocabulary
+    assert torch.equal(torch.isinf(gathered(torch.zeros(3, 1))[0][0, 0]), torch.arange(padded) >= BYTE_VOCAB)

@@ -118,10 +118,14 @@ def test_existing_path_wins_over_recipes_folder(tmp_path):
 
 
 def test_recipe_not_found():
+    listed = "recipes: deepseek_moe_16b, llama70b, llama_1b, llama_3b, mixtral_8x7b, tiny_gpt, tiny_moe"
     assert error_of("nope") == (
-        f"recipe 'nope' not found: looked for nope, {RECIPES_DIR}/nope, {RECIPES_DIR}/nope.yaml"
+        f"recipe 'nope' not found: looked for nope, {RECIPES_DIR}/nope, {RECIPES_DIR}/nope.yaml; {listed}"
     )
-    assert error_of("nope.yaml") == (f"recipe 'nope.yaml' not found: looked for nope.yaml, {RECIPES_DIR}/nope.yaml")
+    assert error_of("nope.yaml") == (
+        f"recipe 'nope.yaml' not found: looked for nope.yaml, {RECIPES_DIR}/nope.yaml; {listed}"
+    )
+    assert error_of("tiny-moe").endswith(f"did you mean 'tiny_moe'? {listed}")
 
 
 def test_recipe_error_is_a_user_error():
@@ -194,6 +198,8 @@ def test_unknown_key_in_base_names_the_base_file(tmp_path):
         ("train.steps=1e3", "train.steps", 1000),
         ("train.steps=12.0", "train.steps", 12),
         ("parallel.distributed_optimizer=true", "parallel.distributed_optimizer", True),
+        ("parallel.fsdp=zero3", "parallel.fsdp", "zero3"),
+        ("parallel.fsdp=null", "parallel.fsdp", None),
         ("data.path=null", "data.path", None),
         ("data.path=", "data.path", None),
         ("data.path=/tmp/x/text_document", "data.path", "/tmp/x/text_document"),
@@ -403,11 +409,14 @@ def test_yaml_1_2_floats_in_files(tmp_path):
             "parallel.pipeline × parallel.virtual_pipeline = 6 does not divide model.num_layers = 4",
         ),
         (["parallel.context=3"], "2 × parallel.context = 6 does not divide model.seq_length = 128"),
-        (["parallel.context_comm=ring"], "parallel.context_comm must be one of p2p | a2a | all_gather, got 'ring'"),
         (
-            ["parallel.context=2", "parallel.context_comm=a2a"],
-            "parallel.context_comm = a2a needs model.transformer_impl = transformer_engine; the local layers' ring "
-            "attention is p2p",
+            ["parallel.context_comm=ring"],
+            "parallel.context_comm must be one of p2p | a2a | a2a+p2p | all_gather, got 'ring'",
+        ),
+        (
+            ["parallel.context=2", "parallel.context_comm=all_gather"],
+            "parallel.context_comm = all_gather needs model.transformer_impl = transformer_engine; the local layers "
+            "do p2p, a2a and a2a+p2p",
         ),
         (
             ["parallel.context=4", "parallel.context_comm=a2a", "model.transformer_impl=transformer_engine"],
@@ -470,6 +479,21 @@ def test_yaml_1_2_floats_in_files(tmp_path):
             ["data.reset_attention_mask=true"],
             "data.reset_attention_mask = true is not supported: the model's attention is causal over the whole "
             "packed sample and takes no per-document mask; set it to false",
+        ),
+        (["parallel.fsdp=zero1"], "parallel.fsdp must be one of zero2 | zero3, got 'zero1'"),
+        (
+            ["parallel.fsdp=zero3", "parallel.distributed_optimizer=true"],
+            "parallel.fsdp = zero3 shards the optimizer state itself: set parallel.distributed_optimizer = false",
+        ),
+        (
+            ["parallel.fsdp=zero2", "model.transformer_impl=transformer_engine"],
+            "parallel.fsdp = zero2 is verified with model.transformer_impl = local only (got transformer_engine): "
+            "transformer-engine layers under FSDP2 are not yet checked",
+        ),
+        (
+            ["parallel.fsdp=zero3", "train.precision=fp16"],
+            "parallel.fsdp = zero3 does not support train.precision = fp16 (no loss scaling for fully sharded "
+            "fp32 master weights): use bf16",
         ),
         (
             ["data.reset_position_ids=true"],
@@ -555,6 +579,100 @@ def test_static_validation_messages(overrides, message):
     assert error_of("tiny_gpt", overrides) == message
 
 
+FP8 = ["train.precision=bf16", "fp8.enabled=true"]
+TE = ["model.transformer_impl=transformer_engine"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["fp8.enabled=true"], "fp8.enabled = true requires train.precision = bf16, got fp32"),
+        (
+            [*FP8, "fp8.recipe=delayed"],
+            "fp8.recipe = delayed needs model.transformer_impl = transformer_engine (transformer-engine >= 1.7); "
+            "the local spec runs tensorwise and rowwise",
+        ),
+        (
+            [*FP8, "fp8.recipe=blockwise"],
+            "fp8.recipe = blockwise needs model.transformer_impl = transformer_engine (transformer-engine >= 2.3); "
+            "the local spec runs tensorwise and rowwise",
+        ),
+        (
+            [*FP8, "fp8.recipe=mxfp8"],
+            "fp8.recipe = mxfp8 needs model.transformer_impl = transformer_engine (transformer-engine >= 2.1); "
+            "the local spec runs tensorwise and rowwise",
+        ),
+        (
+            [*FP8, *TE, "fp8.recipe=rowwise"],
+            "fp8.recipe = rowwise runs on the local spec only (model.transformer_impl = local); "
+            "transformer-engine's recipes are delayed | tensorwise | blockwise | mxfp8",
+        ),
+        (
+            [*FP8, "fp8.params=true"],
+            "fp8.params = true (FP8 primary weights) needs model.transformer_impl = transformer_engine",
+        ),
+        (
+            [*FP8, "fp8.amax_history_len=16"],
+            "fp8.amax_history_len applies to fp8.recipe = delayed only; tensorwise scales from the current amax",
+        ),
+        (
+            [*FP8, *TE, "fp8.recipe=mxfp8", "fp8.amax_compute_algo=max"],
+            "fp8.amax_compute_algo applies to fp8.recipe = delayed only; mxfp8 scales from the current amax",
+        ),
+        ([*FP8, "fp8.margin=-1"], "fp8.margin must be non-negative, got -1"),
+        (
+            [*FP8, "fp8.recipe=hybrid"],
+            "fp8.recipe must be one of tensorwise | rowwise | delayed | blockwise | mxfp8, got 'hybrid'",
+        ),
+        (
+            [*FP8, *TE, "fp8.recipe=delayed", "fp8.first_last_layers_bf16=1"],
+            "fp8.first_last_layers_bf16 cannot be combined with fp8.recipe = delayed",
+        ),
+        (
+            [*FP8, "fp8.first_last_layers_bf16=2"],
+            "fp8.first_last_layers_bf16 = 2 at each end leaves no FP8 layer in model.num_layers = 4",
+        ),
+        (
+            [*FP8, *TE, "model.num_layers=8", "parallel.pipeline=4", "fp8.first_last_layers_bf16=3"],
+            "fp8.first_last_layers_bf16 = 3 exceeds the 2 layers of a pipeline stage (megatron-core's limit with "
+            "transformer-engine)",
+        ),
+        (
+            [*FP8, "model.moe.num_experts=4", "parallel.expert=2"],
+            "fp8 on the local spec needs parallel.expert = 1, got 2: an expert's FP8 scales would span the tokens "
+            "of several data-parallel ranks, changing its numerics with the layout (use model.transformer_impl = "
+            "transformer_engine)",
+        ),
+        (
+            [
+                *FP8,
+                "model.moe.num_experts=4",
+                "parallel.tensor=2",
+                "parallel.sequence_parallel=true",
+                "parallel.expert_tensor=1",
+            ],
+            "fp8 on the local spec needs parallel.expert_tensor = parallel.tensor, got 1 and 2",
+        ),
+    ],
+)
+def test_fp8_messages(overrides, message):
+    assert error_of("tiny_gpt", overrides) == message
+
+
+def test_fp8_combinations_that_run():
+    for extra in (
+        [],
+        ["fp8.recipe=rowwise", "fp8.format=e4m3", "fp8.first_last_layers_bf16=1"],
+        ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=2", "parallel.context=2"],
+        ["model.moe.num_experts=4", "parallel.tensor=2", "parallel.sequence_parallel=true"],
+        [*TE, "fp8.recipe=delayed", "fp8.amax_history_len=1024", "fp8.amax_compute_algo=max", "fp8.margin=0"],
+        [*TE, "fp8.recipe=mxfp8", "fp8.params=true", "model.moe.num_experts=4", "parallel.expert=2"],
+    ):
+        load_recipe("tiny_gpt", [*FP8, *extra])
+    # fp8.enabled = false is a plain bf16/fp32 run whatever the other keys say (a baseline from an FP8 recipe)
+    assert not load_recipe("tiny_gpt", ["fp8.recipe=delayed", "fp8.params=true"]).fp8.enabled
+
+
 def test_data_blend_and_split_keys():
     r = load_recipe(
         "tiny_gpt", ["data.path=null", "data.blend=[[0.7, a], [3, b]]", "data.split=98,1,1", "train.eval_interval=10"]
@@ -593,11 +711,20 @@ def test_validate_static_on_a_built_recipe():
 # ----------------------------------------------------------------------------------- shipped recipes
 
 
-@pytest.mark.parametrize("name", ["tiny_gpt", "llama70b"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
 def test_shipped_recipes_load_and_validate(name):
     r = load_recipe(name)
     validate_static(r)
     assert r.source == str(RECIPES_DIR / f"{name}.yaml")
+
+
+@pytest.mark.parametrize("name, published", [("llama_1b", 1_235_814_400), ("llama_3b", 3_212_749_824)])
+def test_llama_3_2_recipes_have_the_published_parameter_counts(name, published):
+    """Llama-3.2-1B and -3B (tied embeddings): 1.24B and 3.21B parameters."""
+    from model.gpt import parameter_counts
+
+    model = load_recipe(name).model
+    assert parameter_counts(model, model.vocab_size).total == published
 
 
 def test_tiny_gpt_values():
@@ -717,12 +844,82 @@ def test_uneven_pipeline_messages(overrides, message):
     assert error_of("tiny_gpt", overrides) == message
 
 
-def test_ring_attention_has_no_dropout():
-    message = (
-        "parallel.context = 2 uses ring attention, which has no attention dropout: "
-        "set model.attention_dropout = 0 (got 0.1)"
-    )
-    assert error_of("tiny_gpt", ["parallel.context=2", "model.attention_dropout=0.1"]) == message
+def test_context_parallel_attention_has_no_dropout():
+    ring = "uses ring attention, which has no attention dropout"
+    ulysses = "has no attention dropout (its CP ranks would draw one mask stream for different heads)"
+    for comm, what in (("p2p", ring), ("a2a", ulysses), ("a2a+p2p", ring)):
+        extra = ["parallel.context_a2a=2"] if comm == "a2a+p2p" else []
+        overrides = ["parallel.context=4", f"parallel.context_comm={comm}", *extra, "model.attention_dropout=0.1"]
+        message = f"parallel.context = 4 with parallel.context_comm = {comm} {what}: set model.attention_dropout = 0 (got 0.1)"
+        assert error_of("tiny_gpt", overrides) == message
+
+
+ULYSSES_SHARE = "gives each of those ranks a share of the"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["parallel.context=4", "parallel.context_comm=a2a", "parallel.tensor=2"],
+            "parallel.context = 4 does not divide model.num_attention_heads / parallel.tensor = 2 "
+            f"(parallel.context_comm = a2a {ULYSSES_SHARE} query heads)",
+        ),
+        (
+            ["parallel.context=4", "parallel.context_comm=a2a", "model.hidden_size=96", "model.num_attention_heads=12"]
+            + ["model.num_query_groups=6"],
+            "parallel.context = 4 and model.num_query_groups / parallel.tensor = 6 do not divide one another "
+            f"(parallel.context_comm = a2a {ULYSSES_SHARE} K/V heads, split or copied)",
+        ),
+        (
+            ["parallel.context=8", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=4", "parallel.tensor=2"],
+            "parallel.context_a2a = 4 does not divide model.num_attention_heads / parallel.tensor = 2 "
+            f"(parallel.context_comm = a2a+p2p {ULYSSES_SHARE} query heads)",
+        ),
+        (
+            ["parallel.context=4", "parallel.context_comm=a2a+p2p"],
+            "parallel.context_comm = a2a+p2p needs parallel.context_a2a: the ranks of one all-to-all group, a "
+            "divisor of parallel.context = 4",
+        ),
+        (
+            ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=3"],
+            "parallel.context_a2a = 3 does not divide parallel.context = 4",
+        ),
+        (
+            ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=4"],
+            "parallel.context_a2a = 4 with parallel.context = 4 leaves a ring of one rank: "
+            "set parallel.context_comm = a2a",
+        ),
+        (
+            ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=1"],
+            "parallel.context_a2a = 1 with parallel.context = 4 leaves an all-to-all of one rank: "
+            "set parallel.context_comm = p2p",
+        ),
+        (
+            ["parallel.context=2", "parallel.context_a2a=2"],
+            "parallel.context_a2a = 2 is only read with parallel.context_comm = a2a+p2p, got parallel.context_comm = p2p",
+        ),
+        (
+            ["parallel.context=8", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=4"]
+            + ["model.transformer_impl=transformer_engine"],
+            "parallel.tensor × parallel.context_a2a = 4 does not divide model.num_query_groups = 2",
+        ),
+    ],
+)
+def test_ulysses_messages(overrides, message):
+    assert error_of("tiny_gpt", overrides) == message
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["parallel.context=2", "parallel.context_comm=a2a"],  # K/V heads split: 2 on 2 ranks
+        ["parallel.context=4", "parallel.context_comm=a2a"],  # K/V heads copied: 2 to 4 ranks
+        ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=2", "parallel.tensor=2"],
+    ],
+)
+def test_ulysses_layouts_of_tiny_gpt_load(overrides):
+    load_recipe("tiny_gpt", overrides)
 
 
 def test_uneven_pipeline_split():
@@ -740,7 +937,7 @@ def test_uneven_pipeline_split():
 # ------------------------------------------------------------------------------------------- dumping
 
 
-@pytest.mark.parametrize("name", ["tiny_gpt", "llama70b"])
+@pytest.mark.parametrize("name", ["tiny_gpt", "llama70b", "llama_1b"])
 def test_dump_round_trip(tmp_path, name):
     r = load_recipe(name, ["optimizer.betas=[0.8,0.9]"])
     d = recipe_to_dict(r)
@@ -760,3 +957,15 @@ def test_dump_writes_lists_inline():
 def test_every_error_is_one_line(tmp_path):
     write(tmp_path, "r.yaml", "model: {hidden_size: [1, 2]}\n")
     assert "\n" not in error_of("r.yaml")
+
+
+def test_a2a_p2p_layout_names_megatrons_hierarchical_groups():
+    from parallel.layout import Layout
+
+    overrides = ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=2", "parallel.tensor=2"]
+    layout = Layout.from_config(load_recipe("tiny_gpt", overrides).parallel, world_size=8)
+    assert layout.hierarchical_context == [2, 2]  # [all-to-all group, ring]
+    assert layout.describe() == "world 8 = tensor 2 x pipeline 1 x context 4 (a2a 2 x p2p 2) x data 1; expert 1"
+    assert Layout(world_size=2, context=2, context_comm="a2a").hierarchical_context is None
+    with pytest.raises(RecipeError, match=re.escape("parallel.context_a2a = 3 does not fit parallel.context_comm")):
+        Layout(world_size=4, context=4, context_comm="a2a+p2p", context_a2a=3)

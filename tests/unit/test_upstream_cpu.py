@@ -23,7 +23,7 @@ def _seed_and_fork():
     # The fork draws from the tensor-parallel stream, seeded seed + 2718 + tp_rank upstream;
     # without the manual_seed patch torch.cuda.manual_seed is silently queued and never runs.
     expected = torch.rand(4, generator=torch.Generator().manual_seed(123 + 2718 + 1))
-    assert torch.equal(inside, expected)
+    assert torch.equal(inside, expected), "the fork did not draw from the tensor-parallel stream (seed 123 + 2718 + 1)"
     return outside_before, inside
 
 
@@ -221,34 +221,94 @@ def _recompute_replay(without_output: bool):
         shutdown()
 
 
+def _generation_timing_events():
+    """inference/text_generation_controllers/text_generation_controller.py:1163,1337,1346: the static
+    generation loop records a timing event per token and reads the time between them."""
+    import time
+
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+    events[0].record()
+    time.sleep(0.01)
+    events[1].record()
+    events[1].synchronize()
+    assert 5.0 < events[0].elapsed_time(events[1]) < 1000.0
+
+
+def _pipeline_logits_broadcast():
+    """inference/communication_utils.py:31: generation under pipeline parallelism broadcasts the
+    last stage's logits, asserting `tensor.is_cuda` first (a bare assert: named here by its function)."""
+    import traceback
+
+    import torch.distributed as dist
+    from megatron.core.inference.communication_utils import broadcast_from_last_pipeline_stage
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        logits = torch.arange(6.0).view(1, 2, 3)
+        out = broadcast_from_last_pipeline_stage([1, 2, 3], torch.float32, logits, pp_group=dist.group.WORLD)
+        assert torch.equal(out, logits)
+    except AssertionError as exc:
+        raise AssertionError(f"{traceback.extract_tb(exc.__traceback__)[-1].name} asserted") from exc
+    finally:
+        dist.destroy_process_group()
+
+
+def _fsdp_wrap():
+    """distributed/torch_fully_sharded_data_parallel.py:81: the FSDP2 wrapper's mesh is a CUDA mesh,
+    and fully_shard asks the CUDA device for its index ("device(): argument 'index' ... must be int")."""
+    import torch.distributed as dist
+    from megatron.core.distributed import TorchFullyShardedDataParallel, TorchFullyShardedDataParallelConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        config = TransformerConfig(num_layers=1, hidden_size=4, num_attention_heads=1)
+        module = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        wrapped = TorchFullyShardedDataParallel(
+            config, TorchFullyShardedDataParallelConfig(), module, process_group=dist.group.WORLD
+        )
+        assert wrapped.module[0].weight.device_mesh.device_type == "cpu"
+    finally:
+        dist.destroy_process_group()
+
+
+NO_CUDA = (AssertionError, "Torch not compiled with CUDA enabled")
+WRONG_STREAM = (AssertionError, "the fork did not draw from the tensor-parallel stream")
+
+# Each site, and the error it raises without its patch: the upstream failure itself, not just any
+# exception (a broken test helper must not pass for a needed patch).
 SITES = {
-    "rng.get_state": _seed_and_fork,
-    "rng.manual_seed": _seed_and_fork,
-    "rng.set_state": _seed_and_fork,
-    "rng.get_cuda_state": _seed_and_fork,
-    "device.current_device": _sequence_parallel_linear_backward,
-    "device.mode": _fp32_optimizer,
-    "device.synchronize": _dist_checkpoint_save,
-    "stream.Stream": _moe_alltoall_forward_backward,
-    "stream.current_stream": _moe_alltoall_forward_backward,
-    "moe.split_sizes": _alltoall_split_sizes,
-    "dist.uneven_all_gather": _uneven_all_gather,
-    "recompute.device_mode": lambda: _recompute_replay(without_output=False),
-    "recompute_without_output.device_mode": lambda: _recompute_replay(without_output=True),
+    "rng.get_state": (_seed_and_fork, *NO_CUDA),
+    # without these two the CUDA seeding is silently skipped: dropout would draw from the wrong stream
+    "rng.manual_seed": (_seed_and_fork, *WRONG_STREAM),
+    "rng.set_state": (_seed_and_fork, *WRONG_STREAM),
+    "rng.get_cuda_state": (_seed_and_fork, *NO_CUDA),
+    "device.current_device": (_sequence_parallel_linear_backward, *NO_CUDA),
+    "device.mode": (_fp32_optimizer, *NO_CUDA),
+    "device.synchronize": (_dist_checkpoint_save, *NO_CUDA),
+    "stream.Stream": (_moe_alltoall_forward_backward, RuntimeError, "torch.cuda.Stream requires CUDA support"),
+    "stream.current_stream": (_moe_alltoall_forward_backward, *NO_CUDA),
+    "stream.Event": (_generation_timing_events, RuntimeError, "Tried to instantiate dummy base class Event"),
+    "inference.is_cuda": (_pipeline_logits_broadcast, AssertionError, "^_is_cuda asserted$"),
+    "moe.split_sizes": (_alltoall_split_sizes, TypeError, "all_to_all_single\\(\\): incompatible function arguments"),
+    "dist.uneven_all_gather": (_uneven_all_gather, RuntimeError, "ProcessGroupGloo::allgather: invalid tensor size"),
+    "fsdp.device_mesh": (_fsdp_wrap, TypeError, r"device\(\): argument 'index' \(position 2\) must be int"),
+    "recompute.device_mode": (lambda: _recompute_replay(without_output=False), *NO_CUDA),
+    "recompute_without_output.device_mode": (lambda: _recompute_replay(without_output=True), *NO_CUDA),
 }
 
 
 @pytest.mark.parametrize("name", sorted(SITES))
 def test_site_fails_without_its_patch(name):
-    with cpu_compat.applied(skip=(name,)):
-        with pytest.raises((RuntimeError, AssertionError, AttributeError, TypeError)):
-            SITES[name]()
+    site, error, message = SITES[name]
+    with cpu_compat.applied(skip=(name,)), pytest.raises(error, match=message):
+        site()
 
 
 @pytest.mark.parametrize("name", sorted(SITES))
 def test_site_works_with_the_layer(name):
     with cpu_compat.applied():
-        SITES[name]()
+        SITES[name][0]()
 
 
 def test_every_patch_has_a_site_test():
