@@ -37,6 +37,7 @@ class Shape:
     dtype_bytes: int  # 4 fp32, 2 bf16/fp16
     expert: int = 1
     expert_tensor: int = 1
+    ulysses: int = 1  # ranks of one all-to-all group (parallel.context_comm a2a, a2a+p2p); 1 = none
 
     @property
     def tokens(self) -> int:
@@ -63,18 +64,28 @@ def attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str,
     """Core attention and its inputs: rotated q and k, v (a view of the fused QKV output, which it
     keeps alive; our ring too saves the view it was given), the output and the fp32 log-sum-exp;
     RoPE's cos/sin per layer. No [s, s] scores: SDPA (flash / memory-efficient) and our ring never
-    materialize them."""
+    materialize them. Ulysses (all-to-all over n ranks) keeps instead the head-sharded q, k, v it
+    received for the whole sequence (K/V heads copied up to n) and its own output beside the
+    output sent back. `_checkpointed`: core_attn + attn_out when the attention is recomputed (the
+    checkpoint keeps the module's inputs and output)."""
     b, t, n = shape.dtype_bytes, shape.tensor, shape.tokens
     heads = m.num_attention_heads
     head_dim = m.hidden_size // heads
-    kv = (m.num_query_groups or heads) * head_dim
+    groups = m.num_query_groups or heads
+    kv = groups * head_dim
     q, out = n * m.hidden_size // t * b, n * m.hidden_size // t * b
     k = n * kv // t * b
     v = n * (m.hidden_size + 2 * kv) // t * b
     lse = n * heads // t * FP32
     copy = out if kernels.device == "cuda" and shape.micro_batch > 1 else 0
     rope = 4 * shape.seq * head_dim * b  # cos and sin, for q and for k, in the activations' dtype
-    return {"core_attn": q + k + v + lse, "attn_out": out + copy, "rope": rope, "lse": lse}
+    parts = {"core_attn": q + k + v + lse, "attn_out": out + copy, "rope": rope, "lse": lse}
+    parts["_checkpointed"] = q + k + v + out + copy
+    if shape.ulysses > 1:  # [s/cp, b, h/t] -> [s/cp·n, b, h/(t·n)]: the same elements, K/V copied up to n heads
+        exchanged = n * max(groups // t, shape.ulysses) * head_dim * b
+        parts["core_attn"] = q + 2 * exchanged + lse
+        parts["attn_out"] = 2 * out + copy
+    return parts
 
 
 def mlp_bytes(ffn: int, tokens: int, split: int, b: int, scaled: bool = False) -> int:
@@ -93,6 +104,8 @@ def dense_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int
         "input_norm": norm_and_linear_input(m.hidden_size, n_sp, shape, kernels),
         "core_attn": attention["core_attn"],
         "attn_out": attention["attn_out"],
+        "lse": attention["lse"],  # inside core_attn; what its recompute drops
+        "_checkpointed": attention["_checkpointed"],
         "rope": attention["rope"],
         "pre_mlp_norm": norm_and_linear_input(m.hidden_size, n_sp, shape, kernels),
         "mlp": mlp_bytes(m.ffn_hidden_size, shape.tokens, shape.tensor, shape.dtype_bytes),
@@ -124,19 +137,19 @@ def recompute_saved(parts: dict[str, int], modules: list[str], shape: Shape, m: 
     """What a layer keeps under selective recompute of `modules` (megatron-core 0.16's checkpoints)."""
     kept = dict(parts)
     b, n_sp = shape.dtype_bytes, shape.sharded_tokens
-    if "core_attn" in modules:  # the checkpoint keeps the kernel's inputs (kept anyway), not its log-sum-exp
-        kept["core_attn"] -= parts.get("lse", 0)
+    if "core_attn" in modules:  # the checkpoint keeps the module's inputs and output, not its log-sum-exp
+        kept["core_attn"] = parts["_checkpointed"] - parts["attn_out"]
     if "layernorm" in modules:  # each norm keeps only its input; its output is dropped and recomputed
         kept["input_norm"] = kept["pre_mlp_norm"] = n_sp * m.hidden_size * b
     for module in ("mlp", "moe", "shared_experts"):
         if module in modules and module in kept:
             kept[module] = 0
-    kept.pop("lse", None)
-    return sum(kept.values())
+    return layer_saved(kept)
 
 
 def layer_saved(parts: dict[str, int]) -> int:
-    return sum(v for k, v in parts.items() if k != "lse")
+    """The bytes a layer keeps: every module's, without the parts listed twice (lse, `_` keys)."""
+    return sum(v for k, v in parts.items() if k != "lse" and not k.startswith("_"))
 
 
 def recompute_transient(parts: dict[str, int], modules: list[str]) -> int:
@@ -156,8 +169,10 @@ def backward_transient(m: ModelConfig, shape: Shape, is_moe: bool, gloo: bool = 
     probabilities' fp32 when training in bf16, through a list of pieces and a concatenation on
     gloo, then cast back), or one expert's fc1 backward, whichever is larger."""
     b, h = shape.dtype_bytes, m.hidden_size
+    # Ulysses' attention backward: the send and receive buffers of one all-to-all of [s/cp, b, h/t]
+    ulysses = 2 * shape.tokens * h // shape.tensor * b if shape.ulysses > 1 else 0
     if not is_moe:
-        return 2 * m.ffn_hidden_size // shape.tensor * b * (shape.tokens + h)
+        return max(2 * m.ffn_hidden_size // shape.tensor * b * (shape.tokens + h), ulysses)
     moe = m.moe
     ffn = moe.ffn_hidden_size or m.ffn_hidden_size
     routed = routed_tokens(m, shape)
@@ -167,7 +182,7 @@ def backward_transient(m: ModelConfig, shape: Shape, is_moe: bool, gloo: bool = 
     if shape.expert_tensor > 1:
         probs = FP32 if b != FP32 else b
         exchange += routed * h * (probs * (2 if gloo else 1) + b)
-    return max(expert, exchange)
+    return max(expert, exchange, ulysses)
 
 
 def routed_tokens(m: ModelConfig, shape: Shape) -> int:

@@ -46,9 +46,12 @@ class Shards:
 def state_shards(layout: Layout, distributed_optimizer: bool) -> dict[str, Shards]:
     """How dense and expert parameters' weights, gradients and optimizer state split over the
     data-parallel ranks. The distributed optimizer shards its state over the data × context ranks
-    (expert parameters: the expert-data-parallel ranks); gradient buffers and weights stay whole."""
+    (expert parameters: the expert-data-parallel ranks); gradient buffers and weights stay whole.
+    FSDP (zero2, zero3) shards all three over the same ranks."""
     dense = layout.data * layout.context
     expert = layout.world_size // (layout.pipeline * layout.expert * (layout.expert_tensor or layout.tensor))
+    if layout.fsdp is not None:
+        return {"dense": Shards(dense, dense, dense), "expert": Shards(expert, expert, expert)}
     opt = (lambda dp: dp) if distributed_optimizer else (lambda dp: 1)
     return {"dense": Shards(1, 1, opt(dense)), "expert": Shards(1, 1, opt(expert))}
 
@@ -63,6 +66,7 @@ class StageMemory:
     grads: int
     optimizer: int
     comm_buffers: int  # persistent: the sequence-parallel all-gather buffer
+    gathered: int  # FSDP: weights gathered in the compute dtype while the forward/backward runs
     activations: int  # kept for the backward by the micro-batches in flight at the worst moment
     logits: int  # the last stage's logits/loss buffers of the micro-batches in flight (in activations too)
     transient: int  # the largest short-lived allocation on top (a backward's gradients, a recompute)
@@ -75,7 +79,7 @@ class StageMemory:
 
     @property
     def peak(self) -> int:
-        return self.static + max(self.activations + self.transient, self.optimizer_transient)
+        return self.static + max(self.gathered + self.activations + self.transient, self.optimizer_transient)
 
     def terms(self) -> dict[str, int]:
         return {
@@ -83,6 +87,7 @@ class StageMemory:
             "grads": self.grads,
             "optimizer": self.optimizer,
             "comm_buffers": self.comm_buffers,
+            "gathered": self.gathered,
             "activations": self.activations,
             "logits": self.logits,
             "transient": self.transient,
@@ -156,15 +161,17 @@ def static_state(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, int]:
     """(weights, gradients, optimizer state, optimizer-step temporaries) of one rank of a stage."""
     recipe, layout, target = setup.recipe, setup.layout, setup.target
     precision, distributed = recipe.train.precision, recipe.parallel.distributed_optimizer
-    b = _BYTES[precision]
+    fsdp = layout.fsdp is not None
+    # FSDP's parameters are the fp32 master weights, in bf16 too (gathered as bf16 only to compute)
+    b = FP32 if fsdp else _BYTES[precision]
     shards = state_shards(layout, distributed)
     weights = grads = optimizer = temporaries = 0
     for kind, params in zip(("dense", "expert"), stage_parameters(setup, pipeline_rank)):
         s = shards[kind]
         numel = _buffer_numel(params, s.optimizer, distributed)
         weights += numel * b // s.weights
-        grads += numel * FP32 // s.grads  # megatron-core DDP reduces gradients in fp32 buffers
-        # Adam's two moments, plus fp32 master weights when training in bf16/fp16
+        grads += numel * FP32 // s.grads  # megatron-core DDP and FSDP reduce gradients in fp32
+        # Adam's two moments, plus fp32 master weights when the weights are not fp32
         per_param = 2 * FP32 + (FP32 if b != FP32 else 0)
         optimizer += numel * per_param // s.optimizer
         if not target.fused_adam:
@@ -174,8 +181,40 @@ def static_state(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, int]:
         if target.gloo and distributed and params:
             temporaries = max(temporaries, numel * FP32)  # gloo reduce-scatters through a full copy
     if not target.fused_adam and target.kernels.device == "cpu":
-        temporaries = max(temporaries, 2 * FP32 * _largest_parameter(setup))
+        shard = shards["dense"].weights
+        temporaries = max(temporaries, 2 * FP32 * _largest_parameter(setup) // shard)
     return weights, grads, optimizer, temporaries
+
+
+def gathered_weights(setup: Setup, pipeline_rank: int) -> int:
+    """FSDP: bytes of gathered (unsharded) weights in the compute dtype while the forward and
+    backward run. The root unit (final norm, output layer, a tied embedding) stays gathered from its
+    forward to its backward; zero2 keeps every unit (each layer, an untied embedding) gathered too;
+    zero3 frees a layer after its forward and backward, so at most the running one and the next one
+    (prefetched) are gathered at once. Measured on the CPU: docs/memory.md."""
+    layout, m = setup.layout, setup.model
+    if layout.fsdp is None:
+        return 0
+    b, tp = _BYTES[setup.recipe.train.precision], layout.tensor
+    pattern = moe_layer_pattern(m)
+    local = m.moe.num_experts // layout.expert if m.moe.num_experts else None
+    etp = layout.expert_tensor or tp
+    layers = [
+        layer_parameters(m, pattern[i], tensor=tp, expert_tensor=etp, experts=local)
+        for a, z in setup.stage_ranges[pipeline_rank]
+        for i in range(a, z)
+    ]
+    tied = not m.untie_embeddings
+    root = embedding = 0
+    if pipeline_rank == 0:
+        embedding = setup.vocab * m.hidden_size // tp
+    if pipeline_rank == layout.pipeline - 1:
+        root += m.hidden_size + (setup.vocab * m.hidden_size // tp if m.untie_embeddings or layout.pipeline > 1 else 0)
+    if tied:  # the embedding is in the root unit (parallel/data_parallel.py:wrap_fully_sharded)
+        root, embedding = root + embedding, 0
+    if layout.fsdp == "zero2":
+        return (root + embedding + sum(layers)) * b
+    return (root + sum(sorted(layers)[-2:])) * b
 
 
 def _largest_parameter(setup: Setup) -> int:
@@ -196,6 +235,7 @@ def micro_batch_shape(recipe: Recipe, layout: Layout) -> Shape:
         dtype_bytes=_BYTES[recipe.train.precision],
         expert=layout.expert,
         expert_tensor=layout.expert_tensor or layout.tensor,
+        ulysses={"a2a": layout.context, "a2a+p2p": layout.context_a2a or 1}.get(layout.context_comm, 1),
     )
 
 
@@ -351,6 +391,7 @@ def estimate_setup(setup: Setup) -> MemoryEstimate:
     for p in range(layout.pipeline):
         weights, grads, optimizer, opt_temp = static_state(setup, p)
         kept, logits, transient, count = stage_activations(setup, p)
+        gathered = gathered_weights(setup, p)
         stages.append(
             StageMemory(
                 pipeline_rank=p,
@@ -359,6 +400,7 @@ def estimate_setup(setup: Setup) -> MemoryEstimate:
                 grads=grads,
                 optimizer=optimizer,
                 comm_buffers=comm,
+                gathered=gathered,
                 activations=kept,
                 logits=logits,
                 transient=transient,

@@ -128,26 +128,33 @@ def _size(n: int, unit: tuple[str, int]) -> str:
     return f"{n / unit[1]:.2f} {unit[0]}"
 
 
-COLUMNS = ("weights", "grads", "optimizer", "comm_buffers", "activations", "logits", "transient")
-_WIDTHS = (8, 9, 11, 9, 13, 9, 11, 9)
+COLUMNS = ("weights", "grads", "optimizer", "comm_buffers", "gathered", "activations", "logits", "transient")
+_HEADS = {"weights": "weights", "grads": "grads", "optimizer": "optimizer", "comm_buffers": "buffers"}
+_HEADS |= {"gathered": "gathered", "activations": "activations", "logits": "logits", "transient": "transient"}
+_WIDTHS = {"weights": 8, "grads": 9, "optimizer": 11, "comm_buffers": 9, "gathered": 10, "activations": 13}
+_WIDTHS |= {"logits": 9, "transient": 11, "peak": 9}
 
 
 def table_lines(estimate: MemoryEstimate, setup: Setup) -> list[str]:
-    """The per-stage table (every rank of a stage holds the same), then the worst rank's peak."""
+    """The per-stage table (every rank of a stage holds the same), then the worst rank's peak; the
+    FSDP column (weights gathered to compute) only under parallel.fsdp."""
     worst = estimate.worst
     unit = _unit(worst.peak)
+    columns = [c for c in COLUMNS if c != "gathered" or setup.layout.fsdp] + ["peak"]
+    gathered = "FSDP-gathered weights, " if setup.layout.fsdp else ""
     lines = [
         f"memory per rank ({unit[0]}, {setup.target.kernels.device} kernels; docs/memory.md): "
-        "weights, gradient buffers, optimizer state, communication buffers, activations held (of which "
-        "logits/loss), largest transient, peak",
-        "  stage  ranks        weights    grads  optimizer  buffers  activations   logits  transient     peak",
+        f"weights, gradient buffers, optimizer state, communication buffers, {gathered}activations held (of "
+        "which logits/loss), largest transient, peak",
+        "  stage  ranks       " + "".join(f"{_HEADS.get(c, c):>{_WIDTHS[c]}}" for c in columns),
     ]
     for s in estimate.stages:
-        values = [getattr(s, c) for c in COLUMNS] + [s.peak]
+        values = [getattr(s, c) for c in columns]
         first, last = s.ranks.start, s.ranks.stop - 1
         ranks = f"{first}" if first == last else f"{first}-{last}"
         lines.append(
-            f"  {s.pipeline_rank:<5}  {ranks:<11}" + "".join(f"{v / unit[1]:>{w}.2f}" for v, w in zip(values, _WIDTHS))
+            f"  {s.pipeline_rank:<5}  {ranks:<11}"
+            + "".join(f"{v / unit[1]:>{_WIDTHS[c]}.2f}" for v, c in zip(values, columns))
         )
     n = worst.in_flight
     in_flight = f"{n} micro-batch{'es' if n != 1 else ''} in flight"
@@ -156,6 +163,20 @@ def table_lines(estimate: MemoryEstimate, setup: Setup) -> list[str]:
     lines.append(
         f"worst: pipeline stage {worst.pipeline_rank} ({_ranks(worst)}), peak {_size(worst.peak, unit)} ({in_flight})"
     )
+    return lines + not_modelled(setup)
+
+
+def not_modelled(setup: Setup) -> list[str]:
+    """What the recipe asks for that the estimate does not model, one line each (docs/memory.md)."""
+    fp8 = setup.recipe.fp8
+    if not fp8.enabled:
+        return []
+    lines = [
+        "not modelled: fp8 linears keep an FP8 copy of their input (the gathered one under sequence "
+        "parallelism) instead of its bf16 bytes; counted as bf16 (to measure)"
+    ]
+    if fp8.params:
+        lines.append("not modelled: fp8.params keeps FP8 primary weights; counted as bf16 weights")
     return lines
 
 
@@ -194,6 +215,7 @@ def memory_json(estimate: MemoryEstimate, setup: Setup, gpu_gib: float | None) -
         worst_ranks=[worst.ranks.start, worst.ranks.stop - 1],
         in_flight=worst.in_flight,
         device=setup.target.kernels.device,
+        not_modelled=not_modelled(setup),
         stages=[
             {
                 "pipeline_rank": s.pipeline_rank,

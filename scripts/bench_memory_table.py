@@ -1,7 +1,8 @@
 """The memory model's validation table: scripts/bench_memory.py over a fixed set of configurations
-(dense and MoE; TP, SP, PP, VPP, CP, EP, DP; distributed optimizer; each recompute mode; fp32 and
-bf16; micro-batch 1 and 4; sequence 512 to 4096), one markdown row per configuration (its worst
-rank by measured peak), then the largest and the mean absolute error.
+(dense and MoE; TP, SP, PP, VPP, CP (ring and Ulysses), EP, DP; distributed optimizer, FSDP zero2
+and zero3; each recompute mode; fp32 and bf16; micro-batch 1 and 4; sequence 512 to 4096), one
+markdown row per configuration (its worst rank by measured peak), then the largest and the mean
+absolute error.
 
     python scripts/bench_memory_table.py                 # every configuration
     python scripts/bench_memory_table.py --only dense    # names containing "dense"
@@ -86,6 +87,13 @@ CONFIGS: dict[str, tuple[int, str, list[str]]] = {
         "tiny_gpt",
         ["parallel.context=2", "parallel.distributed_optimizer=true", "train.precision=bf16", "model.seq_length=2048"],
     ),
+    "dense fp32 cp2 a2a s2048": (
+        2,
+        "tiny_gpt",
+        ["parallel.context=2", "parallel.context_comm=a2a", "model.seq_length=2048"],
+    ),
+    "dense fp32 dp2 fsdp zero3": (2, "tiny_gpt", ["parallel.fsdp=zero3"]),
+    "dense bf16 dp2 fsdp zero2": (2, "tiny_gpt", ["parallel.fsdp=zero2", "train.precision=bf16"]),
     "moe fp32 ep1": (1, "tiny_moe", MOE),
     "moe fp32 selective moe": (1, "tiny_moe", [*MOE, *selective("moe")]),
     "moe bf16 ep2 capacity mbs4 s512": (

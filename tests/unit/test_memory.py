@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.gpt import ModelBuild, build_model_chunks, parameter_counts
-from pretrain.memory import Target, estimate, in_flight, setup_for, state_shards
+from pretrain.memory import Shards, Target, estimate, in_flight, setup_for, state_shards
 from pretrain.recipe import load_recipe
 
 BYTE_VOCAB = 257
@@ -49,6 +49,46 @@ def test_sharding_factors():
     assert shards["expert"].optimizer == 4  # 32 / (pipeline 2 × expert 4 × expert tensor 1)
     assert shards["dense"].grads == shards["dense"].weights == 1
     assert state_shards(layout, distributed_optimizer=False)["dense"].optimizer == 1
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("fsdp", ["zero2", "zero3"])
+def test_fsdp_shards_weights_grads_and_optimizer_over_data_ranks(fsdp, precision):
+    # 16 bytes per parameter at rest, fp32 master weights in bf16 too, every part divided by dp
+    # (measured exactly 1/dp: docs/benchmarks.md, "Fully sharded data parallelism: memory per rank")
+    recipe = _recipe(f"parallel.fsdp={fsdp}", f"train.precision={precision}")
+    params = parameter_counts(recipe.model, PADDED).total
+    for dp in (1, 2, 4):
+        (stage,) = estimate(recipe, dp, CPU).stages
+        assert (stage.weights, stage.grads, stage.optimizer) == (4 * params // dp, 4 * params // dp, 8 * params // dp)
+
+
+def test_fsdp_sharding_factors_cover_context_and_expert_data_ranks():
+    from parallel.layout import Layout
+
+    layout = Layout(world_size=32, tensor=2, pipeline=2, context=2, expert=4, expert_tensor=1, fsdp="zero3")
+    shards = state_shards(layout, distributed_optimizer=False)
+    assert shards["dense"] == Shards(8, 8, 8)  # data 4 × context 2
+    assert shards["expert"] == Shards(4, 4, 4)  # 32 / (pipeline 2 × expert 4 × expert tensor 1)
+
+
+def test_fsdp_gathered_weights_zero3_two_layers_zero2_every_layer():
+    from model.gpt import layer_parameters
+
+    m = _recipe().model
+    assert m.untie_embeddings  # the embedding is a unit of its own; the root: output layer + final norm
+    layer = layer_parameters(m, False, tensor=1, expert_tensor=1, experts=None)
+    embedding, root = PADDED * m.hidden_size, PADDED * m.hidden_size + m.hidden_size
+    for precision, b in (("fp32", 4), ("bf16", 2)):
+        zero3 = estimate(_recipe("parallel.fsdp=zero3", f"train.precision={precision}"), 2, CPU).stages[0]
+        zero2 = estimate(_recipe("parallel.fsdp=zero2", f"train.precision={precision}"), 2, CPU).stages[0]
+        assert zero3.gathered == (root + 2 * layer) * b
+        assert zero2.gathered == (root + embedding + m.num_layers * layer) * b
+        assert zero2.peak - zero3.peak == zero2.gathered - zero3.gathered
+    tied = estimate(_recipe("parallel.fsdp=zero3", "model.untie_embeddings=false"), 2, CPU).stages[0]
+    # tied: one weight for the embedding and the output layer, in the root unit with the final norm
+    assert tied.gathered == (embedding + m.hidden_size + 2 * layer) * 4
+    assert estimate(_recipe(), 2, CPU).stages[0].gathered == 0
 
 
 # ------------------------------------------------------------------------------------ the schedules
@@ -115,10 +155,11 @@ def _saved_bytes(recipe, micro_batch: int) -> int:
         [],
         ["train.precision=bf16"],
         ["model.recompute_granularity=selective", "model.recompute_modules=[layernorm,mlp]"],
+        ["model.recompute_granularity=selective", "model.recompute_modules=[core_attn]"],
         ["model.recompute_granularity=full", "model.recompute_method=uniform", "model.recompute_num_layers=2"],
         ["model.recompute_granularity=full", "model.recompute_method=block", "model.recompute_num_layers=1"],
     ],
-    ids=["fp32", "bf16", "selective-layernorm-mlp", "full-uniform-2", "full-block-1"],
+    ids=["fp32", "bf16", "selective-layernorm-mlp", "selective-core_attn", "full-uniform-2", "full-block-1"],
 )
 def test_kept_bytes_equal_what_a_forward_keeps(overrides):
     from pretrain.memory import chunk_bytes
