@@ -201,3 +201,44 @@ def test_dry_run_target_is_the_recipe_device():
     assert dry_run_setup(_recipe("train.device=cpu"), 1, BYTE_VOCAB).target.kernels.device == "cpu"
     assert dry_run_setup(_recipe(), 1, BYTE_VOCAB).target.kernels.device == "cuda"
     assert dataclasses.replace(CPU).gloo
+
+
+# ------------------------------------------------------------------ pinned against measured peaks
+
+# Measured peaks of scripts/bench_memory_table.py (2026-11-30, torch 2.13.0 CPU, gloo; the worst
+# rank's pipeline stage; docs/benchmarks.md, "Memory model: predicted vs measured peak per rank"):
+# name -> (pipeline stage, predicted MiB then, measured MiB). The prediction is pinned to 0.01 MiB so
+# the model cannot drift unnoticed; a deliberate change reruns the table and updates both columns.
+PINNED = {
+    "dense bf16 s4096": (0, 307.68, 313.87),
+    "dense bf16 full-uniform-1": (0, 278.67, 280.18),
+    "dense bf16 tp2 sp": (0, 223.83, 229.11),
+    "dense bf16 pp2 vpp2": (1, 197.54, 203.02),
+    "dense fp32 cp2 a2a s2048": (0, 384.73, 381.60),
+    "dense fp32 dp2 fsdp zero3": (0, 319.96, 320.27),
+    "dense bf16 dp2 fsdp zero2": (0, 231.71, 238.15),
+    "moe bf16 tp2 sp ep2 capacity": (0, 209.17, 215.01),
+}
+
+
+def _table_configs() -> tuple[list[str], dict]:
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_memory_table.py"
+    spec = importlib.util.spec_from_file_location("bench_memory_table", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.BASE, module.CONFIGS
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_prediction_is_pinned_and_within_the_measured_peak(name):
+    base, configs = _table_configs()
+    nproc, recipe_name, overrides = configs[name]
+    stage, pinned, measured = PINNED[name]
+    recipe = load_recipe(recipe_name, ["logging.wandb.mode=disabled", *base, *overrides])
+    predicted = estimate(recipe, nproc, CPU).stages[stage].peak / 2**20
+    assert predicted == pytest.approx(pinned, abs=0.01)
+    assert abs(predicted / measured - 1) <= 0.03  # the table's largest error is 2.7 %
