@@ -3,6 +3,7 @@ GEMMs) and their checks against the parallel layout and the training precision."
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -285,12 +286,12 @@ def _check_uneven_pipeline(p: ParallelConfig, layers: int) -> None:
 def moe_layer_pattern(model: ModelConfig) -> list[bool]:
     """Which layers are MoE: none for a dense model; else after `first_dense_layers`, every `layer_freq`-th."""
     moe = model.moe
-    if moe.num_experts is None:
-        return [False] * model.num_layers
-    return [
-        i >= moe.first_dense_layers and (i - moe.first_dense_layers) % moe.layer_freq == 0
-        for i in range(model.num_layers)
-    ]
+    return list(_pattern(model.num_layers, moe.num_experts is not None, moe.first_dense_layers, moe.layer_freq))
+
+
+@functools.lru_cache(maxsize=64)  # the planner asks for it hundreds of thousands of times
+def _pattern(layers: int, moe: bool, first_dense: int, freq: int) -> tuple[bool, ...]:
+    return tuple(moe and i >= first_dense and (i - first_dense) % freq == 0 for i in range(layers))
 
 
 def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:

@@ -144,6 +144,8 @@ def recompute_saved(parts: dict[str, int], modules: list[str], shape: Shape, m: 
     for module in ("mlp", "moe", "shared_experts"):
         if module in modules and module in kept:
             kept[module] = 0
+    if "moe" in modules and "shared_experts" in kept:  # megatron-core's moe checkpoint runs them inside
+        kept["shared_experts"] = 0
     return layer_saved(kept)
 
 
@@ -154,8 +156,9 @@ def layer_saved(parts: dict[str, int]) -> int:
 
 def recompute_transient(parts: dict[str, int], modules: list[str]) -> int:
     """What a layer's backward recomputes (its saved bytes exist again meanwhile)."""
-    rerun = {"core_attn": ("lse",), "layernorm": ("input_norm",), "mlp": ("mlp",), "moe": ("moe",)}
-    rerun["shared_experts"] = ("shared_experts",)
+    rerun: dict[str, tuple[str, ...]] = {"core_attn": ("lse",), "layernorm": ("input_norm",), "mlp": ("mlp",)}
+    # moe: the whole layer's checkpoint (transformer/moe/moe_layer.py custom_forward), shared experts included
+    rerun |= {"moe": ("moe", "shared_experts"), "shared_experts": () if "moe" in modules else ("shared_experts",)}
     return sum(sum(parts.get(p, 0) for p in rerun.get(mod, ())) for mod in modules)
 
 

@@ -135,13 +135,15 @@ def stage_parameters(setup: Setup, pipeline_rank: int) -> tuple[int, int]:
     pattern = moe_layer_pattern(m)
     local = m.moe.num_experts // layout.expert if m.moe.num_experts else None
     tp, etp = layout.tensor, layout.expert_tensor or layout.tensor
-    dense = expert = 0
-    for a, b in setup.stage_ranges[pipeline_rank]:
-        for i in range(a, b):
-            without = layer_parameters(m, pattern[i], tensor=tp, expert_tensor=etp, experts=0)
-            dense += without
-            if pattern[i]:
-                expert += layer_parameters(m, True, tensor=tp, expert_tensor=etp, experts=local) - without
+    moe_layers = sum(sum(pattern[a:b]) for a, b in setup.stage_ranges[pipeline_rank])
+    dense_layers = sum(b - a for a, b in setup.stage_ranges[pipeline_rank]) - moe_layers
+    # every layer of a kind has the same parameters: count each kind once (the planner calls this a lot)
+    dense = dense_layers * layer_parameters(m, False, tensor=tp, expert_tensor=etp, experts=0) if dense_layers else 0
+    expert = 0
+    if moe_layers:
+        without = layer_parameters(m, True, tensor=tp, expert_tensor=etp, experts=0)
+        dense += moe_layers * without
+        expert = moe_layers * (layer_parameters(m, True, tensor=tp, expert_tensor=etp, experts=local) - without)
     if pipeline_rank == 0:
         dense += vocab * m.hidden_size // tp
     if pipeline_rank == layout.pipeline - 1:

@@ -33,6 +33,7 @@ BASE = [
 ]
 MOE = ["model.moe.num_experts=8", "model.moe.top_k=2", "model.moe.ffn_hidden_size=512"]
 CAPACITY = ["model.moe.capacity_factor=1.0", "model.moe.pad_to_capacity=true"]  # every expert gets its capacity
+SHARED = ["model.moe.shared_expert_ffn_hidden_size=1024"]
 FULL = ["model.recompute_granularity=full", "model.recompute_method=uniform", "model.recompute_num_layers=1"]
 
 
@@ -96,6 +97,12 @@ CONFIGS: dict[str, tuple[int, str, list[str]]] = {
     "dense bf16 dp2 fsdp zero2": (2, "tiny_gpt", ["parallel.fsdp=zero2", "train.precision=bf16"]),
     "moe fp32 ep1": (1, "tiny_moe", MOE),
     "moe fp32 selective moe": (1, "tiny_moe", [*MOE, *selective("moe")]),
+    # megatron-core's moe checkpoint runs the shared experts inside it: they keep nothing either
+    "moe bf16 shared selective moe s2048": (
+        1,
+        "tiny_moe",
+        [*MOE, *SHARED, *selective("moe"), "train.precision=bf16", "model.seq_length=2048"],
+    ),
     "moe bf16 ep2 capacity mbs4 s512": (
         2,
         "tiny_moe",
