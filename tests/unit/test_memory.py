@@ -259,3 +259,25 @@ def test_prediction_is_pinned_and_within_the_measured_peak(name):
     predicted = estimate(recipe, nproc, CPU).stages[stage].peak / 2**20
     assert predicted == pytest.approx(pinned, abs=0.01)
     assert abs(predicted / measured - 1) <= 0.03  # the table's largest error is 2.7 %
+
+
+def test_dry_run_table_shows_gathered_weights_only_under_fsdp():
+    from pretrain.memory_report import table_lines
+
+    def header(*overrides):
+        setup = setup_for(_recipe("train.device=cpu", *overrides), 2, CPU)
+        return table_lines(estimate(_recipe(*overrides), 2, CPU), setup)[1].split()
+
+    assert header("parallel.fsdp=zero3")[5:7] == ["buffers", "gathered"]
+    assert "gathered" not in header()
+
+
+def test_fp8_is_named_as_not_modelled():
+    from pretrain.memory_report import not_modelled
+
+    recipe = _recipe("train.precision=bf16", "fp8.enabled=true")
+    assert not_modelled(setup_for(recipe, 1, CPU)) == [
+        "not modelled: fp8 linears keep an FP8 copy of their input (the gathered one under sequence "
+        "parallelism) instead of its bf16 bytes; counted as bf16 (to measure)"
+    ]
+    assert not_modelled(setup_for(_recipe(), 1, CPU)) == []
