@@ -379,6 +379,11 @@ def check_values(obj: Any, prefix: str = "") -> None:
         choices = get_args(tp) if get_origin(tp) is Literal else ()
         if choices and value not in choices:
             raise RecipeError(f"{key} must be one of {' | '.join(choices)}, got '{value}'")
+        item = get_args(tp)[0] if get_origin(tp) is list else None
+        item_choices = get_args(item) if get_origin(item) is Literal else ()
+        for i, v in enumerate(value if item_choices else ()):
+            if v not in item_choices:
+                raise RecipeError(f"{key}[{i}] must be one of {' | '.join(item_choices)}, got '{v}'")
 
 
 def choices_of(cls: type, name: str) -> tuple[str, ...]:

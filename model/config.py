@@ -3,12 +3,19 @@ GEMMs) and their checks against the parallel layout and the training precision."
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Literal
 
 from common.errors import RecipeError
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
-from parallel.config import ParallelConfig
+from parallel.config import ParallelConfig, pipeline_stage_layers
+
+# Selective recompute modules megatron-core 0.16 offers for our layers (its mla_up_proj needs multi-latent
+# attention, which these models do not have): core_attn = the attention kernel; layernorm = both norms
+# (output discarded, recomputed from the input); mlp = a dense layer's MLP; moe = a whole MoE layer;
+# moe_act = the experts' activation (grouped GEMM experts only); shared_experts = the shared experts.
+RecomputeModule = Literal["core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts"]
 
 
 @dataclass
@@ -56,6 +63,16 @@ class ModelConfig:
     attention_dropout: Probability = 0.0
     transformer_impl: Literal["local", "transformer_engine"] = "local"
     add_bias_linear: bool = False  # biases in attention and MLP/expert linears (GPT-2 style); Llama has none
+    # Activation recompute (megatron-core's names): keep fewer activations and rerun their forward in the
+    # backward pass. null = none; full = whole layers (recompute_method, recompute_num_layers); selective =
+    # the recompute_modules of every layer.
+    recompute_granularity: Literal["full", "selective"] | None = None
+    # selective: what to recompute; null = megatron-core's default [core_attn]
+    recompute_modules: list[RecomputeModule] | None = None
+    # full: uniform = checkpoint groups of recompute_num_layers layers (only each group's input is kept);
+    # block = recompute only the first recompute_num_layers layers of each model chunk
+    recompute_method: Literal["uniform", "block"] | None = None
+    recompute_num_layers: PositiveInt | None = None  # full only: layers per group (uniform) or per chunk (block)
     moe: MoeConfig = field(default_factory=MoeConfig)
 
 
@@ -155,6 +172,7 @@ def check_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     parallel.check()
     _check_shape(model, parallel)
     _check_moe(model, parallel)
+    _check_recompute(model, parallel)
     if parallel.fsdp is not None and model.transformer_impl != "local":
         # Each upstream fix under FSDP (upstream/fsdp.py) was verified on the local layers only.
         raise RecipeError(
@@ -268,12 +286,12 @@ def _check_uneven_pipeline(p: ParallelConfig, layers: int) -> None:
 def moe_layer_pattern(model: ModelConfig) -> list[bool]:
     """Which layers are MoE: none for a dense model; else after `first_dense_layers`, every `layer_freq`-th."""
     moe = model.moe
-    if moe.num_experts is None:
-        return [False] * model.num_layers
-    return [
-        i >= moe.first_dense_layers and (i - moe.first_dense_layers) % moe.layer_freq == 0
-        for i in range(model.num_layers)
-    ]
+    return list(_pattern(model.num_layers, moe.num_experts is not None, moe.first_dense_layers, moe.layer_freq))
+
+
+@functools.lru_cache(maxsize=64)  # the planner asks for it hundreds of thousands of times
+def _pattern(layers: int, moe: bool, first_dense: int, freq: int) -> tuple[bool, ...]:
+    return tuple(moe and i >= first_dense and (i - first_dense) % freq == 0 for i in range(layers))
 
 
 def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:
@@ -324,3 +342,80 @@ def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:
         )
     ffn = moe.ffn_hidden_size or model.ffn_hidden_size
     _require_divides("parallel.expert_tensor", expert_tensor, "model.moe.ffn_hidden_size", ffn)
+
+
+def _check_recompute(m: ModelConfig, p: ParallelConfig) -> None:
+    """What megatron-core 0.16 refuses (with an assertion or a ValueError at model build) or would
+    silently ignore, refused here in one line."""
+    granularity = m.recompute_granularity
+    if granularity != "full":
+        for key in ("recompute_method", "recompute_num_layers"):
+            if getattr(m, key) is not None:
+                raise RecipeError(
+                    f"model.{key} is only used with model.recompute_granularity = full, got {granularity or 'null'}"
+                )
+    if granularity != "selective" and m.recompute_modules is not None:
+        raise RecipeError(
+            f"model.recompute_modules is only used with model.recompute_granularity = selective, "
+            f"got {granularity or 'null'}"
+        )
+    if granularity == "full":
+        _check_full_recompute(m, p)
+    elif granularity == "selective":
+        _check_selective_recompute(m)
+
+
+def _check_full_recompute(m: ModelConfig, p: ParallelConfig) -> None:
+    if m.recompute_method is None or m.recompute_num_layers is None:
+        raise RecipeError(
+            "model.recompute_granularity = full needs model.recompute_method (uniform | block) and "
+            "model.recompute_num_layers"
+        )
+    n = m.recompute_num_layers
+    for chunk in sorted(set(chunk_layer_counts(m, p))):
+        if n > chunk:
+            raise RecipeError(
+                f"model.recompute_num_layers = {n} exceeds the {chunk} layers of a model chunk "
+                f"(a pipeline stage, or one virtual stage of it)"
+            )
+        if m.recompute_method == "uniform" and chunk % n:
+            raise RecipeError(
+                f"model.recompute_num_layers = {n} does not divide the {chunk} layers of a model chunk "
+                f"(recompute_method = uniform checkpoints groups of that many layers)"
+            )
+
+
+def chunk_layer_counts(m: ModelConfig, p: ParallelConfig) -> list[int]:
+    """Layers in each model chunk: every virtual stage of every pipeline rank, in pipeline-rank order."""
+    vpp = p.virtual_pipeline or 1
+    return [n // vpp for n in pipeline_stage_layers(p, m.num_layers) for _ in range(vpp)]
+
+
+def _check_selective_recompute(m: ModelConfig) -> None:
+    modules = m.recompute_modules if m.recompute_modules is not None else ["core_attn"]
+    if not modules:
+        raise RecipeError("model.recompute_modules is empty: name at least one module, or set recompute_granularity")
+    if len(set(modules)) != len(modules):
+        raise RecipeError(f"model.recompute_modules lists a module twice: {modules}")
+    pattern = moe_layer_pattern(m)
+    missing = {
+        "mlp": ("no dense layer (every layer is MoE: use moe)", all(pattern)),
+        "moe": ("no MoE layer", not any(pattern)),
+        "moe_act": (
+            "no grouped-GEMM experts (megatron-core recomputes the activation only there)",
+            not m.moe.grouped_gemm,
+        ),
+        "shared_experts": (
+            "no shared experts (model.moe.shared_expert_ffn_hidden_size)",
+            m.moe.shared_expert_ffn_hidden_size is None or not any(pattern),
+        ),
+        "layernorm": (
+            "no separate norm with model.transformer_impl = transformer_engine (its norms are fused "
+            "into the dense layers' linears)",
+            m.transformer_impl == "transformer_engine" and not any(pattern),
+        ),
+    }
+    for module in modules:
+        why, absent = missing.get(module, ("", False))
+        if absent:
+            raise RecipeError(f"model.recompute_modules: {module} has nothing to recompute: the model has {why}")

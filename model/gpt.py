@@ -135,9 +135,22 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         overlap_p2p_comm=build.overlap_p2p_comm,
         use_cpu_initialization=build.use_cpu_initialization,
         perform_initialization=build.perform_initialization,
+        **recompute_fields(model),
         **transformer_config_fields(model, layout.expert_tensor or layout.tensor, build.precision),
         **fp8_fields,
     )
+
+
+def recompute_fields(model: ModelConfig) -> dict[str, Any]:
+    """The TransformerConfig fields for activation recompute (model/config.py checked them)."""
+    if model.recompute_granularity is None:
+        return {}
+    fields: dict[str, Any] = {"recompute_granularity": model.recompute_granularity}
+    if model.recompute_granularity == "full":
+        fields.update(recompute_method=model.recompute_method, recompute_num_layers=model.recompute_num_layers)
+    else:
+        fields["recompute_modules"] = list(model.recompute_modules or ["core_attn"])
+    return fields
 
 
 def layer_spec(

@@ -55,8 +55,13 @@ class SDPAttention(DotProductAttention):
             scale=self.softmax_scale,
             enable_gqa=group > 1,
         )
-        if dropout > 0.0:
-            # Heads are split over TP ranks, so dropout draws from the tensor-parallel RNG.
+        if dropout > 0.0 and not self.config.sequence_parallel:
+            # Heads are split over TP ranks, so dropout draws from the tensor-parallel RNG. Under
+            # sequence parallelism the transformer block already runs inside that fork
+            # (transformer_block.py:706, as upstream's attention assumes: dot_product_attention.py:216);
+            # a second fork would rewind the stream to where the block's fork started, so the
+            # attention dropout would repeat the first draws and a recompute replay, which restores
+            # the outer state only, would draw different masks than the forward did.
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 context = attend()
         else:

@@ -148,3 +148,19 @@ class ParallelConfig:
                 f"parallel.context_a2a = {a2a} with parallel.context = {cp} leaves "
                 f"{'an all-to-all' if a2a == 1 else 'a ring'} of one rank: set parallel.context_comm = {same}"
             )
+
+
+def pipeline_stage_layers(parallel: ParallelConfig, num_layers: int) -> list[int]:
+    """Layers held by each pipeline rank (all its virtual chunks together)."""
+    first, last, pp = parallel.first_stage_layers, parallel.last_stage_layers, parallel.pipeline
+    if first is None and last is None:
+        return [num_layers // pp] * pp
+    middle_stages = pp - (first is not None) - (last is not None)
+    middle = num_layers - (first or 0) - (last or 0)
+    per_middle = middle // middle_stages if middle_stages else 0
+    counts = [per_middle] * pp
+    if first is not None:
+        counts[0] = first
+    if last is not None:
+        counts[-1] = last
+    return counts

@@ -24,6 +24,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--world-size", type=int, default=None, help="world size for --dry-run (default: WORLD_SIZE or 1)"
     )
     parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=None,
+        help="with --dry-run: say whether the worst rank fits in this much GPU memory, and if not, the "
+        "cheapest recompute setting that would",
+    )
+    parser.add_argument("--json", action="store_true", help="with --dry-run: print the report as one JSON object")
+    parser.add_argument(
         "--print-recipe",
         action="store_true",
         help="print the resolved recipe (every key, defaults included) as YAML, exit",
@@ -35,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> int:
     from pretrain.recipe import dump_recipe, load_recipe
 
+    _check_dry_run_flags(args)
     recipe = load_recipe(args.recipe, args.overrides)
     if args.print_recipe:
         print(dump_recipe(recipe), end="")
@@ -48,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         from pretrain.dry_run import dry_run
 
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        print(dry_run(recipe, world_size))
+        print(dry_run(recipe, world_size, args.gpu_memory_gib, args.json))
         return 0
     from parallel.layout import shutdown
     from pretrain.trainer import train
@@ -65,6 +74,16 @@ def run(args: argparse.Namespace) -> int:
                 f"nothing to train: the run is at step {record['step']}, train.steps = {recipe.train.steps}", flush=True
             )
     return 0
+
+
+def _check_dry_run_flags(args: argparse.Namespace) -> None:
+    for flag, value in (("--gpu-memory-gib", args.gpu_memory_gib), ("--json", args.json or None)):
+        if value is not None and not args.dry_run:
+            raise UserError(f"{flag} is a --dry-run option: add --dry-run")
+    if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
+        raise UserError(f"--gpu-memory-gib must be positive, got {args.gpu_memory_gib:g}")
+    if args.world_size is not None and args.world_size < 1:
+        raise UserError(f"--world-size must be positive, got {args.world_size}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,15 +1,18 @@
-"""`--dry-run`: validate a recipe for a world size; print the layout and parameter counts, no weights."""
+"""`--dry-run`: validate a recipe for a world size; print the layout, parameter counts and per-rank
+memory (pretrain/memory.py), as text or one JSON object; no weights are allocated."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from data.loader import BatchPlan
 from model.config import moe_layer_pattern
 from model.gpt import layer_parameters, padded_vocab_size, parameter_counts
-from parallel.layout import Layout, pipeline_stage_layers
+from parallel.config import pipeline_stage_layers
+from parallel.layout import Layout
 from pretrain.recipe import Recipe, validate_for_world
 
 
@@ -70,7 +73,7 @@ class Plan(NamedTuple):
 def plan(recipe: Recipe, world_size: int) -> Plan:
     """The layout, batch plan, padded vocabulary and per-stage parameters for `world_size` ranks."""
     layout, batch = validate_for_world(recipe, world_size)
-    vocab = padded_vocab_size(recipe.model, _vocab_size(recipe), layout.tensor)
+    vocab = padded_vocab_size(recipe.model, vocab_size(recipe), layout.tensor)
     stages = []
     for p, ranges in enumerate(stage_layers(recipe, layout)):
         count = params_per_rank(recipe, layout, vocab, ranges, p == 0, p == layout.pipeline - 1)
@@ -78,7 +81,8 @@ def plan(recipe: Recipe, world_size: int) -> Plan:
     return Plan(layout, batch, vocab, stages)
 
 
-def _vocab_size(recipe: Recipe) -> int:
+def vocab_size(recipe: Recipe) -> int:
+    """The recipe's vocabulary before padding: model.vocab_size, else its tokenizer's."""
     if recipe.model.vocab_size:
         return recipe.model.vocab_size
     from data.tokenizer import build_tokenizer
@@ -108,10 +112,21 @@ def _human(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def dry_run(recipe: Recipe, world_size: int) -> str:
+def dry_run(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None, as_json: bool = False) -> str:
+    """The dry run's report: text lines, or one JSON object when `as_json`."""
+    from pretrain.memory import estimate_setup
+    from pretrain.memory_report import dry_run_setup, fit_lines, memory_json, table_lines
+
     layout, batch_plan, vocab, stages = plan(recipe, world_size)
     counts = parameter_counts(recipe.model, vocab)
     built = meta_parameter_count(recipe, vocab)
+    setup = dry_run_setup(recipe, world_size, vocab_size(recipe))
+    estimate = estimate_setup(setup)
+    if as_json:
+        return json.dumps(
+            _report(recipe, world_size, layout, batch_plan, vocab, stages, counts.active, built)
+            | {"memory": memory_json(estimate, setup, gpu_memory_gib), "missing_data": missing_data(recipe)}
+        )
     lines = [
         f"recipe {recipe.source}: valid for world size {world_size}",
         f"layout: {layout.describe()}",
@@ -128,8 +143,32 @@ def dry_run(recipe: Recipe, world_size: int) -> str:
     for s in stages:
         ranges = ", ".join(f"{a}-{b - 1}" for a, b in s.layers)
         lines.append(f"  pipeline stage {s.pipeline_rank}: layers {ranges}; {s.params_per_rank:,} parameters per rank")
+    lines += table_lines(estimate, setup)
+    if gpu_memory_gib is not None:
+        lines += fit_lines(estimate, setup, gpu_memory_gib)
     lines.extend(missing_data(recipe))
     return "\n".join(lines)
+
+
+def _report(
+    recipe: Recipe, world: int, layout: Layout, batch: BatchPlan, vocab: int, stages: list, active: int, built: int
+) -> dict[str, Any]:
+    return {
+        "recipe": recipe.source,
+        "world_size": world,
+        "layout": layout.describe(),
+        "micro_batches": batch.micro_batches,
+        "vocabulary_padded": vocab,
+        "parameters": {"total": built, "active": active},
+        "stages": [
+            {
+                "pipeline_rank": s.pipeline_rank,
+                "layers": [list(r) for r in s.layers],
+                "parameters_per_rank": s.params_per_rank,
+            }
+            for s in stages
+        ],
+    }
 
 
 def missing_data(recipe: Recipe) -> list[str]:

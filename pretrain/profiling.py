@@ -3,6 +3,7 @@ chosen steps and ranks) and the peak memory of a piece of work, for the benchmar
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -108,7 +109,11 @@ def _record(name: str) -> Any:
 
 
 def _cpu_peak_mib(fn: Callable[[], object]) -> float:
-    """Most MiB live in torch's CPU allocator while fn runs, from the profiler's memory events."""
+    """Most MiB live in torch's CPU allocator while fn runs, from the profiler's memory events.
+
+    Only this thread's events are recorded: a tensor a communication thread frees (gloo's workers
+    drop the last reference to a collective's buffers) stays live here, so with several processes
+    this overstates the peak; `cpu_allocator_peak_mib` does not have that blind spot."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
@@ -136,3 +141,39 @@ def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def count_cpu_allocations_on_every_thread() -> None:
+    """Makes torch's CPU allocator keep one count of live bytes over every thread (c10's flag
+    `caffe2_report_cpu_memory_usage`), which each allocation event then reports. Call it before
+    the tensors to be counted exist: blocks allocated earlier are unknown to the count."""
+    import ctypes
+
+    import torch
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
+    ctypes.c_bool.in_dll(lib, "FLAGS_caffe2_report_cpu_memory_usage").value = True
+
+
+def cpu_allocator_peak_mib(fn: Callable[[], object]) -> tuple[float, float]:
+    """(MiB live in torch's CPU allocator when fn starts, most MiB live while it runs), counted over
+    every thread: the profiler's allocation events carry the allocator's running total, which with
+    `count_cpu_allocations_on_every_thread` also drops when a communication thread frees a block."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.empty(1)  # an allocation event at the start, to read the total from
+        fn()
+    totals = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag.name == "Allocation" and node.extra_fields.device.type == "cpu":
+            totals.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
+    totals.sort()
+    if not totals:
+        raise RuntimeError("no allocation events: was count_cpu_allocations_on_every_thread() called first?")
+    _, size, total = totals[0]
+    return (total - size) / 2**20, max(t for _, _, t in totals) / 2**20

@@ -192,6 +192,18 @@ def _uneven_all_gather(original):
     return all_gather
 
 
+def _in_device_mode(replay):
+    """`replay` run under CudaToCpuMode: a recompute replay runs inside autograd's backward, where the
+    process-wide torch function mode is not active (modes do not reach backward passes), so the
+    layers' own `device="cuda"` sites would reach CUDA there."""
+
+    def run(*args, **kwargs):
+        with CudaToCpuMode():
+            return replay(*args, **kwargs)
+
+    return run
+
+
 class HostDeviceMesh:
     """Stand-in for the `DeviceMesh` name megatron-core's torch FSDP wrapper uses: its meshes are
     built over the same process group, but for the CPU (gloo) instead of CUDA."""
@@ -209,6 +221,8 @@ def _patches() -> list[Patch]:
     from megatron.core.inference import communication_utils
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer.moe import token_dispatcher
+
+    checkpoint, without_output = mcore_random.CheckpointFunction, mcore_random.CheckpointWithoutOutput
 
     cuda = torch.cuda
     return [
@@ -302,6 +316,22 @@ def _patches() -> list[Patch]:
             token_dispatcher,
             "maybe_move_tensor_to_cpu",
             _host_split_sizes,
+        ),
+        # Activation recompute replays the forward inside the backward pass; a layer that places a
+        # tensor on "cuda" (upstream attention's causal mask, transformer/utils.py:35) fails there.
+        Patch(
+            "recompute.device_mode",
+            "tensor_parallel/random.py:535 CheckpointFunction.backward (full, core_attn, mlp, moe)",
+            checkpoint,
+            "backward",
+            staticmethod(_in_device_mode(checkpoint.backward)),
+        ),
+        Patch(
+            "recompute_without_output.device_mode",
+            "tensor_parallel/random.py:664 CheckpointWithoutOutput._recompute (layernorm, moe_act)",
+            without_output,
+            "_recompute",
+            _in_device_mode(without_output._recompute),
         ),
         # The FSDP2 wrapper builds its mesh with device type "cuda"; torch's fully_shard then asks that
         # device for its current index (torch/distributed/fsdp/_fully_shard/_fsdp_init.py:223) and

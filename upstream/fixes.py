@@ -83,9 +83,36 @@ def _keep_own_adam_step() -> bool:
     return True
 
 
+def _checkpoint_without_output_without_te() -> bool:
+    """`CheckpointWithoutOutput.__init__` sets `self.fp8 = fp8 is not None`, true for its default
+    `fp8=False` too, so every output-discarding recompute (selective `layernorm`, `moe_act`) asks
+    transformer-engine's `FP8GlobalStateManager`, bound only when TE imports: `NameError` without TE.
+    Without TE there is no FP8, so the flag is set false there; with TE upstream's behaviour stays."""
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    cls = mcore_random.CheckpointWithoutOutput
+    original = cls.__init__
+    if getattr(original, "_fp8_needs_te", False) or mcore_random.HAVE_TE:
+        return False
+
+    def __init__(self, fp8=False):
+        original(self, fp8)
+        self.fp8 = False
+
+    __init__._fp8_needs_te = True  # type: ignore[attr-defined]
+    __init__._upstream = original  # type: ignore[attr-defined]  # the site test runs it unfixed
+    cls.__init__ = __init__
+    return True
+
+
 FIXES = (
     Fix("moe_utils.te_general_gemm", "transformer/moe/moe_utils.py:1192", _bind_te_general_gemm),
     Fix("MoEAuxLossAutoScaler.set_loss_scale", "transformer/moe/router.py:457-466,486-498", _scale_aux_loss_by_tp_cp),
+    Fix(
+        "CheckpointWithoutOutput.__init__",
+        "tensor_parallel/random.py:636",
+        _checkpoint_without_output_without_te,
+    ),
     Fix(
         "DistributedOptimizer._set_main_param_and_optimizer_states",
         "optimizer/distrib_optimizer.py:940",

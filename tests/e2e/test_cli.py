@@ -1,8 +1,10 @@
 """pretrain_gpt.py as users run it: user errors are one line on stderr with exit 2 (a traceback only
-with --debug), and `--dry-run` prints the layout and parameter counts a hand count predicts."""
+with --debug), and `--dry-run` prints the layout and parameter counts a hand count predicts, and the
+memory model's per-rank table (as text or JSON, with a fit verdict for a GPU's memory)."""
 
 import concurrent.futures
 import importlib.util
+import json
 import os
 import pathlib
 import subprocess
@@ -58,7 +60,20 @@ def runs(tmp_path_factory):
             "model.transformer_impl=transformer_engine",
             *logs,
         ],
-        "llama70b_512": ["--recipe", "llama70b", "--dry-run", "--world-size", "512"],
+        "llama70b_512": ["--recipe", "llama70b", "--dry-run", "--world-size", "512", "--gpu-memory-gib", "80"],
+        "llama70b_512_json": ["--recipe", "llama70b", "--dry-run", "--world-size", "512", "--json"],
+        "tiny_memory": ["--recipe", "tiny_gpt", "--dry-run", "train.device=cpu", "--gpu-memory-gib", "0.007"],
+        "tiny_memory_json": [
+            "--recipe",
+            "tiny_gpt",
+            "--dry-run",
+            "train.device=cpu",
+            "--json",
+            "--gpu-memory-gib",
+            "0.007",
+        ],
+        "json_without_dry_run": ["--recipe", "tiny_gpt", "--json"],
+        "zero_gpu_memory": ["--recipe", "tiny_gpt", "--dry-run", "--gpu-memory-gib", "0"],
         "tiny_tp2_pp2": [
             "--recipe",
             "tiny_gpt",
@@ -203,7 +218,18 @@ def test_llama70b_dry_run_on_512(runs):
     assert lines[5] == "parameters: 70,553,706,496 total (70.55B; formula 70,553,706,496)"
     stages = _expected_stages(layers=80, h=8192, f=28672, heads=64, groups=8, vocab=128256, tp=8, pp=4, vpp=5)
     assert stages[0][0] == "0-3, 16-19, 32-35, 48-51, 64-67"
-    assert lines[6:] == _stage_lines(stages)
+    assert lines[6:10] == _stage_lines(stages)
+    memory = lines[10:]
+    assert memory[1].split() == "stage ranks weights grads optimizer buffers activations logits transient peak".split()
+    assert [row.split()[:2] for row in memory[2:6]] == [
+        ["0", "0-127"],
+        ["1", "128-255"],
+        ["2", "256-383"],
+        ["3", "384-511"],
+    ]
+    assert memory[6].startswith("worst: pipeline stage 0 (ranks 0-127), peak ")
+    assert memory[6].endswith(" GiB (23 model-chunk micro-batches in flight)")  # warm-up (4 - 1)·2 + (5 - 1)·4, plus 1
+    assert memory[7].startswith("fits in 80 GiB: peak ")
 
 
 def test_mixtral_dry_run_counts_total_and_active_parameters(runs):
@@ -256,8 +282,77 @@ def test_tiny_gpt_dry_run_tensor_2_pipeline_2(runs):
     assert lines[5] == f"parameters: {total:,} total (0.23M; formula {total:,})"
     stages = _expected_stages(layers=4, h=64, f=176, heads=4, groups=2, vocab=384, tp=2, pp=2, vpp=None)
     assert [count for _, count in stages] == [58_624, 58_688]
-    assert lines[6:] == _stage_lines(stages)
+    assert lines[6:8] == _stage_lines(stages)
     # Across all ranks of one model replica every weight is held once, except the norms,
     # which each tensor-parallel rank holds in full.
     replicated = 4 * norms + 64
     assert sum(count for _, count in stages) * 2 == total + (2 - 1) * replicated
+
+
+def test_llama70b_dry_run_json_has_the_worst_rank_and_every_stage(runs):
+    (line,) = _ok(runs["llama70b_512_json"])  # one JSON object, nothing else on stdout
+    report = json.loads(line)
+    memory = report["memory"]
+    stages = memory["stages"]
+    assert [s["ranks"] for s in stages] == [[0, 127], [128, 255], [256, 383], [384, 511]]
+    worst = max(stages, key=lambda s: s["peak_gib"])
+    assert memory["worst_ranks"] == worst["ranks"] and memory["peak_gib"] == worst["peak_gib"]
+    for key in ("weights_gib", "grads_gib", "optimizer_gib", "activations_gib"):
+        assert memory[key] == worst[key]
+    # bf16 weights, fp32 gradient buffers: twice the bytes; Adam's 12 bytes per parameter over data 8 × context 2
+    assert memory["grads_gib"] == pytest.approx(2 * memory["weights_gib"], abs=1e-3)
+    assert memory["optimizer_gib"] == pytest.approx(memory["weights_gib"] * 6 / 16, abs=1e-3)
+    assert report["parameters"]["total"] == 70_553_706_496
+
+
+# The dry run of tiny_gpt on one CPU process (train.device=cpu: the kernels the memory model was
+# validated with), byte for byte. Weights 234,048 × 4 bytes = 0.89 MiB, the same again for the fp32
+# gradient buffer and twice for Adam's moments; the activation terms are checked against a real
+# forward in tests/unit/test_memory.py. 0.007 GiB = 7.17 MiB is too little without recompute.
+TINY_MEMORY = [
+    "memory per rank (MiB, cpu kernels; docs/memory.md): weights, gradient buffers, optimizer state, "
+    "communication buffers, activations held (of which logits/loss), largest transient, peak",
+    "  stage  ranks        weights    grads  optimizer  buffers  activations   logits  transient     peak",
+    "  0      0              0.89     0.89       1.79     0.00         6.78     0.57       0.09    10.44",
+]
+TINY_WORST = "worst: pipeline stage 0 (rank 0), peak 10.44 MiB (1 micro-batch in flight)"
+TINY_VERDICT = [
+    "does not fit in 0.007 GiB by 3.28 MiB: peak 10.44 MiB",
+    # the least recomputed forward that fits: both norms and the MLPs (no attention)
+    "cheapest recompute that fits: model.recompute_granularity=selective model.recompute_modules=[layernorm,mlp] "
+    "(needs 6.82 MiB; recomputes 55.9 % of the forward)",
+]
+TINY_JSON = {
+    "weights_gib": 0.000872,
+    "grads_gib": 0.000872,
+    "optimizer_gib": 0.001744,
+    "activations_gib": 0.00662,
+    "peak_gib": 0.010199,
+    "worst_ranks": [0, 0],
+    "fits": False,
+    "short_by_gib": 0.003199,
+    "cheapest_recompute": {
+        "overrides": ["model.recompute_granularity=selective", "model.recompute_modules=[layernorm,mlp]"],
+        "needed_gib": 0.006657,
+        "extra_forward": 0.5593,
+    },
+}
+
+
+def test_tiny_gpt_memory_table_and_verdict(runs):
+    lines = _ok(runs["tiny_memory"])
+    assert lines[7:10] == TINY_MEMORY
+    assert lines[10] == TINY_WORST
+    # then a `data:` line when the quickstart corpus has not been built on this machine
+    assert [line for line in lines[11:] if not line.startswith("data: ")] == TINY_VERDICT
+
+
+def test_tiny_gpt_memory_json(runs):
+    (line,) = _ok(runs["tiny_memory_json"])
+    memory = json.loads(line)["memory"]
+    assert {k: memory[k] for k in TINY_JSON} == TINY_JSON
+
+
+def test_memory_flags_need_a_dry_run(runs):
+    assert _user_error(runs["json_without_dry_run"]) == "error: --json is a --dry-run option: add --dry-run"
+    assert _user_error(runs["zero_gpu_memory"]) == "error: --gpu-memory-gib must be positive, got 0"

@@ -520,6 +520,79 @@ def test_yaml_1_2_floats_in_files(tmp_path):
             "data.reset_position_ids = true is not supported: megatron-core's GPTModel computes RoPE from the "
             "position in the sample, never from position_ids; set it to false",
         ),
+        (
+            ["model.recompute_granularity=full"],
+            "model.recompute_granularity = full needs model.recompute_method (uniform | block) and "
+            "model.recompute_num_layers",
+        ),
+        (
+            ["model.recompute_granularity=full", "model.recompute_method=uniform", "model.recompute_num_layers=3"],
+            "model.recompute_num_layers = 3 does not divide the 4 layers of a model chunk "
+            "(recompute_method = uniform checkpoints groups of that many layers)",
+        ),
+        (
+            [
+                "model.recompute_granularity=full",
+                "model.recompute_method=block",
+                "model.recompute_num_layers=3",
+                "parallel.pipeline=2",
+            ],
+            "model.recompute_num_layers = 3 exceeds the 2 layers of a model chunk "
+            "(a pipeline stage, or one virtual stage of it)",
+        ),
+        (
+            ["model.recompute_granularity=selective", "model.recompute_num_layers=1"],
+            "model.recompute_num_layers is only used with model.recompute_granularity = full, got selective",
+        ),
+        (
+            ["model.recompute_modules=[mlp]"],
+            "model.recompute_modules is only used with model.recompute_granularity = selective, got null",
+        ),
+        (
+            ["model.recompute_granularity=selective", "model.recompute_modules=[core_attn, mla_up_proj]"],
+            "model.recompute_modules[1] must be one of core_attn | layernorm | mlp | moe | moe_act | "
+            "shared_experts, got 'mla_up_proj'",
+        ),
+        (
+            ["model.recompute_granularity=selective", "model.recompute_modules=[]"],
+            "model.recompute_modules is empty: name at least one module, or set recompute_granularity",
+        ),
+        (
+            ["model.recompute_granularity=selective", "model.recompute_modules=[mlp, mlp]"],
+            "model.recompute_modules lists a module twice: ['mlp', 'mlp']",
+        ),
+        (
+            ["model.recompute_granularity=selective", "model.recompute_modules=[moe]"],
+            "model.recompute_modules: moe has nothing to recompute: the model has no MoE layer",
+        ),
+        (
+            ["model.recompute_granularity=selective", "model.recompute_modules=[mlp]", "model.moe.num_experts=4"],
+            "model.recompute_modules: mlp has nothing to recompute: the model has no dense layer "
+            "(every layer is MoE: use moe)",
+        ),
+        (
+            ["model.recompute_granularity=selective", "model.recompute_modules=[moe_act]", "model.moe.num_experts=4"],
+            "model.recompute_modules: moe_act has nothing to recompute: the model has no grouped-GEMM experts "
+            "(megatron-core recomputes the activation only there)",
+        ),
+        (
+            [
+                "model.recompute_granularity=selective",
+                "model.recompute_modules=[shared_experts]",
+                "model.moe.num_experts=4",
+            ],
+            "model.recompute_modules: shared_experts has nothing to recompute: the model has no shared experts "
+            "(model.moe.shared_expert_ffn_hidden_size)",
+        ),
+        (
+            [
+                "model.recompute_granularity=selective",
+                "model.recompute_modules=[layernorm]",
+                "model.transformer_impl=transformer_engine",
+            ],
+            "model.recompute_modules: layernorm has nothing to recompute: the model has no separate norm with "
+            "model.transformer_impl = transformer_engine (its norms are fused into the dense layers' linears)",
+        ),
     ],
 )
 def test_static_validation_messages(overrides, message):
@@ -870,7 +943,7 @@ def test_ulysses_layouts_of_tiny_gpt_load(overrides):
 
 
 def test_uneven_pipeline_split():
-    from parallel.layout import pipeline_stage_layers
+    from parallel.config import pipeline_stage_layers
 
     r = load_recipe(
         "tiny_gpt",

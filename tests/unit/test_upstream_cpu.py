@@ -192,6 +192,35 @@ def _uneven_all_gather():
         assert outcome == [0.0, 0.0, 1.0, 1.0, 1.0]
 
 
+def _recompute_replay(without_output: bool):
+    """tensor_parallel/random.py:535 and :664: a recompute replays the forward inside autograd's
+    backward, where no torch function mode applies, so upstream attention's causal mask
+    (transformer/utils.py:35, device="cuda") fails there though it worked in the forward."""
+    import torch.distributed as dist
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    from megatron.core.transformer.utils import get_default_causal_mask
+
+    from parallel.layout import Layout, init_model_parallel, shutdown
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        init_model_parallel(Layout(world_size=1))
+        model_parallel_cuda_manual_seed(1)
+        masked = lambda x: x.masked_fill(get_default_causal_mask(x.shape[0]), 0.0)
+        x = torch.randn(4, 4, requires_grad=True)
+        if without_output:
+            checkpoint = tensor_parallel.CheckpointWithoutOutput()
+            out = checkpoint.checkpoint(masked, x) * 2
+            checkpoint.discard_output_and_register_recompute(out)
+        else:
+            out = tensor_parallel.checkpoint(masked, False, x) * 2
+        out.sum().backward()
+        assert torch.equal(x.grad, 2 * torch.ones(4, 4).tril())
+    finally:
+        shutdown()
+
+
 def _generation_timing_events():
     """inference/text_generation_controllers/text_generation_controller.py:1163,1337,1346: the static
     generation loop records a timing event per token and reads the time between them."""
@@ -264,6 +293,8 @@ SITES = {
     "moe.split_sizes": (_alltoall_split_sizes, TypeError, "all_to_all_single\\(\\): incompatible function arguments"),
     "dist.uneven_all_gather": (_uneven_all_gather, RuntimeError, "ProcessGroupGloo::allgather: invalid tensor size"),
     "fsdp.device_mesh": (_fsdp_wrap, TypeError, r"device\(\): argument 'index' \(position 2\) must be int"),
+    "recompute.device_mode": (lambda: _recompute_replay(without_output=False), *NO_CUDA),
+    "recompute_without_output.device_mode": (lambda: _recompute_replay(without_output=True), *NO_CUDA),
 }
 
 

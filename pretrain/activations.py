@@ -1,0 +1,214 @@
+"""Activation bytes of one micro-batch on one rank: what each layer's forward keeps for its backward
+(per module, under tensor/sequence/context parallelism and recompute), the embedding and the
+logits/loss buffers of the last stage, and the largest transient of its backward."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from model.config import ModelConfig
+
+FP32 = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """What the bytes depend on beyond the shapes: the device's kernels and the layer implementation.
+
+    `cpu`: torch's composite RMSNorm keeps an fp32 copy of its input and of the normalized input
+    whatever the precision (measured); its SDPA output is already laid out as the projection's input.
+    `cuda`: torch's fused RMSNorm keeps its input and the fp32 inverse RMS; flash attention's output
+    is [b, s, heads, dim], so the projection's [s, b, ...] input is a copy when the micro-batch > 1;
+    transformer-engine fuses the norm into the next linear (input, normalized output, inverse RMS).
+    """
+
+    device: str = "cuda"  # cpu | cuda
+    transformer_engine: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One micro-batch as one rank sees it."""
+
+    micro_batch: int
+    seq: int  # tokens of one sequence on this rank: seq_length / context
+    tensor: int
+    sequence_parallel: bool
+    dtype_bytes: int  # 4 fp32, 2 bf16/fp16
+    expert: int = 1
+    expert_tensor: int = 1
+    ulysses: int = 1  # ranks of one all-to-all group (parallel.context_comm a2a, a2a+p2p); 1 = none
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of this micro-batch in tensor-parallel regions (every TP rank sees them all)."""
+        return self.micro_batch * self.seq
+
+    @property
+    def sharded_tokens(self) -> int:
+        """Tokens in norm/dropout/residual regions: split over TP ranks under sequence parallelism."""
+        return self.tokens // self.tensor if self.sequence_parallel else self.tokens
+
+
+def norm_and_linear_input(width: int, tokens: int, shape: Shape, kernels: Kernels) -> int:
+    """An RMSNorm and the column-parallel linear after it (which keeps its sequence-parallel shard
+    of the input and gathers it again in the backward)."""
+    b = shape.dtype_bytes
+    if kernels.transformer_engine:
+        return tokens * (2 * width * b + FP32)
+    norm = tokens * (2 * width * FP32 + FP32) if kernels.device == "cpu" else tokens * (width * b + FP32)
+    return norm + tokens * width * b
+
+
+def attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int]:
+    """Core attention and its inputs: rotated q and k, v (a view of the fused QKV output, which it
+    keeps alive; our ring too saves the view it was given), the output and the fp32 log-sum-exp;
+    RoPE's cos/sin per layer. No [s, s] scores: SDPA (flash / memory-efficient) and our ring never
+    materialize them. Ulysses (all-to-all over n ranks) keeps instead the head-sharded q, k, v it
+    received for the whole sequence (K/V heads copied up to n) and its own output beside the
+    output sent back. `_checkpointed`: core_attn + attn_out when the attention is recomputed (the
+    checkpoint keeps the module's inputs and output)."""
+    b, t, n = shape.dtype_bytes, shape.tensor, shape.tokens
+    heads = m.num_attention_heads
+    head_dim = m.hidden_size // heads
+    groups = m.num_query_groups or heads
+    kv = groups * head_dim
+    q, out = n * m.hidden_size // t * b, n * m.hidden_size // t * b
+    k = n * kv // t * b
+    v = n * (m.hidden_size + 2 * kv) // t * b
+    lse = n * heads // t * FP32
+    copy = out if kernels.device == "cuda" and shape.micro_batch > 1 else 0
+    rope = 4 * shape.seq * head_dim * b  # cos and sin, for q and for k, in the activations' dtype
+    parts = {"core_attn": q + k + v + lse, "attn_out": out + copy, "rope": rope, "lse": lse}
+    parts["_checkpointed"] = q + k + v + out + copy
+    if shape.ulysses > 1:  # [s/cp, b, h/t] -> [s/cp·n, b, h/(t·n)]: the same elements, K/V copied up to n heads
+        exchanged = n * max(groups // t, shape.ulysses) * head_dim * b
+        parts["core_attn"] = q + 2 * exchanged + lse
+        parts["attn_out"] = 2 * out + copy
+    return parts
+
+
+def mlp_bytes(ffn: int, tokens: int, split: int, b: int, scaled: bool = False) -> int:
+    """SwiGLU MLP without fusion: fc1's output (gate and up; the gate half is a view silu keeps),
+    silu(gate), up + 0 (megatron-core's glu offset makes a copy), their product (fc2's input);
+    experts also scale by the routing probability before fc2."""
+    return tokens * ffn // split * b * (6 if scaled else 5)
+
+
+def dense_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int]:
+    """Bytes one dense layer keeps per micro-batch, by module (recompute takes modules out)."""
+    n_sp = shape.sharded_tokens
+    attention = attention_bytes(m, shape, kernels)
+    dropout = 2 * n_sp * m.hidden_size if m.hidden_dropout > 0 else 0  # bool masks of the two residual adds
+    return {
+        "input_norm": norm_and_linear_input(m.hidden_size, n_sp, shape, kernels),
+        "core_attn": attention["core_attn"],
+        "attn_out": attention["attn_out"],
+        "lse": attention["lse"],  # inside core_attn; what its recompute drops
+        "_checkpointed": attention["_checkpointed"],
+        "rope": attention["rope"],
+        "pre_mlp_norm": norm_and_linear_input(m.hidden_size, n_sp, shape, kernels),
+        "mlp": mlp_bytes(m.ffn_hidden_size, shape.tokens, shape.tensor, shape.dtype_bytes),
+        "dropout": dropout,
+    }
+
+
+def moe_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int]:
+    """A MoE layer: attention as dense; router (logits, scores, top-k), token permutation, the
+    routed tokens every local expert keeps (balanced routing: each token reaches top_k experts; the
+    capacity factor caps that), shared experts."""
+    moe, h, b = m.moe, m.hidden_size, shape.dtype_bytes
+    assert moe.num_experts is not None
+    layer = dense_layer(m, shape, kernels)
+    del layer["mlp"]
+    n_sp = shape.sharded_tokens  # each (sequence-parallel) rank routes its own tokens
+    experts, k = moe.num_experts, moe.top_k
+    router = n_sp * (2 * experts * FP32 + k * (2 * 8 + FP32) + FP32) + n_sp * experts * (1 + FP32) + n_sp * k * 8
+    routed = routed_tokens(m, shape)
+    ffn = moe.ffn_hidden_size or m.ffn_hidden_size
+    experts_bytes = routed * h * b + mlp_bytes(ffn, routed, shape.expert_tensor, b, scaled=True) + routed * FP32
+    layer["moe"] = router + experts_bytes
+    if moe.shared_expert_ffn_hidden_size:
+        layer["shared_experts"] = mlp_bytes(moe.shared_expert_ffn_hidden_size, shape.tokens, shape.tensor, b)
+    return layer
+
+
+def recompute_saved(parts: dict[str, int], modules: list[str], shape: Shape, m: ModelConfig) -> int:
+    """What a layer keeps under selective recompute of `modules` (megatron-core 0.16's checkpoints)."""
+    kept = dict(parts)
+    b, n_sp = shape.dtype_bytes, shape.sharded_tokens
+    if "core_attn" in modules:  # the checkpoint keeps the module's inputs and output, not its log-sum-exp
+        kept["core_attn"] = parts["_checkpointed"] - parts["attn_out"]
+    if "layernorm" in modules:  # each norm keeps only its input; its output is dropped and recomputed
+        kept["input_norm"] = kept["pre_mlp_norm"] = n_sp * m.hidden_size * b
+    for module in ("mlp", "moe", "shared_experts"):
+        if module in modules and module in kept:
+            kept[module] = 0
+    if "moe" in modules and "shared_experts" in kept:  # megatron-core's moe checkpoint runs them inside
+        kept["shared_experts"] = 0
+    return layer_saved(kept)
+
+
+def layer_saved(parts: dict[str, int]) -> int:
+    """The bytes a layer keeps: every module's, without the parts listed twice (lse, `_` keys)."""
+    return sum(v for k, v in parts.items() if k != "lse" and not k.startswith("_"))
+
+
+def recompute_transient(parts: dict[str, int], modules: list[str]) -> int:
+    """What a layer's backward recomputes (its saved bytes exist again meanwhile)."""
+    rerun: dict[str, tuple[str, ...]] = {"core_attn": ("lse",), "layernorm": ("input_norm",), "mlp": ("mlp",)}
+    # moe: the whole layer's checkpoint (transformer/moe/moe_layer.py custom_forward), shared experts included
+    rerun |= {"moe": ("moe", "shared_experts"), "shared_experts": () if "moe" in modules else ("shared_experts",)}
+    return sum(sum(parts.get(p, 0) for p in rerun.get(mod, ())) for mod in modules)
+
+
+def backward_transient(m: ModelConfig, shape: Shape, is_moe: bool, gloo: bool = False) -> int:
+    """Short-lived bytes at the worst point of one layer's backward (its kept bytes still live).
+
+    Dense: fc1's backward, with the gradient of its output and its weight gradient (a fresh tensor
+    before it is added to the fp32 buffer: no gradient-accumulation fusion). MoE: the token
+    exchange's gradient buffers (the all-to-all's input and output; under expert tensor
+    parallelism the all-gather that undoes the combine's reduce-scatter, in the routing
+    probabilities' fp32 when training in bf16, through a list of pieces and a concatenation on
+    gloo, then cast back), or one expert's fc1 backward, whichever is larger."""
+    b, h = shape.dtype_bytes, m.hidden_size
+    # Ulysses' attention backward: the send and receive buffers of one all-to-all of [s/cp, b, h/t]
+    ulysses = 2 * shape.tokens * h // shape.tensor * b if shape.ulysses > 1 else 0
+    if not is_moe:
+        return max(2 * m.ffn_hidden_size // shape.tensor * b * (shape.tokens + h), ulysses)
+    moe = m.moe
+    ffn = moe.ffn_hidden_size or m.ffn_hidden_size
+    routed = routed_tokens(m, shape)
+    local = max((moe.num_experts or 1) // shape.expert, 1)
+    expert = 2 * ffn // shape.expert_tensor * b * (routed // local + h)
+    exchange = 2 * shape.sharded_tokens * moe.top_k * h * b
+    if shape.expert_tensor > 1:
+        probs = FP32 if b != FP32 else b
+        exchange += routed * h * (probs * (2 if gloo else 1) + b)
+    return max(expert, exchange, ulysses)
+
+
+def routed_tokens(m: ModelConfig, shape: Shape) -> int:
+    """Token copies one rank's experts compute per micro-batch: every (sequence-parallel) rank routes
+    its tokens to top_k experts, an expert-parallel rank gets its share (balanced routing: as many as
+    it sent), gathered over the expert-tensor group; a capacity factor caps each expert."""
+    moe = m.moe
+    routed = shape.sharded_tokens * moe.top_k * shape.expert_tensor
+    if moe.capacity_factor is not None:
+        capacity = int(moe.capacity_factor * routed)
+        routed = capacity if moe.pad_to_capacity else min(routed, capacity)
+    return routed
+
+
+def logits_and_loss(m: ModelConfig, vocab: int, shape: Shape, kernels: Kernels) -> tuple[int, int]:
+    """(kept, transient) of the last stage's head per micro-batch: the final norm and the output
+    layer's input; vocabulary-parallel cross entropy keeps the fp32 softmax [s, b, vocab/tp] (the
+    logits themselves when fp32: it works in place) and per-token target bookkeeping. Transient: in
+    bf16/fp16 the logits before their fp32 copy, or the gradient cast back to their dtype, next to
+    the output layer's weight gradient."""
+    b, n = shape.dtype_bytes, shape.tokens
+    v = vocab // shape.tensor
+    kept = norm_and_linear_input(m.hidden_size, shape.sharded_tokens, shape, kernels)
+    kept += n * v * FP32 + n * (1 + 8)  # softmax; the target mask and the targets in this rank's vocabulary
+    cast = n * v * b if b != FP32 else 0
+    return kept, cast + v * m.hidden_size * b
