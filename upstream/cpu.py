@@ -434,6 +434,13 @@ def enable(device: torch.device) -> bool:
     return True
 
 
+def disable() -> None:
+    """Reverts what `enable` applied (for tests that start training in their own process)."""
+    layer = _ACTIVE.pop("process", None)
+    if layer is not None:
+        layer.__exit__(None, None, None)
+
+
 def applied(skip: tuple = ()) -> CpuCompat:
     """Context manager form for tests: `with applied(skip=("rng.manual_seed",)): ...`."""
     return CpuCompat(skip=skip)

@@ -35,13 +35,17 @@ def _one_line(capsys, main, argv) -> str:
 
 
 @pytest.fixture(autouse=True)
-def _environment_restored():
-    """An in-process training start sets MASTER_ADDR/MASTER_PORT (parallel/layout.py): they must
-    not reach the processes later tests start."""
+def _process_restored():
+    """An in-process training start sets MASTER_ADDR/MASTER_PORT (parallel/layout.py), which must
+    not reach the processes later tests start, and turns the CPU layer on for the process, which the
+    upstream site tests (tests/unit/test_upstream_cpu.py) need off."""
+    from upstream import cpu
+
     saved = dict(os.environ)
     yield
     os.environ.clear()
     os.environ.update(saved)
+    cpu.disable()
 
 
 @pytest.fixture
