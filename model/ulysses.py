@@ -21,7 +21,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from model.ring_attention import ContextParallelAttention, RingAttentionFunction
@@ -165,27 +164,10 @@ class UlyssesAttention(ContextParallelAttention):
     returns [s/cp, b, np·hn]. No dropout, mask tensor, bias or packed sequences.
     """
 
-    def __init__(
-        self,
-        config: TransformerConfig,
-        layer_number: int,
-        attn_mask_type: AttnMaskType,
-        attention_type: str,
-        attention_dropout: float | None = None,
-        softmax_scale: float | None = None,
-        cp_comm_type: str | None = None,
-        pg_collection: ProcessGroupCollection | None = None,
-    ):
-        super().__init__(
-            config,
-            layer_number,
-            attn_mask_type,
-            attention_type,
-            attention_dropout=attention_dropout,
-            softmax_scale=softmax_scale,
-            cp_comm_type=cp_comm_type,
-            pg_collection=pg_collection,
-        )
+    def __init__(self, config: TransformerConfig, *args: Any, **kwargs: Any):
+        """megatron-core's core-attention arguments (ContextParallelAttention's)."""
+        super().__init__(config, *args, **kwargs)
+        cp_comm_type, pg_collection = kwargs.get("cp_comm_type"), kwargs.get("pg_collection")
         comm = cp_comm_type or config.cp_comm_type
         self.ring_group: dist.ProcessGroup | None = None
         self.a2a_group = self.cp_group
