@@ -219,6 +219,11 @@ def build_source_splits(
     sizes = "-".join(str(os.path.getsize(prefix + ending)) for ending in (".bin", ".idx"))
     cache = os.path.join(cache_dir, f"{os.path.basename(prefix)}-{sizes}")
     check_cache_files(cache)
+    # Rank 0 writes the indices only once every rank has checked what was there: checked while
+    # rank 0 wrote, a half-written index file failed the check on a slower rank (seen in CI).
+    # Every rank sees the same files here, so a refusal is every rank's.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
