@@ -5,6 +5,8 @@ read a half-written file and refused the cache as unsafe (a CI failure at TP2 x 
 
 import time
 
+import pytest
+
 from tests.helpers.spawn import run_distributed
 
 
@@ -39,6 +41,7 @@ def _build_with_slow_writes(rank: int, world: int, prefix: str, cache_dir: str) 
     return len(built[0])
 
 
+@pytest.mark.slow
 def test_index_files_are_written_after_every_rank_checked(tmp_path):
     from data.preprocess import build_synthetic_corpus
 

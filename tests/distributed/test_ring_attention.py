@@ -205,6 +205,7 @@ def _ring_on_every_rank(rank: int, world: int) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_ring_equals_full_causal_attention_cp2_cp4_gqa():
     """One 4-process gloo world; every rank's slices of out, dq, dk, dv equal the same slices of one
     full-sequence SDPA call computed here."""

@@ -85,6 +85,7 @@ def _on_every_rank(rank: int, world: int) -> dict:
     return results
 
 
+@pytest.mark.slow
 def test_ulysses_and_a2a_p2p_equal_full_causal_attention():
     """One 4-process gloo world; every rank's slices of out, dq, dk, dv equal the same slices of one
     full-sequence SDPA call computed here, for K/V heads split over the all-to-all ranks, copied to

@@ -95,6 +95,7 @@ def test_resume_at_another_layout_continues_the_curve(name, request, synthetic_c
     assert_close_curves(read_metrics(tmp_path), expected, rel=REL)
 
 
+@pytest.mark.slow
 def test_dropout_resume_is_exact(reference, synthetic_corpus, tmp_path):
     """Random streams are reseeded from (seed, step) each step (pretrain/step.py:seed_step), so
     dropout after a resume draws what the uninterrupted run drew: equal bit for bit. (And dropout
@@ -117,6 +118,7 @@ def test_dropout_resume_is_exact(reference, synthetic_corpus, tmp_path):
 # ----------------------------------------------------------------------------------- crash safety
 
 
+@pytest.mark.slow
 def test_sigkill_mid_save_leaves_previous_checkpoint_in_charge(reference, synthetic_corpus, tmp_path):
     """The trainer is killed (SIGKILL, from outside) after the step-4 shards are written but before
     the rename: step 2 stays the newest complete checkpoint, `auto` resumes from it, and the
@@ -247,6 +249,7 @@ def test_hostile_checkpoint_is_a_one_line_error(saved_checkpoint, synthetic_corp
     assert not marker.exists()
 
 
+@pytest.mark.slow
 def test_async_save_snapshots_the_step_it_was_asked_for(reference, synthetic_corpus, tmp_path):
     """checkpoint.async_save: the step-2 shards are written in the background while steps 3-4 change
     the weights (the writer first sleeps 3 s, longer than steps 3 and 4 take); resuming from step 2

@@ -87,6 +87,7 @@ def _tensors(directory: pathlib.Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_import_then_export_reproduces_the_tensors_exactly(hf_model, tmp_path):
     name, hf_dir, ckpt = hf_model
     proc = _convert("export", str(ckpt), str(tmp_path / "out"))

@@ -73,6 +73,7 @@ def _ours(ckpt, nproc: int = 1, *layout: str) -> str:
     return proc.stdout[len(PROMPT) : -1]
 
 
+@pytest.mark.slow
 def test_greedy_equals_transformers_generate_on_the_export(converted):
     ckpt, exported = converted
     assert _ours(ckpt) == _transformers_greedy(exported)

@@ -57,6 +57,7 @@ def nan_and_stall(synthetic_corpus, tmp_path_factory):
     return log_dir, proc
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_skipped_and_leaves_the_model_untouched(nan_and_stall, reference):
     log_dir, proc = nan_and_stall
     assert (
@@ -129,6 +130,7 @@ def test_nonfinite_stop_is_one_line_and_exit_code_3(synthetic_corpus, tmp_path):
     assert not (tmp_path / "checkpoints").exists()  # nothing saved after the fault
 
 
+@pytest.mark.slow
 def test_skipped_steps_count_across_resumes_and_one_too_many_exits_3(synthetic_corpus, tmp_path):
     """train.max_skipped_steps = 1: the first job skips step 2 and saves at step 3 with one skipped
     step recorded; the resumed job's second skip (step 5) is one too many: exit 3, one line."""
@@ -162,6 +164,7 @@ def test_skipped_steps_count_across_resumes_and_one_too_many_exits_3(synthetic_c
     assert [r["nonfinite_steps"] for r in read_metrics(tmp_path)] == [0, 1, 1, 1, 2]
 
 
+@pytest.mark.slow
 def test_fp16_trains_and_its_guard_skips_a_nan_loss(reference, synthetic_corpus, tmp_path):
     """fp16 with megatron-core's dynamic loss scale: the run trains (close to fp32, not equal to it)
     and the guard, which checks only the loss in fp16, skips the step whose loss is NaN."""
@@ -181,6 +184,7 @@ def test_fp16_trains_and_its_guard_skips_a_nan_loss(reference, synthetic_corpus,
     assert all(math.isfinite(r["loss"]) and "skipped" not in r for r in metrics[4:])
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_single_process_saves_and_exits_75(synthetic_corpus, tmp_path):
     """Without torchrun: pretrain_gpt.py itself stops after the current step, saves, exits 75."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}

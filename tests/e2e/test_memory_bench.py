@@ -53,6 +53,7 @@ def _check(line: dict, measured_mib: float, static_mib: float) -> None:
     assert abs(line["predicted_mib"] / line["measured_mib"] - 1) <= PREDICTED_REL
 
 
+@pytest.mark.slow
 def test_one_process_fp32():
     (line,) = _bench(1)
     assert line["predicted_mib"] == pytest.approx(154.01, abs=0.01)  # the model itself, pinned exactly

@@ -70,6 +70,7 @@ def test_capacity_position_dropping_padding_and_shared_experts_at_ep2(synthetic_
     assert_close_curves(read_metrics(tmp_path / "ep2"), expected, rel=FP32_REL, keys=keys)
 
 
+@pytest.mark.slow
 def test_capacity_drops_tokens_in_training(synthetic_corpus, tmp_path):
     """capacity_factor 0.5 with top-2 of 8: at most half the routing slots fit, the rest drop."""
     run_pretrain(

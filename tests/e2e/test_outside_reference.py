@@ -133,6 +133,7 @@ def _ours(nproc: int, imported, corpus: str, log_dir, *extra: str) -> list[dict]
     return read_metrics(log_dir)
 
 
+@pytest.mark.slow
 def test_one_process_trains_like_transformers_and_torch_adamw(imported, reference_curve, synthetic_corpus, tmp_path):
     ours = _ours(1, imported, synthetic_corpus, tmp_path)
     assert_close_curves(ours, reference_curve, rel=REL, keys=("loss", "grad_norm", "lr"))

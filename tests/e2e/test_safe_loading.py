@@ -104,6 +104,7 @@ def test_byte_item_payload_is_refused_at_two_ranks(planted, synthetic_corpus, tm
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_optimizer_byte_items_are_checked(synthetic_corpus, tmp_path):
     """dp_reshardable distributed-optimizer state is a second kind of byte item (param groups, bucket sizes)."""
     overrides = tiny_overrides(

@@ -37,9 +37,13 @@ def run_pretrain(
     nproc: int, recipe: str, overrides: Sequence[str], timeout: int = 300, check: bool = True, launcher: bool = False
 ) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node=N pretrain_gpt.py --recipe R overrides...` (1 = plain
-    python; `launcher`: `python -m pretrain.launch` instead of torchrun). `check`: fail unless exit 0."""
+    python; `launcher`: `python -m pretrain.launch` instead of torchrun). `check`: fail unless exit 0;
+    such runs fork their ranks from one process (tests/helpers/forkrun.py) instead of torchrun."""
     if nproc == 1 and not launcher:
         cmd = [sys.executable, "pretrain_gpt.py"]
+    elif check and not launcher:
+        # expected to succeed: the ranks forked after one import (tests/helpers/forkrun.py)
+        cmd = [sys.executable, "-m", "tests.helpers.forkrun", str(nproc)]
     else:
         runner = "pretrain.launch" if launcher else "torch.distributed.run"
         cmd = [sys.executable, "-m", runner, "--standalone", f"--nproc_per_node={nproc}", "pretrain_gpt.py"]

@@ -1,0 +1,91 @@
+"""`python -m tests.helpers.forkrun N pretrain_gpt.py-arguments...`: the tests' launcher for runs
+expected to succeed. One process imports torch, megatron-core and the trainer once, then forks the
+N ranks; torchrun starts N fresh interpreters that each import them again, about 3.5 s of CPU per
+rank on the 2-core CI machine, most of a tiny run's cost (a 16-rank run: a minute of imports).
+
+The ranks see what torchrun gives them (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE,
+MASTER_ADDR, MASTER_PORT) and run pretrain/cli.py:main as pretrain_gpt.py does. When a rank fails
+the others get SIGTERM, as under torchrun; the exit code is the first failing rank's (torchrun's
+is 1), so the tests of exit codes and of the launchers themselves use torchrun and pretrain.launch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import traceback
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _import_what_every_rank_imports() -> None:
+    from upstream.process import prepare_process
+
+    prepare_process()
+    import megatron.core.distributed
+    import megatron.core.models.gpt
+    import megatron.core.optimizer
+    import megatron.core.pipeline_parallel  # noqa: F401
+
+    import data.loader  # noqa: F401
+    import pretrain.checkpoint
+    import pretrain.trainer  # noqa: F401
+
+
+def _rank(rank: int, nproc: int, port: int, argv: list[str]) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    code = 1
+    try:
+        from pretrain.cli import main
+
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def main(argv: list[str]) -> int:
+    nproc, args = int(argv[0]), argv[1:]
+    _import_what_every_rank_imports()
+    # fork copies this thread only: another thread's held lock would stay held in every rank
+    assert threading.active_count() == 1, threading.enumerate()
+    port = _free_port()
+    children = {}
+    for rank in range(nproc):
+        pid = os.fork()
+        if pid == 0:
+            _rank(rank, nproc, port, args)
+        children[pid] = rank
+    failed = 0
+    while children:
+        pid, status = os.wait()
+        del children[pid]
+        code = os.waitstatus_to_exitcode(status)
+        if code != 0 and not failed:
+            failed = code if code > 0 else 1
+            for other in children:
+                os.kill(other, signal.SIGTERM)
+    return failed
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
