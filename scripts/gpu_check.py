@@ -114,7 +114,8 @@ def _read_metrics(check: Check, peak: float, smoke: bool) -> dict:
 def _checks(out: pathlib.Path, corpus: str, smoke: bool) -> list[Check]:
     py = sys.executable
     checks = []
-    for recipe in ("llama_1b", "llama_3b"):
+    # At --smoke both recipes shrink to the same tiny shapes: the 3B rows would repeat the 1B ones.
+    for recipe in ("llama_1b",) if smoke else ("llama_1b", "llama_3b"):
         checks.append(_train(f"{recipe}_bf16", out, corpus, recipe, smoke))
         checks.append(
             _train(

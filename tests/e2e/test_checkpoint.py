@@ -20,6 +20,7 @@ from tests.helpers.runs import (
     REPO,
     TINY_STEPS,
     assert_close_curves,
+    assert_close_validation,
     read_metrics,
     run_pretrain,
     tiny_overrides,
@@ -93,6 +94,8 @@ def test_resume_at_another_layout_continues_the_curve(name, request, synthetic_c
     )
     assert f"at step {HALF}" in proc.stdout
     assert_close_curves(read_metrics(tmp_path), expected, rel=REL)
+    if recipe == "tiny_gpt":  # validation at step 5 by the first layout, at 10 by the second
+        assert_close_validation(read_metrics(tmp_path), expected, rel=REL)
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
-"""scripts/gpu_check.sh --smoke: every part of the GPU check (training runs of the 1B and 3B recipes
-with and without recompute, the FP8 path, the ring against one call, the SDPA kernel, the memory
+"""scripts/gpu_check.sh --smoke: every part of the GPU check (training runs of the 1B recipe with
+and without recompute (the 3B one is the same code at the same tiny shapes), the FP8 path, the ring against one call, the SDPA kernel, the memory
 model against the allocator) runs end to end with tiny shapes on a CPU, so the script a lent GPU
 runs never rots."""
 
@@ -25,8 +25,6 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     expected = {
         "llama_1b_bf16",
         "llama_1b_bf16_recompute_full",
-        "llama_3b_bf16",
-        "llama_3b_bf16_recompute_full",
         "llama_1b_fp8_tensorwise",
         "ring_cp2_vs_one_call",
         "sdpa_kernel_llama_1b",
@@ -35,7 +33,7 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
     assert expected <= set(summary), sorted(summary)
     for name in expected:
         assert summary[name]["rc"] == 0, name
-    for name in ("llama_1b_bf16", "llama_3b_bf16_recompute_full"):
+    for name in ("llama_1b_bf16", "llama_1b_bf16_recompute_full"):
         assert summary[name]["tokens_per_s"] > 0 and 0 < summary[name]["mfu"]
     table = proc.stdout.split("\n\n")[-1]
     assert table.splitlines()[0].startswith("matmul_peak")
