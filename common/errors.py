@@ -18,21 +18,22 @@ def path_problem(exc: OSError) -> str | None:
     return f"{names}: {exc.strerror or exc}"
 
 
-def run_tool(body: Callable[[], int], debug: bool) -> int:
+def run_tool(body: Callable[[], int], debug: bool, where: str = "") -> int:
     """A tool's main: bad input (a UserError, an OSError naming a path) becomes one `error:` line on
-    stderr and exit code 2; `debug` (the tools' --debug) lets it raise with its traceback."""
+    stderr (after `where`, e.g. "[rank 3] ") and exit code 2; `debug` (the tools' --debug) lets it
+    raise with its traceback."""
     try:
         return body()
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        print(f"error: {where}{exc}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     except OSError as exc:
         problem = path_problem(exc)
         if problem is None or debug:
             raise
-        print(f"error: {problem}", file=sys.stderr, flush=True)
+        print(f"error: {where}{problem}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
 
 

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from common.errors import EXIT_USER_ERROR, RunStopped, UserError, path_problem
+from common.errors import RunStopped, UserError, run_tool
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -88,23 +88,13 @@ def _check_dry_run_flags(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    rank = os.environ.get("RANK")
+    return run_tool(lambda: _run_until_stopped(args), args.debug, f"[rank {rank}] " if rank not in (None, "0") else "")
+
+
+def _run_until_stopped(args: argparse.Namespace) -> int:
     try:
         return run(args)
-    except UserError as e:
-        if args.debug:
-            raise
-        rank = os.environ.get("RANK")
-        where = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"error: {where}{e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
-    except OSError as e:
-        problem = path_problem(e)
-        if problem is None or args.debug:
-            raise
-        rank = os.environ.get("RANK")
-        where = f"[rank {rank}] " if rank not in (None, "0") else ""
-        print(f"error: {where}{problem}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
     except RunStopped as e:
         # Every rank stops at the same step for the same reason: rank 0 says it once.
         if int(os.environ.get("RANK", "0")) == 0:
