@@ -1,11 +1,19 @@
-"""Hugging Face Llama / Mixtral checkpoints <-> our GPTModel, as plain tensor mappings.
+"""Hugging Face checkpoints <-> our GPTModel: one `Family` per HF architecture (Llama, Mixtral, Qwen3,
+Qwen3-MoE), each a config.json reader and writer plus tensor rules shared by all of them.
 
 Our names are GPTModel's state-dict keys at tensor = pipeline = expert = 1 (the converter builds
 that layout and lets dist_checkpointing reshard to any other). HF names are the safetensors names
-of `LlamaForCausalLM` / `MixtralForCausalLM` as published (Mixtral experts as
-`block_sparse_moe.experts.E.w1/w2/w3`, which transformers' save_pretrained also writes).
+as published (Mixtral experts as `block_sparse_moe.experts.E.w1/w2/w3`, which transformers'
+save_pretrained also writes).
 
-Layout facts the mapping rests on:
+A family adds, to the Llama core: its config.json keys (`Family.read` maps each to a recipe key,
+`Family.keys` lists them, anything else in config.json is refused in one line, so no field that
+changes the math is ever ignored), its config writer, and where its tensors sit (`Family.qk_norm`,
+`Family.experts`). `rules` turns a model config into the list of tensor rules; import and export
+walk that one list, so an HF tensor no rule reads, or a rule whose tensor is missing, stops the
+import in one line.
+
+Layout facts the rules rest on:
 - megatron's fused QKV weight holds, per query group, that group's query heads then one key and
   one value head ([groups × (heads/groups + 2) × head_dim, hidden]); HF keeps q, k, v apart.
 - megatron's SwiGLU fc1 is [gate; up] stacked on the output dim; HF has gate_proj/up_proj (w1/w3).
@@ -17,94 +25,173 @@ Layout facts the mapping rests on:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 
 from common.errors import UserError
-from model.config import ModelConfig, MoeConfig, moe_layer_pattern
+from model.config import ModelConfig, MoeConfig, RopeScalingConfig, head_dim, moe_layer_pattern
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MixtralForCausalLM": "mixtral"}
+# config.json keys that change no math: token ids, dtypes, versions, caching, the HF loss switch
+_METADATA = frozenset(
+    {"architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype"}
+    | {"transformers_version", "use_cache", "_name_or_path", "output_router_logits", "initializer_range"}
+)
+# keys every family reads (the Llama core)
+_CORE = frozenset(
+    {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"}
+    | {"head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters"}
+    | {"rms_norm_eps", "tie_word_embeddings", "hidden_act", "attention_dropout"}
+)
+# keys whose only value here is the one our model computes: key -> the values accepted
+_FIXED: dict[str, tuple[Any, ...]] = {
+    "hidden_act": ("silu",),
+    "attention_bias": (False,),
+    "mlp_bias": (False,),
+    "pretraining_tp": (1,),
+    "router_jitter_noise": (0, 0.0),
+    "use_sliding_window": (False,),
+    "sliding_window": (None,),
+}
 
 
-def model_config_from_hf(hf: Mapping) -> ModelConfig:
-    """Our model section for an HF config.json (Llama or Mixtral)."""
-    arch = _architecture(hf)
-    if hf.get("rope_scaling"):
-        raise UserError(f"config.json: rope_scaling {hf['rope_scaling']} is not supported (plain RoPE only)")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise UserError("config.json: attention_bias / mlp_bias are not supported (Llama has no linear biases)")
-    heads = hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-        raise UserError(f"config.json: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
-    moe = MoeConfig()
-    if arch == "mixtral":
-        moe = MoeConfig(
-            num_experts=hf["num_local_experts"],
-            top_k=hf["num_experts_per_tok"],
-            ffn_hidden_size=hf["intermediate_size"],
-            score_function="softmax",
-            pre_softmax=False,
-            load_balancing="aux_loss",
-            aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.02)),
-        )
-    rope = hf.get("rope_theta") or (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    return ModelConfig(
-        num_layers=hf["num_hidden_layers"],
-        hidden_size=hf["hidden_size"],
+@dataclasses.dataclass(frozen=True)
+class Experts:
+    """Where a family's MoE layer keeps its tensors (under model.layers.{i}.)."""
+
+    prefix: str  # the MoE block: block_sparse_moe (Mixtral) or mlp (Qwen3-MoE)
+    gate: str  # per expert: SwiGLU gate, up and down projections
+    up: str
+    down: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One HF architecture: its config.json keys beyond the Llama core and where its tensors sit."""
+
+    name: str  # as users say it
+    architecture: str  # the transformers class in config.json
+    model_type: str
+    keys: frozenset[str]  # config.json keys `read` maps, beyond _CORE and _METADATA
+    read: Callable[[Mapping], dict[str, Any]]  # those keys -> ModelConfig fields (moe: a MoeConfig)
+    write: Callable[[ModelConfig], dict[str, Any]]  # ModelConfig -> those keys
+    qk_norm: bool = False  # self_attn.q_norm / k_norm (per-head RMSNorm)
+    experts: Experts | None = None  # None = dense
+
+
+# ------------------------------------------------------------------------------ config.json
+
+
+def _read_llama(hf: Mapping) -> dict[str, Any]:
+    return {}
+
+
+def _write_llama(model: ModelConfig) -> dict[str, Any]:
+    return {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+
+
+def _read_mixtral(hf: Mapping) -> dict[str, Any]:
+    moe = MoeConfig(
+        num_experts=hf["num_local_experts"],
+        top_k=hf["num_experts_per_tok"],
         ffn_hidden_size=hf["intermediate_size"],
-        num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads,
-        vocab_size=hf["vocab_size"],
-        seq_length=min(int(hf.get("max_position_embeddings", 4096)), 4096),
-        rotary_base=float(rope),
-        norm_epsilon=float(hf.get("rms_norm_eps", 1e-5)),
-        untie_embeddings=not hf.get("tie_word_embeddings", False),
-        moe=moe,
+        score_function="softmax",
+        pre_softmax=False,  # softmax over the chosen top-k = transformers' renormalized top-k
+        load_balancing="aux_loss",
+        aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.02)),
     )
+    return {"moe": moe}
 
 
-def hf_config_from_model(model: ModelConfig, vocab_size: int) -> dict:
-    """config.json for our model: LlamaForCausalLM, or MixtralForCausalLM when it has experts."""
-    _check_exportable(model)
-    config = {
-        "hidden_size": model.hidden_size,
-        "intermediate_size": model.ffn_hidden_size,
-        "num_hidden_layers": model.num_layers,
-        "num_attention_heads": model.num_attention_heads,
-        "num_key_value_heads": model.num_query_groups or model.num_attention_heads,
-        "head_dim": model.hidden_size // model.num_attention_heads,
-        "vocab_size": vocab_size,
-        "max_position_embeddings": model.seq_length,
-        "rope_theta": model.rotary_base,
-        "rms_norm_eps": model.norm_epsilon,
-        "tie_word_embeddings": not model.untie_embeddings,
-        "hidden_act": "silu",
-        "initializer_range": model.init_method_std,
-        "torch_dtype": "float32",
-    }
-    if model.moe.num_experts is None:
-        return {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "attention_bias": False,
-            "mlp_bias": False,
-            **config,
-        }
+def _write_mixtral(model: ModelConfig) -> dict[str, Any]:
     moe = model.moe
     return {
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
-        **config,
         "intermediate_size": moe.ffn_hidden_size or model.ffn_hidden_size,
         "num_local_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "router_aux_loss_coef": moe.aux_loss_coeff,
+        "router_jitter_noise": 0.0,
         "sliding_window": None,
     }
 
 
-def _architecture(hf: Mapping) -> str:
+def _read_qwen3(hf: Mapping) -> dict[str, Any]:
+    layer_types = hf.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        raise UserError(f"config.json: layer_types {layer_types} is not supported (full attention only)")
+    return {"qk_layernorm": True, "head_dim": hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]}
+
+
+def _write_qwen3(model: ModelConfig) -> dict[str, Any]:
+    return {
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "layer_types": ["full_attention"] * model.num_layers,
+    }
+
+
+def _read_qwen3_moe(hf: Mapping) -> dict[str, Any]:
+    spellings = {k: hf[k] for k in ("num_experts", "num_local_experts") if k in hf}  # hub / transformers 5
+    if len(set(spellings.values())) != 1:
+        raise UserError(f"config.json: expected one expert count, got {spellings or 'none'}")
+    step = int(hf.get("decoder_sparse_step", 1))
+    moe = MoeConfig(
+        num_experts=next(iter(spellings.values())),
+        top_k=hf["num_experts_per_tok"],
+        ffn_hidden_size=hf["moe_intermediate_size"],
+        # HF's layer i is MoE when (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers
+        layer_freq=step,
+        first_dense_layers=step - 1,
+        dense_layers=list(hf.get("mlp_only_layers") or []),
+        score_function="softmax",
+        pre_softmax=not hf.get("norm_topk_prob", False),  # transformers' default: not renormalized
+        load_balancing="global_aux_loss",
+        aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.001)),
+    )
+    return {**_read_qwen3(hf), "moe": moe}
+
+
+def _write_qwen3_moe(model: ModelConfig) -> dict[str, Any]:
+    moe = model.moe
+    pattern = moe_layer_pattern(model)
+    step = moe.layer_freq if moe.first_dense_layers == moe.layer_freq - 1 else 1
+    mlp_only = [i for i in range(model.num_layers) if (i + 1) % step == 0 and not pattern[i]]
+    return {
+        **_write_qwen3(model),
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.ffn_hidden_size or model.ffn_hidden_size,
+        "decoder_sparse_step": step,
+        "mlp_only_layers": mlp_only,
+        "norm_topk_prob": not moe.pre_softmax,
+        "router_aux_loss_coef": moe.aux_loss_coeff,
+        "output_router_logits": False,
+    }
+
+
+_QWEN3_KEYS = frozenset({"attention_bias", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
+FAMILIES = (
+    Family("Llama", "LlamaForCausalLM", "llama", frozenset({"attention_bias", "mlp_bias", "pretraining_tp"}),
+           _read_llama, _write_llama),
+    Family("Mixtral", "MixtralForCausalLM", "mixtral",
+           frozenset({"num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
+                      "sliding_window"}),
+           _read_mixtral, _write_mixtral, experts=Experts("block_sparse_moe", "w1", "w3", "w2")),
+    Family("Qwen3", "Qwen3ForCausalLM", "qwen3", _QWEN3_KEYS, _read_qwen3, _write_qwen3, qk_norm=True),
+    Family("Qwen3-MoE", "Qwen3MoeForCausalLM", "qwen3_moe",
+           _QWEN3_KEYS | {"num_experts", "num_local_experts", "num_experts_per_tok", "norm_topk_prob",
+                          "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef"},
+           _read_qwen3_moe, _write_qwen3_moe, qk_norm=True,
+           experts=Experts("mlp", "gate_proj", "up_proj", "down_proj")),
+)  # fmt: skip
+ARCHITECTURES = {f.architecture: f for f in FAMILIES}
+
+
+def family_of(hf: Mapping) -> Family:
+    """The family config.json's `architectures` names."""
     names = hf.get("architectures") or []
     for name in names:
         if name in ARCHITECTURES:
@@ -112,113 +199,298 @@ def _architecture(hf: Mapping) -> str:
     raise UserError(f"config.json: architectures {names} not supported; expected one of {sorted(ARCHITECTURES)}")
 
 
-def _check_exportable(model: ModelConfig) -> None:
-    moe = model.moe
-    problems = []
+def model_config_from_hf(hf: Mapping) -> ModelConfig:
+    """Our model section for an HF config.json; a key that would change the math and that the
+    family does not map is refused in one line."""
+    family = family_of(hf)
+    _check_keys(hf, family)
+    heads = hf["num_attention_heads"]
+    theta, scaling = _rope(hf)
+    fields: dict[str, Any] = dict(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        vocab_size=hf["vocab_size"],
+        seq_length=min(int(hf.get("max_position_embeddings", 4096)), 4096),
+        rotary_base=theta,
+        rope_scaling=scaling,
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-5)),
+        untie_embeddings=not hf.get("tie_word_embeddings", False),
+        attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        init_method_std=float(hf.get("initializer_range", 0.02)),
+    )
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+        fields["head_dim"] = hf["head_dim"]
+    fields.update(family.read(hf))
+    return ModelConfig(**fields)
+
+
+def _check_keys(hf: Mapping, family: Family) -> None:
+    unknown = sorted(set(hf) - _METADATA - _CORE - family.keys)
+    if unknown:
+        raise UserError(
+            f"config.json: {', '.join(unknown)} not mapped for {family.architecture} (each may change the "
+            "math; refused rather than ignored)"
+        )
+    for key, allowed in _FIXED.items():
+        if key in hf and hf[key] not in allowed:
+            if key == "sliding_window" and hf.get("use_sliding_window") is False:
+                continue  # Qwen3 writes a window it does not use
+            raise UserError(f"config.json: {key} = {hf[key]!r} is not supported (only {allowed[0]!r})")
+
+
+_ROPE_KEYS = {
+    "default": {"rope_type", "type", "rope_theta"},
+    "llama3": {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor"}
+    | {"original_max_position_embeddings"},
+}
+
+
+def _rope(hf: Mapping) -> tuple[float, RopeScalingConfig]:
+    """(theta, scaling) from either spelling: `rope_theta` + `rope_scaling` (the hub's Llama-3.1,
+    transformers 4) or `rope_parameters` (transformers 5)."""
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], Mapping):
+            raise UserError(f"config.json: {key} must be an object, got {hf[key]!r}")
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in _ROPE_KEYS:
+        raise UserError(f"config.json: rope type {kind!r} is not supported (default | llama3)")
+    extra = sorted(set(params) - _ROPE_KEYS[kind])
+    if extra:
+        raise UserError(f"config.json: rope fields {extra} not supported with rope type {kind!r}")
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    if theta is None:
+        raise UserError("config.json: no rope_theta (neither at the top nor in rope_parameters)")
+    if kind == "default":
+        return float(theta), RopeScalingConfig()
+    try:
+        scaling = RopeScalingConfig(
+            type="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_context=int(params["original_max_position_embeddings"]),
+        )
+    except KeyError as exc:
+        raise UserError(f"config.json: llama3 rope scaling without {exc}") from None
+    return float(theta), scaling
+
+
+def _rope_json(model: ModelConfig) -> dict[str, Any]:
+    """The hub's spelling (`rope_theta`, `rope_scaling`), which transformers 4 and 5 both read."""
+    out: dict[str, Any] = {"rope_theta": model.rotary_base, "rope_scaling": None}
+    s = model.rope_scaling
+    if s.type == "llama3":
+        out["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_context,
+        }
+    return out
+
+
+def export_family(model: ModelConfig) -> Family:
+    """The HF family that expresses `model`, or a one-line UserError naming what none can."""
+    moe, problems = model.moe, []
     if model.add_bias_linear:
         problems.append("model.add_bias_linear")
-    if moe.num_experts is not None:
-        if not all(moe_layer_pattern(model)):
-            problems.append("dense layers between MoE layers")
-        if moe.shared_expert_ffn_hidden_size:
-            problems.append("shared experts")
-        if moe.score_function != "softmax" or moe.pre_softmax or moe.expert_bias:
-            problems.append("a router other than Mixtral's (softmax over the top-k)")
+    if moe.num_experts is None:
+        _refuse(problems)
+        return FAMILIES[2 if model.qk_layernorm else 0]
+    if not all(moe_layer_pattern(model)) and not model.qk_layernorm:
+        problems.append("dense layers between MoE layers without model.qk_layernorm (Mixtral has none)")
+    if moe.shared_expert_ffn_hidden_size:
+        problems.append("shared experts")
+    if moe.score_function != "softmax" or moe.expert_bias:
+        problems.append("a router other than softmax top-k")
+    if moe.pre_softmax and not model.qk_layernorm:
+        problems.append("model.moe.pre_softmax without model.qk_layernorm (Mixtral renormalizes the top-k)")
+    _refuse(problems)
+    return FAMILIES[3 if model.qk_layernorm else 1]
+
+
+def _refuse(problems: list[str]) -> None:
     if problems:
-        raise UserError(f"cannot express {', '.join(problems)} as Llama or Mixtral")
+        raise UserError(f"cannot express {', '.join(problems)} as {', '.join(f.name for f in FAMILIES)}")
 
 
-def _qkv_dims(model: ModelConfig) -> tuple[int, int, int]:
-    heads = model.num_attention_heads
-    groups = model.num_query_groups or heads
-    return heads, groups, model.hidden_size // heads
+def hf_config_from_model(model: ModelConfig, vocab_size: int) -> dict:
+    """config.json for our model, in the family that expresses it (export_family)."""
+    family = export_family(model)
+    config = {
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_query_groups or model.num_attention_heads,
+        "head_dim": head_dim(model),
+        "vocab_size": vocab_size,
+        "max_position_embeddings": model.seq_length,
+        **_rope_json(model),
+        "rms_norm_eps": model.norm_epsilon,
+        "tie_word_embeddings": not model.untie_embeddings,
+        "hidden_act": "silu",
+        "attention_dropout": model.attention_dropout,
+        "initializer_range": model.init_method_std,
+        "torch_dtype": "float32",
+    }
+    return {**config, **family.write(model)}
 
 
-def _layer_names(i: int) -> Iterator[tuple[str, str]]:
-    """(ours, HF) for the per-layer tensors that map one to one."""
-    yield f"decoder.layers.{i}.input_layernorm.weight", f"model.layers.{i}.input_layernorm.weight"
-    yield f"decoder.layers.{i}.pre_mlp_layernorm.weight", f"model.layers.{i}.post_attention_layernorm.weight"
-    yield f"decoder.layers.{i}.self_attention.linear_proj.weight", f"model.layers.{i}.self_attn.o_proj.weight"
+# ------------------------------------------------------------------------------ tensors
+
+How = Literal["copy", "rows", "qkv", "stack"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One of our tensors and the HF tensors it is made of: copied, vocabulary rows (padded on
+    import, trimmed on export), the fused QKV, or stacked [first; second] (SwiGLU fc1)."""
+
+    ours: str
+    theirs: tuple[str, ...]
+    how: How = "copy"
+
+
+def rules(model: ModelConfig, family: Family) -> list[Rule]:
+    """Every tensor of `model` (TP=PP=EP=1 names) with its HF source in `family`."""
+    out = [
+        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "rows"),
+        Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
+    ]
+    if model.untie_embeddings:
+        out.append(Rule("output_layer.weight", ("lm_head.weight",), "rows"))
+    for i, is_moe in enumerate(moe_layer_pattern(model)):
+        ours, theirs = f"decoder.layers.{i}", f"model.layers.{i}"
+        attn = f"{theirs}.self_attn"
+        out += [
+            Rule(f"{ours}.input_layernorm.weight", (f"{theirs}.input_layernorm.weight",)),
+            Rule(f"{ours}.pre_mlp_layernorm.weight", (f"{theirs}.post_attention_layernorm.weight",)),
+            Rule(f"{ours}.self_attention.linear_proj.weight", (f"{attn}.o_proj.weight",)),
+            Rule(
+                f"{ours}.self_attention.linear_qkv.weight",
+                (f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"),
+                "qkv",
+            ),
+        ]
+        if family.qk_norm:
+            out += [
+                Rule(f"{ours}.self_attention.q_layernorm.weight", (f"{attn}.q_norm.weight",)),
+                Rule(f"{ours}.self_attention.k_layernorm.weight", (f"{attn}.k_norm.weight",)),
+            ]
+        if not is_moe or family.experts is None:
+            out += _mlp_rules(f"{ours}.mlp", f"{theirs}.mlp", "gate_proj", "up_proj", "down_proj")
+            continue
+        names = family.experts
+        block = f"{theirs}.{names.prefix}"
+        out.append(Rule(f"{ours}.mlp.router.weight", (f"{block}.gate.weight",)))
+        for e in range(model.moe.num_experts or 0):
+            expert = f"{ours}.mlp.experts.local_experts.{e}"
+            out += _mlp_rules(expert, f"{block}.experts.{e}", names.gate, names.up, names.down)
+    return out
+
+
+def _mlp_rules(ours: str, theirs: str, gate: str, up: str, down: str) -> list[Rule]:
+    return [
+        Rule(f"{ours}.linear_fc1.weight", (f"{theirs}.{gate}.weight", f"{theirs}.{up}.weight"), "stack"),
+        Rule(f"{ours}.linear_fc2.weight", (f"{theirs}.{down}.weight",)),
+    ]
+
+
+# HF tensors that are recomputed, not learned (old Llama checkpoints saved them)
+_DERIVED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 def hf_to_ours(hf: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab: int) -> dict[str, torch.Tensor]:
-    """Our state dict (TP=PP=EP=1 names) from HF tensors; a missing HF tensor is a UserError."""
-    get = _getter(hf)
-    heads, groups, d = _qkv_dims(model)
-    out = {
-        "embedding.word_embeddings.weight": _pad_rows(get("model.embed_tokens.weight"), padded_vocab),
-        "decoder.final_layernorm.weight": get("model.norm.weight"),
-    }
-    if model.untie_embeddings:
-        out["output_layer.weight"] = _pad_rows(get("lm_head.weight"), padded_vocab)
-    for i, is_moe in enumerate(moe_layer_pattern(model)):
-        for ours, theirs in _layer_names(i):
-            out[ours] = get(theirs)
-        attn = f"model.layers.{i}.self_attn"
-        q = get(f"{attn}.q_proj.weight").view(groups, heads // groups * d, -1)
-        k = get(f"{attn}.k_proj.weight").view(groups, d, -1)
-        v = get(f"{attn}.v_proj.weight").view(groups, d, -1)
-        out[f"decoder.layers.{i}.self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).flatten(0, 1)
-        if not is_moe:
-            mlp = f"model.layers.{i}.mlp"
-            out[f"decoder.layers.{i}.mlp.linear_fc1.weight"] = torch.cat(
-                [get(f"{mlp}.gate_proj.weight"), get(f"{mlp}.up_proj.weight")]
-            )
-            out[f"decoder.layers.{i}.mlp.linear_fc2.weight"] = get(f"{mlp}.down_proj.weight")
-            continue
-        moe = f"model.layers.{i}.block_sparse_moe"
-        out[f"decoder.layers.{i}.mlp.router.weight"] = get(f"{moe}.gate.weight")
-        for e in range(model.moe.num_experts or 0):
-            ours = f"decoder.layers.{i}.mlp.experts.local_experts.{e}"
-            out[f"{ours}.linear_fc1.weight"] = torch.cat(
-                [get(f"{moe}.experts.{e}.w1.weight"), get(f"{moe}.experts.{e}.w3.weight")]
-            )
-            out[f"{ours}.linear_fc2.weight"] = get(f"{moe}.experts.{e}.w2.weight")
+    """Our state dict (TP=PP=EP=1 names) from HF tensors. Every rule's tensors must be there and
+    every HF tensor must be read by a rule, or a one-line UserError names them."""
+    family = export_family(model)
+    table = rules(model, family)
+    wanted = {name for rule in table for name in rule.theirs}
+    missing = sorted(wanted - set(hf))
+    tied_head = not model.untie_embeddings and "lm_head.weight" in hf  # some tied checkpoints keep a copy
+    read = wanted | ({"lm_head.weight"} if tied_head else set())
+    unused = sorted(n for n in set(hf) - read if not n.endswith(_DERIVED_SUFFIXES))
+    if missing:
+        raise UserError(f"Hugging Face checkpoint lacks {len(missing)} tensor(s) {family.name} needs: {_few(missing)}")
+    if unused:
+        raise UserError(
+            f"Hugging Face checkpoint has {len(unused)} tensor(s) no {family.name} rule maps: {_few(unused)}"
+        )
+    if tied_head and not torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]):
+        raise UserError(
+            "Hugging Face checkpoint: tie_word_embeddings is true but lm_head.weight differs from embed_tokens"
+        )
+    groups, heads, d = _qkv_dims(model)
+    out = {}
+    for rule in table:
+        parts = [hf[name] for name in rule.theirs]
+        if rule.how == "rows":
+            out[rule.ours] = _pad_rows(parts[0], padded_vocab)
+        elif rule.how == "qkv":
+            q, k, v = parts
+            q, k, v = q.view(groups, heads // groups * d, -1), k.view(groups, d, -1), v.view(groups, d, -1)
+            out[rule.ours] = torch.cat([q, k, v], dim=1).flatten(0, 1)
+        elif rule.how == "stack":
+            out[rule.ours] = torch.cat(parts)
+        else:
+            out[rule.ours] = parts[0]
     return out
 
 
 def ours_to_hf(ours: Mapping[str, torch.Tensor], model: ModelConfig, vocab_size: int) -> dict[str, torch.Tensor]:
     """HF tensors from our state dict (TP=PP=EP=1 names); the inverse of hf_to_ours."""
-    _check_exportable(model)
-    heads, groups, d = _qkv_dims(model)
-    out = {
-        "model.embed_tokens.weight": ours["embedding.word_embeddings.weight"][:vocab_size],
-        "model.norm.weight": ours["decoder.final_layernorm.weight"],
-    }
-    if model.untie_embeddings:
-        out["lm_head.weight"] = ours["output_layer.weight"][:vocab_size]
-    for i, is_moe in enumerate(moe_layer_pattern(model)):
-        for mine, theirs in _layer_names(i):
-            out[theirs] = ours[mine]
-        attn = f"model.layers.{i}.self_attn"
-        qkv = ours[f"decoder.layers.{i}.self_attention.linear_qkv.weight"].view(groups, (heads // groups + 2) * d, -1)
-        q, k, v = torch.split(qkv, [heads // groups * d, d, d], dim=1)
-        out[f"{attn}.q_proj.weight"] = q.flatten(0, 1)
-        out[f"{attn}.k_proj.weight"] = k.flatten(0, 1)
-        out[f"{attn}.v_proj.weight"] = v.flatten(0, 1)
-        if not is_moe:
-            mlp = f"model.layers.{i}.mlp"
-            gate, up = ours[f"decoder.layers.{i}.mlp.linear_fc1.weight"].chunk(2)
-            out[f"{mlp}.gate_proj.weight"], out[f"{mlp}.up_proj.weight"] = gate, up
-            out[f"{mlp}.down_proj.weight"] = ours[f"decoder.layers.{i}.mlp.linear_fc2.weight"]
-            continue
-        moe = f"model.layers.{i}.block_sparse_moe"
-        out[f"{moe}.gate.weight"] = ours[f"decoder.layers.{i}.mlp.router.weight"]
-        for e in range(model.moe.num_experts or 0):
-            mine = f"decoder.layers.{i}.mlp.experts.local_experts.{e}"
-            w1, w3 = ours[f"{mine}.linear_fc1.weight"].chunk(2)
-            out[f"{moe}.experts.{e}.w1.weight"], out[f"{moe}.experts.{e}.w3.weight"] = w1, w3
-            out[f"{moe}.experts.{e}.w2.weight"] = ours[f"{mine}.linear_fc2.weight"]
+    groups, heads, d = _qkv_dims(model)
+    out: dict[str, torch.Tensor] = {}
+    for rule in rules(model, export_family(model)):
+        tensor = ours[rule.ours]
+        if rule.how == "rows":
+            parts = [tensor[:vocab_size]]
+        elif rule.how == "qkv":
+            qkv = tensor.view(groups, (heads // groups + 2) * d, -1)
+            parts = [p.flatten(0, 1) for p in torch.split(qkv, [heads // groups * d, d, d], dim=1)]
+        elif rule.how == "stack":
+            parts = list(tensor.chunk(2))
+        else:
+            parts = [tensor]
+        out.update(zip(rule.theirs, parts))
     return {name: t.contiguous() for name, t in out.items()}
 
 
-def _getter(hf: Mapping[str, torch.Tensor]) -> Callable[[str], torch.Tensor]:
-    def get(name: str) -> torch.Tensor:
-        if name not in hf:
-            raise UserError(f"Hugging Face checkpoint has no tensor '{name}'")
-        return hf[name]
+def load_exactly(model: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copies `state` into `model` (TP=PP=EP=1): the same names and shapes, or a one-line UserError
+    and the model untouched."""
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(
+            f"{source}: tensors do not match the architecture (model tensors no rule assigns: "
+            f"{_few(missing) or 'none'}; rule tensors the model lacks: {_few(unexpected) or 'none'})"
+        )
+    for name, tensor in state.items():
+        if tuple(own[name].shape) != tuple(tensor.shape):
+            raise UserError(
+                f"{source}: '{name}' has shape {tuple(tensor.shape)}, the architecture needs {tuple(own[name].shape)}"
+            )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            own[name].copy_(tensor)
 
-    return get
+
+def _qkv_dims(model: ModelConfig) -> tuple[int, int, int]:
+    heads = model.num_attention_heads
+    return model.num_query_groups or heads, heads, head_dim(model)
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f", … ({len(names) - 3} more)" if len(names) > 3 else "")
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

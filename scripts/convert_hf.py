@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Mixtral safetensors <-> our megatron-core checkpoints.
+"""Hugging Face Llama / Mixtral / Qwen3 / Qwen3-MoE safetensors <-> our megatron-core checkpoints.
 
     python scripts/convert_hf.py import HF_DIR CKPT_DIR     # then: checkpoint.load=CKPT_DIR
     python scripts/convert_hf.py export CHECKPOINT HF_DIR    # CHECKPOINT: a checkpoint dir or iter_N
@@ -65,7 +65,7 @@ def _build(model_cfg: ModelConfig, vocab_size: int) -> tuple[torch.nn.Module, in
 def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     import yaml
 
-    from model.hf import hf_to_ours, model_config_from_hf
+    from model.hf import hf_to_ours, load_exactly, model_config_from_hf
     from pretrain import checkpoint
     from pretrain.recipe import Recipe, recipe_to_dict
 
@@ -90,30 +90,12 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     assert model_cfg.vocab_size is not None  # model_config_from_hf reads it from config.json
     model, vocab = _build(model_cfg, model_cfg.vocab_size)
     ours = hf_to_ours(read_hf_tensors(hf_dir), model_cfg, vocab)
-    _load_exactly(model, ours, f"{hf_dir}")
+    load_exactly(model, ours, f"{hf_dir}")
     recipe = Recipe(model=model_cfg)
     extra = {"step": 0, "recipe": recipe_to_dict(recipe), "vocab_size": model_cfg.vocab_size, "source": str(hf_dir)}
     path = checkpoint.save(out_dir, 0, [model], None, extra)
     (out_dir / "model.yaml").write_text(yaml.safe_dump({"model": recipe_to_dict(recipe)["model"]}, sort_keys=False))
     return path
-
-
-def _load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise UserError(
-            f"{source}: tensors do not match the architecture "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
-    own = model.state_dict()
-    for name, tensor in _progress(sorted(state.items()), "converting"):
-        if tuple(own[name].shape) != tuple(tensor.shape):
-            raise UserError(
-                f"{source}: '{name}' has shape {tuple(tensor.shape)}, the architecture needs {tuple(own[name].shape)}"
-            )
-        with torch.no_grad():
-            own[name].copy_(tensor)
 
 
 def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
