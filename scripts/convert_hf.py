@@ -62,6 +62,15 @@ def _build(model_cfg: ModelConfig, vocab_size: int) -> tuple[torch.nn.Module, in
     return chunk, vocab
 
 
+def _single_process() -> None:
+    """Conversion runs in one process: its gloo group and megatron-core's groups at size 1, unless
+    the caller (a test, a notebook) already made them."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        init_single_process()
+
+
 def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     import yaml
 
@@ -86,7 +95,7 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
         raise UserError(f"{config_path}: {exc}") from None
     if checkpoint.complete_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints: choose an empty directory")
-    init_single_process()
+    _single_process()
     assert model_cfg.vocab_size is not None  # model_config_from_hf reads it from config.json
     model, vocab = _build(model_cfg, model_cfg.vocab_size)
     ours = hf_to_ours(read_hf_tensors(hf_dir), model_cfg, vocab)
@@ -115,7 +124,7 @@ def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     if vocab_size is None:
         raise UserError(f"checkpoint '{path}' does not record its vocabulary size")
     config = hf_config_from_model(model_cfg, vocab_size)  # refuses what HF cannot express, early
-    init_single_process()
+    _single_process()
     model, _ = _build(model_cfg, vocab_size)
     checkpoint.load(path, [model], None)
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
