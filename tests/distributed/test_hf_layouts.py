@@ -12,9 +12,10 @@ from tests.helpers.hf_families import VOCAB, hf_model, read_tensors
 from tests.helpers.spawn import run_distributed
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
+pytestmark = pytest.mark.slow  # one 2-rank start for every family and layout (about 60 s on 2 shared cores)
 
 TOKENS = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(3))
-LOGITS_ATOL = 1e-5  # as tests/unit/test_hf_families.py; measured at most 4.8e-7 here (2026-12-07)
+LOGITS_ATOL = 1e-5  # as tests/unit/test_hf_families.py: fp32 rounding, where a mapping error is >= 1e-3
 # family -> [(layout sizes, run a forward)]: each family's forward layout splits what it adds
 # (the llama3 frequencies and the q/k norms across tensor ranks, experts across expert ranks)
 LAYOUTS = {
@@ -24,7 +25,7 @@ LAYOUTS = {
     "qwen3-moe": [
         (dict(tensor=2, sequence_parallel=True, expert=2, expert_tensor=1), True),
         (dict(tensor=2, sequence_parallel=True, expert_tensor=2), False),
-        (dict(pipeline=2, expert=2), False),
+        (dict(pipeline=2), False),
     ],
 }
 
@@ -108,7 +109,10 @@ def test_logits_equal_transformers_at_a_multi_rank_layout(name, imported, at_lay
     torch.testing.assert_close(ours, expected, rtol=0, atol=LOGITS_ATOL)
 
 
-@pytest.mark.parametrize("name, sizes", [(name, sizes) for name, layouts in LAYOUTS.items() for sizes, _ in layouts])
+EXPORTS = [(name, sizes) for name, layouts in LAYOUTS.items() for sizes, _ in layouts]
+
+
+@pytest.mark.parametrize("name, sizes", EXPORTS, ids=[f"{n}-{_tag(s)}" for n, s in EXPORTS])
 def test_export_from_any_layout_is_the_imported_tensors_bitwise(name, sizes, imported, at_layouts, tmp_path):
     from scripts.convert_hf import export_hf
 
