@@ -128,3 +128,34 @@ def test_dry_run_counts_equal_transformers_meta_count(recipe_name):
     # negative control: a head_dim read as hidden / heads (64, not Qwen3's 128) changes the count
     if recipe_name == "qwen3_30b_a3b":
         assert parameter_counts(dataclasses.replace(recipe.model, head_dim=None), vocab).total != theirs
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.rope_scaling.type=llama3", "model.rope_scaling.high_freq_factor=1.0"],
+            "model.rope_scaling.high_freq_factor = 1.0 must exceed model.rope_scaling.low_freq_factor = 1.0",
+        ),
+        (["model.moe.dense_layers=[4]"], "model.moe.dense_layers [4] beyond model.num_layers = 4 (0-based)"),
+        (
+            ["model.moe.dense_layers=[0,1,2,3]"],
+            "model.moe.dense_layers leaves no MoE layer: set model.moe.num_experts = null for a dense model",
+        ),
+    ],
+)
+def test_family_keys_are_checked(overrides, message):
+    from common.errors import RecipeError
+
+    with pytest.raises(RecipeError) as info:
+        load_recipe("tiny_qwen3_moe", overrides)  # validates the model against the layout
+    assert str(info.value) == message
+
+
+def test_head_dim_need_not_divide_the_hidden_size():
+    """Qwen3's heads are as wide as the checkpoint says: 3 heads of 32 over a hidden size of 64."""
+    from model.gpt import layer_parameters
+
+    recipe = load_recipe("tiny_qwen3_moe", ["model.num_attention_heads=3", "model.num_query_groups=1"])
+    # q 3×32, k and v 32 each from 64; o back to 64; q/k norms of 32; two RMSNorms; SwiGLU 176
+    assert layer_parameters(recipe.model, False) == 64 * 160 + 96 * 64 + 2 * 32 + 2 * 64 + 3 * 64 * 176
