@@ -51,13 +51,15 @@ def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
     experts, router); causal attention scores and values add 6 · layers · seq · hidden (half of the
     full square).
     """
+    from model.config import head_dim
     from model.gpt import parameter_counts
 
-    norms = (2 * model.num_layers + 1) * model.hidden_size
+    qk_norms = 2 * head_dim(model) if model.qk_layernorm else 0
+    norms = (2 * model.num_layers + 1) * model.hidden_size + model.num_layers * qk_norms
     matmul_params = parameter_counts(model, vocab_size).active - vocab_size * model.hidden_size - norms
     if not model.untie_embeddings:
         matmul_params += vocab_size * model.hidden_size  # the tied output layer is still a matmul
-    attention = 6 * model.num_layers * model.seq_length * model.hidden_size
+    attention = 6 * model.num_layers * model.seq_length * model.num_attention_heads * head_dim(model)
     return 6.0 * matmul_params + attention
 
 
