@@ -34,10 +34,12 @@ import torch
 from common.errors import UserError
 from model.config import ModelConfig, MoeConfig, RopeScalingConfig, head_dim, moe_layer_pattern
 
-# config.json keys that change no math: token ids, dtypes, versions, caching, the HF loss switch
+# config.json keys that change no math: token ids, dtypes, versions, caching, the HF loss switch,
+# and Llama-1's max_sequence_length, which transformers never read
 _METADATA = frozenset(
     {"architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype"}
     | {"transformers_version", "use_cache", "_name_or_path", "output_router_logits", "initializer_range"}
+    | {"max_sequence_length"}
 )
 # keys every family reads (the Llama core)
 _CORE = frozenset(
@@ -255,6 +257,8 @@ def _rope(hf: Mapping) -> tuple[float, RopeScalingConfig]:
         if hf.get(key) is not None and not isinstance(hf[key], Mapping):
             raise UserError(f"config.json: {key} must be an object, got {hf[key]!r}")
     params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    if params.get("partial_rotary_factor") == 1.0:  # rotary over whole heads, as ours
+        del params["partial_rotary_factor"]
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind not in _ROPE_KEYS:
         raise UserError(f"config.json: rope type {kind!r} is not supported (default | llama3)")
