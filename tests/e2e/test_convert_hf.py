@@ -1,4 +1,4 @@
-"""scripts/convert_hf.py against transformers' own Llama, Mixtral and Qwen3-MoE, built locally from small
+"""scripts/convert_hf.py against transformers' own Llama and Mixtral, built locally from small
 configs with random weights (no hub): logits parity, exact round trips, and other layouts in/out."""
 
 import json
@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 
-from tests.helpers.hf_families import FAMILIES
 from tests.helpers.runs import REPO, read_metrics, run_pretrain, tiny_overrides
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
@@ -54,10 +53,9 @@ def _mixtral_config():
 HF_MODELS = {
     "llama": (_llama_config, "LlamaForCausalLM"),
     "mixtral": (_mixtral_config, "MixtralForCausalLM"),
-    # QK-norm, head_dim 32 != 64 / 4, a dense layer among MoE ones; every family in-process:
-    # tests/unit/test_hf_families.py, at other layouts: tests/distributed/test_hf_layouts.py
-    "qwen3-moe": (lambda: transformers.Qwen3MoeConfig(**FAMILIES["qwen3-moe"][2]), "Qwen3MoeForCausalLM"),
 }
+# Every family (Qwen3 and Qwen3-MoE too) in one process: tests/unit/test_hf_families.py; import_hf
+# and export_hf at other layouts: tests/distributed/test_hf_layouts.py.
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
