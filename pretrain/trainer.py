@@ -13,11 +13,12 @@ import torch
 
 from data.loader import BatchPlan, TrainBatches
 from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_group, pick_device, world_from_env
-from pretrain.checkpointer import Checkpointer, TrainState
+from planning.setup import validate_for_world
+from pretrain.checkpoint.checkpointer import Checkpointer, TrainState
 from pretrain.guards import Guards, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
 from pretrain.metrics import Metrics, MetricsLog, device_peak_tflops, flops_per_token
 from pretrain.profiling import Profiler
-from pretrain.recipe import Recipe, check_output_dirs, recipe_to_dict, validate_for_world, write_recipe
+from pretrain.recipe import Recipe, check_output_dirs, recipe_to_dict, write_recipe
 from pretrain.step import Evaluation, Step
 from upstream import cpu
 
@@ -44,7 +45,7 @@ def build_runtime(recipe: Recipe) -> tuple[Layout, BatchPlan, RankInfo, Any, tor
     layout, plan = validate_for_world(recipe, world_size)
     device = pick_device(recipe.train.device, local_rank)
     if recipe.fp8.enabled:  # transformer-engine and its version, the device's FP8 GEMMs: before any work
-        from model.fp8 import check_runtime
+        from model.fp8.linear import check_runtime
 
         check_runtime(recipe.fp8, recipe.model, device)
     cpu.enable(device)
@@ -200,7 +201,7 @@ def _fp8_lines(run: Run, peak: float | None, fp8_peak: float | None) -> list[str
     """What an FP8 run logs before its first step; every rank takes part (its linears are gathered)."""
     import torch.distributed as dist
 
-    from model.fp8 import describe, linear_places, summarize
+    from model.fp8.linear import describe, linear_places, summarize
 
     lines = [describe(run.recipe.fp8, run.recipe.model)]
     if run.recipe.model.transformer_impl == "local":

@@ -2,7 +2,7 @@
 
 Each `Fix` names the upstream site it exists for and says what goes wrong without it; the upstream
 tests show each site failing unfixed. `apply_all()` runs once per process (upstream/process.py);
-the two Adam-step fixes act around a checkpoint load (pretrain/checkpoint.py calls them).
+the two Adam-step fixes act around a checkpoint load (pretrain/checkpoint/storage.py calls them).
 """
 
 from __future__ import annotations

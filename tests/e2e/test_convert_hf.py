@@ -1,4 +1,4 @@
-"""scripts/convert_hf.py against transformers' own Llama and Mixtral, built locally from small
+"""tools/convert_hf.py against transformers' own Llama and Mixtral, built locally from small
 configs with random weights (no hub): logits parity, exact round trips, and other layouts in/out."""
 
 import json
@@ -58,7 +58,7 @@ HF_MODELS = {
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "scripts/convert_hf.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "tools.convert_hf", *args], cwd=REPO, capture_output=True, text=True, timeout=300
     )
 
 
@@ -106,13 +106,13 @@ def _our_logits(ckpt: pathlib.Path, tokens: torch.Tensor) -> torch.Tensor:
     import yaml
 
     from model.gpt import ModelBuild, build_model_chunks, padded_vocab_size
-    from pretrain import checkpoint
+    from pretrain.checkpoint import storage
     from pretrain.recipe import model_config_from_dict
 
     model_cfg = model_config_from_dict(yaml.safe_load((ckpt / "model.yaml").read_text())["model"], "model.yaml")
     vocab = padded_vocab_size(model_cfg, model_cfg.vocab_size, tensor=1)
     (model,) = build_model_chunks(model_cfg, ModelBuild(perform_initialization=False), vocab)
-    checkpoint.load(checkpoint.resolve_load(str(ckpt), ckpt), [model], None)
+    storage.load(storage.resolve_load(str(ckpt), ckpt), [model], None)
     model.eval()
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """Our trainer against an outside implementation: a Hugging Face Llama (built locally, random
-weights) imported with scripts/convert_hf.py and trained by pretrain_gpt.py gives, step for step,
+weights) imported with tools/convert_hf.py and trained by pretrain_gpt.py gives, step for step,
 the losses, gradient norms and learning rates of transformers' own forward with torch's AdamW, the
 same LR schedule (computed here from its formula), the same clipping and the same samples.
 
@@ -61,7 +61,7 @@ def imported(tmp_path_factory):
     root = tmp_path_factory.mktemp("outside")
     model.save_pretrained(root / "hf")
     proc = subprocess.run(
-        [sys.executable, "scripts/convert_hf.py", "import", str(root / "hf"), str(root / "ckpt")],
+        [sys.executable, "-m", "tools.convert_hf", "import", str(root / "hf"), str(root / "ckpt")],
         cwd=REPO,
         capture_output=True,
         text=True,

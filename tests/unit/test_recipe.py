@@ -7,6 +7,7 @@ import textwrap
 import pytest
 
 from common.errors import RecipeError, UserError
+from planning.setup import validate_for_world
 from pretrain.recipe import (
     RECIPES_DIR,
     Recipe,
@@ -14,7 +15,6 @@ from pretrain.recipe import (
     load_recipe,
     recipe_to_dict,
     resolve_recipe_path,
-    validate_for_world,
     validate_static,
 )
 
