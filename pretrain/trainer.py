@@ -111,7 +111,7 @@ def build_step(
         bucket_size=recipe.parallel.bucket_size,
     )
     tokens = t.micro_batch_size * recipe.model.seq_length
-    numerics = Numerics(t.precision, t.grad_clip, t.steps, tokens, recipe.fp8.recipe if te_fp8 else None)
+    numerics = Numerics(t.precision, t.grad_clip, tokens, recipe.fp8.recipe if te_fp8 else None)
     optimizer = build_optimizer(
         recipe.optimizer, numerics, chunks, recipe.parallel.distributed_optimizer, fp32_params=layout.fsdp is not None
     )
