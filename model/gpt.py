@@ -27,7 +27,6 @@ class ModelBuild:
 
     layout: Layout = dataclasses.field(default_factory=lambda: Layout(world_size=1))
     precision: str = "fp32"
-    use_cpu_initialization: bool = True  # CPU init is also what makes init TP-size invariant
     perform_initialization: bool = True
     init_seed: int = 1234  # per-layer init streams derive from it (model/layers.py)
     batch_p2p_comm: bool = True  # False on gloo: see transformer_config
@@ -133,7 +132,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         # (docs/megatron-core-on-cpu.md, "Silent traps"); NCCL batches correctly.
         batch_p2p_comm=build.batch_p2p_comm,
         overlap_p2p_comm=build.overlap_p2p_comm,
-        use_cpu_initialization=build.use_cpu_initialization,
+        use_cpu_initialization=True,  # CPU init is also what makes init TP-size invariant
         perform_initialization=build.perform_initialization,
         **recompute_fields(model),
         **transformer_config_fields(model, layout.expert_tensor or layout.tensor, build.precision),

@@ -12,6 +12,8 @@ from data.loader import BatchPlan
 from model.config import moe_layer_pattern
 from model.gpt import layer_parameters, padded_vocab_size, parameter_counts
 from parallel.layout import Layout
+from planning.memory import estimate_setup
+from planning.report import dry_run_setup, fit_lines, memory_json, table_lines
 from planning.setup import stage_layers, validate_for_world, vocab_size
 
 if TYPE_CHECKING:
@@ -90,9 +92,6 @@ def _human(n: int) -> str:
 
 def dry_run(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None, as_json: bool = False) -> str:
     """The dry run's report: text lines, or one JSON object when `as_json`."""
-    from planning.memory import estimate_setup
-    from planning.report import dry_run_setup, fit_lines, memory_json, table_lines
-
     layout, batch_plan, vocab, stages = plan(recipe, world_size)
     counts = parameter_counts(recipe.model, vocab)
     built = meta_parameter_count(recipe, vocab)

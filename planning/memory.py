@@ -9,7 +9,7 @@ import math
 from typing import TYPE_CHECKING
 
 from model.config import ModelConfig, moe_layer_pattern
-from model.gpt import layer_parameters
+from model.gpt import layer_parameters, padded_vocab_size
 from parallel.layout import Layout
 from planning import activations as act
 from planning.activations import FP32, Kernels, Shape
@@ -373,8 +373,6 @@ def stage_activations(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, 
 def setup_for(recipe: Recipe, world_size: int, target: Target | None = None, vocab: int | None = None) -> Setup:
     """The layout and batch plan for `world_size` ranks (validated as the run would be), the padded
     vocabulary (`vocab`: the unpadded size, else read from the recipe or its tokenizer)."""
-    from model.gpt import padded_vocab_size
-
     layout, batch = validate_for_world(recipe, world_size)
     target = target or Target.for_device("cuda", recipe.model.transformer_impl)
     padded = padded_vocab_size(recipe.model, vocab or vocab_size(recipe), layout.tensor)

@@ -9,6 +9,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from common.errors import RecipeError
+from model.config import check_model
+from model.gpt import parameter_counts
+from planning.memory import Target, estimate_setup, setup_for
+from planning.report import recompute_candidates, reserve_bytes
+from planning.step_time import step_time
 
 if TYPE_CHECKING:
     from pretrain.recipe import Recipe
@@ -33,8 +38,6 @@ def _divisors(n: int) -> list[int]:
 def _recomputes(recipe: Recipe, cache: dict[tuple, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """A short ladder of recompute settings, cheapest first (the planner's, not the dry run's search);
     which are valid depends only on the layers per model chunk, so `cache` keeps them per split."""
-    from planning.report import recompute_candidates
-
     p = recipe.parallel
     key = (p.pipeline, p.virtual_pipeline, p.first_stage_layers, p.last_stage_layers)
     if key in cache:
@@ -90,10 +93,6 @@ def _apply(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
 
 def candidates(recipe: Recipe, gpus: int, gpu: Any, vocab: int) -> list[Candidate]:
     """Every valid (layout, recompute) with its step time, fastest first."""
-    from model.config import check_model
-    from planning.memory import Target, setup_for
-    from planning.step_time import step_time
-
     target = Target.for_device("cuda", recipe.model.transformer_impl)
     out: list[Candidate] = []
     cache: dict[tuple, list[dict[str, Any]]] = {}
@@ -118,9 +117,6 @@ def _recompute_fields(fields: dict[str, Any]) -> dict[str, Any]:
 
 def fitting(ordered: list[Candidate], gpu_bytes: int, top: int) -> tuple[list[Candidate], int]:
     """The first `top` candidates (fastest first) whose worst rank fits; how many were estimated."""
-    from planning.memory import estimate_setup
-    from planning.report import reserve_bytes
-
     found, tried = [], 0
     for c in ordered:
         tried += 1
@@ -175,8 +171,6 @@ def as_overrides(overrides: dict[str, Any]) -> str:
 
 def chinchilla(recipe: Recipe, vocab: int, best: Candidate) -> list[str]:
     """Hoffmann et al. 2022: about 20 tokens per parameter (active parameters for MoE)."""
-    from model.gpt import parameter_counts
-
     counts = parameter_counts(recipe.model, vocab)
     params = counts.active
     tokens = CHINCHILLA_TOKENS_PER_PARAMETER * params

@@ -22,7 +22,7 @@ def validate_for_world(recipe: Recipe, world_size: int) -> tuple[Layout, BatchPl
     beyond = [r for r in t.profile.ranks if r >= world_size] if t.profile.start_step is not None else []
     if beyond:
         raise RecipeError(f"train.profile.ranks {beyond} are not ranks of a world of {world_size}")
-    plan = BatchPlan.of(t.global_batch_size, t.micro_batch_size, layout.data)
+    plan = BatchPlan(t.global_batch_size, t.micro_batch_size, layout.data)
     if layout.pipeline > 1 and plan.micro_batches < layout.pipeline:
         raise RecipeError(
             f"{plan.micro_batches} micro-batches per step (train.global_batch_size / "

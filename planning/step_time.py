@@ -8,7 +8,7 @@ import dataclasses
 
 from model.config import moe_layer_pattern
 from planning.flops import layer_totals, recompute_forward_flops
-from planning.memory import Setup
+from planning.memory import Setup, stage_parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +104,6 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
 def _data_parallel_time(setup: Setup, gpu: Gpu) -> float:
     """The distributed optimizer's reduce-scatter of fp32 gradients and all-gather of the weights
     (a plain all-reduce moves as much), over the data × context ranks, on the network."""
-    from planning.memory import stage_parameters
-
     layout = setup.layout
     dp = layout.data * layout.context
     if dp == 1:

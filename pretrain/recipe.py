@@ -13,7 +13,7 @@ import os
 import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 from common import schema
 from common.errors import RecipeError
@@ -22,6 +22,7 @@ from data.config import DataConfig
 from model.config import Fp8Config, ModelConfig, check_fp8, check_model
 from parallel.config import ParallelConfig
 from pretrain.checkpoint.config import CheckpointConfig
+from pretrain.faults import DebugConfig
 from pretrain.metrics import LoggingConfig
 from pretrain.optim import OptimizerConfig
 from pretrain.profiling import ProfileConfig
@@ -70,34 +71,11 @@ class TrainConfig:
                 f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size = {self.micro_batch_size}"
             )
-        for i, target in enumerate(self.compile):
-            if target not in get_args(CompileTarget):
-                choices = " | ".join(get_args(CompileTarget))
-                raise RecipeError(f"train.compile[{i}] must be one of {choices}, got '{target}'")
         if "layers" in self.compile and len(self.compile) > 1:
             raise RecipeError(
                 f"train.compile = {self.compile}: `layers` compiles each whole layer, its mlp and norms too"
             )
         self.profile.check()
-
-
-@dataclass
-class DebugConfig:
-    """Fault injection, to watch the fault guards work (tests, a new cluster); never set in a real run."""
-
-    nan_loss_at_step: PositiveInt | None = None  # 1-based step whose loss is multiplied by NaN on every rank
-    # 1-based step after whose backward one gradient element on rank 0 is set to NaN (the loss stays
-    # finite): the guard's gradient check and the agreement of every rank on it
-    nan_grad_at_step: PositiveInt | None = None
-    stall_at_step: PositiveInt | None = None  # 1-based step whose forward/backward first sleeps debug.stall_s
-    stall_s: NonNegativeFloat = 0.0  # seconds
-    # 1-based step whose checkpoint pauses save_pause_s seconds after its shards are written and before
-    # it is published (renamed into place), to kill a run mid-save and see the previous one resume.
-    save_pause_at_step: PositiveInt | None = None
-    save_pause_s: NonNegativeFloat = 0.0
-    # checkpoint.async_save: the background writer of every save first sleeps this long while the
-    # trainer goes on, so the snapshot a save writes is seen to be independent of later steps
-    save_write_delay_s: NonNegativeFloat = 0.0
 
 
 @dataclass
@@ -112,7 +90,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)  # fault injection (pretrain/faults.py)
     # Path of the recipe file it was loaded from; not a YAML key.
     source: str | None = field(default=None, metadata={"yaml": False})
 

@@ -15,6 +15,7 @@ from data.loader import BatchPlan, TrainBatches
 from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_group, pick_device, world_from_env
 from planning.setup import validate_for_world
 from pretrain.checkpoint.checkpointer import Checkpointer, TrainState
+from pretrain.faults import FaultInjection
 from pretrain.guards import Guards, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
 from pretrain.metrics import Metrics, MetricsLog, device_peak_tflops, flops_per_token
 from pretrain.profiling import Profiler
@@ -110,7 +111,7 @@ def build_step(
         bucket_size=recipe.parallel.bucket_size,
     )
     tokens = t.micro_batch_size * recipe.model.seq_length
-    numerics = Numerics(t.precision, t.grad_clip, t.steps, tokens, recipe.fp8.recipe if te_fp8 else None)
+    numerics = Numerics(t.precision, t.grad_clip, tokens, recipe.fp8.recipe if te_fp8 else None)
     optimizer = build_optimizer(
         recipe.optimizer, numerics, chunks, recipe.parallel.distributed_optimizer, fp32_params=layout.fsdp is not None
     )
@@ -127,7 +128,7 @@ def build_step(
         seq_length=recipe.model.seq_length,
         seed=t.seed,
         precision=t.precision,
-        debug=recipe.debug,
+        faults=FaultInjection(recipe.debug, torch.distributed.get_rank()),
         device=device,
         groups=groups,
         vocab_size=vocab_size,
@@ -151,7 +152,7 @@ def build_run(recipe: Recipe) -> Run:
         step.scheduler,
         extra={"recipe": recipe_to_dict(recipe), "vocab_size": vocab_size},  # unpadded: what an export keeps
         rank=rank.rank,
-        debug=recipe.debug,
+        faults=step.faults,
     )
     t = recipe.train
     evaluation = Evaluation(step, data, t.eval_interval, t.eval_steps, t.test_at_end)

@@ -46,7 +46,7 @@ def step_samples(
     from data.loader import BatchPlan
 
     first = (step - 1) * global_batch_size
-    plan = BatchPlan.of(global_batch_size, micro_batch_size, dp_size)
+    plan = BatchPlan(global_batch_size, micro_batch_size, dp_size)
     for data_rank in range(dp_size):
         rank_plan = plan.for_rank(data_rank, 0, 1)
         for micro in range(plan.micro_batches):

@@ -7,7 +7,7 @@ site failing without its patch and working with it, so a megatron-core upgrade t
 moves) a site shows up as a failing test rather than as a silent no-op.
 
 Nothing here is ever applied on a GPU run: `enable()` refuses when the run's device is CUDA.
-Bug fixes that hold on every device are upstream/fixes.py's.
+Bug fixes that hold on every device are upstream/fixes.py's; both are `Patch`es (upstream/patch.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from upstream.patch import Patch
+from upstream.patch import Patch, PatchSet
 
 
 def _is_cuda_device(device: object) -> bool:
@@ -356,12 +356,11 @@ class CpuCompat:
     """The applied CPU layer: attribute patches plus the device-rewriting torch function mode."""
 
     def __init__(self, skip: tuple = ()):
-        self.patches = [p for p in _patches() if p.name not in skip]
+        self.patches, self.skip = PatchSet(_patches), skip  # its own Patch objects: layers nest in tests
         self.mode = None if "device.mode" in skip else CudaToCpuMode()
 
     def __enter__(self) -> CpuCompat:
-        for patch in self.patches:
-            patch.apply()
+        self.patches.apply(skip=self.skip)
         if self.mode is not None:
             self.mode.__enter__()
         return self
@@ -369,8 +368,7 @@ class CpuCompat:
     def __exit__(self, *exc: object) -> None:
         if self.mode is not None:
             self.mode.__exit__(*exc)
-        for patch in reversed(self.patches):
-            patch.revert()
+        self.patches.revert()
 
 
 def fork_checkpoint_results_queue() -> bool:

@@ -11,8 +11,8 @@ from pretrain.checkpoint import storage
 from pretrain.checkpoint.config import CheckpointConfig
 
 if TYPE_CHECKING:
+    from pretrain.faults import FaultInjection
     from pretrain.guards import Watchdog
-    from pretrain.recipe import DebugConfig
 
 
 @dataclass
@@ -37,13 +37,13 @@ class Checkpointer:
         scheduler: Any,
         extra: dict[str, Any],
         rank: int,
-        debug: DebugConfig | None = None,
+        faults: FaultInjection | None = None,
     ):
         self.cfg, self.dir = cfg, ckpt_dir
         self.chunks, self.optimizer, self.scheduler = chunks, optimizer, scheduler
         self.extra = extra  # saved with every checkpoint: the recipe, the vocabulary size
         self.rank = rank
-        self.debug = debug  # fault injection: pauses and delays of saves
+        self.faults = faults  # the `debug` section: pauses and delays of saves
         self.async_queue: Any | None = None
         self.saved_at: int | None = None
 
@@ -106,8 +106,7 @@ class Checkpointer:
             "scheduler": self.scheduler.state_dict(),
             **self.extra,
         }
-        debug = self.debug
-        pause = debug.save_pause_s if debug and debug.save_pause_at_step == state.step else 0.0
+        faults = self.faults
         path = storage.save(
             self.dir,
             state.step,
@@ -117,8 +116,8 @@ class Checkpointer:
             optimizer_format=self.cfg.optimizer_format,
             keep_last=self.cfg.keep_last,
             async_queue=self.async_queue,
-            pause_before_publish_s=pause,
-            write_delay_s=debug.save_write_delay_s if debug else 0.0,
+            pause_before_publish_s=faults.save_pause_s(state.step) if faults else 0.0,
+            write_delay_s=faults.save_write_delay_s if faults else 0.0,
         )
         background = " (writing in the background)" if self.cfg.async_save else ""
         self._say(f"saved checkpoint {path}{background}")

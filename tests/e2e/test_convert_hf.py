@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.runs import REPO, read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.tiny_hf import llama_config, mixtral_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
@@ -17,42 +18,9 @@ VOCAB = 1000  # not a multiple of 128: the import pads the vocabulary, the expor
 LOGITS_ATOL = 1e-4  # the issue's bound; measured 2.4e-7 for both models (fp32, 2026-11-23)
 
 
-def _llama_config():
-    # tiny_gpt's architecture (4 layers, h64, SwiGLU 176, 4 heads / 2 groups), as a Llama.
-    return transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-
-
-def _mixtral_config():
-    return transformers.MixtralConfig(
-        hidden_size=64,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=128,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-    )
-
-
 HF_MODELS = {
-    "llama": (_llama_config, "LlamaForCausalLM"),
-    "mixtral": (_mixtral_config, "MixtralForCausalLM"),
+    "llama": (lambda: llama_config(VOCAB), "LlamaForCausalLM"),
+    "mixtral": (lambda: mixtral_config(VOCAB), "MixtralForCausalLM"),
 }
 
 
@@ -136,7 +104,7 @@ def test_any_layout_in_and_out(synthetic_corpus, tmp_path):
     """Imported Llama weights trained one step at TP2×PP2 and at TP1 give the same loss (in); the
     TP2×PP2 checkpoint exports to the same tensors as the TP1 one (out)."""
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(_llama_config()).save_pretrained(tmp_path / "hf")
+    transformers.LlamaForCausalLM(llama_config(VOCAB)).save_pretrained(tmp_path / "hf")
     assert _convert("import", str(tmp_path / "hf"), str(tmp_path / "ckpt")).returncode == 0
     runs = {"tp1": (1, []), "tp2-pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"])}
     for name, (nproc, extra) in runs.items():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.runs import REPO
+from tests.helpers.tiny_hf import llama_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
@@ -34,15 +35,10 @@ def _env() -> dict:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """(our checkpoint imported from a random Llama, that checkpoint exported back to HF)."""
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=176,
+    config = llama_config(
+        VOCAB,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
         initializer_range=0.2,  # peaked logits: the greedy path changes id at most steps
     )
     torch.manual_seed(0)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.runs import REPO, assert_close_curves, read_metrics, run_pretrain
+from tests.helpers.tiny_hf import llama_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
@@ -44,18 +45,7 @@ def _lr(step: int) -> float:
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     """(HF dir, our weights checkpoint dir) of a tiny_gpt-shaped Llama."""
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=SEQ,
-        tie_word_embeddings=False,
-    )
+    config = llama_config(VOCAB, max_position_embeddings=SEQ)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     root = tmp_path_factory.mktemp("outside")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 import collections
 import pathlib
+import subprocess
+import sys
 
 from tests.helpers.runs import REPO
 
@@ -176,6 +178,14 @@ def test_no_module_or_function_too_long():
 
 def test_no_block_copied_between_modules():
     assert copied_blocks(SOURCES) == []
+
+
+def test_loading_a_recipe_imports_no_torch():
+    """A bad recipe fails in a fraction of a second: the sections' modules (faults, checkpoint
+    config, ...) keep torch out of their imports."""
+    code = "import sys; from pretrain.recipe import load_recipe; load_recipe('tiny_gpt'); print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "False", proc.stderr
 
 
 def test_the_checks_see_what_breaks_them():
