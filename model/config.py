@@ -9,6 +9,7 @@ from typing import Literal
 
 from common.errors import RecipeError
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from model.rope import RopeScalingConfig, check_rope_scaling
 from parallel.config import ParallelConfig, pipeline_stage_layers
 
 # Selective recompute modules megatron-core 0.16 offers for our layers (its mla_up_proj needs multi-latent
@@ -34,9 +35,8 @@ class MoeConfig:
     # softmax over all experts before top-k, kept unnormalized (Qwen3-MoE's norm_topk_prob: false);
     # false = softmax over the chosen top-k (= the top-k renormalized: Mixtral, norm_topk_prob: true)
     pre_softmax: bool = False
-    # aux_loss: per micro-batch; seq_aux_loss: per sequence; global_aux_loss: expert loads summed over
-    # the data-parallel ranks and the step's micro-batches so far (megatron-core's global-batch
-    # balancing, Qwen3-MoE's); none: no balancing loss
+    # aux_loss: per micro-batch; seq_aux_loss: per sequence; global_aux_loss: loads over the data-parallel
+    # ranks and the step's micro-batches so far (megatron-core's global batch, Qwen3's); none: no loss
     load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
     aux_loss_coeff: NonNegativeFloat = 1e-2  # weight of the load-balancing loss
     z_loss_coeff: NonNegativeFloat = 0.0  # weight of the router z-loss (logit size); 0 = off
@@ -47,19 +47,6 @@ class MoeConfig:
     pad_to_capacity: bool = False  # pad every expert's input to its capacity (needs capacity_factor)
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # how tokens reach expert-parallel ranks
     grouped_gemm: bool = False  # one grouped GEMM for all local experts (GPU, transformer-engine)
-
-
-@dataclass
-class RopeScalingConfig:
-    """Rotary-frequency scaling for long context; type none = plain RoPE (rotary_base only)."""
-
-    # llama3: Llama-3.1's scaling (low frequencies divided by factor, high ones kept, a smooth ramp
-    # between the two wavelength bounds original_context / low_freq_factor and / high_freq_factor)
-    type: Literal["none", "llama3"] = "none"
-    factor: PositiveFloat = 8.0  # llama3: divisor of the low frequencies
-    low_freq_factor: PositiveFloat = 1.0  # llama3: wavelengths above original_context / this are scaled
-    high_freq_factor: PositiveFloat = 4.0  # llama3: wavelengths below original_context / this are kept
-    original_context: PositiveInt = 8192  # llama3: the context (tokens) the frequencies were trained for
 
 
 @dataclass
@@ -98,7 +85,7 @@ class ModelConfig:
     moe: MoeConfig = field(default_factory=MoeConfig)
 
 
-FP8_RECIPES_LOCAL = ("tensorwise", "rowwise")  # current scaling through torch._scaled_mm (model/fp8.py)
+FP8_RECIPES_LOCAL = ("tensorwise", "rowwise")  # current scaling through torch._scaled_mm (model/fp8/linear.py)
 # transformer-engine versions megatron-core 0.16 needs for each recipe (fp8_utils.py, get_fp8_recipe)
 FP8_RECIPES_TE = {"delayed": "1.7", "tensorwise": "2.2", "blockwise": "2.3", "mxfp8": "2.1"}
 
@@ -126,7 +113,7 @@ class Fp8Config:
 
 def check_fp8(fp8: Fp8Config, model: ModelConfig, parallel: ParallelConfig, precision: str) -> None:
     """Each recipe × implementation either runs FP8 or is refused here (the device is checked at
-    run time, model/fp8.py:check_runtime); nothing when fp8.enabled is false."""
+    run time, model/fp8/linear.py:check_runtime); nothing when fp8.enabled is false."""
     if not fp8.enabled:
         return
     if precision != "bf16":
@@ -212,12 +199,7 @@ def _check_shape(m: ModelConfig, p: ParallelConfig) -> None:
     heads = "model.num_attention_heads"
     if m.head_dim is None:
         _require_divides(heads, m.num_attention_heads, "model.hidden_size", m.hidden_size)
-    scaling = m.rope_scaling
-    if scaling.type == "llama3" and scaling.high_freq_factor <= scaling.low_freq_factor:
-        raise RecipeError(
-            f"model.rope_scaling.high_freq_factor = {scaling.high_freq_factor} must exceed "
-            f"model.rope_scaling.low_freq_factor = {scaling.low_freq_factor}"
-        )
+    check_rope_scaling(m.rope_scaling)
     if m.num_query_groups is not None:
         _require_divides("model.num_query_groups", m.num_query_groups, heads, m.num_attention_heads)
     _require_divides("parallel.tensor", p.tensor, heads, m.num_attention_heads)

@@ -33,7 +33,7 @@ LAYOUTS = {
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory, megatron_single_process):
     """family -> (HF dir, imported checkpoint, HF logits), converted in this process."""
-    from scripts.convert_hf import import_hf
+    from tools.convert_hf import import_hf
 
     out = {}
     for name in LAYOUTS:
@@ -57,7 +57,7 @@ def _at_layouts(rank: int, world: int, jobs: list, out_root: str) -> dict:
     from model.gpt import ModelBuild, build_model
     from parallel.data_parallel import wrap_data_parallel
     from parallel.layout import Layout, init_model_parallel
-    from pretrain import checkpoint
+    from pretrain.checkpoint import storage as checkpoint
     from pretrain.recipe import model_config_from_dict
     from upstream import cpu
 
@@ -114,7 +114,7 @@ EXPORTS = [(name, sizes) for name, layouts in LAYOUTS.items() for sizes, _ in la
 
 @pytest.mark.parametrize("name, sizes", EXPORTS, ids=[f"{n}-{_tag(s)}" for n, s in EXPORTS])
 def test_export_from_any_layout_is_the_imported_tensors_bitwise(name, sizes, imported, at_layouts, tmp_path):
-    from scripts.convert_hf import export_hf
+    from tools.convert_hf import export_hf
 
     export_hf(at_layouts[1] / f"{name}-{_tag(sizes)}", tmp_path / "hf")
     original, exported = read_tensors(imported[name][0]), read_tensors(tmp_path / "hf")

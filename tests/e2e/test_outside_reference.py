@@ -1,6 +1,6 @@
 """Our trainer against an outside implementation: a Hugging Face model of each family (Llama,
 Qwen3 dense with tied embeddings, Qwen3-MoE; built locally from our tiny recipe's architecture,
-random weights) imported with scripts/convert_hf.py and trained by pretrain_gpt.py gives, step for
+random weights) imported with tools/convert_hf.py and trained by pretrain_gpt.py gives, step for
 step, the losses, gradient norms and learning rates of transformers' own forward with torch's
 AdamW, the same LR schedule (computed here from its formula), the same clipping and the same
 samples. Qwen3-MoE trains without a balancing loss on both sides (transformers' adds one over all
@@ -66,7 +66,7 @@ def imported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(root / "hf")
     proc = subprocess.run(
-        [sys.executable, "scripts/convert_hf.py", "import", str(root / "hf"), str(root / "ckpt")],
+        [sys.executable, "-m", "tools.convert_hf", "import", str(root / "hf"), str(root / "ckpt")],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -40,7 +40,7 @@ def test_tensor_and_expert_parallel_reproduce_one_process(synthetic_corpus, tmp_
     assert 1.0 <= one[0]["moe_global_aux_loss"] < 2.0
     assert_close_curves(two, one, rel=FP32_REL, keys=KEYS)
     for run in ("one", "tp2-ep2"):
-        export = [sys.executable, "scripts/convert_hf.py", "export", str(tmp_path / run / "checkpoints")]
+        export = [sys.executable, "-m", "tools.convert_hf", "export", str(tmp_path / run / "checkpoints")]
         proc = subprocess.run([*export, str(tmp_path / f"{run}-hf")], cwd=REPO, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
     a, b = read_tensors(tmp_path / "one-hf"), read_tensors(tmp_path / "tp2-ep2-hf")

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from common.errors import UserError
-from model.config import RopeScalingConfig
 from model.hf import hf_config_from_model, hf_to_ours, load_exactly, model_config_from_hf, ours_to_hf
+from model.rope import RopeScalingConfig
 from tests.helpers.hf_families import FAMILIES, LLAMA3_ROPE, VOCAB, hf_model, read_tensors
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")

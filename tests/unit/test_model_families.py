@@ -114,7 +114,7 @@ def test_recipe_is_the_published_architecture(recipe_name):
 @pytest.mark.parametrize("recipe_name", list(CASES))
 def test_dry_run_counts_equal_transformers_meta_count(recipe_name):
     from model.gpt import padded_vocab_size, parameter_counts
-    from pretrain.dry_run import meta_parameter_count
+    from planning.dry_run import meta_parameter_count
 
     published, cls, config_cls = CASES[recipe_name]
     config = getattr(transformers, config_cls)(**{k: v for k, v in published.items() if k != "architectures"})
