@@ -1,29 +1,24 @@
 """Turn documents (stdlib source, synthetic motifs, the user's files or a hub dataset) into indexed .bin/.idx files."""
 
 import argparse
-import collections
+import dataclasses
+import functools
 import json
 import multiprocessing
 import os
+import queue
+import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy
 
 from common.errors import EXIT_USER_ERROR, UserError, path_problem
-from data.sources import (
-    BYTE_VOCAB_SIZE,
-    QUICKSTART_MAX_BYTES,
-    expand_inputs,
-    input_streams,
-    quickstart_documents,
-    synthetic_documents,
-    text_documents,
-)
+from data.inputs import Block, Part, Source, find_sources, fingerprint, iter_plan, part_texts, plan_parts, shard_window
+from data.sources import BYTE_VOCAB_SIZE, QUICKSTART_MAX_BYTES, quickstart_documents, synthetic_documents
 from data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
-from upstream.process import exit_quickly, prepare_process
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -128,143 +123,270 @@ def build_synthetic_corpus(prefix: str, num_docs: int = 2000, seed: int = 0) -> 
 
 # ---- text: the user's files or a hub dataset, read through HF datasets, streamed -----------------
 
-# HF datasets builder per file ending; any other file is plain text, one document per file.
-BATCH_DOCUMENTS = 256  # documents per tokenization task at most,
-BATCH_CHARACTERS = 256 * 1024  # and about this much text, so that long documents still spread over workers
-IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory however large the input is
+# ---- text: the user's files or a hub dataset, cut into parts, tokenized by worker processes ------
+
 EOD_TOKEN = "<|endoftext|>"  # the EOD of a tokenizer trained here (data.tokenizer finds it by name)
+PARTS_AIMED = 64  # parts per run (or shard) when --part-bytes is not given: resume loses at most one
+PART_BYTES_MIN, PART_BYTES_MAX = 1 << 20, 16 << 20  # ...within these bounds
+IN_FLIGHT_PER_WORKER = 4  # parts queued per worker: bounds memory for streamed inputs
+PLAN_FORMAT = 1  # bump when the parts folder's layout changes: an old folder is then refused
 
 
-def _batches(texts: Iterable[str], size: int, characters: int = BATCH_CHARACTERS) -> Iterator[list[str]]:
-    batch, held = [], 0
-    for text in texts:
-        batch.append(text)
-        held += len(text)
-        if len(batch) == size or held >= characters:
-            yield batch
-            batch, held = [], 0
-    if batch:
-        yield batch
+@dataclasses.dataclass
+class _WorkerSetup:
+    """What a tokenizer process needs, sent once (a HF tokenizer pickles as its JSON): no worker
+    reads a tokenizer file or asks the hub again."""
+
+    tokenizer: ByteTokenizer | HFTokenizer
+    tokenizer_name: str
+    text_key: str
+    folder: str  # the parts folder
+    dtype: str
 
 
-# Each pool worker receives the parent's tokenizer once (initializer; pickled, a HF tokenizer as its
-# JSON) and keeps it for its tasks: no worker reads a file or asks the hub again.
-_WORKER_TOKENIZER: ByteTokenizer | HFTokenizer | None = None
+_WORKER: _WorkerSetup | None = None
 
 
-def _init_worker(tokenizer: ByteTokenizer | HFTokenizer) -> None:
-    global _WORKER_TOKENIZER
+def _init_worker(setup: _WorkerSetup) -> None:
+    global _WORKER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    _WORKER_TOKENIZER = tokenizer
+    _WORKER = setup
+    _exit_with_parent()
 
 
-def _tokenize_batch(
-    texts: list[str],
-    tokenizer: ByteTokenizer | HFTokenizer | None = None,
-) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """(all ids of the batch with an EOD after each document, int64; per-document lengths).
+def _exit_with_parent() -> None:
+    """A worker of a killed main process stops at once (Linux), instead of finishing its part and
+    then waiting forever; a rerun's workers are then the only writers of the parts folder."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:
+            os._exit(1)  # the main process was gone before the line above
+
+
+def tokenize_part(part: Part | Block, setup: _WorkerSetup | None = None) -> dict:
+    """Read a part's texts, tokenize them and commit PART.bin (ids, an EOD after each document) and
+    then PART.json (its counts and document lengths): a part with its .json is done.
 
     Documents without a single token are left out, as Megatron-LM's preprocess_data.py does: a
     lone EOD would only teach the model to follow EOD with EOD."""
-    tokenizer = tokenizer or _WORKER_TOKENIZER
-    assert tokenizer is not None, "a pool worker's tokenizer comes from _init_worker"
-    docs = [d for d in tokenizer.tokenize_batch(texts) if len(d)]
-    lengths = numpy.fromiter((len(d) + 1 for d in docs), dtype=numpy.int64, count=len(docs))
-    flat = numpy.empty(int(lengths.sum()), dtype=numpy.int64)
-    ends = numpy.cumsum(lengths)
-    flat[ends - 1] = tokenizer.eod
-    for doc, end in zip(docs, ends):
-        flat[end - 1 - len(doc) : end - 1] = doc
-    return flat, lengths
+    setup = setup or _WORKER
+    assert setup is not None, "a pool worker's setup comes from _init_worker"
+    texts, blank = part_texts(part, setup.text_key)
+    flat, lengths = _flatten(setup.tokenizer.tokenize_batch(texts), setup)
+    record = {
+        "documents": len(lengths),
+        "tokens": int(flat.size),
+        "empty": len(texts) - len(lengths),
+        "blank": blank,
+        "weight": part.weight,
+        "lengths": lengths,
+    }
+    path = os.path.join(setup.folder, part.name)
+    temporary = f"{path}.{os.getpid()}.tmp"  # a stale worker of a killed run writes its own file
+    flat.tofile(temporary)
+    os.replace(temporary, path + ".bin")
+    with open(temporary, "w") as file:
+        json.dump(record, file)
+    os.replace(temporary, path + ".json")
+    return {**record, "lengths": None}
 
 
-def tokenized_batches(
-    texts: Iterable[str],
-    tokenizer_name: str,
-    workers: int,
-    batch_size: int = BATCH_DOCUMENTS,
-    tokenizer: ByteTokenizer | HFTokenizer | None = None,
-) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
-    """Tokenized batches in input order; with workers > 1 a process pool, at most a few batches ahead.
-    `tokenizer`, when given, is the one already built from `tokenizer_name` (a hub name is fetched
-    once); the pool's processes get a copy of it."""
-    batches = _batches(texts, batch_size)
-    tokenizer = tokenizer or build_tokenizer(tokenizer_name)
-    if workers <= 1:
-        yield from (_tokenize_batch(batch, tokenizer) for batch in batches)
-        return
-    # spawn, not fork: the parent may already run tokenizer threads (training a BPE) or hold locks
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
-        pending: collections.deque = collections.deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_tokenize_batch, (batch,)))
-            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
+def _flatten(docs: list, setup: _WorkerSetup) -> tuple[numpy.ndarray, list[int]]:
+    """(the non-empty documents' ids, each followed by the EOD, in the file's dtype; their lengths)."""
+    kept = [doc for doc in docs if len(doc)]
+    lengths = [len(doc) + 1 for doc in kept]
+    eod, vocab_size = setup.tokenizer.eod, setup.tokenizer.vocab_size
+    if kept and isinstance(kept[0], numpy.ndarray):  # the byte tokenizer: arrays of bytes
+        tail = numpy.array([eod])
+        flat = numpy.concatenate([piece for doc in kept for piece in (doc, tail)]).astype(setup.dtype)
+        return flat, lengths
+    ids: list[int] = []
+    for doc in kept:
+        ids += doc
+        ids.append(eod)
+    wide = numpy.array(ids, dtype=numpy.int64)
+    if wide.size and (wide.min() < 0 or wide.max() >= vocab_size):
+        raise UserError(
+            f"tokenizer '{setup.tokenizer_name}' produced id {int(wide.max())} outside its vocabulary "
+            f"of {vocab_size} ids"
+        )
+    return wide.astype(setup.dtype), lengths
 
 
-def write_batches(
-    batches: Iterable[tuple[numpy.ndarray, numpy.ndarray]],
-    prefix: str,
-    vocab_size: int,
-    tokenizer_name: str,
-    progress: bool = True,
-) -> dict:
-    """Stream batches into PREFIX.bin/.idx, written under temporary names and renamed when complete:
-    an error or interruption leaves no partial files behind."""
+# ---- the parts folder: what is done, so that a rerun of the same command resumes -----------------
+
+
+def _done_parts(folder: str, dtype: str) -> dict[str, dict]:
+    """The parts committed in `folder` (name -> record), checked against their .bin sizes; anything
+    half-written by a killed run is removed."""
+    itemsize = numpy.dtype(dtype).itemsize
+    done = {}
+    for entry in sorted(os.listdir(folder)):
+        path = os.path.join(folder, entry)
+        if entry.endswith(".tmp"):
+            os.remove(path)
+        elif entry.endswith(".json") and entry != "plan.json":
+            name = entry[: -len(".json")]
+            try:
+                with open(path) as file:
+                    record = json.load(file)
+                whole = os.path.getsize(os.path.join(folder, name + ".bin")) == record["tokens"] * itemsize
+            except (OSError, ValueError, KeyError):
+                whole = False
+            if whole:
+                done[name] = record
+            else:  # e.g. zero-length after a machine crash: do it again
+                os.remove(path)
+    return done
+
+
+def _open_parts(out: str, plan: dict, overwrite: bool) -> dict[str, dict]:
+    """The parts already done for this very run (same inputs and options), after the checks that
+    keep a finished output from being overwritten by accident."""
+    folder = out + ".parts"
+    plan_path = os.path.join(folder, "plan.json")
+    if overwrite and os.path.isdir(folder):
+        shutil.rmtree(folder)
+    if os.path.isfile(plan_path):
+        with open(plan_path) as file:
+            try:
+                before = json.load(file)
+            except ValueError:
+                before = None
+        if before == plan:
+            return _done_parts(folder, plan["dtype"])
+        what = ", ".join(k for k in plan if before is None or before.get(k) != plan[k]) or "format"
+        raise UserError(
+            f"{folder} holds the parts of another run (its {what} differ): rerun that command to finish "
+            "it, or pass --overwrite to start this one"
+        )
+    if not overwrite and (os.path.exists(out + ".bin") or os.path.exists(out + ".idx")):
+        raise UserError(f"{out}.bin/.idx already exist: pass --overwrite to replace them")
+    os.makedirs(folder, exist_ok=True)
+    with open(plan_path + ".tmp", "w") as file:
+        json.dump(plan, file)
+    os.replace(plan_path + ".tmp", plan_path)
+    return {}
+
+
+def _finalize(out: str, names: list[str], records: dict[str, dict], dtype: str) -> None:
+    """Join the parts, in order, into OUT.bin/.idx with megatron-core's builder (written under
+    temporary names and renamed, .bin first), then remove the parts folder. A run killed in here
+    redoes only this step."""
     IndexedDatasetBuilder = _indexed_dataset_builder()
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    tmp = prefix + ".tmp"
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=token_dtype(vocab_size))
-    try:
-        stats = _add_batches(builder, batches, vocab_size, tokenizer_name, progress)
-        builder.finalize(tmp + ".idx")
-        if stats["documents"] == 0:
-            raise UserError("the input holds no documents: nothing to write")
-    except BaseException:
-        builder.data_file.close()
-        for ending in (".bin", ".idx"):
-            if os.path.exists(tmp + ending):
-                os.remove(tmp + ending)
-        raise
-    os.replace(tmp + ".bin", prefix + ".bin")
-    os.replace(tmp + ".idx", prefix + ".idx")
-    return stats
+    folder = out + ".parts"
+    builder = IndexedDatasetBuilder(out + ".tmp.bin", dtype=numpy.dtype(dtype).type)
+    for name in names:
+        # what IndexedDatasetBuilder.add_index does with a .bin/.idx pair, with a part's lengths
+        lengths = records[name]["lengths"]
+        first = len(builder.sequence_lengths)
+        builder.sequence_lengths.extend(lengths)
+        builder.document_indices.extend(range(first + 1, first + len(lengths) + 1))
+        with open(os.path.join(folder, name + ".bin"), "rb") as part:
+            shutil.copyfileobj(part, builder.data_file, 16 << 20)
+    builder.finalize(out + ".tmp.idx")
+    os.replace(out + ".tmp.bin", out + ".bin")
+    os.replace(out + ".tmp.idx", out + ".idx")
+    shutil.rmtree(folder)
 
 
-def _add_batches(
-    builder: Any,
-    batches: Iterable[tuple[numpy.ndarray, numpy.ndarray]],
-    vocab_size: int,
-    tokenizer_name: str,
-    progress: bool,
-) -> dict:
-    documents = tokens = 0
-    with _progress_bar(progress) as bar:
-        for flat, lengths in batches:
-            if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
-                raise UserError(
-                    f"tokenizer '{tokenizer_name}' produced id {int(flat.max())} outside its "
-                    f"vocabulary of {vocab_size} ids"
-                )
-            start = 0
-            for length in lengths.tolist():
-                builder.add_document(flat[start : start + length], [length])
-                start += length
-            documents += lengths.size
-            tokens += flat.size
-            bar.update(int(lengths.size))
-            bar.set_postfix(tokens=tokens, refresh=False)
-    return {"documents": documents, "tokens": tokens}
+# ---- running the parts --------------------------------------------------------------------------
 
 
-def _progress_bar(enabled: bool) -> Any:
-    from tqdm import tqdm
+class Progress:
+    """Input bytes done of the total, bytes/s, tokens/s and the time left: rewritten in place on a
+    terminal (every half second), a line every `interval` seconds in a log."""
 
-    # disable=None: shown on a terminal only, so logs and captured stderr keep one-line errors
-    return tqdm(unit=" docs", file=sys.stderr, disable=None if enabled else True, mininterval=0.5)
+    def __init__(self, total: int, enabled: bool, interval: float = 30.0):
+        self.total, self.done, self.tokens, self.new_bytes = total, 0, 0, 0
+        self.tty = enabled and sys.stderr.isatty()
+        self.enabled, self.interval = enabled, (0.5 if self.tty else interval)
+        self.start = self.shown = time.perf_counter()
+
+    def add(self, weight: int, tokens: int, resumed: bool = False) -> None:
+        self.done += weight
+        self.tokens += 0 if resumed else tokens
+        self.new_bytes += 0 if resumed else weight
+        now = time.perf_counter()
+        if self.enabled and now - self.shown >= self.interval:
+            self.shown = now
+            self._show(now)
+
+    def _show(self, now: float) -> None:
+        seconds = max(now - self.start, 1e-9)
+        rate = self.new_bytes / seconds
+        left = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}" if left < 1e7 else "?"
+        line = (
+            f"preprocess: {self.done / 1e6:.1f}/{self.total / 1e6:.1f} MB "
+            f"({100 * self.done / max(self.total, 1):.0f} %), {rate / 1e6:.2f} MB/s, "
+            f"{self.tokens / seconds:,.0f} tokens/s, ETA {eta}"
+        )
+        print(f"\r{line}\033[K" if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+def _run_parts(
+    items: Iterable[Part | Block], done: dict[str, dict], setup: _WorkerSetup, workers: int, progress: Progress
+) -> list[str]:
+    """Tokenize every part not done yet (with `workers` processes when more than one); return every
+    part's name, in output order, with the records of the new ones added to `done`."""
+    names: list[str] = []
+    todo = _not_done(items, done, names, progress)
+    if workers <= 1:
+        for part in todo:
+            _collect(part.name, tokenize_part(part, setup), done, progress)
+        return names
+    # spawn, not fork: the main process may already run tokenizer threads (a BPE trained here)
+    context = multiprocessing.get_context("spawn")
+    results: queue.SimpleQueue = queue.SimpleQueue()
+    with context.Pool(workers, initializer=_init_worker, initargs=(setup,)) as pool:
+        in_flight = 0
+        for part in todo:
+            while in_flight >= workers * IN_FLIGHT_PER_WORKER:
+                in_flight -= _take(results, done, progress)
+            pool.apply_async(
+                tokenize_part,
+                (part,),
+                callback=functools.partial(_put, results, part.name),
+                error_callback=functools.partial(_put, results, None),
+            )
+            in_flight += 1
+        while in_flight:
+            in_flight -= _take(results, done, progress)
+    return names
+
+
+def _put(results: queue.SimpleQueue, name: str | None, outcome: Any) -> None:
+    results.put((name, outcome))
+
+
+def _not_done(items: Iterable[Part | Block], done: dict, names: list[str], progress: Progress) -> Iterator:
+    for item in items:
+        names.append(item.name)
+        if item.name in done:
+            progress.add(done[item.name]["weight"], done[item.name]["tokens"], resumed=True)
+        else:
+            yield item
+
+
+def _take(results: queue.SimpleQueue, done: dict, progress: Progress) -> int:
+    name, record = results.get()
+    if name is None:
+        raise record  # a worker's exception (a UserError for bad input) ends the run
+    _collect(name, record, done, progress)
+    return 1
+
+
+def _collect(name: str, record: dict, done: dict, progress: Progress) -> None:
+    done[name] = record
+    progress.add(record["weight"], record["tokens"])
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, path: str) -> str:
@@ -286,6 +408,12 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, path: str) -> str
     return path
 
 
+def shard_prefix(prefix: str, shard: tuple[int, int]) -> str:
+    """Where shard I of N writes: PREFIX-0000I-of-0000N (zero-padded, so a glob sorts the shards)."""
+    index, count = shard
+    return prefix if count == 1 else f"{prefix}-{index:05d}-of-{count:05d}"
+
+
 def build_text_corpus(
     patterns: list[str],
     prefix: str,
@@ -295,29 +423,76 @@ def build_text_corpus(
     train_vocab_size: int | None = None,
     hub: tuple | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    overwrite: bool = False,
+    part_bytes: int | None = None,
+    split: str = "train",
 ) -> dict:
-    """Tokenize the input documents (files and/or one hub dataset) and write PREFIX.bin/.idx.
+    """Tokenize the input documents (files, saved datasets and/or one hub dataset) of shard I of N
+    into PREFIX.bin/.idx (PREFIX-I-of-N when N > 1), resuming the parts a killed run finished.
 
     With `train_vocab_size`, first train a BPE tokenizer of that size on the same documents and
     save it as tokenizer.json beside the output; its path is returned under 'tokenizer'.
     """
-    paths = expand_inputs(patterns)
-    hub_name, hub_subset, hub_split = hub or (None, None, "train")
-
-    def documents() -> Iterator[str]:  # a fresh stream per pass: nothing held in memory
-        return text_documents(input_streams(paths, hub_name, hub_subset, hub_split), text_key)
-
-    stats = {}
+    sources = find_sources(patterns, hub, split)
+    if shard[1] > 1 and any(source.kind == "hub" for source in sources):
+        raise UserError("--shard splits files: save the hub dataset to disk (save_to_disk) and give that folder")
+    out = shard_prefix(prefix, shard)
+    stats: dict[str, Any] = {"output": out}
     if train_vocab_size is not None:
         path = os.path.join(os.path.dirname(os.path.abspath(prefix)), "tokenizer.json")
-        tokenizer_name = stats["tokenizer"] = train_bpe_tokenizer(documents(), train_vocab_size, path)
+        if not (os.path.isdir(out + ".parts") and os.path.isfile(path)):  # a resumed run keeps its tokenizer
+            train_bpe_tokenizer(_all_texts(sources, text_key), train_vocab_size, path)
+        tokenizer_name = stats["tokenizer"] = path
     tokenizer = build_tokenizer(tokenizer_name)
     if tokenizer.vocab_size > numpy.iinfo(numpy.int32).max:
         raise UserError(
             f"tokenizer '{tokenizer_name}' has {tokenizer.vocab_size} ids, more than int32 token files can hold"
         )
-    batches = tokenized_batches(documents(), tokenizer_name, workers, tokenizer=tokenizer)
-    return {**stats, **write_batches(batches, prefix, tokenizer.vocab_size, tokenizer_name, progress)}
+    dtype = numpy.dtype(token_dtype(tokenizer.vocab_size)).name
+    lo, hi = shard_window(sources, shard)
+    part_bytes = part_bytes or min(max((hi - lo) // PARTS_AIMED, PART_BYTES_MIN), PART_BYTES_MAX)
+    plan = {
+        "format": PLAN_FORMAT,
+        "inputs": fingerprint(sources),
+        "text_key": text_key,
+        "tokenizer": tokenizer.fingerprint(),
+        "shard": list(shard),
+        "part_bytes": part_bytes,
+        "dtype": dtype,
+    }
+    done = _open_parts(out, plan, overwrite)
+    resumed = len(done)
+    try:
+        parts = plan_parts(sources, shard, part_bytes)
+        total = sum(item.weight for item in parts)
+        setup = _WorkerSetup(tokenizer, tokenizer_name, text_key, out + ".parts", dtype)
+        meter = Progress(total, progress)
+        names = _run_parts(iter_plan(parts, text_key, part_bytes), done, setup, workers, meter)
+        meter.close()
+        counts = {key: sum(done[name][key] for name in names) for key in ("documents", "tokens", "empty", "blank")}
+        if counts["documents"] == 0 and shard[1] == 1:
+            raise UserError("the input holds no documents: nothing to write")
+        records = {name: _lengths(out + ".parts", name, done[name]) for name in names}
+        _finalize(out, names, records, dtype)
+    except UserError:
+        shutil.rmtree(out + ".parts", ignore_errors=True)  # bad input: its parts are of no use
+        raise
+    return {**stats, **counts, "parts": len(names), "resumed_parts": resumed}
+
+
+def _lengths(folder: str, name: str, record: dict) -> dict:
+    """The part's record with its document lengths (workers return them only in the .json)."""
+    if record.get("lengths") is None:
+        with open(os.path.join(folder, name + ".json")) as file:
+            return json.load(file)
+    return record
+
+
+def _all_texts(sources: list[Source], text_key: str) -> Iterator[str]:
+    """Every document of the inputs, read in this process (to train a tokenizer on)."""
+    for item in iter_plan(plan_parts(sources, (0, 1), PART_BYTES_MAX), text_key, PART_BYTES_MAX):
+        yield from part_texts(item, text_key)[0]
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -333,18 +508,21 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--output-prefix", required=True)
     synthetic.add_argument("--num-docs", type=int, default=2000)
     synthetic.add_argument("--seed", type=int, default=0)
-    text = commands.add_parser("text", help="your files (jsonl/json/parquet/arrow/text) or a hub dataset")
+    text = commands.add_parser(
+        "text", help="your files (jsonl[.gz/.zst], parquet, json, arrow, text), saved datasets or a hub dataset"
+    )
     text.add_argument(
         "--input",
         nargs="+",
         action="extend",  # --input a --input b reads both, in that order
         default=[],
-        help="files or globs (the option may be repeated); .jsonl/.json/.parquet/.arrow "
-        "rows are documents, any other file is one plain-text document",
+        help="files, globs or folders (the option may be repeated): the rows of .jsonl, .jsonl.gz, "
+        ".jsonl.zst, .parquet, .json and .arrow files and of folders saved by datasets' save_to_disk "
+        "are documents, any other file is one plain-text document",
     )
     text.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face hub dataset (downloaded; streamed)")
     text.add_argument("--hf-subset", metavar="NAME", help="the hub dataset's configuration")
-    text.add_argument("--hf-split", default="train", help="the hub dataset's split")
+    text.add_argument("--hf-split", default="train", help="the split of the hub dataset or of a saved DatasetDict")
     text.add_argument("--output-prefix", required=True)
     text.add_argument(
         "--tokenizer", default="byte", help="'byte', a local tokenizer.json (or its folder), or a hub tokenizer name"
@@ -357,8 +535,38 @@ def _parser() -> argparse.ArgumentParser:
         "beside the output and used",
     )
     text.add_argument("--text-key", default="text", help="the field holding the text (json/parquet/arrow)")
-    text.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    text.add_argument("--workers", type=int, default=1, help="tokenizer processes (one per core is fastest)")
+    text.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="process the I-th of N shares of the input rows (0 <= I < N) into PREFIX-0000I-of-0000N; "
+        "join them with python -m data.merge (default: from SLURM_ARRAY_TASK_ID and _COUNT in a "
+        "Slurm array job, else 0/1)",
+    )
+    text.add_argument("--overwrite", action="store_true", help="replace a finished output, or another run's parts")
+    text.add_argument(
+        "--part-bytes",
+        type=int,
+        metavar="BYTES",
+        help="input bytes per part, the unit of work and of resume (default: a 64th of the input, within 1-16 MiB)",
+    )
+    text.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     return parser
+
+
+def parse_shard(text: str | None, environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """--shard I/N, else the Slurm array task's place among its array (ids need not start at 0)."""
+    where = "--shard"
+    if text is None:
+        if "SLURM_ARRAY_TASK_ID" not in environ or "SLURM_ARRAY_TASK_COUNT" not in environ:
+            return 0, 1
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        text = f"{int(environ['SLURM_ARRAY_TASK_ID']) - first}/{environ['SLURM_ARRAY_TASK_COUNT']}"
+        where = "the Slurm array task (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN / SLURM_ARRAY_TASK_COUNT)"
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise UserError(f"{where} {text}: expected I/N with 0 <= I < N, e.g. 3/8")
+    return int(index), int(count)
 
 
 def _run(args: argparse.Namespace) -> dict:
@@ -370,6 +578,8 @@ def _run(args: argparse.Namespace) -> dict:
         raise UserError("give --input files or --hf-dataset NAME")
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.part_bytes is not None and args.part_bytes < 1:
+        raise UserError(f"--part-bytes must be at least 1, got {args.part_bytes}")
     if args.train_tokenizer is not None and args.tokenizer != "byte":
         raise UserError("--train-tokenizer trains the tokenizer to use: leave out --tokenizer")
     if args.train_tokenizer is not None and args.train_tokenizer < BYTE_VOCAB_SIZE:
@@ -377,14 +587,46 @@ def _run(args: argparse.Namespace) -> dict:
             f"--train-tokenizer {args.train_tokenizer}: a byte-level BPE needs at least "
             f"{BYTE_VOCAB_SIZE} ids (256 bytes and the EOD)"
         )
+    shard = parse_shard(args.shard)
+    if args.train_tokenizer is not None and shard[1] > 1:
+        raise UserError("--train-tokenizer with shards would train one tokenizer per shard: train it first")
     hub = (args.hf_dataset, args.hf_subset, args.hf_split) if args.hf_dataset else None
     return build_text_corpus(
-        args.input, args.output_prefix, args.tokenizer, args.text_key, args.workers, args.train_tokenizer, hub
+        args.input,
+        args.output_prefix,
+        args.tokenizer,
+        args.text_key,
+        args.workers,
+        args.train_tokenizer,
+        hub,
+        progress=not args.no_progress,
+        shard=shard,
+        overwrite=args.overwrite,
+        part_bytes=args.part_bytes,
+        split=args.hf_split,
     )
+
+
+def _summary(stats: dict, seconds: float) -> str:
+    trained = f" (tokenizer {stats['tokenizer']})" if "tokenizer" in stats else ""
+    line = (
+        f"wrote {stats['output']}.bin/.idx{trained}: {stats['documents']} documents, {stats['tokens']} tokens, "
+        f"{seconds:.1f} s, {stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s"
+    )
+    skipped = [
+        f"{stats[key]} {what}" for key, what in (("empty", "empty (no tokens)"), ("blank", "blank lines")) if stats[key]
+    ]
+    if skipped:
+        line += f"; left out: {', '.join(skipped)}"
+    if stats["resumed_parts"]:
+        line += f"; resumed: {stats['resumed_parts']} of {stats['parts']} parts were done before"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
     """Build one corpus and print a one-line summary; bad input → one line on stderr, exit 2."""
+    from upstream.process import prepare_process  # torch: not for the tokenizer processes
+
     args = _parser().parse_args(argv)
     prepare_process()
     start = time.perf_counter()
@@ -398,15 +640,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {path_problem(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    trained = f" (tokenizer {stats['tokenizer']})" if "tokenizer" in stats else ""
-    summary = f"{args.output_prefix}.bin/.idx{trained}: {stats['documents']} documents, {stats['tokens']} tokens"
-    if stats.get("skipped"):
-        print(f"kept up-to-date {summary} (built earlier from the same sources)")
+    if args.command != "text":
+        summary = f"{args.output_prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens"
+        if stats.get("skipped"):
+            print(f"kept up-to-date {summary} (built earlier from the same sources)")
+            return 0
+        seconds = time.perf_counter() - start
+        print(f"wrote {summary}, {seconds:.1f} s, {stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s")
         return 0
-    seconds = time.perf_counter() - start
-    print(f"wrote {summary}, {seconds:.1f} s, {stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s")
+    print(_summary(stats, time.perf_counter() - start))
     return 0
 
 
 if __name__ == "__main__":
+    from upstream.process import exit_quickly
+
     exit_quickly(main())

@@ -395,14 +395,17 @@ def test_cli_text_errors_are_one_line(tmp_path, capsys):
     bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
     assert main(["text", "--input", str(bad), "--output-prefix", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == (
-        f"error: {bad}: row 2: no text in field 'text' (fields: body): choose the field with --text-key\n"
+        f"error: {bad}: line 2: no text in field 'text' (fields: body): choose the field with --text-key\n"
     )
     assert not list(tmp_path.glob("out*"))  # nothing half-written is left behind
     assert main(["text", "--input", str(tmp_path / "*.txt"), "--output-prefix", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == f"error: input '{tmp_path / '*.txt'}' matches no file\n"
     missing = tmp_path / "missing.jsonl"
     assert main(["text", "--input", str(missing), "--output-prefix", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == f"error: input '{missing}' not found or not a file: give files or globs\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: input '{missing}' not found: give files, globs or folders saved by datasets\n"
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert main(["text", "--input", str(empty), "--output-prefix", str(tmp_path / "o")]) == 2
