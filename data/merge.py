@@ -6,6 +6,8 @@ import re
 import sys
 import time
 
+import numpy
+
 from common.errors import UserError, run_tool
 
 SHARD_NAME = re.compile(r"-(\d{5})-of-(\d{5})$")  # data.preprocess's PREFIX-0000I-of-0000N
@@ -45,7 +47,9 @@ def merge(prefixes: list[str], output_prefix: str, overwrite: bool = False) -> d
             raise UserError(f"--output-prefix {output_prefix} is also an input")
     if not overwrite and (os.path.exists(output_prefix + ".bin") or os.path.exists(output_prefix + ".idx")):
         raise UserError(f"{output_prefix}.bin/.idx already exist: pass --overwrite to replace them")
-    dtypes = {prefix: IndexedDataset(prefix).index.dtype for prefix in prefixes}
+    # a shard that owned no rows is an empty pair (megatron-core cannot map an empty .bin): it adds nothing
+    prefixes = [prefix for prefix in prefixes if os.path.getsize(prefix + ".bin")] or prefixes[:1]
+    dtypes = {prefix: _dtype(prefix, IndexedDataset) for prefix in prefixes}
     if len(set(dtypes.values())) > 1:
         listed = ", ".join(f"{prefix}: {numpy_name(dtype)}" for prefix, dtype in dtypes.items())
         raise UserError(f"the inputs hold tokens of different types ({listed}): made with different tokenizers")
@@ -58,6 +62,12 @@ def merge(prefixes: list[str], output_prefix: str, overwrite: bool = False) -> d
     os.replace(output_prefix + ".tmp.idx", output_prefix + ".idx")
     documents = len(builder.document_indices) - 1
     return {"documents": documents, "tokens": int(sum(builder.sequence_lengths))}
+
+
+def _dtype(prefix: str, IndexedDataset: type) -> type:
+    if not os.path.getsize(prefix + ".bin"):
+        return numpy.uint16  # every input is empty: the output is too, of the narrow type
+    return IndexedDataset(prefix).index.dtype
 
 
 def numpy_name(dtype: type) -> str:

@@ -311,7 +311,7 @@ class Progress:
         self.tokens += 0 if resumed else tokens
         self.new_bytes += 0 if resumed else weight
         now = time.perf_counter()
-        if self.enabled and now - self.shown >= self.interval:
+        if self.enabled and not resumed and now - self.shown >= self.interval:
             self.shown = now
             self._show(now)
 
