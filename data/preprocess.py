@@ -207,13 +207,16 @@ def _flatten(docs: list, setup: _WorkerSetup) -> tuple[numpy.ndarray, list[int]]
     for doc in kept:
         ids += doc
         ids.append(eod)
-    wide = numpy.array(ids, dtype=numpy.int64)
-    if wide.size and (wide.min() < 0 or wide.max() >= vocab_size):
+    try:
+        flat = numpy.array(ids, dtype=setup.dtype)  # one pass, no int64 copy (numpy refuses ids that do not fit)
+        highest = int(flat.max()) if flat.size else 0
+    except OverflowError:
+        highest = max(ids)
+    if highest >= vocab_size:
         raise UserError(
-            f"tokenizer '{setup.tokenizer_name}' produced id {int(wide.max())} outside its vocabulary "
-            f"of {vocab_size} ids"
+            f"tokenizer '{setup.tokenizer_name}' produced id {highest} outside its vocabulary of {vocab_size} ids"
         )
-    return wide.astype(setup.dtype), lengths
+    return flat, lengths
 
 
 # ---- the parts folder: what is done, so that a rerun of the same command resumes -----------------
