@@ -5,6 +5,8 @@ of each text plus an EOD; bad inputs are one line and exit 2; the progress line 
 
 import re
 
+import pytest
+
 from data.preprocess import Progress, main
 from tests.helpers.corpora import (
     TEXTS,
@@ -163,3 +165,20 @@ def test_saved_dataset_and_parquet_rows_split_exactly_over_parts(tmp_path):
         for shard in range(shards):  # a shard's part names sort in its output order
             names = [part.name for part in plan_parts(sources, (shard, shards), 900)]
             assert names == sorted(set(names))
+
+
+def test_ids_outside_the_vocabulary_are_refused(tmp_path):
+    """A tokenizer bug is caught before a wrong id is stored (uint16 would wrap 70000 to 4464)."""
+    from common.errors import UserError
+    from data.preprocess import _flatten, _WorkerSetup
+
+    class Tokenizer:
+        vocab_size, eod = 300, 0
+
+    setup = _WorkerSetup(Tokenizer(), "broken", "text", str(tmp_path), "uint16")
+    flat, lengths = _flatten([[1, 299], [], [5]], setup)
+    assert flat.tolist() == [1, 299, 0, 5, 0] and flat.dtype.name == "uint16" and lengths == [3, 2]
+    for bad in (300, 70000):
+        with pytest.raises(UserError) as error:
+            _flatten([[1, bad]], setup)
+        assert str(error.value) == f"tokenizer 'broken' produced id {bad} outside its vocabulary of 300 ids"
