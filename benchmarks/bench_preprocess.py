@@ -99,12 +99,12 @@ def profile_stages(corpus: pathlib.Path, tokenizer_path: pathlib.Path, parts: in
     import numpy
 
     from data.inputs import Part, find_sources, part_texts, plan_parts
-    from data.preprocess import _flatten, _WorkerSetup
+    from data.parts import WorkerSetup, flatten
     from data.tokenizer import build_tokenizer
 
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     tokenizer = build_tokenizer(str(tokenizer_path))
-    setup = _WorkerSetup(tokenizer, str(tokenizer_path), "text", "/tmp", "uint16")
+    setup = WorkerSetup(tokenizer, str(tokenizer_path), "text", "/tmp", "uint16")
     plan = [part for part in plan_parts(find_sources([str(corpus)]), (0, 1), 4 << 20) if isinstance(part, Part)]
     plan = plan[:parts]
     stages = {"read + JSON decode": 0.0, "tokenize": 0.0, "ids to an array": 0.0, "write": 0.0}
@@ -115,7 +115,7 @@ def profile_stages(corpus: pathlib.Path, tokenizer_path: pathlib.Path, parts: in
         read = time.perf_counter()
         docs = tokenizer.tokenize_batch(texts)
         tokenized = time.perf_counter()
-        flat, _ = _flatten(docs, setup)
+        flat, _ = flatten(docs, setup)
         flattened = time.perf_counter()
         flat.tofile(out)
         numpy.zeros(1).tofile(out.with_suffix(".json"))

@@ -499,10 +499,10 @@ def test_round_trip_trained_bpe_two_workers(tmp_path, capsys):
 
 
 def _setup(tmp_path, tokenizer, name="tok"):
-    from data.preprocess import _WorkerSetup
+    from data.parts import WorkerSetup
 
     (tmp_path / "parts").mkdir(parents=True, exist_ok=True)
-    return _WorkerSetup(tokenizer, name, "text", str(tmp_path / "parts"), "uint16")
+    return WorkerSetup(tokenizer, name, "text", str(tmp_path / "parts"), "uint16")
 
 
 def test_pool_workers_get_the_parents_tokenizer(tmp_path):
@@ -512,7 +512,8 @@ def test_pool_workers_get_the_parents_tokenizer(tmp_path):
     import os
 
     from data.inputs import Block
-    from data.preprocess import Progress, _run_parts, train_bpe_tokenizer
+    from data.parts import Progress, run_parts
+    from data.preprocess import train_bpe_tokenizer
 
     texts = [f"document {i}: " + "naïve café " * (i % 5) for i in range(40)]
     path = train_bpe_tokenizer(iter(texts), 300, str(tmp_path / "tokenizer.json"))
@@ -522,7 +523,7 @@ def test_pool_workers_get_the_parents_tokenizer(tmp_path):
     results = {}
     for workers in (1, 2):
         setup = _setup(tmp_path / str(workers), tokenizer, path)
-        names = _run_parts(iter(blocks), {}, setup, workers, Progress(0, False))
+        names = run_parts(iter(blocks), {}, setup, workers, Progress(0, False))
         assert names == [block.name for block in blocks]
         results[workers] = [(tmp_path / str(workers) / "parts" / f"{n}.bin").read_bytes() for n in names]
     assert results[1] == results[2]
@@ -533,7 +534,7 @@ def test_tokenization_streams_with_bounded_read_ahead(tmp_path):
     """A streamed input is pulled only as far as the workers keep up: never more than
     workers × IN_FLIGHT_PER_WORKER parts read but not yet done."""
     from data.inputs import Block
-    from data.preprocess import IN_FLIGHT_PER_WORKER, Progress, _run_parts
+    from data.parts import IN_FLIGHT_PER_WORKER, Progress, run_parts
 
     done: dict = {}
     ahead = []
@@ -543,7 +544,7 @@ def test_tokenization_streams_with_bounded_read_ahead(tmp_path):
             ahead.append(number - len(done))
             yield Block(f"{number:05d}", "endless", "texts", ["some text"] * 50, 1, 0)
 
-    _run_parts(stream(), done, _setup(tmp_path, ByteTokenizer()), 2, Progress(0, False))
+    run_parts(stream(), done, _setup(tmp_path, ByteTokenizer()), 2, Progress(0, False))
     assert len(done) == 60 and max(ahead) <= 2 * IN_FLIGHT_PER_WORKER
 
 

@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from data.preprocess import Progress, main
+from data.parts import Progress
+from data.preprocess import main
 from tests.helpers.corpora import (
     TEXTS,
     documents,
@@ -170,15 +171,15 @@ def test_saved_dataset_and_parquet_rows_split_exactly_over_parts(tmp_path):
 def test_ids_outside_the_vocabulary_are_refused(tmp_path):
     """A tokenizer bug is caught before a wrong id is stored (uint16 would wrap 70000 to 4464)."""
     from common.errors import UserError
-    from data.preprocess import _flatten, _WorkerSetup
+    from data.parts import WorkerSetup, flatten
 
     class Tokenizer:
         vocab_size, eod = 300, 0
 
-    setup = _WorkerSetup(Tokenizer(), "broken", "text", str(tmp_path), "uint16")
-    flat, lengths = _flatten([[1, 299], [], [5]], setup)
+    setup = WorkerSetup(Tokenizer(), "broken", "text", str(tmp_path), "uint16")
+    flat, lengths = flatten([[1, 299], [], [5]], setup)
     assert flat.tolist() == [1, 299, 0, 5, 0] and flat.dtype.name == "uint16" and lengths == [3, 2]
     for bad in (300, 70000):
         with pytest.raises(UserError) as error:
-            _flatten([[1, bad]], setup)
+            flatten([[1, bad]], setup)
         assert str(error.value) == f"tokenizer 'broken' produced id {bad} outside its vocabulary of 300 ids"

@@ -1,4 +1,4 @@
-"""Sharding and joining: `data.preprocess text --shard I/N` for N = 1..4 over inputs of every
+"""Sharding and joining: `data.preprocess text --shard I/3` over inputs of every
 splitting kind (jsonl byte ranges, parquet row groups, a saved dataset's rows, whole compressed files),
 then `python -m data.merge` of the shards in order, is byte-identical to one run; the merge's checks."""
 
@@ -32,7 +32,7 @@ def _preprocess(inputs, prefix, bpe_path, *extra):
 def test_shards_merged_in_order_equal_one_run(tmp_path, inputs, bpe_path, capsys):
     whole = str(tmp_path / "whole")
     _preprocess(inputs, whole, bpe_path)
-    for count in (2, 4):
+    for count in (3,):
         prefix = str(tmp_path / f"n{count}" / "corpus")
         for index in range(count):
             _preprocess(inputs, prefix, bpe_path, "--shard", f"{index}/{count}")
@@ -45,7 +45,7 @@ def test_shards_merged_in_order_equal_one_run(tmp_path, inputs, bpe_path, capsys
     for index, shard in enumerate(shards):
         for ending in (".bin", ".idx"):
             shutil.copy(shard + ending, str(tmp_path / f"s{index}{ending}"))
-    swapped = [str(tmp_path / name) for name in ("s1", "s0", "s2", "s3")]  # shard 1 and 0 hold documents
+    swapped = [str(tmp_path / name) for name in ("s1", "s0", "s2")]
     assert merge_main([*swapped, "--output-prefix", str(tmp_path / "swapped")]) == 0
     assert file_bytes(str(tmp_path / "swapped")) != file_bytes(whole)
     capsys.readouterr()

@@ -1,4 +1,4 @@
-"""Resuming `data.preprocess text` in one process: a run stopped after some parts, rerun with the same
+"""data/parts.py: resuming `data.preprocess text` in one process: a run stopped after some parts, rerun with the same
 command, tokenizes only the parts not done and writes the uninterrupted run's exact bytes; a torn
 part is redone; a finished output or another run's parts are not overwritten without --overwrite.
 (tests/e2e/test_preprocess_kill.py does the same with real SIGKILLs.)"""
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-import data.preprocess
+import data.parts
 from data.preprocess import main
 from tests.helpers.corpora import TEXTS, file_bytes, write_jsonl
 
@@ -19,7 +19,7 @@ def command(tmp_path, bpe_path):
     return lambda prefix, *extra: ["text", *inputs, "--output-prefix", str(prefix), *extra]
 
 
-TOKENIZE_PART = data.preprocess.tokenize_part
+TOKENIZE_PART = data.parts.tokenize_part
 
 
 class Interrupted(BaseException):
@@ -37,7 +37,7 @@ def _record_calls(monkeypatch, stop_after=None):
         calls.append(part.name)
         return TOKENIZE_PART(part, setup)
 
-    monkeypatch.setattr(data.preprocess, "tokenize_part", tokenize_part)
+    monkeypatch.setattr(data.parts, "tokenize_part", tokenize_part)
     return calls
 
 
