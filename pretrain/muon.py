@@ -25,11 +25,13 @@ from typing import Any
 import torch
 
 
-def newton_schulz(update: torch.Tensor, coefficients: Sequence[float], steps: int, eps: float) -> torch.Tensor:
-    """The quintic Newton-Schulz iteration towards the nearest semi-orthogonal matrix, in bf16 on
-    the wide orientation (torch.optim.Muon's choices). Returns bf16, the shape of `update`."""
+def newton_schulz(
+    update: torch.Tensor, coefficients: Sequence[float], steps: int, eps: float, dtype: torch.dtype = torch.bfloat16
+) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration towards the nearest semi-orthogonal matrix, in `dtype` on
+    the wide orientation (torch.optim.Muon's choices; it always uses bf16). Returns `dtype`."""
     a, b, c = coefficients
-    x = update.bfloat16()
+    x = update.to(dtype)
     tall = update.size(0) > update.size(1)
     if tall:
         x = x.T
@@ -58,6 +60,7 @@ class MuonSettings:
     ns_steps: int
     ns_coefficients: tuple[float, float, float]
     eps: float
+    ns_dtype: torch.dtype
     adjust_lr: str
     split_qkv: bool
 
@@ -90,7 +93,10 @@ class MuonAdamW(torch.optim.AdamW):
     construction so that checkpoint templates see it."""
 
     def __init__(self, param_groups: list[dict], adamw: dict, settings: MuonSettings, matrices: list[Matrix]):
-        super().__init__(param_groups, **adamw)
+        # megatron-core's groups as they are (AdamW's keys set): the distributed optimizer's fp32
+        # ranges are views, which torch's add_param_group refuses
+        super().__init__([torch.zeros(1, requires_grad=True)], **adamw)
+        self.param_groups = param_groups
         self.settings = settings
         self.matrices = matrices
         self.muon_ids = {id(m.main) for m in matrices if m.main is not None}
@@ -190,7 +196,7 @@ def _orthogonalize_shard(matrix: Matrix, shard: torch.Tensor, s: MuonSettings) -
     for piece in pieces:
         whole = _gather(piece, matrix.tp_group, matrix.partition_dim)
         ratio = lr_ratio(s.adjust_lr, whole.size(0), whole.size(1))
-        orthogonal = newton_schulz(whole, s.ns_coefficients, s.ns_steps, s.eps).float() * ratio
+        orthogonal = newton_schulz(whole, s.ns_coefficients, s.ns_steps, s.eps, s.ns_dtype).float() * ratio
         out.append(_scatter(orthogonal, matrix.tp_group, matrix.partition_dim))
     return _unsplit(matrix, out, shard.shape)
 

@@ -33,6 +33,9 @@ class OptimizerConfig:
     ns_steps: NonNegativeInt = 5  # Newton-Schulz iterations (megatron-core muon_num_ns_steps)
     ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315)  # the quintic's (a, b, c)
     ns_eps: PositiveFloat = 1e-7  # the update is divided by max(its Frobenius norm, ns_eps) first
+    # the iteration's precision: fp32 keeps the curve the same at every layout (1e-5); bf16 is
+    # torch.optim.Muon's (faster on GPUs; rounding flips of the momentum's last bits move it ~1e-4)
+    ns_dtype: Literal["fp32", "bf16"] = "fp32"
     # the learning rate of a [rows, cols] matrix times: match_rms_adamw 0.2 sqrt(max(rows, cols)) (AdamW's
     # update RMS, so AdamW's lr and weight decay carry over); original sqrt(max(1, rows / cols)) (torch's names)
     adjust_lr: Literal["match_rms_adamw", "original"] = "match_rms_adamw"
@@ -117,10 +120,13 @@ def build_optimizer(
     )
     optimizer = get_megatron_optimizer(config, chunks)
     if cfg.name == "muon":
+        import torch
+
         from pretrain.muon import MuonSettings, install
 
+        ns_dtype = torch.float32 if cfg.ns_dtype == "fp32" else torch.bfloat16
         settings = MuonSettings(
-            cfg.momentum, cfg.nesterov, cfg.ns_steps, cfg.ns_coefficients, cfg.ns_eps, cfg.adjust_lr, cfg.split_qkv
+            cfg.momentum, cfg.nesterov, cfg.ns_steps, cfg.ns_coefficients, cfg.ns_eps, ns_dtype, cfg.adjust_lr, cfg.split_qkv
         )
         adamw = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
         install(optimizer, chunks, groups, settings, adamw)
@@ -129,7 +135,7 @@ def build_optimizer(
 
 _MUON_DEFAULTS = {
     k: OptimizerConfig.__dataclass_fields__[k].default
-    for k in ("momentum", "nesterov", "ns_steps", "ns_coefficients", "ns_eps", "adjust_lr", "split_qkv")
+    for k in ("momentum", "nesterov", "ns_steps", "ns_coefficients", "ns_eps", "ns_dtype", "adjust_lr", "split_qkv")
 }
 
 _DECAY_STYLES = {"cosine": "cosine", "linear": "linear", "wsd": "WSD", "constant": "constant"}
