@@ -20,9 +20,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def newton_schulz(
@@ -88,9 +91,12 @@ class Matrix:
 
 class MuonAdamW(torch.optim.AdamW):
     """torch's AdamW over megatron-core's parameter groups, except for the `matrices`, which get
-    Muon with the same learning rate and weight decay. Every Muon tensor has a `momentum_buffer`
-    (and a `step`, so that megatron-core's common-step bookkeeping holds); the state is created at
-    construction so that checkpoint templates see it."""
+    Muon with the same learning rate and weight decay. The state is created at construction so that
+    checkpoint templates see it. A Muon tensor's momentum is kept under Adam's `exp_avg` key (it is
+    the same running average, with beta1 = momentum) beside a `step`, and its state dict shows a
+    zero `exp_avg_sq` too: megatron-core's checkpoint formats of the distributed optimizer know
+    Adam's two moments only (distrib_optimizer.py get_parameter_state_dp_zero), and every kind
+    saving the same keys keeps resumes across kinds (pretrain/optimizer_state.py) as they are."""
 
     def __init__(self, param_groups: list[dict], adamw: dict, settings: MuonSettings, matrices: list[Matrix]):
         # megatron-core's groups as they are (AdamW's keys set): the distributed optimizer's fp32
@@ -117,6 +123,20 @@ class MuonAdamW(torch.optim.AdamW):
         for matrix in self.matrices:
             self._step_matrix(matrix, groups.get(id(matrix.main)))
 
+    def state_dict(self) -> dict[str, Any]:
+        packed = super().state_dict()
+        for index, state in list(packed["state"].items()):
+            if "exp_avg_sq" not in state:
+                packed["state"][index] = {**state, "exp_avg_sq": torch.zeros_like(state["exp_avg"])}
+        return packed
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in self.muon_ids:
+                    self.state[p].pop("exp_avg_sq", None)
+
     def _step_matrix(self, matrix: Matrix, group: dict | None) -> None:
         """Every rank of the matrix's groups takes part, whether or not it holds a range of it."""
         s = self.settings
@@ -125,7 +145,7 @@ class MuonAdamW(torch.optim.AdamW):
         if main is not None and main.grad is not None:
             state = self.state[main]
             state["step"] += 1
-            buffer = state["momentum_buffer"]
+            buffer = state["exp_avg"]
             buffer.lerp_(main.grad, 1 - s.momentum)
             update = main.grad.lerp(buffer, s.momentum) if s.nesterov else buffer
         whole = _whole_shard(matrix, update)  # this rank's tensor-parallel shard, [rows, cols]
@@ -140,7 +160,7 @@ class MuonAdamW(torch.optim.AdamW):
 
 def init_state(optimizer: MuonAdamW, config: Any = None) -> None:
     """Zero state for every tensor (what a first step would create): Adam's two moments and step, or
-    Muon's momentum buffer and step. Also megatron-core's `init_state_fn` before a checkpoint load."""
+    Muon's momentum (as `exp_avg`) and step. Also megatron-core's `init_state_fn` before a checkpoint load."""
     muon = optimizer.muon_ids
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -148,14 +168,12 @@ def init_state(optimizer: MuonAdamW, config: Any = None) -> None:
             if "step" in state:
                 continue
             state["step"] = torch.tensor(0.0)
-            if id(p) in muon:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            else:
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if id(p) not in muon:
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _is_dtensor(t: Any) -> bool:
+def _is_dtensor(t: Any) -> TypeGuard[DTensor]:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
@@ -207,7 +225,7 @@ def _split(matrix: Matrix, shard: torch.Tensor) -> list[torch.Tensor]:
     if matrix.parts is None:
         return [shard]
     rows = shard.view(matrix.repeats, sum(matrix.parts), shard.size(-1))
-    return [p.reshape(-1, shard.size(-1)) for p in torch.split(rows, matrix.parts, dim=1)]
+    return [p.reshape(-1, shard.size(-1)) for p in torch.split(rows, list(matrix.parts), dim=1)]
 
 
 def _unsplit(matrix: Matrix, pieces: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
@@ -280,6 +298,30 @@ def install(optimizer: Any, chunks: Sequence[Any], groups: Any, settings: MuonSe
                 mine.append(matrix)
         member.optimizer = MuonAdamW(member.optimizer.param_groups, adamw, settings, mine)
         member.init_state_fn = init_state
+        if hasattr(member, "_get_main_param_and_optimizer_states"):
+            _show_adam_keys(member, member.optimizer.muon_ids)
+
+
+def _show_adam_keys(member: Any, muon_ids: set[int]) -> None:
+    """The distributed optimizer reads and writes a tensor's state as `param`, `exp_avg`,
+    `exp_avg_sq` when it checkpoints: a Muon tensor shows a zero `exp_avg_sq` (made for the
+    occasion) and ignores the one it is given."""
+    get, put = member._get_main_param_and_optimizer_states, member._set_main_param_and_optimizer_states
+
+    def get_states(model_param: Any) -> dict:
+        tensors = get(model_param)
+        if id(tensors["param"]) in muon_ids:
+            tensors = {**tensors, "exp_avg_sq": torch.zeros_like(tensors["exp_avg"])}
+        return tensors
+
+    def set_states(model_param: Any, tensors: dict) -> None:
+        group, order = member.model_param_group_index_map[model_param]
+        if id(member.optimizer.param_groups[group]["params"][order]) in muon_ids:
+            tensors = {k: v for k, v in tensors.items() if k != "exp_avg_sq"}
+        put(model_param, tensors)
+
+    member._get_main_param_and_optimizer_states = get_states
+    member._set_main_param_and_optimizer_states = set_states
 
 
 def _main_tensors(member: Any) -> dict[int, tuple[Any, tuple[int, int] | None, Any]]:
@@ -329,3 +371,9 @@ def describe(chunks: Sequence[Any], split_qkv: bool) -> str:
             else:
                 adamw[short] = None
     return f"optimizer: Muon for {', '.join(muon) or 'nothing'}; AdamW for {', '.join(adamw) or 'nothing'}"
+
+
+def optimizer_name(optimizer: Any) -> str:
+    """adamw | muon: what `optimizer` (megatron-core's, maybe chained) steps its matrices with."""
+    members = getattr(optimizer, "chained_optimizers", [optimizer])
+    return "muon" if any(isinstance(getattr(m, "optimizer", None), MuonAdamW) for m in members) else "adamw"

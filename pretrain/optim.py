@@ -126,7 +126,14 @@ def build_optimizer(
 
         ns_dtype = torch.float32 if cfg.ns_dtype == "fp32" else torch.bfloat16
         settings = MuonSettings(
-            cfg.momentum, cfg.nesterov, cfg.ns_steps, cfg.ns_coefficients, cfg.ns_eps, ns_dtype, cfg.adjust_lr, cfg.split_qkv
+            cfg.momentum,
+            cfg.nesterov,
+            cfg.ns_steps,
+            cfg.ns_coefficients,
+            cfg.ns_eps,
+            ns_dtype,
+            cfg.adjust_lr,
+            cfg.split_qkv,
         )
         adamw = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
         install(optimizer, chunks, groups, settings, adamw)
