@@ -98,3 +98,12 @@ def test_muon_keys_need_muon():
     OptimizerConfig(name="muon", ns_steps=3).check()
     with pytest.raises(RecipeError, match="optimizer.qk_clip: MuonClip is not supported"):
         OptimizerConfig(name="muon", qk_clip=100.0).check()
+
+
+def test_flat_distributed_optimizer_checkpoints_are_refused():
+    from pretrain.recipe import load_recipe
+
+    overrides = ["optimizer.name=muon", "parallel.distributed_optimizer=true"]
+    with pytest.raises(RecipeError, match="dp_reshardable holds Adam's moments only, not Muon's momentum"):
+        load_recipe("tiny_gpt", [*overrides, "checkpoint.optimizer_format=dp_reshardable"])
+    load_recipe("tiny_gpt", overrides)
