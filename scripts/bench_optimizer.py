@@ -14,11 +14,12 @@ import pathlib
 import statistics
 import sys
 import time
+from typing import Any, Literal
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
-def _build(name: str, args: argparse.Namespace, groups) -> tuple:
+def _build(name: Literal["adamw", "muon"], args: argparse.Namespace, groups: Any) -> tuple:
     import torch
 
     from model.config import ModelConfig
@@ -42,11 +43,11 @@ def _build(name: str, args: argparse.Namespace, groups) -> tuple:
     torch.manual_seed(0)
     for chunk in chunks:
         for p in chunk.parameters():
-            p.main_grad.copy_(torch.randn_like(p) * 1e-3)
+            p.main_grad.copy_(torch.randn_like(p) * 1e-3)  # type: ignore[attr-defined]
     return chunks, optimizer
 
 
-def _state_bytes(optimizer) -> int:
+def _state_bytes(optimizer: Any) -> int:
     import torch
 
     total = 0
@@ -74,7 +75,8 @@ def main() -> None:
     prepare_process()
     groups = init_single_process()
     model_parallel_cuda_manual_seed(0)
-    built = {name: _build(name, args, groups) for name in ("adamw", "muon")}
+    names: tuple[Literal["adamw", "muon"], ...] = ("adamw", "muon")
+    built = {name: _build(name, args, groups) for name in names}
     chunks = built["muon"][0]
     params = sum(p.numel() for c in chunks for p in c.parameters())
     matrices = sum(p.numel() for c in chunks for n, p in c.named_parameters() if is_muon_param(n, p))
