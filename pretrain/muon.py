@@ -150,6 +150,10 @@ class MuonAdamW(torch.optim.AdamW):
             update = main.grad.lerp(buffer, s.momentum) if s.nesterov else buffer
         whole = _whole_shard(matrix, update)  # this rank's tensor-parallel shard, [rows, cols]
         if main is None or group is None:
+            # no range of it here (distributed optimizer); a tensor-parallel peer may hold one and
+            # gathers the shards with us whatever the buffers' layout, so take part, then drop it
+            if _split_by_tensor(matrix):
+                _orthogonalize_shard(matrix, whole, s)
             return
         orthogonal = _orthogonalize_shard(matrix, whole, s)
         piece = _own_piece(matrix, orthogonal)
@@ -234,6 +238,11 @@ def _unsplit(matrix: Matrix, pieces: list[torch.Tensor], shape: torch.Size) -> t
     cols = shape[-1]
     per_repeat = [p.view(matrix.repeats, -1, cols) for p in pieces]
     return torch.cat(per_repeat, dim=1).view(shape)
+
+
+def _split_by_tensor(matrix: Matrix) -> bool:
+    group = matrix.tp_group
+    return group is not None and matrix.partition_dim is not None and group.size() > 1
 
 
 def _gather(piece: torch.Tensor, group: Any, dim: int | None) -> torch.Tensor:
