@@ -96,7 +96,7 @@ class MuonAdamW(torch.optim.AdamW):
     the same running average, with beta1 = momentum) beside a `step`, and its state dict shows a
     zero `exp_avg_sq` too: megatron-core's checkpoint formats of the distributed optimizer know
     Adam's two moments only (distrib_optimizer.py get_parameter_state_dp_zero), and every kind
-    saving the same keys keeps resumes across kinds (pretrain/optimizer_state.py) as they are."""
+    saving the same keys keeps resumes across kinds (pretrain/checkpoint/optimizer_state.py) as they are."""
 
     def __init__(self, param_groups: list[dict], adamw: dict, settings: MuonSettings, matrices: list[Matrix]):
         # megatron-core's groups as they are (AdamW's keys set): the distributed optimizer's fp32

@@ -289,7 +289,7 @@ def _check_same_optimizer(extra: dict, optimizer: Any, path: pathlib.Path) -> No
     if saved != current:
         raise UserError(
             f"checkpoint '{path}' holds {saved}'s optimizer state and this run has optimizer.name = {current}; "
-            f"resume with optimizer.name = {saved}, or start {current} from its weights only (tools' convert export/import)"
+            f"resume with optimizer.name = {saved}, or start {current} from its weights only (tools/convert_hf.py export, then import)"
         )
 
 

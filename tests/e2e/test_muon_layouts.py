@@ -83,5 +83,5 @@ def test_adamw_checkpoint_is_refused_by_muon(reference, synthetic_corpus, tmp_pa
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: checkpoint '{saved}' holds adamw's optimizer state and this run has optimizer.name = muon; "
-        "resume with optimizer.name = adamw, or start muon from its weights only (tools' convert export/import)"
+        "resume with optimizer.name = adamw, or start muon from its weights only (tools/convert_hf.py export, then import)"
     )

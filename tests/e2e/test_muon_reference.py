@@ -1,5 +1,5 @@
 """optimizer.name = muon against outside implementations: a Hugging Face Llama (tests/e2e/
-test_outside_reference.py's, imported with scripts/convert_hf.py) trained by pretrain_gpt.py gives,
+test_outside_reference.py's, imported with tools/convert_hf.py) trained by pretrain_gpt.py gives,
 step for step, the losses and gradient norms of transformers' forward with torch.optim.Muon on its
 q, k, v, o, gate, up and down projections and torch.optim.AdamW on the embedding, the output layer
 and the norms: our fused QKV and [gate; up] matrices must be orthogonalized as those separate ones.

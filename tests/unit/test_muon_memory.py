@@ -4,10 +4,10 @@ matrix instead of Adam's two moments, counted against the parameters a real mode
 import pytest
 
 from model.gpt import ModelBuild, build_model_chunks
-from pretrain.memory import Target, estimate
+from planning.memory import Target, estimate
+from planning.step_time import GPUS, step_time
 from pretrain.muon import is_muon_param
 from pretrain.recipe import load_recipe
-from pretrain.step_time import GPUS, step_time
 
 BYTE_VOCAB = 257
 CPU = Target.for_device("cpu", "local")
@@ -31,7 +31,7 @@ def test_muon_saves_one_fp32_moment_per_matrix_parameter(recipe_name):
 def test_planner_counts_muon_steps_on_the_whole_matrices():
     """Tensor parallelism does not shrink the iteration (every rank runs it on the whole matrix)
     and adds the gathers; AdamW's step is not in the planner."""
-    from pretrain.memory import setup_for
+    from planning.memory import setup_for
 
     plain = ["optimizer.name=muon", "parallel.distributed_optimizer=false"]
     one = setup_for(load_recipe("llama_1b", plain), 8)

@@ -1,7 +1,7 @@
 """Benchmark: one optimizer step of Muon (optimizer.name = muon) against AdamW on a ~100M-parameter
 GPT, on one CPU process, side by side in one run (the same model, gradients and thread count).
 
-    python scripts/bench_optimizer.py --steps 3
+    python -m benchmarks.bench_optimizer --steps 3
 
 Prints per optimizer: the median seconds of megatron-core's optimizer step (gradient norm,
 clipping and the update) and the bytes of optimizer state. docs/benchmarks.md holds the figures.
@@ -10,13 +10,9 @@ clipping and the update) and the bytes of optimizer state. docs/benchmarks.md ho
 from __future__ import annotations
 
 import argparse
-import pathlib
 import statistics
-import sys
 import time
 from typing import Any, Literal
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 
 def _build(name: Literal["adamw", "muon"], args: argparse.Namespace, groups: Any) -> tuple:
@@ -37,9 +33,7 @@ def _build(name: Literal["adamw", "muon"], args: argparse.Namespace, groups: Any
     )
     chunks = build_model_chunks(model, ModelBuild(), args.vocab)
     chunks = wrap_data_parallel(chunks, False, groups)
-    optimizer = build_optimizer(
-        OptimizerConfig(name=name), Numerics("fp32", 1.0, 10, 128), chunks, False, groups=groups
-    )
+    optimizer = build_optimizer(OptimizerConfig(name=name), Numerics("fp32", 1.0, 128), chunks, False, groups=groups)
     torch.manual_seed(0)
     for chunk in chunks:
         for p in chunk.parameters():
