@@ -97,7 +97,8 @@ def _one_process(device: Any) -> Iterator[None]:
     from upstream import cpu
 
     with cpu.applied() if device.type == "cpu" else contextlib.nullcontext():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         try:
             init_model_parallel(Layout(world_size=1))
             model_parallel_cuda_manual_seed(0)
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=6)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    # one thread by default: on a shared few-core machine OpenMP's spinning threads distort both sides
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one round (the test suite)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -126,9 +129,13 @@ def main(argv: list[str] | None = None) -> int:
 
     prepare_process()
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    where = f"{args.threads} CPU thread(s)" if device.type == "cpu" else torch.cuda.get_device_name()
     print(
-        f"MoE layer forward+backward, {args.tokens} tokens, hidden {args.hidden}, expert ffn {args.ffn}, {args.dtype}"
+        f"MoE layer forward+backward, {args.tokens} tokens, hidden {args.hidden}, expert ffn {args.ffn}, "
+        f"{args.dtype}, {where}"
     )
     print(
         f"{'experts':>7} {'top-k':>5} {'sequential ms':>13} {'grouped ms':>10} {'speed-up':>8} {'output rel diff':>15}"
