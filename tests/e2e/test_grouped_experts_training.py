@@ -1,9 +1,14 @@
 """Grouped-GEMM experts in training (model.moe.grouped_gemm with the local spec): the tiny_moe curve
 of megatron-core's sequential experts, and checkpoints that resume either way at other layouts."""
 
-import pytest
+import pathlib
+import subprocess
+import sys
 
-from tests.helpers.runs import TINY_STEPS, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
+import pytest
+import torch
+
+from tests.helpers.runs import REPO, TINY_STEPS, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
 
 HALF = TINY_STEPS // 2
 GROUPED, SEQUENTIAL = "model.moe.grouped_gemm=true", "model.moe.grouped_gemm=false"
@@ -21,15 +26,46 @@ ONE_PROCESS_REL = 1e-6
 
 
 @pytest.mark.slow
-def test_one_process_is_the_sequential_curve(moe_reference, synthetic_corpus, tmp_path):
+def test_one_process_is_the_sequential_curve(moe_reference, synthetic_corpus, tmp_path, megatron_single_process):
     """Grouped for 5 steps, then sequential experts resume from its checkpoint: step 1's loss is the
-    sequential one-process run's exactly, every step within the norm's rounding."""
+    sequential one-process run's exactly, every step within the norm's rounding. The grouped
+    checkpoint exports to Hugging Face with each expert's weights where Mixtral keeps them."""
     run_pretrain(1, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path, GROUPED, f"train.steps={HALF}"))
     proc = run_pretrain(1, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path, SEQUENTIAL, "checkpoint.load=auto"))
     assert f"at step {HALF}" in proc.stdout
     metrics = read_metrics(tmp_path)
     assert metrics[0]["loss"] == moe_reference[0]["loss"]
     assert_close_curves(metrics, moe_reference, rel=ONE_PROCESS_REL, keys=MOE_KEYS)
+    _assert_export_places_each_expert(tmp_path / "checkpoints" / f"iter_{HALF:07d}", tmp_path / "hf")
+
+
+def _assert_export_places_each_expert(ckpt: pathlib.Path, out: pathlib.Path) -> None:
+    """scripts/convert_hf.py export of a grouped save against the stacks a grouped model loads from it."""
+    from safetensors.torch import load_file
+
+    from model.gpt import ModelBuild, build_model_chunks
+    from pretrain import checkpoint
+    from pretrain.recipe import load_recipe
+
+    proc = subprocess.run(
+        [sys.executable, "scripts/convert_hf.py", "export", str(ckpt), str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hf = load_file(str(out / "model.safetensors"))
+    model = load_recipe("tiny_moe", [GROUPED]).model
+    (chunk,) = build_model_chunks(model, ModelBuild(perform_initialization=False), 384)
+    checkpoint.load(ckpt, [chunk], None)
+    for i, layer in enumerate(chunk.decoder.layers):
+        experts = layer.mlp.experts
+        for e in range(8):
+            moe = f"model.layers.{i}.block_sparse_moe.experts.{e}"
+            w1, w3, w2 = (hf[f"{moe}.{w}.weight"] for w in ("w1", "w3", "w2"))
+            assert torch.equal(experts.weight1[e], torch.cat([w1, w3])), (i, e)
+            assert torch.equal(experts.weight2[e], w2), (i, e)
 
 
 RESUMES = {
