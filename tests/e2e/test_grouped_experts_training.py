@@ -20,8 +20,8 @@ FP32_REL = 1e-5
 # The gradients are SequentialMLP's bit for bit (tests/unit/test_grouped_experts.py), but the grad norm
 # is not: megatron-core's norm without apex (core/utils.py:1205, local_multi_tensor_l2_norm) takes each
 # parameter's norm, then the norm of those, and one [8, 128, 64] stack rounds otherwise than eight
-# [128, 64] experts (measured 2026-12-07: 1.1e-9 at step 1). tiny_moe clips at 1.0, so that rounding
-# reaches the updates: the losses stay within 1e-8 after step 1.
+# [128, 64] experts (measured 2026-12-07: 1.1e-9 at step 1, ≤ 6.6e-8 over 10 steps). tiny_moe clips at
+# 1.0, so that rounding reaches the updates: losses equal through step 4, then within 3e-8.
 ONE_PROCESS_REL = 1e-6
 
 
@@ -68,45 +68,18 @@ def _assert_export_places_each_expert(ckpt: pathlib.Path, out: pathlib.Path) -> 
             assert torch.equal(experts.weight2[e], w2), (i, e)
 
 
-RESUMES = {
-    # name: (procs, overrides) saving at step 5, (procs, overrides) resuming to step 10
-    # expert tensor parallelism 2 (the experts' GEMMs split over two ranks), from a sequential save
-    "sequential-1-to-grouped-ep2-etp2": (
-        (1, [SEQUENTIAL]),
-        (4, [GROUPED, "parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
-    ),
-    # expert data parallelism 2 (each expert on two ranks) and the distributed optimizer's state
-    "grouped-ep2-edp2-distopt-to-sequential-ep2": (
-        (4, [GROUPED, "parallel.expert=2", "parallel.distributed_optimizer=true"]),
-        (2, [SEQUENTIAL, "parallel.expert=2", "parallel.distributed_optimizer=true"]),
-    ),
-}
+# Sequential experts at EP2 × expert data parallel 2 with the distributed optimizer, resumed as grouped
+# experts at EP2 × expert tensor 2: the optimizer's model-space state goes through the grouped
+# factory on load. (Grouped EP2 × EDP2 with the distributed optimizer -> sequential EP2 and grouped
+# EP2 -> sequential EP2 × TP2 passed the same check by hand, 2026-12-07: ≤ 4.7e-8 loss, 2.9e-7 grad norm.)
+SEQUENTIAL_EDP2 = [SEQUENTIAL, "parallel.expert=2", "parallel.distributed_optimizer=true"]
+GROUPED_ETP2 = [GROUPED, "parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(RESUMES))
-def test_layouts_and_resume_either_way_continue_the_curve(name, moe_reference, synthetic_corpus, tmp_path):
-    (n1, first), (n2, second) = RESUMES[name]
-    run_pretrain(n1, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path, *first, f"train.steps={HALF}"))
-    proc = run_pretrain(n2, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path, *second, "checkpoint.load=auto"))
+def test_sequential_save_resumes_as_grouped_at_another_layout(moe_reference, synthetic_corpus, tmp_path):
+    run_pretrain(4, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path, *SEQUENTIAL_EDP2, f"train.steps={HALF}"))
+    second = [*GROUPED_ETP2, "parallel.distributed_optimizer=true", "checkpoint.load=auto"]
+    proc = run_pretrain(4, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path, *second))
     assert f"at step {HALF}" in proc.stdout
     assert_close_curves(read_metrics(tmp_path), moe_reference, rel=FP32_REL, keys=MOE_KEYS)
-
-
-@pytest.mark.slow
-def test_dp_reshardable_buffers_refuse_the_other_expert_kind(synthetic_corpus, tmp_path):
-    """Flat optimizer buffers order grouped and sequential expert parameters otherwise (same sizes):
-    loading one into the other would scramble the state silently, so it is refused in one line."""
-    flat = ["parallel.distributed_optimizer=true", "checkpoint.optimizer_format=dp_reshardable"]
-    run_pretrain(1, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path, GROUPED, *flat, "train.steps=1"))
-    proc = run_pretrain(
-        1,
-        "tiny_moe",
-        tiny_overrides(synthetic_corpus, tmp_path, SEQUENTIAL, *flat, "checkpoint.load=auto"),
-        check=False,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert "holds dp_reshardable optimizer buffers of grouped experts; this run has model.moe.grouped_gemm = false" in (
-        proc.stderr
-    )
-    assert "Traceback" not in proc.stderr

@@ -221,3 +221,26 @@ def test_memory_model_keeps_what_a_grouped_forward_keeps(overrides, megatron_sin
     recipe = load_recipe("tiny_moe", [*base, "model.moe.grouped_gemm=true", *overrides])
     predicted = chunk_bytes(setup_for(recipe, 1, CPU), (0, recipe.model.num_layers), first=True, last=True).kept
     assert abs(predicted - _saved_bytes(recipe, micro_batch=2)) <= 2 * SCALARS * (recipe.model.num_layers + 1)
+
+
+@pytest.mark.parametrize("saved, current", [(True, False), (False, True)])
+def test_dp_reshardable_buffers_refuse_the_other_expert_kind(saved, current, tmp_path):
+    """Flat optimizer buffers order grouped and sequential expert parameters otherwise with the same
+    sizes: loading one into the other would scramble the state silently (pretrain/checkpoint.py
+    calls this before loading a dp_reshardable save)."""
+    from types import SimpleNamespace
+
+    from common.errors import UserError
+    from pretrain.checkpoint import _refuse_other_expert_buffers
+
+    extra = {"recipe": {"model": {"moe": {"grouped_gemm": saved}}}}
+    chunk = SimpleNamespace(module=SimpleNamespace(config=SimpleNamespace(num_moe_experts=8, moe_grouped_gemm=current)))
+    kinds = {True: "grouped", False: "sequential"}
+    message = (
+        f"checkpoint '{tmp_path}' holds dp_reshardable optimizer buffers of {kinds[saved]} experts; this run has "
+        f"model.moe.grouped_gemm = {str(current).lower()}: resume with the saved setting, or from a fully_reshardable save"
+    )
+    with pytest.raises(UserError, match="^" + re.escape(message) + "$"):
+        _refuse_other_expert_buffers(extra, [chunk], tmp_path)
+    same = SimpleNamespace(module=SimpleNamespace(config=SimpleNamespace(num_moe_experts=8, moe_grouped_gemm=saved)))
+    _refuse_other_expert_buffers(extra, [same], tmp_path)  # the same setting loads
