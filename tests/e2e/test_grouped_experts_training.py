@@ -40,15 +40,15 @@ def test_one_process_is_the_sequential_curve(moe_reference, synthetic_corpus, tm
 
 
 def _assert_export_places_each_expert(ckpt: pathlib.Path, out: pathlib.Path) -> None:
-    """scripts/convert_hf.py export of a grouped save against the stacks a grouped model loads from it."""
+    """tools/convert_hf.py export of a grouped save against the stacks a grouped model loads from it."""
     from safetensors.torch import load_file
 
     from model.gpt import ModelBuild, build_model_chunks
-    from pretrain import checkpoint
+    from pretrain.checkpoint import storage
     from pretrain.recipe import load_recipe
 
     proc = subprocess.run(
-        [sys.executable, "scripts/convert_hf.py", "export", str(ckpt), str(out)],
+        [sys.executable, "tools/convert_hf.py", "export", str(ckpt), str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -58,7 +58,7 @@ def _assert_export_places_each_expert(ckpt: pathlib.Path, out: pathlib.Path) -> 
     hf = load_file(str(out / "model.safetensors"))
     model = load_recipe("tiny_moe", [GROUPED]).model
     (chunk,) = build_model_chunks(model, ModelBuild(perform_initialization=False), 384)
-    checkpoint.load(ckpt, [chunk], None)
+    storage.load(ckpt, [chunk], None)
     for i, layer in enumerate(chunk.decoder.layers):
         experts = layer.mlp.experts
         for e in range(8):

@@ -212,9 +212,9 @@ def test_moe_act_is_accepted_with_grouped_experts():
     ids=["grouped", "grouped-moe-act"],
 )
 def test_memory_model_keeps_what_a_grouped_forward_keeps(overrides, megatron_single_process):
-    """pretrain/activations.py against the storages a whole tiny_moe forward keeps (as
+    """planning/activations.py against the storages a whole tiny_moe forward keeps (as
     tests/unit/test_memory.py does for sequential experts); moe_act takes the activation out."""
-    from pretrain.memory import chunk_bytes, setup_for
+    from planning.memory import chunk_bytes, setup_for
     from tests.unit.test_memory import CPU, SCALARS, _saved_bytes
 
     base = ["model.seq_length=64", "model.moe.capacity_factor=1.0", "model.moe.pad_to_capacity=true"]
@@ -226,12 +226,12 @@ def test_memory_model_keeps_what_a_grouped_forward_keeps(overrides, megatron_sin
 @pytest.mark.parametrize("saved, current", [(True, False), (False, True)])
 def test_dp_reshardable_buffers_refuse_the_other_expert_kind(saved, current, tmp_path):
     """Flat optimizer buffers order grouped and sequential expert parameters otherwise with the same
-    sizes: loading one into the other would scramble the state silently (pretrain/checkpoint.py
+    sizes: loading one into the other would scramble the state silently (pretrain/checkpoint/storage.py
     calls this before loading a dp_reshardable save)."""
     from types import SimpleNamespace
 
     from common.errors import UserError
-    from pretrain.checkpoint import _refuse_other_expert_buffers
+    from pretrain.checkpoint.storage import _refuse_other_expert_buffers
 
     extra = {"recipe": {"model": {"moe": {"grouped_gemm": saved}}}}
     chunk = SimpleNamespace(module=SimpleNamespace(config=SimpleNamespace(num_moe_experts=8, moe_grouped_gemm=current)))
