@@ -40,7 +40,7 @@ def test_one_process_is_the_sequential_curve(moe_reference, synthetic_corpus, tm
 
 
 def _assert_export_places_each_expert(ckpt: pathlib.Path, out: pathlib.Path) -> None:
-    """tools/convert_hf.py export of a grouped save against the stacks a grouped model loads from it."""
+    """`python -m tools.convert_hf export` of a grouped save against the stacks a grouped model loads from it."""
     from safetensors.torch import load_file
 
     from model.gpt import ModelBuild, build_model_chunks
@@ -48,7 +48,7 @@ def _assert_export_places_each_expert(ckpt: pathlib.Path, out: pathlib.Path) -> 
     from pretrain.recipe import load_recipe
 
     proc = subprocess.run(
-        [sys.executable, "tools/convert_hf.py", "export", str(ckpt), str(out)],
+        [sys.executable, "-m", "tools.convert_hf", "export", str(ckpt), str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
