@@ -1,8 +1,9 @@
 """The GPU measurements of one machine in one command (scripts/gpu_check.sh runs this): the measured
 bf16 matmul peak, which SDPA kernel runs, bf16 step time and MFU of Llama-3.2-1B and -3B at sequence
 4096 (recompute off and on), the FP8 local path against bf16, the ring at CP 2 against one attention
-call, and the memory model against the allocator's peak. `--smoke` runs every part with tiny shapes
-on a CPU (the test suite does, so the script never rots). One table last; logs under --out.
+call, grouped-GEMM experts against sequential ones in a Qwen3-30B-A3B-shaped MoE layer, and the
+memory model against the allocator's peak. `--smoke` runs every part with tiny shapes on a CPU (the
+test suite does, so the script never rots). One table last; logs under --out.
 """
 
 from __future__ import annotations
@@ -148,6 +149,15 @@ def _checks(out: pathlib.Path, corpus: str, smoke: bool) -> list[Check]:
         ["--smoke"] if smoke else ["--heads", "32", "--groups", "8", "--head-dim", "64", "--seq", "4096"]
     )
     checks.append(Check("sdpa_kernel_llama_1b", sdpa, "stdout"))
+    # one Qwen3-30B-A3B-shaped MoE layer (hidden 2048, 128 experts, top-8, expert ffn 768), bf16
+    experts = [py, "-m", "benchmarks.bench_moe_experts"]
+    experts += (
+        ["--smoke"]
+        if smoke
+        else ["--device", "cuda", "--dtype", "bf16", "--experts", "128", "--top-k", "8", "--hidden", "2048"]
+        + ["--ffn", "768", "--tokens", "8192", "--iters", "10"]
+    )
+    checks.append(Check("moe_grouped_vs_sequential_experts", experts, "stdout"))
     memory = [
         py,
         "-m",

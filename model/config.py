@@ -29,14 +29,11 @@ class MoeConfig:
     shared_expert_ffn_hidden_size: PositiveInt | None = None  # inner size of all shared experts together; null = none
     layer_freq: PositiveInt = 1  # every N-th layer is MoE (1 = all), counted after first_dense_layers
     first_dense_layers: NonNegativeInt = 0  # leading dense layers (DeepSeek's first_k_dense_replace)
-    # layers (0-based) that stay dense whatever layer_freq says (Qwen3-MoE's mlp_only_layers)
-    dense_layers: list[NonNegativeInt] = field(default_factory=list)
+    dense_layers: list[NonNegativeInt] = field(default_factory=list)  # 0-based, dense anyway (mlp_only_layers)
     score_function: Literal["softmax", "sigmoid"] = "softmax"  # router scores
-    # softmax over all experts before top-k, kept unnormalized (Qwen3-MoE's norm_topk_prob: false);
-    # false = softmax over the chosen top-k (= the top-k renormalized: Mixtral, norm_topk_prob: true)
+    # softmax over all experts, top-k unnormalized (norm_topk_prob false); false: over the top-k (renormalized)
     pre_softmax: bool = False
-    # aux_loss: per micro-batch; seq_aux_loss: per sequence; global_aux_loss: loads over the data-parallel
-    # ranks and the step's micro-batches so far (megatron-core's global batch, Qwen3's); none: no loss
+    # aux_loss: per micro-batch; seq_aux_loss: per sequence; global_aux_loss: global batch (docs/moe.md)
     load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
     aux_loss_coeff: NonNegativeFloat = 1e-2  # weight of the load-balancing loss
     z_loss_coeff: NonNegativeFloat = 0.0  # weight of the router z-loss (logit size); 0 = off
@@ -46,7 +43,9 @@ class MoeConfig:
     drop_policy: Literal["probs", "position"] = "probs"  # over capacity, drop the lowest-probability or latest
     pad_to_capacity: bool = False  # pad every expert's input to its capacity (needs capacity_factor)
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # how tokens reach expert-parallel ranks
-    grouped_gemm: bool = False  # one grouped GEMM for all local experts (GPU, transformer-engine)
+    # all local experts as grouped GEMMs: torch._grouped_mm (local spec, model/grouped_experts.py) or
+    # transformer-engine's; false = one expert after another (megatron-core's SequentialMLP)
+    grouped_gemm: bool = False
 
 
 @dataclass
@@ -138,6 +137,12 @@ def check_fp8(fp8: Fp8Config, model: ModelConfig, parallel: ParallelConfig, prec
             )
     _check_fp8_layers(fp8, model, parallel)
     if local and model.moe.num_experts is not None:
+        if model.moe.grouped_gemm:
+            raise RecipeError(
+                "fp8 on the local spec has no grouped-GEMM experts (torch._scaled_grouped_mm has no CPU "
+                "kernel to verify them against): set model.moe.grouped_gemm = false, or transformer_impl = "
+                "transformer_engine"
+            )
         _check_fp8_local_experts(parallel)
 
 
@@ -300,8 +305,7 @@ def head_dim(model: ModelConfig) -> int:
 
 
 def moe_layer_pattern(model: ModelConfig) -> list[bool]:
-    """Which layers are MoE: none for a dense model; else after `first_dense_layers`, every
-    `layer_freq`-th, except `dense_layers`."""
+    """Which layers are MoE: after `first_dense_layers`, every `layer_freq`-th, except `dense_layers`."""
     moe = model.moe
     dense = tuple(sorted(set(moe.dense_layers)))
     return list(_pattern(model.num_layers, moe.num_experts is not None, moe.first_dense_layers, moe.layer_freq, dense))
@@ -326,13 +330,8 @@ def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:
             f"model.moe.first_dense_layers = {moe.first_dense_layers} leaves no MoE layer in "
             f"model.num_layers = {model.num_layers}"
         )
-    beyond = [i for i in moe.dense_layers if i >= model.num_layers]
-    if beyond:
-        raise RecipeError(f"model.moe.dense_layers {beyond} beyond model.num_layers = {model.num_layers} (0-based)")
-    if not any(moe_layer_pattern(model)):
-        raise RecipeError(
-            "model.moe.dense_layers leaves no MoE layer: set model.moe.num_experts = null for a dense model"
-        )
+    if max(moe.dense_layers, default=0) >= model.num_layers or not any(moe_layer_pattern(model)):
+        raise RecipeError(f"model.moe.dense_layers {moe.dense_layers} must be some of layers 0-{model.num_layers - 1}")
     if moe.expert_bias and moe.score_function != "sigmoid":
         raise RecipeError(
             f"model.moe.expert_bias = true needs model.moe.score_function = sigmoid, got {moe.score_function}"
@@ -349,10 +348,15 @@ def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:
             f"model.moe with parallel.tensor = {p.tensor} needs parallel.sequence_parallel = true "
             "(megatron-core's MoE layer refuses tensor parallelism without it)"
         )
-    if moe.grouped_gemm and model.transformer_impl != "transformer_engine":
+    if moe.grouped_gemm and model.add_bias_linear:
         raise RecipeError(
-            "model.moe.grouped_gemm = true needs model.transformer_impl = transformer_engine "
-            "(grouped GEMM experts come from transformer-engine)"
+            "model.moe.grouped_gemm = true cannot be combined with model.add_bias_linear = true "
+            "(grouped experts have no linear biases, as megatron-core's GroupedMLP)"
+        )
+    if moe.grouped_gemm and p.fsdp is not None and model.transformer_impl == "local":
+        raise RecipeError(
+            f"model.moe.grouped_gemm = true with parallel.fsdp = {p.fsdp} is not verified: FSDP2 would "
+            "shard the stacked expert weights by expert; set model.moe.grouped_gemm = false"
         )
     expert_tensor = p.expert_tensor or p.tensor
     if model.add_bias_linear and moe.shared_expert_ffn_hidden_size is not None:

@@ -137,11 +137,8 @@ def test_dry_run_counts_equal_transformers_meta_count(recipe_name):
             ["model.rope_scaling.type=llama3", "model.rope_scaling.high_freq_factor=1.0"],
             "model.rope_scaling.high_freq_factor = 1.0 must exceed model.rope_scaling.low_freq_factor = 1.0",
         ),
-        (["model.moe.dense_layers=[4]"], "model.moe.dense_layers [4] beyond model.num_layers = 4 (0-based)"),
-        (
-            ["model.moe.dense_layers=[0,1,2,3]"],
-            "model.moe.dense_layers leaves no MoE layer: set model.moe.num_experts = null for a dense model",
-        ),
+        (["model.moe.dense_layers=[4]"], "model.moe.dense_layers [4] must be some of layers 0-3"),
+        (["model.moe.dense_layers=[0,1,2,3]"], "model.moe.dense_layers [0, 1, 2, 3] must be some of layers 0-3"),
     ],
 )
 def test_family_keys_are_checked(overrides, message):
