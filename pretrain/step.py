@@ -28,7 +28,8 @@ class StepResult:
     lr: float
     updated: bool  # the optimizer applied the step (not on a non-finite step or an fp16 overflow)
     nonfinite: bool  # every rank agreed the loss or the gradients were not finite
-    stop: bool  # a preemption signal arrived on some rank
+    stop: bool  # a stop signal (a preemption, or Ctrl-C) arrived on some rank
+    interrupted: bool = False  # ... and it was Ctrl-C on some rank
     moe: dict[str, Any] = field(default_factory=dict)
 
 
@@ -133,7 +134,7 @@ class Step:
             # finds those itself (and skips the update), so only the loss is ours to check there.
             check_grads = self.precision != "fp16"
             bad = not math.isfinite(loss) or (check_grads and not grads_are_finite(self.chunks))
-            nonfinite, stop = agree([bad, guards.stop.requested], self.device)
+            nonfinite, stop, interrupted = agree([bad, guards.stop.requested, guards.stop.interrupted], self.device)
             updated, grad_norm = False, None
             if not nonfinite:
                 updated, grad_norm, _ = self.optimizer.step()
@@ -149,6 +150,7 @@ class Step:
             updated=updated,
             nonfinite=nonfinite,
             stop=stop,
+            interrupted=interrupted,
             moe=moe,
         )
 

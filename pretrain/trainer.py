@@ -5,6 +5,7 @@ and cadence; this module only wires them and loops."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from data.loader import BatchPlan, TrainBatches
 from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_group, pick_device, world_from_env
 from pretrain.checkpointer import Checkpointer, TrainState
-from pretrain.guards import Guards, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
+from pretrain.guards import Guards, Interrupted, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
 from pretrain.metrics import Metrics, MetricsLog, device_peak_tflops, flops_per_token
 from pretrain.profiling import Profiler
 from pretrain.recipe import Recipe, check_output_dirs, recipe_to_dict, validate_for_world, write_recipe
@@ -217,10 +218,11 @@ def train(recipe: Recipe) -> dict[str, Any]:
     """Trains `recipe` to `train.steps`; returns the last metrics record (on every rank), or only
     {"step": N} when the checkpoint was already at train.steps or beyond.
 
-    Raises Preempted after the checkpoint when a preemption signal arrived (SIGTERM, SIGUSR1), and
+    Raises Preempted after the checkpoint when a preemption signal arrived (SIGTERM, SIGUSR1),
+    Interrupted likewise after Ctrl-C (SIGINT; a second one ends the process at once), and
     NonfiniteStop when the non-finite guard ends the run; every rank raises at the same step."""
     check_output_dirs(recipe)
-    with StopRequest().installed() as stop:
+    with StopRequest(rank=int(os.environ.get("RANK", "0"))).installed() as stop:
         run = build_run(recipe)
         run.checkpointer.resume(run.state, recipe.train.global_batch_size)
         if run.rank.rank == 0:
@@ -251,6 +253,7 @@ def _loop(run: Run, batches: TrainBatches, metrics: Metrics, profiler: Profiler,
     start_step = state.step
     while state.step < recipe.train.steps:
         profiler.before_step(state.step + 1)
+        guards.stop.step = state.step + 1
         start = time.perf_counter()
         step_batches = batches.step(state.consumed_samples)
         run.step.check_token_ids(step_batches, run.data["train"], state.consumed_samples)
@@ -272,9 +275,11 @@ def _loop(run: Run, batches: TrainBatches, metrics: Metrics, profiler: Profiler,
         profiler.after_step(state.step)
         if result.stop:
             where = run.checkpointer.before_preemption_stop(state, guards.watchdog)
-            raise Preempted(
-                f"preemption signal: stopped after step {state.step}, {where}; "
-                f"resume with checkpoint.load=auto (exit code {Preempted.exit_code})"
+            stop = Interrupted if result.interrupted else Preempted
+            what = "Ctrl-C" if result.interrupted else "preemption signal"
+            raise stop(
+                f"{what}: stopped after step {state.step}, {where}; "
+                f"resume with checkpoint.load=auto (exit code {stop.exit_code})"
             )
     run.checkpointer.at_end(state, trained=state.step > start_step, watchdog=guards.watchdog)
     return record

@@ -241,6 +241,8 @@ def test_skipping_is_bounded():
         ([2], 2),
         ([75, 1], None),
         ([75, 3], None),
+        ([130, 130], 130),
+        ([130, -signal.SIGTERM], 130),
         ([-signal.SIGTERM], None),
         ([1], None),
     ],
