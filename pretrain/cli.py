@@ -96,8 +96,9 @@ def _run_until_stopped(args: argparse.Namespace) -> int:
     try:
         return run(args)
     except RunStopped as e:
-        # Every rank stops at the same step for the same reason: rank 0 says it once.
-        if int(os.environ.get("RANK", "0")) == 0:
+        # Every rank stops at the same step for the same reason: rank 0 says it once (a stop only
+        # one rank knows of, e.g. out of memory, is said by that rank).
+        if int(os.environ.get("RANK", "0")) == 0 or getattr(e, "every_rank", False):
             print(f"{e.label}: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except KeyboardInterrupt:

@@ -203,19 +203,26 @@ class Guards:
 
 
 class Watchdog:
-    """A thread that reports a phase of the loop running longer than `timeout_s`: rank, step, phase,
-    elapsed time, then every thread's Python stack (faulthandler). It only reports; the run goes on.
-    `timeout_s = 0` starts no thread and `phase` costs nothing."""
+    """A thread that reports a phase of the loop running longer than `timeout_s`: one line with rank,
+    step, phase and elapsed time, repeated every `timeout_s`; with a `report` (pretrain/forensics.py)
+    also the hang report: the collectives each rank is in, which ranks never entered them, every
+    thread's stack in a file per rank. It only reports; the run goes on. `timeout_s = 0` starts no
+    thread and `phase` costs nothing."""
 
-    def __init__(self, rank: int, timeout_s: float, stream: TextIO = sys.stderr) -> None:
-        self.rank, self.timeout_s, self.stream = rank, timeout_s, stream
+    def __init__(self, rank: int, timeout_s: float, stream: TextIO = sys.stderr, report: Any = None) -> None:
+        self.rank, self.timeout_s, self.stream, self.report = rank, timeout_s, stream, report
         self._lock = threading.Lock()
         self._current: tuple | None = None  # (step, phase, start, next report at)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._recording: contextlib.ExitStack | None = None
+        self._reporting = report is not None  # False once the store failed
 
     def __enter__(self) -> Watchdog:
         if self.timeout_s > 0:
+            if self.report is not None:  # the collectives are recorded while the watchdog runs
+                self._recording = contextlib.ExitStack()
+                self._recording.enter_context(self.report.ring.installed())
             self._thread = threading.Thread(target=self._watch, name="pretrain-watchdog", daemon=True)
             self._thread.start()
         return self
@@ -224,6 +231,8 @@ class Watchdog:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
+        if self._recording is not None:
+            self._recording.close()
 
     @contextlib.contextmanager
     def phase(self, step: int, name: str) -> Iterator[None]:
@@ -231,6 +240,8 @@ class Watchdog:
         if self._thread is None:
             yield
             return
+        if self.report is not None:
+            self.report.ring.step, self.report.ring.phase = step, name
         start = time.monotonic()
         with self._lock:
             self._current = (step, name, start, start + self.timeout_s)
@@ -245,17 +256,39 @@ class Watchdog:
         while not self._stop.wait(poll):
             with self._lock:
                 current = self._current
-                if current is None or time.monotonic() < current[3]:
-                    continue
+            if current is not None and time.monotonic() >= current[3]:
                 step, name, start, next_report = current
-                self._current = (step, name, start, next_report + self.timeout_s)
-            self._report(step, name, time.monotonic() - start)
+                with self._lock:
+                    if self._current is current:
+                        self._current = (step, name, start, next_report + self.timeout_s)
+                self._report(step, name, time.monotonic() - start, first=next_report == start + self.timeout_s)
+            self._answer(current)
 
-    def _report(self, step: int, name: str, elapsed: float) -> None:
+    def _report(self, step: int, name: str, elapsed: float, first: bool) -> None:
+        where = f"; details in {self.report.out_dir}" if self.report is not None else "; Python stacks follow"
         print(
             f"watchdog: rank {self.rank} step {step} phase {name} running for {elapsed:.1f} s "
-            f"(train.watchdog_timeout_s = {self.timeout_s:g}); Python stacks follow",
+            f"(train.watchdog_timeout_s = {self.timeout_s:g}){where}",
             file=self.stream,
             flush=True,
         )
-        faulthandler.dump_traceback(file=self.stream, all_threads=True)
+        if self.report is None:
+            faulthandler.dump_traceback(file=self.stream, all_threads=True)
+        elif first and self._reporting:
+            self._use_report(lambda: self.report.overran(step, name))
+
+    def _answer(self, current: tuple | None) -> None:
+        """Answers a hang-report round another rank (or this one) asked for."""
+        if not self._reporting:
+            return
+        step, name, start = current[:3] if current else (self.report.ring.step, "between phases", time.monotonic())
+        state = {"step": step, "phase": name, "elapsed": time.monotonic() - start}
+        self._use_report(lambda: self.report.poll(state))
+
+    def _use_report(self, call: Callable[[], None]) -> None:
+        """The store may be gone (rank 0's process ended): one line, and no more reports."""
+        try:
+            call()
+        except (RuntimeError, OSError) as e:
+            print(f"watchdog: rank {self.rank}: no hang report, the c10d store failed: {e}", file=self.stream)
+            self._reporting = False

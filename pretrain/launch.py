@@ -7,7 +7,7 @@ Same options as torchrun (it calls torch.distributed.run), two differences:
   workers ended (and kills them after --shutdown-timeout, 30 s, saved or not), and dies on SIGUSR1
   (Slurm's usual warning signal) without telling them.
 - When every failed worker exited with the same documented code (2 bad input, 3 non-finite stop,
-  75 preempted, 130 interrupted) the launcher exits with it, after the workers' own one-line
+  4 out of memory, 75 preempted, 130 interrupted) the launcher exits with it, after the workers' own one-line
   message; plain torchrun exits 1 for any worker failure. Other failures print torchrun's report
   and exit 1.
 """
@@ -23,11 +23,11 @@ from types import FrameType
 
 import psutil
 
-from common.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_USER_ERROR
+from common.errors import EXIT_INTERRUPTED, EXIT_NONFINITE, EXIT_OUT_OF_MEMORY, EXIT_PREEMPTED, EXIT_USER_ERROR
 from pretrain.guards import STOP_SIGNALS
 from upstream.process import exit_quickly
 
-PROPAGATED_EXIT_CODES = (EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_PREEMPTED, EXIT_INTERRUPTED)
+PROPAGATED_EXIT_CODES = (EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_OUT_OF_MEMORY, EXIT_PREEMPTED, EXIT_INTERRUPTED)
 
 
 def _workers() -> list:

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from common import schema
 from common.errors import RecipeError
-from common.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
+from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from data.config import DataConfig
 from model.config import Fp8Config, ModelConfig, check_fp8, check_model
 from parallel.config import ParallelConfig
 from pretrain.checkpointer import CheckpointConfig
+from pretrain.faults import check_debug, check_debug_for_world
 from pretrain.metrics import LoggingConfig
 from pretrain.optim import OptimizerConfig
 from pretrain.profiling import ProfileConfig
@@ -31,6 +32,8 @@ if TYPE_CHECKING:  # imported where used: loading a recipe stays free of torch
     from parallel.layout import Layout
 
 CompileTarget = Literal["layers", "mlp", "norms"]
+# The phases of a step the watchdog times (pretrain/guards.py:Watchdog.phase).
+WatchedPhase = Literal["data", "forward_backward", "optimizer", "evaluation", "logging", "checkpoint"]
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -52,8 +55,10 @@ class TrainConfig:
     # ends the run with exit code 3.
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_skipped_steps: NonNegativeInt = 10  # skip: stop once more steps than this were skipped (resumes included)
-    # Report rank, step, phase and Python stacks on stderr when one phase of a step (forward_backward,
-    # optimizer, logging, checkpoint) runs longer than this; seconds, 0 = no watchdog.
+    # Report rank, step and phase on stderr when one phase of a step (data, forward_backward,
+    # optimizer, evaluation, logging, checkpoint) runs longer than this, and a hang report: which
+    # collective the waiting ranks are in, which ranks never entered it and where those are
+    # (<logging.dir>/watchdog/, docs/failures.md); seconds, 0 = no watchdog.
     watchdog_timeout_s: NonNegativeFloat = 0.0
     # Validation: every eval_interval optimizer steps (and after the last), the token-mean loss over
     # eval_steps global batches of the validation data, logged as val_loss and val_ppl. 0 = never.
@@ -102,6 +107,19 @@ class DebugConfig:
     # checkpoint.async_save: the background writer of every save first sleeps this long while the
     # trainer goes on, so the snapshot a save writes is seen to be independent of later steps
     save_write_delay_s: NonNegativeFloat = 0.0
+    # 1-based step whose first collective (in phase hang_phase when set) rank hang_rank never enters:
+    # it sleeps there while the others wait, to see the watchdog's hang report (pretrain/faults.py,
+    # docs/failures.md). Needs train.watchdog_timeout_s > 0.
+    hang_at_step: PositiveInt | None = None
+    hang_rank: NonNegativeInt = 0
+    hang_phase: WatchedPhase | None = None
+    # 1-based step at which rank oom_rank raises torch.OutOfMemoryError in phase oom_phase, to see
+    # the out-of-memory report (pretrain/oom.py) without a GPU; the error says the device holds
+    # oom_device_gib GiB, the capacity the report's suggestion must fit in
+    oom_at_step: PositiveInt | None = None
+    oom_phase: Literal["forward_backward", "optimizer"] = "forward_backward"
+    oom_rank: NonNegativeInt = 0
+    oom_device_gib: PositiveFloat = 80.0
 
 
 @dataclass
@@ -165,6 +183,7 @@ def validate_static(recipe: Recipe) -> None:
         )
     recipe.optimizer.check()
     recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
+    check_debug(recipe.debug, recipe.train)
 
 
 def validate_for_world(recipe: Recipe, world_size: int) -> tuple[Layout, BatchPlan]:
@@ -178,6 +197,7 @@ def validate_for_world(recipe: Recipe, world_size: int) -> tuple[Layout, BatchPl
     beyond = [r for r in t.profile.ranks if r >= world_size] if t.profile.start_step is not None else []
     if beyond:
         raise RecipeError(f"train.profile.ranks {beyond} are not ranks of a world of {world_size}")
+    check_debug_for_world(recipe.debug, world_size)
     plan = BatchPlan.of(t.global_batch_size, t.micro_batch_size, layout.data)
     if layout.pipeline > 1 and plan.micro_batches < layout.pipeline:
         raise RecipeError(

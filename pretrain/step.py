@@ -16,7 +16,9 @@ import torch.distributed as dist
 from common.errors import AgreedUserError
 from data.dataset import Samples
 from data.loader import BatchPlan, token_ids_beyond
+from pretrain.faults import raise_out_of_memory
 from pretrain.guards import Guards, agree, grads_are_finite
+from pretrain.oom import OutOfMemoryInStep
 from pretrain.optim import current_lr
 from pretrain.recipe import DebugConfig
 
@@ -117,17 +119,28 @@ class Step:
         wire_schedule(self.chunks, self.optimizer)
 
     def train(self, step: int, batches: list[dict], guards: Guards) -> StepResult:
-        """Optimizer step `step` (0-based) over this rank's micro-batches of the global batch."""
+        """Optimizer step `step` (0-based) over this rank's micro-batches of the global batch. Raises
+        OutOfMemoryInStep (step, phase) for a device out-of-memory error."""
+        phase = ["forward_backward"]
+        try:
+            return self._train(step, batches, guards, phase)
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemoryInStep(step + 1, phase[0], str(e)) from None
+
+    def _train(self, step: int, batches: list[dict], guards: Guards, phase: list[str]) -> StepResult:
         seed_step(self.seed, step)
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.scheduler.step(increment=1)  # step k (1-based) trains with lr(k): warmup starts above 0
         with guards.watchdog.phase(step + 1, "forward_backward"):
+            raise_out_of_memory(self.debug, dist.get_rank(), step + 1, "forward_backward")
             losses = self._forward_backward(batches, forward_only=False, step=step)
         if self.debug.nan_grad_at_step == step + 1 and dist.get_rank() == 0:
             _poison_one_gradient(self.chunks)
+        phase[0] = "optimizer"
         with guards.watchdog.phase(step + 1, "optimizer"):
+            raise_out_of_memory(self.debug, dist.get_rank(), step + 1, "optimizer")
             totals = self._loss_sums(losses)
             loss = float(totals[0] / totals[1])
             # fp16 gradients overflow by design while the loss scale adjusts: megatron-core's optimizer

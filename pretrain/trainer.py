@@ -17,6 +17,7 @@ from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_
 from pretrain.checkpointer import Checkpointer, TrainState
 from pretrain.guards import Guards, Interrupted, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
 from pretrain.metrics import Metrics, MetricsLog, device_peak_tflops, flops_per_token
+from pretrain.oom import OutOfMemoryInStep
 from pretrain.profiling import Profiler
 from pretrain.recipe import Recipe, check_output_dirs, recipe_to_dict, validate_for_world, write_recipe
 from pretrain.step import Evaluation, Step
@@ -214,6 +215,21 @@ def _fp8_lines(run: Run, peak: float | None, fp8_peak: float | None) -> list[str
     return lines
 
 
+def build_watchdog(run: Run) -> Watchdog:
+    """The stall watchdog; with it on, the record of every collective and the hang report, which the
+    ranks exchange through the c10d store (pretrain/forensics.py)."""
+    timeout_s = run.recipe.train.watchdog_timeout_s
+    if not timeout_s > 0:
+        return Watchdog(run.rank.rank, 0.0)
+    from pretrain.faults import hang_before_collective
+    from pretrain.forensics import CollectiveRing, HangReport
+
+    ring = CollectiveRing(run.rank.rank)
+    ring.before_entering = hang_before_collective(run.recipe.debug, run.rank.rank, ring)
+    report = HangReport(ring, run.layout.world_size, run.recipe.log_dir() / "watchdog", collect_s=min(timeout_s, 5.0))
+    return Watchdog(run.rank.rank, timeout_s, report=report)
+
+
 def train(recipe: Recipe) -> dict[str, Any]:
     """Trains `recipe` to `train.steps`; returns the last metrics record (on every rank), or only
     {"step": N} when the checkpoint was already at train.steps or beyond.
@@ -239,8 +255,14 @@ def train(recipe: Recipe) -> dict[str, Any]:
         metrics = build_metrics(run)
         profiler = Profiler(recipe.train.profile, run.rank.rank, recipe.log_dir(), run.device)
         try:
-            with Watchdog(run.rank.rank, recipe.train.watchdog_timeout_s) as watchdog:
+            with build_watchdog(run) as watchdog:
                 return _loop(run, batches, metrics, profiler, Guards(stop, guard, watchdog))
+        except OutOfMemoryInStep as e:
+            from pretrain.oom import OutOfMemory, report
+
+            raise OutOfMemory(
+                report(recipe, run.layout.world_size, run.rank.rank, run.device, run.vocab_size, e)
+            ) from None
         finally:
             profiler.close()
             batches.close()
@@ -255,8 +277,9 @@ def _loop(run: Run, batches: TrainBatches, metrics: Metrics, profiler: Profiler,
         profiler.before_step(state.step + 1)
         guards.stop.step = state.step + 1
         start = time.perf_counter()
-        step_batches = batches.step(state.consumed_samples)
-        run.step.check_token_ids(step_batches, run.data["train"], state.consumed_samples)
+        with guards.watchdog.phase(state.step + 1, "data"):
+            step_batches = batches.step(state.consumed_samples)
+            run.step.check_token_ids(step_batches, run.data["train"], state.consumed_samples)
         result = run.step.train(state.step, step_batches, guards)
         state.consumed_samples += recipe.train.global_batch_size  # a skipped step uses up its batch too
         state.step += 1
