@@ -55,7 +55,7 @@ SENDS, RECEIVES = ("send", "isend"), ("recv", "irecv")
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class Entry:
     """One collective call as this rank entered it."""
 
