@@ -31,7 +31,8 @@ def _per_call_us(ring: CollectiveRing, calls: int) -> tuple[float, float]:
     (7 rounds each, alternated)."""
     tensor = torch.zeros(4096, 8)
     wrapper = ring._wrap("all_reduce", _no_op)
-    plain, wrapped = [], []
+    plain: list[float] = []
+    wrapped: list[float] = []
     for _ in range(7):
         for times, fn in ((plain, _no_op), (wrapped, wrapper)):
             start = time.perf_counter()
