@@ -16,11 +16,13 @@ from pretrain.recipe import Recipe
 
 
 class OutOfMemoryInStep(Exception):
-    """torch.OutOfMemoryError in a phase of a step, before the report is written."""
+    """torch.OutOfMemoryError in a phase of a step, with what the allocator held when it was caught
+    (the failed step's tensors still alive through the error's traceback); the report comes later."""
 
-    def __init__(self, step: int, phase: str, message: str) -> None:
+    def __init__(self, step: int, phase: str, message: str, device: torch.device) -> None:
         super().__init__(message)
         self.step, self.phase, self.message = step, phase, message
+        self.held = Held.now(device, message)
 
 
 class OutOfMemory(RunStopped):
@@ -61,7 +63,7 @@ def report(
 ) -> str:
     """The block: rank, step, phase; allocated/reserved at the failure beside the model's prediction for
     this rank; the cheapest recompute setting, then micro-batch, that the model says would fit."""
-    held = Held.now(device, error.message)
+    held = error.held
     target = Target.for_device(device.type, recipe.model.transformer_impl)
     setup = setup_for(recipe, world_size, target, vocab)
     stage = next(s for s in estimate_setup(setup).stages if rank in s.ranks)

@@ -125,7 +125,7 @@ class Step:
         try:
             return self._train(step, batches, guards, phase)
         except torch.OutOfMemoryError as e:
-            raise OutOfMemoryInStep(step + 1, phase[0], str(e)) from None
+            raise OutOfMemoryInStep(step + 1, phase[0], str(e), self.device) from None
 
     def _train(self, step: int, batches: list[dict], guards: Guards, phase: list[str]) -> StepResult:
         seed_step(self.seed, step)
