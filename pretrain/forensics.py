@@ -394,7 +394,8 @@ def summarize(answers: dict[int, dict], world_size: int) -> str:
             in_ = _waiting_in(mine)
             instead = f"waits in {in_.describe(groups)}" if in_ else f"is at {mine['at']}"
             never = ", nor ".join(
-                f"{entry.op} #{entry.seq} on {describe_group(entry.group, groups)}, which rank {waiter} waits in"
+                f"{_counterpart(entry)}{entry.op} #{entry.seq} on {describe_group(entry.group, groups)}, "
+                f"which rank {waiter} waits in"
                 for waiter, entry in waits
             )
             causes.append(f"rank {m} never entered {never}; rank {m} {instead} (step {mine['step']} {mine['phase']})")
@@ -403,6 +404,13 @@ def summarize(answers: dict[int, dict], world_size: int) -> str:
         head += f": no rank is missing from a collective; rank{'s' if len(progressing) > 1 else ''} "
         head += f"{_ranks(progressing)} still enter{'' if len(progressing) > 1 else 's'} collectives (slow, not hung)"
     return "\n".join([head, *lines])
+
+
+def _counterpart(entry: Entry) -> str:
+    """Point to point, the rank that never entered owes the other half: "the receive matching "."""
+    if not entry.group.startswith("p2p "):
+        return ""
+    return "the receive matching " if entry.op.split(":")[-1] in SENDS else "the send matching "
 
 
 def _members(key: str, groups: dict) -> list[int]:

@@ -90,6 +90,19 @@ def test_summary_names_the_rank_that_never_entered_and_where_it_is():
     ]
 
 
+def test_summary_of_point_to_point():
+    """Pipeline stages: rank 1 waits to send its activations to rank 3, which never posted the receive."""
+    send = _entry(3, group="p2p 1->3", op="isend")
+    answers = {
+        1: _answer(1, {"p2p 1->3": 3}, [send]),
+        3: _answer(3, {"p2p 1->3": 2}, [], at="pretrain/faults.py:51 in f"),
+    }
+    assert summarize(answers, 4).splitlines()[0] == (
+        "watchdog: hang report: rank 3 never entered the receive matching isend #3 on point-to-point ranks 1->3, "
+        "which rank 1 waits in; rank 3 is at pretrain/faults.py:51 in f (step 3 forward_backward)"
+    )
+
+
 def test_summary_of_point_to_point_and_of_a_silent_or_progressing_rank():
     recv = _entry(2, group="p2p 0->1", op="irecv")
     answers = {1: _answer(1, {"p2p 0->1": 2}, [recv]), 2: _answer(2, {}, [], recent=7)}
