@@ -1,22 +1,114 @@
-"""Fault injection of the `debug` section that acts on collectives and memory: a rank that never
-enters a collective (debug.hang_*) and an out-of-memory error (debug.oom_*). Tests and new clusters
-use them to see the hang report and the out-of-memory report; never set in a real run."""
+"""Fault injection: the `debug` recipe section, to watch the fault guards work (tests, a new
+cluster); never set in a real run. The step calls it through one hook (`FaultInjection.around`), the
+checkpointer asks it how long to pause; with nothing set, neither changes anything.
+
+A new fault is a `DebugConfig` key and a line in the hook (or a method the component that should
+fail asks), plus a test that shows the guard it exercises catching it. Imports of torch stay inside
+the functions: loading a recipe imports this module and stays free of torch."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
 
 from common.errors import RecipeError
+from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 
-if TYPE_CHECKING:
-    from pretrain.recipe import DebugConfig, TrainConfig
+# The phases of a step the watchdog times (pretrain/guards.py:Watchdog.phase).
+WatchedPhase = Literal["data", "forward_backward", "optimizer", "evaluation", "logging", "checkpoint"]
 
 
-def check_debug(debug: DebugConfig, train: TrainConfig) -> None:
-    if debug.hang_at_step is not None and not train.watchdog_timeout_s > 0:
+@dataclass
+class DebugConfig:
+    """Fault injection, to watch the fault guards work (tests, a new cluster); never set in a real run."""
+
+    nan_loss_at_step: PositiveInt | None = None  # 1-based step whose loss is multiplied by NaN on every rank
+    # 1-based step after whose backward one gradient element on rank 0 is set to NaN (the loss stays
+    # finite): the guard's gradient check and the agreement of every rank on it
+    nan_grad_at_step: PositiveInt | None = None
+    stall_at_step: PositiveInt | None = None  # 1-based step whose forward/backward first sleeps debug.stall_s
+    stall_s: NonNegativeFloat = 0.0  # seconds
+    # 1-based step whose checkpoint pauses save_pause_s seconds after its shards are written and before
+    # it is published (renamed into place), to kill a run mid-save and see the previous one resume.
+    save_pause_at_step: PositiveInt | None = None
+    save_pause_s: NonNegativeFloat = 0.0
+    # checkpoint.async_save: the background writer of every save first sleeps this long while the
+    # trainer goes on, so the snapshot a save writes is seen to be independent of later steps
+    save_write_delay_s: NonNegativeFloat = 0.0
+    # 1-based step whose first collective (in phase hang_phase when set) rank hang_rank never enters:
+    # it sleeps there while the others wait, to see the watchdog's hang report (pretrain/forensics.py,
+    # docs/failures.md). Needs train.watchdog_timeout_s > 0.
+    hang_at_step: PositiveInt | None = None
+    hang_rank: NonNegativeInt = 0
+    hang_phase: WatchedPhase | None = None
+    # 1-based step at which rank oom_rank raises torch.OutOfMemoryError in phase oom_phase, to see
+    # the out-of-memory report (pretrain/oom.py) without a GPU; the error says the device holds
+    # oom_device_gib GiB, the capacity the report's suggestion must fit in
+    oom_at_step: PositiveInt | None = None
+    oom_phase: Literal["forward_backward", "optimizer"] = "forward_backward"
+    oom_rank: NonNegativeInt = 0
+    oom_device_gib: PositiveFloat = 80.0
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """The `debug` section at work, for one rank."""
+
+    cfg: DebugConfig
+    rank: int
+
+    @contextlib.contextmanager
+    def around(self, step: int, chunks: list[Any], forward_step: Callable) -> Iterator[Callable]:
+        """Around the forward/backward of training step `step` (0-based): the stall before it; the
+        forward step it is to use (the NaN loss); after it, the NaN gradient on rank 0."""
+        due = step + 1
+        if self.cfg.stall_at_step == due:
+            time.sleep(self.cfg.stall_s)
+        yield partial(_with_nan_loss, forward_step) if self.cfg.nan_loss_at_step == due else forward_step
+        if self.cfg.nan_grad_at_step == due and self.rank == 0:
+            _poison_one_gradient(chunks)
+
+    def save_pause_s(self, step: int) -> float:
+        """Seconds the save of step `step` (1-based) waits between writing and publishing."""
+        return self.cfg.save_pause_s if self.cfg.save_pause_at_step == step else 0.0
+
+    @property
+    def save_write_delay_s(self) -> float:
+        return self.cfg.save_write_delay_s
+
+    def out_of_memory(self, step: int, phase: str) -> None:
+        """debug.oom_at_step: raises torch.OutOfMemoryError in phase `phase` of step `step` (1-based)."""
+        raise_out_of_memory(self.cfg, self.rank, step, phase)
+
+
+def _with_nan_loss(forward_step: Callable, data_iterator: Any, model: Any) -> tuple[Any, Callable]:
+    """debug.nan_loss_at_step: the usual forward step, its loss multiplied by NaN."""
+    output, loss = forward_step(data_iterator, model)
+    return output, partial(_nan_loss, loss)
+
+
+def _nan_loss(loss: Callable, output_tensor: Any) -> tuple[Any, Any, dict[str, Any]]:
+    import torch
+
+    loss_sum, num_tokens, reports = loss(output_tensor)
+    nan_sum = torch.tensor([float("nan"), 1.0], device=loss_sum.device)  # [loss sum, token count]
+    return loss_sum * float("nan"), num_tokens, {k: v * nan_sum for k, v in reports.items()}
+
+
+def _poison_one_gradient(chunks: list[Any]) -> None:
+    """debug.nan_grad_at_step: the first element of this rank's first gradient buffer becomes NaN."""
+    buffer = chunks[0].buffers[0] if chunks[0].buffers else chunks[0].expert_parallel_buffers[0]
+    buffer.grad_data[0] = float("nan")
+
+
+def check_debug(debug: DebugConfig, watchdog_timeout_s: float) -> None:
+    """The keys that need another section: the hang needs the watchdog (train.watchdog_timeout_s)."""
+    if debug.hang_at_step is not None and not watchdog_timeout_s > 0:
         raise RecipeError(
             "debug.hang_at_step needs train.watchdog_timeout_s > 0: the watchdog's record of the "
             "collectives is where a rank skips one, and what reports the hang"

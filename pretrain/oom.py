@@ -10,8 +10,8 @@ from typing import Any
 import torch
 
 from common.errors import EXIT_OUT_OF_MEMORY, RecipeError, RunStopped
-from pretrain.memory import GIB, Target, estimate_setup, setup_for
-from pretrain.memory_report import cheapest_recompute, reserve_bytes
+from planning.memory import GIB, Target, estimate_setup, setup_for
+from planning.report import cheapest_recompute, reserve_bytes
 from pretrain.recipe import Recipe
 
 
@@ -86,7 +86,7 @@ def cheapest_change(
 ) -> str:
     """The cheapest change the memory model says fits in `capacity`: a recompute setting at this
     micro-batch, else a smaller micro-batch (with the cheapest recompute that fits it), else the planner."""
-    plan = f"python -m pretrain.plan --recipe {recipe.source} --gpus {world_size} --gpu-memory-gib {{gib:.3g}}"
+    plan = f"python -m tools.plan_layout --recipe {recipe.source} --gpus {world_size} --gpu-memory-gib {{gib:.3g}}"
     if capacity is None:
         return "the device's capacity is unknown: no change computed"
     if predicted <= capacity:

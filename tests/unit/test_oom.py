@@ -3,7 +3,7 @@ model predicts a 10.4 MiB peak: a recompute setting, then a smaller micro-batch,
 
 import pytest
 
-from pretrain.memory import MIB, Target
+from planning.memory import MIB, Target
 from pretrain.oom import _capacity_in, cheapest_change
 from pretrain.recipe import load_recipe
 
@@ -34,7 +34,7 @@ from pretrain.recipe import load_recipe
         ),
         (
             4.0,
-            "no recompute setting or micro-batch fits in 4.0 MiB at this layout: python -m pretrain.plan "
+            "no recompute setting or micro-batch fits in 4.0 MiB at this layout: python -m tools.plan_layout "
             "--recipe RECIPE --gpus 1 --gpu-memory-gib 0.00391",
         ),
     ],
