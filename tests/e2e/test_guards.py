@@ -109,13 +109,14 @@ def test_watchdog_reports_the_stalled_phase_with_stacks(nan_and_stall):
     assert len(stalled) >= 2 and 0.5 <= stalled[0] < 1.0, proc.stderr
     # The hang report of one rank: where its main thread is, then every thread's stack in its file.
     assert re.search(
-        r"^  rank 0 \(step 2 forward_backward, [\d.]+ s\): in no collective, at pretrain/step.py:\d+ in _forward_backward$",
+        r"^  rank 0 \(step 2 forward_backward, [\d.]+ s\): in no collective, at pretrain/faults.py:\d+ in around$",
         proc.stderr,
         re.M,
     ), proc.stderr
     block = (log_dir / "watchdog" / "rank_0.txt").read_text()
     assert "most recent call first" in block
-    assert re.search(r'File ".*pretrain/step.py", line \d+ in _forward_backward', block)
+    assert re.search(r'File ".*pretrain/faults.py", line \d+ in around', block)
+    assert re.search(r'File ".*pretrain/step.py", line \d+ in _train', block)
 
 
 def test_nonfinite_stop_is_one_line_and_exit_code_3(synthetic_corpus, tmp_path):
