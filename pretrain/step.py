@@ -17,6 +17,7 @@ from data.dataset import Samples
 from data.loader import BatchPlan, token_ids_beyond
 from pretrain.faults import FaultInjection
 from pretrain.guards import Guards, agree, grads_are_finite
+from pretrain.oom import OutOfMemoryInStep
 from pretrain.optim import current_lr
 
 
@@ -27,7 +28,8 @@ class StepResult:
     lr: float
     updated: bool  # the optimizer applied the step (not on a non-finite step or an fp16 overflow)
     nonfinite: bool  # every rank agreed the loss or the gradients were not finite
-    stop: bool  # a preemption signal arrived on some rank
+    stop: bool  # a stop signal (a preemption, or Ctrl-C) arrived on some rank
+    interrupted: bool = False  # ... and it was Ctrl-C on some rank
     moe: dict[str, Any] = field(default_factory=dict)
 
 
@@ -95,7 +97,15 @@ class Step:
         wire_schedule(self.chunks, self.optimizer)
 
     def train(self, step: int, batches: list[dict], guards: Guards) -> StepResult:
-        """Optimizer step `step` (0-based) over this rank's micro-batches of the global batch."""
+        """Optimizer step `step` (0-based) over this rank's micro-batches of the global batch. Raises
+        OutOfMemoryInStep (step, phase) for a device out-of-memory error."""
+        phase = ["forward_backward"]
+        try:
+            return self._train(step, batches, guards, phase)
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemoryInStep(step + 1, phase[0], str(e), self.device) from None
+
+    def _train(self, step: int, batches: list[dict], guards: Guards, phase: list[str]) -> StepResult:
         seed_step(self.seed, step)
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
@@ -105,15 +115,18 @@ class Step:
             guards.watchdog.phase(step + 1, "forward_backward"),
             self.faults.around(step, self.chunks, forward_step) as forward,
         ):
+            self.faults.out_of_memory(step + 1, "forward_backward")
             losses = self._forward_backward(batches, forward)
+        phase[0] = "optimizer"
         with guards.watchdog.phase(step + 1, "optimizer"):
+            self.faults.out_of_memory(step + 1, "optimizer")
             totals = self._loss_sums(losses)
             loss = float(totals[0] / totals[1])
             # fp16 gradients overflow by design while the loss scale adjusts: megatron-core's optimizer
             # finds those itself (and skips the update), so only the loss is ours to check there.
             check_grads = self.precision != "fp16"
             bad = not math.isfinite(loss) or (check_grads and not grads_are_finite(self.chunks))
-            nonfinite, stop = agree([bad, guards.stop.requested], self.device)
+            nonfinite, stop, interrupted = agree([bad, guards.stop.requested, guards.stop.interrupted], self.device)
             updated, grad_norm = False, None
             if not nonfinite:
                 updated, grad_norm, _ = self.optimizer.step()
@@ -129,6 +142,7 @@ class Step:
             updated=updated,
             nonfinite=nonfinite,
             stop=stop,
+            interrupted=interrupted,
             moe=moe,
         )
 
