@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Mixtral safetensors <-> our megatron-core checkpoints.
+"""Hugging Face Llama / Mixtral / Qwen3 / Qwen3-MoE safetensors <-> our megatron-core checkpoints.
 
     python -m tools.convert_hf import HF_DIR CKPT_DIR     # then: checkpoint.load=CKPT_DIR
     python -m tools.convert_hf export CHECKPOINT HF_DIR    # CHECKPOINT: a checkpoint dir or iter_N
@@ -63,10 +63,19 @@ def _build(model_cfg: ModelConfig, vocab_size: int) -> tuple[torch.nn.Module, in
     return chunk, vocab
 
 
+def _single_process() -> None:
+    """Conversion runs in one process: its gloo group and megatron-core's groups at size 1, unless
+    the caller (a test, a notebook) already made them."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        init_single_process()
+
+
 def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     import yaml
 
-    from model.hf import hf_to_ours, model_config_from_hf
+    from model.hf import hf_to_ours, load_exactly, model_config_from_hf
     from pretrain.checkpoint import storage
     from pretrain.recipe import Recipe, recipe_to_dict
 
@@ -87,34 +96,16 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
         raise UserError(f"{config_path}: {exc}") from None
     if storage.complete_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints: choose an empty directory")
-    init_single_process()
+    _single_process()
     assert model_cfg.vocab_size is not None  # model_config_from_hf reads it from config.json
     model, vocab = _build(model_cfg, model_cfg.vocab_size)
     ours = hf_to_ours(read_hf_tensors(hf_dir), model_cfg, vocab)
-    _load_exactly(model, ours, f"{hf_dir}")
+    load_exactly(model, ours, f"{hf_dir}")
     recipe = Recipe(model=model_cfg)
     extra = {"step": 0, "recipe": recipe_to_dict(recipe), "vocab_size": model_cfg.vocab_size, "source": str(hf_dir)}
     path = storage.save(out_dir, 0, [model], None, extra)
     (out_dir / "model.yaml").write_text(yaml.safe_dump({"model": recipe_to_dict(recipe)["model"]}, sort_keys=False))
     return path
-
-
-def _load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise UserError(
-            f"{source}: tensors do not match the architecture "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
-    own = model.state_dict()
-    for name, tensor in _progress(sorted(state.items()), "converting"):
-        if tuple(own[name].shape) != tuple(tensor.shape):
-            raise UserError(
-                f"{source}: '{name}' has shape {tuple(tensor.shape)}, the architecture needs {tuple(own[name].shape)}"
-            )
-        with torch.no_grad():
-            own[name].copy_(tensor)
 
 
 def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
@@ -134,7 +125,7 @@ def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     if vocab_size is None:
         raise UserError(f"checkpoint '{path}' does not record its vocabulary size")
     config = hf_config_from_model(model_cfg, vocab_size)  # refuses what HF cannot express, early
-    init_single_process()
+    _single_process()
     model, _ = _build(model_cfg, vocab_size)
     storage.load(path, [model], None)
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
