@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from common.errors import UserError
 from parallel.data_parallel import sync_params
-from pretrain import optimizer_state
+from pretrain import manifest, optimizer_state
 from upstream import fixes, safe_loading
 
 LATEST = "latest"
@@ -48,24 +48,83 @@ def checkpoint_step(path: pathlib.Path) -> int:
     return int(match.group(1))
 
 
-def resolve_load(load: str | None, ckpt_dir: pathlib.Path) -> pathlib.Path | None:
-    """`None` -> no load; `auto` -> newest complete checkpoint in ckpt_dir (or none); else a path."""
+def resolve_load(load: str | None, ckpt_dir: pathlib.Path, verify: bool = True) -> pathlib.Path | None:
+    """`None` -> no load; `auto` -> newest intact checkpoint in ckpt_dir (or none: see `choose_auto`
+    for the line a skipped damaged one gets); else a path, which must be intact (collective when
+    the process group is up: the ranks share the checksum reading)."""
     if load is None:
         return None
     if load == "auto":
-        found = complete_checkpoints(ckpt_dir)
-        return found[-1] if found else None
-    path = pathlib.Path(load)
-    if path.is_dir() and (path / LATEST).is_file():
+        return choose_auto(ckpt_dir, verify)[0]
+    path = checkpoint_path(pathlib.Path(load))
+    problem = damage(path, verify)
+    if problem is not None:
+        raise UserError(f"checkpoint '{path}' is damaged: {problem}")
+    return path
+
+
+def checkpoint_path(path: pathlib.Path) -> pathlib.Path:
+    """The `iter_N` folder a path given by a person means: itself, or what the `latest` of a
+    checkpoints folder names. Every tool says the same about a path that is not one."""
+    if not path.exists():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    if (path / LATEST).is_file():
         name = (path / LATEST).read_text(errors="replace").strip()
         if not _ITER.match(name):  # never a path: `latest` from elsewhere must not point outside
-            raise UserError(
-                f"checkpoint.load: '{path / LATEST}' names '{name[:40]}', not a checkpoint like iter_0000100"
+            raise UserError(f"checkpoint '{path / LATEST}' names '{name[:40]}', not a checkpoint like iter_0000100")
+        if not (path / name).is_dir():
+            raise UserError(f"checkpoint '{path / LATEST}' names {name}, which does not exist")
+        return path / name
+    if (path.is_dir() and (path / "metadata.json").is_file()) or _ITER.match(path.name):
+        return path
+    if (path / "checkpoints").is_dir():
+        raise UserError(f"checkpoint '{path}' is a run folder: did you mean '{path / 'checkpoints'}'?")
+    raise UserError(
+        f"checkpoint '{path}' is neither a checkpoints folder (with '{LATEST}') nor a checkpoint like iter_0000100"
+    )
+
+
+def damage(path: pathlib.Path, verify: bool) -> str | None:
+    """What is wrong with checkpoint `path` (pretrain/manifest.py), None when it is intact. With
+    the process group up every rank checks the sizes and a share of the checksums, and all get
+    the same answer."""
+    share = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    try:
+        found = manifest.problems(path, verify, share)
+    except safe_loading.UnsafeFile as exc:  # a hostile checkpoint is refused, never skipped
+        raise UserError(f"checkpoint '{path}': {exc}") from None
+    if share[1] > 1:
+        gathered: list[Any] = [None] * share[1]
+        dist.all_gather_object(gathered, found)
+        found = sorted({p for rank_found in gathered for p in rank_found})
+    if not found:
+        return None
+    return found[0] + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
+
+
+def choose_auto(ckpt_dir: pathlib.Path, verify: bool) -> tuple[pathlib.Path | None, str | None]:
+    """`checkpoint.load=auto`: the newest intact checkpoint in ckpt_dir (None when it holds none),
+    and the line to print when newer damaged ones were skipped (they are left in place). A folder
+    whose every checkpoint is damaged is a UserError naming each."""
+    skipped: list[tuple[pathlib.Path, str]] = []
+    for path in reversed(complete_checkpoints(ckpt_dir)):
+        problem = damage(path, verify)
+        if problem is None:
+            if not skipped:
+                return path, None
+            if len(skipped) == 1:
+                said = f"checkpoint {skipped[0][0]} is damaged ({skipped[0][1]})"
+            else:
+                said = "checkpoints " + ", ".join(f"{p} ({why})" for p, why in skipped) + " are damaged"
+            many = "ones are" if len(skipped) > 1 else "one is"
+            return path, (
+                f"warning: {said}: resuming from {path}, the newest intact one (the damaged {many} left in place)"
             )
-        path = path / name
-    if not (path / "metadata.json").is_file():
-        raise UserError(f"checkpoint.load: '{load}' is not a complete checkpoint (no metadata.json)")
-    return path
+        skipped.append((path, problem))
+    if skipped:
+        said = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        raise UserError(f"checkpoint.load=auto: no intact checkpoint in {ckpt_dir} ({said})")
+    return None, None
 
 
 def refuse_to_overwrite(load: str | None, ckpt_dir: pathlib.Path) -> None:
@@ -133,14 +192,23 @@ def save(
     publish = partial(_publish, ckpt_dir, tmp, final, keep_last, pause_before_publish_s)
     if async_queue is None:
         dist_checkpointing.save(state, str(tmp))
+        manifest.record_rank_files(tmp, dist.get_rank())
         publish()
         return final
     request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
-    if write_delay_s:
-        request = request._replace(async_fn=partial(_delayed, write_delay_s, request.async_fn))
+    # The checksums are computed by the background writer, after its shards are written.
+    write = partial(_write_and_record, request.async_fn, tmp, dist.get_rank())
+    request = request._replace(async_fn=partial(_delayed, write_delay_s, write) if write_delay_s else write)
     request.finalize_fns.append(publish)
     async_queue.schedule_async_request(request)
     return final
+
+
+def _write_and_record(write: Any, tmp: pathlib.Path, rank: int, *args: Any, **kwargs: Any) -> Any:
+    """In the background writer: this rank's shards, then their sizes and checksums."""
+    result = write(*args, **kwargs)
+    manifest.record_rank_files(tmp, rank)
+    return result
 
 
 def _delayed(seconds: float, write: Any, *args: Any, **kwargs: Any) -> Any:
@@ -156,12 +224,14 @@ def _publish(
     dist.barrier()
     time.sleep(pause_s)
     if dist.get_rank() == 0:
-        if final.exists():  # re-saving the same step (e.g. a rerun): replace it whole
-            shutil.rmtree(final)
+        manifest.write_manifest(tmp)
+        if final.exists():  # re-saving the same step (e.g. a resume from an older one): keep the earlier
+            kept = aside(final)
+            print(f"checkpoint {final.name} was saved before: moved the earlier one to {kept}", flush=True)
         os.rename(tmp, final)
         _write_atomic(ckpt_dir / LATEST, final.name)
         if keep_last:
-            prune(ckpt_dir, keep_last)
+            prune(ckpt_dir, keep_last, newest=checkpoint_step(final))
     dist.barrier()
 
 
@@ -183,10 +253,23 @@ def _format_metadata(optimizer_format: str) -> dict:
     return {"distrib_optim_sharding_type": optimizer_format}
 
 
-def prune(ckpt_dir: pathlib.Path, keep_last: int) -> list[pathlib.Path]:
-    """Deletes all but the `keep_last` newest complete checkpoints, and leftover `.tmp` saves older
-    than the newest; the newest complete one (what `latest` names) is always kept."""
+def aside(path: pathlib.Path) -> pathlib.Path:
+    """Renames a file or folder a run would otherwise overwrite to `<name>.replaced-K` (the first
+    free K) and returns the new path: nothing a run wrote is destroyed without a word."""
+    k = 1
+    while (kept := path.with_name(f"{path.name}.replaced-{k}")).exists():
+        k += 1
+    os.rename(path, kept)
+    return kept
+
+
+def prune(ckpt_dir: pathlib.Path, keep_last: int, newest: int | None = None) -> list[pathlib.Path]:
+    """Deletes all but the `keep_last` newest complete checkpoints up to step `newest` (the one just
+    saved; default: the newest there), and leftover `.tmp` saves older than it. The just-saved one
+    is always kept, and so is every checkpoint of a later step (e.g. a damaged one `auto` skipped)."""
     complete = complete_checkpoints(ckpt_dir)
+    if newest is not None:
+        complete = [p for p in complete if checkpoint_step(p) <= newest]
     doomed = complete[: max(len(complete) - max(keep_last, 1), 0)]
     newest = checkpoint_step(complete[-1]) if complete else -1
     for stale in ckpt_dir.glob("iter_*.tmp"):
@@ -290,6 +373,52 @@ def _translation(path: pathlib.Path, optimizer: Any, optimizer_format: str) -> t
     optimizer_state.check_translatable(kind, saved, optimizer_format, str(path))
     step = optimizer_state.saved_step(saved_optimizer)
     return kind, saved, 0 if step is None else step
+
+
+def check_same_model(path: pathlib.Path, chunks: Sequence[torch.nn.Module], saved: dict, now: dict) -> None:
+    """Refuses, before any tensor is read, a checkpoint of another model: names the first parameter
+    whose global shape differs (or that the checkpoint lacks) and the `model.*` recipe keys whose
+    values differ from the recipe saved in it (`saved`, `now`: recipe dicts; the layout may differ)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    stored = dist_checkpointing.load_tensors_metadata(str(path))
+    for sharded in nested_values(_model_sharded_state_dict(chunks)):
+        if not isinstance(sharded, ShardedTensor):
+            continue
+        there = stored.get(sharded.key)
+        shape = tuple(sharded.global_shape)
+        if there is not None and tuple(there.global_shape) == shape:
+            continue
+        where = "absent in the checkpoint" if there is None else f"{tuple(there.global_shape)} in the checkpoint"
+        keys = _changed_model_keys(saved, now)
+        raise UserError(
+            f"checkpoint '{path}' holds another model: {sharded.key} is {where}, {shape} now"
+            + (f"; {keys}" if keys else "")
+            + " (resuming may change the layout, not the model)"
+        )
+
+
+def _changed_model_keys(saved: dict, now: dict) -> str:
+    """`model.key: A in the checkpoint, B now` for each model key whose value differs."""
+    flat_saved, flat_now = _flatten(saved.get("model") or {}, "model."), _flatten(now.get("model") or {}, "model.")
+    changed = [k for k in flat_now if k in flat_saved and flat_saved[k] != flat_now[k]]
+    return "; ".join(f"{k}: {_text(flat_saved[k])} in the checkpoint, {_text(flat_now[k])} now" for k in changed)
+
+
+def _flatten(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _text(value: Any) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _checkpoint_keys(path: pathlib.Path) -> set:

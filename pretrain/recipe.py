@@ -226,10 +226,24 @@ def check_output_dirs(recipe: Recipe) -> None:
             raise RecipeError(f"{key} '{path}' cannot be written: '{existing}' is not writable")
 
 
+def _without_source(text: str) -> str:
+    return text.split("\n", 1)[-1] if text.startswith("# resolved from ") else text
+
+
 def write_recipe(recipe: Recipe, path: pathlib.Path) -> None:
     """The resolved recipe (every key) to `path`, atomically: `--recipe path` repeats the run."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     source = f"# resolved from {recipe.source}\n" if recipe.source else ""
-    tmp.write_text(source + dump_recipe(recipe))
+    text = source + dump_recipe(recipe)
+    # A restart with other overrides keeps the earlier recipe (the `# resolved from` line may differ).
+    if path.is_file() and _without_source(path.read_text(errors="replace")) != _without_source(text):
+        kept = path.with_name(f"{path.stem}.replaced-1{path.suffix}")
+        k = 1
+        while kept.exists():
+            k += 1
+            kept = path.with_name(f"{path.stem}.replaced-{k}{path.suffix}")
+        path.rename(kept)
+        print(f"{path} differs from this run's recipe: the earlier one is kept as {kept}", flush=True)
+    tmp.write_text(text)
     tmp.replace(path)
