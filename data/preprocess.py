@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy
 
-from common.errors import EXIT_USER_ERROR, UserError, path_problem
+from common.errors import EXIT_USER_ERROR, UserError, path_problem, reader_gone
 from data.sources import (
     BYTE_VOCAB_SIZE,
     QUICKSTART_MAX_BYTES,
@@ -404,7 +404,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kept up-to-date {summary} (built earlier from the same sources)")
         return 0
     seconds = time.perf_counter() - start
-    print(f"wrote {summary}, {seconds:.1f} s, {stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s")
+    try:
+        print(f"wrote {summary}, {seconds:.1f} s, {stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s", flush=True)
+    except BrokenPipeError:  # `| head`: stop quietly
+        return reader_gone()
     return 0
 
 

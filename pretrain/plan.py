@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from common.errors import EXIT_USER_ERROR, RecipeError, UserError
+from common.errors import RecipeError, UserError, run_tool
 from pretrain.recipe import Recipe
 
 CHINCHILLA_TOKENS_PER_PARAMETER = 20  # Hoffmann et al. 2022, compute-optimal training
@@ -77,6 +77,29 @@ def layouts(recipe: Recipe, gpus: int, gpu_per_node: int) -> Iterator[dict[str, 
                                 "parallel.distributed_optimizer": dp * cp > 1,
                                 "train.micro_batch_size": mbs,
                             }
+
+
+def no_layout(recipe: Recipe, gpus: int, gpu_per_node: int) -> str:
+    """Why `layouts` yields nothing (or nothing that passes the model's checks) for `gpus` GPUs."""
+    m, t = recipe.model, recipe.train
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    data_sizes = sorted(
+        {
+            gpus // (tp * pp * cp)
+            for tp in _divisors(gpus)
+            if tp <= gpu_per_node and heads % tp == 0 and groups % tp == 0
+            for pp in _divisors(m.num_layers)
+            if gpus % (tp * pp) == 0
+            for cp in CONTEXTS
+            if gpus % (tp * pp * cp) == 0 and m.seq_length % (2 * cp) == 0
+        }
+    )
+    return (
+        f"no parallel layout of {gpus} GPUs exists for {recipe.source}: tensor must divide the {heads} heads, "
+        f"{groups} query groups and {gpu_per_node} GPUs per node, pipeline the {m.num_layers} layers, and the "
+        f"data-parallel size that leaves ({', '.join(map(str, data_sizes))}) must divide "
+        f"train.global_batch_size {t.global_batch_size}: use another --gpus"
+    )
 
 
 def _apply(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
@@ -219,6 +242,8 @@ def run(args: argparse.Namespace) -> list[str]:
     recipe = load_recipe(args.recipe, args.overrides)
     gpu, vocab = GPUS[args.gpu], vocab_size(recipe)
     ordered = candidates(recipe, args.gpus, gpu, vocab)
+    if not ordered:
+        raise UserError(no_layout(recipe, args.gpus, gpu.gpus_per_node))
     found, tried = fitting(ordered, int(args.gpu_memory_gib * 2**30), args.top)
     head = (
         f"{recipe.source} on {args.gpus} x {args.gpu} ({args.gpu_memory_gib:g} GiB): {len(ordered)} layouts x "
@@ -238,12 +263,12 @@ def run(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         print("\n".join(run(args)))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+        return 0
+
+    return run_tool(body, debug=False)
 
 
 if __name__ == "__main__":
