@@ -377,8 +377,9 @@ def _translation(path: pathlib.Path, optimizer: Any, optimizer_format: str) -> t
 
 def check_same_model(path: pathlib.Path, chunks: Sequence[torch.nn.Module], saved: dict, now: dict) -> None:
     """Refuses, before any tensor is read, a checkpoint of another model: names the first parameter
-    whose global shape differs (or that the checkpoint lacks) and the `model.*` recipe keys whose
-    values differ from the recipe saved in it (`saved`, `now`: recipe dicts; the layout may differ)."""
+    whose global shape differs (or that the checkpoint lacks), the `model.*` recipe keys whose values
+    differ from the recipe saved in it and a changed vocabulary size (`saved`, `now`: the checkpoint's
+    `extra` and this run's; the layout may differ)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -392,7 +393,11 @@ def check_same_model(path: pathlib.Path, chunks: Sequence[torch.nn.Module], save
         if there is not None and tuple(there.global_shape) == shape:
             continue
         where = "absent in the checkpoint" if there is None else f"{tuple(there.global_shape)} in the checkpoint"
-        keys = _changed_model_keys(saved, now)
+        keys = _changed_model_keys(saved.get("recipe") or {}, now.get("recipe") or {})
+        vocab = saved.get("vocab_size"), now.get("vocab_size")
+        if vocab[0] is not None and vocab[1] is not None and vocab[0] != vocab[1]:
+            said = f"vocabulary size: {vocab[0]} in the checkpoint, {vocab[1]} now (data.tokenizer, model.vocab_size)"
+            keys = f"{keys}; {said}" if keys else said
         raise UserError(
             f"checkpoint '{path}' holds another model: {sharded.key} is {where}, {shape} now"
             + (f"; {keys}" if keys else "")

@@ -83,7 +83,7 @@ class Checkpointer:
             checkpoint.refuse_to_overwrite(self.cfg.load, self.dir)
             return
         saved = checkpoint.read_extra(path)
-        checkpoint.check_same_model(path, self.chunks, saved.get("recipe") or {}, self.extra.get("recipe") or {})
+        checkpoint.check_same_model(path, self.chunks, saved, self.extra)
         extra = checkpoint.load(path, self.chunks, self.optimizer)
         if extra.get("kind") == "weights":  # e.g. converted from Hugging Face: a fresh run from these weights
             checkpoint.refuse_to_overwrite(None, self.dir)

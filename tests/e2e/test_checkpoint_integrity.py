@@ -186,6 +186,17 @@ def test_resuming_a_changed_model_names_the_parameter_and_the_keys(run_copy, syn
     ]
 
 
+def test_resuming_with_another_vocabulary_says_so(run_copy, synthetic_corpus, capsys):
+    ckpt = run_copy / "checkpoints" / "iter_0000006"
+    argv = _overrides(synthetic_corpus, run_copy, "checkpoint.load=auto", "model.vocab_size=512", "train.steps=8")
+    assert _main(argv) == USER_ERROR
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: checkpoint '{ckpt}' holds another model: embedding.word_embeddings.weight is (384, 64) in the "
+        "checkpoint, (512, 64) now; model.vocab_size: null in the checkpoint, 512 now; vocabulary size: 257 in "
+        "the checkpoint, 512 now (data.tokenizer, model.vocab_size) (resuming may change the layout, not the model)"
+    ]
+
+
 def test_auto_without_a_checkpoint_says_so_and_keeps_the_metrics(run_copy, synthetic_corpus, capsys):
     """A run stopped before its first checkpoint, restarted with load=auto: one line says it starts
     at step 0, and the earlier records move to metrics.replaced.jsonl (named in a line)."""
