@@ -133,6 +133,10 @@ def resolve_recipe_path(name_or_path: str) -> pathlib.Path:
     for path in found:
         if path.is_file():
             return path
+    folder = pathlib.Path(name_or_path)
+    if folder.is_dir():  # a run folder (logging.dir) holds the resolved recipe of its run
+        hint = f": did you mean '{folder / 'recipe.yaml'}'?" if (folder / "recipe.yaml").is_file() else ""
+        raise RecipeError(f"recipe '{name_or_path}' is a folder, not a recipe file{hint}")
     looked = ", ".join(schema.display(p) for p in found)
     names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
     close = difflib.get_close_matches(pathlib.Path(name_or_path).stem, names, n=1)

@@ -197,3 +197,15 @@ def test_dry_run_names_what_would_stop_the_real_run(capsys, tmp_path):
     assert capsys.readouterr().out.splitlines()[-1] == (
         "not runnable here: no training data (data.path and data.blend are null)"
     )
+
+
+def test_a_run_folder_for_a_recipe_suggests_its_recipe_yaml(capsys, tmp_path):
+    from data.inspect import main as inspect_main
+    from pretrain.cli import main as pretrain_main
+
+    run = tmp_path / "myrun"
+    run.mkdir()
+    (run / "recipe.yaml").write_text("base: tiny_gpt\n")
+    expected = f"error: recipe '{run}' is a folder, not a recipe file: did you mean '{run / 'recipe.yaml'}'?"
+    assert _one_line(capsys, inspect_main, ["--recipe", str(run), "--step", "1"]) == expected
+    assert _one_line(capsys, pretrain_main, ["--recipe", str(run), "--dry-run"]) == expected
