@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
+from common.files import set_aside
 from parallel.data_parallel import sync_params
 from pretrain import manifest, optimizer_state
 from upstream import fixes, safe_loading
@@ -226,7 +227,7 @@ def _publish(
     if dist.get_rank() == 0:
         manifest.write_manifest(tmp)
         if final.exists():  # re-saving the same step (e.g. a resume from an older one): keep the earlier
-            kept = aside(final)
+            kept = set_aside(final)
             print(f"checkpoint {final.name} was saved before: moved the earlier one to {kept}", flush=True)
         os.rename(tmp, final)
         _write_atomic(ckpt_dir / LATEST, final.name)
@@ -251,16 +252,6 @@ def finish_async_saves(queue: Any, blocking: bool = False) -> list[int]:
 
 def _format_metadata(optimizer_format: str) -> dict:
     return {"distrib_optim_sharding_type": optimizer_format}
-
-
-def aside(path: pathlib.Path) -> pathlib.Path:
-    """Renames a file or folder a run would otherwise overwrite to `<name>.replaced-K` (the first
-    free K) and returns the new path: nothing a run wrote is destroyed without a word."""
-    k = 1
-    while (kept := path.with_name(f"{path.name}.replaced-{k}")).exists():
-        k += 1
-    os.rename(path, kept)
-    return kept
 
 
 def prune(ckpt_dir: pathlib.Path, keep_last: int, newest: int | None = None) -> list[pathlib.Path]:

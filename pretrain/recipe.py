@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from common import schema
 from common.errors import RecipeError
+from common.files import set_aside
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
 from data.config import DataConfig
 from model.config import Fp8Config, ModelConfig, check_fp8, check_model
@@ -242,12 +243,7 @@ def write_recipe(recipe: Recipe, path: pathlib.Path) -> None:
     text = source + dump_recipe(recipe)
     # A restart with other overrides keeps the earlier recipe (the `# resolved from` line may differ).
     if path.is_file() and _without_source(path.read_text(errors="replace")) != _without_source(text):
-        kept = path.with_name(f"{path.stem}.replaced-1{path.suffix}")
-        k = 1
-        while kept.exists():
-            k += 1
-            kept = path.with_name(f"{path.stem}.replaced-{k}{path.suffix}")
-        path.rename(kept)
+        kept = set_aside(path)
         print(f"{path} differs from this run's recipe: the earlier one is kept as {kept}", flush=True)
     tmp.write_text(text)
     tmp.replace(path)
