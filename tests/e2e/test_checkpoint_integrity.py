@@ -217,32 +217,17 @@ def test_auto_without_a_checkpoint_says_so_and_keeps_the_metrics(run_copy, synth
     assert (run_copy / "recipe.replaced-1.yaml").is_file()
 
 
-@pytest.mark.slow
-def test_two_ranks_async_saves_record_checksums_and_share_the_check(synthetic_corpus, tmp_path):
-    """TP2 with async saves: each rank's background writer records its shards' CRC32s; a flipped
-    byte in a rank-1 shard of the newest checkpoint is found (the ranks split the reading and agree)
-    and the run continues the curve from the older one exactly."""
-    from tests.helpers.runs import run_pretrain
-
-    extra = ["checkpoint.async_save=true", "parallel.tensor=2", "train.steps=4"]
-    run_pretrain(2, "tiny_gpt", _overrides(synthetic_corpus, tmp_path, *extra))
-    expected = read_metrics(tmp_path)
-    ckpt = tmp_path / "checkpoints"
-    files = json.loads((ckpt / "iter_0000004" / manifest.MANIFEST).read_text())["files"]
-    assert sorted(files) == [".metadata", "__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__1_1.distcp"] + [
-        "common.pt",
-        "metadata.json",
-    ]
-    assert not list((ckpt / "iter_0000004").glob(".manifest.rank*"))  # merged, then removed
-    shard = ckpt / "iter_0000004" / "__1_1.distcp"
+def test_ranks_split_the_checksums_and_together_find_every_damage(six_steps, tmp_path):
+    """Each rank reads the CRC32s of every world-th file (pretrain/checkpoint.py:damage gathers
+    them); the sizes every rank checks. Two damaged files at different positions: each rank of 2
+    finds one, the two together both."""
+    copy = tmp_path / "iter_0000006"
+    shutil.copytree(six_steps / "checkpoints" / "iter_0000006", copy)
+    first = _damage("checksum", copy)  # __0_0.distcp, the 2nd file in sorted order
+    shard = copy / "__0_1.distcp"
+    saved = json.loads((copy / manifest.MANIFEST).read_text())["files"]["__0_1.distcp"]["crc32"]
     _flip_a_byte(shard)
-    crc = manifest.crc32_of(shard)
-    proc = run_pretrain(2, "tiny_gpt", _overrides(synthetic_corpus, tmp_path, *extra, "checkpoint.load=auto"))
-    assert (
-        f"warning: checkpoint {ckpt / 'iter_0000004'} is damaged (__1_1.distcp fails its checksum (CRC32 {crc}, "
-        f"{files['__1_1.distcp']['crc32']} when saved)): resuming from {ckpt / 'iter_0000002'}"
-    ) in proc.stderr
-    actual = read_metrics(tmp_path)
-    assert [(r["step"], r["loss"], r["grad_norm"]) for r in actual] == [
-        (r["step"], r["loss"], r["grad_norm"]) for r in expected
-    ]
+    second = f"__0_1.distcp fails its checksum (CRC32 {manifest.crc32_of(shard)}, {saved} when saved)"
+    assert manifest.problems(copy, verify=True, share=(0, 2)) == [second]
+    assert manifest.problems(copy, verify=True, share=(1, 2)) == [first]
+    assert manifest.problems(copy, verify=True) == [first, second]
