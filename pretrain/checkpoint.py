@@ -97,7 +97,8 @@ def damage(path: pathlib.Path, verify: bool) -> str | None:
     if share[1] > 1:
         gathered: list[Any] = [None] * share[1]
         dist.all_gather_object(gathered, found)
-        found = sorted({p for rank_found in gathered for p in rank_found})
+        found = [p for rank_found in gathered for p in rank_found]
+    found = sorted(set(found))  # the same first line at every world size
     if not found:
         return None
     return found[0] + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")

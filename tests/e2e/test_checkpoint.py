@@ -271,7 +271,8 @@ def test_async_save_snapshots_the_step_it_was_asked_for(reference, synthetic_cor
     # Each rank's background writer recorded its shards' sizes and CRC32s (pretrain/manifest.py); rank 0
     # merged them when it published, and the check before a load finds them intact.
     files = json.loads((ckpt / "iter_0000002" / "manifest.json").read_text())["files"]
-    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "common.pt", "metadata.json"} <= set(files)
+    on_disk = {p.name for p in (ckpt / "iter_0000002").iterdir()} - {"manifest.json"}
+    assert set(files) == on_disk and {"__0_0.distcp", ".metadata", "common.pt", "metadata.json"} <= on_disk
     assert not list((ckpt / "iter_0000002").glob(".manifest.rank*"))
     assert manifest.problems(ckpt / "iter_0000002", verify=True) == []
     run_pretrain(

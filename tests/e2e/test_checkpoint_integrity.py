@@ -165,6 +165,16 @@ def test_a_checkpoint_without_manifest_is_checked_against_its_metadata(six_steps
     assert line.startswith("__0_1.distcp is truncated to 10 bytes (its data reaches byte ")
 
 
+def test_a_checkpoint_without_manifest_resumes_without_a_word(run_copy, synthetic_corpus, capsys):
+    ckpt = run_copy / "checkpoints"
+    for saved in ckpt.glob("iter_*"):
+        (saved / manifest.MANIFEST).unlink()
+    assert _main(_overrides(synthetic_corpus, run_copy, "checkpoint.load=auto")) == 0  # at step 6 already
+    out, err = capsys.readouterr()
+    assert f"resumed from {ckpt / 'iter_0000006'} at step 6" in out.splitlines()
+    assert "warning" not in err and "error" not in err, err
+
+
 def test_keep_last_never_deletes_the_just_saved_or_a_later_checkpoint(tmp_path):
     """A run resumed from step 4 past a damaged step 6 saves step 5 with keep_last 1: 5 stays, and
     so does the damaged 6 (a later step); 2 and 4 go."""
