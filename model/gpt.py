@@ -27,7 +27,6 @@ class ModelBuild:
 
     layout: Layout = dataclasses.field(default_factory=lambda: Layout(world_size=1))
     precision: str = "fp32"
-    use_cpu_initialization: bool = True  # CPU init is also what makes init TP-size invariant
     perform_initialization: bool = True
     init_seed: int = 1234  # per-layer init streams derive from it (model/layers.py)
     batch_p2p_comm: bool = True  # False on gloo: see transformer_config
@@ -81,7 +80,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
 
     fp8_fields = {}
     if build.fp8.enabled:
-        from model.fp8 import transformer_config_fields as fp8_config_fields
+        from model.fp8.linear import transformer_config_fields as fp8_config_fields
 
         fp8_fields = fp8_config_fields(build.fp8, model)
 
@@ -133,7 +132,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         # (docs/megatron-core-on-cpu.md, "Silent traps"); NCCL batches correctly.
         batch_p2p_comm=build.batch_p2p_comm,
         overlap_p2p_comm=build.overlap_p2p_comm,
-        use_cpu_initialization=build.use_cpu_initialization,
+        use_cpu_initialization=True,  # CPU init is also what makes init TP-size invariant
         perform_initialization=build.perform_initialization,
         **recompute_fields(model),
         **transformer_config_fields(model, layout.expert_tensor or layout.tensor, build.precision),
@@ -177,7 +176,7 @@ def layer_spec(
     pattern = moe_layer_pattern(model)[offset : offset + get_num_layers_to_build(config, vp_stage=vp_stage)]
     specs = [_local_layer_spec(config, init_seed, model.moe.num_experts if is_moe else None) for is_moe in pattern]
     if fp8 is not None and fp8.enabled:
-        from model.fp8 import fp8_layer, gemms_for, to_fp8
+        from model.fp8.linear import fp8_layer, gemms_for, to_fp8
 
         gemms = gemms_for(fp8, cp_group)
         for number, spec in enumerate(specs, start=offset + 1):  # global layer numbers, 1-based
@@ -200,10 +199,10 @@ def _local_layer_spec(config: TransformerConfig, init_seed: int, num_experts: in
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if config.context_parallel_size > 1:
         # megatron-core's local attention refuses context parallelism (TE-only upstream): ours
-        # is a ring over the CP group (model/ring_attention.py), or Ulysses' all-to-all, alone or
-        # with the ring across its groups (model/ulysses.py).
-        from model.ring_attention import RingAttention
-        from model.ulysses import UlyssesAttention
+        # is a ring over the CP group (model/attention/ring.py), or Ulysses' all-to-all, alone or
+        # with the ring across its groups (model/attention/ulysses.py).
+        from model.attention.ring import RingAttention
+        from model.attention.ulysses import UlyssesAttention
 
         ulysses = config.cp_comm_type in ("a2a", "a2a+p2p")
         spec.submodules.self_attention.submodules.core_attention = UlyssesAttention if ulysses else RingAttention

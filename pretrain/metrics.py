@@ -16,6 +16,7 @@ from typing import Any, Literal
 from common.errors import RecipeError
 from common.schema import PositiveInt
 from model.config import ModelConfig
+from planning.flops import model_forward_flops
 
 
 @dataclass
@@ -44,21 +45,10 @@ FP8_PEAK_TFLOPS = {"H200": 1979.0, "H100": 1979.0, "B200": 4500.0, "L40S": 733.0
 
 
 def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
-    """Training FLOPs per token (forward + backward = 3 × forward), Megatron-LM's accounting.
-
-    Matmul parameters cost 6 FLOPs per token (the input embedding is a lookup, not a matmul; norm
-    weights scale elementwise); with MoE only the active ones count (top_k routed experts, shared
-    experts, router); causal attention scores and values add 6 · layers · seq · hidden (half of the
-    full square).
-    """
-    from model.gpt import parameter_counts
-
-    norms = (2 * model.num_layers + 1) * model.hidden_size
-    matmul_params = parameter_counts(model, vocab_size).active - vocab_size * model.hidden_size - norms
-    if not model.untie_embeddings:
-        matmul_params += vocab_size * model.hidden_size  # the tied output layer is still a matmul
-    attention = 6 * model.num_layers * model.seq_length * model.hidden_size
-    return 6.0 * matmul_params + attention
+    """Training FLOPs per token: forward + backward = 3 × the forward of planning/flops.py (the one
+    FLOPs model; Megatron-LM's accounting: matmuls, with MoE only the active experts, and half the
+    causal attention square; the embedding lookup and the norms are free)."""
+    return 3.0 * model_forward_flops(model, vocab_size)
 
 
 def device_peak_tflops(device_name: str | None, fp8: bool = False) -> float | None:

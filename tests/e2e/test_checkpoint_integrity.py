@@ -1,4 +1,4 @@
-"""Checkpoint integrity (pretrain/manifest.py): a damaged newest checkpoint is skipped by
+"""Checkpoint integrity (pretrain/checkpoint/manifest.py): a damaged newest checkpoint is skipped by
 `checkpoint.load=auto` for the newest intact one, which continues the curve exactly; a damaged one
 named explicitly, or a folder with none intact, is one line and exit code 2; nothing a run wrote is
 destroyed (damaged checkpoints, rewritten metrics, an earlier recipe); a changed model is refused
@@ -14,7 +14,7 @@ import shutil
 
 import pytest
 
-from pretrain import checkpoint, manifest
+from pretrain.checkpoint import manifest, storage
 from tests.helpers.runs import read_metrics
 
 USER_ERROR = 2
@@ -179,8 +179,8 @@ def test_keep_last_never_deletes_the_just_saved_or_a_later_checkpoint(tmp_path):
     """A run resumed from step 4 past a damaged step 6 saves step 5 with keep_last 1: 5 stays, and
     so does the damaged 6 (a later step); 2 and 4 go."""
     for step in (2, 4, 5, 6):
-        (tmp_path / checkpoint.checkpoint_name(step)).mkdir()
-    removed = checkpoint.prune(tmp_path, keep_last=1, newest=5)
+        (tmp_path / storage.checkpoint_name(step)).mkdir()
+    removed = storage.prune(tmp_path, keep_last=1, newest=5)
     assert sorted(p.name for p in removed) == ["iter_0000002", "iter_0000004"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000005", "iter_0000006"]
 
@@ -228,7 +228,7 @@ def test_auto_without_a_checkpoint_says_so_and_keeps_the_metrics(run_copy, synth
 
 
 def test_ranks_split_the_checksums_and_together_find_every_damage(six_steps, tmp_path):
-    """Each rank reads the CRC32s of every world-th file (pretrain/checkpoint.py:damage gathers
+    """Each rank reads the CRC32s of every world-th file (pretrain/checkpoint/storage.py:damage gathers
     them); the sizes every rank checks. Two damaged files at different positions: each rank of 2
     finds one, the two together both."""
     copy = tmp_path / "iter_0000006"

@@ -4,7 +4,7 @@ exist, a truncated model.safetensors, a shard its index names but that is missin
 (`| head -1`) ends a tool quietly; a plan with no layout for the GPUs and a dry run that would not
 run here say why. The entry points' `main` runs in this process where it can."""
 
-import importlib.util
+import importlib
 import json
 import os
 import pathlib
@@ -19,10 +19,7 @@ USER_ERROR = 2
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"tools.{name}")
 
 
 def _one_line(capsys, main, argv) -> str:
@@ -147,18 +144,18 @@ def test_import_names_the_missing_shard_from_the_index(capsys, tiny_llama, tmp_p
     )
 
 
-# ---- a closed stdout, pretrain.plan, --dry-run ----------------------------------------------------
+# ---- a closed stdout, tools.plan_layout, --dry-run ----------------------------------------------------
 
 
 TOOLS_INTO_A_PIPE = {
-    "plan": ["-m", "pretrain.plan", "--recipe", "tiny_gpt", "--gpus", "2", "--gpu-memory-gib", "80"],
-    "inspect": ["-m", "data.inspect", "--recipe", "tiny_gpt", "--step", "1"],
+    "plan": ["-m", "tools.plan_layout", "--recipe", "tiny_gpt", "--gpus", "2", "--gpu-memory-gib", "80"],
+    "inspect": ["-m", "tools.inspect_data", "--recipe", "tiny_gpt", "--step", "1"],
 }
 
 
 @pytest.mark.parametrize("tool", [pytest.param("inspect", marks=pytest.mark.slow), "plan"])
 def test_a_tool_into_a_closed_pipe_exits_quietly(tool, synthetic_corpus, tmp_path):
-    """`python -m data.inspect ... | head -1`: the reader is gone before the tool writes (its end of
+    """`python -m tools.inspect_data ... | head -1`: the reader is gone before the tool writes (its end of
     the pipe is closed at once), so the write fails for certain. Before: a BrokenPipeError traceback.
     Exit code 141 (128 + SIGPIPE), as a shell reports for a C tool."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
@@ -172,7 +169,7 @@ def test_a_tool_into_a_closed_pipe_exits_quietly(tool, synthetic_corpus, tmp_pat
 
 
 def test_plan_with_no_layout_for_the_gpus(capsys):
-    from pretrain.plan import main
+    from tools.plan_layout import main
 
     line = _one_line(capsys, main, ["--recipe", "tiny_gpt", "--gpus", "7", "--gpu-memory-gib", "80"])
     assert line == (
@@ -200,8 +197,8 @@ def test_dry_run_names_what_would_stop_the_real_run(capsys, tmp_path):
 
 
 def test_a_run_folder_for_a_recipe_suggests_its_recipe_yaml(capsys, tmp_path):
-    from data.inspect import main as inspect_main
     from pretrain.cli import main as pretrain_main
+    from tools.inspect_data import main as inspect_main
 
     run = tmp_path / "myrun"
     run.mkdir()

@@ -1,0 +1,393 @@
+"""Ring attention for context parallelism: the K/V ring over block kernels (model/attention/kernels.py)
+and the core_attention module that uses it.
+
+Layout (megatron's load-balanced causal layout): the sequence is cut into 2·cp equal chunks and CP
+rank r holds chunks r and 2·cp−1−r, in that order. Each rank keeps its queries; K/V blocks travel
+around the ring and every rank merges the partial attention of each block with the online-softmax
+rule. Scores exist only for one block at a time ([s/cp, s/cp]), never for the whole sequence.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, NamedTuple
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from model.attention.kernels import (
+    BACKENDS,
+    accumulation_dtype,
+    block_backward,
+    block_forward,
+    reduce_heads,
+    select_backend,
+)
+from model.layers import SDPAttention
+
+Tensor = torch.Tensor
+
+# ---------------------------------------------------------------------------------------- the ring
+
+_K_TAG, _V_TAG, _DK_TAG, _DV_TAG = 0, 1, 2, 3  # distinct tags: gloo matches messages by (peer, tag)
+
+
+class _Ring(NamedTuple):
+    group: dist.ProcessGroup
+    rank: int  # rank inside the CP group
+    size: int
+    next: int  # global rank of (rank + 1) mod size
+    prev: int  # global rank of (rank - 1) mod size
+
+    @classmethod
+    def of(cls, group: dist.ProcessGroup) -> _Ring:
+        ranks = dist.get_process_group_ranks(group)
+        rank, size = dist.get_rank(group), len(ranks)
+        return cls(group, rank, size, ranks[(rank + 1) % size], ranks[(rank - 1) % size])
+
+    def shift(self, tensors: tuple[Tensor, ...], tags: tuple[int, ...]) -> _Transfer:
+        """Posts send(each dense tensor → next) and recv(← prev), one message per tensor and tag."""
+        incoming = tuple(torch.empty_like(t) for t in tensors)  # same strides as t (dense)
+        sends = [
+            lambda t=t, tag=tag: dist.isend(_message(t), self.next, group=self.group, tag=tag)
+            for t, tag in zip(tensors, tags)
+        ]
+        recvs = [
+            lambda t=t, tag=tag: dist.irecv(_message(t), self.prev, group=self.group, tag=tag)
+            for t, tag in zip(incoming, tags)
+        ]
+        # Even ranks send first, odd ranks receive first: cannot deadlock even where p2p blocks.
+        works = [post() for post in (sends + recvs if self.rank % 2 == 0 else recvs + sends)]
+        return _Transfer(works, incoming, tensors)
+
+
+class _Transfer(NamedTuple):
+    works: list
+    incoming: tuple[Tensor, ...]  # what the recvs fill, laid out like the tensors sent
+    # The tensors sent stay referenced until _arrive, as a send may read them until then; so every
+    # backend holds the same memory, also the no-op one the benchmark simulates a ring with.
+    sent: tuple[Tensor, ...]
+
+
+def _dense(t: Tensor) -> Tensor:
+    """t itself when its elements fill one block of memory in some order of its dims (a model's
+    [s, b, h, d] heads seen as [b, h, s, d]), else a copy that does, in the same order of dims (a
+    value split out of the fused QKV projection). The ring keeps that layout: its messages,
+    accumulators and output are allocated like the input, and the kernels take the views as they
+    are (so a model's [s, b, ...] tensors are never copied into [b, h, s, d])."""
+    order = _stride_order(t)
+    if t.permute(order).is_contiguous():
+        return t
+    return t.permute(order).contiguous().permute([order.index(dim) for dim in range(t.dim())])
+
+
+def _stride_order(t: Tensor) -> list[int]:
+    return sorted(range(t.dim()), key=t.stride, reverse=True)
+
+
+def _message(t: Tensor) -> Tensor:
+    # a dense t's elements as one contiguous tensor, what isend/irecv need
+    return t.permute(_stride_order(t))
+
+
+def _arrive(pending: _Transfer) -> tuple[Tensor, Tensor]:
+    """The pair of tensors a shift of two (K and V, or dK and dV) brought in, once received."""
+    for work in pending.works:
+        work.wait()
+    first, second = pending.incoming
+    return first, second
+
+
+def _step_blocks(step: int, rank: int, size: int, half: int) -> tuple[tuple[slice, slice, bool], ...]:
+    """The (query rows, key rows, causal) pieces computed at ring `step`, against the K/V of CP rank
+    (rank − step) mod size: the causal diagonal at step 0 (its results start the accumulators),
+    after that the two quarter-blocks [one chunk of ours × one chunk of its] not fully masked, one
+    kernel call each, so that no piece's gradients exceed half our rows or half its keys.
+
+    Fully masked quarter-blocks are never computed: an earlier rank's second chunk is in the
+    future of all our queries; a later rank's both chunks are in the future of our first chunk.
+    """
+    source = (rank - step) % size
+    if step == 0:
+        return ((slice(None), slice(None), True),)
+    first, second = slice(0, half), slice(half, None)
+    if source < rank:  # both our chunks see its first chunk
+        return (first, first, False), (second, first, False)
+    return (second, first, False), (second, second, False)  # our second chunk sees both of its
+
+
+def _fold(x: Tensor, rep: int) -> Tensor:
+    # [b, np, rows, ...] -> [b, ng, rep·rows, ...]: the query heads sharing one K/V head become
+    # more rows of that head (exact without a causal mask, where rows are independent)
+    b, heads, rows = x.shape[:3]
+    return x.reshape(b, heads // rep, rep * rows, *x.shape[3:])
+
+
+def _unfold(x: Tensor, rep: int) -> Tensor:
+    # [b, ng, rep·rows, ...] -> [b, np, rows, ...]
+    b, groups, folded = x.shape[:3]
+    return x.reshape(b, groups * rep, folded // rep, *x.shape[3:])
+
+
+def _heads_plan(q: Tensor, k: Tensor, causal: bool) -> str:
+    """How a block meets grouped-query attention (rep query heads per K/V head):
+
+    - 'native': equal head counts, or a kernel that takes fewer K/V heads (`BlockKernels.gqa`);
+    - 'fold' (other kernels, unmasked blocks): the rep query heads become rep times the rows of
+      their K/V head; exact because no mask ties a row to its position;
+    - 'expand' (other kernels, the causal block): K/V copied per query head.
+
+    With the CPU kernel 'native' beat folding on unmasked blocks too: at 8K tokens, 32/8 heads,
+    fp32, the peak RSS per rank went from 733 to 701 MiB at CP 2 and from 405 to 389 MiB at CP 4.
+    """
+    if q.size(1) == k.size(1) or BACKENDS[select_backend(q)].gqa:
+        return "native"
+    return "expand" if causal else "fold"
+
+
+def _block_kv(kv: tuple[Tensor, Tensor], cols: slice, rep: int, expand: bool) -> tuple[Tensor, Tensor]:
+    # k, v [b, ng, s/cp, hn] -> [b, ng, keys, hn] (or [b, np, keys, hn], copied per query head)
+    k, v = kv[0][:, :, cols], kv[1][:, :, cols]
+    if expand:
+        return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return k, v
+
+
+def _attend_block(
+    q: Tensor, kv: tuple[Tensor, Tensor], rows: slice, cols: slice, causal: bool, scale: float
+) -> tuple[Tensor, Tensor]:
+    """(out, lse) of query rows `rows` against key rows `cols` of kv = (k, v), per query head."""
+    rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv[0], causal)
+    k, v = _block_kv(kv, cols, rep, expand=plan == "expand")
+    if plan != "fold":
+        return block_forward(q[:, :, rows], k, v, causal, scale)
+    out, lse = block_forward(_fold(q[:, :, rows], rep), k, v, False, scale)
+    return _unfold(out, rep), _unfold(lse, rep)
+
+
+def _grad_block(
+    dout: Tensor,
+    q: Tensor,
+    kv: tuple[Tensor, Tensor],
+    out: Tensor,
+    lse: Tensor,
+    rows: slice,
+    cols: slice,
+    causal: bool,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq [b, np, rows, hn], dk and dv [b, ng, keys, hn]) of one block, given the final out and lse."""
+    rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv[0], causal)
+    k, v = _block_kv(kv, cols, rep, expand=plan == "expand")
+    if plan == "fold":
+        fold = lambda t: _fold(t[:, :, rows], rep)
+        dq, dk, dv = block_backward(fold(dout), fold(q), k, v, fold(out), fold(lse), False, scale)
+        return _unfold(dq, rep), dk, dv
+    dq, dk, dv = block_backward(dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows], causal, scale)
+    if plan == "expand":
+        dk, dv = reduce_heads(dk, rep), reduce_heads(dv, rep)
+    return dq, dk, dv
+
+
+def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
+    """Online softmax in the accumulation dtype, in place: out/lse ([b, np, rows, hn] / [b, np, rows])
+    absorb one block (whose out, a fresh kernel result, is scaled in place: no block-sized temporary)."""
+    new_lse = torch.logaddexp(lse, block_lse)
+    out.mul_(torch.exp(lse - new_lse).unsqueeze(-1))
+    out.add_(block_out.to(out.dtype).mul_(torch.exp(block_lse - new_lse).unsqueeze(-1)))
+    lse.copy_(new_lse)
+
+
+def _accumulator_like(t: Tensor, like: Tensor) -> Tensor:
+    """t in the accumulation dtype with like's layout (t itself when it already is; a size-1 dim's
+    stride is moot)."""
+    dtype = accumulation_dtype(like)
+    if t.dtype == dtype and all(a == b or n == 1 for a, b, n in zip(t.stride(), like.stride(), t.shape)):
+        return t
+    return torch.empty_like(like, dtype=dtype).copy_(t)
+
+
+def _ring_forward(q: Tensor, kv: tuple[Tensor, Tensor], ring: _Ring, scale: float) -> tuple[Tensor, Tensor]:
+    """q [b, np, s/cp, hn], kv = (k, v) [b, ng, s/cp, hn] -> out [b, np, s/cp, hn], lse [b, np, s/cp],
+    both in the accumulation dtype."""
+    half = q.size(2) // 2
+    out: Tensor | None = None
+    lse: Tensor | None = None
+    for step in range(ring.size):
+        # send next: the block we hold moves on while we compute with it
+        pending = ring.shift(kv, (_K_TAG, _V_TAG)) if step < ring.size - 1 else None
+        # compute current, merge (step 0 is the causal diagonal: every query row sees at least itself)
+        for rows, cols, causal in _step_blocks(step, ring.rank, ring.size, half):
+            block_out, block_lse = _attend_block(q, kv, rows, cols, causal, scale)
+            if out is None or lse is None:
+                out, lse = _accumulator_like(block_out, q), block_lse
+            else:
+                _merge(out[:, :, rows], lse[:, :, rows], block_out, block_lse)
+            del block_out, block_lse  # freed before the next kernel allocates its own
+        if pending is not None:
+            kv = _arrive(pending)
+    assert out is not None and lse is not None  # ring.size >= 1: step 0 always runs
+    return out, lse
+
+
+def _ring_backward(
+    dout: Tensor, q: Tensor, kv: tuple[Tensor, Tensor], out: Tensor, lse: Tensor, ring: _Ring, scale: float
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """-> dq [b, np, s/cp, hn], (dk, dv) [b, ng, s/cp, hn] for this rank's own K/V, in the
+    accumulation dtype.
+
+    A block's dK/dV accumulator follows its K/V one step behind: rank r adds its share of block j
+    and passes it on; after cp hops it is back at rank j, complete.
+    """
+    half = q.size(2) // 2
+    dq: Tensor | None = None
+    dkv_pending: _Transfer | None = None
+    for step in range(ring.size):
+        # send next: K/V for the following step
+        kv_pending = ring.shift(kv, (_K_TAG, _V_TAG)) if step < ring.size - 1 else None
+        # compute current: this block's share of dq (local) and of dk/dv (travelling)
+        dk: Tensor | None = None
+        dv: Tensor | None = None
+        for rows, cols, causal in _step_blocks(step, ring.rank, ring.size, half):
+            dq_block, dk_block, dv_block = _grad_block(dout, q, kv, out, lse, rows, cols, causal, scale)
+            if dq is None:  # step 0, the causal diagonal: every query row, our own block's keys
+                dq = _accumulator_like(dq_block, q)
+                dk, dv = _accumulator_like(dk_block, kv[0]), _accumulator_like(dv_block, kv[1])
+            else:
+                if dk is None or dv is None:  # the accumulators that previous ranks built for this block
+                    assert dkv_pending is not None
+                    dk, dv = _arrive(dkv_pending)
+                dq[:, :, rows] += dq_block
+                dk[:, :, cols] += dk_block
+                dv[:, :, cols] += dv_block
+            del dq_block, dk_block, dv_block  # freed before the next kernel allocates its own
+        # pass the accumulators on
+        assert dk is not None and dv is not None
+        if ring.size > 1:
+            dkv_pending = ring.shift((dk, dv), (_DK_TAG, _DV_TAG))
+        if kv_pending is not None:
+            kv = _arrive(kv_pending)
+    assert dq is not None and dk is not None and dv is not None
+    return dq, (_arrive(dkv_pending) if dkv_pending is not None else (dk, dv))
+
+
+def _check_heads(heads: int, groups: int) -> None:
+    if groups <= 0 or heads % groups != 0:
+        raise ValueError(f"ring attention needs num_attention_heads ({heads}) divisible by num_query_groups ({groups})")
+
+
+class RingAttentionFunction(torch.autograd.Function):
+    """Causal attention over a context-parallel group, on megatron's load-balanced layout.
+
+    q [b, np, s/cp, hn], k/v [b, ng, s/cp, hn] (np a multiple of ng) -> out [b, np, s/cp, hn].
+    Forward communication: each rank's K and V (ng heads, two messages) travel once around
+    `group` (cp−1 isend/irecv hops, each overlapped with one block of compute).
+    Backward communication: the K/V travel around again (cp−1 hops) and their dK/dV accumulators
+    (fp32; fp64 for fp64 inputs) follow one step behind (cp hops), ending at the rank that owns
+    the K/V.
+    Dense inputs in any dim order (a model's [s, b, h, d] seen as [b, h, s, d]) are used as they
+    are, and the output and gradients come back in the same layout.
+    cp == 1 communicates nothing.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, scale: float) -> Tensor:
+        _check_heads(q.size(1), k.size(1))
+        if q.size(2) % 2:
+            raise ValueError(f"ring attention needs an even local sequence (two chunks), got {q.size(2)}")
+        ring = _Ring.of(group)
+        out, lse = _ring_forward(_dense(q), (_dense(k), _dense(v)), ring, scale)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ring, ctx.scale = ring, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, (dk, dv) = _ring_backward(_dense(dout), _dense(q), (_dense(k), _dense(v)), out, lse, ctx.ring, ctx.scale)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+
+
+# ------------------------------------------------------------------------------- core attention
+
+
+class ContextParallelAttention(SDPAttention):
+    """What the context-parallel core attentions share (the ring here, Ulysses in model/attention/ulysses.py):
+    megatron-core's constructor and the CP group. megatron-core's local DotProductAttention refuses
+    context parallelism (TE's needs a GPU)."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+    ):
+        _check_heads(config.num_attention_heads, config.num_query_groups or config.num_attention_heads)
+        # The parent asserts context_parallel_size == 1 (only TE may do CP); it reads nothing
+        # else from it, so it is built from a shallow copy and then given the real config.
+        parent_config = copy.copy(config)
+        parent_config.context_parallel_size = 1
+        super().__init__(
+            parent_config,
+            layer_number,
+            attn_mask_type,
+            attention_type,
+            attention_dropout=attention_dropout,
+            softmax_scale=softmax_scale,
+            cp_comm_type=cp_comm_type,
+            pg_collection=pg_collection,
+        )
+        self.config = config
+        cp_group = getattr(pg_collection, "cp", None)  # megatron's Attention passes its whole collection
+        self.cp_group = cp_group if cp_group is not None else parallel_state.get_context_parallel_group()
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: object = None,
+    ) -> Tensor:
+        """megatron-core's core-attention call, for training only (context parallelism has no
+        generation step): causal, no mask tensor, bias, packed sequences or dropout."""
+        if not self._check_call(query.size(0), attention_mask, attn_mask_type, attention_bias, packed_seq_params):
+            raise NotImplementedError(
+                f"{type(self).__name__} has no generation step (context parallelism is for training)"
+            )
+        if self.training and self.attention_dropout.p > 0.0:
+            raise NotImplementedError(
+                f"{type(self).__name__} has no attention dropout, got {self.attention_dropout.p}; "
+                "set attention_dropout to 0"
+            )
+        return self.attend(query, key, value)
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        """[s/cp, b, np, hn] queries, [s/cp, b, ng, hn] keys and values, load-balanced -> [s/cp, b, np·hn]."""
+        raise NotImplementedError
+
+
+class RingAttention(ContextParallelAttention):
+    """Causal core attention over the context-parallel group by the K/V ring.
+
+    Takes query [s/cp, b, np, hn] and key/value [s/cp, b, ng, hn] in the load-balanced layout and
+    returns [s/cp, b, np·hn]. No dropout, mask tensor, bias or packed sequences.
+    """
+
+    def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+        # [s/cp, b, np, hn] -> [b, np, s/cp, hn]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        context = RingAttentionFunction.apply(q, k, v, self.cp_group, self.softmax_scale)
+        return self._to_hidden(context)  # [s/cp, b, np * hn]
