@@ -143,6 +143,16 @@ def validate_static(recipe: Recipe) -> None:
             f"scaling for fully sharded fp32 master weights): use bf16"
         )
     recipe.optimizer.check()
+    if (
+        recipe.optimizer.name == "muon"
+        and recipe.parallel.distributed_optimizer
+        and recipe.checkpoint.optimizer_format == "dp_reshardable"
+    ):
+        # megatron-core's flat format names Adam's two moments only
+        raise RecipeError(
+            "checkpoint.optimizer_format = dp_reshardable holds Adam's moments only, not Muon's momentum: "
+            "use fully_reshardable with optimizer.name = muon"
+        )
     recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
 
 

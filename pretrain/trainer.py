@@ -113,7 +113,12 @@ def build_step(
     tokens = t.micro_batch_size * recipe.model.seq_length
     numerics = Numerics(t.precision, t.grad_clip, tokens, recipe.fp8.recipe if te_fp8 else None)
     optimizer = build_optimizer(
-        recipe.optimizer, numerics, chunks, recipe.parallel.distributed_optimizer, fp32_params=layout.fsdp is not None
+        recipe.optimizer,
+        numerics,
+        chunks,
+        recipe.parallel.distributed_optimizer,
+        fp32_params=layout.fsdp is not None,
+        groups=groups,
     )
     moe = None
     if recipe.model.moe.num_experts is not None:
@@ -182,6 +187,7 @@ def build_metrics(run: Run) -> Metrics:
         lines = [
             f"layout: {run.layout.describe()}; {plan.micro_batches} micro-batches/step",
             f"communication overlap: {recipe.parallel.overlap_description()}",
+            _optimizer_line(run),
         ]
         print("\n".join(fp8_lines[:1] + lines + fp8_lines[1:]), flush=True)
     return Metrics(
@@ -196,6 +202,16 @@ def build_metrics(run: Run) -> Metrics:
         run.layout.pipeline_bubble(plan.micro_batches),
         fp8_peak_tflops=fp8_peak if recipe.fp8.enabled else None,
     )
+
+
+def _optimizer_line(run: Run) -> str:
+    """Which parameters each optimizer steps (rank 0's pipeline stage)."""
+    cfg = run.recipe.optimizer
+    if cfg.name == "adamw":
+        return "optimizer: AdamW for every parameter"
+    from pretrain.muon import describe
+
+    return describe(run.step.chunks, cfg.split_qkv)
 
 
 def _fp8_lines(run: Run, peak: float | None, fp8_peak: float | None) -> list[str]:

@@ -322,6 +322,8 @@ def load(path: pathlib.Path, chunks: Sequence[torch.nn.Module], optimizer: Any) 
     weights_only = extra.get("kind") == "weights"
     # Checkpoints from before `optimizer_format` was recorded were all dp_reshardable.
     optimizer_format = None if weights_only or optimizer is None else extra.get("optimizer_format", "dp_reshardable")
+    if optimizer_format is not None:
+        _check_same_optimizer(extra, optimizer, path)
     template = _model_sharded_state_dict(chunks)
     translation, second = None, {}
     if optimizer_format is not None:
@@ -351,6 +353,19 @@ def load(path: pathlib.Path, chunks: Sequence[torch.nn.Module], optimizer: Any) 
     if optimizer_format is not None:
         fixes.restore_adam_steps(optimizer)
     return extra
+
+
+def _check_same_optimizer(extra: dict, optimizer: Any, path: pathlib.Path) -> None:
+    """AdamW's moments are not Muon's momentum (nor the reverse): a resume keeps optimizer.name."""
+    from pretrain.muon import optimizer_name
+
+    saved = ((extra.get("recipe") or {}).get("optimizer") or {}).get("name", "adamw")
+    current = optimizer_name(optimizer)
+    if saved != current:
+        raise UserError(
+            f"checkpoint '{path}' holds {saved}'s optimizer state and this run has optimizer.name = {current}; "
+            f"resume with optimizer.name = {saved}, or start {current} from its weights only (tools/convert_hf.py export, then import)"
+        )
 
 
 def _translation(path: pathlib.Path, optimizer: Any, optimizer_format: str) -> tuple[str, str, int] | None:
