@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pretrain.checkpoint import storage
+from pretrain.checkpoint import compatibility, storage
 from pretrain.checkpoint.config import CheckpointConfig
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ class Checkpointer:
             storage.refuse_to_overwrite(self.cfg.load, self.dir)
             return
         saved = storage.read_extra(path)
-        storage.check_same_model(path, self.chunks, saved, self.extra)
+        compatibility.check_same_model(path, self.chunks, saved, self.extra)
         extra = storage.load(path, self.chunks, self.optimizer)
         if extra.get("kind") == "weights":  # e.g. converted from Hugging Face: a fresh run from these weights
             storage.refuse_to_overwrite(None, self.dir)
