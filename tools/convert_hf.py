@@ -37,18 +37,65 @@ def _progress(items: Iterable[T], desc: str) -> Iterable[T]:
     return tqdm(items, desc=desc, unit="tensor", file=sys.stderr, disable=None)
 
 
-def read_hf_tensors(hf_dir: pathlib.Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+INDEX = "model.safetensors.index.json"
 
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{hf_dir}: no *.safetensors files (only safetensors checkpoints are read)")
+
+def safetensors_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The files to read: the shards `model.safetensors.index.json` names (each must be there), else
+    every *.safetensors in the folder."""
+    index = hf_dir / INDEX
+    if not index.is_file():
+        files = sorted(hf_dir.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{hf_dir}: no *.safetensors files (only safetensors checkpoints are read)")
+        return files
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards: dict[str, list[str]] = {}
+        for tensor, shard in weight_map.items():
+            shards.setdefault(str(shard), []).append(str(tensor))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise UserError(f"{index} is not a safetensors index (a JSON object with a 'weight_map')") from None
+    for shard, tensors in sorted(shards.items()):
+        if "/" in shard or not (hf_dir / shard).is_file():
+            raise UserError(
+                f"{hf_dir / shard} does not exist: {INDEX} names it for {len(tensors)} tensors (e.g. {tensors[0]})"
+            )
+    return [hf_dir / shard for shard in sorted(shards)]
+
+
+def read_hf_tensors(hf_dir: pathlib.Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
     tensors = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in _progress(list(f.keys()), f"reading {path.name}"):
-                tensors[name] = f.get_tensor(name).float()
+    for path in safetensors_files(hf_dir):
+        _check_safetensors_size(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in _progress(list(f.keys()), f"reading {path.name}"):
+                    tensors[name] = f.get_tensor(name).float()
+        except SafetensorError as exc:
+            raise UserError(f"{path} is not a readable safetensors file: {exc}") from None
     return tensors
+
+
+def _check_safetensors_size(path: pathlib.Path) -> None:
+    """A file cut short (an interrupted download) names both sizes: its 8-byte header length and
+    JSON header say where the last tensor ends."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 <= header_len <= size - 8:
+            raise UserError(f"{path} is truncated ({size} bytes): not even its header is complete")
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+            return  # safetensors itself says what is wrong
+    needed = 8 + header_len + end
+    if size < needed:
+        raise UserError(f"{path} is truncated from {needed} to {size} bytes")
 
 
 def _build(model_cfg: ModelConfig, vocab_size: int) -> tuple[torch.nn.Module, int]:
@@ -80,6 +127,8 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     from pretrain.recipe import Recipe, recipe_to_dict
 
     config_path = hf_dir / "config.json"
+    if not hf_dir.exists():
+        raise UserError(f"{hf_dir} does not exist")
     if not config_path.is_file():
         raise UserError(f"{hf_dir}: no config.json")
     try:

@@ -199,9 +199,12 @@ def test_generate_bad_arguments_and_paths(capsys, tmp_path):
     base = ["--checkpoint", str(tmp_path), "--prompt", "x"]
     assert _one_line(capsys, generate.main, [*base, "--top-p", "0"]) == "error: --top-p must be in (0, 1], got 0.0"
     line = _one_line(capsys, generate.main, ["--checkpoint", str(tmp_path / "none"), "--prompt", "x"])
-    assert line == f"error: --checkpoint '{tmp_path / 'none'}' does not exist"
+    assert line == f"error: checkpoint '{tmp_path / 'none'}' does not exist"
     line = _one_line(capsys, generate.main, base)
-    assert line == f"error: --checkpoint '{tmp_path}' is neither a checkpoint folder (with 'latest') nor an iter_N"
+    assert line == (
+        f"error: checkpoint '{tmp_path}' is neither a checkpoints folder (with 'latest') nor a checkpoint like "
+        "iter_0000100"
+    )
 
 
 def test_compare_runs_damaged_wandb_file_and_unwritable_plots(capsys, tmp_path, a_file):
