@@ -375,6 +375,10 @@ def layer_parameters(
         return (3 * h * ffn + bias * 2 * ffn) // split + bias * h
 
     attention = (h * qkv + heads * d * h + bias * qkv) // tensor + bias * h
+    if model.attention == "mla":
+        from model.attention.mla import mla_parameters
+
+        attention = mla_parameters(model.mla, h, heads, tensor)
     norms = 2 * h + (2 * d if model.qk_layernorm else 0)
     if not is_moe:
         return attention + mlp(model.ffn_hidden_size, tensor) + norms

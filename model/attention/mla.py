@@ -42,6 +42,8 @@ def check_mla(model: Any, parallel: ParallelConfig) -> None:
     for key in ("num_query_groups", "head_dim"):
         if getattr(model, key) is not None:
             raise RecipeError(f"model.{key} does not apply to model.attention = mla (set model.mla's head widths)")
+    if model.add_bias_linear:
+        raise RecipeError("model.add_bias_linear is not built for model.attention = mla")
     if model.qk_layernorm:
         raise RecipeError("model.qk_layernorm does not apply to model.attention = mla (its latents have their norms)")
     if model.rope_scaling.type != "none":
@@ -49,6 +51,19 @@ def check_mla(model: Any, parallel: ParallelConfig) -> None:
             f"model.rope_scaling.type = {model.rope_scaling.type} is not built for model.attention = mla "
             "(MLA applies its own RoPE)"
         )
+
+
+def mla_parameters(mla: MlaConfig, hidden: int, heads: int, tensor: int = 1) -> int:
+    """One MLA block's parameters on one tensor rank: the up-projections and the output projection
+    are split over `tensor`, the down-projections and the latent norms replicated (megatron-core)."""
+    qk = mla.qk_head_dim + mla.qk_pos_emb_head_dim
+    if mla.q_lora_rank is None:
+        query = hidden * heads * qk // tensor
+    else:
+        query = hidden * mla.q_lora_rank + mla.q_lora_rank + mla.q_lora_rank * heads * qk // tensor
+    kv_down = hidden * (mla.kv_lora_rank + mla.qk_pos_emb_head_dim) + mla.kv_lora_rank
+    kv_up = mla.kv_lora_rank * heads * (mla.qk_head_dim + mla.v_head_dim) // tensor
+    return query + kv_down + kv_up + heads * mla.v_head_dim * hidden // tensor
 
 
 def mla_config_fields(mla: MlaConfig, rotary_base: float) -> dict[str, Any]:

@@ -44,6 +44,7 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
             [*MLA, "train.precision=bf16", "fp8.enabled=true"],
             "fp8 on the local spec is not built for model.attention = mla (its latent projections)",
         ),
+        ([*MLA, "model.add_bias_linear=true"], "model.add_bias_linear is not built for model.attention = mla"),
         (["model.mtp_num_layers=1"], "model.mtp_num_layers = 1: multi-token prediction is not built yet"),
         (
             [*GROUPS, "model.moe.num_groups=2"],
@@ -114,7 +115,7 @@ def _tiny_deepseek() -> ModelConfig:
 
 
 def test_tiny_deepseek_builds_runs_and_routes_by_group(megatron_single_process):
-    from model.gpt import ModelBuild, build_model_chunks
+    from model.gpt import ModelBuild, build_model_chunks, parameter_counts
 
     (chunk,) = build_model_chunks(_tiny_deepseek(), ModelBuild(), vocab_size=128)
     attention = chunk.decoder.layers[0].self_attention
@@ -128,6 +129,10 @@ def test_tiny_deepseek_builds_runs_and_routes_by_group(megatron_single_process):
         "q_layernorm.weight": (32,),
         "kv_layernorm.weight": (16,),
     }
+    counted = parameter_counts(_tiny_deepseek(), vocab_size=128).total
+    assert counted == sum(
+        p.numel() for p in chunk.parameters()
+    )  # the dry run's count (standard attention's formula: 7,072 more)
     tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     logits = chunk(tokens, torch.arange(12).expand(2, 12), None)
     assert logits.shape == (2, 12, 128) and torch.isfinite(logits).all()
@@ -177,3 +182,14 @@ def test_upstream_mla_have_te_is_fixed(megatron_single_process):
     finally:
         assert "multi_latent_attention.HAVE_TE" in fixes.apply_all()
     build_model_chunks(_tiny_deepseek(), ModelBuild(perform_initialization=False), vocab_size=128)
+
+
+def test_published_deepseek_v3_counts_transformers_parameters():
+    """transformers' DeepseekV3ForCausalLM with its default (the published) config, built on the
+    meta device, has 671,026,404,352 parameters (no MTP module); the recipe's count must be that."""
+    from model.gpt import parameter_counts
+    from pretrain.recipe import load_recipe
+
+    model = load_recipe("deepseek_v3").model
+    assert model.vocab_size is not None
+    assert parameter_counts(model, model.vocab_size).total == 671_026_404_352
