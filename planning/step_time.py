@@ -31,6 +31,7 @@ class Gpu:
     attention_efficiency: float = 0.5  # fused (flash/cuDNN) attention, forward and backward, of the bf16 peak
     gpus_per_node: int = 8  # the NVLink domain: GPUs whose traffic never leaves NVLink
     sms: int = 132  # streaming multiprocessors: one output tile each per wave (wave quantization)
+    memory_gib: float = 79.6  # what the driver reports as total (nvidia-smi's MiB / 1024): --dry-run --gpu's default
 
     def peak(self, precision: str) -> float:
         return (self.bf16_tflops if precision != "fp32" else self.tf32_tflops) * 1e12
@@ -38,15 +39,17 @@ class Gpu:
 
 GPUS = {
     # A100 SXM 80GB: 312 TFLOPS bf16, NVLink 3 (600 GB/s both directions), HDR 200 Gb/s, 2.0 TB/s HBM2e
-    "a100": Gpu("a100", 312.0, 156.0, 300.0, 25.0, 2039.0, matmul_efficiency=0.859, sms=108),
+    "a100": Gpu("a100", 312.0, 156.0, 300.0, 25.0, 2039.0, matmul_efficiency=0.859, sms=108, memory_gib=79.3),
     # H100 SXM: 989 TFLOPS bf16, 1979 fp8, NVLink 4 (900 GB/s both directions), ConnectX-7 400 Gb/s, 3.35 TB/s
     "h100": Gpu("h100", 989.0, 494.0, 450.0, 50.0, 3350.0, 1979.0),
     # H200 SXM: H100's compute and links, 141 GB of HBM3e at 4.8 TB/s
-    "h200": Gpu("h200", 989.0, 494.0, 450.0, 50.0, 4800.0, 1979.0),
+    "h200": Gpu("h200", 989.0, 494.0, 450.0, 50.0, 4800.0, 1979.0, memory_gib=140.4),
     # B200 (HGX): 2.25 PFLOPS bf16 dense, 4.5 fp8, NVLink 5 (1.8 TB/s both directions), ConnectX-8 800 Gb/s, 8 TB/s
-    "b200": Gpu("b200", 2250.0, 1125.0, 900.0, 100.0, 8000.0, 4500.0, 0.776, 0.763, sms=148),
+    "b200": Gpu("b200", 2250.0, 1125.0, 900.0, 100.0, 8000.0, 4500.0, 0.776, 0.763, sms=148, memory_gib=179.1),
     # GB200 NVL72: 2.5 PFLOPS bf16 dense, 5 fp8 per GPU, one NVLink 5 domain of 72 GPUs, 8 TB/s
-    "gb200": Gpu("gb200", 2500.0, 1250.0, 900.0, 100.0, 8000.0, 5000.0, 0.776, 0.763, gpus_per_node=72, sms=148),
+    "gb200": Gpu(
+        "gb200", 2500.0, 1250.0, 900.0, 100.0, 8000.0, 5000.0, 0.776, 0.763, gpus_per_node=72, sms=148, memory_gib=184.0
+    ),
 }
 
 # Bytes per token per layer of elementwise work in the forward and backward together (norms, rotary,
@@ -64,6 +67,13 @@ MAMF_SHAPE = (6144, 17920)
 # megatron-core's default gradient bucket (parameters) with overlap_grad_reduce: the last bucket's
 # reduce-scatter cannot overlap anything (distributed_data_parallel_config.py, bucket_size)
 DEFAULT_BUCKET = 40_000_000
+
+
+FLOPS_CONVENTION = (
+    "model FLOPs: 3 x forward (6 per parameter-token of every linear and the output layer, "
+    "causal attention counted half: 6·s·h per layer-token; the output layer over the padded "
+    "vocabulary), no recompute"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +105,17 @@ class StepTime:
 
     def mfu(self, gpu: Gpu, precision: str, gpus: int) -> float:
         return self.model_flops / (self.total * gpus * gpu.peak(precision))
+
+    def as_json(self, tokens_per_step: int, gpus: int, gpu: Gpu) -> dict:
+        """--dry-run --gpu --json's step_time: seconds, throughput per GPU, and every term."""
+        return {
+            "gpu": gpu.name,
+            "seconds": self.total,
+            "tokens_per_s_per_gpu": tokens_per_step / self.total / gpus,
+            "tflops_per_gpu": self.model_flops / self.total / gpus / 1e12,
+            "flops_convention": FLOPS_CONVENTION,
+            "terms": {t.name: {"seconds": t.seconds, "exposed": t.exposed} for t in self.terms},
+        }
 
 
 def _bandwidth(gpu: Gpu, span: int) -> float:
