@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from model.config import ModelConfig
+from model.gpt import SWIGLU_FUSED
 
 FP32 = 4
 
@@ -112,9 +113,7 @@ def dense_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int
         "_checkpointed": attention["_checkpointed"],
         "rope": attention["rope"],
         "pre_mlp_norm": norm_and_linear_input(m.hidden_size, n_sp, shape, kernels),
-        "mlp": mlp_bytes(
-            m.ffn_hidden_size, shape.tokens, shape.tensor, shape.dtype_bytes, fused=kernels.transformer_engine
-        ),
+        "mlp": mlp_bytes(m.ffn_hidden_size, shape.tokens, shape.tensor, shape.dtype_bytes, fused=SWIGLU_FUSED),
         "dropout": dropout,
     }
 
