@@ -235,9 +235,7 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     # EP: dispatch and combine all-to-alls forward and backward, top_k copies of every token
     a2a = 4 * shape.sharded_tokens * m.moe.top_k * m.hidden_size * b * (ep - 1) / ep
     expert = a2a / _bandwidth(gpu, tp * cp * ep) * moe_layers * mb if ep > 1 else 0.0
-    params = max(sum(stage_parameters(setup, p)) for p in range(pp))
-    if layout.fsdp is not None:
-        params *= layout.data * layout.context  # stage_parameters counts this rank's shard
+    params = max(sum(stage_parameters(setup, p)) for p in range(pp))  # before any data-parallel sharding
     reduce_scatter, all_gather = _data_parallel_seconds(setup, gpu, params)
     rs_exposed, ag_exposed = _data_parallel_exposed(setup, params, reduce_scatter, all_gather, micro_batch, forward)
     # pipeline: each micro-batch crosses each chunk boundary forward and backward
