@@ -27,6 +27,7 @@ from model.attention_kernels import (
     reduce_heads,
     select_backend,
 )
+from model.documents import block_pieces, is_document_ids, ring_chunk_ids
 from model.layers import SDPAttention
 
 Tensor = torch.Tensor
@@ -234,6 +235,87 @@ def _ring_forward(q: Tensor, kv: tuple[Tensor, Tensor], ring: _Ring, scale: floa
     return out, lse
 
 
+def _document_pieces(step: int, ring: _Ring, half: int, documents: Tensor) -> list[tuple[int, slice, slice, bool]]:
+    """The unmasked pieces (sample, rows, key rows, causal) of ring `step` under document ids
+    [b, s_ring] (the ring's whole sequence): each of the step's blocks cut to its documents
+    (model/documents.py:block_pieces); blocks with no document on both sides give none (skipped).
+    Step 0's diagonal block is cut in three: each chunk's own documents and our second chunk's
+    view of our first."""
+    source = (ring.rank - step) % ring.size
+    query_ids = ring_chunk_ids(documents, ring.rank, ring.size)
+    key_ids = query_ids if step == 0 else ring_chunk_ids(documents, source, ring.size)
+    first, second = slice(0, half), slice(half, 2 * half)
+    blocks = (
+        [(first, first, True), (second, first, False), (second, second, True)]
+        if step == 0
+        else [(rows, cols, False) for rows, cols, _ in _step_blocks(step, ring.rank, ring.size, half)]
+    )
+    return [
+        piece for rows, cols, diagonal in blocks for piece in block_pieces(query_ids, key_ids, rows, cols, diagonal)
+    ]
+
+
+def _one(t: Tensor, i: int) -> Tensor:
+    return t[i : i + 1]  # sample i, as a batch of one (a view)
+
+
+def _document_ring_forward(
+    q: Tensor, kv: tuple[Tensor, Tensor], ring: _Ring, scale: float, documents: Tensor
+) -> tuple[Tensor, Tensor]:
+    """_ring_forward inside documents: the same K/V ring, each step's blocks cut to their documents'
+    pieces. Accumulators start empty (out 0, lse −inf): every row gets its own diagonal later."""
+    half = q.size(2) // 2
+    out = torch.zeros_like(q, dtype=accumulation_dtype(q))
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=accumulation_dtype(q), device=q.device)
+    for step in range(ring.size):
+        pending = ring.shift(kv, (_K_TAG, _V_TAG)) if step < ring.size - 1 else None
+        for i, rows, cols, causal in _document_pieces(step, ring, half, documents):
+            sample_kv = (_one(kv[0], i), _one(kv[1], i))
+            block_out, block_lse = _attend_block(_one(q, i), sample_kv, rows, cols, causal, scale)
+            _merge(_one(out, i)[:, :, rows], _one(lse, i)[:, :, rows], block_out, block_lse)
+            del block_out, block_lse
+        if pending is not None:
+            kv = _arrive(pending)
+    return out, lse
+
+
+def _document_ring_backward(
+    dout: Tensor,
+    q: Tensor,
+    kv: tuple[Tensor, Tensor],
+    out: Tensor,
+    lse: Tensor,
+    ring: _Ring,
+    scale: float,
+    documents: Tensor,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """_ring_backward inside documents: the same two rings, each step's pieces only."""
+    half = q.size(2) // 2
+    dq = torch.zeros_like(q, dtype=accumulation_dtype(q))
+    dkv_pending: _Transfer | None = None
+    for step in range(ring.size):
+        kv_pending = ring.shift(kv, (_K_TAG, _V_TAG)) if step < ring.size - 1 else None
+        if step == 0:
+            dk, dv = (torch.zeros_like(t, dtype=accumulation_dtype(t)) for t in kv)
+        else:
+            assert dkv_pending is not None
+            dk, dv = _arrive(dkv_pending)  # the accumulators that previous ranks built for this block
+        for i, rows, cols, causal in _document_pieces(step, ring, half, documents):
+            sample_kv = (_one(kv[0], i), _one(kv[1], i))
+            grads = _grad_block(
+                _one(dout, i), _one(q, i), sample_kv, _one(out, i), _one(lse, i), rows, cols, causal, scale
+            )
+            _one(dq, i)[:, :, rows] += grads[0]
+            _one(dk, i)[:, :, cols] += grads[1]
+            _one(dv, i)[:, :, cols] += grads[2]
+            del grads
+        if ring.size > 1:
+            dkv_pending = ring.shift((dk, dv), (_DK_TAG, _DV_TAG))
+        if kv_pending is not None:
+            kv = _arrive(kv_pending)
+    return dq, (_arrive(dkv_pending) if dkv_pending is not None else (dk, dv))
+
+
 def _ring_backward(
     dout: Tensor, q: Tensor, kv: tuple[Tensor, Tensor], out: Tensor, lse: Tensor, ring: _Ring, scale: float
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -292,25 +374,50 @@ class RingAttentionFunction(torch.autograd.Function):
     Dense inputs in any dim order (a model's [s, b, h, d] seen as [b, h, s, d]) are used as they
     are, and the output and gradients come back in the same layout.
     cp == 1 communicates nothing.
+    `documents` (optional): document ids [b, s_ring] of the ring's whole sequence in true order
+    (the same on every rank): attention stays inside each document, and blocks whose queries and
+    keys share none are not computed; the communication is the same.
     """
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, scale: float) -> Tensor:
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        group: dist.ProcessGroup,
+        scale: float,
+        documents: Tensor | None = None,
+    ) -> Tensor:
         _check_heads(q.size(1), k.size(1))
         if q.size(2) % 2:
             raise ValueError(f"ring attention needs an even local sequence (two chunks), got {q.size(2)}")
         ring = _Ring.of(group)
-        out, lse = _ring_forward(_dense(q), (_dense(k), _dense(v)), ring, scale)
+        if documents is not None and documents.shape != (q.size(0), q.size(2) * ring.size):
+            raise ValueError(
+                f"ring attention needs document ids [b, s_ring] = [{q.size(0)}, {q.size(2) * ring.size}], "
+                f"got {list(documents.shape)}"
+            )
+        if documents is None:
+            out, lse = _ring_forward(_dense(q), (_dense(k), _dense(v)), ring, scale)
+        else:
+            out, lse = _document_ring_forward(_dense(q), (_dense(k), _dense(v)), ring, scale, documents)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring, ctx.scale = ring, scale
+        ctx.ring, ctx.scale, ctx.documents = ring, scale, documents
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, (dk, dv) = _ring_backward(_dense(dout), _dense(q), (_dense(k), _dense(v)), out, lse, ctx.ring, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        kv = (_dense(k), _dense(v))
+        if ctx.documents is None:
+            dq, (dk, dv) = _ring_backward(_dense(dout), _dense(q), kv, out, lse, ctx.ring, ctx.scale)
+        else:
+            dq, (dk, dv) = _document_ring_backward(
+                _dense(dout), _dense(q), kv, out, lse, ctx.ring, ctx.scale, ctx.documents
+            )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 # ------------------------------------------------------------------------------- core attention
@@ -362,7 +469,8 @@ class ContextParallelAttention(SDPAttention):
         packed_seq_params: object = None,
     ) -> Tensor:
         """megatron-core's core-attention call, for training only (context parallelism has no
-        generation step): causal, no mask tensor, bias, packed sequences or dropout."""
+        generation step): causal, no bias, packed sequences or dropout; the only mask tensor is our
+        document ids [b, s] of the whole sequence (model/documents.py)."""
         if not self._check_call(query.size(0), attention_mask, attn_mask_type, attention_bias, packed_seq_params):
             raise NotImplementedError(
                 f"{type(self).__name__} has no generation step (context parallelism is for training)"
@@ -372,10 +480,11 @@ class ContextParallelAttention(SDPAttention):
                 f"{type(self).__name__} has no attention dropout, got {self.attention_dropout.p}; "
                 "set attention_dropout to 0"
             )
-        return self.attend(query, key, value)
+        return self.attend(query, key, value, attention_mask if is_document_ids(attention_mask) else None)
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        """[s/cp, b, np, hn] queries, [s/cp, b, ng, hn] keys and values, load-balanced -> [s/cp, b, np·hn]."""
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, documents: Tensor | None) -> Tensor:
+        """[s/cp, b, np, hn] queries, [s/cp, b, ng, hn] keys and values, load-balanced -> [s/cp, b, np·hn];
+        `documents`: None, or the document ids [b, s] of the whole sequence (in true order)."""
         raise NotImplementedError
 
 
@@ -383,11 +492,12 @@ class RingAttention(ContextParallelAttention):
     """Causal core attention over the context-parallel group by the K/V ring.
 
     Takes query [s/cp, b, np, hn] and key/value [s/cp, b, ng, hn] in the load-balanced layout and
-    returns [s/cp, b, np·hn]. No dropout, mask tensor, bias or packed sequences.
+    returns [s/cp, b, np·hn]; inside documents when given their ids. No dropout, bias or packed
+    sequences.
     """
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, documents: Tensor | None) -> Tensor:
         # [s/cp, b, np, hn] -> [b, np, s/cp, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        context = RingAttentionFunction.apply(q, k, v, self.cp_group, self.softmax_scale)
+        context = RingAttentionFunction.apply(q, k, v, self.cp_group, self.softmax_scale, documents)
         return self._to_hidden(context)  # [s/cp, b, np * hn]

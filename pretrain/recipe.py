@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 from common import schema
 from common.errors import RecipeError
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
-from data.config import DataConfig
+from data.config import DataConfig, check_documents
 from model.config import Fp8Config, ModelConfig, check_fp8, check_model
 from parallel.config import ParallelConfig
 from pretrain.checkpointer import CheckpointConfig
@@ -165,6 +165,7 @@ def validate_static(recipe: Recipe) -> None:
         )
     recipe.optimizer.check()
     recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
+    check_documents(recipe.data, recipe.model.transformer_impl)
 
 
 def validate_for_world(recipe: Recipe, world_size: int) -> tuple[Layout, BatchPlan]:

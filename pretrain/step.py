@@ -17,6 +17,7 @@ from common.errors import AgreedUserError
 from data.dataset import Samples
 from data.loader import BatchPlan, token_ids_beyond
 from pretrain.guards import Guards, agree, grads_are_finite
+from pretrain.metrics import document_pairs
 from pretrain.optim import current_lr
 from pretrain.recipe import DebugConfig
 
@@ -30,6 +31,8 @@ class StepResult:
     nonfinite: bool  # every rank agreed the loss or the gradients were not finite
     stop: bool  # a preemption signal arrived on some rank
     moe: dict[str, Any] = field(default_factory=dict)
+    # data.reset_attention_mask: Σ n²/2 over the global batch's documents (pretrain/metrics.py)
+    attention_pairs: float | None = None
 
 
 def loss_func(
@@ -45,9 +48,11 @@ def loss_func(
 
 
 def forward_step(data_iterator, model):
-    """megatron-core's forward step: the next micro-batch through the model, and its loss function."""
+    """megatron-core's forward step: the next micro-batch through the model, and its loss function.
+    With data.reset_attention_mask the batch's document ids [b, s] go where megatron-core passes an
+    attention mask to every layer's core attention (model/documents.py)."""
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], batch.get("document_ids"), labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -127,7 +132,8 @@ class Step:
         if self.debug.nan_grad_at_step == step + 1 and dist.get_rank() == 0:
             _poison_one_gradient(self.chunks)
         with guards.watchdog.phase(step + 1, "optimizer"):
-            totals = self._loss_sums(losses)
+            pairs = document_pairs(batches) if "document_ids" in batches[0] else None
+            totals = self._loss_sums(losses, pairs)
             loss = float(totals[0] / totals[1])
             # fp16 gradients overflow by design while the loss scale adjusts: megatron-core's optimizer
             # finds those itself (and skips the update), so only the loss is ours to check there.
@@ -150,6 +156,7 @@ class Step:
             nonfinite=nonfinite,
             stop=stop,
             moe=moe,
+            attention_pairs=float(totals[2]) if pairs is not None else None,
         )
 
     def check_token_ids(self, batches: list[dict], samples: Samples, first: int) -> None:
@@ -176,7 +183,7 @@ class Step:
         for k in range(eval_steps):
             batches = self.plan.step_batches(samples, k * self.plan.global_batch_size, self.device)
             self.check_token_ids(batches, samples, k * self.plan.global_batch_size)
-            total += self._loss_sums(self._forward_backward(batches, forward_only=True))
+            total += self._loss_sums(self._forward_backward(batches, forward_only=True))[:2]
         for chunk in self.chunks:
             chunk.train()
         loss = float(total[0] / total[1])
@@ -201,14 +208,16 @@ class Step:
             forward_only=forward_only,
         )
 
-    def _loss_sums(self, losses: list) -> torch.Tensor:
-        """[loss sum, token count] over the global batch (float64, CPU), made known to every rank:
-        summed over the data- and context-parallel ranks of the last pipeline stage, which then
-        sends it to all (from the last rank, which is on the last stage)."""
-        total = torch.zeros(2, dtype=torch.float64)
+    def _loss_sums(self, losses: list, pairs: float | None = None) -> torch.Tensor:
+        """[loss sum, token count, attended pairs] over the global batch (float64, CPU), made known
+        to every rank: summed over the data- and context-parallel ranks of the last pipeline stage,
+        which then sends it to all (from the last rank, which is on the last stage). `pairs`: this
+        rank's micro-batches' (each CP rank holds the whole document ids: counted once)."""
+        total = torch.zeros(3, dtype=torch.float64)
         if self.groups.pp.rank() == self.groups.pp.size() - 1:
             for item in losses:
-                total += item["lm loss"].detach().to("cpu", torch.float64)
+                total[:2] += item["lm loss"].detach().to("cpu", torch.float64)
+            total[2] = (pairs or 0.0) / self.groups.cp.size()
             dist.all_reduce(total, group=self.groups.dp_cp)
         total = total.to(self.device)
         dist.broadcast(total, src=dist.get_world_size() - 1)

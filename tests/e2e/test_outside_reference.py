@@ -71,9 +71,36 @@ def imported(tmp_path_factory):
     return root / "hf", root / "ckpt"
 
 
-def _reference(hf_dir, corpus: str, cache) -> list[dict]:
+def _logits(model, batch: dict, mask: bool, positions: bool) -> torch.Tensor:
+    """transformers' logits [b, s, vocab] of a micro-batch: the packed samples as they are, or with
+    `mask` each document of each sample in a forward of its own (positions from 0 with
+    `positions`, else the document's place in the sample); `positions` alone: the packed samples
+    at megatron-core's restarted position_ids."""
+    if not mask:
+        return model(input_ids=batch["tokens"], position_ids=batch["position_ids"] if positions else None).logits
+    from model.documents import runs
+
+    rows = []
+    for tokens, ids in zip(batch["tokens"], batch["document_ids"]):
+        rows.append(
+            torch.cat(
+                [
+                    model(
+                        input_ids=tokens[None, a:b],
+                        position_ids=torch.arange(0 if positions else a, b - (a if positions else 0))[None],
+                    ).logits
+                    for a, b in runs(ids)
+                ],
+                dim=1,
+            )
+        )
+    return torch.cat(rows)
+
+
+def _reference(hf_dir, corpus: str, cache, mask: bool = False, positions: bool = False) -> list[dict]:
     """transformers' Llama + torch AdamW on the samples our trainer reads (its BatchPlan over the
-    same megatron-core datasets), the loss a token mean over the global batch."""
+    same megatron-core datasets), the loss a token mean over the global batch; `mask` and
+    `positions` as data.reset_attention_mask and data.reset_position_ids (`_logits`)."""
     from data.dataset import build_samples
     from data.loader import BatchPlan
 
@@ -86,7 +113,19 @@ def _reference(hf_dir, corpus: str, cache) -> list[dict]:
         betas=BETAS,
         eps=EPS,
     )
-    samples = build_samples([(1.0, corpus)], [], "100,0,0", SEQ, 1234, 256, False, str(cache), 257)["train"]
+    samples = build_samples(
+        [(1.0, corpus)],
+        [],
+        "100,0,0",
+        SEQ,
+        1234,
+        256,
+        False,
+        str(cache),
+        257,
+        reset_position_ids=positions,
+        reset_attention_mask=mask,
+    )["train"]
     plan = BatchPlan(GLOBAL_BATCH, MICRO_BATCH)
     curve = []
     for step in range(STEPS):
@@ -97,7 +136,7 @@ def _reference(hf_dir, corpus: str, cache) -> list[dict]:
         tokens = sum(float(b["loss_mask"].sum()) for b in batches)
         loss_sum = 0.0
         for batch in batches:
-            logits = model(input_ids=batch["tokens"]).logits.float()
+            logits = _logits(model, batch, mask, positions).float()
             losses = F.cross_entropy(logits.view(-1, VOCAB), batch["labels"].view(-1), reduction="none")
             summed = (losses * batch["loss_mask"].view(-1)).sum()
             (summed / tokens).backward()
@@ -147,3 +186,40 @@ def test_tensor_parallel_trains_like_transformers_and_torch_adamw(
 ):
     ours = _ours(2, imported, synthetic_corpus, tmp_path, "parallel.tensor=2", "parallel.sequence_parallel=true")
     assert_close_curves(ours, reference_curve, rel=REL, keys=("loss", "grad_norm", "lr"))
+
+
+# data.reset_attention_mask / data.reset_position_ids, together and alone, on documents of 4 to 40
+# tokens (about six to a 128-token sample)
+DOCUMENT_CASES = {"mask+positions": (True, True), "mask": (True, False), "positions": (False, True)}
+
+
+@pytest.fixture(scope="module")
+def document_references(imported, short_document_corpus, tmp_path_factory) -> dict:
+    cache = tmp_path_factory.mktemp("document-cache")
+    return {
+        name: _reference(imported[0], short_document_corpus, cache, mask, positions)
+        for name, (mask, positions) in {**DOCUMENT_CASES, "packed": (False, False)}.items()
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(DOCUMENT_CASES))
+def test_documents_train_like_transformers_on_each_document(
+    case, imported, document_references, short_document_corpus, tmp_path
+):
+    """With the mask, transformers runs each document in a forward of its own (from position 0
+    with reset_position_ids): our one packed forward must give its losses and gradient norms."""
+    mask, positions = DOCUMENT_CASES[case]
+    keys = (f"data.reset_attention_mask={str(mask).lower()}", f"data.reset_position_ids={str(positions).lower()}")
+    ours = _ours(1, imported, short_document_corpus, tmp_path, *keys)
+    assert_close_curves(ours, document_references[case], rel=REL, keys=("loss", "grad_norm", "lr"))
+
+
+def test_document_references_are_not_the_packed_one(document_references):
+    """The negative control of the tests above: our trainer with both keys off trains like the
+    packed reference (test_one_process_trains_like_transformers_and_torch_adamw), which is far
+    from each document reference, so a mask or positions that did nothing would fail them."""
+    packed = document_references["packed"]
+    for case in DOCUMENT_CASES:
+        gap = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(document_references[case], packed))
+        assert gap > 100 * REL, (case, gap)
