@@ -29,6 +29,7 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
         "ring_cp2_vs_one_call",
         "sdpa_kernel_llama_1b",
         "memory_model_llama_1b",
+        "documents_flash_varlen_seq8192",
     }
     assert expected <= set(summary), sorted(summary)
     for name in expected:
