@@ -6,11 +6,12 @@ the core attention through megatron-core's `attention_mask` argument, which pass
 from GPTModel.forward to every layer's core attention (a floating or boolean tensor there would be
 a real mask: refused). Each attention turns them into spans of whole documents:
 
-- one process (and Ulysses' all-to-all, which sees the whole sequence): per sample, consecutive
-  documents grouped into segments of at most SEGMENT_TOKENS tokens; a segment of one document is one
-  causal SDPA call, one of several a call with its [n, n] block-diagonal causal mask (memory
-  O(SEGMENT_TOKENS²), never O(s²)); a longer document is one causal call of its own. On CUDA with
-  flash-attn installed (fp16/bf16), one flash_attn_varlen_func call over all documents instead.
+- one process (and Ulysses' all-to-all, which sees the whole sequence): each document one causal
+  call of the ring's verified block kernels, written into one output (the memory of one causal SDPA
+  call). With attention dropout (which those kernels lack): SDPA calls over segments of consecutive
+  documents up to SEGMENT_TOKENS tokens, a segment of several with its [n, n] block-diagonal causal
+  mask (memory O(SEGMENT_TOKENS²), never O(s²)). On CUDA with flash-attn installed (fp16/bf16), one
+  flash_attn_varlen_func call over all documents instead.
 - the ring (model/ring_attention.py): each (query chunk, key chunk) block becomes its documents'
   unmasked pieces (`block_pieces`); a block whose queries and keys share no document is skipped.
 """
@@ -63,9 +64,57 @@ def _segment_mask(ids: Tensor) -> Tensor:
 
 def document_attention(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, scale: float, dropout: float = 0.0) -> Tensor:
     """Causal attention inside each document: q [b, np, s, hn], k/v [b, ng, s, hn] (np a multiple
-    of ng), ids [b, s] -> [b, np, s, hn]."""
+    of ng), ids [b, s] -> [b, np, s, hn]. Without dropout each document is one causal call of the
+    ring's verified block kernels (`DocumentAttentionFunction`); with dropout, SDPA calls over
+    segments of documents (`segments`)."""
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_installed():
         return _flash_varlen(q, k, v, ids, scale, dropout)
+    if dropout == 0.0:
+        return DocumentAttentionFunction.apply(q, k, v, ids, scale)
+    return _segment_sdpa(q, k, v, ids, scale, dropout)
+
+
+class DocumentAttentionFunction(torch.autograd.Function):
+    """Causal attention inside each document by one block-kernel call per document
+    (model/attention_kernels.py through the ring's head handling), written into one output: the
+    memory of one causal SDPA call (out and lse kept for the backward), no mask, and only the
+    pairs inside documents computed."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, ids: Tensor, scale: float) -> Tensor:
+        from model.ring_attention import _attend_block
+
+        out = torch.empty_like(q)
+        lse = torch.empty(
+            q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device
+        )
+        pieces = [(i, slice(a, b)) for i in range(q.size(0)) for a, b in runs(ids[i])]
+        for i, rows in pieces:
+            block_out, block_lse = _attend_block(q[i : i + 1], (k[i : i + 1], v[i : i + 1]), rows, rows, True, scale)
+            out[i : i + 1, :, rows] = block_out
+            lse[i : i + 1, :, rows] = block_lse
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.pieces, ctx.scale = pieces, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        from model.ring_attention import _dense, _grad_block
+
+        q, k, v, out, lse = ctx.saved_tensors
+        dout = _dense(dout)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        for i, rows in ctx.pieces:
+            one = lambda t: t[i : i + 1]  # noqa: B023 (used at once)
+            grads = _grad_block(one(dout), one(q), (one(k), one(v)), one(out), one(lse), rows, rows, True, ctx.scale)
+            for grad, into in zip(grads, (dq, dk, dv)):
+                into[i : i + 1, :, rows] = grad
+        return dq, dk, dv, None, None
+
+
+def _segment_sdpa(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, scale: float, dropout: float) -> Tensor:
+    """SDPA calls (with dropout) over each sample's segments: one document causal, several with
+    their block-diagonal causal mask."""
     gqa = q.size(1) != k.size(1)
     rows = []
     for i in range(q.size(0)):

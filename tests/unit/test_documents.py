@@ -11,7 +11,6 @@ from model.documents import (
     attended_pairs,
     block_pieces,
     cu_seqlens,
-    document_attention,
     per_token_rotary,
     segments,
 )
@@ -57,26 +56,33 @@ def per_document_reference(q, k, v, ids):
 LENGTHS = [[3, 1, 7, 5, 2, 9, 4, 6, 11], [30, 2, 16]]
 
 
-@pytest.mark.parametrize("limit", [1, 8, 512], ids=["one-per-call", "grouped", "all-in-one"])
-def test_document_attention_equals_each_document_alone(limit, monkeypatch):
-    """Forward and gradients, grouped-query heads (4 on 2), for every grouping of documents into
-    masked calls. Negative control: plain causal attention over the packed sample differs."""
+@pytest.mark.parametrize("path", ["kernels", "kernels-math", "sdpa-one-per-call", "sdpa-grouped", "sdpa-all-in-one"])
+def test_document_attention_equals_each_document_alone(path, monkeypatch):
+    """Forward and gradients, grouped-query heads (4 on 2): the block kernels one call per document
+    (the CPU's and plain math), and the SDPA segments taken with dropout, for every grouping of
+    documents into masked calls. Negative control: causal attention over the packed sample differs."""
     import model.documents as documents
+    from model.attention_kernels import CANDIDATES, _backend_for
 
-    monkeypatch.setattr(documents, "SEGMENT_TOKENS", limit)
+    if path == "kernels-math":
+        monkeypatch.setitem(CANDIDATES, "cpu", ())
+        _backend_for.cache_clear()
+    limit = {"sdpa-one-per-call": 1, "sdpa-grouped": 8}.get(path, 512)
     monkeypatch.setattr(documents.segments, "__defaults__", (limit,))
+    attention = documents.document_attention if path.startswith("kernels") else documents._segment_sdpa
     ids = sample_ids(LENGTHS)
     q = _randn(2, 4, 48, 8, seed=0).requires_grad_()
     k = _randn(2, 2, 48, 8, seed=1).requires_grad_()
     v = _randn(2, 2, 48, 8, seed=2).requires_grad_()
     dout = _randn(2, 4, 48, 8, seed=3)
-    got = document_attention(q, k, v, ids, SCALE)
+    got = attention(q, k, v, ids, SCALE, 0.0)
     want = per_document_reference(q, k, v, ids)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for a, b in zip(torch.autograd.grad(got, (q, k, v), dout), torch.autograd.grad(want, (q, k, v), dout)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     packed = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=True)
     assert (packed - want).abs().max() > 0.1
+    _backend_for.cache_clear()
 
 
 def test_segments_group_whole_documents_up_to_the_limit():
