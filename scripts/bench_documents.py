@@ -50,23 +50,28 @@ def _inputs(args: argparse.Namespace, rows: int, device: Any, dtype: Any) -> tup
     return draw(args.heads, True), draw(args.groups, True), draw(args.groups, True), draw(args.heads, False)
 
 
-def _measure(make_call: Any, iters: int, device: Any) -> tuple[float, float]:
-    """(median seconds of `iters` runs after one warm-up, peak MiB of one run with its inputs)."""
+def _seconds(call: Any, device: Any) -> float:
     import torch
 
-    call = make_call()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     call()
-    memory = peak_mib(lambda: make_call()(), device)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), memory
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _pair(make_a: Any, make_b: Any, iters: int, device: Any) -> tuple[tuple[float, float], tuple[float, float], float]:
+    """((median s, peak MiB) of a, the same of b, median of the per-iteration time ratios b/a): the
+    two run alternately after a warm-up each, so that a shared machine's load falls on both alike."""
+    a, b = make_a(), make_b()
+    a(), b()
+    memory = [peak_mib(make_a(), device), peak_mib(make_b(), device)]  # fresh inputs each
+    times = [(_seconds(a, device), _seconds(b, device)) for _ in range(iters)]
+    ratio = statistics.median(tb / ta for ta, tb in times)
+    first, second = (statistics.median(t[i] for t in times) for i in (0, 1))
+    return (first, memory[0]), (second, memory[1]), ratio
 
 
 def _local(args: argparse.Namespace, ids: Any, device: Any, dtype: Any, documents: bool) -> Any:
@@ -86,8 +91,8 @@ def _local(args: argparse.Namespace, ids: Any, device: Any, dtype: Any, document
     return make
 
 
-def _ring_rows(args: argparse.Namespace, ids: Any, device: Any, dtype: Any, documents: bool) -> list:
-    """Per simulated rank of a CP = args.cp ring: (median s, peak MiB)."""
+def _ring_rows(args: argparse.Namespace, ids: Any, device: Any, dtype: Any) -> list:
+    """Per simulated rank of a CP = args.cp ring: _pair's (causal, documents, ratio)."""
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -107,13 +112,12 @@ def _ring_rows(args: argparse.Namespace, ids: Any, device: Any, dtype: Any, docu
         for rank in range(args.cp):
             dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=args.cp)
 
-            def make() -> Any:
+            def make(given: Any) -> Any:
                 q, k, v, dout = _inputs(args, args.seq // args.cp, device, dtype)
-                given = ids if documents else None
                 apply = ring_attention.RingAttentionFunction.apply
                 return lambda: apply(q, k, v, dist.group.WORLD, args.head_dim**-0.5, given).backward(dout)
 
-            rows.append(_measure(make, args.iters, device))
+            rows.append(_pair(lambda: make(None), lambda: make(ids), args.iters, device))
             dist.destroy_process_group()
     finally:
         ring_attention._Ring.shift = shift  # type: ignore[method-assign]
@@ -164,31 +168,28 @@ def main() -> None:
     kernel = (
         "flash-attn varlen"
         if device.type == "cuda" and dtype != torch.float32 and flash_attn_installed()
-        else "SDPA per document group"
+        else "block kernels, one call per document"
     )
     print(
         f"seq={args.seq} heads={args.heads}/{args.groups} hn={args.head_dim} {args.dtype} on {device.type}; "
         f"{len(lengths)} documents of {args.min_doc}-{args.max_doc} tokens; attended pairs {fraction:.4f} of causal"
     )
-    causal = _measure(_local(args, ids, device, dtype, False), args.iters, device)
-    inside = _measure(_local(args, ids, device, dtype, True), args.iters, device)
+    causal, inside, ratio = _pair(
+        _local(args, ids, device, dtype, False), _local(args, ids, device, dtype, True), args.iters, device
+    )
     print(f"cp=1 causal SDPA fwd+bwd: {causal[0] * 1e3:.1f} ms, peak {causal[1]:.0f} MiB")
     print(f"cp=1 documents ({kernel}) fwd+bwd: {inside[0] * 1e3:.1f} ms, peak {inside[1]:.0f} MiB")
-    print(f"cp=1 documents / causal: time {inside[0] / causal[0]:.3f}, memory {inside[1] / causal[1]:.3f}")
+    print(f"cp=1 documents / causal: time {ratio:.3f}, memory {inside[1] / causal[1]:.3f}")
     total, skipped = ring_blocks(ids, args.cp)
-    dense = _ring_rows(args, ids, device, dtype, False)
-    docs = _ring_rows(args, ids, device, dtype, True)
-    worst = lambda rows, i: max(row[i] for row in rows)
+    rows = _ring_rows(args, ids, device, dtype)
+    worst = lambda i, j: max(row[i][j] for row in rows)
     print(f"ring cp={args.cp}: {skipped} of {total} blocks skipped (no shared document)")
+    print(f"ring cp={args.cp} causal fwd+bwd, slowest rank: {worst(0, 0) * 1e3:.1f} ms, peak {worst(0, 1):.0f} MiB")
+    print(f"ring cp={args.cp} documents fwd+bwd, slowest rank: {worst(1, 0) * 1e3:.1f} ms, peak {worst(1, 1):.0f} MiB")
+    ratios = ", ".join(f"{row[2]:.3f}" for row in rows)
     print(
-        f"ring cp={args.cp} causal fwd+bwd, slowest rank: {worst(dense, 0) * 1e3:.1f} ms, peak {worst(dense, 1):.0f} MiB"
-    )
-    print(
-        f"ring cp={args.cp} documents fwd+bwd, slowest rank: {worst(docs, 0) * 1e3:.1f} ms, peak {worst(docs, 1):.0f} MiB"
-    )
-    print(
-        f"ring cp={args.cp} documents / causal: time {worst(docs, 0) / worst(dense, 0):.3f}, "
-        f"memory {worst(docs, 1) / worst(dense, 1):.3f}"
+        f"ring cp={args.cp} documents / causal: time per rank {ratios}; "
+        f"slowest ranks {worst(1, 0) / worst(0, 0):.3f}, memory {worst(1, 1) / worst(0, 1):.3f}"
     )
 
 

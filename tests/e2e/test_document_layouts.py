@@ -20,11 +20,11 @@ from tests.helpers.runs import (
 
 DOCUMENTS = ("data.reset_attention_mask=true", "data.reset_position_ids=true")
 
+# The seven layouts in five runs of at most 4 processes: TP2+SP with PP2, CP2 ring with
+# DP2, CP4 ring, CP2 a2a, CP4 a2a 2 × p2p 2.
 LAYOUTS = {
-    "tp2-sp": (2, ["parallel.tensor=2", "parallel.sequence_parallel=true"]),
-    "pp2": (2, ["parallel.pipeline=2"]),
-    "dp2": (2, []),
-    "cp2-ring": (2, ["parallel.context=2"]),
+    "tp2-sp-pp2": (4, ["parallel.tensor=2", "parallel.sequence_parallel=true", "parallel.pipeline=2"]),
+    "cp2-ring-dp2": (4, ["parallel.context=2"]),
     "cp4-ring": (4, ["parallel.context=4"]),
     "cp2-a2a": (2, ["parallel.context=2", "parallel.context_comm=a2a"]),
     "cp4-a2a2-p2p2": (4, ["parallel.context=4", "parallel.context_comm=a2a+p2p", "parallel.context_a2a=2"]),
