@@ -62,6 +62,7 @@ def _segment_mask(ids: Tensor) -> Tensor:
     return causal & (ids[:, None] == ids[None, :])
 
 
+@torch.compiler.disable  # data-dependent calls per document: eager inside a compiled layer (train.compile)
 def document_attention(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, scale: float, dropout: float = 0.0) -> Tensor:
     """Causal attention inside each document: q [b, np, s, hn], k/v [b, ng, s, hn] (np a multiple
     of ng), ids [b, s] -> [b, np, s, hn]. Without dropout each document is one causal call of the
