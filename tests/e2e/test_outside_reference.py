@@ -102,7 +102,18 @@ def _reference(
 ) -> list[dict]:
     """transformers' Llama + torch AdamW on the samples our trainer reads (its BatchPlan over the
     same megatron-core datasets), the loss a token mean over the global batch; `mask` and
-    `positions` as data.reset_attention_mask and data.reset_position_ids (`_logits`)."""
+    `positions` as data.reset_attention_mask and data.reset_position_ids (`_logits`). One intra-op
+    thread, as the trainer's processes run: on a loaded 2-core machine the spinning threads of its
+    many small calls cost 20 times the CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_reference(hf_dir, corpus, cache, mask, positions, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_reference(hf_dir, corpus: str, cache, mask: bool, positions: bool, steps: int) -> list[dict]:
     from data.dataset import build_samples
     from data.loader import BatchPlan
 
