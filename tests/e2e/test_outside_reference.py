@@ -209,14 +209,13 @@ DOCUMENT_CASES = {"mask+positions": (True, True), "mask": (True, False), "positi
 @pytest.fixture(scope="module")
 def document_references(imported, short_document_corpus, tmp_path_factory):
     """case -> the reference curve of DOCUMENT_CASES[case] (computed once, when first asked for);
-    "packed": the first two steps with both keys off."""
+    "packed": both keys off."""
     cache, curves = tmp_path_factory.mktemp("document-cache"), {}
 
     def curve(case: str) -> list[dict]:
         if case not in curves:
             mask, positions = DOCUMENT_CASES.get(case, (False, False))
-            steps = 2 if case == "packed" else STEPS
-            curves[case] = _reference(imported[0], short_document_corpus, cache, mask, positions, steps)
+            curves[case] = _reference(imported[0], short_document_corpus, cache, mask, positions)
         return curves[case]
 
     return curve
@@ -240,8 +239,9 @@ def test_documents_train_like_transformers_on_each_document(
 def test_document_references_are_not_the_packed_one(case, document_references):
     """The negative control of the tests above: our trainer with both keys off trains like the
     packed reference (test_one_process_trains_like_transformers_and_torch_adamw), which is far
-    from each document reference in its first two steps, so a mask or positions that did nothing
-    would fail them."""
+    from each document reference (at least 10 times the tests' bound), so a mask or positions that
+    did nothing would fail them."""
     packed = document_references("packed")
     gap = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(document_references(case), packed))
-    assert gap > 100 * REL, (case, gap)
+    print(f"{case}: largest loss gap to the packed reference {gap:.2e}")
+    assert gap > 10 * REL, (case, gap)
