@@ -47,10 +47,6 @@ class BatchPlan:
                 f"{self.dp_size} = {per_step}"
             )
 
-    @classmethod
-    def of(cls, global_batch_size: int, micro_batch_size: int, dp_size: int) -> BatchPlan:
-        return cls(global_batch_size, micro_batch_size, dp_size)
-
     def for_rank(self, dp_rank: int, cp_rank: int, cp_size: int) -> BatchPlan:
         return dataclasses.replace(self, dp_rank=dp_rank, cp_rank=cp_rank, cp_size=cp_size)
 

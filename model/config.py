@@ -76,7 +76,7 @@ class ModelConfig:
     moe: MoeConfig = field(default_factory=MoeConfig)
 
 
-FP8_RECIPES_LOCAL = ("tensorwise", "rowwise")  # current scaling through torch._scaled_mm (model/fp8.py)
+FP8_RECIPES_LOCAL = ("tensorwise", "rowwise")  # current scaling through torch._scaled_mm (model/fp8/linear.py)
 # transformer-engine versions megatron-core 0.16 needs for each recipe (fp8_utils.py, get_fp8_recipe)
 FP8_RECIPES_TE = {"delayed": "1.7", "tensorwise": "2.2", "blockwise": "2.3", "mxfp8": "2.1"}
 
@@ -104,7 +104,7 @@ class Fp8Config:
 
 def check_fp8(fp8: Fp8Config, model: ModelConfig, parallel: ParallelConfig, precision: str) -> None:
     """Each recipe × implementation either runs FP8 or is refused here (the device is checked at
-    run time, model/fp8.py:check_runtime); nothing when fp8.enabled is false."""
+    run time, model/fp8/linear.py:check_runtime); nothing when fp8.enabled is false."""
     if not fp8.enabled:
         return
     if precision != "bf16":

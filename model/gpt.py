@@ -27,14 +27,13 @@ class ModelBuild:
 
     layout: Layout = dataclasses.field(default_factory=lambda: Layout(world_size=1))
     precision: str = "fp32"
-    use_cpu_initialization: bool = True  # CPU init is also what makes init TP-size invariant
     perform_initialization: bool = True
     init_seed: int = 1234  # per-layer init streams derive from it (model/layers.py)
     batch_p2p_comm: bool = True  # False on gloo: see transformer_config
     overlap_p2p_comm: bool = False  # parallel.overlap_p2p_comm resolved (interleaved pipelines only)
     compile: tuple[str, ...] = ()  # train.compile: torch.compile of layers, or of their mlp / norms
     fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)  # recipe.fp8 (checked: model/config.py)
-    document_positions: bool = False  # data.reset_position_ids: RoPE at position_ids (model/documents.py)
+    document_positions: bool = False  # data.reset_position_ids: RoPE at position_ids (model/attention/documents.py)
 
 
 def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
@@ -82,7 +81,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
 
     fp8_fields = {}
     if build.fp8.enabled:
-        from model.fp8 import transformer_config_fields as fp8_config_fields
+        from model.fp8.linear import transformer_config_fields as fp8_config_fields
 
         fp8_fields = fp8_config_fields(build.fp8, model)
 
@@ -134,7 +133,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         # (docs/megatron-core-on-cpu.md, "Silent traps"); NCCL batches correctly.
         batch_p2p_comm=build.batch_p2p_comm,
         overlap_p2p_comm=build.overlap_p2p_comm,
-        use_cpu_initialization=build.use_cpu_initialization,
+        use_cpu_initialization=True,  # CPU init is also what makes init TP-size invariant
         perform_initialization=build.perform_initialization,
         **recompute_fields(model),
         **transformer_config_fields(model, layout.expert_tensor or layout.tensor, build.precision),
@@ -178,7 +177,7 @@ def layer_spec(
     pattern = moe_layer_pattern(model)[offset : offset + get_num_layers_to_build(config, vp_stage=vp_stage)]
     specs = [_local_layer_spec(config, init_seed, model.moe.num_experts if is_moe else None) for is_moe in pattern]
     if fp8 is not None and fp8.enabled:
-        from model.fp8 import fp8_layer, gemms_for, to_fp8
+        from model.fp8.linear import fp8_layer, gemms_for, to_fp8
 
         gemms = gemms_for(fp8, cp_group)
         for number, spec in enumerate(specs, start=offset + 1):  # global layer numbers, 1-based
@@ -201,10 +200,10 @@ def _local_layer_spec(config: TransformerConfig, init_seed: int, num_experts: in
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if config.context_parallel_size > 1:
         # megatron-core's local attention refuses context parallelism (TE-only upstream): ours
-        # is a ring over the CP group (model/ring_attention.py), or Ulysses' all-to-all, alone or
-        # with the ring across its groups (model/ulysses.py).
-        from model.ring_attention import RingAttention
-        from model.ulysses import UlyssesAttention
+        # is a ring over the CP group (model/attention/ring.py), or Ulysses' all-to-all, alone or
+        # with the ring across its groups (model/attention/ulysses.py).
+        from model.attention.ring import RingAttention
+        from model.attention.ulysses import UlyssesAttention
 
         ulysses = config.cp_comm_type in ("a2a", "a2a+p2p")
         spec.submodules.self_attention.submodules.core_attention = UlyssesAttention if ulysses else RingAttention
@@ -259,7 +258,7 @@ def build_model_chunks(
     padded = padded_vocab_size(model, vocab_size, build.layout.tensor)
     model_class: type = GPTModel
     if build.document_positions:
-        from model.documents import gpt_model_with_positions
+        from model.attention.documents import gpt_model_with_positions
 
         model_class = gpt_model_with_positions()
     chunks = []

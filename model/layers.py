@@ -15,7 +15,7 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from model.documents import document_attention, is_document_ids
+from model.attention.documents import document_attention, is_document_ids
 
 
 class SDPAttention(DotProductAttention):
@@ -84,7 +84,7 @@ class SDPAttention(DotProductAttention):
         packed_seq_params: object,
     ) -> bool:
         """Causal self-attention only: megatron passes no mask tensor for it in the local spec; the
-        only tensor taken is our document ids (model/documents.py). Returns whether the call is
+        only tensor taken is our document ids (model/attention/documents.py). Returns whether the call is
         causal (False for a one-query generation step)."""
         name = type(self).__name__
         if packed_seq_params is not None or attention_bias is not None:

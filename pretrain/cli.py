@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     prepare_process(quiet=not args.debug)
     if args.dry_run:
-        from pretrain.dry_run import dry_run
+        from planning.dry_run import dry_run
 
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
         print(dry_run(recipe, world_size, args.gpu_memory_gib, args.json))

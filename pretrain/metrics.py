@@ -16,6 +16,7 @@ from typing import Any, Literal
 from common.errors import RecipeError
 from common.schema import PositiveInt
 from model.config import ModelConfig
+from planning.flops import model_forward_flops
 
 
 @dataclass
@@ -44,21 +45,10 @@ FP8_PEAK_TFLOPS = {"H200": 1979.0, "H100": 1979.0, "B200": 4500.0, "L40S": 733.0
 
 
 def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
-    """Training FLOPs per token (forward + backward = 3 × forward), Megatron-LM's accounting.
-
-    Matmul parameters cost 6 FLOPs per token (the input embedding is a lookup, not a matmul; norm
-    weights scale elementwise); with MoE only the active ones count (top_k routed experts, shared
-    experts, router); causal attention scores and values add 6 · layers · seq · hidden (half of the
-    full square: `attention_flops_per_pair` × seq / 2).
-    """
-    from model.gpt import parameter_counts
-
-    norms = (2 * model.num_layers + 1) * model.hidden_size
-    matmul_params = parameter_counts(model, vocab_size).active - vocab_size * model.hidden_size - norms
-    if not model.untie_embeddings:
-        matmul_params += vocab_size * model.hidden_size  # the tied output layer is still a matmul
-    attention = attention_flops_per_pair(model) * model.seq_length / 2
-    return 6.0 * matmul_params + attention
+    """Training FLOPs per token: forward + backward = 3 × the forward of planning/flops.py (the one
+    FLOPs model; Megatron-LM's accounting: matmuls, with MoE only the active experts, and half the
+    causal attention square; the embedding lookup and the norms are free)."""
+    return 3.0 * model_forward_flops(model, vocab_size)
 
 
 def attention_flops_per_pair(model: ModelConfig) -> float:
@@ -71,7 +61,7 @@ def attention_flops_per_pair(model: ModelConfig) -> float:
 def document_pairs(batches: list[dict]) -> float:
     """Σ n²/2 over the documents of the micro-batches' samples (their "document_ids"): the attended
     pairs as flops_per_token counts a whole sample's (s²/2)."""
-    from model.documents import runs
+    from model.attention.documents import runs
 
     return sum((b - a) ** 2 / 2 for batch in batches for ids in batch["document_ids"] for a, b in runs(ids))
 

@@ -49,7 +49,6 @@ class Numerics:
 
     precision: str
     grad_clip: float
-    steps: int
     tokens_per_micro_batch: int  # fp16's initial loss scale depends on it
     # transformer-engine's FP8 recipe when it runs the GEMMs (its FP8 weights need the distributed
     # optimizer to know it); None otherwise, the local FP8 path included (its weights are bf16)

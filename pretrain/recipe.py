@@ -3,7 +3,7 @@
 Each section's dataclass lives with the code that owns it (model/config.py, parallel/config.py,
 data/config.py, pretrain/optim.py, ...); the generic YAML machinery is common/schema.py. Checks
 that need the world size are the layout's (parallel/layout.py) and the batch plan's
-(data/loader.py); `validate_for_world` runs them with the one that spans both.
+(data/loader.py); planning/setup.py:validate_for_world runs them with the one that spans both.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import os
 import pathlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal
 
 from common import schema
 from common.errors import RecipeError
@@ -21,14 +21,11 @@ from common.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
 from data.config import DataConfig, check_documents
 from model.config import Fp8Config, ModelConfig, check_fp8, check_model
 from parallel.config import ParallelConfig
-from pretrain.checkpointer import CheckpointConfig
+from pretrain.checkpoint.config import CheckpointConfig
+from pretrain.faults import DebugConfig
 from pretrain.metrics import LoggingConfig
 from pretrain.optim import OptimizerConfig
 from pretrain.profiling import ProfileConfig
-
-if TYPE_CHECKING:  # imported where used: loading a recipe stays free of torch
-    from data.loader import BatchPlan
-    from parallel.layout import Layout
 
 CompileTarget = Literal["layers", "mlp", "norms"]
 
@@ -74,34 +71,11 @@ class TrainConfig:
                 f"train.global_batch_size = {self.global_batch_size} is not a multiple of "
                 f"train.micro_batch_size = {self.micro_batch_size}"
             )
-        for i, target in enumerate(self.compile):
-            if target not in get_args(CompileTarget):
-                choices = " | ".join(get_args(CompileTarget))
-                raise RecipeError(f"train.compile[{i}] must be one of {choices}, got '{target}'")
         if "layers" in self.compile and len(self.compile) > 1:
             raise RecipeError(
                 f"train.compile = {self.compile}: `layers` compiles each whole layer, its mlp and norms too"
             )
         self.profile.check()
-
-
-@dataclass
-class DebugConfig:
-    """Fault injection, to watch the fault guards work (tests, a new cluster); never set in a real run."""
-
-    nan_loss_at_step: PositiveInt | None = None  # 1-based step whose loss is multiplied by NaN on every rank
-    # 1-based step after whose backward one gradient element on rank 0 is set to NaN (the loss stays
-    # finite): the guard's gradient check and the agreement of every rank on it
-    nan_grad_at_step: PositiveInt | None = None
-    stall_at_step: PositiveInt | None = None  # 1-based step whose forward/backward first sleeps debug.stall_s
-    stall_s: NonNegativeFloat = 0.0  # seconds
-    # 1-based step whose checkpoint pauses save_pause_s seconds after its shards are written and before
-    # it is published (renamed into place), to kill a run mid-save and see the previous one resume.
-    save_pause_at_step: PositiveInt | None = None
-    save_pause_s: NonNegativeFloat = 0.0
-    # checkpoint.async_save: the background writer of every save first sleeps this long while the
-    # trainer goes on, so the snapshot a save writes is seen to be independent of later steps
-    save_write_delay_s: NonNegativeFloat = 0.0
 
 
 @dataclass
@@ -111,12 +85,12 @@ class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    fp8: Fp8Config = field(default_factory=Fp8Config)  # FP8 GEMMs (model/config.py, model/fp8.py)
+    fp8: Fp8Config = field(default_factory=Fp8Config)  # FP8 GEMMs (model/config.py, model/fp8/linear.py)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)  # fault injection (pretrain/faults.py)
     # Path of the recipe file it was loaded from; not a YAML key.
     source: str | None = field(default=None, metadata={"yaml": False})
 
@@ -166,32 +140,6 @@ def validate_static(recipe: Recipe) -> None:
     recipe.optimizer.check()
     recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
     check_documents(recipe.data, recipe.model.transformer_impl)
-
-
-def validate_for_world(recipe: Recipe, world_size: int) -> tuple[Layout, BatchPlan]:
-    """The layout for `world_size` ranks and this recipe's batch plan on them (rank 0's share); raises
-    RecipeError when the layout does not fit or the global batch does not split evenly."""
-    from data.loader import BatchPlan
-    from parallel.layout import Layout
-
-    layout = Layout.from_config(recipe.parallel, world_size)
-    t = recipe.train
-    beyond = [r for r in t.profile.ranks if r >= world_size] if t.profile.start_step is not None else []
-    if beyond:
-        raise RecipeError(f"train.profile.ranks {beyond} are not ranks of a world of {world_size}")
-    plan = BatchPlan.of(t.global_batch_size, t.micro_batch_size, layout.data)
-    if layout.pipeline > 1 and plan.micro_batches < layout.pipeline:
-        raise RecipeError(
-            f"{plan.micro_batches} micro-batches per step (train.global_batch_size / "
-            f"(micro_batch_size × data-parallel size)) are fewer than parallel.pipeline = "
-            f"{layout.pipeline}: raise train.global_batch_size"
-        )
-    if layout.virtual_pipeline is not None and plan.micro_batches % layout.pipeline:
-        raise RecipeError(
-            f"{plan.micro_batches} micro-batches per step are not a multiple of parallel.pipeline = "
-            f"{layout.pipeline}, which the interleaved schedule (parallel.virtual_pipeline) needs"
-        )
-    return layout, plan
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

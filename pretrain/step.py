@@ -4,7 +4,6 @@ micro-batches, the per-token loss, the guarded optimizer step; each returns a ty
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -16,10 +15,10 @@ import torch.distributed as dist
 from common.errors import AgreedUserError
 from data.dataset import Samples
 from data.loader import BatchPlan, token_ids_beyond
+from pretrain.faults import FaultInjection
 from pretrain.guards import Guards, agree, grads_are_finite
 from pretrain.metrics import document_pairs
 from pretrain.optim import current_lr
-from pretrain.recipe import DebugConfig
 
 
 @dataclass(frozen=True)
@@ -50,30 +49,10 @@ def loss_func(
 def forward_step(data_iterator, model):
     """megatron-core's forward step: the next micro-batch through the model, and its loss function.
     With data.reset_attention_mask the batch's document ids [b, s] go where megatron-core passes an
-    attention mask to every layer's core attention (model/documents.py)."""
+    attention mask to every layer's core attention (model/attention/documents.py)."""
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], batch.get("document_ids"), labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
-
-
-def _forward_step_with_nan_loss(data_iterator, model):
-    """debug.nan_loss_at_step: the usual forward step, its loss multiplied by NaN."""
-    output, loss = forward_step(data_iterator, model)
-    return output, partial(_nan_loss, loss)
-
-
-def _nan_loss(
-    loss: Callable, output_tensor: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    loss_sum, num_tokens, reports = loss(output_tensor)
-    nan_sum = torch.tensor([float("nan"), 1.0], device=loss_sum.device)  # [loss sum, token count]
-    return loss_sum * float("nan"), num_tokens, {k: v * nan_sum for k, v in reports.items()}
-
-
-def _poison_one_gradient(chunks: list[Any]) -> None:
-    """debug.nan_grad_at_step: the first element of this rank's first gradient buffer becomes NaN."""
-    buffer = chunks[0].buffers[0] if chunks[0].buffers else chunks[0].expert_parallel_buffers[0]
-    buffer.grad_data[0] = float("nan")
 
 
 def seed_step(seed: int, step: int) -> None:
@@ -111,7 +90,7 @@ class Step:
     seq_length: int
     seed: int
     precision: str
-    debug: DebugConfig
+    faults: FaultInjection  # the `debug` section's faults, injected around each training forward/backward
     device: torch.device
     groups: Any  # megatron-core ProcessGroupCollection
     vocab_size: int  # the model's (unpadded) vocabulary: every token id must be below it
@@ -127,10 +106,11 @@ class Step:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.scheduler.step(increment=1)  # step k (1-based) trains with lr(k): warmup starts above 0
-        with guards.watchdog.phase(step + 1, "forward_backward"):
-            losses = self._forward_backward(batches, forward_only=False, step=step)
-        if self.debug.nan_grad_at_step == step + 1 and dist.get_rank() == 0:
-            _poison_one_gradient(self.chunks)
+        with (
+            guards.watchdog.phase(step + 1, "forward_backward"),
+            self.faults.around(step, self.chunks, forward_step) as forward,
+        ):
+            losses = self._forward_backward(batches, forward)
         with guards.watchdog.phase(step + 1, "optimizer"):
             pairs = document_pairs(batches) if "document_ids" in batches[0] else None
             totals = self._loss_sums(losses, pairs)
@@ -183,23 +163,20 @@ class Step:
         for k in range(eval_steps):
             batches = self.plan.step_batches(samples, k * self.plan.global_batch_size, self.device)
             self.check_token_ids(batches, samples, k * self.plan.global_batch_size)
-            total += self._loss_sums(self._forward_backward(batches, forward_only=True))[:2]
+            total += self._loss_sums(self._forward_backward(batches, forward_step, forward_only=True))[:2]
         for chunk in self.chunks:
             chunk.train()
         loss = float(total[0] / total[1])
         return {f"{prefix}_loss": loss, f"{prefix}_ppl": math.exp(min(loss, 700.0))}
 
-    def _forward_backward(self, batches: list[dict], forward_only: bool, step: int | None = None) -> list:
-        """megatron-core's schedule for this layout over this rank's micro-batches of one global batch;
-        `step` (0-based; training only) is where the `debug` section's fault injections apply."""
+    def _forward_backward(self, batches: list[dict], forward: Callable, forward_only: bool = False) -> list:
+        """megatron-core's schedule for this layout over this rank's micro-batches of one global batch,
+        `forward` its forward step."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        if step is not None and self.debug.stall_at_step == step + 1:
-            time.sleep(self.debug.stall_s)
-        poisoned = step is not None and self.debug.nan_loss_at_step == step + 1
         iterators = [iter(batches) for _ in self.chunks]  # every model chunk reads the same micro-batches
         return get_forward_backward_func()(
-            forward_step_func=_forward_step_with_nan_loss if poisoned else forward_step,
+            forward_step_func=forward,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=self.chunks if len(self.chunks) > 1 else self.chunks[0],
             num_microbatches=self.plan.micro_batches,

@@ -13,11 +13,13 @@ import torch
 
 from data.loader import BatchPlan, TrainBatches
 from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_group, pick_device, world_from_env
-from pretrain.checkpointer import Checkpointer, TrainState
+from planning.setup import validate_for_world
+from pretrain.checkpoint.checkpointer import Checkpointer, TrainState
+from pretrain.faults import FaultInjection
 from pretrain.guards import Guards, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
 from pretrain.metrics import Metrics, MetricsLog, attention_flops_per_pair, device_peak_tflops, flops_per_token
 from pretrain.profiling import Profiler
-from pretrain.recipe import Recipe, check_output_dirs, recipe_to_dict, validate_for_world, write_recipe
+from pretrain.recipe import Recipe, check_output_dirs, recipe_to_dict, write_recipe
 from pretrain.step import Evaluation, Step
 from upstream import cpu
 
@@ -44,7 +46,7 @@ def build_runtime(recipe: Recipe) -> tuple[Layout, BatchPlan, RankInfo, Any, tor
     layout, plan = validate_for_world(recipe, world_size)
     device = pick_device(recipe.train.device, local_rank)
     if recipe.fp8.enabled:  # transformer-engine and its version, the device's FP8 GEMMs: before any work
-        from model.fp8 import check_runtime
+        from model.fp8.linear import check_runtime
 
         check_runtime(recipe.fp8, recipe.model, device)
     cpu.enable(device)
@@ -112,7 +114,7 @@ def build_step(
         bucket_size=recipe.parallel.bucket_size,
     )
     tokens = t.micro_batch_size * recipe.model.seq_length
-    numerics = Numerics(t.precision, t.grad_clip, t.steps, tokens, recipe.fp8.recipe if te_fp8 else None)
+    numerics = Numerics(t.precision, t.grad_clip, tokens, recipe.fp8.recipe if te_fp8 else None)
     optimizer = build_optimizer(
         recipe.optimizer, numerics, chunks, recipe.parallel.distributed_optimizer, fp32_params=layout.fsdp is not None
     )
@@ -129,7 +131,7 @@ def build_step(
         seq_length=recipe.model.seq_length,
         seed=t.seed,
         precision=t.precision,
-        debug=recipe.debug,
+        faults=FaultInjection(recipe.debug, torch.distributed.get_rank()),
         device=device,
         groups=groups,
         vocab_size=vocab_size,
@@ -153,7 +155,7 @@ def build_run(recipe: Recipe) -> Run:
         step.scheduler,
         extra={"recipe": recipe_to_dict(recipe), "vocab_size": vocab_size},  # unpadded: what an export keeps
         rank=rank.rank,
-        debug=recipe.debug,
+        faults=step.faults,
     )
     t = recipe.train
     evaluation = Evaluation(step, data, t.eval_interval, t.eval_steps, t.test_at_end)
@@ -204,7 +206,7 @@ def _fp8_lines(run: Run, peak: float | None, fp8_peak: float | None) -> list[str
     """What an FP8 run logs before its first step; every rank takes part (its linears are gathered)."""
     import torch.distributed as dist
 
-    from model.fp8 import describe, linear_places, summarize
+    from model.fp8.linear import describe, linear_places, summarize
 
     lines = [describe(run.recipe.fp8, run.recipe.model)]
     if run.recipe.model.transformer_impl == "local":

@@ -17,4 +17,4 @@ if ! "$PYTHON" -c "import megatron.core, yaml, psutil" 2>/dev/null; then
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
-exec "$PYTHON" scripts/gpu_check.py "$@"
+exec "$PYTHON" -m benchmarks.gpu_check "$@"

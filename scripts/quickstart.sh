@@ -15,4 +15,4 @@ OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" .venv/bin/torchrun --standalone --nproc_
     pretrain_gpt.py --recipe tiny_gpt "${OVERRIDES[@]}"
 CHECKPOINTS=$(.venv/bin/python -c 'import sys; from pretrain.recipe import load_recipe
 print(load_recipe("tiny_gpt", sys.argv[1:]).checkpoint_dir())' "${OVERRIDES[@]}")
-echo "generate text from it: .venv/bin/python scripts/generate.py --checkpoint $CHECKPOINTS --prompt 'def main('"
+echo "generate text from it: .venv/bin/python -m tools.generate --checkpoint $CHECKPOINTS --prompt 'def main('"

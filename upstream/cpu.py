@@ -7,13 +7,12 @@ site failing without its patch and working with it, so a megatron-core upgrade t
 moves) a site shows up as a failing test rather than as a silent no-op.
 
 Nothing here is ever applied on a GPU run: `enable()` refuses when the run's device is CUDA.
-Bug fixes that hold on every device are upstream/fixes.py's.
+Bug fixes that hold on every device are upstream/fixes.py's; both are `Patch`es (upstream/patch.py).
 """
 
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import os
 import signal
 import time
@@ -21,6 +20,8 @@ from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
+
+from upstream.patch import Patch, PatchSet
 
 
 def _is_cuda_device(device: object) -> bool:
@@ -71,25 +72,6 @@ class CudaToCpuMode(TorchFunctionMode):
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU) + tuple(args[2:])
         return func(*args, **kwargs)
-
-
-@dataclasses.dataclass
-class Patch:
-    """One replacement of an attribute, with the upstream site it exists for."""
-
-    name: str
-    site: str
-    target: object
-    attribute: str
-    replacement: object
-    original: object = None
-
-    def apply(self) -> None:
-        self.original = getattr(self.target, self.attribute)
-        setattr(self.target, self.attribute, self.replacement)
-
-    def revert(self) -> None:
-        setattr(self.target, self.attribute, self.original)
 
 
 def _cpu_manual_seed(seed: int) -> None:
@@ -217,12 +199,11 @@ class HostDeviceMesh:
 
 def _patches() -> list[Patch]:
     """The attribute patches, built lazily so importing this module never imports megatron."""
-    from megatron.core.distributed import torch_fully_sharded_data_parallel as torch_fsdp
-    from megatron.core.inference import communication_utils
-    from megatron.core.tensor_parallel import random as mcore_random
-    from megatron.core.transformer.moe import token_dispatcher
+    return [*_rng_patches(), *_device_patches(), *_recompute_and_collective_patches()]
 
-    checkpoint, without_output = mcore_random.CheckpointFunction, mcore_random.CheckpointWithoutOutput
+
+def _rng_patches() -> list[Patch]:
+    from megatron.core.tensor_parallel import random as mcore_random
 
     cuda = torch.cuda
     return [
@@ -257,6 +238,15 @@ def _patches() -> list[Patch]:
             "_get_cuda_rng_state",
             _cpu_get_rng_state,
         ),
+    ]
+
+
+def _device_patches() -> list[Patch]:
+    from megatron.core.inference import communication_utils
+    from megatron.core.transformer.moe import token_dispatcher
+
+    cuda = torch.cuda
+    return [
         # torch.cuda.current_device() raises on a CPU build; megatron uses it as the device of
         # its buffers (utils.py:631, distributed/param_and_grad_buffer.py) and inside autograd
         # backward functions, e.g. the sequence-parallel reduce-scatter buffer at
@@ -317,6 +307,15 @@ def _patches() -> list[Patch]:
             "maybe_move_tensor_to_cpu",
             _host_split_sizes,
         ),
+    ]
+
+
+def _recompute_and_collective_patches() -> list[Patch]:
+    from megatron.core.distributed import torch_fully_sharded_data_parallel as torch_fsdp
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    checkpoint, without_output = mcore_random.CheckpointFunction, mcore_random.CheckpointWithoutOutput
+    return [
         # Activation recompute replays the forward inside the backward pass; a layer that places a
         # tensor on "cuda" (upstream attention's causal mask, transformer/utils.py:35) fails there.
         Patch(
@@ -357,12 +356,11 @@ class CpuCompat:
     """The applied CPU layer: attribute patches plus the device-rewriting torch function mode."""
 
     def __init__(self, skip: tuple = ()):
-        self.patches = [p for p in _patches() if p.name not in skip]
+        self.patches, self.skip = PatchSet(_patches), skip  # its own Patch objects: layers nest in tests
         self.mode = None if "device.mode" in skip else CudaToCpuMode()
 
     def __enter__(self) -> CpuCompat:
-        for patch in self.patches:
-            patch.apply()
+        self.patches.apply(skip=self.skip)
         if self.mode is not None:
             self.mode.__enter__()
         return self
@@ -370,8 +368,7 @@ class CpuCompat:
     def __exit__(self, *exc: object) -> None:
         if self.mode is not None:
             self.mode.__exit__(*exc)
-        for patch in reversed(self.patches):
-            patch.revert()
+        self.patches.revert()
 
 
 def fork_checkpoint_results_queue() -> bool:

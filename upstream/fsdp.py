@@ -1,60 +1,44 @@
 """Named fixes for megatron-core 0.16's torch FSDP2 path (TorchFullyShardedDataParallel) on any device.
 
-Each function patches one upstream site and says what goes wrong without it; upstream/fixes.py lists
-them in FIXES (applied once per process). A replaced function keeps the upstream one as
-`__wrapped__`, and a method added to the wrapper class can be deleted, which is how
-tests/distributed/test_fsdp.py shows each site failing unfixed. The CPU-only part (the wrapper's
-CUDA device mesh) is upstream/cpu.py's.
+Each function below is what one `Patch` (listed in `patches()`, applied with upstream/fixes.py's
+FIXES once per process) puts at an upstream site, and says what goes wrong without it;
+tests/distributed/test_fsdp.py reverts each to show its site failing. The CPU-only part (the
+wrapper's CUDA device mesh) is upstream/cpu.py's.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from upstream.patch import Patch
 
-def finish_grad_sync_takes_force_all_reduce() -> bool:
+
+def _finish_grad_sync(self: Any, force_all_reduce: bool = False) -> None:
     """finalize_model_grads calls `finish_grad_sync(force_all_reduce=...)` on every chunk, but
     megatron-core's torch FSDP2 wrapper inherits the base class's `finish_grad_sync(self)`:
     "TypeError: _BaseDataParallel.finish_grad_sync() got an unexpected keyword argument
     'force_all_reduce'" at the first step, GPU or not. FSDP2 reduce-scatters in its own backward
     hooks, so there is nothing to finish and nothing to force."""
-    from megatron.core.distributed import TorchFullyShardedDataParallel
-
-    if "finish_grad_sync" in vars(TorchFullyShardedDataParallel):
-        return False
-
-    def finish_grad_sync(self: Any, force_all_reduce: bool = False) -> None:
-        return None
-
-    TorchFullyShardedDataParallel.finish_grad_sync = finish_grad_sync
-    return True
+    return None
 
 
-def scale_gradients() -> bool:
+def _scale_gradients(self: Any, scaling_factor: float) -> None:
     """With calculate_per_token_loss (ours, always) finalize_model_grads divides the gradients by
     the global token count through `scale_gradients`, which megatron-core's torch FSDP2 wrapper
     inherits as a no-op: every gradient stays a token *sum*, the step's token count times too large
     (64x in tests/distributed/test_fsdp.py). The wrapper's gradients are its parameters' sharded
     `.grad`s."""
-    from megatron.core.distributed import TorchFullyShardedDataParallel
-
-    if "scale_gradients" in vars(TorchFullyShardedDataParallel):
-        return False
-
-    def scale(self: Any, scaling_factor: float) -> None:
-        with torch.no_grad():
-            for param in self.module.parameters():
-                if param.grad is not None:
-                    param.grad.mul_(scaling_factor)
-
-    TorchFullyShardedDataParallel.scale_gradients = scale
-    return True
+    with torch.no_grad():
+        for param in self.module.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scaling_factor)
 
 
-def shard_with_precision_sums_and_expert_groups() -> bool:
+def _shard_with_precision_sums_and_expert_groups(original: Callable) -> Callable:
     """megatron-core's torch FSDP2 wrapper calls `fully_shard` with one mesh and
     reshard_after_forward only (torch_fully_sharded_data_parallel.py:82-85,134,144), so:
     - mixed precision is lost: config.bf16/fp16 and ddp_config.grad_reduce_in_fp32 never reach
@@ -75,11 +59,6 @@ def shard_with_precision_sums_and_expert_groups() -> bool:
     per-token losses, every unit sums its reduce-scatter with SUM collectives (a divide factor of 1
     alone would use NCCL's PREMUL_SUM, which gloo does not have)."""
     from megatron.core.distributed import torch_fully_sharded_data_parallel as torch_fsdp
-
-    cls = torch_fsdp.TorchFullyShardedDataParallel
-    original = cls.__init__
-    if getattr(original, "_precision_sums_experts", False):
-        return False
 
     @functools.wraps(original)
     def __init__(self, config, ddp_config, module, *args, **kwargs):
@@ -111,9 +90,7 @@ def shard_with_precision_sums_and_expert_groups() -> bool:
                     unit.set_gradient_divide_factor(1.0)
                     unit.set_force_sum_reduction_for_comms(True)
 
-    __init__._precision_sums_experts = True  # type: ignore[attr-defined]
-    cls.__init__ = __init__
-    return True
+    return __init__
 
 
 def _process_group(args: tuple, kwargs: dict) -> Any:
@@ -144,7 +121,7 @@ def _experts_off_the_group(unit: torch.nn.Module, dense: list[int]) -> list[torc
     ]
 
 
-def optimizer_map_by_local_shard() -> bool:
+def _to_local_if_dtensor(tensor: torch.Tensor) -> torch.Tensor:
     """dist_checkpointing maps each optimizer parameter to the model's sharded tensor by the `id` of
     its local tensor (dist_checkpointing/optimizer.py:39,61), taken with `to_local_if_dtensor`
     (utils.py:1066), i.e. `DTensor.to_local()`. Since torch 2.10, `to_local()` of a *parameter*
@@ -152,32 +129,16 @@ def optimizer_map_by_local_shard() -> bool:
     model's sharded tensors hold: "Sharded parameters mapping is empty", then "ValueError: Param id 0
     does not match any model sharded param" at the first save. The module's name is bound to the DTensor's own local tensor
     instead (what the model's sharded tensors hold; a view of it saved and loaded the same bytes)."""
-    from megatron.core.dist_checkpointing import optimizer as dist_optim
-
-    if getattr(dist_optim.to_local_if_dtensor, "_own_local_tensor", False):
-        return False
-
-    @functools.wraps(dist_optim.to_local_if_dtensor)
-    def to_local_if_dtensor(tensor: torch.Tensor) -> torch.Tensor:
-        return getattr(tensor, "_local_tensor", tensor)
-
-    to_local_if_dtensor._own_local_tensor = True  # type: ignore[attr-defined]
-    dist_optim.to_local_if_dtensor = to_local_if_dtensor
-    return True
+    return getattr(tensor, "_local_tensor", tensor)
 
 
-def fp32_optimizer_loads_dtensor_state() -> bool:
+def _fp32_optimizer_loads_dtensor_state(original: Callable) -> Callable:
     """dist_checkpointing hands the optimizer each state tensor as this rank's *local* shard
     (dist_checkpointing/optimizer.py:96), and FP32Optimizer.load_state_dict (optimizer/optimizer.py:
     1001-1010) passes them to torch's Optimizer.load_state_dict, which puts them beside FSDP2's
     DTensor parameters as plain tensors: the first Adam step after a resume fails with
     "aten.lerp_.Scalar got mixed torch.Tensor and DTensor". Each shard gets its parameter's placement
     back."""
-    from megatron.core.optimizer.optimizer import FP32Optimizer
-
-    original = FP32Optimizer.load_state_dict
-    if getattr(original, "_dtensor_state", False):
-        return False
 
     @functools.wraps(original)
     def load_state_dict(self, state_dict):
@@ -194,12 +155,10 @@ def fp32_optimizer_loads_dtensor_state() -> bool:
                     value, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
                 )
 
-    load_state_dict._dtensor_state = True  # type: ignore[attr-defined]
-    FP32Optimizer.load_state_dict = load_state_dict
-    return True
+    return load_state_dict
 
 
-def gated_fc1_shards() -> bool:
+def _gated_fc1_shards(original: Callable) -> Callable:
     """A gated MLP's fc1 is [gate; up] on each tensor-parallel rank, and its checkpoint entry is
     made by splitting the local tensor into those two halves (transformer/mlp.py:264,276-315).
     Under FSDP2 the local tensor is a dim-0 *slice* of [gate; up], which lies in one half: upstream
@@ -208,11 +167,6 @@ def gated_fc1_shards() -> bool:
     resumed at DP 1 from FSDP DP 2: loss 1e-3 off). Under FSDP the fc1 shards are written where
     they belong in the [gate; up] layout of every other layout; each half must split evenly over
     the FSDP ranks (parallel/data_parallel.py checks that when it shards the model)."""
-    from megatron.core.transformer.mlp import MLP
-
-    original = MLP.sharded_state_dict
-    if getattr(original, "_fsdp_gated_fc1", False):
-        return False
 
     @functools.wraps(original)
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -226,9 +180,7 @@ def gated_fc1_shards() -> bool:
                 state[key] = _gated_half_shard(plain[key], sharded_offsets, shards)
         return state
 
-    sharded_state_dict._fsdp_gated_fc1 = True  # type: ignore[attr-defined]
-    MLP.sharded_state_dict = sharded_state_dict
-    return True
+    return sharded_state_dict
 
 
 def fsdp_shards(param: torch.Tensor) -> int:
@@ -257,7 +209,7 @@ def _gated_half_shard(sharded: Any, sharded_offsets: tuple, shards: int) -> Any:
     )
 
 
-def expert_shards_in_checkpoints() -> bool:
+def _expert_shards_in_checkpoints(original: Callable) -> Callable:
     """SequentialMLP.sharded_state_dict (transformer/moe/experts.py:935-985) addresses its experts'
     shards with the dense data-parallel group (through `metadata['dp_cp_group']`) and then marks
     every expert tensor a replica on all but expert-data-parallel rank 0. Under FSDP2 each
@@ -266,12 +218,7 @@ def expert_shards_in_checkpoints() -> bool:
     linear_fc1.weight'...") and, at EP > 1, the shards are placed by the wrong group. Fully sharded
     experts are addressed in the experts' own group and no rank's shard is a replica."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-    from megatron.core.transformer.moe.experts import SequentialMLP
     from torch.distributed.tensor import DTensor
-
-    original = SequentialMLP.sharded_state_dict
-    if getattr(original, "_fsdp_expert_shards", False):
-        return False
 
     @functools.wraps(original)
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -284,6 +231,67 @@ def expert_shards_in_checkpoints() -> bool:
                 sharded.replica_id = (*sharded.replica_id[:2], 0)
         return state
 
-    sharded_state_dict._fsdp_expert_shards = True  # type: ignore[attr-defined]
-    SequentialMLP.sharded_state_dict = sharded_state_dict
-    return True
+    return sharded_state_dict
+
+
+def patches() -> list[Patch]:
+    """The FSDP2 fixes, in the order they are applied."""
+    from megatron.core.dist_checkpointing import optimizer as dist_optim
+    from megatron.core.distributed import TorchFullyShardedDataParallel as Wrapper
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.moe.experts import SequentialMLP
+
+    return [
+        Patch(
+            "TorchFullyShardedDataParallel.finish_grad_sync",
+            "distributed/finalize_model_grads.py:443, data_parallel_base.py:48",
+            Wrapper,
+            "finish_grad_sync",
+            _finish_grad_sync,
+            needed=lambda: "finish_grad_sync" not in vars(Wrapper),
+        ),
+        Patch(
+            "TorchFullyShardedDataParallel.scale_gradients",
+            "distributed/finalize_model_grads.py:493, data_parallel_base.py:40",
+            Wrapper,
+            "scale_gradients",
+            _scale_gradients,
+            needed=lambda: "scale_gradients" not in vars(Wrapper),
+        ),
+        Patch(
+            "TorchFullyShardedDataParallel.__init__",
+            "distributed/torch_fully_sharded_data_parallel.py:82-85,134,144",
+            Wrapper,
+            "__init__",
+            wrap=_shard_with_precision_sums_and_expert_groups,
+        ),
+        Patch(
+            "dist_checkpointing.optimizer.to_local_if_dtensor",
+            "dist_checkpointing/optimizer.py:39,61",
+            dist_optim,
+            "to_local_if_dtensor",
+            _to_local_if_dtensor,
+        ),
+        Patch(
+            "FP32Optimizer.load_state_dict",
+            "optimizer/optimizer.py:1001-1010",
+            FP32Optimizer,
+            "load_state_dict",
+            wrap=_fp32_optimizer_loads_dtensor_state,
+        ),
+        Patch(
+            "MLP.sharded_state_dict",
+            "transformer/mlp.py:264,276-315",
+            MLP,
+            "sharded_state_dict",
+            wrap=_gated_fc1_shards,
+        ),
+        Patch(
+            "SequentialMLP.sharded_state_dict",
+            "transformer/moe/experts.py:935-985",
+            SequentialMLP,
+            "sharded_state_dict",
+            wrap=_expert_shards_in_checkpoints,
+        ),
+    ]

@@ -1,15 +1,15 @@
-"""Attention inside documents under context parallelism (model/documents.py through
-model/ring_attention.py and model/ulysses.py): the ring at CP 2 and 4, Ulysses a2a at 2 and 4 and
+"""Attention inside documents under context parallelism (model/attention/documents.py through
+model/attention/ring.py and model/attention/ulysses.py): the ring at CP 2 and 4, Ulysses a2a at 2 and 4 and
 a2a 2 × p2p 2 on 4 gloo processes, against each document attended alone on the whole sequence."""
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from model.attention_kernels import CANDIDATES, _backend_for
-from model.documents import attended_pairs
-from model.ring_attention import RingAttentionFunction, _document_pieces, _Ring
-from model.ulysses import ulysses_attention
+from model.attention.documents import attended_pairs
+from model.attention.kernels import CANDIDATES, _backend_for
+from model.attention.ring import RingAttentionFunction, _document_pieces, _Ring
+from model.attention.ulysses import ulysses_attention
 from tests.distributed.test_ulysses import load_balanced_slice
 from tests.helpers.spawn import run_distributed
 from tests.unit.test_documents import per_document_reference, sample_ids

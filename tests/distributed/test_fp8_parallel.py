@@ -1,4 +1,4 @@
-"""model/fp8.py on 2 gloo ranks: FP8 linears split over tensor (with sequence parallelism) or context
+"""model/fp8/linear.py on 2 gloo ranks: FP8 linears split over tensor (with sequence parallelism) or context
 parallel ranks cast with the single-process scales, so each rank's share of every GEMM equals the
 single-process FP8 result; with the amax reductions switched off they do not (the control)."""
 
@@ -23,7 +23,7 @@ def _data(seed: int, *shape: int) -> torch.Tensor:
 def _both_ways(rank_fn, rank: int) -> dict:
     """rank_fn's results with the amax reductions (True) and, as the control, without them (False):
     every amax from this rank's piece alone."""
-    from model import fp8
+    from model.fp8 import linear as fp8
 
     out, groups = {True: rank_fn(rank)}, fp8._Split.groups
     fp8._Split.groups = lambda self, axis: ()
@@ -42,7 +42,7 @@ def _reference(recipe: str, x, weights, dy) -> dict:
     """Linears applied in turn on one process, through the same FP8 function without any group:
     outputs, the input gradient and each weight's gradient."""
     from model.config import Fp8Config
-    from model.fp8 import Fp8LinearFunction, _Splits, gemms_for
+    from model.fp8.linear import Fp8LinearFunction, _Splits, gemms_for
 
     gemms = gemms_for(Fp8Config(enabled=True, recipe=recipe))
     x = x.clone().requires_grad_()
@@ -59,8 +59,8 @@ def _tensor_parallel(rank: int) -> dict:
     """Megatron-core's FP8 column- and row-parallel linears at TP 2 with sequence parallelism."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from model import fp8
     from model.config import Fp8Config, ModelConfig
+    from model.fp8 import linear as fp8
     from model.gpt import ModelBuild, transformer_config
     from parallel.layout import Layout, init_model_parallel
     from upstream import cpu
@@ -100,8 +100,8 @@ def _tensor_parallel(rank: int) -> dict:
 
 def _context_parallel(rank: int) -> dict:
     """The FP8 function with each rank holding half of the tokens (context parallelism)."""
-    from model import fp8
     from model.config import Fp8Config
+    from model.fp8 import linear as fp8
 
     out = {}
     for recipe in RECIPES:

@@ -1,4 +1,4 @@
-"""model/ring_attention.py: block kernels against SDPA autograd; the ring on 2 and 4 gloo processes
+"""model/attention/ring.py: block kernels against SDPA autograd; the ring on 2 and 4 gloo processes
 against full-sequence causal attention; cp=1 and the core_attention module against SDPAttention."""
 
 import math
@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model.attention_kernels import (
+from model.attention.kernels import (
     BACKENDS,
     CANDIDATES,
     BlockKernels,
@@ -18,7 +18,7 @@ from model.attention_kernels import (
     _verify,
     select_backend,
 )
-from model.ring_attention import RingAttention, RingAttentionFunction, _step_blocks
+from model.attention.ring import RingAttention, RingAttentionFunction, _step_blocks
 from tests.helpers.spawn import run_distributed
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -138,7 +138,7 @@ def test_fully_masked_quarter_blocks_are_skipped():
 def test_the_ring_keeps_a_models_layout():
     """A model's [s, b, h, d] tensors are used as they are; a value split out of the fused QKV
     projection (not dense) is copied in the same order of dims, so messages stay contiguous."""
-    from model.ring_attention import _dense, _message
+    from model.attention.ring import _dense, _message
 
     q = _randn(6, 2, 3, 5, seed=0).permute(1, 2, 0, 3)  # [s, b, h, d] -> [b, h, s, d]
     assert _dense(q) is q and _message(q).is_contiguous()

@@ -1,4 +1,4 @@
-"""model/ulysses.py: Ulysses attention (a2a) and a2a+p2p on 2 and 4 gloo processes against full-sequence
+"""model/attention/ulysses.py: Ulysses attention (a2a) and a2a+p2p on 2 and 4 gloo processes against full-sequence
 causal attention, grouped-query K/V split and copied; the core_attention module, its choice by
 cp_comm_type and its refusals."""
 
@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import ulysses
-from model.ring_attention import RingAttention
-from model.ulysses import UlyssesAttention, check_heads, ulysses_attention
+from model.attention import ulysses
+from model.attention.ring import RingAttention
+from model.attention.ulysses import UlyssesAttention, check_heads, ulysses_attention
 from tests.helpers.spawn import run_distributed
 
 TOL = dict(rtol=1e-5, atol=1e-5)

@@ -6,7 +6,7 @@ smaller frictions a newcomer hit (`--input` given twice, the dry run on missing 
 Most cases run the entry point's `main` in this process (its one line is what it prints; an
 exception escaping it fails the test); the ones that train start a process of their own."""
 
-import importlib.util
+import importlib
 import os
 import subprocess
 import sys
@@ -19,10 +19,7 @@ USER_ERROR = 2
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"tools.{name}")
 
 
 def _one_line(capsys, main, argv) -> str:
@@ -139,7 +136,7 @@ def test_missing_quickstart_corpus_names_its_command(capsys, tmp_path):
 
 
 def test_dry_run_says_when_the_data_is_not_here(tmp_path):
-    from pretrain.dry_run import missing_data
+    from planning.dry_run import missing_data
     from pretrain.recipe import load_recipe
 
     assert missing_data(load_recipe("tiny_gpt", [f"data.path={tmp_path}/x"])) == [
@@ -148,7 +145,7 @@ def test_dry_run_says_when_the_data_is_not_here(tmp_path):
     ]
 
 
-# ---- data.preprocess, data.inspect ----------------------------------------------------------------
+# ---- data.preprocess, tools.inspect_data -----------------------------------------------------------
 
 
 def test_preprocess_output_under_a_file(capsys, a_file):
@@ -172,7 +169,7 @@ def test_preprocess_reads_every_input_given(tmp_path):
 
 
 def test_inspect_bad_step_and_missing_data(capsys, tmp_path):
-    from data.inspect import main
+    from tools.inspect_data import main
 
     line = _one_line(capsys, main, ["--recipe", "tiny_gpt", "--step", "0"])
     assert line == "error: --step must be at least 1 (steps count from 1, as in metrics.jsonl), got 0"
@@ -180,7 +177,7 @@ def test_inspect_bad_step_and_missing_data(capsys, tmp_path):
     assert line.startswith(f"error: data file '{tmp_path}/x.bin' not found: build it with")
 
 
-# ---- scripts/convert_hf.py, scripts/generate.py, scripts/compare_runs.py -------------------------------
+# ---- tools/convert_hf.py, tools/generate.py, tools/compare_runs.py ---------------------------------
 
 
 def test_convert_hf_malformed_config_and_unwritable_output(capsys, tmp_path, a_file, reference):

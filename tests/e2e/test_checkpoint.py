@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from pretrain import checkpoint
+from pretrain.checkpoint import storage
 from tests.helpers.runs import (
     MASKED,
     REPO,
@@ -158,9 +158,9 @@ def test_sigkill_mid_save_leaves_previous_checkpoint_in_charge(reference, synthe
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert [p.name for p in checkpoint.complete_checkpoints(ckpt)] == ["iter_0000002"]
+    assert [p.name for p in storage.complete_checkpoints(ckpt)] == ["iter_0000002"]
     assert (ckpt / "latest").read_text().strip() == "iter_0000002"
-    assert checkpoint.resolve_load("auto", ckpt) == ckpt / "iter_0000002"
+    assert storage.resolve_load("auto", ckpt) == ckpt / "iter_0000002"
     out = run_pretrain(
         1,
         "tiny_gpt",
@@ -173,18 +173,18 @@ def test_sigkill_mid_save_leaves_previous_checkpoint_in_charge(reference, synthe
 
 def _fake_checkpoints(ckpt: pathlib.Path, steps, tmp_steps=()):
     for step in steps:
-        (ckpt / checkpoint.checkpoint_name(step)).mkdir(parents=True)
-        (ckpt / checkpoint.checkpoint_name(step) / "metadata.json").write_text("{}")
+        (ckpt / storage.checkpoint_name(step)).mkdir(parents=True)
+        (ckpt / storage.checkpoint_name(step) / "metadata.json").write_text("{}")
     for step in tmp_steps:
-        (ckpt / (checkpoint.checkpoint_name(step) + ".tmp")).mkdir(parents=True)
+        (ckpt / (storage.checkpoint_name(step) + ".tmp")).mkdir(parents=True)
 
 
 def test_keep_last_prunes_oldest_and_stale_partial_saves(tmp_path):
     _fake_checkpoints(tmp_path, [2, 4, 6, 8], tmp_steps=[3, 10])
-    checkpoint.prune(tmp_path, keep_last=2)
+    storage.prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000006", "iter_0000008", "iter_0000010.tmp"]
-    checkpoint.prune(tmp_path, keep_last=0)  # 0 still keeps the newest complete one
-    assert [p.name for p in checkpoint.complete_checkpoints(tmp_path)] == ["iter_0000008"]
+    storage.prune(tmp_path, keep_last=0)  # 0 still keeps the newest complete one
+    assert [p.name for p in storage.complete_checkpoints(tmp_path)] == ["iter_0000008"]
 
 
 def test_keep_last_in_training(synthetic_corpus, tmp_path):
@@ -194,7 +194,7 @@ def test_keep_last_in_training(synthetic_corpus, tmp_path):
         tiny_overrides(synthetic_corpus, tmp_path, "train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=2"),
     )
     ckpt = tmp_path / "checkpoints"
-    assert [p.name for p in checkpoint.complete_checkpoints(ckpt)] == ["iter_0000004", "iter_0000006"]
+    assert [p.name for p in storage.complete_checkpoints(ckpt)] == ["iter_0000004", "iter_0000006"]
     assert (ckpt / "latest").read_text().strip() == "iter_0000006"
 
 
@@ -220,8 +220,8 @@ def saved_checkpoint(reference, tmp_path) -> pathlib.Path:
 
 
 def test_genuine_checkpoint_passes_the_safety_check(saved_checkpoint):
-    checkpoint.check_safe_to_load(saved_checkpoint)
-    assert checkpoint.read_extra(saved_checkpoint)["step"] == 10
+    storage.check_safe_to_load(saved_checkpoint)
+    assert storage.read_extra(saved_checkpoint)["step"] == 10
 
 
 @pytest.mark.parametrize("part", ["common.pt", ".metadata"])
@@ -233,7 +233,7 @@ def test_hostile_pickle_is_refused_without_running_it(part, saved_checkpoint, tm
     else:
         target.write_bytes(pickle.dumps(_Payload(marker)))
     with pytest.raises(UserError) as info:
-        checkpoint.check_safe_to_load(saved_checkpoint)
+        storage.check_safe_to_load(saved_checkpoint)
     assert str(info.value).startswith(
         f"checkpoint '{saved_checkpoint}': {part} holds objects a checkpoint may not contain, "
         f"refusing to unpickle it (it names {os.name}.system)"
@@ -266,7 +266,7 @@ def test_async_save_snapshots_the_step_it_was_asked_for(reference, synthetic_cor
     assert sum(r["step_time_s"] for r in steps[2:4]) < 3.0  # steps 3, 4 ran while step 2 was being written
     assert "iter_0000002 (writing in the background)" in first.stdout
     ckpt = tmp_path / "checkpoints"
-    assert [p.name for p in checkpoint.complete_checkpoints(ckpt)] == ["iter_0000002", "iter_0000004"]
+    assert [p.name for p in storage.complete_checkpoints(ckpt)] == ["iter_0000002", "iter_0000004"]
     run_pretrain(
         2, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, *extra, f"checkpoint.load={ckpt / 'iter_0000002'}")
     )
@@ -293,6 +293,6 @@ def test_latest_must_name_a_checkpoint(saved_checkpoint):
     """`latest` from elsewhere is never followed as a path."""
     (saved_checkpoint.parent / "latest").write_text("../../../etc\n")
     with pytest.raises(UserError, match=r"latest' names '\.\./\.\./\.\./etc', not a checkpoint like iter_0000100"):
-        checkpoint.resolve_load(str(saved_checkpoint.parent), saved_checkpoint.parent)
+        storage.resolve_load(str(saved_checkpoint.parent), saved_checkpoint.parent)
     (saved_checkpoint.parent / "latest").write_text("iter_0000010\n")
-    assert checkpoint.resolve_load(str(saved_checkpoint.parent), saved_checkpoint.parent) == saved_checkpoint
+    assert storage.resolve_load(str(saved_checkpoint.parent), saved_checkpoint.parent) == saved_checkpoint

@@ -1,4 +1,4 @@
-"""scripts/compare_runs.py: the table and plots from metrics.jsonl and wandb offline runs; a resumed
+"""tools/compare_runs.py: the table and plots from metrics.jsonl and wandb offline runs; a resumed
 run keeps its wandb run id; bad input is one line and exit code 2."""
 
 import json
@@ -12,9 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.helpers.runs import REPO, read_metrics, tiny_overrides
-
-sys.path.insert(0, str(REPO / "scripts"))
-import compare_runs
+from tools import compare_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -73,7 +71,7 @@ def test_table_and_plots_from_metrics_files(tmp_path, capsys):
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, make, message):
     proc = subprocess.run(
-        [sys.executable, "scripts/compare_runs.py", str(make(tmp_path)), "--out", str(tmp_path / "plots")],
+        [sys.executable, "-m", "tools.compare_runs", str(make(tmp_path)), "--out", str(tmp_path / "plots")],
         cwd=REPO,
         capture_output=True,
         text=True,

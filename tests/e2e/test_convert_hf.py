@@ -1,4 +1,4 @@
-"""scripts/convert_hf.py against transformers' own Llama and Mixtral, built locally from small
+"""tools/convert_hf.py against transformers' own Llama and Mixtral, built locally from small
 configs with random weights (no hub): logits parity, exact round trips, and other layouts in/out."""
 
 import json
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.runs import REPO, read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.tiny_hf import llama_config, mixtral_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
@@ -17,48 +18,15 @@ VOCAB = 1000  # not a multiple of 128: the import pads the vocabulary, the expor
 LOGITS_ATOL = 1e-4  # the issue's bound; measured 2.4e-7 for both models (fp32, 2026-11-23)
 
 
-def _llama_config():
-    # tiny_gpt's architecture (4 layers, h64, SwiGLU 176, 4 heads / 2 groups), as a Llama.
-    return transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-
-
-def _mixtral_config():
-    return transformers.MixtralConfig(
-        hidden_size=64,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=128,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        tie_word_embeddings=False,
-    )
-
-
 HF_MODELS = {
-    "llama": (_llama_config, "LlamaForCausalLM"),
-    "mixtral": (_mixtral_config, "MixtralForCausalLM"),
+    "llama": (lambda: llama_config(VOCAB), "LlamaForCausalLM"),
+    "mixtral": (lambda: mixtral_config(VOCAB), "MixtralForCausalLM"),
 }
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "scripts/convert_hf.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "tools.convert_hf", *args], cwd=REPO, capture_output=True, text=True, timeout=300
     )
 
 
@@ -106,13 +74,13 @@ def _our_logits(ckpt: pathlib.Path, tokens: torch.Tensor) -> torch.Tensor:
     import yaml
 
     from model.gpt import ModelBuild, build_model_chunks, padded_vocab_size
-    from pretrain import checkpoint
+    from pretrain.checkpoint import storage
     from pretrain.recipe import model_config_from_dict
 
     model_cfg = model_config_from_dict(yaml.safe_load((ckpt / "model.yaml").read_text())["model"], "model.yaml")
     vocab = padded_vocab_size(model_cfg, model_cfg.vocab_size, tensor=1)
     (model,) = build_model_chunks(model_cfg, ModelBuild(perform_initialization=False), vocab)
-    checkpoint.load(checkpoint.resolve_load(str(ckpt), ckpt), [model], None)
+    storage.load(storage.resolve_load(str(ckpt), ckpt), [model], None)
     model.eval()
     positions = torch.arange(tokens.shape[1]).expand_as(tokens)
     with torch.no_grad():
@@ -136,7 +104,7 @@ def test_any_layout_in_and_out(synthetic_corpus, tmp_path):
     """Imported Llama weights trained one step at TP2×PP2 and at TP1 give the same loss (in); the
     TP2×PP2 checkpoint exports to the same tensors as the TP1 one (out)."""
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(_llama_config()).save_pretrained(tmp_path / "hf")
+    transformers.LlamaForCausalLM(llama_config(VOCAB)).save_pretrained(tmp_path / "hf")
     assert _convert("import", str(tmp_path / "hf"), str(tmp_path / "ckpt")).returncode == 0
     runs = {"tp1": (1, []), "tp2-pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"])}
     for name, (nproc, extra) in runs.items():

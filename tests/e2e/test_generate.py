@@ -1,6 +1,6 @@
-"""scripts/generate.py against transformers' `generate`: a Hugging Face Llama (built locally, random
+"""tools/generate.py against transformers' `generate`: a Hugging Face Llama (built locally, random
 weights large enough that greedy decoding wanders over the vocabulary) imported, exported again by
-scripts/convert_hf.py, and decoded greedily by both from the same prompt gives the same text; the
+tools/convert_hf.py, and decoded greedily by both from the same prompt gives the same text; the
 same at a tensor × pipeline layout under torchrun; bad input is one line."""
 
 import subprocess
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.helpers.runs import REPO
+from tests.helpers.tiny_hf import llama_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
@@ -34,22 +35,17 @@ def _env() -> dict:
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """(our checkpoint imported from a random Llama, that checkpoint exported back to HF)."""
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=176,
+    config = llama_config(
+        VOCAB,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
+        rms_norm_eps=1e-6,
         initializer_range=0.2,  # peaked logits: the greedy path changes id at most steps
     )
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("generate")
     transformers.LlamaForCausalLM(config).save_pretrained(root / "hf")
     for args in (("import", root / "hf", root / "ckpt"), ("export", root / "ckpt", root / "exported")):
-        proc = _run(["scripts/convert_hf.py", *map(str, args)])
+        proc = _run(["-m", "tools.convert_hf", *map(str, args)])
         assert proc.returncode == 0, proc.stderr
     return root / "ckpt", root / "exported"
 
@@ -66,7 +62,7 @@ def _transformers_greedy(hf_dir) -> str:
 
 
 def _ours(ckpt, nproc: int = 1, *layout: str) -> str:
-    args = ["scripts/generate.py", "--checkpoint", str(ckpt), "--prompt", PROMPT, "--temperature", "0"]
+    args = ["-m", "tools.generate", "--checkpoint", str(ckpt), "--prompt", PROMPT, "--temperature", "0"]
     proc = _run([*args, "--max-new-tokens", str(NEW_TOKENS), *layout], nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith(PROMPT) and proc.stdout.endswith("\n"), proc.stdout

@@ -1,4 +1,4 @@
-"""data.inspect reports the samples a step trained on: the model checkpointed after step 2 has, on
+"""tools.inspect_data reports the samples a step trained on: the model checkpointed after step 2 has, on
 the samples inspect gives for step 3, exactly the loss metrics.jsonl logged for step 3 (and not on
 step 2's samples); each sample's tokens are a window of the documents it names; the command line
 filters by data rank and micro-batch; bad input is one line."""
@@ -27,10 +27,10 @@ def run_dir(synthetic_corpus, tmp_path_factory):
 
 
 def _views(run_dir, step: int, dp_size: int) -> list:
-    from data.inspect import step_samples
     from data.tokenizer import ByteTokenizer
     from pretrain.recipe import load_recipe
     from pretrain.trainer import build_data
+    from tools.inspect_data import step_samples
 
     recipe = load_recipe(str(run_dir / "recipe.yaml"))
     samples = build_data(recipe, ByteTokenizer())["train"]
@@ -40,12 +40,12 @@ def _views(run_dir, step: int, dp_size: int) -> list:
 def _loss(run_dir, views) -> float:
     """Token-mean loss of the step-2 checkpoint's model on the views' tokens (fp32, one process)."""
     from model.gpt import ModelBuild, build_model_chunks
-    from pretrain import checkpoint
+    from pretrain.checkpoint import storage
     from pretrain.recipe import load_recipe
 
     recipe = load_recipe(str(run_dir / "recipe.yaml"))
     (model,) = build_model_chunks(recipe.model, ModelBuild(perform_initialization=False), 257)
-    checkpoint.load(run_dir / "checkpoints" / "iter_0000002", [model], None)
+    storage.load(run_dir / "checkpoints" / "iter_0000002", [model], None)
     tokens = torch.tensor([v.tokens for v in views])
     s = tokens.size(1) - 1
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_tokens_are_a_window_of_the_named_documents(run_dir, synthetic_corpus):
 
 def _inspect(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "data.inspect", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "tools.inspect_data", *args], cwd=REPO, capture_output=True, text=True, timeout=300
     )
 
 

@@ -1,4 +1,4 @@
-"""python -m data.inspect under data.reset_attention_mask / reset_position_ids: each sample's line
+"""python -m tools.inspect_data under data.reset_attention_mask / reset_position_ids: each sample's line
 names the document spans its attention stays inside, which end at the sample's EODs."""
 
 import subprocess
@@ -13,7 +13,7 @@ EOD = 256  # the byte tokenizer's
 
 @pytest.mark.slow
 def test_inspect_shows_the_document_spans_of_a_step(short_document_corpus, tmp_path):
-    cmd = [sys.executable, "-m", "data.inspect", "--recipe", "tiny_gpt", "--step", "2", "--micro-batch", "0"]
+    cmd = [sys.executable, "-m", "tools.inspect_data", "--recipe", "tiny_gpt", "--step", "2", "--micro-batch", "0"]
     keys = ["data.reset_attention_mask=true", "data.reset_position_ids=true"]
     proc = subprocess.run(
         cmd + [f"data.path={short_document_corpus}", f"logging.dir={tmp_path}", *keys],
@@ -28,10 +28,10 @@ def test_inspect_shows_the_document_spans_of_a_step(short_document_corpus, tmp_p
     assert len(spans) == 2, proc.stdout  # micro-batch 0: two samples
     assert all(line.endswith("; positions restart at each") for line in spans)
 
-    from data.inspect import step_samples
     from data.tokenizer import ByteTokenizer
     from pretrain.recipe import load_recipe
     from pretrain.trainer import build_data
+    from tools.inspect_data import step_samples
 
     recipe = load_recipe("tiny_gpt", [f"data.path={short_document_corpus}", f"logging.dir={tmp_path}", *keys])
     views = list(step_samples(build_data(recipe, ByteTokenizer())["train"], 8, 2, 1, 2))[:2]

@@ -33,13 +33,13 @@ LAYOUTS = {
     "pp2-uneven": (2, ["parallel.pipeline=2", "parallel.first_stage_layers=1"]),
     "pp2-uneven-last": (2, ["parallel.pipeline=2", "parallel.last_stage_layers=1"]),
     "pp2-vpp2": (2, ["parallel.pipeline=2", "parallel.virtual_pipeline=2"]),
-    # context parallelism: our ring attention (model/ring_attention.py) on the load-balanced layout
+    # context parallelism: our ring attention (model/attention/ring.py) on the load-balanced layout
     "cp4": (4, ["parallel.context=4"]),
     "cp2-tp2": (4, ["parallel.context=2", "parallel.tensor=2"]),
     "cp2-pp2": (4, ["parallel.context=2", "parallel.pipeline=2"]),
     # 4 processes / CP 2 = data-parallel 2: gradients reduce over data × context ranks
     "cp2-dp2-distopt": (4, ["parallel.context=2", "parallel.distributed_optimizer=true"]),
-    # Ulysses (model/ulysses.py). tiny_gpt has 4 query heads on 2 K/V heads: CP 2 splits the K/V
+    # Ulysses (model/attention/ulysses.py). tiny_gpt has 4 query heads on 2 K/V heads: CP 2 splits the K/V
     # heads, CP 4 copies each to 2 ranks (one query head per rank); at TP2 each tensor rank has 2
     # query heads on 1 K/V head, copied to both all-to-all ranks. a2a+p2p at CP 4 with TP2 and PP2
     # is one 16-process run (as long as two 8-process ones, one run fewer).

@@ -1,4 +1,4 @@
-"""scripts/bench_memory.py as users run it: the measured peak of a training step is pinned for two
+"""benchmarks/bench_memory.py as users run it: the measured peak of a training step is pinned for two
 small configurations, and the memory model's prediction stays within the issue's 10 % of it.
 
 The measured figures are the CPU allocator's exact byte count; repeated runs on this machine gave
@@ -29,14 +29,13 @@ PREDICTED_REL = 0.10
 
 
 def _bench(nproc: int, *overrides: str) -> list[dict]:
-    script = str(REPO / "scripts" / "bench_memory.py")
     launcher = (
         [sys.executable]
         if nproc == 1
         else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     )
     proc = subprocess.run(
-        [*launcher, script, "--recipe", "tiny_gpt", *SMALL, *overrides],
+        [*launcher, "-m", "benchmarks.bench_memory", "--recipe", "tiny_gpt", *SMALL, *overrides],
         cwd=REPO,
         env=dict(os.environ, OMP_NUM_THREADS="1"),
         capture_output=True,

@@ -1,5 +1,5 @@
 """Our trainer against an outside implementation: a Hugging Face Llama (built locally, random
-weights) imported with scripts/convert_hf.py and trained by pretrain_gpt.py gives, step for step,
+weights) imported with tools/convert_hf.py and trained by pretrain_gpt.py gives, step for step,
 the losses, gradient norms and learning rates of transformers' own forward with torch's AdamW, the
 same LR schedule (computed here from its formula), the same clipping and the same samples.
 
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.runs import REPO, assert_close_curves, read_metrics, run_pretrain
+from tests.helpers.tiny_hf import llama_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
@@ -44,24 +45,13 @@ def _lr(step: int) -> float:
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
     """(HF dir, our weights checkpoint dir) of a tiny_gpt-shaped Llama."""
-    config = transformers.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=176,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-5,
-        max_position_embeddings=SEQ,
-        tie_word_embeddings=False,
-    )
+    config = llama_config(VOCAB, max_position_embeddings=SEQ)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     root = tmp_path_factory.mktemp("outside")
     model.save_pretrained(root / "hf")
     proc = subprocess.run(
-        [sys.executable, "scripts/convert_hf.py", "import", str(root / "hf"), str(root / "ckpt")],
+        [sys.executable, "-m", "tools.convert_hf", "import", str(root / "hf"), str(root / "ckpt")],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -78,7 +68,7 @@ def _logits(model, batch: dict, mask: bool, positions: bool) -> torch.Tensor:
     at megatron-core's restarted position_ids."""
     if not mask:
         return model(input_ids=batch["tokens"], position_ids=batch["position_ids"] if positions else None).logits
-    from model.documents import runs
+    from model.attention.documents import runs
 
     rows = []
     for tokens, ids in zip(batch["tokens"], batch["document_ids"]):

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from common.errors import RecipeError
-from pretrain.recipe import load_recipe, validate_for_world
+from planning.setup import validate_for_world
+from pretrain.recipe import load_recipe
 from tests.helpers.runs import assert_close_curves, read_metrics, run_pretrain, tiny_overrides
 
 

@@ -29,7 +29,7 @@ def test_quickstart_builds_its_corpus_and_trains(tmp_path):
     assert [r["step"] for r in metrics] == [1, 2] and metrics[-1]["loss"] < metrics[0]["loss"]
     assert (tmp_path / "checkpoints" / "iter_0000002").is_dir()
     printed = proc.stdout.rstrip().splitlines()[-1]
-    assert printed.startswith(f"generate text from it: .venv/bin/python scripts/generate.py --checkpoint {tmp_path}/")
+    assert printed.startswith(f"generate text from it: .venv/bin/python -m tools.generate --checkpoint {tmp_path}/")
     command = shlex.split(printed.split(": ", 1)[1]) + ["--max-new-tokens", "8"]
     generated = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert generated.returncode == 0 and generated.stdout.startswith("def main("), generated.stderr[-3000:]

@@ -83,7 +83,7 @@ def test_byte_item_payload_is_refused_on_resume(planted, synthetic_corpus, tmp_p
 
 def test_byte_item_payload_is_refused_by_export(planted, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "scripts/convert_hf.py", "export", str(planted), str(tmp_path / "hf")],
+        [sys.executable, "-m", "tools.convert_hf", "export", str(planted), str(tmp_path / "hf")],
         cwd=REPO,
         capture_output=True,
         text=True,

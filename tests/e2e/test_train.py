@@ -57,7 +57,7 @@ def test_metrics_and_checkpoint_are_written(reference):
 def test_dp2_and_auto_resume_reproduce_single_process(reference, synthetic_corpus, tmp_path, extra):
     """Two gloo processes, stopped at step 5 and resumed with checkpoint.load=auto: the one
     metrics.jsonl holds the reference curve. With the distributed optimizer this also catches
-    megatron-core's torch-Adam `step` reload drift (pretrain/checkpoint.py); with loader workers,
+    megatron-core's torch-Adam `step` reload drift (pretrain/checkpoint/storage.py); with loader workers,
     that they read from the resumed step on."""
     _, expected = reference
     half = STEPS // 2

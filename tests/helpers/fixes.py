@@ -8,35 +8,15 @@ from collections.abc import Iterator
 
 @contextlib.contextmanager
 def unfixed(name: str) -> Iterator[None]:
-    """Upstream's own code at the site of fix `name` (upstream/fixes.py) while the block runs."""
+    """Upstream's own code at the site of fix `name` while the block runs (the fix, if it was
+    applied, comes back after)."""
     from upstream.fixes import FIXES
 
-    fix = next(f for f in FIXES if f.name == name)
-    owner_name, _, attr = fix.name.rpartition(".")
-    owner = _owner(owner_name)
-    current = vars(owner)[attr]
-    if hasattr(current, "__wrapped__"):
-        setattr(owner, attr, current.__wrapped__)
-    else:
-        delattr(owner, attr)  # a method the fix added: the base class's comes back
+    patch = FIXES.get(name)
+    was_applied = patch.applied
+    patch.revert()
     try:
         yield
     finally:
-        setattr(owner, attr, current)
-
-
-def _owner(name: str) -> object:
-    from megatron.core.dist_checkpointing import optimizer as dist_optim
-    from megatron.core.distributed import TorchFullyShardedDataParallel
-    from megatron.core.optimizer.optimizer import FP32Optimizer
-    from megatron.core.transformer.mlp import MLP
-    from megatron.core.transformer.moe.experts import SequentialMLP
-
-    owners = {
-        "TorchFullyShardedDataParallel": TorchFullyShardedDataParallel,
-        "dist_checkpointing.optimizer": dist_optim,
-        "FP32Optimizer": FP32Optimizer,
-        "MLP": MLP,
-        "SequentialMLP": SequentialMLP,
-    }
-    return owners[name]
+        if was_applied:
+            patch.apply()

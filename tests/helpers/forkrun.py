@@ -35,7 +35,7 @@ def _import_what_every_rank_imports() -> None:
     import megatron.core.pipeline_parallel  # noqa: F401
 
     import data.loader  # noqa: F401
-    import pretrain.checkpoint
+    import pretrain.checkpoint.storage
     import pretrain.trainer  # noqa: F401
 
 

@@ -1,4 +1,4 @@
-"""model/documents.py and the data path's document ids: attention inside documents against each
+"""model/attention/documents.py and the data path's document ids: attention inside documents against each
 document attended alone, per-token RoPE against megatron-core's, document ids against
 megatron-core's position reset, and the compact ids under context parallelism."""
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from data.dataset import document_ids, slice_for_context_parallel
-from model.documents import (
+from model.attention.documents import (
     attended_pairs,
     block_pieces,
     cu_seqlens,
@@ -61,8 +61,8 @@ def test_document_attention_equals_each_document_alone(path, monkeypatch):
     """Forward and gradients, grouped-query heads (4 on 2): the block kernels one call per document
     (the CPU's and plain math), and the SDPA segments taken with dropout, for every grouping of
     documents into masked calls. Negative control: causal attention over the packed sample differs."""
-    import model.documents as documents
-    from model.attention_kernels import CANDIDATES, _backend_for
+    import model.attention.documents as documents
+    from model.attention.kernels import CANDIDATES, _backend_for
 
     if path == "kernels-math":
         monkeypatch.setitem(CANDIDATES, "cpu", ())

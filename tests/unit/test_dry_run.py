@@ -1,6 +1,6 @@
 """`--dry-run` planning: which layers each pipeline stage holds, without building anything."""
 
-from pretrain.dry_run import plan
+from planning.dry_run import plan
 from pretrain.recipe import load_recipe
 
 

@@ -1,4 +1,4 @@
-"""model/fp8.py on one process: the three GEMMs of an FP8 linear against a hand-written dequantize-
+"""model/fp8/linear.py on one process: the three GEMMs of an FP8 linear against a hand-written dequantize-
 then-matmul reference (and not the bf16 result), the spec's choice of FP8 linears, the
 transformer-engine field mapping, the run-time refusals and the log lines."""
 
@@ -9,7 +9,7 @@ import torch
 
 from common.errors import UserError
 from model.config import Fp8Config, ModelConfig, MoeConfig
-from model.fp8 import (
+from model.fp8.linear import (
     Fp8ColumnParallelLinear,
     Fp8RowParallelLinear,
     check_runtime,

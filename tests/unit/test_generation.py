@@ -1,7 +1,5 @@
 """model/generation.py's sampler against transformers' logits warpers, the streamed text of
-scripts/generate.py, and the decode step of SDPAttention (one query against the whole KV cache)."""
-
-import importlib.util
+tools/generate.py, and the decode step of SDPAttention (one query against the whole KV cache)."""
 
 import pytest
 import torch
@@ -58,10 +56,9 @@ def test_same_seed_same_draws():
 
 
 def _generate_script():
-    spec = importlib.util.spec_from_file_location("generate_script", "scripts/generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import tools.generate
+
+    return tools.generate
 
 
 def test_stream_holds_back_a_character_split_over_ids():

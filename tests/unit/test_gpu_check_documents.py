@@ -5,10 +5,8 @@ import importlib.util
 import pathlib
 import sys
 
+from benchmarks import gpu_check
 from tests.helpers.runs import REPO
-
-sys.path.insert(0, str(REPO / "scripts"))
-import gpu_check
 
 
 def test_documents_row_is_skipped_without_flash_attn(monkeypatch, tmp_path):
@@ -25,7 +23,10 @@ def test_bench_documents_refuses_without_flash_attn_in_one_line():
     import subprocess
 
     proc = subprocess.run(
-        [sys.executable, "scripts/bench_documents.py", "--require-flash"], cwd=REPO, capture_output=True, text=True
+        [sys.executable, "-m", "benchmarks.bench_documents", "--require-flash"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --require-flash: flash-attn is not installed (or no --device cuda)"

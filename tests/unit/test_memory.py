@@ -1,4 +1,4 @@
-"""The memory model (pretrain/memory.py, activations.py): static terms against hand counts, the
+"""The memory model (planning/memory.py, activations.py): static terms against hand counts, the
 pipeline schedules' micro-batches in flight against megatron-core's rules, and the activation
 terms against the tensors a real forward keeps for its backward (one process, CPU kernels)."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.gpt import ModelBuild, build_model_chunks, parameter_counts
-from pretrain.memory import Shards, Target, estimate, in_flight, setup_for, state_shards
+from planning.memory import Shards, Target, estimate, in_flight, setup_for, state_shards
 from pretrain.recipe import load_recipe
 
 BYTE_VOCAB = 257
@@ -166,7 +166,7 @@ def _saved_bytes(recipe, micro_batch: int) -> int:
     ids=["fp32", "bf16", "selective-layernorm-mlp", "selective-core_attn", "full-uniform-2", "full-block-1"],
 )
 def test_kept_bytes_equal_what_a_forward_keeps(overrides):
-    from pretrain.memory import chunk_bytes
+    from planning.memory import chunk_bytes
 
     recipe = _recipe(*overrides)
     setup = setup_for(recipe, 1, CPU)
@@ -189,7 +189,7 @@ def test_kept_bytes_equal_what_a_forward_keeps(overrides):
     ids=["no-recompute", "shared-experts-selective-moe"],
 )
 def test_moe_kept_bytes_equal_what_a_forward_keeps(overrides):
-    from pretrain.memory import chunk_bytes
+    from planning.memory import chunk_bytes
 
     # capacity with padding: every expert computes exactly its capacity, whatever the routing
     recipe = load_recipe(
@@ -213,7 +213,7 @@ def test_recompute_lowers_the_estimate_in_the_expected_order():
 
 
 def test_dry_run_target_is_the_recipe_device():
-    from pretrain.memory_report import dry_run_setup
+    from planning.report import dry_run_setup
 
     assert dry_run_setup(_recipe("train.device=cpu"), 1, BYTE_VOCAB).target.kernels.device == "cpu"
     assert dry_run_setup(_recipe(), 1, BYTE_VOCAB).target.kernels.device == "cuda"
@@ -222,7 +222,7 @@ def test_dry_run_target_is_the_recipe_device():
 
 # ------------------------------------------------------------------ pinned against measured peaks
 
-# Measured peaks of scripts/bench_memory_table.py (2026-11-30, torch 2.13.0 CPU, gloo; the worst
+# Measured peaks of benchmarks/bench_memory_table.py (2026-11-30, torch 2.13.0 CPU, gloo; the worst
 # rank's pipeline stage; docs/benchmarks.md, "Memory model: predicted vs measured peak per rank"):
 # name -> (pipeline stage, predicted MiB then, measured MiB). The prediction is pinned to 0.01 MiB so
 # the model cannot drift unnoticed; a deliberate change reruns the table and updates both columns.
@@ -239,15 +239,9 @@ PINNED = {
 
 
 def _table_configs() -> tuple[list[str], dict]:
-    import importlib.util
-    import pathlib
+    from benchmarks import bench_memory_table
 
-    path = pathlib.Path(__file__).resolve().parents[2] / "scripts" / "bench_memory_table.py"
-    spec = importlib.util.spec_from_file_location("bench_memory_table", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.BASE, module.CONFIGS
+    return bench_memory_table.BASE, bench_memory_table.CONFIGS
 
 
 @pytest.mark.parametrize("name", sorted(PINNED))
@@ -262,7 +256,7 @@ def test_prediction_is_pinned_and_within_the_measured_peak(name):
 
 
 def test_dry_run_table_shows_gathered_weights_only_under_fsdp():
-    from pretrain.memory_report import table_lines
+    from planning.report import table_lines
 
     def header(*overrides):
         setup = setup_for(_recipe("train.device=cpu", *overrides), 2, CPU)
@@ -273,7 +267,7 @@ def test_dry_run_table_shows_gathered_weights_only_under_fsdp():
 
 
 def test_fp8_is_named_as_not_modelled():
-    from pretrain.memory_report import not_modelled
+    from planning.report import not_modelled
 
     recipe = _recipe("train.precision=bf16", "fp8.enabled=true")
     assert not_modelled(setup_for(recipe, 1, CPU)) == [

@@ -203,7 +203,9 @@ def test_upstream_te_general_gemm_name_error_is_fixed(megatron_single_process):
 
     from upstream import fixes
 
-    saved = moe_utils.__dict__.pop("te_general_gemm", None)
+    fix = fixes.FIXES.get("moe_utils.te_general_gemm")
+    fix.revert()
+    saved = moe_utils.__dict__.pop("te_general_gemm", None)  # transformer-engine's, where it is installed
     try:
         with pytest.raises(NameError, match="te_general_gemm"):
             moe_utils.router_gating_linear(torch.ones(2, 3), torch.ones(4, 3), None, torch.float32)
@@ -212,6 +214,7 @@ def test_upstream_te_general_gemm_name_error_is_fixed(megatron_single_process):
         assert out.tolist() == [[3.0] * 4] * 2
     finally:
         if saved is not None:
+            fix.revert()
             moe_utils.te_general_gemm = saved
 
 

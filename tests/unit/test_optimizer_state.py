@@ -1,11 +1,11 @@
-"""pretrain/optimizer_state.py: which optimizer kind saved a checkpoint, its Adam step, and where each
+"""pretrain/checkpoint/optimizer_state.py: which optimizer kind saved a checkpoint, its Adam step, and where each
 kind's checkpoint keeps the fp32 master weights another kind reads (the e2e resumes across kinds are
 tests/e2e/test_fsdp_training.py's)."""
 
 import pytest
 
 from common.errors import UserError
-from pretrain import optimizer_state as o
+from pretrain.checkpoint import optimizer_state as o
 
 # The common (non-tensor) optimizer entries each kind saves, as dist_checkpointing keeps them.
 PLAIN = {"param_groups": [{"lr": 1e-3, "params": [0, 1]}], "state": {"common_step": 5}}

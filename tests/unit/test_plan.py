@@ -1,4 +1,4 @@
-"""The planner (pretrain/plan.py) and its step-time model (pretrain/step_time.py): every layout it
+"""The planner (planning/search.py, tools/plan_layout.py) and its step-time model (planning/step_time.py): every layout it
 lists fits and is valid, the list is fastest first, memory really filters (faster layouts that do not
 fit are left out), the pipeline bubble and recompute cost what the model says, Chinchilla's numbers."""
 
@@ -8,10 +8,12 @@ import re
 import pytest
 
 from common.errors import UserError
-from pretrain import plan
-from pretrain.memory import Target, setup_for
-from pretrain.recipe import load_recipe, validate_for_world
-from pretrain.step_time import GPUS, step_time
+from planning import search
+from planning.memory import Target, setup_for
+from planning.setup import validate_for_world
+from planning.step_time import GPUS, step_time
+from pretrain.recipe import load_recipe
+from tools import plan_layout
 
 GIB = 2**30
 LLAMA_VOCAB = 128256
@@ -20,8 +22,8 @@ LLAMA_VOCAB = 128256
 @pytest.fixture(scope="module")
 def llama_64():
     recipe = load_recipe("llama70b", ["train.global_batch_size=256"])
-    ordered = plan.candidates(recipe, 64, GPUS["h100"], LLAMA_VOCAB)
-    found, tried = plan.fitting(ordered, 80 * GIB, 10)
+    ordered = search.candidates(recipe, 64, GPUS["h100"], LLAMA_VOCAB)
+    found, tried = search.fitting(ordered, 80 * GIB, 10)
     return recipe, ordered, found, tried
 
 
@@ -73,7 +75,7 @@ def test_recompute_costs_its_extra_forward():
 
 def test_chinchilla_back_of_envelope(llama_64):
     recipe, _, found, _ = llama_64
-    (line,) = plan.chinchilla(recipe, LLAMA_VOCAB, found[0])
+    (line,) = search.chinchilla(recipe, LLAMA_VOCAB, found[0])
     tokens = 20 * 70_553_706_496
     steps = -(-tokens // (256 * 8192))
     assert f"70.55B parameters -> {tokens / 1e12:.2f}T tokens = {steps:,} steps of 256 x 8192 tokens" in line
@@ -83,6 +85,6 @@ def test_chinchilla_back_of_envelope(llama_64):
 def test_bad_arguments_are_one_line_errors():
     args = argparse.Namespace(recipe="tiny_gpt", overrides=[], gpus=8, gpu_memory_gib=80.0, gpu="a100", top=10)
     with pytest.raises(UserError, match=re.escape("--gpu must be one of h100 | h200 | b200, got 'a100'")):
-        plan.run(args)
+        plan_layout.run(args)
     with pytest.raises(UserError, match=re.escape("--gpus must be positive, got 0")):
-        plan.run(argparse.Namespace(**{**vars(args), "gpu": "h100", "gpus": 0}))
+        plan_layout.run(argparse.Namespace(**{**vars(args), "gpu": "h100", "gpus": 0}))

@@ -1,0 +1,160 @@
+"""`--dry-run`: validate a recipe for a world size; print the layout, parameter counts and per-rank
+memory (memory.py), as text or one JSON object; no weights are allocated."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from data.loader import BatchPlan
+from model.config import moe_layer_pattern
+from model.gpt import layer_parameters, padded_vocab_size, parameter_counts
+from parallel.layout import Layout
+from planning.memory import estimate_setup
+from planning.report import dry_run_setup, fit_lines, memory_json, table_lines
+from planning.setup import stage_layers, validate_for_world, vocab_size
+
+if TYPE_CHECKING:
+    from pretrain.recipe import Recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """What one pipeline rank holds: its layer ranges (one per virtual chunk) and parameters per TP rank."""
+
+    pipeline_rank: int
+    layers: tuple[tuple[int, int], ...]  # half-open [first, last) global layer indices per chunk
+    params_per_rank: int
+
+
+def params_per_rank(
+    recipe: Recipe, layout: Layout, vocab: int, ranges: tuple[tuple[int, int], ...], first: bool, last: bool
+) -> int:
+    """Parameters on one rank of a stage holding the global layer `ranges` (half-open pairs): TP splits
+    every matmul, EP the routed experts (model/gpt.py:layer_parameters)."""
+    m = recipe.model
+    h, tp = m.hidden_size, layout.tensor
+    pattern = moe_layer_pattern(m)
+    experts = m.moe.num_experts // layout.expert if m.moe.num_experts else None
+    total = sum(
+        layer_parameters(m, pattern[i], tensor=tp, expert_tensor=layout.expert_tensor, experts=experts)
+        for a, b in ranges
+        for i in range(a, b)
+    )
+    if first:
+        total += vocab * h // tp
+    if last:
+        total += h + (vocab * h // tp if (m.untie_embeddings or not first) else 0)
+    return total
+
+
+class Plan(NamedTuple):
+    layout: Layout
+    batch: BatchPlan
+    vocab: int  # padded
+    stages: list[StagePlan]
+
+
+def plan(recipe: Recipe, world_size: int) -> Plan:
+    """The layout, batch plan, padded vocabulary and per-stage parameters for `world_size` ranks."""
+    layout, batch = validate_for_world(recipe, world_size)
+    vocab = padded_vocab_size(recipe.model, vocab_size(recipe), layout.tensor)
+    stages = []
+    for p, ranges in enumerate(stage_layers(recipe, layout)):
+        count = params_per_rank(recipe, layout, vocab, ranges, p == 0, p == layout.pipeline - 1)
+        stages.append(StagePlan(p, ranges, count))
+    return Plan(layout, batch, vocab, stages)
+
+
+def meta_parameter_count(recipe: Recipe, vocab: int) -> int:
+    """Builds the whole model (TP=PP=1) on the meta device and counts; allocates no weights."""
+    from model.gpt import ModelBuild, build_model_chunks, meta_device
+    from parallel.layout import init_single_process, shutdown
+
+    init_single_process()
+    try:
+        build = ModelBuild(precision="fp32", perform_initialization=False)
+        # The local spec has the same parameters as transformer-engine's (TE only fuses the
+        # norms into the linears), and builds without TE installed.
+        local = dataclasses.replace(recipe.model, transformer_impl="local")
+        with meta_device():
+            chunk = build_model_chunks(local, build, vocab)[0]
+        return sum(p.numel() for p in chunk.parameters())
+    finally:
+        shutdown()
+
+
+def _human(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def dry_run(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None, as_json: bool = False) -> str:
+    """The dry run's report: text lines, or one JSON object when `as_json`."""
+    layout, batch_plan, vocab, stages = plan(recipe, world_size)
+    counts = parameter_counts(recipe.model, vocab)
+    built = meta_parameter_count(recipe, vocab)
+    setup = dry_run_setup(recipe, world_size, vocab_size(recipe))
+    estimate = estimate_setup(setup)
+    if as_json:
+        return json.dumps(
+            _report(recipe, world_size, layout, batch_plan, vocab, stages, counts.active, built)
+            | {"memory": memory_json(estimate, setup, gpu_memory_gib), "missing_data": missing_data(recipe)}
+        )
+    lines = [
+        f"recipe {recipe.source}: valid for world size {world_size}",
+        f"layout: {layout.describe()}",
+        f"micro-batches per step: {batch_plan.micro_batches}",
+        f"communication overlap: {recipe.parallel.overlap_description()}",
+        f"vocabulary: {vocab} (padded)",
+        f"parameters: {built:,} total ({_human(built)}; formula {counts.total:,})",
+    ]
+    if recipe.model.moe.num_experts is not None:
+        lines.append(
+            f"active parameters per token: {counts.active:,} ({_human(counts.active)}; "
+            f"top-{recipe.model.moe.top_k} of {recipe.model.moe.num_experts} experts)"
+        )
+    for s in stages:
+        ranges = ", ".join(f"{a}-{b - 1}" for a, b in s.layers)
+        lines.append(f"  pipeline stage {s.pipeline_rank}: layers {ranges}; {s.params_per_rank:,} parameters per rank")
+    lines += table_lines(estimate, setup)
+    if gpu_memory_gib is not None:
+        lines += fit_lines(estimate, setup, gpu_memory_gib)
+    lines.extend(missing_data(recipe))
+    return "\n".join(lines)
+
+
+def _report(
+    recipe: Recipe, world: int, layout: Layout, batch: BatchPlan, vocab: int, stages: list, active: int, built: int
+) -> dict[str, Any]:
+    return {
+        "recipe": recipe.source,
+        "world_size": world,
+        "layout": layout.describe(),
+        "micro_batches": batch.micro_batches,
+        "vocabulary_padded": vocab,
+        "parameters": {"total": built, "active": active},
+        "stages": [
+            {
+                "pipeline_rank": s.pipeline_rank,
+                "layers": [list(r) for r in s.layers],
+                "parameters_per_rank": s.params_per_rank,
+            }
+            for s in stages
+        ],
+    }
+
+
+def missing_data(recipe: Recipe) -> list[str]:
+    """A line per data file the recipe names that is not on this machine: the layout is valid, but
+    training here would stop at it (on a cluster the files may live where the run starts)."""
+    from data.dataset import blend_of, build_command
+
+    d = recipe.data
+    prefixes = [p for _, p in blend_of(d.path, d.blend) + blend_of(d.valid_path, d.valid_blend)]
+    return [
+        f"data: '{prefix}.bin/.idx' not found on this machine: {build_command(prefix)}"
+        for prefix in prefixes
+        if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"))
+    ]

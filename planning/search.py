@@ -1,0 +1,186 @@
+"""The layout search behind `python -m tools.plan_layout` (tools/plan_layout.py): it lists the layouts (tensor, pipeline, virtual, context, expert, data, recompute, micro-batch) whose
+worst rank fits, fastest first by the analytic step time (planning/step_time.py), and prints the best
+as recipe overrides, with a Chinchilla back-of-envelope for the recipe's model."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from common.errors import RecipeError
+from model.config import check_model
+from model.gpt import parameter_counts
+from planning.memory import Target, estimate_setup, setup_for
+from planning.report import recompute_candidates, reserve_bytes
+from planning.step_time import step_time
+
+if TYPE_CHECKING:
+    from pretrain.recipe import Recipe
+
+CHINCHILLA_TOKENS_PER_PARAMETER = 20  # Hoffmann et al. 2022, compute-optimal training
+MICRO_BATCHES = (1, 2, 4, 8)
+CONTEXTS = (1, 2, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    overrides: dict[str, Any]  # recipe keys -> values
+    setup: Any  # planning.memory.Setup
+    time: Any  # planning.step_time.StepTime
+    needed: int = 0  # worst peak plus the device reserve; 0 until estimated
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _recomputes(recipe: Recipe, cache: dict[tuple, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """A short ladder of recompute settings, cheapest first (the planner's, not the dry run's search);
+    which are valid depends only on the layers per model chunk, so `cache` keeps them per split."""
+    p = recipe.parallel
+    key = (p.pipeline, p.virtual_pipeline, p.first_stage_layers, p.last_stage_layers)
+    if key in cache:
+        return cache[key]
+    wanted = [
+        {"recompute_granularity": None},
+        {"recompute_granularity": "selective", "recompute_modules": ["layernorm"]},
+        {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "layernorm"]},
+        {"recompute_granularity": "selective", "recompute_modules": ["layernorm", "mlp"]},
+        {"recompute_granularity": "selective", "recompute_modules": ["layernorm", "moe"]},
+        {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 1},
+        {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},
+    ]
+    possible = recompute_candidates(recipe)
+    cache[key] = [w for w in wanted if w in possible]
+    return cache[key]
+
+
+def layouts(recipe: Recipe, gpus: int, gpu_per_node: int) -> Iterator[dict[str, Any]]:
+    """Every parallel layout of `gpus` ranks the recipe's shapes allow (as recipe overrides)."""
+    m, t = recipe.model, recipe.train
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    tensors = [d for d in _divisors(gpus) if d <= gpu_per_node and heads % d == 0 and groups % d == 0]
+    experts = _divisors(m.moe.num_experts) if m.moe.num_experts else [1]
+    for tp in tensors:
+        for pp in (d for d in _divisors(m.num_layers) if gpus % (tp * d) == 0):
+            for cp in (c for c in CONTEXTS if gpus % (tp * pp * c) == 0 and m.seq_length % (2 * c) == 0):
+                dp = gpus // (tp * pp * cp)
+                for vpp in [None] + [v for v in _divisors(m.num_layers // pp) if v > 1 and pp > 1]:
+                    for ep in (e for e in experts if (gpus // pp) % (e * tp) == 0):
+                        for mbs in (b for b in MICRO_BATCHES if t.global_batch_size % (b * dp) == 0):
+                            yield {
+                                "parallel.tensor": tp,
+                                "parallel.pipeline": pp,
+                                "parallel.virtual_pipeline": vpp,
+                                "parallel.context": cp,
+                                "parallel.expert": ep,
+                                "parallel.sequence_parallel": tp > 1,
+                                "parallel.distributed_optimizer": dp * cp > 1,
+                                "train.micro_batch_size": mbs,
+                            }
+
+
+def _apply(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
+    sections: dict[str, dict[str, Any]] = {}
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        sections.setdefault(section, {})[name] = value
+    return dataclasses.replace(
+        recipe, **{s: dataclasses.replace(getattr(recipe, s), **fields) for s, fields in sections.items()}
+    )
+
+
+def candidates(recipe: Recipe, gpus: int, gpu: Any, vocab: int) -> list[Candidate]:
+    """Every valid (layout, recompute) with its step time, fastest first."""
+    target = Target.for_device("cuda", recipe.model.transformer_impl)
+    out: list[Candidate] = []
+    cache: dict[tuple, list[dict[str, Any]]] = {}
+    for layout in layouts(recipe, gpus, gpu.gpus_per_node):
+        base = _apply(recipe, layout)
+        for fields in _recomputes(base, cache):
+            planned = _apply(base, {f"model.{k}": v for k, v in _recompute_fields(fields).items()})
+            try:
+                check_model(planned.model, planned.parallel)
+                setup = setup_for(planned, gpus, target, vocab)
+            except RecipeError:
+                continue
+            overrides = layout | {f"model.{k}": v for k, v in fields.items()}
+            out.append(Candidate(overrides, setup, step_time(setup, gpu)))
+    return sorted(out, key=lambda c: c.time.total)
+
+
+def _recompute_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    unset = {"recompute_granularity": None, "recompute_modules": None, "recompute_method": None}
+    return unset | {"recompute_num_layers": None} | fields
+
+
+def fitting(ordered: list[Candidate], gpu_bytes: int, top: int) -> tuple[list[Candidate], int]:
+    """The first `top` candidates (fastest first) whose worst rank fits; how many were estimated."""
+    found, tried = [], 0
+    for c in ordered:
+        tried += 1
+        peak = estimate_setup(c.setup).worst.peak
+        needed = peak + reserve_bytes(peak, c.setup.target)
+        if needed <= gpu_bytes:
+            found.append(dataclasses.replace(c, needed=needed))
+            if len(found) == top:
+                break
+    return found, tried
+
+
+# ------------------------------------------------------------------------------------------ output
+
+
+def _recompute_text(overrides: dict[str, Any]) -> str:
+    granularity = overrides.get("model.recompute_granularity")
+    if granularity is None:
+        return "none"
+    if granularity == "selective":
+        return "selective " + ",".join(overrides["model.recompute_modules"])
+    return f"full {overrides['model.recompute_method']} {overrides['model.recompute_num_layers']}"
+
+
+def table(found: list[Candidate], gpu: Any, gpus: int) -> list[str]:
+    lines = [
+        "  #  tensor pipeline virtual context expert  data  recompute                 micro  needed GiB  step s    MFU"
+    ]
+    for i, c in enumerate(found, 1):
+        o, layout = c.overrides, c.setup.layout
+        mfu = c.time.mfu(gpu, c.setup.recipe.train.precision, gpus)
+        lines.append(
+            f"{i:>3}  {o['parallel.tensor']:>6} {o['parallel.pipeline']:>8} {o['parallel.virtual_pipeline'] or '-':>7} "
+            f"{o['parallel.context']:>7} {o['parallel.expert']:>6} {layout.data:>5}  {_recompute_text(o):<24}  "
+            f"{o['train.micro_batch_size']:>5}  {c.needed / 2**30:>10.1f}  {c.time.total:>6.2f}  {100 * mfu:>4.1f} %"
+        )
+    return lines
+
+
+def as_overrides(overrides: dict[str, Any]) -> str:
+    def text(v: Any) -> str:
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, list):
+            return f"[{','.join(v)}]"
+        return str(v)
+
+    return " ".join(f"{k}={text(v)}" for k, v in overrides.items())
+
+
+def chinchilla(recipe: Recipe, vocab: int, best: Candidate) -> list[str]:
+    """Hoffmann et al. 2022: about 20 tokens per parameter (active parameters for MoE)."""
+    counts = parameter_counts(recipe.model, vocab)
+    params = counts.active
+    tokens = CHINCHILLA_TOKENS_PER_PARAMETER * params
+    per_step = recipe.train.global_batch_size * recipe.model.seq_length
+    steps = -(-tokens // per_step)
+    days = steps * best.time.total / 86400
+    kind = "active " if counts.active != counts.total else ""
+    return [
+        f"Chinchilla (Hoffmann et al. 2022, ~{CHINCHILLA_TOKENS_PER_PARAMETER} tokens per parameter): "
+        f"{params / 1e9:.2f}B {kind}parameters -> {tokens / 1e12:.2f}T tokens = {steps:,} steps of "
+        f"{recipe.train.global_batch_size} x {recipe.model.seq_length} tokens; "
+        f"{days:.1f} days at the best layout's {best.time.total:.2f} s per step",
+    ]

@@ -1,0 +1,314 @@
+"""Checkpoints with megatron-core dist_checkpointing: complete-or-invisible saves, `auto` resume."""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from common.errors import UserError
+from parallel.data_parallel import sync_params
+from pretrain.checkpoint import optimizer_state
+from upstream import fixes, safe_loading
+
+LATEST = "latest"
+# The distributed optimizer's state formats (checkpoint.optimizer_format): 'fully_reshardable' maps
+# the state onto the model's parameters (resume at any layout); 'dp_reshardable' saves each rank's
+# flat buffers as is (only the data-parallel size may change). megatron-core's default
+# 'fully_sharded_model_space' cannot be saved in 0.16 ("ShardedTensor.flattened_range is not supported").
+_ITER = re.compile(r"^iter_(\d{7})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"iter_{step:07d}"
+
+
+def complete_checkpoints(ckpt_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Finished checkpoints, oldest first; a save in progress lives under a `.tmp` name."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = [p for p in ckpt_dir.iterdir() if p.is_dir() and _ITER.match(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: pathlib.Path) -> int:
+    """N of an `iter_NNNNNNN` folder."""
+    match = _ITER.match(path.name)
+    if match is None:
+        raise ValueError(f"'{path.name}' is not a checkpoint folder name like iter_0000100")
+    return int(match.group(1))
+
+
+def resolve_load(load: str | None, ckpt_dir: pathlib.Path) -> pathlib.Path | None:
+    """`None` -> no load; `auto` -> newest complete checkpoint in ckpt_dir (or none); else a path."""
+    if load is None:
+        return None
+    if load == "auto":
+        found = complete_checkpoints(ckpt_dir)
+        return found[-1] if found else None
+    path = pathlib.Path(load)
+    if path.is_dir() and (path / LATEST).is_file():
+        name = (path / LATEST).read_text(errors="replace").strip()
+        if not _ITER.match(name):  # never a path: `latest` from elsewhere must not point outside
+            raise UserError(
+                f"checkpoint.load: '{path / LATEST}' names '{name[:40]}', not a checkpoint like iter_0000100"
+            )
+        path = path / name
+    if not (path / "metadata.json").is_file():
+        raise UserError(f"checkpoint.load: '{load}' is not a complete checkpoint (no metadata.json)")
+    return path
+
+
+def refuse_to_overwrite(load: str | None, ckpt_dir: pathlib.Path) -> None:
+    """A fresh run (no `checkpoint.load`) must not write over an earlier run's checkpoints."""
+    found = complete_checkpoints(ckpt_dir)
+    if load is None and found:
+        raise UserError(
+            f"checkpoint dir '{ckpt_dir}' already holds checkpoints (newest {found[-1].name}): "
+            "resume with checkpoint.load=auto, or set another logging.dir / checkpoint.dir"
+        )
+
+
+def _model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
+    sd = {}
+    for i, chunk in enumerate(chunks):
+        sd[f"model{i}" if len(chunks) > 1 else "model"] = _unwrap(chunk).sharded_state_dict()
+    return sd
+
+
+def _unwrap(chunk):
+    """DDP -> the wrapped module (Float16Module or GPTModel), which knows its sharded state."""
+    return getattr(chunk, "module", chunk)
+
+
+def save(
+    ckpt_dir: pathlib.Path,
+    step: int,
+    chunks: Sequence[torch.nn.Module],
+    optimizer: Any,
+    extra: dict,
+    optimizer_format: str | None = None,
+    keep_last: int | None = None,
+    async_queue: Any = None,
+    pause_before_publish_s: float = 0.0,
+    write_delay_s: float = 0.0,
+) -> pathlib.Path:
+    """Writes `<dir>/iter_N.tmp`, then renames it to `iter_N` and updates `latest` (rank 0).
+
+    `optimizer=None` saves the model only (a weights checkpoint, e.g. converted from Hugging Face);
+    otherwise `optimizer_format` is checkpoint.optimizer_format.
+    With `async_queue` (megatron-core's AsyncCallsQueue) the shards are written by a background
+    process from a snapshot taken now, and the rename happens when the queue finalizes the save
+    (`finish_async_saves`): until then the checkpoint is invisible to `auto`, as any partial save.
+    `pause_before_publish_s` (debug.save_pause_at_step) waits between writing and publishing;
+    `write_delay_s` (debug.save_write_delay_s) delays an async save's background writer.
+    """
+    from megatron.core import dist_checkpointing
+
+    final = ckpt_dir / checkpoint_name(step)
+    tmp = ckpt_dir / (checkpoint_name(step) + ".tmp")
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    sync_params(chunks)  # parallel.overlap_param_gather left the updated weights to the next forward
+    state = _model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        assert optimizer_format is not None, "a training checkpoint needs checkpoint.optimizer_format"
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_format_metadata(optimizer_format))
+    state["extra"] = {
+        **extra,
+        "kind": "training" if optimizer is not None else "weights",
+        "optimizer_format": optimizer_format if optimizer is not None else None,
+    }
+    publish = partial(_publish, ckpt_dir, tmp, final, keep_last, pause_before_publish_s)
+    if async_queue is None:
+        dist_checkpointing.save(state, str(tmp))
+        publish()
+        return final
+    request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
+    if write_delay_s:
+        request = request._replace(async_fn=partial(_delayed, write_delay_s, request.async_fn))
+    request.finalize_fns.append(publish)
+    async_queue.schedule_async_request(request)
+    return final
+
+
+def _delayed(seconds: float, write: Any, *args: Any, **kwargs: Any) -> Any:
+    """In the background writer: wait, then write (debug.save_write_delay_s)."""
+    time.sleep(seconds)
+    return write(*args, **kwargs)
+
+
+def _publish(
+    ckpt_dir: pathlib.Path, tmp: pathlib.Path, final: pathlib.Path, keep_last: int | None, pause_s: float
+) -> None:
+    """Every rank's shards are written: make the checkpoint visible (collective)."""
+    dist.barrier()
+    time.sleep(pause_s)
+    if dist.get_rank() == 0:
+        if final.exists():  # re-saving the same step (e.g. a rerun): replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _write_atomic(ckpt_dir / LATEST, final.name)
+        if keep_last:
+            prune(ckpt_dir, keep_last)
+    dist.barrier()
+
+
+def new_async_queue():
+    """megatron-core's queue of background saves (checkpoint.async_save)."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    return AsyncCallsQueue()
+
+
+def finish_async_saves(queue: Any, blocking: bool = False) -> list[int]:
+    """Publishes the background saves that are done (all of them when `blocking`); collective."""
+    if queue is None:
+        return []
+    return queue.maybe_finalize_async_calls(blocking=blocking)
+
+
+def _format_metadata(optimizer_format: str) -> dict:
+    return {"distrib_optim_sharding_type": optimizer_format}
+
+
+def prune(ckpt_dir: pathlib.Path, keep_last: int) -> list[pathlib.Path]:
+    """Deletes all but the `keep_last` newest complete checkpoints, and leftover `.tmp` saves older
+    than the newest; the newest complete one (what `latest` names) is always kept."""
+    complete = complete_checkpoints(ckpt_dir)
+    doomed = complete[: max(len(complete) - max(keep_last, 1), 0)]
+    newest = checkpoint_step(complete[-1]) if complete else -1
+    for stale in ckpt_dir.glob("iter_*.tmp"):
+        match = _ITER.match(stale.name[: -len(".tmp")])
+        if match and int(match.group(1)) < newest:
+            doomed.append(stale)
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+    return doomed
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_refusing_unsafe(template: dict, path: pathlib.Path) -> dict:
+    """dist_checkpointing.load; a byte item refused by upstream/safe_loading.py on any rank is
+    raised as that one-line UserError instead of torch's gathered multi-rank report."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from upstream.safe_loading import UnsafeFile, refusal_in
+
+    try:
+        return dist_checkpointing.load(template, str(path))
+    except UnsafeFile as exc:
+        refusal: UnsafeFile | None = exc
+    except CheckpointException as exc:
+        refusal = refusal_in(exc)
+        if refusal is None:
+            raise
+    raise UserError(f"checkpoint '{path}': {refusal}")
+
+
+def read_extra(path: pathlib.Path) -> dict:
+    """The checkpoint's `extra` dict (step, scheduler, recipe, ...), after the safety checks."""
+    from megatron.core import dist_checkpointing
+
+    safe_loading.install()
+    check_safe_to_load(path)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return common.get("extra") or {}
+
+
+def load(path: pathlib.Path, chunks: Sequence[torch.nn.Module], optimizer: Any) -> dict:
+    """Restores model chunks, and the optimizer unless `optimizer` is None or the checkpoint holds
+    weights only (`kind: weights`, e.g. converted from Hugging Face: the optimizer keeps its fresh
+    state). The optimizer may be of another kind than the one that saved (plain DDP / FSDP, fp16/bf16,
+    distributed): pretrain/checkpoint/optimizer_state.py maps one onto the other."""
+    from parallel.data_parallel import load_module_state
+
+    extra = read_extra(path)
+    weights_only = extra.get("kind") == "weights"
+    # Checkpoints from before `optimizer_format` was recorded were all dp_reshardable.
+    optimizer_format = None if weights_only or optimizer is None else extra.get("optimizer_format", "dp_reshardable")
+    template = _model_sharded_state_dict(chunks)
+    translation, second = None, {}
+    if optimizer_format is not None:
+        translation = _translation(path, optimizer, optimizer_format)
+        fixes.give_fresh_adam_a_step(optimizer)
+        template["optimizer"] = optimizer.sharded_state_dict(
+            template,
+            is_loading=True,
+            metadata=_format_metadata("fully_reshardable" if translation else optimizer_format),
+        )
+        if translation:
+            second = optimizer_state.point_masters(template, *translation[:2], _checkpoint_keys(path))
+    # Copies into parameters (and their views inside the optimizer) must not be recorded.
+    with torch.no_grad():
+        state = _load_refusing_unsafe(template, path)
+        if second:
+            optimizer_state.fill(template, _load_refusing_unsafe(second, path))
+        for i, chunk in enumerate(chunks):
+            load_module_state(chunk, state[f"model{i}" if len(chunks) > 1 else "model"])
+        if optimizer_format is not None:
+            loaded = state["optimizer"]
+            if translation:
+                kind, _, step = translation
+                loaded = optimizer_state.loaded_into(template["optimizer"], loaded)
+                optimizer_state.set_step(loaded, kind, step)
+            optimizer.load_state_dict(loaded)
+    if optimizer_format is not None:
+        fixes.restore_adam_steps(optimizer)
+    return extra
+
+
+def _translation(path: pathlib.Path, optimizer: Any, optimizer_format: str) -> tuple[str, str, int] | None:
+    """(current kind, saved kind, Adam's saved step) when another optimizer kind saved the checkpoint;
+    None when it is the current one."""
+    from megatron.core import dist_checkpointing
+
+    saved_optimizer = dist_checkpointing.load_common_state_dict(str(path)).get("optimizer")
+    kind, saved = optimizer_state.current_kind(optimizer), optimizer_state.saved_kind(saved_optimizer)
+    if kind == saved:
+        return None
+    optimizer_state.check_translatable(kind, saved, optimizer_format, str(path))
+    step = optimizer_state.saved_step(saved_optimizer)
+    return kind, saved, 0 if step is None else step
+
+
+def _checkpoint_keys(path: pathlib.Path) -> set:
+    from megatron.core import dist_checkpointing
+
+    return set(dist_checkpointing.load_tensors_metadata(str(path)))
+
+
+def check_safe_to_load(path: pathlib.Path) -> None:
+    """Refuses a checkpoint whose `common.pt` or `.metadata` could run code when loaded, before
+    megatron-core opens it (upstream/safe_loading.py checks every other pickle as it is read)."""
+    common, metadata = path / "common.pt", path / ".metadata"
+    try:
+        if common.is_file():
+            with open(common, "rb") as f:
+                safe_loading.check_weights_only(io.BytesIO(f.read()), f"checkpoint '{path}': common.pt")
+        if metadata.is_file():
+            safe_loading.unpickle_or_refuse(
+                safe_loading.MetadataUnpickler, metadata.read_bytes(), f"checkpoint '{path}': .metadata"
+            )
+    except (EOFError, RuntimeError, OSError) as exc:
+        raise UserError(f"checkpoint '{path}' is unreadable: {' '.join(str(exc).split())[:160]}") from None

@@ -1,0 +1,172 @@
+"""Hugging Face Llama / Mixtral safetensors <-> our megatron-core checkpoints.
+
+    python -m tools.convert_hf import HF_DIR CKPT_DIR     # then: checkpoint.load=CKPT_DIR
+    python -m tools.convert_hf export CHECKPOINT HF_DIR    # CHECKPOINT: a checkpoint dir or iter_N
+
+`import` writes a weights-only checkpoint (step 0, no optimizer state) plus CKPT_DIR/model.yaml, the
+recipe `model:` section matching the HF config (use it as a recipe's `base:`). dist_checkpointing
+reshards on load, so training may start at any layout. `export` reads a checkpoint saved at any
+layout (weights only or a training checkpoint; the recipe stored in it gives the architecture) and
+writes config.json + model.safetensors in fp32. Conversion runs in one CPU process and holds the
+whole model in memory (4 bytes per parameter). Errors are one line, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from collections.abc import Iterable
+from typing import TypeVar
+
+import torch
+
+from common.errors import UserError, run_tool
+from model.config import ModelConfig
+from parallel.layout import init_single_process
+from upstream.process import exit_quickly, prepare_process
+
+T = TypeVar("T")
+
+
+def _progress(items: Iterable[T], desc: str) -> Iterable[T]:
+    from tqdm import tqdm
+
+    return tqdm(items, desc=desc, unit="tensor", file=sys.stderr, disable=None)
+
+
+def read_hf_tensors(hf_dir: pathlib.Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{hf_dir}: no *.safetensors files (only safetensors checkpoints are read)")
+    tensors = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in _progress(list(f.keys()), f"reading {path.name}"):
+                tensors[name] = f.get_tensor(name).float()
+    return tensors
+
+
+def _build(model_cfg: ModelConfig, vocab_size: int) -> tuple[torch.nn.Module, int]:
+    """The model at tensor = pipeline = 1 for `vocab_size` tokens (padded as training pads it)."""
+    from model.gpt import ModelBuild, build_model_chunks, padded_vocab_size
+
+    vocab = padded_vocab_size(model_cfg, vocab_size, tensor=1)
+    (chunk,) = build_model_chunks(model_cfg, ModelBuild(perform_initialization=False), vocab)
+    return chunk, vocab
+
+
+def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
+    import yaml
+
+    from model.hf import hf_to_ours, model_config_from_hf
+    from pretrain.checkpoint import storage
+    from pretrain.recipe import Recipe, recipe_to_dict
+
+    config_path = hf_dir / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{hf_dir}: no config.json")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_path} is not valid JSON: {exc}") from None
+    if not isinstance(hf_config, dict):
+        raise UserError(f"{config_path}: expected a JSON object, got {type(hf_config).__name__}")
+    try:
+        model_cfg = model_config_from_hf(hf_config)
+    except KeyError as exc:
+        raise UserError(f"{config_path} has no {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"{config_path}: {exc}") from None
+    if storage.complete_checkpoints(out_dir):
+        raise UserError(f"{out_dir} already holds checkpoints: choose an empty directory")
+    init_single_process()
+    assert model_cfg.vocab_size is not None  # model_config_from_hf reads it from config.json
+    model, vocab = _build(model_cfg, model_cfg.vocab_size)
+    ours = hf_to_ours(read_hf_tensors(hf_dir), model_cfg, vocab)
+    _load_exactly(model, ours, f"{hf_dir}")
+    recipe = Recipe(model=model_cfg)
+    extra = {"step": 0, "recipe": recipe_to_dict(recipe), "vocab_size": model_cfg.vocab_size, "source": str(hf_dir)}
+    path = storage.save(out_dir, 0, [model], None, extra)
+    (out_dir / "model.yaml").write_text(yaml.safe_dump({"model": recipe_to_dict(recipe)["model"]}, sort_keys=False))
+    return path
+
+
+def _load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise UserError(
+            f"{source}: tensors do not match the architecture "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    own = model.state_dict()
+    for name, tensor in _progress(sorted(state.items()), "converting"):
+        if tuple(own[name].shape) != tuple(tensor.shape):
+            raise UserError(
+                f"{source}: '{name}' has shape {tuple(tensor.shape)}, the architecture needs {tuple(own[name].shape)}"
+            )
+        with torch.no_grad():
+            own[name].copy_(tensor)
+
+
+def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
+    from safetensors.torch import save_file
+
+    from model.hf import hf_config_from_model, ours_to_hf
+    from pretrain.checkpoint import storage
+    from pretrain.recipe import model_config_from_dict
+
+    path = storage.resolve_load(str(ckpt), ckpt.parent)
+    assert path is not None  # resolve_load gives None only for load None or auto
+    extra = storage.read_extra(path)
+    if "recipe" not in extra:
+        raise UserError(f"checkpoint '{path}' stores no recipe, so its architecture is unknown")
+    model_cfg = model_config_from_dict(extra["recipe"]["model"], f"in checkpoint {path}")
+    vocab_size = extra.get("vocab_size") or model_cfg.vocab_size
+    if vocab_size is None:
+        raise UserError(f"checkpoint '{path}' does not record its vocabulary size")
+    config = hf_config_from_model(model_cfg, vocab_size)  # refuses what HF cannot express, early
+    init_single_process()
+    model, _ = _build(model_cfg, vocab_size)
+    storage.load(path, [model], None)
+    ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    tensors = ours_to_hf(ours, model_cfg, vocab_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(
+        {k: v.detach().float().contiguous() for k, v in _progress(sorted(tensors.items()), "writing")},
+        str(out_dir / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    return out_dir
+
+
+def main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="HF safetensors dir -> weights-only checkpoint dir")
+    imp.add_argument("hf_dir", type=pathlib.Path)
+    imp.add_argument("out_dir", type=pathlib.Path)
+    exp = sub.add_parser("export", help="checkpoint (dir or iter_N) -> HF safetensors dir")
+    exp.add_argument("checkpoint", type=pathlib.Path)
+    exp.add_argument("out_dir", type=pathlib.Path)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    args = parser.parse_args(argv)
+    prepare_process(quiet=not args.debug)
+
+    def body() -> int:
+        if args.command == "import":
+            print(f"wrote {import_hf(args.hf_dir, args.out_dir)}")
+        else:
+            print(f"wrote {export_hf(args.checkpoint, args.out_dir)}")
+        return 0
+
+    return run_tool(body, args.debug)
+
+
+if __name__ == "__main__":
+    exit_quickly(main())
