@@ -1,9 +1,10 @@
 """The GPU measurements of one machine in one command (scripts/gpu_check.sh runs this): the measured
 bf16 matmul peak, which SDPA kernel runs, bf16 step time and MFU of Llama-3.2-1B and -3B at sequence
 4096 (recompute off and on), the FP8 local path against bf16, the ring at CP 2 against one attention
-call, attention inside documents (flash-attn varlen against one causal call at sequence 8192; skipped
-without flash-attn), and the memory model against the allocator's peak. `--smoke` runs every part with tiny shapes
-on a CPU (the test suite does, so the script never rots). One table last; logs under --out.
+call, attention inside documents (flash-attn varlen against one causal call at sequence 8192;
+skipped without flash-attn), grouped-GEMM experts against sequential ones in a Qwen3-30B-A3B-shaped
+MoE layer, and the memory model against the allocator's peak. `--smoke` runs every part with tiny
+shapes on a CPU (the test suite does, so the script never rots). One table last; logs under --out.
 """
 
 from __future__ import annotations
@@ -167,6 +168,15 @@ def _checks(out: pathlib.Path, corpus: str, smoke: bool) -> list[Check]:
             skip="flash-attn is not installed" if no_flash else None,
         )
     )
+    # one Qwen3-30B-A3B-shaped MoE layer (hidden 2048, 128 experts, top-8, expert ffn 768), bf16
+    experts = [py, "-m", "benchmarks.bench_moe_experts"]
+    experts += (
+        ["--smoke"]
+        if smoke
+        else ["--device", "cuda", "--dtype", "bf16", "--experts", "128", "--top-k", "8", "--hidden", "2048"]
+        + ["--ffn", "768", "--tokens", "8192", "--iters", "10"]
+    )
+    checks.append(Check("moe_grouped_vs_sequential_experts", experts, "stdout"))
     memory = [
         py,
         "-m",

@@ -5,7 +5,9 @@ from collections.abc import Callable
 
 EXIT_USER_ERROR = 2  # bad input: a recipe, override, data file, checkpoint, path or tool argument
 EXIT_NONFINITE = 3  # a fault guard stopped the run: non-finite loss or gradients
+EXIT_OUT_OF_MEMORY = 4  # a rank ran out of device memory: the report names the cheapest change that fits
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again later": checkpoint saved, resume with load=auto
+EXIT_INTERRUPTED = 130  # the shells' 128 + SIGINT: Ctrl-C (the first one saves a checkpoint, a second stops at once)
 
 
 def path_problem(exc: OSError) -> str | None:

@@ -1,46 +1,36 @@
 """Turn documents (stdlib source, synthetic motifs, the user's files or a hub dataset) into indexed .bin/.idx files."""
 
 import argparse
-import collections
 import json
-import multiprocessing
 import os
+import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy
 
 from common.errors import EXIT_USER_ERROR, UserError, path_problem
-from data.sources import (
-    BYTE_VOCAB_SIZE,
-    QUICKSTART_MAX_BYTES,
-    expand_inputs,
-    input_streams,
-    quickstart_documents,
-    synthetic_documents,
-    text_documents,
+from data.inputs import Source, find_sources, fingerprint, part_texts, plan_parts, shard_window
+from data.parts import (
+    PLAN_FORMAT,
+    Progress,
+    WorkerSetup,
+    _indexed_dataset_builder,
+    finalize,
+    open_parts,
+    part_record,
+    run_parts,
 )
-from data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
-from upstream.process import exit_quickly, prepare_process
+from data.sources import BYTE_VOCAB_SIZE, QUICKSTART_MAX_BYTES, quickstart_documents, synthetic_documents
+from data.streams import iter_plan
+from data.tokenizer import ByteTokenizer, build_tokenizer
 
 
 def token_dtype(vocab_size: int) -> type:
     """uint16 halves the file size when every id fits; 65500 is megatron-core's own cut-off."""
     return numpy.uint16 if vocab_size < 65500 else numpy.int32
-
-
-def _indexed_dataset_builder():
-    """megatron-core's IndexedDatasetBuilder; on a CPU-only machine megatron-core is first imported
-    with its JIT fuser off (upstream/process.py), which takes most of the import time off a corpus
-    build."""
-    from upstream.process import import_megatron_without_jit_fusers
-
-    import_megatron_without_jit_fusers()
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    return IndexedDatasetBuilder
 
 
 def write_indexed(docs: Iterable[list[int]], prefix: str, vocab_size: int, eod: int | None = None) -> dict:
@@ -130,143 +120,11 @@ def build_synthetic_corpus(
 
 # ---- text: the user's files or a hub dataset, read through HF datasets, streamed -----------------
 
-# HF datasets builder per file ending; any other file is plain text, one document per file.
-BATCH_DOCUMENTS = 256  # documents per tokenization task at most,
-BATCH_CHARACTERS = 256 * 1024  # and about this much text, so that long documents still spread over workers
-IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory however large the input is
+# ---- text: the user's files or a hub dataset, cut into parts, tokenized by worker processes ------
+
 EOD_TOKEN = "<|endoftext|>"  # the EOD of a tokenizer trained here (data.tokenizer finds it by name)
-
-
-def _batches(texts: Iterable[str], size: int, characters: int = BATCH_CHARACTERS) -> Iterator[list[str]]:
-    batch, held = [], 0
-    for text in texts:
-        batch.append(text)
-        held += len(text)
-        if len(batch) == size or held >= characters:
-            yield batch
-            batch, held = [], 0
-    if batch:
-        yield batch
-
-
-# Each pool worker receives the parent's tokenizer once (initializer; pickled, a HF tokenizer as its
-# JSON) and keeps it for its tasks: no worker reads a file or asks the hub again.
-_WORKER_TOKENIZER: ByteTokenizer | HFTokenizer | None = None
-
-
-def _init_worker(tokenizer: ByteTokenizer | HFTokenizer) -> None:
-    global _WORKER_TOKENIZER
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the processes
-    _WORKER_TOKENIZER = tokenizer
-
-
-def _tokenize_batch(
-    texts: list[str],
-    tokenizer: ByteTokenizer | HFTokenizer | None = None,
-) -> tuple[numpy.ndarray, numpy.ndarray]:
-    """(all ids of the batch with an EOD after each document, int64; per-document lengths).
-
-    Documents without a single token are left out, as Megatron-LM's preprocess_data.py does: a
-    lone EOD would only teach the model to follow EOD with EOD."""
-    tokenizer = tokenizer or _WORKER_TOKENIZER
-    assert tokenizer is not None, "a pool worker's tokenizer comes from _init_worker"
-    docs = [d for d in tokenizer.tokenize_batch(texts) if len(d)]
-    lengths = numpy.fromiter((len(d) + 1 for d in docs), dtype=numpy.int64, count=len(docs))
-    flat = numpy.empty(int(lengths.sum()), dtype=numpy.int64)
-    ends = numpy.cumsum(lengths)
-    flat[ends - 1] = tokenizer.eod
-    for doc, end in zip(docs, ends):
-        flat[end - 1 - len(doc) : end - 1] = doc
-    return flat, lengths
-
-
-def tokenized_batches(
-    texts: Iterable[str],
-    tokenizer_name: str,
-    workers: int,
-    batch_size: int = BATCH_DOCUMENTS,
-    tokenizer: ByteTokenizer | HFTokenizer | None = None,
-) -> Iterator[tuple[numpy.ndarray, numpy.ndarray]]:
-    """Tokenized batches in input order; with workers > 1 a process pool, at most a few batches ahead.
-    `tokenizer`, when given, is the one already built from `tokenizer_name` (a hub name is fetched
-    once); the pool's processes get a copy of it."""
-    batches = _batches(texts, batch_size)
-    tokenizer = tokenizer or build_tokenizer(tokenizer_name)
-    if workers <= 1:
-        yield from (_tokenize_batch(batch, tokenizer) for batch in batches)
-        return
-    # spawn, not fork: the parent may already run tokenizer threads (training a BPE) or hold locks
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
-        pending: collections.deque = collections.deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_tokenize_batch, (batch,)))
-            if len(pending) >= workers * IN_FLIGHT_PER_WORKER:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-
-
-def write_batches(
-    batches: Iterable[tuple[numpy.ndarray, numpy.ndarray]],
-    prefix: str,
-    vocab_size: int,
-    tokenizer_name: str,
-    progress: bool = True,
-) -> dict:
-    """Stream batches into PREFIX.bin/.idx, written under temporary names and renamed when complete:
-    an error or interruption leaves no partial files behind."""
-    IndexedDatasetBuilder = _indexed_dataset_builder()
-    os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-    tmp = prefix + ".tmp"
-    builder = IndexedDatasetBuilder(tmp + ".bin", dtype=token_dtype(vocab_size))
-    try:
-        stats = _add_batches(builder, batches, vocab_size, tokenizer_name, progress)
-        builder.finalize(tmp + ".idx")
-        if stats["documents"] == 0:
-            raise UserError("the input holds no documents: nothing to write")
-    except BaseException:
-        builder.data_file.close()
-        for ending in (".bin", ".idx"):
-            if os.path.exists(tmp + ending):
-                os.remove(tmp + ending)
-        raise
-    os.replace(tmp + ".bin", prefix + ".bin")
-    os.replace(tmp + ".idx", prefix + ".idx")
-    return stats
-
-
-def _add_batches(
-    builder: Any,
-    batches: Iterable[tuple[numpy.ndarray, numpy.ndarray]],
-    vocab_size: int,
-    tokenizer_name: str,
-    progress: bool,
-) -> dict:
-    documents = tokens = 0
-    with _progress_bar(progress) as bar:
-        for flat, lengths in batches:
-            if flat.size and (flat.min() < 0 or flat.max() >= vocab_size):
-                raise UserError(
-                    f"tokenizer '{tokenizer_name}' produced id {int(flat.max())} outside its "
-                    f"vocabulary of {vocab_size} ids"
-                )
-            start = 0
-            for length in lengths.tolist():
-                builder.add_document(flat[start : start + length], [length])
-                start += length
-            documents += lengths.size
-            tokens += flat.size
-            bar.update(int(lengths.size))
-            bar.set_postfix(tokens=tokens, refresh=False)
-    return {"documents": documents, "tokens": tokens}
-
-
-def _progress_bar(enabled: bool) -> Any:
-    from tqdm import tqdm
-
-    # disable=None: shown on a terminal only, so logs and captured stderr keep one-line errors
-    return tqdm(unit=" docs", file=sys.stderr, disable=None if enabled else True, mininterval=0.5)
+PARTS_AIMED = 64  # parts per run (or shard) when --part-bytes is not given: resume loses at most one
+PART_BYTES_MIN, PART_BYTES_MAX = 1 << 20, 16 << 20  # ...within these bounds
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, path: str) -> str:
@@ -288,6 +146,12 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, path: str) -> str
     return path
 
 
+def shard_prefix(prefix: str, shard: tuple[int, int]) -> str:
+    """Where shard I of N writes: PREFIX-0000I-of-0000N (zero-padded, so a glob sorts the shards)."""
+    index, count = shard
+    return prefix if count == 1 else f"{prefix}-{index:05d}-of-{count:05d}"
+
+
 def build_text_corpus(
     patterns: list[str],
     prefix: str,
@@ -297,29 +161,68 @@ def build_text_corpus(
     train_vocab_size: int | None = None,
     hub: tuple | None = None,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    overwrite: bool = False,
+    part_bytes: int | None = None,
+    split: str = "train",
 ) -> dict:
-    """Tokenize the input documents (files and/or one hub dataset) and write PREFIX.bin/.idx.
+    """Tokenize the input documents (files, saved datasets and/or one hub dataset) of shard I of N
+    into PREFIX.bin/.idx (PREFIX-I-of-N when N > 1), resuming the parts a killed run finished.
 
     With `train_vocab_size`, first train a BPE tokenizer of that size on the same documents and
     save it as tokenizer.json beside the output; its path is returned under 'tokenizer'.
     """
-    paths = expand_inputs(patterns)
-    hub_name, hub_subset, hub_split = hub or (None, None, "train")
-
-    def documents() -> Iterator[str]:  # a fresh stream per pass: nothing held in memory
-        return text_documents(input_streams(paths, hub_name, hub_subset, hub_split), text_key)
-
-    stats = {}
+    sources = find_sources(patterns, hub, split)
+    if shard[1] > 1 and any(source.kind == "hub" for source in sources):
+        raise UserError("--shard splits files: save the hub dataset to disk (save_to_disk) and give that folder")
+    out = shard_prefix(prefix, shard)
+    stats: dict[str, Any] = {"output": out}
     if train_vocab_size is not None:
         path = os.path.join(os.path.dirname(os.path.abspath(prefix)), "tokenizer.json")
-        tokenizer_name = stats["tokenizer"] = train_bpe_tokenizer(documents(), train_vocab_size, path)
+        if not (os.path.isdir(out + ".parts") and os.path.isfile(path)):  # a resumed run keeps its tokenizer
+            train_bpe_tokenizer(_all_texts(sources, text_key), train_vocab_size, path)
+        tokenizer_name = stats["tokenizer"] = path
     tokenizer = build_tokenizer(tokenizer_name)
     if tokenizer.vocab_size > numpy.iinfo(numpy.int32).max:
         raise UserError(
             f"tokenizer '{tokenizer_name}' has {tokenizer.vocab_size} ids, more than int32 token files can hold"
         )
-    batches = tokenized_batches(documents(), tokenizer_name, workers, tokenizer=tokenizer)
-    return {**stats, **write_batches(batches, prefix, tokenizer.vocab_size, tokenizer_name, progress)}
+    dtype = numpy.dtype(token_dtype(tokenizer.vocab_size)).name
+    lo, hi = shard_window(sources, shard)
+    part_bytes = part_bytes or min(max((hi - lo) // PARTS_AIMED, PART_BYTES_MIN), PART_BYTES_MAX)
+    plan = {
+        "format": PLAN_FORMAT,
+        "inputs": fingerprint(sources),
+        "text_key": text_key,
+        "tokenizer": tokenizer.fingerprint(),
+        "shard": list(shard),
+        "part_bytes": part_bytes,
+        "dtype": dtype,
+    }
+    done = open_parts(out, plan, overwrite)
+    resumed = len(done)
+    try:
+        parts = plan_parts(sources, shard, part_bytes)
+        total = sum(item.weight for item in parts)
+        setup = WorkerSetup(tokenizer, tokenizer_name, text_key, out + ".parts", dtype)
+        meter = Progress(total, progress)
+        names = run_parts(iter_plan(parts, text_key, part_bytes), done, setup, workers, meter)
+        meter.close()
+        counts = {key: sum(done[name][key] for name in names) for key in ("documents", "tokens", "empty", "blank")}
+        if counts["documents"] == 0 and shard[1] == 1:
+            raise UserError("the input holds no documents: nothing to write")
+        records = {name: part_record(out + ".parts", name, done[name]) for name in names}
+        finalize(out, names, records, dtype)
+    except UserError:
+        shutil.rmtree(out + ".parts", ignore_errors=True)  # bad input: its parts are of no use
+        raise
+    return {**stats, **counts, "parts": len(names), "resumed_parts": resumed}
+
+
+def _all_texts(sources: list[Source], text_key: str) -> Iterator[str]:
+    """Every document of the inputs, read in this process (to train a tokenizer on)."""
+    for item in iter_plan(plan_parts(sources, (0, 1), PART_BYTES_MAX), text_key, PART_BYTES_MAX):
+        yield from part_texts(item, text_key)[0]
 
 
 # ---- command line ---------------------------------------------------------------------------------
@@ -335,18 +238,21 @@ def _parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--output-prefix", required=True)
     synthetic.add_argument("--num-docs", type=int, default=2000)
     synthetic.add_argument("--seed", type=int, default=0)
-    text = commands.add_parser("text", help="your files (jsonl/json/parquet/arrow/text) or a hub dataset")
+    text = commands.add_parser(
+        "text", help="your files (jsonl[.gz/.zst], parquet, json, arrow, text), saved datasets or a hub dataset"
+    )
     text.add_argument(
         "--input",
         nargs="+",
         action="extend",  # --input a --input b reads both, in that order
         default=[],
-        help="files or globs (the option may be repeated); .jsonl/.json/.parquet/.arrow "
-        "rows are documents, any other file is one plain-text document",
+        help="files, globs or folders (the option may be repeated): the rows of .jsonl, .jsonl.gz, "
+        ".jsonl.zst, .parquet, .json and .arrow files and of folders saved by datasets' save_to_disk "
+        "are documents, any other file is one plain-text document",
     )
     text.add_argument("--hf-dataset", metavar="NAME", help="a Hugging Face hub dataset (downloaded; streamed)")
     text.add_argument("--hf-subset", metavar="NAME", help="the hub dataset's configuration")
-    text.add_argument("--hf-split", default="train", help="the hub dataset's split")
+    text.add_argument("--hf-split", default="train", help="the split of the hub dataset or of a saved DatasetDict")
     text.add_argument("--output-prefix", required=True)
     text.add_argument(
         "--tokenizer", default="byte", help="'byte', a local tokenizer.json (or its folder), or a hub tokenizer name"
@@ -359,8 +265,38 @@ def _parser() -> argparse.ArgumentParser:
         "beside the output and used",
     )
     text.add_argument("--text-key", default="text", help="the field holding the text (json/parquet/arrow)")
-    text.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    text.add_argument("--workers", type=int, default=1, help="tokenizer processes (one per core is fastest)")
+    text.add_argument(
+        "--shard",
+        metavar="I/N",
+        help="process the I-th of N shares of the input rows (0 <= I < N) into PREFIX-0000I-of-0000N; "
+        "join them with python -m data.merge (default: from SLURM_ARRAY_TASK_ID and _COUNT in a "
+        "Slurm array job, else 0/1)",
+    )
+    text.add_argument("--overwrite", action="store_true", help="replace a finished output, or another run's parts")
+    text.add_argument(
+        "--part-bytes",
+        type=int,
+        metavar="BYTES",
+        help="input bytes per part, the unit of work and of resume (default: a 64th of the input, within 1-16 MiB)",
+    )
+    text.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     return parser
+
+
+def parse_shard(text: str | None, environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """--shard I/N, else the Slurm array task's place among its array (ids need not start at 0)."""
+    where = "--shard"
+    if text is None:
+        if "SLURM_ARRAY_TASK_ID" not in environ or "SLURM_ARRAY_TASK_COUNT" not in environ:
+            return 0, 1
+        first = int(environ.get("SLURM_ARRAY_TASK_MIN", 0))
+        text = f"{int(environ['SLURM_ARRAY_TASK_ID']) - first}/{environ['SLURM_ARRAY_TASK_COUNT']}"
+        where = "the Slurm array task (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN / SLURM_ARRAY_TASK_COUNT)"
+    index, _, count = text.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise UserError(f"{where} {text}: expected I/N with 0 <= I < N, e.g. 3/8")
+    return int(index), int(count)
 
 
 def _run(args: argparse.Namespace) -> dict:
@@ -372,6 +308,8 @@ def _run(args: argparse.Namespace) -> dict:
         raise UserError("give --input files or --hf-dataset NAME")
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
+    if args.part_bytes is not None and args.part_bytes < 1:
+        raise UserError(f"--part-bytes must be at least 1, got {args.part_bytes}")
     if args.train_tokenizer is not None and args.tokenizer != "byte":
         raise UserError("--train-tokenizer trains the tokenizer to use: leave out --tokenizer")
     if args.train_tokenizer is not None and args.train_tokenizer < BYTE_VOCAB_SIZE:
@@ -379,14 +317,46 @@ def _run(args: argparse.Namespace) -> dict:
             f"--train-tokenizer {args.train_tokenizer}: a byte-level BPE needs at least "
             f"{BYTE_VOCAB_SIZE} ids (256 bytes and the EOD)"
         )
+    shard = parse_shard(args.shard)
+    if args.train_tokenizer is not None and shard[1] > 1:
+        raise UserError("--train-tokenizer with shards would train one tokenizer per shard: train it first")
     hub = (args.hf_dataset, args.hf_subset, args.hf_split) if args.hf_dataset else None
     return build_text_corpus(
-        args.input, args.output_prefix, args.tokenizer, args.text_key, args.workers, args.train_tokenizer, hub
+        args.input,
+        args.output_prefix,
+        args.tokenizer,
+        args.text_key,
+        args.workers,
+        args.train_tokenizer,
+        hub,
+        progress=not args.no_progress,
+        shard=shard,
+        overwrite=args.overwrite,
+        part_bytes=args.part_bytes,
+        split=args.hf_split,
     )
+
+
+def _summary(stats: dict, seconds: float) -> str:
+    trained = f" (tokenizer {stats['tokenizer']})" if "tokenizer" in stats else ""
+    line = (
+        f"wrote {stats['output']}.bin/.idx{trained}: {stats['documents']} documents, {stats['tokens']} tokens, "
+        f"{seconds:.1f} s, {stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s"
+    )
+    skipped = [
+        f"{stats[key]} {what}" for key, what in (("empty", "empty (no tokens)"), ("blank", "blank lines")) if stats[key]
+    ]
+    if skipped:
+        line += f"; left out: {', '.join(skipped)}"
+    if stats["resumed_parts"]:
+        line += f"; resumed: {stats['resumed_parts']} of {stats['parts']} parts were done before"
+    return line
 
 
 def main(argv: list[str] | None = None) -> int:
     """Build one corpus and print a one-line summary; bad input → one line on stderr, exit 2."""
+    from upstream.process import prepare_process  # torch: not for the tokenizer processes
+
     args = _parser().parse_args(argv)
     prepare_process()
     start = time.perf_counter()
@@ -400,15 +370,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {path_problem(error)}", file=sys.stderr)
         return EXIT_USER_ERROR
-    trained = f" (tokenizer {stats['tokenizer']})" if "tokenizer" in stats else ""
-    summary = f"{args.output_prefix}.bin/.idx{trained}: {stats['documents']} documents, {stats['tokens']} tokens"
-    if stats.get("skipped"):
-        print(f"kept up-to-date {summary} (built earlier from the same sources)")
+    if args.command != "text":
+        summary = f"{args.output_prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens"
+        if stats.get("skipped"):
+            print(f"kept up-to-date {summary} (built earlier from the same sources)")
+            return 0
+        seconds = time.perf_counter() - start
+        print(f"wrote {summary}, {seconds:.1f} s, {stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s")
         return 0
-    seconds = time.perf_counter() - start
-    print(f"wrote {summary}, {seconds:.1f} s, {stats['tokens'] / max(seconds, 1e-9):.0f} tokens/s")
+    print(_summary(stats, time.perf_counter() - start))
     return 0
 
 
 if __name__ == "__main__":
+    from upstream.process import exit_quickly
+
     exit_quickly(main())

@@ -29,6 +29,9 @@ class ByteTokenizer:
     def tokenize_batch(self, texts: list[str]) -> list[numpy.ndarray]:
         return [numpy.frombuffer(text.encode("utf-8"), dtype=numpy.uint8) for text in texts]
 
+    def fingerprint(self) -> str:
+        return "byte"
+
     def detokenize(self, ids: Iterable[int]) -> str:
         # EOD has no byte; dropping it keeps decode total instead of raising on a valid id.
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
@@ -66,7 +69,14 @@ class HFTokenizer:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
 
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+        # the same ids as encode_batch, without the character offsets nobody here reads
+        return [e.ids for e in self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def fingerprint(self) -> str:
+        """A hash of the tokenizer's whole definition: a resumed run must tokenize as the first did."""
+        import hashlib
+
+        return hashlib.sha256(self._tokenizer.to_str().encode()).hexdigest()
 
     def detokenize(self, ids: Iterable[int]) -> str:
         return self._tokenizer.decode(list(ids), skip_special_tokens=False)

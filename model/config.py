@@ -40,7 +40,9 @@ class MoeConfig:
     drop_policy: Literal["probs", "position"] = "probs"  # over capacity, drop the lowest-probability or latest
     pad_to_capacity: bool = False  # pad every expert's input to its capacity (needs capacity_factor)
     dispatcher: Literal["alltoall", "allgather"] = "alltoall"  # how tokens reach expert-parallel ranks
-    grouped_gemm: bool = False  # one grouped GEMM for all local experts (GPU, transformer-engine)
+    # all local experts as grouped GEMMs: torch._grouped_mm (local spec, model/grouped_experts.py) or
+    # transformer-engine's; false = one expert after another (megatron-core's SequentialMLP)
+    grouped_gemm: bool = False
 
 
 @dataclass
@@ -129,6 +131,12 @@ def check_fp8(fp8: Fp8Config, model: ModelConfig, parallel: ParallelConfig, prec
             )
     _check_fp8_layers(fp8, model, parallel)
     if local and model.moe.num_experts is not None:
+        if model.moe.grouped_gemm:
+            raise RecipeError(
+                "fp8 on the local spec has no grouped-GEMM experts (torch._scaled_grouped_mm has no CPU "
+                "kernel to verify them against): set model.moe.grouped_gemm = false, or transformer_impl = "
+                "transformer_engine"
+            )
         _check_fp8_local_experts(parallel)
 
 
@@ -324,10 +332,15 @@ def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:
             f"model.moe with parallel.tensor = {p.tensor} needs parallel.sequence_parallel = true "
             "(megatron-core's MoE layer refuses tensor parallelism without it)"
         )
-    if moe.grouped_gemm and model.transformer_impl != "transformer_engine":
+    if moe.grouped_gemm and model.add_bias_linear:
         raise RecipeError(
-            "model.moe.grouped_gemm = true needs model.transformer_impl = transformer_engine "
-            "(grouped GEMM experts come from transformer-engine)"
+            "model.moe.grouped_gemm = true cannot be combined with model.add_bias_linear = true "
+            "(grouped experts have no linear biases, as megatron-core's GroupedMLP)"
+        )
+    if moe.grouped_gemm and p.fsdp is not None and model.transformer_impl == "local":
+        raise RecipeError(
+            f"model.moe.grouped_gemm = true with parallel.fsdp = {p.fsdp} is not verified: FSDP2 would "
+            "shard the stacked expert weights by expert; set model.moe.grouped_gemm = false"
         )
     expert_tensor = p.expert_tensor or p.tensor
     if model.add_bias_linear and moe.shared_expert_ffn_hidden_size is not None:

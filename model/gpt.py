@@ -211,7 +211,12 @@ def _local_layer_spec(config: TransformerConfig, init_seed: int, num_experts: in
         from model.moe import ExpertRowParallelLinear, SeededSequentialMLP
 
         experts = spec.submodules.mlp.submodules.experts
-        experts.module = SeededSequentialMLP
+        if config.moe_grouped_gemm:
+            from model.grouped_experts import GroupedExperts  # torch._grouped_mm, no transformer-engine
+
+            experts.module = GroupedExperts
+        else:
+            experts.module = SeededSequentialMLP
         experts.submodules.linear_fc2 = ExpertRowParallelLinear
     return spec
 

@@ -128,6 +128,9 @@ def moe_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int]:
     ffn = moe.ffn_hidden_size or m.ffn_hidden_size
     experts_bytes = routed * h * b + mlp_bytes(ffn, routed, shape.expert_tensor, b, scaled=True) + routed * FP32
     layer["moe"] = router + experts_bytes
+    if moe.grouped_gemm:
+        # what moe_act recompute drops (grouped experts only): all but fc1's output of mlp_bytes
+        layer["_moe_act"] = 4 * routed * ffn // shape.expert_tensor * b
     if moe.shared_expert_ffn_hidden_size:
         layer["shared_experts"] = mlp_bytes(moe.shared_expert_ffn_hidden_size, shape.tokens, shape.tensor, b)
     return layer
@@ -141,6 +144,8 @@ def recompute_saved(parts: dict[str, int], modules: list[str], shape: Shape, m: 
         kept["core_attn"] = parts["_checkpointed"] - parts["attn_out"]
     if "layernorm" in modules:  # each norm keeps only its input; its output is dropped and recomputed
         kept["input_norm"] = kept["pre_mlp_norm"] = n_sp * m.hidden_size * b
+    if "moe_act" in modules and "moe" not in modules:  # the activation's output is discarded, its input kept
+        kept["moe"] -= parts.get("_moe_act", 0)
     for module in ("mlp", "moe", "shared_experts"):
         if module in modules and module in kept:
             kept[module] = 0
@@ -159,6 +164,7 @@ def recompute_transient(parts: dict[str, int], modules: list[str]) -> int:
     rerun: dict[str, tuple[str, ...]] = {"core_attn": ("lse",), "layernorm": ("input_norm",), "mlp": ("mlp",)}
     # moe: the whole layer's checkpoint (transformer/moe/moe_layer.py custom_forward), shared experts included
     rerun |= {"moe": ("moe", "shared_experts"), "shared_experts": () if "moe" in modules else ("shared_experts",)}
+    rerun["moe_act"] = () if "moe" in modules else ("_moe_act",)
     return sum(sum(parts.get(p, 0) for p in rerun.get(mod, ())) for mod in modules)
 
 
@@ -170,7 +176,9 @@ def backward_transient(m: ModelConfig, shape: Shape, is_moe: bool, gloo: bool = 
     exchange's gradient buffers (the all-to-all's input and output; under expert tensor
     parallelism the all-gather that undoes the combine's reduce-scatter, in the routing
     probabilities' fp32 when training in bf16, through a list of pieces and a concatenation on
-    gloo, then cast back), or one expert's fc1 backward, whichever is larger."""
+    gloo, then cast back), or the experts' fc1 backward, whichever is larger: one expert's at a
+    time, or with grouped GEMMs all local experts' at once (every routed token's output gradient
+    and the whole stack's weight gradient)."""
     b, h = shape.dtype_bytes, m.hidden_size
     # Ulysses' attention backward: the send and receive buffers of one all-to-all of [s/cp, b, h/t]
     ulysses = 2 * shape.tokens * h // shape.tensor * b if shape.ulysses > 1 else 0
@@ -180,7 +188,8 @@ def backward_transient(m: ModelConfig, shape: Shape, is_moe: bool, gloo: bool = 
     ffn = moe.ffn_hidden_size or m.ffn_hidden_size
     routed = routed_tokens(m, shape)
     local = max((moe.num_experts or 1) // shape.expert, 1)
-    expert = 2 * ffn // shape.expert_tensor * b * (routed // local + h)
+    grouped = local if moe.grouped_gemm else 1  # experts whose fc1 backward runs at once
+    expert = 2 * ffn // shape.expert_tensor * b * (routed // local * grouped + h * grouped)
     exchange = 2 * shape.sharded_tokens * moe.top_k * h * b
     if shape.expert_tensor > 1:
         probs = FP32 if b != FP32 else b

@@ -9,12 +9,11 @@ import os
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from data.loader import BatchPlan
-from model.config import moe_layer_pattern
-from model.gpt import layer_parameters, padded_vocab_size, parameter_counts
+from model.gpt import parameter_counts
 from parallel.layout import Layout
-from planning.memory import estimate_setup
+from planning.memory import estimate_setup, setup_for, stage_parameters
 from planning.report import dry_run_setup, fit_lines, memory_json, table_lines
-from planning.setup import stage_layers, validate_for_world, vocab_size
+from planning.setup import validate_for_world, vocab_size
 
 if TYPE_CHECKING:
     from pretrain.recipe import Recipe
@@ -29,27 +28,6 @@ class StagePlan:
     params_per_rank: int
 
 
-def params_per_rank(
-    recipe: Recipe, layout: Layout, vocab: int, ranges: tuple[tuple[int, int], ...], first: bool, last: bool
-) -> int:
-    """Parameters on one rank of a stage holding the global layer `ranges` (half-open pairs): TP splits
-    every matmul, EP the routed experts (model/gpt.py:layer_parameters)."""
-    m = recipe.model
-    h, tp = m.hidden_size, layout.tensor
-    pattern = moe_layer_pattern(m)
-    experts = m.moe.num_experts // layout.expert if m.moe.num_experts else None
-    total = sum(
-        layer_parameters(m, pattern[i], tensor=tp, expert_tensor=layout.expert_tensor, experts=experts)
-        for a, b in ranges
-        for i in range(a, b)
-    )
-    if first:
-        total += vocab * h // tp
-    if last:
-        total += h + (vocab * h // tp if (m.untie_embeddings or not first) else 0)
-    return total
-
-
 class Plan(NamedTuple):
     layout: Layout
     batch: BatchPlan
@@ -60,12 +38,12 @@ class Plan(NamedTuple):
 def plan(recipe: Recipe, world_size: int) -> Plan:
     """The layout, batch plan, padded vocabulary and per-stage parameters for `world_size` ranks."""
     layout, batch = validate_for_world(recipe, world_size)
-    vocab = padded_vocab_size(recipe.model, vocab_size(recipe), layout.tensor)
-    stages = []
-    for p, ranges in enumerate(stage_layers(recipe, layout)):
-        count = params_per_rank(recipe, layout, vocab, ranges, p == 0, p == layout.pipeline - 1)
-        stages.append(StagePlan(p, ranges, count))
-    return Plan(layout, batch, vocab, stages)
+    setup = setup_for(recipe, world_size, vocab=vocab_size(recipe))
+    stages = [
+        StagePlan(p, ranges, sum(stage_parameters(setup, p)))  # the memory model's count: one counter
+        for p, ranges in enumerate(setup.stage_ranges)
+    ]
+    return Plan(layout, batch, setup.vocab, stages)
 
 
 def meta_parameter_count(recipe: Recipe, vocab: int) -> int:

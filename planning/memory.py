@@ -155,6 +155,32 @@ def stage_parameters(setup: Setup, pipeline_rank: int) -> tuple[int, int]:
     return dense, expert
 
 
+def adam_parameters(setup: Setup, pipeline_rank: int) -> int:
+    """Under optimizer.name = muon: the dense parameters of one rank of a stage that AdamW still
+    steps (embedding, output layer, norms, biases); every other one is a Muon matrix. Expert
+    biases, a rounding error, are counted as Muon's."""
+    m, layout, vocab, tp = setup.model, setup.layout, setup.vocab, setup.layout.tensor
+    h, bias = m.hidden_size, int(m.add_bias_linear)
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    qkv = (heads + 2 * groups) * (h // heads)
+    layers = sum(b - a for a, b in setup.stage_ranges[pipeline_rank])
+    per_layer = 2 * h + bias * (qkv // tp + h + 2 * m.ffn_hidden_size // tp + h)
+    adam = layers * per_layer
+    if pipeline_rank == 0:
+        adam += vocab * h // tp
+    if pipeline_rank == layout.pipeline - 1:
+        adam += h + (vocab * h // tp if m.untie_embeddings or layout.pipeline > 1 else 0)
+    return adam
+
+
+def largest_muon_matrix(m: ModelConfig) -> int:
+    """Elements of the largest whole matrix Muon orthogonalizes (QKV apart, fc1 as gate and up):
+    every rank rebuilds it whole (gathered over tensor, data or FSDP ranks) for the iteration."""
+    h, heads = m.hidden_size, m.num_attention_heads
+    ffn = max(m.ffn_hidden_size, m.moe.ffn_hidden_size or 0, m.moe.shared_expert_ffn_hidden_size or 0)
+    return max(ffn, heads * (h // heads)) * h
+
+
 def _buffer_numel(params: int, dp: int, distributed: bool) -> int:
     """Gradient-buffer elements: the distributed optimizer pads each buffer to lcm(dp, 128)."""
     if not distributed or params == 0:
@@ -172,14 +198,17 @@ def static_state(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, int]:
     b = FP32 if fsdp else _BYTES[precision]
     shards = state_shards(layout, distributed)
     weights = grads = optimizer = temporaries = 0
+    muon = recipe.optimizer.name == "muon"
+    adam = {"dense": adam_parameters(setup, pipeline_rank), "expert": 0}
     for kind, params in zip(("dense", "expert"), stage_parameters(setup, pipeline_rank)):
         s = shards[kind]
         numel = _buffer_numel(params, s.optimizer, distributed)
         weights += numel * b // s.weights
         grads += numel * FP32 // s.grads  # megatron-core DDP and FSDP reduce gradients in fp32
-        # Adam's two moments, plus fp32 master weights when the weights are not fp32
-        per_param = 2 * FP32 + (FP32 if b != FP32 else 0)
-        optimizer += numel * per_param // s.optimizer
+        # Adam's two moments (Muon's matrices: one momentum), plus fp32 master weights when the
+        # weights are not fp32
+        moments = 2 * numel - (params - adam[kind] if muon else 0)
+        optimizer += (moments * FP32 + (numel * FP32 if b != FP32 else 0)) // s.optimizer
         if not target.fused_adam:
             # torch's Adam: on a GPU the foreach path takes one moment-sized temporary for the whole
             # group; on the CPU the per-parameter path, one parameter at a time
@@ -189,6 +218,9 @@ def static_state(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, int]:
     if not target.fused_adam and target.kernels.device == "cpu":
         shard = shards["dense"].weights
         temporaries = max(temporaries, 2 * FP32 * _largest_parameter(setup) // shard)
+    if muon:
+        # the update whole, the gathered matrix, the iteration's X, (b G + c G^2) and next X
+        temporaries = max(temporaries, 5 * FP32 * largest_muon_matrix(setup.model))
     return weights, grads, optimizer, temporaries
 
 

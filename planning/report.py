@@ -56,6 +56,7 @@ def recompute_candidates(recipe: Recipe) -> list[dict[str, Any]]:
     modules = ["core_attn", "layernorm"]
     modules += ["mlp"] if not all(pattern) else []
     modules += ["moe"] if any(pattern) else []
+    modules += ["moe_act"] if any(pattern) and m.moe.grouped_gemm else []
     modules += ["shared_experts"] if any(pattern) and m.moe.shared_expert_ffn_hidden_size else []
     candidates: list[dict[str, Any]] = [{"recompute_granularity": None}]
     for n in range(1, len(modules) + 1):

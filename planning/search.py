@@ -47,6 +47,7 @@ def _recomputes(recipe: Recipe, cache: dict[tuple, list[dict[str, Any]]]) -> lis
         {"recompute_granularity": "selective", "recompute_modules": ["layernorm"]},
         {"recompute_granularity": "selective", "recompute_modules": ["core_attn", "layernorm"]},
         {"recompute_granularity": "selective", "recompute_modules": ["layernorm", "mlp"]},
+        {"recompute_granularity": "selective", "recompute_modules": ["layernorm", "moe_act"]},
         {"recompute_granularity": "selective", "recompute_modules": ["layernorm", "moe"]},
         {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 1},
         {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1},

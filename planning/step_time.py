@@ -46,10 +46,13 @@ class StepTime:
     data: float
     pipeline: float
     model_flops: float  # the step's useful FLOPs over all GPUs (no recompute), for MFU
+    # Muon's Newton-Schulz on the stage's whole matrices and the gathers that rebuild them
+    # (optimizer.name = muon; 0 for AdamW, whose step the planner leaves out)
+    optimizer: float = 0.0
 
     @property
     def total(self) -> float:
-        return self.compute + self.tensor + self.context + self.expert + self.data + self.pipeline
+        return self.compute + self.tensor + self.context + self.expert + self.data + self.pipeline + self.optimizer
 
     def mfu(self, gpu: Gpu, precision: str, gpus: int) -> float:
         return self.model_flops / (self.total * gpus * gpu.peak(precision))
@@ -98,7 +101,51 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     )
     tokens_per_step = setup.recipe.train.global_batch_size * m.seq_length
     model_flops = 3 * (sum(per_layer) + head) * tokens_per_step
-    return StepTime(compute, tensor, context, expert, data, pipeline, model_flops)
+    optimizer = muon_time(setup, gpu) if setup.recipe.optimizer.name == "muon" else 0.0
+    return StepTime(compute, tensor, context, expert, data, pipeline, model_flops, optimizer)
+
+
+def muon_time(setup: Setup, gpu: Gpu) -> float:
+    """Seconds of Muon's step beyond AdamW's on the busiest stage (docs/optimizers.md, "Cost").
+
+    Every rank runs the iteration on each whole matrix of its stage: per [m, n] matrix (m <= n)
+    and step, X Xᵀ, G², and (bG + cG²) X: 4 m² n + 2 m³ multiply-adds x 2 FLOPs. Tensor
+    parallelism all-gathers each matrix's fp32 shards ((t-1)/t of it, NVLink); the distributed
+    optimizer all-reduces it whole over the data x context ranks (2 (d-1)/d), FSDP all-gathers it
+    ((d-1)/d), on the network."""
+    from planning.memory import adam_parameters, stage_parameters
+
+    m, layout, cfg = setup.model, setup.layout, setup.recipe.optimizer
+    rate = gpu.peak("fp32" if cfg.ns_dtype == "fp32" else "bf16") * gpu.matmul_efficiency
+    heads, h = m.num_attention_heads, m.hidden_size
+    groups, hn = m.num_query_groups or heads, h // heads
+    attention = [(heads * hn, h), (groups * hn, h), (groups * hn, h), (h, heads * hn)]
+    if not cfg.split_qkv:
+        attention = [((heads + 2 * groups) * hn, h), (h, heads * hn)]
+
+    def mlp(ffn: int) -> list[tuple[int, int]]:
+        return [(ffn, h), (ffn, h), (h, ffn)]
+
+    def flops(shapes: list[tuple[int, int]]) -> float:
+        return sum(2.0 * cfg.ns_steps * (4 * min(a, b) ** 2 * max(a, b) + 2 * min(a, b) ** 3) for a, b in shapes)
+
+    pattern = moe_layer_pattern(m)
+    local = (m.moe.num_experts or 0) // layout.expert
+    dense_layer = flops(attention + mlp(m.ffn_hidden_size))
+    moe_layer = flops(attention) + local * flops(mlp(m.moe.ffn_hidden_size or m.ffn_hidden_size))
+    worst = 0.0
+    for stage in range(layout.pipeline):
+        moe = sum(sum(pattern[a:b]) for a, b in setup.stage_ranges[stage])
+        layers = sum(b - a for a, b in setup.stage_ranges[stage])
+        compute = ((layers - moe) * dense_layer + moe * moe_layer) / rate
+        matrices = sum(stage_parameters(setup, stage)) - adam_parameters(setup, stage)  # this rank's shards
+        tp, dp = layout.tensor, layout.data * layout.context
+        wire = 4.0 * matrices * tp * (tp - 1) / tp / _bandwidth(gpu, tp) if tp > 1 else 0.0
+        if dp > 1 and (layout.fsdp is not None or setup.recipe.parallel.distributed_optimizer):
+            times = 1 if layout.fsdp is not None else 2
+            wire += times * 4.0 * matrices * (dp - 1) / dp / _bandwidth(gpu, layout.world_size)
+        worst = max(worst, compute + wire)
+    return worst
 
 
 def _data_parallel_time(setup: Setup, gpu: Gpu) -> float:

@@ -12,8 +12,12 @@ from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, Posit
 
 @dataclass
 class OptimizerConfig:
-    """AdamW with linear warmup then a decay schedule down to min_lr."""
+    """AdamW (or Muon for the hidden matrices, AdamW for the rest) with linear warmup then a decay
+    schedule down to min_lr. docs/optimizers.md says which parameters each one steps."""
 
+    # adamw: every parameter; muon: Muon for the hidden weight matrices (pretrain/muon.py), AdamW with
+    # the keys below for the embedding, the output layer, norms and biases; one LR schedule for both
+    name: Literal["adamw", "muon"] = "adamw"
     lr: PositiveFloat = 3e-4  # peak learning rate, reached at the end of warmup
     min_lr: NonNegativeFloat = 3e-5  # learning rate at the end of decay
     weight_decay: NonNegativeFloat = 0.1
@@ -23,8 +27,33 @@ class OptimizerConfig:
     decay: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
     decay_steps: PositiveInt | None = None  # None = train.steps - warmup_steps
     wsd_decay_steps: PositiveInt | None = None  # only for decay: wsd; None = 10% of decay_steps
+    # Muon's keys (name: muon only; megatron-core's muon_* names, torch.optim.Muon's defaults)
+    momentum: float = 0.95  # megatron-core muon_momentum
+    nesterov: bool = True  # megatron-core muon_use_nesterov
+    ns_steps: NonNegativeInt = 5  # Newton-Schulz iterations (megatron-core muon_num_ns_steps)
+    ns_coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315)  # the quintic's (a, b, c)
+    ns_eps: PositiveFloat = 1e-7  # the update is divided by max(its Frobenius norm, ns_eps) first
+    # the iteration's precision: fp32 keeps the curve the same at every layout (1e-5); bf16 is
+    # torch.optim.Muon's (faster on GPUs; rounding flips of the momentum's last bits move it ~1e-4)
+    ns_dtype: Literal["fp32", "bf16"] = "fp32"
+    # the learning rate of a [rows, cols] matrix times: match_rms_adamw 0.2 sqrt(max(rows, cols)) (AdamW's
+    # update RMS, so AdamW's lr and weight decay carry over); original sqrt(max(1, rows / cols)) (torch's names)
+    adjust_lr: Literal["match_rms_adamw", "original"] = "match_rms_adamw"
+    split_qkv: bool = True  # orthogonalize Q, K and V apart (megatron-core muon_split_qkv); false: QKV whole
+    qk_clip: PositiveFloat | None = None  # MuonClip's attention-logit threshold: refused (docs/optimizers.md)
 
     def check(self) -> None:
+        if self.name != "muon":
+            changed = [k for k, v in _MUON_DEFAULTS.items() if getattr(self, k) != v]
+            if changed:
+                raise RecipeError(f"optimizer.{changed[0]} is a Muon key: set optimizer.name = muon to use it")
+        if self.qk_clip is not None:
+            raise RecipeError(
+                "optimizer.qk_clip: MuonClip is not supported (megatron-core clips through its own attention's "
+                "logit statistics, which our attention does not record); remove the key"
+            )
+        if not 0 <= self.momentum < 1:
+            raise RecipeError(f"optimizer.momentum must be in [0, 1), got {self.momentum}")
         if self.min_lr > self.lr:
             raise RecipeError(f"optimizer.min_lr = {self.min_lr} exceeds optimizer.lr = {self.lr}")
         if not all(0 <= b < 1 for b in self.betas):
@@ -56,11 +85,18 @@ class Numerics:
 
 
 def build_optimizer(
-    cfg: OptimizerConfig, numerics: Numerics, chunks: list[Any], distributed: bool, fp32_params: bool = False
+    cfg: OptimizerConfig,
+    numerics: Numerics,
+    chunks: list[Any],
+    distributed: bool,
+    fp32_params: bool = False,
+    groups: Any = None,
 ) -> Any:
     """megatron-core's (distributed) Adam over the model chunks; stepped once per training step.
     `fp32_params`: the parameters are the fp32 master weights whatever the training precision (fully
-    sharded: FSDP casts them for compute), so Adam steps them directly, with no fp16/bf16 copy."""
+    sharded: FSDP casts them for compute), so Adam steps them directly, with no fp16/bf16 copy.
+    optimizer.name = muon: the same wrappers, with Muon for the hidden matrices (`groups`: the
+    process groups it gathers a split matrix over)."""
     from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
     from megatron.core.optimizer import get_megatron_optimizer
 
@@ -81,8 +117,32 @@ def build_optimizer(
         initial_loss_scale=initial_loss_scale(numerics.tokens_per_micro_batch),
         fp8_recipe=numerics.te_fp8_recipe,
     )
-    return get_megatron_optimizer(config, chunks)
+    optimizer = get_megatron_optimizer(config, chunks)
+    if cfg.name == "muon":
+        import torch
 
+        from pretrain.muon import MuonSettings, install
+
+        ns_dtype = torch.float32 if cfg.ns_dtype == "fp32" else torch.bfloat16
+        settings = MuonSettings(
+            cfg.momentum,
+            cfg.nesterov,
+            cfg.ns_steps,
+            cfg.ns_coefficients,
+            cfg.ns_eps,
+            ns_dtype,
+            cfg.adjust_lr,
+            cfg.split_qkv,
+        )
+        adamw = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+        install(optimizer, chunks, groups, settings, adamw)
+    return optimizer
+
+
+_MUON_DEFAULTS = {
+    k: OptimizerConfig.__dataclass_fields__[k].default
+    for k in ("momentum", "nesterov", "ns_steps", "ns_coefficients", "ns_eps", "ns_dtype", "adjust_lr", "split_qkv")
+}
 
 _DECAY_STYLES = {"cosine": "cosine", "linear": "linear", "wsd": "WSD", "constant": "constant"}
 

@@ -22,7 +22,7 @@ from data.config import DataConfig, check_documents
 from model.config import Fp8Config, ModelConfig, check_fp8, check_model
 from parallel.config import ParallelConfig
 from pretrain.checkpoint.config import CheckpointConfig
-from pretrain.faults import DebugConfig
+from pretrain.faults import DebugConfig, check_debug
 from pretrain.metrics import LoggingConfig
 from pretrain.optim import OptimizerConfig
 from pretrain.profiling import ProfileConfig
@@ -49,8 +49,10 @@ class TrainConfig:
     # ends the run with exit code 3.
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_skipped_steps: NonNegativeInt = 10  # skip: stop once more steps than this were skipped (resumes included)
-    # Report rank, step, phase and Python stacks on stderr when one phase of a step (forward_backward,
-    # optimizer, logging, checkpoint) runs longer than this; seconds, 0 = no watchdog.
+    # Report rank, step and phase on stderr when one phase of a step (data, forward_backward,
+    # optimizer, evaluation, logging, checkpoint) runs longer than this, and a hang report: which
+    # collective the waiting ranks are in, which ranks never entered it and where those are
+    # (<logging.dir>/watchdog/, docs/failures.md); seconds, 0 = no watchdog.
     watchdog_timeout_s: NonNegativeFloat = 0.0
     # Validation: every eval_interval optimizer steps (and after the last), the token-mean loss over
     # eval_steps global batches of the validation data, logged as val_loss and val_ppl. 0 = never.
@@ -138,8 +140,19 @@ def validate_static(recipe: Recipe) -> None:
             f"scaling for fully sharded fp32 master weights): use bf16"
         )
     recipe.optimizer.check()
+    if (
+        recipe.optimizer.name == "muon"
+        and recipe.parallel.distributed_optimizer
+        and recipe.checkpoint.optimizer_format == "dp_reshardable"
+    ):
+        # megatron-core's flat format names Adam's two moments only
+        raise RecipeError(
+            "checkpoint.optimizer_format = dp_reshardable holds Adam's moments only, not Muon's momentum: "
+            "use fully_reshardable with optimizer.name = muon"
+        )
     recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
     check_documents(recipe.data, recipe.model.transformer_impl)
+    check_debug(recipe.debug, recipe.train.watchdog_timeout_s)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from data.loader import BatchPlan, token_ids_beyond
 from pretrain.faults import FaultInjection
 from pretrain.guards import Guards, agree, grads_are_finite
 from pretrain.metrics import document_pairs
+from pretrain.oom import OutOfMemoryInStep
 from pretrain.optim import current_lr
 
 
@@ -28,7 +29,8 @@ class StepResult:
     lr: float
     updated: bool  # the optimizer applied the step (not on a non-finite step or an fp16 overflow)
     nonfinite: bool  # every rank agreed the loss or the gradients were not finite
-    stop: bool  # a preemption signal arrived on some rank
+    stop: bool  # a stop signal (a preemption, or Ctrl-C) arrived on some rank
+    interrupted: bool = False  # ... and it was Ctrl-C on some rank
     moe: dict[str, Any] = field(default_factory=dict)
     # data.reset_attention_mask: Σ n²/2 over the global batch's documents (pretrain/metrics.py)
     attention_pairs: float | None = None
@@ -100,7 +102,15 @@ class Step:
         wire_schedule(self.chunks, self.optimizer)
 
     def train(self, step: int, batches: list[dict], guards: Guards) -> StepResult:
-        """Optimizer step `step` (0-based) over this rank's micro-batches of the global batch."""
+        """Optimizer step `step` (0-based) over this rank's micro-batches of the global batch. Raises
+        OutOfMemoryInStep (step, phase) for a device out-of-memory error."""
+        phase = ["forward_backward"]
+        try:
+            return self._train(step, batches, guards, phase)
+        except torch.OutOfMemoryError as e:
+            raise OutOfMemoryInStep(step + 1, phase[0], str(e), self.device) from None
+
+    def _train(self, step: int, batches: list[dict], guards: Guards, phase: list[str]) -> StepResult:
         seed_step(self.seed, step)
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
@@ -110,8 +120,11 @@ class Step:
             guards.watchdog.phase(step + 1, "forward_backward"),
             self.faults.around(step, self.chunks, forward_step) as forward,
         ):
+            self.faults.out_of_memory(step + 1, "forward_backward")
             losses = self._forward_backward(batches, forward)
+        phase[0] = "optimizer"
         with guards.watchdog.phase(step + 1, "optimizer"):
+            self.faults.out_of_memory(step + 1, "optimizer")
             pairs = document_pairs(batches) if "document_ids" in batches[0] else None
             totals = self._loss_sums(losses, pairs)
             loss = float(totals[0] / totals[1])
@@ -119,7 +132,7 @@ class Step:
             # finds those itself (and skips the update), so only the loss is ours to check there.
             check_grads = self.precision != "fp16"
             bad = not math.isfinite(loss) or (check_grads and not grads_are_finite(self.chunks))
-            nonfinite, stop = agree([bad, guards.stop.requested], self.device)
+            nonfinite, stop, interrupted = agree([bad, guards.stop.requested, guards.stop.interrupted], self.device)
             updated, grad_norm = False, None
             if not nonfinite:
                 updated, grad_norm, _ = self.optimizer.step()
@@ -135,6 +148,7 @@ class Step:
             updated=updated,
             nonfinite=nonfinite,
             stop=stop,
+            interrupted=interrupted,
             moe=moe,
             attention_pairs=float(totals[2]) if pairs is not None else None,
         )

@@ -10,7 +10,7 @@ from upstream.process import prepare_process
 
 prepare_process()  # as every entry point does: megatron-core without TorchDynamo on CPU, its fixes applied
 
-pytest_plugins = ["tests.helpers.slurm"]  # the slurm_cluster fixture
+pytest_plugins = ["tests.helpers.slurm", "tests.helpers.corpora"]  # slurm_cluster; bpe_path, expected_documents
 
 
 # In CI (CI=true) a test that skips fails the run: its prerequisite (root, apt, Slurm, network

@@ -14,6 +14,7 @@ whole model in memory (4 bytes per parameter). Errors are one line, exit code 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -55,6 +56,9 @@ def _build(model_cfg: ModelConfig, vocab_size: int) -> tuple[torch.nn.Module, in
     from model.gpt import ModelBuild, build_model_chunks, padded_vocab_size
 
     vocab = padded_vocab_size(model_cfg, vocab_size, tensor=1)
+    # Hugging Face's tensors are mapped onto sequential experts (model/hf.py); a checkpoint of
+    # grouped-GEMM experts holds the same sharded tensors, so it loads into these just the same.
+    model_cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe, grouped_gemm=False))
     (chunk,) = build_model_chunks(model_cfg, ModelBuild(perform_initialization=False), vocab)
     return chunk, vocab
 

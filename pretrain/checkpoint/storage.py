@@ -247,8 +247,12 @@ def load(path: pathlib.Path, chunks: Sequence[torch.nn.Module], optimizer: Any) 
     weights_only = extra.get("kind") == "weights"
     # Checkpoints from before `optimizer_format` was recorded were all dp_reshardable.
     optimizer_format = None if weights_only or optimizer is None else extra.get("optimizer_format", "dp_reshardable")
+    if optimizer_format is not None:
+        _check_same_optimizer(extra, optimizer, path)
     template = _model_sharded_state_dict(chunks)
     translation, second = None, {}
+    if optimizer_format == "dp_reshardable":
+        _refuse_other_expert_buffers(extra, chunks, path)
     if optimizer_format is not None:
         translation = _translation(path, optimizer, optimizer_format)
         fixes.give_fresh_adam_a_step(optimizer)
@@ -276,6 +280,34 @@ def load(path: pathlib.Path, chunks: Sequence[torch.nn.Module], optimizer: Any) 
     if optimizer_format is not None:
         fixes.restore_adam_steps(optimizer)
     return extra
+
+
+def _check_same_optimizer(extra: dict, optimizer: Any, path: pathlib.Path) -> None:
+    """AdamW's moments are not Muon's momentum (nor the reverse): a resume keeps optimizer.name."""
+    from pretrain.muon import optimizer_name
+
+    saved = ((extra.get("recipe") or {}).get("optimizer") or {}).get("name", "adamw")
+    current = optimizer_name(optimizer)
+    if saved != current:
+        raise UserError(
+            f"checkpoint '{path}' holds {saved}'s optimizer state and this run has optimizer.name = {current}; "
+            f"resume with optimizer.name = {saved}, or start {current} from its weights only (tools/convert_hf.py export, then import)"
+        )
+
+
+def _refuse_other_expert_buffers(extra: dict, chunks: Sequence[torch.nn.Module], path: pathlib.Path) -> None:
+    """A dp_reshardable save holds each rank's flat optimizer buffers, laid out by parameter: grouped
+    experts (one stack per linear) and sequential ones (one weight per expert) order them otherwise,
+    with the same sizes, so such a load would silently scramble the expert state."""
+    saved = ((extra.get("recipe") or {}).get("model") or {}).get("moe", {}).get("grouped_gemm", False)
+    config = getattr(_unwrap(chunks[0]), "config", None)
+    current = bool(getattr(config, "moe_grouped_gemm", False)) if getattr(config, "num_moe_experts", None) else saved
+    if bool(saved) != current:
+        raise UserError(
+            f"checkpoint '{path}' holds dp_reshardable optimizer buffers of "
+            f"{'grouped' if saved else 'sequential'} experts; this run has model.moe.grouped_gemm = "
+            f"{str(current).lower()}: resume with the saved setting, or from a fully_reshardable save"
+        )
 
 
 def _translation(path: pathlib.Path, optimizer: Any, optimizer_format: str) -> tuple[str, str, int] | None:

@@ -1,7 +1,7 @@
-"""scripts/gpu_check.sh --smoke: every part of the GPU check (training runs of the 1B recipe with
-and without recompute (the 3B one is the same code at the same tiny shapes), the FP8 path, the ring against one call, the SDPA kernel, the memory
-model against the allocator) runs end to end with tiny shapes on a CPU, so the script a lent GPU
-runs never rots."""
+"""scripts/gpu_check.sh --smoke: every part of the GPU check (training runs of the 1B recipe with and
+without recompute (the 3B one is the same code at the same tiny shapes), the FP8 path, the ring
+against one call, the SDPA kernel, grouped against sequential experts, the memory model against the
+allocator) runs end to end with tiny shapes on a CPU, so the script a lent GPU runs never rots."""
 
 import json
 import subprocess
@@ -28,6 +28,7 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
         "llama_1b_fp8_tensorwise",
         "ring_cp2_vs_one_call",
         "sdpa_kernel_llama_1b",
+        "moe_grouped_vs_sequential_experts",
         "memory_model_llama_1b",
         "documents_flash_varlen_seq8192",
     }

@@ -17,7 +17,7 @@ from pretrain.guards import EXIT_PREEMPTED
 from tests.helpers.runs import REPO
 
 SLURM = REPO / "scripts" / "slurm"
-SCRIPTS = [SLURM / "pretrain.sbatch", SLURM / "launch.sh"]
+SCRIPTS = [SLURM / "pretrain.sbatch", SLURM / "launch.sh", SLURM / "preprocess.sbatch"]
 JOB = {
     "SLURM_JOB_ID": "4242",
     "SLURM_NNODES": "2",

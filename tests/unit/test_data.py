@@ -395,14 +395,17 @@ def test_cli_text_errors_are_one_line(tmp_path, capsys):
     bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
     assert main(["text", "--input", str(bad), "--output-prefix", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == (
-        f"error: {bad}: row 2: no text in field 'text' (fields: body): choose the field with --text-key\n"
+        f"error: {bad}: line 2: no text in field 'text' (fields: body): choose the field with --text-key\n"
     )
     assert not list(tmp_path.glob("out*"))  # nothing half-written is left behind
     assert main(["text", "--input", str(tmp_path / "*.txt"), "--output-prefix", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == f"error: input '{tmp_path / '*.txt'}' matches no file\n"
     missing = tmp_path / "missing.jsonl"
     assert main(["text", "--input", str(missing), "--output-prefix", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == f"error: input '{missing}' not found or not a file: give files or globs\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: input '{missing}' not found: give files, globs or folders saved by datasets\n"
+    )
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert main(["text", "--input", str(empty), "--output-prefix", str(tmp_path / "o")]) == 2
@@ -495,43 +498,54 @@ def test_round_trip_trained_bpe_two_workers(tmp_path, capsys):
         assert tokenizer.detokenize(ids) == text
 
 
+def _setup(tmp_path, tokenizer, name="tok"):
+    from data.parts import WorkerSetup
+
+    (tmp_path / "parts").mkdir(parents=True, exist_ok=True)
+    return WorkerSetup(tokenizer, name, "text", str(tmp_path / "parts"), "uint16")
+
+
 def test_pool_workers_get_the_parents_tokenizer(tmp_path):
     """The tokenizer is built once: the pool's processes get the parent's copy and never build their
     own from the name (which for a hub name asks the hub once per worker). Its file is gone here
     before the pool starts, and the workers still tokenize exactly as one process does."""
     import os
 
-    from data.preprocess import tokenized_batches, train_bpe_tokenizer
+    from data.inputs import Block
+    from data.parts import Progress, run_parts
+    from data.preprocess import train_bpe_tokenizer
 
     texts = [f"document {i}: " + "naïve café " * (i % 5) for i in range(40)]
     path = train_bpe_tokenizer(iter(texts), 300, str(tmp_path / "tokenizer.json"))
     tokenizer = build_tokenizer(path)
     os.remove(path)
-    single = list(tokenized_batches(iter(texts), path, workers=1, batch_size=7, tokenizer=tokenizer))
-    pooled = list(tokenized_batches(iter(texts), path, workers=2, batch_size=7, tokenizer=tokenizer))
-    assert len(pooled) == len(single) == 6
-    for (ids, lengths), (want_ids, want_lengths) in zip(pooled, single):
-        assert numpy.array_equal(ids, want_ids) and numpy.array_equal(lengths, want_lengths)
+    blocks = [Block(f"{i:05d}", "texts", "texts", texts[i : i + 7], 1, 0) for i in range(0, 40, 7)]
+    results = {}
+    for workers in (1, 2):
+        setup = _setup(tmp_path / str(workers), tokenizer, path)
+        names = run_parts(iter(blocks), {}, setup, workers, Progress(0, False))
+        assert names == [block.name for block in blocks]
+        results[workers] = [(tmp_path / str(workers) / "parts" / f"{n}.bin").read_bytes() for n in names]
+    assert results[1] == results[2]
+    assert numpy.frombuffer(results[1][0], numpy.uint16).tolist()[-1] == tokenizer.eod
 
 
-def test_tokenization_streams_with_bounded_read_ahead():
-    """An endless input still yields batches: at most workers × in-flight batches are read ahead."""
-    from data.preprocess import BATCH_DOCUMENTS, IN_FLIGHT_PER_WORKER, tokenized_batches
+def test_tokenization_streams_with_bounded_read_ahead(tmp_path):
+    """A streamed input is pulled only as far as the workers keep up: never more than
+    workers × IN_FLIGHT_PER_WORKER parts read but not yet done."""
+    from data.inputs import Block
+    from data.parts import IN_FLIGHT_PER_WORKER, Progress, run_parts
 
-    pulled = 0
+    done: dict = {}
+    ahead = []
 
-    def endless():
-        nonlocal pulled
-        while True:
-            pulled += 1
-            yield "some text"
+    def stream():
+        for number in range(60):
+            ahead.append(number - len(done))
+            yield Block(f"{number:05d}", "endless", "texts", ["some text"] * 50, 1, 0)
 
-    batches = tokenized_batches(endless(), "byte", workers=2)
-    for _ in range(3):
-        flat, lengths = next(batches)
-        assert lengths.tolist() == [10] * BATCH_DOCUMENTS and flat[9] == 256
-    batches.close()
-    assert pulled <= (2 * IN_FLIGHT_PER_WORKER + 3) * BATCH_DOCUMENTS
+    run_parts(stream(), done, _setup(tmp_path, ByteTokenizer()), 2, Progress(0, False))
+    assert len(done) == 60 and max(ahead) <= 2 * IN_FLIGHT_PER_WORKER
 
 
 # ---- quickstart corpus ---------------------------------------------------------------------------

@@ -269,11 +269,6 @@ def test_layer_pattern():
             "(megatron-core's MoE layer refuses tensor parallelism without it)",
         ),
         (
-            ["model.moe.grouped_gemm=true"],
-            "model.moe.grouped_gemm = true needs model.transformer_impl = "
-            "transformer_engine (grouped GEMM experts come from transformer-engine)",
-        ),
-        (
             ["model.moe.first_dense_layers=4"],
             "model.moe.first_dense_layers = 4 leaves no MoE layer in model.num_layers = 4",
         ),
