@@ -78,7 +78,11 @@ def dry_run(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None
     if as_json:
         return json.dumps(
             _report(recipe, world_size, layout, batch_plan, vocab, stages, counts.active, built)
-            | {"memory": memory_json(estimate, setup, gpu_memory_gib), "missing_data": missing_data(recipe)}
+            | {
+                "memory": memory_json(estimate, setup, gpu_memory_gib),
+                "missing_data": missing_data(recipe),
+                "not_runnable_here": not_runnable(recipe),
+            }
         )
     lines = [
         f"recipe {recipe.source}: valid for world size {world_size}",
@@ -100,6 +104,9 @@ def dry_run(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None
     if gpu_memory_gib is not None:
         lines += fit_lines(estimate, setup, gpu_memory_gib)
     lines.extend(missing_data(recipe))
+    stops = not_runnable(recipe)
+    if stops:
+        lines.append(f"not runnable here: {'; '.join(stops)}")
     return "\n".join(lines)
 
 
@@ -122,6 +129,27 @@ def _report(
             for s in stages
         ],
     }
+
+
+def not_runnable(recipe: Recipe) -> list[str]:
+    """What would stop a real run of `recipe` on this machine at once, though the layout is valid:
+    no training data, data files that are not here, a tokenizer path that is not here."""
+    from data.dataset import blend_of
+    from data.tokenizer import looks_like_a_path
+
+    d = recipe.data
+    stops = []
+    if not blend_of(d.path, d.blend):
+        stops.append("no training data (data.path and data.blend are null)")
+    prefixes = [p for _, p in blend_of(d.path, d.blend) + blend_of(d.valid_path, d.valid_blend)]
+    stops += [
+        f"data file '{prefix}.bin' not found"
+        for prefix in prefixes
+        if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"))
+    ]
+    if d.tokenizer != "byte" and looks_like_a_path(d.tokenizer) and not os.path.exists(d.tokenizer):
+        stops.append(f"data.tokenizer '{d.tokenizer}' not found")
+    return stops
 
 
 def missing_data(recipe: Recipe) -> list[str]:

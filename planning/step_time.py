@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from model.config import moe_layer_pattern
+from model.config import head_dim, moe_layer_pattern
 from planning.flops import layer_totals, recompute_forward_flops
 from planning.memory import Setup, stage_parameters
 
@@ -86,9 +86,9 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     hidden_bytes = tokens * m.hidden_size * b
     tensor = 10 * hidden_bytes * (tp - 1) / tp / _bandwidth(gpu, tp) * layers_per_stage * mb if tp > 1 else 0.0
     # CP ring: K and V (forward), K, V, dK, dV (backward) around cp - 1 hops; hidden behind attention
-    kv = (m.num_query_groups or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads)
+    kv = (m.num_query_groups or m.num_attention_heads) * head_dim(m)
     ring = 3 * 2 * tokens * kv // tp * b * (cp - 1) / _bandwidth(gpu, tp * cp)
-    attention = 3 * 2.0 * m.seq_length * m.hidden_size * tokens / tp / flops_rate
+    attention = 3 * 2.0 * m.seq_length * m.num_attention_heads * head_dim(m) * tokens / tp / flops_rate
     context = max(ring - attention, 0.0) * layers_per_stage * mb if cp > 1 else 0.0
     # EP: dispatch and combine all-to-alls forward and backward, top_k copies of every token
     moe_layers = sum(pattern) / pp

@@ -168,14 +168,40 @@ class MetricsLog:
             self.wandb_run.finish()
 
 
+REPLACED_METRICS = "metrics.replaced.jsonl"
+
+
 def _truncate_after(path: pathlib.Path, step: int) -> None:
-    """A resumed run rewrites the steps after its checkpoint, so the file holds one curve."""
+    """A resumed run rewrites the steps after its checkpoint, so the file holds one curve; the
+    records it drops are appended to metrics.replaced.jsonl beside it, and a line says so."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    steps = [_step_of(line) for line in lines]
+    dropped = [line for line, s in zip(lines, steps) if s is None or s > step]
+    if not dropped:
+        return
+    side = path.with_name(REPLACED_METRICS)
+    with open(side, "a") as f:
+        f.write("".join(line + "\n" for line in dropped))
+        f.flush()
+        os.fsync(f.fileno())
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(line + "\n" for line, s in zip(lines, steps) if s is not None and s <= step))
     os.replace(tmp, path)
+    later = [s for s in steps if s is not None and s > step]
+    what = f"steps {min(later)}-{max(later)}" if later else f"{len(dropped)} unreadable lines"
+    print(
+        f"{path}: {what} ({len(dropped)} records) moved to {side}: this run rewrites them from step {step + 1}",
+        flush=True,
+    )
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 WANDB_RUN_ID_FILE = "wandb_run_id"

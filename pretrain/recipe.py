@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 from common import schema
 from common.errors import RecipeError
+from common.files import set_aside
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
 from data.config import DataConfig, check_documents
 from model.config import Fp8Config, ModelConfig, check_fp8, check_model
@@ -109,6 +110,10 @@ def resolve_recipe_path(name_or_path: str) -> pathlib.Path:
     for path in found:
         if path.is_file():
             return path
+    folder = pathlib.Path(name_or_path)
+    if folder.is_dir():  # a run folder (logging.dir) holds the resolved recipe of its run
+        hint = f": did you mean '{folder / 'recipe.yaml'}'?" if (folder / "recipe.yaml").is_file() else ""
+        raise RecipeError(f"recipe '{name_or_path}' is a folder, not a recipe file{hint}")
     looked = ", ".join(schema.display(p) for p in found)
     names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
     close = difflib.get_close_matches(pathlib.Path(name_or_path).stem, names, n=1)
@@ -188,10 +193,19 @@ def check_output_dirs(recipe: Recipe) -> None:
             raise RecipeError(f"{key} '{path}' cannot be written: '{existing}' is not writable")
 
 
+def _without_source(text: str) -> str:
+    return text.split("\n", 1)[-1] if text.startswith("# resolved from ") else text
+
+
 def write_recipe(recipe: Recipe, path: pathlib.Path) -> None:
     """The resolved recipe (every key) to `path`, atomically: `--recipe path` repeats the run."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     source = f"# resolved from {recipe.source}\n" if recipe.source else ""
-    tmp.write_text(source + dump_recipe(recipe))
+    text = source + dump_recipe(recipe)
+    # A restart with other overrides keeps the earlier recipe (the `# resolved from` line may differ).
+    if path.is_file() and _without_source(path.read_text(errors="replace")) != _without_source(text):
+        kept = set_aside(path)
+        print(f"{path} differs from this run's recipe: the earlier one is kept as {kept}", flush=True)
+    tmp.write_text(text)
     tmp.replace(path)

@@ -1,7 +1,10 @@
-"""Our trainer against an outside implementation: a Hugging Face Llama (built locally, random
-weights) imported with tools/convert_hf.py and trained by pretrain_gpt.py gives, step for step,
-the losses, gradient norms and learning rates of transformers' own forward with torch's AdamW, the
-same LR schedule (computed here from its formula), the same clipping and the same samples.
+"""Our trainer against an outside implementation: a Hugging Face model of each family (Llama,
+Qwen3 dense with tied embeddings, Qwen3-MoE; built locally from our tiny recipe's architecture,
+random weights) imported with tools/convert_hf.py and trained by pretrain_gpt.py gives, step for
+step, the losses, gradient norms and learning rates of transformers' own forward with torch's
+AdamW, the same LR schedule (computed here from its formula), the same clipping and the same
+samples. Qwen3-MoE trains without a balancing loss on both sides (transformers' adds one over all
+layers' routers together, only with output_router_logits; ours is per layer, megatron-core's).
 
 Its vocabulary (257 ids, the byte tokenizer's) is padded to 384 rows on our side, at one process
 and at tensor size 2 (where the padding is all on the second rank's shard): the padded logits must
@@ -17,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.runs import REPO, assert_close_curves, read_metrics, run_pretrain
-from tests.helpers.tiny_hf import llama_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
@@ -42,13 +44,26 @@ def _lr(step: int) -> float:
     return MIN_LR + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (LR - MIN_LR)
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    """(HF dir, our weights checkpoint dir) of a tiny_gpt-shaped Llama."""
-    config = llama_config(VOCAB, max_position_embeddings=SEQ)
+# family -> (our recipe and overrides; transformers builds the same architecture from it)
+FAMILIES = {
+    "llama": ("tiny_gpt", []),
+    "qwen3": ("tiny_qwen3_moe", ["model.moe.num_experts=null", "model.untie_embeddings=false"]),
+    "qwen3-moe": ("tiny_qwen3_moe", ["model.moe.load_balancing=none"]),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def imported(request, tmp_path_factory):
+    """(HF dir, our weights checkpoint dir, recipe, overrides) of a tiny model of the family."""
+    from model.hf import hf_config_from_model
+    from pretrain.recipe import load_recipe
+
+    recipe, overrides = FAMILIES[request.param]
+    overrides = [*overrides, f"model.vocab_size={VOCAB}"]
+    config = hf_config_from_model(load_recipe(recipe, overrides).model, VOCAB)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    root = tmp_path_factory.mktemp("outside")
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    root = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(root / "hf")
     proc = subprocess.run(
         [sys.executable, "-m", "tools.convert_hf", "import", str(root / "hf"), str(root / "ckpt")],
@@ -58,7 +73,7 @@ def imported(tmp_path_factory):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    return root / "hf", root / "ckpt"
+    return root / "hf", root / "ckpt", recipe, overrides
 
 
 def _logits(model, batch: dict, mask: bool, positions: bool) -> torch.Tensor:
@@ -107,7 +122,7 @@ def _train_reference(hf_dir, corpus: str, cache, mask: bool, positions: bool, st
     from data.dataset import build_samples
     from data.loader import BatchPlan
 
-    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().train()
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().train()
     decay = [p for p in model.parameters() if p.ndim > 1]  # Megatron: no weight decay on norms (1-D)
     keep = [p for p in model.parameters() if p.ndim == 1]
     optimizer = torch.optim.AdamW(
@@ -156,12 +171,13 @@ def reference_curve(imported, synthetic_corpus, tmp_path_factory):
 
 
 def _ours(nproc: int, imported, corpus: str, log_dir, *extra: str) -> list[dict]:
+    _, ckpt, recipe, family_overrides = imported
     overrides = [
+        *family_overrides,
         f"data.path={corpus}",
         f"logging.dir={log_dir}",
         "logging.wandb.mode=disabled",
-        f"checkpoint.load={imported[1]}",
-        f"model.vocab_size={VOCAB}",
+        f"checkpoint.load={ckpt}",
         f"train.steps={STEPS}",
         f"train.grad_clip={CLIP}",
         f"optimizer.lr={LR}",
@@ -171,7 +187,7 @@ def _ours(nproc: int, imported, corpus: str, log_dir, *extra: str) -> list[dict]
         f"optimizer.weight_decay={WEIGHT_DECAY}",
         *extra,
     ]
-    run_pretrain(nproc, "tiny_gpt", overrides)
+    run_pretrain(nproc, recipe, overrides)
     return read_metrics(log_dir)
 
 
@@ -184,6 +200,7 @@ def test_one_process_trains_like_transformers_and_torch_adamw(imported, referenc
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("imported", ["llama"], indirect=True)  # the other families' layouts: test_hf_layouts.py
 def test_tensor_parallel_trains_like_transformers_and_torch_adamw(
     imported, reference_curve, synthetic_corpus, tmp_path
 ):
