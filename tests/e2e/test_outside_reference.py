@@ -229,6 +229,7 @@ def document_references(imported, short_document_corpus, tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("imported", ["llama"], indirect=True)  # the mask and positions are family-blind
 @pytest.mark.parametrize("case", list(DOCUMENT_CASES))
 def test_documents_train_like_transformers_on_each_document(
     case, imported, document_references, short_document_corpus, tmp_path
@@ -242,6 +243,7 @@ def test_documents_train_like_transformers_on_each_document(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("imported", ["llama"], indirect=True)
 @pytest.mark.parametrize("case", list(DOCUMENT_CASES))
 def test_document_references_are_not_the_packed_one(case, document_references):
     """The negative control of the tests above: our trainer with both keys off trains like the
