@@ -5,6 +5,8 @@ import importlib.util
 import pathlib
 import sys
 
+import pytest
+
 from benchmarks import gpu_check
 from tests.helpers.runs import REPO
 
@@ -19,6 +21,7 @@ def test_documents_row_is_skipped_without_flash_attn(monkeypatch, tmp_path):
     assert row.result["rc"] == 0 and gpu_check._summary(row, 1.0, smoke=False) == "skipped: flash-attn is not installed"
 
 
+@pytest.mark.slow  # a process that imports torch
 def test_bench_documents_refuses_without_flash_attn_in_one_line():
     import subprocess
 
