@@ -34,6 +34,7 @@ class ModelBuild:
     overlap_p2p_comm: bool = False  # parallel.overlap_p2p_comm resolved (interleaved pipelines only)
     compile: tuple[str, ...] = ()  # train.compile: torch.compile of layers, or of their mlp / norms
     fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)  # recipe.fp8 (checked: model/config.py)
+    document_positions: bool = False  # data.reset_position_ids: RoPE at position_ids (model/attention/documents.py)
 
 
 def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
@@ -265,10 +266,15 @@ def build_model_chunks(
     config = transformer_config(model, build)
     vpp = build.layout.virtual_pipeline
     padded = padded_vocab_size(model, vocab_size, build.layout.tensor)
+    model_class: type = GPTModel
+    if build.document_positions:
+        from model.attention.documents import gpt_model_with_positions
+
+        model_class = gpt_model_with_positions()
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        chunk = GPTModel(
+        chunk = model_class(
             config=config,
             transformer_layer_spec=layer_spec(model, config, stage, build.init_seed, build.fp8, groups.cp),
             vocab_size=padded,
