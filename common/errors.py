@@ -1,11 +1,15 @@
 """Errors meant for people and the exit codes of every entry point; imports nothing of ours."""
 
+import os
 import sys
 from collections.abc import Callable
 
 EXIT_USER_ERROR = 2  # bad input: a recipe, override, data file, checkpoint, path or tool argument
 EXIT_NONFINITE = 3  # a fault guard stopped the run: non-finite loss or gradients
+EXIT_OUT_OF_MEMORY = 4  # a rank ran out of device memory: the report names the cheapest change that fits
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a C tool whose reader left (`| head`)
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL, "try again later": checkpoint saved, resume with load=auto
+EXIT_INTERRUPTED = 130  # the shells' 128 + SIGINT: Ctrl-C (the first one saves a checkpoint, a second stops at once)
 
 
 def path_problem(exc: OSError) -> str | None:
@@ -18,12 +22,25 @@ def path_problem(exc: OSError) -> str | None:
     return f"{names}: {exc.strerror or exc}"
 
 
+def reader_gone() -> int:
+    """stdout's reader went away (`tool | head -1`): stop quietly, as Unix tools do. What is still
+    buffered goes nowhere (stdout now points at /dev/null, so the exit flush cannot fail again)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def run_tool(body: Callable[[], int], debug: bool, where: str = "") -> int:
     """A tool's main: bad input (a UserError, an OSError naming a path) becomes one `error:` line on
     stderr (after `where`, e.g. "[rank 3] ") and exit code 2; `debug` (the tools' --debug) lets it
-    raise with its traceback."""
+    raise with its traceback. A closed stdout (`| head`) ends it quietly (`reader_gone`)."""
     try:
-        return body()
+        code = body()
+        sys.stdout.flush()  # a pipe closed early fails here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return reader_gone()
     except UserError as exc:
         if debug:
             raise

@@ -92,7 +92,7 @@ def _find_eod(tokenizer: Any, json_path: str) -> int:
     raise UserError(f"tokenizer '{json_path}' has no end-of-document token: expected one of {names}")
 
 
-def _looks_like_a_path(name: str) -> bool:
+def looks_like_a_path(name: str) -> bool:
     """Hub names are 'model' or 'org/model'; anything path-like must exist locally (no download)."""
     return name.startswith(("/", ".", "~")) or name.endswith(".json") or os.sep + os.sep in name or name.count("/") > 1
 
@@ -105,6 +105,6 @@ def build_tokenizer(name: str) -> ByteTokenizer | HFTokenizer:
     path = os.path.join(name, "tokenizer.json") if os.path.isdir(name) else name
     if os.path.isfile(path):
         return HFTokenizer(path)
-    if _looks_like_a_path(name):
+    if looks_like_a_path(name):
         raise UserError(f"tokenizer '{name}' not found: give 'byte', a local tokenizer.json path or a hub name")
     return HFTokenizer(path, hub_name=name)

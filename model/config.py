@@ -9,6 +9,7 @@ from typing import Literal
 
 from common.errors import RecipeError
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from model.rope import RopeScalingConfig, check_rope_scaling
 from parallel.config import ParallelConfig, pipeline_stage_layers
 
 # Selective recompute modules megatron-core 0.16 offers for our layers (its mla_up_proj needs multi-latent
@@ -28,10 +29,12 @@ class MoeConfig:
     shared_expert_ffn_hidden_size: PositiveInt | None = None  # inner size of all shared experts together; null = none
     layer_freq: PositiveInt = 1  # every N-th layer is MoE (1 = all), counted after first_dense_layers
     first_dense_layers: NonNegativeInt = 0  # leading dense layers (DeepSeek's first_k_dense_replace)
+    dense_layers: list[NonNegativeInt] = field(default_factory=list)  # 0-based, dense anyway (mlp_only_layers)
     score_function: Literal["softmax", "sigmoid"] = "softmax"  # router scores
-    pre_softmax: bool = False  # softmax over all experts before top-k (else over the chosen top-k)
-    # aux_loss: per micro-batch; seq_aux_loss: per sequence; none: no balancing loss
-    load_balancing: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
+    # softmax over all experts, top-k unnormalized (norm_topk_prob false); false: over the top-k (renormalized)
+    pre_softmax: bool = False
+    # aux_loss: per micro-batch; seq_aux_loss: per sequence; global_aux_loss: global batch (docs/moe.md)
+    load_balancing: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
     aux_loss_coeff: NonNegativeFloat = 1e-2  # weight of the load-balancing loss
     z_loss_coeff: NonNegativeFloat = 0.0  # weight of the router z-loss (logit size); 0 = off
     expert_bias: bool = False  # aux-loss-free balancing (DeepSeek-V3): a routing bias nudged each step
@@ -54,10 +57,13 @@ class ModelConfig:
     ffn_hidden_size: PositiveInt = 176  # SwiGLU inner size
     num_attention_heads: PositiveInt = 4
     num_query_groups: PositiveInt | None = None  # None = same as heads (MHA); < heads = grouped-query attention
+    head_dim: PositiveInt | None = None  # width of one attention head (kv_channels); None = hidden_size / heads
+    qk_layernorm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     vocab_size: PositiveInt | None = None  # None = the tokenizer's vocabulary (data.tokenizer); padded later
     make_vocab_size_divisible_by: PositiveInt = 128  # padding multiple (times parallel.tensor), as Megatron-LM
     seq_length: PositiveInt = 128  # tokens per sample
     rotary_base: PositiveFloat = 10000.0  # RoPE theta
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_epsilon: PositiveFloat = 1e-5  # RMSNorm epsilon
     untie_embeddings: bool = True  # True = separate output layer; False = share the input embedding
     init_method_std: PositiveFloat = 0.02  # std of the normal weight init
@@ -196,7 +202,9 @@ def _require_divides(divisor_name: str, divisor: int, dividend_name: str, divide
 
 def _check_shape(m: ModelConfig, p: ParallelConfig) -> None:
     heads = "model.num_attention_heads"
-    _require_divides(heads, m.num_attention_heads, "model.hidden_size", m.hidden_size)
+    if m.head_dim is None:
+        _require_divides(heads, m.num_attention_heads, "model.hidden_size", m.hidden_size)
+    check_rope_scaling(m.rope_scaling)
     if m.num_query_groups is not None:
         _require_divides("model.num_query_groups", m.num_query_groups, heads, m.num_attention_heads)
     _require_divides("parallel.tensor", p.tensor, heads, m.num_attention_heads)
@@ -291,15 +299,21 @@ def _check_uneven_pipeline(p: ParallelConfig, layers: int) -> None:
         )
 
 
+def head_dim(model: ModelConfig) -> int:
+    """The width of one attention head (megatron-core's kv_channels)."""
+    return model.head_dim or model.hidden_size // model.num_attention_heads
+
+
 def moe_layer_pattern(model: ModelConfig) -> list[bool]:
-    """Which layers are MoE: none for a dense model; else after `first_dense_layers`, every `layer_freq`-th."""
+    """Which layers are MoE: after `first_dense_layers`, every `layer_freq`-th, except `dense_layers`."""
     moe = model.moe
-    return list(_pattern(model.num_layers, moe.num_experts is not None, moe.first_dense_layers, moe.layer_freq))
+    dense = tuple(sorted(set(moe.dense_layers)))
+    return list(_pattern(model.num_layers, moe.num_experts is not None, moe.first_dense_layers, moe.layer_freq, dense))
 
 
 @functools.lru_cache(maxsize=64)  # the planner asks for it hundreds of thousands of times
-def _pattern(layers: int, moe: bool, first_dense: int, freq: int) -> tuple[bool, ...]:
-    return tuple(moe and i >= first_dense and (i - first_dense) % freq == 0 for i in range(layers))
+def _pattern(layers: int, moe: bool, first_dense: int, freq: int, dense: tuple[int, ...]) -> tuple[bool, ...]:
+    return tuple(moe and i >= first_dense and (i - first_dense) % freq == 0 and i not in dense for i in range(layers))
 
 
 def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:
@@ -316,6 +330,8 @@ def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:
             f"model.moe.first_dense_layers = {moe.first_dense_layers} leaves no MoE layer in "
             f"model.num_layers = {model.num_layers}"
         )
+    if max(moe.dense_layers, default=0) >= model.num_layers or not any(moe_layer_pattern(model)):
+        raise RecipeError(f"model.moe.dense_layers {moe.dense_layers} must be some of layers 0-{model.num_layers - 1}")
     if moe.expert_bias and moe.score_function != "sigmoid":
         raise RecipeError(
             f"model.moe.expert_bias = true needs model.moe.score_function = sigmoid, got {moe.score_function}"

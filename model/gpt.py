@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
-from model.config import Fp8Config, ModelConfig, moe_layer_pattern
+from model.config import Fp8Config, ModelConfig, head_dim, moe_layer_pattern
+from model.rope import scale_rope
 from parallel.layout import Layout
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class ModelBuild:
     overlap_p2p_comm: bool = False  # parallel.overlap_p2p_comm resolved (interleaved pipelines only)
     compile: tuple[str, ...] = ()  # train.compile: torch.compile of layers, or of their mlp / norms
     fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)  # recipe.fp8 (checked: model/config.py)
+    document_positions: bool = False  # data.reset_position_ids: RoPE at position_ids (model/attention/documents.py)
 
 
 # megatron-core's fused SwiGLU (bias_swiglu_impl, bias_activation_fusion): off for both layer
@@ -100,7 +102,8 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         ffn_hidden_size=model.ffn_hidden_size,
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups or model.num_attention_heads,
-        kv_channels=model.hidden_size // model.num_attention_heads,
+        kv_channels=head_dim(model),
+        qk_layernorm=model.qk_layernorm,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_epsilon,
         gated_linear_unit=True,
@@ -197,11 +200,14 @@ def _local_layer_spec(config: TransformerConfig, init_seed: int, num_experts: in
 
     from model.layers import RMSNorm, SDPAttention, SeededTransformerLayer
 
-    spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     spec.module = SeededTransformerLayer
     spec.params = {**spec.params, "init_seed": init_seed}
     spec.submodules.input_layernorm = RMSNorm
     spec.submodules.pre_mlp_layernorm = RMSNorm
+    if config.qk_layernorm:  # per head, over head_dim; megatron-core sums their gradients over TP ranks
+        spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
+        spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if config.context_parallel_size > 1:
         # megatron-core's local attention refuses context parallelism (TE-only upstream): ours
@@ -240,7 +246,7 @@ def _te_layer_spec(config: TransformerConfig, vp_stage: int | None) -> Any:
     )
 
     if config.num_moe_experts is None:
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     # Dense and MoE layers by config.moe_layer_freq; grouped-GEMM experts when moe_grouped_gemm.
     return get_gpt_decoder_block_spec(config, use_transformer_engine=True, normalization="RMSNorm", vp_stage=vp_stage)
 
@@ -266,10 +272,15 @@ def build_model_chunks(
     config = transformer_config(model, build)
     vpp = build.layout.virtual_pipeline
     padded = padded_vocab_size(model, vocab_size, build.layout.tensor)
+    model_class: type = GPTModel
+    if build.document_positions:
+        from model.attention.documents import gpt_model_with_positions
+
+        model_class = gpt_model_with_positions()
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        chunk = GPTModel(
+        chunk = model_class(
             config=config,
             transformer_layer_spec=layer_spec(model, config, stage, build.init_seed, build.fp8, groups.cp),
             vocab_size=padded,
@@ -278,10 +289,11 @@ def build_model_chunks(
             post_process=is_pp_last_stage(groups.pp) and is_vp_last_stage(stage, vpp),
             share_embeddings_and_output_weights=not model.untie_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(model.rotary_base),
+            rotary_base=model.rotary_base,  # a float theta (1e6, 5e5, or not whole) as transformers has it
             vp_stage=stage,
             pg_collection=groups,
         )
+        scale_rope(chunk, model.rope_scaling)
         if chunk.post_process:
             mask_padded_logits(chunk.output_layer, vocab_size, padded, groups.tp.rank())
         chunks.append(chunk)
@@ -355,15 +367,15 @@ def layer_parameters(
     ones one expert-parallel rank holds, or the top_k one token passes through).
     """
     h, moe, bias = model.hidden_size, model.moe, int(model.add_bias_linear)
-    heads = model.num_attention_heads
+    heads, d = model.num_attention_heads, head_dim(model)
     groups = model.num_query_groups or heads
-    qkv = (heads + 2 * groups) * (h // heads)
+    qkv = (heads + 2 * groups) * d
 
     def mlp(ffn: int, split: int) -> int:  # SwiGLU: fc1 to 2·ffn (gate and up), fc2 back to h
         return (3 * h * ffn + bias * 2 * ffn) // split + bias * h
 
-    attention = (h * qkv + heads * (h // heads) * h + bias * qkv) // tensor + bias * h
-    norms = 2 * h
+    attention = (h * qkv + heads * d * h + bias * qkv) // tensor + bias * h
+    norms = 2 * h + (2 * d if model.qk_layernorm else 0)
     if not is_moe:
         return attention + mlp(model.ffn_hidden_size, tensor) + norms
     expert = mlp(moe.ffn_hidden_size or model.ffn_hidden_size, expert_tensor or tensor)

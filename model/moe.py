@@ -187,11 +187,18 @@ def expert_bias_range(chunks: list[torch.nn.Module]) -> list[float] | None:
 
 # megatron-core's aux-loss tracker names -> our metric names, with how each tracked value is split:
 # the load-balancing losses are partial sums over the tensor×context ranks (each holds part of the
-# tokens' probabilities), the z-loss is a per-rank token mean.
+# tokens' probabilities), the global one over the data-parallel ranks too; the z-loss is a per-rank
+# token mean.
 _TRACKED_LOSSES = {
     "load_balancing_loss": ("moe_aux_loss", "partial_sum"),
     "seq_load_balancing_loss": ("moe_seq_aux_loss", "partial_sum"),
+    "global_load_balancing_loss": ("moe_global_aux_loss", "global_partial_sum"),
     "z_loss": ("moe_z_loss", "rank_mean"),
+}
+_BALANCING_TRACKERS = {
+    "aux_loss": "load_balancing_loss",
+    "seq_aux_loss": "seq_load_balancing_loss",
+    "global_aux_loss": "global_load_balancing_loss",
 }
 
 
@@ -208,10 +215,8 @@ class MoeMonitor:
         self.chunks = chunks
         self.expert_bias = moe.expert_bias
         self.tracked = []
-        if moe.load_balancing == "aux_loss" and moe.aux_loss_coeff > 0:
-            self.tracked.append("load_balancing_loss")
-        if moe.load_balancing == "seq_aux_loss" and moe.aux_loss_coeff > 0:
-            self.tracked.append("seq_load_balancing_loss")
+        if moe.load_balancing in _BALANCING_TRACKERS and moe.aux_loss_coeff > 0:
+            self.tracked.append(_BALANCING_TRACKERS[moe.load_balancing])
         if moe.z_loss_coeff > 0:
             self.tracked.append("z_loss")
 
@@ -248,7 +253,7 @@ class MoeMonitor:
         out = {}
         for name, row in zip(self.tracked, values.cpu()):
             metric, kind = _TRACKED_LOSSES[name]
-            ranks = data_parallel if kind == "partial_sum" else ranks_per_stage
+            ranks = {"partial_sum": data_parallel, "global_partial_sum": 1}.get(kind, ranks_per_stage)
             out[metric] = float(row[self.moe_layers].mean()) / (micro_batches * ranks)
         return out
 

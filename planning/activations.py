@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 from model.config import ModelConfig
+from model.config import head_dim as model_head_dim
 from model.gpt import SWIGLU_FUSED
 
 FP32 = 4
@@ -71,12 +72,12 @@ def attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str,
     checkpoint keeps the module's inputs and output)."""
     b, t, n = shape.dtype_bytes, shape.tensor, shape.tokens
     heads = m.num_attention_heads
-    head_dim = m.hidden_size // heads
+    head_dim = model_head_dim(m)
     groups = m.num_query_groups or heads
     kv = groups * head_dim
-    q, out = n * m.hidden_size // t * b, n * m.hidden_size // t * b
+    q, out = n * heads * head_dim // t * b, n * heads * head_dim // t * b
     k = n * kv // t * b
-    v = n * (m.hidden_size + 2 * kv) // t * b
+    v = n * (heads * head_dim + 2 * kv) // t * b
     lse = n * heads // t * FP32
     copy = out if kernels.device == "cuda" and shape.micro_batch > 1 else 0
     rope = 4 * shape.seq * head_dim * b  # cos and sin, for q and for k, in the activations' dtype

@@ -92,7 +92,11 @@ def dry_run(
         extra = {"step_time": timing.as_json(tokens, world_size, device)} if gpu is not None else {}
         return json.dumps(
             _report(recipe, world_size, layout, batch_plan, vocab, stages, counts.active, built)
-            | {"memory": memory_json(estimate, setup, gpu_memory_gib), "missing_data": missing_data(recipe)}
+            | {
+                "memory": memory_json(estimate, setup, gpu_memory_gib),
+                "missing_data": missing_data(recipe),
+                "not_runnable_here": not_runnable(recipe),
+            }
             | extra
         )
     lines = [
@@ -117,6 +121,9 @@ def dry_run(
     if gpu is not None:
         lines += step_time_lines(timing.as_json(tokens, world_size, device))
     lines.extend(missing_data(recipe))
+    stops = not_runnable(recipe)
+    if stops:
+        lines.append(f"not runnable here: {'; '.join(stops)}")
     return "\n".join(lines)
 
 
@@ -151,6 +158,27 @@ def _report(
             for s in stages
         ],
     }
+
+
+def not_runnable(recipe: Recipe) -> list[str]:
+    """What would stop a real run of `recipe` on this machine at once, though the layout is valid:
+    no training data, data files that are not here, a tokenizer path that is not here."""
+    from data.dataset import blend_of
+    from data.tokenizer import looks_like_a_path
+
+    d = recipe.data
+    stops = []
+    if not blend_of(d.path, d.blend):
+        stops.append("no training data (data.path and data.blend are null)")
+    prefixes = [p for _, p in blend_of(d.path, d.blend) + blend_of(d.valid_path, d.valid_blend)]
+    stops += [
+        f"data file '{prefix}.bin' not found"
+        for prefix in prefixes
+        if not (os.path.isfile(prefix + ".bin") and os.path.isfile(prefix + ".idx"))
+    ]
+    if d.tokenizer != "byte" and looks_like_a_path(d.tokenizer) and not os.path.exists(d.tokenizer):
+        stops.append(f"data.tokenizer '{d.tokenizer}' not found")
+    return stops
 
 
 def missing_data(recipe: Recipe) -> list[str]:

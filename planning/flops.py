@@ -3,17 +3,18 @@ attention counts half the score matrix): what recompute reruns, and the planner'
 
 from __future__ import annotations
 
-from model.config import ModelConfig, moe_layer_pattern
+from model.config import ModelConfig, head_dim, moe_layer_pattern
 
 
 def layer_forward_flops(m: ModelConfig, is_moe: bool) -> dict[str, float]:
     """Forward FLOPs per token of one layer, by the module names recompute uses (norms are
     memory-bound and counted as free)."""
     h, heads = m.hidden_size, m.num_attention_heads
-    kv = (m.num_query_groups or heads) * (h // heads)
+    q = heads * head_dim(m)  # = h unless model.head_dim says otherwise
+    kv = (m.num_query_groups or heads) * head_dim(m)
     parts = {
-        "attention_linears": 2.0 * h * (h + 2 * kv) + 2.0 * h * h,
-        "core_attn": 2.0 * m.seq_length * h,  # QK^T and PV, 2·s·h each, half of them under the causal mask
+        "attention_linears": 2.0 * h * (q + 2 * kv) + 2.0 * q * h,
+        "core_attn": 2.0 * m.seq_length * q,  # QK^T and PV, 2·s·q each, half of them under the causal mask
         "layernorm": 0.0,
     }
     if not is_moe:

@@ -8,7 +8,7 @@ import dataclasses
 import math
 from typing import TYPE_CHECKING
 
-from model.config import ModelConfig, moe_layer_pattern
+from model.config import ModelConfig, head_dim, moe_layer_pattern
 from model.gpt import layer_parameters, padded_vocab_size
 from parallel.layout import Layout
 from planning import activations as act
@@ -334,7 +334,7 @@ def layer_items(setup: Setup, layers: tuple[int, int]) -> list[tuple[int, int]]:
     if m.recompute_granularity == "full":
         n = m.recompute_num_layers or 1
         # the checkpoints also keep the rotary frequencies [s, 1, 1, head_dim] (fp32), one tensor for all
-        rope = [(shape.seq * m.hidden_size // m.num_attention_heads * FP32, 0)]
+        rope = [(shape.seq * head_dim(m) * FP32, 0)]
         if m.recompute_method == "uniform":  # a group keeps only its input and reruns all its layers at once
             return rope + [(hidden, sum(full[i : i + n]) + max(grads[i : i + n])) for i in range(0, len(full), n)]
         return rope + [(hidden, f + g) if i < n else (f, g) for i, (f, g) in enumerate(zip(full, grads))]

@@ -103,6 +103,29 @@ def _shardings(recipe: Recipe, pp: int, vpp: int | None, dp: int) -> list[str | 
     return [None, "zero3"]
 
 
+def no_layout(recipe: Recipe, gpus: int, gpu_per_node: int) -> str:
+    """Why `layouts` yields nothing (or nothing that passes the model's checks) for `gpus` GPUs."""
+    m, t = recipe.model, recipe.train
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    data_sizes = sorted(
+        {
+            gpus // (tp * pp * cp)
+            for tp in _divisors(gpus)
+            if tp <= gpu_per_node and heads % tp == 0 and groups % tp == 0
+            for pp in _divisors(m.num_layers)
+            if gpus % (tp * pp) == 0
+            for cp in CONTEXTS
+            if gpus % (tp * pp * cp) == 0 and m.seq_length % (2 * cp) == 0
+        }
+    )
+    return (
+        f"no parallel layout of {gpus} GPUs exists for {recipe.source}: tensor must divide the {heads} heads, "
+        f"{groups} query groups and {gpu_per_node} GPUs per node, pipeline the {m.num_layers} layers, and the "
+        f"data-parallel size that leaves ({', '.join(map(str, data_sizes))}) must divide "
+        f"train.global_batch_size {t.global_batch_size}: use another --gpus"
+    )
+
+
 def _apply(recipe: Recipe, overrides: dict[str, Any]) -> Recipe:
     sections: dict[str, dict[str, Any]] = {}
     for key, value in overrides.items():

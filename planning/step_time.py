@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from model.config import moe_layer_pattern
+from model.config import head_dim, moe_layer_pattern
 from planning.flops import layer_totals, model_forward_flops, recompute_forward_flops
 from planning.memory import Setup, stage_parameters
 
@@ -146,11 +146,12 @@ def _layer_seconds(setup: Setup, gpu: Gpu, is_moe: bool, fp8: bool) -> tuple[flo
     peak = gpu.fp8_tflops * 1e12 if fp8 and gpu.fp8_tflops else gpu.peak(setup.recipe.train.precision)
     gemm_b = 1 if fp8 and gpu.fp8_tflops else b
     h, heads = m.hidden_size, m.num_attention_heads
-    kv = (m.num_query_groups or heads) * (h // heads)
-    linears = _gemm_seconds(gpu, tokens, h, (h + 2 * kv) / tp, peak, gemm_b) + _gemm_seconds(
-        gpu, tokens, h / tp, h, peak, gemm_b
+    q = heads * head_dim(m)  # = h unless model.head_dim says otherwise
+    kv = (m.num_query_groups or heads) * head_dim(m)
+    linears = _gemm_seconds(gpu, tokens, h, (q + 2 * kv) / tp, peak, gemm_b) + _gemm_seconds(
+        gpu, tokens, q / tp, h, peak, gemm_b
     )
-    attention = 2.0 * m.seq_length * h * tokens / tp / (gpu.peak("bf16") * gpu.attention_efficiency)
+    attention = 2.0 * m.seq_length * q * tokens / tp / (gpu.peak("bf16") * gpu.attention_efficiency)
     if not is_moe:
         ffn = m.ffn_hidden_size
         linears += 3 * _gemm_seconds(gpu, tokens, h, ffn / tp, peak, gemm_b)
@@ -174,7 +175,7 @@ def _layer_seconds(setup: Setup, gpu: Gpu, is_moe: bool, fp8: bool) -> tuple[flo
     if fp8 and gpu.fp8_tflops:
         # current scaling: each linear's input (forward) and output gradient (backward) is read for its
         # amax, read again and written as fp8 and as its fp8 transpose: 2 reads + 2 one-byte writes
-        widths = shape.sharded_tokens * 2 * h + tokens * (h + (h + 2 * kv) + 2 * ffn + ffn) / tp + tokens * h / tp
+        widths = shape.sharded_tokens * 2 * h + tokens * (q + (q + 2 * kv) + 2 * ffn + ffn) / tp + tokens * h / tp
         elementwise += widths * (2 * b + 2) / (gpu.hbm_gbs * 1e9)
     # forward = a third of the GEMMs and attention; the elementwise passes count forward and backward
     return linears + attention + elementwise / 3, 0.0
@@ -227,9 +228,10 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     tensor_work = 10 * collective * n_layers * mb
     tensor = tensor_work - min(4 * collective, layer_forward / max(n_layers, 1)) * n_layers * mb
     # CP ring: K and V (forward), K, V, dK, dV (backward) around cp - 1 hops; hidden behind attention
-    kv = (m.num_query_groups or m.num_attention_heads) * (m.hidden_size // m.num_attention_heads)
+    kv = (m.num_query_groups or m.num_attention_heads) * head_dim(m)
     ring = 3 * 2 * tokens * kv // tp * b * (cp - 1) / _bandwidth(gpu, tp * cp)
-    attention = 3 * 2.0 * m.seq_length * m.hidden_size * tokens / tp / (gpu.peak("bf16") * gpu.attention_efficiency)
+    q = m.num_attention_heads * head_dim(m)
+    attention = 3 * 2.0 * m.seq_length * q * tokens / tp / (gpu.peak("bf16") * gpu.attention_efficiency)
     context_work = ring * n_layers * mb if cp > 1 else 0.0
     context = max(ring - attention, 0.0) * n_layers * mb if cp > 1 else 0.0
     # EP: dispatch and combine all-to-alls forward and backward, top_k copies of every token

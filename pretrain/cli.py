@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from common.errors import RunStopped, UserError, run_tool
+from common.errors import EXIT_INTERRUPTED, RunStopped, UserError, run_tool
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -105,7 +105,17 @@ def _run_until_stopped(args: argparse.Namespace) -> int:
     try:
         return run(args)
     except RunStopped as e:
-        # Every rank stops at the same step for the same reason: rank 0 says it once.
-        if int(os.environ.get("RANK", "0")) == 0:
+        # Every rank stops at the same step for the same reason: rank 0 says it once (a stop only
+        # one rank knows of, e.g. out of memory, is said by that rank).
+        if int(os.environ.get("RANK", "0")) == 0 or getattr(e, "every_rank", False):
             print(f"{e.label}: {e}", file=sys.stderr, flush=True)
         return e.exit_code
+    except KeyboardInterrupt:
+        # Ctrl-C outside the training loop (start-up, teardown), where nothing is left to save.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"interrupted: Ctrl-C outside the training steps, stopped at once (exit code {EXIT_INTERRUPTED})",
+                file=sys.stderr,
+                flush=True,
+            )
+        return EXIT_INTERRUPTED

@@ -51,6 +51,21 @@ def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
     return 3.0 * model_forward_flops(model, vocab_size)
 
 
+def attention_flops_per_pair(model: ModelConfig) -> float:
+    """Training FLOPs of one attended (query, key) pair over all layers: QK^T and PV, 2 · hidden
+    each, forward and backward (× 3). Causal attention over s tokens counts s²/2 pairs, attention
+    inside documents Σ n²/2 over its documents (`document_pairs`)."""
+    return 12.0 * model.num_layers * model.hidden_size
+
+
+def document_pairs(batches: list[dict]) -> float:
+    """Σ n²/2 over the documents of the micro-batches' samples (their "document_ids"): the attended
+    pairs as flops_per_token counts a whole sample's (s²/2)."""
+    from model.attention.documents import runs
+
+    return sum((b - a) ** 2 / 2 for batch in batches for ids in batch["document_ids"] for a, b in runs(ids))
+
+
 def device_peak_tflops(device_name: str | None, fp8: bool = False) -> float | None:
     """The dense bf16 (or FP8) peak of a GPU by name; None for a CPU or an unknown device."""
     if not device_name:
@@ -78,7 +93,9 @@ class Metrics:
         micro_batches: int,
         pipeline_bubble: float,
         fp8_peak_tflops: float | None = None,  # FP8 runs on a GPU with an FP8 peak: adds mfu_fp8
+        pair_flops: float = 0.0,  # attention_flops_per_pair: a step with documents counts its own pairs
     ):
+        self.pair_flops = pair_flops
         self.cfg, self.log = cfg, log
         self.fp8_peak_tflops = fp8_peak_tflops
         self.tokens_per_step, self.seq_length = tokens_per_step, seq_length
@@ -105,8 +122,14 @@ class Metrics:
         if not result.updated:
             record["skipped"] = True
         record.update(result.moe)
+        flops_per_token = self.flops_per_token
+        if getattr(result, "attention_pairs", None) is not None:
+            # data.reset_attention_mask: only the pairs inside documents are computed and counted
+            whole = self.tokens_per_step // self.seq_length * self.seq_length**2 / 2
+            record["attended_fraction"] = result.attention_pairs / whole
+            flops_per_token -= self.pair_flops * (whole - result.attention_pairs) / self.tokens_per_step
         if self.peak_tflops is not None:
-            tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
+            tflops = flops_per_token * tokens_per_s / self.world_size / 1e12
             record["tflops_per_device"] = tflops
             record["mfu"] = tflops / self.peak_tflops
             if self.fp8_peak_tflops is not None:
@@ -145,14 +168,40 @@ class MetricsLog:
             self.wandb_run.finish()
 
 
+REPLACED_METRICS = "metrics.replaced.jsonl"
+
+
 def _truncate_after(path: pathlib.Path, step: int) -> None:
-    """A resumed run rewrites the steps after its checkpoint, so the file holds one curve."""
+    """A resumed run rewrites the steps after its checkpoint, so the file holds one curve; the
+    records it drops are appended to metrics.replaced.jsonl beside it, and a line says so."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    steps = [_step_of(line) for line in lines]
+    dropped = [line for line, s in zip(lines, steps) if s is None or s > step]
+    if not dropped:
+        return
+    side = path.with_name(REPLACED_METRICS)
+    with open(side, "a") as f:
+        f.write("".join(line + "\n" for line in dropped))
+        f.flush()
+        os.fsync(f.fileno())
     tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.write_text("".join(line + "\n" for line, s in zip(lines, steps) if s is not None and s <= step))
     os.replace(tmp, path)
+    later = [s for s in steps if s is not None and s > step]
+    what = f"steps {min(later)}-{max(later)}" if later else f"{len(dropped)} unreadable lines"
+    print(
+        f"{path}: {what} ({len(dropped)} records) moved to {side}: this run rewrites them from step {step + 1}",
+        flush=True,
+    )
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 WANDB_RUN_ID_FILE = "wandb_run_id"

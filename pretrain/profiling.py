@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from common.errors import RecipeError
+from common.files import set_aside
 from common.schema import NonNegativeInt, PositiveInt
 
 if TYPE_CHECKING:  # imported where used: loading a recipe stays free of torch
@@ -77,10 +78,14 @@ class Profiler:
         profile.stop()
         self.dir.mkdir(parents=True, exist_ok=True)
         trace = self.dir / f"trace_rank{self.rank}.json"
+        snapshot = self.dir / f"memory_rank{self.rank}.pickle"
+        memory = self.cfg.memory and self.device.type == "cuda"
+        for earlier in (trace, snapshot) if memory else (trace,):  # a restart profiling again keeps them
+            if earlier.exists():
+                print(f"{earlier} exists: the earlier one is kept as {set_aside(earlier)}", flush=True)
         profile.export_chrome_trace(str(trace))
         written = [trace]
-        if self.cfg.memory and self.device.type == "cuda":
-            snapshot = self.dir / f"memory_rank{self.rank}.pickle"
+        if memory:
             torch.cuda.memory._dump_snapshot(str(snapshot))
             torch.cuda.memory._record_memory_history(enabled=None)
             written.append(snapshot)

@@ -17,12 +17,13 @@ from typing import Any, Literal
 
 from common import schema
 from common.errors import RecipeError
+from common.files import set_aside
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
-from data.config import DataConfig
+from data.config import DataConfig, check_documents
 from model.config import Fp8Config, ModelConfig, check_fp8, check_model
 from parallel.config import ParallelConfig
 from pretrain.checkpoint.config import CheckpointConfig
-from pretrain.faults import DebugConfig
+from pretrain.faults import DebugConfig, check_debug
 from pretrain.metrics import LoggingConfig
 from pretrain.optim import OptimizerConfig
 from pretrain.profiling import ProfileConfig
@@ -49,8 +50,10 @@ class TrainConfig:
     # ends the run with exit code 3.
     on_nonfinite: Literal["skip", "stop"] = "skip"
     max_skipped_steps: NonNegativeInt = 10  # skip: stop once more steps than this were skipped (resumes included)
-    # Report rank, step, phase and Python stacks on stderr when one phase of a step (forward_backward,
-    # optimizer, logging, checkpoint) runs longer than this; seconds, 0 = no watchdog.
+    # Report rank, step and phase on stderr when one phase of a step (data, forward_backward,
+    # optimizer, evaluation, logging, checkpoint) runs longer than this, and a hang report: which
+    # collective the waiting ranks are in, which ranks never entered it and where those are
+    # (<logging.dir>/watchdog/, docs/failures.md); seconds, 0 = no watchdog.
     watchdog_timeout_s: NonNegativeFloat = 0.0
     # Validation: every eval_interval optimizer steps (and after the last), the token-mean loss over
     # eval_steps global batches of the validation data, logged as val_loss and val_ppl. 0 = never.
@@ -107,6 +110,10 @@ def resolve_recipe_path(name_or_path: str) -> pathlib.Path:
     for path in found:
         if path.is_file():
             return path
+    folder = pathlib.Path(name_or_path)
+    if folder.is_dir():  # a run folder (logging.dir) holds the resolved recipe of its run
+        hint = f": did you mean '{folder / 'recipe.yaml'}'?" if (folder / "recipe.yaml").is_file() else ""
+        raise RecipeError(f"recipe '{name_or_path}' is a folder, not a recipe file{hint}")
     looked = ", ".join(schema.display(p) for p in found)
     names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
     close = difflib.get_close_matches(pathlib.Path(name_or_path).stem, names, n=1)
@@ -149,6 +156,8 @@ def validate_static(recipe: Recipe) -> None:
             "use fully_reshardable with optimizer.name = muon"
         )
     recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
+    check_documents(recipe.data, recipe.model.transformer_impl)
+    check_debug(recipe.debug, recipe.train.watchdog_timeout_s)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -184,10 +193,19 @@ def check_output_dirs(recipe: Recipe) -> None:
             raise RecipeError(f"{key} '{path}' cannot be written: '{existing}' is not writable")
 
 
+def _without_source(text: str) -> str:
+    return text.split("\n", 1)[-1] if text.startswith("# resolved from ") else text
+
+
 def write_recipe(recipe: Recipe, path: pathlib.Path) -> None:
     """The resolved recipe (every key) to `path`, atomically: `--recipe path` repeats the run."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     source = f"# resolved from {recipe.source}\n" if recipe.source else ""
-    tmp.write_text(source + dump_recipe(recipe))
+    text = source + dump_recipe(recipe)
+    # A restart with other overrides keeps the earlier recipe (the `# resolved from` line may differ).
+    if path.is_file() and _without_source(path.read_text(errors="replace")) != _without_source(text):
+        kept = set_aside(path)
+        print(f"{path} differs from this run's recipe: the earlier one is kept as {kept}", flush=True)
+    tmp.write_text(text)
     tmp.replace(path)

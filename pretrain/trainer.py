@@ -5,6 +5,7 @@ and cadence; this module only wires them and loops."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from typing import Any
@@ -15,9 +16,10 @@ from data.loader import BatchPlan, TrainBatches
 from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_group, pick_device, world_from_env
 from planning.setup import validate_for_world
 from pretrain.checkpoint.checkpointer import Checkpointer, TrainState
-from pretrain.faults import FaultInjection
-from pretrain.guards import Guards, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
-from pretrain.metrics import Metrics, MetricsLog, device_peak_tflops, flops_per_token
+from pretrain.faults import FaultInjection, check_debug_for_world
+from pretrain.guards import Guards, Interrupted, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
+from pretrain.metrics import Metrics, MetricsLog, attention_flops_per_pair, device_peak_tflops, flops_per_token
+from pretrain.oom import OutOfMemoryInStep
 from pretrain.profiling import Profiler
 from pretrain.recipe import Recipe, check_output_dirs, recipe_to_dict, write_recipe
 from pretrain.step import Evaluation, Step
@@ -44,6 +46,7 @@ def build_runtime(recipe: Recipe) -> tuple[Layout, BatchPlan, RankInfo, Any, tor
     """This process's device, process groups and share of each batch; the CPU layer when on a CPU."""
     rank, local_rank, world_size = world_from_env()
     layout, plan = validate_for_world(recipe, world_size)
+    check_debug_for_world(recipe.debug, world_size)
     device = pick_device(recipe.train.device, local_rank)
     if recipe.fp8.enabled:  # transformer-engine and its version, the device's FP8 GEMMs: before any work
         from model.fp8.linear import check_runtime
@@ -76,6 +79,8 @@ def build_data(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
         cache_dir=str(data.cache_dir or recipe.log_dir() / "data_cache"),
         vocab_size=tokenizer.vocab_size,
         with_test=recipe.train.test_at_end,
+        reset_position_ids=data.reset_position_ids,
+        reset_attention_mask=data.reset_attention_mask,
     )
 
 
@@ -97,6 +102,7 @@ def build_step(
         overlap_p2p_comm=recipe.parallel.p2p_overlapped,
         compile=tuple(t.compile),
         fp8=recipe.fp8,
+        document_positions=recipe.data.reset_position_ids,
     )
     chunks = build_model(recipe.model, build, vocab_size, device, groups)
     te_fp8 = recipe.fp8.enabled and recipe.model.transformer_impl == "transformer_engine"
@@ -201,6 +207,7 @@ def build_metrics(run: Run) -> Metrics:
         plan.micro_batches,
         run.layout.pipeline_bubble(plan.micro_batches),
         fp8_peak_tflops=fp8_peak if recipe.fp8.enabled else None,
+        pair_flops=attention_flops_per_pair(recipe.model),
     )
 
 
@@ -231,14 +238,30 @@ def _fp8_lines(run: Run, peak: float | None, fp8_peak: float | None) -> list[str
     return lines
 
 
+def build_watchdog(run: Run) -> Watchdog:
+    """The stall watchdog; with it on, the record of every collective and the hang report, which the
+    ranks exchange through the c10d store (pretrain/forensics.py)."""
+    timeout_s = run.recipe.train.watchdog_timeout_s
+    if not timeout_s > 0:
+        return Watchdog(run.rank.rank, 0.0)
+    from pretrain.faults import hang_before_collective
+    from pretrain.forensics import CollectiveRing, HangReport
+
+    ring = CollectiveRing(run.rank.rank)
+    ring.before_entering = hang_before_collective(run.recipe.debug, run.rank.rank, ring)
+    report = HangReport(ring, run.layout.world_size, run.recipe.log_dir() / "watchdog", collect_s=min(timeout_s, 5.0))
+    return Watchdog(run.rank.rank, timeout_s, report=report)
+
+
 def train(recipe: Recipe) -> dict[str, Any]:
     """Trains `recipe` to `train.steps`; returns the last metrics record (on every rank), or only
     {"step": N} when the checkpoint was already at train.steps or beyond.
 
-    Raises Preempted after the checkpoint when a preemption signal arrived (SIGTERM, SIGUSR1), and
+    Raises Preempted after the checkpoint when a preemption signal arrived (SIGTERM, SIGUSR1),
+    Interrupted likewise after Ctrl-C (SIGINT; a second one ends the process at once), and
     NonfiniteStop when the non-finite guard ends the run; every rank raises at the same step."""
     check_output_dirs(recipe)
-    with StopRequest().installed() as stop:
+    with StopRequest(rank=int(os.environ.get("RANK", "0"))).installed() as stop:
         run = build_run(recipe)
         run.checkpointer.resume(run.state, recipe.train.global_batch_size)
         if run.rank.rank == 0:
@@ -255,8 +278,16 @@ def train(recipe: Recipe) -> dict[str, Any]:
         metrics = build_metrics(run)
         profiler = Profiler(recipe.train.profile, run.rank.rank, recipe.log_dir(), run.device)
         try:
-            with Watchdog(run.rank.rank, recipe.train.watchdog_timeout_s) as watchdog:
+            with build_watchdog(run) as watchdog:
                 return _loop(run, batches, metrics, profiler, Guards(stop, guard, watchdog))
+        except (OutOfMemoryInStep, torch.OutOfMemoryError) as e:
+            from pretrain.oom import OutOfMemory, report
+
+            if isinstance(e, torch.OutOfMemoryError):  # outside Step.train: around the last step counted
+                e = OutOfMemoryInStep(run.state.step, "data, evaluation, logging or checkpoint", str(e), run.device)
+            raise OutOfMemory(
+                report(recipe, run.layout.world_size, run.rank.rank, run.device, run.vocab_size, e)
+            ) from None
         finally:
             profiler.close()
             batches.close()
@@ -269,9 +300,11 @@ def _loop(run: Run, batches: TrainBatches, metrics: Metrics, profiler: Profiler,
     start_step = state.step
     while state.step < recipe.train.steps:
         profiler.before_step(state.step + 1)
+        guards.stop.step = state.step + 1
         start = time.perf_counter()
-        step_batches = batches.step(state.consumed_samples)
-        run.step.check_token_ids(step_batches, run.data["train"], state.consumed_samples)
+        with guards.watchdog.phase(state.step + 1, "data"):
+            step_batches = batches.step(state.consumed_samples)
+            run.step.check_token_ids(step_batches, run.data["train"], state.consumed_samples)
         result = run.step.train(state.step, step_batches, guards)
         state.consumed_samples += recipe.train.global_batch_size  # a skipped step uses up its batch too
         state.step += 1
@@ -290,9 +323,11 @@ def _loop(run: Run, batches: TrainBatches, metrics: Metrics, profiler: Profiler,
         profiler.after_step(state.step)
         if result.stop:
             where = run.checkpointer.before_preemption_stop(state, guards.watchdog)
-            raise Preempted(
-                f"preemption signal: stopped after step {state.step}, {where}; "
-                f"resume with checkpoint.load=auto (exit code {Preempted.exit_code})"
+            stop = Interrupted if result.interrupted else Preempted
+            what = "Ctrl-C" if result.interrupted else "preemption signal"
+            raise stop(
+                f"{what}: stopped after step {state.step}, {where}; "
+                f"resume with checkpoint.load=auto (exit code {stop.exit_code})"
             )
     run.checkpointer.at_end(state, trained=state.step > start_step, watchdog=guards.watchdog)
     return record

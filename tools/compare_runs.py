@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import pathlib
 import re
 import statistics
@@ -24,6 +25,7 @@ import struct
 import sys
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # as common/errors.py: 128 + SIGPIPE (this script imports nothing of ours)
 PLOTS = (
     ("loss", "loss", "LM loss"),
     ("throughput", "tokens_per_s", "tokens/s"),
@@ -265,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         print(table(labels, [summarize(rows) for rows in runs]))
         for path in plot(labels, runs, pathlib.Path(args.out)):
             print(f"wrote {path}")
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: stop quietly; the exit flush goes to /dev/null
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Mixtral safetensors <-> our megatron-core checkpoints.
+"""Hugging Face Llama / Mixtral / Qwen3 / Qwen3-MoE safetensors <-> our megatron-core checkpoints.
 
     python -m tools.convert_hf import HF_DIR CKPT_DIR     # then: checkpoint.load=CKPT_DIR
     python -m tools.convert_hf export CHECKPOINT HF_DIR    # CHECKPOINT: a checkpoint dir or iter_N
@@ -37,18 +37,65 @@ def _progress(items: Iterable[T], desc: str) -> Iterable[T]:
     return tqdm(items, desc=desc, unit="tensor", file=sys.stderr, disable=None)
 
 
-def read_hf_tensors(hf_dir: pathlib.Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
+INDEX = "model.safetensors.index.json"
 
-    files = sorted(hf_dir.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{hf_dir}: no *.safetensors files (only safetensors checkpoints are read)")
+
+def safetensors_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
+    """The files to read: the shards `model.safetensors.index.json` names (each must be there), else
+    every *.safetensors in the folder."""
+    index = hf_dir / INDEX
+    if not index.is_file():
+        files = sorted(hf_dir.glob("*.safetensors"))
+        if not files:
+            raise UserError(f"{hf_dir}: no *.safetensors files (only safetensors checkpoints are read)")
+        return files
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        shards: dict[str, list[str]] = {}
+        for tensor, shard in weight_map.items():
+            shards.setdefault(str(shard), []).append(str(tensor))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise UserError(f"{index} is not a safetensors index (a JSON object with a 'weight_map')") from None
+    for shard, tensors in sorted(shards.items()):
+        if "/" in shard or not (hf_dir / shard).is_file():
+            raise UserError(
+                f"{hf_dir / shard} does not exist: {INDEX} names it for {len(tensors)} tensors (e.g. {tensors[0]})"
+            )
+    return [hf_dir / shard for shard in sorted(shards)]
+
+
+def read_hf_tensors(hf_dir: pathlib.Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError, safe_open
+
     tensors = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in _progress(list(f.keys()), f"reading {path.name}"):
-                tensors[name] = f.get_tensor(name).float()
+    for path in safetensors_files(hf_dir):
+        _check_safetensors_size(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in _progress(list(f.keys()), f"reading {path.name}"):
+                    tensors[name] = f.get_tensor(name).float()
+        except SafetensorError as exc:
+            raise UserError(f"{path} is not a readable safetensors file: {exc}") from None
     return tensors
+
+
+def _check_safetensors_size(path: pathlib.Path) -> None:
+    """A file cut short (an interrupted download) names both sizes: its 8-byte header length and
+    JSON header say where the last tensor ends."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 <= header_len <= size - 8:
+            raise UserError(f"{path} is truncated ({size} bytes): not even its header is complete")
+        try:
+            header = json.loads(f.read(header_len))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError):
+            return  # safetensors itself says what is wrong
+    needed = 8 + header_len + end
+    if size < needed:
+        raise UserError(f"{path} is truncated from {needed} to {size} bytes")
 
 
 def _build(model_cfg: ModelConfig, vocab_size: int) -> tuple[torch.nn.Module, int]:
@@ -63,14 +110,25 @@ def _build(model_cfg: ModelConfig, vocab_size: int) -> tuple[torch.nn.Module, in
     return chunk, vocab
 
 
+def _single_process() -> None:
+    """Conversion runs in one process: its gloo group and megatron-core's groups at size 1, unless
+    the caller (a test, a notebook) already made them."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        init_single_process()
+
+
 def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     import yaml
 
-    from model.hf import hf_to_ours, model_config_from_hf
+    from model.hf import hf_to_ours, load_exactly, model_config_from_hf
     from pretrain.checkpoint import storage
     from pretrain.recipe import Recipe, recipe_to_dict
 
     config_path = hf_dir / "config.json"
+    if not hf_dir.exists():
+        raise UserError(f"{hf_dir} does not exist")
     if not config_path.is_file():
         raise UserError(f"{hf_dir}: no config.json")
     try:
@@ -87,34 +145,16 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
         raise UserError(f"{config_path}: {exc}") from None
     if storage.complete_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints: choose an empty directory")
-    init_single_process()
+    _single_process()
     assert model_cfg.vocab_size is not None  # model_config_from_hf reads it from config.json
     model, vocab = _build(model_cfg, model_cfg.vocab_size)
     ours = hf_to_ours(read_hf_tensors(hf_dir), model_cfg, vocab)
-    _load_exactly(model, ours, f"{hf_dir}")
+    load_exactly(model, ours, f"{hf_dir}")
     recipe = Recipe(model=model_cfg)
     extra = {"step": 0, "recipe": recipe_to_dict(recipe), "vocab_size": model_cfg.vocab_size, "source": str(hf_dir)}
     path = storage.save(out_dir, 0, [model], None, extra)
     (out_dir / "model.yaml").write_text(yaml.safe_dump({"model": recipe_to_dict(recipe)["model"]}, sort_keys=False))
     return path
-
-
-def _load_exactly(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
-    missing, unexpected = expected - set(state), set(state) - expected
-    if missing or unexpected:
-        raise UserError(
-            f"{source}: tensors do not match the architecture "
-            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
-        )
-    own = model.state_dict()
-    for name, tensor in _progress(sorted(state.items()), "converting"):
-        if tuple(own[name].shape) != tuple(tensor.shape):
-            raise UserError(
-                f"{source}: '{name}' has shape {tuple(tensor.shape)}, the architecture needs {tuple(own[name].shape)}"
-            )
-        with torch.no_grad():
-            own[name].copy_(tensor)
 
 
 def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
@@ -134,7 +174,7 @@ def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     if vocab_size is None:
         raise UserError(f"checkpoint '{path}' does not record its vocabulary size")
     config = hf_config_from_model(model_cfg, vocab_size)  # refuses what HF cannot express, early
-    init_single_process()
+    _single_process()
     model, _ = _build(model_cfg, vocab_size)
     storage.load(path, [model], None)
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}

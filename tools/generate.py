@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """The options' bounds and the checkpoint's existence, before anything is loaded."""
+    """The options' bounds, before anything is loaded."""
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -52,11 +52,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--top-k must be 0 (off) or positive, got {args.top_k}")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
-    path = args.checkpoint
-    if not path.exists():
-        raise UserError(f"--checkpoint '{path}' does not exist")
-    if not (path / "metadata.json").is_file() and not (path / "latest").is_file():
-        raise UserError(f"--checkpoint '{path}' is neither a checkpoint folder (with 'latest') nor an iter_N")
+    # The checkpoint's path is checked where it is read (pretrain/checkpoint/storage.py), as by every tool.
 
 
 def read_checkpoint(path: pathlib.Path) -> tuple[pathlib.Path, Any, str, int]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.errors import EXIT_USER_ERROR, UserError
+from common.errors import UserError, run_tool
 from planning import search
 from planning.setup import vocab_size
 from planning.step_time import GPUS
@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> list[str]:
     recipe = load_recipe(args.recipe, args.overrides)
     gpu, vocab = GPUS[args.gpu], vocab_size(recipe)
     ordered = search.candidates(recipe, args.gpus, gpu, vocab)
+    if not ordered:
+        raise UserError(search.no_layout(recipe, args.gpus, gpu.gpus_per_node))
     found, tried = search.fitting(ordered, int(args.gpu_memory_gib * 2**30), args.top)
     head = (
         f"{recipe.source} on {args.gpus} x {args.gpu} ({args.gpu_memory_gib:g} GiB): {len(ordered)} layouts x "
@@ -54,12 +56,12 @@ def run(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         print("\n".join(run(args)))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    return 0
+        return 0
+
+    return run_tool(body, debug=False)
 
 
 if __name__ == "__main__":

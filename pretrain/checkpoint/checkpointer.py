@@ -4,10 +4,11 @@ files themselves are storage.py's; the `checkpoint` recipe section is config.py'
 from __future__ import annotations
 
 import pathlib
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pretrain.checkpoint import storage
+from pretrain.checkpoint import compatibility, storage
 from pretrain.checkpoint.config import CheckpointConfig
 
 if TYPE_CHECKING:
@@ -50,10 +51,19 @@ class Checkpointer:
     def resume(self, state: TrainState, global_batch_size: int) -> None:
         """Loads `checkpoint.load` into the model, optimizer, schedule and `state`; a fresh run
         refuses to write into a folder that already holds checkpoints."""
-        path = storage.resolve_load(self.cfg.load, self.dir)
+        if self.cfg.load == "auto":
+            path, skipped = storage.choose_auto(self.dir, self.cfg.verify)
+            if skipped:
+                self._say(skipped, sys.stderr)
+            if path is None:
+                self._say(f"no checkpoint in {self.dir}: starting at step 0")
+        else:
+            path = storage.resolve_load(self.cfg.load, self.dir, self.cfg.verify)
         if path is None:
             storage.refuse_to_overwrite(self.cfg.load, self.dir)
             return
+        saved = storage.read_extra(path)
+        compatibility.check_same_model(path, self.chunks, saved, self.extra)
         extra = storage.load(path, self.chunks, self.optimizer)
         if extra.get("kind") == "weights":  # e.g. converted from Hugging Face: a fresh run from these weights
             storage.refuse_to_overwrite(None, self.dir)
@@ -123,6 +133,6 @@ class Checkpointer:
         self._say(f"saved checkpoint {path}{background}")
         self.saved_at = state.step
 
-    def _say(self, line: str) -> None:
+    def _say(self, line: str, stream: Any = None) -> None:
         if self.rank == 0:
-            print(line, flush=True)
+            print(line, file=stream or sys.stdout, flush=True)

@@ -16,8 +16,9 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
+from common.files import set_aside
 from parallel.data_parallel import sync_params
-from pretrain.checkpoint import optimizer_state
+from pretrain.checkpoint import manifest, optimizer_state
 from upstream import fixes, safe_loading
 
 LATEST = "latest"
@@ -48,24 +49,84 @@ def checkpoint_step(path: pathlib.Path) -> int:
     return int(match.group(1))
 
 
-def resolve_load(load: str | None, ckpt_dir: pathlib.Path) -> pathlib.Path | None:
-    """`None` -> no load; `auto` -> newest complete checkpoint in ckpt_dir (or none); else a path."""
+def resolve_load(load: str | None, ckpt_dir: pathlib.Path, verify: bool = True) -> pathlib.Path | None:
+    """`None` -> no load; `auto` -> newest intact checkpoint in ckpt_dir (or none: see `choose_auto`
+    for the line a skipped damaged one gets); else a path, which must be intact (collective when
+    the process group is up: the ranks share the checksum reading)."""
     if load is None:
         return None
     if load == "auto":
-        found = complete_checkpoints(ckpt_dir)
-        return found[-1] if found else None
-    path = pathlib.Path(load)
-    if path.is_dir() and (path / LATEST).is_file():
+        return choose_auto(ckpt_dir, verify)[0]
+    path = checkpoint_path(pathlib.Path(load))
+    problem = damage(path, verify)
+    if problem is not None:
+        raise UserError(f"checkpoint '{path}' is damaged: {problem}")
+    return path
+
+
+def checkpoint_path(path: pathlib.Path) -> pathlib.Path:
+    """The `iter_N` folder a path given by a person means: itself, or what the `latest` of a
+    checkpoints folder names. Every tool says the same about a path that is not one."""
+    if not path.exists():
+        raise UserError(f"checkpoint '{path}' does not exist")
+    if (path / LATEST).is_file():
         name = (path / LATEST).read_text(errors="replace").strip()
         if not _ITER.match(name):  # never a path: `latest` from elsewhere must not point outside
-            raise UserError(
-                f"checkpoint.load: '{path / LATEST}' names '{name[:40]}', not a checkpoint like iter_0000100"
+            raise UserError(f"checkpoint '{path / LATEST}' names '{name[:40]}', not a checkpoint like iter_0000100")
+        if not (path / name).is_dir():
+            raise UserError(f"checkpoint '{path / LATEST}' names {name}, which does not exist")
+        return path / name
+    if (path.is_dir() and (path / "metadata.json").is_file()) or _ITER.match(path.name):
+        return path
+    if (path / "checkpoints").is_dir():
+        raise UserError(f"checkpoint '{path}' is a run folder: did you mean '{path / 'checkpoints'}'?")
+    raise UserError(
+        f"checkpoint '{path}' is neither a checkpoints folder (with '{LATEST}') nor a checkpoint like iter_0000100"
+    )
+
+
+def damage(path: pathlib.Path, verify: bool) -> str | None:
+    """What is wrong with checkpoint `path` (pretrain/checkpoint/manifest.py), None when it is intact. With
+    the process group up every rank checks the sizes and a share of the checksums, and all get
+    the same answer."""
+    share = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    try:
+        found = manifest.problems(path, verify, share)
+    except safe_loading.UnsafeFile as exc:  # a hostile checkpoint is refused, never skipped
+        raise UserError(f"checkpoint '{path}': {exc}") from None
+    if share[1] > 1:
+        gathered: list[Any] = [None] * share[1]
+        dist.all_gather_object(gathered, found)
+        found = [p for rank_found in gathered for p in rank_found]
+    found = sorted(set(found))  # the same first line at every world size
+    if not found:
+        return None
+    return found[0] + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
+
+
+def choose_auto(ckpt_dir: pathlib.Path, verify: bool) -> tuple[pathlib.Path | None, str | None]:
+    """`checkpoint.load=auto`: the newest intact checkpoint in ckpt_dir (None when it holds none),
+    and the line to print when newer damaged ones were skipped (they are left in place). A folder
+    whose every checkpoint is damaged is a UserError naming each."""
+    skipped: list[tuple[pathlib.Path, str]] = []
+    for path in reversed(complete_checkpoints(ckpt_dir)):
+        problem = damage(path, verify)
+        if problem is None:
+            if not skipped:
+                return path, None
+            if len(skipped) == 1:
+                said = f"checkpoint {skipped[0][0]} is damaged ({skipped[0][1]})"
+            else:
+                said = "checkpoints " + ", ".join(f"{p} ({why})" for p, why in skipped) + " are damaged"
+            many = "ones are" if len(skipped) > 1 else "one is"
+            return path, (
+                f"warning: {said}: resuming from {path}, the newest intact one (the damaged {many} left in place)"
             )
-        path = path / name
-    if not (path / "metadata.json").is_file():
-        raise UserError(f"checkpoint.load: '{load}' is not a complete checkpoint (no metadata.json)")
-    return path
+        skipped.append((path, problem))
+    if skipped:
+        said = "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        raise UserError(f"checkpoint.load=auto: no intact checkpoint in {ckpt_dir} ({said})")
+    return None, None
 
 
 def refuse_to_overwrite(load: str | None, ckpt_dir: pathlib.Path) -> None:
@@ -78,7 +139,7 @@ def refuse_to_overwrite(load: str | None, ckpt_dir: pathlib.Path) -> None:
         )
 
 
-def _model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
+def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
     sd = {}
     for i, chunk in enumerate(chunks):
         sd[f"model{i}" if len(chunks) > 1 else "model"] = _unwrap(chunk).sharded_state_dict()
@@ -121,7 +182,7 @@ def save(
         tmp.mkdir(parents=True)
     dist.barrier()
     sync_params(chunks)  # parallel.overlap_param_gather left the updated weights to the next forward
-    state = _model_sharded_state_dict(chunks)
+    state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         assert optimizer_format is not None, "a training checkpoint needs checkpoint.optimizer_format"
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_format_metadata(optimizer_format))
@@ -133,14 +194,23 @@ def save(
     publish = partial(_publish, ckpt_dir, tmp, final, keep_last, pause_before_publish_s)
     if async_queue is None:
         dist_checkpointing.save(state, str(tmp))
+        manifest.record_rank_files(tmp, dist.get_rank())
         publish()
         return final
     request = dist_checkpointing.save(state, str(tmp), async_sharded_save=True)
-    if write_delay_s:
-        request = request._replace(async_fn=partial(_delayed, write_delay_s, request.async_fn))
+    # The checksums are computed by the background writer, after its shards are written.
+    write = partial(_write_and_record, request.async_fn, tmp, dist.get_rank())
+    request = request._replace(async_fn=partial(_delayed, write_delay_s, write) if write_delay_s else write)
     request.finalize_fns.append(publish)
     async_queue.schedule_async_request(request)
     return final
+
+
+def _write_and_record(write: Any, tmp: pathlib.Path, rank: int, *args: Any, **kwargs: Any) -> Any:
+    """In the background writer: this rank's shards, then their sizes and checksums."""
+    result = write(*args, **kwargs)
+    manifest.record_rank_files(tmp, rank)
+    return result
 
 
 def _delayed(seconds: float, write: Any, *args: Any, **kwargs: Any) -> Any:
@@ -156,12 +226,14 @@ def _publish(
     dist.barrier()
     time.sleep(pause_s)
     if dist.get_rank() == 0:
-        if final.exists():  # re-saving the same step (e.g. a rerun): replace it whole
-            shutil.rmtree(final)
+        manifest.write_manifest(tmp)
+        if final.exists():  # re-saving the same step (e.g. a resume from an older one): keep the earlier
+            kept = set_aside(final)
+            print(f"checkpoint {final.name} was saved before: moved the earlier one to {kept}", flush=True)
         os.rename(tmp, final)
         _write_atomic(ckpt_dir / LATEST, final.name)
         if keep_last:
-            prune(ckpt_dir, keep_last)
+            prune(ckpt_dir, keep_last, newest=checkpoint_step(final))
     dist.barrier()
 
 
@@ -183,10 +255,13 @@ def _format_metadata(optimizer_format: str) -> dict:
     return {"distrib_optim_sharding_type": optimizer_format}
 
 
-def prune(ckpt_dir: pathlib.Path, keep_last: int) -> list[pathlib.Path]:
-    """Deletes all but the `keep_last` newest complete checkpoints, and leftover `.tmp` saves older
-    than the newest; the newest complete one (what `latest` names) is always kept."""
+def prune(ckpt_dir: pathlib.Path, keep_last: int, newest: int | None = None) -> list[pathlib.Path]:
+    """Deletes all but the `keep_last` newest complete checkpoints up to step `newest` (the one just
+    saved; default: the newest there), and leftover `.tmp` saves older than it. The just-saved one
+    is always kept, and so is every checkpoint of a later step (e.g. a damaged one `auto` skipped)."""
     complete = complete_checkpoints(ckpt_dir)
+    if newest is not None:
+        complete = [p for p in complete if checkpoint_step(p) <= newest]
     doomed = complete[: max(len(complete) - max(keep_last, 1), 0)]
     newest = checkpoint_step(complete[-1]) if complete else -1
     for stale in ckpt_dir.glob("iter_*.tmp"):
@@ -249,7 +324,7 @@ def load(path: pathlib.Path, chunks: Sequence[torch.nn.Module], optimizer: Any) 
     optimizer_format = None if weights_only or optimizer is None else extra.get("optimizer_format", "dp_reshardable")
     if optimizer_format is not None:
         _check_same_optimizer(extra, optimizer, path)
-    template = _model_sharded_state_dict(chunks)
+    template = model_sharded_state_dict(chunks)
     translation, second = None, {}
     if optimizer_format == "dp_reshardable":
         _refuse_other_expert_buffers(extra, chunks, path)

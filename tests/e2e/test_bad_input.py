@@ -120,7 +120,7 @@ def test_mistyped_recipe_gets_did_you_mean_and_the_list(capsys):
     line = _one_line(capsys, main, ["--recipe", "tiny_gtp"])
     assert line == (
         "error: recipe 'tiny_gtp' not found: looked for tiny_gtp, recipes/tiny_gtp, recipes/tiny_gtp.yaml; "
-        "did you mean 'tiny_gpt'? recipes: deepseek_moe_16b, llama70b, llama_1b, llama_3b, mixtral_8x7b, tiny_gpt, tiny_moe"
+        "did you mean 'tiny_gpt'? recipes: deepseek_moe_16b, llama70b, llama_1b, llama_3b, mixtral_8x7b, qwen3_30b_a3b, tiny_gpt, tiny_moe, tiny_qwen3_moe"
     )
 
 
@@ -199,9 +199,12 @@ def test_generate_bad_arguments_and_paths(capsys, tmp_path):
     base = ["--checkpoint", str(tmp_path), "--prompt", "x"]
     assert _one_line(capsys, generate.main, [*base, "--top-p", "0"]) == "error: --top-p must be in (0, 1], got 0.0"
     line = _one_line(capsys, generate.main, ["--checkpoint", str(tmp_path / "none"), "--prompt", "x"])
-    assert line == f"error: --checkpoint '{tmp_path / 'none'}' does not exist"
+    assert line == f"error: checkpoint '{tmp_path / 'none'}' does not exist"
     line = _one_line(capsys, generate.main, base)
-    assert line == f"error: --checkpoint '{tmp_path}' is neither a checkpoint folder (with 'latest') nor an iter_N"
+    assert line == (
+        f"error: checkpoint '{tmp_path}' is neither a checkpoints folder (with 'latest') nor a checkpoint like "
+        "iter_0000100"
+    )
 
 
 def test_compare_runs_damaged_wandb_file_and_unwritable_plots(capsys, tmp_path, a_file):

@@ -1,6 +1,7 @@
 """Checkpoints: resume at another layout equals the uninterrupted run, a crash mid-save leaves the
 previous checkpoint in charge, retention, and loading never unpickles arbitrary objects."""
 
+import json
 import os
 import pathlib
 import pickle
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from pretrain.checkpoint import storage
+from pretrain.checkpoint import manifest, storage
 from tests.helpers.runs import (
     MASKED,
     REPO,
@@ -267,6 +268,13 @@ def test_async_save_snapshots_the_step_it_was_asked_for(reference, synthetic_cor
     assert "iter_0000002 (writing in the background)" in first.stdout
     ckpt = tmp_path / "checkpoints"
     assert [p.name for p in storage.complete_checkpoints(ckpt)] == ["iter_0000002", "iter_0000004"]
+    # Each rank's background writer recorded its shards' sizes and CRC32s (pretrain/checkpoint/manifest.py); rank 0
+    # merged them when it published, and the check before a load finds them intact.
+    files = json.loads((ckpt / "iter_0000002" / "manifest.json").read_text())["files"]
+    on_disk = {p.name for p in (ckpt / "iter_0000002").iterdir()} - {"manifest.json"}
+    assert set(files) == on_disk and {"__0_0.distcp", ".metadata", "common.pt", "metadata.json"} <= on_disk
+    assert not list((ckpt / "iter_0000002").glob(".manifest.rank*"))
+    assert manifest.problems(ckpt / "iter_0000002", verify=True) == []
     run_pretrain(
         2, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path, *extra, f"checkpoint.load={ckpt / 'iter_0000002'}")
     )

@@ -22,6 +22,8 @@ HF_MODELS = {
     "llama": (lambda: llama_config(VOCAB), "LlamaForCausalLM"),
     "mixtral": (lambda: mixtral_config(VOCAB), "MixtralForCausalLM"),
 }
+# Every family (Qwen3 and Qwen3-MoE too) in one process: tests/unit/test_hf_families.py; import_hf
+# and export_hf at other layouts: tests/distributed/test_hf_layouts.py.
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
@@ -141,7 +143,7 @@ def test_bad_hf_dir_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: config.json: architectures ['GPT2LMHeadModel'] not supported; "
-        "expected one of ['LlamaForCausalLM', 'MixtralForCausalLM']"
+        "expected one of ['LlamaForCausalLM', 'MixtralForCausalLM', 'Qwen3ForCausalLM', 'Qwen3MoeForCausalLM']"
     ]
 
 

@@ -97,18 +97,26 @@ def test_nonfinite_gradient_with_a_finite_loss_is_skipped_too(nan_and_stall):
 
 
 def test_watchdog_reports_the_stalled_phase_with_stacks(nan_and_stall):
-    _, proc = nan_and_stall
+    log_dir, proc = nan_and_stall
     reports = re.findall(
         r"^watchdog: rank 0 step (\d+) phase (\w+) running for ([\d.]+) s "
-        r"\(train.watchdog_timeout_s = 0.5\); Python stacks follow$",
+        rf"\(train.watchdog_timeout_s = 0.5\); details in {re.escape(str(log_dir / 'watchdog'))}$",
         proc.stderr,
         re.M,
     )
     # A loaded machine may stall other phases past 0.5 s too; the 2 s sleep is reported every 0.5 s.
     stalled = [float(elapsed) for step, phase, elapsed in reports if (step, phase) == ("2", "forward_backward")]
     assert len(stalled) >= 2 and 0.5 <= stalled[0] < 1.0, proc.stderr
-    assert "most recent call first" in proc.stderr
-    assert re.search(r'File ".*pretrain/step.py", line \d+ in _forward_backward', proc.stderr)
+    # The hang report of one rank: where its main thread is, then every thread's stack in its file.
+    assert re.search(
+        r"^  rank 0 \(step 2 forward_backward, [\d.]+ s\): in no collective, at pretrain/faults.py:\d+ in around$",
+        proc.stderr,
+        re.M,
+    ), proc.stderr
+    block = (log_dir / "watchdog" / "rank_0.txt").read_text()
+    assert "most recent call first" in block
+    assert re.search(r'File ".*pretrain/faults.py", line \d+ in around', block)
+    assert re.search(r'File ".*pretrain/step.py", line \d+ in _train', block)
 
 
 def test_nonfinite_stop_is_one_line_and_exit_code_3(synthetic_corpus, tmp_path):
@@ -241,6 +249,8 @@ def test_skipping_is_bounded():
         ([2], 2),
         ([75, 1], None),
         ([75, 3], None),
+        ([130, 130], 130),
+        ([130, -signal.SIGTERM], 130),
         ([-signal.SIGTERM], None),
         ([1], None),
     ],

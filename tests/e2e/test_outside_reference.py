@@ -1,7 +1,10 @@
-"""Our trainer against an outside implementation: a Hugging Face Llama (built locally, random
-weights) imported with tools/convert_hf.py and trained by pretrain_gpt.py gives, step for step,
-the losses, gradient norms and learning rates of transformers' own forward with torch's AdamW, the
-same LR schedule (computed here from its formula), the same clipping and the same samples.
+"""Our trainer against an outside implementation: a Hugging Face model of each family (Llama,
+Qwen3 dense with tied embeddings, Qwen3-MoE; built locally from our tiny recipe's architecture,
+random weights) imported with tools/convert_hf.py and trained by pretrain_gpt.py gives, step for
+step, the losses, gradient norms and learning rates of transformers' own forward with torch's
+AdamW, the same LR schedule (computed here from its formula), the same clipping and the same
+samples. Qwen3-MoE trains without a balancing loss on both sides (transformers' adds one over all
+layers' routers together, only with output_router_logits; ours is per layer, megatron-core's).
 
 Its vocabulary (257 ids, the byte tokenizer's) is padded to 384 rows on our side, at one process
 and at tensor size 2 (where the padding is all on the second rank's shard): the padded logits must
@@ -17,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers.runs import REPO, assert_close_curves, read_metrics, run_pretrain
-from tests.helpers.tiny_hf import llama_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
@@ -42,13 +44,26 @@ def _lr(step: int) -> float:
     return MIN_LR + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (LR - MIN_LR)
 
 
-@pytest.fixture(scope="module")
-def imported(tmp_path_factory):
-    """(HF dir, our weights checkpoint dir) of a tiny_gpt-shaped Llama."""
-    config = llama_config(VOCAB, max_position_embeddings=SEQ)
+# family -> (our recipe and overrides; transformers builds the same architecture from it)
+FAMILIES = {
+    "llama": ("tiny_gpt", []),
+    "qwen3": ("tiny_qwen3_moe", ["model.moe.num_experts=null", "model.untie_embeddings=false"]),
+    "qwen3-moe": ("tiny_qwen3_moe", ["model.moe.load_balancing=none"]),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def imported(request, tmp_path_factory):
+    """(HF dir, our weights checkpoint dir, recipe, overrides) of a tiny model of the family."""
+    from model.hf import hf_config_from_model
+    from pretrain.recipe import load_recipe
+
+    recipe, overrides = FAMILIES[request.param]
+    overrides = [*overrides, f"model.vocab_size={VOCAB}"]
+    config = hf_config_from_model(load_recipe(recipe, overrides).model, VOCAB)
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
-    root = tmp_path_factory.mktemp("outside")
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    root = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(root / "hf")
     proc = subprocess.run(
         [sys.executable, "-m", "tools.convert_hf", "import", str(root / "hf"), str(root / "ckpt")],
@@ -58,16 +73,56 @@ def imported(tmp_path_factory):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    return root / "hf", root / "ckpt"
+    return root / "hf", root / "ckpt", recipe, overrides
 
 
-def _reference(hf_dir, corpus: str, cache) -> list[dict]:
+def _logits(model, batch: dict, mask: bool, positions: bool) -> torch.Tensor:
+    """transformers' logits [b, s, vocab] of a micro-batch: the packed samples as they are, or with
+    `mask` each document of each sample in a forward of its own (positions from 0 with
+    `positions`, else the document's place in the sample); `positions` alone: the packed samples
+    at megatron-core's restarted position_ids."""
+    if not mask:
+        return model(input_ids=batch["tokens"], position_ids=batch["position_ids"] if positions else None).logits
+    from model.attention.documents import runs
+
+    rows = []
+    for tokens, ids in zip(batch["tokens"], batch["document_ids"]):
+        rows.append(
+            torch.cat(
+                [
+                    model(
+                        input_ids=tokens[None, a:b],
+                        position_ids=torch.arange(0 if positions else a, b - (a if positions else 0))[None],
+                    ).logits
+                    for a, b in runs(ids)
+                ],
+                dim=1,
+            )
+        )
+    return torch.cat(rows)
+
+
+def _reference(
+    hf_dir, corpus: str, cache, mask: bool = False, positions: bool = False, steps: int = STEPS
+) -> list[dict]:
     """transformers' Llama + torch AdamW on the samples our trainer reads (its BatchPlan over the
-    same megatron-core datasets), the loss a token mean over the global batch."""
+    same megatron-core datasets), the loss a token mean over the global batch; `mask` and
+    `positions` as data.reset_attention_mask and data.reset_position_ids (`_logits`). One intra-op
+    thread, as the trainer's processes run: on a loaded 2-core machine the spinning threads of its
+    many small calls cost 20 times the CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_reference(hf_dir, corpus, cache, mask, positions, steps)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_reference(hf_dir, corpus: str, cache, mask: bool, positions: bool, steps: int) -> list[dict]:
     from data.dataset import build_samples
     from data.loader import BatchPlan
 
-    model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().train()
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="eager").float().train()
     decay = [p for p in model.parameters() if p.ndim > 1]  # Megatron: no weight decay on norms (1-D)
     keep = [p for p in model.parameters() if p.ndim == 1]
     optimizer = torch.optim.AdamW(
@@ -76,10 +131,22 @@ def _reference(hf_dir, corpus: str, cache) -> list[dict]:
         betas=BETAS,
         eps=EPS,
     )
-    samples = build_samples([(1.0, corpus)], [], "100,0,0", SEQ, 1234, 256, False, str(cache), 257)["train"]
+    samples = build_samples(
+        [(1.0, corpus)],
+        [],
+        "100,0,0",
+        SEQ,
+        1234,
+        256,
+        False,
+        str(cache),
+        257,
+        reset_position_ids=positions,
+        reset_attention_mask=mask,
+    )["train"]
     plan = BatchPlan(GLOBAL_BATCH, MICRO_BATCH)
     curve = []
-    for step in range(STEPS):
+    for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step + 1)
         optimizer.zero_grad()
@@ -87,7 +154,7 @@ def _reference(hf_dir, corpus: str, cache) -> list[dict]:
         tokens = sum(float(b["loss_mask"].sum()) for b in batches)
         loss_sum = 0.0
         for batch in batches:
-            logits = model(input_ids=batch["tokens"]).logits.float()
+            logits = _logits(model, batch, mask, positions).float()
             losses = F.cross_entropy(logits.view(-1, VOCAB), batch["labels"].view(-1), reduction="none")
             summed = (losses * batch["loss_mask"].view(-1)).sum()
             (summed / tokens).backward()
@@ -104,12 +171,13 @@ def reference_curve(imported, synthetic_corpus, tmp_path_factory):
 
 
 def _ours(nproc: int, imported, corpus: str, log_dir, *extra: str) -> list[dict]:
+    _, ckpt, recipe, family_overrides = imported
     overrides = [
+        *family_overrides,
         f"data.path={corpus}",
         f"logging.dir={log_dir}",
         "logging.wandb.mode=disabled",
-        f"checkpoint.load={imported[1]}",
-        f"model.vocab_size={VOCAB}",
+        f"checkpoint.load={ckpt}",
         f"train.steps={STEPS}",
         f"train.grad_clip={CLIP}",
         f"optimizer.lr={LR}",
@@ -119,7 +187,7 @@ def _ours(nproc: int, imported, corpus: str, log_dir, *extra: str) -> list[dict]
         f"optimizer.weight_decay={WEIGHT_DECAY}",
         *extra,
     ]
-    run_pretrain(nproc, "tiny_gpt", overrides)
+    run_pretrain(nproc, recipe, overrides)
     return read_metrics(log_dir)
 
 
@@ -132,8 +200,57 @@ def test_one_process_trains_like_transformers_and_torch_adamw(imported, referenc
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("imported", ["llama"], indirect=True)  # the other families' layouts: test_hf_layouts.py
 def test_tensor_parallel_trains_like_transformers_and_torch_adamw(
     imported, reference_curve, synthetic_corpus, tmp_path
 ):
     ours = _ours(2, imported, synthetic_corpus, tmp_path, "parallel.tensor=2", "parallel.sequence_parallel=true")
     assert_close_curves(ours, reference_curve, rel=REL, keys=("loss", "grad_norm", "lr"))
+
+
+# data.reset_attention_mask / data.reset_position_ids, together and alone, on documents of 4 to 40
+# tokens (about six to a 128-token sample)
+DOCUMENT_CASES = {"mask+positions": (True, True), "mask": (True, False), "positions": (False, True)}
+
+
+@pytest.fixture(scope="module")
+def document_references(imported, short_document_corpus, tmp_path_factory):
+    """case -> the reference curve of DOCUMENT_CASES[case] (computed once, when first asked for);
+    "packed": both keys off."""
+    cache, curves = tmp_path_factory.mktemp("document-cache"), {}
+
+    def curve(case: str) -> list[dict]:
+        if case not in curves:
+            mask, positions = DOCUMENT_CASES.get(case, (False, False))
+            curves[case] = _reference(imported[0], short_document_corpus, cache, mask, positions)
+        return curves[case]
+
+    return curve
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("imported", ["llama"], indirect=True)  # the mask and positions are family-blind
+@pytest.mark.parametrize("case", list(DOCUMENT_CASES))
+def test_documents_train_like_transformers_on_each_document(
+    case, imported, document_references, short_document_corpus, tmp_path
+):
+    """With the mask, transformers runs each document in a forward of its own (from position 0
+    with reset_position_ids): our one packed forward must give its losses and gradient norms."""
+    mask, positions = DOCUMENT_CASES[case]
+    keys = (f"data.reset_attention_mask={str(mask).lower()}", f"data.reset_position_ids={str(positions).lower()}")
+    ours = _ours(1, imported, short_document_corpus, tmp_path, *keys)
+    assert_close_curves(ours, document_references(case), rel=REL, keys=("loss", "grad_norm", "lr"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("imported", ["llama"], indirect=True)
+@pytest.mark.parametrize("case", list(DOCUMENT_CASES))
+def test_document_references_are_not_the_packed_one(case, document_references):
+    """The negative control of the tests above: our trainer with both keys off trains like the
+    packed reference (test_one_process_trains_like_transformers_and_torch_adamw), which is far
+    from each document reference (at least 10 times the tests' bound), so a mask or positions that
+    did nothing would fail them."""
+    packed = document_references("packed")
+    gap = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(document_references(case), packed))
+    print(f"{case}: largest loss gap to the packed reference {gap:.2e}")
+    assert gap > 10 * REL, (case, gap)

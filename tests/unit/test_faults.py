@@ -5,9 +5,12 @@ catch them in training is tests/e2e/test_guards.py's."""
 import time
 import types
 
+import pytest
 import torch
 
-from pretrain.faults import DebugConfig, FaultInjection
+from common.errors import RecipeError
+from pretrain.faults import DebugConfig, FaultInjection, check_debug_for_world
+from pretrain.recipe import load_recipe
 
 
 def _forward_step(data_iterator, model):
@@ -50,3 +53,20 @@ def test_each_fault_fires_at_its_step_only():
         assert torch.isnan(grads[0]).item() == (step == 2) and not torch.isnan(grads[1:]).any()
     assert [faults.save_pause_s(s) for s in (4, 5, 6)] == [0.0, 1.5, 0.0]
     assert torch.isfinite(_run(FaultInjection(cfg, rank=1), 2)[2]).all()  # rank 0's gradient only
+
+
+def test_hang_injection_needs_the_watchdog():
+    with pytest.raises(RecipeError) as e:
+        load_recipe("tiny_gpt", ["debug.hang_at_step=3"])
+    assert str(e.value) == (
+        "debug.hang_at_step needs train.watchdog_timeout_s > 0: the watchdog's record of the collectives is "
+        "where a rank skips one, and what reports the hang"
+    )
+
+
+@pytest.mark.parametrize("key", ["hang", "oom"])
+def test_injected_rank_must_be_in_the_world(key):
+    recipe = load_recipe("tiny_gpt", [f"debug.{key}_at_step=3", f"debug.{key}_rank=4", "train.watchdog_timeout_s=5"])
+    with pytest.raises(RecipeError) as e:
+        check_debug_for_world(recipe.debug, 4)
+    assert str(e.value) == f"debug.{key}_rank = 4 is not a rank of a world of 4"

@@ -1,0 +1,327 @@
+"""Hugging Face config.json <-> our `model` section, one `Family` per HF architecture (Llama,
+Mixtral, Qwen3, Qwen3-MoE): the keys each family maps (anything else in config.json is refused in
+one line, so no field that changes the math is ever ignored), its reader and writer, and where its
+tensors sit (read by model/hf.py's tensor rules)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from common.errors import UserError
+from model.config import ModelConfig, MoeConfig, head_dim, moe_layer_pattern
+from model.rope import RopeScalingConfig
+
+# config.json keys that change no math: token ids, dtypes, versions, caching, the HF loss switch,
+# and Llama-1's max_sequence_length, which transformers never read
+_METADATA = frozenset(
+    {"architectures", "model_type", "bos_token_id", "eos_token_id", "pad_token_id", "dtype", "torch_dtype"}
+    | {"transformers_version", "use_cache", "_name_or_path", "output_router_logits", "initializer_range"}
+    | {"max_sequence_length"}
+)
+# keys every family reads (the Llama core)
+_CORE = frozenset(
+    {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"}
+    | {"head_dim", "vocab_size", "max_position_embeddings", "rope_theta", "rope_scaling", "rope_parameters"}
+    | {"rms_norm_eps", "tie_word_embeddings", "hidden_act", "attention_dropout"}
+)
+# keys whose only value here is the one our model computes: key -> the values accepted
+_FIXED: dict[str, tuple[Any, ...]] = {
+    "hidden_act": ("silu",),
+    "attention_bias": (False,),
+    "mlp_bias": (False,),
+    "pretraining_tp": (1,),
+    "router_jitter_noise": (0, 0.0),
+    "use_sliding_window": (False,),
+    "sliding_window": (None,),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Experts:
+    """Where a family's MoE layer keeps its tensors (under model.layers.{i}.)."""
+
+    prefix: str  # the MoE block: block_sparse_moe (Mixtral) or mlp (Qwen3-MoE)
+    gate: str  # per expert: SwiGLU gate, up and down projections
+    up: str
+    down: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One HF architecture: its config.json keys beyond the Llama core and where its tensors sit."""
+
+    name: str  # as users say it
+    architecture: str  # the transformers class in config.json
+    model_type: str
+    keys: frozenset[str]  # config.json keys `read` maps, beyond _CORE and _METADATA
+    read: Callable[[Mapping], dict[str, Any]]  # those keys -> ModelConfig fields (moe: a MoeConfig)
+    write: Callable[[ModelConfig], dict[str, Any]]  # ModelConfig -> those keys
+    qk_norm: bool = False  # self_attn.q_norm / k_norm (per-head RMSNorm)
+    experts: Experts | None = None  # None = dense
+
+
+# ------------------------------------------------------------------------------ config.json
+
+
+def _read_llama(hf: Mapping) -> dict[str, Any]:
+    return {}
+
+
+def _write_llama(model: ModelConfig) -> dict[str, Any]:
+    return {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+
+
+def _read_mixtral(hf: Mapping) -> dict[str, Any]:
+    moe = MoeConfig(
+        num_experts=hf["num_local_experts"],
+        top_k=hf["num_experts_per_tok"],
+        ffn_hidden_size=hf["intermediate_size"],
+        score_function="softmax",
+        pre_softmax=False,  # softmax over the chosen top-k = transformers' renormalized top-k
+        load_balancing="aux_loss",
+        aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.02)),
+    )
+    return {"moe": moe}
+
+
+def _write_mixtral(model: ModelConfig) -> dict[str, Any]:
+    moe = model.moe
+    return {
+        "intermediate_size": moe.ffn_hidden_size or model.ffn_hidden_size,
+        "num_local_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "router_aux_loss_coef": moe.aux_loss_coeff,
+        "router_jitter_noise": 0.0,
+        "sliding_window": None,
+    }
+
+
+def _read_qwen3(hf: Mapping) -> dict[str, Any]:
+    layer_types = hf.get("layer_types") or []
+    if any(t != "full_attention" for t in layer_types):
+        raise UserError(f"config.json: layer_types {layer_types} is not supported (full attention only)")
+    return {"qk_layernorm": True, "head_dim": hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]}
+
+
+def _write_qwen3(model: ModelConfig) -> dict[str, Any]:
+    return {
+        "attention_bias": False,
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "layer_types": ["full_attention"] * model.num_layers,
+    }
+
+
+def _read_qwen3_moe(hf: Mapping) -> dict[str, Any]:
+    spellings = {k: hf[k] for k in ("num_experts", "num_local_experts") if k in hf}  # hub / transformers 5
+    if len(set(spellings.values())) != 1:
+        raise UserError(f"config.json: expected one expert count, got {spellings or 'none'}")
+    step = int(hf.get("decoder_sparse_step", 1))
+    moe = MoeConfig(
+        num_experts=next(iter(spellings.values())),
+        top_k=hf["num_experts_per_tok"],
+        ffn_hidden_size=hf["moe_intermediate_size"],
+        # HF's layer i is MoE when (i + 1) % decoder_sparse_step == 0 and i is not in mlp_only_layers
+        layer_freq=step,
+        first_dense_layers=step - 1,
+        dense_layers=list(hf.get("mlp_only_layers") or []),
+        score_function="softmax",
+        pre_softmax=not hf.get("norm_topk_prob", False),  # transformers' default: not renormalized
+        load_balancing="global_aux_loss",
+        aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.001)),
+    )
+    return {**_read_qwen3(hf), "moe": moe}
+
+
+def _write_qwen3_moe(model: ModelConfig) -> dict[str, Any]:
+    moe = model.moe
+    pattern = moe_layer_pattern(model)
+    step = moe.layer_freq if moe.first_dense_layers == moe.layer_freq - 1 else 1
+    mlp_only = [i for i in range(model.num_layers) if (i + 1) % step == 0 and not pattern[i]]
+    return {
+        **_write_qwen3(model),
+        "num_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.ffn_hidden_size or model.ffn_hidden_size,
+        "decoder_sparse_step": step,
+        "mlp_only_layers": mlp_only,
+        "norm_topk_prob": not moe.pre_softmax,
+        "router_aux_loss_coef": moe.aux_loss_coeff,
+        "output_router_logits": False,
+    }
+
+
+_QWEN3_KEYS = frozenset({"attention_bias", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
+FAMILIES = (
+    Family("Llama", "LlamaForCausalLM", "llama", frozenset({"attention_bias", "mlp_bias", "pretraining_tp"}),
+           _read_llama, _write_llama),
+    Family("Mixtral", "MixtralForCausalLM", "mixtral",
+           frozenset({"num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
+                      "sliding_window"}),
+           _read_mixtral, _write_mixtral, experts=Experts("block_sparse_moe", "w1", "w3", "w2")),
+    Family("Qwen3", "Qwen3ForCausalLM", "qwen3", _QWEN3_KEYS, _read_qwen3, _write_qwen3, qk_norm=True),
+    Family("Qwen3-MoE", "Qwen3MoeForCausalLM", "qwen3_moe",
+           _QWEN3_KEYS | {"num_experts", "num_local_experts", "num_experts_per_tok", "norm_topk_prob",
+                          "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef"},
+           _read_qwen3_moe, _write_qwen3_moe, qk_norm=True,
+           experts=Experts("mlp", "gate_proj", "up_proj", "down_proj")),
+)  # fmt: skip
+ARCHITECTURES = {f.architecture: f for f in FAMILIES}
+
+
+def family_of(hf: Mapping) -> Family:
+    """The family config.json's `architectures` names."""
+    names = hf.get("architectures") or []
+    for name in names:
+        if name in ARCHITECTURES:
+            return ARCHITECTURES[name]
+    raise UserError(f"config.json: architectures {names} not supported; expected one of {sorted(ARCHITECTURES)}")
+
+
+def model_config_from_hf(hf: Mapping) -> ModelConfig:
+    """Our model section for an HF config.json; a key that would change the math and that the
+    family does not map is refused in one line."""
+    family = family_of(hf)
+    _check_keys(hf, family)
+    heads = hf["num_attention_heads"]
+    theta, scaling = _rope(hf)
+    fields: dict[str, Any] = dict(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
+        num_query_groups=hf.get("num_key_value_heads") or heads,
+        vocab_size=hf["vocab_size"],
+        seq_length=min(int(hf.get("max_position_embeddings", 4096)), 4096),
+        rotary_base=theta,
+        rope_scaling=scaling,
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-5)),
+        untie_embeddings=not hf.get("tie_word_embeddings", False),
+        attention_dropout=float(hf.get("attention_dropout", 0.0)),
+        init_method_std=float(hf.get("initializer_range", 0.02)),
+    )
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+        fields["head_dim"] = hf["head_dim"]
+    fields.update(family.read(hf))
+    return ModelConfig(**fields)
+
+
+def _check_keys(hf: Mapping, family: Family) -> None:
+    unknown = sorted(set(hf) - _METADATA - _CORE - family.keys)
+    if unknown:
+        raise UserError(
+            f"config.json: {', '.join(unknown)} not mapped for {family.architecture} (each may change the "
+            "math; refused rather than ignored)"
+        )
+    for key, allowed in _FIXED.items():
+        if key in hf and hf[key] not in allowed:
+            if key == "sliding_window" and hf.get("use_sliding_window") is False:
+                continue  # Qwen3 writes a window it does not use
+            raise UserError(f"config.json: {key} = {hf[key]!r} is not supported (only {allowed[0]!r})")
+
+
+_ROPE_KEYS = {
+    "default": {"rope_type", "type", "rope_theta"},
+    "llama3": {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor"}
+    | {"original_max_position_embeddings"},
+}
+
+
+def _rope(hf: Mapping) -> tuple[float, RopeScalingConfig]:
+    """(theta, scaling) from either spelling: `rope_theta` + `rope_scaling` (the hub's Llama-3.1,
+    transformers 4) or `rope_parameters` (transformers 5)."""
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], Mapping):
+            raise UserError(f"config.json: {key} must be an object, got {hf[key]!r}")
+    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    if params.get("partial_rotary_factor") == 1.0:  # rotary over whole heads, as ours
+        del params["partial_rotary_factor"]
+    kind = params.get("rope_type") or params.get("type") or "default"
+    if kind not in _ROPE_KEYS:
+        raise UserError(f"config.json: rope type {kind!r} is not supported (default | llama3)")
+    extra = sorted(set(params) - _ROPE_KEYS[kind])
+    if extra:
+        raise UserError(f"config.json: rope fields {extra} not supported with rope type {kind!r}")
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    if theta is None:
+        raise UserError("config.json: no rope_theta (neither at the top nor in rope_parameters)")
+    if kind == "default":
+        return float(theta), RopeScalingConfig()
+    try:
+        scaling = RopeScalingConfig(
+            type="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_context=int(params["original_max_position_embeddings"]),
+        )
+    except KeyError as exc:
+        raise UserError(f"config.json: llama3 rope scaling without {exc}") from None
+    return float(theta), scaling
+
+
+def _rope_json(model: ModelConfig) -> dict[str, Any]:
+    """The hub's spelling (`rope_theta`, `rope_scaling`), which transformers 4 and 5 both read."""
+    out: dict[str, Any] = {"rope_theta": model.rotary_base, "rope_scaling": None}
+    s = model.rope_scaling
+    if s.type == "llama3":
+        out["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_context,
+        }
+    return out
+
+
+def export_family(model: ModelConfig) -> Family:
+    """The HF family that expresses `model`, or a one-line UserError naming what none can."""
+    moe, problems = model.moe, []
+    if model.add_bias_linear:
+        problems.append("model.add_bias_linear")
+    if moe.num_experts is None:
+        _refuse(problems)
+        return FAMILIES[2 if model.qk_layernorm else 0]
+    if not all(moe_layer_pattern(model)) and not model.qk_layernorm:
+        problems.append("dense layers between MoE layers without model.qk_layernorm (Mixtral has none)")
+    if moe.shared_expert_ffn_hidden_size:
+        problems.append("shared experts")
+    if moe.score_function != "softmax" or moe.expert_bias:
+        problems.append("a router other than softmax top-k")
+    if moe.pre_softmax and not model.qk_layernorm:
+        problems.append("model.moe.pre_softmax without model.qk_layernorm (Mixtral renormalizes the top-k)")
+    _refuse(problems)
+    return FAMILIES[3 if model.qk_layernorm else 1]
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise UserError(f"cannot express {', '.join(problems)} as {', '.join(f.name for f in FAMILIES)}")
+
+
+def hf_config_from_model(model: ModelConfig, vocab_size: int) -> dict:
+    """config.json for our model, in the family that expresses it (export_family)."""
+    family = export_family(model)
+    config = {
+        "architectures": [family.architecture],
+        "model_type": family.model_type,
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_query_groups or model.num_attention_heads,
+        "head_dim": head_dim(model),
+        "vocab_size": vocab_size,
+        "max_position_embeddings": model.seq_length,
+        **_rope_json(model),
+        "rms_norm_eps": model.norm_epsilon,
+        "tie_word_embeddings": not model.untie_embeddings,
+        "hidden_act": "silu",
+        "attention_dropout": model.attention_dropout,
+        "initializer_range": model.init_method_std,
+        "torch_dtype": "float32",
+    }
+    return {**config, **family.write(model)}

@@ -1,0 +1,125 @@
+"""Imported Hugging Face models at other layouts, on 2 gloo ranks (one process start for every
+family): logits equal transformers' at one multi-rank layout per family, and a checkpoint saved at
+any layout (TP, PP, EP, ETP, FSDP) exports bit for bit to the HF tensors it was imported from."""
+
+import json
+import pathlib
+
+import pytest
+import torch
+
+from tests.helpers.hf_families import VOCAB, hf_model, read_tensors
+from tests.helpers.spawn import run_distributed
+
+transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
+pytestmark = pytest.mark.slow  # one 2-rank start for every family and layout (about 60 s on 2 shared cores)
+
+TOKENS = torch.randint(0, VOCAB, (2, 48), generator=torch.Generator().manual_seed(3))
+LOGITS_ATOL = 1e-5  # as tests/unit/test_hf_families.py: fp32 rounding, where a mapping error is >= 1e-3
+# family -> [(layout sizes, run a forward)]: each family's forward layout splits what it adds
+# (the llama3 frequencies and the q/k norms across tensor ranks, experts across expert ranks)
+LAYOUTS = {
+    "llama3.1": [(dict(tensor=2), True), (dict(pipeline=2), False)],
+    "qwen3": [(dict(tensor=2, sequence_parallel=True), True), (dict(fsdp="zero3"), False)],
+    "mixtral": [(dict(expert=2), True), (dict(tensor=2, sequence_parallel=True), False)],
+    "qwen3-moe": [
+        (dict(tensor=2, sequence_parallel=True, expert=2, expert_tensor=1), True),
+        (dict(tensor=2, sequence_parallel=True, expert_tensor=2), False),
+        (dict(pipeline=2), False),
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory, megatron_single_process):
+    """family -> (HF dir, imported checkpoint, HF logits), converted in this process."""
+    from tools.convert_hf import import_hf
+
+    out = {}
+    for name in LAYOUTS:
+        root = tmp_path_factory.mktemp(name)
+        model = hf_model(name)
+        model.save_pretrained(root / "hf")
+        with torch.no_grad():
+            logits = model(TOKENS).logits
+        import_hf(root / "hf", root / "ckpt")
+        out[name] = (root / "hf", root / "ckpt", logits)
+    return out
+
+
+def _tag(sizes: dict) -> str:
+    return "-".join(f"{k}{v}" for k, v in sizes.items())
+
+
+def _at_layouts(rank: int, world: int, jobs: list, out_root: str) -> dict:
+    """For each (family, checkpoint, sizes, forward): build the model at that layout, load the
+    checkpoint, maybe run the forward (logits gathered over tensor ranks), save it again."""
+    from model.gpt import ModelBuild, build_model
+    from parallel.data_parallel import wrap_data_parallel
+    from parallel.layout import Layout, init_model_parallel
+    from pretrain.checkpoint import storage as checkpoint
+    from pretrain.recipe import model_config_from_dict
+    from upstream import cpu
+
+    cpu.enable(torch.device("cpu"))
+    results = {}
+    for name, ckpt, sizes, forward in jobs:
+        path = checkpoint.resolve_load(ckpt, pathlib.Path(ckpt))
+        extra = checkpoint.read_extra(path)
+        model_cfg = model_config_from_dict(extra["recipe"]["model"], "test")
+        layout = Layout(world_size=world, **sizes)
+        _, groups = init_model_parallel(layout)
+        build = ModelBuild(layout=layout, perform_initialization=False)
+        chunks = build_model(model_cfg, build, 1024, torch.device("cpu"), groups)
+        if layout.fsdp:
+            chunks = wrap_data_parallel(chunks, False, groups, fsdp=layout.fsdp)
+        checkpoint.load(path, chunks, None)
+        tag = f"{name}-{_tag(sizes)}"
+        if forward:
+            (chunk,) = chunks
+            chunk.eval()
+            positions = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
+            with torch.no_grad():
+                logits = chunk(TOKENS, positions, None)  # [b, s, padded vocab / tensor]
+            shards = [torch.empty_like(logits) for _ in range(groups.tp.size())]
+            torch.distributed.all_gather(shards, logits.contiguous(), group=groups.tp)
+            results[tag] = torch.cat(shards, dim=-1)[..., :VOCAB]
+        checkpoint.save(pathlib.Path(out_root) / tag, 0, chunks, None, extra)
+    return results
+
+
+@pytest.fixture(scope="module")
+def at_layouts(imported, tmp_path_factory):
+    """(rank 0's logits by tag, folder of the checkpoints saved at each layout)."""
+    out_root = tmp_path_factory.mktemp("layouts")
+    jobs = [
+        (name, str(imported[name][1]), sizes, forward)
+        for name, layouts in LAYOUTS.items()
+        for sizes, forward in layouts
+    ]
+    logits = run_distributed(_at_layouts, 2, jobs, str(out_root))[0]
+    return logits, out_root
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_logits_equal_transformers_at_a_multi_rank_layout(name, imported, at_layouts):
+    (sizes, _), *_ = LAYOUTS[name]
+    ours, expected = at_layouts[0][f"{name}-{_tag(sizes)}"], imported[name][2]
+    assert float(expected.std()) > 0.1
+    torch.testing.assert_close(ours, expected, rtol=0, atol=LOGITS_ATOL)
+
+
+EXPORTS = [(name, sizes) for name, layouts in LAYOUTS.items() for sizes, _ in layouts]
+
+
+@pytest.mark.parametrize("name, sizes", EXPORTS, ids=[f"{n}-{_tag(s)}" for n, s in EXPORTS])
+def test_export_from_any_layout_is_the_imported_tensors_bitwise(name, sizes, imported, at_layouts, tmp_path):
+    from tools.convert_hf import export_hf
+
+    export_hf(at_layouts[1] / f"{name}-{_tag(sizes)}", tmp_path / "hf")
+    original, exported = read_tensors(imported[name][0]), read_tensors(tmp_path / "hf")
+    assert sorted(exported) == sorted(original)
+    for key, tensor in original.items():
+        assert torch.equal(exported[key], tensor), key
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == json.loads((imported[name][0] / "config.json").read_text())["architectures"]

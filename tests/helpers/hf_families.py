@@ -1,0 +1,131 @@
+"""Tiny Hugging Face models of every family model/hf.py maps, built locally with random weights (no
+hub): the configs the conversion, logits and training tests share."""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import torch
+
+VOCAB = 1000  # not a multiple of 128: the import pads the vocabulary, the export trims it
+_ATTENTION = dict(
+    hidden_size=64, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, rms_norm_eps=1e-5
+)  # fmt: skip
+# The non-default llama3 values (Llama-3.1 publishes factor 8, 1, 4, 8192): megatron-core's own
+# rope_scaling flag would silently use the published ones, so these tell the two apart.
+LLAMA3_ROPE = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=2.0)
+LLAMA3_ROPE["original_max_position_embeddings"] = 32
+
+# name -> (transformers class, config class, config kwargs)
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(_ATTENTION, intermediate_size=96, num_hidden_layers=2, rope_theta=10000.0, max_position_embeddings=128),
+    ),
+    "llama3.1": (
+        "LlamaForCausalLM",
+        "LlamaConfig",
+        dict(
+            _ATTENTION,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            max_position_embeddings=128,
+            rope_parameters=dict(LLAMA3_ROPE, rope_theta=500000.0),
+        ),
+    ),
+    "mixtral": (
+        "MixtralForCausalLM",
+        "MixtralConfig",
+        dict(
+            _ATTENTION,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            rope_theta=10000.0,
+            max_position_embeddings=128,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        ),
+    ),
+    "qwen3": (  # head_dim 32 with hidden 64 and 4 heads: q/k/v are wider than the hidden size
+        "Qwen3ForCausalLM",
+        "Qwen3Config",
+        dict(
+            _ATTENTION,
+            head_dim=32,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            rope_theta=1000000.0,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen3-moe": (  # layer 0 dense (mlp_only_layers), layer 1 MoE; top-k renormalized
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        dict(
+            _ATTENTION,
+            head_dim=32,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            rope_theta=1000000.0,
+            max_position_embeddings=128,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[0],
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3-moe-step": (  # every 2nd layer MoE (decoder_sparse_step), top-k probabilities not renormalized
+        "Qwen3MoeForCausalLM",
+        "Qwen3MoeConfig",
+        dict(
+            _ATTENTION,
+            head_dim=32,
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            rope_theta=1000000.0,
+            max_position_embeddings=128,
+            num_experts=8,
+            num_experts_per_tok=2,
+            norm_topk_prob=False,
+            decoder_sparse_step=2,
+            mlp_only_layers=[],
+        ),
+    ),
+}
+
+
+def hf_model(name: str, seed: int = 0, **overrides: Any) -> Any:
+    """The family's tiny transformers model, random weights; norms random too (HF starts them at 1,
+    which would hide a norm mapped to the wrong place)."""
+    import transformers
+
+    cls, config_cls, kwargs = FAMILIES[name]
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls)(getattr(transformers, config_cls)(**{**kwargs, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 1:
+                torch.nn.init.uniform_(p, 0.5, 1.5)
+    return model.eval()
+
+
+def save_hf(name: str, directory: pathlib.Path, seed: int = 0, **overrides: Any) -> Any:
+    model = hf_model(name, seed, **overrides)
+    model.save_pretrained(directory)
+    return model
+
+
+def read_tensors(directory: pathlib.Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
