@@ -138,8 +138,8 @@ def _wave_efficiency(gpu: Gpu, m: float, n: float) -> float:
     return tiles / (math.ceil(tiles / gpu.sms) * gpu.sms)
 
 
-def _layer_seconds(setup: Setup, gpu: Gpu, is_moe: bool, fp8: bool) -> tuple[float, float]:
-    """(forward seconds, extra backward seconds beyond 2x forward) of one layer and micro-batch on one rank."""
+def _layer_seconds(setup: Setup, gpu: Gpu, is_moe: bool, fp8: bool) -> float:
+    """Forward seconds of one layer and micro-batch on one rank (the backward counts twice this)."""
     m, shape = setup.model, setup.shape
     tp, b = shape.tensor, shape.dtype_bytes
     tokens = shape.tokens
@@ -178,7 +178,7 @@ def _layer_seconds(setup: Setup, gpu: Gpu, is_moe: bool, fp8: bool) -> tuple[flo
         widths = shape.sharded_tokens * 2 * h + tokens * (q + (q + 2 * kv) + 2 * ffn + ffn) / tp + tokens * h / tp
         elementwise += widths * (2 * b + 2) / (gpu.hbm_gbs * 1e9)
     # forward = a third of the GEMMs and attention; the elementwise passes count forward and backward
-    return linears + attention + elementwise / 3, 0.0
+    return linears + attention + elementwise / 3
 
 
 def step_time(setup: Setup, gpu: Gpu) -> StepTime:
@@ -197,7 +197,7 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     tokens = shape.tokens  # per micro-batch on one rank's sequence shard
     mb, chunks = setup.micro_batches, layout.model_chunks
     fp8 = recipe.fp8.enabled
-    kinds = {is_moe: _layer_seconds(setup, gpu, is_moe, fp8)[0] for is_moe in set(pattern)}
+    kinds = {is_moe: _layer_seconds(setup, gpu, is_moe, fp8) for is_moe in set(pattern)}
     # the busiest stage (uneven splits: the first and last stages differ): (forward, layer forward, layers, moe layers)
     stages = []
     for stage in range(pp):
