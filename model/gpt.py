@@ -37,6 +37,12 @@ class ModelBuild:
     document_positions: bool = False  # data.reset_position_ids: RoPE at position_ids (model/attention/documents.py)
 
 
+# megatron-core's fused SwiGLU (bias_swiglu_impl, bias_activation_fusion): off for both layer
+# implementations (its bf16 rounding differs from silu(a) * b by an ulp). The memory model reads it
+# (planning/activations.py:mlp_bytes): fused, the MLP keeps 3 ffn-sized tensors per token, not 5.
+SWIGLU_FUSED = False
+
+
 def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
     """Rounds up to a multiple of lcm(make_vocab_size_divisible_by, tensor).
 
@@ -107,7 +113,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
         # Fusions need apex or TE; the unfused paths are exact and portable.
-        bias_activation_fusion=False,
+        bias_activation_fusion=SWIGLU_FUSED,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
