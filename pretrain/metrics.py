@@ -51,13 +51,6 @@ def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
     return 3.0 * model_forward_flops(model, vocab_size)
 
 
-def attention_flops_per_pair(model: ModelConfig) -> float:
-    """Training FLOPs of one attended (query, key) pair over all layers: QK^T and PV, 2 · hidden
-    each, forward and backward (× 3). Causal attention over s tokens counts s²/2 pairs, attention
-    inside documents Σ n²/2 over its documents (`document_pairs`)."""
-    return 12.0 * model.num_layers * model.hidden_size
-
-
 def document_pairs(batches: list[dict]) -> float:
     """Σ n²/2 over the documents of the micro-batches' samples (their "document_ids"): the attended
     pairs as flops_per_token counts a whole sample's (s²/2)."""

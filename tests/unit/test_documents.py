@@ -2,6 +2,8 @@
 document attended alone, per-token RoPE against megatron-core's, document ids against
 megatron-core's position reset, and the compact ids under context parallelism."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -150,12 +152,13 @@ def test_per_token_rotary_equals_megatron_at_sample_positions_and_restarts():
 
 
 def test_flops_count_only_the_attended_pairs():
-    """MFU under data.reset_attention_mask: a step's attention FLOPs are 12 · layers · hidden per
+    """MFU under data.reset_attention_mask: a step's attention FLOPs are 12 · layers · heads · head_dim per
     pair inside its documents (Σ n²/2), not per pair of the whole causal square (s²/2 a sample)."""
     import types
 
     from model.config import ModelConfig
-    from pretrain.metrics import LoggingConfig, Metrics, attention_flops_per_pair, document_pairs, flops_per_token
+    from planning.flops import attention_flops_per_pair, layer_forward_flops
+    from pretrain.metrics import LoggingConfig, Metrics, document_pairs, flops_per_token
 
     model = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, seq_length=48)
     ids = sample_ids(LENGTHS)  # two samples of 48 tokens
@@ -172,3 +175,10 @@ def test_flops_count_only_the_attended_pairs():
     saved = (dense["tflops_per_device"] - masked["tflops_per_device"]) * 1e12
     assert saved == pytest.approx(per_pair * (2 * 48**2 / 2 - pairs) / 96 * 96)
     assert "attended_fraction" not in dense
+    # one FLOPs model: a pair costs what planning's causal core_attn term costs per pair (s/2 pairs a
+    # token), also where heads x head_dim is not the hidden size (Qwen3)
+    wide = dataclasses.replace(model, head_dim=32)
+    for m in (model, wide):
+        core = layer_forward_flops(m, is_moe=False)["core_attn"]
+        assert attention_flops_per_pair(m) == 3 * m.num_layers * core / (m.seq_length / 2)
+    assert attention_flops_per_pair(wide) == 2 * per_pair
