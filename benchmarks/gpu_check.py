@@ -1,14 +1,16 @@
 """The GPU measurements of one machine in one command (scripts/gpu_check.sh runs this): the measured
 bf16 matmul peak, which SDPA kernel runs, bf16 step time and MFU of Llama-3.2-1B and -3B at sequence
 4096 (recompute off and on), the FP8 local path against bf16, the ring at CP 2 against one attention
-call, grouped-GEMM experts against sequential ones in a Qwen3-30B-A3B-shaped MoE layer, and the
-memory model against the allocator's peak. `--smoke` runs every part with tiny shapes on a CPU (the
-test suite does, so the script never rots). One table last; logs under --out.
+call, attention inside documents (flash-attn varlen against one causal call at sequence 8192;
+skipped without flash-attn), grouped-GEMM experts against sequential ones in a Qwen3-30B-A3B-shaped
+MoE layer, and the memory model against the allocator's peak. `--smoke` runs every part with tiny
+shapes on a CPU (the test suite does, so the script never rots). One table last; logs under --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
@@ -31,6 +33,7 @@ class Check:
     read: str  # how the figure comes out of the run: "metrics" (metrics.jsonl), "stdout"
     log_dir: pathlib.Path | None = None
     result: dict = field(default_factory=dict)
+    skip: str | None = None  # why this machine cannot run it (reported, not a failure)
 
 
 def matmul_peak_tflops(smoke: bool) -> float:
@@ -149,6 +152,22 @@ def _checks(out: pathlib.Path, corpus: str, smoke: bool) -> list[Check]:
         ["--smoke"] if smoke else ["--heads", "32", "--groups", "8", "--head-dim", "64", "--seq", "4096"]
     )
     checks.append(Check("sdpa_kernel_llama_1b", sdpa, "stdout"))
+    # attention inside documents: flash-attn's varlen kernel against one causal call (and the ring's
+    # skipped blocks), on the synthetic corpus's document lengths
+    documents = [py, "-m", "benchmarks.bench_documents"] + (
+        ["--seq", "256", "--iters", "1", "--cp", "2"]
+        if smoke
+        else ["--device", "cuda", "--dtype", "bf16", "--seq", "8192", "--require-flash"]
+    )
+    no_flash = not smoke and importlib.util.find_spec("flash_attn") is None
+    checks.append(
+        Check(
+            "documents_flash_varlen_seq8192",
+            documents,
+            "stdout",
+            skip="flash-attn is not installed" if no_flash else None,
+        )
+    )
     # one Qwen3-30B-A3B-shaped MoE layer (hidden 2048, 128 experts, top-8, expert ffn 768), bf16
     experts = [py, "-m", "benchmarks.bench_moe_experts"]
     experts += (
@@ -173,6 +192,9 @@ def _checks(out: pathlib.Path, corpus: str, smoke: bool) -> list[Check]:
 
 
 def _run(check: Check, out: pathlib.Path) -> None:
+    if check.skip:
+        check.result = {"rc": 0, "wall_s": 0.0, "stdout": "", "skipped": check.skip}
+        return
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_SILENT="true")
     log = out / f"{check.name}.log"
     start = time.perf_counter()
@@ -182,6 +204,8 @@ def _run(check: Check, out: pathlib.Path) -> None:
 
 
 def _summary(check: Check, peak: float, smoke: bool) -> str:
+    if check.skip:
+        return f"skipped: {check.skip}"
     if check.result["rc"] != 0:
         return f"FAILED (exit {check.result['rc']}, see {check.name}.log)"
     if check.read == "metrics":

@@ -25,8 +25,10 @@ class DataConfig:
     # Where megatron-core caches its document/sample/shuffle indices; None = <logging.dir>/data_cache.
     cache_dir: str | None = None
     eod_mask_loss: bool = False  # no loss on the prediction made at each EOD token (Megatron-LM's)
-    # Restart positions / attention at each EOD inside a packed sample (Megatron-LM's flags). Refused:
-    # the model's RoPE ignores position_ids and its attention is causal over the whole sample.
+    # Documents inside a packed sample (each ends at its EOD, as megatron-core's GPTDataset marks
+    # them): RoPE positions restart at 0 at each document (reset_position_ids); each token attends
+    # only to the earlier tokens of its own document (reset_attention_mask). Both take effect in
+    # every layout (docs/context_parallel.md, "Documents").
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     tokenizer: str = "byte"  # byte (built-in, 257 ids), a local tokenizer.json (or its folder), or a hub name
@@ -61,16 +63,16 @@ class DataConfig:
                 f"train.test_at_end = true needs a test share in data.split (its third number, "
                 f"e.g. '98,1,1'), got '{d.split}'"
             )
-        if d.reset_attention_mask:
-            raise RecipeError(
-                "data.reset_attention_mask = true is not supported: the model's attention is causal "
-                "over the whole packed sample and takes no per-document mask; set it to false"
-            )
-        if d.reset_position_ids:
-            raise RecipeError(
-                "data.reset_position_ids = true is not supported: megatron-core's GPTModel computes "
-                "RoPE from the position in the sample, never from position_ids; set it to false"
-            )
+
+
+def check_documents(data: DataConfig, transformer_impl: str) -> None:
+    """Document masking runs in our local attention (every layout); transformer-engine's attention
+    would take documents only in its THD packed format, which the model does not build."""
+    if data.reset_attention_mask and transformer_impl != "local":
+        raise RecipeError(
+            "data.reset_attention_mask = true needs model.transformer_impl = local (transformer-engine's "
+            "attention takes documents only in its THD format, which is not wired here)"
+        )
 
 
 def parse_split(text: str) -> list[float]:

@@ -117,10 +117,11 @@ class SourceSamples:
     the same windows in the order permutation_e, drawn from RandomState([seed, e]).
     """
 
-    def __init__(self, gpt_dataset: Any, prefix: str, seed: int):
+    def __init__(self, gpt_dataset: Any, prefix: str, seed: int, document_ids: bool = False):
         self.gpt = gpt_dataset
         self.prefix = prefix
         self.seed = seed
+        self.document_ids = document_ids  # items carry "document_ids" (data.reset_attention_mask)
         self._permutations: dict[int, numpy.ndarray] = {}
 
     def __len__(self) -> int:
@@ -134,7 +135,10 @@ class SourceSamples:
         return offset if epoch == 0 else int(self._permutation(epoch)[offset])
 
     def __getitem__(self, j: int) -> dict:
-        return self.gpt[self.position(j)]
+        item = self.gpt[self.position(j)]
+        if self.document_ids:
+            item["document_ids"] = document_ids(item["tokens"], self.gpt.config.tokenizer.eod)
+        return item
 
     def documents(self, j: int) -> list[int]:
         """Ids (in the dataset's .idx) of the documents endless sample j is cut from, in order."""
@@ -192,6 +196,15 @@ class BlendedSamples:
         return origin.prefix, origin.position(j), origin.documents(j)
 
 
+def document_ids(tokens: torch.Tensor, eod: int) -> torch.Tensor:
+    """[s] int32: which document of the sample each input token is in (0 for the first). A document
+    ends at its EOD, as megatron-core's GPTDataset marks them (gpt_dataset.py,
+    _get_ltor_masks_and_position_ids): the token after an EOD starts the next one. The compact
+    form of the document mask; never an s x s mask."""
+    ends = (tokens == eod).to(torch.int32)
+    return (torch.cumsum(ends, 0, dtype=torch.int32) - ends).contiguous()
+
+
 # ---- building the splits ------------------------------------------------------------------------
 
 
@@ -203,7 +216,15 @@ def blend_of(path: str | None, blend: Sequence[tuple[float, str]] | None) -> lis
 
 
 def build_source_splits(
-    prefix: str, split: str, seq_length: int, seed: int, eod: int, eod_mask_loss: bool, cache_dir: str, vocab_size: int
+    prefix: str,
+    split: str,
+    seq_length: int,
+    seed: int,
+    eod: int,
+    eod_mask_loss: bool,
+    cache_dir: str,
+    vocab_size: int,
+    reset_position_ids: bool = False,
 ) -> list[object | None]:
     """megatron-core GPTDatasets for the train/valid/test document ranges of one prefix (None: no share).
 
@@ -232,8 +253,8 @@ def build_source_splits(
         path_to_cache=cache,
         tokenizer=_EodOnly(eod),
         mmap_bin_files=True,
-        reset_position_ids=False,
-        reset_attention_mask=False,
+        reset_position_ids=reset_position_ids,  # megatron-core restarts position_ids after each EOD
+        reset_attention_mask=False,  # its mask would be s x s: we hand on document ids instead
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,  # causal attention builds its own mask
     )
@@ -289,24 +310,29 @@ def build_samples(
     cache_dir: str,
     vocab_size: int,
     with_test: bool = False,
+    reset_position_ids: bool = False,
+    reset_attention_mask: bool = False,
 ) -> dict[str, BlendedSamples]:
     """{'train': …, 'valid': …, 'test': …} (valid only when there is validation data, test only when
     asked for). The train blend's datasets are split by document shares `split` (its test share is
     held out, and read only `with_test`); a non-empty `valid_blend` is used whole as the validation
-    data instead of a valid share."""
+    data instead of a valid share. `reset_position_ids`: position_ids restart at each document;
+    `reset_attention_mask`: each sample also carries its "document_ids" (`document_ids`)."""
     names = SPLITS if with_test else SPLITS[:2]
     jobs = [(train_blend, split)] + ([(valid_blend, "0,1,0")] if valid_blend else [])
     per_split: dict[str, list[tuple[float, SourceSamples]]] = {}
     for blend, source_split in jobs:
         for weight, prefix in blend:
             datasets = build_source_splits(
-                prefix, source_split, seq_length, seed, eod, eod_mask_loss, cache_dir, vocab_size
+                prefix, source_split, seq_length, seed, eod, eod_mask_loss, cache_dir, vocab_size, reset_position_ids
             )
             for name, dataset in zip(names, datasets):
                 if dataset is None:
                     continue
                 _require_samples(dataset, prefix, name, source_split, seq_length)
-                per_split.setdefault(name, []).append((weight, SourceSamples(dataset, prefix, seed)))
+                per_split.setdefault(name, []).append(
+                    (weight, SourceSamples(dataset, prefix, seed, reset_attention_mask))
+                )
     return {
         name: BlendedSamples([s for _, s in entries], [w for w, _ in entries]) for name, entries in per_split.items()
     }
@@ -319,12 +345,16 @@ def slice_for_context_parallel(batch: dict, cp_rank: int, cp_size: int) -> dict:
     """This context-parallel rank's share of each [b, s] tensor: megatron's load-balanced layout.
 
     Each sequence is cut into 2·cp equal chunks and rank r keeps chunks r and 2·cp−1−r, so under a
-    causal mask every rank has the same amount of attention work.
+    causal mask every rank has the same amount of attention work. "document_ids" stay whole: the
+    attention of every rank needs those of the other ranks' chunks too (b·s integers).
     """
     if cp_size == 1:
         return batch
     out = {}
     for key, value in batch.items():
+        if key == "document_ids":
+            out[key] = value
+            continue
         b, s = value.shape
         chunks = value.view(b, 2 * cp_size, s // (2 * cp_size))  # [b, 2cp, s/2cp]
         keep = torch.tensor([cp_rank, 2 * cp_size - 1 - cp_rank])

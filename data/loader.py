@@ -24,6 +24,7 @@ from common.errors import RecipeError
 from data.dataset import Samples, slice_for_context_parallel
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+DOCUMENT_KEY = "document_ids"  # [b, s] int32, only with data.reset_attention_mask (whole under CP)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +63,11 @@ class BatchPlan:
         return range(start, start + self.micro_batch_size)
 
     def whole_batch(self, samples: Samples, first: int, micro_index: int) -> dict[str, torch.Tensor]:
-        """tokens/labels/loss_mask/position_ids [b, s] of this data-parallel rank's micro-batch."""
+        """tokens/labels/loss_mask/position_ids (and document_ids where the samples carry them) [b, s]
+        of this data-parallel rank's micro-batch."""
         items = [samples[i] for i in self.indices(first, micro_index)]
-        return {key: torch.stack([item[key] for item in items]).contiguous() for key in BATCH_KEYS}  # [b, s]
+        keys = BATCH_KEYS + ((DOCUMENT_KEY,) if DOCUMENT_KEY in items[0] else ())
+        return {key: torch.stack([item[key] for item in items]).contiguous() for key in keys}  # [b, s]
 
     def batch(self, samples: Samples, first: int, micro_index: int) -> dict[str, torch.Tensor]:
         """This rank's [b, s/cp] tensors of micro-batch `micro_index` of the global batch at `first`."""

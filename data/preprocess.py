@@ -109,10 +109,12 @@ def build_quickstart_corpus(prefix: str, max_bytes: int = QUICKSTART_MAX_BYTES) 
 # ---- synthetic: learnable, machine-independent token streams -------------------------------------
 
 
-def build_synthetic_corpus(prefix: str, num_docs: int = 2000, seed: int = 0) -> dict:
-    """Write `num_docs` synthetic documents (byte vocabulary) to PREFIX.bin/.idx."""
+def build_synthetic_corpus(
+    prefix: str, num_docs: int = 2000, seed: int = 0, lengths: tuple[int, int] = (20, 300)
+) -> dict:
+    """Write `num_docs` synthetic documents of `lengths` tokens (byte vocabulary) to PREFIX.bin/.idx."""
     tokenizer = ByteTokenizer()
-    docs = synthetic_documents(num_docs, seed, tokenizer.vocab_size)
+    docs = synthetic_documents(num_docs, seed, tokenizer.vocab_size, lengths)
     return write_indexed(docs, prefix, tokenizer.vocab_size, tokenizer.eod)
 
 

@@ -46,8 +46,11 @@ def quickstart_documents(max_bytes: int = QUICKSTART_MAX_BYTES) -> Iterator[str]
         yield raw.decode("utf-8", errors="replace")
 
 
-def synthetic_documents(num_docs: int, seed: int, vocab_size: int = BYTE_VOCAB_SIZE) -> Iterator[list[int]]:
-    """Documents of 20..300 ids, each a repeated motif from a shared bank with 5% noise.
+def synthetic_documents(
+    num_docs: int, seed: int, vocab_size: int = BYTE_VOCAB_SIZE, lengths: tuple[int, int] = (20, 300)
+) -> Iterator[list[int]]:
+    """Documents of `lengths` (20..300 by default) ids, each a repeated motif from a shared bank
+    with 5% noise.
 
     numpy's legacy RandomState has a frozen stream and every draw names its dtype, so the
     documents are identical on every machine and numpy version (golden losses rely on this).
@@ -58,7 +61,7 @@ def synthetic_documents(num_docs: int, seed: int, vocab_size: int = BYTE_VOCAB_S
     rng = numpy.random.RandomState(seed)
     bank = [_random_motif(rng) for _ in range(SYNTHETIC_NUM_MOTIFS)]
     for _ in range(num_docs):
-        length = int(rng.randint(20, 301, dtype=numpy.int64))
+        length = int(rng.randint(lengths[0], lengths[1] + 1, dtype=numpy.int64))
         motif = bank[int(rng.randint(0, SYNTHETIC_NUM_MOTIFS, dtype=numpy.int64))]
         repeats = length // motif.size + 1
         doc = numpy.tile(motif, repeats)[:length]

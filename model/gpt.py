@@ -34,6 +34,13 @@ class ModelBuild:
     overlap_p2p_comm: bool = False  # parallel.overlap_p2p_comm resolved (interleaved pipelines only)
     compile: tuple[str, ...] = ()  # train.compile: torch.compile of layers, or of their mlp / norms
     fp8: Fp8Config = dataclasses.field(default_factory=Fp8Config)  # recipe.fp8 (checked: model/config.py)
+    document_positions: bool = False  # data.reset_position_ids: RoPE at position_ids (model/attention/documents.py)
+
+
+# megatron-core's fused SwiGLU (bias_swiglu_impl, bias_activation_fusion): off for both layer
+# implementations (its bf16 rounding differs from silu(a) * b by an ulp). The memory model reads it
+# (planning/activations.py:mlp_bytes): fused, the MLP keeps 3 ffn-sized tensors per token, not 5.
+SWIGLU_FUSED = False
 
 
 def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
@@ -113,7 +120,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
         # Fusions need apex or TE; the unfused paths are exact and portable.
-        bias_activation_fusion=False,
+        bias_activation_fusion=SWIGLU_FUSED,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -277,10 +284,15 @@ def build_model_chunks(
     config = transformer_config(model, build)
     vpp = build.layout.virtual_pipeline
     padded = padded_vocab_size(model, vocab_size, build.layout.tensor)
+    model_class: type = GPTModel
+    if build.document_positions:
+        from model.attention.documents import gpt_model_with_positions
+
+        model_class = gpt_model_with_positions()
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        chunk = GPTModel(
+        chunk = model_class(
             config=config,
             transformer_layer_spec=layer_spec(model, config, stage, build.init_seed, build.fp8, groups.cp),
             vocab_size=padded,

@@ -15,6 +15,8 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
+from model.attention.documents import document_attention, is_document_ids
+
 
 class SDPAttention(DotProductAttention):
     """Causal core attention through `F.scaled_dot_product_attention` (flash/memory-efficient kernels).
@@ -58,15 +60,20 @@ class SDPAttention(DotProductAttention):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         dropout = self.attention_dropout.p if self.training else 0.0
         group = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
-        attend = lambda: F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            dropout_p=dropout,
-            is_causal=causal,
-            scale=self.softmax_scale,
-            enable_gqa=group > 1,
-        )
+        if is_document_ids(attention_mask):  # data.reset_attention_mask: [b, s] document ids
+            assert attention_mask is not None
+            documents = attention_mask
+            attend = lambda: document_attention(q, k, v, documents, self.softmax_scale, dropout)
+        else:
+            attend = lambda: F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                dropout_p=dropout,
+                is_causal=causal,
+                scale=self.softmax_scale,
+                enable_gqa=group > 1,
+            )
         if dropout > 0.0 and not self.config.sequence_parallel:
             # Heads are split over TP ranks, so dropout draws from the tensor-parallel RNG. Under
             # sequence parallelism the transformer block already runs inside that fork
@@ -88,8 +95,9 @@ class SDPAttention(DotProductAttention):
         attention_bias: torch.Tensor | None,
         packed_seq_params: object,
     ) -> bool:
-        """Causal self-attention only: megatron passes no mask tensor for it in the local spec.
-        Returns whether the call is causal (False for a one-query generation step)."""
+        """Causal self-attention only: megatron passes no mask tensor for it in the local spec; the
+        only tensor taken is our document ids (model/attention/documents.py). Returns whether the call is
+        causal (False for a one-query generation step)."""
         name = type(self).__name__
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError(f"{name} supports neither packed sequences nor bias")
@@ -97,7 +105,9 @@ class SDPAttention(DotProductAttention):
         # megatron-core's generation (attention.py:520) asks for no_mask when one new query meets
         # the KV cache: every cached key is then in its past, which is what causal means for it.
         decode_step = mask_type == AttnMaskType.no_mask and query_length == 1
-        if (mask_type != AttnMaskType.causal and not decode_step) or attention_mask is not None:
+        if (mask_type != AttnMaskType.causal and not decode_step) or (
+            attention_mask is not None and not (is_document_ids(attention_mask) and not decode_step)
+        ):
             raise NotImplementedError(f"{name} supports causal masks only, got {mask_type}")
         return not decode_step
 

@@ -8,6 +8,7 @@ import dataclasses
 
 from model.config import ModelConfig
 from model.config import head_dim as model_head_dim
+from model.gpt import SWIGLU_FUSED
 
 FP32 = 4
 
@@ -89,10 +90,14 @@ def attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str,
     return parts
 
 
-def mlp_bytes(ffn: int, tokens: int, split: int, b: int, scaled: bool = False) -> int:
+def mlp_bytes(ffn: int, tokens: int, split: int, b: int, scaled: bool = False, fused: bool = False) -> int:
     """SwiGLU MLP without fusion: fc1's output (gate and up; the gate half is a view silu keeps),
     silu(gate), up + 0 (megatron-core's glu offset makes a copy), their product (fc2's input);
-    experts also scale by the routing probability before fc2."""
+    experts also scale by the routing probability before fc2. `fused` (transformer-engine layers:
+    megatron-core's bias_swiglu_impl, bias_swiglu_fusion on by default): one autograd node keeps fc1's
+    output only, and fc2 keeps its input, the product."""
+    if fused:
+        return tokens * ffn // split * b * 3
     return tokens * ffn // split * b * (6 if scaled else 5)
 
 
@@ -109,7 +114,7 @@ def dense_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int
         "_checkpointed": attention["_checkpointed"],
         "rope": attention["rope"],
         "pre_mlp_norm": norm_and_linear_input(m.hidden_size, n_sp, shape, kernels),
-        "mlp": mlp_bytes(m.ffn_hidden_size, shape.tokens, shape.tensor, shape.dtype_bytes),
+        "mlp": mlp_bytes(m.ffn_hidden_size, shape.tokens, shape.tensor, shape.dtype_bytes, fused=SWIGLU_FUSED),
         "dropout": dropout,
     }
 

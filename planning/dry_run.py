@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from data.loader import BatchPlan
 from model.gpt import parameter_counts
 from parallel.layout import Layout
-from planning.memory import estimate_setup, setup_for, stage_parameters
+from planning.memory import Target, estimate_setup, setup_for, stage_parameters
 from planning.report import dry_run_setup, fit_lines, memory_json, table_lines
 from planning.setup import validate_for_world, vocab_size
+from planning.step_time import GPUS, step_time
 
 if TYPE_CHECKING:
     from pretrain.recipe import Recipe
@@ -68,14 +69,27 @@ def _human(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def dry_run(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None, as_json: bool = False) -> str:
-    """The dry run's report: text lines, or one JSON object when `as_json`."""
+def dry_run(
+    recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None, as_json: bool = False, gpu: str | None = None
+) -> str:
+    """The dry run's report: text lines, or one JSON object when `as_json`. `gpu` (a planning.step_time.GPUS
+    name): memory on that GPU (its memory unless `gpu_memory_gib` says otherwise) and the step time."""
     layout, batch_plan, vocab, stages = plan(recipe, world_size)
     counts = parameter_counts(recipe.model, vocab)
     built = meta_parameter_count(recipe, vocab)
-    setup = dry_run_setup(recipe, world_size, vocab_size(recipe))
+    if gpu is not None:
+        device = GPUS[gpu]
+        setup = setup_for(
+            recipe, world_size, Target.for_device("cuda", recipe.model.transformer_impl), vocab_size(recipe)
+        )
+        gpu_memory_gib = gpu_memory_gib or device.memory_gib
+        timing = step_time(setup, device)
+    else:
+        setup = dry_run_setup(recipe, world_size, vocab_size(recipe))
     estimate = estimate_setup(setup)
+    tokens = recipe.train.global_batch_size * recipe.model.seq_length
     if as_json:
+        extra = {"step_time": timing.as_json(tokens, world_size, device)} if gpu is not None else {}
         return json.dumps(
             _report(recipe, world_size, layout, batch_plan, vocab, stages, counts.active, built)
             | {
@@ -83,6 +97,7 @@ def dry_run(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None
                 "missing_data": missing_data(recipe),
                 "not_runnable_here": not_runnable(recipe),
             }
+            | extra
         )
     lines = [
         f"recipe {recipe.source}: valid for world size {world_size}",
@@ -103,11 +118,25 @@ def dry_run(recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None
     lines += table_lines(estimate, setup)
     if gpu_memory_gib is not None:
         lines += fit_lines(estimate, setup, gpu_memory_gib)
+    if gpu is not None:
+        lines += step_time_lines(timing.as_json(tokens, world_size, device))
     lines.extend(missing_data(recipe))
     stops = not_runnable(recipe)
     if stops:
         lines.append(f"not runnable here: {'; '.join(stops)}")
     return "\n".join(lines)
+
+
+def step_time_lines(t: dict[str, Any]) -> list[str]:
+    """The step time as text: the total, the throughput, and each term with what of it is exposed."""
+    lines = [
+        f"step time on {t['gpu']}: {t['seconds']:.3f} s, {t['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
+        f"{t['tflops_per_gpu']:.0f} TFLOP/s/GPU ({t['flops_convention']})"
+    ]
+    for name, term in t["terms"].items():
+        if term["seconds"]:
+            lines.append(f"  {name:<20} {term['seconds']:>9.3f} s, {term['exposed']:>9.3f} s exposed")
+    return lines
 
 
 def _report(

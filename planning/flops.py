@@ -44,6 +44,13 @@ def model_forward_flops(m: ModelConfig, vocab: int) -> float:
     return sum(layer_totals(m)) + 2.0 * m.hidden_size * vocab
 
 
+def attention_flops_per_pair(m: ModelConfig) -> float:
+    """Training FLOPs of one attended (query, key) pair over all layers: QK^T and PV, 2 · heads ·
+    head_dim each, forward and backward (× 3), as `core_attn` counts them. Causal attention over s
+    tokens counts s²/2 pairs; attention inside documents Σ n²/2 over its documents."""
+    return 12.0 * m.num_layers * m.num_attention_heads * head_dim(m)
+
+
 def recompute_forward_flops(m: ModelConfig, chunks: int = 1) -> float:
     """Extra forward FLOPs per token that the recipe's recompute reruns in the backward; `chunks`:
     model chunks over the pipeline (full/block recomputes that many layers of each)."""

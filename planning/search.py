@@ -68,18 +68,39 @@ def layouts(recipe: Recipe, gpus: int, gpu_per_node: int) -> Iterator[dict[str, 
             for cp in (c for c in CONTEXTS if gpus % (tp * pp * c) == 0 and m.seq_length % (2 * c) == 0):
                 dp = gpus // (tp * pp * cp)
                 for vpp in [None] + [v for v in _divisors(m.num_layers // pp) if v > 1 and pp > 1]:
-                    for ep in (e for e in experts if (gpus // pp) % (e * tp) == 0):
-                        for mbs in (b for b in MICRO_BATCHES if t.global_batch_size % (b * dp) == 0):
-                            yield {
-                                "parallel.tensor": tp,
-                                "parallel.pipeline": pp,
-                                "parallel.virtual_pipeline": vpp,
-                                "parallel.context": cp,
-                                "parallel.expert": ep,
-                                "parallel.sequence_parallel": tp > 1,
-                                "parallel.distributed_optimizer": dp * cp > 1,
-                                "train.micro_batch_size": mbs,
-                            }
+                    for ep, etp in _expert_layouts(experts, tp, gpus // pp):
+                        for fsdp in _shardings(recipe, pp, vpp, dp * cp):
+                            for mbs in (b for b in MICRO_BATCHES if t.global_batch_size % (b * dp) == 0):
+                                yield {
+                                    "parallel.tensor": tp,
+                                    "parallel.pipeline": pp,
+                                    "parallel.virtual_pipeline": vpp,
+                                    "parallel.context": cp,
+                                    "parallel.expert": ep,
+                                    "parallel.expert_tensor": etp,
+                                    "parallel.sequence_parallel": tp > 1,
+                                    "parallel.distributed_optimizer": dp * cp > 1 and fsdp is None,
+                                    "parallel.fsdp": fsdp,
+                                    "train.micro_batch_size": mbs,
+                                }
+
+
+def _expert_layouts(experts: list[int], tp: int, stage_ranks: int) -> Iterator[tuple[int, int | None]]:
+    """(expert, expert_tensor) sizes: each expert whole on a rank (expert_tensor 1) or split like the
+    dense layers (null = tensor); expert × expert_tensor ranks must divide a stage's ranks."""
+    for ep in experts:
+        for etp in sorted({tp, 1}) if len(experts) > 1 or ep > 1 else [tp]:
+            if stage_ranks % (ep * etp) == 0:
+                yield ep, (None if etp == tp else etp)
+
+
+def _shardings(recipe: Recipe, pp: int, vpp: int | None, dp: int) -> list[str | None]:
+    """None (the distributed optimizer) and, where the recipe's layers run under it, FSDP zero3 over
+    the data × context ranks (no pipeline: FSDP's per-layer gathers and a pipeline schedule's
+    in-flight micro-batches are not searched together; transformer-engine layers: not verified)."""
+    if dp == 1 or pp > 1 or recipe.model.transformer_impl != "local":
+        return [None]
+    return [None, "zero3"]
 
 
 def no_layout(recipe: Recipe, gpus: int, gpu_per_node: int) -> str:
@@ -165,6 +186,16 @@ def _recompute_text(overrides: dict[str, Any]) -> str:
     return f"full {overrides['model.recompute_method']} {overrides['model.recompute_num_layers']}"
 
 
+def _expert_text(o: dict[str, Any]) -> str:
+    """expert size, and /expert_tensor where experts split otherwise than the dense layers."""
+    etp = o.get("parallel.expert_tensor")
+    return f"{o['parallel.expert']}" + (f"/{etp}" if etp is not None else "")
+
+
+def _data_text(o: dict[str, Any], data: int) -> str:
+    return f"{data}" + (" z3" if o.get("parallel.fsdp") == "zero3" else "")
+
+
 def table(found: list[Candidate], gpu: Any, gpus: int) -> list[str]:
     lines = [
         "  #  tensor pipeline virtual context expert  data  recompute                 micro  needed GiB  step s    MFU"
@@ -174,7 +205,7 @@ def table(found: list[Candidate], gpu: Any, gpus: int) -> list[str]:
         mfu = c.time.mfu(gpu, c.setup.recipe.train.precision, gpus)
         lines.append(
             f"{i:>3}  {o['parallel.tensor']:>6} {o['parallel.pipeline']:>8} {o['parallel.virtual_pipeline'] or '-':>7} "
-            f"{o['parallel.context']:>7} {o['parallel.expert']:>6} {layout.data:>5}  {_recompute_text(o):<24}  "
+            f"{o['parallel.context']:>7} {_expert_text(o):>6} {_data_text(o, layout.data):>5}  {_recompute_text(o):<24}  "
             f"{o['train.micro_batch_size']:>5}  {c.needed / 2**30:>10.1f}  {c.time.total:>6.2f}  {100 * mfu:>4.1f} %"
         )
     return lines

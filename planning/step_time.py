@@ -5,42 +5,90 @@ stated NVLink and InfiniBand bandwidths, the pipeline bubble, and recompute's ex
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from model.config import head_dim, moe_layer_pattern
-from planning.flops import layer_totals, recompute_forward_flops
+from planning.flops import layer_totals, model_forward_flops, recompute_forward_flops
 from planning.memory import Setup, stage_parameters
 
 
 @dataclasses.dataclass(frozen=True)
 class Gpu:
-    """One GPU model, as the planner assumes it (vendor datasheet figures, dense, no sparsity)."""
+    """One GPU model, as the planner assumes it (docs/planner.md, "Constants"): vendor datasheet
+    peaks (dense, no sparsity) and links, and two measured efficiencies."""
 
     name: str
     bf16_tflops: float  # dense bf16 tensor-core peak
     tf32_tflops: float
     nvlink_gbs: float  # NVLink bandwidth per GPU per direction, GB/s
-    network_gbs: float  # InfiniBand per GPU (one NIC per GPU), GB/s
-    matmul_efficiency: float = 0.55  # fraction of peak large GEMMs reach in a training step
-    gpus_per_node: int = 8
+    network_gbs: float  # scale-out network per GPU (one NIC per GPU), GB/s
+    hbm_gbs: float  # memory bandwidth, GB/s: the roofline's slope, and the memory-bound elementwise work
+    fp8_tflops: float = 0.0  # dense fp8 tensor-core peak; 0 = no fp8 tensor cores (A100)
+    # fraction of peak a large GEMM reaches (the "maximum achievable matmul FLOPS" measured with
+    # cuBLAS, docs/planner.md); smaller GEMMs are bounded by the roofline below it
+    matmul_efficiency: float = 0.801
+    fp8_matmul_efficiency: float = 0.734  # the same for fp8 GEMMs
+    attention_efficiency: float = 0.5  # fused (flash/cuDNN) attention, forward and backward, of the bf16 peak
+    gpus_per_node: int = 8  # the NVLink domain: GPUs whose traffic never leaves NVLink
+    sms: int = 132  # streaming multiprocessors: one output tile each per wave (wave quantization)
+    memory_gib: float = 79.6  # what the driver reports as total (nvidia-smi's MiB / 1024): --dry-run --gpu's default
 
     def peak(self, precision: str) -> float:
         return (self.bf16_tflops if precision != "fp32" else self.tf32_tflops) * 1e12
 
 
 GPUS = {
-    # H100 SXM: 989 TFLOPS bf16, NVLink 4 (900 GB/s both directions), ConnectX-7 400 Gb/s
-    "h100": Gpu("h100", 989.0, 494.0, 450.0, 50.0),
-    # H200 SXM: H100's compute and links, 141 GB of HBM3e
-    "h200": Gpu("h200", 989.0, 494.0, 450.0, 50.0),
-    # B200: 2.25 PFLOPS bf16 dense, NVLink 5 (1.8 TB/s both directions), ConnectX-8 800 Gb/s
-    "b200": Gpu("b200", 2250.0, 1125.0, 900.0, 100.0, matmul_efficiency=0.5),
+    # A100 SXM 80GB: 312 TFLOPS bf16, NVLink 3 (600 GB/s both directions), HDR 200 Gb/s, 2.0 TB/s HBM2e
+    "a100": Gpu("a100", 312.0, 156.0, 300.0, 25.0, 2039.0, matmul_efficiency=0.859, sms=108, memory_gib=79.3),
+    # H100 SXM: 989 TFLOPS bf16, 1979 fp8, NVLink 4 (900 GB/s both directions), ConnectX-7 400 Gb/s, 3.35 TB/s
+    "h100": Gpu("h100", 989.0, 494.0, 450.0, 50.0, 3350.0, 1979.0),
+    # H200 SXM: H100's compute and links, 141 GB of HBM3e at 4.8 TB/s
+    "h200": Gpu("h200", 989.0, 494.0, 450.0, 50.0, 4800.0, 1979.0, memory_gib=140.4),
+    # B200 (HGX): 2.25 PFLOPS bf16 dense, 4.5 fp8, NVLink 5 (1.8 TB/s both directions), ConnectX-8 800 Gb/s, 8 TB/s
+    "b200": Gpu("b200", 2250.0, 1125.0, 900.0, 100.0, 8000.0, 4500.0, 0.776, 0.763, sms=148, memory_gib=179.1),
+    # GB200 NVL72: 2.5 PFLOPS bf16 dense, 5 fp8 per GPU, one NVLink 5 domain of 72 GPUs, 8 TB/s
+    "gb200": Gpu(
+        "gb200", 2500.0, 1250.0, 900.0, 100.0, 8000.0, 5000.0, 0.776, 0.763, gpus_per_node=72, sms=148, memory_gib=184.0
+    ),
 }
+
+# Bytes per token per layer of elementwise work in the forward and backward together (norms, rotary,
+# residual adds, SwiGLU, their gradients), in units of one [hidden] / one [ffn] activation of
+# dtype_bytes: memory-bound, so it runs at HBM bandwidth, not the tensor cores' rate. Counted from
+# megatron-core's TE layer (docs/planner.md, "Elementwise work"): an assumption, not a measurement.
+ELEMENTWISE_HIDDEN_PASSES = 30
+ELEMENTWISE_FFN_PASSES = 9
+# A GEMM's output is computed in tiles of TILE rows x columns, one per SM at a time; the last wave of
+# tiles leaves SMs idle (NVIDIA's Deep Learning Performance Guide, "Matrix Multiplication Background",
+# wave quantization). 128 x 256 is cuBLAS/CUTLASS's usual Hopper bf16 tile (an assumption per shape).
+TILE = (128, 256)
+# the shape behind each GPU's measured matmul_efficiency (mamf-finder's best, 6144 x 17920 x 2816)
+MAMF_SHAPE = (6144, 17920)
+# megatron-core's default gradient bucket (parameters) with overlap_grad_reduce: the last bucket's
+# reduce-scatter cannot overlap anything (distributed_data_parallel_config.py, bucket_size)
+DEFAULT_BUCKET = 40_000_000
+
+
+FLOPS_CONVENTION = (
+    "model FLOPs: 3 x forward (6 per parameter-token of every linear and the output layer, "
+    "causal attention counted half: 6·s·h per layer-token; the output layer over the padded "
+    "vocabulary), no recompute"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+    """One part of the step: `seconds` of work, of which `exposed` adds to the step time."""
+
+    name: str
+    seconds: float
+    exposed: float
 
 
 @dataclasses.dataclass(frozen=True)
 class StepTime:
-    compute: float  # seconds of matmul and attention work on the busiest stage, bubble included
-    tensor: float
+    compute: float  # seconds of matmul, attention and elementwise work on the busiest stage, bubble included
+    tensor: float  # each communication term: its exposed seconds
     context: float
     expert: float
     data: float
@@ -49,6 +97,7 @@ class StepTime:
     # Muon's Newton-Schulz on the stage's whole matrices and the gathers that rebuild them
     # (optimizer.name = muon; 0 for AdamW, whose step the planner leaves out)
     optimizer: float = 0.0
+    terms: tuple[Term, ...] = ()  # every part with its work and exposed seconds (--dry-run --json)
 
     @property
     def total(self) -> float:
@@ -57,52 +106,160 @@ class StepTime:
     def mfu(self, gpu: Gpu, precision: str, gpus: int) -> float:
         return self.model_flops / (self.total * gpus * gpu.peak(precision))
 
+    def as_json(self, tokens_per_step: int, gpus: int, gpu: Gpu) -> dict:
+        """--dry-run --gpu --json's step_time: seconds, throughput per GPU, and every term."""
+        return {
+            "gpu": gpu.name,
+            "seconds": self.total,
+            "tokens_per_s_per_gpu": tokens_per_step / self.total / gpus,
+            "tflops_per_gpu": self.model_flops / self.total / gpus / 1e12,
+            "flops_convention": FLOPS_CONVENTION,
+            "terms": {t.name: {"seconds": t.seconds, "exposed": t.exposed} for t in self.terms},
+        }
+
 
 def _bandwidth(gpu: Gpu, span: int) -> float:
-    """Bytes/s of a group spanning `span` consecutive ranks: NVLink inside a node, else the network."""
+    """Bytes/s of a group spanning `span` consecutive ranks: NVLink inside a domain, else the network."""
     return (gpu.nvlink_gbs if span <= gpu.gpus_per_node else gpu.network_gbs) * 1e9
 
 
+def _gemm_seconds(gpu: Gpu, m: float, k: float, n: float, peak: float, b: float) -> float:
+    """A roofline: [m, k] x [k, n] at the achievable matmul rate, or reading and writing its operands
+    at HBM bandwidth, whichever is slower (small GEMMs, e.g. one expert's few tokens, are memory-bound).
+    `b` = 1: an fp8 GEMM, at the fp8 peak `peak` and its own achievable fraction."""
+    efficiency = gpu.fp8_matmul_efficiency if b == 1 else gpu.matmul_efficiency
+    efficiency *= _wave_efficiency(gpu, m, n) / _wave_efficiency(gpu, *MAMF_SHAPE)
+    return max(2.0 * m * k * n / (peak * efficiency), (m * k + k * n + m * n) * b / (gpu.hbm_gbs * 1e9))
+
+
+def _wave_efficiency(gpu: Gpu, m: float, n: float) -> float:
+    """The busy fraction of the SMs over a GEMM's waves of output tiles (partial tiles count whole)."""
+    tiles = math.ceil(m / TILE[0]) * math.ceil(n / TILE[1])
+    return tiles / (math.ceil(tiles / gpu.sms) * gpu.sms)
+
+
+def _layer_seconds(setup: Setup, gpu: Gpu, is_moe: bool, fp8: bool) -> float:
+    """Forward seconds of one layer and micro-batch on one rank (the backward counts twice this)."""
+    m, shape = setup.model, setup.shape
+    tp, b = shape.tensor, shape.dtype_bytes
+    tokens = shape.tokens
+    peak = gpu.fp8_tflops * 1e12 if fp8 and gpu.fp8_tflops else gpu.peak(setup.recipe.train.precision)
+    gemm_b = 1 if fp8 and gpu.fp8_tflops else b
+    h, heads = m.hidden_size, m.num_attention_heads
+    q = heads * head_dim(m)  # = h unless model.head_dim says otherwise
+    kv = (m.num_query_groups or heads) * head_dim(m)
+    linears = _gemm_seconds(gpu, tokens, h, (q + 2 * kv) / tp, peak, gemm_b) + _gemm_seconds(
+        gpu, tokens, q / tp, h, peak, gemm_b
+    )
+    attention = 2.0 * m.seq_length * q * tokens / tp / (gpu.peak("bf16") * gpu.attention_efficiency)
+    if not is_moe:
+        ffn = m.ffn_hidden_size
+        linears += 3 * _gemm_seconds(gpu, tokens, h, ffn / tp, peak, gemm_b)
+    else:
+        moe = m.moe
+        assert moe.num_experts is not None
+        ffn = moe.ffn_hidden_size or m.ffn_hidden_size
+        etp = setup.layout.expert_tensor or tp
+        local = moe.num_experts // setup.layout.expert
+        # the router's top-k copies of this rank's tokens, spread evenly over the experts (dropless, balanced)
+        routed = shape.sharded_tokens * moe.top_k * setup.layout.expert * tp / etp / moe.num_experts
+        linears += local * 3 * _gemm_seconds(gpu, routed, h, ffn / etp, peak, gemm_b)
+        linears += _gemm_seconds(gpu, tokens, h, moe.num_experts, gpu.peak("bf16"), b)
+        if moe.shared_expert_ffn_hidden_size:
+            linears += 3 * _gemm_seconds(gpu, tokens, h, moe.shared_expert_ffn_hidden_size / tp, peak, gemm_b)
+    elementwise = (
+        (shape.sharded_tokens * ELEMENTWISE_HIDDEN_PASSES * h + tokens * ELEMENTWISE_FFN_PASSES * ffn / tp)
+        * b
+        / (gpu.hbm_gbs * 1e9)
+    )
+    if fp8 and gpu.fp8_tflops:
+        # current scaling: each linear's input (forward) and output gradient (backward) is read for its
+        # amax, read again and written as fp8 and as its fp8 transpose: 2 reads + 2 one-byte writes
+        widths = shape.sharded_tokens * 2 * h + tokens * (q + (q + 2 * kv) + 2 * ffn + ffn) / tp + tokens * h / tp
+        elementwise += widths * (2 * b + 2) / (gpu.hbm_gbs * 1e9)
+    # forward = a third of the GEMMs and attention; the elementwise passes count forward and backward
+    return linears + attention + elementwise / 3
+
+
 def step_time(setup: Setup, gpu: Gpu) -> StepTime:
-    """Seconds per optimizer step. Communication is counted as exposed (this project runs
-    megatron-core's DDP without overlap; tensor-parallel collectives are not overlapped either), except
-    the ring's K/V passes, which hide behind the attention they feed."""
-    m, layout, shape = setup.model, setup.layout, setup.shape
+    """Seconds per optimizer step on the busiest pipeline stage: compute from a roofline per GEMM
+    (fp8 peaks for the decoder's linears when fp8 is on), attention at the fused kernel's rate and the
+    elementwise work at HBM bandwidth; the 1F1B (interleaved) bubble; recompute's extra forward;
+    tensor-parallel collectives exposed (this project has no TP overlap); the data-parallel
+    reduce-scatter and all-gather hidden behind the last backward / first forward when
+    parallel.overlap_* are on; pipeline sends hidden when overlap_p2p_comm is on; the expert
+    all-to-all exposed (megatron-core 0.16 overlaps it only with its 1F1B A2A overlap, not used here);
+    the context ring's K/V passes hidden behind the attention they feed."""
+    m, layout, shape, recipe = setup.model, setup.layout, setup.shape, setup.recipe
     tp, cp, ep, pp = layout.tensor, layout.context, layout.expert, layout.pipeline
-    precision, b = setup.recipe.train.precision, shape.dtype_bytes
+    b = shape.dtype_bytes
     pattern = moe_layer_pattern(m)
     tokens = shape.tokens  # per micro-batch on one rank's sequence shard
-    flops_rate = gpu.peak(precision) * gpu.matmul_efficiency
-    chunks = pp * layout.model_chunks
-    per_layer = layer_totals(m)
-    recompute = recompute_forward_flops(m, chunks) / len(pattern)
-    layers_per_stage = len(pattern) / pp
-    head = 2.0 * m.hidden_size * setup.vocab
-    stage_forward = (sum(per_layer) / len(pattern) * layers_per_stage + head / pp) * tokens / (tp * 1.0)
-    micro_batch = (3 * stage_forward + recompute * layers_per_stage * tokens / tp) / flops_rate
-    mb = setup.micro_batches
-    compute = micro_batch * (mb + (pp - 1) / layout.model_chunks)  # 1F1B: the bubble is (pp - 1)/vpp micro-batches
-    # TP with SP: per layer 4 all-gathers/reduce-scatters forward, 6 backward, of [s·b, h] each, (t-1)/t on the wire
+    mb, chunks = setup.micro_batches, layout.model_chunks
+    fp8 = recipe.fp8.enabled
+    kinds = {is_moe: _layer_seconds(setup, gpu, is_moe, fp8) for is_moe in set(pattern)}
+    # the busiest stage (uneven splits: the first and last stages differ): (forward, layer forward, layers, moe layers)
+    stages = []
+    for stage in range(pp):
+        moe = sum(sum(pattern[a:z]) for a, z in setup.stage_ranges[stage])
+        n = sum(z - a for a, z in setup.stage_ranges[stage])
+        layer_forward = (n - moe) * kinds.get(False, 0.0) + moe * kinds.get(True, 0.0)
+        forward = layer_forward
+        if stage == pp - 1:  # the output layer and its loss
+            forward += _gemm_seconds(gpu, tokens, m.hidden_size, setup.vocab / tp, gpu.peak("bf16"), b)
+            # vocabulary-parallel cross entropy is memory-bound: the logits written and read in bf16,
+            # the fp32 softmax written and read twice (loss, gradient), the gradient written (per logit,
+            # forward and backward together; a third of it counted here as the forward's share)
+            forward += tokens * setup.vocab / tp * (2 * b + 4 * 4) / (gpu.hbm_gbs * 1e9) / 3
+        stages.append((forward, layer_forward, n, moe))
+    forward, layer_forward, n_layers, moe_layers = max(stages, key=lambda s: s[0])
+    recompute_fraction = recompute_forward_flops(m, pp * chunks) / max(sum(layer_totals(m)), 1.0)
+    recompute_mb = recompute_fraction * layer_forward
+    micro_batch = 3 * forward + recompute_mb
+    bubble = micro_batch * (pp - 1) / chunks  # 1F1B: the bubble is (pp - 1)/vpp micro-batches
+    work, recompute = 3 * forward * mb, recompute_mb * mb
+    # TP with SP: per layer 4 all-gathers/reduce-scatters forward, 6 backward, of [s·b, h] each, (t-1)/t on
+    # the wire. The column-parallel linears' (QKV, fc1) backward re-gathers its input while the data
+    # gradient GEMM runs and reduce-scatters that gradient while the weight gradient GEMM runs
+    # (megatron-core's LinearWithGradAccumulationAndAsyncCommunication; TE's linears alike): 4 of the
+    # 10 hide behind those GEMMs (each about the layer's forward GEMM time), 6 are exposed.
     hidden_bytes = tokens * m.hidden_size * b
-    tensor = 10 * hidden_bytes * (tp - 1) / tp / _bandwidth(gpu, tp) * layers_per_stage * mb if tp > 1 else 0.0
+    collective = hidden_bytes * (tp - 1) / tp / _bandwidth(gpu, tp) if tp > 1 else 0.0
+    tensor_work = 10 * collective * n_layers * mb
+    tensor = tensor_work - min(4 * collective, layer_forward / max(n_layers, 1)) * n_layers * mb
     # CP ring: K and V (forward), K, V, dK, dV (backward) around cp - 1 hops; hidden behind attention
     kv = (m.num_query_groups or m.num_attention_heads) * head_dim(m)
     ring = 3 * 2 * tokens * kv // tp * b * (cp - 1) / _bandwidth(gpu, tp * cp)
-    attention = 3 * 2.0 * m.seq_length * m.num_attention_heads * head_dim(m) * tokens / tp / flops_rate
-    context = max(ring - attention, 0.0) * layers_per_stage * mb if cp > 1 else 0.0
+    q = m.num_attention_heads * head_dim(m)
+    attention = 3 * 2.0 * m.seq_length * q * tokens / tp / (gpu.peak("bf16") * gpu.attention_efficiency)
+    context_work = ring * n_layers * mb if cp > 1 else 0.0
+    context = max(ring - attention, 0.0) * n_layers * mb if cp > 1 else 0.0
     # EP: dispatch and combine all-to-alls forward and backward, top_k copies of every token
-    moe_layers = sum(pattern) / pp
     a2a = 4 * shape.sharded_tokens * m.moe.top_k * m.hidden_size * b * (ep - 1) / ep
     expert = a2a / _bandwidth(gpu, tp * cp * ep) * moe_layers * mb if ep > 1 else 0.0
-    data = _data_parallel_time(setup, gpu)
+    params = max(sum(stage_parameters(setup, p)) for p in range(pp))  # before any data-parallel sharding
+    reduce_scatter, all_gather = _data_parallel_seconds(setup, gpu, params)
+    rs_exposed, ag_exposed = _data_parallel_exposed(setup, params, reduce_scatter, all_gather, micro_batch, forward)
     # pipeline: each micro-batch crosses each chunk boundary forward and backward
-    pipeline = (
-        2 * hidden_bytes / tp / _bandwidth(gpu, gpu.gpus_per_node + 1) * mb * layout.model_chunks if pp > 1 else 0.0
+    p2p = 2 * hidden_bytes / tp / _bandwidth(gpu, gpu.gpus_per_node + 1) * mb * chunks if pp > 1 else 0.0
+    pipeline = 0.0 if recipe.parallel.p2p_overlapped else p2p
+    tokens_per_step = recipe.train.global_batch_size * m.seq_length
+    model_flops = 3 * model_forward_flops(m, setup.vocab) * tokens_per_step
+    optimizer = muon_time(setup, gpu) if recipe.optimizer.name == "muon" else 0.0
+    terms = (
+        Term("compute", work, work),
+        Term("recompute", recompute, recompute),
+        Term("bubble", bubble, bubble),
+        Term("tensor", tensor_work, tensor),
+        Term("context", context_work, context),
+        Term("expert", expert, expert),
+        Term("data_reduce_scatter", reduce_scatter, rs_exposed),
+        Term("data_all_gather", all_gather, ag_exposed),
+        Term("pipeline", p2p, pipeline),
+        Term("optimizer", optimizer, optimizer),
     )
-    tokens_per_step = setup.recipe.train.global_batch_size * m.seq_length
-    model_flops = 3 * (sum(per_layer) + head) * tokens_per_step
-    optimizer = muon_time(setup, gpu) if setup.recipe.optimizer.name == "muon" else 0.0
-    return StepTime(compute, tensor, context, expert, data, pipeline, model_flops, optimizer)
+    compute = work + recompute + bubble
+    return StepTime(compute, tensor, context, expert, rs_exposed + ag_exposed, pipeline, model_flops, optimizer, terms)
 
 
 def muon_time(setup: Setup, gpu: Gpu) -> float:
@@ -148,13 +305,37 @@ def muon_time(setup: Setup, gpu: Gpu) -> float:
     return worst
 
 
-def _data_parallel_time(setup: Setup, gpu: Gpu) -> float:
-    """The distributed optimizer's reduce-scatter of fp32 gradients and all-gather of the weights
-    (a plain all-reduce moves as much), over the data × context ranks, on the network."""
+def _data_parallel_seconds(setup: Setup, gpu: Gpu, params: int) -> tuple[float, float]:
+    """(reduce-scatter, all-gather) seconds: fp32 gradients reduce-scattered and the updated weights
+    all-gathered in the compute dtype over the data × context ranks (a plain all-reduce moves as much;
+    FSDP gathers the weights again for the backward), on the slowest link the group spans; `params`:
+    the busiest stage's parameters on one rank before any data-parallel sharding."""
     layout = setup.layout
     dp = layout.data * layout.context
     if dp == 1:
-        return 0.0
-    params = max(sum(stage_parameters(setup, p)) for p in range(layout.pipeline))
-    weight_bytes = setup.shape.dtype_bytes
-    return params * (4 + weight_bytes) * (dp - 1) / dp / _bandwidth(gpu, layout.world_size)
+        return 0.0, 0.0
+    wire = params * (dp - 1) / dp / _bandwidth(gpu, layout.world_size)
+    gathers = 2 if layout.fsdp == "zero3" else 1
+    return 4 * wire, gathers * setup.shape.dtype_bytes * wire
+
+
+def _data_parallel_exposed(
+    setup: Setup, params: int, reduce_scatter: float, all_gather: float, micro_batch: float, forward: float
+) -> tuple[float, float]:
+    """What the step waits for: with overlap_grad_reduce the reduce-scatter runs bucket by bucket
+    under the last micro-batch's backward (only the last bucket is left over); with
+    overlap_param_gather the all-gather runs under the first micro-batch's forward. FSDP overlaps
+    both (prefetch); without overlap both are exposed."""
+    p = setup.recipe.parallel
+    if reduce_scatter == 0.0:
+        return 0.0, 0.0
+    fsdp = setup.layout.fsdp is not None
+    bucket = min(1.0, (p.bucket_size or max(DEFAULT_BUCKET, 1_000_000 * setup.layout.data)) / max(params, 1))
+    backward = micro_batch - forward
+    rs = reduce_scatter
+    if fsdp or p.grad_reduce_overlapped:
+        rs = max(reduce_scatter - backward, bucket * reduce_scatter)
+    ag = all_gather
+    if fsdp or p.param_gather_overlapped:
+        ag = max(all_gather - forward, bucket * all_gather)
+    return rs, ag

@@ -32,6 +32,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the report as one JSON object")
     parser.add_argument(
+        "--gpu",
+        default=None,
+        help="with --dry-run: a100 | h100 | h200 | b200 | gb200: memory on that GPU (its own size unless "
+        "--gpu-memory-gib) and the analytic step time of the recipe's layout (docs/planner.md)",
+    )
+    parser.add_argument(
         "--print-recipe",
         action="store_true",
         help="print the resolved recipe (every key, defaults included) as YAML, exit",
@@ -57,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         from planning.dry_run import dry_run
 
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        print(dry_run(recipe, world_size, args.gpu_memory_gib, args.json))
+        print(dry_run(recipe, world_size, args.gpu_memory_gib, args.json, args.gpu))
         return 0
     from parallel.layout import shutdown
     from pretrain.trainer import train
@@ -77,9 +83,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_dry_run_flags(args: argparse.Namespace) -> None:
-    for flag, value in (("--gpu-memory-gib", args.gpu_memory_gib), ("--json", args.json or None)):
+    for flag, value in (("--gpu-memory-gib", args.gpu_memory_gib), ("--json", args.json or None), ("--gpu", args.gpu)):
         if value is not None and not args.dry_run:
             raise UserError(f"{flag} is a --dry-run option: add --dry-run")
+    gpus = ("a100", "h100", "h200", "b200", "gb200")  # planning/step_time.py GPUS (not imported: no torch yet)
+    if args.gpu is not None and args.gpu not in gpus:
+        raise UserError(f"--gpu must be one of {' | '.join(gpus)}, got '{args.gpu}'")
     if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
         raise UserError(f"--gpu-memory-gib must be positive, got {args.gpu_memory_gib:g}")
     if args.world_size is not None and args.world_size < 1:

@@ -51,6 +51,14 @@ def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
     return 3.0 * model_forward_flops(model, vocab_size)
 
 
+def document_pairs(batches: list[dict]) -> float:
+    """Σ n²/2 over the documents of the micro-batches' samples (their "document_ids"): the attended
+    pairs as flops_per_token counts a whole sample's (s²/2)."""
+    from model.attention.documents import runs
+
+    return sum((b - a) ** 2 / 2 for batch in batches for ids in batch["document_ids"] for a, b in runs(ids))
+
+
 def device_peak_tflops(device_name: str | None, fp8: bool = False) -> float | None:
     """The dense bf16 (or FP8) peak of a GPU by name; None for a CPU or an unknown device."""
     if not device_name:
@@ -78,7 +86,9 @@ class Metrics:
         micro_batches: int,
         pipeline_bubble: float,
         fp8_peak_tflops: float | None = None,  # FP8 runs on a GPU with an FP8 peak: adds mfu_fp8
+        pair_flops: float = 0.0,  # attention_flops_per_pair: a step with documents counts its own pairs
     ):
+        self.pair_flops = pair_flops
         self.cfg, self.log = cfg, log
         self.fp8_peak_tflops = fp8_peak_tflops
         self.tokens_per_step, self.seq_length = tokens_per_step, seq_length
@@ -105,8 +115,14 @@ class Metrics:
         if not result.updated:
             record["skipped"] = True
         record.update(result.moe)
+        flops_per_token = self.flops_per_token
+        if getattr(result, "attention_pairs", None) is not None:
+            # data.reset_attention_mask: only the pairs inside documents are computed and counted
+            whole = self.tokens_per_step // self.seq_length * self.seq_length**2 / 2
+            record["attended_fraction"] = result.attention_pairs / whole
+            flops_per_token -= self.pair_flops * (whole - result.attention_pairs) / self.tokens_per_step
         if self.peak_tflops is not None:
-            tflops = self.flops_per_token * tokens_per_s / self.world_size / 1e12
+            tflops = flops_per_token * tokens_per_s / self.world_size / 1e12
             record["tflops_per_device"] = tflops
             record["mfu"] = tflops / self.peak_tflops
             if self.fp8_peak_tflops is not None:

@@ -19,7 +19,7 @@ from common import schema
 from common.errors import RecipeError
 from common.files import set_aside
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
-from data.config import DataConfig
+from data.config import DataConfig, check_documents
 from model.config import Fp8Config, ModelConfig, check_fp8, check_model
 from parallel.config import ParallelConfig
 from pretrain.checkpoint.config import CheckpointConfig
@@ -156,6 +156,7 @@ def validate_static(recipe: Recipe) -> None:
             "use fully_reshardable with optimizer.name = muon"
         )
     recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
+    check_documents(recipe.data, recipe.model.transformer_impl)
     check_debug(recipe.debug, recipe.train.watchdog_timeout_s)
 
 

@@ -17,6 +17,7 @@ from data.dataset import Samples
 from data.loader import BatchPlan, token_ids_beyond
 from pretrain.faults import FaultInjection
 from pretrain.guards import Guards, agree, grads_are_finite
+from pretrain.metrics import document_pairs
 from pretrain.oom import OutOfMemoryInStep
 from pretrain.optim import current_lr
 
@@ -31,6 +32,8 @@ class StepResult:
     stop: bool  # a stop signal (a preemption, or Ctrl-C) arrived on some rank
     interrupted: bool = False  # ... and it was Ctrl-C on some rank
     moe: dict[str, Any] = field(default_factory=dict)
+    # data.reset_attention_mask: Σ n²/2 over the global batch's documents (pretrain/metrics.py)
+    attention_pairs: float | None = None
 
 
 def loss_func(
@@ -46,9 +49,11 @@ def loss_func(
 
 
 def forward_step(data_iterator, model):
-    """megatron-core's forward step: the next micro-batch through the model, and its loss function."""
+    """megatron-core's forward step: the next micro-batch through the model, and its loss function.
+    With data.reset_attention_mask the batch's document ids [b, s] go where megatron-core passes an
+    attention mask to every layer's core attention (model/attention/documents.py)."""
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], batch.get("document_ids"), labels=batch["labels"])
     return output, partial(loss_func, batch["loss_mask"])
 
 
@@ -120,7 +125,8 @@ class Step:
         phase[0] = "optimizer"
         with guards.watchdog.phase(step + 1, "optimizer"):
             self.faults.out_of_memory(step + 1, "optimizer")
-            totals = self._loss_sums(losses)
+            pairs = document_pairs(batches) if "document_ids" in batches[0] else None
+            totals = self._loss_sums(losses, pairs)
             loss = float(totals[0] / totals[1])
             # fp16 gradients overflow by design while the loss scale adjusts: megatron-core's optimizer
             # finds those itself (and skips the update), so only the loss is ours to check there.
@@ -144,6 +150,7 @@ class Step:
             stop=stop,
             interrupted=interrupted,
             moe=moe,
+            attention_pairs=float(totals[2]) if pairs is not None else None,
         )
 
     def check_token_ids(self, batches: list[dict], samples: Samples, first: int) -> None:
@@ -170,7 +177,7 @@ class Step:
         for k in range(eval_steps):
             batches = self.plan.step_batches(samples, k * self.plan.global_batch_size, self.device)
             self.check_token_ids(batches, samples, k * self.plan.global_batch_size)
-            total += self._loss_sums(self._forward_backward(batches, forward_step, forward_only=True))
+            total += self._loss_sums(self._forward_backward(batches, forward_step, forward_only=True))[:2]
         for chunk in self.chunks:
             chunk.train()
         loss = float(total[0] / total[1])
@@ -192,14 +199,16 @@ class Step:
             forward_only=forward_only,
         )
 
-    def _loss_sums(self, losses: list) -> torch.Tensor:
-        """[loss sum, token count] over the global batch (float64, CPU), made known to every rank:
-        summed over the data- and context-parallel ranks of the last pipeline stage, which then
-        sends it to all (from the last rank, which is on the last stage)."""
-        total = torch.zeros(2, dtype=torch.float64)
+    def _loss_sums(self, losses: list, pairs: float | None = None) -> torch.Tensor:
+        """[loss sum, token count, attended pairs] over the global batch (float64, CPU), made known
+        to every rank: summed over the data- and context-parallel ranks of the last pipeline stage,
+        which then sends it to all (from the last rank, which is on the last stage). `pairs`: this
+        rank's micro-batches' (each CP rank holds the whole document ids: counted once)."""
+        total = torch.zeros(3, dtype=torch.float64)
         if self.groups.pp.rank() == self.groups.pp.size() - 1:
             for item in losses:
-                total += item["lm loss"].detach().to("cpu", torch.float64)
+                total[:2] += item["lm loss"].detach().to("cpu", torch.float64)
+            total[2] = (pairs or 0.0) / self.groups.cp.size()
             dist.all_reduce(total, group=self.groups.dp_cp)
         total = total.to(self.device)
         dist.broadcast(total, src=dist.get_world_size() - 1)

@@ -14,6 +14,7 @@ import torch
 
 from data.loader import BatchPlan, TrainBatches
 from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_group, pick_device, world_from_env
+from planning.flops import attention_flops_per_pair
 from planning.setup import validate_for_world
 from pretrain.checkpoint.checkpointer import Checkpointer, TrainState
 from pretrain.faults import FaultInjection, check_debug_for_world
@@ -79,6 +80,8 @@ def build_data(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
         cache_dir=str(data.cache_dir or recipe.log_dir() / "data_cache"),
         vocab_size=tokenizer.vocab_size,
         with_test=recipe.train.test_at_end,
+        reset_position_ids=data.reset_position_ids,
+        reset_attention_mask=data.reset_attention_mask,
     )
 
 
@@ -100,6 +103,7 @@ def build_step(
         overlap_p2p_comm=recipe.parallel.p2p_overlapped,
         compile=tuple(t.compile),
         fp8=recipe.fp8,
+        document_positions=recipe.data.reset_position_ids,
     )
     chunks = build_model(recipe.model, build, vocab_size, device, groups)
     te_fp8 = recipe.fp8.enabled and recipe.model.transformer_impl == "transformer_engine"
@@ -204,6 +208,7 @@ def build_metrics(run: Run) -> Metrics:
         plan.micro_batches,
         run.layout.pipeline_bubble(plan.micro_batches),
         fp8_peak_tflops=fp8_peak if recipe.fp8.enabled else None,
+        pair_flops=attention_flops_per_pair(recipe.model),
     )
 
 

@@ -53,6 +53,16 @@ def update_golden(request) -> bool:
 
 
 @pytest.fixture(scope="session")
+def short_document_corpus(tmp_path_factory) -> str:
+    """Documents of 4 to 40 tokens: about six to a 128-token sample (document masking's tests)."""
+    from data.preprocess import build_synthetic_corpus
+
+    prefix = str(tmp_path_factory.mktemp("short-documents") / "text_document")
+    build_synthetic_corpus(prefix, num_docs=3000, seed=1, lengths=(4, 40))
+    return prefix
+
+
+@pytest.fixture(scope="session")
 def synthetic_corpus(tmp_path_factory) -> str:
     """The trainer tests' corpus: deterministic on every machine (not the stdlib text)."""
     from data.preprocess import build_synthetic_corpus

@@ -36,6 +36,10 @@ class SampleView:
     documents: list[int]  # document ids in the dataset's .idx, in sample order
     tokens: list[int]  # the seq_length + 1 tokens: inputs and, shifted by one, labels
     loss_tokens: int  # tokens whose prediction counts in the loss
+    # data.reset_attention_mask: [start, end) of each document among the input tokens, the spans
+    # the attention stays inside; None without it (attention spans the whole sample)
+    spans: list[tuple[int, int]] | None = None
+    positions_restart: bool = False  # data.reset_position_ids: RoPE positions restart at each document
 
 
 def step_samples(
@@ -44,6 +48,7 @@ def step_samples(
     """Every sample of 1-based `step`, data rank by data rank, micro-batch by micro-batch, as
     data.loader.BatchPlan hands them to the trainer."""
     from data.loader import BatchPlan
+    from model.attention.documents import runs
 
     first = (step - 1) * global_batch_size
     plan = BatchPlan(global_batch_size, micro_batch_size, dp_size)
@@ -54,6 +59,8 @@ def step_samples(
             for row, index in enumerate(rank_plan.indices(first, micro)):
                 dataset, position, documents = samples.origin(index)
                 tokens = batch["tokens"][row].tolist() + batch["labels"][row, -1:].tolist()
+                ids = batch.get("document_ids")
+                spans = runs(ids[row]) if ids is not None else None
                 yield SampleView(
                     index=index,
                     data_rank=data_rank,
@@ -63,6 +70,8 @@ def step_samples(
                     documents=documents,
                     tokens=tokens,
                     loss_tokens=int(batch["loss_mask"][row].sum()),
+                    spans=spans,
+                    positions_restart=bool((batch["position_ids"][row, 1:] == 0).any()),
                 )
 
 
@@ -73,6 +82,12 @@ def render(view: SampleView, tokenizer: Any) -> str:
         f"--- sample {view.index} (data rank {view.data_rank}, micro-batch {view.micro_batch}): "
         f"{view.dataset} sample {view.dataset_sample}, documents {docs}; {view.loss_tokens} loss tokens"
     ]
+    if view.spans is not None:
+        spans = " ".join(f"[{a}, {b})" for a, b in view.spans)
+        restart = "; positions restart at each" if view.positions_restart else ""
+        lines.append(f"attention inside {len(view.spans)} documents (input tokens): {spans}{restart}")
+    elif view.positions_restart:
+        lines.append("positions restart after each EOD; attention spans the whole sample")
     piece: list[int] = []
     for token in view.tokens:
         if token == tokenizer.eod:

@@ -19,13 +19,13 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from model.attention.documents import block_pieces, is_document_ids, ring_chunk_ids
 from model.attention.kernels import (
-    BACKENDS,
+    _attend_block,
+    _dense,
+    _grad_block,
+    _stride_order,
     accumulation_dtype,
-    block_backward,
-    block_forward,
-    reduce_heads,
-    select_backend,
 )
 from model.layers import SDPAttention
 
@@ -73,22 +73,6 @@ class _Transfer(NamedTuple):
     sent: tuple[Tensor, ...]
 
 
-def _dense(t: Tensor) -> Tensor:
-    """t itself when its elements fill one block of memory in some order of its dims (a model's
-    [s, b, h, d] heads seen as [b, h, s, d]), else a copy that does, in the same order of dims (a
-    value split out of the fused QKV projection). The ring keeps that layout: its messages,
-    accumulators and output are allocated like the input, and the kernels take the views as they
-    are (so a model's [s, b, ...] tensors are never copied into [b, h, s, d])."""
-    order = _stride_order(t)
-    if t.permute(order).is_contiguous():
-        return t
-    return t.permute(order).contiguous().permute([order.index(dim) for dim in range(t.dim())])
-
-
-def _stride_order(t: Tensor) -> list[int]:
-    return sorted(range(t.dim()), key=t.stride, reverse=True)
-
-
 def _message(t: Tensor) -> Tensor:
     # a dense t's elements as one contiguous tensor, what isend/irecv need
     return t.permute(_stride_order(t))
@@ -118,79 +102,6 @@ def _step_blocks(step: int, rank: int, size: int, half: int) -> tuple[tuple[slic
     if source < rank:  # both our chunks see its first chunk
         return (first, first, False), (second, first, False)
     return (second, first, False), (second, second, False)  # our second chunk sees both of its
-
-
-def _fold(x: Tensor, rep: int) -> Tensor:
-    # [b, np, rows, ...] -> [b, ng, rep·rows, ...]: the query heads sharing one K/V head become
-    # more rows of that head (exact without a causal mask, where rows are independent)
-    b, heads, rows = x.shape[:3]
-    return x.reshape(b, heads // rep, rep * rows, *x.shape[3:])
-
-
-def _unfold(x: Tensor, rep: int) -> Tensor:
-    # [b, ng, rep·rows, ...] -> [b, np, rows, ...]
-    b, groups, folded = x.shape[:3]
-    return x.reshape(b, groups * rep, folded // rep, *x.shape[3:])
-
-
-def _heads_plan(q: Tensor, k: Tensor, causal: bool) -> str:
-    """How a block meets grouped-query attention (rep query heads per K/V head):
-
-    - 'native': equal head counts, or a kernel that takes fewer K/V heads (`BlockKernels.gqa`);
-    - 'fold' (other kernels, unmasked blocks): the rep query heads become rep times the rows of
-      their K/V head; exact because no mask ties a row to its position;
-    - 'expand' (other kernels, the causal block): K/V copied per query head.
-
-    With the CPU kernel 'native' beat folding on unmasked blocks too: at 8K tokens, 32/8 heads,
-    fp32, the peak RSS per rank went from 733 to 701 MiB at CP 2 and from 405 to 389 MiB at CP 4.
-    """
-    if q.size(1) == k.size(1) or BACKENDS[select_backend(q)].gqa:
-        return "native"
-    return "expand" if causal else "fold"
-
-
-def _block_kv(kv: tuple[Tensor, Tensor], cols: slice, rep: int, expand: bool) -> tuple[Tensor, Tensor]:
-    # k, v [b, ng, s/cp, hn] -> [b, ng, keys, hn] (or [b, np, keys, hn], copied per query head)
-    k, v = kv[0][:, :, cols], kv[1][:, :, cols]
-    if expand:
-        return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    return k, v
-
-
-def _attend_block(
-    q: Tensor, kv: tuple[Tensor, Tensor], rows: slice, cols: slice, causal: bool, scale: float
-) -> tuple[Tensor, Tensor]:
-    """(out, lse) of query rows `rows` against key rows `cols` of kv = (k, v), per query head."""
-    rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv[0], causal)
-    k, v = _block_kv(kv, cols, rep, expand=plan == "expand")
-    if plan != "fold":
-        return block_forward(q[:, :, rows], k, v, causal, scale)
-    out, lse = block_forward(_fold(q[:, :, rows], rep), k, v, False, scale)
-    return _unfold(out, rep), _unfold(lse, rep)
-
-
-def _grad_block(
-    dout: Tensor,
-    q: Tensor,
-    kv: tuple[Tensor, Tensor],
-    out: Tensor,
-    lse: Tensor,
-    rows: slice,
-    cols: slice,
-    causal: bool,
-    scale: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq [b, np, rows, hn], dk and dv [b, ng, keys, hn]) of one block, given the final out and lse."""
-    rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv[0], causal)
-    k, v = _block_kv(kv, cols, rep, expand=plan == "expand")
-    if plan == "fold":
-        fold = lambda t: _fold(t[:, :, rows], rep)
-        dq, dk, dv = block_backward(fold(dout), fold(q), k, v, fold(out), fold(lse), False, scale)
-        return _unfold(dq, rep), dk, dv
-    dq, dk, dv = block_backward(dout[:, :, rows], q[:, :, rows], k, v, out[:, :, rows], lse[:, :, rows], causal, scale)
-    if plan == "expand":
-        dk, dv = reduce_heads(dk, rep), reduce_heads(dv, rep)
-    return dq, dk, dv
 
 
 def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> None:
@@ -232,6 +143,87 @@ def _ring_forward(q: Tensor, kv: tuple[Tensor, Tensor], ring: _Ring, scale: floa
             kv = _arrive(pending)
     assert out is not None and lse is not None  # ring.size >= 1: step 0 always runs
     return out, lse
+
+
+def _document_pieces(step: int, ring: _Ring, half: int, documents: Tensor) -> list[tuple[int, slice, slice, bool]]:
+    """The unmasked pieces (sample, rows, key rows, causal) of ring `step` under document ids
+    [b, s_ring] (the ring's whole sequence): each of the step's blocks cut to its documents
+    (model/attention/documents.py:block_pieces); blocks with no document on both sides give none (skipped).
+    Step 0's diagonal block is cut in three: each chunk's own documents and our second chunk's
+    view of our first."""
+    source = (ring.rank - step) % ring.size
+    query_ids = ring_chunk_ids(documents, ring.rank, ring.size)
+    key_ids = query_ids if step == 0 else ring_chunk_ids(documents, source, ring.size)
+    first, second = slice(0, half), slice(half, 2 * half)
+    blocks = (
+        [(first, first, True), (second, first, False), (second, second, True)]
+        if step == 0
+        else [(rows, cols, False) for rows, cols, _ in _step_blocks(step, ring.rank, ring.size, half)]
+    )
+    return [
+        piece for rows, cols, diagonal in blocks for piece in block_pieces(query_ids, key_ids, rows, cols, diagonal)
+    ]
+
+
+def _one(t: Tensor, i: int) -> Tensor:
+    return t[i : i + 1]  # sample i, as a batch of one (a view)
+
+
+def _document_ring_forward(
+    q: Tensor, kv: tuple[Tensor, Tensor], ring: _Ring, scale: float, documents: Tensor
+) -> tuple[Tensor, Tensor]:
+    """_ring_forward inside documents: the same K/V ring, each step's blocks cut to their documents'
+    pieces. Accumulators start empty (out 0, lse −inf): every row gets its own diagonal later."""
+    half = q.size(2) // 2
+    out = torch.zeros_like(q, dtype=accumulation_dtype(q))
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=accumulation_dtype(q), device=q.device)
+    for step in range(ring.size):
+        pending = ring.shift(kv, (_K_TAG, _V_TAG)) if step < ring.size - 1 else None
+        for i, rows, cols, causal in _document_pieces(step, ring, half, documents):
+            sample_kv = (_one(kv[0], i), _one(kv[1], i))
+            block_out, block_lse = _attend_block(_one(q, i), sample_kv, rows, cols, causal, scale)
+            _merge(_one(out, i)[:, :, rows], _one(lse, i)[:, :, rows], block_out, block_lse)
+            del block_out, block_lse
+        if pending is not None:
+            kv = _arrive(pending)
+    return out, lse
+
+
+def _document_ring_backward(
+    dout: Tensor,
+    q: Tensor,
+    kv: tuple[Tensor, Tensor],
+    out: Tensor,
+    lse: Tensor,
+    ring: _Ring,
+    scale: float,
+    documents: Tensor,
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """_ring_backward inside documents: the same two rings, each step's pieces only."""
+    half = q.size(2) // 2
+    dq = torch.zeros_like(q, dtype=accumulation_dtype(q))
+    dkv_pending: _Transfer | None = None
+    for step in range(ring.size):
+        kv_pending = ring.shift(kv, (_K_TAG, _V_TAG)) if step < ring.size - 1 else None
+        if step == 0:
+            dk, dv = (torch.zeros_like(t, dtype=accumulation_dtype(t)) for t in kv)
+        else:
+            assert dkv_pending is not None
+            dk, dv = _arrive(dkv_pending)  # the accumulators that previous ranks built for this block
+        for i, rows, cols, causal in _document_pieces(step, ring, half, documents):
+            sample_kv = (_one(kv[0], i), _one(kv[1], i))
+            grads = _grad_block(
+                _one(dout, i), _one(q, i), sample_kv, _one(out, i), _one(lse, i), rows, cols, causal, scale
+            )
+            _one(dq, i)[:, :, rows] += grads[0]
+            _one(dk, i)[:, :, cols] += grads[1]
+            _one(dv, i)[:, :, cols] += grads[2]
+            del grads
+        if ring.size > 1:
+            dkv_pending = ring.shift((dk, dv), (_DK_TAG, _DV_TAG))
+        if kv_pending is not None:
+            kv = _arrive(kv_pending)
+    return dq, (_arrive(dkv_pending) if dkv_pending is not None else (dk, dv))
 
 
 def _ring_backward(
@@ -292,25 +284,50 @@ class RingAttentionFunction(torch.autograd.Function):
     Dense inputs in any dim order (a model's [s, b, h, d] seen as [b, h, s, d]) are used as they
     are, and the output and gradients come back in the same layout.
     cp == 1 communicates nothing.
+    `documents` (optional): document ids [b, s_ring] of the ring's whole sequence in true order
+    (the same on every rank): attention stays inside each document, and blocks whose queries and
+    keys share none are not computed; the communication is the same.
     """
 
     @staticmethod
-    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, group: dist.ProcessGroup, scale: float) -> Tensor:
+    def forward(
+        ctx: Any,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        group: dist.ProcessGroup,
+        scale: float,
+        documents: Tensor | None = None,
+    ) -> Tensor:
         _check_heads(q.size(1), k.size(1))
         if q.size(2) % 2:
             raise ValueError(f"ring attention needs an even local sequence (two chunks), got {q.size(2)}")
         ring = _Ring.of(group)
-        out, lse = _ring_forward(_dense(q), (_dense(k), _dense(v)), ring, scale)
+        if documents is not None and documents.shape != (q.size(0), q.size(2) * ring.size):
+            raise ValueError(
+                f"ring attention needs document ids [b, s_ring] = [{q.size(0)}, {q.size(2) * ring.size}], "
+                f"got {list(documents.shape)}"
+            )
+        if documents is None:
+            out, lse = _ring_forward(_dense(q), (_dense(k), _dense(v)), ring, scale)
+        else:
+            out, lse = _document_ring_forward(_dense(q), (_dense(k), _dense(v)), ring, scale, documents)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.ring, ctx.scale = ring, scale
+        ctx.ring, ctx.scale, ctx.documents = ring, scale, documents
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, (dk, dv) = _ring_backward(_dense(dout), _dense(q), (_dense(k), _dense(v)), out, lse, ctx.ring, ctx.scale)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
+        kv = (_dense(k), _dense(v))
+        if ctx.documents is None:
+            dq, (dk, dv) = _ring_backward(_dense(dout), _dense(q), kv, out, lse, ctx.ring, ctx.scale)
+        else:
+            dq, (dk, dv) = _document_ring_backward(
+                _dense(dout), _dense(q), kv, out, lse, ctx.ring, ctx.scale, ctx.documents
+            )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None
 
 
 # ------------------------------------------------------------------------------- core attention
@@ -362,7 +379,8 @@ class ContextParallelAttention(SDPAttention):
         packed_seq_params: object = None,
     ) -> Tensor:
         """megatron-core's core-attention call, for training only (context parallelism has no
-        generation step): causal, no mask tensor, bias, packed sequences or dropout."""
+        generation step): causal, no bias, packed sequences or dropout; the only mask tensor is our
+        document ids [b, s] of the whole sequence (model/attention/documents.py)."""
         if not self._check_call(query.size(0), attention_mask, attn_mask_type, attention_bias, packed_seq_params):
             raise NotImplementedError(
                 f"{type(self).__name__} has no generation step (context parallelism is for training)"
@@ -372,10 +390,11 @@ class ContextParallelAttention(SDPAttention):
                 f"{type(self).__name__} has no attention dropout, got {self.attention_dropout.p}; "
                 "set attention_dropout to 0"
             )
-        return self.attend(query, key, value)
+        return self.attend(query, key, value, attention_mask if is_document_ids(attention_mask) else None)
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        """[s/cp, b, np, hn] queries, [s/cp, b, ng, hn] keys and values, load-balanced -> [s/cp, b, np·hn]."""
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, documents: Tensor | None) -> Tensor:
+        """[s/cp, b, np, hn] queries, [s/cp, b, ng, hn] keys and values, load-balanced -> [s/cp, b, np·hn];
+        `documents`: None, or the document ids [b, s] of the whole sequence (in true order)."""
         raise NotImplementedError
 
 
@@ -383,11 +402,12 @@ class RingAttention(ContextParallelAttention):
     """Causal core attention over the context-parallel group by the K/V ring.
 
     Takes query [s/cp, b, np, hn] and key/value [s/cp, b, ng, hn] in the load-balanced layout and
-    returns [s/cp, b, np·hn]. No dropout, mask tensor, bias or packed sequences.
+    returns [s/cp, b, np·hn]; inside documents when given their ids. No dropout, bias or packed
+    sequences.
     """
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, documents: Tensor | None) -> Tensor:
         # [s/cp, b, np, hn] -> [b, np, s/cp, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        context = RingAttentionFunction.apply(q, k, v, self.cp_group, self.softmax_scale)
+        context = RingAttentionFunction.apply(q, k, v, self.cp_group, self.softmax_scale, documents)
         return self._to_hidden(context)  # [s/cp, b, np * hn]

@@ -23,6 +23,7 @@ from megatron.core import parallel_state
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from model.attention.documents import document_attention
 from model.attention.ring import ContextParallelAttention, RingAttentionFunction
 
 Tensor = torch.Tensor
@@ -129,7 +130,13 @@ def check_heads(heads: int, groups: int, a2a: int) -> None:
 
 
 def ulysses_attention(
-    q: Tensor, k: Tensor, v: Tensor, a2a_group: dist.ProcessGroup, ring_group: dist.ProcessGroup | None, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    a2a_group: dist.ProcessGroup,
+    ring_group: dist.ProcessGroup | None,
+    scale: float,
+    documents: Tensor | None = None,
 ) -> Tensor:
     """Causal attention of q [s/cp, b, np, hn] on k, v [s/cp, b, ng, hn], all three this rank's two
     chunks of the load-balanced layout -> [s/cp, b, np, hn], the same rows.
@@ -137,7 +144,9 @@ def ulysses_attention(
     Over `a2a_group` q, k and v trade sequence shards for head shards, one SDPA call (ring_group
     None) or the ring over `ring_group` attends over the group's sequence, and the output trades
     back. Fewer K/V heads than a2a ranks are copied first, so each rank gets the one its query
-    heads share (their gradients are summed back by autograd).
+    heads share (their gradients are summed back by autograd). `documents` [b, s] (the whole
+    sequence's document ids): attention inside documents, after the all-to-all the local kernel
+    (model/attention/documents.py) or the ring's, both on the sequence in true order.
     """
     n = dist.get_world_size(a2a_group)
     check_heads(q.size(2), k.size(2), n)
@@ -147,12 +156,14 @@ def ulysses_attention(
         k, v = (t.repeat_interleave(n // k.size(2), dim=2) for t in (k, v))
     q, k, v = (SequenceToHeads.apply(t, a2a_group) for t in (q, k, v))  # [s_g, b, heads/n, hn]
     qb, kb, vb = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads/n, s_g, hn] views
-    if ring_group is None:
+    if ring_group is not None:
+        context = RingAttentionFunction.apply(qb, kb, vb, ring_group, scale, documents)
+    elif documents is not None:
+        context = document_attention(qb, kb, vb, documents, scale)
+    else:
         context = F.scaled_dot_product_attention(
             qb, kb, vb, is_causal=True, scale=scale, enable_gqa=qb.size(1) != kb.size(1)
         )
-    else:
-        context = RingAttentionFunction.apply(qb, kb, vb, ring_group, scale)
     return HeadsToSequence.apply(context.permute(2, 0, 1, 3), a2a_group)  # [s/cp, b, np, hn]
 
 
@@ -161,7 +172,8 @@ class UlyssesAttention(ContextParallelAttention):
     all-to-all inside megatron-core's hierarchical CP groups and the ring across them (a2a+p2p).
 
     Takes query [s/cp, b, np, hn] and key/value [s/cp, b, ng, hn] in the load-balanced layout and
-    returns [s/cp, b, np·hn]. No dropout, mask tensor, bias or packed sequences.
+    returns [s/cp, b, np·hn]; inside documents when given their ids. No dropout, bias or packed
+    sequences.
     """
 
     def __init__(self, config: TransformerConfig, *args: Any, **kwargs: Any):
@@ -181,8 +193,8 @@ class UlyssesAttention(ContextParallelAttention):
             dist.get_world_size(self.a2a_group),
         )
 
-    def attend(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-        context = ulysses_attention(query, key, value, self.a2a_group, self.ring_group, self.softmax_scale)
+    def attend(self, query: Tensor, key: Tensor, value: Tensor, documents: Tensor | None) -> Tensor:
+        context = ulysses_attention(query, key, value, self.a2a_group, self.ring_group, self.softmax_scale, documents)
         return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)  # [s/cp, b, np·hn]
 
 

@@ -30,6 +30,7 @@ def test_gpu_check_smoke_runs_every_part(tmp_path):
         "sdpa_kernel_llama_1b",
         "moe_grouped_vs_sequential_experts",
         "memory_model_llama_1b",
+        "documents_flash_varlen_seq8192",
     }
     assert expected <= set(summary), sorted(summary)
     for name in expected:

@@ -3,6 +3,7 @@ marker file written by `__reduce__`) is refused with one line on every load path
 
 import dataclasses
 import io
+import json
 import os
 import pathlib
 import pickle
@@ -19,6 +20,7 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from common.errors import UserError
+from pretrain.checkpoint import manifest
 from tests.helpers.runs import REPO, run_pretrain, tiny_overrides
 from upstream import safe_loading
 
@@ -51,7 +53,18 @@ def plant_in_byte_items(ckpt: pathlib.Path, marker: pathlib.Path, kind: str) -> 
             )
             planted += 1
     (ckpt / ".metadata").write_bytes(pickle.dumps(metadata))
+    _forge_manifest(ckpt, [target, ckpt / ".metadata"])
     return planted
+
+
+def _forge_manifest(ckpt: pathlib.Path, changed: list[pathlib.Path]) -> None:
+    """An attacker who can write the files can rewrite their recorded sizes and checksums too: the
+    integrity check must pass, so that what is tested is the loading itself."""
+    manifest_path = ckpt / manifest.MANIFEST
+    record = json.loads(manifest_path.read_text())
+    for path in changed:
+        record["files"][path.name] = {"size": path.stat().st_size, "crc32": manifest.crc32_of(path)}
+    manifest_path.write_text(json.dumps(record))
 
 
 def _one_error_line(proc: subprocess.CompletedProcess) -> str:

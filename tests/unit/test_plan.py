@@ -83,8 +83,10 @@ def test_chinchilla_back_of_envelope(llama_64):
 
 
 def test_bad_arguments_are_one_line_errors():
-    args = argparse.Namespace(recipe="tiny_gpt", overrides=[], gpus=8, gpu_memory_gib=80.0, gpu="a100", top=10)
-    with pytest.raises(UserError, match=re.escape("--gpu must be one of h100 | h200 | b200, got 'a100'")):
+    args = argparse.Namespace(recipe="tiny_gpt", overrides=[], gpus=8, gpu_memory_gib=80.0, gpu="v100", top=10)
+    with pytest.raises(
+        UserError, match=re.escape("--gpu must be one of a100 | h100 | h200 | b200 | gb200, got 'v100'")
+    ):
         plan_layout.run(args)
     with pytest.raises(UserError, match=re.escape("--gpus must be positive, got 0")):
         plan_layout.run(argparse.Namespace(**{**vars(args), "gpu": "h100", "gpus": 0}))

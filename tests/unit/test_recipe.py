@@ -142,9 +142,9 @@ def test_recipe_error_is_a_user_error():
             "(e.g. '98,1,1') or set data.valid_path",
         ),
         (
-            ["data.reset_attention_mask=true"],
-            "data.reset_attention_mask = true is not supported: the model's attention is causal over the whole "
-            "packed sample and takes no per-document mask; set it to false",
+            ["data.reset_attention_mask=true", "model.transformer_impl=transformer_engine"],
+            "data.reset_attention_mask = true needs model.transformer_impl = local (transformer-engine's "
+            "attention takes documents only in its THD format, which is not wired here)",
         ),
         (["parallel.fsdp=zero1"], "parallel.fsdp must be one of zero2 | zero3, got 'zero1'"),
         (
@@ -180,11 +180,6 @@ def test_recipe_error_is_a_user_error():
             ["parallel.pipeline=2", "parallel.overlap_p2p_comm=true"],
             "parallel.overlap_p2p_comm = true: megatron-core overlaps pipeline sends and receives in the "
             "interleaved schedule only; set parallel.virtual_pipeline > 1 or leave overlap_p2p_comm null",
-        ),
-        (
-            ["data.reset_position_ids=true"],
-            "data.reset_position_ids = true is not supported: megatron-core's GPTModel computes RoPE from the "
-            "position in the sample, never from position_ids; set it to false",
         ),
         (
             ["model.recompute_granularity=full"],

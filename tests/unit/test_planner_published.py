@@ -1,0 +1,152 @@
+"""The planner (planning/step_time.py) and the dry-run memory model (planning/memory.py) against runs
+others published (docs/planner.md, "Published runs"): every layout that ran must fit on its GPU, and
+each predicted tokens/s/GPU must be within 20 % of the published figure, the median within 10 %.
+
+Negative control (by hand, 2026-12-07): with the data-parallel overlap switched off
+(parallel.overlap_grad_reduce=false, overlap_param_gather=false on every DDP row) the 16B and 32B
+rows fall to 0.77 and 0.74 of the published throughput and the 20 % bound fails; the model before
+(a flat 55 % of peak, every collective exposed, no FP8) had a median ratio of 0.72 (issue 33)."""
+
+import statistics
+
+import pytest
+
+from planning.memory import estimate_setup, setup_for
+from planning.report import reserve_bytes
+from planning.step_time import GPUS, step_time
+from pretrain.recipe import load_recipe
+
+H100_GIB = 79.6  # an H100 SXM 80GB as torch.cuda.mem_get_info reports it (81,559 MiB)
+MEGATRON_VOCAB = 131072
+LLAMA3_VOCAB = 128256
+
+
+def _megatron_lm(layers, hidden, heads, tp, pp, batch, tflops):
+    """A row of Megatron-LM's README weak-scaling table (GELU MLP of 4h, MHA, seq 4096, DP 48) as our
+    SwiGLU model with the same parameters and FLOPs (ffn = 8h/3, rounded to 64); the published
+    TFLOP/s per GPU turned into tokens/s per GPU with Megatron-LM's own FLOPs per token,
+    72·l·h²·(1 + s/(6h) + V/(12·h·l))."""
+    ffn = round(8 * hidden / 3 / 64) * 64
+    overrides = [
+        f"model.num_layers={layers}",
+        f"model.hidden_size={hidden}",
+        f"model.ffn_hidden_size={ffn}",
+        f"model.num_attention_heads={heads}",
+        "model.num_query_groups=null",
+        f"model.vocab_size={MEGATRON_VOCAB}",
+        "model.seq_length=4096",
+        f"parallel.tensor={tp}",
+        f"parallel.pipeline={pp}",
+        "parallel.virtual_pipeline=null",
+        "parallel.context=1",
+        f"parallel.sequence_parallel={str(tp > 1).lower()}",
+        f"train.global_batch_size={batch}",
+        "train.micro_batch_size=1",
+    ]
+    per_token = 72 * layers * hidden**2 * (1 + 4096 / (6 * hidden) + MEGATRON_VOCAB / (12 * hidden * layers))
+    return overrides, tp * pp * 48, MEGATRON_VOCAB, tflops * 1e12 / per_token
+
+
+LLAMA3_70B_FP8 = (  # Megatron-Bridge 25.11, DGX-H100, FP8-CS: TP4 PP8 VP5, GBS 128, MBS 1, seq 8192
+    [
+        f"model.vocab_size={LLAMA3_VOCAB}",
+        "parallel.tensor=4",
+        "parallel.pipeline=8",
+        "parallel.virtual_pipeline=5",
+        "parallel.context=1",
+        "train.global_batch_size=128",
+        "fp8.enabled=true",
+        "fp8.recipe=tensorwise",
+    ],
+    64,
+    LLAMA3_VOCAB,
+    1602.0,
+)
+LLAMA3_8B_FP8 = (  # Megatron-Bridge 25.11, DGX-H100, FP8-CS: FSDP, GBS 128, MBS 1, seq 8192, recompute 5 layers
+    [
+        "model.num_layers=32",
+        "model.hidden_size=4096",
+        "model.ffn_hidden_size=14336",
+        "model.num_attention_heads=32",
+        "model.num_query_groups=8",
+        f"model.vocab_size={LLAMA3_VOCAB}",
+        "model.transformer_impl=local",  # our FSDP is verified on the local spec only
+        "parallel.tensor=1",
+        "parallel.pipeline=1",
+        "parallel.virtual_pipeline=null",
+        "parallel.context=1",
+        "parallel.sequence_parallel=false",
+        "parallel.distributed_optimizer=false",
+        "parallel.fsdp=zero3",
+        "train.global_batch_size=128",
+        "fp8.enabled=true",
+        "fp8.recipe=tensorwise",
+        "model.recompute_granularity=full",
+        "model.recompute_method=block",
+        "model.recompute_num_layers=5",
+    ],
+    8,
+    LLAMA3_VOCAB,
+    14451.0,
+)
+PUBLISHED = {
+    "megatron-lm 1.7B": _megatron_lm(24, 2048, 16, 1, 1, 192, 408.8),
+    "megatron-lm 7.1B": _megatron_lm(30, 4096, 32, 2, 1, 192, 465.9),
+    "megatron-lm 16B": _megatron_lm(32, 6144, 48, 4, 1, 192, 489.1),
+    "megatron-lm 32B": _megatron_lm(48, 7168, 56, 8, 1, 192, 459.6),
+    "megatron-lm 70B": _megatron_lm(84, 8192, 64, 8, 2, 384, 419.7),
+    "megatron-lm 119B": _megatron_lm(92, 10240, 80, 8, 4, 768, 420.5),
+    "megatron-lm 177B": _megatron_lm(96, 12288, 96, 8, 6, 1152, 432.8),
+    "megatron-lm 314B": _megatron_lm(96, 16384, 128, 8, 8, 1536, 474.4),
+    "megatron-lm 462B": _megatron_lm(112, 18432, 144, 8, 16, 3072, 459.9),
+    "bridge llama3-70b fp8": LLAMA3_70B_FP8,
+    "bridge llama3-8b fp8": LLAMA3_8B_FP8,
+}
+# As this project builds it (unfused SwiGLU, model/gpt.py:SWIGLU_FUSED) and without TE's one-byte FP8
+# activation copies in the model, the published Llama3-70B layout needs 109.6 GiB of 79.6 (88.0 with
+# the fused SwiGLU NVIDIA ran; docs/planner.md, "Memory per implementation")
+NOT_YET_FITTING = {"bridge llama3-70b fp8"}
+
+
+def _score(name):
+    overrides, gpus, vocab, published = PUBLISHED[name]
+    recipe = load_recipe("llama70b", overrides)
+    setup = setup_for(recipe, gpus, None, vocab)
+    time = step_time(setup, GPUS["h100"])
+    peak = estimate_setup(setup).worst.peak
+    needed = (peak + reserve_bytes(peak, setup.target)) / 2**30
+    predicted = recipe.train.global_batch_size * recipe.model.seq_length / time.total / gpus
+    return predicted / published, needed
+
+
+@pytest.fixture(scope="module")
+def scores():
+    return {name: _score(name) for name in PUBLISHED}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="unfused SwiGLU; TE fp8 activations not modelled"))
+        if n in NOT_YET_FITTING
+        else n
+        for n in PUBLISHED
+    ],
+)
+def test_published_layout_fits(scores, name):
+    assert scores[name][1] <= H100_GIB
+
+
+def test_throughput_within_20_percent(scores):
+    errors = {name: abs(ratio - 1) for name, (ratio, _) in scores.items()}
+    assert max(errors.values()) <= 0.20, errors
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="median error 11.3 %: Megatron-LM's rows ran --tp-comm-overlap, which this project cannot express "
+    "(its TP collectives count 6/10 exposed), and its pipeline rows come out 5-14 % fast (docs/planner.md)",
+)
+def test_throughput_median_within_10_percent(scores):
+    errors = {name: abs(ratio - 1) for name, (ratio, _) in scores.items()}
+    assert statistics.median(errors.values()) <= 0.10, errors
