@@ -45,6 +45,14 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
             "fp8 on the local spec is not built for model.attention = mla (its latent projections)",
         ),
         ([*MLA, "model.add_bias_linear=true"], "model.add_bias_linear is not built for model.attention = mla"),
+        (
+            [*MLA, "data.reset_position_ids=true"],
+            "data.reset_position_ids = true is not built for model.attention = mla",
+        ),
+        (
+            [*MLA, "data.reset_attention_mask=true"],
+            "data.reset_attention_mask = true is not built for model.attention = mla",
+        ),
         (["model.mtp_num_layers=1"], "model.mtp_num_layers = 1: multi-token prediction is not built yet"),
         (
             [*GROUPS, "model.moe.num_groups=2"],
