@@ -9,8 +9,10 @@ from typing import Literal
 
 from common.errors import RecipeError
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
+from model.attention.mla import MlaConfig, check_mla
 from model.rope import RopeScalingConfig, check_rope_scaling
-from parallel.config import ParallelConfig, pipeline_stage_layers
+from model.routing import check_groups
+from parallel.config import ParallelConfig, check_uneven_pipeline, pipeline_stage_layers
 
 # Selective recompute modules megatron-core 0.16 offers for our layers (its mla_up_proj needs multi-latent
 # attention, which these models do not have): core_attn = the attention kernel; layernorm = both norms
@@ -31,6 +33,11 @@ class MoeConfig:
     first_dense_layers: NonNegativeInt = 0  # leading dense layers (DeepSeek's first_k_dense_replace)
     dense_layers: list[NonNegativeInt] = field(default_factory=list)  # 0-based, dense anyway (mlp_only_layers)
     score_function: Literal["softmax", "sigmoid"] = "softmax"  # router scores
+    # group-limited routing (DeepSeek-V3): experts in num_groups equal groups, tokens routed within the
+    # group_top_k groups of highest score (each group's top-2 sum with sigmoid); null = no groups
+    num_groups: PositiveInt | None = None
+    group_top_k: PositiveInt | None = None
+    routed_scaling_factor: PositiveFloat | None = None  # routed experts' weights times this; null = 1
     # softmax over all experts, top-k unnormalized (norm_topk_prob false); false: over the top-k (renormalized)
     pre_softmax: bool = False
     # aux_loss: per micro-batch; seq_aux_loss: per sequence; global_aux_loss: global batch (docs/moe.md)
@@ -58,6 +65,9 @@ class ModelConfig:
     num_attention_heads: PositiveInt = 4
     num_query_groups: PositiveInt | None = None  # None = same as heads (MHA); < heads = grouped-query attention
     head_dim: PositiveInt | None = None  # width of one attention head (kv_channels); None = hidden_size / heads
+    attention: Literal["standard", "mla"] = "standard"  # standard: multi-head / grouped-query; mla: model.mla
+    mla: MlaConfig = field(default_factory=MlaConfig)
+    mtp_num_layers: NonNegativeInt = 0  # multi-token prediction modules (DeepSeek-V3); not built yet: 0 only
     qk_layernorm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     vocab_size: PositiveInt | None = None  # None = the tokenizer's vocabulary (data.tokenizer); padded later
     make_vocab_size_divisible_by: PositiveInt = 128  # padding multiple (times parallel.tensor), as Megatron-LM
@@ -136,6 +146,8 @@ def check_fp8(fp8: Fp8Config, model: ModelConfig, parallel: ParallelConfig, prec
                 f"fp8.{key} applies to fp8.recipe = delayed only; {fp8.recipe} scales from the current amax"
             )
     _check_fp8_layers(fp8, model, parallel)
+    if local and model.attention == "mla":
+        raise RecipeError("fp8 on the local spec is not built for model.attention = mla (its latent projections)")
     if local and model.moe.num_experts is not None:
         if model.moe.grouped_gemm:
             raise RecipeError(
@@ -187,6 +199,9 @@ def check_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     _check_shape(model, parallel)
     _check_moe(model, parallel)
     _check_recompute(model, parallel)
+    check_mla(model, parallel)
+    if model.mtp_num_layers:
+        raise RecipeError(f"model.mtp_num_layers = {model.mtp_num_layers}: multi-token prediction is not built yet")
     if parallel.fsdp is not None and model.transformer_impl != "local":
         # Each upstream fix under FSDP (upstream/fsdp.py) was verified on the local layers only.
         raise RecipeError(
@@ -211,7 +226,7 @@ def _check_shape(m: ModelConfig, p: ParallelConfig) -> None:
     if m.num_query_groups is not None:
         _require_divides("parallel.tensor", p.tensor, "model.num_query_groups", m.num_query_groups)
     if p.first_stage_layers is not None or p.last_stage_layers is not None:
-        _check_uneven_pipeline(p, m.num_layers)
+        check_uneven_pipeline(p, m.num_layers)
     elif p.virtual_pipeline is None:
         _require_divides("parallel.pipeline", p.pipeline, "model.num_layers", m.num_layers)
     else:
@@ -280,25 +295,6 @@ def _a2a_size(p: ParallelConfig) -> tuple[str, int]:
     return "parallel.context", p.context
 
 
-def _check_uneven_pipeline(p: ParallelConfig, layers: int) -> None:
-    keys = [k for k in ("first_stage_layers", "last_stage_layers") if getattr(p, k) is not None]
-    named = " and ".join(f"parallel.{k}" for k in keys)
-    if p.pipeline < 2:
-        raise RecipeError(f"{named} requires parallel.pipeline > 1, got parallel.pipeline = {p.pipeline}")
-    if p.virtual_pipeline is not None:
-        raise RecipeError(f"{named} cannot be combined with parallel.virtual_pipeline")
-    for key in keys:
-        if getattr(p, key) < 1:
-            raise RecipeError(f"parallel.{key} must be positive, got {getattr(p, key)}")
-    middle_stages = p.pipeline - len(keys)
-    middle = layers - sum(getattr(p, k) for k in keys)
-    if middle < middle_stages or (middle_stages == 0 and middle != 0) or (middle_stages and middle % middle_stages):
-        raise RecipeError(
-            f"{named} leave {middle} of model.num_layers = {layers} for {middle_stages} other pipeline "
-            f"stage(s): they must split evenly, at least one layer each"
-        )
-
-
 def head_dim(model: ModelConfig) -> int:
     """The width of one attention head (megatron-core's kv_channels)."""
     return model.head_dim or model.hidden_size // model.num_attention_heads
@@ -332,6 +328,7 @@ def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:
         )
     if max(moe.dense_layers, default=0) >= model.num_layers or not any(moe_layer_pattern(model)):
         raise RecipeError(f"model.moe.dense_layers {moe.dense_layers} must be some of layers 0-{model.num_layers - 1}")
+    check_groups(moe)
     if moe.expert_bias and moe.score_function != "sigmoid":
         raise RecipeError(
             f"model.moe.expert_bias = true needs model.moe.score_function = sigmoid, got {moe.score_function}"

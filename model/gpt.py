@@ -93,7 +93,14 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         fp8_fields = fp8_config_fields(build.fp8, model)
 
     dtype, layout = _DTYPES[build.precision], build.layout
-    return TransformerConfig(
+    config_class, mla_fields = TransformerConfig, {}
+    if model.attention == "mla":
+        from megatron.core.transformer.transformer_config import MLATransformerConfig
+
+        from model.attention.mla import mla_config_fields
+
+        config_class, mla_fields = MLATransformerConfig, mla_config_fields(model.mla, model.rotary_base)
+    return config_class(
         # Which layers the spec builds; megatron-core's torch FSDP wrapper picks the modules it
         # shards by it (torch_fully_sharded_data_parallel.py:113).
         transformer_impl=model.transformer_impl,
@@ -146,6 +153,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         **recompute_fields(model),
         **transformer_config_fields(model, layout.expert_tensor or layout.tensor, build.precision),
         **fp8_fields,
+        **mla_fields,
     )
 
 
@@ -208,6 +216,10 @@ def _local_layer_spec(config: TransformerConfig, init_seed: int, num_experts: in
     if config.qk_layernorm:  # per head, over head_dim; megatron-core sums their gradients over TP ranks
         spec.submodules.self_attention.submodules.q_layernorm = RMSNorm
         spec.submodules.self_attention.submodules.k_layernorm = RMSNorm
+    if config.multi_latent_attention:
+        from model.attention.mla import use_mla
+
+        use_mla(spec)
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
     if config.context_parallel_size > 1:
         # megatron-core's local attention refuses context parallelism (TE-only upstream): ours
@@ -375,6 +387,10 @@ def layer_parameters(
         return (3 * h * ffn + bias * 2 * ffn) // split + bias * h
 
     attention = (h * qkv + heads * d * h + bias * qkv) // tensor + bias * h
+    if model.attention == "mla":
+        from model.attention.mla import mla_parameters
+
+        attention = mla_parameters(model.mla, h, heads, tensor)
     norms = 2 * h + (2 * d if model.qk_layernorm else 0)
     if not is_moe:
         return attention + mlp(model.ffn_hidden_size, tensor) + norms

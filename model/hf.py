@@ -1,5 +1,5 @@
 """Hugging Face checkpoints <-> our GPTModel: the tensor rules every family (model/hf_config.py:
-`Family`, Llama, Mixtral, Qwen3, Qwen3-MoE) shares, walked one way to import and the other to export.
+`Family`, Llama, Mixtral, Qwen3, Qwen3-MoE, DeepSeek-V3) shares, walked one way to import and the other to export.
 
 Our names are GPTModel's state-dict keys at tensor = pipeline = expert = 1 (the converter builds
 that layout and lets dist_checkpointing reshard to any other). HF names are the safetensors names
@@ -73,12 +73,12 @@ def rules(model: ModelConfig, family: Family) -> list[Rule]:
             Rule(f"{ours}.input_layernorm.weight", (f"{theirs}.input_layernorm.weight",)),
             Rule(f"{ours}.pre_mlp_layernorm.weight", (f"{theirs}.post_attention_layernorm.weight",)),
             Rule(f"{ours}.self_attention.linear_proj.weight", (f"{attn}.o_proj.weight",)),
-            Rule(
-                f"{ours}.self_attention.linear_qkv.weight",
-                (f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight"),
-                "qkv",
-            ),
         ]
+        if family.mla:
+            out += _mla_rules(f"{ours}.self_attention", attn, model.mla.q_lora_rank is not None)
+        else:
+            qkv = (f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight")
+            out.append(Rule(f"{ours}.self_attention.linear_qkv.weight", qkv, "qkv"))
         if family.qk_norm:
             out += [
                 Rule(f"{ours}.self_attention.q_layernorm.weight", (f"{attn}.q_norm.weight",)),
@@ -90,10 +90,30 @@ def rules(model: ModelConfig, family: Family) -> list[Rule]:
         names = family.experts
         block = f"{theirs}.{names.prefix}"
         out.append(Rule(f"{ours}.mlp.router.weight", (f"{block}.gate.weight",)))
+        if model.moe.expert_bias:
+            out.append(Rule(f"{ours}.mlp.router.expert_bias", (f"{block}.gate.e_score_correction_bias",)))
+        if model.moe.shared_expert_ffn_hidden_size:
+            out += _mlp_rules(f"{ours}.mlp.shared_experts", f"{block}.shared_experts", names.gate, names.up, names.down)
         for e in range(model.moe.num_experts or 0):
             expert = f"{ours}.mlp.experts.local_experts.{e}"
             out += _mlp_rules(expert, f"{block}.experts.{e}", names.gate, names.up, names.down)
     return out
+
+
+def _mla_rules(ours: str, theirs: str, q_latent: bool) -> list[Rule]:
+    """megatron-core's MLA keeps DeepSeek's layouts (per head [nope, rope] queries, [nope, v] keys/values;
+    the kv latent then the shared rope key) and de-interleaves the rope pairs as rope_interleave does."""
+    pairs = [("linear_kv_down_proj", "kv_a_proj_with_mqa"), ("kv_layernorm", "kv_a_layernorm")]
+    pairs.append(("linear_kv_up_proj", "kv_b_proj"))
+    if q_latent:
+        pairs += [
+            ("linear_q_down_proj", "q_a_proj"),
+            ("q_layernorm", "q_a_layernorm"),
+            ("linear_q_up_proj", "q_b_proj"),
+        ]
+    else:
+        pairs.append(("linear_q_proj", "q_proj"))
+    return [Rule(f"{ours}.{a}.weight", (f"{theirs}.{b}.weight",)) for a, b in pairs]
 
 
 def _mlp_rules(ours: str, theirs: str, gate: str, up: str, down: str) -> list[Rule]:

@@ -1,5 +1,5 @@
 """Hugging Face config.json <-> our `model` section, one `Family` per HF architecture (Llama,
-Mixtral, Qwen3, Qwen3-MoE): the keys each family maps (anything else in config.json is refused in
+Mixtral, Qwen3, Qwen3-MoE, DeepSeek-V3): the keys each family maps (anything else in config.json is refused in
 one line, so no field that changes the math is ever ignored), its reader and writer, and where its
 tensors sit (read by model/hf.py's tensor rules)."""
 
@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from common.errors import UserError
+from model.attention.mla import MlaConfig
 from model.config import ModelConfig, MoeConfig, head_dim, moe_layer_pattern
 from model.rope import RopeScalingConfig
 
@@ -59,6 +60,7 @@ class Family:
     read: Callable[[Mapping], dict[str, Any]]  # those keys -> ModelConfig fields (moe: a MoeConfig)
     write: Callable[[ModelConfig], dict[str, Any]]  # ModelConfig -> those keys
     qk_norm: bool = False  # self_attn.q_norm / k_norm (per-head RMSNorm)
+    mla: bool = False  # multi-latent attention (q_a_proj, kv_a_proj_with_mqa, ...) in place of q/k/v_proj
     experts: Experts | None = None  # None = dense
 
 
@@ -153,6 +155,74 @@ def _write_qwen3_moe(model: ModelConfig) -> dict[str, Any]:
     }
 
 
+def _read_deepseek_v3(hf: Mapping) -> dict[str, Any]:
+    for key, needed in (("rope_interleave", True), ("norm_topk_prob", True), ("scoring_func", "sigmoid")):
+        if hf.get(key, needed) != needed:  # megatron-core's MLA de-interleaves; its sigmoid top-k renormalizes
+            raise UserError(f"config.json: {key} = {hf[key]!r} is not supported (only {needed!r})")
+    if float(hf.get("rms_norm_eps", 1e-6)) != 1e-6:  # transformers' latent norms use 1e-6 whatever it says
+        raise UserError(
+            f"config.json: rms_norm_eps = {hf['rms_norm_eps']} is not supported for DeepSeek-V3 (only 1e-06)"
+        )
+    if hf["num_experts_per_tok"] != 2 * hf["topk_group"]:
+        raise UserError(  # transformers scores a group by its 2 best experts, megatron-core by top_k / group_top_k
+            f"config.json: num_experts_per_tok = {hf['num_experts_per_tok']} with topk_group = {hf['topk_group']} "
+            "is not supported (only num_experts_per_tok = 2 × topk_group)"
+        )
+    mla = MlaConfig(
+        q_lora_rank=hf.get("q_lora_rank"),
+        kv_lora_rank=hf["kv_lora_rank"],
+        qk_head_dim=hf["qk_nope_head_dim"],
+        qk_pos_emb_head_dim=hf["qk_rope_head_dim"],
+        v_head_dim=hf["v_head_dim"],
+    )
+    moe = MoeConfig(
+        num_experts=hf["n_routed_experts"],
+        top_k=hf["num_experts_per_tok"],
+        ffn_hidden_size=hf["moe_intermediate_size"],
+        shared_expert_ffn_hidden_size=hf["moe_intermediate_size"] * hf["n_shared_experts"] or None,
+        first_dense_layers=hf.get("first_k_dense_replace", 0),
+        score_function="sigmoid",
+        num_groups=hf["n_group"],
+        group_top_k=hf["topk_group"],
+        routed_scaling_factor=float(hf["routed_scaling_factor"]),
+        expert_bias=True,  # e_score_correction_bias
+        load_balancing="none",
+    )
+    return {"attention": "mla", "mla": mla, "moe": moe, "num_query_groups": None, "head_dim": None}
+
+
+def _write_deepseek_v3(model: ModelConfig) -> dict[str, Any]:
+    mla, moe = model.mla, model.moe
+    assert moe.ffn_hidden_size is not None  # export_family checked
+    return {
+        "head_dim": mla.qk_pos_emb_head_dim,
+        "q_lora_rank": mla.q_lora_rank,
+        "kv_lora_rank": mla.kv_lora_rank,
+        "qk_nope_head_dim": mla.qk_head_dim,
+        "qk_rope_head_dim": mla.qk_pos_emb_head_dim,
+        "v_head_dim": mla.v_head_dim,
+        "rope_interleave": True,
+        "n_routed_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k,
+        "moe_intermediate_size": moe.ffn_hidden_size,
+        "n_shared_experts": (moe.shared_expert_ffn_hidden_size or 0) // moe.ffn_hidden_size,
+        "first_k_dense_replace": moe.first_dense_layers,
+        "n_group": moe.num_groups,
+        "topk_group": moe.group_top_k,
+        "routed_scaling_factor": moe.routed_scaling_factor,
+        "norm_topk_prob": True,
+        "attention_bias": False,
+        "pretraining_tp": 1,
+        "num_nextn_predict_layers": 0,
+    }
+
+
+_DEEPSEEK_KEYS = frozenset(
+    {"q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "qk_head_dim", "v_head_dim"}
+    | {"rope_interleave", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts"}
+    | {"first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "scoring_func"}
+    | {"attention_bias", "pretraining_tp", "num_nextn_predict_layers"}  # MTP: its tensors are refused, unmapped
+)
 _QWEN3_KEYS = frozenset({"attention_bias", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
 FAMILIES = (
     Family("Llama", "LlamaForCausalLM", "llama", frozenset({"attention_bias", "mlp_bias", "pretraining_tp"}),
@@ -167,6 +237,8 @@ FAMILIES = (
                           "moe_intermediate_size", "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef"},
            _read_qwen3_moe, _write_qwen3_moe, qk_norm=True,
            experts=Experts("mlp", "gate_proj", "up_proj", "down_proj")),
+    Family("DeepSeek-V3", "DeepseekV3ForCausalLM", "deepseek_v3", _DEEPSEEK_KEYS, _read_deepseek_v3,
+           _write_deepseek_v3, mla=True, experts=Experts("mlp", "gate_proj", "up_proj", "down_proj")),
 )  # fmt: skip
 ARCHITECTURES = {f.architecture: f for f in FAMILIES}
 
@@ -282,6 +354,8 @@ def export_family(model: ModelConfig) -> Family:
     moe, problems = model.moe, []
     if model.add_bias_linear:
         problems.append("model.add_bias_linear")
+    if model.attention == "mla":
+        return _deepseek_v3(model, problems)
     if moe.num_experts is None:
         _refuse(problems)
         return FAMILIES[2 if model.qk_layernorm else 0]
@@ -295,6 +369,18 @@ def export_family(model: ModelConfig) -> Family:
         problems.append("model.moe.pre_softmax without model.qk_layernorm (Mixtral renormalizes the top-k)")
     _refuse(problems)
     return FAMILIES[3 if model.qk_layernorm else 1]
+
+
+def _deepseek_v3(model: ModelConfig, problems: list[str]) -> Family:
+    moe = model.moe
+    if moe.num_experts is None or moe.num_groups is None or moe.ffn_hidden_size is None:
+        problems.append("multi-latent attention without grouped experts (model.moe.num_groups, ffn_hidden_size)")
+    elif moe.score_function != "sigmoid" or not moe.expert_bias or moe.top_k != 2 * (moe.group_top_k or 0):
+        problems.append("an MLA router other than DeepSeek-V3's (sigmoid, expert bias, top_k = 2 × group_top_k)")
+    elif (moe.shared_expert_ffn_hidden_size or 0) % moe.ffn_hidden_size or moe.layer_freq != 1 or moe.dense_layers:
+        problems.append("MLA with shared experts or dense layers DeepSeek-V3 cannot express")
+    _refuse(problems)
+    return FAMILIES[4]
 
 
 def _refuse(problems: list[str]) -> None:

@@ -26,12 +26,24 @@ class SDPAttention(DotProductAttention):
     SDPA call, so attention memory is linear in the sequence length.
     """
 
-    def __init__(self, config: TransformerConfig, *args: Any, **kwargs: Any):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        *args: Any,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+        **kwargs: Any,
+    ):
+        """`k_channels` / `v_channels`: multi-latent attention's query/key and value head widths
+        (qk_head_dim + qk_pos_emb_head_dim, v_head_dim), which upstream's DotProductAttention does
+        not take (only transformer-engine's does); SDPA needs no more than the output width."""
         if config.apply_query_key_layer_scaling:
             # Upstream divides softmax_scale by the layer number and multiplies it back inside
             # its fused softmax; one SDPA call (or one ring) has no such second half.
             raise ValueError(f"{type(self).__name__} does not support apply_query_key_layer_scaling; set it to False")
         super().__init__(config, *args, **kwargs)
+        if v_channels is not None:  # MLA: the softmax scale came in softmax_scale, from the q/k width
+            self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
 
     def forward(
         self,

@@ -164,3 +164,23 @@ def pipeline_stage_layers(parallel: ParallelConfig, num_layers: int) -> list[int
     if last is not None:
         counts[-1] = last
     return counts
+
+
+def check_uneven_pipeline(p: ParallelConfig, layers: int) -> None:
+    """first_stage_layers / last_stage_layers against the model's layer count (model/config.py)."""
+    keys = [k for k in ("first_stage_layers", "last_stage_layers") if getattr(p, k) is not None]
+    named = " and ".join(f"parallel.{k}" for k in keys)
+    if p.pipeline < 2:
+        raise RecipeError(f"{named} requires parallel.pipeline > 1, got parallel.pipeline = {p.pipeline}")
+    if p.virtual_pipeline is not None:
+        raise RecipeError(f"{named} cannot be combined with parallel.virtual_pipeline")
+    for key in keys:
+        if getattr(p, key) < 1:
+            raise RecipeError(f"parallel.{key} must be positive, got {getattr(p, key)}")
+    middle_stages = p.pipeline - len(keys)
+    middle = layers - sum(getattr(p, k) for k in keys)
+    if middle < middle_stages or (middle_stages == 0 and middle != 0) or (middle_stages and middle % middle_stages):
+        raise RecipeError(
+            f"{named} leave {middle} of model.num_layers = {layers} for {middle_stages} other pipeline "
+            f"stage(s): they must split evenly, at least one layer each"
+        )

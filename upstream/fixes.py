@@ -67,6 +67,7 @@ def _checkpoint_without_output_without_te(original: Callable) -> Callable:
 def _fixes() -> list[Patch]:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer import multi_latent_attention as mla
     from megatron.core.transformer.moe import moe_utils
 
     return [
@@ -80,6 +81,17 @@ def _fixes() -> list[Patch]:
             "te_general_gemm",
             None,
             needed=lambda: not hasattr(moe_utils, "te_general_gemm"),
+        ),
+        # multi_latent_attention.py sets HAVE_TE from an import of megatron-core's own TE extension,
+        # which imports without transformer-engine and binds TELinear to a MagicMock; MLASelfAttention's
+        # `isinstance(self.linear_proj, TELinear)` then raises TypeError for every MLA layer built.
+        Patch(
+            "multi_latent_attention.HAVE_TE",
+            "transformer/multi_latent_attention.py:53-65,184",
+            mla,
+            "HAVE_TE",
+            False,
+            needed=lambda: not isinstance(mla.TELinear, type),
         ),
         Patch(
             "MoEAuxLossAutoScaler.set_loss_scale",

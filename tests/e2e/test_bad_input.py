@@ -120,7 +120,7 @@ def test_mistyped_recipe_gets_did_you_mean_and_the_list(capsys):
     line = _one_line(capsys, main, ["--recipe", "tiny_gtp"])
     assert line == (
         "error: recipe 'tiny_gtp' not found: looked for tiny_gtp, recipes/tiny_gtp, recipes/tiny_gtp.yaml; "
-        "did you mean 'tiny_gpt'? recipes: deepseek_moe_16b, llama70b, llama_1b, llama_3b, mixtral_8x7b, qwen3_30b_a3b, tiny_gpt, tiny_moe, tiny_qwen3_moe"
+        "did you mean 'tiny_gpt'? recipes: deepseek_moe_16b, deepseek_v3, llama70b, llama_1b, llama_3b, mixtral_8x7b, qwen3_30b_a3b, tiny_deepseek, tiny_gpt, tiny_moe, tiny_qwen3_moe"
     )
 
 

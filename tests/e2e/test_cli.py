@@ -137,7 +137,7 @@ def test_missing_recipe(runs):
     assert line.startswith("error: recipe 'nope' not found")
     assert line == (
         "error: recipe 'nope' not found: looked for nope, recipes/nope, recipes/nope.yaml; "
-        "recipes: deepseek_moe_16b, llama70b, llama_1b, llama_3b, mixtral_8x7b, qwen3_30b_a3b, tiny_gpt, tiny_moe, tiny_qwen3_moe"
+        "recipes: deepseek_moe_16b, deepseek_v3, llama70b, llama_1b, llama_3b, mixtral_8x7b, qwen3_30b_a3b, tiny_deepseek, tiny_gpt, tiny_moe, tiny_qwen3_moe"
     )
 
 

@@ -143,7 +143,7 @@ def test_bad_hf_dir_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: config.json: architectures ['GPT2LMHeadModel'] not supported; "
-        "expected one of ['LlamaForCausalLM', 'MixtralForCausalLM', 'Qwen3ForCausalLM', 'Qwen3MoeForCausalLM']"
+        "expected one of ['DeepseekV3ForCausalLM', 'LlamaForCausalLM', 'MixtralForCausalLM', 'Qwen3ForCausalLM', 'Qwen3MoeForCausalLM']"
     ]
 
 

@@ -98,6 +98,32 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
             mlp_only_layers=[],
         ),
     ),
+    "deepseek-v3": (  # the issue's tiny shapes: MLA, layer 0 dense, layer 1 8 experts top-2 in 1 of 2 groups
+        "DeepseekV3ForCausalLM",
+        "DeepseekV3Config",
+        dict(
+            _ATTENTION,
+            num_key_value_heads=4,
+            rms_norm_eps=1e-6,  # transformers' q/kv latent norms use 1e-6 whatever the config says
+            intermediate_size=96,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            max_position_embeddings=128,
+            q_lora_rank=32,
+            kv_lora_rank=16,
+            qk_nope_head_dim=16,
+            qk_rope_head_dim=8,
+            v_head_dim=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            routed_scaling_factor=2.5,
+            num_nextn_predict_layers=0,
+        ),
+    ),
 }
 
 

@@ -1,5 +1,5 @@
 """model/hf.py against transformers, family by family (Llama, Llama-3.1 RoPE scaling, Mixtral, Qwen3,
-Qwen3-MoE), in one process: our model built from the imported config and tensors gives
+Qwen3-MoE, DeepSeek-V3), in one process: our model built from the imported config and tensors gives
 transformers' logits; our tensors export bitwise to the HF ones; the exported config.json makes
 transformers compute the same logits again."""
 
@@ -94,6 +94,10 @@ def test_round_trip_is_bitwise_and_the_exported_config_computes_the_same(family,
         # renormalized top-k read as unnormalized, and the reverse
         ("qwen3-moe", "pre_softmax", "norm_topk_prob flipped"),
         ("qwen3-moe-step", "pre_softmax", "norm_topk_prob flipped"),
+        # DeepSeek-V3's group-limited routing, and its routed scaling factor, each dropped
+        # (on the built model's TransformerConfig: the export refuses such a model config)
+        ("deepseek-v3", {"moe_router_num_groups": None, "moe_router_group_topk": None}, "groups dropped"),
+        ("deepseek-v3", {"moe_router_topk_scaling_factor": None}, "routed_scaling_factor dropped"),
     ],
 )
 def test_negative_controls_move_the_logits(name, change, why, megatron_single_process, tmp_path):
@@ -105,6 +109,12 @@ def test_negative_controls_move_the_logits(name, change, why, megatron_single_pr
     if change == "pre_softmax":
         moe = model_config_from_hf(config).moe
         change = dict(moe=dataclasses.replace(moe, pre_softmax=not moe.pre_softmax))
+    elif name == "deepseek-v3":
+        _, chunk = _imported(config, tensors)
+        for key, value in change.items():
+            setattr(chunk.config, key, value)
+        assert float((_logits(chunk) - expected).abs().max()) > 1e-3, why
+        return
     _, chunk = _imported(config, tensors, **change)
     assert float((_logits(chunk) - expected).abs().max()) > 1e-3, why
 
@@ -187,6 +197,37 @@ def test_config_fields_that_change_the_math_are_mapped_or_refused(change, messag
         del config["rope_theta"]
     if "rope_parameters" in change:
         del config["rope_scaling"]
+    with pytest.raises(UserError) as info:
+        model_config_from_hf(config)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"rope_interleave": False}, "config.json: rope_interleave = False is not supported (only True)"),
+        ({"norm_topk_prob": False}, "config.json: norm_topk_prob = False is not supported (only True)"),
+        ({"scoring_func": "softmax"}, "config.json: scoring_func = 'softmax' is not supported (only 'sigmoid')"),
+        ({"rms_norm_eps": 1e-5}, "config.json: rms_norm_eps = 1e-05 is not supported for DeepSeek-V3 (only 1e-06)"),
+        (
+            {"num_experts_per_tok": 4},
+            "config.json: num_experts_per_tok = 4 with topk_group = 1 is not supported (only num_experts_per_tok "
+            "= 2 × topk_group)",
+        ),
+        (
+            {"topk_method": "greedy"},
+            "config.json: topk_method not mapped for DeepseekV3ForCausalLM (each may change the math; refused "
+            "rather than ignored)",
+        ),
+    ],
+)
+def test_deepseek_v3_fields_computed_otherwise_are_refused(change, message, tmp_path):
+    hf_model("deepseek-v3").config.save_pretrained(tmp_path)
+    config = {
+        **json.loads((tmp_path / "config.json").read_text()),
+        "architectures": ["DeepseekV3ForCausalLM"],
+        **change,
+    }
     with pytest.raises(UserError) as info:
         model_config_from_hf(config)
     assert str(info.value) == message

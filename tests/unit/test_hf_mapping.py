@@ -39,7 +39,7 @@ DENSE_BETWEEN = "dense layers between MoE layers without model.qk_layernorm (Mix
 def test_export_refuses_what_no_family_can_express(model, problems):
     with pytest.raises(UserError) as info:
         hf_config_from_model(model, vocab_size=257)
-    assert str(info.value) == f"cannot express {problems} as Llama, Mixtral, Qwen3, Qwen3-MoE"
+    assert str(info.value) == f"cannot express {problems} as Llama, Mixtral, Qwen3, Qwen3-MoE, DeepSeek-V3"
 
 
 def test_what_they_can_express_is_exported():

@@ -25,7 +25,7 @@ def test_existing_path_wins_over_recipes_folder(tmp_path):
 
 
 def test_recipe_not_found():
-    listed = "recipes: deepseek_moe_16b, llama70b, llama_1b, llama_3b, mixtral_8x7b, qwen3_30b_a3b, tiny_gpt, tiny_moe, tiny_qwen3_moe"
+    listed = "recipes: deepseek_moe_16b, deepseek_v3, llama70b, llama_1b, llama_3b, mixtral_8x7b, qwen3_30b_a3b, tiny_deepseek, tiny_gpt, tiny_moe, tiny_qwen3_moe"
     assert error_of("nope") == (
         f"recipe 'nope' not found: looked for nope, {RECIPES_DIR}/nope, {RECIPES_DIR}/nope.yaml; {listed}"
     )

@@ -65,6 +65,7 @@ def test_a_patch_set_applies_skips_lists_and_reverts():
 # KeyError: 'step'.
 SITE_TESTS = {
     "moe_utils.te_general_gemm": "unit/test_moe.py::test_upstream_te_general_gemm_name_error_is_fixed",
+    "multi_latent_attention.HAVE_TE": "unit/test_mla.py::test_upstream_mla_have_te_is_fixed",
     "MoEAuxLossAutoScaler.set_loss_scale": "e2e/test_moe_training.py::test_moe_layout_reproduces_single_process",
     "CheckpointWithoutOutput.__init__": (
         "unit/test_recompute.py::test_output_discarding_checkpoint_without_transformer_engine_is_fixed"

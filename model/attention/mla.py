@@ -1,0 +1,93 @@
+"""Multi-latent attention (DeepSeek-V2/V3) through megatron-core's MLASelfAttention on our local
+layers: the `model.mla` keys, the combinations refused, the TransformerConfig fields and the spec."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from common.errors import RecipeError
+from common.schema import PositiveInt
+
+if TYPE_CHECKING:
+    from parallel.config import ParallelConfig
+
+
+@dataclass
+class MlaConfig:
+    """Used when model.attention = mla. Queries and keys/values pass through low-rank latents; each
+    query/key head is qk_head_dim wide without RoPE plus qk_pos_emb_head_dim with it (that key part
+    one per token, shared by the heads); values are v_head_dim wide."""
+
+    q_lora_rank: PositiveInt | None = None  # query latent rank; null = a full-rank query projection
+    kv_lora_rank: PositiveInt = 512  # key/value latent rank
+    qk_head_dim: PositiveInt = 128  # query/key width per head without RoPE ("nope")
+    qk_pos_emb_head_dim: PositiveInt = 64  # query/key width per head with RoPE
+    v_head_dim: PositiveInt = 128  # value width per head
+
+
+def check_mla(model: Any, parallel: ParallelConfig) -> None:
+    """What MLA cannot be combined with yet, each refused in one line. `model`: a ModelConfig
+    (model/config.py, which imports this module)."""
+    if model.attention != "mla":
+        return
+    if parallel.context > 1:
+        raise RecipeError(
+            f"model.attention = mla with parallel.context = {parallel.context} is not supported: our ring and "
+            "Ulysses attention assume one head width for Q, K and V (MLA's are qk_head_dim + "
+            "qk_pos_emb_head_dim and v_head_dim)"
+        )
+    if model.transformer_impl != "local":
+        raise RecipeError("model.attention = mla is built on the local spec only: set model.transformer_impl = local")
+    for key in ("num_query_groups", "head_dim"):
+        if getattr(model, key) is not None:
+            raise RecipeError(f"model.{key} does not apply to model.attention = mla (set model.mla's head widths)")
+    if model.add_bias_linear:
+        raise RecipeError("model.add_bias_linear is not built for model.attention = mla")
+    if model.qk_layernorm:
+        raise RecipeError("model.qk_layernorm does not apply to model.attention = mla (its latents have their norms)")
+    if model.rope_scaling.type != "none":
+        raise RecipeError(
+            f"model.rope_scaling.type = {model.rope_scaling.type} is not built for model.attention = mla "
+            "(MLA applies its own RoPE)"
+        )
+
+
+def mla_parameters(mla: MlaConfig, hidden: int, heads: int, tensor: int = 1) -> int:
+    """One MLA block's parameters on one tensor rank: the up-projections and the output projection
+    are split over `tensor`, the down-projections and the latent norms replicated (megatron-core)."""
+    qk = mla.qk_head_dim + mla.qk_pos_emb_head_dim
+    if mla.q_lora_rank is None:
+        query = hidden * heads * qk // tensor
+    else:
+        query = hidden * mla.q_lora_rank + mla.q_lora_rank + mla.q_lora_rank * heads * qk // tensor
+    kv_down = hidden * (mla.kv_lora_rank + mla.qk_pos_emb_head_dim) + mla.kv_lora_rank
+    kv_up = mla.kv_lora_rank * heads * (mla.qk_head_dim + mla.v_head_dim) // tensor
+    return query + kv_down + kv_up + heads * mla.v_head_dim * hidden // tensor
+
+
+def mla_config_fields(mla: MlaConfig, rotary_base: float) -> dict[str, Any]:
+    """MLATransformerConfig's fields for `model.mla` (plain RoPE at model.rotary_base)."""
+    return dict(
+        multi_latent_attention=True,
+        q_lora_rank=mla.q_lora_rank,
+        kv_lora_rank=mla.kv_lora_rank,
+        qk_head_dim=mla.qk_head_dim,
+        qk_pos_emb_head_dim=mla.qk_pos_emb_head_dim,
+        v_head_dim=mla.v_head_dim,
+        rope_type="rope",
+        rotary_base=rotary_base,
+    )
+
+
+def use_mla(spec: Any) -> None:
+    """Turns a local layer spec's attention into MLASelfAttention with RMSNorm on both latents
+    (DeepSeek's q_a_layernorm and kv_a_layernorm); the core attention stays the caller's."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from model.layers import RMSNorm
+
+    attention = get_gpt_layer_local_spec(multi_latent_attention=True, normalization="RMSNorm").submodules.self_attention
+    attention.submodules.q_layernorm = RMSNorm  # built only with a query latent (q_lora_rank)
+    attention.submodules.kv_layernorm = RMSNorm
+    spec.submodules.self_attention = attention
