@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
+from tests.helpers.hf_families import llama_config, mixtral_config
 from tests.helpers.runs import REPO, read_metrics, run_pretrain, tiny_overrides
-from tests.helpers.tiny_hf import llama_config, mixtral_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 

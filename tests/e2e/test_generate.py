@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
+from tests.helpers.hf_families import llama_config
 from tests.helpers.runs import REPO
-from tests.helpers.tiny_hf import llama_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
