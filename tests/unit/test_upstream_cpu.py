@@ -8,6 +8,15 @@ import torch
 from tests.helpers.spawn import run_distributed
 from upstream import cpu as cpu_compat
 
+
+@pytest.fixture(autouse=True)
+def _layer_off():
+    """Each site test applies the layer itself (with one patch skipped): a layer an earlier in-process
+    test left on for the whole process (cpu.enable: init_single_process, a dry run's meta-device
+    count) would make every unpatched site pass."""
+    cpu_compat.disable()
+
+
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU layer is for CPU-only runs")
 
 
