@@ -51,6 +51,7 @@ class _decompressed:
     def __init__(self, source: Source):
         self.source = source
         self.process: subprocess.Popen | None = None
+        self.stream: Any = None  # gzip.GzipFile or zstandard's stream reader
 
     def __enter__(self) -> Any:
         path = self.source.name
