@@ -4,7 +4,6 @@ exist, a truncated model.safetensors, a shard its index names but that is missin
 (`| head -1`) ends a tool quietly; a plan with no layout for the GPUs and a dry run that would not
 run here say why. The entry points' `main` runs in this process where it can."""
 
-import importlib
 import json
 import os
 import pathlib
@@ -13,21 +12,10 @@ import sys
 
 import pytest
 
+from tests.e2e.test_bad_input import _one_line, _script
 from tests.helpers.runs import REPO
 
 USER_ERROR = 2
-
-
-def _script(name: str):
-    return importlib.import_module(f"tools.{name}")
-
-
-def _one_line(capsys, main, argv) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == USER_ERROR and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
-    return lines[0]
 
 
 @pytest.fixture(autouse=True)
