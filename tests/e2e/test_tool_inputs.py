@@ -15,8 +15,6 @@ import pytest
 from tests.e2e.test_bad_input import _one_line, _script
 from tests.helpers.runs import REPO
 
-USER_ERROR = 2
-
 
 @pytest.fixture(autouse=True)
 def _process_restored():
