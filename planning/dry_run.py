@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from data.loader import BatchPlan
 from model.gpt import parameter_counts
 from parallel.layout import Layout
+from planning.gpus import GPUS
 from planning.memory import Target, estimate_setup, setup_for, stage_parameters
 from planning.report import dry_run_setup, fit_lines, memory_json, table_lines
 from planning.setup import validate_for_world, vocab_size
-from planning.step_time import GPUS, step_time
+from planning.step_time import step_time
 
 if TYPE_CHECKING:
     from pretrain.recipe import Recipe
@@ -72,7 +73,7 @@ def _human(n: int) -> str:
 def dry_run(
     recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None, as_json: bool = False, gpu: str | None = None
 ) -> str:
-    """The dry run's report: text lines, or one JSON object when `as_json`. `gpu` (a planning.step_time.GPUS
+    """The dry run's report: text lines, or one JSON object when `as_json`. `gpu` (a planning.gpus.GPUS
     name): memory on that GPU (its memory unless `gpu_memory_gib` says otherwise) and the step time."""
     layout, batch_plan, vocab, stages = plan(recipe, world_size)
     counts = parameter_counts(recipe.model, vocab)

@@ -15,11 +15,12 @@ import torch
 from data.loader import BatchPlan, TrainBatches
 from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_group, pick_device, world_from_env
 from planning.flops import attention_flops_per_pair
+from planning.gpus import device_peak_tflops
 from planning.setup import validate_for_world
 from pretrain.checkpoint.checkpointer import Checkpointer, TrainState
 from pretrain.faults import FaultInjection, check_debug_for_world
 from pretrain.guards import Guards, Interrupted, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
-from pretrain.metrics import Metrics, MetricsLog, device_peak_tflops, flops_per_token
+from pretrain.metrics import Metrics, MetricsLog, flops_per_token
 from pretrain.oom import OutOfMemoryInStep
 from pretrain.profiling import Profiler
 from pretrain.recipe import Recipe, check_output_dirs, recipe_to_dict, write_recipe

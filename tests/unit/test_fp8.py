@@ -20,7 +20,8 @@ from model.fp8.linear import (
     transformer_config_fields,
 )
 from model.gpt import ModelBuild, build_model_chunks, transformer_config
-from pretrain.metrics import Metrics, _progress_line, device_peak_tflops
+from planning.gpus import device_peak_tflops
+from pretrain.metrics import Metrics, _progress_line
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 BF16_ULP = 2**-7  # relative spacing of bf16 numbers at its coarsest: one rounding step
