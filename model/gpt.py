@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from common.errors import UserError
 from model.config import Fp8Config, ModelConfig, head_dim, moe_layer_pattern
+from model.precision import Precision
 from model.rope import scale_rope
 from parallel.layout import Layout
 
@@ -19,15 +20,13 @@ if TYPE_CHECKING:
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelBuild:
     """What the model builder needs beyond recipe.model: the layout and the numerics."""
 
     layout: Layout = dataclasses.field(default_factory=lambda: Layout(world_size=1))
-    precision: str = "fp32"
+    precision: Precision = Precision()  # train.precision
     perform_initialization: bool = True
     init_seed: int = 1234  # per-layer init streams derive from it (model/layers.py)
     batch_p2p_comm: bool = True  # False on gloo: see transformer_config
@@ -92,7 +91,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
 
         fp8_fields = fp8_config_fields(build.fp8, model)
 
-    dtype, layout = _DTYPES[build.precision], build.layout
+    dtype, layout = build.precision.dtype, build.layout
     config_class, mla_fields = TransformerConfig, {}
     if model.attention == "mla":
         from megatron.core.transformer.transformer_config import MLATransformerConfig
@@ -141,8 +140,8 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         # training precision for compute (parallel/data_parallel.py).
         params_dtype=torch.float32 if layout.fsdp else dtype,
         pipeline_dtype=dtype,
-        bf16=build.precision == "bf16",
-        fp16=build.precision == "fp16",
+        bf16=build.precision.bf16,
+        fp16=build.precision.fp16,
         calculate_per_token_loss=True,
         # gloo + batched isend/irecv gives silently wrong gradients with interleaved pipelines
         # (docs/megatron-core-on-cpu.md, "Silent traps"); NCCL batches correctly.
@@ -328,7 +327,7 @@ def build_model(
         compile_layers(chunk, build.compile)
     if build.compile and torch.distributed.get_rank() == 0:
         print(f"torch.compile: {', '.join(build.compile)} of every transformer layer", flush=True)
-    if build.precision != "fp32" and not build.layout.fsdp:
+    if build.precision.half and not build.layout.fsdp:
         chunks = [Float16Module(c.config, c) for c in chunks]
     return chunks
 

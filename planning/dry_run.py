@@ -55,7 +55,7 @@ def meta_parameter_count(recipe: Recipe, vocab: int) -> int:
 
     init_single_process()
     try:
-        build = ModelBuild(precision="fp32", perform_initialization=False)
+        build = ModelBuild(perform_initialization=False)
         # The local spec has the same parameters as transformer-engine's (TE only fuses the
         # norms into the linears), and builds without TE installed.
         local = dataclasses.replace(recipe.model, transformer_impl="local")

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from common.errors import AgreedUserError
 from data.dataset import Samples
 from data.loader import BatchPlan, token_ids_beyond
+from model.precision import Precision
 from pretrain.faults import FaultInjection
 from pretrain.guards import Guards, agree, grads_are_finite
 from pretrain.metrics import document_pairs
@@ -91,7 +92,7 @@ class Step:
     plan: BatchPlan  # this rank's share of each global batch
     seq_length: int
     seed: int
-    precision: str
+    precision: Precision
     faults: FaultInjection  # the `debug` section's faults, injected around each training forward/backward
     device: torch.device
     groups: Any  # megatron-core ProcessGroupCollection
@@ -130,7 +131,7 @@ class Step:
             loss = float(totals[0] / totals[1])
             # fp16 gradients overflow by design while the loss scale adjusts: megatron-core's optimizer
             # finds those itself (and skips the update), so only the loss is ours to check there.
-            check_grads = self.precision != "fp16"
+            check_grads = not self.precision.fp16
             bad = not math.isfinite(loss) or (check_grads and not grads_are_finite(self.chunks))
             nonfinite, stop, interrupted = agree([bad, guards.stop.requested, guards.stop.interrupted], self.device)
             updated, grad_norm = False, None

@@ -91,13 +91,15 @@ def build_step(
 ) -> Step:
     """The model (wrapped for data parallelism), its optimizer and LR schedule, wired into a Step."""
     from model.gpt import ModelBuild, build_model
+    from model.precision import Precision
     from parallel.data_parallel import wrap_data_parallel
     from pretrain.optim import Numerics, build_optimizer, build_scheduler
 
     t = recipe.train
+    precision = Precision(t.precision)  # its dtype and flags, for the model, the optimizer and the step
     build = ModelBuild(
         layout=layout,
-        precision=t.precision,
+        precision=precision,
         init_seed=t.seed,
         # megatron-core overlaps p2p only unbatched; gloo needs unbatched anyway (model/gpt.py)
         batch_p2p_comm=device.type == "cuda" and not recipe.parallel.p2p_overlapped,
@@ -119,7 +121,7 @@ def build_step(
         bucket_size=recipe.parallel.bucket_size,
     )
     tokens = t.micro_batch_size * recipe.model.seq_length
-    numerics = Numerics(t.precision, t.grad_clip, tokens, recipe.fp8.recipe if te_fp8 else None)
+    numerics = Numerics(precision, t.grad_clip, tokens, recipe.fp8.recipe if te_fp8 else None)
     optimizer = build_optimizer(
         recipe.optimizer,
         numerics,
@@ -140,7 +142,7 @@ def build_step(
         plan=plan,
         seq_length=recipe.model.seq_length,
         seed=t.seed,
-        precision=t.precision,
+        precision=precision,
         faults=FaultInjection(recipe.debug, torch.distributed.get_rank()),
         device=device,
         groups=groups,

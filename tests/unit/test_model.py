@@ -223,7 +223,7 @@ def test_rms_norm_equals_torch_and_marks_sequence_parallel(sequence_parallel):
 def test_rms_norm_in_the_megatron_config_follows_sequence_parallel():
     from model.layers import RMSNorm
 
-    config = transformer_config(ModelConfig(), ModelBuild(precision="fp32"))
+    config = transformer_config(ModelConfig(), ModelBuild())
     assert config.sequence_parallel is False
     norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
     assert norm.weight.sequence_parallel is False
@@ -239,7 +239,7 @@ def _build_tiny(seed: int):
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     vocab = padded_vocab_size(_tiny(), BYTE_VOCAB, tensor=1)
-    (chunk,) = build_model_chunks(_tiny(), ModelBuild(precision="fp32", init_seed=seed), BYTE_VOCAB)
+    (chunk,) = build_model_chunks(_tiny(), ModelBuild(init_seed=seed), BYTE_VOCAB)
     return chunk, vocab
 
 
