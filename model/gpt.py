@@ -126,16 +126,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
-        tensor_model_parallel_size=layout.tensor,
-        pipeline_model_parallel_size=layout.pipeline,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
-        num_layers_in_first_pipeline_stage=layout.first_stage_layers,
-        num_layers_in_last_pipeline_stage=layout.last_stage_layers,
-        context_parallel_size=layout.context,
-        cp_comm_type=layout.context_comm,
-        hierarchical_context_parallel_sizes=layout.hierarchical_context,
-        expert_model_parallel_size=layout.expert,
-        sequence_parallel=layout.sequence_parallel,
+        **layout.transformer_config_fields(),
         # Fully sharded: the parameters are the fp32 master weights, and FSDP gathers them in the
         # training precision for compute (parallel/data_parallel.py).
         params_dtype=torch.float32 if layout.fsdp else dtype,
@@ -150,7 +141,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         use_cpu_initialization=True,  # CPU init is also what makes init TP-size invariant
         perform_initialization=build.perform_initialization,
         **recompute_fields(model),
-        **transformer_config_fields(model, layout.expert_tensor or layout.tensor, build.precision),
+        **transformer_config_fields(model, build.precision),
         **fp8_fields,
         **mla_fields,
     )

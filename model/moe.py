@@ -16,7 +16,7 @@ from model.layers import derive_seed
 from model.precision import Precision
 
 
-def transformer_config_fields(model: ModelConfig, expert_tensor: int, precision: Precision) -> dict:
+def transformer_config_fields(model: ModelConfig, precision: Precision) -> dict:
     """The TransformerConfig fields for `model.moe`; empty for a dense model."""
     moe = model.moe
     if moe.num_experts is None:
@@ -45,7 +45,6 @@ def transformer_config_fields(model: ModelConfig, expert_tensor: int, precision:
         # Routing in fp32 even when training in bf16/fp16: top-k ties and softmax are precision-
         # sensitive, and the router is tiny.
         moe_router_dtype="fp32" if precision.half else None,
-        expert_tensor_parallel_size=expert_tensor,
     )
 
 

@@ -92,7 +92,6 @@ def build_step(
     """The model (wrapped for data parallelism), its optimizer and LR schedule, wired into a Step."""
     from model.gpt import ModelBuild, build_model
     from model.precision import Precision
-    from parallel.data_parallel import wrap_data_parallel
     from pretrain.optim import Numerics, build_optimizer, build_scheduler
 
     t = recipe.train
@@ -110,16 +109,7 @@ def build_step(
     )
     chunks = build_model(recipe.model, build, vocab_size, device, groups)
     te_fp8 = recipe.fp8.enabled and recipe.model.transformer_impl == "transformer_engine"
-    chunks = wrap_data_parallel(
-        chunks,
-        recipe.parallel.distributed_optimizer,
-        groups,
-        fsdp=layout.fsdp,
-        fp8_param_gather=te_fp8 and recipe.fp8.params,
-        overlap_grad_reduce=recipe.parallel.grad_reduce_overlapped,
-        overlap_param_gather=recipe.parallel.param_gather_overlapped,
-        bucket_size=recipe.parallel.bucket_size,
-    )
+    chunks = recipe.parallel.build_data_parallel(chunks, groups, fp8_param_gather=te_fp8 and recipe.fp8.params)
     tokens = t.micro_batch_size * recipe.model.seq_length
     numerics = Numerics(precision, t.grad_clip, tokens, recipe.fp8.recipe if te_fp8 else None)
     optimizer = build_optimizer(
@@ -127,7 +117,7 @@ def build_step(
         numerics,
         chunks,
         recipe.parallel.distributed_optimizer,
-        fp32_params=layout.fsdp is not None,
+        fp32_params=recipe.parallel.fsdp is not None,
         groups=groups,
     )
     moe = None
