@@ -60,9 +60,9 @@ def main() -> None:
     def train_step() -> float:
         step = next(steps)
         first = step * recipe.train.global_batch_size
-        batches = run.step.plan.step_batches(run.data["train"], first, run.device)
+        batches = run.stepper.plan.step_batches(run.samples["train"], first, run.device)
         start = time.perf_counter()
-        run.step.train(step, batches, guards)
+        run.stepper.train(step, batches, guards)
         return 1000 * (time.perf_counter() - start)
 
     train_step()  # warm-up

@@ -43,13 +43,13 @@ def main() -> None:
     def train_step() -> None:
         step = next(steps)
         first = step * recipe.train.global_batch_size
-        run.step.train(step, run.step.plan.step_batches(run.data["train"], first, run.device), guards)
+        run.stepper.train(step, run.stepper.plan.step_batches(run.samples["train"], first, run.device), guards)
 
     train_step()  # warm-up; leaves real gradients in the buffers
-    chunks = run.step.chunks
+    chunks = run.stepper.chunks
     check = _median_ms(lambda: agree([not grads_are_finite(chunks), False], run.device), args.iters)
-    batches = run.step.plan.step_batches(run.data["train"], 0, run.device)
-    ids = _median_ms(lambda: run.step.check_token_ids(batches, run.data["train"], 0), args.iters)
+    batches = run.stepper.plan.step_batches(run.samples["train"], 0, run.device)
+    ids = _median_ms(lambda: run.stepper.check_token_ids(batches, run.samples["train"], 0), args.iters)
     whole = _median_ms(train_step, args.iters)
     params = sum(b.grad_data.numel() for c in chunks for b in c.buffers + c.expert_parallel_buffers)
     print(

@@ -59,6 +59,7 @@ class Layout:
 
     @property
     def data(self) -> int:
+        """The data-parallel size: ranks that hold distinct samples (named as the other axes are)."""
         return self.world_size // (self.tensor * self.pipeline * self.context)
 
     @property

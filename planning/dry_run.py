@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 
 @dataclasses.dataclass(frozen=True)
-class StagePlan:
+class StagePlacement:
     """What one pipeline rank holds: its layer ranges (one per virtual chunk) and parameters per TP rank."""
 
     pipeline_rank: int
@@ -30,22 +30,24 @@ class StagePlan:
     params_per_rank: int
 
 
-class Plan(NamedTuple):
+class Placement(NamedTuple):
+    """Where a recipe's pieces go at a world size (not the BatchPlan, which is one of them)."""
+
     layout: Layout
     batch: BatchPlan
     vocab: int  # padded
-    stages: list[StagePlan]
+    stages: list[StagePlacement]
 
 
-def plan(recipe: Recipe, world_size: int) -> Plan:
+def placement(recipe: Recipe, world_size: int) -> Placement:
     """The layout, batch plan, padded vocabulary and per-stage parameters for `world_size` ranks."""
     layout, batch = validate_for_world(recipe, world_size)
     setup = setup_for(recipe, world_size, vocab=vocab_size(recipe))
     stages = [
-        StagePlan(p, ranges, sum(stage_parameters(setup, p)))  # the memory model's count: one counter
+        StagePlacement(p, ranges, sum(stage_parameters(setup, p)))  # the memory model's count: one counter
         for p, ranges in enumerate(setup.stage_ranges)
     ]
-    return Plan(layout, batch, setup.vocab, stages)
+    return Placement(layout, batch, setup.vocab, stages)
 
 
 def meta_parameter_count(recipe: Recipe, vocab: int) -> int:
@@ -75,7 +77,7 @@ def dry_run(
 ) -> str:
     """The dry run's report: text lines, or one JSON object when `as_json`. `gpu` (a planning.gpus.GPUS
     name): memory on that GPU (its memory unless `gpu_memory_gib` says otherwise) and the step time."""
-    layout, batch_plan, vocab, stages = plan(recipe, world_size)
+    layout, batch_plan, vocab, stages = placement(recipe, world_size)
     counts = parameter_counts(recipe.model, vocab)
     built = meta_parameter_count(recipe, vocab)
     if gpu is not None:

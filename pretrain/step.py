@@ -83,8 +83,9 @@ def wire_schedule(chunks: list[Any], optimizer: Any) -> None:
 
 
 @dataclass
-class Step:
-    """Runs steps and evaluations of one rank: what megatron-core's schedule needs, wired once."""
+class Stepper:
+    """Runs steps and evaluations of one rank: what megatron-core's schedule needs, wired once.
+    (A Stepper runs steps; `step` is always a step number.)"""
 
     chunks: list[Any]  # DDP-wrapped model chunks (one per virtual pipeline stage)
     optimizer: Any
@@ -221,8 +222,8 @@ class Evaluation:
     """When to evaluate: validation every `interval` steps and after the last, the test share after
     the last when asked for; each over `eval_steps` global batches."""
 
-    step: Step
-    data: dict[str, Any]  # split name -> samples
+    stepper: Stepper
+    samples: dict[str, Any]  # split name -> samples
     interval: int  # train.eval_interval; 0 = never
     eval_steps: int
     test_at_end: bool
@@ -232,8 +233,8 @@ class Evaluation:
         out: dict[str, float] = {}
         if self.interval and (step % self.interval == 0 or last):
             with watchdog.phase(step, "evaluation"):
-                out.update(self.step.evaluate(self.data["valid"], self.eval_steps, "val"))
+                out.update(self.stepper.evaluate(self.samples["valid"], self.eval_steps, "val"))
         if last and self.test_at_end:
             with watchdog.phase(step, "evaluation"):
-                out.update(self.step.evaluate(self.data["test"], self.eval_steps, "test"))
+                out.update(self.stepper.evaluate(self.samples["test"], self.eval_steps, "test"))
         return out
