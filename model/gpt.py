@@ -196,7 +196,8 @@ def _local_layer_spec(config: TransformerConfig, init_seed: int, num_experts: in
     """megatron-core's local layer with our seeded layer, RMSNorm, SDPA/ring attention and experts."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from model.layers import RMSNorm, SDPAttention, SeededTransformerLayer
+    from model.attention.sdpa import SDPAttention
+    from model.layers import RMSNorm, SeededTransformerLayer
 
     spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     spec.module = SeededTransformerLayer

@@ -109,7 +109,7 @@ def _attention_pair(heads: int, groups: int, head_dim: int):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from model.layers import SDPAttention
+    from model.attention.sdpa import SDPAttention
 
     model = ModelConfig(
         num_layers=1,
@@ -167,8 +167,8 @@ def test_sdpa_attention_refuses_query_key_layer_scaling():
     """Upstream rescales by the layer number inside its own softmax; one SDPA call cannot."""
     from megatron.core.transformer.enums import AttnMaskType
 
+    from model.attention.sdpa import SDPAttention
     from model.gpt import ModelBuild, transformer_config
-    from model.layers import SDPAttention
 
     config = transformer_config(ModelConfig(), ModelBuild())
     config.apply_query_key_layer_scaling = True
@@ -244,7 +244,8 @@ def _build_tiny(seed: int):
 
 
 def test_tiny_gpt_uses_our_layers():
-    from model.layers import RMSNorm, SDPAttention
+    from model.attention.sdpa import SDPAttention
+    from model.layers import RMSNorm
 
     model, _ = _build_tiny(1234)
     eps = _tiny().norm_epsilon
