@@ -63,27 +63,11 @@ def build_runtime(recipe: Recipe) -> tuple[Layout, BatchPlan, RankInfo, Any, tor
 
 def build_data(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
     """Train (valid, test) samples of data.path / data.blend; every rank calls this at once."""
-    from common.errors import UserError
-    from data.dataset import blend_of, build_samples
+    from data import dataset
 
-    data = recipe.data
-    train_blend = blend_of(data.path, data.blend)
-    if not train_blend:
-        raise UserError("no training data: set data.path to an indexed dataset prefix, or data.blend")
-    return build_samples(
-        train_blend,
-        blend_of(data.valid_path, data.valid_blend),
-        data.split,
-        seq_length=recipe.model.seq_length,
-        seed=recipe.train.seed,
-        eod=tokenizer.eod,
-        eod_mask_loss=data.eod_mask_loss,
-        cache_dir=str(data.cache_dir or recipe.log_dir() / "data_cache"),
-        vocab_size=tokenizer.vocab_size,
-        with_test=recipe.train.test_at_end,
-        reset_position_ids=data.reset_position_ids,
-        reset_attention_mask=data.reset_attention_mask,
-    )
+    cache_dir = str(recipe.data.cache_dir or recipe.log_dir() / "data_cache")
+    t = recipe.train
+    return dataset.build_data(recipe.data, recipe.model.seq_length, t.seed, tokenizer, cache_dir, t.test_at_end)
 
 
 def build_stepper(
