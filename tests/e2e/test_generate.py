@@ -11,6 +11,7 @@ import torch
 
 from tests.helpers.hf_families import llama_config
 from tests.helpers.runs import REPO
+from tests.helpers.warm import run_python
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
@@ -21,9 +22,10 @@ NEW_TOKENS = 48
 
 
 def _run(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    if nproc == 1:
+        return run_python(args, env=_env(), timeout=300)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (launch if nproc > 1 else [sys.executable]) + args
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
+    return subprocess.run(launch + args, cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
 
 
 def _env() -> dict:
