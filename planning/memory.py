@@ -242,7 +242,7 @@ def fp8_weight_bytes(setup: Setup, pipeline_rank: int) -> int:
     pattern, h, linears = moe_layer_pattern(m), m.hidden_size, 0
     for a, z in setup.stage_ranges[pipeline_rank]:
         for i in (i for i in range(a, z) if act.fp8_layer(fp8, m.num_layers, i)):
-            router = h * m.moe.num_experts if pattern[i] else 0  # norms and the router stay bf16
+            router = h * (m.moe.num_experts or 0) if pattern[i] else 0  # norms and the router stay bf16
             linears += layer_parameters(m, pattern[i], tensor=tp, expert_tensor=etp, experts=local) - 2 * h - router
     b = _BYTES[setup.recipe.train.precision]
     return linears * (2 - b) if fp8.params else linears * 2
