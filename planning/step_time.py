@@ -8,6 +8,7 @@ import dataclasses
 import math
 
 from model.config import head_dim, moe_layer_pattern
+from planning.activations import fp8_layer
 from planning.flops import layer_totals, model_forward_flops, recompute_forward_flops
 from planning.memory import Setup, stage_parameters
 
@@ -196,14 +197,15 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     pattern = moe_layer_pattern(m)
     tokens = shape.tokens  # per micro-batch on one rank's sequence shard
     mb, chunks = setup.micro_batches, layout.model_chunks
-    fp8 = recipe.fp8.enabled
-    kinds = {is_moe: _layer_seconds(setup, gpu, is_moe, fp8) for is_moe in set(pattern)}
+    # each layer kind once: dense or MoE, FP8 GEMMs or bf16 (fp8.first_last_layers_bf16 keeps both ends bf16)
+    in_fp8 = [fp8_layer(recipe.fp8, m.num_layers, i) for i in range(m.num_layers)]
+    kinds = {kind: _layer_seconds(setup, gpu, *kind) for kind in set(zip(pattern, in_fp8))}
     # the busiest stage (uneven splits: the first and last stages differ): (forward, layer forward, layers, moe layers)
     stages = []
     for stage in range(pp):
         moe = sum(sum(pattern[a:z]) for a, z in setup.stage_ranges[stage])
         n = sum(z - a for a, z in setup.stage_ranges[stage])
-        layer_forward = (n - moe) * kinds.get(False, 0.0) + moe * kinds.get(True, 0.0)
+        layer_forward = sum(kinds[pattern[i], in_fp8[i]] for a, z in setup.stage_ranges[stage] for i in range(a, z))
         forward = layer_forward
         if stage == pp - 1:  # the output layer and its loss
             forward += _gemm_seconds(gpu, tokens, m.hidden_size, setup.vocab / tp, gpu.peak("bf16"), b)
@@ -216,7 +218,6 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     recompute_fraction = recompute_forward_flops(m, pp * chunks) / max(sum(layer_totals(m)), 1.0)
     recompute_mb = recompute_fraction * layer_forward
     micro_batch = 3 * forward + recompute_mb
-    bubble = micro_batch * (pp - 1) / chunks  # 1F1B: the bubble is (pp - 1)/vpp micro-batches
     work, recompute = 3 * forward * mb, recompute_mb * mb
     # TP with SP: per layer 4 all-gathers/reduce-scatters forward, 6 backward, of [s·b, h] each, (t-1)/t on
     # the wire. The column-parallel linears' (QKV, fc1) backward re-gathers its input while the data
@@ -237,6 +238,9 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     # EP: dispatch and combine all-to-alls forward and backward, top_k copies of every token
     a2a = 4 * shape.sharded_tokens * m.moe.top_k * m.hidden_size * b * (ep - 1) / ep
     expert = a2a / _bandwidth(gpu, tp * cp * ep) * moe_layers * mb if ep > 1 else 0.0
+    # 1F1B: the bubble is (pp - 1)/vpp micro-batches of a stage, each with the communication it waits
+    # for (the exposed tensor, context and expert collectives are on every micro-batch's critical path)
+    bubble = (micro_batch + (tensor + context + expert) / mb) * (pp - 1) / chunks
     params = max(sum(stage_parameters(setup, p)) for p in range(pp))  # before any data-parallel sharding
     reduce_scatter, all_gather = _data_parallel_seconds(setup, gpu, params)
     rs_exposed, ag_exposed = _data_parallel_exposed(setup, params, reduce_scatter, all_gather, micro_batch, forward)
