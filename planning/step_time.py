@@ -9,7 +9,7 @@ import math
 
 from model.config import head_dim, moe_layer_pattern
 from planning.activations import fp8_layer
-from planning.flops import layer_totals, model_forward_flops, recompute_forward_flops
+from planning.flops import attention_gemms, attention_widths, layer_totals, model_forward_flops, recompute_forward_flops
 from planning.memory import Setup, stage_parameters
 
 
@@ -149,10 +149,19 @@ def _layer_seconds(setup: Setup, gpu: Gpu, is_moe: bool, fp8: bool) -> float:
     h, heads = m.hidden_size, m.num_attention_heads
     q = heads * head_dim(m)  # = h unless model.head_dim says otherwise
     kv = (m.num_query_groups or heads) * head_dim(m)
-    linears = _gemm_seconds(gpu, tokens, h, (q + 2 * kv) / tp, peak, gemm_b) + _gemm_seconds(
-        gpu, tokens, q / tp, h, peak, gemm_b
+    gemms = attention_gemms(m)  # column-parallel but the last (the output projection, row-parallel)
+    linears = sum(
+        _gemm_seconds(
+            gpu,
+            tokens,
+            k / tp if split and i == len(gemms) - 1 else k,
+            n / tp if split and i < len(gemms) - 1 else n,
+            peak,
+            gemm_b,
+        )
+        for i, (k, n, split) in enumerate(gemms)
     )
-    attention = 2.0 * m.seq_length * q * tokens / tp / (gpu.peak("bf16") * gpu.attention_efficiency)
+    attention = m.seq_length * sum(attention_widths(m)) * tokens / tp / (gpu.peak("bf16") * gpu.attention_efficiency)
     if not is_moe:
         ffn = m.ffn_hidden_size
         linears += 3 * _gemm_seconds(gpu, tokens, h, ffn / tp, peak, gemm_b)
