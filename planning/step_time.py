@@ -206,9 +206,8 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     pattern = moe_layer_pattern(m)
     tokens = shape.tokens  # per micro-batch on one rank's sequence shard
     mb, chunks = setup.micro_batches, layout.model_chunks
-    # each layer kind once: dense or MoE, FP8 GEMMs or bf16 (fp8.first_last_layers_bf16 keeps both ends bf16)
     in_fp8 = [fp8_layer(recipe.fp8, m.num_layers, i) for i in range(m.num_layers)]
-    kinds = {kind: _layer_seconds(setup, gpu, *kind) for kind in set(zip(pattern, in_fp8))}
+    kinds = {kind: _layer_seconds(setup, gpu, *kind) for kind in set(zip(pattern, in_fp8))}  # (moe, fp8) once each
     # the busiest stage (uneven splits: the first and last stages differ): (forward, layer forward, layers, moe layers)
     stages = []
     for stage in range(pp):
@@ -247,8 +246,7 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     # EP: dispatch and combine all-to-alls forward and backward, top_k copies of every token
     a2a = 4 * shape.sharded_tokens * m.moe.top_k * m.hidden_size * b * (ep - 1) / ep
     expert = a2a / _bandwidth(gpu, tp * cp * ep) * moe_layers * mb if ep > 1 else 0.0
-    # 1F1B: the bubble is (pp - 1)/vpp micro-batches of a stage, each with the communication it waits
-    # for (the exposed tensor, context and expert collectives are on every micro-batch's critical path)
+    # 1F1B: (pp - 1)/vpp micro-batches idle, each with its exposed tensor, context, expert collectives
     bubble = (micro_batch + (tensor + context + expert) / mb) * (pp - 1) / chunks
     params = max(sum(stage_parameters(setup, p)) for p in range(pp))  # before any data-parallel sharding
     reduce_scatter, all_gather = _data_parallel_seconds(setup, gpu, params)
