@@ -150,7 +150,7 @@ def dense_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int
             shape.tokens,
             shape.tensor,
             shape.dtype_bytes,
-            fused=swiglu_fused(m.transformer_impl),
+            fused=swiglu_fused("transformer_engine" if kernels.transformer_engine else "local"),
             fc2_input=kernels.linear_input_bytes,
         ),
         "dropout": dropout,
