@@ -89,6 +89,8 @@ def attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str,
     received for the whole sequence (K/V heads copied up to n) and its own output beside the
     output sent back. `_checkpointed`: core_attn + attn_out when the attention is recomputed (the
     checkpoint keeps the module's inputs and output)."""
+    if m.attention == "mla":
+        return mla_attention_bytes(m, shape, kernels)
     b, t, n = shape.dtype_bytes, shape.tensor, shape.tokens
     heads = m.num_attention_heads
     head_dim = model_head_dim(m)
@@ -114,6 +116,31 @@ def attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str,
         exchanged = n * max(groups // t, shape.ulysses) * head_dim * b
         parts["core_attn"] = q + 2 * exchanged + lse
         parts["attn_out"] = 2 * out + copy
+    return parts
+
+
+def mla_attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int]:
+    """Multi-latent attention (megatron-core's MLASelfAttention, local spec): the latent norms with the
+    up-projections after them (the query latent's when q_lora_rank is set; the key/value latent's
+    norm input is a view of the down-projection's [latent, RoPE key] output, which it keeps whole
+    unless the CPU norm's fp32 copy replaces it); the up-projections' outputs are split, rotated and
+    concatenated into new contiguous query, key and value, which the core attention keeps with its
+    output and log-sum-exp (no [s, s] scores on a GPU's fused kernel). The latents stay with the
+    input norm's sequence-parallel shard."""
+    a, b, t, n, n_sp = m.mla, shape.dtype_bytes, shape.tensor, shape.tokens, shape.sharded_tokens
+    heads = m.num_attention_heads
+    qk, v = heads * (a.qk_head_dim + a.qk_pos_emb_head_dim) // t, heads * a.v_head_dim // t
+    out, lse = n * v * b, n * heads // t * FP32
+    latents = norm_and_linear_input(a.kv_lora_rank, n_sp, shape, kernels)
+    if a.q_lora_rank is not None:
+        latents += norm_and_linear_input(a.q_lora_rank, n_sp, shape, kernels)
+    if not (kernels.device == "cpu" and b != FP32):
+        latents += n_sp * a.qk_pos_emb_head_dim * b
+    copy = out if kernels.device == "cuda" and shape.micro_batch > 1 else 0
+    qkv = 2 * n * qk * b + n * v * b
+    rope = 4 * shape.seq * a.qk_pos_emb_head_dim * b  # cos and sin, for q and for k
+    parts = {"core_attn": latents + qkv + lse, "attn_out": out + copy, "rope": rope, "lse": lse}
+    parts["_checkpointed"] = latents + qkv + out + copy
     return parts
 
 
