@@ -35,3 +35,18 @@ def test_dense_local_search_tries_fsdp_and_its_gathers_count_twice():
 
     zero3 = gather("parallel.fsdp=zero3", "parallel.distributed_optimizer=false")
     assert zero3 == pytest.approx(2 * gather("parallel.distributed_optimizer=true"))
+
+
+def test_search_tries_lighter_first_and_last_stages():
+    """4 layers on 3 pipeline stages only split unevenly: 1 / 2 / 1 (the first and last stages make
+    room for the embedding and the loss); the run accepts it. Negative control (by hand): with
+    _pipeline_splits' uneven branch removed, no candidate has pipeline 3 and this fails."""
+    recipe = load_recipe("tiny_gpt", ["train.global_batch_size=8"])
+    ordered = search.candidates(recipe, 3, GPUS["h100"], 256)
+    uneven = [c for c in ordered if c.overrides["parallel.pipeline"] == 3]
+    assert uneven and {
+        (c.overrides["parallel.first_stage_layers"], c.overrides["parallel.last_stage_layers"]) for c in uneven
+    } == {(1, 1)}
+    validate_for_world(uneven[0].setup.recipe, 3)
+    assert uneven[0].setup.stage_ranges == [((0, 1),), ((1, 3),), ((3, 4),)]
+    assert "3 1/1" in search.table(uneven[:1], GPUS["h100"], 3)[1]
