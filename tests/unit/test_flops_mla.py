@@ -36,8 +36,14 @@ def test_mla_flops_per_token_counts_what_torch_counts(megatron_single_process, q
     (chunk,) = build_model_chunks(model, ModelBuild(), vocab)
     tokens = torch.randint(0, vocab, (batch, model.seq_length), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(model.seq_length).expand(batch, -1)
-    with FlopCounterMode(display=False) as counter:
-        chunk(tokens, positions, None, labels=tokens).sum().backward()
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    try:
+        with FlopCounterMode(display=False) as counter:
+            chunk(tokens, positions, None, labels=tokens).sum().backward()
+    finally:
+        # MoE routers record their losses in a process-wide tracker sized by this model's layers
+        get_moe_layer_wise_logging_tracker().clear()
     counted = counter.get_total_flops() / (batch * model.seq_length)
     attention = attention_flops_per_pair(model) * model.seq_length / 2
     assert attention == 3 * model.num_layers * model.seq_length * 4 * (24 + 12)
