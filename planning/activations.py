@@ -195,6 +195,10 @@ def moe_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int]:
     n_sp = shape.sharded_tokens  # each (sequence-parallel) rank routes its own tokens
     experts, k = moe.num_experts, moe.top_k
     router = n_sp * (2 * experts * FP32 + k * (2 * 8 + FP32) + FP32) + n_sp * experts * (1 + FP32) + n_sp * k * 8
+    if moe.num_groups:  # group-limited routing: each group's top-k indices, the chosen groups, the expert mask
+        router += n_sp * (moe.num_groups * (k // (moe.group_top_k or 1)) * 8 + (moe.group_top_k or 1) * 8 + experts)
+    if moe.score_function == "sigmoid" and k > 1:  # the top-k sigmoid scores are divided by their sum, kept
+        router += n_sp * FP32
     routed = routed_tokens(m, shape)
     ffn = moe.ffn_hidden_size or m.ffn_hidden_size
     experts_bytes = routed * h * b + mlp_bytes(ffn, routed, shape.expert_tensor, b, scaled=True) + routed * FP32
