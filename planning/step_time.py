@@ -201,7 +201,7 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     all-to-all exposed (megatron-core 0.16 overlaps it only with its 1F1B A2A overlap, not used here);
     the context ring's K/V passes hidden behind the attention they feed."""
     m, layout, shape, recipe = setup.model, setup.layout, setup.shape, setup.recipe
-    tp, cp, ep, pp = layout.tensor, layout.context, layout.expert, layout.pipeline
+    tp, cp, pp = layout.tensor, layout.context, layout.pipeline
     b = shape.dtype_bytes
     pattern = moe_layer_pattern(m)
     tokens = shape.tokens  # per micro-batch on one rank's sequence shard
@@ -243,9 +243,7 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     attention = 3 * 2.0 * m.seq_length * q * tokens / tp / (gpu.peak("bf16") * gpu.attention_efficiency)
     context_work = ring * n_layers * mb if cp > 1 else 0.0
     context = max(ring - attention, 0.0) * n_layers * mb if cp > 1 else 0.0
-    # EP: dispatch and combine all-to-alls forward and backward, top_k copies of every token
-    a2a = 4 * shape.sharded_tokens * m.moe.top_k * m.hidden_size * b * (ep - 1) / ep
-    expert = a2a / _bandwidth(gpu, tp * cp * ep) * moe_layers * mb if ep > 1 else 0.0
+    expert = _expert_seconds(setup, gpu) * moe_layers * mb
     # 1F1B: (pp - 1)/vpp micro-batches idle, each with its exposed tensor, context, expert collectives
     bubble = (micro_batch + (tensor + context + expert) / mb) * (pp - 1) / chunks
     params = max(sum(stage_parameters(setup, p)) for p in range(pp))  # before any data-parallel sharding
@@ -271,6 +269,22 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     )
     compute = work + recompute + bubble
     return StepTime(compute, tensor, context, expert, rs_exposed + ag_exposed, pipeline, model_flops, optimizer, terms)
+
+
+def _expert_seconds(setup: Setup, gpu: Gpu) -> float:
+    """Seconds of one MoE layer's token exchange per micro-batch (exposed: megatron-core 0.16 overlaps
+    it only with its 1F1B A2A overlap, not used here). EP: the dispatch and combine all-to-alls,
+    forward and backward, top_k copies of every token. Expert-tensor parallelism (megatron-core's
+    alltoall dispatcher): the tokens an expert rank received are all-gathered over its expert-tensor
+    ranks and the experts' outputs reduce-scattered back, forward and backward (each rank sends its
+    share to the other etp - 1 ranks)."""
+    m, layout, shape = setup.model, setup.layout, setup.shape
+    ep, etp = layout.expert, layout.expert_tensor or layout.tensor
+    routed = shape.sharded_tokens * m.moe.top_k * m.hidden_size * shape.dtype_bytes  # bytes, balanced routing
+    seconds = 4 * routed * (ep - 1) / ep / _bandwidth(gpu, layout.tensor * layout.context * ep) if ep > 1 else 0.0
+    if etp > 1:
+        seconds += 4 * routed * (etp - 1) / _bandwidth(gpu, etp)
+    return seconds
 
 
 def muon_time(setup: Setup, gpu: Gpu) -> float:

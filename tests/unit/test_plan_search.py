@@ -4,6 +4,7 @@ weights twice (forward and backward) where the distributed optimizer gathers the
 
 import pytest
 
+from model.config import moe_layer_pattern
 from planning import search
 from planning.memory import Target, setup_for
 from planning.setup import validate_for_world
@@ -50,3 +51,21 @@ def test_search_tries_lighter_first_and_last_stages():
     validate_for_world(uneven[0].setup.recipe, 3)
     assert uneven[0].setup.stage_ranges == [((0, 1),), ((1, 3),), ((3, 4),)]
     assert "3 1/1" in search.table(uneven[:1], GPUS["h100"], 3)[1]
+
+
+def test_expert_tensor_parallelism_gathers_the_routed_tokens():
+    """Experts split over 2 expert-tensor ranks exchange every routed token again (all-gather and
+    reduce-scatter, forward and backward); whole on a rank (expert_tensor 1) they do not. Negative
+    control (by hand): without step_time's expert-tensor term both are equal and this fails."""
+    base = ["train.global_batch_size=8", "parallel.tensor=2", "parallel.expert=2", "parallel.sequence_parallel=true"]
+
+    def expert(*overrides):
+        setup = setup_for(load_recipe("tiny_moe", [*base, *overrides]), 4, Target(), 256)
+        return step_time(setup, GPUS["h100"]).expert, setup
+
+    split, setup = expert("parallel.expert_tensor=2")
+    whole, _ = expert("parallel.expert_tensor=1")
+    m, shape = setup.model, setup.shape
+    moe_layers = sum(moe_layer_pattern(m))
+    gather = 4 * shape.sharded_tokens * m.moe.top_k * m.hidden_size * shape.dtype_bytes / (450e9)
+    assert split - whole == pytest.approx(gather * moe_layers * setup.micro_batches)
