@@ -119,12 +119,13 @@ def _expert_layouts(experts: list[int], tp: int, stage_ranks: int) -> Iterator[t
 
 
 def _shardings(recipe: Recipe, pp: int, vpp: int | None, dp: int) -> list[str | None]:
-    """None (the distributed optimizer) and, where the recipe's layers run under it, FSDP zero3 over
-    the data × context ranks (no pipeline: FSDP's per-layer gathers and a pipeline schedule's
+    """None (the distributed optimizer) and, where the recipe's layers run under it, FSDP over the
+    data × context ranks: zero3 (weights gathered per layer, twice a step) and zero2 (weights kept
+    gathered from the forward to the backward: one gather, more memory) (no pipeline: FSDP's per-layer gathers and a pipeline schedule's
     in-flight micro-batches are not searched together; transformer-engine layers: not verified)."""
     if dp == 1 or pp > 1 or recipe.model.transformer_impl != "local":
         return [None]
-    return [None, "zero3"]
+    return [None, "zero3", "zero2"]
 
 
 def no_layout(recipe: Recipe, gpus: int, gpu_per_node: int) -> str:
@@ -223,7 +224,7 @@ def _pipeline_text(o: dict[str, Any]) -> str:
 
 
 def _data_text(o: dict[str, Any], data: int) -> str:
-    return f"{data}" + (" z3" if o.get("parallel.fsdp") == "zero3" else "")
+    return f"{data}" + {"zero3": " z3", "zero2": " z2"}.get(o.get("parallel.fsdp") or "", "")
 
 
 def table(found: list[Candidate], gpu: Any, gpus: int) -> list[str]:

@@ -25,9 +25,10 @@ def test_moe_search_splits_experts_apart_from_the_dense_layers():
 def test_dense_local_search_tries_fsdp_and_its_gathers_count_twice():
     recipe = load_recipe("tiny_gpt", ["train.global_batch_size=8"])
     ordered = search.candidates(recipe, 4, GPUS["h100"], 256)
-    fsdp = [c for c in ordered if c.overrides["parallel.fsdp"] == "zero3"]
-    assert fsdp and all(c.overrides["parallel.pipeline"] == 1 for c in fsdp)
-    validate_for_world(fsdp[0].setup.recipe, 4)
+    for sharding in ("zero3", "zero2"):
+        fsdp = [c for c in ordered if c.overrides["parallel.fsdp"] == sharding]
+        assert fsdp and all(c.overrides["parallel.pipeline"] == 1 for c in fsdp)
+        validate_for_world(fsdp[0].setup.recipe, 4)
 
     def gather(*overrides):
         r = load_recipe("tiny_gpt", ["train.global_batch_size=8", *overrides])
@@ -36,6 +37,7 @@ def test_dense_local_search_tries_fsdp_and_its_gathers_count_twice():
 
     zero3 = gather("parallel.fsdp=zero3", "parallel.distributed_optimizer=false")
     assert zero3 == pytest.approx(2 * gather("parallel.distributed_optimizer=true"))
+    assert gather("parallel.fsdp=zero2", "parallel.distributed_optimizer=false") == pytest.approx(zero3 / 2)
 
 
 def test_search_tries_lighter_first_and_last_stages():
