@@ -27,6 +27,12 @@ LAYOUTS = {
         (dict(tensor=2, sequence_parallel=True, expert_tensor=2), False),
         (dict(pipeline=2), False),
     ],
+    # multi-latent attention's latents and RoPE key across tensor ranks, grouped routing across expert
+    # ranks; the pipeline split puts the dense layer and the MoE layer on different stages
+    "deepseek-v3": [
+        (dict(tensor=2, sequence_parallel=True, expert=2, expert_tensor=1), True),
+        (dict(pipeline=2), False),
+    ],
 }
 
 

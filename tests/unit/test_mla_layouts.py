@@ -1,0 +1,49 @@
+"""What multi-latent attention needs at other layouts, in one process: the context-parallel core
+attentions (ring, Ulysses) take its value heads narrower than its query/key heads and keep the
+softmax scale it gives them; selective recompute's mla_up_proj reruns exactly the up-projections."""
+
+import pytest
+import torch
+
+from tests.unit.test_mla import _tiny_deepseek
+from tests.unit.test_recompute import _forward_calls
+
+pytestmark = pytest.mark.usefixtures("megatron_single_process")
+
+
+@pytest.mark.parametrize("comm", ["p2p", "a2a"])
+def test_context_parallel_attention_takes_unequal_widths(comm):
+    """At cp = 1 (the group of one process) the ring and Ulysses modules equal SDPAttention, forward
+    and backward, with q/k heads 24 wide, v heads 12 wide and a scale that is neither's 1/sqrt."""
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from model.attention.ring import RingAttention
+    from model.attention.ulysses import UlyssesAttention
+    from model.gpt import ModelBuild, transformer_config
+    from model.layers import SDPAttention
+
+    config = transformer_config(_tiny_deepseek(), ModelBuild())
+    kwargs = dict(softmax_scale=0.3, k_channels=24, v_channels=12)
+    cls = RingAttention if comm == "p2p" else UlyssesAttention
+    ours = cls(config, 1, AttnMaskType.causal, "self", cp_comm_type=comm, **kwargs)
+    reference = SDPAttention(config, 1, AttnMaskType.causal, "self", **kwargs)
+    assert ours.softmax_scale == 0.3
+    gen = torch.Generator().manual_seed(0)
+    qkv = [torch.randn(8, 2, 4, width, generator=gen).requires_grad_() for width in (24, 24, 12)]  # [s, b, np, hn]
+    out, want = ours(*qkv, None), reference(*qkv, None)
+    assert out.shape == (8, 2, 4 * 12)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    dout = torch.randn(out.shape, generator=gen)
+    for got, expected in zip(torch.autograd.grad(out, qkv, dout), torch.autograd.grad(want, qkv, dout)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_mla_up_proj_reruns_the_up_projections():
+    """Selective recompute of mla_up_proj runs each layer's two up-projections (column-parallel
+    linears) once more in the backward, and nothing else (2 MLA layers: a dense one, an MoE one)."""
+    two = ["model.num_layers=2"]
+    selective = [*two, "model.recompute_granularity=selective", "model.recompute_modules=[mla_up_proj]"]
+    plain, recomputed = _forward_calls("tiny_deepseek", two), _forward_calls("tiny_deepseek", selective)
+    assert plain["ColumnParallelLinear"] > 4
+    assert recomputed - plain == {"ColumnParallelLinear": 4}
+    assert plain - recomputed == {}
