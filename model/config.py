@@ -16,9 +16,8 @@ from parallel.config import ParallelConfig, check_uneven_pipeline, pipeline_stag
 
 # Selective recompute modules megatron-core 0.16 offers for our layers: core_attn = the attention kernel;
 # layernorm = both norms (output discarded, recomputed from the input); mlp = a dense layer's MLP; moe = a
-# whole MoE layer; moe_act = the experts' activation (grouped GEMM experts only); shared_experts = the
-# shared experts; mla_up_proj = multi-latent attention's up-projections and RoPE (queries, keys, values
-# discarded after the core attention, recomputed from the latents).
+# whole MoE layer; moe_act = the experts' activation (grouped GEMM experts only); shared_experts = the shared
+# experts; mla_up_proj = MLA's up-projections and RoPE (q, k, v discarded, recomputed from the latents).
 RecomputeModule = Literal["core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts", "mla_up_proj"]
 
 

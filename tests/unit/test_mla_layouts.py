@@ -18,9 +18,9 @@ def test_context_parallel_attention_takes_unequal_widths(comm):
     from megatron.core.transformer.enums import AttnMaskType
 
     from model.attention.ring import RingAttention
+    from model.attention.sdpa import SDPAttention
     from model.attention.ulysses import UlyssesAttention
     from model.gpt import ModelBuild, transformer_config
-    from model.layers import SDPAttention
 
     config = transformer_config(_tiny_deepseek(), ModelBuild())
     kwargs = dict(softmax_scale=0.3, k_channels=24, v_channels=12)
