@@ -1,8 +1,9 @@
 """tiny_deepseek (multi-latent attention, group-limited sigmoid routing with the expert bias, a shared
 expert, a dense first layer) at every layout: each curve equals the single-process one. Layouts are
-combined, three forked runs of 4 ranks covering tensor + sequence, pipeline (uneven and virtual),
-expert, expert × tensor, context (ring and Ulysses, with MLA's value heads narrower than its
-query/key heads), FSDP and recompute (full, and selective with MLA's up-projections)."""
+combined, four forked runs of 4 ranks covering tensor + sequence, pipeline (uneven and virtual),
+expert, expert × tensor (experts whole or split), data, context (ring and Ulysses, with MLA's value
+heads narrower than its query/key heads), the distributed optimizer, FSDP and recompute (full, and
+selective with MLA's up-projections)."""
 
 import pytest
 
@@ -10,10 +11,8 @@ from tests.helpers.runs import assert_close_curves, assert_close_validation, rea
 
 # fp32 on CPU: another layout only reorders additions of the same numbers. Measured (2026-12-07, 4
 # steps): every run below within 1.0e-7 of one process (loss, grad norm, balancing loss), the
-# per-expert loads and the expert-bias range identical. Measured the same way by hand and not run
-# here (each run costs ~12 s): data-parallel 2 with the distributed optimizer (7.3e-8 in grad norm;
-# 9.5e-8 beside TP2 + SP × EP2 with full recompute), TP2 + SP × EP2 × expert tensor 2 × DP2 with it,
-# PP2, VPP2 and FSDP each alone (<= 1.5e-7). Negative control, by hand: without the
+# per-expert loads and the expert-bias range identical (and by hand, not run here: PP2, VPP2, FSDP,
+# DP2 with the distributed optimizer each alone, <= 1.5e-7). Negative control, by hand: without the
 # upstream fix MLASelfAttention.get_query_key_value_tensors (upstream/fixes.py; the RoPE key's
 # gradient left partial across tensor ranks) the tensor-parallel run is 2.5e-5 off in grad norm at
 # step 1 and a per-expert load 2.4e-2 off by step 3; CP2 ring attention with its softmax scale taken
@@ -65,6 +64,12 @@ LAYOUTS = {
         "parallel.expert=2",
         "parallel.context=2",
         "parallel.context_comm=a2a",
+    ],
+    "tp2-sp-dp2-ep2-etp2-distributed-optimizer": [
+        "parallel.tensor=2",
+        "parallel.sequence_parallel=true",
+        "parallel.expert=2",
+        "parallel.distributed_optimizer=true",
     ],
 }
 
