@@ -14,11 +14,11 @@ from model.rope import RopeScalingConfig, check_rope_scaling
 from model.routing import check_groups
 from parallel.config import ParallelConfig, check_uneven_pipeline, pipeline_stage_layers
 
-# Selective recompute modules megatron-core 0.16 offers for our layers (its mla_up_proj needs multi-latent
-# attention, which these models do not have): core_attn = the attention kernel; layernorm = both norms
-# (output discarded, recomputed from the input); mlp = a dense layer's MLP; moe = a whole MoE layer;
-# moe_act = the experts' activation (grouped GEMM experts only); shared_experts = the shared experts.
-RecomputeModule = Literal["core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts"]
+# Selective recompute modules megatron-core 0.16 offers for our layers: core_attn = the attention kernel;
+# layernorm = both norms (output discarded, recomputed from the input); mlp = a dense layer's MLP; moe = a
+# whole MoE layer; moe_act = the experts' activation (grouped GEMM experts only); shared_experts = the shared
+# experts; mla_up_proj = MLA's up-projections and RoPE (q, k, v discarded, recomputed from the latents).
+RecomputeModule = Literal["core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts", "mla_up_proj"]
 
 
 @dataclass
@@ -442,6 +442,7 @@ def _check_selective_recompute(m: ModelConfig) -> None:
             "into the dense layers' linears)",
             m.transformer_impl == "transformer_engine" and not any(pattern),
         ),
+        "mla_up_proj": ("no multi-latent attention (model.attention = mla)", m.attention != "mla"),
     }
     for module in modules:
         why, absent = missing.get(module, ("", False))

@@ -31,12 +31,6 @@ def check_mla(model: Any, parallel: ParallelConfig) -> None:
     (model/config.py, which imports this module)."""
     if model.attention != "mla":
         return
-    if parallel.context > 1:
-        raise RecipeError(
-            f"model.attention = mla with parallel.context = {parallel.context} is not supported: our ring and "
-            "Ulysses attention assume one head width for Q, K and V (MLA's are qk_head_dim + "
-            "qk_pos_emb_head_dim and v_head_dim)"
-        )
     if model.transformer_impl != "local":
         raise RecipeError("model.attention = mla is built on the local spec only: set model.transformer_impl = local")
     for key in ("num_query_groups", "head_dim"):

@@ -20,11 +20,6 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
     "overrides, message",
     [
         (
-            [*MLA, "parallel.context=2", "train.micro_batch_size=1"],
-            "model.attention = mla with parallel.context = 2 is not supported: our ring and Ulysses attention "
-            "assume one head width for Q, K and V (MLA's are qk_head_dim + qk_pos_emb_head_dim and v_head_dim)",
-        ),
-        (
             [*MLA, "model.transformer_impl=transformer_engine"],
             "model.attention = mla is built on the local spec only: set model.transformer_impl = local",
         ),
@@ -45,6 +40,11 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
             "fp8 on the local spec is not built for model.attention = mla (its latent projections)",
         ),
         ([*MLA, "model.add_bias_linear=true"], "model.add_bias_linear is not built for model.attention = mla"),
+        (
+            ["model.recompute_granularity=selective", "model.recompute_modules=[mla_up_proj]"],
+            "model.recompute_modules: mla_up_proj has nothing to recompute: the model has no multi-latent "
+            "attention (model.attention = mla)",
+        ),
         (
             [*MLA, "data.reset_position_ids=true"],
             "data.reset_position_ids = true is not built for model.attention = mla",
