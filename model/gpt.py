@@ -99,7 +99,10 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
 
         from model.attention.mla import mla_config_fields
 
-        config_class, mla_fields = MLATransformerConfig, mla_config_fields(model.mla, model.rotary_base)
+        config_class, mla_fields = (
+            MLATransformerConfig,
+            mla_config_fields(model.mla, model.rotary_base, model.rope_scaling),
+        )
     return config_class(
         # Which layers the spec builds; megatron-core's torch FSDP wrapper picks the modules it
         # shards by it (torch_fully_sharded_data_parallel.py:113).

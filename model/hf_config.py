@@ -259,6 +259,10 @@ def model_config_from_hf(hf: Mapping) -> ModelConfig:
     _check_keys(hf, family)
     heads = hf["num_attention_heads"]
     theta, scaling = _rope(hf)
+    if scaling.type == "yarn" and not family.mla:  # transformers' yarn without MLA has no softmax mscale
+        raise UserError(
+            f"config.json: rope type 'yarn' is supported for DeepseekV3ForCausalLM only, not {family.architecture}"
+        )
     fields: dict[str, Any] = dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -298,6 +302,8 @@ _ROPE_KEYS = {
     "default": {"rope_type", "type", "rope_theta"},
     "llama3": {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor"}
     | {"original_max_position_embeddings"},
+    "yarn": {"rope_type", "type", "rope_theta", "factor", "original_max_position_embeddings", "beta_fast"}
+    | {"beta_slow", "mscale", "mscale_all_dim", "truncate"},
 }
 
 
@@ -312,7 +318,7 @@ def _rope(hf: Mapping) -> tuple[float, RopeScalingConfig]:
         del params["partial_rotary_factor"]
     kind = params.get("rope_type") or params.get("type") or "default"
     if kind not in _ROPE_KEYS:
-        raise UserError(f"config.json: rope type {kind!r} is not supported (default | llama3)")
+        raise UserError(f"config.json: rope type {kind!r} is not supported (default | llama3 | yarn)")
     extra = sorted(set(params) - _ROPE_KEYS[kind])
     if extra:
         raise UserError(f"config.json: rope fields {extra} not supported with rope type {kind!r}")
@@ -321,6 +327,8 @@ def _rope(hf: Mapping) -> tuple[float, RopeScalingConfig]:
         raise UserError("config.json: no rope_theta (neither at the top nor in rope_parameters)")
     if kind == "default":
         return float(theta), RopeScalingConfig()
+    if kind == "yarn":
+        return float(theta), _yarn(params)
     try:
         scaling = RopeScalingConfig(
             type="llama3",
@@ -334,6 +342,28 @@ def _rope(hf: Mapping) -> tuple[float, RopeScalingConfig]:
     return float(theta), scaling
 
 
+def _yarn(params: Mapping) -> RopeScalingConfig:
+    """transformers' YaRN (DeepSeek-V3's attention): cos/sin times mscale's factor over mscale_all_dim's
+    when both are set, else the plain factor (mscale ignored: mscale = 1 here); the softmax scale times
+    mscale_all_dim's factor squared when it is set. Beyond that, refused."""
+    if params.get("truncate", True) is not True:
+        raise UserError(f"config.json: yarn truncate = {params['truncate']!r} is not supported (only True)")
+    if "factor" not in params or "original_max_position_embeddings" not in params:
+        raise UserError("config.json: yarn rope scaling needs factor and original_max_position_embeddings")
+    mscale, all_dim = float(params.get("mscale") or 0.0), float(params.get("mscale_all_dim") or 0.0)
+    if all_dim and not mscale:
+        raise UserError("config.json: yarn mscale_all_dim without mscale is not supported")
+    return RopeScalingConfig(
+        type="yarn",
+        factor=float(params["factor"]),
+        original_context=int(params["original_max_position_embeddings"]),
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=mscale if all_dim else 1.0,
+        mscale_all_dim=all_dim,
+    )
+
+
 def _rope_json(model: ModelConfig) -> dict[str, Any]:
     """The hub's spelling (`rope_theta`, `rope_scaling`), which transformers 4 and 5 both read."""
     out: dict[str, Any] = {"rope_theta": model.rotary_base, "rope_scaling": None}
@@ -345,6 +375,17 @@ def _rope_json(model: ModelConfig) -> dict[str, Any]:
             "low_freq_factor": s.low_freq_factor,
             "high_freq_factor": s.high_freq_factor,
             "original_max_position_embeddings": s.original_context,
+        }
+    elif s.type == "yarn":
+        if not s.mscale_all_dim and s.mscale != 1.0:
+            raise UserError(f"cannot export yarn mscale = {s.mscale} without mscale_all_dim (transformers ignores it)")
+        out["rope_scaling"] = {
+            "rope_type": "yarn",
+            "factor": s.factor,
+            "original_max_position_embeddings": s.original_context,
+            "beta_fast": s.beta_fast,
+            "beta_slow": s.beta_slow,
+            **({"mscale": s.mscale, "mscale_all_dim": s.mscale_all_dim} if s.mscale_all_dim else {}),
         }
     return out
 

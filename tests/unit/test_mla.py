@@ -38,7 +38,17 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
         ),
         (
             [*MLA, "model.rope_scaling.type=llama3"],
-            "model.rope_scaling.type = llama3 is not built for model.attention = mla (MLA applies its own RoPE)",
+            "model.rope_scaling.type = llama3 is not built for model.attention = mla (MLA applies its own "
+            "RoPE: none or yarn)",
+        ),
+        (
+            ["model.rope_scaling.type=yarn"],
+            "model.rope_scaling.type = yarn is built for model.attention = mla only (megatron-core's MLA "
+            "applies it; the standard attention's RoPE takes llama3)",
+        ),
+        (
+            [*MLA, "model.rope_scaling.type=yarn", "model.rope_scaling.beta_slow=32"],
+            "model.rope_scaling.beta_fast = 32.0 must exceed model.rope_scaling.beta_slow = 32.0",
         ),
         (
             [*MLA, "train.precision=bf16", "fp8.enabled=true"],
