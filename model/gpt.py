@@ -85,6 +85,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from model.moe import transformer_config_fields
+    from model.mtp import mtp_config_fields
 
     fp8_fields = {}
     if build.fp8.enabled:
@@ -157,6 +158,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         **transformer_config_fields(model, layout.expert_tensor or layout.tensor, build.precision),
         **fp8_fields,
         **mla_fields,
+        **mtp_config_fields(model),
     )
 
 
@@ -295,13 +297,15 @@ def build_model_chunks(
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
+        post_process = is_pp_last_stage(groups.pp) and is_vp_last_stage(stage, vpp)
         chunk = model_class(
             config=config,
             transformer_layer_spec=layer_spec(model, config, stage, build.init_seed, build.fp8, groups.cp),
+            mtp_block_spec=_mtp_spec(model, config, build.init_seed) if post_process else None,
             vocab_size=padded,
             max_sequence_length=model.seq_length,
             pre_process=is_pp_first_stage(groups.pp) and is_vp_first_stage(stage, vpp),
-            post_process=is_pp_last_stage(groups.pp) and is_vp_last_stage(stage, vpp),
+            post_process=post_process,
             share_embeddings_and_output_weights=not model.untie_embeddings,
             position_embedding_type="rope",
             rotary_base=model.rotary_base,  # a float theta (1e6, 5e5, or not whole) as transformers has it
@@ -313,6 +317,19 @@ def build_model_chunks(
             mask_padded_logits(chunk.output_layer, vocab_size, padded, groups.tp.rank())
         chunks.append(chunk)
     return chunks
+
+
+def _mtp_spec(model: ModelConfig, config: TransformerConfig, init_seed: int) -> Any:
+    """The MTP block on the last stage (model/mtp.py); its layer is MoE where a layer at index
+    num_layers would be (HF's model.layers.{num_hidden_layers})."""
+    if not model.mtp_num_layers:
+        return None
+    from model.mtp import mtp_block_spec
+
+    is_moe = moe_layer_pattern(dataclasses.replace(model, num_layers=model.num_layers + 1))[-1]
+    return mtp_block_spec(
+        _local_layer_spec(config, init_seed, model.moe.num_experts if is_moe else None), model.mtp_num_layers
+    )
 
 
 def build_model(

@@ -115,6 +115,8 @@ class Metrics:
         if not result.updated:
             record["skipped"] = True
         record.update(result.moe)
+        if getattr(result, "mtp_loss", None) is not None:
+            record["mtp_loss"] = result.mtp_loss
         flops_per_token = self.flops_per_token
         if getattr(result, "attention_pairs", None) is not None:
             # data.reset_attention_mask: only the pairs inside documents are computed and counted

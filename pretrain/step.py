@@ -15,6 +15,7 @@ import torch.distributed as dist
 from common.errors import AgreedUserError
 from data.dataset import Samples
 from data.loader import BatchPlan, token_ids_beyond
+from model.mtp import mtp_loss
 from pretrain.faults import FaultInjection
 from pretrain.guards import Guards, agree, grads_are_finite
 from pretrain.metrics import document_pairs
@@ -34,6 +35,7 @@ class StepResult:
     moe: dict[str, Any] = field(default_factory=dict)
     # data.reset_attention_mask: Σ n²/2 over the global batch's documents (pretrain/metrics.py)
     attention_pairs: float | None = None
+    mtp_loss: float | None = None  # model.mtp_num_layers: the MTP modules' loss (model/mtp.py:mtp_loss)
 
 
 def loss_func(
@@ -122,6 +124,7 @@ class Step:
         ):
             self.faults.out_of_memory(step + 1, "forward_backward")
             losses = self._forward_backward(batches, forward)
+            mtp = mtp_loss(self.plan.micro_batches, self.groups.dp_cp)
         phase[0] = "optimizer"
         with guards.watchdog.phase(step + 1, "optimizer"):
             self.faults.out_of_memory(step + 1, "optimizer")
@@ -151,6 +154,7 @@ class Step:
             interrupted=interrupted,
             moe=moe,
             attention_pairs=float(totals[2]) if pairs is not None else None,
+            mtp_loss=mtp,
         )
 
     def check_token_ids(self, batches: list[dict], samples: Samples, first: int) -> None:

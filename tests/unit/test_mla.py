@@ -63,7 +63,28 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
             [*MLA, "data.reset_attention_mask=true"],
             "data.reset_attention_mask = true is not built for model.attention = mla",
         ),
-        (["model.mtp_num_layers=1"], "model.mtp_num_layers = 1: multi-token prediction is not built yet"),
+        (
+            ["model.mtp_num_layers=1", "parallel.pipeline=2"],
+            "model.mtp_num_layers = 1 with parallel.pipeline = 2 is not verified yet: use pipeline 1",
+        ),
+        (
+            ["model.mtp_num_layers=1", "parallel.context=2", "train.micro_batch_size=1"],
+            "model.mtp_num_layers = 1 with parallel.context = 2 is not verified yet: use context 1",
+        ),
+        (
+            ["model.mtp_num_layers=1", "model.transformer_impl=transformer_engine"],
+            "model.mtp_num_layers = 1 is built on the local spec only: set model.transformer_impl = local",
+        ),
+        (
+            [
+                "model.mtp_num_layers=1",
+                "model.recompute_granularity=full",
+                "model.recompute_method=block",
+                "model.recompute_num_layers=1",
+            ],
+            "model.mtp_num_layers = 1 with full recompute needs model.recompute_method = uniform and "
+            "model.recompute_num_layers = 1",
+        ),
         (
             [*GROUPS, "model.moe.num_groups=2"],
             "model.moe.num_groups and model.moe.group_top_k are set together (group-limited routing)",
