@@ -164,3 +164,66 @@ def test_mtp_tensors_without_num_nextn_predict_layers_are_refused(exported):
     assert str(info.value) == (
         "Hugging Face checkpoint: model.layers.2.embed_tokens.weight differs from the tensor it copies"
     )
+
+
+# ------------------------------------------------------------------------------ forward without labels
+
+
+def _without_mtp(chunk, model):
+    """The same model (weights copied) built without MTP."""
+    from model.gpt import ModelBuild, build_model_chunks
+
+    (plain,) = build_model_chunks(
+        dataclasses.replace(model, mtp_num_layers=0), ModelBuild(perform_initialization=False), chunk.vocab_size
+    )
+    state = {k: v for k, v in chunk.state_dict().items() if not k.startswith("mtp.")}
+    plain.load_state_dict(state)
+    return plain.eval()
+
+
+def test_upstream_forward_without_labels_is_fixed(mtp_run):
+    """gpt_model.py:611-612 takes labels.clone() for the MTP loss in every forward: logits and
+    generation (no labels) fail with AttributeError. Fixed, the logits are the MTP-free model's."""
+    from tests.helpers.fixes import unfixed
+
+    chunk = mtp_run[0].eval()
+    inputs, positions = TOKENS[:, :SEQ], torch.arange(SEQ).expand(BATCH, SEQ)
+    with unfixed("GPTModel._postprocess"), pytest.raises(AttributeError, match="clone"), torch.no_grad():
+        chunk(inputs, positions, None)
+    with torch.no_grad():
+        logits = chunk(inputs, positions, None)
+        expected = _without_mtp(chunk, _tiny_deepseek())(inputs, positions, None)
+    chunk.train()
+    assert torch.equal(logits, expected)
+
+
+def test_greedy_generation_with_mtp_equals_transformers_generate(megatron_single_process, tmp_path):
+    """An imported tiny DeepSeek-V3 (MLA, group-limited routing) given an MTP module: model/generation.py's
+    greedy decoding (megatron-core's KV cache) gives transformers' generate, token for token (the
+    MTP module takes no part in generation; tools/generate.py runs this same function)."""
+    import json
+
+    from data.tokenizer import build_tokenizer
+    from model.generation import Sampling, generate
+    from model.gpt import ModelBuild, build_model_chunks, padded_vocab_size
+    from model.hf import hf_to_ours, load_exactly, model_config_from_hf
+    from tests.helpers.hf_families import hf_model, read_tensors
+
+    hf = hf_model("deepseek-v3", vocab_size=257, initializer_range=0.2)  # peaked: the greedy path wanders
+    hf.save_pretrained(tmp_path)
+    config = {**json.loads((tmp_path / "config.json").read_text()), "architectures": ["DeepseekV3ForCausalLM"]}
+    model = dataclasses.replace(model_config_from_hf(config), mtp_num_layers=1)
+    padded = padded_vocab_size(model, 257, 1)
+    (chunk,) = build_model_chunks(model, ModelBuild(), padded)
+    state = hf_to_ours(read_tensors(tmp_path), dataclasses.replace(model, mtp_num_layers=0), padded)
+    state |= {k: v for k, v in chunk.state_dict().items() if k.startswith("mtp.") and not k.endswith("_extra_state")}
+    load_exactly(chunk, state, "test")
+    prompt = list(b"The quick brown fox")
+    with torch.no_grad():
+        out = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=256, pad_token_id=256
+        )
+    expected = out[0, len(prompt) :].tolist()
+    assert len(set(expected)) > 8, expected  # a wandering path: a wrong cache or position would show
+    got = generate(chunk.eval(), build_tokenizer("byte"), prompt, 24, Sampling(temperature=0), 257)
+    assert got == expected

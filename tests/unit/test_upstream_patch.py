@@ -88,6 +88,7 @@ SITE_TESTS = {
     "FP32Optimizer.load_state_dict": "unit/test_upstream_fsdp.py::test_plain_optimizer_loads_local_shards_back_as_dtensors",
     "MLP.sharded_state_dict": "distributed/test_fsdp.py::test_every_fsdp_shard_is_saved_at_its_own_address",
     "SequentialMLP.sharded_state_dict": "distributed/test_fsdp.py::test_every_fsdp_shard_is_saved_at_its_own_address",
+    "GPTModel._postprocess": "unit/test_mtp.py::test_upstream_forward_without_labels_is_fixed",
 }
 
 
