@@ -384,8 +384,9 @@ def meta_device():
 
 @dataclasses.dataclass(frozen=True)
 class ParameterCount:
-    total: int
-    active: int  # what one token passes through: top_k routed experts (+ shared); = total when dense
+    total: int  # MTP modules included
+    active: int  # what one token passes through the main model: top_k routed experts (+ shared)
+    mtp: int = 0  # the multi-token prediction modules' own (the embedding and output head are shared)
 
 
 def layer_parameters(
@@ -423,7 +424,10 @@ def layer_parameters(
 
 
 def parameter_counts(model: ModelConfig, vocab_size: int) -> ParameterCount:
-    """Hand formula for the Llama-style decoder, dense or MoE, with or without linear biases."""
+    """Hand formula for the Llama-style decoder, dense or MoE, with or without linear biases, and
+    its MTP modules (model/mtp.py)."""
+    from model.mtp import mtp_parameters
+
     h = model.hidden_size
     embeddings = vocab_size * h * (2 if model.untie_embeddings else 1)
     pattern = moe_layer_pattern(model)
@@ -433,4 +437,6 @@ def parameter_counts(model: ModelConfig, vocab_size: int) -> ParameterCount:
         + h
         + embeddings
     )
-    return ParameterCount(total=total, active=active)
+    mtp_moe = moe_layer_pattern(dataclasses.replace(model, num_layers=model.num_layers + 1))[-1]
+    mtp = model.mtp_num_layers * mtp_parameters(model, layer_parameters(model, mtp_moe))
+    return ParameterCount(total=total + mtp, active=active, mtp=mtp)

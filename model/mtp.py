@@ -20,8 +20,6 @@ def check_mtp(model: Any, parallel: Any) -> None:
     if not n:
         return
     why = f"model.mtp_num_layers = {n}"
-    if parallel.pipeline > 1:
-        raise RecipeError(f"{why} with parallel.pipeline = {parallel.pipeline} is not verified yet: use pipeline 1")
     if parallel.context > 1:
         raise RecipeError(f"{why} with parallel.context = {parallel.context} is not verified yet: use context 1")
     if model.transformer_impl != "local":
@@ -62,17 +60,15 @@ def mtp_parameters(model: Any, layer: int) -> int:
     return 3 * h + 2 * h * h + layer
 
 
-def mtp_loss(micro_batches: int, group: Any) -> float | None:
-    """The step's MTP loss (mean over its modules and this rank's micro-batches of each micro-batch's
-    token mean, averaged over `group`, the data x context-parallel ranks), read from megatron-core's
-    tracker and cleared; None without MTP."""
-    import torch
+def take_mtp_loss() -> float:
+    """This rank's MTP loss since the last call (the mean over MTP modules of the sum over its
+    micro-batches of each one's token mean), from megatron-core's tracker, which is then cleared;
+    0 on a rank without MTP (not the last pipeline stage) or in evaluation (nothing tracked)."""
     from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
 
     tracker = MTPLossLoggingHelper.tracker
     if "values" not in tracker:
-        return None
-    values = tracker["values"].detach().clone()
-    torch.distributed.all_reduce(values, group=group)
+        return 0.0
+    value = float(tracker["values"].mean())
     MTPLossLoggingHelper.clean_loss_in_tracker()
-    return float(values.mean()) / micro_batches / group.size()
+    return value

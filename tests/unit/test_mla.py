@@ -225,10 +225,15 @@ def test_upstream_mla_have_te_is_fixed(megatron_single_process):
 
 def test_published_deepseek_v3_counts_transformers_parameters():
     """transformers' DeepseekV3ForCausalLM with its default (the published) config, built on the
-    meta device, has 671,026,404,352 parameters (no MTP module); the recipe's count must be that."""
+    meta device, has 671,026,404,352 parameters (no MTP module); the recipe's count without its MTP
+    module must be that. The MTP module's own: 3 norms (3 × 7168), eh_proj (2 × 7168²) and one MoE
+    layer (11,507,286,016), 11.61B; with the copies of the embedding and head its checkpoint stores
+    (2 × 129280 × 7168) that makes the 685B DeepSeek publishes (684.49B)."""
     from model.gpt import parameter_counts
     from pretrain.recipe import load_recipe
 
     model = load_recipe("deepseek_v3").model
     assert model.vocab_size is not None
-    assert parameter_counts(model, model.vocab_size).total == 671_026_404_352
+    counts = parameter_counts(model, model.vocab_size)
+    assert counts.total - counts.mtp == 671_026_404_352
+    assert counts.mtp == 3 * 7168 + 2 * 7168**2 + 11_507_286_016 == 11_610_067_968
