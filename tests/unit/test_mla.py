@@ -64,10 +64,6 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
             "data.reset_attention_mask = true is not built for model.attention = mla",
         ),
         (
-            ["model.mtp_num_layers=1", "parallel.pipeline=2"],
-            "model.mtp_num_layers = 1 with parallel.pipeline = 2 is not verified yet: use pipeline 1",
-        ),
-        (
             ["model.mtp_num_layers=1", "parallel.context=2", "train.micro_batch_size=1"],
             "model.mtp_num_layers = 1 with parallel.context = 2 is not verified yet: use context 1",
         ),
