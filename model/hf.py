@@ -40,7 +40,7 @@ from model.hf_config import (
 )
 
 __all__ = ["FAMILIES", "family_of", "hf_config_from_model", "hf_to_ours", "load_exactly", "model_config_from_hf"]
-__all__ += ["ours_to_hf", "rules"]
+__all__ += ["ours_to_hf", "rules", "without_absent_mtp"]
 
 
 # ------------------------------------------------------------------------------ tensors
@@ -195,6 +195,17 @@ def hf_to_ours(hf: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab:
         else:
             out[rule.ours] = parts[0]
     return out
+
+
+def without_absent_mtp(hf: Mapping[str, torch.Tensor], model: ModelConfig) -> ModelConfig:
+    """`model` without MTP when config.json names MTP modules (num_nextn_predict_layers; transformers'
+    default is 1) but the checkpoint holds none of their tensors, as every checkpoint transformers
+    saves (it has no MTP module); the caller says so in one line. Some of them present: the import's
+    check names the missing ones."""
+    first = f"model.layers.{model.num_layers}."
+    if not model.mtp_num_layers or any(name.startswith(first) for name in hf):
+        return model
+    return dataclasses.replace(model, mtp_num_layers=0)
 
 
 def ours_to_hf(ours: Mapping[str, torch.Tensor], model: ModelConfig, vocab_size: int) -> dict[str, torch.Tensor]:

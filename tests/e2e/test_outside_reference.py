@@ -51,7 +51,10 @@ FAMILIES = {
     "qwen3": ("tiny_qwen3_moe", ["model.moe.num_experts=null", "model.untie_embeddings=false"]),
     "qwen3-moe": ("tiny_qwen3_moe", ["model.moe.load_balancing=none"]),
     # transformers' e_score_correction_bias is a buffer it never updates: no bias updates on our side either
-    "deepseek-v3": ("tiny_deepseek", ["model.moe.load_balancing=none", "model.moe.bias_update_rate=0"]),
+    "deepseek-v3": (
+        "tiny_deepseek",
+        ["model.mtp_num_layers=0", "model.moe.load_balancing=none", "model.moe.bias_update_rate=0"],
+    ),
 }
 
 

@@ -147,9 +147,11 @@ def test_mtp_export_has_deepseek_v3_layout_and_imports_back_bitwise(exported):
 
 def test_mtp_tensors_without_num_nextn_predict_layers_are_refused(exported):
     """A checkpoint with an MTP module whose config.json says num_nextn_predict_layers 0 (or a
-    model config without MTP): refused in one line naming the tensors, never imported without them."""
+    model config without MTP): refused in one line naming the tensors, never imported without them.
+    One that names an MTP module and holds none of its tensors (transformers' save) imports without
+    MTP (tools/convert_hf.py says so in one line); an MTP copy of the embedding that differs: refused."""
     from common.errors import UserError
-    from model.hf import hf_to_ours
+    from model.hf import hf_to_ours, without_absent_mtp
 
     model, _, hf, _ = exported
     with pytest.raises(UserError) as info:
@@ -158,6 +160,10 @@ def test_mtp_tensors_without_num_nextn_predict_layers_are_refused(exported):
         "Hugging Face checkpoint has 44 tensor(s) no DeepSeek-V3 rule maps: model.layers.2."
     )
     assert str(info.value).endswith("(a multi-token prediction module? config.json's num_nextn_predict_layers is 0)")
+    # transformers saves num_nextn_predict_layers (its default 1) and no MTP tensors: imported without MTP
+    main_only = {k: v for k, v in hf.items() if not k.startswith("model.layers.2.")}
+    assert without_absent_mtp(main_only, model) == dataclasses.replace(model, mtp_num_layers=0)
+    assert without_absent_mtp(hf, model) is model
     changed = {**hf, "model.layers.2.embed_tokens.weight": hf["model.embed_tokens.weight"] + 1}
     with pytest.raises(UserError) as info:
         hf_to_ours(changed, model, 1024)
