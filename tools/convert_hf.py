@@ -146,7 +146,6 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     if storage.complete_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints: choose an empty directory")
     _single_process()
-    assert model_cfg.vocab_size is not None  # model_config_from_hf reads it from config.json
     tensors = read_hf_tensors(hf_dir)
     if without_absent_mtp(tensors, model_cfg) is not model_cfg:
         print(
@@ -154,6 +153,7 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
             "multi-token prediction tensors (as transformers saves it): imported without MTP"
         )
         model_cfg = without_absent_mtp(tensors, model_cfg)
+    assert model_cfg.vocab_size is not None  # model_config_from_hf reads it from config.json
     model, vocab = _build(model_cfg, model_cfg.vocab_size)
     ours = hf_to_ours(tensors, model_cfg, vocab)
     load_exactly(model, ours, f"{hf_dir}")

@@ -19,6 +19,27 @@ VOCAB, SEQ, BATCH, SCALE = 128, 12, 2, 0.3
 TOKENS = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(3))
 
 
+def test_dry_run_counts_parameters_with_and_without_mtp():
+    """The dry run's two counts of tiny_deepseek (one MTP module): the built model's (meta device) and
+    the formula's, with MTP and without it; the MTP module's own are the difference. First in the module:
+    it starts its own process group, before the module's fixtures start theirs."""
+    from model.gpt import padded_vocab_size, parameter_counts
+    from planning.dry_run import meta_parameter_count
+    from pretrain.recipe import load_recipe
+
+    recipe = load_recipe("tiny_deepseek", ["model.vocab_size=257"])
+    vocab = padded_vocab_size(recipe.model, 257, 1)
+    counts = parameter_counts(recipe.model, vocab)
+    without = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, mtp_num_layers=0))
+    assert recipe.model.mtp_num_layers == 1 and counts.mtp > 0
+    assert meta_parameter_count(recipe, vocab) == counts.total
+    assert (
+        meta_parameter_count(without, vocab)
+        == counts.total - counts.mtp
+        == parameter_counts(without.model, vocab).total
+    )
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
@@ -233,23 +254,3 @@ def test_greedy_generation_with_mtp_equals_transformers_generate(megatron_single
     assert len(set(expected)) > 8, expected  # a wandering path: a wrong cache or position would show
     got = generate(chunk.eval(), build_tokenizer("byte"), prompt, 24, Sampling(temperature=0), 257)
     assert got == expected
-
-
-def test_dry_run_counts_parameters_with_and_without_mtp():
-    """The dry run's two counts of tiny_deepseek (one MTP module): the built model's (meta device) and
-    the formula's, with MTP and without it; the MTP module's own are the difference."""
-    from model.gpt import padded_vocab_size, parameter_counts
-    from planning.dry_run import meta_parameter_count
-    from pretrain.recipe import load_recipe
-
-    recipe = load_recipe("tiny_deepseek", ["model.vocab_size=257"])
-    vocab = padded_vocab_size(recipe.model, 257, 1)
-    counts = parameter_counts(recipe.model, vocab)
-    without = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, mtp_num_layers=0))
-    assert recipe.model.mtp_num_layers == 1 and counts.mtp > 0
-    assert meta_parameter_count(recipe, vocab) == counts.total
-    assert (
-        meta_parameter_count(without, vocab)
-        == counts.total - counts.mtp
-        == parameter_counts(without.model, vocab).total
-    )
