@@ -69,6 +69,10 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
             "mean of each context-parallel rank's token mean, so the logged mtp_loss would change with the layout",
         ),
         (
+            ["model.mtp_num_layers=1", "data.reset_attention_mask=true"],
+            "data.reset_attention_mask = true is not built for model.mtp_num_layers = 1",
+        ),
+        (
             ["model.mtp_num_layers=1", "model.transformer_impl=transformer_engine"],
             "model.mtp_num_layers = 1 is built on the local spec only: set model.transformer_impl = local",
         ),
