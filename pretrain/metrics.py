@@ -228,6 +228,7 @@ def _progress_line(r: dict) -> str:
     parts = [
         f"step {r['step']:>6}",
         f"loss {r['loss']:.4f}",
+        *([f"mtp_loss {r['mtp_loss']:.4f}"] if "mtp_loss" in r else []),
         f"lr {r['lr']:.3e}",
         f"grad_norm {r['grad_norm']:.3f}",
         f"{r['tokens_per_s']:.0f} tok/s",

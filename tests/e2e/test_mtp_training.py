@@ -27,7 +27,10 @@ def test_mtp_at_pipeline_2_tensor_2_reproduces_one_process(synthetic_corpus, tmp
     ):
         log_dir = tmp_path / f"world{nproc}"
         extra = ["model.mtp_num_layers=1", "model.mtp_loss_scaling_factor=0.3", *layout, f"train.steps={STEPS}"]
-        run_pretrain(nproc, "tiny_gpt", tiny_overrides(synthetic_corpus, log_dir, *extra, "checkpoint.save=false"))
+        proc = run_pretrain(
+            nproc, "tiny_gpt", tiny_overrides(synthetic_corpus, log_dir, *extra, "checkpoint.save=false")
+        )
         curves[nproc] = read_metrics(log_dir)
+        assert f"| loss {curves[nproc][-1]['loss']:.4f} | mtp_loss " in proc.stdout  # beside the LM loss
     assert all(r["mtp_loss"] > 1.0 for r in curves[1]), curves[1]
     assert_close_curves(curves[4], curves[1], rel=1e-5, keys=("loss", "mtp_loss", "grad_norm"))
