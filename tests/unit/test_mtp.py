@@ -27,7 +27,7 @@ def test_dry_run_counts_parameters_with_and_without_mtp():
     from planning.dry_run import meta_parameter_count
     from pretrain.recipe import load_recipe
 
-    recipe = load_recipe("tiny_deepseek", ["model.vocab_size=257"])
+    recipe = load_recipe("tiny_deepseek", ["model.vocab_size=257", "model.mtp_num_layers=1"])
     vocab = padded_vocab_size(recipe.model, 257, 1)
     counts = parameter_counts(recipe.model, vocab)
     without = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, mtp_num_layers=0))
