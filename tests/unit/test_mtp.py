@@ -248,9 +248,9 @@ def test_greedy_generation_with_mtp_equals_transformers_generate(megatron_single
     prompt = list(b"The quick brown fox")
     with torch.no_grad():
         out = hf.generate(
-            torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=256, pad_token_id=256
+            torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=256, pad_token_id=256
         )
     expected = out[0, len(prompt) :].tolist()
-    assert len(set(expected)) > 8, expected  # a wandering path: a wrong cache or position would show
-    got = generate(chunk.eval(), build_tokenizer("byte"), prompt, 24, Sampling(temperature=0), 257)
+    assert len(set(expected)) > 6, expected  # a wandering path: a wrong cache or position would show
+    got = generate(chunk.eval(), build_tokenizer("byte"), prompt, 16, Sampling(temperature=0), 257)
     assert got == expected
