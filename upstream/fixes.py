@@ -117,7 +117,26 @@ def _sum_shared_rope_key_grad(original: Callable) -> Callable:
     return get_query_key_value_tensors
 
 
+def _postprocess_without_labels_skips_mtp(original: Callable) -> Callable:
+    """With multi-token prediction, `GPTModel._postprocess` runs the MTP block and then takes
+    `labels.clone()` for its loss: every forward without labels (logits, generation) fails with
+    AttributeError. Without labels there is no MTP loss, and MTP changes no logits, so the fix runs
+    the main output head alone there (megatron-core's own path for a model without MTP)."""
+
+    def _postprocess(self, *args, labels=None, mtp_in_postprocess=None, **kwargs):
+        if labels is not None or not self.config.mtp_num_layers:
+            return original(self, *args, labels=labels, mtp_in_postprocess=mtp_in_postprocess, **kwargs)
+        layers, self.config.mtp_num_layers = self.config.mtp_num_layers, None
+        try:
+            return original(self, *args, labels=None, mtp_in_postprocess=False, **kwargs)
+        finally:
+            self.config.mtp_num_layers = layers
+
+    return _postprocess
+
+
 def _fixes() -> list[Patch]:
+    from megatron.core.models.gpt import GPTModel
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer import multi_latent_attention as mla
@@ -174,6 +193,13 @@ def _fixes() -> list[Patch]:
             mla.MLASelfAttention,
             "get_query_key_value_tensors",
             wrap=_sum_shared_rope_key_grad,
+        ),
+        Patch(
+            "GPTModel._postprocess",
+            "models/gpt/gpt_model.py:611-612",
+            GPTModel,
+            "_postprocess",
+            wrap=_postprocess_without_labels_skips_mtp,
         ),
         *fsdp.patches(),  # megatron-core's torch FSDP2 path
     ]

@@ -91,6 +91,7 @@ SITE_TESTS = {
         "distributed/test_mla_tensor_parallel.py::test_mla_tensor_parallel_gradients_need_the_rope_key_fix"
     ),
     "SequentialMLP.sharded_state_dict": "distributed/test_fsdp.py::test_every_fsdp_shard_is_saved_at_its_own_address",
+    "GPTModel._postprocess": "unit/test_mtp.py::test_upstream_forward_without_labels_is_fixed",
 }
 
 
