@@ -350,6 +350,11 @@ def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:
             "model.moe.grouped_gemm = true cannot be combined with model.add_bias_linear = true "
             "(grouped experts have no linear biases, as megatron-core's GroupedMLP)"
         )
+    if p.fsdp_shard_size is not None:
+        raise RecipeError(
+            f"parallel.fsdp_shard_size = {p.fsdp_shard_size} with model.moe is not built yet (experts are "
+            "sharded over their own expert-data-parallel group, which hybrid sharding does not split): leave it null"
+        )
     if moe.grouped_gemm and p.fsdp is not None and model.transformer_impl == "local":
         raise RecipeError(
             f"model.moe.grouped_gemm = true with parallel.fsdp = {p.fsdp} is not verified: FSDP2 would "

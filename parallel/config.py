@@ -33,6 +33,12 @@ class ParallelConfig:
     # data-parallel rank holds the whole (tensor/pipeline-split) model: DDP, or ZeRO-1 with
     # distributed_optimizer.
     fsdp: Literal["zero2", "zero3"] | None = None
+    # Hybrid sharding (HSDP) under fsdp: the weights, gradients and optimizer state are sharded
+    # within groups of this many consecutive data × context-parallel ranks (with tensor parallelism
+    # inside a node, one node's) and replicated across the groups; gradients are reduce-scattered
+    # inside a group, then all-reduced across groups. A divisor of data × context; null = one group
+    # of all of them (plain FSDP).
+    fsdp_shard_size: PositiveInt | None = None
     # Communication overlap, megatron-core's; null = on wherever it applies (docs/profiling.md).
     # Reduce gradients (all-reduce, or reduce-scatter with distributed_optimizer) bucket by bucket
     # while the backward still computes the rest.
@@ -64,6 +70,11 @@ class ParallelConfig:
             raise RecipeError(
                 f"parallel.fsdp = {self.fsdp} shards the optimizer state itself: set "
                 f"parallel.distributed_optimizer = false"
+            )
+        if self.fsdp_shard_size is not None and self.fsdp is None:
+            raise RecipeError(
+                f"parallel.fsdp_shard_size = {self.fsdp_shard_size} is only read with parallel.fsdp (zero2 or "
+                f"zero3): set parallel.fsdp, or leave parallel.fsdp_shard_size null"
             )
         self._check_context_a2a()
         self._check_overlap()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from common.errors import UserError
 from common.files import set_aside
-from parallel.data_parallel import sync_params
+from parallel.data_parallel import sharded_state_dict, sync_params
 from pretrain.checkpoint import manifest, optimizer_state
 from upstream import fixes, safe_loading
 
@@ -142,7 +142,7 @@ def refuse_to_overwrite(load: str | None, ckpt_dir: pathlib.Path) -> None:
 def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
     sd = {}
     for i, chunk in enumerate(chunks):
-        sd[f"model{i}" if len(chunks) > 1 else "model"] = _unwrap(chunk).sharded_state_dict()
+        sd[f"model{i}" if len(chunks) > 1 else "model"] = sharded_state_dict(chunk)
     return sd
 
 
