@@ -12,7 +12,7 @@ from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, Posit
 from model.attention.mla import MlaConfig, check_mla
 from model.rope import RopeScalingConfig, check_rope_scaling
 from model.routing import check_groups
-from parallel.config import ParallelConfig, check_uneven_pipeline, pipeline_stage_layers
+from parallel.config import ParallelConfig, check_hybrid_sharding, check_uneven_pipeline, pipeline_stage_layers
 
 # Selective recompute modules megatron-core 0.16 offers for our layers (its mla_up_proj needs multi-latent
 # attention, which these models do not have): core_attn = the attention kernel; layernorm = both norms
@@ -198,6 +198,7 @@ def check_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     parallel.check()
     _check_shape(model, parallel)
     _check_moe(model, parallel)
+    check_hybrid_sharding(parallel, model.moe.num_experts)
     _check_recompute(model, parallel)
     check_mla(model, parallel)
     if model.mtp_num_layers:
@@ -349,11 +350,6 @@ def _check_moe(model: ModelConfig, p: ParallelConfig) -> None:
         raise RecipeError(
             "model.moe.grouped_gemm = true cannot be combined with model.add_bias_linear = true "
             "(grouped experts have no linear biases, as megatron-core's GroupedMLP)"
-        )
-    if p.fsdp_shard_size is not None:
-        raise RecipeError(
-            f"parallel.fsdp_shard_size = {p.fsdp_shard_size} with model.moe is not built yet (experts are "
-            "sharded over their own expert-data-parallel group, which hybrid sharding does not split): leave it null"
         )
     if moe.grouped_gemm and p.fsdp is not None and model.transformer_impl == "local":
         raise RecipeError(

@@ -161,6 +161,15 @@ class ParallelConfig:
             )
 
 
+def check_hybrid_sharding(parallel: ParallelConfig, experts: int | None) -> None:
+    """parallel.fsdp_shard_size against the model (model/config.py check_model): dense models only."""
+    if parallel.fsdp_shard_size is not None and experts is not None:
+        raise RecipeError(
+            f"parallel.fsdp_shard_size = {parallel.fsdp_shard_size} with model.moe is not built yet (experts are "
+            "sharded over their own expert-data-parallel group, which hybrid sharding does not split): leave it null"
+        )
+
+
 def pipeline_stage_layers(parallel: ParallelConfig, num_layers: int) -> list[int]:
     """Layers held by each pipeline rank (all its virtual chunks together)."""
     first, last, pp = parallel.first_stage_layers, parallel.last_stage_layers, parallel.pipeline
