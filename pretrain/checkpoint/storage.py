@@ -185,7 +185,8 @@ def save(
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         assert optimizer_format is not None, "a training checkpoint needs checkpoint.optimizer_format"
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_format_metadata(optimizer_format))
+        sharded = optimizer.sharded_state_dict(state, metadata=_format_metadata(optimizer_format))
+        state["optimizer"] = optimizer_state.without_classes(sharded)
     state["extra"] = {
         **extra,
         "kind": "training" if optimizer is not None else "weights",
@@ -360,9 +361,17 @@ def load(path: pathlib.Path, chunks: Sequence[torch.nn.Module], optimizer: Any) 
 def _check_same_optimizer(extra: dict, optimizer: Any, path: pathlib.Path) -> None:
     """AdamW's moments are not Muon's momentum (nor the reverse): a resume keeps optimizer.name."""
     from pretrain.muon import optimizer_name
+    from pretrain.optim import host_share
 
     saved = ((extra.get("recipe") or {}).get("optimizer") or {}).get("name", "adamw")
     current = optimizer_name(optimizer)
+    if host_share(optimizer)[0]:
+        # megatron-core 0.16's HybridDeviceOptimizer loads no state into fp32 parameters
+        # (hybrid_optimizer.py:373 KeyError; 1017 FP32Optimizer has no init_state_fn for it)
+        raise UserError(
+            f"checkpoint '{path}': optimizer.cpu_offload cannot load optimizer state (megatron-core 0.16's "
+            "offloading optimizer fails to); resume with optimizer.cpu_offload = false"
+        )
     if saved != current:
         raise UserError(
             f"checkpoint '{path}' holds {saved}'s optimizer state and this run has optimizer.name = {current}; "
