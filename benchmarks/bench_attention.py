@@ -41,9 +41,9 @@ def main() -> None:
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
+    from model.attention.sdpa import SDPAttention
     from model.config import ModelConfig
     from model.gpt import ModelBuild, transformer_config
-    from model.layers import SDPAttention
 
     _setup()
     hidden = args.heads * args.head_dim

@@ -6,19 +6,14 @@ the whole step; and whole steps with and without the ring, alternated, in one pr
         [parallel.tensor=2 ...] [--iters 20]
 """
 
-import argparse
-import os
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
 
+from benchmarks.common import recipe_arguments, stepped_run
 from pretrain.forensics import CollectiveRing
-from pretrain.guards import Guards, NonfiniteGuard, StopRequest, Watchdog
-from pretrain.recipe import load_recipe
-from pretrain.trainer import build_run
-from upstream.process import prepare_process
 
 
 def _no_op(tensor, op=None, group=None, async_op=False):  # all_reduce's signature, no communication
@@ -43,28 +38,9 @@ def _per_call_us(ring: CollectiveRing, calls: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--recipe", required=True)
-    parser.add_argument("--iters", type=int, default=20)
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_intermixed_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29534")
-    recipe = load_recipe(args.recipe, ["logging.wandb.mode=disabled", "checkpoint.save=false", *args.overrides])
-    prepare_process()
-    run = build_run(recipe)
-    guards = Guards(StopRequest(), NonfiniteGuard("skip", 10), Watchdog(0, 0))
+    args = recipe_arguments(iters=20)
+    _, train_step = stepped_run(args, port=29534)
     ring = CollectiveRing(dist.get_rank())
-    steps = iter(range(10**9))
-
-    def train_step() -> float:
-        step = next(steps)
-        first = step * recipe.train.global_batch_size
-        batches = run.step.plan.step_batches(run.data["train"], first, run.device)
-        start = time.perf_counter()
-        run.step.train(step, batches, guards)
-        return 1000 * (time.perf_counter() - start)
-
     train_step()  # warm-up
     with ring.installed():
         train_step()

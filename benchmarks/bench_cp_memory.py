@@ -86,6 +86,7 @@ def main() -> None:
 
     from data.tokenizer import build_tokenizer
     from model.gpt import ModelBuild, build_model
+    from model.precision import Precision
     from parallel.data_parallel import wrap_data_parallel
     from parallel.layout import shutdown
     from pretrain.profiling import peak_mib
@@ -93,7 +94,7 @@ def main() -> None:
 
     layout, _, rank, groups, device = build_runtime(recipe)
     vocab_size = recipe.model.vocab_size or build_tokenizer(recipe.data.tokenizer).vocab_size
-    build = ModelBuild(layout=layout, precision=recipe.train.precision, init_seed=recipe.train.seed)
+    build = ModelBuild(layout=layout, precision=Precision(recipe.train.precision), init_seed=recipe.train.seed)
     chunks = wrap_data_parallel(
         build_model(recipe.model, build, vocab_size, device, groups), recipe.parallel.distributed_optimizer, groups
     )

@@ -6,7 +6,7 @@ sharded (parallel.fsdp) or not.
 
 Each (mode, size) runs on `size` spawned gloo processes, so the data-parallel size is `size`. The
 model, its data-parallel wrapper and the optimizer are built as training builds them
-(pretrain/trainer.py:build_step); one training step runs on random tokens (so gradients and Adam's
+(pretrain/trainer.py:build_stepper); one training step runs on random tokens (so gradients and Adam's
 moments exist), then each rank counts the bytes of the distinct storages behind its parameters
 (fully sharded: the padded fp32 shards), its gradients (`.grad`, `.main_grad`, DDP's gradient
 buffers) and its optimizer state (Adam's moments, fp32 master copies), each storage once. A second
@@ -107,17 +107,17 @@ def _rank(rank: int, world: int, port: int, overrides: list, results: str) -> No
     from parallel.layout import shutdown
     from pretrain.guards import Guards, NonfiniteGuard, StopRequest, Watchdog
     from pretrain.profiling import peak_mib
-    from pretrain.trainer import build_runtime, build_step
+    from pretrain.trainer import build_runtime, build_stepper
 
     torch.set_num_threads(1)
     layout, plan, _, groups, device = build_runtime(recipe)
     vocab = 257  # the byte tokenizer
-    step = build_step(recipe, layout, plan, groups, device, vocab)
+    stepper = build_stepper(recipe, layout, plan, groups, device, vocab)
     guards = Guards(StopRequest(), NonfiniteGuard("stop", 0), Watchdog(rank, 0))
     batches = _batches(recipe, plan, vocab)
-    step.train(0, batches, guards)
-    counts: dict[str, float] = dict(count_bytes(step.chunks, step.optimizer))
-    counts["step_peak_mib"] = peak_mib(lambda: step.train(1, batches, guards), device)
+    stepper.train(0, batches, guards)
+    counts: dict[str, float] = dict(count_bytes(stepper.chunks, stepper.optimizer))
+    counts["step_peak_mib"] = peak_mib(lambda: stepper.train(1, batches, guards), device)
     torch.save(counts, os.path.join(results, f"rank{rank}.pt"))
     shutdown()
 

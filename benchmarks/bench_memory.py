@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node=4 -m benchmarks.bench_memory --recipe tiny_gpt parallel.tensor=2 ...
 
 The run is built as training builds it (pretrain.trainer: layout, process groups, model, DDP,
-optimizer, Step), on random tokens cut per rank as the data loader cuts them. Two training steps
+optimizer, Stepper), on random tokens cut per rank as the data loader cuts them. Two training steps
 run (the first allocates the optimizer state lazily, as torch's Adam does); the figure is the
 second: the most bytes live at any time during it, parameters, gradient buffers and optimizer
 state included: on a GPU `torch.cuda.max_memory_allocated`, on the CPU the running total of torch's
@@ -37,20 +37,20 @@ def _two_steps(recipe: Any, runtime: tuple, vocab_size: int) -> tuple[float, flo
 
     from pretrain.guards import Guards, NonfiniteGuard, StopRequest, Watchdog
     from pretrain.profiling import cpu_allocator_peak_mib
-    from pretrain.trainer import build_step
+    from pretrain.trainer import build_stepper
 
     layout, plan, rank, groups, device = runtime
-    step = build_step(recipe, layout, plan, groups, device, vocab_size)
+    stepper = build_stepper(recipe, layout, plan, groups, device, vocab_size)
     samples = RandomSamples(recipe.model.seq_length, vocab_size, recipe.train.seed)
     guards = Guards(StopRequest(), NonfiniteGuard("skip", 10), Watchdog(rank.rank, 0.0))
-    step.train(0, plan.step_batches(samples, 0, device), guards)
+    stepper.train(0, plan.step_batches(samples, 0, device), guards)
     batches = plan.step_batches(samples, recipe.train.global_batch_size, device)
     if device.type != "cuda":
-        return cpu_allocator_peak_mib(lambda: step.train(1, batches, guards))
+        return cpu_allocator_peak_mib(lambda: stepper.train(1, batches, guards))
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     static = torch.cuda.memory_allocated(device)
-    step.train(1, batches, guards)
+    stepper.train(1, batches, guards)
     torch.cuda.synchronize(device)
     return static / 2**20, torch.cuda.max_memory_allocated(device) / 2**20
 

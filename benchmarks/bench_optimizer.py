@@ -20,6 +20,7 @@ def _build(name: Literal["adamw", "muon"], args: argparse.Namespace, groups: Any
 
     from model.config import ModelConfig
     from model.gpt import ModelBuild, build_model_chunks
+    from model.precision import Precision
     from parallel.data_parallel import wrap_data_parallel
     from pretrain.optim import Numerics, OptimizerConfig, build_optimizer
 
@@ -33,7 +34,9 @@ def _build(name: Literal["adamw", "muon"], args: argparse.Namespace, groups: Any
     )
     chunks = build_model_chunks(model, ModelBuild(), args.vocab)
     chunks = wrap_data_parallel(chunks, False, groups)
-    optimizer = build_optimizer(OptimizerConfig(name=name), Numerics("fp32", 1.0, 128), chunks, False, groups=groups)
+    optimizer = build_optimizer(
+        OptimizerConfig(name=name), Numerics(Precision(), 1.0, 128), chunks, False, groups=groups
+    )
     torch.manual_seed(0)
     for chunk in chunks:
         for p in chunk.parameters():

@@ -3,7 +3,7 @@
     python -m benchmarks.bench_recompute                     # dense: hidden 512, seq 2048, 4 layers, bf16
     python -m benchmarks.bench_recompute --moe               # the same with 8 experts (top-2) and a shared expert
 
-Every setting's model is built as training builds it (pretrain.trainer.build_step) in the same
+Every setting's model is built as training builds it (pretrain.trainer.build_stepper) in the same
 process, then the settings take turns: each round runs one training step of each (the order rotates
 between rounds), so all see the same machine load. Per setting: the activation memory of a step (the
 most bytes live during it beyond what was live at its start: weights, gradient buffers and optimizer
@@ -92,30 +92,30 @@ def run(recipes: dict[str, Any], rounds: int) -> dict[str, tuple[float, float, f
     from planning.setup import vocab_size
     from pretrain.guards import Guards, NonfiniteGuard, StopRequest, Watchdog
     from pretrain.profiling import cpu_allocator_peak_mib
-    from pretrain.trainer import build_runtime, build_step
+    from pretrain.trainer import build_runtime, build_stepper
 
     first = next(iter(recipes.values()))
     layout, plan, rank, groups, device = build_runtime(first)
     vocab = vocab_size(first)
-    steps = {name: build_step(recipe, layout, plan, groups, device, vocab) for name, recipe in recipes.items()}
+    steppers = {name: build_stepper(recipe, layout, plan, groups, device, vocab) for name, recipe in recipes.items()}
     samples = RandomSamples(first.model.seq_length, vocab)
     guards = Guards(StopRequest(), NonfiniteGuard("skip", 10), Watchdog(rank.rank, 0.0))
     batches = BatchPlan.step_batches(plan, samples, 0, device)
-    for step in steps.values():
-        step.train(0, batches, guards)  # warm-up: the optimizer's state, kernel choices
+    for stepper in steppers.values():
+        stepper.train(0, batches, guards)  # warm-up: the optimizer's state, kernel choices
     memory = {}
-    for name, step in steps.items():
-        before, peak = cpu_allocator_peak_mib(functools.partial(step.train, 1, batches, guards))
+    for name, stepper in steppers.items():
+        before, peak = cpu_allocator_peak_mib(functools.partial(stepper.train, 1, batches, guards))
         predicted = estimate(recipes[name], 1, Target.for_device("cpu", "local"), vocab).worst
         memory[name] = (peak - before, (predicted.activations + predicted.transient) / 2**20)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
+    times: dict[str, list[float]] = {name: [] for name in steppers}
+    names = list(steppers)
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
-            steps[name].train(2 + r, batches, guards)
+            steppers[name].train(2 + r, batches, guards)
             times[name].append(time.perf_counter() - start)
-    return {name: (*memory[name], statistics.median(times[name])) for name in steps}
+    return {name: (*memory[name], statistics.median(times[name])) for name in steppers}
 
 
 if __name__ == "__main__":

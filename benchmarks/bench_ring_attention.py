@@ -21,7 +21,7 @@ layout ([s, b, h, d] tensors seen as [b, h, s, d], as megatron's attention passe
 forward + backward of one causal attention over the whole sequence. Rank 0 prints the largest value
 over ranks.
 
-`--reference` measures instead what a CP = 1 layer runs (model/layers.py:SDPAttention): one
+`--reference` measures instead what a CP = 1 layer runs (model/attention/sdpa.py:SDPAttention): one
 `F.scaled_dot_product_attention` call over the whole sequence (on a GPU, flash-attn's when installed).
 
 Peak memory is the most bytes live in torch's allocator during one call, counting the inputs, the

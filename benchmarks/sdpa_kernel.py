@@ -19,7 +19,7 @@ from benchmarks.common import seconds
 def _call(q: Any, k: Any, v: Any, scale: float) -> Any:
     import torch.nn.functional as F
 
-    # exactly model/layers.py:SDPAttention's call (no dropout)
+    # exactly model/attention/sdpa.py:SDPAttention's call (no dropout)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=q.size(1) != k.size(1))
 
 

@@ -24,7 +24,7 @@ import numpy
 import torch
 
 from common.errors import UserError
-from data.config import parse_split
+from data.config import DataConfig, parse_split
 
 SPLITS = ("train", "valid", "test")
 
@@ -336,6 +336,30 @@ def build_samples(
     return {
         name: BlendedSamples([s for _, s in entries], [w for w, _ in entries]) for name, entries in per_split.items()
     }
+
+
+def build_data(
+    cfg: DataConfig, seq_length: int, seed: int, tokenizer: Any, cache_dir: str, with_test: bool = False
+) -> dict[str, BlendedSamples]:
+    """The `data` section's samples (build_samples) for sequences of `seq_length` tokens of
+    `tokenizer` (its EOD and vocabulary); every rank calls this at once."""
+    train_blend = blend_of(cfg.path, cfg.blend)
+    if not train_blend:
+        raise UserError("no training data: set data.path to an indexed dataset prefix, or data.blend")
+    return build_samples(
+        train_blend,
+        blend_of(cfg.valid_path, cfg.valid_blend),
+        cfg.split,
+        seq_length=seq_length,
+        seed=seed,
+        eod=tokenizer.eod,
+        eod_mask_loss=cfg.eod_mask_loss,
+        cache_dir=cache_dir,
+        vocab_size=tokenizer.vocab_size,
+        with_test=with_test,
+        reset_position_ids=cfg.reset_position_ids,
+        reset_attention_mask=cfg.reset_attention_mask,
+    )
 
 
 # ---- context parallelism ------------------------------------------------------------------------

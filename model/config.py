@@ -108,9 +108,11 @@ class Fp8Config:
     enabled: bool = False
     # hybrid: e4m3 forward operands (activations, weights), e5m2 gradients; e4m3: e4m3 for all three
     format: Literal["hybrid", "e4m3"] = "hybrid"
-    # tensorwise / rowwise: current scaling, one scale per tensor / per row (local spec or, tensorwise,
-    # transformer-engine); delayed: scales from an amax history (transformer-engine); blockwise:
-    # 128-element blocks (transformer-engine, Hopper); mxfp8: 32-element blocks (transformer-engine, Blackwell)
+    # The FP8 scaling recipe (megatron-core's and transformer-engine's name, kept as the key; not the
+    # run recipe, which the code calls `recipe`). tensorwise / rowwise: current scaling, one scale per
+    # tensor / per row (local spec or, tensorwise, transformer-engine); delayed: scales from an amax
+    # history (transformer-engine); blockwise: 128-element blocks (transformer-engine, Hopper); mxfp8:
+    # 32-element blocks (transformer-engine, Blackwell)
     recipe: Literal["tensorwise", "rowwise", "delayed", "blockwise", "mxfp8"] = "tensorwise"
     amax_history_len: PositiveInt | None = None  # delayed only: steps of amax history; null = 1
     # delayed only: the history's largest amax (max) or its last (most_recent); null = most_recent

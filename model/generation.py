@@ -4,7 +4,7 @@ megatron-core 0.16 serves generation two ways. Its dynamic engine (paged KV cach
 and CUDA, so it cannot run on a CPU (tried: "No module named 'flash_attn'"). Its static-batch path
 (`StaticInferenceContext` for the KV cache, `GPTInferenceWrapper` for prefill/decode steps and the
 pipeline-stage transfers, `TextGenerationController` for the loop) runs on both, with two things
-of ours: SDPAttention takes the `no_mask` decode steps (model/layers.py), and on a CPU the loop's
+of ours: SDPAttention takes the `no_mask` decode steps (model/attention/sdpa.py), and on a CPU the loop's
 timing events are host events (upstream/cpu.py, `stream.Event`). The sampler is ours: upstream's
 takes top-k or top-p but not both, divides by a temperature of 0, and draws from a generator that
 every process must seed alike.

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from common.errors import UserError
 from model.config import Fp8Config, ModelConfig, head_dim, moe_layer_pattern
+from model.precision import Precision
 from model.rope import scale_rope
 from parallel.layout import Layout
 
@@ -19,15 +20,13 @@ if TYPE_CHECKING:
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 @dataclasses.dataclass(frozen=True)
 class ModelBuild:
     """What the model builder needs beyond recipe.model: the layout and the numerics."""
 
     layout: Layout = dataclasses.field(default_factory=lambda: Layout(world_size=1))
-    precision: str = "fp32"
+    precision: Precision = Precision()  # train.precision
     perform_initialization: bool = True
     init_seed: int = 1234  # per-layer init streams derive from it (model/layers.py)
     batch_p2p_comm: bool = True  # False on gloo: see transformer_config
@@ -92,7 +91,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
 
         fp8_fields = fp8_config_fields(build.fp8, model)
 
-    dtype, layout = _DTYPES[build.precision], build.layout
+    dtype, layout = build.precision.dtype, build.layout
     config_class, mla_fields = TransformerConfig, {}
     if model.attention == "mla":
         from megatron.core.transformer.transformer_config import MLATransformerConfig
@@ -127,22 +126,13 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=False,
-        tensor_model_parallel_size=layout.tensor,
-        pipeline_model_parallel_size=layout.pipeline,
-        virtual_pipeline_model_parallel_size=layout.virtual_pipeline,
-        num_layers_in_first_pipeline_stage=layout.first_stage_layers,
-        num_layers_in_last_pipeline_stage=layout.last_stage_layers,
-        context_parallel_size=layout.context,
-        cp_comm_type=layout.context_comm,
-        hierarchical_context_parallel_sizes=layout.hierarchical_context,
-        expert_model_parallel_size=layout.expert,
-        sequence_parallel=layout.sequence_parallel,
+        **layout.transformer_config_fields(),
         # Fully sharded: the parameters are the fp32 master weights, and FSDP gathers them in the
         # training precision for compute (parallel/data_parallel.py).
         params_dtype=torch.float32 if layout.fsdp else dtype,
         pipeline_dtype=dtype,
-        bf16=build.precision == "bf16",
-        fp16=build.precision == "fp16",
+        bf16=build.precision.bf16,
+        fp16=build.precision.fp16,
         calculate_per_token_loss=True,
         # gloo + batched isend/irecv gives silently wrong gradients with interleaved pipelines
         # (docs/megatron-core-on-cpu.md, "Silent traps"); NCCL batches correctly.
@@ -151,7 +141,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         use_cpu_initialization=True,  # CPU init is also what makes init TP-size invariant
         perform_initialization=build.perform_initialization,
         **recompute_fields(model),
-        **transformer_config_fields(model, layout.expert_tensor or layout.tensor, build.precision),
+        **transformer_config_fields(model, build.precision),
         **fp8_fields,
         **mla_fields,
     )
@@ -206,7 +196,8 @@ def _local_layer_spec(config: TransformerConfig, init_seed: int, num_experts: in
     """megatron-core's local layer with our seeded layer, RMSNorm, SDPA/ring attention and experts."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from model.layers import RMSNorm, SDPAttention, SeededTransformerLayer
+    from model.attention.sdpa import SDPAttention
+    from model.layers import RMSNorm, SeededTransformerLayer
 
     spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization="RMSNorm", qk_layernorm=config.qk_layernorm)
     spec.module = SeededTransformerLayer
@@ -328,7 +319,7 @@ def build_model(
         compile_layers(chunk, build.compile)
     if build.compile and torch.distributed.get_rank() == 0:
         print(f"torch.compile: {', '.join(build.compile)} of every transformer layer", flush=True)
-    if build.precision != "fp32" and not build.layout.fsdp:
+    if build.precision.half and not build.layout.fsdp:
         chunks = [Float16Module(c.config, c) for c in chunks]
     return chunks
 

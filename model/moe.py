@@ -13,9 +13,10 @@ from megatron.core.transformer.moe.router import TopKRouter
 
 from model.config import ModelConfig, moe_layer_pattern
 from model.layers import derive_seed
+from model.precision import Precision
 
 
-def transformer_config_fields(model: ModelConfig, expert_tensor: int, precision: str) -> dict:
+def transformer_config_fields(model: ModelConfig, precision: Precision) -> dict:
     """The TransformerConfig fields for `model.moe`; empty for a dense model."""
     moe = model.moe
     if moe.num_experts is None:
@@ -43,8 +44,7 @@ def transformer_config_fields(model: ModelConfig, expert_tensor: int, precision:
         moe_grouped_gemm=moe.grouped_gemm,
         # Routing in fp32 even when training in bf16/fp16: top-k ties and softmax are precision-
         # sensitive, and the router is tiny.
-        moe_router_dtype="fp32" if precision != "fp32" else None,
-        expert_tensor_parallel_size=expert_tensor,
+        moe_router_dtype="fp32" if precision.half else None,
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from common.errors import RecipeError
 from common.schema import PositiveInt
@@ -106,6 +106,23 @@ class ParallelConfig:
                 "parallel.overlap_p2p_comm = true: megatron-core overlaps pipeline sends and receives in the "
                 "interleaved schedule only; set parallel.virtual_pipeline > 1 or leave overlap_p2p_comm null"
             )
+
+    def build_data_parallel(self, chunks: list[Any], groups: Any, fp8_param_gather: bool = False) -> list[Any]:
+        """The model chunks wrapped for data parallelism as this section asks: DDP (with the
+        distributed optimizer's sharding and the overlaps resolved) or FSDP2 (parallel/data_parallel.py).
+        `fp8_param_gather`: transformer-engine's FP8 weights (fp8.params), gathered in FP8."""
+        from parallel.data_parallel import wrap_data_parallel
+
+        return wrap_data_parallel(
+            chunks,
+            self.distributed_optimizer,
+            groups,
+            fsdp=self.fsdp,
+            fp8_param_gather=fp8_param_gather,
+            overlap_grad_reduce=self.grad_reduce_overlapped,
+            overlap_param_gather=self.param_gather_overlapped,
+            bucket_size=self.bucket_size,
+        )
 
     def overlap_description(self) -> str:
         """The overlaps a run gets, as its start-up line and --dry-run say them."""

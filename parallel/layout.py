@@ -65,6 +65,7 @@ class Layout:
 
     @property
     def data(self) -> int:
+        """The data-parallel size: ranks that hold distinct samples (named as the other axes are)."""
         return self.world_size // (self.tensor * self.pipeline * self.context)
 
     @property
@@ -92,21 +93,25 @@ class Layout:
 
     @classmethod
     def from_config(cls, parallel: ParallelConfig, world_size: int) -> Layout:
-        return cls(
-            world_size=world_size,
-            tensor=parallel.tensor,
-            pipeline=parallel.pipeline,
-            virtual_pipeline=parallel.virtual_pipeline,
-            context=parallel.context,
-            expert=parallel.expert,
-            expert_tensor=parallel.expert_tensor,
-            sequence_parallel=parallel.sequence_parallel,
-            context_comm=parallel.context_comm,
-            context_a2a=parallel.context_a2a,
-            first_stage_layers=parallel.first_stage_layers,
-            last_stage_layers=parallel.last_stage_layers,
-            fsdp=parallel.fsdp,
-            fsdp_shard_size=parallel.fsdp_shard_size,
+        """The section at a world size: every field but world_size is the parallel key of its name."""
+        sizes = {f.name: getattr(parallel, f.name) for f in dataclasses.fields(cls) if f.name != "world_size"}
+        return cls(world_size=world_size, **sizes)
+
+    def transformer_config_fields(self) -> dict[str, Any]:
+        """megatron-core's TransformerConfig (ModelParallelConfig) fields for this layout: the one
+        place its names are mapped to ours (model/gpt.py:transformer_config reads them)."""
+        return dict(
+            tensor_model_parallel_size=self.tensor,
+            pipeline_model_parallel_size=self.pipeline,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline,
+            num_layers_in_first_pipeline_stage=self.first_stage_layers,
+            num_layers_in_last_pipeline_stage=self.last_stage_layers,
+            context_parallel_size=self.context,
+            cp_comm_type=self.context_comm,
+            hierarchical_context_parallel_sizes=self.hierarchical_context,
+            expert_model_parallel_size=self.expert,
+            expert_tensor_parallel_size=self.expert_tensor or self.tensor,
+            sequence_parallel=self.sequence_parallel,
         )
 
     def pipeline_bubble(self, micro_batches: int) -> float:

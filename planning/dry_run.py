@@ -11,17 +11,18 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from data.loader import BatchPlan
 from model.gpt import parameter_counts
 from parallel.layout import Layout
+from planning.gpus import GPUS
 from planning.memory import Target, estimate_setup, setup_for, stage_parameters
 from planning.report import dry_run_setup, fit_lines, memory_json, table_lines
 from planning.setup import validate_for_world, vocab_size
-from planning.step_time import GPUS, step_time
+from planning.step_time import step_time
 
 if TYPE_CHECKING:
     from pretrain.recipe import Recipe
 
 
 @dataclasses.dataclass(frozen=True)
-class StagePlan:
+class StagePlacement:
     """What one pipeline rank holds: its layer ranges (one per virtual chunk) and parameters per TP rank."""
 
     pipeline_rank: int
@@ -29,22 +30,24 @@ class StagePlan:
     params_per_rank: int
 
 
-class Plan(NamedTuple):
+class Placement(NamedTuple):
+    """Where a recipe's pieces go at a world size (not the BatchPlan, which is one of them)."""
+
     layout: Layout
     batch: BatchPlan
     vocab: int  # padded
-    stages: list[StagePlan]
+    stages: list[StagePlacement]
 
 
-def plan(recipe: Recipe, world_size: int) -> Plan:
+def placement(recipe: Recipe, world_size: int) -> Placement:
     """The layout, batch plan, padded vocabulary and per-stage parameters for `world_size` ranks."""
     layout, batch = validate_for_world(recipe, world_size)
     setup = setup_for(recipe, world_size, vocab=vocab_size(recipe))
     stages = [
-        StagePlan(p, ranges, sum(stage_parameters(setup, p)))  # the memory model's count: one counter
+        StagePlacement(p, ranges, sum(stage_parameters(setup, p)))  # the memory model's count: one counter
         for p, ranges in enumerate(setup.stage_ranges)
     ]
-    return Plan(layout, batch, setup.vocab, stages)
+    return Placement(layout, batch, setup.vocab, stages)
 
 
 def meta_parameter_count(recipe: Recipe, vocab: int) -> int:
@@ -54,7 +57,7 @@ def meta_parameter_count(recipe: Recipe, vocab: int) -> int:
 
     init_single_process()
     try:
-        build = ModelBuild(precision="fp32", perform_initialization=False)
+        build = ModelBuild(perform_initialization=False)
         # The local spec has the same parameters as transformer-engine's (TE only fuses the
         # norms into the linears), and builds without TE installed.
         local = dataclasses.replace(recipe.model, transformer_impl="local")
@@ -72,9 +75,9 @@ def _human(n: int) -> str:
 def dry_run(
     recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None, as_json: bool = False, gpu: str | None = None
 ) -> str:
-    """The dry run's report: text lines, or one JSON object when `as_json`. `gpu` (a planning.step_time.GPUS
+    """The dry run's report: text lines, or one JSON object when `as_json`. `gpu` (a planning.gpus.GPUS
     name): memory on that GPU (its memory unless `gpu_memory_gib` says otherwise) and the step time."""
-    layout, batch_plan, vocab, stages = plan(recipe, world_size)
+    layout, batch_plan, vocab, stages = placement(recipe, world_size)
     counts = parameter_counts(recipe.model, vocab)
     built = meta_parameter_count(recipe, vocab)
     if gpu is not None:

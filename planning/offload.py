@@ -3,12 +3,9 @@
 
 from __future__ import annotations
 
+from planning.gpus import Gpu
 from planning.memory import FP32, Setup, stage_parameters, state_shards
 
-# Host link per GPU, one direction, GB/s, as reached by large pinned copies: PCIe 4.0 x16 (A100),
-# PCIe 5.0 x16 (H100, H200, B200 in HGX boards), NVLink-C2C to the Grace CPU (GB200). An assumption
-# from the links' specifications (about 80 % of 32 / 64 GB/s; C2C 450 GB/s each way), not a measurement.
-HOST_LINK_GBS = {"a100": 25.0, "h100": 50.0, "h200": 50.0, "b200": 50.0, "gb200": 450.0}
 # Host memory bandwidth one rank's AdamW step gets, GB/s: a two-socket host's ~600 GB/s shared by
 # its 8 GPUs' processes. torch's fused CPU AdamW is memory-bound. An assumption, to measure.
 HOST_ADAM_GBS = 75.0
@@ -35,13 +32,13 @@ def host_state(setup: Setup, pipeline_rank: int) -> int:
     return 4 * FP32 * offloaded_elements(setup, pipeline_rank)
 
 
-def offload_seconds(setup: Setup, gpu_name: str) -> float:
+def offload_seconds(setup: Setup, gpu: Gpu) -> float:
     """Seconds the busiest stage's rank adds per step: the fp32 gradients of the offloaded elements
-    copied to the host and the updated fp32 weights back (8 bytes each over the host link), and
+    copied to the host and the updated fp32 weights back (8 bytes each over Gpu.host_link_gbs), and
     torch's AdamW on them at host memory bandwidth. Not overlapped with each other or with compute
     (megatron-core's overlap_cpu_optimizer_d2h_h2d is off)."""
     elements = max(offloaded_elements(setup, p) for p in range(setup.layout.pipeline))
-    link = HOST_LINK_GBS.get(gpu_name, min(HOST_LINK_GBS.values())) * 1e9
+    link = gpu.host_link_gbs * 1e9
     return elements * 2 * FP32 / link + elements * HOST_ADAM_BYTES / (HOST_ADAM_GBS * 1e9)
 
 

@@ -9,49 +9,9 @@ import math
 
 from model.config import head_dim, moe_layer_pattern
 from planning.flops import layer_totals, model_forward_flops, recompute_forward_flops
+from planning.gpus import Gpu
 from planning.memory import Setup, stage_parameters
 from planning.offload import offload_seconds
-
-
-@dataclasses.dataclass(frozen=True)
-class Gpu:
-    """One GPU model, as the planner assumes it (docs/planner.md, "Constants"): vendor datasheet
-    peaks (dense, no sparsity) and links, and two measured efficiencies."""
-
-    name: str
-    bf16_tflops: float  # dense bf16 tensor-core peak
-    tf32_tflops: float
-    nvlink_gbs: float  # NVLink bandwidth per GPU per direction, GB/s
-    network_gbs: float  # scale-out network per GPU (one NIC per GPU), GB/s
-    hbm_gbs: float  # memory bandwidth, GB/s: the roofline's slope, and the memory-bound elementwise work
-    fp8_tflops: float = 0.0  # dense fp8 tensor-core peak; 0 = no fp8 tensor cores (A100)
-    # fraction of peak a large GEMM reaches (the "maximum achievable matmul FLOPS" measured with
-    # cuBLAS, docs/planner.md); smaller GEMMs are bounded by the roofline below it
-    matmul_efficiency: float = 0.801
-    fp8_matmul_efficiency: float = 0.734  # the same for fp8 GEMMs
-    attention_efficiency: float = 0.5  # fused (flash/cuDNN) attention, forward and backward, of the bf16 peak
-    gpus_per_node: int = 8  # the NVLink domain: GPUs whose traffic never leaves NVLink
-    sms: int = 132  # streaming multiprocessors: one output tile each per wave (wave quantization)
-    memory_gib: float = 79.6  # what the driver reports as total (nvidia-smi's MiB / 1024): --dry-run --gpu's default
-
-    def peak(self, precision: str) -> float:
-        return (self.bf16_tflops if precision != "fp32" else self.tf32_tflops) * 1e12
-
-
-GPUS = {
-    # A100 SXM 80GB: 312 TFLOPS bf16, NVLink 3 (600 GB/s both directions), HDR 200 Gb/s, 2.0 TB/s HBM2e
-    "a100": Gpu("a100", 312.0, 156.0, 300.0, 25.0, 2039.0, matmul_efficiency=0.859, sms=108, memory_gib=79.3),
-    # H100 SXM: 989 TFLOPS bf16, 1979 fp8, NVLink 4 (900 GB/s both directions), ConnectX-7 400 Gb/s, 3.35 TB/s
-    "h100": Gpu("h100", 989.0, 494.0, 450.0, 50.0, 3350.0, 1979.0),
-    # H200 SXM: H100's compute and links, 141 GB of HBM3e at 4.8 TB/s
-    "h200": Gpu("h200", 989.0, 494.0, 450.0, 50.0, 4800.0, 1979.0, memory_gib=140.4),
-    # B200 (HGX): 2.25 PFLOPS bf16 dense, 4.5 fp8, NVLink 5 (1.8 TB/s both directions), ConnectX-8 800 Gb/s, 8 TB/s
-    "b200": Gpu("b200", 2250.0, 1125.0, 900.0, 100.0, 8000.0, 4500.0, 0.776, 0.763, sms=148, memory_gib=179.1),
-    # GB200 NVL72: 2.5 PFLOPS bf16 dense, 5 fp8 per GPU, one NVLink 5 domain of 72 GPUs, 8 TB/s
-    "gb200": Gpu(
-        "gb200", 2500.0, 1250.0, 900.0, 100.0, 8000.0, 5000.0, 0.776, 0.763, gpus_per_node=72, sms=148, memory_gib=184.0
-    ),
-}
 
 # Bytes per token per layer of elementwise work in the forward and backward together (norms, rotary,
 # residual adds, SwiGLU, their gradients), in units of one [hidden] / one [ffn] activation of
@@ -348,7 +308,7 @@ def _data_parallel_exposed(
 def hsdp_and_offload_terms(setup: Setup, gpu: Gpu, params: int) -> tuple[Term, Term]:
     """The step's exposed terms for HSDP's all-reduce across shard groups (0 without HSDP) and for
     optimizer.cpu_offload's copies and host AdamW step (planning/offload.py; 0 without offload)."""
-    replicas, offload = hsdp_replica_seconds(setup, gpu, params), offload_seconds(setup, gpu.name)
+    replicas, offload = hsdp_replica_seconds(setup, gpu, params), offload_seconds(setup, gpu)
     return Term("hsdp_all_reduce", replicas, replicas), Term("optimizer_offload", offload, offload)
 
 

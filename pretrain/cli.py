@@ -7,6 +7,7 @@ import os
 import sys
 
 from common.errors import EXIT_INTERRUPTED, RunStopped, UserError, run_tool
+from planning.gpus import GPUS
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--gpu",
         default=None,
-        help="with --dry-run: a100 | h100 | h200 | b200 | gb200: memory on that GPU (its own size unless "
+        help=f"with --dry-run: {' | '.join(GPUS)}: memory on that GPU (its own size unless "
         "--gpu-memory-gib) and the analytic step time of the recipe's layout (docs/planner.md)",
     )
     parser.add_argument(
@@ -86,9 +87,8 @@ def _check_dry_run_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--gpu-memory-gib", args.gpu_memory_gib), ("--json", args.json or None), ("--gpu", args.gpu)):
         if value is not None and not args.dry_run:
             raise UserError(f"{flag} is a --dry-run option: add --dry-run")
-    gpus = ("a100", "h100", "h200", "b200", "gb200")  # planning/step_time.py GPUS (not imported: no torch yet)
-    if args.gpu is not None and args.gpu not in gpus:
-        raise UserError(f"--gpu must be one of {' | '.join(gpus)}, got '{args.gpu}'")
+    if args.gpu is not None and args.gpu not in GPUS:
+        raise UserError(f"--gpu must be one of {' | '.join(GPUS)}, got '{args.gpu}'")
     if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
         raise UserError(f"--gpu-memory-gib must be positive, got {args.gpu_memory_gib:g}")
     if args.world_size is not None and args.world_size < 1:

@@ -38,12 +38,6 @@ class LoggingConfig:
             raise RecipeError(f"logging.name must be a non-empty name without '/', got '{self.name}'")
 
 
-# Dense bf16 and FP8 peaks per device in TFLOP/s, by a substring of torch.cuda.get_device_name()
-# (vendor data sheets, without sparsity; A100 and A10G have no FP8 tensor cores).
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "B200": 2250.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0}
-FP8_PEAK_TFLOPS = {"H200": 1979.0, "H100": 1979.0, "B200": 4500.0, "L40S": 733.0}
-
-
 def flops_per_token(model: ModelConfig, vocab_size: int) -> float:
     """Training FLOPs per token: forward + backward = 3 × the forward of planning/flops.py (the one
     FLOPs model; Megatron-LM's accounting: matmuls, with MoE only the active experts, and half the
@@ -57,16 +51,6 @@ def document_pairs(batches: list[dict]) -> float:
     from model.attention.documents import runs
 
     return sum((b - a) ** 2 / 2 for batch in batches for ids in batch["document_ids"] for a, b in runs(ids))
-
-
-def device_peak_tflops(device_name: str | None, fp8: bool = False) -> float | None:
-    """The dense bf16 (or FP8) peak of a GPU by name; None for a CPU or an unknown device."""
-    if not device_name:
-        return None
-    for key, peak in (FP8_PEAK_TFLOPS if fp8 else PEAK_TFLOPS).items():
-        if key in device_name:
-            return peak
-    return None
 
 
 class Metrics:

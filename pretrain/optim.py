@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from common.errors import RecipeError
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+
+if TYPE_CHECKING:
+    from model.precision import Precision  # torch: the recipe loads without it
 
 
 @dataclass
@@ -98,7 +101,7 @@ class OptimizerConfig:
 class Numerics:
     """What the optimizer needs from the train section."""
 
-    precision: str
+    precision: Precision
     grad_clip: float
     tokens_per_micro_batch: int  # fp16's initial loss scale depends on it
     # transformer-engine's FP8 recipe when it runs the GEMMs (its FP8 weights need the distributed
@@ -132,8 +135,8 @@ def build_optimizer(
         adam_beta2=cfg.betas[1],
         adam_eps=cfg.eps,
         clip_grad=numerics.grad_clip,
-        bf16=half and numerics.precision == "bf16",
-        fp16=half and numerics.precision == "fp16",
+        bf16=half and numerics.precision.bf16,
+        fp16=half and numerics.precision.fp16,
         params_dtype=chunks[0].config.params_dtype,
         use_distributed_optimizer=distributed,
         initial_loss_scale=initial_loss_scale(numerics.tokens_per_micro_batch),

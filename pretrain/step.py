@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -15,11 +15,20 @@ import torch.distributed as dist
 from common.errors import AgreedUserError
 from data.dataset import Samples
 from data.loader import BatchPlan, token_ids_beyond
+from model.precision import Precision
 from pretrain.faults import FaultInjection
-from pretrain.guards import Guards, agree, grads_are_finite
+from pretrain.guards import Guards, Watchdog, agree, grads_are_finite
 from pretrain.metrics import document_pairs
 from pretrain.oom import OutOfMemoryInStep
 from pretrain.optim import current_lr
+
+if TYPE_CHECKING:
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.module import MegatronModule
+
+    from model.moe import MoeMonitor
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ def seed_step(seed: int, step: int) -> None:
     model_parallel_cuda_manual_seed(step_seed)
 
 
-def wire_schedule(chunks: list[Any], optimizer: Any) -> None:
+def wire_schedule(chunks: list[MegatronModule], optimizer: MegatronOptimizer) -> None:
     """The hooks megatron-core's schedules call: grad sync control and grad finalization."""
     from megatron.core.distributed import finalize_model_grads
 
@@ -82,21 +91,22 @@ def wire_schedule(chunks: list[Any], optimizer: Any) -> None:
 
 
 @dataclass
-class Step:
-    """Runs steps and evaluations of one rank: what megatron-core's schedule needs, wired once."""
+class Stepper:
+    """Runs steps and evaluations of one rank: what megatron-core's schedule needs, wired once.
+    (A Stepper runs steps; `step` is always a step number.)"""
 
-    chunks: list[Any]  # DDP-wrapped model chunks (one per virtual pipeline stage)
-    optimizer: Any
-    scheduler: Any
+    chunks: list[MegatronModule]  # DDP/FSDP-wrapped model chunks (one per virtual pipeline stage)
+    optimizer: MegatronOptimizer  # megatron-core's (Muon inside its wrappers: pretrain/muon.py)
+    scheduler: OptimizerParamScheduler
     plan: BatchPlan  # this rank's share of each global batch
     seq_length: int
     seed: int
-    precision: str
+    precision: Precision
     faults: FaultInjection  # the `debug` section's faults, injected around each training forward/backward
     device: torch.device
-    groups: Any  # megatron-core ProcessGroupCollection
+    groups: ProcessGroupCollection
     vocab_size: int  # the model's (unpadded) vocabulary: every token id must be below it
-    moe: Any | None = None  # model.moe.MoeMonitor when the model has experts
+    moe: MoeMonitor | None = None  # when the model has experts
 
     def __post_init__(self) -> None:
         wire_schedule(self.chunks, self.optimizer)
@@ -130,7 +140,7 @@ class Step:
             loss = float(totals[0] / totals[1])
             # fp16 gradients overflow by design while the loss scale adjusts: megatron-core's optimizer
             # finds those itself (and skips the update), so only the loss is ours to check there.
-            check_grads = self.precision != "fp16"
+            check_grads = not self.precision.fp16
             bad = not math.isfinite(loss) or (check_grads and not grads_are_finite(self.chunks))
             nonfinite, stop, interrupted = agree([bad, guards.stop.requested, guards.stop.interrupted], self.device)
             updated, grad_norm = False, None
@@ -220,19 +230,19 @@ class Evaluation:
     """When to evaluate: validation every `interval` steps and after the last, the test share after
     the last when asked for; each over `eval_steps` global batches."""
 
-    step: Step
-    data: dict[str, Any]  # split name -> samples
+    stepper: Stepper
+    samples: dict[str, Samples]  # split name -> samples
     interval: int  # train.eval_interval; 0 = never
     eval_steps: int
     test_at_end: bool
 
-    def after(self, step: int, last: bool, watchdog: Any) -> dict[str, float]:
+    def after(self, step: int, last: bool, watchdog: Watchdog) -> dict[str, float]:
         """The evaluation metrics due after step `step` (1-based); {} when none is."""
         out: dict[str, float] = {}
         if self.interval and (step % self.interval == 0 or last):
             with watchdog.phase(step, "evaluation"):
-                out.update(self.step.evaluate(self.data["valid"], self.eval_steps, "val"))
+                out.update(self.stepper.evaluate(self.samples["valid"], self.eval_steps, "val"))
         if last and self.test_at_end:
             with watchdog.phase(step, "evaluation"):
-                out.update(self.step.evaluate(self.data["test"], self.eval_steps, "test"))
+                out.update(self.stepper.evaluate(self.samples["test"], self.eval_steps, "test"))
         return out

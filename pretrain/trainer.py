@@ -15,15 +15,16 @@ import torch
 from data.loader import BatchPlan, TrainBatches
 from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_group, pick_device, world_from_env
 from planning.flops import attention_flops_per_pair
+from planning.gpus import device_peak_tflops
 from planning.setup import validate_for_world
 from pretrain.checkpoint.checkpointer import Checkpointer, TrainState
 from pretrain.faults import FaultInjection, check_debug_for_world
 from pretrain.guards import Guards, Interrupted, NonfiniteGuard, NonfiniteStop, Preempted, StopRequest, Watchdog
-from pretrain.metrics import Metrics, MetricsLog, device_peak_tflops, flops_per_token
+from pretrain.metrics import Metrics, MetricsLog, flops_per_token
 from pretrain.oom import OutOfMemoryInStep
 from pretrain.profiling import Profiler
 from pretrain.recipe import Recipe, check_output_dirs, recipe_to_dict, write_recipe
-from pretrain.step import Evaluation, Step
+from pretrain.step import Evaluation, Stepper
 from upstream import cpu
 
 
@@ -36,8 +37,8 @@ class Run:
     rank: RankInfo
     device: torch.device
     vocab_size: int
-    data: dict[str, Any]  # split name -> data.dataset.BlendedSamples ('train'; 'valid', 'test' when asked for)
-    step: Step
+    samples: dict[str, Any]  # split name -> data.dataset.BlendedSamples ('train'; 'valid', 'test' when asked for)
+    stepper: Stepper
     evaluation: Evaluation
     checkpointer: Checkpointer
     state: TrainState = dataclasses.field(default_factory=TrainState)
@@ -62,41 +63,26 @@ def build_runtime(recipe: Recipe) -> tuple[Layout, BatchPlan, RankInfo, Any, tor
 
 def build_data(recipe: Recipe, tokenizer: Any) -> dict[str, Any]:
     """Train (valid, test) samples of data.path / data.blend; every rank calls this at once."""
-    from common.errors import UserError
-    from data.dataset import blend_of, build_samples
+    from data import dataset
 
-    data = recipe.data
-    train_blend = blend_of(data.path, data.blend)
-    if not train_blend:
-        raise UserError("no training data: set data.path to an indexed dataset prefix, or data.blend")
-    return build_samples(
-        train_blend,
-        blend_of(data.valid_path, data.valid_blend),
-        data.split,
-        seq_length=recipe.model.seq_length,
-        seed=recipe.train.seed,
-        eod=tokenizer.eod,
-        eod_mask_loss=data.eod_mask_loss,
-        cache_dir=str(data.cache_dir or recipe.log_dir() / "data_cache"),
-        vocab_size=tokenizer.vocab_size,
-        with_test=recipe.train.test_at_end,
-        reset_position_ids=data.reset_position_ids,
-        reset_attention_mask=data.reset_attention_mask,
-    )
+    cache_dir = str(recipe.data.cache_dir or recipe.log_dir() / "data_cache")
+    t = recipe.train
+    return dataset.build_data(recipe.data, recipe.model.seq_length, t.seed, tokenizer, cache_dir, t.test_at_end)
 
 
-def build_step(
+def build_stepper(
     recipe: Recipe, layout: Layout, plan: BatchPlan, groups: Any, device: torch.device, vocab_size: int
-) -> Step:
-    """The model (wrapped for data parallelism), its optimizer and LR schedule, wired into a Step."""
+) -> Stepper:
+    """The model (wrapped for data parallelism), its optimizer and LR schedule, wired into a Stepper."""
     from model.gpt import ModelBuild, build_model
-    from parallel.data_parallel import wrap_data_parallel
+    from model.precision import Precision
     from pretrain.optim import Numerics, build_optimizer, build_scheduler
 
     t = recipe.train
+    precision = Precision(t.precision)  # its dtype and flags, for the model, the optimizer and the step
     build = ModelBuild(
         layout=layout,
-        precision=t.precision,
+        precision=precision,
         init_seed=t.seed,
         # megatron-core overlaps p2p only unbatched; gloo needs unbatched anyway (model/gpt.py)
         batch_p2p_comm=device.type == "cuda" and not recipe.parallel.p2p_overlapped,
@@ -107,24 +93,15 @@ def build_step(
     )
     chunks = build_model(recipe.model, build, vocab_size, device, groups)
     te_fp8 = recipe.fp8.enabled and recipe.model.transformer_impl == "transformer_engine"
-    chunks = wrap_data_parallel(
-        chunks,
-        recipe.parallel.distributed_optimizer,
-        groups,
-        fsdp=layout.fsdp,
-        fp8_param_gather=te_fp8 and recipe.fp8.params,
-        overlap_grad_reduce=recipe.parallel.grad_reduce_overlapped,
-        overlap_param_gather=recipe.parallel.param_gather_overlapped,
-        bucket_size=recipe.parallel.bucket_size,
-    )
+    chunks = recipe.parallel.build_data_parallel(chunks, groups, fp8_param_gather=te_fp8 and recipe.fp8.params)
     tokens = t.micro_batch_size * recipe.model.seq_length
-    numerics = Numerics(t.precision, t.grad_clip, tokens, recipe.fp8.recipe if te_fp8 else None)
+    numerics = Numerics(precision, t.grad_clip, tokens, recipe.fp8.recipe if te_fp8 else None)
     optimizer = build_optimizer(
         recipe.optimizer,
         numerics,
         chunks,
         recipe.parallel.distributed_optimizer,
-        fp32_params=layout.fsdp is not None,
+        fp32_params=recipe.parallel.fsdp is not None,
         groups=groups,
     )
     moe = None
@@ -132,14 +109,14 @@ def build_step(
         from model.moe import MoeMonitor
 
         moe = MoeMonitor(recipe.model, chunks)
-    return Step(
+    return Stepper(
         chunks=chunks,
         optimizer=optimizer,
         scheduler=build_scheduler(recipe.optimizer, t.steps, optimizer),
         plan=plan,
         seq_length=recipe.model.seq_length,
         seed=t.seed,
-        precision=t.precision,
+        precision=precision,
         faults=FaultInjection(recipe.debug, torch.distributed.get_rank()),
         device=device,
         groups=groups,
@@ -154,28 +131,28 @@ def build_run(recipe: Recipe) -> Run:
     layout, plan, rank, groups, device = build_runtime(recipe)
     tokenizer = build_tokenizer(recipe.data.tokenizer)
     vocab_size = recipe.model.vocab_size or tokenizer.vocab_size
-    data = build_data(recipe, tokenizer)
-    step = build_step(recipe, layout, plan, groups, device, vocab_size)
+    samples = build_data(recipe, tokenizer)
+    stepper = build_stepper(recipe, layout, plan, groups, device, vocab_size)
     checkpointer = Checkpointer(
         recipe.checkpoint,
         recipe.checkpoint_dir(),
-        step.chunks,
-        step.optimizer,
-        step.scheduler,
+        stepper.chunks,
+        stepper.optimizer,
+        stepper.scheduler,
         extra={"recipe": recipe_to_dict(recipe), "vocab_size": vocab_size},  # unpadded: what an export keeps
         rank=rank.rank,
-        faults=step.faults,
+        faults=stepper.faults,
     )
     t = recipe.train
-    evaluation = Evaluation(step, data, t.eval_interval, t.eval_steps, t.test_at_end)
+    evaluation = Evaluation(stepper, samples, t.eval_interval, t.eval_steps, t.test_at_end)
     return Run(
         recipe=recipe,
         layout=layout,
         rank=rank,
         device=device,
         vocab_size=vocab_size,
-        data=data,
-        step=step,
+        samples=samples,
+        stepper=stepper,
         evaluation=evaluation,
         checkpointer=checkpointer,
     )
@@ -184,7 +161,7 @@ def build_run(recipe: Recipe) -> Run:
 def build_metrics(run: Run) -> Metrics:
     """Rank 0 writes metrics.jsonl and wandb (from the resumed step on); every rank builds records.
     An FP8 run says so first, then which GEMMs run in FP8 (gathered from every rank's model)."""
-    recipe, plan = run.recipe, run.step.plan
+    recipe, plan = run.recipe, run.stepper.plan
     device_name = torch.cuda.get_device_name() if run.device.type == "cuda" else None
     peak, fp8_peak = device_peak_tflops(device_name), device_peak_tflops(device_name, fp8=True)
     fp8_lines = _fp8_lines(run, peak, fp8_peak) if recipe.fp8.enabled else []
@@ -218,13 +195,13 @@ def _optimizer_line(run: Run) -> str:
     if cfg.name == "adamw" and cfg.cpu_offload:
         from pretrain.optim import host_share
 
-        host, total = host_share(run.step.optimizer)
+        host, total = host_share(run.stepper.optimizer)
         return f"optimizer: AdamW for every parameter; {host} of {total} elements stepped on the host (cpu_offload)"
     if cfg.name == "adamw":
         return "optimizer: AdamW for every parameter"
     from pretrain.muon import describe
 
-    return describe(run.step.chunks, cfg.split_qkv)
+    return describe(run.stepper.chunks, cfg.split_qkv)
 
 
 def _fp8_lines(run: Run, peak: float | None, fp8_peak: float | None) -> list[str]:
@@ -236,7 +213,7 @@ def _fp8_lines(run: Run, peak: float | None, fp8_peak: float | None) -> list[str
     lines = [describe(run.recipe.fp8, run.recipe.model)]
     if run.recipe.model.transformer_impl == "local":
         places: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(places, linear_places(run.step.chunks))
+        dist.all_gather_object(places, linear_places(run.stepper.chunks))
         lines.append(summarize(set().union(*(p[0] for p in places)), set().union(*(p[1] for p in places))))
     if peak is not None:
         fp8 = f"mfu_fp8 against the FP8 peak ({fp8_peak:.0f} TFLOP/s)" if fp8_peak else "no FP8 peak known"
@@ -273,8 +250,8 @@ def train(recipe: Recipe) -> dict[str, Any]:
         if run.rank.rank == 0:
             write_recipe(recipe, recipe.log_dir() / "recipe.yaml")
         batches = TrainBatches(
-            run.data["train"],
-            run.step.plan,
+            run.samples["train"],
+            run.stepper.plan,
             run.state.consumed_samples,
             recipe.train.steps - run.state.step,
             recipe.data.num_workers,
@@ -289,7 +266,7 @@ def train(recipe: Recipe) -> dict[str, Any]:
         except (OutOfMemoryInStep, torch.OutOfMemoryError) as e:
             from pretrain.oom import OutOfMemory, report
 
-            if isinstance(e, torch.OutOfMemoryError):  # outside Step.train: around the last step counted
+            if isinstance(e, torch.OutOfMemoryError):  # outside Stepper.train: around the last step counted
                 e = OutOfMemoryInStep(run.state.step, "data, evaluation, logging or checkpoint", str(e), run.device)
             raise OutOfMemory(
                 report(recipe, run.layout.world_size, run.rank.rank, run.device, run.vocab_size, e)
@@ -310,8 +287,8 @@ def _loop(run: Run, batches: TrainBatches, metrics: Metrics, profiler: Profiler,
         start = time.perf_counter()
         with guards.watchdog.phase(state.step + 1, "data"):
             step_batches = batches.step(state.consumed_samples)
-            run.step.check_token_ids(step_batches, run.data["train"], state.consumed_samples)
-        result = run.step.train(state.step, step_batches, guards)
+            run.stepper.check_token_ids(step_batches, run.samples["train"], state.consumed_samples)
+        result = run.stepper.train(state.step, step_batches, guards)
         state.consumed_samples += recipe.train.global_batch_size  # a skipped step uses up its batch too
         state.step += 1
         stop_reason = _count_nonfinite(run, guards.nonfinite, result.nonfinite, result.loss)

@@ -10,8 +10,8 @@ import sys
 
 from common.errors import UserError, run_tool
 from planning import search
+from planning.gpus import GPUS
 from planning.setup import vocab_size
-from planning.step_time import GPUS
 from pretrain.recipe import load_recipe
 
 

@@ -27,7 +27,7 @@ from model.attention.kernels import (
     _stride_order,
     accumulation_dtype,
 )
-from model.layers import SDPAttention
+from model.attention.sdpa import SDPAttention
 
 Tensor = torch.Tensor
 

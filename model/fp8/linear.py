@@ -11,7 +11,8 @@ import importlib.metadata
 import importlib.util
 import logging
 import re
-from typing import Any
+import types
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -26,11 +27,14 @@ from common.errors import UserError
 from model.config import FP8_RECIPES_TE, Fp8Config, ModelConfig
 from model.moe import ExpertRowParallelLinear
 
-Groups = tuple[Any, ...]  # process groups of size > 1
+if TYPE_CHECKING:
+    from torchao.float8.float8_training_tensor import Float8TrainingTensor, LinearMMConfig
+
+Groups = tuple[dist.ProcessGroup, ...]  # process groups of size > 1
 
 
 @functools.cache
-def _torchao() -> Any:
+def _torchao() -> _Ao:
     """torchao's float8 modules, imported on first use (4 s). On a machine without CUDA its package
     import logs a failure for each CUDA kernel library it ships; those kernels are never used here."""
     quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
@@ -51,12 +55,12 @@ def _torchao() -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class _Ao:
-    config: Any
-    tensor: Any
-    utils: Any
+    config: types.ModuleType  # torchao.float8.config
+    tensor: types.ModuleType  # torchao.float8.float8_training_tensor
+    utils: types.ModuleType  # torchao.float8.float8_utils
 
     @functools.cached_property
-    def mm_config(self) -> Any:
+    def mm_config(self) -> LinearMMConfig:
         """torchao's choices for the three GEMMs: fast accumulation in the forward GEMM only, and the
         inner dimension zero-padded to 16 where CUDA needs it (expert token counts); zeros add nothing."""
         cfg = self.tensor.ScaledMMConfig
@@ -74,10 +78,12 @@ class Fp8Gemms:
     forward_dtype: torch.dtype  # activations and weights
     backward_dtype: torch.dtype  # output gradients
     rowwise: bool  # one scale per row (per token, per output channel) instead of per tensor
-    cp_group: Any = None  # context-parallel group: ranks holding other tokens of the same sequences
+    cp_group: dist.ProcessGroup | None = (
+        None  # context-parallel group: ranks holding other tokens of the same sequences
+    )
 
 
-def gemms_for(fp8: Fp8Config, cp_group: Any = None) -> Fp8Gemms:
+def gemms_for(fp8: Fp8Config, cp_group: dist.ProcessGroup | None = None) -> Fp8Gemms:
     """The local FP8 linears' settings for `fp8` (e4m3/e5m2 as torchao names them for this device)."""
     ao = _torchao().config
     return Fp8Gemms(
@@ -122,14 +128,14 @@ class _Splits:
     grad_output: _Split  # [tokens, out]
 
     @staticmethod
-    def of(column: bool, tp_group: Any, cp_group: Any) -> _Splits:
+    def of(column: bool, tp_group: dist.ProcessGroup | None, cp_group: dist.ProcessGroup | None) -> _Splits:
         tp, cp = _sized(tp_group), _sized(cp_group)
         if column:
             return _Splits(input=_Split(cp, ()), weight=_Split(tp, ()), grad_output=_Split(cp, tp))
         return _Splits(input=_Split(cp, tp), weight=_Split((), tp), grad_output=_Split(cp, ()))
 
 
-def _sized(group: Any) -> Groups:
+def _sized(group: dist.ProcessGroup | None) -> Groups:
     return (group,) if group is not None and group.size() > 1 else ()
 
 
@@ -149,7 +155,7 @@ def _amax(x: torch.Tensor, axis: int | None) -> torch.Tensor:
 
 def quantize(
     x: torch.Tensor, dtype: torch.dtype, role: str, split: _Split, axis: int | None, scale: torch.Tensor | None = None
-) -> Any:
+) -> Float8TrainingTensor:
     """`x` [rows, cols] as torchao's Float8TrainingTensor in `dtype` with current scaling: one scale
     (axis None) or one per row (-1) or column (0), from the amax over every rank holding part of
     what the scale covers, so each layout casts with the scales one process would. `scale` reuses a
@@ -225,7 +231,7 @@ class _Fp8Linear:
         gradient_accumulation_fusion: bool,
         allreduce_dgrad: bool,
         sequence_parallel: bool,
-        grad_output_buffer: Any = None,
+        grad_output_buffer: list[torch.Tensor] | None = None,
         **unused: Any,
     ) -> torch.Tensor:
         if gradient_accumulation_fusion or grad_output_buffer is not None:

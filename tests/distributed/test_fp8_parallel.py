@@ -62,6 +62,7 @@ def _tensor_parallel(rank: int) -> dict:
     from model.config import Fp8Config, ModelConfig
     from model.fp8 import linear as fp8
     from model.gpt import ModelBuild, transformer_config
+    from model.precision import Precision
     from parallel.layout import Layout, init_model_parallel
     from upstream import cpu
 
@@ -71,7 +72,7 @@ def _tensor_parallel(rank: int) -> dict:
         init_model_parallel(layout)
         model_parallel_cuda_manual_seed(0)
         model = ModelConfig(hidden_size=H, ffn_hidden_size=F)
-        config = transformer_config(model, ModelBuild(layout=layout, precision="bf16"))
+        config = transformer_config(model, ModelBuild(layout=layout, precision=Precision("bf16")))
         init = torch.nn.init.xavier_normal_
         for recipe in RECIPES:
             gemms = fp8.gemms_for(Fp8Config(enabled=True, recipe=recipe))

@@ -45,9 +45,10 @@ def _init(world: int, **sizes):
 def _build(model, layout, groups, precision: str = "fp32", fsdp: str | None = None):
     """The model chunks as training builds them (same seeds at every layout), maybe fully sharded."""
     from model.gpt import ModelBuild, build_model
+    from model.precision import Precision
     from parallel.data_parallel import wrap_data_parallel
 
-    build = ModelBuild(layout=layout(fsdp=fsdp), precision=precision)
+    build = ModelBuild(layout=layout(fsdp=fsdp), precision=Precision(precision))
     chunks = build_model(model, build, VOCAB, torch.device("cpu"), groups)
     return wrap_data_parallel(chunks, False, groups, fsdp=fsdp) if fsdp else chunks
 

@@ -18,6 +18,7 @@ def _one_step(rank: int, world: int, overlap: bool) -> dict:
 
     from model.config import ModelConfig
     from model.gpt import ModelBuild, build_model
+    from model.precision import Precision
     from parallel.data_parallel import sync_params, wrap_data_parallel
     from parallel.layout import Layout, init_model_parallel
     from pretrain.optim import Numerics, OptimizerConfig, build_optimizer
@@ -34,7 +35,7 @@ def _one_step(rank: int, world: int, overlap: bool) -> dict:
     chunks = wrap_data_parallel(
         chunks, True, groups, overlap_grad_reduce=overlap, overlap_param_gather=overlap, bucket_size=10_000
     )
-    optimizer = build_optimizer(OptimizerConfig(lr=1e-2), Numerics("fp32", 1.0, SEQ), chunks, distributed=True)
+    optimizer = build_optimizer(OptimizerConfig(lr=1e-2), Numerics(Precision(), 1.0, SEQ), chunks, distributed=True)
     (chunk,) = chunks
     config = chunk.config
     config.no_sync_func, config.finalize_model_grads_func = chunk.no_sync, finalize_model_grads

@@ -262,7 +262,7 @@ def test_cp1_function_equals_sdpa(megatron_single_process, dtype):
 def test_ring_attention_module_equals_sdp_attention(megatron_single_process):
     """The core_attention at cp=1 equals SDPAttention, in megatron's [s, b, np, hn] layout;
     a config with context_parallel_size > 1 passes DotProductAttention's CP assertion."""
-    from model.layers import SDPAttention
+    from model.attention.sdpa import SDPAttention
 
     ring = RingAttention(**_attention_kwargs(context=2))
     assert ring.config.context_parallel_size == 2

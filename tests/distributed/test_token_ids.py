@@ -1,4 +1,4 @@
-"""The token-id check of a training step (pretrain/step.py:Step.check_token_ids) on 2 gloo ranks:
+"""The token-id check of a training step (pretrain/step.py:Stepper.check_token_ids) on 2 gloo ranks:
 when only one rank's micro-batch holds an id beyond the vocabulary, both ranks stop at the same
 step with the same one-line message, naming the sample; with every id in range neither stops."""
 
@@ -34,15 +34,15 @@ def _check_both(rank: int, world: int) -> list[str]:
 def _check(rank: int, with_bad: bool) -> str:
     from common.errors import AgreedUserError
     from data.loader import BatchPlan
-    from pretrain.step import Step
+    from pretrain.step import Stepper
 
     plan = BatchPlan(8, 2, dp_size=2, dp_rank=rank)
     samples = _Samples() if with_bad else {i: _Samples()[i if i != 6 else 5] for i in range(8)}
-    step = types.SimpleNamespace(device=torch.device("cpu"), vocab_size=VOCAB, plan=plan)
+    stepper = types.SimpleNamespace(device=torch.device("cpu"), vocab_size=VOCAB, plan=plan)
     batches = [plan.whole_batch(samples, 0, m) for m in range(plan.micro_batches)]
     assert any(int(b["tokens"].max()) >= VOCAB for b in batches) == (with_bad and rank == 1)
     try:
-        Step.check_token_ids(step, batches, samples, 0)
+        Stepper.check_token_ids(stepper, batches, samples, 0)
     except AgreedUserError as exc:
         return str(exc)
     return "no error"

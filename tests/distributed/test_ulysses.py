@@ -149,7 +149,7 @@ def _attention_kwargs(context=1, comm="a2a", **model_changes):
 def test_ulysses_module_equals_sdp_attention(megatron_single_process):
     """At cp = 1 (an all-to-all of one rank) the core_attention equals SDPAttention in megatron's
     [s, b, np, hn] layout, value and gradients."""
-    from model.layers import SDPAttention
+    from model.attention.sdpa import SDPAttention
 
     module = UlyssesAttention(**_attention_kwargs(context=2))
     assert module.config.context_parallel_size == 2 and module.ring_group is None

@@ -9,11 +9,11 @@ exception escaping it fails the test); the ones that train start a process of th
 import importlib
 import os
 import subprocess
-import sys
 
 import pytest
 
-from tests.helpers.runs import REPO, tiny_overrides
+from tests.helpers.runs import tiny_overrides
+from tests.helpers.warm import run_python
 
 USER_ERROR = 2
 
@@ -58,7 +58,7 @@ def a_file(tmp_path):
 
 def _pretrain(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return run_python(args, env=env, timeout=300)
 
 
 def _single_error_line(proc: subprocess.CompletedProcess) -> str:

@@ -8,9 +8,10 @@ import json
 import os
 import pathlib
 import subprocess
-import sys
 
 import pytest
+
+from tests.helpers.warm import run_python
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT_S = 120
@@ -22,9 +23,7 @@ UNKNOWN_KEY = ["--recipe", "tiny_gpt", "model.hiden_size=3"]
 def _run(args):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    return subprocess.run(
-        [sys.executable, "pretrain_gpt.py", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S
-    )
+    return run_python(["pretrain_gpt.py", *args], env=env, timeout=TIMEOUT_S)
 
 
 class _Runs:

@@ -5,13 +5,12 @@ import json
 import math
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 from PIL import Image
 
-from tests.helpers.runs import REPO, read_metrics, tiny_overrides
+from tests.helpers.runs import read_metrics, tiny_overrides
+from tests.helpers.warm import run_python
 from tools import compare_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -70,13 +69,7 @@ def test_table_and_plots_from_metrics_files(tmp_path, capsys):
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, make, message):
-    proc = subprocess.run(
-        [sys.executable, "-m", "tools.compare_runs", str(make(tmp_path)), "--out", str(tmp_path / "plots")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    proc = run_python(["-m", "tools.compare_runs", str(make(tmp_path)), "--out", str(tmp_path / "plots")], timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [message.format(tmp=tmp_path)]
     assert proc.stdout == "" and not (tmp_path / "plots").exists()
@@ -97,14 +90,8 @@ def test_resumed_run_keeps_its_wandb_run_id(synthetic_corpus, tmp_path, capsys):
     for steps in (2, 4):
         overrides = tiny_overrides(synthetic_corpus, tmp_path, "checkpoint.load=auto", f"train.steps={steps}")
         overrides.remove("logging.wandb.mode=disabled")
-        proc = subprocess.run(
-            [sys.executable, "pretrain_gpt.py", "--recipe", "tiny_gpt", *overrides, "logging.wandb.mode=offline"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        args = ["pretrain_gpt.py", "--recipe", "tiny_gpt", *overrides, "logging.wandb.mode=offline"]
+        proc = run_python(args, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
     assert re.fullmatch(r"[a-z0-9]{8}", run_id)

@@ -4,13 +4,13 @@ configs with random weights (no hub): logits parity, exact round trips, and othe
 import json
 import pathlib
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.helpers.hf_families import llama_config, mixtral_config
-from tests.helpers.runs import REPO, read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.runs import read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.warm import run_python
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
@@ -27,9 +27,7 @@ HF_MODELS = {
 
 
 def _convert(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tools.convert_hf", *args], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    return run_python(["-m", "tools.convert_hf", *args], timeout=300)
 
 
 @pytest.fixture(scope="module", params=list(HF_MODELS))

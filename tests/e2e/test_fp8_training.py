@@ -4,12 +4,11 @@ transformer-engine without transformer-engine is refused in one line."""
 
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers.runs import REPO, TINY_STEPS, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.runs import TINY_STEPS, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.warm import run_python
 
 FP8 = ["train.precision=bf16", "fp8.enabled=true"]
 LONG_STEPS = 50
@@ -92,14 +91,7 @@ def test_fp8_resume_continues_the_curve(fp8_reference, synthetic_corpus, tmp_pat
 def test_transformer_engine_fp8_without_transformer_engine_is_one_line(synthetic_corpus, tmp_path):
     overrides = tiny_overrides(synthetic_corpus, tmp_path, *FP8, "model.transformer_impl=transformer_engine")
     env = dict(os.environ, OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    proc = subprocess.run(
-        [sys.executable, "pretrain_gpt.py", "--recipe", "tiny_gpt", *overrides],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_python(["pretrain_gpt.py", "--recipe", "tiny_gpt", *overrides], env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.splitlines() == [
         "error: fp8.recipe = tensorwise with model.transformer_impl = transformer_engine needs "

@@ -4,13 +4,12 @@ tools/convert_hf.py, and decoded greedily by both from the same prompt gives the
 same at a tensor × pipeline layout under torchrun; bad input is one line."""
 
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from tests.helpers.hf_families import llama_config
-from tests.helpers.runs import REPO
+from tests.helpers.warm import run_python
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
@@ -21,9 +20,8 @@ NEW_TOKENS = 48
 
 
 def _run(args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = (launch if nproc > 1 else [sys.executable]) + args
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=_env())
+    launcher = [] if nproc == 1 else ["-m", "tests.helpers.forkrun", str(nproc)]  # torchrun's ranks, forked warm
+    return run_python(launcher + args, env=_env(), timeout=300)
 
 
 def _env() -> dict:

@@ -2,13 +2,12 @@
 of megatron-core's sequential experts, and checkpoints that resume either way at other layouts."""
 
 import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.helpers.runs import REPO, TINY_STEPS, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.runs import TINY_STEPS, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.warm import run_python
 
 HALF = TINY_STEPS // 2
 GROUPED, SEQUENTIAL = "model.moe.grouped_gemm=true", "model.moe.grouped_gemm=false"
@@ -47,13 +46,7 @@ def _assert_export_places_each_expert(ckpt: pathlib.Path, out: pathlib.Path) -> 
     from pretrain.checkpoint import storage
     from pretrain.recipe import load_recipe
 
-    proc = subprocess.run(
-        [sys.executable, "-m", "tools.convert_hf", "export", str(ckpt), str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python(["-m", "tools.convert_hf", "export", str(ckpt), str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     hf = load_file(str(out / "model.safetensors"))
     model = load_recipe("tiny_moe", [GROUPED]).model

@@ -5,13 +5,13 @@ filters by data rank and micro-batch; bad input is one line."""
 
 import math
 import subprocess
-import sys
 
 import numpy
 import pytest
 import torch
 
-from tests.helpers.runs import REPO, read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.runs import read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.warm import run_python
 
 GLOBAL_BATCH, MICRO_BATCH = 8, 2  # tiny_gpt's
 
@@ -87,9 +87,7 @@ def test_tokens_are_a_window_of_the_named_documents(run_dir, synthetic_corpus):
 
 
 def _inspect(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "tools.inspect_data", *args], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+    return run_python(["-m", "tools.inspect_data", *args], timeout=300)
 
 
 def test_command_line_filters_rank_and_micro_batch(run_dir):

@@ -1,27 +1,18 @@
 """python -m tools.inspect_data under data.reset_attention_mask / reset_position_ids: each sample's line
 names the document spans its attention stays inside, which end at the sample's EODs."""
 
-import subprocess
-import sys
-
 import pytest
 
-from tests.helpers.runs import REPO
+from tests.helpers.warm import run_python
 
 EOD = 256  # the byte tokenizer's
 
 
 @pytest.mark.slow
 def test_inspect_shows_the_document_spans_of_a_step(short_document_corpus, tmp_path):
-    cmd = [sys.executable, "-m", "tools.inspect_data", "--recipe", "tiny_gpt", "--step", "2", "--micro-batch", "0"]
+    cmd = ["-m", "tools.inspect_data", "--recipe", "tiny_gpt", "--step", "2", "--micro-batch", "0"]
     keys = ["data.reset_attention_mask=true", "data.reset_position_ids=true"]
-    proc = subprocess.run(
-        cmd + [f"data.path={short_document_corpus}", f"logging.dir={tmp_path}", *keys],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_python(cmd + [f"data.path={short_document_corpus}", f"logging.dir={tmp_path}", *keys], timeout=120)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     spans = [line for line in lines if line.startswith("attention inside ")]

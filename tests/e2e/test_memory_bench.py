@@ -9,12 +9,10 @@ model dropped (the smallest activation term of these models, the attention outpu
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.helpers.runs import REPO
+from tests.helpers.warm import run_python
 
 SMALL = [
     "model.hidden_size=256",
@@ -29,19 +27,10 @@ PREDICTED_REL = 0.10
 
 
 def _bench(nproc: int, *overrides: str) -> list[dict]:
-    launcher = (
-        [sys.executable]
-        if nproc == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    )
-    proc = subprocess.run(
-        [*launcher, "-m", "benchmarks.bench_memory", "--recipe", "tiny_gpt", *SMALL, *overrides],
-        cwd=REPO,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    args = ["-m", "benchmarks.bench_memory", "--recipe", "tiny_gpt", *SMALL, *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = [] if nproc == 1 else ["-m", "tests.helpers.forkrun", str(nproc)]  # torchrun's ranks, forked warm
+    proc = run_python([*launcher, *args], env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 

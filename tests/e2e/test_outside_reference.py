@@ -12,14 +12,13 @@ carry no probability and their rows no gradient, or the loss is 7 % above transf
 first step (5.918 against 5.521 here, measured with the masking switched off)."""
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.helpers.runs import REPO, assert_close_curves, read_metrics, run_pretrain
+from tests.helpers.runs import assert_close_curves, read_metrics, run_pretrain
+from tests.helpers.warm import run_python
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
@@ -65,13 +64,7 @@ def imported(request, tmp_path_factory):
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
     root = tmp_path_factory.mktemp(request.param)
     model.save_pretrained(root / "hf")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tools.convert_hf", "import", str(root / "hf"), str(root / "ckpt")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python(["-m", "tools.convert_hf", "import", str(root / "hf"), str(root / "ckpt")], timeout=300)
     assert proc.returncode == 0, proc.stderr
     return root / "hf", root / "ckpt", recipe, overrides
 

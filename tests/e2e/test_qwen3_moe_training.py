@@ -5,14 +5,12 @@ only (megatron-core sums them over the tensor ranks because model.qk_layernorm s
 qk_layernorm), and the global balancing loss counts expert loads over the tensor, context and
 data-parallel ranks."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from tests.helpers.hf_families import read_tensors
-from tests.helpers.runs import REPO, assert_close_curves, read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.runs import assert_close_curves, read_metrics, run_pretrain, tiny_overrides
+from tests.helpers.warm import run_python
 
 # As tests/e2e/test_moe_training.py. Measured (2026-12-07, 4 steps): TP2×EP2 equal to one process
 # within 1e-7 (loss and moe_global_aux_loss). Negative control, by hand: data-parallel 2 (4 micro-
@@ -40,8 +38,8 @@ def test_tensor_and_expert_parallel_reproduce_one_process(synthetic_corpus, tmp_
     assert 1.0 <= one[0]["moe_global_aux_loss"] < 2.0
     assert_close_curves(two, one, rel=FP32_REL, keys=KEYS)
     for run in ("one", "tp2-ep2"):
-        export = [sys.executable, "-m", "tools.convert_hf", "export", str(tmp_path / run / "checkpoints")]
-        proc = subprocess.run([*export, str(tmp_path / f"{run}-hf")], cwd=REPO, capture_output=True, text=True)
+        export = ["-m", "tools.convert_hf", "export", str(tmp_path / run / "checkpoints")]
+        proc = run_python([*export, str(tmp_path / f"{run}-hf")], timeout=300)
         assert proc.returncode == 0, proc.stderr
     a, b = read_tensors(tmp_path / "one-hf"), read_tensors(tmp_path / "tp2-ep2-hf")
     assert sorted(a) == sorted(b) and any(".q_norm." in k for k in a)

@@ -21,7 +21,8 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
 from common.errors import UserError
 from pretrain.checkpoint import manifest
-from tests.helpers.runs import REPO, run_pretrain, tiny_overrides
+from tests.helpers.runs import run_pretrain, tiny_overrides
+from tests.helpers.warm import run_python
 from upstream import safe_loading
 
 
@@ -95,13 +96,7 @@ def test_byte_item_payload_is_refused_on_resume(planted, synthetic_corpus, tmp_p
 
 
 def test_byte_item_payload_is_refused_by_export(planted, tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "tools.convert_hf", "export", str(planted), str(tmp_path / "hf")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_python(["-m", "tools.convert_hf", "export", str(planted), str(tmp_path / "hf")], timeout=300)
     assert "refusing to unpickle it (it names posix.system)" in _one_error_line(proc)
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "hf" / "model.safetensors").exists()
 

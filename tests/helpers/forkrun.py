@@ -1,5 +1,5 @@
-"""`python -m tests.helpers.forkrun N pretrain_gpt.py-arguments...`: the tests' launcher for runs
-expected to succeed. One process imports torch, megatron-core and the trainer once, then forks the
+"""`python -m tests.helpers.forkrun N pretrain_gpt.py-arguments...` (or `N -m module arguments...`
+for another entry point, e.g. tools.generate): the tests' launcher for runs expected to succeed. One process imports torch, megatron-core and the trainer once, then forks the
 N ranks; torchrun starts N fresh interpreters that each import them again, about 3.5 s of CPU per
 rank on the 2-core CI machine, most of a tiny run's cost (a 16-rank run: a minute of imports).
 
@@ -50,9 +50,17 @@ def _rank(rank: int, nproc: int, port: int, argv: list[str]) -> None:
     )
     code = 1
     try:
-        from pretrain.cli import main
+        if argv[:1] == ["-m"]:
+            import runpy
 
-        code = main(argv)
+            sys.argv = argv[1:]
+            sys.modules.pop(argv[1], None)
+            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            code = 0
+        else:
+            from pretrain.cli import main
+
+            code = main(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:

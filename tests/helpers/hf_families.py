@@ -17,6 +17,18 @@ _ATTENTION = dict(
 # rope_scaling flag would silently use the published ones, so these tell the two apart.
 LLAMA3_ROPE = dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=2.0)
 LLAMA3_ROPE["original_max_position_embeddings"] = 32
+# The two Qwen3-MoE configs: 8 experts top-2 with head_dim 32; they differ in where the experts are.
+_QWEN3_MOE = dict(
+    _ATTENTION,
+    head_dim=32,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    rope_theta=1000000.0,
+    max_position_embeddings=128,
+    num_experts=8,
+    num_experts_per_tok=2,
+)
 
 # name -> (transformers class, config class, config kwargs)
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -65,39 +77,12 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3-moe": (  # layer 0 dense (mlp_only_layers), layer 1 MoE; top-k renormalized
         "Qwen3MoeForCausalLM",
         "Qwen3MoeConfig",
-        dict(
-            _ATTENTION,
-            head_dim=32,
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            num_hidden_layers=2,
-            rope_theta=1000000.0,
-            max_position_embeddings=128,
-            num_experts=8,
-            num_experts_per_tok=2,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=[0],
-            tie_word_embeddings=False,
-        ),
+        dict(_QWEN3_MOE, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[0], tie_word_embeddings=False),
     ),
     "qwen3-moe-step": (  # every 2nd layer MoE (decoder_sparse_step), top-k probabilities not renormalized
         "Qwen3MoeForCausalLM",
         "Qwen3MoeConfig",
-        dict(
-            _ATTENTION,
-            head_dim=32,
-            intermediate_size=96,
-            moe_intermediate_size=32,
-            num_hidden_layers=2,
-            rope_theta=1000000.0,
-            max_position_embeddings=128,
-            num_experts=8,
-            num_experts_per_tok=2,
-            norm_topk_prob=False,
-            decoder_sparse_step=2,
-            mlp_only_layers=[],
-        ),
+        dict(_QWEN3_MOE, norm_topk_prob=False, decoder_sparse_step=2, mlp_only_layers=[]),
     ),
     "deepseek-v3": (  # the tiny shapes: MLA, layer 0 dense, layer 1 8 experts top-2 in 1 of 2 groups
         "DeepseekV3ForCausalLM",

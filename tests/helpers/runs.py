@@ -9,6 +9,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from tests.helpers.warm import run_python
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
@@ -49,9 +51,11 @@ def run_pretrain(
         cmd = [sys.executable, "-m", runner, "--standalone", f"--nproc_per_node={nproc}", "pretrain_gpt.py"]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", WANDB_SILENT="true")
-    proc = subprocess.run(
-        cmd + ["--recipe", recipe, *overrides], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
+    args = [*cmd[1:], "--recipe", recipe, *overrides]
+    if launcher or not check and nproc > 1:  # the launchers themselves are under test: real processes
+        proc = subprocess.run([cmd[0], *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    else:
+        proc = run_python(args, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         # A rank's one-line error can sit far above torchrun's failure summary: name it first.
         said = [line for line in (proc.stdout + proc.stderr).splitlines() if "error: " in line]

@@ -1,18 +1,24 @@
-"""Runs a test function on N gloo ranks (spawned processes, a free port) and hands back what each
-rank returned, so the test can compare it with a single-process reference it computes itself."""
+"""Runs a test function on N gloo ranks (processes forked from the warm-start server, or spawned
+with TESTS_WARM=0; a free port) and hands back what each rank returned, so the test can compare it
+with a single-process reference it computes itself."""
 
 from __future__ import annotations
 
 import datetime
 import os
+import pickle
 import socket
+import sys
 import tempfile
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from tests.helpers import warm
 
 
 def free_port() -> int:
@@ -46,5 +52,54 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list
     An exception on any rank fails the caller with that rank's traceback. `fn` must be importable
     (a module-level function)."""
     with tempfile.TemporaryDirectory() as results:
-        mp.spawn(_rank_main, args=(fn, world_size, free_port(), args, results), nprocs=world_size, join=True)
+        if not warm.ENABLED:
+            mp.spawn(_rank_main, args=(fn, world_size, free_port(), args, results), nprocs=world_size, join=True)
+        else:
+            payload = os.path.join(results, "payload.pkl")
+            with open(payload, "wb") as f:
+                pickle.dump((fn, world_size, args), f)
+            proc = warm.run_python(["-m", "tests.helpers.spawn", payload], timeout=600)
+            if proc.returncode != 0:
+                errors = [
+                    open(os.path.join(results, e)).read() for e in sorted(os.listdir(results)) if e.endswith(".err")
+                ]
+                raise AssertionError(
+                    f"exit {proc.returncode}\n" + "\n".join(errors) + proc.stdout[-3000:] + proc.stderr[-5000:]
+                )
         return [torch.load(os.path.join(results, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
+
+
+def _fork_ranks(payload: str) -> int:
+    """The warm-start side of run_distributed: fork the ranks of the pickled call; a rank that raises
+    leaves its traceback in rank{r}.err beside the results."""
+    with open(payload, "rb") as f:
+        fn, world_size, args = pickle.load(f)
+    results, port, children = os.path.dirname(payload), free_port(), {}
+    for rank in range(world_size):
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                _rank_main(rank, fn, world_size, port, args, results)
+            except BaseException:
+                code = 1
+                with open(os.path.join(results, f"rank{rank}.err"), "w") as f:
+                    f.write(f"rank {rank}:\n{traceback.format_exc()}")
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = rank
+    failed = 0
+    while children:
+        pid, status = os.wait()
+        del children[pid]
+        if os.waitstatus_to_exitcode(status) != 0 and not failed:
+            failed = 1
+            for other in children:  # the others would wait for the failed rank until the timeout
+                os.kill(other, 15)
+    return failed
+
+
+if __name__ == "__main__":
+    sys.exit(_fork_ranks(sys.argv[1]))

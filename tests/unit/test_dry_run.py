@@ -1,11 +1,11 @@
 """`--dry-run` planning: which layers each pipeline stage holds, without building anything."""
 
-from planning.dry_run import plan
+from planning.dry_run import placement
 from pretrain.recipe import load_recipe
 
 
 def _layers(overrides, world):
-    stages = plan(load_recipe("tiny_gpt", overrides), world).stages
+    stages = placement(load_recipe("tiny_gpt", overrides), world).stages
     return [s.layers for s in stages]
 
 

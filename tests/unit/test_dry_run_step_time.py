@@ -6,9 +6,10 @@ import json
 import pytest
 
 from planning.dry_run import dry_run
+from planning.gpus import GPUS
 from planning.memory import Target, setup_for
 from planning.setup import vocab_size
-from planning.step_time import GPUS, step_time
+from planning.step_time import step_time
 from pretrain import cli
 from pretrain.recipe import load_recipe
 

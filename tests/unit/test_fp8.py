@@ -20,7 +20,9 @@ from model.fp8.linear import (
     transformer_config_fields,
 )
 from model.gpt import ModelBuild, build_model_chunks, transformer_config
-from pretrain.metrics import Metrics, _progress_line, device_peak_tflops
+from model.precision import Precision
+from planning.gpus import device_peak_tflops
+from pretrain.metrics import Metrics, _progress_line
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 BF16_ULP = 2**-7  # relative spacing of bf16 numbers at its coarsest: one rounding step
@@ -41,7 +43,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _config():
-    return transformer_config(ModelConfig(), ModelBuild(precision="bf16"))
+    return transformer_config(ModelConfig(), ModelBuild(precision=Precision("bf16")))
 
 
 @pytest.mark.parametrize("fmt", ["hybrid", "e4m3"])
@@ -106,7 +108,7 @@ def test_bias_and_row_parallel_linear(megatron_single_process):
 
 
 def _places(model: ModelConfig, fp8: Fp8Config):
-    chunks = build_model_chunks(model, ModelBuild(precision="bf16", fp8=fp8), vocab_size=256)
+    chunks = build_model_chunks(model, ModelBuild(precision=Precision("bf16"), fp8=fp8), vocab_size=256)
     return linear_places(chunks)
 
 
@@ -163,7 +165,7 @@ def test_transformer_engine_fields():
         num_layers_at_start_in_bf16=2,
         num_layers_at_end_in_bf16=2,
     )
-    config = transformer_config(te, ModelBuild(precision="bf16", fp8=fp8))  # megatron-core accepts them
+    config = transformer_config(te, ModelBuild(precision=Precision("bf16"), fp8=fp8))  # megatron-core accepts them
     assert (config.fp8, config.fp8_recipe, config.fp8_amax_history_len, config.fp8_margin) == (
         "hybrid",
         "delayed",
@@ -171,7 +173,7 @@ def test_transformer_engine_fields():
         1,
     )
     # the local spec leaves megatron-core's fp8 unset: our linears do the work there
-    assert transformer_config(ModelConfig(), ModelBuild(precision="bf16", fp8=fp8)).fp8 is None
+    assert transformer_config(ModelConfig(), ModelBuild(precision=Precision("bf16"), fp8=fp8)).fp8 is None
     assert transformer_config_fields(Fp8Config(enabled=False), te) == {}
 
 

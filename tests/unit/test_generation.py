@@ -84,9 +84,9 @@ def test_decode_step_attends_to_the_whole_cache():
     mask type no_mask: the output equals the last row of causal attention over the whole sequence."""
     from megatron.core.transformer.enums import AttnMaskType
 
+    from model.attention.sdpa import SDPAttention
     from model.config import ModelConfig
     from model.gpt import ModelBuild, transformer_config
-    from model.layers import SDPAttention
 
     model = ModelConfig(num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2)
     attention = SDPAttention(

@@ -3,12 +3,11 @@ with its reason (not a failure), and with flash-attn it refuses to time anything
 
 import importlib.util
 import pathlib
-import sys
 
 import pytest
 
 from benchmarks import gpu_check
-from tests.helpers.runs import REPO
+from tests.helpers.warm import run_python
 
 
 def test_documents_row_is_skipped_without_flash_attn(monkeypatch, tmp_path):
@@ -23,13 +22,6 @@ def test_documents_row_is_skipped_without_flash_attn(monkeypatch, tmp_path):
 
 @pytest.mark.slow  # a process that imports torch
 def test_bench_documents_refuses_without_flash_attn_in_one_line():
-    import subprocess
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_documents", "--require-flash"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+    proc = run_python(["-m", "benchmarks.bench_documents", "--require-flash"], timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --require-flash: flash-attn is not installed (or no --device cuda)"

@@ -6,8 +6,9 @@ import pytest
 
 from common.errors import RecipeError
 from parallel.layout import Layout
+from planning.gpus import GPUS
 from planning.memory import estimate, setup_for
-from planning.step_time import GPUS, step_time
+from planning.step_time import step_time
 from pretrain.recipe import load_recipe
 
 

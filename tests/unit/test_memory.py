@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from model.gpt import ModelBuild, build_model_chunks, parameter_counts
+from model.precision import Precision
 from planning.memory import Shards, Target, estimate, in_flight, setup_for, state_shards
 from pretrain.recipe import load_recipe
 
@@ -130,7 +131,7 @@ def _saved_bytes(recipe, micro_batch: int) -> int:
 
     model_parallel_cuda_manual_seed(0)
     precision = recipe.train.precision
-    (model,) = build_model_chunks(recipe.model, ModelBuild(precision=precision), BYTE_VOCAB)
+    (model,) = build_model_chunks(recipe.model, ModelBuild(precision=Precision(precision)), BYTE_VOCAB)
     if precision != "fp32":
         model = Float16Module(model.config, model)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from pretrain.metrics import LoggingConfig, Metrics, WandbConfig, _init_wandb, device_peak_tflops, flops_per_token
+from planning.gpus import device_peak_tflops
+from pretrain.metrics import LoggingConfig, Metrics, WandbConfig, _init_wandb, flops_per_token
 
 
 def _tiny(**changes) -> ModelConfig:
@@ -44,6 +45,9 @@ def test_tflops_and_mfu_in_the_record():
     result = types.SimpleNamespace(loss=2.0, lr=1e-3, grad_norm=1.0, updated=True, moe={}, nonfinite=False, stop=False)
     peak = device_peak_tflops("NVIDIA H100 80GB HBM3")
     assert peak == 989.0 and device_peak_tflops("NVIDIA GeForce RTX 2080") is None and device_peak_tflops(None) is None
+    # the planner's table (planning/gpus.py), longest name first: a GB200 is not taken for a B200
+    assert device_peak_tflops("NVIDIA GB200") == 2500.0 and device_peak_tflops("NVIDIA B200") == 2250.0
+    assert device_peak_tflops("NVIDIA L40S", fp8=True) == 733.0 and device_peak_tflops("NVIDIA A10G", fp8=True) is None
     metrics = Metrics(
         LoggingConfig(),
         None,

@@ -86,8 +86,8 @@ def test_sdpa_takes_unequal_query_key_and_value_widths(megatron_single_process):
     the output is viewed at the q/k width and raises (checked by hand: RuntimeError in `view`)."""
     from megatron.core.transformer.enums import AttnMaskType
 
+    from model.attention.sdpa import SDPAttention
     from model.gpt import ModelBuild, transformer_config
-    from model.layers import SDPAttention
 
     config = transformer_config(_tiny_deepseek(), ModelBuild())
     scale = 0.3

@@ -109,7 +109,7 @@ def _attention_pair(heads: int, groups: int, head_dim: int):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
 
-    from model.layers import SDPAttention
+    from model.attention.sdpa import SDPAttention
 
     model = ModelConfig(
         num_layers=1,
@@ -167,8 +167,8 @@ def test_sdpa_attention_refuses_query_key_layer_scaling():
     """Upstream rescales by the layer number inside its own softmax; one SDPA call cannot."""
     from megatron.core.transformer.enums import AttnMaskType
 
+    from model.attention.sdpa import SDPAttention
     from model.gpt import ModelBuild, transformer_config
-    from model.layers import SDPAttention
 
     config = transformer_config(ModelConfig(), ModelBuild())
     config.apply_query_key_layer_scaling = True
@@ -223,7 +223,7 @@ def test_rms_norm_equals_torch_and_marks_sequence_parallel(sequence_parallel):
 def test_rms_norm_in_the_megatron_config_follows_sequence_parallel():
     from model.layers import RMSNorm
 
-    config = transformer_config(ModelConfig(), ModelBuild(precision="fp32"))
+    config = transformer_config(ModelConfig(), ModelBuild())
     assert config.sequence_parallel is False
     norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
     assert norm.weight.sequence_parallel is False
@@ -239,12 +239,13 @@ def _build_tiny(seed: int):
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     vocab = padded_vocab_size(_tiny(), BYTE_VOCAB, tensor=1)
-    (chunk,) = build_model_chunks(_tiny(), ModelBuild(precision="fp32", init_seed=seed), BYTE_VOCAB)
+    (chunk,) = build_model_chunks(_tiny(), ModelBuild(init_seed=seed), BYTE_VOCAB)
     return chunk, vocab
 
 
 def test_tiny_gpt_uses_our_layers():
-    from model.layers import RMSNorm, SDPAttention
+    from model.attention.sdpa import SDPAttention
+    from model.layers import RMSNorm
 
     model, _ = _build_tiny(1234)
     eps = _tiny().norm_epsilon

@@ -4,8 +4,9 @@ matrix instead of Adam's two moments, counted against the parameters a real mode
 import pytest
 
 from model.gpt import ModelBuild, build_model_chunks
+from planning.gpus import GPUS
 from planning.memory import Target, estimate
-from planning.step_time import GPUS, step_time
+from planning.step_time import step_time
 from pretrain.muon import is_muon_param
 from pretrain.recipe import load_recipe
 

@@ -5,10 +5,11 @@ the copies and the host step."""
 import pytest
 
 from common.errors import RecipeError
+from planning.gpus import GPUS
 from planning.memory import estimate, setup_for
-from planning.offload import HOST_ADAM_BYTES, HOST_ADAM_GBS, HOST_LINK_GBS, host_state, offloaded_elements
+from planning.offload import HOST_ADAM_BYTES, HOST_ADAM_GBS, host_state, offloaded_elements
 from planning.report import memory_json
-from planning.step_time import GPUS, step_time
+from planning.step_time import step_time
 from pretrain.recipe import load_recipe
 
 OFFLOAD = "optimizer.cpu_offload=true"
@@ -60,6 +61,6 @@ def test_moments_move_to_the_host_and_the_step_pays_the_copies_and_the_host_adam
     assert memory_json(estimate(host, 8), setup, None)["host_gib"] == pytest.approx(16 * elements / 2**30, abs=1e-3)
     h100 = GPUS["h100"]
     terms = {t.name: t.exposed for t in step_time(setup, h100).terms}
-    expected = elements * 8 / (HOST_LINK_GBS["h100"] * 1e9) + elements * HOST_ADAM_BYTES / (HOST_ADAM_GBS * 1e9)
+    expected = elements * 8 / (h100.host_link_gbs * 1e9) + elements * HOST_ADAM_BYTES / (HOST_ADAM_GBS * 1e9)
     assert terms["optimizer_offload"] == pytest.approx(expected)
     assert {t.name: t.exposed for t in step_time(setup_for(device, 8), h100).terms}["optimizer_offload"] == 0.0

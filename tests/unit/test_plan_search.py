@@ -5,9 +5,10 @@ weights twice (forward and backward) where the distributed optimizer gathers the
 import pytest
 
 from planning import search
+from planning.gpus import GPUS
 from planning.memory import Target, setup_for
 from planning.setup import validate_for_world
-from planning.step_time import GPUS, step_time
+from planning.step_time import step_time
 from pretrain.recipe import load_recipe
 
 

@@ -11,9 +11,10 @@ import statistics
 
 import pytest
 
+from planning.gpus import GPUS
 from planning.memory import estimate_setup, setup_for
 from planning.report import reserve_bytes
-from planning.step_time import GPUS, step_time
+from planning.step_time import step_time
 from pretrain.recipe import load_recipe
 
 H100_GIB = 79.6  # an H100 SXM 80GB as torch.cuda.mem_get_info reports it (81,559 MiB)

@@ -164,7 +164,7 @@ def _attention_dropout_grads(attention_cls, recompute: bool) -> torch.Tensor:
 def test_attention_dropout_masks_are_recomputed_exactly_under_sequence_parallelism():
     from megatron.core import tensor_parallel
 
-    from model.layers import SDPAttention
+    from model.attention.sdpa import SDPAttention
 
     class ForkingAlways(SDPAttention):
         """The attention before the fix: its own fork even inside the block's."""

@@ -18,6 +18,7 @@ def fsdp_step(megatron_single_process):
 
     from model.config import ModelConfig
     from model.gpt import ModelBuild, build_model
+    from model.precision import Precision
     from parallel.data_parallel import wrap_data_parallel
     from parallel.layout import Layout
     from pretrain.optim import Numerics, OptimizerConfig, build_optimizer
@@ -26,7 +27,7 @@ def fsdp_step(megatron_single_process):
     model = ModelConfig(num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, seq_length=SEQ)
     build = ModelBuild(layout=Layout(world_size=1, fsdp="zero3"))
     chunks = wrap_data_parallel(build_model(model, build, 64, torch.device("cpu"), groups), False, groups, fsdp="zero3")
-    optimizer = build_optimizer(OptimizerConfig(), Numerics("fp32", 1.0, SEQ), chunks, False, fp32_params=True)
+    optimizer = build_optimizer(OptimizerConfig(), Numerics(Precision(), 1.0, SEQ), chunks, False, fp32_params=True)
     tokens = torch.randint(0, 64, (1, SEQ + 1), generator=torch.Generator().manual_seed(0))
 
     def step() -> float:
