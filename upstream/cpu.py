@@ -201,7 +201,7 @@ class HostDeviceMesh:
 
 def _patches() -> list[Patch]:
     """The attribute patches, built lazily so importing this module never imports megatron."""
-    return [*_rng_patches(), *_device_patches(), *_recompute_and_collective_patches(), host_optimizer.patch()]
+    return [*_rng_patches(), *_device_patches(), *_recompute_and_collective_patches(), host_optimizer.cpu_patch()]
 
 
 def _rng_patches() -> list[Patch]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from upstream import fsdp
+from upstream import fsdp, host_optimizer
 from upstream.patch import Patch, PatchSet
 
 
@@ -116,6 +116,7 @@ def _fixes() -> list[Patch]:
             wrap=_keep_own_adam_step,
         ),
         *fsdp.patches(),  # megatron-core's torch FSDP2 path
+        *host_optimizer.patches(),  # optimizer.cpu_offload's resume
     ]
 
 

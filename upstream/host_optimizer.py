@@ -1,14 +1,89 @@
-"""optimizer.cpu_offload on a CPU run: megatron-core's HybridDeviceOptimizer told which parameters
-are the device's, so its host-copy path runs as on a GPU (part of the CPU layer, upstream/cpu.py)."""
+"""Named fixes for megatron-core 0.16's offloading optimizer (HybridDeviceOptimizer,
+optimizer.cpu_offload): `patches()` on any device (in upstream/fixes.py's FIXES: a resume loads
+its state), `cpu_patch()` in the CPU layer only (upstream/cpu.py: which parameters are the device's)."""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from upstream.patch import Patch
 
 
-def patch() -> Patch:
+def patches() -> list[Patch]:
+    """The fixes every device needs, in the order they are applied."""
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    return [
+        Patch(
+            "HybridDeviceOptimizer._update_fp32_params_by_new_state",
+            "optimizer/cpu_offloading/hybrid_optimizer.py:369-374",
+            HybridDeviceOptimizer,
+            "_update_fp32_params_by_new_state",
+            _loaded_state_to_the_host_copies,
+        ),
+        Patch(
+            "FP32Optimizer.sharded_state_dict",
+            "optimizer/optimizer.py:1017-1019",
+            FP32Optimizer,
+            "sharded_state_dict",
+            wrap=_offloaded_state_before_a_load,
+        ),
+    ]
+
+
+def _loaded_state_to_the_host_copies(self: Any) -> None:
+    """After a load (`_sync_hdo_state_to_sub_optimizers`, from its load_state_dict hook and from the
+    distributed optimizer's parameter-state load) upstream copies each parameter's loaded
+    `master_param` into its fp32 copy, looking every parameter up among those with one (bf16/fp16
+    parameters): fp32 parameters have none, so any resume of an offloaded fp32 parameter (every
+    distributed-optimizer shard, every fp32 run) raises KeyError. And the host copies of the
+    offloaded fp32 parameters keep what they held before the load (under the distributed optimizer,
+    the values of the dummy step it takes to allocate state): the first step after the resume
+    steps those and copies them back (tiny_gpt bf16, distributed optimizer: loss 5.2074 vs 4.9359
+    at the second step after the resume). Here: fp32 copies as upstream, and the host copies of
+    fp32 parameters refreshed from the (loaded) device parameters."""
+    if not self.param_update_in_fp32:
+        return
+    for param, state in self.state.items():
+        fp32 = self.param_to_fp32_param.get(param)
+        if fp32 is not None:
+            fp32.data.copy_(state["master_param"])
+    for device, host in self.gpu_params_map_cpu_copy.items():
+        if device not in self.param_to_fp32_param:
+            host.data.copy_(device.data)
+
+
+def _offloaded_state_before_a_load(original: Callable) -> Callable:
+    """FP32Optimizer.sharded_state_dict(is_loading=True) allocates the state to load into with the
+    optimizer's `init_state_fn`, which megatron-core leaves None for the offloading optimizer
+    (optimizer/__init__.py:348): "TypeError: 'NoneType' object is not callable" at every resume of
+    an fp32 run with offload. Its state is allocated as the distributed optimizer allocates it
+    (distrib_optimizer.py:729 `dummy_step`: one step on random gradients), with the parameters put
+    back afterwards."""
+
+    @functools.wraps(original)
+    def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
+        from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+        if is_loading and self.init_state_fn is None and isinstance(self.optimizer, HybridDeviceOptimizer):
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            kept = [p.detach().clone() for p in params]
+            self.optimizer.dummy_step()
+            with torch.no_grad():
+                for p, value in zip(params, kept):
+                    p.copy_(value)
+            is_loading = False
+        return original(self, model_sharded_state_dict, is_loading, metadata)
+
+    return sharded_state_dict
+
+
+def cpu_patch() -> Patch:
     """The CPU layer's patch (upstream/cpu.py applies it with the others, only without a GPU)."""
     from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
 

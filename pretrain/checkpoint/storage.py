@@ -361,17 +361,9 @@ def load(path: pathlib.Path, chunks: Sequence[torch.nn.Module], optimizer: Any) 
 def _check_same_optimizer(extra: dict, optimizer: Any, path: pathlib.Path) -> None:
     """AdamW's moments are not Muon's momentum (nor the reverse): a resume keeps optimizer.name."""
     from pretrain.muon import optimizer_name
-    from pretrain.optim import host_share
 
     saved = ((extra.get("recipe") or {}).get("optimizer") or {}).get("name", "adamw")
     current = optimizer_name(optimizer)
-    if host_share(optimizer)[0]:
-        # megatron-core 0.16's HybridDeviceOptimizer loads no state into fp32 parameters
-        # (hybrid_optimizer.py:373 KeyError; 1017 FP32Optimizer has no init_state_fn for it)
-        raise UserError(
-            f"checkpoint '{path}': optimizer.cpu_offload cannot load optimizer state (megatron-core 0.16's "
-            "offloading optimizer fails to); resume with optimizer.cpu_offload = false"
-        )
     if saved != current:
         raise UserError(
             f"checkpoint '{path}' holds {saved}'s optimizer state and this run has optimizer.name = {current}; "
