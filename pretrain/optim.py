@@ -179,17 +179,12 @@ def check_offload(cfg: OptimizerConfig, fsdp: str | None, distributed: bool, pre
             f"train.precision = {precision} without parallel.distributed_optimizer (megatron-core's {precision} "
             "wrapper replaces the parameters the host optimizer has copied: KeyError at the first step)"
         )
-    elif distributed and precision != "bf16":
-        why = (
-            f"parallel.distributed_optimizer with train.precision = {precision} (megatron-core hands the host "
-            "optimizer views of the fp32 weights, which torch refuses: can't optimize a non-leaf Tensor)"
-            if precision == "fp32"
-            else "parallel.distributed_optimizer with train.precision = fp16 (not verified)"
-        )
+    elif distributed and precision == "fp16":
+        why = "parallel.distributed_optimizer with train.precision = fp16 (not verified)"
     if why:
         raise RecipeError(
-            f"optimizer.cpu_offload = true is not supported with {why}; offload runs with fp32 without the "
-            "distributed optimizer, or bf16 with it"
+            f"optimizer.cpu_offload = true is not supported with {why}; offload runs with fp32 (with or without "
+            "the distributed optimizer) and with bf16 and the distributed optimizer"
         )
 
 

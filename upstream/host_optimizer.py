@@ -16,9 +16,17 @@ from upstream.patch import Patch
 def patches() -> list[Patch]:
     """The fixes every device needs, in the order they are applied."""
     from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.optimizer.optimizer import FP32Optimizer
 
     return [
+        Patch(
+            "DistributedOptimizer._build_model_and_main_param_groups",
+            "optimizer/distrib_optimizer.py:418,601-604",
+            DistributedOptimizer,
+            "_build_model_and_main_param_groups",
+            wrap=_leaf_fp32_shards,
+        ),
         Patch(
             "HybridDeviceOptimizer._update_fp32_params_by_new_state",
             "optimizer/cpu_offloading/hybrid_optimizer.py:369-374",
@@ -34,6 +42,33 @@ def patches() -> list[Patch]:
             wrap=_offloaded_state_before_a_load,
         ),
     ]
+
+
+def _leaf_fp32_shards(original: Callable) -> classmethod:
+    """The distributed optimizer hands its inner optimizer each fp32 parameter's shard as a view of
+    the parameter (`model_param.view(-1)[range]`, distrib_optimizer.py:418; bf16 ones are detached
+    first), and with offload builds a new HybridDeviceOptimizer on them (601-604), which torch
+    refuses: "ValueError: can't optimize a non-leaf Tensor" for every fp32 run with the distributed
+    optimizer and offload. The shards are handed detached (the same storage, attributes kept), in
+    the optimizer's groups and in the distributed optimizer's own shard list alike."""
+
+    def build(cls, gbuf_ranges, param_gbuf_map, opt_group_ranges, config):
+        groups = original(gbuf_ranges, param_gbuf_map, opt_group_ranges, config)
+        if not config.optimizer_cpu_offload:
+            return groups
+        leaves = {}
+        for shards in groups[3]:  # shard_fp32_groups
+            for i, view in enumerate(shards):
+                leaf = view.detach()
+                for key, value in vars(view).items():
+                    setattr(leaf, key, value)
+                leaves[id(view)] = shards[i] = leaf
+        for group_range in opt_group_ranges:
+            group = group_range["orig_group"]
+            group["params"] = [leaves.get(id(p), p) for p in group["params"]]
+        return groups
+
+    return classmethod(build)
 
 
 def _loaded_state_to_the_host_copies(self: Any) -> None:
@@ -64,7 +99,8 @@ def _offloaded_state_before_a_load(original: Callable) -> Callable:
     (optimizer/__init__.py:348): "TypeError: 'NoneType' object is not callable" at every resume of
     an fp32 run with offload. Its state is allocated as the distributed optimizer allocates it
     (distrib_optimizer.py:729 `dummy_step`: one step on random gradients), with the parameters put
-    back afterwards."""
+    back afterwards, and without the `master_param` entry it gives fp32 parameters (the parameter
+    itself), which a checkpoint saved without offload does not hold."""
 
     @functools.wraps(original)
     def sharded_state_dict(self, model_sharded_state_dict, is_loading=False, metadata=None):
@@ -77,6 +113,9 @@ def _offloaded_state_before_a_load(original: Callable) -> Callable:
             with torch.no_grad():
                 for p, value in zip(params, kept):
                     p.copy_(value)
+            for p, state in self.optimizer.state.items():
+                if p not in self.optimizer.param_to_fp32_param:
+                    state.pop("master_param", None)  # an fp32 parameter is its own: not a key to load
             is_loading = False
         return original(self, model_sharded_state_dict, is_loading, metadata)
 

@@ -88,6 +88,9 @@ SITE_TESTS = {
     "FP32Optimizer.load_state_dict": "unit/test_upstream_fsdp.py::test_plain_optimizer_loads_local_shards_back_as_dtensors",
     "MLP.sharded_state_dict": "distributed/test_fsdp.py::test_every_fsdp_shard_is_saved_at_its_own_address",
     "SequentialMLP.sharded_state_dict": "distributed/test_fsdp.py::test_every_fsdp_shard_is_saved_at_its_own_address",
+    "DistributedOptimizer._build_model_and_main_param_groups": (
+        "e2e/test_optimizer_offload.py::test_offload_under_the_distributed_optimizer_trains_the_same_curve_and_resumes"
+    ),
     "HybridDeviceOptimizer._update_fp32_params_by_new_state": (
         "e2e/test_optimizer_offload.py::test_offload_under_the_distributed_optimizer_trains_the_same_curve_and_resumes"
     ),
