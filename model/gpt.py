@@ -36,10 +36,13 @@ class ModelBuild:
     document_positions: bool = False  # data.reset_position_ids: RoPE at position_ids (model/attention/documents.py)
 
 
-# megatron-core's fused SwiGLU (bias_swiglu_impl, bias_activation_fusion): off for both layer
-# implementations (its bf16 rounding differs from silu(a) * b by an ulp). The memory model reads it
-# (planning/activations.py:mlp_bytes): fused, the MLP keeps 3 ffn-sized tensors per token, not 5.
-SWIGLU_FUSED = False
+def swiglu_fused(transformer_impl: str) -> bool:
+    """megatron-core's fused SwiGLU (bias_swiglu_impl, bias_activation_fusion): on for
+    transformer-engine layers, as Megatron-LM and Megatron-Bridge run them (GPU only; their kernels
+    are TE's, not the local path's anyway); off for the local spec, whose golden losses are exact
+    (the fused kernel's bf16 rounding differs from silu(a) * b by an ulp). The memory model reads it
+    (planning/activations.py:mlp_bytes): fused, the MLP keeps 3 ffn-sized tensors per token, not 5."""
+    return transformer_impl == "transformer_engine"
 
 
 def padded_vocab_size(model: ModelConfig, vocab_size: int, tensor: int) -> int:
@@ -119,7 +122,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         attention_dropout=model.attention_dropout,
         init_method_std=model.init_method_std,
         # Fusions need apex or TE; the unfused paths are exact and portable.
-        bias_activation_fusion=SWIGLU_FUSED,
+        bias_activation_fusion=swiglu_fused(model.transformer_impl),
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,
@@ -328,12 +331,12 @@ def compile_layers(chunk: Any, targets: tuple[str, ...]) -> None:
     """torch.compile, in place, each decoder layer of `chunk` (`layers`), or its MLP (`mlp`) and its
     RMSNorms (`norms`); `chunk` is a GPTModel. A failure to compile raises at the first step: never a
     silent eager run."""
-    import warnings
-
-    import torch._dynamo
-
     if not targets:
         return
+    import warnings
+
+    import torch._dynamo  # only here: importing it costs every process about 0.5 s of CPU
+
     # megatron-core warns inside a layer's forward; a warning would split the graph there
     torch._dynamo.config.reorderable_logging_functions.add(warnings.warn)
     for layer in chunk.decoder.layers:

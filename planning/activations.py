@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from model.config import ModelConfig
+from model.config import Fp8Config, ModelConfig
 from model.config import head_dim as model_head_dim
-from model.gpt import SWIGLU_FUSED
+from model.gpt import swiglu_fused
 
 FP32 = 4
 
@@ -22,10 +22,25 @@ class Kernels:
     `cuda`: torch's fused RMSNorm keeps its input and the fp32 inverse RMS; flash attention's output
     is [b, s, heads, dim], so the projection's [s, b, ...] input is a copy when the micro-batch > 1;
     transformer-engine fuses the norm into the next linear (input, normalized output, inverse RMS).
+    `fp8` (transformer-engine layers running FP8 GEMMs): each linear keeps the FP8 copy of its input
+    that its weight-gradient GEMM reads, one byte per element, instead of a bf16 one
+    (docs/planner.md, "Memory per implementation").
     """
 
     device: str = "cuda"  # cpu | cuda
     transformer_engine: bool = False
+    fp8: bool = False
+
+    @property
+    def linear_input_bytes(self) -> int | None:
+        """Bytes per element of the input copy a linear keeps for its backward (None: the input itself)."""
+        return 1 if self.fp8 and self.transformer_engine else None
+
+
+def fp8_layer(fp8: Fp8Config, num_layers: int, layer: int) -> bool:
+    """Whether decoder layer `layer` runs FP8 GEMMs (fp8.first_last_layers_bf16 keeps both ends bf16)."""
+    n = fp8.first_last_layers_bf16
+    return fp8.enabled and n <= layer < num_layers - n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +72,11 @@ def norm_and_linear_input(width: int, tokens: int, shape: Shape, kernels: Kernel
     of the input and gathers it again in the backward)."""
     b = shape.dtype_bytes
     if kernels.transformer_engine:
-        return tokens * (2 * width * b + FP32)
+        # TE's LayerNormLinear saves its input, the normalized output (under FP8 the quantized copy:
+        # with sequence parallelism the local shard's row-wise bytes, which the backward gathers
+        # again; else only the column-wise copy) and rsigma (fp32; RMSNorm has no mean):
+        # transformer_engine/pytorch/module/layernorm_linear.py, _LayerNormLinear.forward, TE 2.x
+        return tokens * (width * b + width * (kernels.linear_input_bytes or b) + FP32)
     norm = tokens * (2 * width * FP32 + FP32) if kernels.device == "cpu" else tokens * (width * b + FP32)
     return norm + tokens * width * b
 
@@ -70,6 +89,8 @@ def attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str,
     received for the whole sequence (K/V heads copied up to n) and its own output beside the
     output sent back. `_checkpointed`: core_attn + attn_out when the attention is recomputed (the
     checkpoint keeps the module's inputs and output)."""
+    if m.attention == "mla":
+        return mla_attention_bytes(m, shape, kernels)
     b, t, n = shape.dtype_bytes, shape.tensor, shape.tokens
     heads = m.num_attention_heads
     head_dim = model_head_dim(m)
@@ -78,8 +99,16 @@ def attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str,
     q, out = n * heads * head_dim // t * b, n * heads * head_dim // t * b
     k = n * kv // t * b
     v = n * (heads * head_dim + 2 * kv) // t * b
+    if kernels.transformer_engine:
+        # TE's DotProductAttention takes q, k, v apart: the rotated q and k are new tensors, v a strided
+        # view of the QKV output; their strides differ, so get_qkv_layout finds "not_supported" and
+        # makes all three contiguous (attention/dot_product_attention/utils.py, TE 2.x): the backward
+        # keeps a [s, b, groups, head_dim] copy of v, and the QKV output is freed
+        v = n * kv // t * b
     lse = n * heads // t * FP32
     copy = out if kernels.device == "cuda" and shape.micro_batch > 1 else 0
+    if kernels.linear_input_bytes:  # TE's Linear (the projection) keeps its FP8 input beside the kept output
+        copy += out // b * kernels.linear_input_bytes  # (module/linear.py, _Linear.forward: saved_inputmat)
     rope = 4 * shape.seq * head_dim * b  # cos and sin, for q and for k, in the activations' dtype
     parts = {"core_attn": q + k + v + lse, "attn_out": out + copy, "rope": rope, "lse": lse}
     parts["_checkpointed"] = q + k + v + out + copy
@@ -90,15 +119,44 @@ def attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str,
     return parts
 
 
-def mlp_bytes(ffn: int, tokens: int, split: int, b: int, scaled: bool = False, fused: bool = False) -> int:
+def mla_attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int]:
+    """Multi-latent attention (megatron-core's MLASelfAttention, local spec): the latent norms with the
+    up-projections after them (the query latent's when q_lora_rank is set; the key/value latent's
+    norm input is a view of the down-projection's [latent, RoPE key] output, which it keeps whole
+    unless the CPU norm's fp32 copy replaces it); the up-projections' outputs are split, rotated and
+    concatenated into new contiguous query, key and value, which the core attention keeps with its
+    output and log-sum-exp (no [s, s] scores on a GPU's fused kernel). The latents stay with the
+    input norm's sequence-parallel shard."""
+    a, b, t, n, n_sp = m.mla, shape.dtype_bytes, shape.tensor, shape.tokens, shape.sharded_tokens
+    heads = m.num_attention_heads
+    qk, v = heads * (a.qk_head_dim + a.qk_pos_emb_head_dim) // t, heads * a.v_head_dim // t
+    out, lse = n * v * b, n * heads // t * FP32
+    latents = norm_and_linear_input(a.kv_lora_rank, n_sp, shape, kernels)
+    if a.q_lora_rank is not None:
+        latents += norm_and_linear_input(a.q_lora_rank, n_sp, shape, kernels)
+    if not (kernels.device == "cpu" and b != FP32):
+        latents += n_sp * a.qk_pos_emb_head_dim * b
+    copy = out if kernels.device == "cuda" and shape.micro_batch > 1 else 0
+    qkv = 2 * n * qk * b + n * v * b
+    rope = 4 * shape.seq * a.qk_pos_emb_head_dim * b  # cos and sin, for q and for k
+    parts = {"core_attn": latents + qkv + lse, "attn_out": out + copy, "rope": rope, "lse": lse}
+    parts["_checkpointed"] = latents + qkv + out + copy
+    return parts
+
+
+def mlp_bytes(
+    ffn: int, tokens: int, split: int, b: int, scaled: bool = False, fused: bool = False, fc2_input: int | None = None
+) -> int:
     """SwiGLU MLP without fusion: fc1's output (gate and up; the gate half is a view silu keeps),
     silu(gate), up + 0 (megatron-core's glu offset makes a copy), their product (fc2's input);
-    experts also scale by the routing probability before fc2. `fused` (transformer-engine layers:
-    megatron-core's bias_swiglu_impl, bias_swiglu_fusion on by default): one autograd node keeps fc1's
-    output only, and fc2 keeps its input, the product."""
+    experts also scale by the routing probability before fc2. `fused` (the transformer-engine path:
+    megatron-core's bias_swiglu_impl, model/gpt.py:swiglu_fused): one autograd node keeps fc1's
+    output only, and fc2 keeps its input, the product. `fc2_input`: bytes per element of fc2's kept
+    input when TE's FP8 Linear keeps a one-byte copy (the bf16 product is then freed)."""
+    kept_product = fc2_input or b
     if fused:
-        return tokens * ffn // split * b * 3
-    return tokens * ffn // split * b * (6 if scaled else 5)
+        return tokens * ffn // split * (2 * b + kept_product)
+    return tokens * ffn // split * (b * (5 if scaled else 4) + kept_product)
 
 
 def dense_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int]:
@@ -114,7 +172,14 @@ def dense_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int
         "_checkpointed": attention["_checkpointed"],
         "rope": attention["rope"],
         "pre_mlp_norm": norm_and_linear_input(m.hidden_size, n_sp, shape, kernels),
-        "mlp": mlp_bytes(m.ffn_hidden_size, shape.tokens, shape.tensor, shape.dtype_bytes, fused=SWIGLU_FUSED),
+        "mlp": mlp_bytes(
+            m.ffn_hidden_size,
+            shape.tokens,
+            shape.tensor,
+            shape.dtype_bytes,
+            fused=swiglu_fused("transformer_engine" if kernels.transformer_engine else "local"),
+            fc2_input=kernels.linear_input_bytes,
+        ),
         "dropout": dropout,
     }
 
@@ -130,6 +195,10 @@ def moe_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int]:
     n_sp = shape.sharded_tokens  # each (sequence-parallel) rank routes its own tokens
     experts, k = moe.num_experts, moe.top_k
     router = n_sp * (2 * experts * FP32 + k * (2 * 8 + FP32) + FP32) + n_sp * experts * (1 + FP32) + n_sp * k * 8
+    if moe.num_groups:  # group-limited routing: each group's top-k indices, the chosen groups, the expert mask
+        router += n_sp * (moe.num_groups * (k // (moe.group_top_k or 1)) * 8 + (moe.group_top_k or 1) * 8 + experts)
+    if moe.score_function == "sigmoid" and k > 1:  # the top-k sigmoid scores are divided by their sum, kept
+        router += n_sp * FP32
     routed = routed_tokens(m, shape)
     ffn = moe.ffn_hidden_size or m.ffn_hidden_size
     experts_bytes = routed * h * b + mlp_bytes(ffn, routed, shape.expert_tensor, b, scaled=True) + routed * FP32

@@ -6,15 +6,44 @@ from __future__ import annotations
 from model.config import ModelConfig, head_dim, moe_layer_pattern
 
 
+def attention_gemms(m: ModelConfig) -> list[tuple[int, int, bool]]:
+    """The attention block's linears per token: (input width, output width, split over the tensor
+    ranks). Standard: the fused QKV and the output projection. MLA (megatron-core's MLASelfAttention):
+    the query down- and up-projections (one full-rank projection without q_lora_rank), the key/value
+    down-projection (latent plus the shared RoPE key, replicated), their up-projection to every head's
+    key without RoPE and value, and the output projection."""
+    h, heads = m.hidden_size, m.num_attention_heads
+    if m.attention == "mla":
+        a = m.mla
+        qk = a.qk_head_dim + a.qk_pos_emb_head_dim
+        query = [(h, heads * qk, True)]
+        if a.q_lora_rank is not None:
+            query = [(h, a.q_lora_rank, False), (a.q_lora_rank, heads * qk, True)]
+        kv_down = (h, a.kv_lora_rank + a.qk_pos_emb_head_dim, False)
+        kv_up = (a.kv_lora_rank, heads * (a.qk_head_dim + a.v_head_dim), True)
+        return [*query, kv_down, kv_up, (heads * a.v_head_dim, h, True)]
+    q = heads * head_dim(m)  # = h unless model.head_dim says otherwise
+    kv = (m.num_query_groups or heads) * head_dim(m)
+    return [(h, q + 2 * kv, True), (q, h, True)]
+
+
+def attention_widths(m: ModelConfig) -> tuple[int, int]:
+    """(query/key, value) widths over all heads: QK^T multiplies the first per attended pair, PV the
+    second (MLA: qk_head_dim + qk_pos_emb_head_dim and v_head_dim per head)."""
+    heads = m.num_attention_heads
+    if m.attention == "mla":
+        return heads * (m.mla.qk_head_dim + m.mla.qk_pos_emb_head_dim), heads * m.mla.v_head_dim
+    return heads * head_dim(m), heads * head_dim(m)
+
+
 def layer_forward_flops(m: ModelConfig, is_moe: bool) -> dict[str, float]:
     """Forward FLOPs per token of one layer, by the module names recompute uses (norms are
     memory-bound and counted as free)."""
-    h, heads = m.hidden_size, m.num_attention_heads
-    q = heads * head_dim(m)  # = h unless model.head_dim says otherwise
-    kv = (m.num_query_groups or heads) * head_dim(m)
+    h = m.hidden_size
+    qk, v = attention_widths(m)
     parts = {
-        "attention_linears": 2.0 * h * (q + 2 * kv) + 2.0 * q * h,
-        "core_attn": 2.0 * m.seq_length * q,  # QK^T and PV, 2·s·q each, half of them under the causal mask
+        "attention_linears": sum(2.0 * k * n for k, n, _ in attention_gemms(m)),
+        "core_attn": m.seq_length * (qk + v),  # QK^T and PV, 2·s·width each, half of them under the causal mask
         "layernorm": 0.0,
     }
     if not is_moe:
@@ -45,10 +74,10 @@ def model_forward_flops(m: ModelConfig, vocab: int) -> float:
 
 
 def attention_flops_per_pair(m: ModelConfig) -> float:
-    """Training FLOPs of one attended (query, key) pair over all layers: QK^T and PV, 2 · heads ·
-    head_dim each, forward and backward (× 3), as `core_attn` counts them. Causal attention over s
-    tokens counts s²/2 pairs; attention inside documents Σ n²/2 over its documents."""
-    return 12.0 * m.num_layers * m.num_attention_heads * head_dim(m)
+    """Training FLOPs of one attended (query, key) pair over all layers: QK^T and PV, 2 · their
+    widths, forward and backward (× 3), as `core_attn` counts them. Causal attention over s tokens
+    counts s²/2 pairs; attention inside documents Σ n²/2 over its documents."""
+    return 6.0 * m.num_layers * sum(attention_widths(m))
 
 
 def recompute_forward_flops(m: ModelConfig, chunks: int = 1) -> float:

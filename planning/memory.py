@@ -13,6 +13,7 @@ from model.gpt import layer_parameters, padded_vocab_size
 from parallel.layout import Layout
 from planning import activations as act
 from planning.activations import FP32, Kernels, Shape
+from planning.schedule import in_flight
 from planning.setup import stage_layers, validate_for_world, vocab_size
 
 if TYPE_CHECKING:
@@ -224,7 +225,30 @@ def static_state(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, int]:
     if muon:
         # the update whole, the gathered matrix, the iteration's X, (b G + c G^2) and next X
         temporaries = max(temporaries, 5 * FP32 * largest_muon_matrix(setup.model))
-    return weights, grads, optimizer, temporaries
+    return weights + fp8_weight_bytes(setup, pipeline_rank), grads, optimizer, temporaries
+
+
+def fp8_weight_bytes(setup: Setup, pipeline_rank: int) -> int:
+    """Transformer-engine FP8 weights beyond the weights counted in the compute dtype: each FP8 layer's
+    linears keep their weight quantized, row-wise for the forward GEMM and column-wise (on Hopper a
+    transposed copy) for the data-gradient GEMM, 2 bytes per weight. Without fp8.params that is a
+    workspace cached across micro-batches (megatron-core passes is_first_microbatch; TE keeps
+    `_fp8_workspaces["weight"]`: module/linear.py, layernorm_linear.py forward, TE 2.x); with
+    fp8.params (fp8_model_init) the weights themselves are FP8 tensors with their transpose, no
+    bf16 copy: 2 bytes where the compute dtype counted b. Blackwell's FP8 GEMMs read either layout
+    (no transpose): assumed the same here, which overstates it there."""
+    m, fp8 = setup.model, setup.recipe.fp8
+    if not (fp8.enabled and setup.target.kernels.transformer_engine):
+        return 0
+    tp, etp = setup.layout.tensor, setup.layout.expert_tensor or setup.layout.tensor
+    local = m.moe.num_experts // setup.layout.expert if m.moe.num_experts else None
+    pattern, h, linears = moe_layer_pattern(m), m.hidden_size, 0
+    for a, z in setup.stage_ranges[pipeline_rank]:
+        for i in (i for i in range(a, z) if act.fp8_layer(fp8, m.num_layers, i)):
+            router = h * (m.moe.num_experts or 0) if pattern[i] else 0  # norms and the router stay bf16
+            linears += layer_parameters(m, pattern[i], tensor=tp, expert_tensor=etp, experts=local) - 2 * h - router
+    b = _BYTES[setup.recipe.train.precision]
+    return linears * (2 - b) if fp8.params else linears * 2
 
 
 def gathered_weights(setup: Setup, pipeline_rank: int) -> int:
@@ -324,7 +348,9 @@ def layer_items(setup: Setup, layers: tuple[int, int]) -> list[tuple[int, int]]:
     """(kept, backward transient) per layer, or per group of layers one checkpoint recomputes."""
     m, shape, target = setup.model, setup.shape, setup.target
     pattern = moe_layer_pattern(m)
-    parts = [(act.moe_layer if pattern[i] else act.dense_layer)(m, shape, target.kernels) for i in range(*layers)]
+    fp8 = setup.recipe.fp8
+    kernels = [dataclasses.replace(target.kernels, fp8=act.fp8_layer(fp8, m.num_layers, i)) for i in range(*layers)]
+    parts = [(act.moe_layer if pattern[i] else act.dense_layer)(m, shape, k) for i, k in zip(range(*layers), kernels)]
     full = [act.layer_saved(p) for p in parts]
     grads = [act.backward_transient(m, shape, pattern[i], target.gloo) for i in range(*layers)]
     hidden = shape.sharded_tokens * m.hidden_size * shape.dtype_bytes  # a checkpoint's input
@@ -342,42 +368,6 @@ def layer_items(setup: Setup, layers: tuple[int, int]) -> list[tuple[int, int]]:
             return rope + [(hidden, sum(full[i : i + n]) + max(grads[i : i + n])) for i in range(0, len(full), n)]
         return rope + [(hidden, f + g) if i < n else (f, g) for i, (f, g) in enumerate(zip(full, grads))]
     return list(zip(full, grads))
-
-
-def in_flight(pipeline: int, virtual: int, rank: int, micro_batches: int) -> list[tuple[list[int], int | None]]:
-    """The moments of megatron-core's 1F1B (interleaved when virtual > 1) schedule on pipeline rank
-    `rank`: after each forward, the model chunks of the micro-batches whose activations are held, and
-    the chunk whose backward runs next (None in the warm-up)."""
-    if pipeline == 1:
-        return [([0], 0)]
-    if virtual == 1:
-        return [([0] * min(pipeline - rank, micro_batches), 0)]
-    table = _schedule_table(micro_batches, virtual, pipeline)
-    warmup = min((pipeline - rank - 1) * 2 + (virtual - 1) * pipeline, len(table))
-    live: list[int] = []
-    moments: list[tuple[list[int], int | None]] = []
-    for i, (_, chunk) in enumerate(table):
-        live.append(chunk)
-        backward = virtual - 1 - table[i - warmup][1] if i >= warmup else None
-        moments.append((list(live), backward))
-        if backward is not None:  # steady state: each forward is followed by the backward of the oldest
-            live.remove(backward)
-    # cool-down: the remaining backwards, oldest first
-    for j in range(max(len(table) - warmup, 0), len(table)):
-        backward = virtual - 1 - table[j][1]
-        moments.append((list(live), backward))
-        live.remove(backward)
-    return moments
-
-
-def _schedule_table(micro_batches: int, chunks: int, group: int) -> list[tuple[int, int]]:
-    """megatron-core's forward order (pipeline_parallel/schedules.py:get_schedule_table): groups of
-    `group` micro-batches run through chunk 0, then chunk 1, ..."""
-    table = []
-    for start in range(0, micro_batches, group):
-        end = micro_batches if start + group >= micro_batches else start + group
-        table += [(mb, c) for c in range(chunks) for mb in range(start, end)]
-    return table
 
 
 def stage_activations(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, int]:

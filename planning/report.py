@@ -172,16 +172,12 @@ def table_lines(estimate: MemoryEstimate, setup: Setup) -> list[str]:
 
 def not_modelled(setup: Setup) -> list[str]:
     """What the recipe asks for that the estimate does not model, one line each (docs/memory.md)."""
-    fp8 = setup.recipe.fp8
-    if not fp8.enabled:
-        return []
-    lines = [
+    if not setup.recipe.fp8.enabled or setup.target.kernels.transformer_engine:
+        return []  # transformer-engine's FP8 copies and weights are modelled (docs/planner.md)
+    return [
         "not modelled: fp8 linears keep an FP8 copy of their input (the gathered one under sequence "
         "parallelism) instead of its bf16 bytes; counted as bf16 (to measure)"
     ]
-    if fp8.params:
-        lines.append("not modelled: fp8.params keeps FP8 primary weights; counted as bf16 weights")
-    return lines
 
 
 def fit_lines(estimate: MemoryEstimate, setup: Setup, gpu_gib: float) -> list[str]:

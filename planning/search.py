@@ -64,10 +64,10 @@ def layouts(recipe: Recipe, gpus: int, gpu_per_node: int) -> Iterator[dict[str, 
     tensors = [d for d in _divisors(gpus) if d <= gpu_per_node and heads % d == 0 and groups % d == 0]
     experts = _divisors(m.moe.num_experts) if m.moe.num_experts else [1]
     for tp in tensors:
-        for pp in (d for d in _divisors(m.num_layers) if gpus % (tp * d) == 0):
+        for pp in (d for d in _divisors(gpus // tp) if d <= m.num_layers):
             for cp in (c for c in CONTEXTS if gpus % (tp * pp * c) == 0 and m.seq_length % (2 * c) == 0):
                 dp = gpus // (tp * pp * cp)
-                for vpp in [None] + [v for v in _divisors(m.num_layers // pp) if v > 1 and pp > 1]:
+                for vpp, first, last in _pipeline_splits(m.num_layers, pp):
                     for ep, etp in _expert_layouts(experts, tp, gpus // pp):
                         for fsdp in _shardings(recipe, pp, vpp, dp * cp):
                             for mbs in (b for b in MICRO_BATCHES if t.global_batch_size % (b * dp) == 0):
@@ -75,6 +75,8 @@ def layouts(recipe: Recipe, gpus: int, gpu_per_node: int) -> Iterator[dict[str, 
                                     "parallel.tensor": tp,
                                     "parallel.pipeline": pp,
                                     "parallel.virtual_pipeline": vpp,
+                                    "parallel.first_stage_layers": first,
+                                    "parallel.last_stage_layers": last,
                                     "parallel.context": cp,
                                     "parallel.expert": ep,
                                     "parallel.expert_tensor": etp,
@@ -83,6 +85,28 @@ def layouts(recipe: Recipe, gpus: int, gpu_per_node: int) -> Iterator[dict[str, 
                                     "parallel.fsdp": fsdp,
                                     "train.micro_batch_size": mbs,
                                 }
+
+
+def _pipeline_splits(layers: int, pp: int) -> list[tuple[int | None, int | None, int | None]]:
+    """(virtual_pipeline, first_stage_layers, last_stage_layers): even stages, with every virtual
+    size that divides them, where pp divides the layers; and first and last stages up to two layers
+    lighter than the middle ones (megatron-core's num_layers_in_first/last_pipeline_stage: room for
+    the embedding, and for the output layer and loss, as Megatron-Bridge's
+    account_for_embedding/loss_in_pipeline_split make). Uneven stages with virtual pipelining:
+    this project refuses the combination (parallel/config.py:check_uneven_pipeline)."""
+    splits: list[tuple[int | None, int | None, int | None]] = []
+    if layers % pp == 0:
+        splits += [(None, None, None)] + [(v, None, None) for v in _divisors(layers // pp) if v > 1 and pp > 1]
+    if pp == 2:
+        half = layers // 2
+        splits += [(None, f, layers - f) for f in range(max(half - 1, 1), half + 2) if 2 * f != layers < 2 * f + 4]
+    elif pp > 2:
+        for middle in range(-(-layers // pp), -(-layers // pp) + 2):
+            for first in range(max(middle - 2, 1), middle + 1):
+                last = layers - first - middle * (pp - 2)
+                if middle - 2 <= last <= middle and last >= 1 and not first == last == middle:
+                    splits.append((None, first, last))
+    return splits
 
 
 def _expert_layouts(experts: list[int], tp: int, stage_ranks: int) -> Iterator[tuple[int, int | None]]:
@@ -95,12 +119,13 @@ def _expert_layouts(experts: list[int], tp: int, stage_ranks: int) -> Iterator[t
 
 
 def _shardings(recipe: Recipe, pp: int, vpp: int | None, dp: int) -> list[str | None]:
-    """None (the distributed optimizer) and, where the recipe's layers run under it, FSDP zero3 over
-    the data × context ranks (no pipeline: FSDP's per-layer gathers and a pipeline schedule's
+    """None (the distributed optimizer) and, where the recipe's layers run under it, FSDP over the
+    data × context ranks: zero3 (weights gathered per layer, twice a step) and zero2 (weights kept
+    gathered from the forward to the backward: one gather, more memory) (no pipeline: FSDP's per-layer gathers and a pipeline schedule's
     in-flight micro-batches are not searched together; transformer-engine layers: not verified)."""
     if dp == 1 or pp > 1 or recipe.model.transformer_impl != "local":
         return [None]
-    return [None, "zero3"]
+    return [None, "zero3", "zero2"]
 
 
 def no_layout(recipe: Recipe, gpus: int, gpu_per_node: int) -> str:
@@ -112,15 +137,15 @@ def no_layout(recipe: Recipe, gpus: int, gpu_per_node: int) -> str:
             gpus // (tp * pp * cp)
             for tp in _divisors(gpus)
             if tp <= gpu_per_node and heads % tp == 0 and groups % tp == 0
-            for pp in _divisors(m.num_layers)
-            if gpus % (tp * pp) == 0
+            for pp in _divisors(gpus // tp)
+            if pp <= m.num_layers
             for cp in CONTEXTS
             if gpus % (tp * pp * cp) == 0 and m.seq_length % (2 * cp) == 0
         }
     )
     return (
         f"no parallel layout of {gpus} GPUs exists for {recipe.source}: tensor must divide the {heads} heads, "
-        f"{groups} query groups and {gpu_per_node} GPUs per node, pipeline the {m.num_layers} layers, and the "
+        f"{groups} query groups and {gpu_per_node} GPUs per node, pipeline at most the {m.num_layers} layers, and the "
         f"data-parallel size that leaves ({', '.join(map(str, data_sizes))}) must divide "
         f"train.global_batch_size {t.global_batch_size}: use another --gpus"
     )
@@ -192,8 +217,14 @@ def _expert_text(o: dict[str, Any]) -> str:
     return f"{o['parallel.expert']}" + (f"/{etp}" if etp is not None else "")
 
 
+def _pipeline_text(o: dict[str, Any]) -> str:
+    """pipeline size, and first/last stage layers where they differ from the middle stages'."""
+    first, last = o.get("parallel.first_stage_layers"), o.get("parallel.last_stage_layers")
+    return f"{o['parallel.pipeline']}" + (f" {first}/{last}" if first is not None else "")
+
+
 def _data_text(o: dict[str, Any], data: int) -> str:
-    return f"{data}" + (" z3" if o.get("parallel.fsdp") == "zero3" else "")
+    return f"{data}" + {"zero3": " z3", "zero2": " z2"}.get(o.get("parallel.fsdp") or "", "")
 
 
 def table(found: list[Candidate], gpu: Any, gpus: int) -> list[str]:
@@ -204,7 +235,7 @@ def table(found: list[Candidate], gpu: Any, gpus: int) -> list[str]:
         o, layout = c.overrides, c.setup.layout
         mfu = c.time.mfu(gpu, c.setup.recipe.train.precision, gpus)
         lines.append(
-            f"{i:>3}  {o['parallel.tensor']:>6} {o['parallel.pipeline']:>8} {o['parallel.virtual_pipeline'] or '-':>7} "
+            f"{i:>3}  {o['parallel.tensor']:>6} {_pipeline_text(o):>8} {o['parallel.virtual_pipeline'] or '-':>7} "
             f"{o['parallel.context']:>7} {_expert_text(o):>6} {_data_text(o, layout.data):>5}  {_recompute_text(o):<24}  "
             f"{o['train.micro_batch_size']:>5}  {c.needed / 2**30:>10.1f}  {c.time.total:>6.2f}  {100 * mfu:>4.1f} %"
         )

@@ -8,7 +8,8 @@ import dataclasses
 import math
 
 from model.config import head_dim, moe_layer_pattern
-from planning.flops import layer_totals, model_forward_flops, recompute_forward_flops
+from planning.activations import fp8_layer
+from planning.flops import attention_gemms, attention_widths, layer_totals, model_forward_flops, recompute_forward_flops
 from planning.gpus import Gpu
 from planning.memory import Setup, stage_parameters
 from planning.offload import offload_seconds
@@ -110,10 +111,19 @@ def _layer_seconds(setup: Setup, gpu: Gpu, is_moe: bool, fp8: bool) -> float:
     h, heads = m.hidden_size, m.num_attention_heads
     q = heads * head_dim(m)  # = h unless model.head_dim says otherwise
     kv = (m.num_query_groups or heads) * head_dim(m)
-    linears = _gemm_seconds(gpu, tokens, h, (q + 2 * kv) / tp, peak, gemm_b) + _gemm_seconds(
-        gpu, tokens, q / tp, h, peak, gemm_b
+    gemms = attention_gemms(m)  # column-parallel but the last (the output projection, row-parallel)
+    linears = sum(
+        _gemm_seconds(
+            gpu,
+            tokens,
+            k / tp if split and i == len(gemms) - 1 else k,
+            n / tp if split and i < len(gemms) - 1 else n,
+            peak,
+            gemm_b,
+        )
+        for i, (k, n, split) in enumerate(gemms)
     )
-    attention = 2.0 * m.seq_length * q * tokens / tp / (gpu.peak("bf16") * gpu.attention_efficiency)
+    attention = m.seq_length * sum(attention_widths(m)) * tokens / tp / (gpu.peak("bf16") * gpu.attention_efficiency)
     if not is_moe:
         ffn = m.ffn_hidden_size
         linears += 3 * _gemm_seconds(gpu, tokens, h, ffn / tp, peak, gemm_b)
@@ -150,19 +160,19 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     only in its unused 1F1B A2A mode), HSDP's all-reduce across groups, cpu_offload's copies and host step; hidden:
     data-parallel traffic under parallel.overlap_*, pipeline sends with overlap_p2p_comm, the K/V ring under attention."""
     m, layout, shape, recipe = setup.model, setup.layout, setup.shape, setup.recipe
-    tp, cp, ep, pp = layout.tensor, layout.context, layout.expert, layout.pipeline
+    tp, cp, pp = layout.tensor, layout.context, layout.pipeline
     b = shape.dtype_bytes
     pattern = moe_layer_pattern(m)
     tokens = shape.tokens  # per micro-batch on one rank's sequence shard
     mb, chunks = setup.micro_batches, layout.model_chunks
-    fp8 = recipe.fp8.enabled
-    kinds = {is_moe: _layer_seconds(setup, gpu, is_moe, fp8) for is_moe in set(pattern)}
+    in_fp8 = [fp8_layer(recipe.fp8, m.num_layers, i) for i in range(m.num_layers)]
+    kinds = {kind: _layer_seconds(setup, gpu, *kind) for kind in set(zip(pattern, in_fp8))}  # (moe, fp8) once each
     # the busiest stage (uneven splits: the first and last stages differ): (forward, layer forward, layers, moe layers)
     stages = []
     for stage in range(pp):
         moe = sum(sum(pattern[a:z]) for a, z in setup.stage_ranges[stage])
         n = sum(z - a for a, z in setup.stage_ranges[stage])
-        layer_forward = (n - moe) * kinds.get(False, 0.0) + moe * kinds.get(True, 0.0)
+        layer_forward = sum(kinds[pattern[i], in_fp8[i]] for a, z in setup.stage_ranges[stage] for i in range(a, z))
         forward = layer_forward
         if stage == pp - 1:  # the output layer and its loss
             forward += _gemm_seconds(gpu, tokens, m.hidden_size, setup.vocab / tp, gpu.peak("bf16"), b)
@@ -175,7 +185,6 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     recompute_fraction = recompute_forward_flops(m, pp * chunks) / max(sum(layer_totals(m)), 1.0)
     recompute_mb = recompute_fraction * layer_forward
     micro_batch = 3 * forward + recompute_mb
-    bubble = micro_batch * (pp - 1) / chunks  # 1F1B: the bubble is (pp - 1)/vpp micro-batches
     work, recompute = 3 * forward * mb, recompute_mb * mb
     # TP with SP: per layer 4 all-gathers/reduce-scatters forward, 6 backward, of [s·b, h] each, (t-1)/t on
     # the wire. The column-parallel linears' (QKV, fc1) backward re-gathers its input while the data
@@ -193,9 +202,9 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     attention = 3 * 2.0 * m.seq_length * q * tokens / tp / (gpu.peak("bf16") * gpu.attention_efficiency)
     context_work = ring * n_layers * mb if cp > 1 else 0.0
     context = max(ring - attention, 0.0) * n_layers * mb if cp > 1 else 0.0
-    # EP: dispatch and combine all-to-alls forward and backward, top_k copies of every token
-    a2a = 4 * shape.sharded_tokens * m.moe.top_k * m.hidden_size * b * (ep - 1) / ep
-    expert = a2a / _bandwidth(gpu, tp * cp * ep) * moe_layers * mb if ep > 1 else 0.0
+    expert = _expert_seconds(setup, gpu) * moe_layers * mb
+    # 1F1B: (pp - 1)/vpp micro-batches idle, each with its exposed tensor, context, expert collectives
+    bubble = (micro_batch + (tensor + context + expert) / mb) * (pp - 1) / chunks
     params = max(sum(stage_parameters(setup, p)) for p in range(pp))  # before any data-parallel sharding
     reduce_scatter, all_gather = _data_parallel_seconds(setup, gpu, params)
     rs_exposed, ag_exposed = _data_parallel_exposed(setup, params, reduce_scatter, all_gather, micro_batch, forward)
@@ -223,6 +232,22 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     compute, optimizer = work + recompute + bubble, optimizer + offload.exposed
     data = rs_exposed + ag_exposed + replicas.exposed
     return StepTime(compute, tensor, context, expert, data, pipeline, model_flops, optimizer, terms)
+
+
+def _expert_seconds(setup: Setup, gpu: Gpu) -> float:
+    """Seconds of one MoE layer's token exchange per micro-batch (exposed: megatron-core 0.16 overlaps
+    it only with its 1F1B A2A overlap, not used here). EP: the dispatch and combine all-to-alls,
+    forward and backward, top_k copies of every token. Expert-tensor parallelism (megatron-core's
+    alltoall dispatcher): the tokens an expert rank received are all-gathered over its expert-tensor
+    ranks and the experts' outputs reduce-scattered back, forward and backward (each rank sends its
+    share to the other etp - 1 ranks)."""
+    m, layout, shape = setup.model, setup.layout, setup.shape
+    ep, etp = layout.expert, layout.expert_tensor or layout.tensor
+    routed = shape.sharded_tokens * m.moe.top_k * m.hidden_size * shape.dtype_bytes  # bytes, balanced routing
+    seconds = 4 * routed * (ep - 1) / ep / _bandwidth(gpu, layout.tensor * layout.context * ep) if ep > 1 else 0.0
+    if etp > 1:
+        seconds += 4 * routed * (etp - 1) / _bandwidth(gpu, etp)
+    return seconds
 
 
 def muon_time(setup: Setup, gpu: Gpu) -> float:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch._compile import _disable_dynamo
 
 from model.attention.kernels import _attend_block, _dense, _grad_block
 
@@ -64,7 +65,10 @@ def _segment_mask(ids: Tensor) -> Tensor:
     return causal & (ids[:, None] == ids[None, :])
 
 
-@torch.compiler.disable  # data-dependent calls per document: eager inside a compiled layer (train.compile)
+# Data-dependent calls per document: eager inside a compiled layer (train.compile). torch's own lazy
+# form of torch.compiler.disable: TorchDynamo is imported at the first call, not when this module is
+# (about 0.5 s of CPU in every rank of every run, documents or not).
+@_disable_dynamo
 def document_attention(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, scale: float, dropout: float = 0.0) -> Tensor:
     """Causal attention inside each document: q [b, np, s, hn], k/v [b, ng, s, hn] (np a multiple
     of ng), ids [b, s] -> [b, np, s, hn]. Without dropout each document is one causal call of the

@@ -42,6 +42,8 @@ def _serve(path: str) -> None:
     from tests.helpers.forkrun import _import_what_every_rank_imports
 
     _import_what_every_rank_imports()
+    import torch._dynamo  # noqa: F401  (every run's torch.optim imports it at its first parameter group)
+
     import tools.convert_hf  # noqa: F401  (and with it the HF mapping)
 
     parent = os.getppid()

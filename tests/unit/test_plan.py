@@ -46,20 +46,23 @@ def test_memory_filters_faster_layouts_out(llama_64):
 
 
 def test_pipeline_bubble_in_step_time():
-    """1F1B compute is (m + (pp - 1)/vpp) micro-batches: interleaving shrinks the bubble."""
+    """1F1B idles (pp - 1)/vpp micro-batches, each with its exposed communication: interleaving
+    shrinks the bubble, not the work."""
 
-    def compute(*overrides):
+    def times(*overrides):
         recipe = load_recipe("llama70b", ["train.global_batch_size=64", *overrides])
         setup = setup_for(recipe, 64, Target(), LLAMA_VOCAB)
-        return step_time(setup, GPUS["h100"]).compute, setup.micro_batches
+        time = step_time(setup, GPUS["h100"])
+        bubble = {t.name: t.exposed for t in time.terms}["bubble"]
+        return bubble, time.compute - bubble, time, setup.micro_batches
 
-    plain, m = compute(
-        "parallel.tensor=8", "parallel.pipeline=8", "parallel.context=1", "parallel.virtual_pipeline=null"
-    )
-    interleaved, _ = compute(
-        "parallel.tensor=8", "parallel.pipeline=8", "parallel.context=1", "parallel.virtual_pipeline=5"
-    )
-    assert plain / interleaved == pytest.approx((m + 7) / (m + 7 / 5))
+    base = ("parallel.tensor=8", "parallel.pipeline=8", "parallel.context=1")
+    plain, work, time, m = times(*base, "parallel.virtual_pipeline=null")
+    interleaved, interleaved_work, _, _ = times(*base, "parallel.virtual_pipeline=5")
+    assert plain / interleaved == pytest.approx(5)
+    assert work == pytest.approx(interleaved_work)
+    assert time.tensor > 0
+    assert plain == pytest.approx(7 * (work + time.tensor + time.context + time.expert) / m)
 
 
 def test_recompute_costs_its_extra_forward():
