@@ -13,7 +13,7 @@ from model.attention.mla import MlaConfig, check_mla
 from model.mtp import check_mtp
 from model.rope import RopeScalingConfig, check_rope_scaling
 from model.routing import check_groups
-from parallel.config import ParallelConfig, check_uneven_pipeline, pipeline_stage_layers
+from parallel.config import ParallelConfig, check_sharding, check_uneven_pipeline, pipeline_stage_layers
 
 # Selective recompute modules megatron-core 0.16 offers our layers: core_attn = the attention kernel; layernorm =
 # both norms (recomputed from the input); mlp = a dense layer's MLP; moe = a whole MoE layer; moe_act = the grouped
@@ -201,15 +201,10 @@ def check_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     parallel.check()
     _check_shape(model, parallel)
     _check_moe(model, parallel)
+    check_sharding(parallel, model.moe.num_experts, model.transformer_impl)
     _check_recompute(model, parallel)
     check_mla(model, parallel)
     check_mtp(model, parallel)
-    if parallel.fsdp is not None and model.transformer_impl != "local":
-        # Each upstream fix under FSDP (upstream/fsdp.py) was verified on the local layers only.
-        raise RecipeError(
-            f"parallel.fsdp = {parallel.fsdp} is verified with model.transformer_impl = local only "
-            f"(got {model.transformer_impl}): transformer-engine layers under FSDP2 are not yet checked"
-        )
 
 
 def _require_divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) -> None:

@@ -33,6 +33,12 @@ class ParallelConfig:
     # data-parallel rank holds the whole (tensor/pipeline-split) model: DDP, or ZeRO-1 with
     # distributed_optimizer.
     fsdp: Literal["zero2", "zero3"] | None = None
+    # Hybrid sharding (HSDP) under fsdp: the weights, gradients and optimizer state are sharded
+    # within groups of this many consecutive data × context-parallel ranks (with tensor parallelism
+    # inside a node, one node's) and replicated across the groups; gradients are reduce-scattered
+    # inside a group, then all-reduced across groups. A divisor of data × context; null = one group
+    # of all of them (plain FSDP).
+    fsdp_shard_size: PositiveInt | None = None
     # Communication overlap, megatron-core's; null = on wherever it applies (docs/profiling.md).
     # Reduce gradients (all-reduce, or reduce-scatter with distributed_optimizer) bucket by bucket
     # while the backward still computes the rest.
@@ -64,6 +70,11 @@ class ParallelConfig:
             raise RecipeError(
                 f"parallel.fsdp = {self.fsdp} shards the optimizer state itself: set "
                 f"parallel.distributed_optimizer = false"
+            )
+        if self.fsdp_shard_size is not None and self.fsdp is None:
+            raise RecipeError(
+                f"parallel.fsdp_shard_size = {self.fsdp_shard_size} is only read with parallel.fsdp (zero2 or "
+                f"zero3): set parallel.fsdp, or leave parallel.fsdp_shard_size null"
             )
         self._check_context_a2a()
         self._check_overlap()
@@ -165,6 +176,22 @@ class ParallelConfig:
                 f"parallel.context_a2a = {a2a} with parallel.context = {cp} leaves "
                 f"{'an all-to-all' if a2a == 1 else 'a ring'} of one rank: set parallel.context_comm = {same}"
             )
+
+
+def check_sharding(parallel: ParallelConfig, experts: int | None, transformer_impl: str) -> None:
+    """parallel.fsdp and fsdp_shard_size against the model (model/config.py check_model): FSDP on the
+    local layers, hybrid sharding for dense models only."""
+    if parallel.fsdp is not None and transformer_impl != "local":
+        # Each upstream fix under FSDP (upstream/fsdp.py) was verified on the local layers only.
+        raise RecipeError(
+            f"parallel.fsdp = {parallel.fsdp} is verified with model.transformer_impl = local only "
+            f"(got {transformer_impl}): transformer-engine layers under FSDP2 are not yet checked"
+        )
+    if parallel.fsdp_shard_size is not None and experts is not None:
+        raise RecipeError(
+            f"parallel.fsdp_shard_size = {parallel.fsdp_shard_size} with model.moe is not built yet (experts are "
+            "sharded over their own expert-data-parallel group, which hybrid sharding does not split): leave it null"
+        )
 
 
 def pipeline_stage_layers(parallel: ParallelConfig, num_layers: int) -> list[int]:

@@ -4,6 +4,7 @@ torch FSDP2 wrapper (parallel.fsdp: zero2 / zero3)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -84,11 +85,47 @@ def wrap_fully_sharded(chunk: Any, fsdp: str, groups: Any) -> Any:
         # where a unit of its own has already freed it ("aten.mm.default got mixed torch.Tensor and
         # DTensor"): tied, the embedding stays in the root unit, gathered for the whole step.
         units.add(LanguageModelEmbedding)
+    # groups.intra_dp_cp: the HSDP shard group (parallel.fsdp_shard_size), all of dp_cp without it
     wrapped = TorchFullyShardedDataParallel(
-        chunk.config, ddp_config, chunk, sub_modules_to_wrap=units, process_group=groups.dp_cp
+        chunk.config, ddp_config, chunk, sub_modules_to_wrap=units, process_group=groups.intra_dp_cp
     )
     check_even_shards(wrapped)
+    replicas = groups.inter_dist_opt
+    if replicas is not None and replicas.size() > 1:
+        wrapped.replica_group = replicas  # HSDP: the ranks holding this rank's shards in the other groups
+        wrapped.finish_grad_sync = functools.partial(all_reduce_replicas, wrapped, replicas)
     return wrapped
+
+
+def all_reduce_replicas(chunk: Any, replicas: Any, force_all_reduce: bool = False) -> None:
+    """HSDP's second reduction (finalize_model_grads calls it as the chunk's finish_grad_sync): each
+    shard group has reduce-scattered its ranks' gradients into their shards; the shard groups'
+    sums of the same shard are summed over `replicas`, the ranks holding it in the other groups.
+    Once per step, after the backward (not overlapped with it)."""
+    import torch.distributed as dist
+
+    for param in chunk.module.parameters():
+        if param.grad is not None:
+            dist.all_reduce(param.grad.to_local(), group=replicas)
+
+
+def sharded_state_dict(chunk: Any) -> dict:
+    """The model chunk's dist_checkpointing entries. Under HSDP each shard is addressed in its shard
+    group (megatron-core addresses FSDP shards in the `dp_cp_group` it is given) and held by every
+    shard group: the copies outside the first group are marked replicas (their data-parallel
+    replica id moved past the shard group's)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    module = getattr(chunk, "module", chunk)  # DDP and FSDP -> the model; a bare model too
+    replicas = getattr(chunk, "replica_group", None)
+    if replicas is None:
+        return module.sharded_state_dict()
+    state = module.sharded_state_dict(metadata={"dp_cp_group": chunk.process_group})
+    offset = chunk.process_group.size() * replicas.rank()
+    for item in nested_values(state):
+        rid = item.replica_id
+        item.replica_id = (*rid[:-1], rid[-1] + offset) if isinstance(rid, tuple) else rid + offset
+    return state
 
 
 def check_even_shards(chunk: Any) -> None:

@@ -32,6 +32,7 @@ class Layout:
     first_stage_layers: int | None = None  # uneven pipeline split; None = even
     last_stage_layers: int | None = None
     fsdp: str | None = None  # zero2 | zero3 (parallel.fsdp); None = replicated weights
+    fsdp_shard_size: int | None = None  # HSDP: ranks of one shard group (parallel.fsdp_shard_size); None = all
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -49,6 +50,11 @@ class Layout:
                 f"parallel.context_a2a = {self.context_a2a} does not fit parallel.context_comm = "
                 f"{self.context_comm} with parallel.context = {self.context}"
             )
+        if self.fsdp_shard_size is not None and (self.data * self.context) % self.fsdp_shard_size:
+            raise RecipeError(
+                f"parallel.fsdp_shard_size = {self.fsdp_shard_size} does not divide the {self.data * self.context} "
+                f"data × context-parallel ranks (world size {self.world_size} / (tensor × pipeline))"
+            )
         expert_tensor = self.expert_tensor or self.tensor
         expert_room = self.world_size // (expert_tensor * self.pipeline)
         if self.world_size % (expert_tensor * self.pipeline) or expert_room % self.expert:
@@ -61,6 +67,16 @@ class Layout:
     def data(self) -> int:
         """The data-parallel size: ranks that hold distinct samples (named as the other axes are)."""
         return self.world_size // (self.tensor * self.pipeline * self.context)
+
+    @property
+    def fsdp_shards(self) -> int:
+        """Ranks FSDP shards a dense parameter over: the shard group (HSDP), else data × context."""
+        return self.fsdp_shard_size or self.data * self.context
+
+    @property
+    def fsdp_replicas(self) -> int:
+        """HSDP: shard groups holding the same shards (1 = plain FSDP, or no FSDP)."""
+        return self.data * self.context // self.fsdp_shards if self.fsdp else 1
 
     @property
     def hierarchical_context(self) -> list[int] | None:
@@ -119,6 +135,7 @@ class Layout:
             + (f" x expert tensor {self.expert_tensor}" if self.expert_tensor else "")
             + (", sequence parallel" if self.sequence_parallel else "")
             + (f", fully sharded ({self.fsdp})" if self.fsdp else "")
+            + (f" in groups of {self.fsdp_shards} x {self.fsdp_replicas} replicas" if self.fsdp_replicas > 1 else "")
         )
 
 
@@ -197,6 +214,9 @@ def init_model_parallel(layout: Layout) -> tuple[RankInfo, Any]:
         # a2a+p2p: megatron-core builds, for every CP group on every rank in the same order, the
         # all-to-all groups (consecutive CP ranks) and the ring groups across them
         hierarchical_context_parallel_sizes=layout.hierarchical_context,
+        # HSDP: megatron-core's partial data-parallel groups are the shard groups (consecutive
+        # data × context ranks, groups.intra_dp_cp) and the groups across them (groups.inter_dist_opt)
+        num_distributed_optimizer_instances=layout.fsdp_replicas,
     )
     groups = ProcessGroupCollection.use_mpu_process_groups()
     rank = RankInfo(rank=dist.get_rank(), data_rank=groups.dp.rank(), context_rank=groups.cp.rank())

@@ -27,6 +27,9 @@ class Gpu:
     gpus_per_node: int = 8  # the NVLink domain: GPUs whose traffic never leaves NVLink
     sms: int = 132  # streaming multiprocessors: one output tile each per wave (wave quantization)
     memory_gib: float = 79.6  # what the driver reports as total (nvidia-smi's MiB / 1024): --dry-run --gpu's default
+    # host link per GPU per direction, GB/s, for optimizer.cpu_offload's copies: about 80 % of PCIe
+    # 5.0 x16's 64 GB/s (HGX H100/H200/B200); PCIe 4.0 on A100, NVLink-C2C to Grace on GB200. Assumed
+    host_link_gbs: float = 50.0
 
     def peak(self, precision: str) -> float:
         return (self.bf16_tflops if precision != "fp32" else self.tf32_tflops) * 1e12
@@ -34,7 +37,9 @@ class Gpu:
 
 GPUS = {
     # A100 SXM 80GB: 312 TFLOPS bf16, NVLink 3 (600 GB/s both directions), HDR 200 Gb/s, 2.0 TB/s HBM2e
-    "a100": Gpu("a100", 312.0, 156.0, 300.0, 25.0, 2039.0, matmul_efficiency=0.859, sms=108, memory_gib=79.3),
+    "a100": Gpu(
+        "a100", 312.0, 156.0, 300.0, 25.0, 2039.0, matmul_efficiency=0.859, sms=108, memory_gib=79.3, host_link_gbs=25.0
+    ),
     # H100 SXM: 989 TFLOPS bf16, 1979 fp8, NVLink 4 (900 GB/s both directions), ConnectX-7 400 Gb/s, 3.35 TB/s
     "h100": Gpu("h100", 989.0, 494.0, 450.0, 50.0, 3350.0, 1979.0),
     # H200 SXM: H100's compute and links, 141 GB of HBM3e at 4.8 TB/s
@@ -43,7 +48,19 @@ GPUS = {
     "b200": Gpu("b200", 2250.0, 1125.0, 900.0, 100.0, 8000.0, 4500.0, 0.776, 0.763, sms=148, memory_gib=179.1),
     # GB200 NVL72: 2.5 PFLOPS bf16 dense, 5 fp8 per GPU, one NVLink 5 domain of 72 GPUs, 8 TB/s
     "gb200": Gpu(
-        "gb200", 2500.0, 1250.0, 900.0, 100.0, 8000.0, 5000.0, 0.776, 0.763, gpus_per_node=72, sms=148, memory_gib=184.0
+        "gb200",
+        2500.0,
+        1250.0,
+        900.0,
+        100.0,
+        8000.0,
+        5000.0,
+        0.776,
+        0.763,
+        gpus_per_node=72,
+        sms=148,
+        memory_gib=184.0,
+        host_link_gbs=450.0,
     ),
 }
 

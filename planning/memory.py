@@ -56,6 +56,7 @@ def state_shards(layout: Layout, distributed_optimizer: bool) -> dict[str, Shard
     dense = layout.data * layout.context
     expert = layout.world_size // (layout.pipeline * layout.expert * (layout.expert_tensor or layout.tensor))
     if layout.fsdp is not None:
+        dense = layout.fsdp_shards  # HSDP: the shard group's ranks (parallel.fsdp_shard_size)
         return {"dense": Shards(dense, dense, dense), "expert": Shards(expert, expert, expert)}
     opt = (lambda dp: dp) if distributed_optimizer else (lambda dp: 1)
     return {"dense": Shards(1, 1, opt(dense)), "expert": Shards(1, 1, opt(expert))}
@@ -209,6 +210,8 @@ def static_state(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, int]:
         # Adam's two moments (Muon's matrices: one momentum), plus fp32 master weights when the
         # weights are not fp32
         moments = 2 * numel - (params - adam[kind] if muon else 0)
+        if recipe.optimizer.cpu_offload:  # these moments on the host (planning/offload.py)
+            moments -= int(moments * recipe.optimizer.offload_fraction)
         optimizer += (moments * FP32 + (numel * FP32 if b != FP32 else 0)) // s.optimizer
         if not target.fused_adam:
             # torch's Adam: on a GPU the foreach path takes one moment-sized temporary for the whole

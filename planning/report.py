@@ -11,6 +11,7 @@ from common.errors import RecipeError
 from model.config import check_model, chunk_layer_counts, moe_layer_pattern
 from planning.flops import model_forward_flops, recompute_forward_flops
 from planning.memory import GIB, MIB, MemoryEstimate, Setup, StageMemory, Target, estimate_setup, setup_for
+from planning.offload import host_lines, host_state
 
 if TYPE_CHECKING:
     from pretrain.recipe import Recipe
@@ -166,7 +167,7 @@ def table_lines(estimate: MemoryEstimate, setup: Setup) -> list[str]:
     lines.append(
         f"worst: pipeline stage {worst.pipeline_rank} ({_ranks(worst)}), peak {_size(worst.peak, unit)} ({in_flight})"
     )
-    return lines + not_modelled(setup)
+    return lines + not_modelled(setup) + host_lines(setup)
 
 
 def not_modelled(setup: Setup) -> list[str]:
@@ -215,6 +216,7 @@ def memory_json(estimate: MemoryEstimate, setup: Setup, gpu_gib: float | None) -
         in_flight=worst.in_flight,
         device=setup.target.kernels.device,
         not_modelled=not_modelled(setup),
+        host_gib=_gib(max(host_state(setup, p) for p in range(setup.layout.pipeline))),  # optimizer.cpu_offload
         stages=[
             {
                 "pipeline_rank": s.pipeline_rank,

@@ -12,6 +12,7 @@ from planning.activations import fp8_layer
 from planning.flops import attention_gemms, attention_widths, layer_totals, model_forward_flops, recompute_forward_flops
 from planning.gpus import Gpu
 from planning.memory import Setup, stage_parameters
+from planning.offload import offload_seconds
 
 # Bytes per token per layer of elementwise work in the forward and backward together (norms, rotary,
 # residual adds, SwiGLU, their gradients), in units of one [hidden] / one [ffn] activation of
@@ -56,7 +57,8 @@ class StepTime:
     pipeline: float
     model_flops: float  # the step's useful FLOPs over all GPUs (no recompute), for MFU
     # Muon's Newton-Schulz on the stage's whole matrices and the gathers that rebuild them
-    # (optimizer.name = muon; 0 for AdamW, whose step the planner leaves out)
+    # (optimizer.name = muon; 0 for AdamW, whose step the planner leaves out), plus with
+    # optimizer.cpu_offload the host copies and the host AdamW step (planning/offload.py)
     optimizer: float = 0.0
     terms: tuple[Term, ...] = ()  # every part with its work and exposed seconds (--dry-run --json)
 
@@ -152,14 +154,11 @@ def _layer_seconds(setup: Setup, gpu: Gpu, is_moe: bool, fp8: bool) -> float:
 
 
 def step_time(setup: Setup, gpu: Gpu) -> StepTime:
-    """Seconds per optimizer step on the busiest pipeline stage: compute from a roofline per GEMM
-    (fp8 peaks for the decoder's linears when fp8 is on), attention at the fused kernel's rate and the
-    elementwise work at HBM bandwidth; the 1F1B (interleaved) bubble; recompute's extra forward;
-    tensor-parallel collectives exposed (this project has no TP overlap); the data-parallel
-    reduce-scatter and all-gather hidden behind the last backward / first forward when
-    parallel.overlap_* are on; pipeline sends hidden when overlap_p2p_comm is on; the expert
-    all-to-all exposed (megatron-core 0.16 overlaps it only with its 1F1B A2A overlap, not used here);
-    the context ring's K/V passes hidden behind the attention they feed."""
+    """Seconds per optimizer step on the busiest pipeline stage: a roofline per GEMM (fp8 peaks for the decoder's
+    linears with fp8), fused attention's rate, elementwise work at HBM bandwidth; the 1F1B (interleaved) bubble;
+    recompute's forward; exposed: tensor-parallel collectives, the expert all-to-all (megatron-core 0.16 overlaps it
+    only in its unused 1F1B A2A mode), HSDP's all-reduce across groups, cpu_offload's copies and host step; hidden:
+    data-parallel traffic under parallel.overlap_*, pipeline sends with overlap_p2p_comm, the K/V ring under attention."""
     m, layout, shape, recipe = setup.model, setup.layout, setup.shape, setup.recipe
     tp, cp, pp = layout.tensor, layout.context, layout.pipeline
     b = shape.dtype_bytes
@@ -215,6 +214,7 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     tokens_per_step = recipe.train.global_batch_size * m.seq_length
     model_flops = 3 * model_forward_flops(m, setup.vocab) * tokens_per_step
     optimizer = muon_time(setup, gpu) if recipe.optimizer.name == "muon" else 0.0
+    replicas, offload = hsdp_and_offload_terms(setup, gpu, params)
     terms = (
         Term("compute", work, work),
         Term("recompute", recompute, recompute),
@@ -226,9 +226,12 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
         Term("data_all_gather", all_gather, ag_exposed),
         Term("pipeline", p2p, pipeline),
         Term("optimizer", optimizer, optimizer),
+        replicas,
+        offload,
     )
-    compute = work + recompute + bubble
-    return StepTime(compute, tensor, context, expert, rs_exposed + ag_exposed, pipeline, model_flops, optimizer, terms)
+    compute, optimizer = work + recompute + bubble, optimizer + offload.exposed
+    data = rs_exposed + ag_exposed + replicas.exposed
+    return StepTime(compute, tensor, context, expert, data, pipeline, model_flops, optimizer, terms)
 
 
 def _expert_seconds(setup: Setup, gpu: Gpu) -> float:
@@ -296,10 +299,11 @@ def _data_parallel_seconds(setup: Setup, gpu: Gpu, params: int) -> tuple[float, 
     FSDP gathers the weights again for the backward), on the slowest link the group spans; `params`:
     the busiest stage's parameters on one rank before any data-parallel sharding."""
     layout = setup.layout
-    dp = layout.data * layout.context
+    dp = layout.fsdp_shards if layout.fsdp else layout.data * layout.context  # HSDP: within a shard group
     if dp == 1:
         return 0.0, 0.0
-    wire = params * (dp - 1) / dp / _bandwidth(gpu, layout.world_size)
+    span = layout.world_size if layout.fsdp_replicas == 1 else layout.tensor * dp  # a group's consecutive ranks
+    wire = params * (dp - 1) / dp / _bandwidth(gpu, span)
     gathers = 2 if layout.fsdp == "zero3" else 1
     return 4 * wire, gathers * setup.shape.dtype_bytes * wire
 
@@ -324,3 +328,23 @@ def _data_parallel_exposed(
     if fsdp or p.param_gather_overlapped:
         ag = max(all_gather - forward, bucket * all_gather)
     return rs, ag
+
+
+def hsdp_and_offload_terms(setup: Setup, gpu: Gpu, params: int) -> tuple[Term, Term]:
+    """The step's exposed terms for HSDP's all-reduce across shard groups (0 without HSDP) and for
+    optimizer.cpu_offload's copies and host AdamW step (planning/offload.py; 0 without offload)."""
+    replicas, offload = hsdp_replica_seconds(setup, gpu, params), offload_seconds(setup, gpu)
+    return Term("hsdp_all_reduce", replicas, replicas), Term("optimizer_offload", offload, offload)
+
+
+def hsdp_replica_seconds(setup: Setup, gpu: Gpu, params: int) -> float:
+    """HSDP (parallel.fsdp_shard_size): the fp32 gradient shards (params / shard size) all-reduced
+    across the R shard groups once per step after the backward, 2 (R - 1) / R on the wire, over the
+    network when the groups span nodes; exposed (parallel/data_parallel.py all_reduce_replicas runs
+    after the backward). 0 without HSDP."""
+    layout = setup.layout
+    r = layout.fsdp_replicas
+    if r == 1:
+        return 0.0
+    shard = params / layout.fsdp_shards
+    return 4.0 * shard * 2 * (r - 1) / r / _bandwidth(gpu, layout.world_size)

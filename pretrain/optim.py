@@ -44,12 +44,19 @@ class OptimizerConfig:
     adjust_lr: Literal["match_rms_adamw", "original"] = "match_rms_adamw"
     split_qkv: bool = True  # orthogonalize Q, K and V apart (megatron-core muon_split_qkv); false: QKV whole
     qk_clip: PositiveFloat | None = None  # MuonClip's attention-logit threshold: refused (docs/optimizers.md)
+    # Optimizer state off the GPU (megatron-core's optimizer_cpu_offload, AdamW only): the fp32
+    # master weights and Adam's moments of offload_fraction of the parameters (by element count, in
+    # parameter order) live in host memory and are stepped there by torch's AdamW; gradients are
+    # copied to the host and the updated weights back every step. The curve does not change.
+    cpu_offload: bool = False
+    offload_fraction: PositiveFloat = 1.0  # megatron-core optimizer_offload_fraction; (0, 1]
 
     def check(self) -> None:
         if self.name != "muon":
             changed = [k for k, v in _MUON_DEFAULTS.items() if getattr(self, k) != v]
             if changed:
                 raise RecipeError(f"optimizer.{changed[0]} is a Muon key: set optimizer.name = muon to use it")
+        self._check_offload()
         if self.qk_clip is not None:
             raise RecipeError(
                 "optimizer.qk_clip: MuonClip is not supported (megatron-core clips through its own attention's "
@@ -73,6 +80,21 @@ class OptimizerConfig:
             raise RecipeError(
                 f"optimizer.wsd_decay_steps = {self.wsd_decay_steps} exceeds optimizer.decay_steps = {self.decay_steps}"
             )
+
+    def _check_offload(self) -> None:
+        if not self.cpu_offload:
+            if self.offload_fraction != 1.0:
+                raise RecipeError(
+                    f"optimizer.offload_fraction = {self.offload_fraction} is only read with optimizer.cpu_offload = true"
+                )
+            return
+        if self.name != "adamw":
+            raise RecipeError(
+                f"optimizer.cpu_offload = true with optimizer.name = {self.name}: megatron-core's offload steps "
+                "AdamW only (its host optimizer is torch's AdamW); set optimizer.cpu_offload = false"
+            )
+        if self.offload_fraction > 1:
+            raise RecipeError(f"optimizer.offload_fraction must be in (0, 1], got {self.offload_fraction}")
 
 
 @dataclass(frozen=True)
@@ -119,6 +141,8 @@ def build_optimizer(
         use_distributed_optimizer=distributed,
         initial_loss_scale=initial_loss_scale(numerics.tokens_per_micro_batch),
         fp8_recipe=numerics.te_fp8_recipe,
+        optimizer_cpu_offload=cfg.cpu_offload,
+        optimizer_offload_fraction=cfg.offload_fraction if cfg.cpu_offload else 0.0,
     )
     optimizer = get_megatron_optimizer(config, chunks)
     if cfg.name == "muon":
@@ -140,6 +164,45 @@ def build_optimizer(
         adamw = {"lr": cfg.lr, "betas": cfg.betas, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
         install(optimizer, chunks, groups, settings, adamw)
     return optimizer
+
+
+def check_offload(cfg: OptimizerConfig, fsdp: str | None, distributed: bool, precision: str) -> None:
+    """optimizer.cpu_offload against the layout and precision: the combinations megatron-core 0.16's
+    HybridDeviceOptimizer runs (docs/optimizers.md); each other one fails inside it, on a GPU too."""
+    if not cfg.cpu_offload:
+        return
+    why = None
+    if fsdp is not None:
+        why = f"parallel.fsdp = {fsdp} (its DTensor shards are not verified in megatron-core's host optimizer)"
+    elif precision != "fp32" and not distributed:
+        why = (
+            f"train.precision = {precision} without parallel.distributed_optimizer (megatron-core's {precision} "
+            "wrapper replaces the parameters the host optimizer has copied: KeyError at the first step)"
+        )
+    elif distributed and precision == "fp16":
+        why = "parallel.distributed_optimizer with train.precision = fp16 (not verified)"
+    if why:
+        raise RecipeError(
+            f"optimizer.cpu_offload = true is not supported with {why}; offload runs with fp32 (with or without "
+            "the distributed optimizer) and with bf16 and the distributed optimizer"
+        )
+
+
+def host_share(optimizer: Any) -> tuple[int, int]:
+    """optimizer.cpu_offload: (elements whose optimizer state and step are on the host, elements
+    this rank's optimizer steps), read from megatron-core's HybridDeviceOptimizer; (0, n) without it."""
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    def numel(optimizer: Any) -> int:
+        return sum(p.numel() for group in optimizer.param_groups for p in group["params"])
+
+    host = total = 0
+    for wrapper in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = wrapper.optimizer
+        total += numel(inner)
+        if isinstance(inner, HybridDeviceOptimizer):
+            host += sum(numel(cpu) for cpu in inner.cpu_optimizers)
+    return host, total
 
 
 _MUON_DEFAULTS = {

@@ -25,7 +25,7 @@ from parallel.config import ParallelConfig
 from pretrain.checkpoint.config import CheckpointConfig
 from pretrain.faults import DebugConfig, check_debug
 from pretrain.metrics import LoggingConfig
-from pretrain.optim import OptimizerConfig
+from pretrain.optim import OptimizerConfig, check_offload
 from pretrain.profiling import ProfileConfig
 
 CompileTarget = Literal["layers", "mlp", "norms"]
@@ -145,6 +145,7 @@ def validate_static(recipe: Recipe) -> None:
             f"scaling for fully sharded fp32 master weights): use bf16"
         )
     recipe.optimizer.check()
+    check_offload(recipe.optimizer, recipe.parallel.fsdp, recipe.parallel.distributed_optimizer, recipe.train.precision)
     if (
         recipe.optimizer.name == "muon"
         and recipe.parallel.distributed_optimizer

@@ -192,6 +192,11 @@ def build_metrics(run: Run) -> Metrics:
 def _optimizer_line(run: Run) -> str:
     """Which parameters each optimizer steps (rank 0's pipeline stage)."""
     cfg = run.recipe.optimizer
+    if cfg.name == "adamw" and cfg.cpu_offload:
+        from pretrain.optim import host_share
+
+        host, total = host_share(run.stepper.optimizer)
+        return f"optimizer: AdamW for every parameter; {host} of {total} elements stepped on the host (cpu_offload)"
     if cfg.name == "adamw":
         return "optimizer: AdamW for every parameter"
     from pretrain.muon import describe

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
+from upstream import host_optimizer
 from upstream.patch import Patch, PatchSet
 
 
@@ -54,7 +55,8 @@ class CudaToCpuMode(TorchFunctionMode):
       answered with the CUDA spelling so fp32/bf16 params take their normal path;
     - `.cuda()` / `.to("cuda")` on tensors: dist_checkpointing and the optimizers;
     - `pin_memory=True` (page-locked staging for host-to-GPU copies, needs a GPU): the RoPE
-      slice per context-parallel rank, models/common/embeddings/rope_utils.py:62.
+      slice per context-parallel rank, models/common/embeddings/rope_utils.py:62; and
+      `.pin_memory()`: the optimizer's host copies, optimizer/cpu_offloading/hybrid_optimizer.py:313.
     """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -63,7 +65,7 @@ class CudaToCpuMode(TorchFunctionMode):
             name = _CUDA_TYPE_NAMES.get(args[0].dtype)
             if name is not None:
                 return name
-        if func is torch.Tensor.cuda:
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if "device" in kwargs and _is_cuda_device(kwargs["device"]):
             kwargs["device"] = _CPU
@@ -199,7 +201,7 @@ class HostDeviceMesh:
 
 def _patches() -> list[Patch]:
     """The attribute patches, built lazily so importing this module never imports megatron."""
-    return [*_rng_patches(), *_device_patches(), *_recompute_and_collective_patches()]
+    return [*_rng_patches(), *_device_patches(), *_recompute_and_collective_patches(), host_optimizer.cpu_patch()]
 
 
 def _rng_patches() -> list[Patch]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from upstream import fsdp
+from upstream import fsdp, host_optimizer
 from upstream.patch import Patch, PatchSet
 
 
@@ -202,6 +202,7 @@ def _fixes() -> list[Patch]:
             wrap=_postprocess_without_labels_skips_mtp,
         ),
         *fsdp.patches(),  # megatron-core's torch FSDP2 path
+        *host_optimizer.patches(),  # optimizer.cpu_offload's resume
     ]
 
 

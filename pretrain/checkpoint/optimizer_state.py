@@ -185,3 +185,19 @@ def check_translatable(kind: str, saved: str, saved_format: str | None, where: s
             f"which only parallel.distributed_optimizer = true reads; resume with it (and save with "
             f"checkpoint.optimizer_format = fully_reshardable to change optimizer kinds)"
         )
+
+
+def without_classes(state: Any) -> Any:
+    """The optimizer's sharded state with every entry whose value is a class dropped, in place:
+    megatron-core's offloading optimizer (optimizer.cpu_offload) keeps its host and device optimizer
+    classes in each param group, and `common.pt` is read weights-only, which refuses classes. The
+    loaded groups need them not (the optimizer rebuilds its parts from its own attributes)."""
+    if isinstance(state, dict):
+        for key in [k for k, v in state.items() if isinstance(v, type)]:
+            del state[key]
+        for value in state.values():
+            without_classes(value)
+    elif isinstance(state, list):
+        for value in state:
+            without_classes(value)
+    return state

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from common.errors import UserError
 from common.files import set_aside
-from parallel.data_parallel import sync_params
+from parallel.data_parallel import sharded_state_dict, sync_params
 from pretrain.checkpoint import manifest, optimizer_state
 from upstream import fixes, safe_loading
 
@@ -142,7 +142,7 @@ def refuse_to_overwrite(load: str | None, ckpt_dir: pathlib.Path) -> None:
 def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict:
     sd = {}
     for i, chunk in enumerate(chunks):
-        sd[f"model{i}" if len(chunks) > 1 else "model"] = _unwrap(chunk).sharded_state_dict()
+        sd[f"model{i}" if len(chunks) > 1 else "model"] = sharded_state_dict(chunk)
     return sd
 
 
@@ -185,7 +185,8 @@ def save(
     state = model_sharded_state_dict(chunks)
     if optimizer is not None:
         assert optimizer_format is not None, "a training checkpoint needs checkpoint.optimizer_format"
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_format_metadata(optimizer_format))
+        sharded = optimizer.sharded_state_dict(state, metadata=_format_metadata(optimizer_format))
+        state["optimizer"] = optimizer_state.without_classes(sharded)
     state["extra"] = {
         **extra,
         "kind": "training" if optimizer is not None else "weights",

@@ -281,6 +281,35 @@ def _fsdp_wrap():
         dist.destroy_process_group()
 
 
+def _host_optimizer_step():
+    """optimizer/cpu_offloading/hybrid_optimizer.py:101,299,310-323: megatron-core's offloading
+    optimizer gives a parameter a host copy when `param.is_cuda`; on a CPU run none is, every
+    parameter lands in its host optimizer with no device twin, and the step's lookup of it fails
+    (KeyError). With the layer: half the elements stepped on the host, half on the device, each
+    as torch's AdamW steps it."""
+    from megatron.core.optimizer.cpu_offloading.hybrid_optimizer import HybridDeviceOptimizer
+
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    hybrid = HybridDeviceOptimizer(
+        params,
+        offload_fraction=0.5,
+        cpu_optimizer_cls=torch.optim.AdamW,
+        gpu_optimizer_cls=torch.optim.AdamW,
+        param_update_in_fp32=True,
+        lr=0.1,
+    )
+    reference = torch.optim.AdamW(twins, lr=0.1)
+    for p in params + twins:
+        p.grad = torch.linspace(-1.0, 1.0, p.numel()).view(p.shape)
+    hybrid.step()
+    reference.step()
+    assert list(hybrid.gpu_params_map_cpu_copy) == [params[0]] and len(hybrid.cpu_optimizers) == 1
+    for p, twin in zip(params, twins):
+        torch.testing.assert_close(p, twin, rtol=0, atol=0)
+
+
 NO_CUDA = (AssertionError, "Torch not compiled with CUDA enabled")
 WRONG_STREAM = (AssertionError, "the fork did not draw from the tensor-parallel stream")
 
@@ -301,6 +330,7 @@ SITES = {
     "inference.is_cuda": (_pipeline_logits_broadcast, AssertionError, "^_is_cuda asserted$"),
     "moe.split_sizes": (_alltoall_split_sizes, TypeError, "all_to_all_single\\(\\): incompatible function arguments"),
     "dist.uneven_all_gather": (_uneven_all_gather, RuntimeError, "ProcessGroupGloo::allgather: invalid tensor size"),
+    "offload.device_params": (_host_optimizer_step, KeyError, "^Parameter containing"),
     "fsdp.device_mesh": (_fsdp_wrap, TypeError, r"device\(\): argument 'index' \(position 2\) must be int"),
     "recompute.device_mode": (lambda: _recompute_replay(without_output=False), *NO_CUDA),
     "recompute_without_output.device_mode": (lambda: _recompute_replay(without_output=True), *NO_CUDA),
