@@ -175,6 +175,7 @@ def adam_parameters(setup: Setup, pipeline_rank: int) -> int:
         adam += vocab * h // tp
     if pipeline_rank == layout.pipeline - 1:
         adam += h + (vocab * h // tp if m.untie_embeddings or layout.pipeline > 1 else 0)
+        adam += m.mtp_num_layers * 3 * h + (vocab * h // tp if m.mtp_num_layers and layout.pipeline > 1 else 0)
     return adam
 
 
