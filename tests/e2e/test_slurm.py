@@ -114,10 +114,10 @@ def test_launch_outside_slurm_is_one_line_exit_2(fake_slurm):
     )
 
 
-def _sbatch(env, tmp_path, *args):
+def _sbatch(env, tmp_path, *args, recipe="tiny_gpt"):
     env = dict(env, SLURM_SUBMIT_DIR=str(tmp_path))
     return subprocess.Popen(
-        ["bash", str(SLURM / "pretrain.sbatch"), "tiny_gpt", *args],
+        ["bash", str(SLURM / "pretrain.sbatch"), recipe, *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -161,21 +161,26 @@ def test_sbatch_without_the_warning_signal_does_not_requeue(fake_slurm, tmp_path
 
 
 @pytest.mark.parametrize(
-    "overrides, default",
-    [(["parallel.fsdp=zero3"], True), (["parallel.fsdp=zero3", "parallel.fsdp_shard_size=2"], False), ([], False)],
+    "recipe, overrides, default",
+    [
+        ("tiny_gpt", ["parallel.fsdp=zero3"], True),
+        ("tiny_gpt", ["parallel.fsdp=zero3", "parallel.fsdp_shard_size=2"], False),
+        ("tiny_gpt", [], False),
+        ("tiny_moe", ["parallel.fsdp=zero3"], False),  # hybrid sharding is not built for experts
+    ],
 )
-def test_sbatch_shards_fsdp_within_one_node_by_default(fake_slurm, tmp_path, overrides, default):
+def test_sbatch_shards_fsdp_within_one_node_by_default(fake_slurm, tmp_path, recipe, overrides, default):
     """Under parallel.fsdp with fsdp_shard_size null the job runs with parallel.fsdp_shard_size=node,
     checked by the dry run and said in the batch log; a shard size the recipe sets, or no FSDP, is
     passed on as it is. The resolved recipe is the real one (--print-recipe's YAML)."""
     from pretrain.recipe import dump_recipe, load_recipe
 
     env, log = fake_slurm
-    env["FAKE_RECIPE"] = dump_recipe(load_recipe("tiny_gpt", overrides))
-    job = _sbatch(env, tmp_path, *overrides)
+    env["FAKE_RECIPE"] = dump_recipe(load_recipe(recipe, overrides))
+    job = _sbatch(env, tmp_path, *overrides, recipe=recipe)
     _, err = job.communicate(timeout=60)
     assert job.returncode == 0, err
-    passed = " ".join(["tiny_gpt", *overrides, *(["parallel.fsdp_shard_size=node"] if default else [])])
+    passed = " ".join([recipe, *overrides, *(["parallel.fsdp_shard_size=node"] if default else [])])
     dry_run = (log / "python").read_text().splitlines()[1]
     assert dry_run == f"pretrain_gpt.py --recipe {passed} --dry-run --world-size 16 --gpus-per-node 8"
     assert (log / "srun").read_text().endswith(f"scripts/slurm/launch.sh {passed}\n")
