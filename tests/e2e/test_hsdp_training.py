@@ -6,8 +6,8 @@ Measured (2026-12-07, fp32): zero3 DP 4 in groups of 2 equals the one-process cu
 digit (loss and grad norm within 1e-7); both resumes within 1e-5; by hand also the resume under
 plain DDP on one process. Negative control (by hand): without the all-reduce across the groups
 (parallel/data_parallel.py:all_reduce_replicas) each group steps on its half of the batch's
-gradient: grad norm 1.655 vs 2.714 at step 1, loss 5.4586 vs 5.4286 at step 2; the zero2 leg fails
-the same way (the all-reduce is shared by zero2 and zero3)."""
+gradient: grad norm 1.655 vs 2.714 at step 1, loss 5.4586 vs 5.4286 at step 2; with the all-reduce
+left out under zero2 only, the zero2 leg fails: grad norm 1.068 vs 1.849 at step 6."""
 
 import pytest
 
