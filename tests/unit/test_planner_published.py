@@ -43,6 +43,7 @@ def _megatron_lm(layers, hidden, heads, tp, pp, batch, tflops):
         "parallel.virtual_pipeline=null",
         "parallel.context=1",
         f"parallel.sequence_parallel={str(tp > 1).lower()}",
+        f"parallel.tp_comm_overlap={str(tp > 1).lower()}",  # the README: --tp-comm-overlap (TP > 1 only)
         f"train.global_batch_size={batch}",
         "train.micro_batch_size=1",
     ]
@@ -57,6 +58,7 @@ LLAMA3_70B_FP8 = (  # Megatron-Bridge 25.11, DGX-H100, FP8-CS: TP4 PP8 VP5, GBS 
         "parallel.pipeline=8",
         "parallel.virtual_pipeline=5",
         "parallel.context=1",
+        "parallel.tp_comm_overlap=true",  # llama3_70b_h100_config: userbuffers_fp8_h100_h8192_tp4_mbs1_seqlen8192
         "train.global_batch_size=128",
         "fp8.enabled=true",
         "fp8.recipe=tensorwise",
