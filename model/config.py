@@ -204,11 +204,6 @@ def check_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     check_mla(model, parallel)
     if model.mtp_num_layers:
         raise RecipeError(f"model.mtp_num_layers = {model.mtp_num_layers}: multi-token prediction is not built yet")
-    if parallel.tp_comm_overlap and model.transformer_impl != "transformer_engine":
-        raise RecipeError(
-            f"parallel.tp_comm_overlap = true runs on transformer-engine's userbuffers: set "
-            f"model.transformer_impl = transformer_engine (got {model.transformer_impl})"
-        )
     if parallel.fsdp is not None and model.transformer_impl != "local":
         # Each upstream fix under FSDP (upstream/fsdp.py) was verified on the local layers only.
         raise RecipeError(

@@ -13,17 +13,27 @@ unless a YAML file overrides them; this project uses TE's defaults."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from common.errors import RecipeError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def userbuffer_shape(seq_length: int, micro_batch_size: int, context: int, hidden_size: int) -> list[int]:
     """The [tokens, hidden] shape of one userbuffer: a micro-batch's whole (tensor-gathered) sequence
     shard on one context rank, as the all-gathered input of the QKV and fc1 GEMMs is."""
     return [seq_length * micro_batch_size // context, hidden_size]
+
+
+def check_recipe(tp_comm_overlap: bool, transformer_impl: str) -> None:
+    """The layers it needs (parallel.check already asked for sequence parallelism)."""
+    if tp_comm_overlap and transformer_impl != "transformer_engine":
+        raise RecipeError(
+            f"parallel.tp_comm_overlap = true runs on transformer-engine's userbuffers: set "
+            f"model.transformer_impl = transformer_engine (got {transformer_impl})"
+        )
 
 
 def check_runtime(device: torch.device) -> Any:

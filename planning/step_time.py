@@ -172,12 +172,9 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     mb, chunks = setup.micro_batches, layout.model_chunks
     in_fp8 = [fp8_layer(recipe.fp8, m.num_layers, i) for i in range(m.num_layers)]
     kinds = {kind: _layer_seconds(setup, gpu, *kind) for kind in set(zip(pattern, in_fp8))}  # (moe, fp8) once each
-    # TP with SP: per layer 4 all-gathers/reduce-scatters forward, 6 backward, of [s·b, h] each, (t-1)/t on
-    # the wire. The column-parallel linears' (QKV, fc1) backward re-gathers its input while the data
-    # gradient GEMM runs and reduce-scatters that gradient while the weight gradient GEMM runs
-    # (megatron-core's LinearWithGradAccumulationAndAsyncCommunication; TE's linears alike): 4 of the
-    # 10 hide behind those GEMMs (each about the layer's forward GEMM time). The other 6 are exposed,
-    # unless parallel.tp_comm_overlap chunks them beside their GEMMs (tp_overlap_exposed).
+    # TP with SP: per layer 10 all-gathers/reduce-scatters of [s·b, h], (t-1)/t on the wire; 4 (the QKV's
+    # and fc1's backward) hide behind their data/weight-gradient GEMMs (megatron-core's and TE's linears),
+    # the other 6 are exposed unless parallel.tp_comm_overlap chunks them (tp_overlap_exposed).
     hidden_bytes = tokens * m.hidden_size * b
     collective = hidden_bytes * (tp - 1) / tp / _bandwidth(gpu, tp) if tp > 1 else 0.0
     chunked_kinds = {kind: tp_overlap_exposed(setup, gpu, collective, *kind) for kind in kinds}
