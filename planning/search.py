@@ -189,7 +189,8 @@ def _with_tp_overlap(overrides: dict[str, Any], setup: Setup, gpu: Any) -> list[
     if recipe.model.transformer_impl != "transformer_engine" or not recipe.parallel.sequence_parallel:
         return []
     overlapped = _apply(recipe, {"parallel.tp_comm_overlap": True})
-    planned = dataclasses.replace(setup, recipe=overlapped)
+    layout = dataclasses.replace(setup.layout, tp_comm_overlap=True)
+    planned = dataclasses.replace(setup, recipe=overlapped, layout=layout)
     return [Candidate(overrides | {"parallel.tp_comm_overlap": True}, planned, step_time(planned, gpu))]
 
 

@@ -19,6 +19,7 @@ from parallel import tp_overlap
 from parallel.layout import Layout
 from planning.gpus import GPUS
 from planning.memory import setup_for
+from planning.search import candidates
 from planning.step_time import step_time, tp_overlap_exposed
 from pretrain.recipe import load_recipe
 
@@ -96,3 +97,24 @@ def test_gpu_check_row_runs_both_under_torchrun_or_says_why_not(tmp_path):
         "parallel.tp_comm_overlap=true" in overlapped.command and "parallel.tp_comm_overlap=true" not in plain.command
     )
     assert "parallel.sequence_parallel=true" in plain.command
+
+
+def test_search_tries_userbuffers_where_they_apply():
+    """Every transformer-engine layout with sequence parallelism is scored with and without
+    userbuffers (the same memory setup), each ranked by its own step time (at tiny_gpt's shapes
+    some are faster with them, some slower: their SMs cost more than short GEMMs hide); local
+    layers never get them."""
+    gpu = GPUS["h100"]
+    te = load_recipe("tiny_gpt", ["model.transformer_impl=transformer_engine"])
+    found = candidates(te, 4, gpu, 512)
+    overlapped = [c for c in found if c.overrides.get("parallel.tp_comm_overlap")]
+    assert overlapped and all(c.overrides["parallel.sequence_parallel"] for c in overlapped)
+    plain = {tuple(sorted(c.overrides.items())): c for c in found if "parallel.tp_comm_overlap" not in c.overrides}
+    for c in overlapped:
+        twin = plain[tuple(sorted((k, v) for k, v in c.overrides.items() if k != "parallel.tp_comm_overlap"))]
+        assert dataclasses.replace(twin.setup.layout, tp_comm_overlap=True) == c.setup.layout
+        assert c.time.tensor != twin.time.tensor
+        assert (c.time.total < twin.time.total) == (found.index(c) < found.index(twin))
+    assert len(found) == len(plain) + len(overlapped)
+    local = candidates(load_recipe("tiny_gpt", ["model.transformer_impl=local"]), 4, gpu, 512)
+    assert not any("parallel.tp_comm_overlap" in c.overrides for c in local)
