@@ -10,15 +10,15 @@ from typing import Literal
 from common.errors import RecipeError
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt, Probability
 from model.attention.mla import MlaConfig, check_mla
+from model.mtp import check_mtp
 from model.rope import RopeScalingConfig, check_rope_scaling
 from model.routing import check_groups
 from parallel.config import ParallelConfig, check_uneven_pipeline, pipeline_stage_layers
 
-# Selective recompute modules megatron-core 0.16 offers for our layers (its mla_up_proj needs multi-latent
-# attention, which these models do not have): core_attn = the attention kernel; layernorm = both norms
-# (output discarded, recomputed from the input); mlp = a dense layer's MLP; moe = a whole MoE layer;
-# moe_act = the experts' activation (grouped GEMM experts only); shared_experts = the shared experts.
-RecomputeModule = Literal["core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts"]
+# Selective recompute modules megatron-core 0.16 offers our layers: core_attn = the attention kernel; layernorm =
+# both norms (recomputed from the input); mlp = a dense layer's MLP; moe = a whole MoE layer; moe_act = the grouped
+# experts' activation; shared_experts; mla_up_proj = MLA's up-projections and RoPE (recomputed from the latents).
+RecomputeModule = Literal["core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts", "mla_up_proj"]
 
 
 @dataclass
@@ -67,7 +67,8 @@ class ModelConfig:
     head_dim: PositiveInt | None = None  # width of one attention head (kv_channels); None = hidden_size / heads
     attention: Literal["standard", "mla"] = "standard"  # standard: multi-head / grouped-query; mla: model.mla
     mla: MlaConfig = field(default_factory=MlaConfig)
-    mtp_num_layers: NonNegativeInt = 0  # multi-token prediction modules (DeepSeek-V3); not built yet: 0 only
+    mtp_num_layers: NonNegativeInt = 0  # multi-token prediction modules (DeepSeek-V3, model/mtp.py); 0 = none
+    mtp_loss_scaling_factor: NonNegativeFloat = 0.1  # the MTP loss's weight (over its modules' mean) in training
     qk_layernorm: bool = False  # RMSNorm over each query and key head before RoPE (Qwen3)
     vocab_size: PositiveInt | None = None  # None = the tokenizer's vocabulary (data.tokenizer); padded later
     make_vocab_size_divisible_by: PositiveInt = 128  # padding multiple (times parallel.tensor), as Megatron-LM
@@ -202,8 +203,7 @@ def check_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     _check_moe(model, parallel)
     _check_recompute(model, parallel)
     check_mla(model, parallel)
-    if model.mtp_num_layers:
-        raise RecipeError(f"model.mtp_num_layers = {model.mtp_num_layers}: multi-token prediction is not built yet")
+    check_mtp(model, parallel)
     if parallel.fsdp is not None and model.transformer_impl != "local":
         # Each upstream fix under FSDP (upstream/fsdp.py) was verified on the local layers only.
         raise RecipeError(
@@ -442,6 +442,7 @@ def _check_selective_recompute(m: ModelConfig) -> None:
             "into the dense layers' linears)",
             m.transformer_impl == "transformer_engine" and not any(pattern),
         ),
+        "mla_up_proj": ("no multi-latent attention (model.attention = mla)", m.attention != "mla"),
     }
     for module in modules:
         why, absent = missing.get(module, ("", False))

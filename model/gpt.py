@@ -87,6 +87,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from model.moe import transformer_config_fields
+    from model.mtp import mtp_config_fields
 
     fp8_fields = {}
     if build.fp8.enabled:
@@ -101,7 +102,10 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
 
         from model.attention.mla import mla_config_fields
 
-        config_class, mla_fields = MLATransformerConfig, mla_config_fields(model.mla, model.rotary_base)
+        config_class, mla_fields = (
+            MLATransformerConfig,
+            mla_config_fields(model.mla, model.rotary_base, model.rope_scaling),
+        )
     return config_class(
         # Which layers the spec builds; megatron-core's torch FSDP wrapper picks the modules it
         # shards by it (torch_fully_sharded_data_parallel.py:113).
@@ -147,6 +151,7 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         **transformer_config_fields(model, build.precision),
         **fp8_fields,
         **mla_fields,
+        **mtp_config_fields(model),
     )
 
 
@@ -286,13 +291,15 @@ def build_model_chunks(
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
+        post_process = is_pp_last_stage(groups.pp) and is_vp_last_stage(stage, vpp)
         chunk = model_class(
             config=config,
             transformer_layer_spec=layer_spec(model, config, stage, build.init_seed, build.fp8, groups.cp),
+            mtp_block_spec=_mtp_spec(model, config, build.init_seed) if post_process else None,
             vocab_size=padded,
             max_sequence_length=model.seq_length,
             pre_process=is_pp_first_stage(groups.pp) and is_vp_first_stage(stage, vpp),
-            post_process=is_pp_last_stage(groups.pp) and is_vp_last_stage(stage, vpp),
+            post_process=post_process,
             share_embeddings_and_output_weights=not model.untie_embeddings,
             position_embedding_type="rope",
             rotary_base=model.rotary_base,  # a float theta (1e6, 5e5, or not whole) as transformers has it
@@ -304,6 +311,19 @@ def build_model_chunks(
             mask_padded_logits(chunk.output_layer, vocab_size, padded, groups.tp.rank())
         chunks.append(chunk)
     return chunks
+
+
+def _mtp_spec(model: ModelConfig, config: TransformerConfig, init_seed: int) -> Any:
+    """The MTP block on the last stage (model/mtp.py); its layer is MoE where a layer at index
+    num_layers would be (HF's model.layers.{num_hidden_layers})."""
+    if not model.mtp_num_layers:
+        return None
+    from model.mtp import mtp_block_spec
+
+    is_moe = moe_layer_pattern(dataclasses.replace(model, num_layers=model.num_layers + 1))[-1]
+    return mtp_block_spec(
+        _local_layer_spec(config, init_seed, model.moe.num_experts if is_moe else None), model.mtp_num_layers
+    )
 
 
 def build_model(
@@ -358,8 +378,9 @@ def meta_device():
 
 @dataclasses.dataclass(frozen=True)
 class ParameterCount:
-    total: int
-    active: int  # what one token passes through: top_k routed experts (+ shared); = total when dense
+    total: int  # MTP modules included
+    active: int  # what one token passes through the main model: top_k routed experts (+ shared)
+    mtp: int = 0  # the multi-token prediction modules' own (the embedding and output head are shared)
 
 
 def layer_parameters(
@@ -397,7 +418,10 @@ def layer_parameters(
 
 
 def parameter_counts(model: ModelConfig, vocab_size: int) -> ParameterCount:
-    """Hand formula for the Llama-style decoder, dense or MoE, with or without linear biases."""
+    """Hand formula for the Llama-style decoder, dense or MoE, with or without linear biases, and
+    its MTP modules (model/mtp.py)."""
+    from model.mtp import mtp_parameters
+
     h = model.hidden_size
     embeddings = vocab_size * h * (2 if model.untie_embeddings else 1)
     pattern = moe_layer_pattern(model)
@@ -407,4 +431,6 @@ def parameter_counts(model: ModelConfig, vocab_size: int) -> ParameterCount:
         + h
         + embeddings
     )
-    return ParameterCount(total=total, active=active)
+    mtp_moe = moe_layer_pattern(dataclasses.replace(model, num_layers=model.num_layers + 1))[-1]
+    mtp = model.mtp_num_layers * mtp_parameters(model, layer_parameters(model, mtp_moe))
+    return ParameterCount(total=total + mtp, active=active, mtp=mtp)

@@ -40,7 +40,7 @@ from model.hf_config import (
 )
 
 __all__ = ["FAMILIES", "family_of", "hf_config_from_model", "hf_to_ours", "load_exactly", "model_config_from_hf"]
-__all__ += ["ours_to_hf", "rules"]
+__all__ += ["ours_to_hf", "rules", "without_absent_mtp"]
 
 
 # ------------------------------------------------------------------------------ tensors
@@ -67,36 +67,60 @@ def rules(model: ModelConfig, family: Family) -> list[Rule]:
     if model.untie_embeddings:
         out.append(Rule("output_layer.weight", ("lm_head.weight",), "rows"))
     for i, is_moe in enumerate(moe_layer_pattern(model)):
-        ours, theirs = f"decoder.layers.{i}", f"model.layers.{i}"
-        attn = f"{theirs}.self_attn"
+        out += _layer_rules(model, family, f"decoder.layers.{i}", f"model.layers.{i}", is_moe)
+    mtp_moe = moe_layer_pattern(dataclasses.replace(model, num_layers=model.num_layers + 1))[-1]
+    for k in range(model.mtp_num_layers):
+        out += _mtp_rules(model, family, k, mtp_moe)
+    return out
+
+
+def _mtp_rules(model: ModelConfig, family: Family, k: int, is_moe: bool) -> list[Rule]:
+    """MTP module k as DeepSeek-V3 publishes it: layer num_hidden_layers + k with enorm, hnorm,
+    eh_proj, shared_head.norm, its own attention and MLP, and copies of the shared embedding and
+    output head (checked equal to them on import, written on export)."""
+    ours, theirs = f"mtp.layers.{k}", f"model.layers.{model.num_layers + k}"
+    head = "output_layer.weight" if model.untie_embeddings else "embedding.word_embeddings.weight"
+    return [
+        Rule(f"{ours}.enorm.weight", (f"{theirs}.enorm.weight",)),
+        Rule(f"{ours}.hnorm.weight", (f"{theirs}.hnorm.weight",)),
+        Rule(f"{ours}.eh_proj.weight", (f"{theirs}.eh_proj.weight",)),
+        Rule(f"{ours}.final_layernorm.weight", (f"{theirs}.shared_head.norm.weight",)),
+        Rule("embedding.word_embeddings.weight", (f"{theirs}.embed_tokens.weight",), "rows"),
+        Rule(head, (f"{theirs}.shared_head.head.weight",), "rows"),
+        *_layer_rules(model, family, f"{ours}.transformer_layer", theirs, is_moe),
+    ]
+
+
+def _layer_rules(model: ModelConfig, family: Family, ours: str, theirs: str, is_moe: bool) -> list[Rule]:
+    """One decoder layer's tensors: ours under `ours`, HF's under `theirs` (model.layers.{i})."""
+    attn = f"{theirs}.self_attn"
+    out = [
+        Rule(f"{ours}.input_layernorm.weight", (f"{theirs}.input_layernorm.weight",)),
+        Rule(f"{ours}.pre_mlp_layernorm.weight", (f"{theirs}.post_attention_layernorm.weight",)),
+        Rule(f"{ours}.self_attention.linear_proj.weight", (f"{attn}.o_proj.weight",)),
+    ]
+    if family.mla:
+        out += _mla_rules(f"{ours}.self_attention", attn, model.mla.q_lora_rank is not None)
+    else:
+        qkv = (f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight")
+        out.append(Rule(f"{ours}.self_attention.linear_qkv.weight", qkv, "qkv"))
+    if family.qk_norm:
         out += [
-            Rule(f"{ours}.input_layernorm.weight", (f"{theirs}.input_layernorm.weight",)),
-            Rule(f"{ours}.pre_mlp_layernorm.weight", (f"{theirs}.post_attention_layernorm.weight",)),
-            Rule(f"{ours}.self_attention.linear_proj.weight", (f"{attn}.o_proj.weight",)),
+            Rule(f"{ours}.self_attention.q_layernorm.weight", (f"{attn}.q_norm.weight",)),
+            Rule(f"{ours}.self_attention.k_layernorm.weight", (f"{attn}.k_norm.weight",)),
         ]
-        if family.mla:
-            out += _mla_rules(f"{ours}.self_attention", attn, model.mla.q_lora_rank is not None)
-        else:
-            qkv = (f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight")
-            out.append(Rule(f"{ours}.self_attention.linear_qkv.weight", qkv, "qkv"))
-        if family.qk_norm:
-            out += [
-                Rule(f"{ours}.self_attention.q_layernorm.weight", (f"{attn}.q_norm.weight",)),
-                Rule(f"{ours}.self_attention.k_layernorm.weight", (f"{attn}.k_norm.weight",)),
-            ]
-        if not is_moe or family.experts is None:
-            out += _mlp_rules(f"{ours}.mlp", f"{theirs}.mlp", "gate_proj", "up_proj", "down_proj")
-            continue
-        names = family.experts
-        block = f"{theirs}.{names.prefix}"
-        out.append(Rule(f"{ours}.mlp.router.weight", (f"{block}.gate.weight",)))
-        if model.moe.expert_bias:
-            out.append(Rule(f"{ours}.mlp.router.expert_bias", (f"{block}.gate.e_score_correction_bias",)))
-        if model.moe.shared_expert_ffn_hidden_size:
-            out += _mlp_rules(f"{ours}.mlp.shared_experts", f"{block}.shared_experts", names.gate, names.up, names.down)
-        for e in range(model.moe.num_experts or 0):
-            expert = f"{ours}.mlp.experts.local_experts.{e}"
-            out += _mlp_rules(expert, f"{block}.experts.{e}", names.gate, names.up, names.down)
+    if not is_moe or family.experts is None:
+        return out + _mlp_rules(f"{ours}.mlp", f"{theirs}.mlp", "gate_proj", "up_proj", "down_proj")
+    names = family.experts
+    block = f"{theirs}.{names.prefix}"
+    out.append(Rule(f"{ours}.mlp.router.weight", (f"{block}.gate.weight",)))
+    if model.moe.expert_bias:
+        out.append(Rule(f"{ours}.mlp.router.expert_bias", (f"{block}.gate.e_score_correction_bias",)))
+    if model.moe.shared_expert_ffn_hidden_size:
+        out += _mlp_rules(f"{ours}.mlp.shared_experts", f"{block}.shared_experts", names.gate, names.up, names.down)
+    for e in range(model.moe.num_experts or 0):
+        expert = f"{ours}.mlp.experts.local_experts.{e}"
+        out += _mlp_rules(expert, f"{block}.experts.{e}", names.gate, names.up, names.down)
     return out
 
 
@@ -140,18 +164,27 @@ def hf_to_ours(hf: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab:
     if missing:
         raise UserError(f"Hugging Face checkpoint lacks {len(missing)} tensor(s) {family.name} needs: {_few(missing)}")
     if unused:
+        mtp = f"model.layers.{model.num_layers + model.mtp_num_layers}."
+        hint = (  # DeepSeek-V3's MTP module with config.json's num_nextn_predict_layers at 0
+            f" (a multi-token prediction module? config.json's num_nextn_predict_layers is {model.mtp_num_layers})"
+            if family.mla and any(n.startswith(mtp) for n in unused)
+            else ""
+        )
         raise UserError(
-            f"Hugging Face checkpoint has {len(unused)} tensor(s) no {family.name} rule maps: {_few(unused)}"
+            f"Hugging Face checkpoint has {len(unused)} tensor(s) no {family.name} rule maps: {_few(unused)}{hint}"
         )
     if tied_head and not torch.equal(hf["lm_head.weight"], hf["model.embed_tokens.weight"]):
         raise UserError(
             "Hugging Face checkpoint: tie_word_embeddings is true but lm_head.weight differs from embed_tokens"
         )
     groups, heads, d = _qkv_dims(model)
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for rule in table:
         parts = [hf[name] for name in rule.theirs]
-        if rule.how == "rows":
+        if rule.ours in out:  # an MTP module's copy of the shared embedding or output head
+            if not torch.equal(_pad_rows(parts[0], padded_vocab), out[rule.ours]):
+                raise UserError(f"Hugging Face checkpoint: {rule.theirs[0]} differs from the tensor it copies")
+        elif rule.how == "rows":
             out[rule.ours] = _pad_rows(parts[0], padded_vocab)
         elif rule.how == "qkv":
             q, k, v = parts
@@ -162,6 +195,17 @@ def hf_to_ours(hf: Mapping[str, torch.Tensor], model: ModelConfig, padded_vocab:
         else:
             out[rule.ours] = parts[0]
     return out
+
+
+def without_absent_mtp(hf: Mapping[str, torch.Tensor], model: ModelConfig) -> ModelConfig:
+    """`model` without MTP when config.json names MTP modules (num_nextn_predict_layers; transformers'
+    default is 1) but the checkpoint holds none of their tensors, as every checkpoint transformers
+    saves (it has no MTP module); the caller says so in one line. Some of them present: the import's
+    check names the missing ones."""
+    first = f"model.layers.{model.num_layers}."
+    if not model.mtp_num_layers or any(name.startswith(first) for name in hf):
+        return model
+    return dataclasses.replace(model, mtp_num_layers=0)
 
 
 def ours_to_hf(ours: Mapping[str, torch.Tensor], model: ModelConfig, vocab_size: int) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ from typing import Any
 from common.errors import UserError
 from model.attention.mla import MlaConfig
 from model.config import ModelConfig, MoeConfig, head_dim, moe_layer_pattern
-from model.rope import RopeScalingConfig
+from model.rope import rope_from_hf, rope_to_hf
 
 # config.json keys that change no math: token ids, dtypes, versions, caching, the HF loss switch,
 # and Llama-1's max_sequence_length, which transformers never read
@@ -188,7 +188,15 @@ def _read_deepseek_v3(hf: Mapping) -> dict[str, Any]:
         expert_bias=True,  # e_score_correction_bias
         load_balancing="none",
     )
-    return {"attention": "mla", "mla": mla, "moe": moe, "num_query_groups": None, "head_dim": None}
+    mtp = int(hf.get("num_nextn_predict_layers") or 0)  # MTP modules: layers num_hidden_layers and up (model/hf.py)
+    return {
+        "attention": "mla",
+        "mla": mla,
+        "moe": moe,
+        "num_query_groups": None,
+        "head_dim": None,
+        "mtp_num_layers": mtp,
+    }
 
 
 def _write_deepseek_v3(model: ModelConfig) -> dict[str, Any]:
@@ -213,7 +221,7 @@ def _write_deepseek_v3(model: ModelConfig) -> dict[str, Any]:
         "norm_topk_prob": True,
         "attention_bias": False,
         "pretraining_tp": 1,
-        "num_nextn_predict_layers": 0,
+        "num_nextn_predict_layers": model.mtp_num_layers,
     }
 
 
@@ -221,7 +229,7 @@ _DEEPSEEK_KEYS = frozenset(
     {"q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "qk_head_dim", "v_head_dim"}
     | {"rope_interleave", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts"}
     | {"first_k_dense_replace", "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "scoring_func"}
-    | {"attention_bias", "pretraining_tp", "num_nextn_predict_layers"}  # MTP: its tensors are refused, unmapped
+    | {"attention_bias", "pretraining_tp", "num_nextn_predict_layers"}
 )
 _QWEN3_KEYS = frozenset({"attention_bias", "use_sliding_window", "sliding_window", "max_window_layers", "layer_types"})
 FAMILIES = (
@@ -258,7 +266,11 @@ def model_config_from_hf(hf: Mapping) -> ModelConfig:
     family = family_of(hf)
     _check_keys(hf, family)
     heads = hf["num_attention_heads"]
-    theta, scaling = _rope(hf)
+    theta, scaling = rope_from_hf(hf)
+    if scaling.type == "yarn" and not family.mla:  # transformers' yarn without MLA has no softmax mscale
+        raise UserError(
+            f"config.json: rope type 'yarn' is supported for DeepseekV3ForCausalLM only, not {family.architecture}"
+        )
     fields: dict[str, Any] = dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -294,66 +306,13 @@ def _check_keys(hf: Mapping, family: Family) -> None:
             raise UserError(f"config.json: {key} = {hf[key]!r} is not supported (only {allowed[0]!r})")
 
 
-_ROPE_KEYS = {
-    "default": {"rope_type", "type", "rope_theta"},
-    "llama3": {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor"}
-    | {"original_max_position_embeddings"},
-}
-
-
-def _rope(hf: Mapping) -> tuple[float, RopeScalingConfig]:
-    """(theta, scaling) from either spelling: `rope_theta` + `rope_scaling` (the hub's Llama-3.1,
-    transformers 4) or `rope_parameters` (transformers 5)."""
-    for key in ("rope_scaling", "rope_parameters"):
-        if hf.get(key) is not None and not isinstance(hf[key], Mapping):
-            raise UserError(f"config.json: {key} must be an object, got {hf[key]!r}")
-    params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
-    if params.get("partial_rotary_factor") == 1.0:  # rotary over whole heads, as ours
-        del params["partial_rotary_factor"]
-    kind = params.get("rope_type") or params.get("type") or "default"
-    if kind not in _ROPE_KEYS:
-        raise UserError(f"config.json: rope type {kind!r} is not supported (default | llama3)")
-    extra = sorted(set(params) - _ROPE_KEYS[kind])
-    if extra:
-        raise UserError(f"config.json: rope fields {extra} not supported with rope type {kind!r}")
-    theta = params.get("rope_theta", hf.get("rope_theta"))
-    if theta is None:
-        raise UserError("config.json: no rope_theta (neither at the top nor in rope_parameters)")
-    if kind == "default":
-        return float(theta), RopeScalingConfig()
-    try:
-        scaling = RopeScalingConfig(
-            type="llama3",
-            factor=float(params["factor"]),
-            low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]),
-            original_context=int(params["original_max_position_embeddings"]),
-        )
-    except KeyError as exc:
-        raise UserError(f"config.json: llama3 rope scaling without {exc}") from None
-    return float(theta), scaling
-
-
-def _rope_json(model: ModelConfig) -> dict[str, Any]:
-    """The hub's spelling (`rope_theta`, `rope_scaling`), which transformers 4 and 5 both read."""
-    out: dict[str, Any] = {"rope_theta": model.rotary_base, "rope_scaling": None}
-    s = model.rope_scaling
-    if s.type == "llama3":
-        out["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_context,
-        }
-    return out
-
-
 def export_family(model: ModelConfig) -> Family:
     """The HF family that expresses `model`, or a one-line UserError naming what none can."""
     moe, problems = model.moe, []
     if model.add_bias_linear:
         problems.append("model.add_bias_linear")
+    if model.mtp_num_layers and model.attention != "mla":
+        problems.append("model.mtp_num_layers without MLA (DeepSeek-V3 alone stores MTP modules)")
     if model.attention == "mla":
         return _deepseek_v3(model, problems)
     if moe.num_experts is None:
@@ -402,7 +361,7 @@ def hf_config_from_model(model: ModelConfig, vocab_size: int) -> dict:
         "head_dim": head_dim(model),
         "vocab_size": vocab_size,
         "max_position_embeddings": model.seq_length,
-        **_rope_json(model),
+        **rope_to_hf(model.rotary_base, model.rope_scaling),
         "rms_norm_eps": model.norm_epsilon,
         "tie_word_embeddings": not model.untie_embeddings,
         "hidden_act": "silu",

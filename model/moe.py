@@ -3,6 +3,7 @@ routing statistics for metrics. Parameter counts (total vs active) are in model/
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -211,9 +212,11 @@ class MoeMonitor:
     def __init__(self, model: ModelConfig, chunks: list[torch.nn.Module]):
         moe = model.moe
         assert moe.num_experts is not None, "MoeMonitor is for models with experts"
-        self.moe_layers = [i for i, is_moe in enumerate(moe_layer_pattern(model)) if is_moe]
-        self.num_layers = model.num_layers
-        self.stats = RoutingStats(model.num_layers, moe.num_experts, moe.top_k, moe.pad_to_capacity)
+        # MTP modules' layers count after the decoder's, as megatron-core's trackers count them
+        layers = dataclasses.replace(model, num_layers=model.num_layers + model.mtp_num_layers)
+        self.moe_layers = [i for i, is_moe in enumerate(moe_layer_pattern(layers)) if is_moe]
+        self.num_layers = layers.num_layers
+        self.stats = RoutingStats(layers.num_layers, moe.num_experts, moe.top_k, moe.pad_to_capacity)
         self.stats.attach(chunks)
         self.chunks = chunks
         self.expert_bias = moe.expert_bias

@@ -141,6 +141,9 @@ def mla_attention_bytes(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[
     rope = 4 * shape.seq * a.qk_pos_emb_head_dim * b  # cos and sin, for q and for k
     parts = {"core_attn": latents + qkv + lse, "attn_out": out + copy, "rope": rope, "lse": lse}
     parts["_checkpointed"] = latents + qkv + out + copy
+    # selective mla_up_proj: q, k, v freed after the core attention, and RoPE's cos and sin not kept (the
+    # checkpoint keeps the rotary frequencies [s, 1, 1, rope] fp32 instead)
+    parts["_mla_up_freed"] = qkv + rope - shape.seq * a.qk_pos_emb_head_dim * FP32
     return parts
 
 
@@ -170,6 +173,7 @@ def dense_layer(m: ModelConfig, shape: Shape, kernels: Kernels) -> dict[str, int
         "attn_out": attention["attn_out"],
         "lse": attention["lse"],  # inside core_attn; what its recompute drops
         "_checkpointed": attention["_checkpointed"],
+        "_mla_up_freed": attention.get("_mla_up_freed", 0),  # MLA: what mla_up_proj recompute frees
         "rope": attention["rope"],
         "pre_mlp_norm": norm_and_linear_input(m.hidden_size, n_sp, shape, kernels),
         "mlp": mlp_bytes(
@@ -217,6 +221,8 @@ def recompute_saved(parts: dict[str, int], modules: list[str], shape: Shape, m: 
     b, n_sp = shape.dtype_bytes, shape.sharded_tokens
     if "core_attn" in modules:  # the checkpoint keeps the module's inputs and output, not its log-sum-exp
         kept["core_attn"] = parts["_checkpointed"] - parts["attn_out"]
+    if "mla_up_proj" in modules:  # q, k, v freed after the core attention (its checkpoint's inputs too)
+        kept["core_attn"] -= parts.get("_mla_up_freed", 0)
     if "layernorm" in modules:  # each norm keeps only its input; its output is dropped and recomputed
         kept["input_norm"] = kept["pre_mlp_norm"] = n_sp * m.hidden_size * b
     if "moe_act" in modules and "moe" not in modules:  # the activation's output is discarded, its input kept
@@ -240,6 +246,7 @@ def recompute_transient(parts: dict[str, int], modules: list[str]) -> int:
     # moe: the whole layer's checkpoint (transformer/moe/moe_layer.py custom_forward), shared experts included
     rerun |= {"moe": ("moe", "shared_experts"), "shared_experts": () if "moe" in modules else ("shared_experts",)}
     rerun["moe_act"] = () if "moe" in modules else ("_moe_act",)
+    rerun["mla_up_proj"] = ("_mla_up_freed",)
     return sum(sum(parts.get(p, 0) for p in rerun.get(mod, ())) for mod in modules)
 
 

@@ -110,6 +110,12 @@ def dry_run(
         f"vocabulary: {vocab} (padded)",
         f"parameters: {built:,} total ({_human(built)}; formula {counts.total:,})",
     ]
+    if counts.mtp:
+        main = counts.total - counts.mtp
+        lines.append(
+            f"multi-token prediction: {counts.mtp:,} parameters ({_human(counts.mtp)}) of them; "
+            f"{main:,} ({_human(main)}) without"
+        )
     if recipe.model.moe.num_experts is not None:
         lines.append(
             f"active parameters per token: {counts.active:,} ({_human(counts.active)}; "

@@ -46,6 +46,8 @@ def layer_forward_flops(m: ModelConfig, is_moe: bool) -> dict[str, float]:
         "core_attn": m.seq_length * (qk + v),  # QK^T and PV, 2·s·width each, half of them under the causal mask
         "layernorm": 0.0,
     }
+    if m.attention == "mla":  # selective mla_up_proj reruns the split (up-)projections, not the output one
+        parts["mla_up_proj"] = sum(2.0 * k * n for k, n, split in attention_gemms(m)[:-1] if split)
     if not is_moe:
         parts["mlp"] = 6.0 * h * m.ffn_hidden_size  # SwiGLU: three h×ffn matmuls
         return parts
@@ -102,5 +104,6 @@ def recompute_forward_flops(m: ModelConfig, chunks: int = 1) -> float:
 
 
 def _without_nested(parts: dict[str, float]) -> dict[str, float]:
-    """Drop shared_experts when it is already inside moe (it is listed for recompute only)."""
-    return {k: v for k, v in parts.items() if not (k == "shared_experts" and "moe" in parts)}
+    """Drop shared_experts when it is already inside moe, and mla_up_proj, inside attention_linears
+    (both are listed for recompute only)."""
+    return {k: v for k, v in parts.items() if k != "mla_up_proj" and not (k == "shared_experts" and "moe" in parts)}

@@ -99,6 +99,8 @@ class Metrics:
         if not result.updated:
             record["skipped"] = True
         record.update(result.moe)
+        if getattr(result, "mtp_loss", None) is not None:
+            record["mtp_loss"] = result.mtp_loss
         flops_per_token = self.flops_per_token
         if getattr(result, "attention_pairs", None) is not None:
             # data.reset_attention_mask: only the pairs inside documents are computed and counted
@@ -226,6 +228,7 @@ def _progress_line(r: dict) -> str:
     parts = [
         f"step {r['step']:>6}",
         f"loss {r['loss']:.4f}",
+        *([f"mtp_loss {r['mtp_loss']:.4f}"] if "mtp_loss" in r else []),
         f"lr {r['lr']:.3e}",
         f"grad_norm {r['grad_norm']:.3f}",
         f"{r['tokens_per_s']:.0f} tok/s",

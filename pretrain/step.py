@@ -15,6 +15,7 @@ import torch.distributed as dist
 from common.errors import AgreedUserError
 from data.dataset import Samples
 from data.loader import BatchPlan, token_ids_beyond
+from model.mtp import take_mtp_loss
 from model.precision import Precision
 from pretrain.faults import FaultInjection
 from pretrain.guards import Guards, Watchdog, agree, grads_are_finite
@@ -43,6 +44,7 @@ class StepResult:
     moe: dict[str, Any] = field(default_factory=dict)
     # data.reset_attention_mask: Σ n²/2 over the global batch's documents (pretrain/metrics.py)
     attention_pairs: float | None = None
+    mtp_loss: float | None = None  # model.mtp_num_layers: the MTP modules' loss (model/mtp.py:mtp_loss)
 
 
 def loss_func(
@@ -110,6 +112,7 @@ class Stepper:
 
     def __post_init__(self) -> None:
         wire_schedule(self.chunks, self.optimizer)
+        self._mtp = bool(self.chunks[0].config.mtp_num_layers)
 
     def train(self, step: int, batches: list[dict], guards: Guards) -> StepResult:
         """Optimizer step `step` (0-based) over this rank's micro-batches of the global batch. Raises
@@ -161,6 +164,7 @@ class Stepper:
             interrupted=interrupted,
             moe=moe,
             attention_pairs=float(totals[2]) if pairs is not None else None,
+            mtp_loss=float(totals[3]) / (self.plan.micro_batches * self.groups.dp_cp.size()) if self._mtp else None,
         )
 
     def check_token_ids(self, batches: list[dict], samples: Samples, first: int) -> None:
@@ -210,15 +214,16 @@ class Stepper:
         )
 
     def _loss_sums(self, losses: list, pairs: float | None = None) -> torch.Tensor:
-        """[loss sum, token count, attended pairs] over the global batch (float64, CPU), made known
+        """[loss sum, token count, attended pairs, MTP loss sum] over the global batch (float64, CPU), made known
         to every rank: summed over the data- and context-parallel ranks of the last pipeline stage,
         which then sends it to all (from the last rank, which is on the last stage). `pairs`: this
         rank's micro-batches' (each CP rank holds the whole document ids: counted once)."""
-        total = torch.zeros(3, dtype=torch.float64)
+        total = torch.zeros(4, dtype=torch.float64)
         if self.groups.pp.rank() == self.groups.pp.size() - 1:
             for item in losses:
                 total[:2] += item["lm loss"].detach().to("cpu", torch.float64)
             total[2] = (pairs or 0.0) / self.groups.cp.size()
+            total[3] = take_mtp_loss()  # this rank's micro-batch means, summed: averaged by the caller
             dist.all_reduce(total, group=self.groups.dp_cp)
         total = total.to(self.device)
         dist.broadcast(total, src=dist.get_world_size() - 1)

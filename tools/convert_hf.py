@@ -122,7 +122,7 @@ def _single_process() -> None:
 def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     import yaml
 
-    from model.hf import hf_to_ours, load_exactly, model_config_from_hf
+    from model.hf import hf_to_ours, load_exactly, model_config_from_hf, without_absent_mtp
     from pretrain.checkpoint import storage
     from pretrain.recipe import Recipe, recipe_to_dict
 
@@ -146,9 +146,16 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     if storage.complete_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints: choose an empty directory")
     _single_process()
+    tensors = read_hf_tensors(hf_dir)
+    if without_absent_mtp(tensors, model_cfg) is not model_cfg:
+        print(
+            f"config.json: num_nextn_predict_layers {model_cfg.mtp_num_layers} but the checkpoint holds no "
+            "multi-token prediction tensors (as transformers saves it): imported without MTP"
+        )
+        model_cfg = without_absent_mtp(tensors, model_cfg)
     assert model_cfg.vocab_size is not None  # model_config_from_hf reads it from config.json
     model, vocab = _build(model_cfg, model_cfg.vocab_size)
-    ours = hf_to_ours(read_hf_tensors(hf_dir), model_cfg, vocab)
+    ours = hf_to_ours(tensors, model_cfg, vocab)
     load_exactly(model, ours, f"{hf_dir}")
     recipe = Recipe(model=model_cfg)
     extra = {"step": 0, "recipe": recipe_to_dict(recipe), "vocab_size": model_cfg.vocab_size, "source": str(hf_dir)}

@@ -64,7 +64,79 @@ def _checkpoint_without_output_without_te(original: Callable) -> Callable:
     return __init__
 
 
+class _SumGradOverGroup(torch.autograd.Function):
+    """Forward: identity. Backward: the gradient summed over `group` (all-reduce)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _sum_shared_rope_key_grad(original: Callable) -> Callable:
+    """MLA's RoPE key part (k_pos_emb) is one per token, shared by every head. With column-parallel
+    down-projections (the local spec) it leaves `gather_from_tensor_model_parallel_region` whole on
+    every tensor rank, each rank expands it over its own heads only, and the gather's backward (a
+    split) keeps one rank's partial gradient: at TP2 the curve drifts from one process (grad norm
+    2.4e-5 relative at step 1 on tiny_deepseek, where layouts agree to 1e-7). Megatron-LM issue
+    #1699. During the call the kv latent's gather (the last gather of the call) is followed by
+    `copy_to_tensor_model_parallel_region` on its RoPE columns: identity forward, gradient summed
+    over the tensor ranks, as upstream does for the duplicated (transformer-engine) down-projection.
+    (Not upstream's `copy_to_tensor_model_parallel_region`: its backward all-reduces a contiguous
+    copy of the gradient and returns the original, a no-op for this column slice's gradient.)"""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear
+    from megatron.core.transformer import multi_latent_attention as mla
+
+    def get_query_key_value_tensors(self, *args, **kwargs):
+        if not isinstance(self.linear_kv_down_proj, ColumnParallelLinear) or self.tp_group.size() == 1:
+            return original(self, *args, **kwargs)
+        gather, calls = mla.gather_from_tensor_model_parallel_region, []
+        kv_call = 0 if self.config.q_lora_rank is None else 1  # the query latent's gather comes first
+        rope = self.config.qk_pos_emb_head_dim
+
+        def gather_latent(latent, group=None):
+            full = gather(latent, self.tp_group if group is None else group)
+            calls.append(latent)
+            if len(calls) - 1 != kv_call:
+                return full
+            kv, key_rope = full.split([full.size(-1) - rope, rope], dim=-1)
+            return torch.cat([kv, _SumGradOverGroup.apply(key_rope, self.tp_group)], dim=-1)
+
+        mla.gather_from_tensor_model_parallel_region = gather_latent
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            mla.gather_from_tensor_model_parallel_region = gather
+
+    return get_query_key_value_tensors
+
+
+def _postprocess_without_labels_skips_mtp(original: Callable) -> Callable:
+    """With multi-token prediction, `GPTModel._postprocess` runs the MTP block and then takes
+    `labels.clone()` for its loss: every forward without labels (logits, generation) fails with
+    AttributeError. Without labels there is no MTP loss, and MTP changes no logits, so the fix runs
+    the main output head alone there (megatron-core's own path for a model without MTP)."""
+
+    def _postprocess(self, *args, labels=None, mtp_in_postprocess=None, **kwargs):
+        if labels is not None or not self.config.mtp_num_layers:
+            return original(self, *args, labels=labels, mtp_in_postprocess=mtp_in_postprocess, **kwargs)
+        layers, self.config.mtp_num_layers = self.config.mtp_num_layers, None
+        try:
+            return original(self, *args, labels=None, mtp_in_postprocess=False, **kwargs)
+        finally:
+            self.config.mtp_num_layers = layers
+
+    return _postprocess
+
+
 def _fixes() -> list[Patch]:
+    from megatron.core.models.gpt import GPTModel
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer import multi_latent_attention as mla
@@ -114,6 +186,20 @@ def _fixes() -> list[Patch]:
             DistributedOptimizer,
             "_set_main_param_and_optimizer_states",
             wrap=_keep_own_adam_step,
+        ),
+        Patch(
+            "MLASelfAttention.get_query_key_value_tensors",
+            "transformer/multi_latent_attention.py:607,740-829",
+            mla.MLASelfAttention,
+            "get_query_key_value_tensors",
+            wrap=_sum_shared_rope_key_grad,
+        ),
+        Patch(
+            "GPTModel._postprocess",
+            "models/gpt/gpt_model.py:611-612",
+            GPTModel,
+            "_postprocess",
+            wrap=_postprocess_without_labels_skips_mtp,
         ),
         *fsdp.patches(),  # megatron-core's torch FSDP2 path
     ]

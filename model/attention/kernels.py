@@ -1,10 +1,11 @@
 """Attention of one block, with its log-sum-exp: the kernels ring attention builds on, each checked
 against plain math on this device, dtype and head size before it is used.
 
-q/k/v are [b, heads, s, d]; a kernel returns out [b, h, sq, d] and lse [b, h, sq], and its backward
-takes the FINAL (merged over the ring) out and lse of its query rows. Plain math is always there;
-the CPU's flash kernel, torch's CUDA flash and memory-efficient kernels and flash-attn are used
-when their probe agrees with it (`select_backend`).
+q/k/v are [b, heads, s, d] (v's d may be narrower: multi-latent attention); a kernel returns out
+[b, h, sq, d_v] and lse [b, h, sq], and its backward takes the FINAL (merged over the ring) out and
+lse of its query rows. Plain math is always there; the CPU's flash kernel, torch's CUDA flash and
+memory-efficient kernels and flash-attn are used when they take the head sizes and their probe
+agrees with it (`select_backend`).
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ class BlockKernels(NamedTuple):
 
     `gqa`: k/v may have fewer heads than q (each K/V head serving consecutive query heads), and the
     backward returns dk/dv per K/V head. Otherwise the ring hands it equal head counts.
+    `one_width`: q, k and v must have one head size; the kernel is not tried for multi-latent
+    attention's values, narrower than its queries and keys.
     """
 
     forward: Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
     backward: Callable[..., tuple[Tensor, Tensor, Tensor]]
     gqa: bool = False
+    one_width: bool = False
 
 
 def _causal_mask(sq: int, sk: int, device: torch.device) -> Tensor:
@@ -177,9 +181,10 @@ _HALF = (torch.float16, torch.bfloat16)
 
 BACKENDS = {
     "math": BlockKernels(_math_forward, _math_backward),
-    "aten_cpu": BlockKernels(_aten_cpu_forward, _aten_cpu_backward, gqa=True),
-    "flash_attn": BlockKernels(_flash_attn_forward, _flash_attn_backward, gqa=True),
-    "cuda_flash": BlockKernels(_cuda_flash_forward, _cuda_flash_backward),
+    # torch's CPU and CUDA flash kernels raise on unequal head sizes; flash-attn 2 takes one head size
+    "aten_cpu": BlockKernels(_aten_cpu_forward, _aten_cpu_backward, gqa=True, one_width=True),
+    "flash_attn": BlockKernels(_flash_attn_forward, _flash_attn_backward, gqa=True, one_width=True),
+    "cuda_flash": BlockKernels(_cuda_flash_forward, _cuda_flash_backward, one_width=True),
     "cuda_efficient": BlockKernels(_cuda_efficient_forward, _cuda_efficient_backward),
 }
 
@@ -198,8 +203,11 @@ CANDIDATES = {
 _PROBE_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 2e-2, torch.bfloat16: 4e-2}
 
 
-def _verify(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+def _verify(
+    name: str, device: torch.device, dtype: torch.dtype, head_dim: int, v_head_dim: int | None = None
+) -> str | None:
     """None when backend `name` gives math's out, lse, dq, dk, dv on a small problem, else what differs.
+    `v_head_dim`: the values' head size (None = head_dim).
 
     The problem has the ring's block shapes and layout: a causal diagonal block and an unmasked
     block with twice as many query rows as keys, each query row given the lse of its own block; for
@@ -208,18 +216,21 @@ def _verify(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) 
     kernels, tolerance = BACKENDS[name], _PROBE_TOLERANCE.get(dtype, 4e-2)
     generator = torch.Generator().manual_seed(0)
 
-    def draw(heads: int, rows: int) -> Tensor:
+    def draw(heads: int, rows: int, width: int = head_dim) -> Tensor:
         # as the ring passes them: a model's [s, b, h, d] seen as [b, h, s, d] (b = 2, so the batch
         # stride is not the sequence's), a slice at an offset
-        full = torch.randn(2 * rows, 2, heads, head_dim, generator=generator).to(device, dtype)
+        full = torch.randn(2 * rows, 2, heads, width, generator=generator).to(device, dtype)
         return full[rows:].permute(1, 2, 0, 3)
+
+    v_width = v_head_dim or head_dim
 
     cases = [(2, 2, True, 64, 64), (2, 2, False, 128, 64)]
     if kernels.gqa:
         cases += [(4, 2, True, 64, 64), (4, 2, False, 128, 64)]
     scale = head_dim**-0.5
     for heads, groups, causal, rows, keys in cases:
-        q, k, v, dout = draw(heads, rows), draw(groups, keys), draw(groups, keys), draw(heads, rows)
+        q, k = draw(heads, rows), draw(groups, keys)
+        v, dout = draw(groups, keys, v_width), draw(heads, rows, v_width)
         want = _math_reference(q, k, v, dout, causal, scale)
         try:
             out, lse = kernels.forward(q, k, v, causal, scale)
@@ -247,35 +258,42 @@ def _math_reference(q: Tensor, k: Tensor, v: Tensor, dout: Tensor, causal: bool,
 
 
 @functools.cache
-def _backend_for(device_type: str, dtype: torch.dtype, head_dim: int) -> str:
-    """Chosen once per (device type, dtype, head size): the first candidate that runs and agrees with
-    plain math on a probe (_verify), else plain math. A candidate that fails is named in a warning."""
+def _backend_for(device_type: str, dtype: torch.dtype, head_dim: int, v_head_dim: int | None = None) -> str:
+    """Chosen once per (device type, dtype, head sizes): the first candidate that takes these head
+    sizes, runs and agrees with plain math on a probe (_verify), else plain math. A candidate that
+    fails is named in a warning. `v_head_dim`: the values' head size (None = head_dim)."""
     device = (
         torch.device(device_type, torch.cuda.current_device()) if device_type == "cuda" else torch.device(device_type)
     )
     for name, applies in CANDIDATES.get(device_type, ()):
-        if not applies(dtype):
+        if not applies(dtype) or (BACKENDS[name].one_width and v_head_dim not in (None, head_dim)):
             continue
-        problem = _verify(name, device, dtype, head_dim)
+        problem = _verify(name, device, dtype, head_dim, v_head_dim)
         if problem is None:
             return name
         warnings.warn(
-            f"ring attention: not using the {name} kernels for {dtype}, head size {head_dim} on "
+            f"ring attention: not using the {name} kernels for {dtype}, head size {_sizes(head_dim, v_head_dim)} on "
             f"{device_type}: {problem}; trying the next",
             stacklevel=2,
         )
     return "math"
 
 
-def select_backend(t: Tensor) -> str:
-    """Name of the BACKENDS entry that block_forward/block_backward use for q tensors like `t` [b, h, s, d]."""
-    return _backend_for(t.device.type, t.dtype, t.size(-1))
+def _sizes(head_dim: int, v_head_dim: int | None) -> str:
+    return str(head_dim) if v_head_dim in (None, head_dim) else f"{head_dim} (values {v_head_dim})"
+
+
+def select_backend(t: Tensor, v_head_dim: int | None = None) -> str:
+    """Name of the BACKENDS entry that block_forward/block_backward use for q tensors like `t` [b, h, s, d]
+    and values `v_head_dim` wide (None: as wide as t)."""
+    width = t.size(-1)
+    return _backend_for(t.device.type, t.dtype, width, None if v_head_dim in (None, width) else v_head_dim)
 
 
 def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-    """Attention of one block: q [b, h, sq, d], k/v [b, h, sk, d] -> out [b, h, sq, d], lse [b, h, sq]
+    """Attention of one block: q/k [b, h, sq|sk, d], v [b, h, sk, dv] -> out [b, h, sq, dv], lse [b, h, sq]
     in the accumulation dtype (fp32; fp64 for fp64 inputs)."""
-    out, lse = BACKENDS[select_backend(q)].forward(q, k, v, causal, scale)
+    out, lse = BACKENDS[select_backend(q, v.size(-1))].forward(q, k, v, causal, scale)
     return out, lse.to(accumulation_dtype(q))
 
 
@@ -283,7 +301,7 @@ def block_backward(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool, scale: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of one block given the FINAL (merged) out and lse of its query rows: (dq, dk, dv)."""
-    return BACKENDS[select_backend(q)].backward(dout, q, k, v, out, lse, causal, scale)
+    return BACKENDS[select_backend(q, v.size(-1))].backward(dout, q, k, v, out, lse, causal, scale)
 
 
 def reduce_heads(grad: Tensor, rep: int) -> Tensor:
@@ -330,7 +348,7 @@ def _unfold(x: Tensor, rep: int) -> Tensor:
     return x.reshape(b, groups * rep, folded // rep, *x.shape[3:])
 
 
-def _heads_plan(q: Tensor, k: Tensor, causal: bool) -> str:
+def _heads_plan(q: Tensor, kv: tuple[Tensor, Tensor], causal: bool) -> str:
     """How a block meets grouped-query attention (rep query heads per K/V head):
 
     - 'native': equal head counts, or a kernel that takes fewer K/V heads (`BlockKernels.gqa`);
@@ -341,7 +359,7 @@ def _heads_plan(q: Tensor, k: Tensor, causal: bool) -> str:
     With the CPU kernel 'native' beat folding on unmasked blocks too: at 8K tokens, 32/8 heads,
     fp32, the peak RSS per rank went from 733 to 701 MiB at CP 2 and from 405 to 389 MiB at CP 4.
     """
-    if q.size(1) == k.size(1) or BACKENDS[select_backend(q)].gqa:
+    if q.size(1) == kv[0].size(1) or BACKENDS[select_backend(q, kv[1].size(-1))].gqa:
         return "native"
     return "expand" if causal else "fold"
 
@@ -358,7 +376,7 @@ def _attend_block(
     q: Tensor, kv: tuple[Tensor, Tensor], rows: slice, cols: slice, causal: bool, scale: float
 ) -> tuple[Tensor, Tensor]:
     """(out, lse) of query rows `rows` against key rows `cols` of kv = (k, v), per query head."""
-    rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv[0], causal)
+    rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv, causal)
     k, v = _block_kv(kv, cols, rep, expand=plan == "expand")
     if plan != "fold":
         return block_forward(q[:, :, rows], k, v, causal, scale)
@@ -378,7 +396,7 @@ def _grad_block(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq [b, np, rows, hn], dk and dv [b, ng, keys, hn]) of one block, given the final out and lse."""
-    rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv[0], causal)
+    rep, plan = q.size(1) // kv[0].size(1), _heads_plan(q, kv, causal)
     k, v = _block_kv(kv, cols, rep, expand=plan == "expand")
     if plan == "fold":
         fold = lambda t: _fold(t[:, :, rows], rep)

@@ -10,6 +10,7 @@ from common.errors import RecipeError
 from common.schema import PositiveInt
 
 if TYPE_CHECKING:
+    from model.rope import RopeScalingConfig
     from parallel.config import ParallelConfig
 
 
@@ -30,13 +31,12 @@ def check_mla(model: Any, parallel: ParallelConfig) -> None:
     """What MLA cannot be combined with yet, each refused in one line. `model`: a ModelConfig
     (model/config.py, which imports this module)."""
     if model.attention != "mla":
+        if model.rope_scaling.type == "yarn":
+            raise RecipeError(
+                "model.rope_scaling.type = yarn is built for model.attention = mla only (megatron-core's MLA "
+                "applies it; the standard attention's RoPE takes llama3)"
+            )
         return
-    if parallel.context > 1:
-        raise RecipeError(
-            f"model.attention = mla with parallel.context = {parallel.context} is not supported: our ring and "
-            "Ulysses attention assume one head width for Q, K and V (MLA's are qk_head_dim + "
-            "qk_pos_emb_head_dim and v_head_dim)"
-        )
     if model.transformer_impl != "local":
         raise RecipeError("model.attention = mla is built on the local spec only: set model.transformer_impl = local")
     for key in ("num_query_groups", "head_dim"):
@@ -46,10 +46,10 @@ def check_mla(model: Any, parallel: ParallelConfig) -> None:
         raise RecipeError("model.add_bias_linear is not built for model.attention = mla")
     if model.qk_layernorm:
         raise RecipeError("model.qk_layernorm does not apply to model.attention = mla (its latents have their norms)")
-    if model.rope_scaling.type != "none":
+    if model.rope_scaling.type == "llama3":
         raise RecipeError(
-            f"model.rope_scaling.type = {model.rope_scaling.type} is not built for model.attention = mla "
-            "(MLA applies its own RoPE)"
+            "model.rope_scaling.type = llama3 is not built for model.attention = mla (MLA applies its own "
+            "RoPE: none or yarn)"
         )
 
 
@@ -66,8 +66,20 @@ def mla_parameters(mla: MlaConfig, hidden: int, heads: int, tensor: int = 1) -> 
     return query + kv_down + kv_up + heads * mla.v_head_dim * hidden // tensor
 
 
-def mla_config_fields(mla: MlaConfig, rotary_base: float) -> dict[str, Any]:
-    """MLATransformerConfig's fields for `model.mla` (plain RoPE at model.rotary_base)."""
+def mla_config_fields(mla: MlaConfig, rotary_base: float, scaling: RopeScalingConfig) -> dict[str, Any]:
+    """MLATransformerConfig's fields for `model.mla`: RoPE at model.rotary_base, plain or with
+    model.rope_scaling's yarn (megatron-core's YarnRotaryEmbedding and softmax scale)."""
+    rope: dict[str, Any] = dict(rope_type="rope", mscale_all_dim=0.0)  # 0: no softmax mscale
+    if scaling.type == "yarn":
+        rope = dict(
+            rope_type="yarn",
+            rotary_scaling_factor=scaling.factor,
+            original_max_position_embeddings=scaling.original_context,
+            beta_fast=scaling.beta_fast,
+            beta_slow=scaling.beta_slow,
+            mscale=scaling.mscale,
+            mscale_all_dim=scaling.mscale_all_dim,
+        )
     return dict(
         multi_latent_attention=True,
         q_lora_rank=mla.q_lora_rank,
@@ -75,8 +87,8 @@ def mla_config_fields(mla: MlaConfig, rotary_base: float) -> dict[str, Any]:
         qk_head_dim=mla.qk_head_dim,
         qk_pos_emb_head_dim=mla.qk_pos_emb_head_dim,
         v_head_dim=mla.v_head_dim,
-        rope_type="rope",
         rotary_base=rotary_base,
+        **rope,
     )
 
 

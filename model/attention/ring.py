@@ -113,18 +113,25 @@ def _merge(out: Tensor, lse: Tensor, block_out: Tensor, block_lse: Tensor) -> No
     lse.copy_(new_lse)
 
 
+def _empty_in_layout(shape: torch.Size, like: Tensor) -> Tensor:
+    """An empty dense tensor of `shape` in the accumulation dtype, its dims in memory in like's order
+    (the output takes q's layout; its last dim, the values' width, may differ from q's)."""
+    order = _stride_order(like)
+    empty = torch.empty([shape[d] for d in order], dtype=accumulation_dtype(like), device=like.device)
+    return empty.permute([order.index(d) for d in range(len(order))])
+
+
 def _accumulator_like(t: Tensor, like: Tensor) -> Tensor:
     """t in the accumulation dtype with like's layout (t itself when it already is; a size-1 dim's
     stride is moot)."""
-    dtype = accumulation_dtype(like)
-    if t.dtype == dtype and all(a == b or n == 1 for a, b, n in zip(t.stride(), like.stride(), t.shape)):
+    if t.dtype == accumulation_dtype(like) and t.permute(_stride_order(like)).is_contiguous():
         return t
-    return torch.empty_like(like, dtype=dtype).copy_(t)
+    return _empty_in_layout(t.shape, like).copy_(t)
 
 
 def _ring_forward(q: Tensor, kv: tuple[Tensor, Tensor], ring: _Ring, scale: float) -> tuple[Tensor, Tensor]:
-    """q [b, np, s/cp, hn], kv = (k, v) [b, ng, s/cp, hn] -> out [b, np, s/cp, hn], lse [b, np, s/cp],
-    both in the accumulation dtype."""
+    """q [b, np, s/cp, hn], kv = (k [b, ng, s/cp, hn], v [b, ng, s/cp, hv]) -> out [b, np, s/cp, hv],
+    lse [b, np, s/cp], both in the accumulation dtype."""
     half = q.size(2) // 2
     out: Tensor | None = None
     lse: Tensor | None = None
@@ -175,7 +182,7 @@ def _document_ring_forward(
     """_ring_forward inside documents: the same K/V ring, each step's blocks cut to their documents'
     pieces. Accumulators start empty (out 0, lse −inf): every row gets its own diagonal later."""
     half = q.size(2) // 2
-    out = torch.zeros_like(q, dtype=accumulation_dtype(q))
+    out = _empty_in_layout(q.shape[:3] + kv[1].shape[3:], q).zero_()  # [b, np, s/cp, hv]
     lse = torch.full(q.shape[:3], float("-inf"), dtype=accumulation_dtype(q), device=q.device)
     for step in range(ring.size):
         pending = ring.shift(kv, (_K_TAG, _V_TAG)) if step < ring.size - 1 else None
@@ -229,8 +236,8 @@ def _document_ring_backward(
 def _ring_backward(
     dout: Tensor, q: Tensor, kv: tuple[Tensor, Tensor], out: Tensor, lse: Tensor, ring: _Ring, scale: float
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-    """-> dq [b, np, s/cp, hn], (dk, dv) [b, ng, s/cp, hn] for this rank's own K/V, in the
-    accumulation dtype.
+    """-> dq [b, np, s/cp, hn], (dk [b, ng, s/cp, hn], dv [b, ng, s/cp, hv]) for this rank's own K/V, in
+    the accumulation dtype.
 
     A block's dK/dV accumulator follows its K/V one step behind: rank r adds its share of block j
     and passes it on; after cp hops it is back at rank j, complete.
@@ -275,7 +282,8 @@ def _check_heads(heads: int, groups: int) -> None:
 class RingAttentionFunction(torch.autograd.Function):
     """Causal attention over a context-parallel group, on megatron's load-balanced layout.
 
-    q [b, np, s/cp, hn], k/v [b, ng, s/cp, hn] (np a multiple of ng) -> out [b, np, s/cp, hn].
+    q/k [b, np|ng, s/cp, hn], v [b, ng, s/cp, hv] (np a multiple of ng; hv may differ from hn, as in
+    multi-latent attention, whose softmax scale comes from hn) -> out [b, np, s/cp, hv].
     Forward communication: each rank's K and V (ng heads, two messages) travel once around
     `group` (cp−1 isend/irecv hops, each overlapped with one block of compute).
     Backward communication: the K/V travel around again (cp−1 hops) and their dK/dV accumulators
@@ -348,7 +356,11 @@ class ContextParallelAttention(SDPAttention):
         softmax_scale: float | None = None,
         cp_comm_type: str | None = None,
         pg_collection: ProcessGroupCollection | None = None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
     ):
+        """megatron-core's core-attention arguments; `k_channels`/`v_channels`: multi-latent
+        attention's query/key and value head widths (SDPAttention's)."""
         _check_heads(config.num_attention_heads, config.num_query_groups or config.num_attention_heads)
         # The parent asserts context_parallel_size == 1 (only TE may do CP); it reads nothing
         # else from it, so it is built from a shallow copy and then given the real config.
@@ -363,6 +375,8 @@ class ContextParallelAttention(SDPAttention):
             softmax_scale=softmax_scale,
             cp_comm_type=cp_comm_type,
             pg_collection=pg_collection,
+            k_channels=k_channels,
+            v_channels=v_channels,
         )
         self.config = config
         cp_group = getattr(pg_collection, "cp", None)  # megatron's Attention passes its whole collection
@@ -393,7 +407,8 @@ class ContextParallelAttention(SDPAttention):
         return self.attend(query, key, value, attention_mask if is_document_ids(attention_mask) else None)
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, documents: Tensor | None) -> Tensor:
-        """[s/cp, b, np, hn] queries, [s/cp, b, ng, hn] keys and values, load-balanced -> [s/cp, b, np·hn];
+        """[s/cp, b, np, hn] queries, [s/cp, b, ng, hn] keys, [s/cp, b, ng, hv] values, load-balanced ->
+        [s/cp, b, np·hv];
         `documents`: None, or the document ids [b, s] of the whole sequence (in true order)."""
         raise NotImplementedError
 
@@ -401,13 +416,13 @@ class ContextParallelAttention(SDPAttention):
 class RingAttention(ContextParallelAttention):
     """Causal core attention over the context-parallel group by the K/V ring.
 
-    Takes query [s/cp, b, np, hn] and key/value [s/cp, b, ng, hn] in the load-balanced layout and
-    returns [s/cp, b, np·hn]; inside documents when given their ids. No dropout, bias or packed
-    sequences.
+    Takes query [s/cp, b, np, hn], key [s/cp, b, ng, hn] and value [s/cp, b, ng, hv] in the
+    load-balanced layout and returns [s/cp, b, np·hv]; inside documents when given their ids. No
+    dropout, bias or packed sequences.
     """
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, documents: Tensor | None) -> Tensor:
         # [s/cp, b, np, hn] -> [b, np, s/cp, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         context = RingAttentionFunction.apply(q, k, v, self.cp_group, self.softmax_scale, documents)
-        return self._to_hidden(context)  # [s/cp, b, np * hn]
+        return self._to_hidden(context)  # [s/cp, b, np * hv]

@@ -138,8 +138,9 @@ def ulysses_attention(
     scale: float,
     documents: Tensor | None = None,
 ) -> Tensor:
-    """Causal attention of q [s/cp, b, np, hn] on k, v [s/cp, b, ng, hn], all three this rank's two
-    chunks of the load-balanced layout -> [s/cp, b, np, hn], the same rows.
+    """Causal attention of q [s/cp, b, np, hn] on k [s/cp, b, ng, hn] and v [s/cp, b, ng, hv] (hv may
+    differ from hn: multi-latent attention), all three this rank's two chunks of the load-balanced
+    layout -> [s/cp, b, np, hv], the same rows.
 
     Over `a2a_group` q, k and v trade sequence shards for head shards, one SDPA call (ring_group
     None) or the ring over `ring_group` attends over the group's sequence, and the output trades
@@ -164,16 +165,16 @@ def ulysses_attention(
         context = F.scaled_dot_product_attention(
             qb, kb, vb, is_causal=True, scale=scale, enable_gqa=qb.size(1) != kb.size(1)
         )
-    return HeadsToSequence.apply(context.permute(2, 0, 1, 3), a2a_group)  # [s/cp, b, np, hn]
+    return HeadsToSequence.apply(context.permute(2, 0, 1, 3), a2a_group)  # [s/cp, b, np, hv]
 
 
 class UlyssesAttention(ContextParallelAttention):
     """Causal core attention over the context-parallel group by all-to-all (cp_comm_type a2a), or by
     all-to-all inside megatron-core's hierarchical CP groups and the ring across them (a2a+p2p).
 
-    Takes query [s/cp, b, np, hn] and key/value [s/cp, b, ng, hn] in the load-balanced layout and
-    returns [s/cp, b, np·hn]; inside documents when given their ids. No dropout, bias or packed
-    sequences.
+    Takes query [s/cp, b, np, hn], key [s/cp, b, ng, hn] and value [s/cp, b, ng, hv] in the
+    load-balanced layout and returns [s/cp, b, np·hv]; inside documents when given their ids. No
+    dropout, bias or packed sequences.
     """
 
     def __init__(self, config: TransformerConfig, *args: Any, **kwargs: Any):
@@ -195,7 +196,7 @@ class UlyssesAttention(ContextParallelAttention):
 
     def attend(self, query: Tensor, key: Tensor, value: Tensor, documents: Tensor | None) -> Tensor:
         context = ulysses_attention(query, key, value, self.a2a_group, self.ring_group, self.softmax_scale, documents)
-        return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)  # [s/cp, b, np·hn]
+        return context.view(context.size(0), context.size(1), self.hidden_size_per_partition)  # [s/cp, b, np·hv]
 
 
 def _hierarchical_groups(pg_collection: ProcessGroupCollection | None) -> tuple[Any, Any]:

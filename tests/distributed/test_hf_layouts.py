@@ -27,6 +27,14 @@ LAYOUTS = {
         (dict(tensor=2, sequence_parallel=True, expert_tensor=2), False),
         (dict(pipeline=2), False),
     ],
+    # multi-latent attention's latents and RoPE key across tensor ranks, grouped routing across expert
+    # ranks; the pipeline split puts the dense layer and the MoE layer on different stages. Negative
+    # control, by hand: 1e-6 added to expert rank 1's local expert 1 before the save fails the export
+    # at model.layers.1.mlp.experts.5 (each expert gathered to its global index, compared bitwise)
+    "deepseek-v3": [
+        (dict(tensor=2, sequence_parallel=True, expert=2, expert_tensor=1), True),
+        (dict(pipeline=2), False),
+    ],
 }
 
 

@@ -151,24 +151,26 @@ def test_the_ring_keeps_a_models_layout():
 # ---------------------------------------------------------------------------------------- the ring
 
 B, HEADS, GROUPS, HEAD_DIM, SEQ = 2, 4, 2, 16, 64
+V_DIM_MLA = 8  # multi-latent attention: values narrower than queries and keys
 
 
-def _full_problem():
-    """Full-sequence q, k, v, dout and the reference output and gradients (SDPA, causal, GQA)."""
+def _full_problem(v_dim: int = HEAD_DIM):
+    """Full-sequence q, k, v, dout and the reference output and gradients (SDPA, causal, GQA); values
+    and output v_dim wide."""
     q = _randn(B, HEADS, SEQ, HEAD_DIM, seed=10).requires_grad_()
     k = _randn(B, GROUPS, SEQ, HEAD_DIM, seed=11).requires_grad_()
-    v = _randn(B, GROUPS, SEQ, HEAD_DIM, seed=12).requires_grad_()
-    dout = _randn(B, HEADS, SEQ, HEAD_DIM, seed=13)
+    v = _randn(B, GROUPS, SEQ, v_dim, seed=12).requires_grad_()
+    dout = _randn(B, HEADS, SEQ, v_dim, seed=13)
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=SCALE, enable_gqa=True)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     return (q.detach(), k.detach(), v.detach(), dout), (out.detach(), *grads)
 
 
-def _ring_results(group, cp: int, cp_rank: int) -> dict:
+def _ring_results(group, cp: int, cp_rank: int, v_dim: int = HEAD_DIM) -> dict:
     """The ring's out, dq, dk, dv on this rank's slices, for contiguous [b, h, s, d] inputs and for a
     model's [s, b, h, d] tensors seen as [b, h, s, d] (returned as [b, h, s, d]); checks that the
     output comes back in the input's layout."""
-    (q, k, v, dout), _ = _full_problem()
+    (q, k, v, dout), _ = _full_problem(v_dim)
     shard = lambda t: load_balanced_slice(t, cp_rank, cp, dim=2)
     results = {}
     for layout in ("bhsd", "sbhd"):
@@ -188,7 +190,9 @@ def _ring_results(group, cp: int, cp_rank: int) -> dict:
 
 def _ring_on_every_rank(rank: int, world: int) -> dict:
     """On 4 ranks: the ring over all 4 and over two 2-rank groups, with the CPU kernel (native GQA)
-    and with plain math (K/V heads folded or copied per query head)."""
+    and with plain math (K/V heads folded or copied per query head); and over the pairs with values
+    narrower than queries and keys (MLA), where the CPU kernel, which needs one head size, is not
+    tried: plain math."""
     pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
     results = {}
     for backend, candidates in (("aten_cpu", CANDIDATES["cpu"]), ("math", ())):
@@ -198,6 +202,8 @@ def _ring_on_every_rank(rank: int, world: int) -> dict:
         results[(backend, 4)] = _ring_results(dist.group.WORLD, cp=4, cp_rank=rank)
         # ranks 2, 3 form a group whose local ranks differ from their global ones
         results[(backend, 2)] = _ring_results(pairs[rank // 2], cp=2, cp_rank=rank % 2)
+    assert select_backend(torch.zeros(1, HEADS, 2, HEAD_DIM), V_DIM_MLA) == "math"
+    results[("mla-widths", 2)] = _ring_results(pairs[rank // 2], cp=2, cp_rank=rank % 2, v_dim=V_DIM_MLA)
     return {
         f"{backend}/cp{cp}/{layout}": tensors
         for (backend, cp), by_layout in results.items()
@@ -208,11 +214,13 @@ def _ring_on_every_rank(rank: int, world: int) -> dict:
 @pytest.mark.slow
 def test_ring_equals_full_causal_attention_cp2_cp4_gqa():
     """One 4-process gloo world; every rank's slices of out, dq, dk, dv equal the same slices of one
-    full-sequence SDPA call computed here."""
-    _, expected = _full_problem()
+    full-sequence SDPA call computed here (with the softmax scale SCALE, so a scale taken from the
+    value width would fail the unequal-width case)."""
+    by_width = {width: _full_problem(width)[1] for width in (HEAD_DIM, V_DIM_MLA)}
     per_rank = run_distributed(_ring_on_every_rank, 4)
     for rank, results in enumerate(per_rank):
         for case, got in results.items():
+            expected = by_width[V_DIM_MLA if case.startswith("mla-widths") else HEAD_DIM]
             cp = int(case.split("/")[1][2:])
             cp_rank = rank if cp == 4 else rank % 2
             for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected):

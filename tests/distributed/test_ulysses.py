@@ -31,14 +31,14 @@ def _randn(*shape, seed):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
-def _full_problem(heads: int, groups: int):
-    """A model's full-sequence q [s, b, np, hn], k and v [s, b, ng, hn] (v split out of a fused
-    tensor, as megatron's QKV projection leaves it: not contiguous), the output gradient, and one
-    full-sequence causal SDPA call's output and input gradients."""
+def _full_problem(heads: int, groups: int, v_dim: int = HEAD_DIM):
+    """A model's full-sequence q [s, b, np, hn], k [s, b, ng, hn] and v [s, b, ng, v_dim] (v split out
+    of a fused tensor, as megatron's QKV projection leaves it: not contiguous), the output gradient,
+    and one full-sequence causal SDPA call's output and input gradients."""
     q = _randn(SEQ, B, heads, HEAD_DIM, seed=10)
     k = _randn(SEQ, B, groups, HEAD_DIM, seed=11)
-    v = _randn(SEQ, B, groups, 3 * HEAD_DIM, seed=12)[..., HEAD_DIM : 2 * HEAD_DIM]
-    dout = _randn(SEQ, B, heads, HEAD_DIM, seed=13)
+    v = _randn(SEQ, B, groups, 3 * v_dim, seed=12)[..., v_dim : 2 * v_dim]
+    dout = _randn(SEQ, B, heads, v_dim, seed=13)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = F.scaled_dot_product_attention(
         *(t.permute(1, 2, 0, 3) for t in leaves), is_causal=True, scale=SCALE, enable_gqa=heads != groups
@@ -47,17 +47,18 @@ def _full_problem(heads: int, groups: int):
     return (q, k, v, dout), (out.detach(), *grads)
 
 
-# (query heads, K/V heads): K/V split (2 on 2 ranks), copied (2 or 1 on 4 ranks), MHA
-HEAD_CASES = ((4, 2), (4, 1), (8, 8))
+# (query heads, K/V heads[, value width]): K/V split (2 on 2 ranks), copied (2 or 1 on 4 ranks), MHA,
+# and multi-latent attention's values narrower than its queries and keys
+HEAD_CASES = ((4, 2), (4, 1), (8, 8), (4, 4, 4))
 
 
-def _ulysses_results(a2a_group, ring_group, cp: int, cp_rank: int, heads: int, groups: int) -> list:
+def _ulysses_results(a2a_group, ring_group, cp: int, cp_rank: int, heads: int, groups: int, v_dim=HEAD_DIM) -> list:
     """out, dq, dk, dv of this rank's load-balanced slices of the full problem."""
-    (q, k, v, dout), _ = _full_problem(heads, groups)
+    (q, k, v, dout), _ = _full_problem(heads, groups, v_dim)
     shard = lambda t: load_balanced_slice(t, cp_rank, cp, dim=0)
     leaves = [shard(t).requires_grad_() for t in (q, k, v)]
     # a value split out of a fused projection: the same values, not contiguous
-    value = torch.cat((torch.zeros_like(leaves[2]), leaves[2]), -1)[..., HEAD_DIM:]
+    value = torch.cat((torch.zeros_like(leaves[2]), leaves[2]), -1)[..., v_dim:]
     out = ulysses_attention(leaves[0], leaves[1], value, a2a_group, ring_group, SCALE)
     out.backward(shard(dout))
     return [out.detach()] + [t.grad for t in leaves]
@@ -71,11 +72,11 @@ def _on_every_rank(rank: int, world: int) -> dict:
     rings = [dist.new_group([0, 2]), dist.new_group([1, 3])]
     world_group, pair, ring = dist.group.WORLD, pairs[rank // 2], rings[rank % 2]
     results = {}
-    for heads, groups in HEAD_CASES:
-        case = f"{heads}/{groups}"
-        results[f"a2a4/{case}"] = _ulysses_results(world_group, None, 4, rank, heads, groups)
-        results[f"a2a2/{case}"] = _ulysses_results(pair, None, 2, rank % 2, heads, groups)
-        results[f"a2a2xp2p2/{case}"] = _ulysses_results(pair, ring, 4, rank, heads, groups)
+    for shape in HEAD_CASES:
+        case = "/".join(map(str, shape))
+        results[f"a2a4/{case}"] = _ulysses_results(world_group, None, 4, rank, *shape)
+        results[f"a2a2/{case}"] = _ulysses_results(pair, None, 2, rank % 2, *shape)
+        results[f"a2a2xp2p2/{case}"] = _ulysses_results(pair, ring, 4, rank, *shape)
     original = ulysses._received_order
     ulysses._received_order = lambda n, device: torch.arange(2 * n, device=device)  # as they arrive
     try:
@@ -100,8 +101,8 @@ def test_ulysses_and_a2a_p2p_equal_full_causal_attention():
         for case, got in results.items():
             layout, heads_case = case.split("/", 1)
             cp, cp_rank = (2, rank % 2) if layout == "a2a2" else (4, rank)
-            heads, groups = map(int, heads_case.split("/"))
-            for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected[(heads, groups)]):
+            shape = tuple(map(int, heads_case.split("/")))
+            for name, a, e in zip(("out", "dq", "dk", "dv"), got, expected[shape]):
                 torch.testing.assert_close(
                     a,
                     load_balanced_slice(e, cp_rank, cp, dim=0),

@@ -80,6 +80,7 @@ def test_corpus_of_another_tokenizer_is_one_line(tmp_path):
     assert "outside the model's 257 ids: it was built with another tokenizer than data.tokenizer" in line
 
 
+@pytest.mark.slow  # the launcher's own process and its ranks' fresh interpreters
 def test_launcher_passes_a_bad_device_on_as_exit_2(tmp_path, synthetic_corpus):
     proc = _pretrain(
         "-m",

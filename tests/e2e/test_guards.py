@@ -216,6 +216,7 @@ def test_sigterm_to_a_single_process_saves_and_exits_75(synthetic_corpus, tmp_pa
     assert len(stderr.strip().splitlines()) == 1, stderr
 
 
+@pytest.mark.slow  # the launcher's own process and its ranks' fresh interpreters
 def test_nonfinite_stop_through_the_launcher_exits_3(synthetic_corpus, tmp_path):
     """`python -m pretrain.launch` exits with the code its workers agree on (plain torchrun: 1)."""
     launcher = _launch(

@@ -1,10 +1,11 @@
 """Our trainer against an outside implementation: a Hugging Face model of each family (Llama,
-Qwen3 dense with tied embeddings, Qwen3-MoE; built locally from our tiny recipe's architecture,
+Qwen3 dense with tied embeddings, Qwen3-MoE, DeepSeek-V3 with MLA and group-limited routing; built locally from our tiny recipe's architecture,
 random weights) imported with tools/convert_hf.py and trained by pretrain_gpt.py gives, step for
 step, the losses, gradient norms and learning rates of transformers' own forward with torch's
 AdamW, the same LR schedule (computed here from its formula), the same clipping and the same
 samples. Qwen3-MoE trains without a balancing loss on both sides (transformers' adds one over all
-layers' routers together, only with output_router_logits; ours is per layer, megatron-core's).
+layers' routers together, only with output_router_logits; ours is per layer, megatron-core's);
+DeepSeek-V3 without one and with its expert bias frozen (transformers never updates it).
 
 Its vocabulary (257 ids, the byte tokenizer's) is padded to 384 rows on our side, at one process
 and at tensor size 2 (where the padding is all on the second rank's shard): the padded logits must
@@ -48,6 +49,13 @@ FAMILIES = {
     "llama": ("tiny_gpt", []),
     "qwen3": ("tiny_qwen3_moe", ["model.moe.num_experts=null", "model.untie_embeddings=false"]),
     "qwen3-moe": ("tiny_qwen3_moe", ["model.moe.load_balancing=none"]),
+    # transformers' e_score_correction_bias is a buffer it never updates: no bias updates on our side either.
+    # Negative controls (by hand, 2026-12-07): our side with routed_scaling_factor 1 or without the
+    # expert groups trains 1.5e-3 (relative loss) away from the reference, 145 times the bound.
+    "deepseek-v3": (
+        "tiny_deepseek",
+        ["model.mtp_num_layers=0", "model.moe.load_balancing=none", "model.moe.bias_update_rate=0"],
+    ),
 }
 
 

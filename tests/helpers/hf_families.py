@@ -111,6 +111,15 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         ),
     ),
 }
+# DeepSeek-V3's YaRN (published: factor 40, original context 4096, beta 32/1, mscale 1, mscale_all_dim 1)
+# at a tiny context: 48-token inputs over an original 32; mscale 0.7 so the cos/sin factor is not 1
+DEEPSEEK_YARN = dict(rope_type="yarn", factor=40.0, original_max_position_embeddings=32, beta_fast=32.0)
+DEEPSEEK_YARN |= dict(beta_slow=1.0, mscale=0.7, mscale_all_dim=1.0, rope_theta=10000.0)
+FAMILIES["deepseek-v3-yarn"] = (
+    "DeepseekV3ForCausalLM",
+    "DeepseekV3Config",
+    dict(FAMILIES["deepseek-v3"][2], rope_parameters=DEEPSEEK_YARN),
+)
 
 
 def hf_model(name: str, seed: int = 0, **overrides: Any) -> Any:

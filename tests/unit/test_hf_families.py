@@ -12,7 +12,7 @@ import torch
 from common.errors import UserError
 from model.hf import hf_config_from_model, hf_to_ours, load_exactly, model_config_from_hf, ours_to_hf
 from model.rope import RopeScalingConfig
-from tests.helpers.hf_families import FAMILIES, LLAMA3_ROPE, VOCAB, hf_model, read_tensors
+from tests.helpers.hf_families import DEEPSEEK_YARN, FAMILIES, LLAMA3_ROPE, VOCAB, hf_model, read_tensors
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
@@ -98,6 +98,10 @@ def test_round_trip_is_bitwise_and_the_exported_config_computes_the_same(family,
         # (on the built model's TransformerConfig: the export refuses such a model config)
         ("deepseek-v3", {"moe_router_num_groups": None, "moe_router_group_topk": None}, "groups dropped"),
         ("deepseek-v3", {"moe_router_topk_scaling_factor": None}, "routed_scaling_factor dropped"),
+        # YaRN dropped; its softmax mscale dropped; its cos/sin factor at 1 (mscale = mscale_all_dim)
+        ("deepseek-v3-yarn", dict(rope_scaling=RopeScalingConfig()), "yarn dropped"),
+        ("deepseek-v3-yarn", "mscale_all_dim", "softmax mscale dropped"),
+        ("deepseek-v3-yarn", "mscale", "cos/sin factor at 1"),
     ],
 )
 def test_negative_controls_move_the_logits(name, change, why, megatron_single_process, tmp_path):
@@ -109,6 +113,10 @@ def test_negative_controls_move_the_logits(name, change, why, megatron_single_pr
     if change == "pre_softmax":
         moe = model_config_from_hf(config).moe
         change = dict(moe=dataclasses.replace(moe, pre_softmax=not moe.pre_softmax))
+    elif change in ("mscale", "mscale_all_dim"):
+        scaling = model_config_from_hf(config).rope_scaling
+        value = {"mscale": scaling.mscale_all_dim, "mscale_all_dim": 0.0}[change]
+        change = dict(rope_scaling=dataclasses.replace(scaling, **{change: value}))
     elif name == "deepseek-v3":
         _, chunk = _imported(config, tensors)
         for key, value in change.items():
@@ -116,7 +124,11 @@ def test_negative_controls_move_the_logits(name, change, why, megatron_single_pr
         assert float((_logits(chunk) - expected).abs().max()) > 1e-3, why
         return
     _, chunk = _imported(config, tensors, **change)
-    assert float((_logits(chunk) - expected).abs().max()) > 1e-3, why
+    # YaRN's factors scale attention scores that a random tiny model keeps small: they move the
+    # logits by 2.5e-3 (softmax mscale) and 7.8e-4 (cos/sin factor; 78 times the bound), measured
+    moved = float((_logits(chunk) - expected).abs().max())
+    print(f"{name} {why}: logits moved by {moved:.2e}")
+    assert moved > (50 * LOGITS_ATOL if name.endswith("yarn") else 1e-3), why
 
 
 LLAMA31_HUB = {  # Llama-3.1-8B's config.json as published (transformers 4 spelling)
@@ -169,8 +181,12 @@ def test_both_rope_spellings_import_alike():
     "change, message",
     [
         (
-            {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
-            "config.json: rope type 'yarn' is not supported (default | llama3)",
+            {"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4}},
+            "config.json: rope type 'longrope' is not supported (default | llama3 | yarn)",
+        ),
+        (
+            {"rope_parameters": {**DEEPSEEK_YARN}},
+            "config.json: rope type 'yarn' is supported for DeepseekV3ForCausalLM only, not LlamaForCausalLM",
         ),
         (
             {"rope_parameters": {**LLAMA3_ROPE, "rope_theta": 1e4, "attention_factor": 2.0}},

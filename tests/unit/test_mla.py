@@ -20,11 +20,6 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
     "overrides, message",
     [
         (
-            [*MLA, "parallel.context=2", "train.micro_batch_size=1"],
-            "model.attention = mla with parallel.context = 2 is not supported: our ring and Ulysses attention "
-            "assume one head width for Q, K and V (MLA's are qk_head_dim + qk_pos_emb_head_dim and v_head_dim)",
-        ),
-        (
             [*MLA, "model.transformer_impl=transformer_engine"],
             "model.attention = mla is built on the local spec only: set model.transformer_impl = local",
         ),
@@ -38,13 +33,28 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
         ),
         (
             [*MLA, "model.rope_scaling.type=llama3"],
-            "model.rope_scaling.type = llama3 is not built for model.attention = mla (MLA applies its own RoPE)",
+            "model.rope_scaling.type = llama3 is not built for model.attention = mla (MLA applies its own "
+            "RoPE: none or yarn)",
+        ),
+        (
+            ["model.rope_scaling.type=yarn"],
+            "model.rope_scaling.type = yarn is built for model.attention = mla only (megatron-core's MLA "
+            "applies it; the standard attention's RoPE takes llama3)",
+        ),
+        (
+            [*MLA, "model.rope_scaling.type=yarn", "model.rope_scaling.beta_slow=32"],
+            "model.rope_scaling.beta_fast = 32.0 must exceed model.rope_scaling.beta_slow = 32.0",
         ),
         (
             [*MLA, "train.precision=bf16", "fp8.enabled=true"],
             "fp8 on the local spec is not built for model.attention = mla (its latent projections)",
         ),
         ([*MLA, "model.add_bias_linear=true"], "model.add_bias_linear is not built for model.attention = mla"),
+        (
+            ["model.recompute_granularity=selective", "model.recompute_modules=[mla_up_proj]"],
+            "model.recompute_modules: mla_up_proj has nothing to recompute: the model has no multi-latent "
+            "attention (model.attention = mla)",
+        ),
         (
             [*MLA, "data.reset_position_ids=true"],
             "data.reset_position_ids = true is not built for model.attention = mla",
@@ -53,7 +63,29 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
             [*MLA, "data.reset_attention_mask=true"],
             "data.reset_attention_mask = true is not built for model.attention = mla",
         ),
-        (["model.mtp_num_layers=1"], "model.mtp_num_layers = 1: multi-token prediction is not built yet"),
+        (
+            ["model.mtp_num_layers=1", "parallel.context=2", "train.micro_batch_size=1"],
+            "model.mtp_num_layers = 1 with parallel.context = 2 is not supported: megatron-core's MTP loss is a "
+            "mean of each context-parallel rank's token mean, so the logged mtp_loss would change with the layout",
+        ),
+        (
+            ["model.mtp_num_layers=1", "data.reset_attention_mask=true"],
+            "data.reset_attention_mask = true is not built for model.mtp_num_layers = 1",
+        ),
+        (
+            ["model.mtp_num_layers=1", "model.transformer_impl=transformer_engine"],
+            "model.mtp_num_layers = 1 is built on the local spec only: set model.transformer_impl = local",
+        ),
+        (
+            [
+                "model.mtp_num_layers=1",
+                "model.recompute_granularity=full",
+                "model.recompute_method=block",
+                "model.recompute_num_layers=1",
+            ],
+            "model.mtp_num_layers = 1 with full recompute needs model.recompute_method = uniform and "
+            "model.recompute_num_layers = 1",
+        ),
         (
             [*GROUPS, "model.moe.num_groups=2"],
             "model.moe.num_groups and model.moe.group_top_k are set together (group-limited routing)",
@@ -194,10 +226,15 @@ def test_upstream_mla_have_te_is_fixed(megatron_single_process):
 
 def test_published_deepseek_v3_counts_transformers_parameters():
     """transformers' DeepseekV3ForCausalLM with its default (the published) config, built on the
-    meta device, has 671,026,404,352 parameters (no MTP module); the recipe's count must be that."""
+    meta device, has 671,026,404,352 parameters (no MTP module); the recipe's count without its MTP
+    module must be that. The MTP module's own: 3 norms (3 × 7168), eh_proj (2 × 7168²) and one MoE
+    layer (11,507,286,016), 11.61B; with the copies of the embedding and head its checkpoint stores
+    (2 × 129280 × 7168) that makes the 685B DeepSeek publishes (684.49B)."""
     from model.gpt import parameter_counts
     from pretrain.recipe import load_recipe
 
     model = load_recipe("deepseek_v3").model
     assert model.vocab_size is not None
-    assert parameter_counts(model, model.vocab_size).total == 671_026_404_352
+    counts = parameter_counts(model, model.vocab_size)
+    assert counts.total - counts.mtp == 671_026_404_352
+    assert counts.mtp == 3 * 7168 + 2 * 7168**2 + 11_507_286_016 == 11_610_067_968
