@@ -211,7 +211,9 @@ def _tp_overlap_checks(out: pathlib.Path, corpus: str, smoke: bool) -> list[Chec
     checks = []
     for name, extra in (("llama_1b_tp2_sp", []), ("llama_1b_tp2_tp_comm_overlap", ["parallel.tp_comm_overlap=true"])):
         check = _train(name, out, corpus, "llama_1b", smoke, *layout, *extra)
-        check.command[:1] = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+        # ordered TP/SP kernels, as scripts/slurm/launch.sh sets for every GPU run
+        torchrun = ["env", "CUDA_DEVICE_MAX_CONNECTIONS=1", sys.executable, "-m", "torch.distributed.run"]
+        check.command[:1] = [*torchrun, "--nproc_per_node=2"]
         check.skip = skip
         checks.append(check)
     return checks
