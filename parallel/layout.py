@@ -33,6 +33,7 @@ class Layout:
     last_stage_layers: int | None = None
     fsdp: str | None = None  # zero2 | zero3 (parallel.fsdp); None = replicated weights
     fsdp_shard_size: int | None = None  # HSDP: ranks of one shard group (parallel.fsdp_shard_size); None = all
+    tp_comm_overlap: bool = False  # parallel.tp_comm_overlap: TE userbuffers (parallel/tp_overlap.py)
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -112,6 +113,7 @@ class Layout:
             expert_model_parallel_size=self.expert,
             expert_tensor_parallel_size=self.expert_tensor or self.tensor,
             sequence_parallel=self.sequence_parallel,
+            tp_comm_overlap=self.tp_comm_overlap,
         )
 
     def pipeline_bubble(self, micro_batches: int) -> float:
