@@ -53,6 +53,11 @@ class ParallelConfig:
     # Interleaved pipeline (virtual_pipeline > 1): activations are sent and received while the next
     # micro-batch computes.
     overlap_p2p_comm: bool | None = None
+    # Tensor-parallel communication overlap (megatron-core's tp_comm_overlap, Megatron-LM's
+    # --tp-comm-overlap): transformer-engine's userbuffers split each sequence-parallel all-gather
+    # and reduce-scatter into chunks pipelined with the GEMM they feed (parallel/tp_overlap.py).
+    # GPUs, transformer_engine layers and sequence_parallel only.
+    tp_comm_overlap: bool = False
     # Uneven pipeline split (no virtual pipeline): layers on the first / last stage, e.g. fewer
     # where the embedding or the output layer and loss live; the rest split evenly. None = even.
     first_stage_layers: int | None = None
@@ -76,6 +81,11 @@ class ParallelConfig:
             raise RecipeError(
                 f"parallel.fsdp_shard_size = {self.fsdp_shard_size} is only read with parallel.fsdp (zero2 or "
                 f"zero3): set parallel.fsdp, or leave parallel.fsdp_shard_size null"
+            )
+        if self.tp_comm_overlap and not self.sequence_parallel:
+            raise RecipeError(
+                "parallel.tp_comm_overlap = true overlaps the sequence-parallel all-gathers and "
+                "reduce-scatters: set parallel.sequence_parallel = true (and parallel.tensor > 1)"
             )
         self._check_context_a2a()
         self._check_overlap()
@@ -135,6 +145,7 @@ class ParallelConfig:
                 ("gradient reduce", self.grad_reduce_overlapped),
                 ("parameter all-gather", self.param_gather_overlapped),
                 ("pipeline send/receive", self.p2p_overlapped),
+                ("tensor-parallel all-gather/reduce-scatter (userbuffers)", self.tp_comm_overlap),
             )
             if overlapped
         ]

@@ -35,6 +35,7 @@ class Layout:
     # HSDP: ranks of one shard group (parallel.fsdp_shard_size), or "node": one node's; None = all
     fsdp_shard_size: int | str | None = None
     node_size: int | None = None  # processes per node (torchrun's LOCAL_WORLD_SIZE); resolves "node"
+    tp_comm_overlap: bool = False  # parallel.tp_comm_overlap: TE userbuffers (parallel/tp_overlap.py)
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -139,6 +140,7 @@ class Layout:
             expert_model_parallel_size=self.expert,
             expert_tensor_parallel_size=self.expert_tensor or self.tensor,
             sequence_parallel=self.sequence_parallel,
+            tp_comm_overlap=self.tp_comm_overlap,
         )
 
     def pipeline_bubble(self, micro_batches: int) -> float:

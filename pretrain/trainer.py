@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from data.loader import BatchPlan, TrainBatches
+from parallel import tp_overlap
 from parallel.layout import (
     Layout,
     RankInfo,
@@ -62,9 +63,15 @@ def build_runtime(recipe: Recipe) -> tuple[Layout, BatchPlan, RankInfo, Any, tor
         from model.fp8.linear import check_runtime
 
         check_runtime(recipe.fp8, recipe.model, device)
+    te_module = tp_overlap.check_runtime(device) if recipe.parallel.tp_comm_overlap else None
     cpu.enable(device)
     init_process_group(device, rank, world_size)
     rank_info, groups = init_model_parallel(layout)
+    if te_module is not None:  # userbuffers before the model: its linears look them up by name
+        m = recipe.model
+        shape = tp_overlap.userbuffer_shape(m.seq_length, recipe.train.micro_batch_size, layout.context, m.hidden_size)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.precision, torch.float32)
+        tp_overlap.initialize_userbuffers(te_module, shape, layout.tensor, recipe.fp8.enabled, dtype)
     plan = plan.for_rank(rank_info.data_rank, rank_info.context_rank, layout.context)
     return layout, plan, rank_info, groups, device
 
