@@ -36,9 +36,10 @@ class ParallelConfig:
     # Hybrid sharding (HSDP) under fsdp: the weights, gradients and optimizer state are sharded
     # within groups of this many consecutive data × context-parallel ranks (with tensor parallelism
     # inside a node, one node's) and replicated across the groups; gradients are reduce-scattered
-    # inside a group, then all-reduced across groups. A divisor of data × context; null = one group
-    # of all of them (plain FSDP).
-    fsdp_shard_size: PositiveInt | None = None
+    # inside a group, then all-reduced across groups. A divisor of data × context; node = the ones
+    # on one node (processes per node / tensor; scripts/slurm's default under fsdp); null = one
+    # group of all of them (plain FSDP).
+    fsdp_shard_size: PositiveInt | Literal["node"] | None = None
     # Communication overlap, megatron-core's; null = on wherever it applies (docs/profiling.md).
     # Reduce gradients (all-reduce, or reduce-scatter with distributed_optimizer) bucket by bucket
     # while the backward still computes the rest.

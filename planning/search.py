@@ -172,7 +172,7 @@ def candidates(recipe: Recipe, gpus: int, gpu: Any, vocab: int) -> list[Candidat
             planned = _apply(base, {f"model.{k}": v for k, v in _recompute_fields(fields).items()})
             try:
                 check_model(planned.model, planned.parallel)
-                setup = setup_for(planned, gpus, target, vocab)
+                setup = setup_for(planned, gpus, target, vocab, gpu.gpus_per_node)
             except RecipeError:
                 continue
             overrides = layout | {f"model.{k}": v for k, v in fields.items()}

@@ -14,7 +14,15 @@ import torch
 
 from data.loader import BatchPlan, TrainBatches
 from parallel import tp_overlap
-from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_group, pick_device, world_from_env
+from parallel.layout import (
+    Layout,
+    RankInfo,
+    init_model_parallel,
+    init_process_group,
+    node_size_from_env,
+    pick_device,
+    world_from_env,
+)
 from planning.flops import attention_flops_per_pair
 from planning.gpus import device_peak_tflops
 from planning.setup import validate_for_world
@@ -48,7 +56,7 @@ class Run:
 def build_runtime(recipe: Recipe) -> tuple[Layout, BatchPlan, RankInfo, Any, torch.device]:
     """This process's device, process groups and share of each batch; the CPU layer when on a CPU."""
     rank, local_rank, world_size = world_from_env()
-    layout, plan = validate_for_world(recipe, world_size)
+    layout, plan = validate_for_world(recipe, world_size, node_size_from_env())
     check_debug_for_world(recipe.debug, world_size)
     device = pick_device(recipe.train.device, local_rank)
     if recipe.fp8.enabled:  # transformer-engine and its version, the device's FP8 GEMMs: before any work
