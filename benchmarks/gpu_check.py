@@ -3,7 +3,9 @@ bf16 matmul peak, which SDPA kernel runs, bf16 step time and MFU of Llama-3.2-1B
 4096 (recompute off and on), the FP8 local path against bf16, the ring at CP 2 against one attention
 call, attention inside documents (flash-attn varlen against one causal call at sequence 8192;
 skipped without flash-attn), grouped-GEMM experts against sequential ones in a Qwen3-30B-A3B-shaped
-MoE layer, tiny_deepseek's step time (MLA, group routing, MTP, grouped experts), and the memory model against the allocator's peak. `--smoke` runs every part with tiny
+MoE layer, tiny_deepseek's step time (MLA, group routing, MTP, grouped experts), tensor-parallel
+communication overlap (TE userbuffers, two GPUs) against none at TP 2, and the memory model against
+the allocator's peak. `--smoke` runs every part with tiny
 shapes on a CPU (the test suite does, so the script never rots). One table last; logs under --out.
 """
 
@@ -189,6 +191,7 @@ def _checks(out: pathlib.Path, corpus: str, smoke: bool) -> list[Check]:
     # tiny DeepSeek-V3 whole: MLA, group-limited sigmoid routing, one MTP module, grouped-GEMM experts
     mtp = ("model.mtp_num_layers=1", "model.moe.grouped_gemm=true")
     checks.append(_train("tiny_deepseek_mtp_grouped_experts", out, corpus, "tiny_deepseek", smoke, *mtp))
+    checks += _tp_overlap_checks(out, corpus, smoke)
     memory = [
         py,
         "-m",
@@ -200,6 +203,32 @@ def _checks(out: pathlib.Path, corpus: str, smoke: bool) -> list[Check]:
     ]
     memory += ["train.device=cpu", "model.num_layers=2"] if smoke else ["train.global_batch_size=4"]
     checks.append(Check("memory_model_llama_1b", memory, "stdout"))
+    return checks
+
+
+def _tp_overlap_checks(out: pathlib.Path, corpus: str, smoke: bool) -> list[Check]:
+    """llama_1b at tensor 2 with sequence parallelism on transformer-engine layers, without and with
+    parallel.tp_comm_overlap (TE's userbuffers; planning/step_time.py:tp_overlap_exposed models it):
+    two GPUs under torchrun, the step times side by side. Skipped where they cannot run."""
+    skip = None
+    if smoke:
+        skip = "userbuffers need 2 GPUs and transformer-engine"
+    elif importlib.util.find_spec("transformer_engine") is None:
+        skip = "transformer-engine is not installed"
+    else:
+        import torch
+
+        if torch.cuda.device_count() < 2:
+            skip = f"needs 2 GPUs, this machine has {torch.cuda.device_count()}"
+    layout = ["model.transformer_impl=transformer_engine", "parallel.tensor=2", "parallel.sequence_parallel=true"]
+    checks = []
+    for name, extra in (("llama_1b_tp2_sp", []), ("llama_1b_tp2_tp_comm_overlap", ["parallel.tp_comm_overlap=true"])):
+        check = _train(name, out, corpus, "llama_1b", smoke, *layout, *extra)
+        # ordered TP/SP kernels, as scripts/slurm/launch.sh sets for every GPU run
+        torchrun = ["env", "CUDA_DEVICE_MAX_CONNECTIONS=1", sys.executable, "-m", "torch.distributed.run"]
+        check.command[:1] = [*torchrun, "--nproc_per_node=2"]
+        check.skip = skip
+        checks.append(check)
     return checks
 
 

@@ -181,6 +181,13 @@ def _optional_inner(tp: Any) -> Any | None:
     return None
 
 
+def _members(tp: Any) -> tuple[Any, ...]:
+    """The non-None members of a union of scalars (`PositiveInt | Literal["node"] | None`), else ()."""
+    if get_origin(tp) in (Union, types.UnionType) and _optional_inner(tp) is None:
+        return tuple(a for a in get_args(tp) if a is not type(None))
+    return ()
+
+
 def _unannotated(tp: Any) -> Any:
     """X for Annotated[X, ...]; Literal choices as their Python type."""
     if get_origin(tp) is Annotated:
@@ -211,6 +218,9 @@ def _expected(tp: Any) -> str:
     inner = _optional_inner(tp)
     if inner is not None:
         return f"{_expected(inner)} or null"
+    if _members(tp):
+        none = " or null" if type(None) in get_args(tp) else ""
+        return " or ".join(_expected(m) for m in _members(tp)) + none
     tp = _unannotated(tp)
     if get_origin(tp) is tuple:
         args = [_unannotated(a) for a in get_args(tp)]
@@ -240,6 +250,15 @@ def _convert_scalar(value: Any, tp: Any) -> Any:
 
 def _convert(value: Any, tp: Any, key: str, where: str, root: type) -> Any:
     """`value` as type `tp` (not Optional); raises _Mismatch, or RecipeError from inside a section."""
+    if _members(tp):
+        if value is None and type(None) in get_args(tp):
+            return None
+        for member in _members(tp):
+            try:
+                return _convert(value, member, key, where, root)
+            except _Mismatch:
+                pass
+        raise _Mismatch
     tp = _unannotated(tp)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if value is not None and not isinstance(value, dict):
@@ -367,7 +386,8 @@ def check_values(obj: Any, prefix: str = "") -> None:
     optional) is skipped."""
     for name, tp in yaml_fields(type(obj)).items():
         key, value = f"{prefix}{name}", getattr(obj, name)
-        tp = _optional_inner(tp) or tp
+        union = _members(_optional_inner(tp) or tp)  # the member the value was converted as
+        tp = next((m for m in union if type(value) is _unannotated(m)), _optional_inner(tp) or tp)
         if value is None:
             continue
         if dataclasses.is_dataclass(_unannotated(tp)):
@@ -378,7 +398,9 @@ def check_values(obj: Any, prefix: str = "") -> None:
                 raise RecipeError(f"{key} must be {bound.words}, got {value}")
         choices = get_args(tp) if get_origin(tp) is Literal else ()
         if choices and value not in choices:
-            raise RecipeError(f"{key} must be one of {' | '.join(choices)}, got '{value}'")
+            raise RecipeError(
+                f"{key} must be one of {' | '.join(choices)}{' or a number' * bool(union)}, got '{value}'"
+            )
         item = get_args(tp)[0] if get_origin(tp) is list else None
         item_choices = get_args(item) if get_origin(item) is Literal else ()
         for i, v in enumerate(value if item_choices else ()):

@@ -36,9 +36,10 @@ class ParallelConfig:
     # Hybrid sharding (HSDP) under fsdp: the weights, gradients and optimizer state are sharded
     # within groups of this many consecutive data × context-parallel ranks (with tensor parallelism
     # inside a node, one node's) and replicated across the groups; gradients are reduce-scattered
-    # inside a group, then all-reduced across groups. A divisor of data × context; null = one group
-    # of all of them (plain FSDP).
-    fsdp_shard_size: PositiveInt | None = None
+    # inside a group, then all-reduced across groups. A divisor of data × context; node = the ones
+    # on one node (processes per node / tensor; scripts/slurm's default under fsdp); null = one
+    # group of all of them (plain FSDP).
+    fsdp_shard_size: PositiveInt | Literal["node"] | None = None
     # Communication overlap, megatron-core's; null = on wherever it applies (docs/profiling.md).
     # Reduce gradients (all-reduce, or reduce-scatter with distributed_optimizer) bucket by bucket
     # while the backward still computes the rest.
@@ -52,6 +53,11 @@ class ParallelConfig:
     # Interleaved pipeline (virtual_pipeline > 1): activations are sent and received while the next
     # micro-batch computes.
     overlap_p2p_comm: bool | None = None
+    # Tensor-parallel communication overlap (megatron-core's tp_comm_overlap, Megatron-LM's
+    # --tp-comm-overlap): transformer-engine's userbuffers split each sequence-parallel all-gather
+    # and reduce-scatter into chunks pipelined with the GEMM they feed (parallel/tp_overlap.py).
+    # GPUs, transformer_engine layers and sequence_parallel only.
+    tp_comm_overlap: bool = False
     # Uneven pipeline split (no virtual pipeline): layers on the first / last stage, e.g. fewer
     # where the embedding or the output layer and loss live; the rest split evenly. None = even.
     first_stage_layers: int | None = None
@@ -75,6 +81,11 @@ class ParallelConfig:
             raise RecipeError(
                 f"parallel.fsdp_shard_size = {self.fsdp_shard_size} is only read with parallel.fsdp (zero2 or "
                 f"zero3): set parallel.fsdp, or leave parallel.fsdp_shard_size null"
+            )
+        if self.tp_comm_overlap and not self.sequence_parallel:
+            raise RecipeError(
+                "parallel.tp_comm_overlap = true overlaps the sequence-parallel all-gathers and "
+                "reduce-scatters: set parallel.sequence_parallel = true (and parallel.tensor > 1)"
             )
         self._check_context_a2a()
         self._check_overlap()
@@ -134,6 +145,7 @@ class ParallelConfig:
                 ("gradient reduce", self.grad_reduce_overlapped),
                 ("parameter all-gather", self.param_gather_overlapped),
                 ("pipeline send/receive", self.p2p_overlapped),
+                ("tensor-parallel all-gather/reduce-scatter (userbuffers)", self.tp_comm_overlap),
             )
             if overlapped
         ]

@@ -32,7 +32,10 @@ class Layout:
     first_stage_layers: int | None = None  # uneven pipeline split; None = even
     last_stage_layers: int | None = None
     fsdp: str | None = None  # zero2 | zero3 (parallel.fsdp); None = replicated weights
-    fsdp_shard_size: int | None = None  # HSDP: ranks of one shard group (parallel.fsdp_shard_size); None = all
+    # HSDP: ranks of one shard group (parallel.fsdp_shard_size), or "node": one node's; None = all
+    fsdp_shard_size: int | str | None = None
+    node_size: int | None = None  # processes per node (torchrun's LOCAL_WORLD_SIZE); resolves "node"
+    tp_comm_overlap: bool = False  # parallel.tp_comm_overlap: TE userbuffers (parallel/tp_overlap.py)
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -50,9 +53,11 @@ class Layout:
                 f"parallel.context_a2a = {self.context_a2a} does not fit parallel.context_comm = "
                 f"{self.context_comm} with parallel.context = {self.context}"
             )
-        if self.fsdp_shard_size is not None and (self.data * self.context) % self.fsdp_shard_size:
+        if self.fsdp_shard_size is not None and (self.data * self.context) % self.fsdp_shards:
+            size = "node" if self.fsdp_shard_size == "node" else ""
             raise RecipeError(
-                f"parallel.fsdp_shard_size = {self.fsdp_shard_size} does not divide the {self.data * self.context} "
+                f"parallel.fsdp_shard_size = {size and f'node ({self.fsdp_shards} per node)' or self.fsdp_shards} "
+                f"does not divide the {self.data * self.context} "
                 f"data × context-parallel ranks (world size {self.world_size} / (tensor × pipeline))"
             )
         expert_tensor = self.expert_tensor or self.tensor
@@ -71,7 +76,28 @@ class Layout:
     @property
     def fsdp_shards(self) -> int:
         """Ranks FSDP shards a dense parameter over: the shard group (HSDP), else data × context."""
-        return self.fsdp_shard_size or self.data * self.context
+        if self.fsdp_shard_size == "node":
+            return self.node_shards()
+        return int(self.fsdp_shard_size or self.data * self.context)
+
+    def node_shards(self) -> int:
+        """fsdp_shard_size = node: the data × context ranks on one node. A shard group is N
+        consecutive data × context ranks, tensor × N consecutive global ranks in megatron-core's
+        order (tensor innermost, then context, data, pipeline), so one node of G processes holds
+        N = G / tensor of them (all of them when a pipeline stage fits in a node)."""
+        if self.node_size is None:
+            raise RecipeError(
+                "parallel.fsdp_shard_size = node needs the processes per node: give the dry run "
+                "--gpus-per-node N, or set parallel.fsdp_shard_size to a number"
+            )
+        node = min(self.node_size, self.world_size)
+        if self.world_size % node or node % self.tensor:
+            raise RecipeError(
+                f"parallel.fsdp_shard_size = node: a node of {node} processes does not hold whole tensor-parallel "
+                f"groups of the world of {self.world_size} (parallel.tensor = {self.tensor}): set "
+                "parallel.fsdp_shard_size to a number"
+            )
+        return min(node // self.tensor, self.data * self.context)
 
     @property
     def fsdp_replicas(self) -> int:
@@ -92,10 +118,12 @@ class Layout:
         return self.virtual_pipeline or 1
 
     @classmethod
-    def from_config(cls, parallel: ParallelConfig, world_size: int) -> Layout:
-        """The section at a world size: every field but world_size is the parallel key of its name."""
-        sizes = {f.name: getattr(parallel, f.name) for f in dataclasses.fields(cls) if f.name != "world_size"}
-        return cls(world_size=world_size, **sizes)
+    def from_config(cls, parallel: ParallelConfig, world_size: int, node_size: int | None = None) -> Layout:
+        """The section at a world size: every field but world_size and node_size (processes per
+        node, for fsdp_shard_size = node) is the parallel key of its name."""
+        own = ("world_size", "node_size")
+        sizes = {f.name: getattr(parallel, f.name) for f in dataclasses.fields(cls) if f.name not in own}
+        return cls(world_size=world_size, node_size=node_size, **sizes)
 
     def transformer_config_fields(self) -> dict[str, Any]:
         """megatron-core's TransformerConfig (ModelParallelConfig) fields for this layout: the one
@@ -112,6 +140,7 @@ class Layout:
             expert_model_parallel_size=self.expert,
             expert_tensor_parallel_size=self.expert_tensor or self.tensor,
             sequence_parallel=self.sequence_parallel,
+            tp_comm_overlap=self.tp_comm_overlap,
         )
 
     def pipeline_bubble(self, micro_batches: int) -> float:
@@ -136,6 +165,7 @@ class Layout:
             + (", sequence parallel" if self.sequence_parallel else "")
             + (f", fully sharded ({self.fsdp})" if self.fsdp else "")
             + (f" in groups of {self.fsdp_shards} x {self.fsdp_replicas} replicas" if self.fsdp_replicas > 1 else "")
+            + (f" (fsdp_shard_size: node = {self.fsdp_shards})" if self.fsdp and self.fsdp_shard_size == "node" else "")
         )
 
 
@@ -154,6 +184,11 @@ def world_from_env() -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     return rank, local_rank, world_size
+
+
+def node_size_from_env() -> int:
+    """Processes on this node (torchrun's LOCAL_WORLD_SIZE); a plain `python` run is 1."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def pick_device(requested: str, local_rank: int) -> torch.device:

@@ -39,10 +39,11 @@ class Placement(NamedTuple):
     stages: list[StagePlacement]
 
 
-def placement(recipe: Recipe, world_size: int) -> Placement:
-    """The layout, batch plan, padded vocabulary and per-stage parameters for `world_size` ranks."""
-    layout, batch = validate_for_world(recipe, world_size)
-    setup = setup_for(recipe, world_size, vocab=vocab_size(recipe))
+def placement(recipe: Recipe, world_size: int, node_size: int | None = None) -> Placement:
+    """The layout, batch plan, padded vocabulary and per-stage parameters for `world_size` ranks
+    (`node_size` per node: parallel.fsdp_shard_size = node)."""
+    layout, batch = validate_for_world(recipe, world_size, node_size)
+    setup = setup_for(recipe, world_size, vocab=vocab_size(recipe), node_size=node_size)
     stages = [
         StagePlacement(p, ranges, sum(stage_parameters(setup, p)))  # the memory model's count: one counter
         for p, ranges in enumerate(setup.stage_ranges)
@@ -73,22 +74,28 @@ def _human(n: int) -> str:
 
 
 def dry_run(
-    recipe: Recipe, world_size: int, gpu_memory_gib: float | None = None, as_json: bool = False, gpu: str | None = None
+    recipe: Recipe,
+    world_size: int,
+    gpu_memory_gib: float | None = None,
+    as_json: bool = False,
+    gpu: str | None = None,
+    gpus_per_node: int | None = None,
 ) -> str:
     """The dry run's report: text lines, or one JSON object when `as_json`. `gpu` (a planning.gpus.GPUS
-    name): memory on that GPU (its memory unless `gpu_memory_gib` says otherwise) and the step time."""
-    layout, batch_plan, vocab, stages = placement(recipe, world_size)
+    name): memory on that GPU (its memory unless `gpu_memory_gib` says otherwise) and the step time.
+    `gpus_per_node`: processes per node, which parallel.fsdp_shard_size = node needs (no default:
+    a GPU table's NVLink domain is not always a node)."""
+    layout, batch_plan, vocab, stages = placement(recipe, world_size, gpus_per_node)
     counts = parameter_counts(recipe.model, vocab)
     built = meta_parameter_count(recipe, vocab)
     if gpu is not None:
         device = GPUS[gpu]
-        setup = setup_for(
-            recipe, world_size, Target.for_device("cuda", recipe.model.transformer_impl), vocab_size(recipe)
-        )
+        target = Target.for_device("cuda", recipe.model.transformer_impl)
+        setup = setup_for(recipe, world_size, target, vocab_size(recipe), gpus_per_node)
         gpu_memory_gib = gpu_memory_gib or device.memory_gib
         timing = step_time(setup, device)
     else:
-        setup = dry_run_setup(recipe, world_size, vocab_size(recipe))
+        setup = dry_run_setup(recipe, world_size, vocab_size(recipe), gpus_per_node)
     estimate = estimate_setup(setup)
     tokens = recipe.train.global_batch_size * recipe.model.seq_length
     if as_json:

@@ -400,10 +400,17 @@ def stage_activations(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, 
 # ------------------------------------------------------------------------------------------ estimate
 
 
-def setup_for(recipe: Recipe, world_size: int, target: Target | None = None, vocab: int | None = None) -> Setup:
-    """The layout and batch plan for `world_size` ranks (validated as the run would be), the padded
-    vocabulary (`vocab`: the unpadded size, else read from the recipe or its tokenizer)."""
-    layout, batch = validate_for_world(recipe, world_size)
+def setup_for(
+    recipe: Recipe,
+    world_size: int,
+    target: Target | None = None,
+    vocab: int | None = None,
+    node_size: int | None = None,
+) -> Setup:
+    """The layout and batch plan for `world_size` ranks, `node_size` per node (validated as the run
+    would be), the padded vocabulary (`vocab`: the unpadded size, else read from the recipe or its
+    tokenizer)."""
+    layout, batch = validate_for_world(recipe, world_size, node_size)
     target = target or Target.for_device("cuda", recipe.model.transformer_impl)
     padded = padded_vocab_size(recipe.model, vocab or vocab_size(recipe), layout.tensor)
     return Setup(recipe, layout, target, padded, batch.micro_batches, stage_layers(recipe, layout))

@@ -245,7 +245,7 @@ def memory_json(estimate: MemoryEstimate, setup: Setup, gpu_gib: float | None) -
     return out
 
 
-def dry_run_setup(recipe: Recipe, world_size: int, vocab: int) -> Setup:
+def dry_run_setup(recipe: Recipe, world_size: int, vocab: int, node_size: int | None = None) -> Setup:
     """The target of a dry run: the CPU when the recipe says train.device = cpu, else a GPU."""
     device = "cpu" if recipe.train.device == "cpu" else "cuda"
-    return setup_for(recipe, world_size, Target.for_device(device, recipe.model.transformer_impl), vocab)
+    return setup_for(recipe, world_size, Target.for_device(device, recipe.model.transformer_impl), vocab, node_size)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from common.errors import RecipeError
 from model.config import check_model
 from model.gpt import parameter_counts
-from planning.memory import Target, estimate_setup, setup_for
+from planning.memory import Setup, Target, estimate_setup, setup_for
 from planning.report import recompute_candidates, reserve_bytes
 from planning.step_time import step_time
 
@@ -172,12 +172,26 @@ def candidates(recipe: Recipe, gpus: int, gpu: Any, vocab: int) -> list[Candidat
             planned = _apply(base, {f"model.{k}": v for k, v in _recompute_fields(fields).items()})
             try:
                 check_model(planned.model, planned.parallel)
-                setup = setup_for(planned, gpus, target, vocab)
+                setup = setup_for(planned, gpus, target, vocab, gpu.gpus_per_node)
             except RecipeError:
                 continue
             overrides = layout | {f"model.{k}": v for k, v in fields.items()}
             out.append(Candidate(overrides, setup, step_time(setup, gpu)))
+            out.extend(_with_tp_overlap(overrides, setup, gpu))
     return sorted(out, key=lambda c: c.time.total)
+
+
+def _with_tp_overlap(overrides: dict[str, Any], setup: Setup, gpu: Any) -> list[Candidate]:
+    """The same layout with transformer-engine's userbuffers (parallel.tp_comm_overlap), where they
+    apply: tensor > 1 with sequence parallelism and transformer-engine layers. Only the step time
+    changes (the memory model has no userbuffer term), so the setup is reused."""
+    recipe = setup.recipe
+    if recipe.model.transformer_impl != "transformer_engine" or not recipe.parallel.sequence_parallel:
+        return []
+    overlapped = _apply(recipe, {"parallel.tp_comm_overlap": True})
+    layout = dataclasses.replace(setup.layout, tp_comm_overlap=True)
+    planned = dataclasses.replace(setup, recipe=overlapped, layout=layout)
+    return [Candidate(overrides | {"parallel.tp_comm_overlap": True}, planned, step_time(planned, gpu))]
 
 
 def _recompute_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -223,6 +237,10 @@ def _pipeline_text(o: dict[str, Any]) -> str:
     return f"{o['parallel.pipeline']}" + (f" {first}/{last}" if first is not None else "")
 
 
+def _tensor_text(o: dict[str, Any]) -> str:
+    return f"{o['parallel.tensor']}" + (" ub" if o.get("parallel.tp_comm_overlap") else "")
+
+
 def _data_text(o: dict[str, Any], data: int) -> str:
     return f"{data}" + {"zero3": " z3", "zero2": " z2"}.get(o.get("parallel.fsdp") or "", "")
 
@@ -235,7 +253,7 @@ def table(found: list[Candidate], gpu: Any, gpus: int) -> list[str]:
         o, layout = c.overrides, c.setup.layout
         mfu = c.time.mfu(gpu, c.setup.recipe.train.precision, gpus)
         lines.append(
-            f"{i:>3}  {o['parallel.tensor']:>6} {_pipeline_text(o):>8} {o['parallel.virtual_pipeline'] or '-':>7} "
+            f"{i:>3}  {_tensor_text(o):>6} {_pipeline_text(o):>8} {o['parallel.virtual_pipeline'] or '-':>7} "
             f"{o['parallel.context']:>7} {_expert_text(o):>6} {_data_text(o, layout.data):>5}  {_recompute_text(o):<24}  "
             f"{o['train.micro_batch_size']:>5}  {c.needed / 2**30:>10.1f}  {c.time.total:>6.2f}  {100 * mfu:>4.1f} %"
         )

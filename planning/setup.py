@@ -14,10 +14,11 @@ if TYPE_CHECKING:  # a type only: planning reads the recipe's sections, pretrain
     from pretrain.recipe import Recipe
 
 
-def validate_for_world(recipe: Recipe, world_size: int) -> tuple[Layout, BatchPlan]:
-    """The layout for `world_size` ranks and this recipe's batch plan on them (rank 0's share); raises
-    RecipeError when the layout does not fit or the global batch does not split evenly."""
-    layout = Layout.from_config(recipe.parallel, world_size)
+def validate_for_world(recipe: Recipe, world_size: int, node_size: int | None = None) -> tuple[Layout, BatchPlan]:
+    """The layout for `world_size` ranks (`node_size` per node, for parallel.fsdp_shard_size = node)
+    and this recipe's batch plan on them (rank 0's share); raises RecipeError when the layout does
+    not fit or the global batch does not split evenly."""
+    layout = Layout.from_config(recipe.parallel, world_size, node_size)
     t = recipe.train
     beyond = [r for r in t.profile.ranks if r >= world_size] if t.profile.start_step is not None else []
     if beyond:

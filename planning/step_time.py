@@ -29,6 +29,9 @@ MAMF_SHAPE = (6144, 17920)
 # megatron-core's default gradient bucket (parameters) with overlap_grad_reduce: the last bucket's
 # reduce-scatter cannot overlap anything (distributed_data_parallel_config.py, bucket_size)
 DEFAULT_BUCKET = 40_000_000
+# SMs a transformer-engine userbuffers overlap of the `pipeline` and `bulk` methods communicates
+# from (module/base.py, initialize_ub: num_sm defaults to 16 unless the method is ring_exchange)
+UB_SMS = 16
 
 
 FLOPS_CONVENTION = (
@@ -154,11 +157,11 @@ def _layer_seconds(setup: Setup, gpu: Gpu, is_moe: bool, fp8: bool) -> float:
 
 
 def step_time(setup: Setup, gpu: Gpu) -> StepTime:
-    """Seconds per optimizer step on the busiest pipeline stage: a roofline per GEMM (fp8 peaks for the decoder's
-    linears with fp8), fused attention's rate, elementwise work at HBM bandwidth; the 1F1B (interleaved) bubble;
-    recompute's forward; exposed: tensor-parallel collectives, the expert all-to-all (megatron-core 0.16 overlaps it
-    only in its unused 1F1B A2A mode), HSDP's all-reduce across groups, cpu_offload's copies and host step; hidden:
-    data-parallel traffic under parallel.overlap_*, pipeline sends with overlap_p2p_comm, the K/V ring under attention."""
+    """Seconds per optimizer step on the busiest pipeline stage: a roofline per GEMM (fp8 peaks for fp8 linears), fused
+    attention's rate, elementwise work at HBM bandwidth; the (interleaved) 1F1B bubble; recompute's forward; exposed:
+    TP collectives (but bulk-overlapped ones; chunked beside GEMMs with parallel.tp_comm_overlap), expert all-to-all,
+    HSDP's all-reduce across groups, cpu_offload's copies and host step; hidden: data-parallel traffic under
+    parallel.overlap_*, pipeline sends with overlap_p2p_comm, the context ring's K/V under attention."""
     m, layout, shape, recipe = setup.model, setup.layout, setup.shape, setup.recipe
     tp, cp, pp = layout.tensor, layout.context, layout.pipeline
     b = shape.dtype_bytes
@@ -167,12 +170,19 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     mb, chunks = setup.micro_batches, layout.model_chunks
     in_fp8 = [fp8_layer(recipe.fp8, m.num_layers, i) for i in range(m.num_layers)]
     kinds = {kind: _layer_seconds(setup, gpu, *kind) for kind in set(zip(pattern, in_fp8))}  # (moe, fp8) once each
+    # TP with SP: per layer 10 all-gathers/reduce-scatters of [s·b, h], (t-1)/t on the wire; 4 (the QKV's
+    # and fc1's backward) hide behind their data/weight-gradient GEMMs (megatron-core's and TE's linears),
+    # the other 6 are exposed unless parallel.tp_comm_overlap chunks them (tp_overlap_exposed).
+    hidden_bytes = tokens * m.hidden_size * b
+    collective = hidden_bytes * (tp - 1) / tp / _bandwidth(gpu, tp) if tp > 1 else 0.0
+    chunked_kinds = {kind: tp_overlap_exposed(setup, gpu, collective, *kind) for kind in kinds}
     # the busiest stage (uneven splits: the first and last stages differ): (forward, layer forward, layers, moe layers)
     stages = []
     for stage in range(pp):
         moe = sum(sum(pattern[a:z]) for a, z in setup.stage_ranges[stage])
         n = sum(z - a for a, z in setup.stage_ranges[stage])
         layer_forward = sum(kinds[pattern[i], in_fp8[i]] for a, z in setup.stage_ranges[stage] for i in range(a, z))
+        chunked = sum(chunked_kinds[pattern[i], in_fp8[i]] for a, z in setup.stage_ranges[stage] for i in range(a, z))
         forward = layer_forward
         if stage == pp - 1:  # the output layer and its loss
             forward += _gemm_seconds(gpu, tokens, m.hidden_size, setup.vocab / tp, gpu.peak("bf16"), b)
@@ -180,21 +190,15 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
             # the fp32 softmax written and read twice (loss, gradient), the gradient written (per logit,
             # forward and backward together; a third of it counted here as the forward's share)
             forward += tokens * setup.vocab / tp * (2 * b + 4 * 4) / (gpu.hbm_gbs * 1e9) / 3
-        stages.append((forward, layer_forward, n, moe))
-    forward, layer_forward, n_layers, moe_layers = max(stages, key=lambda s: s[0])
+        stages.append((forward, layer_forward, n, moe, chunked))
+    forward, layer_forward, n_layers, moe_layers, chunked = max(stages, key=lambda s: s[0])
     recompute_fraction = recompute_forward_flops(m, pp * chunks) / max(sum(layer_totals(m)), 1.0)
     recompute_mb = recompute_fraction * layer_forward
     micro_batch = 3 * forward + recompute_mb
     work, recompute = 3 * forward * mb, recompute_mb * mb
-    # TP with SP: per layer 4 all-gathers/reduce-scatters forward, 6 backward, of [s·b, h] each, (t-1)/t on
-    # the wire. The column-parallel linears' (QKV, fc1) backward re-gathers its input while the data
-    # gradient GEMM runs and reduce-scatters that gradient while the weight gradient GEMM runs
-    # (megatron-core's LinearWithGradAccumulationAndAsyncCommunication; TE's linears alike): 4 of the
-    # 10 hide behind those GEMMs (each about the layer's forward GEMM time), 6 are exposed.
-    hidden_bytes = tokens * m.hidden_size * b
-    collective = hidden_bytes * (tp - 1) / tp / _bandwidth(gpu, tp) if tp > 1 else 0.0
     tensor_work = 10 * collective * n_layers * mb
-    tensor = tensor_work - min(4 * collective, layer_forward / max(n_layers, 1)) * n_layers * mb
+    bulk = 4 * collective - min(4 * collective, layer_forward / max(n_layers, 1))
+    tensor = (bulk * n_layers + chunked) * mb
     # CP ring: K and V (forward), K, V, dK, dV (backward) around cp - 1 hops; hidden behind attention
     kv = (m.num_query_groups or m.num_attention_heads) * head_dim(m)
     ring = 3 * 2 * tokens * kv // tp * b * (cp - 1) / _bandwidth(gpu, tp * cp)
@@ -232,6 +236,57 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     compute, optimizer = work + recompute + bubble, optimizer + offload.exposed
     data = rs_exposed + ag_exposed + replicas.exposed
     return StepTime(compute, tensor, context, expert, data, pipeline, model_flops, optimizer, terms)
+
+
+def tp_overlap_exposed(setup: Setup, gpu: Gpu, collective: float, is_moe: bool, fp8: bool) -> float:
+    """Exposed seconds of one layer's 6 tensor-parallel collectives that have no bulk overlap (the
+    QKV and fc1 forward all-gathers, the projection and fc2 forward reduce-scatters, the projection
+    and fc2 data-gradient all-gathers), `collective` seconds each. Without parallel.tp_comm_overlap
+    all 6 are exposed. With it, transformer-engine's userbuffers (module/base.py: initialize_ub's
+    default methods) pipeline each with its GEMM, `g` seconds (a data gradient costs its forward):
+    - ring exchange (the all-gathers): tp steps, each computing on the chunk that arrived while the
+      next (c/(tp-1)) travels; the local chunk needs no wait, so a step exposes only what its
+      transfer takes beyond its GEMM chunk (g/tp): (tp-1) · max(0, c/(tp-1) - g/tp);
+    - pipeline, 4 splits (the forward reduce-scatters): each split's output is reduce-scattered
+      while the next split computes, the last split's reduce-scatter after every GEMM:
+      c/4 + 3 · max(0, c/4 - g/4).
+    Chunks are counted at the whole GEMM's rate (an assumption: TE's chunks are still large GEMMs);
+    an MoE layer's expert MLP has no userbuffers, so its 3 stay exposed."""
+    p = setup.recipe.parallel
+    if not p.tp_comm_overlap or collective == 0.0:
+        return 6 * collective
+    m, tp = setup.model, setup.layout.tensor
+    peak, gemm_b = _gemm_rate(setup, gpu, fp8)
+    tokens = setup.shape.tokens
+
+    def gemm(k: float, n: float) -> float:
+        return _gemm_seconds(gpu, tokens, k, n, peak, gemm_b)
+
+    def ring(g: float) -> float:
+        return (tp - 1) * max(0.0, collective / (tp - 1) - g / tp)
+
+    def pipeline(g: float, splits: int = 4) -> float:
+        return collective / splits + (splits - 1) * max(0.0, (collective - g) / splits)
+
+    gemms = attention_gemms(m)
+    fed = sum(gemm(k, n / tp if split else n) for k, n, split in gemms[:-1] if k == m.hidden_size)
+    k, n, _ = gemms[-1]
+    projection = gemm(k / tp, n)
+    # the pipelined and bulk overlaps communicate from UB_SMS of the GPU's SMs (ring exchange uses
+    # copy engines): the GEMMs beside them run on the rest; bulk: the QKV's data and weight gradients
+    shared = UB_SMS / (gpu.sms - UB_SMS)
+    exposed = ring(fed) + pipeline(projection) + ring(projection) + shared * (projection + 2 * fed)
+    if is_moe:
+        return exposed + 3 * collective
+    fc1, fc2 = gemm(m.hidden_size, 2 * m.ffn_hidden_size / tp), gemm(m.ffn_hidden_size / tp, m.hidden_size)
+    return exposed + ring(fc1) + pipeline(fc2) + ring(fc2) + shared * (fc2 + 2 * fc1)
+
+
+def _gemm_rate(setup: Setup, gpu: Gpu, fp8: bool) -> tuple[float, int]:
+    """(peak FLOP/s, operand bytes) of the decoder's linears: the FP8 peak and one byte with fp8 on."""
+    if fp8 and gpu.fp8_tflops:
+        return gpu.fp8_tflops * 1e12, 1
+    return gpu.peak(setup.recipe.train.precision), setup.shape.dtype_bytes
 
 
 def _expert_seconds(setup: Setup, gpu: Gpu) -> float:

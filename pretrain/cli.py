@@ -31,6 +31,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with --dry-run: say whether the worst rank fits in this much GPU memory, and if not, the "
         "cheapest recompute setting that would",
     )
+    parser.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="with --dry-run: processes per node, for parallel.fsdp_shard_size = node (default: LOCAL_WORLD_SIZE)",
+    )
     parser.add_argument("--json", action="store_true", help="with --dry-run: print the report as one JSON object")
     parser.add_argument(
         "--gpu",
@@ -64,7 +70,10 @@ def run(args: argparse.Namespace) -> int:
         from planning.dry_run import dry_run
 
         world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        print(dry_run(recipe, world_size, args.gpu_memory_gib, args.json, args.gpu))
+        per_node = args.gpus_per_node or (
+            int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None
+        )
+        print(dry_run(recipe, world_size, args.gpu_memory_gib, args.json, args.gpu, per_node))
         return 0
     from parallel.layout import shutdown
     from pretrain.trainer import train
@@ -84,13 +93,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _check_dry_run_flags(args: argparse.Namespace) -> None:
-    for flag, value in (("--gpu-memory-gib", args.gpu_memory_gib), ("--json", args.json or None), ("--gpu", args.gpu)):
+    for flag, value in (
+        ("--gpu-memory-gib", args.gpu_memory_gib),
+        ("--json", args.json or None),
+        ("--gpu", args.gpu),
+        ("--gpus-per-node", args.gpus_per_node),
+    ):
         if value is not None and not args.dry_run:
             raise UserError(f"{flag} is a --dry-run option: add --dry-run")
     if args.gpu is not None and args.gpu not in GPUS:
         raise UserError(f"--gpu must be one of {' | '.join(GPUS)}, got '{args.gpu}'")
     if args.gpu_memory_gib is not None and not args.gpu_memory_gib > 0:
         raise UserError(f"--gpu-memory-gib must be positive, got {args.gpu_memory_gib:g}")
+    if args.gpus_per_node is not None and args.gpus_per_node < 1:
+        raise UserError(f"--gpus-per-node must be positive, got {args.gpus_per_node}")
     if args.world_size is not None and args.world_size < 1:
         raise UserError(f"--world-size must be positive, got {args.world_size}")
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from common.errors import EXIT_OUT_OF_MEMORY, RecipeError, RunStopped
+from parallel.layout import node_size_from_env
 from planning.memory import GIB, Target, estimate_setup, setup_for
 from planning.report import cheapest_recompute, reserve_bytes
 from pretrain.recipe import Recipe
@@ -65,7 +66,7 @@ def report(
     this rank; the cheapest recompute setting, then micro-batch, that the model says would fit."""
     held = error.held
     target = Target.for_device(device.type, recipe.model.transformer_impl)
-    setup = setup_for(recipe, world_size, target, vocab)
+    setup = setup_for(recipe, world_size, target, vocab, node_size_from_env())
     stage = next(s for s in estimate_setup(setup).stages if rank in s.ranks)
     predicted = stage.peak + reserve_bytes(stage.peak, target)
     first = error.message.strip().splitlines()[0] if error.message.strip() else "out of memory"
@@ -99,7 +100,7 @@ def cheapest_change(
         train = dataclasses.replace(recipe.train, micro_batch_size=micro)
         trial = dataclasses.replace(recipe, train=train)
         try:
-            found = cheapest_recompute(setup_for(trial, world_size, target, vocab), capacity)
+            found = cheapest_recompute(setup_for(trial, world_size, target, vocab, node_size_from_env()), capacity)
         except RecipeError:  # this micro-batch does not divide the global batch on this layout
             found = None
         if found is not None:

@@ -21,6 +21,7 @@ from common.files import set_aside
 from common.schema import NonNegativeFloat, NonNegativeInt, PositiveInt
 from data.config import DataConfig, check_documents
 from model.config import Fp8Config, ModelConfig, check_fp8, check_model
+from parallel import tp_overlap
 from parallel.config import ParallelConfig
 from pretrain.checkpoint.config import CheckpointConfig
 from pretrain.faults import DebugConfig, check_debug
@@ -135,6 +136,7 @@ def validate_static(recipe: Recipe) -> None:
     schema.check_values(recipe)
     recipe.logging.check()
     check_model(recipe.model, recipe.parallel)
+    tp_overlap.check_recipe(recipe.parallel.tp_comm_overlap, recipe.model.transformer_impl)
     check_fp8(recipe.fp8, recipe.model, recipe.parallel, recipe.train.precision)
     recipe.train.check()
     if recipe.parallel.fsdp is not None and recipe.train.precision == "fp16":

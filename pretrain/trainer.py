@@ -13,7 +13,16 @@ from typing import Any
 import torch
 
 from data.loader import BatchPlan, TrainBatches
-from parallel.layout import Layout, RankInfo, init_model_parallel, init_process_group, pick_device, world_from_env
+from parallel import tp_overlap
+from parallel.layout import (
+    Layout,
+    RankInfo,
+    init_model_parallel,
+    init_process_group,
+    node_size_from_env,
+    pick_device,
+    world_from_env,
+)
 from planning.flops import attention_flops_per_pair
 from planning.gpus import device_peak_tflops
 from planning.setup import validate_for_world
@@ -47,16 +56,22 @@ class Run:
 def build_runtime(recipe: Recipe) -> tuple[Layout, BatchPlan, RankInfo, Any, torch.device]:
     """This process's device, process groups and share of each batch; the CPU layer when on a CPU."""
     rank, local_rank, world_size = world_from_env()
-    layout, plan = validate_for_world(recipe, world_size)
+    layout, plan = validate_for_world(recipe, world_size, node_size_from_env())
     check_debug_for_world(recipe.debug, world_size)
     device = pick_device(recipe.train.device, local_rank)
     if recipe.fp8.enabled:  # transformer-engine and its version, the device's FP8 GEMMs: before any work
         from model.fp8.linear import check_runtime
 
         check_runtime(recipe.fp8, recipe.model, device)
+    te_module = tp_overlap.check_runtime(device) if recipe.parallel.tp_comm_overlap else None
     cpu.enable(device)
     init_process_group(device, rank, world_size)
     rank_info, groups = init_model_parallel(layout)
+    if te_module is not None:  # userbuffers before the model: its linears look them up by name
+        m = recipe.model
+        shape = tp_overlap.userbuffer_shape(m.seq_length, recipe.train.micro_batch_size, layout.context, m.hidden_size)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.precision, torch.float32)
+        tp_overlap.initialize_userbuffers(te_module, shape, layout.tensor, recipe.fp8.enabled, dtype)
     plan = plan.for_rank(rank_info.data_rank, rank_info.context_rank, layout.context)
     return layout, plan, rank_info, groups, device
 

@@ -49,7 +49,13 @@ def fake_slurm(tmp_path):
         "scontrol",
         f'echo "$*" >> {log}/scontrol\nif [[ "$1 $2" == "show hostnames" ]]; then printf "gpu07\\ngpu08\\n"; fi\n',
     )
-    _fake(bin_dir, "python", f'echo "$*" >> {log}/python\n')
+    # python: records its arguments; --print-recipe prints FAKE_RECIPE, --dry-run a layout line
+    _fake(
+        bin_dir,
+        "python",
+        f'echo "$*" >> {log}/python\n'
+        'case "$*" in *--print-recipe*) printf "%s" "${FAKE_RECIPE:-}" ;; *--dry-run*) echo "layout: L" ;; esac\n',
+    )
     # srun: records its arguments, then exits FAKE_SRUN_EXIT, or 75 on SIGUSR1 as the launcher would
     _fake(
         bin_dir,
@@ -108,10 +114,10 @@ def test_launch_outside_slurm_is_one_line_exit_2(fake_slurm):
     )
 
 
-def _sbatch(env, tmp_path, *args):
+def _sbatch(env, tmp_path, *args, recipe="tiny_gpt"):
     env = dict(env, SLURM_SUBMIT_DIR=str(tmp_path))
     return subprocess.Popen(
-        ["bash", str(SLURM / "pretrain.sbatch"), "tiny_gpt", *args],
+        ["bash", str(SLURM / "pretrain.sbatch"), recipe, *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -130,7 +136,10 @@ def test_sbatch_passes_usr1_to_the_step_and_requeues(fake_slurm, tmp_path):
     job.send_signal(signal.SIGUSR1)
     _, err = job.communicate(timeout=60)
     assert job.returncode == EXIT_PREEMPTED, err
-    assert (log / "python").read_text() == "pretrain_gpt.py --recipe tiny_gpt train.steps=5 --dry-run --world-size 16\n"
+    assert (log / "python").read_text() == (
+        "pretrain_gpt.py --recipe tiny_gpt train.steps=5 --print-recipe\n"
+        "pretrain_gpt.py --recipe tiny_gpt train.steps=5 --dry-run --world-size 16 --gpus-per-node 8\n"
+    )
     assert (log / "srun").read_text() == (
         "--ntasks-per-node=1 --kill-on-bad-exit=0 --output=logs/slurm/%x-%j-node%n.log --open-mode=append "
         "scripts/slurm/launch.sh tiny_gpt train.steps=5\n"
@@ -149,3 +158,34 @@ def test_sbatch_without_the_warning_signal_does_not_requeue(fake_slurm, tmp_path
     _, err = job.communicate(timeout=60)
     assert job.returncode == srun_exit, err
     assert not (log / "scontrol").exists()
+
+
+@pytest.mark.parametrize(
+    "recipe, overrides, default",
+    [
+        ("tiny_gpt", ["parallel.fsdp=zero3"], True),
+        ("tiny_gpt", ["parallel.fsdp=zero3", "parallel.fsdp_shard_size=2"], False),
+        ("tiny_gpt", [], False),
+        ("tiny_moe", ["parallel.fsdp=zero3"], False),  # hybrid sharding is not built for experts
+    ],
+)
+def test_sbatch_shards_fsdp_within_one_node_by_default(fake_slurm, tmp_path, recipe, overrides, default):
+    """Under parallel.fsdp with fsdp_shard_size null the job runs with parallel.fsdp_shard_size=node,
+    checked by the dry run and said in the batch log; a shard size the recipe sets, or no FSDP, is
+    passed on as it is. The resolved recipe is the real one (--print-recipe's YAML)."""
+    from pretrain.recipe import dump_recipe, load_recipe
+
+    env, log = fake_slurm
+    env["FAKE_RECIPE"] = dump_recipe(load_recipe(recipe, overrides))
+    job = _sbatch(env, tmp_path, *overrides, recipe=recipe)
+    _, err = job.communicate(timeout=60)
+    assert job.returncode == 0, err
+    passed = " ".join([recipe, *overrides, *(["parallel.fsdp_shard_size=node"] if default else [])])
+    dry_run = (log / "python").read_text().splitlines()[1]
+    assert dry_run == f"pretrain_gpt.py --recipe {passed} --dry-run --world-size 16 --gpus-per-node 8"
+    assert (log / "srun").read_text().endswith(f"scripts/slurm/launch.sh {passed}\n")
+    said = (
+        "pretrain.sbatch: parallel.fsdp_shard_size=node (Slurm default under parallel.fsdp; set "
+        "parallel.fsdp_shard_size to change): L"
+    )
+    assert (said in err.splitlines()) == default

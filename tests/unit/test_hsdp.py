@@ -66,3 +66,35 @@ def test_memory_divides_by_the_shard_size_and_planner_adds_the_replica_all_reduc
     assert {t.name: t for t in plain.terms}["hsdp_all_reduce"].seconds == 0.0
     assert terms["hsdp_all_reduce"].exposed > 0.0
     assert terms["data_reduce_scatter"].seconds < {t.name: t for t in plain.terms}["data_reduce_scatter"].seconds
+
+
+def test_node_shard_size_is_the_data_ranks_of_one_node_from_local_world_size(monkeypatch):
+    """fsdp_shard_size = node: torchrun's LOCAL_WORLD_SIZE processes per node hold node / tensor
+    consecutive data × context ranks (tensor is innermost in megatron-core's order); all of them when
+    a pipeline stage fits in a node; refused in one line where tensor groups straddle nodes or the
+    processes per node are unknown (the dry run without --gpus-per-node)."""
+    from parallel.layout import node_size_from_env
+    from planning.setup import validate_for_world
+
+    node = ["parallel.fsdp=zero3", "parallel.fsdp_shard_size=node", "train.global_batch_size=32"]
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    layout, _ = validate_for_world(load_recipe("tiny_gpt", [*node, "parallel.tensor=2"]), 16, node_size_from_env())
+    assert (layout.fsdp_shards, layout.fsdp_replicas) == (2, 4)
+    assert layout.describe().endswith("in groups of 2 x 4 replicas (fsdp_shard_size: node = 2)")
+    layout, _ = validate_for_world(load_recipe("tiny_gpt", [*node, "parallel.context=2"]), 16, node_size_from_env())
+    assert (layout.data, layout.fsdp_shards, layout.fsdp_replicas) == (8, 4, 4)  # data x context = 16
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    layout, _ = validate_for_world(load_recipe("tiny_gpt", [*node, "parallel.pipeline=2"]), 8, node_size_from_env())
+    assert (layout.fsdp_shards, layout.fsdp_replicas) == (4, 1)  # one node holds both stages
+    with pytest.raises(RecipeError) as err:
+        Layout(world_size=12, tensor=2, fsdp="zero3", fsdp_shard_size="node", node_size=3)
+    assert str(err.value) == (
+        "parallel.fsdp_shard_size = node: a node of 3 processes does not hold whole tensor-parallel groups of "
+        "the world of 12 (parallel.tensor = 2): set parallel.fsdp_shard_size to a number"
+    )
+    with pytest.raises(RecipeError) as err:
+        validate_for_world(load_recipe("tiny_gpt", node), 8)
+    assert str(err.value) == (
+        "parallel.fsdp_shard_size = node needs the processes per node: give the dry run --gpus-per-node N, "
+        "or set parallel.fsdp_shard_size to a number"
+    )

@@ -210,9 +210,9 @@ def test_recipe_error_is_a_user_error():
             "model.recompute_modules is only used with model.recompute_granularity = selective, got null",
         ),
         (
-            ["model.recompute_granularity=selective", "model.recompute_modules=[core_attn, mla_up_proj]"],
+            ["model.recompute_granularity=selective", "model.recompute_modules=[core_attn, mla_mixer]"],
             "model.recompute_modules[1] must be one of core_attn | layernorm | mlp | moe | moe_act | "
-            "shared_experts, got 'mla_up_proj'",
+            "shared_experts | mla_up_proj, got 'mla_mixer'",
         ),
         (
             ["model.recompute_granularity=selective", "model.recompute_modules=[]"],
