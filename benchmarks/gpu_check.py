@@ -3,8 +3,9 @@ bf16 matmul peak, which SDPA kernel runs, bf16 step time and MFU of Llama-3.2-1B
 4096 (recompute off and on), the FP8 local path against bf16, the ring at CP 2 against one attention
 call, attention inside documents (flash-attn varlen against one causal call at sequence 8192;
 skipped without flash-attn), grouped-GEMM experts against sequential ones in a Qwen3-30B-A3B-shaped
-MoE layer, tensor-parallel communication overlap (TE userbuffers, two GPUs) against none at TP 2,
-and the memory model against the allocator's peak. `--smoke` runs every part with tiny
+MoE layer, tiny_deepseek's step time (MLA, group routing, MTP, grouped experts), tensor-parallel
+communication overlap (TE userbuffers, two GPUs) against none at TP 2, and the memory model against
+the allocator's peak. `--smoke` runs every part with tiny
 shapes on a CPU (the test suite does, so the script never rots). One table last; logs under --out.
 """
 
@@ -59,7 +60,29 @@ def matmul_peak_tflops(smoke: bool) -> float:
 
 def _train(name: str, out: pathlib.Path, corpus: str, recipe: str, smoke: bool, *extra: str) -> Check:
     log_dir = out / name
-    sizes = (
+    if recipe.startswith("tiny_"):  # already CPU-sized: at --smoke, one micro-batch of 64 tokens
+        tiny = ["train.steps=1", "train.global_batch_size=2", "model.seq_length=64", "train.device=cpu"]
+        sizes = tiny if smoke else ["train.steps=12", "train.precision=bf16"]
+    else:
+        sizes = _large_sizes(recipe, smoke, *extra)
+    command = [
+        sys.executable,
+        "pretrain_gpt.py",
+        "--recipe",
+        recipe,
+        f"data.path={corpus}",
+        f"logging.dir={log_dir}",
+        "logging.wandb.mode=disabled",
+        "checkpoint.save=false",
+        *[s for s in sizes if s],
+        *extra,
+    ]
+    return Check(name, command, "metrics", log_dir)
+
+
+def _large_sizes(recipe: str, smoke: bool, *extra: str) -> list[str]:
+    """A 1B/3B recipe's own shapes on a GPU; at --smoke, tiny_gpt's."""
+    return (
         [
             # tiny_gpt's shapes: the 1B/3B recipes' 128K vocabulary alone is 8 GB of fp32 state
             "model.num_layers=2",
@@ -78,19 +101,6 @@ def _train(name: str, out: pathlib.Path, corpus: str, recipe: str, smoke: bool, 
         if smoke
         else ["train.steps=12", "train.global_batch_size=" + ("8" if recipe == "llama_1b" else "4")]
     )
-    command = [
-        sys.executable,
-        "pretrain_gpt.py",
-        "--recipe",
-        recipe,
-        f"data.path={corpus}",
-        f"logging.dir={log_dir}",
-        "logging.wandb.mode=disabled",
-        "checkpoint.save=false",
-        *[s for s in sizes if s],
-        *extra,
-    ]
-    return Check(name, command, "metrics", log_dir)
 
 
 def _read_metrics(check: Check, peak: float, smoke: bool) -> dict:
@@ -178,6 +188,9 @@ def _checks(out: pathlib.Path, corpus: str, smoke: bool) -> list[Check]:
         + ["--ffn", "768", "--tokens", "8192", "--iters", "10"]
     )
     checks.append(Check("moe_grouped_vs_sequential_experts", experts, "stdout"))
+    # tiny DeepSeek-V3 whole: MLA, group-limited sigmoid routing, one MTP module, grouped-GEMM experts
+    mtp = ("model.mtp_num_layers=1", "model.moe.grouped_gemm=true")
+    checks.append(_train("tiny_deepseek_mtp_grouped_experts", out, corpus, "tiny_deepseek", smoke, *mtp))
     checks += _tp_overlap_checks(out, corpus, smoke)
     memory = [
         py,

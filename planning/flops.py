@@ -3,6 +3,8 @@ attention counts half the score matrix): what recompute reruns, and the planner'
 
 from __future__ import annotations
 
+import dataclasses
+
 from model.config import ModelConfig, head_dim, moe_layer_pattern
 
 
@@ -71,15 +73,27 @@ def layer_totals(m: ModelConfig) -> list[float]:
 
 
 def model_forward_flops(m: ModelConfig, vocab: int) -> float:
-    """Forward FLOPs per token of the whole model: every layer and the output layer."""
-    return sum(layer_totals(m)) + 2.0 * m.hidden_size * vocab
+    """Forward FLOPs per token of the whole model: every layer, the output layer and the MTP modules."""
+    return sum(layer_totals(m)) + 2.0 * m.hidden_size * vocab + mtp_forward_flops(m, vocab)
+
+
+def mtp_forward_flops(m: ModelConfig, vocab: int) -> float:
+    """Forward FLOPs per token of the multi-token prediction modules (model/mtp.py): each one's
+    [2h -> h] projection, its transformer layer (MoE where layer num_layers of the main model would
+    be) and its pass through the shared output layer; the loss, norms and embedding lookup are free."""
+    if not m.mtp_num_layers:
+        return 0.0
+    is_moe = moe_layer_pattern(dataclasses.replace(m, num_layers=m.num_layers + 1))[-1]
+    layer = sum(_without_nested(layer_forward_flops(m, is_moe)).values())
+    h = m.hidden_size
+    return m.mtp_num_layers * (2.0 * 2 * h * h + layer + 2.0 * h * vocab)
 
 
 def attention_flops_per_pair(m: ModelConfig) -> float:
     """Training FLOPs of one attended (query, key) pair over all layers: QK^T and PV, 2 · their
     widths, forward and backward (× 3), as `core_attn` counts them. Causal attention over s tokens
-    counts s²/2 pairs; attention inside documents Σ n²/2 over its documents."""
-    return 6.0 * m.num_layers * sum(attention_widths(m))
+    counts s²/2 pairs; attention inside documents Σ n²/2 over its documents. MTP modules' layers attend too."""
+    return 6.0 * (m.num_layers + m.mtp_num_layers) * sum(attention_widths(m))
 
 
 def recompute_forward_flops(m: ModelConfig, chunks: int = 1) -> float:

@@ -13,6 +13,7 @@ from model.gpt import layer_parameters, padded_vocab_size
 from parallel.layout import Layout
 from planning import activations as act
 from planning.activations import FP32, Kernels, Shape
+from planning.mtp import mtp_items, mtp_stage_parameters
 from planning.schedule import in_flight
 from planning.setup import stage_layers, validate_for_world, vocab_size
 
@@ -154,6 +155,8 @@ def stage_parameters(setup: Setup, pipeline_rank: int) -> tuple[int, int]:
         dense += vocab * m.hidden_size // tp
     if pipeline_rank == layout.pipeline - 1:
         dense += m.hidden_size + (vocab * m.hidden_size // tp if m.untie_embeddings or layout.pipeline > 1 else 0)
+        mtp = mtp_stage_parameters(m, vocab, layout.pipeline, tp, etp, local)
+        dense, expert = dense + mtp[0], expert + mtp[1]
     return dense, expert
 
 
@@ -172,6 +175,7 @@ def adam_parameters(setup: Setup, pipeline_rank: int) -> int:
         adam += vocab * h // tp
     if pipeline_rank == layout.pipeline - 1:
         adam += h + (vocab * h // tp if m.untie_embeddings or layout.pipeline > 1 else 0)
+        adam += m.mtp_num_layers * 3 * h + (vocab * h // tp if m.mtp_num_layers and layout.pipeline > 1 else 0)
     return adam
 
 
@@ -326,6 +330,7 @@ def chunk_bytes(setup: Setup, layers: tuple[int, int], first: bool, last: bool) 
     if last:
         logits, loss_transient = act.logits_and_loss(m, setup.vocab, shape, kernels)
         items.append((logits, loss_transient))
+        items += mtp_items(m, setup.vocab, shape, kernels, setup.target.gloo)
     else:
         items.append((hidden, 0))  # the chunk's output, kept by the schedule until its backward
     return ChunkBytes(sum(k for k, _ in items), logits, backward_peak(items))

@@ -127,7 +127,7 @@ def _saved_bytes(recipe, micro_batch: int) -> int:
     they stand when the forward ends (an output-discarding recompute has freed its outputs)."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.module import Float16Module
-    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
 
     model_parallel_cuda_manual_seed(0)
     precision = recipe.train.precision
@@ -149,6 +149,7 @@ def _saved_bytes(recipe, micro_batch: int) -> int:
             model(tokens[:, :-1], positions, None, labels=tokens[:, 1:])
     finally:
         clear_aux_losses_tracker()  # MoE routers record their losses in a process-wide tracker
+        get_moe_layer_wise_logging_tracker().clear()  # sized by the model's layers (MTP adds one)
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
     return sum(n for ptr, n in storages.items() if ptr not in params)
 

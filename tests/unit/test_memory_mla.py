@@ -31,16 +31,25 @@ def test_mla_kept_bytes_equal_what_a_forward_keeps(overrides):
 
 
 @pytest.mark.usefixtures("megatron_single_process")
-def test_deepseek_moe_layers_kept_bytes_equal_what_a_forward_keeps():
+@pytest.mark.parametrize("mtp", [0, 1], ids=["main", "mtp"])
+def test_deepseek_moe_layers_kept_bytes_equal_what_a_forward_keeps(mtp):
     """tiny_deepseek whole: MLA with its MoE layers, whose router scores with a sigmoid, picks experts
     within the best group (num_groups 2, group_top_k 1) and normalizes the top-k; capacity with
-    padding makes the experts' tokens exact. Negative control (by hand): without the group and
-    sigmoid terms of moe_layer's router the prediction is 20,396 bytes short and this fails."""
+    padding makes the experts' tokens exact; with its MTP module (planning/mtp.py). Negative controls
+    (by hand): without the group and sigmoid terms of moe_layer's router the prediction is 20,396 bytes
+    short and this fails; without the MTP items, 1,318,016 bytes short."""
     recipe = load_recipe(
         "tiny_deepseek",
-        ["model.seq_length=64", "model.moe.capacity_factor=1.0", "model.moe.pad_to_capacity=true", *CORE_ATTN],
+        [
+            "model.seq_length=64",
+            "model.moe.capacity_factor=1.0",
+            "model.moe.pad_to_capacity=true",
+            f"model.mtp_num_layers={mtp}",
+            *CORE_ATTN,
+        ],
     )
     setup = setup_for(recipe, 1, CPU)
     predicted = chunk_bytes(setup, (0, recipe.model.num_layers), first=True, last=True).kept
     # the router's per-expert counts and scalars: 76 bytes per layer (as test_memory's MoE case)
-    assert abs(predicted - _saved_bytes(recipe, micro_batch=2)) <= 2 * SCALARS * (recipe.model.num_layers + 1)
+    actual = _saved_bytes(recipe, micro_batch=2)
+    assert abs(predicted - actual) <= 2 * SCALARS * (recipe.model.num_layers + 1 + 2 * mtp)
