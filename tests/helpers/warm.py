@@ -23,6 +23,7 @@ import json
 import os
 import pathlib
 import runpy
+import shutil
 import signal
 import socket
 import subprocess
@@ -47,6 +48,7 @@ def _serve(path: str) -> None:
     import tools.convert_hf  # noqa: F401  (and with it the HF mapping)
 
     parent = os.getppid()
+    _die_with_the_client()
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(path)
     listener.listen(1)
@@ -66,17 +68,40 @@ def _serve(path: str) -> None:
             if pid == 0:
                 listener.close()
                 _child(request)
+            _RUNNING[:] = [pid]
             stream.write(f"{pid}\n")
             stream.flush()
             _, status = os.waitpid(pid, 0)
+            _RUNNING.clear()
             stream.write(f"{os.waitstatus_to_exitcode(status)}\n")
             stream.flush()
+
+
+_RUNNING: list[int] = []  # the command running now (its pid = its process group)
+
+
+def _die_with_the_client() -> None:
+    """SIGTERM when the client (pytest) dies, however it dies; the server then takes the running
+    command's whole process group with it, so a killed test session leaves no ranks behind."""
+    import ctypes
+
+    def stop(signum: int, frame: object) -> None:
+        for pid in _RUNNING:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, stop)
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _child(request: dict) -> None:
     """Becomes the requested command; never returns."""
     code = 1
     try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.setsid()
         os.chdir(request["cwd"])
         os.environ.clear()
@@ -151,6 +176,7 @@ class _Server:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        shutil.rmtree(os.path.dirname(self.path), ignore_errors=True)
 
     def run(self, args: list[str], cwd: str, env: dict, timeout: float | None) -> subprocess.CompletedProcess:
         with self.lock, tempfile.TemporaryDirectory(prefix="warm-run-") as tmp:
