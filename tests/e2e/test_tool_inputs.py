@@ -160,7 +160,7 @@ def test_plan_with_no_layout_for_the_gpus(capsys):
     line = _one_line(capsys, main, ["--recipe", "tiny_gpt", "--gpus", "7", "--gpu-memory-gib", "80"])
     assert line == (
         f"error: no parallel layout of 7 GPUs exists for {REPO / 'recipes' / 'tiny_gpt.yaml'}: tensor must divide "
-        "the 4 heads, 2 query groups and 8 GPUs per node, pipeline the 4 layers, and the data-parallel size that "
+        "the 4 heads, 2 query groups and 8 GPUs per node, pipeline at most the 4 layers, and the data-parallel size that "
         "leaves (7) must divide train.global_batch_size 8: use another --gpus"
     )
 
