@@ -1,6 +1,6 @@
 """Hybrid sharding (parallel.fsdp_shard_size): FSDP inside groups of N data-parallel ranks,
 replicated across the groups, trains the single-process model under zero3 and zero2, and its
-checkpoint resumes at another shard size with tensor parallelism.
+checkpoint resumes with tensor parallelism and under the distributed optimizer.
 
 Measured (2026-12-07, fp32): zero3 DP 4 in groups of 2 equals the one-process curve to the printed
 digit (loss and grad norm within 1e-7); both resumes within 1e-5; by hand also the resume under
@@ -18,9 +18,8 @@ from tests.helpers.runs import assert_close_curves, read_metrics, run_pretrain, 
 @pytest.mark.slow
 def test_hsdp_reproduces_single_process_and_resumes_at_another_shard_size(reference, synthetic_corpus, tmp_path):
     """zero3 over DP 4 in 2 groups of 2 for 5 steps; its checkpoint resumed to step 10 under zero2
-    over DP 4 in 2 groups of 2, and under zero2 at tensor 2 + SP x data 2 in groups of 1 (each rank
-    holds its tensor shard whole, twice). A tensor-parallel run at DP 4 in groups of 2 would take
-    8 processes."""
+    over DP 4 in 2 groups of 2, under zero2 at tensor 2 + SP x data 4 in groups of 2 (8 processes),
+    and under the distributed optimizer at data 2 (no FSDP)."""
     first = tmp_path / "zero3-dp4-groups-of-2"
     hsdp = ("parallel.fsdp=zero3", "parallel.fsdp_shard_size=2", f"train.steps={HALF}")
     out = run_pretrain(4, "tiny_gpt", tiny_overrides(synthetic_corpus, first, *hsdp)).stdout
@@ -34,10 +33,15 @@ def test_hsdp_reproduces_single_process_and_resumes_at_another_shard_size(refere
 
     tensor = [
         "parallel.fsdp=zero2",
-        "parallel.fsdp_shard_size=1",
+        "parallel.fsdp_shard_size=2",
         "parallel.tensor=2",
         "parallel.sequence_parallel=true",
     ]
-    out = _continue(first, tmp_path / "resumed", "tiny_gpt", 4, tensor, synthetic_corpus)
-    assert f"at step {HALF}" in out and "in groups of 1 x 2 replicas" in out
+    out = _continue(first, tmp_path / "resumed", "tiny_gpt", 8, tensor, synthetic_corpus)
+    assert f"at step {HALF}" in out and "in groups of 2 x 2 replicas" in out
     assert_close_curves(read_metrics(tmp_path / "resumed"), reference[1], rel=FP32_REL)
+
+    distributed = ["parallel.distributed_optimizer=true"]
+    out = _continue(first, tmp_path / "distributed-optimizer", "tiny_gpt", 2, distributed, synthetic_corpus)
+    assert f"at step {HALF}" in out
+    assert_close_curves(read_metrics(tmp_path / "distributed-optimizer"), reference[1], rel=FP32_REL)
