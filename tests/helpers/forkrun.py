@@ -17,6 +17,8 @@ import socket
 import sys
 import threading
 import traceback
+from collections.abc import Callable
+from typing import NoReturn
 
 
 def _free_port() -> int:
@@ -48,21 +50,42 @@ def _rank(rank: int, nproc: int, port: int, argv: list[str]) -> None:
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
     )
+    if argv[:1] == ["-m"]:
+        exit_after(lambda: run_as_main(argv))
+    from pretrain.cli import main
+
+    exit_after(lambda: main(argv))
+
+
+def run_as_main(args: list[str]) -> int:
+    """`python script.py ...` or `python -m module ...` in this process: argv set, the entry run
+    through runpy as __main__ (a module already imported runs as a fresh copy, as python -m does)."""
+    import pathlib
+    import runpy
+
+    if args[0] == "-m":
+        sys.argv = args[1:]
+        sys.modules.pop(args[1], None)  # imported before: runpy would warn
+        runpy.run_module(args[1], run_name="__main__", alter_sys=True)
+    else:
+        sys.argv = list(args)
+        sys.path[0] = str(pathlib.Path(args[0]).resolve().parent)
+        runpy.run_path(args[0], run_name="__main__")
+    return 0
+
+
+def exit_after(run: Callable[[], int | None]) -> NoReturn:
+    """A forked process's last act: `run()`, then os._exit with its code, SystemExit's (a message
+    printed and 1, as python does), or 1 after the traceback; output flushed first. os._exit: a fork
+    must not run the parent's atexit handlers."""
     code = 1
     try:
-        if argv[:1] == ["-m"]:
-            import runpy
-
-            sys.argv = argv[1:]
-            sys.modules.pop(argv[1], None)
-            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-            code = 0
-        else:
-            from pretrain.cli import main
-
-            code = main(argv)
+        code = run() or 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
+        if exc.code is None or isinstance(exc.code, int):
+            code = exc.code or 0
+        else:
+            print(exc.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()
     finally:

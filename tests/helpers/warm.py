@@ -22,7 +22,6 @@ import atexit
 import json
 import os
 import pathlib
-import runpy
 import shutil
 import signal
 import socket
@@ -30,8 +29,9 @@ import subprocess
 import sys
 import tempfile
 import threading
-import traceback
 from collections.abc import Sequence
+
+from tests.helpers.forkrun import exit_after, run_as_main
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ENABLED = os.environ.get("TESTS_WARM", "1") != "0"
@@ -99,8 +99,8 @@ def _die_with_the_client() -> None:
 
 def _child(request: dict) -> None:
     """Becomes the requested command; never returns."""
-    code = 1
-    try:
+
+    def become() -> int:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.setsid()
         os.chdir(request["cwd"])
@@ -111,29 +111,9 @@ def _child(request: dict) -> None:
             os.dup2(target, fd)
             os.close(target)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        args = request["args"]
-        if args[0] == "-m":
-            sys.argv = [args[1], *args[2:]]
-            sys.modules.pop(args[1], None)  # imported by the server: runpy would warn, and runs a fresh copy anyway
-            runpy.run_module(args[1], run_name="__main__", alter_sys=True)
-        else:
-            sys.argv = list(args)
-            sys.path[0] = str(pathlib.Path(args[0]).resolve().parent)
-            runpy.run_path(args[0], run_name="__main__")
-        code = 0
-    except SystemExit as exc:
-        if exc.code is None:
-            code = 0
-        elif isinstance(exc.code, int):
-            code = exc.code
-        else:
-            print(exc.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        return run_as_main(request["args"])
+
+    exit_after(become)
 
 
 def _read_line(conn: socket.socket) -> str:
