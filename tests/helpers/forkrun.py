@@ -41,7 +41,7 @@ def _import_what_every_rank_imports() -> None:
     import pretrain.trainer  # noqa: F401
 
 
-def _rank(rank: int, nproc: int, port: int, argv: list[str]) -> None:
+def _rank(rank: int, nproc: int, port: int, argv: list[str]) -> NoReturn:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -94,17 +94,16 @@ def exit_after(run: Callable[[], int | None]) -> NoReturn:
         os._exit(code)
 
 
-def main(argv: list[str]) -> int:
-    nproc, args = int(argv[0]), argv[1:]
-    _import_what_every_rank_imports()
+def fork_ranks(nproc: int, rank_main: Callable[[int], NoReturn]) -> int:
+    """`rank_main(rank)` in `nproc` forked children; when one fails the others get SIGTERM, as under
+    torchrun. Returns the first failing rank's exit code (1 for a signal), 0 if none failed."""
     # fork copies this thread only: another thread's held lock would stay held in every rank
     assert threading.active_count() == 1, threading.enumerate()
-    port = _free_port()
     children = {}
     for rank in range(nproc):
         pid = os.fork()
         if pid == 0:
-            _rank(rank, nproc, port, args)
+            rank_main(rank)
         children[pid] = rank
     failed = 0
     while children:
@@ -116,6 +115,13 @@ def main(argv: list[str]) -> int:
             for other in children:
                 os.kill(other, signal.SIGTERM)
     return failed
+
+
+def main(argv: list[str]) -> int:
+    nproc, args = int(argv[0]), argv[1:]
+    _import_what_every_rank_imports()
+    port = _free_port()
+    return fork_ranks(nproc, lambda rank: _rank(rank, nproc, port, args))
 
 
 if __name__ == "__main__":

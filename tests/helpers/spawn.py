@@ -12,13 +12,14 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tests.helpers import warm
+from tests.helpers.forkrun import exit_after, fork_ranks
 
 
 def free_port() -> int:
@@ -74,31 +75,20 @@ def _fork_ranks(payload: str) -> int:
     leaves its traceback in rank{r}.err beside the results."""
     with open(payload, "rb") as f:
         fn, world_size, args = pickle.load(f)
-    results, port, children = os.path.dirname(payload), free_port(), {}
-    for rank in range(world_size):
-        pid = os.fork()
-        if pid == 0:
-            code = 0
+    results, port = os.path.dirname(payload), free_port()
+
+    def rank_main(rank: int) -> NoReturn:
+        def run() -> None:
             try:
                 _rank_main(rank, fn, world_size, port, args, results)
             except BaseException:
-                code = 1
                 with open(os.path.join(results, f"rank{rank}.err"), "w") as f:
                     f.write(f"rank {rank}:\n{traceback.format_exc()}")
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        children[pid] = rank
-    failed = 0
-    while children:
-        pid, status = os.wait()
-        del children[pid]
-        if os.waitstatus_to_exitcode(status) != 0 and not failed:
-            failed = 1
-            for other in children:  # the others would wait for the failed rank until the timeout
-                os.kill(other, 15)
-    return failed
+                raise
+
+        exit_after(run)
+
+    return fork_ranks(world_size, rank_main)
 
 
 if __name__ == "__main__":
