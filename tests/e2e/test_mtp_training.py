@@ -20,17 +20,22 @@ STEPS = 3
 
 @pytest.mark.slow
 def test_mtp_at_pipeline_2_tensor_2_reproduces_one_process(synthetic_corpus, tmp_path):
+    """The 4-rank run also saves (its last stage's embedding copy is tied to the first stage's in the
+    checkpoint: before, the save raised a TypeError after training) and one process resumes it for
+    one more step, which must be the one-process run's last step."""
     curves = {}
+    mtp = ["model.mtp_num_layers=1", "model.mtp_loss_scaling_factor=0.3"]
     for nproc, layout in (
-        (1, []),
-        (4, ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]),
+        (1, [f"train.steps={STEPS + 1}", "checkpoint.save=false"]),
+        (4, ["parallel.pipeline=2", "parallel.tensor=2", "parallel.sequence_parallel=true", f"train.steps={STEPS}"]),
     ):
         log_dir = tmp_path / f"world{nproc}"
-        extra = ["model.mtp_num_layers=1", "model.mtp_loss_scaling_factor=0.3", *layout, f"train.steps={STEPS}"]
-        proc = run_pretrain(
-            nproc, "tiny_gpt", tiny_overrides(synthetic_corpus, log_dir, *extra, "checkpoint.save=false")
-        )
+        proc = run_pretrain(nproc, "tiny_gpt", tiny_overrides(synthetic_corpus, log_dir, *mtp, *layout))
         curves[nproc] = read_metrics(log_dir)
         assert f"| loss {curves[nproc][-1]['loss']:.4f} | mtp_loss " in proc.stdout  # beside the LM loss
     assert all(r["mtp_loss"] > 1.0 for r in curves[1]), curves[1]
-    assert_close_curves(curves[4], curves[1], rel=1e-5, keys=("loss", "mtp_loss", "grad_norm"))
+    assert_close_curves(curves[4], curves[1][:STEPS], rel=1e-5, keys=("loss", "mtp_loss", "grad_norm"))
+    resume = [*mtp, f"train.steps={STEPS + 1}", "checkpoint.load=auto", "checkpoint.save=false"]
+    run_pretrain(1, "tiny_gpt", tiny_overrides(synthetic_corpus, tmp_path / "world4", *resume))
+    resumed = read_metrics(tmp_path / "world4")[-1:]
+    assert_close_curves(resumed, curves[1][-1:], rel=1e-5, keys=("loss", "mtp_loss", "grad_norm"))
