@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from common.errors import EXIT_INTERRUPTED, RunStopped, UserError, run_tool
+from common.errors import EXIT_INTERRUPTED, RecipeError, RunStopped, UserError, run_tool
 from planning.gpus import GPUS
 
 
@@ -73,7 +73,14 @@ def run(args: argparse.Namespace) -> int:
         per_node = args.gpus_per_node or (
             int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None
         )
-        print(dry_run(recipe, world_size, args.gpu_memory_gib, args.json, args.gpu, per_node))
+        try:
+            print(dry_run(recipe, world_size, args.gpu_memory_gib, args.json, args.gpu, per_node))
+        except RecipeError as exc:
+            if args.world_size is None and "world size" in str(exc):
+                raise RecipeError(
+                    f"{exc} (--dry-run plans for WORLD_SIZE or 1 process: give the planned size with --world-size N)"
+                ) from None
+            raise
         return 0
     from parallel.layout import shutdown
     from pretrain.trainer import train
