@@ -88,6 +88,11 @@ def build_generator_model(model: Any, vocab_size: int, tensor: int, pipeline: in
     rank, local_rank, world_size = world_from_env()
     if tensor * pipeline != world_size:
         raise UserError(f"--tensor {tensor} × --pipeline {pipeline} must equal the number of processes, {world_size}")
+    if tensor > 1 and model.moe.num_experts is not None:
+        raise UserError(
+            f"--tensor {tensor}: a model with experts generates at --tensor 1 only (megatron-core's MoE layer "
+            "needs sequence parallelism at tensor > 1, which its static generation refuses): split it with --pipeline"
+        )
     parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
     check_model(model, parallel)
     layout = Layout.from_config(parallel, world_size)

@@ -192,3 +192,22 @@ def test_a_run_folder_for_a_recipe_suggests_its_recipe_yaml(capsys, tmp_path):
     expected = f"error: recipe '{run}' is a folder, not a recipe file: did you mean '{run / 'recipe.yaml'}'?"
     assert _one_line(capsys, inspect_main, ["--recipe", str(run), "--step", "1"]) == expected
     assert _one_line(capsys, pretrain_main, ["--recipe", str(run), "--dry-run"]) == expected
+
+
+# ---- tools.generate under torchrun -----------------------------------------------------------------
+
+
+def test_generate_at_tensor_2_refuses_experts_in_its_own_terms(monkeypatch):
+    """Before: the recipe check's "needs parallel.sequence_parallel = true", a key generate has no way
+    to set (and its static generation refuses sequence parallelism)."""
+    from common.errors import UserError
+    from pretrain.recipe import load_recipe
+    from tools.generate import build_generator_model
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError) as refused:
+        build_generator_model(load_recipe("tiny_moe", []).model, 384, tensor=2, pipeline=1)
+    assert str(refused.value) == (
+        "--tensor 2: a model with experts generates at --tensor 1 only (megatron-core's MoE layer needs sequence "
+        "parallelism at tensor > 1, which its static generation refuses): split it with --pipeline"
+    )
