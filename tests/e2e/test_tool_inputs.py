@@ -130,6 +130,60 @@ def test_import_names_the_missing_shard_from_the_index(capsys, tiny_llama, tmp_p
     )
 
 
+def _config_edited(**changes):
+    def edit(hf: pathlib.Path) -> pathlib.Path:
+        config = json.loads((hf / "config.json").read_text())
+        config.update(changes)
+        (hf / "config.json").write_text(json.dumps(config))
+        return hf
+
+    return edit
+
+
+# (how the copy of the tiny Llama is spoiled -> the path given to import, the line after "error: {hf}")
+BAD_HF_DIRS = {
+    "another architecture": (
+        _config_edited(architectures=["GemmaForCausalLM"]),
+        "/config.json: architectures ['GemmaForCausalLM'] not supported; expected one of ['DeepseekV3ForCausalLM', "
+        "'LlamaForCausalLM', 'MixtralForCausalLM', 'Qwen3ForCausalLM', 'Qwen3MoeForCausalLM']",
+    ),
+    "config.json for more layers than the files hold": (
+        _config_edited(num_hidden_layers=3),
+        ": Hugging Face checkpoint lacks 9 tensor(s) Llama needs: model.layers.2.input_layernorm.weight, "
+        "model.layers.2.mlp.down_proj.weight, model.layers.2.mlp.gate_proj.weight, … (6 more)",
+    ),
+    "its config.json for the folder": (
+        lambda hf: hf / "config.json",
+        "/config.json is not a folder: give the Hugging Face model's folder (with config.json)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HF_DIRS))
+def test_import_of_a_spoiled_hf_dir_names_the_file(capsys, tiny_llama, tmp_path, case):
+    import shutil
+
+    spoil, message = BAD_HF_DIRS[case]
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_llama / "single", hf)
+    line = _one_line(capsys, _script("convert_hf").main, ["import", str(spoil(hf)), str(tmp_path / "out")])
+    assert line == f"error: {hf}{message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_never_overwrites_a_hugging_face_model(capsys, tiny_llama, tmp_path):
+    """Before: the export wrote its config.json and model.safetensors over the model there. The
+    folder is checked before the checkpoint is read."""
+    hf = tiny_llama / "single"
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    line = _one_line(capsys, _script("convert_hf").main, ["export", str(tmp_path / "ckpt"), str(hf)])
+    assert (
+        line
+        == f"error: {hf} already holds a Hugging Face model (config.json, model.safetensors): choose an empty directory"
+    )
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+
+
 # ---- a closed stdout, tools.plan_layout, --dry-run ----------------------------------------------------
 
 
