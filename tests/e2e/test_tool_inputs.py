@@ -219,6 +219,16 @@ def test_plan_with_no_layout_for_the_gpus(capsys):
     )
 
 
+def test_plan_without_gpu_memory_takes_the_gpus_own(capsys):
+    """Before: argparse's "the following arguments are required: --gpu-memory-gib", where
+    `--dry-run --gpu` takes the GPU's own memory."""
+    from tools.plan_layout import main
+
+    assert main(["--recipe", "tiny_gpt", "--gpus", "1", "--gpu", "h200", "--top", "1"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head.startswith(f"{REPO / 'recipes' / 'tiny_gpt.yaml'} on 1 x h200 (140.4 GiB): "), head
+
+
 def test_dry_run_names_what_would_stop_the_real_run(capsys, tmp_path):
     from pretrain.cli import main
 
