@@ -275,3 +275,16 @@ def test_generate_at_tensor_2_refuses_experts_in_its_own_terms(monkeypatch):
         "--tensor 2: a model with experts generates at --tensor 1 only (megatron-core's MoE layer needs sequence "
         "parallelism at tensor > 1, which its static generation refuses): split it with --pipeline"
     )
+
+
+def test_generate_from_an_import_asks_for_its_tokenizer(capsys, tiny_llama, tmp_path):
+    """Before: the import's recipe (its model section only) defaulted to the byte tokenizer, so a
+    Hugging Face model generated through the wrong tokenizer without a word."""
+    convert, generate = _script("convert_hf"), _script("generate")
+    assert convert.main(["import", str(tiny_llama / "single"), str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    line = _one_line(capsys, generate.main, ["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "x"])
+    assert line == (
+        f"error: checkpoint '{tmp_path / 'ckpt' / 'iter_0000000'}' was imported from Hugging Face and names no "
+        "tokenizer: give the model's with --tokenizer (its folder or its tokenizer.json)"
+    )
