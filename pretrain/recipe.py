@@ -26,7 +26,7 @@ from parallel.config import ParallelConfig
 from pretrain.checkpoint.config import CheckpointConfig
 from pretrain.faults import DebugConfig, check_debug
 from pretrain.metrics import LoggingConfig
-from pretrain.optim import OptimizerConfig, check_offload
+from pretrain.optim import OptimizerConfig, check_muon_experts, check_offload
 from pretrain.profiling import ProfileConfig
 
 CompileTarget = Literal["layers", "mlp", "norms"]
@@ -148,6 +148,8 @@ def validate_static(recipe: Recipe) -> None:
         )
     recipe.optimizer.check()
     check_offload(recipe.optimizer, recipe.parallel.fsdp, recipe.parallel.distributed_optimizer, recipe.train.precision)
+    moe = recipe.model.moe
+    check_muon_experts(recipe.optimizer, moe.num_experts, moe.grouped_gemm, recipe.model.transformer_impl)
     if (
         recipe.optimizer.name == "muon"
         and recipe.parallel.distributed_optimizer

@@ -194,6 +194,12 @@ NEW_KEYS = [
     ),
     ("tiny_gpt", ["optimizer.ns_steps=3"], "optimizer.ns_steps is a Muon key: set optimizer.name = muon to use it"),
     (
+        "tiny_moe",
+        ["optimizer.name=muon", "model.moe.grouped_gemm=true"],
+        "optimizer.name = muon with model.moe.grouped_gemm = true would step the experts with AdamW (the grouped "
+        "experts stack their matrices): set model.moe.grouped_gemm = false for Muon on each expert",
+    ),
+    (
         "tiny_gpt",
         ["optimizer.cpu_offlaod=true"],
         "unknown key 'optimizer.cpu_offlaod' on the command line; did you mean 'optimizer.cpu_offload'?",
