@@ -10,12 +10,12 @@ loss's gradient (megatron-core's MTPLossAutoScaler); the logged `loss` stays the
 from __future__ import annotations
 
 import functools
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from common.errors import RecipeError
-from model.attention.documents import is_document_ids, ring_chunk_ids
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_mtp(model: Any) -> None:
@@ -80,6 +80,10 @@ def document_starts(documents: torch.Tensor, cp_rank: int, cp_size: int) -> torc
     """[b, s/cp] bool: which of this context-parallel rank's positions (the load-balanced layout:
     data/dataset.py:slice_for_context_parallel) start a document after the sample's first, from
     the whole sample's document ids [b, s]."""
+    import torch
+
+    from model.attention.documents import ring_chunk_ids
+
     starts = torch.zeros_like(documents, dtype=torch.bool)
     starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
     return ring_chunk_ids(starts, cp_rank, cp_size) if cp_size > 1 else starts
@@ -95,6 +99,9 @@ def with_documents_in_mtp(base: type) -> type:
     at a document's last position the input id is 0 and the loss masked (as megatron-core's packed
     roll and its sample end), elsewhere the tokens of the same document. One module only (a second
     roll of the loss mask would need the zeroing again: data/config.py refuses more)."""
+    import torch
+
+    from model.attention.documents import is_document_ids
 
     class DocumentMTPModel(base):
         def _postprocess(

@@ -7,8 +7,6 @@ import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from common.errors import RecipeError
 from common.schema import PositiveInt
 
@@ -109,34 +107,34 @@ def use_mla(spec: Any) -> None:
     spec.submodules.self_attention = attention
 
 
-class RopeAtPositions(torch.nn.Module):
-    """An MLA layer's RoPE module (megatron-core's RotaryEmbedding or YarnRotaryEmbedding) read at
-    each token's own position: `positions` [b, s/cp] -> [s/cp, b, 1, dim] (with YaRN's mscale),
-    rows of the module's own table for the whole sample, so a position's angles are the ones it
-    has without documents."""
-
-    def __init__(self, rope: torch.nn.Module, positions: torch.Tensor):
-        super().__init__()
-        self.rope: Any = rope
-        self.positions = positions
-
-    def get_rotary_seq_len(self, *args: Any, **kwargs: Any) -> int:
-        return self.rope.get_rotary_seq_len(*args, **kwargs)
-
-    def forward(self, seq_len: int, packed_seq: bool = False) -> Any:
-        table = self.rope.get_emb(seq_len)  # [s, 1, 1, dim] for the whole sample (yarn: and its mscale)
-        emb, rest = (table[0], table[1:]) if isinstance(table, tuple) else (table, ())
-        emb = emb[:, 0, 0][self.positions.t()].unsqueeze(2)  # [s/cp, b, 1, dim]
-        return (emb, *rest) if rest else emb
-
-
 @functools.cache
 def positioned_mla() -> type:
     """megatron-core's MLASelfAttention that takes per-token positions: data.reset_position_ids
     hands each layer the position ids [b, s/cp] in `rotary_pos_emb` (megatron-core's MLA takes no
     rotary embedding there: model/attention/documents.py:gpt_model_with_positions), and the layer's
     RoPE is read at them for the call. Without them, upstream's MLA as it is."""
+    import torch
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    class RopeAtPositions(torch.nn.Module):
+        """An MLA layer's RoPE module (megatron-core's RotaryEmbedding or YarnRotaryEmbedding) read at
+        each token's own position: `positions` [b, s/cp] -> [s/cp, b, 1, dim] (with YaRN's mscale),
+        rows of the module's own table for the whole sample, so a position's angles are the ones it
+        has without documents."""
+
+        def __init__(self, rope: torch.nn.Module, positions: torch.Tensor):
+            super().__init__()
+            self.rope: Any = rope
+            self.positions = positions
+
+        def get_rotary_seq_len(self, *args: Any, **kwargs: Any) -> int:
+            return self.rope.get_rotary_seq_len(*args, **kwargs)
+
+        def forward(self, seq_len: int, packed_seq: bool = False) -> Any:
+            table = self.rope.get_emb(seq_len)  # [s, 1, 1, dim] for the whole sample (yarn: and its mscale)
+            emb, rest = (table[0], table[1:]) if isinstance(table, tuple) else (table, ())
+            emb = emb[:, 0, 0][self.positions.t()].unsqueeze(2)  # [s/cp, b, 1, dim]
+            return (emb, *rest) if rest else emb
 
     class PositionedMLASelfAttention(MLASelfAttention):
         def forward(self, hidden_states: Any, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
