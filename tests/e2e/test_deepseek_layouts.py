@@ -27,11 +27,13 @@ KEYS = (
     "moe_expert_load",
     "moe_expert_bias_min",
     "moe_expert_bias_max",
+    "mtp_loss",
 )
 # 4 steps, loss-token counts that differ between micro-batches and ranks, a validation at step 4; no
 # checkpoint (an export from these layouts is tests/distributed/test_hf_layouts.py's)
 STEPS = [
     "train.steps=4",
+    "model.mtp_num_layers=1",
     "data.eod_mask_loss=true",
     "data.split=90,10,0",
     "train.eval_interval=4",
@@ -86,6 +88,7 @@ def deepseek_reference(synthetic_corpus, tmp_path_factory):
 def test_layout_reproduces_single_process(name, deepseek_reference, synthetic_corpus, tmp_path):
     run_pretrain(4, "tiny_deepseek", tiny_overrides(synthetic_corpus, tmp_path, *STEPS, *LAYOUTS[name]))
     metrics = read_metrics(tmp_path)
-    assert set(metrics[0]["moe_expert_load"]) == {"2", "3", "4"}  # layer 1 is dense (first_dense_layers)
+    # layer 1 is dense (first_dense_layers); layer 5 is the MTP module's
+    assert set(metrics[0]["moe_expert_load"]) == {"2", "3", "4", "5"}
     assert_close_curves(metrics, deepseek_reference, rel=FP32_REL, keys=KEYS)
     assert_close_validation(metrics, deepseek_reference, rel=FP32_REL)
