@@ -3,7 +3,9 @@ one MTP module, on packed samples of several documents (data.reset_attention_mas
 reset_position_ids) and a loss mask whose zeros fall unevenly on the two context-parallel ranks, at
 CP2 through the ring (p2p) and Ulysses (a2a) against the same model on one rank's whole sample: the
 MTP loss megatron-core tracks (averaged over the context-parallel ranks, as pretrain/step.py does),
-the MTP projection's gradient (only MTP's loss reaches it) and the LM loss sum agree within 1e-5.
+the LM loss sum, the MTP projection's gradient (only MTP's loss reaches it, through the MTP layer's
+attention inside documents) and the first layer's key/value down-projection gradient (the main
+model's attention inside documents, MLA's values narrower) agree within 1e-5.
 
 The site test of upstream/fixes.py `gpt_model.roll_tensor`: with the fix reverted each rank divides
 its MTP token sum by its own token count and the tracked loss is the mean of the two ranks' means,
@@ -46,7 +48,8 @@ def _batch() -> dict:
 
 
 def _mtp_figures(rank: int, world: int) -> dict:
-    """{layout: [tracked MTP loss, LM loss sum, eh_proj gradient]} for one rank's whole sample (the
+    """{layout: [[tracked MTP loss, LM loss sum], eh_proj gradient, layer 1's linear_kv_down_proj
+    gradient]} for one rank's whole sample (the
     same on both ranks), CP2 p2p and a2a fixed, and CP2 p2p with the fix reverted."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -59,7 +62,8 @@ def _mtp_figures(rank: int, world: int) -> dict:
     from upstream import cpu, fixes
 
     cpu.enable(torch.device("cpu"))
-    model = load_recipe("tiny_deepseek", ["model.mtp_num_layers=1", "model.moe.load_balancing=none"]).model
+    overrides = ["model.num_layers=2", "model.mtp_num_layers=1", "model.moe.load_balancing=none"]
+    model = load_recipe("tiny_deepseek", overrides).model
 
     def figures(layout: Layout) -> list:
         _, groups = init_model_parallel(layout)
@@ -77,12 +81,15 @@ def _mtp_figures(rank: int, world: int) -> dict:
         )
         lm = (out * batch["loss_mask"]).sum()
         lm.backward()
-        grad = chunk.mtp.layers[0].eh_proj.weight.grad
+        grads = [
+            chunk.mtp.layers[0].eh_proj.weight.grad,
+            chunk.decoder.layers[0].self_attention.linear_kv_down_proj.weight.grad,
+        ]
         result = torch.stack([torch.tensor(take_mtp_loss()) / groups.cp.size(), lm.detach()])
-        for t in (result, grad):
+        for t in (result, *grads):
             torch.distributed.all_reduce(t, group=groups.cp)
         ps.destroy_model_parallel()
-        return [result, grad]
+        return [result, *grads]
 
     cp2 = Layout(world_size=world, context=2)
     result = {
@@ -101,12 +108,13 @@ def _mtp_figures(rank: int, world: int) -> dict:
 @pytest.mark.slow
 def test_mtp_at_context_parallel_2_equals_one_rank_and_needs_the_token_count_fix():
     figures = run_distributed(_mtp_figures, 2)[0]
-    (mtp, lm), grad = figures["one"]
-    assert mtp > 1.0 and grad.abs().max() > 1e-3
+    (mtp, lm), *grads = figures["one"]
+    assert mtp > 1.0 and all(g.abs().max() > 1e-3 for g in grads)
     for layout in ("p2p", "a2a"):
-        torch.testing.assert_close(figures[layout][0], figures["one"][0], **TOL)
-        torch.testing.assert_close(figures[layout][1], grad, **TOL)
+        for got, want in zip(figures[layout], figures["one"]):
+            torch.testing.assert_close(got, want, **TOL)
     unfixed = figures["unfixed"][0]
-    torch.testing.assert_close(unfixed[1], lm, **TOL)  # the LM loss, and the gradient, never needed it
-    torch.testing.assert_close(figures["unfixed"][1], grad, **TOL)
+    torch.testing.assert_close(unfixed[1], lm, **TOL)  # the LM loss, and the gradients, never needed it
+    for got, want in zip(figures["unfixed"][1:], grads):
+        torch.testing.assert_close(got, want, **TOL)
     assert abs(float(unfixed[0] - mtp)) > 10 * 1e-5 * float(mtp), (float(unfixed[0]), float(mtp))
