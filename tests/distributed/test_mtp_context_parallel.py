@@ -9,7 +9,7 @@ model's attention inside documents, MLA's values narrower) agree within 1e-5.
 
 The site test of upstream/fixes.py `gpt_model.roll_tensor`: with the fix reverted each rank divides
 its MTP token sum by its own token count and the tracked loss is the mean of the two ranks' means,
-here 2.1e-4 off, 20 times the bound (a random model's token losses are all near ln 257; the LM
+here 1.6e-4 off, 16 times the bound (a random model's token losses are all near ln 257; the LM
 loss and the gradient stay right: they take per-token losses). The document stops at CP
 (model/mtp.py:document_starts on each rank's load-balanced chunks) are in the same comparison; their
 negative control, a model that rolls across document ends, is tests/unit/test_mtp_documents.py's."""
