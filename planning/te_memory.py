@@ -1,20 +1,18 @@
 """Transformer-engine's memory beyond what the local layers hold (docs/planner.md, "Memory per
 implementation"): the FP8 weights each FP8 layer keeps. Read from TE's code, not measured (TE does
-not run on the CPU); planning/memory.py adds these to its terms."""
+not run on the CPU); planning/memory.py adds these to its terms. `setup` is a planning.memory.Setup
+(not imported: memory.py imports this module)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 from model.config import moe_layer_pattern
 from model.gpt import layer_parameters
 from planning.activations import fp8_layer
 
-if TYPE_CHECKING:
-    from planning.memory import Setup
 
-
-def fp8_weight_bytes(setup: Setup, pipeline_rank: int) -> int:
+def fp8_weight_bytes(setup: Any, pipeline_rank: int) -> int:
     """Transformer-engine FP8 weights beyond the weights counted in the compute dtype: each FP8 layer's
     linears keep their weight quantized, row-wise for the forward GEMM and column-wise (on Hopper a
     transposed copy) for the data-gradient GEMM, 2 bytes per weight. Without fp8.params that is a
