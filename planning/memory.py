@@ -16,7 +16,7 @@ from planning.activations import FP32, Kernels, Shape
 from planning.mtp import mtp_items, mtp_stage_parameters
 from planning.schedule import in_flight
 from planning.setup import stage_layers, validate_for_world, vocab_size
-from planning.te_memory import fp8_weight_bytes
+from planning.te_memory import fp8_weight_bytes, userbuffer_bytes
 
 if TYPE_CHECKING:
     from pretrain.recipe import Recipe
@@ -73,7 +73,7 @@ class StageMemory:
     weights: int
     grads: int
     optimizer: int
-    comm_buffers: int  # persistent: the sequence-parallel all-gather buffer
+    comm_buffers: int  # persistent: the sequence-parallel all-gather buffer, TE's userbuffers
     gathered: int  # FSDP: weights gathered in the compute dtype while the forward/backward runs
     activations: int  # kept for the backward by the micro-batches in flight at the worst moment
     logits: int  # the last stage's logits/loss buffers of the micro-batches in flight (in activations too)
@@ -399,11 +399,25 @@ def estimate(recipe: Recipe, world_size: int, target: Target | None = None, voca
     return estimate_setup(setup_for(recipe, world_size, target, vocab))
 
 
+def sequence_parallel_buffer(setup: Setup, pipeline_rank: int) -> int:
+    """The all-gather buffer megatron-core keeps once its own sequence-parallel linears used it
+    (get_global_memory_buffer, tensor_parallel/layers.py:482). Transformer-engine's dense layers
+    gather into their own tensors (or TE's userbuffers), so on that path only a stage with the
+    output layer (a megatron-core ColumnParallelLinear) or MoE layers (the all-gather dispatcher's
+    global buffer) holds it."""
+    layout, shape, m = setup.layout, setup.shape, setup.model
+    if not layout.sequence_parallel:
+        return 0
+    moe = any(moe_layer_pattern(m)[i] for a, z in setup.stage_ranges[pipeline_rank] for i in range(a, z))
+    if setup.target.kernels.transformer_engine and pipeline_rank < layout.pipeline - 1 and not moe:
+        return 0
+    return shape.tokens * m.hidden_size * shape.dtype_bytes
+
+
 def estimate_setup(setup: Setup) -> MemoryEstimate:
-    layout, shape = setup.layout, setup.shape
+    layout = setup.layout
     per_stage = layout.world_size // layout.pipeline
-    # the sequence-parallel all-gather buffer megatron-core keeps (tensor_parallel/layers.py:482)
-    comm = shape.tokens * setup.model.hidden_size * shape.dtype_bytes if layout.sequence_parallel else 0
+    userbuffers = userbuffer_bytes(setup)  # parallel.tp_comm_overlap's, transformer-engine layers only
     stages = []
     for p in range(layout.pipeline):
         weights, grads, optimizer, opt_temp = static_state(setup, p)
@@ -416,7 +430,7 @@ def estimate_setup(setup: Setup) -> MemoryEstimate:
                 weights=weights,
                 grads=grads,
                 optimizer=optimizer,
-                comm_buffers=comm,
+                comm_buffers=sequence_parallel_buffer(setup, p) + userbuffers,
                 gathered=gathered,
                 activations=kept,
                 logits=logits,

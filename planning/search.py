@@ -196,8 +196,8 @@ def candidates(recipe: Recipe, gpus: int, gpu: Any, vocab: int) -> list[Candidat
 
 def _with_tp_overlap(overrides: dict[str, Any], setup: Setup, gpu: Any) -> list[Candidate]:
     """The same layout with transformer-engine's userbuffers (parallel.tp_comm_overlap), where they
-    apply: tensor > 1 with sequence parallelism and transformer-engine layers. Only the step time
-    changes (the memory model has no userbuffer term), so the setup is reused."""
+    apply: tensor > 1 with sequence parallelism and transformer-engine layers. The setup is reused
+    with the flag set: the step time chunks the collectives, the memory adds the userbuffers."""
     recipe = setup.recipe
     if recipe.model.transformer_impl != "transformer_engine" or not recipe.parallel.sequence_parallel:
         return []
