@@ -80,6 +80,7 @@ class StageMemory:
     transient: int  # the largest short-lived allocation on top (a backward's gradients, a recompute)
     optimizer_transient: int  # the optimizer step's temporaries (no activations are live then)
     in_flight: int  # (chunk) micro-batches whose activations are held at the worst moment
+    userbuffers: int = 0  # the part of comm_buffers TE allocates outside torch's allocator (tp_comm_overlap)
 
     @property
     def static(self) -> int:
@@ -437,6 +438,7 @@ def estimate_setup(setup: Setup) -> MemoryEstimate:
                 transient=transient,
                 optimizer_transient=opt_temp,
                 in_flight=count,
+                userbuffers=userbuffers,
             )
         )
     return MemoryEstimate(layout.world_size, stages)

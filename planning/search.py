@@ -217,8 +217,8 @@ def fitting(ordered: list[Candidate], gpu_bytes: int, top: int) -> tuple[list[Ca
     found, tried = [], 0
     for c in ordered:
         tried += 1
-        peak = estimate_setup(c.setup).worst.peak
-        needed = peak + reserve_bytes(peak, c.setup.target)
+        worst = estimate_setup(c.setup).worst
+        needed = worst.peak + reserve_bytes(worst, c.setup.target)
         if needed <= gpu_bytes:
             found.append(dataclasses.replace(c, needed=needed))
             if len(found) == top:

@@ -6,7 +6,8 @@ both, as Megatron-LM does). Also: megatron-core's sequence-parallel all-gather b
 megatron-core's own linears run on the transformer-engine path.
 
 Negative controls (by hand, 2026-12-07): with userbuffer_bytes returning 0 every difference here is
-0 and the tests fail; with quantization_modes ignoring bf16 layers the FP8 count is 16 · s · h,
+0 and the tests fail (with StageMemory.userbuffers left 0 the reserves differ by 5 % of them); with
+quantization_modes ignoring bf16 layers the FP8 count is 16 · s · h,
 not 40 · s · h, and the first test fails."""
 
 import types
@@ -15,6 +16,7 @@ import pytest
 
 from parallel import tp_overlap
 from planning.memory import Target, estimate_setup, setup_for
+from planning.report import reserve_bytes
 from planning.te_memory import userbuffer_bytes
 from pretrain.recipe import load_recipe
 
@@ -56,6 +58,9 @@ def test_every_stage_holds_them_beside_the_sequence_parallel_buffer():
     sp_buffer = S * H * 2  # [s·b, h] bf16: the whole gathered sequence
     assert [a.comm_buffers - b.comm_buffers for a, b in zip(on, off)] == [S * H * 24] * 8
     assert [s.comm_buffers for s in off] == [0] * 7 + [sp_buffer]
+    # registered with the driver, not torch's caching allocator: no fragmentation share on top
+    target = _setup().target
+    assert [reserve_bytes(a, target) for a in on] == [reserve_bytes(b, target) for b in off]
     local = setup_for(load_recipe("tiny_gpt", ["parallel.tensor=2", "parallel.sequence_parallel=true"]), 2)
     ((stage),) = estimate_setup(local).stages
     assert stage.comm_buffers == 128 * 2 * 64 * 4  # tiny_gpt: seq 128 x micro-batch 2 x hidden 64, fp32
