@@ -75,3 +75,9 @@ class AgreedUserError(RunStopped):
     the vocabulary in one rank's batch): printed once by rank 0, exit 2."""
 
     exit_code = EXIT_USER_ERROR
+
+
+def require_divides(divisor_name: str, divisor: int, dividend_name: str, dividend: int) -> None:
+    """RecipeError unless `divisor` divides `dividend` (two recipe keys, named as the user writes them)."""
+    if dividend % divisor:
+        raise RecipeError(f"{divisor_name} = {divisor} does not divide {dividend_name} = {dividend}")

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import UserError
-from model.config import Fp8Config, ModelConfig, head_dim, moe_layer_pattern
+from model.config import Fp8Config, ModelConfig, head_dim
+from model.moe_config import moe_layer_pattern
 from model.precision import Precision
 from model.rope import scale_rope
 from parallel.layout import Layout

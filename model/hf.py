@@ -29,7 +29,7 @@ from typing import Literal
 import torch
 
 from common.errors import UserError
-from model.config import ModelConfig, head_dim, moe_layer_pattern
+from model.config import ModelConfig, head_dim
 from model.hf_config import (
     FAMILIES,
     Family,
@@ -38,6 +38,7 @@ from model.hf_config import (
     hf_config_from_model,
     model_config_from_hf,
 )
+from model.moe_config import moe_layer_pattern
 
 __all__ = ["FAMILIES", "family_of", "hf_config_from_model", "hf_to_ours", "load_exactly", "model_config_from_hf"]
 __all__ += ["ours_to_hf", "rules", "without_absent_mtp"]

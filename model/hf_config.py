@@ -11,7 +11,8 @@ from typing import Any
 
 from common.errors import UserError
 from model.attention.mla import MlaConfig
-from model.config import ModelConfig, MoeConfig, head_dim, moe_layer_pattern
+from model.config import ModelConfig, head_dim
+from model.moe_config import MoeConfig, moe_layer_pattern
 from model.rope import rope_from_hf, rope_to_hf
 
 # config.json keys that change no math: token ids, dtypes, versions, caching, the HF loss switch,

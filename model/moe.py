@@ -12,8 +12,9 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.router import TopKRouter
 
-from model.config import ModelConfig, moe_layer_pattern
+from model.config import ModelConfig
 from model.layers import derive_seed
+from model.moe_config import moe_layer_pattern
 from model.precision import Precision
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from model.config import ModelConfig, head_dim, moe_layer_pattern
+from model.config import ModelConfig, head_dim
+from model.moe_config import moe_layer_pattern
 
 
 def attention_gemms(m: ModelConfig) -> list[tuple[int, int, bool]]:

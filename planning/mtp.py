@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from model.config import ModelConfig, moe_layer_pattern
+from model.config import ModelConfig
 from model.gpt import layer_parameters
+from model.moe_config import moe_layer_pattern
 from planning import activations as act
 from planning.activations import FP32, Kernels, Shape
 

@@ -8,7 +8,8 @@ import itertools
 from typing import TYPE_CHECKING, Any
 
 from common.errors import RecipeError
-from model.config import check_model, chunk_layer_counts, moe_layer_pattern
+from model.config import check_model, chunk_layer_counts
+from model.moe_config import moe_layer_pattern
 from planning.flops import model_forward_flops, recompute_forward_flops
 from planning.memory import GIB, MIB, MemoryEstimate, Setup, StageMemory, Target, estimate_setup, setup_for
 from planning.offload import host_lines, host_state

@@ -7,7 +7,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from model.config import head_dim, moe_layer_pattern
+from model.config import head_dim
+from model.moe_config import moe_layer_pattern
 from planning.activations import fp8_layer
 from planning.data_parallel_time import data_parallel_exposed, data_parallel_seconds, hsdp_replica_seconds
 from planning.flops import attention_gemms, attention_widths, layer_totals, model_forward_flops, recompute_forward_flops

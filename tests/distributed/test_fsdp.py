@@ -17,7 +17,8 @@ VOCAB = 257
 
 def _model(moe: bool = False, tied: bool = False):
     """A small Llama-style model; `tied`: the output layer reuses the embedding's weight."""
-    from model.config import ModelConfig, MoeConfig
+    from model.config import ModelConfig
+    from model.moe_config import MoeConfig
 
     experts = MoeConfig(num_experts=4, top_k=2, ffn_hidden_size=32, load_balancing="none") if moe else MoeConfig()
     return ModelConfig(

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from model.attention.mla import MlaConfig
-from model.config import ModelConfig, MoeConfig
+from model.config import ModelConfig
+from model.moe_config import MoeConfig
 from planning.flops import attention_flops_per_pair, layer_forward_flops
 from pretrain.metrics import flops_per_token
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from common.errors import UserError
-from model.config import Fp8Config, ModelConfig, MoeConfig
+from model.config import Fp8Config, ModelConfig
 from model.fp8.linear import (
     Fp8ColumnParallelLinear,
     Fp8RowParallelLinear,
@@ -20,6 +20,7 @@ from model.fp8.linear import (
     transformer_config_fields,
 )
 from model.gpt import ModelBuild, build_model_chunks, transformer_config
+from model.moe_config import MoeConfig
 from model.precision import Precision
 from planning.gpus import device_peak_tflops
 from pretrain.metrics import Metrics, _progress_line

@@ -5,8 +5,9 @@ import dataclasses
 import pytest
 
 from common.errors import UserError
-from model.config import ModelConfig, MoeConfig, moe_layer_pattern
+from model.config import ModelConfig
 from model.hf import hf_config_from_model, model_config_from_hf
+from model.moe_config import MoeConfig, moe_layer_pattern
 
 MIXTRAL_LIKE = MoeConfig(num_experts=4, top_k=2, ffn_hidden_size=32)
 DENSE_BETWEEN = "dense layers between MoE layers without model.qk_layernorm (Mixtral has none)"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from model.attention.mla import MlaConfig
-from model.config import ModelConfig, MoeConfig
+from model.config import ModelConfig
+from model.moe_config import MoeConfig
 from tests.helpers.recipes import error_of, in_tmp  # noqa: F401  (in_tmp: autouse, each test runs in tmp_path)
 
 MLA = ["model.attention=mla", "model.num_query_groups=null"]

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from common.errors import RecipeError
-from model.config import moe_layer_pattern
 from model.gpt import ModelBuild, build_model_chunks, meta_device, padded_vocab_size, parameter_counts
+from model.moe_config import moe_layer_pattern
 from pretrain.recipe import load_recipe
 
 # ------------------------------------------------------------------------------ router unit tests

@@ -4,7 +4,7 @@ weights twice (forward and backward) where the distributed optimizer gathers the
 
 import pytest
 
-from model.config import moe_layer_pattern
+from model.moe_config import moe_layer_pattern
 from planning import search
 from planning.gpus import GPUS
 from planning.memory import Target, setup_for
