@@ -4,8 +4,8 @@ a shard group), what of them the overlaps leave exposed, and HSDP's all-reduce a
 
 from __future__ import annotations
 
-from model.config import moe_layer_pattern
 from model.gpt import layer_parameters
+from model.moe_config import moe_layer_pattern
 from planning.gpus import Gpu
 from planning.memory import Setup
 

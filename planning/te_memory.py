@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from model.config import moe_layer_pattern
 from model.gpt import layer_parameters
+from model.moe_config import moe_layer_pattern
 from parallel.tp_overlap import quantization_modes, userbuffer_shape
 from planning.activations import fp8_layer
 
