@@ -8,6 +8,8 @@ test_search_proposes_hsdp_over_zero3_for_llama_1b_on_four_nodes finds no HSDP ca
 with hsdp_replica_seconds returning 0, test_step_time_terms_follow_their_formulas fails; with
 state_shards dividing by data × context instead of the shard size, the memory test fails (4x apart)."""
 
+import dataclasses
+
 import pytest
 
 from model.config import check_model
@@ -90,10 +92,13 @@ def _key(c):
 
 
 def test_search_never_proposes_hsdp_for_moe():
-    """tiny_moe on 16 ranks (two nodes' worth of data ranks at tensor 1) gets FSDP candidates but
-    no shard size: the recipe checks refuse hybrid sharding with experts."""
-    recipe = load_recipe("tiny_moe", ["train.global_batch_size=32"])
-    assert search._shardings(recipe, 1, 16, 8) == [(None, None), ("zero3", None), ("zero2", None)]
-    ordered = search.candidates(recipe, 16, GPUS["h100"], 256)
+    """tiny_moe on 4 ranks of 2-GPU nodes (two nodes' worth of data ranks at tensor 1) gets FSDP
+    candidates but no shard size: the recipe checks refuse hybrid sharding with experts."""
+    recipe = load_recipe("tiny_moe", ["train.global_batch_size=8"])
+    assert search._shardings(recipe, 1, 4, 2) == [(None, None), ("zero3", None), ("zero2", None)]
+    small_nodes = dataclasses.replace(GPUS["h100"], gpus_per_node=2)
+    ordered = search.candidates(recipe, 4, small_nodes, 256)
     assert any(c.overrides["parallel.fsdp"] for c in ordered)
     assert all(c.overrides["parallel.fsdp_shard_size"] is None for c in ordered)
+    dense = search.candidates(load_recipe("tiny_gpt", ["train.global_batch_size=8"]), 4, small_nodes, 256)
+    assert any(c.overrides["parallel.fsdp_shard_size"] == 2 for c in dense)  # the same world, dense: tried
