@@ -1,10 +1,10 @@
 """Our trainer against an outside implementation: a Hugging Face model of each family (Llama-3.1
-with its llama3 RoPE scaling, Qwen3 dense with tied embeddings, Qwen3-MoE, DeepSeek-V3 with MLA,
+with its llama3 RoPE scaling, Mixtral, Qwen3 dense with tied embeddings, Qwen3-MoE, DeepSeek-V3 with MLA,
 YaRN and group-limited routing; built locally from our tiny recipe's architecture,
 random weights) imported with tools/convert_hf.py and trained by pretrain_gpt.py gives, step for
 step, the losses, gradient norms and learning rates of transformers' own forward with torch's
 AdamW, the same LR schedule (computed here from its formula), the same clipping and the same
-samples. Qwen3-MoE trains without a balancing loss on both sides (transformers' adds one over all
+samples. Mixtral and Qwen3-MoE train without a balancing loss on both sides (transformers' adds one over all
 layers' routers together, only with output_router_logits; ours is per layer, megatron-core's);
 DeepSeek-V3 without one and with its expert bias frozen (transformers never updates it).
 
@@ -71,6 +71,10 @@ FAMILIES = {
     "llama3.1": ("tiny_gpt", LLAMA3_ROPE),
     "qwen3": ("tiny_qwen3_moe", ["model.moe.num_experts=null", "model.untie_embeddings=false"]),
     "qwen3-moe": ("tiny_qwen3_moe", ["model.moe.load_balancing=none"]),
+    # tiny_moe is Mixtral's shape (no z-loss: transformers has none). Measured (2026-12-07) 5.4e-8 (loss),
+    # 1.9e-7 (grad norm) apart; negative control, by hand: megatron-core's pre_softmax flipped on our side
+    # (top-k of the whole softmax, not renormalized) is 1.5e-3 and 2.9e-2 off.
+    "mixtral": ("tiny_moe", ["model.moe.load_balancing=none", "model.moe.z_loss_coeff=0"]),
     # transformers' e_score_correction_bias is a buffer it never updates: no bias updates on our side either.
     # Negative controls (by hand, 2026-12-07): our side with routed_scaling_factor 1 or without the
     # expert groups trains 1.5e-3 (relative loss) away from the reference, 145 times the bound.
