@@ -170,7 +170,7 @@ def check_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     _check_recompute(model, parallel)
     check_mla(model, parallel)
     _check_mla_section_used(model)
-    check_mtp(model, parallel)
+    check_mtp(model)
 
 
 def _check_mla_section_used(m: ModelConfig) -> None:

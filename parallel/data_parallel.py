@@ -114,19 +114,15 @@ def sharded_state_dict(chunk: Any) -> dict:
     group (megatron-core addresses FSDP shards in the `dp_cp_group` it is given) and held by every
     shard group: the copies outside the first group are marked replicas (their data-parallel
     replica id moved past the shard group's)."""
-    from megatron.core import parallel_state as ps
     from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
     module = getattr(chunk, "module", chunk)  # DDP and FSDP -> the model; a bare model too
     replicas = getattr(chunk, "replica_group", None)
     if replicas is None:
-        # The group megatron-core's layers default to; GPTModel reads it without a default where a
-        # later pipeline stage holds the MTP module's copy of the embedding (a TypeError at save).
-        if not ps.model_parallel_is_initialized():
-            return module.sharded_state_dict()
-        return module.sharded_state_dict(
-            metadata={"dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
-        )
+        # megatron-core's default group, given: GPTModel.sharded_state_dict reads metadata["dp_cp_group"]
+        # from its caller's metadata for the MTP stage's embedding copy (gpt_model.py:842, pipeline > 1)
+        return module.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
     state = module.sharded_state_dict(metadata={"dp_cp_group": chunk.process_group})
     offset = chunk.process_group.size() * replicas.rank()
     for item in nested_values(state):

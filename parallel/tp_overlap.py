@@ -53,8 +53,27 @@ def check_runtime(device: torch.device) -> Any:
     return te_module
 
 
-def initialize_userbuffers(te_module: Any, shape: list[int], tensor: int, fp8: bool, dtype: torch.dtype) -> None:
+def quantization_modes(fp8: bool, bf16_layers: int) -> list[bool]:
+    """The userbuffer sets transformer-engine registers, one per GEMM input precision its linears
+    ask for (True: FP8, whose all-gather buffers are one byte; False: the compute dtype): FP8 runs
+    with fp8.first_last_layers_bf16 also need the plain set, which those bf16 layers look their
+    communicators up in (TE's get_ub keys them by name and use_fp8), as Megatron-LM's
+    _initialize_tp_communicators registers it."""
+    return [fp8] + ([False] if fp8 and bf16_layers > 0 else [])
+
+
+def initialize_userbuffers(
+    te_module: Any, shape: list[int], tensor: int, fp8: bool, dtype: torch.dtype, bf16_layers: int = 0
+) -> None:
     """Registers TE's userbuffer communicators over the tensor-parallel ranks (collective: every
     rank calls it). Bootstrapped over NCCL through torch.distributed, as Megatron-LM's default
-    (`--tp-comm-bootstrap-backend nccl`); FP8 runs get FP8 all-gather buffers."""
-    te_module.base.initialize_ub(shape=shape, tp_size=tensor, use_fp8=fp8, dtype=dtype, bootstrap_backend="nccl")
+    (`--tp-comm-bootstrap-backend nccl`); FP8 runs get FP8 all-gather buffers, and with
+    `bf16_layers` (fp8.first_last_layers_bf16) a second, plain set (quantization_modes)."""
+    mode = getattr(te_module.base, "UserBufferQuantizationMode", None)
+    if mode is None:  # transformer-engine before 2.7: one set, chosen by use_fp8
+        te_module.base.initialize_ub(shape=shape, tp_size=tensor, use_fp8=fp8, dtype=dtype, bootstrap_backend="nccl")
+        return
+    modes = [mode.FP8 if quantized else mode.NONE for quantized in quantization_modes(fp8, bf16_layers)]
+    te_module.base.initialize_ub(
+        shape=shape, tp_size=tensor, quantization_modes=modes, dtype=dtype, bootstrap_backend="nccl"
+    )

@@ -34,6 +34,10 @@ class Gpu:
     def peak(self, precision: str) -> float:
         return (self.bf16_tflops if precision != "fp32" else self.tf32_tflops) * 1e12
 
+    def bandwidth(self, span: int) -> float:
+        """Bytes/s of a group spanning `span` consecutive ranks: NVLink inside a domain, else the network."""
+        return (self.nvlink_gbs if span <= self.gpus_per_node else self.network_gbs) * 1e9
+
 
 GPUS = {
     # A100 SXM 80GB: 312 TFLOPS bf16, NVLink 3 (600 GB/s both directions), HDR 200 Gb/s, 2.0 TB/s HBM2e

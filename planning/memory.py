@@ -16,6 +16,7 @@ from planning.activations import FP32, Kernels, Shape
 from planning.mtp import mtp_items, mtp_stage_parameters
 from planning.schedule import in_flight
 from planning.setup import stage_layers, validate_for_world, vocab_size
+from planning.te_memory import fp8_weight_bytes, userbuffer_bytes
 
 if TYPE_CHECKING:
     from pretrain.recipe import Recipe
@@ -72,13 +73,14 @@ class StageMemory:
     weights: int
     grads: int
     optimizer: int
-    comm_buffers: int  # persistent: the sequence-parallel all-gather buffer
+    comm_buffers: int  # persistent: the sequence-parallel all-gather buffer, TE's userbuffers
     gathered: int  # FSDP: weights gathered in the compute dtype while the forward/backward runs
     activations: int  # kept for the backward by the micro-batches in flight at the worst moment
     logits: int  # the last stage's logits/loss buffers of the micro-batches in flight (in activations too)
     transient: int  # the largest short-lived allocation on top (a backward's gradients, a recompute)
     optimizer_transient: int  # the optimizer step's temporaries (no activations are live then)
     in_flight: int  # (chunk) micro-batches whose activations are held at the worst moment
+    userbuffers: int = 0  # the part of comm_buffers TE allocates outside torch's allocator (tp_comm_overlap)
 
     @property
     def static(self) -> int:
@@ -230,29 +232,6 @@ def static_state(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, int]:
         # the update whole, the gathered matrix, the iteration's X, (b G + c G^2) and next X
         temporaries = max(temporaries, 5 * FP32 * largest_muon_matrix(setup.model))
     return weights + fp8_weight_bytes(setup, pipeline_rank), grads, optimizer, temporaries
-
-
-def fp8_weight_bytes(setup: Setup, pipeline_rank: int) -> int:
-    """Transformer-engine FP8 weights beyond the weights counted in the compute dtype: each FP8 layer's
-    linears keep their weight quantized, row-wise for the forward GEMM and column-wise (on Hopper a
-    transposed copy) for the data-gradient GEMM, 2 bytes per weight. Without fp8.params that is a
-    workspace cached across micro-batches (megatron-core passes is_first_microbatch; TE keeps
-    `_fp8_workspaces["weight"]`: module/linear.py, layernorm_linear.py forward, TE 2.x); with
-    fp8.params (fp8_model_init) the weights themselves are FP8 tensors with their transpose, no
-    bf16 copy: 2 bytes where the compute dtype counted b. Blackwell's FP8 GEMMs read either layout
-    (no transpose): assumed the same here, which overstates it there."""
-    m, fp8 = setup.model, setup.recipe.fp8
-    if not (fp8.enabled and setup.target.kernels.transformer_engine):
-        return 0
-    tp, etp = setup.layout.tensor, setup.layout.expert_tensor or setup.layout.tensor
-    local = m.moe.num_experts // setup.layout.expert if m.moe.num_experts else None
-    pattern, h, linears = moe_layer_pattern(m), m.hidden_size, 0
-    for a, z in setup.stage_ranges[pipeline_rank]:
-        for i in (i for i in range(a, z) if act.fp8_layer(fp8, m.num_layers, i)):
-            router = h * (m.moe.num_experts or 0) if pattern[i] else 0  # norms and the router stay bf16
-            linears += layer_parameters(m, pattern[i], tensor=tp, expert_tensor=etp, experts=local) - 2 * h - router
-    b = _BYTES[setup.recipe.train.precision]
-    return linears * (2 - b) if fp8.params else linears * 2
 
 
 def gathered_weights(setup: Setup, pipeline_rank: int) -> int:
@@ -421,11 +400,25 @@ def estimate(recipe: Recipe, world_size: int, target: Target | None = None, voca
     return estimate_setup(setup_for(recipe, world_size, target, vocab))
 
 
+def sequence_parallel_buffer(setup: Setup, pipeline_rank: int) -> int:
+    """The all-gather buffer megatron-core keeps once its own sequence-parallel linears used it
+    (get_global_memory_buffer, tensor_parallel/layers.py:482). Transformer-engine's dense layers
+    gather into their own tensors (or TE's userbuffers), so on that path only a stage with the
+    output layer (a megatron-core ColumnParallelLinear) or MoE layers (the all-gather dispatcher's
+    global buffer) holds it."""
+    layout, shape, m = setup.layout, setup.shape, setup.model
+    if not layout.sequence_parallel:
+        return 0
+    moe = any(moe_layer_pattern(m)[i] for a, z in setup.stage_ranges[pipeline_rank] for i in range(a, z))
+    if setup.target.kernels.transformer_engine and pipeline_rank < layout.pipeline - 1 and not moe:
+        return 0
+    return shape.tokens * m.hidden_size * shape.dtype_bytes
+
+
 def estimate_setup(setup: Setup) -> MemoryEstimate:
-    layout, shape = setup.layout, setup.shape
+    layout = setup.layout
     per_stage = layout.world_size // layout.pipeline
-    # the sequence-parallel all-gather buffer megatron-core keeps (tensor_parallel/layers.py:482)
-    comm = shape.tokens * setup.model.hidden_size * shape.dtype_bytes if layout.sequence_parallel else 0
+    userbuffers = userbuffer_bytes(setup)  # parallel.tp_comm_overlap's, transformer-engine layers only
     stages = []
     for p in range(layout.pipeline):
         weights, grads, optimizer, opt_temp = static_state(setup, p)
@@ -438,13 +431,14 @@ def estimate_setup(setup: Setup) -> MemoryEstimate:
                 weights=weights,
                 grads=grads,
                 optimizer=optimizer,
-                comm_buffers=comm,
+                comm_buffers=sequence_parallel_buffer(setup, p) + userbuffers,
                 gathered=gathered,
                 activations=kept,
                 logits=logits,
                 transient=transient,
                 optimizer_transient=opt_temp,
                 in_flight=count,
+                userbuffers=userbuffers,
             )
         )
     return MemoryEstimate(layout.world_size, stages)

@@ -25,11 +25,13 @@ NCCL_GIB = 1.0
 FRAGMENTATION = 0.05
 
 
-def reserve_bytes(peak: int, target: Target) -> int:
-    """The bytes beyond `peak` a device needs (none on the CPU, where there is no context to hold)."""
+def reserve_bytes(stage: StageMemory, target: Target) -> int:
+    """The bytes beyond a stage's peak a device needs (none on the CPU, where there is no context to
+    hold); fragmentation is the caching allocator's, so over what torch allocates: not over TE's
+    userbuffers, which it registers with the driver directly."""
     if target.kernels.device != "cuda":
         return 0
-    return int(peak * FRAGMENTATION + (CUDA_CONTEXT_GIB + NCCL_GIB) * GIB)
+    return int((stage.peak - stage.userbuffers) * FRAGMENTATION + (CUDA_CONTEXT_GIB + NCCL_GIB) * GIB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,8 +106,8 @@ def cheapest_recompute(setup: Setup, gpu_bytes: int) -> Recompute | None:
     options = []
     for fields in recompute_candidates(base):
         recipe = with_recompute(base, fields)
-        peak = estimate_setup(dataclasses.replace(setup, recipe=recipe)).worst.peak
-        needed = peak + reserve_bytes(peak, setup.target)
+        worst = estimate_setup(dataclasses.replace(setup, recipe=recipe)).worst
+        needed = worst.peak + reserve_bytes(worst, setup.target)
         if needed <= gpu_bytes:
             extra = recompute_forward_flops(recipe.model, chunks) / forward
             options.append(Recompute(as_overrides(fields), extra, needed))
@@ -183,7 +185,7 @@ def not_modelled(setup: Setup) -> list[str]:
 
 def fit_lines(estimate: MemoryEstimate, setup: Setup, gpu_gib: float) -> list[str]:
     worst = estimate.worst
-    reserve = reserve_bytes(worst.peak, setup.target)
+    reserve = reserve_bytes(worst, setup.target)
     needed, gpu = worst.peak + reserve, int(gpu_gib * GIB)
     unit = _unit(max(needed, gpu))
     what = f"peak {_size(worst.peak, unit)}"
@@ -207,7 +209,7 @@ def fit_lines(estimate: MemoryEstimate, setup: Setup, gpu_gib: float) -> list[st
 
 def memory_json(estimate: MemoryEstimate, setup: Setup, gpu_gib: float | None) -> dict[str, Any]:
     worst = estimate.worst
-    reserve = reserve_bytes(worst.peak, setup.target)
+    reserve = reserve_bytes(worst, setup.target)
     out: dict[str, Any] = {f"{c}_gib": _gib(getattr(worst, c)) for c in COLUMNS}
     out.update(
         peak_gib=_gib(worst.peak),

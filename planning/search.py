@@ -69,7 +69,9 @@ def layouts(recipe: Recipe, gpus: int, gpu_per_node: int) -> Iterator[dict[str, 
                 dp = gpus // (tp * pp * cp)
                 for vpp, first, last in _pipeline_splits(m.num_layers, pp):
                     for ep, etp in _expert_layouts(experts, tp, gpus // pp):
-                        for fsdp in _shardings(recipe, pp, vpp, dp * cp):
+                        for fsdp, shard in _shardings(
+                            recipe, pp, dp * cp, gpu_per_node // tp if gpu_per_node % tp == 0 else 0
+                        ):
                             for mbs in (b for b in MICRO_BATCHES if t.global_batch_size % (b * dp) == 0):
                                 yield {
                                     "parallel.tensor": tp,
@@ -83,6 +85,7 @@ def layouts(recipe: Recipe, gpus: int, gpu_per_node: int) -> Iterator[dict[str, 
                                     "parallel.sequence_parallel": tp > 1,
                                     "parallel.distributed_optimizer": dp * cp > 1 and fsdp is None,
                                     "parallel.fsdp": fsdp,
+                                    "parallel.fsdp_shard_size": shard,
                                     "train.micro_batch_size": mbs,
                                 }
 
@@ -118,14 +121,24 @@ def _expert_layouts(experts: list[int], tp: int, stage_ranks: int) -> Iterator[t
                 yield ep, (None if etp == tp else etp)
 
 
-def _shardings(recipe: Recipe, pp: int, vpp: int | None, dp: int) -> list[str | None]:
-    """None (the distributed optimizer) and, where the recipe's layers run under it, FSDP over the
-    data × context ranks: zero3 (weights gathered per layer, twice a step) and zero2 (weights kept
-    gathered from the forward to the backward: one gather, more memory) (no pipeline: FSDP's per-layer gathers and a pipeline schedule's
-    in-flight micro-batches are not searched together; transformer-engine layers: not verified)."""
+def _shardings(recipe: Recipe, pp: int, dp: int, node: int) -> list[tuple[str | None, int | None]]:
+    """(parallel.fsdp, parallel.fsdp_shard_size): None (the distributed optimizer) and, where the
+    recipe's layers run under it, FSDP over the data × context ranks: zero3 (weights gathered per
+    layer, twice a micro-batch) and zero2 (weights kept gathered from the forward to the backward:
+    one gather, more memory) (no pipeline: FSDP's per-layer gathers and a pipeline schedule's
+    in-flight micro-batches are not searched together; transformer-engine layers: not verified).
+    HSDP for dense models (the recipe checks refuse it with MoE) where the data × context ranks
+    span nodes: both, sharded within one node (`node` data × context ranks: NVLink for the
+    per-micro-batch gathers and reduce-scatters) and replicated across nodes (one all-reduce of the
+    gradient shards a step). Other shard sizes are not tried: smaller ones hold more state and
+    all-reduce more, larger ones put the gathers on the network as plain FSDP does and add the
+    all-reduce: slower than plain FSDP and no smaller."""
     if dp == 1 or pp > 1 or recipe.model.transformer_impl != "local":
-        return [None]
-    return [None, "zero3", "zero2"]
+        return [(None, None)]
+    found: list[tuple[str | None, int | None]] = [(None, None), ("zero3", None), ("zero2", None)]
+    if recipe.model.moe.num_experts is None and 1 < node < dp and dp % node == 0:
+        found += [("zero3", node), ("zero2", node)]
+    return found
 
 
 def no_layout(recipe: Recipe, gpus: int, gpu_per_node: int) -> str:
@@ -183,8 +196,8 @@ def candidates(recipe: Recipe, gpus: int, gpu: Any, vocab: int) -> list[Candidat
 
 def _with_tp_overlap(overrides: dict[str, Any], setup: Setup, gpu: Any) -> list[Candidate]:
     """The same layout with transformer-engine's userbuffers (parallel.tp_comm_overlap), where they
-    apply: tensor > 1 with sequence parallelism and transformer-engine layers. Only the step time
-    changes (the memory model has no userbuffer term), so the setup is reused."""
+    apply: tensor > 1 with sequence parallelism and transformer-engine layers. The setup is reused
+    with the flag set: the step time chunks the collectives, the memory adds the userbuffers."""
     recipe = setup.recipe
     if recipe.model.transformer_impl != "transformer_engine" or not recipe.parallel.sequence_parallel:
         return []
@@ -204,8 +217,8 @@ def fitting(ordered: list[Candidate], gpu_bytes: int, top: int) -> tuple[list[Ca
     found, tried = [], 0
     for c in ordered:
         tried += 1
-        peak = estimate_setup(c.setup).worst.peak
-        needed = peak + reserve_bytes(peak, c.setup.target)
+        worst = estimate_setup(c.setup).worst
+        needed = worst.peak + reserve_bytes(worst, c.setup.target)
         if needed <= gpu_bytes:
             found.append(dataclasses.replace(c, needed=needed))
             if len(found) == top:
@@ -242,19 +255,22 @@ def _tensor_text(o: dict[str, Any]) -> str:
 
 
 def _data_text(o: dict[str, Any], data: int) -> str:
-    return f"{data}" + {"zero3": " z3", "zero2": " z2"}.get(o.get("parallel.fsdp") or "", "")
+    """data size, z3 / z2 under FSDP, and /N under HSDP (shard groups of N data × context ranks)."""
+    shard = o.get("parallel.fsdp_shard_size")
+    sharding = {"zero3": " z3", "zero2": " z2"}.get(o.get("parallel.fsdp") or "", "")
+    return f"{data}{sharding}" + (f"/{shard}" if shard is not None else "")
 
 
 def table(found: list[Candidate], gpu: Any, gpus: int) -> list[str]:
     lines = [
-        "  #  tensor pipeline virtual context expert  data  recompute                 micro  needed GiB  step s    MFU"
+        "  #  tensor pipeline virtual context expert     data  recompute                 micro  needed GiB  step s    MFU"
     ]
     for i, c in enumerate(found, 1):
         o, layout = c.overrides, c.setup.layout
         mfu = c.time.mfu(gpu, c.setup.recipe.train.precision, gpus)
         lines.append(
             f"{i:>3}  {_tensor_text(o):>6} {_pipeline_text(o):>8} {o['parallel.virtual_pipeline'] or '-':>7} "
-            f"{o['parallel.context']:>7} {_expert_text(o):>6} {_data_text(o, layout.data):>5}  {_recompute_text(o):<24}  "
+            f"{o['parallel.context']:>7} {_expert_text(o):>6} {_data_text(o, layout.data):>8}  {_recompute_text(o):<24}  "
             f"{o['train.micro_batch_size']:>5}  {c.needed / 2**30:>10.1f}  {c.time.total:>6.2f}  {100 * mfu:>4.1f} %"
         )
     return lines

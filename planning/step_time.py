@@ -10,9 +10,11 @@ import math
 from model.config import head_dim
 from model.moe_config import moe_layer_pattern
 from planning.activations import fp8_layer
+from planning.data_parallel_time import data_parallel_exposed, data_parallel_seconds, hsdp_replica_seconds
 from planning.flops import attention_gemms, attention_widths, layer_totals, model_forward_flops, recompute_forward_flops
 from planning.gpus import Gpu
 from planning.memory import Setup, stage_parameters
+from planning.mtp import mtp_is_moe
 from planning.offload import offload_seconds
 
 # Bytes per token per layer of elementwise work in the forward and backward together (norms, rotary,
@@ -27,9 +29,6 @@ ELEMENTWISE_FFN_PASSES = 9
 TILE = (128, 256)
 # the shape behind each GPU's measured matmul_efficiency (mamf-finder's best, 6144 x 17920 x 2816)
 MAMF_SHAPE = (6144, 17920)
-# megatron-core's default gradient bucket (parameters) with overlap_grad_reduce: the last bucket's
-# reduce-scatter cannot overlap anything (distributed_data_parallel_config.py, bucket_size)
-DEFAULT_BUCKET = 40_000_000
 # SMs a transformer-engine userbuffers overlap of the `pipeline` and `bulk` methods communicates
 # from (module/base.py, initialize_ub: num_sm defaults to 16 unless the method is ring_exchange)
 UB_SMS = 16
@@ -83,11 +82,6 @@ class StepTime:
             "flops_convention": FLOPS_CONVENTION,
             "terms": {t.name: {"seconds": t.seconds, "exposed": t.exposed} for t in self.terms},
         }
-
-
-def _bandwidth(gpu: Gpu, span: int) -> float:
-    """Bytes/s of a group spanning `span` consecutive ranks: NVLink inside a domain, else the network."""
-    return (gpu.nvlink_gbs if span <= gpu.gpus_per_node else gpu.network_gbs) * 1e9
 
 
 def _gemm_seconds(gpu: Gpu, m: float, k: float, n: float, peak: float, b: float) -> float:
@@ -170,28 +164,16 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     tokens = shape.tokens  # per micro-batch on one rank's sequence shard
     mb, chunks = setup.micro_batches, layout.model_chunks
     in_fp8 = [fp8_layer(recipe.fp8, m.num_layers, i) for i in range(m.num_layers)]
-    kinds = {kind: _layer_seconds(setup, gpu, *kind) for kind in set(zip(pattern, in_fp8))}  # (moe, fp8) once each
+    layer_kinds = set(zip(pattern, in_fp8)) | set(_mtp_kinds(setup))
+    kinds = {kind: _layer_seconds(setup, gpu, *kind) for kind in layer_kinds}  # (moe, fp8) once each
     # TP with SP: per layer 10 all-gathers/reduce-scatters of [s·b, h], (t-1)/t on the wire; 4 (the QKV's
     # and fc1's backward) hide behind their data/weight-gradient GEMMs (megatron-core's and TE's linears),
     # the other 6 are exposed unless parallel.tp_comm_overlap chunks them (tp_overlap_exposed).
     hidden_bytes = tokens * m.hidden_size * b
-    collective = hidden_bytes * (tp - 1) / tp / _bandwidth(gpu, tp) if tp > 1 else 0.0
+    collective = hidden_bytes * (tp - 1) / tp / gpu.bandwidth(tp) if tp > 1 else 0.0
     chunked_kinds = {kind: tp_overlap_exposed(setup, gpu, collective, *kind) for kind in kinds}
-    # the busiest stage (uneven splits: the first and last stages differ): (forward, layer forward, layers, moe layers)
-    stages = []
-    for stage in range(pp):
-        moe = sum(sum(pattern[a:z]) for a, z in setup.stage_ranges[stage])
-        n = sum(z - a for a, z in setup.stage_ranges[stage])
-        layer_forward = sum(kinds[pattern[i], in_fp8[i]] for a, z in setup.stage_ranges[stage] for i in range(a, z))
-        chunked = sum(chunked_kinds[pattern[i], in_fp8[i]] for a, z in setup.stage_ranges[stage] for i in range(a, z))
-        forward = layer_forward
-        if stage == pp - 1:  # the output layer and its loss
-            forward += _gemm_seconds(gpu, tokens, m.hidden_size, setup.vocab / tp, gpu.peak("bf16"), b)
-            # vocabulary-parallel cross entropy is memory-bound: the logits written and read in bf16,
-            # the fp32 softmax written and read twice (loss, gradient), the gradient written (per logit,
-            # forward and backward together; a third of it counted here as the forward's share)
-            forward += tokens * setup.vocab / tp * (2 * b + 4 * 4) / (gpu.hbm_gbs * 1e9) / 3
-        stages.append((forward, layer_forward, n, moe, chunked))
+    # the busiest stage (uneven splits: the first and last stages differ)
+    stages = [_stage_times(setup, gpu, kinds, chunked_kinds, stage) for stage in range(pp)]
     forward, layer_forward, n_layers, moe_layers, chunked = max(stages, key=lambda s: s[0])
     recompute_fraction = recompute_forward_flops(m, pp * chunks) / max(sum(layer_totals(m)), 1.0)
     recompute_mb = recompute_fraction * layer_forward
@@ -202,7 +184,7 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     tensor = (bulk * n_layers + chunked) * mb
     # CP ring: K and V (forward), K, V, dK, dV (backward) around cp - 1 hops; hidden behind attention
     kv = (m.num_query_groups or m.num_attention_heads) * head_dim(m)
-    ring = 3 * 2 * tokens * kv // tp * b * (cp - 1) / _bandwidth(gpu, tp * cp)
+    ring = 3 * 2 * tokens * kv // tp * b * (cp - 1) / gpu.bandwidth(tp * cp)
     q = m.num_attention_heads * head_dim(m)
     attention = 3 * 2.0 * m.seq_length * q * tokens / tp / (gpu.peak("bf16") * gpu.attention_efficiency)
     context_work = ring * n_layers * mb if cp > 1 else 0.0
@@ -211,10 +193,10 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     # 1F1B: (pp - 1)/vpp micro-batches idle, each with its exposed tensor, context, expert collectives
     bubble = (micro_batch + (tensor + context + expert) / mb) * (pp - 1) / chunks
     params = max(sum(stage_parameters(setup, p)) for p in range(pp))  # before any data-parallel sharding
-    reduce_scatter, all_gather = _data_parallel_seconds(setup, gpu, params)
-    rs_exposed, ag_exposed = _data_parallel_exposed(setup, params, reduce_scatter, all_gather, micro_batch, forward)
+    reduce_scatter, all_gather = data_parallel_seconds(setup, gpu, params)
+    rs_exposed, ag_exposed = data_parallel_exposed(setup, params, reduce_scatter, all_gather, micro_batch, forward)
     # pipeline: each micro-batch crosses each chunk boundary forward and backward
-    p2p = 2 * hidden_bytes / tp / _bandwidth(gpu, gpu.gpus_per_node + 1) * mb * chunks if pp > 1 else 0.0
+    p2p = 2 * hidden_bytes / tp / gpu.bandwidth(gpu.gpus_per_node + 1) * mb * chunks if pp > 1 else 0.0
     pipeline = 0.0 if recipe.parallel.p2p_overlapped else p2p
     tokens_per_step = recipe.train.global_batch_size * m.seq_length
     model_flops = 3 * model_forward_flops(m, setup.vocab) * tokens_per_step
@@ -237,6 +219,40 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     compute, optimizer = work + recompute + bubble, optimizer + offload.exposed
     data = rs_exposed + ag_exposed + replicas.exposed
     return StepTime(compute, tensor, context, expert, data, pipeline, model_flops, optimizer, terms)
+
+
+def _mtp_kinds(setup: Setup) -> list[tuple[bool, bool]]:
+    """(moe, fp8) of each multi-token prediction module's layer: MoE where layer num_layers would be,
+    FP8 as the model's last layer is (an assumption)."""
+    m, fp8 = setup.model, setup.recipe.fp8
+    return [(mtp_is_moe(m), fp8_layer(fp8, m.num_layers, m.num_layers - 1))] * m.mtp_num_layers
+
+
+def _stage_times(
+    setup: Setup, gpu: Gpu, kinds: dict[tuple[bool, bool], float], chunked: dict[tuple[bool, bool], float], stage: int
+) -> tuple[float, float, int, int, float]:
+    """(forward, its layers' forward, layers, MoE layers, exposed chunked TP collectives) of one
+    micro-batch on a pipeline stage; `kinds`/`chunked` per (moe, fp8) layer kind. The last stage adds
+    the output layer and its loss, and each multi-token prediction module (model/mtp.py): its
+    [2h -> h] projection, its layer (_mtp_kinds) and its own pass through the output layer and loss."""
+    m, recipe, tp, b = setup.model, setup.recipe, setup.layout.tensor, setup.shape.dtype_bytes
+    pattern, tokens = moe_layer_pattern(m), setup.shape.tokens
+    layers = [
+        (pattern[i], fp8_layer(recipe.fp8, m.num_layers, i)) for a, z in setup.stage_ranges[stage] for i in range(a, z)
+    ]
+    if stage == setup.layout.pipeline - 1:
+        layers += _mtp_kinds(setup)
+    layer_forward = sum(kinds[k] for k in layers)
+    forward = layer_forward
+    if stage == setup.layout.pipeline - 1:
+        head = _gemm_seconds(gpu, tokens, m.hidden_size, setup.vocab / tp, gpu.peak("bf16"), b)
+        # vocabulary-parallel cross entropy is memory-bound: the logits written and read in bf16,
+        # the fp32 softmax written and read twice (loss, gradient), the gradient written (per logit,
+        # forward and backward together; a third of it counted here as the forward's share)
+        head += tokens * setup.vocab / tp * (2 * b + 4 * 4) / (gpu.hbm_gbs * 1e9) / 3
+        projection = _gemm_seconds(gpu, tokens, 2 * m.hidden_size, m.hidden_size / tp, gpu.peak("bf16"), b)
+        forward += head + m.mtp_num_layers * (projection + head)
+    return forward, layer_forward, len(layers), sum(moe for moe, _ in layers), sum(chunked[k] for k in layers)
 
 
 def tp_overlap_exposed(setup: Setup, gpu: Gpu, collective: float, is_moe: bool, fp8: bool) -> float:
@@ -300,9 +316,9 @@ def _expert_seconds(setup: Setup, gpu: Gpu) -> float:
     m, layout, shape = setup.model, setup.layout, setup.shape
     ep, etp = layout.expert, layout.expert_tensor or layout.tensor
     routed = shape.sharded_tokens * m.moe.top_k * m.hidden_size * shape.dtype_bytes  # bytes, balanced routing
-    seconds = 4 * routed * (ep - 1) / ep / _bandwidth(gpu, layout.tensor * layout.context * ep) if ep > 1 else 0.0
+    seconds = 4 * routed * (ep - 1) / ep / gpu.bandwidth(layout.tensor * layout.context * ep) if ep > 1 else 0.0
     if etp > 1:
-        seconds += 4 * routed * (etp - 1) / _bandwidth(gpu, etp)
+        seconds += 4 * routed * (etp - 1) / gpu.bandwidth(etp)
     return seconds
 
 
@@ -341,49 +357,12 @@ def muon_time(setup: Setup, gpu: Gpu) -> float:
         compute = ((layers - moe) * dense_layer + moe * moe_layer) / rate
         matrices = sum(stage_parameters(setup, stage)) - adam_parameters(setup, stage)  # this rank's shards
         tp, dp = layout.tensor, layout.data * layout.context
-        wire = 4.0 * matrices * tp * (tp - 1) / tp / _bandwidth(gpu, tp) if tp > 1 else 0.0
+        wire = 4.0 * matrices * tp * (tp - 1) / tp / gpu.bandwidth(tp) if tp > 1 else 0.0
         if dp > 1 and (layout.fsdp is not None or setup.recipe.parallel.distributed_optimizer):
             times = 1 if layout.fsdp is not None else 2
-            wire += times * 4.0 * matrices * (dp - 1) / dp / _bandwidth(gpu, layout.world_size)
+            wire += times * 4.0 * matrices * (dp - 1) / dp / gpu.bandwidth(layout.world_size)
         worst = max(worst, compute + wire)
     return worst
-
-
-def _data_parallel_seconds(setup: Setup, gpu: Gpu, params: int) -> tuple[float, float]:
-    """(reduce-scatter, all-gather) seconds: fp32 gradients reduce-scattered and the updated weights
-    all-gathered in the compute dtype over the data × context ranks (a plain all-reduce moves as much;
-    FSDP gathers the weights again for the backward), on the slowest link the group spans; `params`:
-    the busiest stage's parameters on one rank before any data-parallel sharding."""
-    layout = setup.layout
-    dp = layout.fsdp_shards if layout.fsdp else layout.data * layout.context  # HSDP: within a shard group
-    if dp == 1:
-        return 0.0, 0.0
-    span = layout.world_size if layout.fsdp_replicas == 1 else layout.tensor * dp  # a group's consecutive ranks
-    wire = params * (dp - 1) / dp / _bandwidth(gpu, span)
-    gathers = 2 if layout.fsdp == "zero3" else 1
-    return 4 * wire, gathers * setup.shape.dtype_bytes * wire
-
-
-def _data_parallel_exposed(
-    setup: Setup, params: int, reduce_scatter: float, all_gather: float, micro_batch: float, forward: float
-) -> tuple[float, float]:
-    """What the step waits for: with overlap_grad_reduce the reduce-scatter runs bucket by bucket
-    under the last micro-batch's backward (only the last bucket is left over); with
-    overlap_param_gather the all-gather runs under the first micro-batch's forward. FSDP overlaps
-    both (prefetch); without overlap both are exposed."""
-    p = setup.recipe.parallel
-    if reduce_scatter == 0.0:
-        return 0.0, 0.0
-    fsdp = setup.layout.fsdp is not None
-    bucket = min(1.0, (p.bucket_size or max(DEFAULT_BUCKET, 1_000_000 * setup.layout.data)) / max(params, 1))
-    backward = micro_batch - forward
-    rs = reduce_scatter
-    if fsdp or p.grad_reduce_overlapped:
-        rs = max(reduce_scatter - backward, bucket * reduce_scatter)
-    ag = all_gather
-    if fsdp or p.param_gather_overlapped:
-        ag = max(all_gather - forward, bucket * all_gather)
-    return rs, ag
 
 
 def hsdp_and_offload_terms(setup: Setup, gpu: Gpu, params: int) -> tuple[Term, Term]:
@@ -391,16 +370,3 @@ def hsdp_and_offload_terms(setup: Setup, gpu: Gpu, params: int) -> tuple[Term, T
     optimizer.cpu_offload's copies and host AdamW step (planning/offload.py; 0 without offload)."""
     replicas, offload = hsdp_replica_seconds(setup, gpu, params), offload_seconds(setup, gpu)
     return Term("hsdp_all_reduce", replicas, replicas), Term("optimizer_offload", offload, offload)
-
-
-def hsdp_replica_seconds(setup: Setup, gpu: Gpu, params: int) -> float:
-    """HSDP (parallel.fsdp_shard_size): the fp32 gradient shards (params / shard size) all-reduced
-    across the R shard groups once per step after the backward, 2 (R - 1) / R on the wire, over the
-    network when the groups span nodes; exposed (parallel/data_parallel.py all_reduce_replicas runs
-    after the backward). 0 without HSDP."""
-    layout = setup.layout
-    r = layout.fsdp_replicas
-    if r == 1:
-        return 0.0
-    shard = params / layout.fsdp_shards
-    return 4.0 * shard * 2 * (r - 1) / r / _bandwidth(gpu, layout.world_size)

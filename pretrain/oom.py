@@ -68,7 +68,7 @@ def report(
     target = Target.for_device(device.type, recipe.model.transformer_impl)
     setup = setup_for(recipe, world_size, target, vocab, node_size_from_env())
     stage = next(s for s in estimate_setup(setup).stages if rank in s.ranks)
-    predicted = stage.peak + reserve_bytes(stage.peak, target)
+    predicted = stage.peak + reserve_bytes(stage, target)
     first = error.message.strip().splitlines()[0] if error.message.strip() else "out of memory"
     lines = [
         f"out of memory on rank {rank} at step {error.step}, phase {error.phase}: {first}",

@@ -166,16 +166,6 @@ def build_optimizer(
     return optimizer
 
 
-def check_muon_experts(cfg: OptimizerConfig, experts: int | None, grouped_gemm: bool, transformer_impl: str) -> None:
-    """Muon orthogonalizes each expert's matrices (docs/optimizers.md); the local grouped experts
-    stack them into one 3-D weight per layer, which Muon's 2-D rule would hand to AdamW unsaid."""
-    if cfg.name == "muon" and experts is not None and grouped_gemm and transformer_impl == "local":
-        raise RecipeError(
-            "optimizer.name = muon with model.moe.grouped_gemm = true would step the experts with AdamW (the "
-            "grouped experts stack their matrices): set model.moe.grouped_gemm = false for Muon on each expert"
-        )
-
-
 def check_offload(cfg: OptimizerConfig, fsdp: str | None, distributed: bool, precision: str) -> None:
     """optimizer.cpu_offload against the layout and precision: the combinations megatron-core 0.16's
     HybridDeviceOptimizer runs (docs/optimizers.md); each other one fails inside it, on a GPU too."""

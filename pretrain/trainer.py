@@ -71,7 +71,10 @@ def build_runtime(recipe: Recipe) -> tuple[Layout, BatchPlan, RankInfo, Any, tor
         m = recipe.model
         shape = tp_overlap.userbuffer_shape(m.seq_length, recipe.train.micro_batch_size, layout.context, m.hidden_size)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.precision, torch.float32)
-        tp_overlap.initialize_userbuffers(te_module, shape, layout.tensor, recipe.fp8.enabled, dtype)
+        fp8 = recipe.fp8
+        tp_overlap.initialize_userbuffers(
+            te_module, shape, layout.tensor, fp8.enabled, dtype, fp8.first_last_layers_bf16
+        )
     plan = plan.for_rank(rank_info.data_rank, rank_info.context_rank, layout.context)
     return layout, plan, rank_info, groups, device
 

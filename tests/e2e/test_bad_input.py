@@ -196,8 +196,8 @@ NEW_KEYS = [
     (
         "tiny_moe",
         ["optimizer.name=muon", "model.moe.grouped_gemm=true"],
-        "optimizer.name = muon with model.moe.grouped_gemm = true would step the experts with AdamW (the grouped "
-        "experts stack their matrices): set model.moe.grouped_gemm = false for Muon on each expert",
+        "optimizer.name = muon with model.moe.grouped_gemm = true is not built: Muon steps each expert's matrices "
+        "in sequential experts only (grouped ones hold them stacked); set model.moe.grouped_gemm = false",
     ),
     (
         "tiny_gpt",

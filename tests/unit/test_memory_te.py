@@ -7,7 +7,8 @@ attention_bytes removed, every difference asserted here is 0 and the tests fail.
 
 from model.gpt import layer_parameters
 from planning.activations import Kernels, Shape, dense_layer
-from planning.memory import estimate_setup, fp8_weight_bytes, setup_for
+from planning.memory import estimate_setup, setup_for
+from planning.te_memory import fp8_weight_bytes
 from pretrain.recipe import load_recipe
 
 LLAMA_VOCAB = 128256
