@@ -232,6 +232,17 @@ def test_new_keys_bad_values_are_one_line(capsys, monkeypatch, recipe, overrides
     assert _one_line(capsys, main, ["--recipe", recipe, "--dry-run", *overrides]) == f"error: {message}"
 
 
+def test_a_plain_run_of_a_layout_for_more_processes_says_how_to_launch(capsys, monkeypatch, tmp_path, synthetic_corpus):
+    from pretrain.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["--recipe", "tiny_gpt", *tiny_overrides(synthetic_corpus, tmp_path, "parallel.tensor=2")]
+    assert _one_line(capsys, main, argv) == (
+        "error: parallel.tensor × parallel.pipeline × parallel.context = 2 does not divide the world size 1 (a plain "
+        "`python` run is 1 process: launch the planned number with torchrun, or check it with --dry-run --world-size N)"
+    )
+
+
 # ---- data.preprocess, tools.inspect_data -----------------------------------------------------------
 
 
