@@ -24,7 +24,8 @@ from typing import TypeVar
 import torch
 
 from common.errors import UserError, run_tool
-from model.config import ModelConfig
+from model.config import ModelConfig, check_model
+from parallel.config import ParallelConfig
 from parallel.layout import init_single_process
 from upstream.process import exit_quickly, prepare_process
 
@@ -147,6 +148,10 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
         raise UserError(f"{config_path}: {exc}") from None
     except UserError as exc:  # model/hf_config.py says "config.json: ...": which one
         raise UserError(f"{config_path}: {str(exc).removeprefix('config.json: ')}") from None
+    try:  # the recipe checks, before any tensor is read (e.g. an odd RoPE width)
+        check_model(model_cfg, ParallelConfig())
+    except UserError as exc:
+        raise UserError(f"{config_path} describes a model that cannot be built: {exc}") from None
     if storage.complete_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints: choose an empty directory")
     _single_process()

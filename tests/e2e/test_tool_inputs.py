@@ -152,6 +152,11 @@ BAD_HF_DIRS = {
         ": Hugging Face checkpoint lacks 9 tensor(s) Llama needs: model.layers.2.input_layernorm.weight, "
         "model.layers.2.mlp.down_proj.weight, model.layers.2.mlp.gate_proj.weight, … (6 more)",
     ),
+    "an odd head width": (  # before: a shape mismatch of the first tensor read, named by our key
+        _config_edited(head_dim=15),
+        "/config.json describes a model that cannot be built: model.head_dim = 15 must be even: RoPE rotates pairs "
+        "of each head's channels",
+    ),
     "its config.json for the folder": (
         lambda hf: hf / "config.json",
         "/config.json is not a folder: give the Hugging Face model's folder (with config.json)",
