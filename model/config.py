@@ -3,7 +3,7 @@ GEMMs) and their checks against the parallel layout and the training precision."
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 from common.errors import RecipeError, require_divides
@@ -169,7 +169,22 @@ def check_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     check_sharding(parallel, model.moe.num_experts, model.transformer_impl)
     _check_recompute(model, parallel)
     check_mla(model, parallel)
+    _check_mla_section_used(model)
     check_mtp(model)
+
+
+def _check_mla_section_used(m: ModelConfig) -> None:
+    """A `model.mla` width set for the standard attention would be ignored: the run would train a
+    model other than the recipe describes."""
+    if m.attention == "mla":
+        return
+    default = MlaConfig()
+    for f in fields(MlaConfig):
+        if getattr(m.mla, f.name) != getattr(default, f.name):
+            raise RecipeError(
+                f"model.mla.{f.name} = {getattr(m.mla, f.name)} applies to model.attention = mla only, got "
+                f"model.attention = {m.attention}: set model.attention = mla, or leave model.mla out"
+            )
 
 
 def _check_shape(m: ModelConfig, p: ParallelConfig) -> None:
@@ -177,6 +192,7 @@ def _check_shape(m: ModelConfig, p: ParallelConfig) -> None:
     if m.head_dim is None:
         require_divides(heads, m.num_attention_heads, "model.hidden_size", m.hidden_size)
     check_rope_scaling(m.rope_scaling)
+    _check_rope_width(m)
     if m.num_query_groups is not None:
         require_divides("model.num_query_groups", m.num_query_groups, heads, m.num_attention_heads)
     require_divides("parallel.tensor", p.tensor, heads, m.num_attention_heads)
@@ -250,6 +266,19 @@ def _a2a_size(p: ParallelConfig) -> tuple[str, int]:
         assert p.context_a2a is not None  # ParallelConfig.check refused a2a+p2p without it
         return "parallel.context_a2a", p.context_a2a
     return "parallel.context", p.context
+
+
+def _check_rope_width(m: ModelConfig) -> None:
+    """RoPE rotates pairs of channels: an odd width fails in megatron-core's rotary kernel at the
+    first forward (a shape mismatch), so it is refused before the run."""
+    if m.attention == "mla":
+        key, width = "model.mla.qk_pos_emb_head_dim", m.mla.qk_pos_emb_head_dim
+    elif m.head_dim is not None:
+        key, width = "model.head_dim", m.head_dim
+    else:
+        key, width = "model.hidden_size / model.num_attention_heads", head_dim(m)
+    if width % 2:
+        raise RecipeError(f"{key} = {width} must be even: RoPE rotates pairs of each head's channels")
 
 
 def head_dim(model: ModelConfig) -> int:

@@ -250,7 +250,7 @@ def _te_layer_spec(config: TransformerConfig, vp_stage: int | None) -> Any:
     except ImportError:
         raise UserError(
             "model.transformer_impl: transformer_engine needs transformer-engine, which is not "
-            "installed: pip install -e '.[gpu]' on a CUDA machine, or set model.transformer_impl=local"
+            "installed: pip install '.[gpu]' on a CUDA machine, or set model.transformer_impl=local"
         ) from None
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,

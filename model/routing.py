@@ -27,7 +27,8 @@ def check_groups(moe: Any) -> None:
             "(megatron-core scores a group by the sum of its top_k / group_top_k highest expert scores)"
         )
     if moe.top_k > moe.group_top_k * (moe.num_experts // moe.num_groups):
+        per_group = moe.num_experts // moe.num_groups
         raise RecipeError(
-            f"model.moe.top_k = {moe.top_k} exceeds the {moe.group_top_k * (moe.num_experts // moe.num_groups)} "
-            "experts of model.moe.group_top_k groups"
+            f"model.moe.top_k = {moe.top_k} exceeds the experts a token can reach: model.moe.group_top_k × "
+            f"experts per group (model.moe.num_experts / num_groups) = {moe.group_top_k} × {per_group}"
         )

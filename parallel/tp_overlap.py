@@ -48,7 +48,7 @@ def check_runtime(device: torch.device) -> Any:
     except ImportError:
         raise RecipeError(
             "parallel.tp_comm_overlap = true needs transformer-engine, which is not installed: "
-            "pip install -e '.[gpu]' on a CUDA machine, or set parallel.tp_comm_overlap = false"
+            "pip install '.[gpu]' on a CUDA machine, or set parallel.tp_comm_overlap = false"
         ) from None
     return te_module
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
-from common.errors import EXIT_INTERRUPTED, RunStopped, UserError, run_tool
+from common.errors import EXIT_INTERRUPTED, RecipeError, RunStopped, UserError, run_tool
 from planning.gpus import GPUS
 
 
@@ -67,19 +68,17 @@ def run(args: argparse.Namespace) -> int:
 
     prepare_process(quiet=not args.debug)
     if args.dry_run:
-        from planning.dry_run import dry_run
-
-        world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
-        per_node = args.gpus_per_node or (
-            int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None
-        )
-        print(dry_run(recipe, world_size, args.gpu_memory_gib, args.json, args.gpu, per_node))
-        return 0
+        return _dry_run(args, recipe)
     from parallel.layout import shutdown
     from pretrain.trainer import train
 
     try:
         record = train(recipe)
+    except RecipeError as exc:
+        if "WORLD_SIZE" in os.environ:
+            raise
+        hint = "a plain `python` run is 1 process: launch the planned number with torchrun, or check it with --dry-run --world-size N"
+        raise _with_world_hint(exc, hint) from None
     finally:
         shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -90,6 +89,27 @@ def run(args: argparse.Namespace) -> int:
                 f"nothing to train: the run is at step {record['step']}, train.steps = {recipe.train.steps}", flush=True
             )
     return 0
+
+
+def _dry_run(args: argparse.Namespace, recipe: Any) -> int:
+    from planning.dry_run import dry_run
+
+    world_size = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    per_node = args.gpus_per_node or (int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else None)
+    try:
+        print(dry_run(recipe, world_size, args.gpu_memory_gib, args.json, args.gpu, per_node))
+    except RecipeError as exc:
+        if args.world_size is not None:
+            raise
+        hint = "--dry-run plans for WORLD_SIZE or 1 process: give the planned size with --world-size N"
+        raise _with_world_hint(exc, hint) from None
+    return 0
+
+
+def _with_world_hint(exc: RecipeError, hint: str) -> RecipeError:
+    """A layout that does not fit a world size nobody gave (a plain run, a dry run without
+    --world-size) says where that size came from."""
+    return RecipeError(f"{exc} ({hint})") if "world size" in str(exc) else exc
 
 
 def _check_dry_run_flags(args: argparse.Namespace) -> None:

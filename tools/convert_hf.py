@@ -1,4 +1,4 @@
-"""Hugging Face Llama / Mixtral / Qwen3 / Qwen3-MoE safetensors <-> our megatron-core checkpoints.
+"""Hugging Face Llama (3.1) / Mixtral / Qwen3 / Qwen3-MoE / DeepSeek-V3 safetensors <-> our megatron-core checkpoints.
 
     python -m tools.convert_hf import HF_DIR CKPT_DIR     # then: checkpoint.load=CKPT_DIR
     python -m tools.convert_hf export CHECKPOINT HF_DIR    # CHECKPOINT: a checkpoint dir or iter_N
@@ -7,7 +7,7 @@
 recipe `model:` section matching the HF config (use it as a recipe's `base:`). dist_checkpointing
 reshards on load, so training may start at any layout. `export` reads a checkpoint saved at any
 layout (weights only or a training checkpoint; the recipe stored in it gives the architecture) and
-writes config.json + model.safetensors in fp32. Conversion runs in one CPU process and holds the
+writes config.json + model.safetensors in fp32 into a folder that holds no Hugging Face model yet. Conversion runs in one CPU process and holds the
 whole model in memory (4 bytes per parameter). Errors are one line, exit code 2.
 """
 
@@ -24,7 +24,8 @@ from typing import TypeVar
 import torch
 
 from common.errors import UserError, run_tool
-from model.config import ModelConfig
+from model.config import ModelConfig, check_model
+from parallel.config import ParallelConfig
 from parallel.layout import init_single_process
 from upstream.process import exit_quickly, prepare_process
 
@@ -129,6 +130,8 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     config_path = hf_dir / "config.json"
     if not hf_dir.exists():
         raise UserError(f"{hf_dir} does not exist")
+    if not hf_dir.is_dir():
+        raise UserError(f"{hf_dir} is not a folder: give the Hugging Face model's folder (with config.json)")
     if not config_path.is_file():
         raise UserError(f"{hf_dir}: no config.json")
     try:
@@ -143,6 +146,12 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
         raise UserError(f"{config_path} has no {exc}") from None
     except (TypeError, ValueError) as exc:
         raise UserError(f"{config_path}: {exc}") from None
+    except UserError as exc:  # model/hf_config.py says "config.json: ...": which one
+        raise UserError(f"{config_path}: {str(exc).removeprefix('config.json: ')}") from None
+    try:  # the recipe checks, before any tensor is read (e.g. an odd RoPE width)
+        check_model(model_cfg, ParallelConfig())
+    except UserError as exc:
+        raise UserError(f"{config_path} describes a model that cannot be built: {exc}") from None
     if storage.complete_checkpoints(out_dir):
         raise UserError(f"{out_dir} already holds checkpoints: choose an empty directory")
     _single_process()
@@ -155,7 +164,10 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
         model_cfg = without_absent_mtp(tensors, model_cfg)
     assert model_cfg.vocab_size is not None  # model_config_from_hf reads it from config.json
     model, vocab = _build(model_cfg, model_cfg.vocab_size)
-    ours = hf_to_ours(tensors, model_cfg, vocab)
+    try:
+        ours = hf_to_ours(tensors, model_cfg, vocab)
+    except UserError as exc:
+        raise UserError(f"{hf_dir}: {exc}") from None
     load_exactly(model, ours, f"{hf_dir}")
     recipe = Recipe(model=model_cfg)
     extra = {"step": 0, "recipe": recipe_to_dict(recipe), "vocab_size": model_cfg.vocab_size, "source": str(hf_dir)}
@@ -171,6 +183,11 @@ def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     from pretrain.checkpoint import storage
     from pretrain.recipe import model_config_from_dict
 
+    written = sorted(p.name for p in (*out_dir.glob("config.json"), *out_dir.glob("*.safetensors")))
+    if written:
+        raise UserError(
+            f"{out_dir} already holds a Hugging Face model ({', '.join(written)}): choose an empty directory"
+        )
     path = storage.resolve_load(str(ckpt), ckpt.parent)
     assert path is not None  # resolve_load gives None only for load None or auto
     extra = storage.read_extra(path)
@@ -189,11 +206,25 @@ def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(
-        {k: v.detach().float().contiguous() for k, v in _progress(sorted(tensors.items()), "writing")},
+        _unshared(_progress(sorted(tensors.items()), "writing")),
         str(out_dir / "model.safetensors"),
         metadata={"format": "pt"},
     )
     return out_dir
+
+
+def _unshared(items: Iterable[tuple[str, torch.Tensor]]) -> dict:
+    """fp32 contiguous tensors, none sharing memory with another: safetensors refuses shared ones,
+    and DeepSeek-V3's MTP layers hold their own copies of the embedding and the output layer."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in items:
+        tensor = tensor.detach().float().contiguous()
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        out[name] = tensor
+    return out
 
 
 def main(argv: list | None = None) -> int:

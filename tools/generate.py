@@ -61,8 +61,9 @@ def check_args(args: argparse.Namespace) -> None:
     # The checkpoint's path is checked where it is read (pretrain/checkpoint/storage.py), as by every tool.
 
 
-def read_checkpoint(path: pathlib.Path) -> tuple[pathlib.Path, Any, str, int]:
-    """(iter_N folder, model section, tokenizer name, vocabulary size) of a checkpoint."""
+def read_checkpoint(path: pathlib.Path) -> tuple[pathlib.Path, Any, str | None, int]:
+    """(iter_N folder, model section, tokenizer name, vocabulary size) of a checkpoint; the
+    tokenizer is None for a `tools.convert_hf import` (its recipe has the model section only)."""
     from pretrain.checkpoint import storage
     from pretrain.recipe import model_config_from_dict
 
@@ -76,7 +77,7 @@ def read_checkpoint(path: pathlib.Path) -> tuple[pathlib.Path, Any, str, int]:
     vocab_size = extra.get("vocab_size") or model.vocab_size
     if vocab_size is None:
         raise UserError(f"checkpoint '{found}' does not record its vocabulary size")
-    tokenizer = (recipe.get("data") or {}).get("tokenizer", "byte")
+    tokenizer = None if "source" in extra else (recipe.get("data") or {}).get("tokenizer", "byte")
     return found, model, tokenizer, int(vocab_size)
 
 
@@ -94,6 +95,11 @@ def build_generator_model(model: Any, vocab_size: int, tensor: int, pipeline: in
     rank, local_rank, world_size = world_from_env()
     if tensor * pipeline != world_size:
         raise UserError(f"--tensor {tensor} × --pipeline {pipeline} must equal the number of processes, {world_size}")
+    if tensor > 1 and model.moe.num_experts is not None:
+        raise UserError(
+            f"--tensor {tensor}: a model with experts generates at --tensor 1 only (megatron-core's MoE layer "
+            "needs sequence parallelism at tensor > 1, which its static generation refuses): split it with --pipeline"
+        )
     parallel = ParallelConfig(tensor=tensor, pipeline=pipeline)
     check_model(model, parallel)
     layout = Layout.from_config(parallel, world_size)
@@ -140,11 +146,17 @@ def run(args: argparse.Namespace) -> int:
     from model.generation import Sampling, generate
     from pretrain.checkpoint import storage
 
-    path, model, tokenizer_name, vocab_size = read_checkpoint(args.checkpoint)
-    tokenizer = build_tokenizer(args.tokenizer or tokenizer_name)
+    path, model, stored_tokenizer, vocab_size = read_checkpoint(args.checkpoint)
+    tokenizer_name = args.tokenizer or stored_tokenizer
+    if tokenizer_name is None:
+        raise UserError(
+            f"checkpoint '{path}' was imported from Hugging Face and names no tokenizer: give the model's with "
+            "--tokenizer (its folder or its tokenizer.json)"
+        )
+    tokenizer = build_tokenizer(tokenizer_name)
     if tokenizer.vocab_size > vocab_size:
         raise UserError(
-            f"tokenizer '{args.tokenizer or tokenizer_name}' has {tokenizer.vocab_size} ids, the model in "
+            f"tokenizer '{tokenizer_name}' has {tokenizer.vocab_size} ids, the model in "
             f"'{path}' only {vocab_size}: give the tokenizer it was trained with (--tokenizer)"
         )
     prompt = tokenizer.tokenize(args.prompt) or [tokenizer.eod]  # an empty prompt starts a document

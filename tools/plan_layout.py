@@ -1,4 +1,4 @@
-"""The layout planner: `python -m tools.plan_layout --recipe R --gpus N --gpu-memory-gib G [--gpu h100]`
+"""The layout planner: `python -m tools.plan_layout --recipe R --gpus N [--gpu h100] [--gpu-memory-gib G]`
 lists the layouts (tensor, pipeline, virtual, context, expert, data, recompute, micro-batch) whose
 worst rank fits, fastest first by the analytic step time (planning/step_time.py), and prints the best
 as recipe overrides, with a Chinchilla back-of-envelope for the recipe's model (planning/search.py)."""
@@ -20,7 +20,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recipe", required=True)
     parser.add_argument("overrides", nargs="*", help="key.path=value, applied before planning")
     parser.add_argument("--gpus", type=int, required=True)
-    parser.add_argument("--gpu-memory-gib", type=float, required=True)
+    parser.add_argument(
+        "--gpu-memory-gib",
+        type=float,
+        default=None,
+        help="memory per GPU (default: the --gpu's own, as --dry-run --gpu)",
+    )
     parser.add_argument("--gpu", default="h100", help=f"one of {', '.join(GPUS)} (default h100)")
     parser.add_argument("--top", type=int, default=10)
     return parser.parse_args(argv)
@@ -29,6 +34,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> list[str]:
     if args.gpu not in GPUS:
         raise UserError(f"--gpu must be one of {' | '.join(GPUS)}, got '{args.gpu}'")
+    if args.gpu_memory_gib is None:
+        args.gpu_memory_gib = GPUS[args.gpu].memory_gib
     for flag, value in (("--gpus", args.gpus), ("--gpu-memory-gib", args.gpu_memory_gib), ("--top", args.top)):
         if not value > 0:
             raise UserError(f"{flag} must be positive, got {value:g}")

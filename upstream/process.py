@@ -19,6 +19,12 @@ def quiet_dependency_warnings() -> None:
     # dist_checkpointing builds torch ShardedTensors on every save and load; torch's deprecation
     # notice is attributed to whichever frame calls it (on CPU, the device layer's function mode).
     warnings.filterwarnings("ignore", message="Please use DTensor instead", category=FutureWarning)
+    # The distributed optimizer's zero_grad reads `.grad` of its fp32 shards, views of the weights
+    # (optimizer.py `_zero_grad_group_helper`): one notice per rank and run, attributed on a CPU to
+    # the device layer's frame, so the megatron rule above misses it there.
+    warnings.filterwarnings(
+        "ignore", message="The .grad attribute of a Tensor that is not a leaf", category=UserWarning
+    )
 
 
 def _no_compile(model=None, **options):

@@ -327,7 +327,7 @@ def _check_transformer_engine(fp8: Fp8Config, device: torch.device) -> None:
     what = f"fp8.recipe = {fp8.recipe} with model.transformer_impl = transformer_engine"
     if importlib.util.find_spec("transformer_engine") is None:
         raise UserError(
-            f"{what} needs transformer-engine >= {need}, which is not installed: pip install -e '.[gpu]' on a "
+            f"{what} needs transformer-engine >= {need}, which is not installed: pip install '.[gpu]' on a "
             "CUDA machine, or set model.transformer_impl=local (FP8 GEMMs through torch._scaled_mm)"
         )
     found = importlib.metadata.version("transformer_engine")

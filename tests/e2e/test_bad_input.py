@@ -146,6 +146,103 @@ def test_dry_run_says_when_the_data_is_not_here(tmp_path):
     ]
 
 
+# The new keys' wrong values, misspellings and combinations: one line each, through the dry run
+# (the checks run before anything is built). (recipe, overrides, the line after "error: ").
+NEW_KEYS = [
+    ("tiny_gpt", ["model.head_dim=15"], "model.head_dim = 15 must be even: RoPE rotates pairs of each head's channels"),
+    (
+        "tiny_gpt",
+        ["model.hidden_size=60"],
+        "model.hidden_size / model.num_attention_heads = 15 must be even: RoPE rotates pairs of each head's channels",
+    ),
+    (
+        "tiny_deepseek",
+        ["model.mla.qk_pos_emb_head_dim=7"],
+        "model.mla.qk_pos_emb_head_dim = 7 must be even: RoPE rotates pairs of each head's channels",
+    ),
+    (
+        "tiny_gpt",
+        ["model.mla.q_lora_rank=32"],
+        "model.mla.q_lora_rank = 32 applies to model.attention = mla only, got model.attention = standard: set "
+        "model.attention = mla, or leave model.mla out",
+    ),
+    (
+        "tiny_deepseek",
+        ["model.mla.kv_rank=4"],
+        "unknown key 'model.mla.kv_rank' on the command line; did you mean 'model.mla.kv_lora_rank'?",
+    ),
+    (
+        "tiny_deepseek",
+        ["model.mtp_num_layers=1.5"],
+        "wrong type for 'model.mtp_num_layers' on the command line: expected an integer, got 1.5",
+    ),
+    (
+        "tiny_deepseek",
+        ["model.moe.num_groups=8", "model.moe.group_top_k=1"],
+        "model.moe.top_k = 2 exceeds the experts a token can reach: model.moe.group_top_k × experts per group "
+        "(model.moe.num_experts / num_groups) = 1 × 1",
+    ),
+    (
+        "tiny_moe",
+        ["model.moe.grouped_gemm=yes"],
+        "wrong type for 'model.moe.grouped_gemm' on the command line: expected true or false, got the string 'yes'",
+    ),
+    (
+        "tiny_gpt",
+        ["data.reset_position_id=true"],
+        "unknown key 'data.reset_position_id' on the command line; did you mean 'data.reset_position_ids'?",
+    ),
+    ("tiny_gpt", ["optimizer.ns_steps=3"], "optimizer.ns_steps is a Muon key: set optimizer.name = muon to use it"),
+    (
+        "tiny_moe",
+        ["optimizer.name=muon", "model.moe.grouped_gemm=true"],
+        "optimizer.name = muon with model.moe.grouped_gemm = true is not built: Muon steps each expert's matrices "
+        "in sequential experts only (grouped ones hold them stacked); set model.moe.grouped_gemm = false",
+    ),
+    (
+        "tiny_gpt",
+        ["optimizer.cpu_offlaod=true"],
+        "unknown key 'optimizer.cpu_offlaod' on the command line; did you mean 'optimizer.cpu_offload'?",
+    ),
+    (
+        "tiny_gpt",
+        ["parallel.fsdp_shard_size=2.5", "parallel.fsdp=zero3"],
+        "wrong type for 'parallel.fsdp_shard_size' on the command line: expected an integer or a string or null, got 2.5",
+    ),
+    (
+        "tiny_gpt",
+        ["parallel.tp_comm_overlap=true"],
+        "parallel.tp_comm_overlap = true overlaps the sequence-parallel all-gathers and reduce-scatters: set "
+        "parallel.sequence_parallel = true (and parallel.tensor > 1)",
+    ),
+    (
+        "deepseek_v3",
+        [],
+        "parallel.tensor × parallel.pipeline × parallel.context = 16 does not divide the world size 1 (--dry-run "
+        "plans for WORLD_SIZE or 1 process: give the planned size with --world-size N)",
+    ),
+]
+
+
+@pytest.mark.parametrize("recipe, overrides, message", NEW_KEYS, ids=[" ".join(c[1]) or c[0] for c in NEW_KEYS])
+def test_new_keys_bad_values_are_one_line(capsys, monkeypatch, recipe, overrides, message):
+    from pretrain.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert _one_line(capsys, main, ["--recipe", recipe, "--dry-run", *overrides]) == f"error: {message}"
+
+
+def test_a_plain_run_of_a_layout_for_more_processes_says_how_to_launch(capsys, monkeypatch, tmp_path, synthetic_corpus):
+    from pretrain.cli import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["--recipe", "tiny_gpt", *tiny_overrides(synthetic_corpus, tmp_path, "parallel.tensor=2")]
+    assert _one_line(capsys, main, argv) == (
+        "error: parallel.tensor × parallel.pipeline × parallel.context = 2 does not divide the world size 1 (a plain "
+        "`python` run is 1 process: launch the planned number with torchrun, or check it with --dry-run --world-size N)"
+    )
+
+
 # ---- data.preprocess, tools.inspect_data -----------------------------------------------------------
 
 

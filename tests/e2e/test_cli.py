@@ -164,7 +164,7 @@ def test_missing_data_file(runs):
 def test_transformer_engine_not_installed(runs):
     assert _user_error(runs["transformer_engine"]) == (
         "error: model.transformer_impl: transformer_engine needs transformer-engine, which is not "
-        "installed: pip install -e '.[gpu]' on a CUDA machine, or set model.transformer_impl=local"
+        "installed: pip install '.[gpu]' on a CUDA machine, or set model.transformer_impl=local"
     )
 
 

@@ -95,6 +95,6 @@ def test_transformer_engine_fp8_without_transformer_engine_is_one_line(synthetic
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.splitlines() == [
         "error: fp8.recipe = tensorwise with model.transformer_impl = transformer_engine needs "
-        "transformer-engine >= 2.2, which is not installed: pip install -e '.[gpu]' on a CUDA machine, "
+        "transformer-engine >= 2.2, which is not installed: pip install '.[gpu]' on a CUDA machine, "
         "or set model.transformer_impl=local (FP8 GEMMs through torch._scaled_mm)"
     ]

@@ -13,7 +13,7 @@ from tests.helpers.warm import run_python
 
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
-VOCAB = 257  # the byte tokenizer's ids (the import's recipe names it), padded to 384 on our side
+VOCAB = 257  # the byte tokenizer's ids (given with --tokenizer: an import names none), padded to 384 on our side
 EOD = 256
 PROMPT = "The quick brown fox"
 NEW_TOKENS = 48
@@ -60,7 +60,18 @@ def _transformers_greedy(hf_dir) -> str:
 
 
 def _ours(ckpt, nproc: int = 1, *layout: str) -> str:
-    args = ["-m", "tools.generate", "--checkpoint", str(ckpt), "--prompt", PROMPT, "--temperature", "0"]
+    args = [
+        "-m",
+        "tools.generate",
+        "--checkpoint",
+        str(ckpt),
+        "--prompt",
+        PROMPT,
+        "--temperature",
+        "0",
+        "--tokenizer",
+        "byte",
+    ]
     proc = _run([*args, "--max-new-tokens", str(NEW_TOKENS), *layout], nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith(PROMPT) and proc.stdout.endswith("\n"), proc.stdout

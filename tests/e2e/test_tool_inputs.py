@@ -130,6 +130,65 @@ def test_import_names_the_missing_shard_from_the_index(capsys, tiny_llama, tmp_p
     )
 
 
+def _config_edited(**changes):
+    def edit(hf: pathlib.Path) -> pathlib.Path:
+        config = json.loads((hf / "config.json").read_text())
+        config.update(changes)
+        (hf / "config.json").write_text(json.dumps(config))
+        return hf
+
+    return edit
+
+
+# (how the copy of the tiny Llama is spoiled -> the path given to import, the line after "error: {hf}")
+BAD_HF_DIRS = {
+    "another architecture": (
+        _config_edited(architectures=["GemmaForCausalLM"]),
+        "/config.json: architectures ['GemmaForCausalLM'] not supported; expected one of ['DeepseekV3ForCausalLM', "
+        "'LlamaForCausalLM', 'MixtralForCausalLM', 'Qwen3ForCausalLM', 'Qwen3MoeForCausalLM']",
+    ),
+    "config.json for more layers than the files hold": (
+        _config_edited(num_hidden_layers=3),
+        ": Hugging Face checkpoint lacks 9 tensor(s) Llama needs: model.layers.2.input_layernorm.weight, "
+        "model.layers.2.mlp.down_proj.weight, model.layers.2.mlp.gate_proj.weight, … (6 more)",
+    ),
+    "an odd head width": (  # before: a shape mismatch of the first tensor read, named by our key
+        _config_edited(head_dim=15),
+        "/config.json describes a model that cannot be built: model.head_dim = 15 must be even: RoPE rotates pairs "
+        "of each head's channels",
+    ),
+    "its config.json for the folder": (
+        lambda hf: hf / "config.json",
+        "/config.json is not a folder: give the Hugging Face model's folder (with config.json)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_HF_DIRS))
+def test_import_of_a_spoiled_hf_dir_names_the_file(capsys, tiny_llama, tmp_path, case):
+    import shutil
+
+    spoil, message = BAD_HF_DIRS[case]
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_llama / "single", hf)
+    line = _one_line(capsys, _script("convert_hf").main, ["import", str(spoil(hf)), str(tmp_path / "out")])
+    assert line == f"error: {hf}{message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_never_overwrites_a_hugging_face_model(capsys, tiny_llama, tmp_path):
+    """Before: the export wrote its config.json and model.safetensors over the model there. The
+    folder is checked before the checkpoint is read."""
+    hf = tiny_llama / "single"
+    before = {p.name: p.read_bytes() for p in hf.iterdir()}
+    line = _one_line(capsys, _script("convert_hf").main, ["export", str(tmp_path / "ckpt"), str(hf)])
+    assert (
+        line
+        == f"error: {hf} already holds a Hugging Face model (config.json, model.safetensors): choose an empty directory"
+    )
+    assert {p.name: p.read_bytes() for p in hf.iterdir()} == before
+
+
 # ---- a closed stdout, tools.plan_layout, --dry-run ----------------------------------------------------
 
 
@@ -165,6 +224,16 @@ def test_plan_with_no_layout_for_the_gpus(capsys):
     )
 
 
+def test_plan_without_gpu_memory_takes_the_gpus_own(capsys):
+    """Before: argparse's "the following arguments are required: --gpu-memory-gib", where
+    `--dry-run --gpu` takes the GPU's own memory."""
+    from tools.plan_layout import main
+
+    assert main(["--recipe", "tiny_gpt", "--gpus", "1", "--gpu", "h200", "--top", "1"]) == 0
+    head = capsys.readouterr().out.splitlines()[0]
+    assert head.startswith(f"{REPO / 'recipes' / 'tiny_gpt.yaml'} on 1 x h200 (140.4 GiB): "), head
+
+
 def test_dry_run_names_what_would_stop_the_real_run(capsys, tmp_path):
     from pretrain.cli import main
 
@@ -192,3 +261,35 @@ def test_a_run_folder_for_a_recipe_suggests_its_recipe_yaml(capsys, tmp_path):
     expected = f"error: recipe '{run}' is a folder, not a recipe file: did you mean '{run / 'recipe.yaml'}'?"
     assert _one_line(capsys, inspect_main, ["--recipe", str(run), "--step", "1"]) == expected
     assert _one_line(capsys, pretrain_main, ["--recipe", str(run), "--dry-run"]) == expected
+
+
+# ---- tools.generate under torchrun -----------------------------------------------------------------
+
+
+def test_generate_at_tensor_2_refuses_experts_in_its_own_terms(monkeypatch):
+    """Before: the recipe check's "needs parallel.sequence_parallel = true", a key generate has no way
+    to set (and its static generation refuses sequence parallelism)."""
+    from common.errors import UserError
+    from pretrain.recipe import load_recipe
+    from tools.generate import build_generator_model
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError) as refused:
+        build_generator_model(load_recipe("tiny_moe", []).model, 384, tensor=2, pipeline=1)
+    assert str(refused.value) == (
+        "--tensor 2: a model with experts generates at --tensor 1 only (megatron-core's MoE layer needs sequence "
+        "parallelism at tensor > 1, which its static generation refuses): split it with --pipeline"
+    )
+
+
+def test_generate_from_an_import_asks_for_its_tokenizer(capsys, tiny_llama, tmp_path):
+    """Before: the import's recipe (its model section only) defaulted to the byte tokenizer, so a
+    Hugging Face model generated through the wrong tokenizer without a word."""
+    convert, generate = _script("convert_hf"), _script("generate")
+    assert convert.main(["import", str(tiny_llama / "single"), str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    line = _one_line(capsys, generate.main, ["--checkpoint", str(tmp_path / "ckpt"), "--prompt", "x"])
+    assert line == (
+        f"error: checkpoint '{tmp_path / 'ckpt' / 'iter_0000000'}' was imported from Hugging Face and names no "
+        "tokenizer: give the model's with --tokenizer (its folder or its tokenizer.json)"
+    )

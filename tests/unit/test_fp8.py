@@ -184,7 +184,7 @@ def test_runtime_refuses_transformer_engine_path_without_transformer_engine():
         check_runtime(Fp8Config(enabled=True, recipe="mxfp8"), te, torch.device("cpu"))
     assert str(info.value) == (
         "fp8.recipe = mxfp8 with model.transformer_impl = transformer_engine needs transformer-engine >= 2.1, "
-        "which is not installed: pip install -e '.[gpu]' on a CUDA machine, or set model.transformer_impl=local "
+        "which is not installed: pip install '.[gpu]' on a CUDA machine, or set model.transformer_impl=local "
         "(FP8 GEMMs through torch._scaled_mm)"
     )
 

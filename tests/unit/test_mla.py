@@ -94,7 +94,8 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
         ),
         (
             [*GROUPS, "model.moe.num_groups=4", "model.moe.group_top_k=1", "model.moe.top_k=4"],
-            "model.moe.top_k = 4 exceeds the 2 experts of model.moe.group_top_k groups",
+            "model.moe.top_k = 4 exceeds the experts a token can reach: model.moe.group_top_k × experts per "
+            "group (model.moe.num_experts / num_groups) = 1 × 2",
         ),
     ],
 )
