@@ -140,7 +140,7 @@ def test_bad_hf_dir_is_a_one_line_error(tmp_path):
     proc = _convert("import", str(tmp_path), str(tmp_path / "out"))
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: config.json: architectures ['GPT2LMHeadModel'] not supported; "
+        f"error: {tmp_path / 'config.json'}: architectures ['GPT2LMHeadModel'] not supported; "
         "expected one of ['DeepseekV3ForCausalLM', 'LlamaForCausalLM', 'MixtralForCausalLM', 'Qwen3ForCausalLM', 'Qwen3MoeForCausalLM']"
     ]
 
