@@ -306,6 +306,8 @@ def _run(args: argparse.Namespace) -> dict:
         return build_synthetic_corpus(args.output_prefix, args.num_docs, args.seed)
     if not args.input and args.hf_dataset is None:
         raise UserError("give --input files or --hf-dataset NAME")
+    if args.hf_subset is not None and args.hf_dataset is None:
+        raise UserError(f"--hf-subset {args.hf_subset} is a configuration of a hub dataset: give --hf-dataset NAME")
     if args.workers < 1:
         raise UserError(f"--workers must be at least 1, got {args.workers}")
     if args.part_bytes is not None and args.part_bytes < 1:

@@ -74,6 +74,22 @@ def _pattern(layers: int, moe: bool, first_dense: int, freq: int, dense: tuple[i
     return tuple(moe and i >= first_dense and (i - first_dense) % freq == 0 and i not in dense for i in range(layers))
 
 
+def _check_unread(moe: MoeConfig) -> None:
+    """Keys whose setting would do nothing without another one: refused rather than ignored (a
+    bias update rate without the bias is no aux-loss-free balancing; a drop policy without a capacity
+    drops nothing)."""
+    defaults = MoeConfig()
+    if moe.bias_update_rate != defaults.bias_update_rate and not moe.expert_bias:
+        raise RecipeError(
+            f"model.moe.bias_update_rate = {moe.bias_update_rate} is only read with model.moe.expert_bias = true"
+        )
+    if moe.drop_policy != defaults.drop_policy and moe.capacity_factor is None:
+        raise RecipeError(
+            f"model.moe.drop_policy = {moe.drop_policy} is only read with model.moe.capacity_factor (without it "
+            "no token is dropped)"
+        )
+
+
 def check_moe(model: Decoder, p: ParallelConfig) -> None:
     """`model.moe` against the model and the parallel layout (expert sizes, routing, biases)."""
     moe = model.moe
@@ -98,6 +114,7 @@ def check_moe(model: Decoder, p: ParallelConfig) -> None:
         )
     if moe.pad_to_capacity and moe.capacity_factor is None:
         raise RecipeError("model.moe.pad_to_capacity = true needs model.moe.capacity_factor")
+    _check_unread(moe)
     if moe.top_k == 1 and moe.score_function == "softmax" and not moe.pre_softmax:
         raise RecipeError(
             "model.moe.top_k = 1 with softmax scores needs model.moe.pre_softmax = true "

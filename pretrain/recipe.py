@@ -148,19 +148,28 @@ def validate_static(recipe: Recipe) -> None:
         )
     recipe.optimizer.check()
     check_offload(recipe.optimizer, recipe.parallel.fsdp, recipe.parallel.distributed_optimizer, recipe.train.precision)
-    if (
-        recipe.optimizer.name == "muon"
-        and recipe.parallel.distributed_optimizer
-        and recipe.checkpoint.optimizer_format == "dp_reshardable"
-    ):
+    if recipe.optimizer.name == "muon":
+        _check_muon(recipe)
+    recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
+    check_documents(recipe.data, recipe.model.transformer_impl, recipe.model.attention, recipe.model.mtp_num_layers)
+    check_debug(recipe.debug, recipe.train.watchdog_timeout_s)
+
+
+def _check_muon(recipe: Recipe) -> None:
+    """optimizer.name = muon against the other sections."""
+    if recipe.parallel.distributed_optimizer and recipe.checkpoint.optimizer_format == "dp_reshardable":
         # megatron-core's flat format names Adam's two moments only
         raise RecipeError(
             "checkpoint.optimizer_format = dp_reshardable holds Adam's moments only, not Muon's momentum: "
             "use fully_reshardable with optimizer.name = muon"
         )
-    recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
-    check_documents(recipe.data, recipe.model.transformer_impl, recipe.model.attention, recipe.model.mtp_num_layers)
-    check_debug(recipe.debug, recipe.train.watchdog_timeout_s)
+    if recipe.model.moe.num_experts is not None and recipe.model.moe.grouped_gemm:
+        # pretrain/muon.py steps 2-D matrices: our stacked [experts, out, in] weights would go to
+        # AdamW, and transformer-engine's per-expert weightN to Muon with fc1 not split [gate; up]
+        raise RecipeError(
+            "optimizer.name = muon with model.moe.grouped_gemm = true is not built: Muon steps each expert's "
+            "matrices in sequential experts only (grouped ones hold them stacked); set model.moe.grouped_gemm = false"
+        )
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

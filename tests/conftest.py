@@ -30,6 +30,19 @@ def pytest_runtest_makereport(item, call):
         report.longrepr = f"skipped in CI (CI=true), where only tests marked gpu may skip: {reason}"
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    """The same for a whole module skipped while it is collected (`pytest.importorskip` at the top of
+    a module, e.g. transformers for every outside-reference test): no test of it runs, so the hook
+    above never sees them."""
+    outcome = yield
+    report = outcome.get_result()
+    if CI and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{collector.nodeid} skipped in CI (CI=true), where only tests marked gpu may skip: {reason}"
+
+
 def pytest_collection_modifyitems(config, items):
     """`@pytest.mark.gpu` tests need CUDA: without it they are skipped, with the reason."""
     import torch

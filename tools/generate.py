@@ -52,6 +52,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--top-k must be 0 (off) or positive, got {args.top_k}")
     if not 0.0 < args.top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], got {args.top_p}")
+    filters = [f"--top-k {args.top_k}"] * bool(args.top_k) + [f"--top-p {args.top_p}"] * (args.top_p < 1.0)
+    if args.temperature == 0 and filters:
+        raise UserError(
+            f"{' and '.join(filters)} filter sampling, which --temperature 0 (greedy: the most likely id) does "
+            "not do: leave them out, or give a temperature above 0"
+        )
     # The checkpoint's path is checked where it is read (pretrain/checkpoint/storage.py), as by every tool.
 
 

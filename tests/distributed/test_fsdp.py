@@ -1,6 +1,7 @@
 """Fully sharded data parallelism on 2 gloo ranks against one-process references computed here:
-gradients of one step, bf16 compute, the non-finite guard, experts' placement and the checkpoint
-addresses of every shard; with each upstream fix (upstream/fsdp.py) switched off, its site fails."""
+gradients of one step (also under HSDP: shard groups of 1 x 2 replicas), bf16 compute, the
+non-finite guard, experts' placement and the checkpoint addresses of every shard; with each upstream
+fix (upstream/fsdp.py) switched off, its site fails."""
 
 import contextlib
 from functools import partial
@@ -125,7 +126,32 @@ def _gradients(rank: int, world: int) -> dict:
         out[name] = (float(norm(grads) / norm(reference)), error)
         if not name:
             out["guard"] = _guard(chunks, rank)
+    out["hsdp"] = _hsdp_gradients(model, reference, rank, world)
     return out
+
+
+def _hsdp_gradients(model, reference: dict, rank: int, world: int) -> tuple:
+    """parallel.fsdp_shard_size = 1 on 2 ranks (shard groups of 1 x 2 replicas): (shard group size,
+    replica group size, whether each parameter's local shard is whole, the largest relative error
+    against the reference), fixed and with the all-reduce across the groups left out. The e2e HSDP
+    runs (tests/e2e/test_hsdp_training.py) would pass with the key ignored (plain FSDP over every rank
+    gives the same curve): the sizes here would not."""
+    from unittest import mock
+
+    layout, groups = _init(world, fsdp="zero3", fsdp_shard_size=1)
+    out = []
+    for replicas_reduced in (True, False):
+        no_op = mock.patch("parallel.data_parallel.all_reduce_replicas", lambda *a, **k: None)
+        with contextlib.nullcontext() if replicas_reduced else no_op:
+            (chunk,) = _build(model, layout, groups, fsdp="zero3")
+            _fsdp_step([chunk], _batch(rank))
+        params = dict(chunk.named_parameters())
+        whole = all(p.to_local().shape == p.shape for p in params.values())
+        grads = {n.removeprefix("module."): p.grad.full_tensor() for n, p in params.items()}
+        error = max(float((grads[n] - g).norm() / g.norm()) for n, g in reference.items())
+        replicas = getattr(chunk, "replica_group", None)
+        out.append((chunk.process_group.size(), replicas and replicas.size(), whole, error))
+    return tuple(out)
 
 
 def _guard(chunks, rank: int) -> tuple:
@@ -152,6 +178,10 @@ def test_fsdp_gradients_equal_single_process_and_each_fix_is_needed():
         assert out["TorchFullyShardedDataParallel.scale_gradients"][0] == pytest.approx(64, rel=1e-6)
         assert "unexpected keyword argument 'force_all_reduce'" in out["TorchFullyShardedDataParallel.finish_grad_sync"]
         assert out["guard"] == (True, rank == 0, True)
+        fixed, unreduced = out["hsdp"]
+        assert fixed[:3] == (1, 2, True) and fixed[3] < 1e-6, out["hsdp"]
+        # Negative control: without the all-reduce across the groups each rank keeps its own micro-batch's half.
+        assert unreduced[3] > 0.1, out["hsdp"]
 
 
 # ----------------------------------------------------------------------------------- bf16 compute

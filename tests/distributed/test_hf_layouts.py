@@ -1,6 +1,6 @@
 """Imported Hugging Face models at other layouts, on 2 gloo ranks (one process start for every
 family): logits equal transformers' at one multi-rank layout per family, and a checkpoint saved at
-any layout (TP, PP, EP, ETP, FSDP) exports bit for bit to the HF tensors it was imported from."""
+any layout (TP, PP, EP, ETP, FSDP, CP) exports bit for bit to the HF tensors it was imported from."""
 
 import json
 import pathlib
@@ -35,6 +35,11 @@ LAYOUTS = {
         (dict(tensor=2, sequence_parallel=True, expert=2, expert_tensor=1), True),
         (dict(pipeline=2), False),
     ],
+    # YaRN at context parallelism: each rank's rotary and its cos/sin factor at its two chunks'
+    # positions (megatron-core's YarnRotaryEmbedding, sliced as the batch). Negative control, by
+    # hand (2026-12-07): each rank's embedding at positions 0 to s/2 instead of its chunks' moves
+    # the logits by 0.11 (the other families here: at most 3.6e-7).
+    "deepseek-v3-yarn": [(dict(context=2), True)],
 }
 
 
@@ -62,6 +67,7 @@ def _tag(sizes: dict) -> str:
 def _at_layouts(rank: int, world: int, jobs: list, out_root: str) -> dict:
     """For each (family, checkpoint, sizes, forward): build the model at that layout, load the
     checkpoint, maybe run the forward (logits gathered over tensor ranks), save it again."""
+    from data.dataset import slice_for_context_parallel
     from model.gpt import ModelBuild, build_model
     from parallel.data_parallel import wrap_data_parallel
     from parallel.layout import Layout, init_model_parallel
@@ -87,13 +93,31 @@ def _at_layouts(rank: int, world: int, jobs: list, out_root: str) -> dict:
             (chunk,) = chunks
             chunk.eval()
             positions = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
+            batch = slice_for_context_parallel(
+                {"tokens": TOKENS, "positions": positions}, groups.cp.rank(), layout.context
+            )
             with torch.no_grad():
-                logits = chunk(TOKENS, positions, None)  # [b, s, padded vocab / tensor]
-            shards = [torch.empty_like(logits) for _ in range(groups.tp.size())]
-            torch.distributed.all_gather(shards, logits.contiguous(), group=groups.tp)
-            results[tag] = torch.cat(shards, dim=-1)[..., :VOCAB]
+                logits = chunk(batch["tokens"], batch["positions"], None)  # [b, s / context, padded vocab / tensor]
+            logits = torch.cat(_gathered(logits, groups.tp), dim=-1)
+            results[tag] = _context_unsliced(_gathered(logits, groups.cp))[..., :VOCAB]
         checkpoint.save(pathlib.Path(out_root) / tag, 0, chunks, None, extra)
     return results
+
+
+def _gathered(tensor: torch.Tensor, group) -> list[torch.Tensor]:
+    shards = [torch.empty_like(tensor) for _ in range(group.size())]
+    torch.distributed.all_gather(shards, tensor.contiguous(), group=group)
+    return shards
+
+
+def _context_unsliced(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """[b, s, ...] from the context ranks' [b, s / context, ...] (rank r: chunks r and 2·context - 1 - r
+    of 2·context, data/dataset.py:slice_for_context_parallel)."""
+    size = len(pieces)
+    chunks: list = [None] * (2 * size)
+    for rank, piece in enumerate(pieces):
+        chunks[rank], chunks[2 * size - 1 - rank] = piece.chunk(2, dim=1)
+    return torch.cat(chunks, dim=1)
 
 
 @pytest.fixture(scope="module")

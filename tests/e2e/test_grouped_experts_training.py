@@ -65,6 +65,9 @@ def _assert_export_places_each_expert(ckpt: pathlib.Path, out: pathlib.Path) -> 
 # experts at EP2 × expert tensor 2: the optimizer's model-space state goes through the grouped
 # factory on load. (Grouped EP2 × EDP2 with the distributed optimizer -> sequential EP2 and grouped
 # EP2 -> sequential EP2 × TP2 passed the same check by hand, 2026-12-07: ≤ 4.7e-8 loss, 2.9e-7 grad norm.)
+# Negative control (by hand, 2026-12-07): a grouped load that stacks the loaded experts in reverse
+# order (model/grouped_experts.py:_merge_experts) fails this test at step 6 (loss 3.1e-4 off) and the
+# one-process test's export check at layer 0, expert 0.
 SEQUENTIAL_EDP2 = [SEQUENTIAL, "parallel.expert=2", "parallel.distributed_optimizer=true"]
 GROUPED_ETP2 = [GROUPED, "parallel.expert=2", "parallel.tensor=2", "parallel.sequence_parallel=true"]
 

@@ -7,7 +7,10 @@ digit (loss and grad norm within 1e-7); both resumes within 1e-5; by hand also t
 plain DDP on one process. Negative control (by hand): without the all-reduce across the groups
 (parallel/data_parallel.py:all_reduce_replicas) each group steps on its half of the batch's
 gradient: grad norm 1.655 vs 2.714 at step 1, loss 5.4586 vs 5.4286 at step 2; with the all-reduce
-left out under zero2 only, the zero2 leg fails: grad norm 1.068 vs 1.849 at step 6."""
+left out under zero2 only, the zero2 leg fails: grad norm 1.068 vs 1.849 at step 6. These curves
+cannot tell an ignored fsdp_shard_size (plain FSDP over every rank trains the same curve, and the
+"in groups of" line is the layout's): tests/distributed/test_fsdp.py checks the built shard and
+replica groups, and fails with megatron-core's groups made without the replicas."""
 
 import pytest
 

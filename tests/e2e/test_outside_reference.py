@@ -1,9 +1,10 @@
-"""Our trainer against an outside implementation: a Hugging Face model of each family (Llama,
-Qwen3 dense with tied embeddings, Qwen3-MoE, DeepSeek-V3 with MLA and group-limited routing; built locally from our tiny recipe's architecture,
+"""Our trainer against an outside implementation: a Hugging Face model of each family (Llama-3.1
+with its llama3 RoPE scaling, Mixtral, Qwen3 dense with tied embeddings, Qwen3-MoE, DeepSeek-V3 with MLA,
+YaRN and group-limited routing; built locally from our tiny recipe's architecture,
 random weights) imported with tools/convert_hf.py and trained by pretrain_gpt.py gives, step for
 step, the losses, gradient norms and learning rates of transformers' own forward with torch's
 AdamW, the same LR schedule (computed here from its formula), the same clipping and the same
-samples. Qwen3-MoE trains without a balancing loss on both sides (transformers' adds one over all
+samples. Mixtral and Qwen3-MoE train without a balancing loss on both sides (transformers' adds one over all
 layers' routers together, only with output_router_logits; ours is per layer, megatron-core's);
 DeepSeek-V3 without one and with its expert bias frozen (transformers never updates it).
 
@@ -31,7 +32,8 @@ LR, MIN_LR, WARMUP, DECAY_STEPS, WEIGHT_DECAY, BETAS, EPS = 3e-3, 3e-4, 2, 10, 0
 # paths are compared (the one-process test checks that both happen).
 CLIP = 2.5
 # fp32 on both sides; measured (2026-11-30, vocabulary 257 padded to 384) at most 7.2e-8 (loss) and
-# 1.5e-7 (grad norm) apart at one process, 4.8e-8 and 1.3e-7 at TP2 with sequence parallelism.
+# 1.5e-7 (grad norm) apart at one process, 4.8e-8 and 1.3e-7 at TP2 with sequence parallelism; with
+# the RoPE scalings below (2026-12-07, every family at one process) at most 7.5e-8 and 3.1e-7.
 REL = 1e-5
 
 
@@ -44,17 +46,41 @@ def _lr(step: int) -> float:
     return MIN_LR + 0.5 * (math.cos(math.pi * ratio) + 1.0) * (LR - MIN_LR)
 
 
+# Llama-3.1's llama3 RoPE and DeepSeek-V3's YaRN, with tests/helpers/hf_families.py's values: at an
+# original context of 32 tokens they change most frequencies the 128-token samples use (the published
+# 8192 and 4096 would too, but barely move the tiny runs' positions). Negative controls (by hand,
+# 2026-12-07): our side without the llama3 scaling (model/rope.py:scale_rope a no-op) trains 8.4e-5
+# (loss) and 2.4e-3 (grad norm) away; without YaRN (plain RoPE in MLA) 2.8e-4 and 4.6e-3.
+LLAMA3_ROPE = [
+    "model.rope_scaling.type=llama3",
+    "model.rope_scaling.factor=4",
+    "model.rope_scaling.low_freq_factor=1",
+    "model.rope_scaling.high_freq_factor=2",
+    "model.rope_scaling.original_context=32",
+]
+DEEPSEEK_YARN = [
+    "model.rope_scaling.type=yarn",
+    "model.rope_scaling.factor=40",
+    "model.rope_scaling.original_context=32",
+    "model.rope_scaling.mscale=0.7",
+    "model.rope_scaling.mscale_all_dim=1.0",
+]
 # family -> (our recipe and overrides; transformers builds the same architecture from it)
 FAMILIES = {
-    "llama": ("tiny_gpt", []),
+    "llama": ("tiny_gpt", []),  # plain RoPE: the document and Muon tests' model (positions weigh more)
+    "llama3.1": ("tiny_gpt", LLAMA3_ROPE),
     "qwen3": ("tiny_qwen3_moe", ["model.moe.num_experts=null", "model.untie_embeddings=false"]),
     "qwen3-moe": ("tiny_qwen3_moe", ["model.moe.load_balancing=none"]),
+    # tiny_moe is Mixtral's shape (no z-loss: transformers has none). Measured (2026-12-07) 5.4e-8 (loss),
+    # 1.9e-7 (grad norm) apart; negative control, by hand: megatron-core's pre_softmax flipped on our side
+    # (top-k of the whole softmax, not renormalized) is 1.5e-3 and 2.9e-2 off.
+    "mixtral": ("tiny_moe", ["model.moe.load_balancing=none", "model.moe.z_loss_coeff=0"]),
     # transformers' e_score_correction_bias is a buffer it never updates: no bias updates on our side either.
     # Negative controls (by hand, 2026-12-07): our side with routed_scaling_factor 1 or without the
     # expert groups trains 1.5e-3 (relative loss) away from the reference, 145 times the bound.
     "deepseek-v3": (
         "tiny_deepseek",
-        ["model.mtp_num_layers=0", "model.moe.load_balancing=none", "model.moe.bias_update_rate=0"],
+        ["model.mtp_num_layers=0", "model.moe.load_balancing=none", "model.moe.bias_update_rate=0", *DEEPSEEK_YARN],
     ),
 }
 
@@ -193,6 +219,9 @@ def _ours(nproc: int, imported, corpus: str, log_dir, *extra: str) -> list[dict]
 
 
 @pytest.mark.slow
+# Plain Llama (tiny_gpt itself) trains against transformers in the document tests below, one
+# process with the keys off included, and in tests/e2e/test_muon_reference.py.
+@pytest.mark.parametrize("imported", [f for f in FAMILIES if f != "llama"], indirect=True)
 def test_one_process_trains_like_transformers_and_torch_adamw(imported, reference_curve, synthetic_corpus, tmp_path):
     ours = _ours(1, imported, synthetic_corpus, tmp_path)
     assert_close_curves(ours, reference_curve, rel=REL, keys=("loss", "grad_norm", "lr"))
@@ -201,7 +230,7 @@ def test_one_process_trains_like_transformers_and_torch_adamw(imported, referenc
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("imported", ["llama"], indirect=True)  # the other families' layouts: test_hf_layouts.py
+@pytest.mark.parametrize("imported", ["llama3.1"], indirect=True)  # the other families' layouts: test_hf_layouts.py
 def test_tensor_parallel_trains_like_transformers_and_torch_adamw(
     imported, reference_curve, synthetic_corpus, tmp_path
 ):
@@ -248,9 +277,12 @@ def test_documents_train_like_transformers_on_each_document(
 @pytest.mark.parametrize("case", list(DOCUMENT_CASES))
 def test_document_references_are_not_the_packed_one(case, document_references):
     """The negative control of the tests above: our trainer with both keys off trains like the
-    packed reference (test_one_process_trains_like_transformers_and_torch_adamw), which is far
+    packed reference (test_one_process_trains_like_transformers_and_torch_adamw, every other
+    family; plain Llama with Muon in tests/e2e/test_muon_reference.py), which is far
     from each document reference (at least 10 times the tests' bound), so a mask or positions that
-    did nothing would fail them."""
+    did nothing would fail them. Measured (2026-12-07): 6.1e-3 with the mask, 2.3e-4 with the
+    positions alone; under Llama-3.1's scaling (llama3.1 above) the positions' gap is 6.3e-5, which
+    is why these run on the plain Llama."""
     packed = document_references("packed")
     gap = max(abs(a["loss"] - b["loss"]) / b["loss"] for a, b in zip(document_references(case), packed))
     print(f"{case}: largest loss gap to the packed reference {gap:.2e}")

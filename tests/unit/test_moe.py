@@ -264,6 +264,15 @@ def test_layer_pattern():
         ),
         (["model.moe.pad_to_capacity=true"], "model.moe.pad_to_capacity = true needs model.moe.capacity_factor"),
         (
+            ["model.moe.bias_update_rate=0.01"],
+            "model.moe.bias_update_rate = 0.01 is only read with model.moe.expert_bias = true",
+        ),
+        (
+            ["model.moe.drop_policy=position"],
+            "model.moe.drop_policy = position is only read with model.moe.capacity_factor (without it no token "
+            "is dropped)",
+        ),
+        (
             ["parallel.tensor=2"],
             "model.moe with parallel.tensor = 2 needs parallel.sequence_parallel = true "
             "(megatron-core's MoE layer refuses tensor parallelism without it)",

@@ -107,3 +107,23 @@ def test_flat_distributed_optimizer_checkpoints_are_refused():
     with pytest.raises(RecipeError, match="dp_reshardable holds Adam's moments only, not Muon's momentum"):
         load_recipe("tiny_gpt", [*overrides, "checkpoint.optimizer_format=dp_reshardable"])
     load_recipe("tiny_gpt", overrides)
+
+
+def test_grouped_experts_are_refused(megatron_single_process):
+    """Muon steps 2-D matrices: grouped experts' stacked [experts, out, in] weights went to AdamW
+    silently (only the start-up line said so); the recipe is refused in one line. Sequential experts
+    give Muon each expert's matrices."""
+    from model.gpt import ModelBuild, build_model_chunks
+    from pretrain.muon import describe
+    from pretrain.recipe import load_recipe
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe("tiny_moe", ["optimizer.name=muon", "model.moe.grouped_gemm=true"])
+    assert str(err.value) == (
+        "optimizer.name = muon with model.moe.grouped_gemm = true is not built: Muon steps each expert's "
+        "matrices in sequential experts only (grouped ones hold them stacked); set model.moe.grouped_gemm = false"
+    )
+    for grouped, expert in ((True, ".mlp.experts.weight1"), (False, ".mlp.experts.local_experts.*.linear_fc1.weight")):
+        model = load_recipe("tiny_moe", [f"model.moe.grouped_gemm={str(grouped).lower()}"]).model
+        muon, adamw = describe(build_model_chunks(model, ModelBuild(), 257), True).split("; AdamW for ")
+        assert expert in (adamw if grouped else muon), (grouped, muon, adamw)
