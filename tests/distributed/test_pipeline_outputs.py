@@ -1,8 +1,8 @@
 """Pipeline outputs are freed once sent (megatron-core's `deallocate_pipeline_outputs`, on in
 model/gpt.py as in Megatron-LM): on 2 gloo ranks at pipeline 2 (1F1B, the training step as
 pretrain/step.py runs it) the config has it on, and the CPU allocator's peak on stage 0 is lower
-than the same step with it off by exactly what the memory model no longer counts: one
-[s·b/tp, h] output per micro-batch in flight there. On gloo an overlapped send must keep its
+than the same step with it off by one [s·b/tp, h] output per micro-batch in flight there (the
+memory model counts none). On gloo an overlapped send must keep its
 tensor until waited on (upstream/gloo_p2p.py): `gloo_send_after_free` is that patch's site.
 
 Negative control (by hand, 2026-12-07): with `deallocate_pipeline_outputs=False` in
