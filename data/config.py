@@ -65,17 +65,16 @@ class DataConfig:
             )
 
 
-def check_documents(data: DataConfig, transformer_impl: str, attention: str = "standard", mtp: int = 0) -> None:
+def check_documents(data: DataConfig, transformer_impl: str, mtp: int = 0) -> None:
     """Document masking runs in our local attention (every layout); transformer-engine's attention
-    would take documents only in its THD packed format, which the model does not build. Multi-latent
-    attention applies its own RoPE (at sample positions) and is not verified with document masks;
-    multi-token prediction shifts tokens and positions across document ends (megatron-core respects
-    them only in its packed-sequence format)."""
-    for key in ("reset_position_ids", "reset_attention_mask"):
-        if attention == "mla" and getattr(data, key):
-            raise RecipeError(f"data.{key} = true is not built for model.attention = mla")
-        if mtp and getattr(data, key):
-            raise RecipeError(f"data.{key} = true is not built for model.mtp_num_layers = {mtp}")
+    would take documents only in its THD packed format, which the model does not build. Multi-token
+    prediction stops at document ends for one MTP module (model/mtp.py:with_documents_in_mtp): a
+    second one would be rolled across them by megatron-core."""
+    if data.reset_attention_mask and mtp > 1:
+        raise RecipeError(
+            f"data.reset_attention_mask = true is built for model.mtp_num_layers = 1 (got {mtp}): megatron-core "
+            "would roll the loss mask of a second MTP module across document ends"
+        )
     if data.reset_attention_mask and transformer_impl != "local":
         raise RecipeError(
             "data.reset_attention_mask = true needs model.transformer_impl = local (transformer-engine's "

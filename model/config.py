@@ -169,7 +169,7 @@ def check_model(model: ModelConfig, parallel: ParallelConfig) -> None:
     check_sharding(parallel, model.moe.num_experts, model.transformer_impl)
     _check_recompute(model, parallel)
     check_mla(model, parallel)
-    check_mtp(model, parallel)
+    check_mtp(model)
 
 
 def _check_shape(m: ModelConfig, p: ParallelConfig) -> None:

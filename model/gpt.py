@@ -293,6 +293,10 @@ def build_model_chunks(
         from model.attention.documents import gpt_model_with_positions
 
         model_class = gpt_model_with_positions()
+    if model.mtp_num_layers:
+        from model.mtp import with_documents_in_mtp
+
+        model_class = with_documents_in_mtp(model_class)
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None

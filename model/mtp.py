@@ -9,22 +9,21 @@ loss's gradient (megatron-core's MTPLossAutoScaler); the logged `loss` stays the
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import TYPE_CHECKING, Any
 
 from common.errors import RecipeError
 
+if TYPE_CHECKING:
+    import torch
 
-def check_mtp(model: Any, parallel: Any) -> None:
+
+def check_mtp(model: Any) -> None:
     """What MTP is not verified with, each refused in one line; `model` a ModelConfig."""
     n = model.mtp_num_layers
     if not n:
         return
     why = f"model.mtp_num_layers = {n}"
-    if parallel.context > 1:  # measured: grad norms equal one process, the logged mtp_loss 1.3e-5 off
-        raise RecipeError(
-            f"{why} with parallel.context = {parallel.context} is not supported: megatron-core's MTP loss is a "
-            "mean of each context-parallel rank's token mean, so the logged mtp_loss would change with the layout"
-        )
     if model.transformer_impl != "local":
         raise RecipeError(f"{why} is built on the local spec only: set model.transformer_impl = local")
     if model.recompute_granularity == "full" and (model.recompute_method, model.recompute_num_layers) != ("uniform", 1):
@@ -75,3 +74,46 @@ def take_mtp_loss() -> float:
     value = float(tracker["values"].mean())
     MTPLossLoggingHelper.clean_loss_in_tracker()
     return value
+
+
+def document_starts(documents: torch.Tensor, cp_rank: int, cp_size: int) -> torch.Tensor:
+    """[b, s/cp] bool: which of this context-parallel rank's positions (the load-balanced layout:
+    data/dataset.py:slice_for_context_parallel) start a document after the sample's first, from
+    the whole sample's document ids [b, s]."""
+    import torch
+
+    from model.attention.documents import ring_chunk_ids
+
+    starts = torch.zeros_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return ring_chunk_ids(starts, cp_rank, cp_size) if cp_size > 1 else starts
+
+
+@functools.cache
+def with_documents_in_mtp(base: type) -> type:
+    """`base` (megatron-core's GPTModel or a subclass) whose MTP module stops at document ends
+    (data.reset_attention_mask: document ids in the attention mask argument). MTP module 1 at
+    position i embeds token i+1 and targets label i+1; megatron-core rolls the input ids, labels and
+    loss mask one position for it (across context-parallel ranks), and respects documents only in
+    its packed THD format. Zeroing the document starts before that roll gives each document's own:
+    at a document's last position the input id is 0 and the loss masked (as megatron-core's packed
+    roll and its sample end), elsewhere the tokens of the same document. One module only (a second
+    roll of the loss mask would need the zeroing again: data/config.py refuses more)."""
+    import torch
+
+    from model.attention.documents import is_document_ids
+
+    class DocumentMTPModel(base):
+        def _postprocess(
+            self, *, input_ids: Any, labels: Any, loss_mask: Any, attention_mask: Any, **kwargs: Any
+        ) -> Any:
+            if labels is not None and self.mtp_process and is_document_ids(attention_mask):
+                starts = document_starts(attention_mask, self.cp_group.rank(), self.cp_group.size())
+                input_ids = input_ids.masked_fill(starts, 0)
+                mask = torch.ones_like(labels, dtype=torch.float) if loss_mask is None else loss_mask
+                loss_mask = mask.masked_fill(starts, 0)
+            return super()._postprocess(
+                input_ids=input_ids, labels=labels, loss_mask=loss_mask, attention_mask=attention_mask, **kwargs
+            )
+
+    return DocumentMTPModel

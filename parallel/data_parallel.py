@@ -115,11 +115,14 @@ def sharded_state_dict(chunk: Any) -> dict:
     shard group: the copies outside the first group are marked replicas (their data-parallel
     replica id moved past the shard group's)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group
 
     module = getattr(chunk, "module", chunk)  # DDP and FSDP -> the model; a bare model too
     replicas = getattr(chunk, "replica_group", None)
     if replicas is None:
-        return module.sharded_state_dict()
+        # megatron-core's default group, given: GPTModel.sharded_state_dict reads metadata["dp_cp_group"]
+        # from its caller's metadata for the MTP stage's embedding copy (gpt_model.py:842, pipeline > 1)
+        return module.sharded_state_dict(metadata=ensure_metadata_has_dp_cp_group(None))
     state = module.sharded_state_dict(metadata={"dp_cp_group": chunk.process_group})
     offset = chunk.process_group.size() * replicas.rank()
     for item in nested_values(state):

@@ -151,7 +151,7 @@ def validate_static(recipe: Recipe) -> None:
     if recipe.optimizer.name == "muon":
         _check_muon(recipe)
     recipe.data.check(recipe.train.eval_interval, recipe.train.test_at_end)
-    check_documents(recipe.data, recipe.model.transformer_impl, recipe.model.attention, recipe.model.mtp_num_layers)
+    check_documents(recipe.data, recipe.model.transformer_impl, recipe.model.mtp_num_layers)
     check_debug(recipe.debug, recipe.train.watchdog_timeout_s)
 
 

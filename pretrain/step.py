@@ -62,9 +62,17 @@ def loss_func(
 def forward_step(data_iterator, model):
     """megatron-core's forward step: the next micro-batch through the model, and its loss function.
     With data.reset_attention_mask the batch's document ids [b, s] go where megatron-core passes an
-    attention mask to every layer's core attention (model/attention/documents.py)."""
+    attention mask to every layer's core attention (model/attention/documents.py). The loss mask goes
+    to the model too, for multi-token prediction: module k's loss at i counts where the LM loss at
+    i+k does (megatron-core rolls it; Megatron-LM's pretrain_gpt.py passes it so)."""
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch.get("document_ids"), labels=batch["labels"])
+    output = model(
+        batch["tokens"],
+        batch["position_ids"],
+        batch.get("document_ids"),
+        labels=batch["labels"],
+        loss_mask=batch["loss_mask"],
+    )
     return output, partial(loss_func, batch["loss_mask"])
 
 

@@ -135,8 +135,31 @@ def _postprocess_without_labels_skips_mtp(original: Callable) -> Callable:
     return _postprocess
 
 
+def _mtp_token_count_over_context(original: Callable) -> Callable:
+    """`GPTModel._postprocess` rolls the MTP labels and loss mask with `roll_tensor`, whose second
+    result (the rolled tensor's sum) is the MTP loss's token count there: the tracker is given this
+    rank's token sum over that count, averaged over the data- and context-parallel ranks. With
+    context parallelism each rank divides by its own count (the ranks' counts differ: the last
+    position has no target, loss masks differ), so the logged MTP loss is a mean of per-rank token
+    means, not the micro-batch's token mean (Megatron-LM #4896): tiny_gpt at CP2 logged it 1.3e-5
+    off one process. The fix returns the mean count of the context-parallel group: each rank's
+    share is then its token sum over the group's count times the group size, and their average is
+    the micro-batch's token mean. Logging only: with calculate_per_token_loss (ours, always) the
+    MTP gradient takes the per-token losses, not the count."""
+
+    def roll_tensor(tensor, shifts=-1, dims=-1, cp_group=None, packed_seq_params=None):
+        rolled, total = original(tensor, shifts, dims, cp_group=cp_group, packed_seq_params=packed_seq_params)
+        if cp_group is None or cp_group.size() == 1:
+            return rolled, total
+        total = total.double()
+        torch.distributed.all_reduce(total, group=cp_group)
+        return rolled, (total / cp_group.size()).float()
+
+    return roll_tensor
+
+
 def _fixes() -> list[Patch]:
-    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import GPTModel, gpt_model
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer import multi_latent_attention as mla
@@ -200,6 +223,13 @@ def _fixes() -> list[Patch]:
             GPTModel,
             "_postprocess",
             wrap=_postprocess_without_labels_skips_mtp,
+        ),
+        Patch(
+            "gpt_model.roll_tensor",
+            "models/gpt/gpt_model.py:626-651",
+            gpt_model,
+            "roll_tensor",
+            wrap=_mtp_token_count_over_context,
         ),
         *fsdp.patches(),  # megatron-core's torch FSDP2 path
         *host_optimizer.patches(),  # optimizer.cpu_offload's resume

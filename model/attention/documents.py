@@ -70,11 +70,13 @@ def _segment_mask(ids: Tensor) -> Tensor:
 # (about 0.5 s of CPU in every rank of every run, documents or not).
 @_disable_dynamo
 def document_attention(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, scale: float, dropout: float = 0.0) -> Tensor:
-    """Causal attention inside each document: q [b, np, s, hn], k/v [b, ng, s, hn] (np a multiple
-    of ng), ids [b, s] -> [b, np, s, hn]. Without dropout each document is one causal call of the
-    ring's verified block kernels (`DocumentAttentionFunction`); with dropout, SDPA calls over
-    segments of documents (`segments`)."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and flash_attn_installed():
+    """Causal attention inside each document: q [b, np, s, hn], k [b, ng, s, hn], v [b, ng, s, hv]
+    (np a multiple of ng; hv < hn for multi-latent attention), ids [b, s] -> [b, np, s, hv]. Without
+    dropout each document is one causal call of the ring's verified block kernels
+    (`DocumentAttentionFunction`); with dropout, SDPA calls over segments of documents (`segments`).
+    flash-attn's kernel takes one head width only."""
+    flash = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and v.size(-1) == q.size(-1)
+    if flash and flash_attn_installed():
         return _flash_varlen(q, k, v, ids, scale, dropout)
     if dropout == 0.0:
         return DocumentAttentionFunction.apply(q, k, v, ids, scale)
@@ -89,7 +91,7 @@ class DocumentAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor, ids: Tensor, scale: float) -> Tensor:
-        out = torch.empty_like(q)
+        out = q.new_empty(*q.shape[:3], v.size(-1))  # [b, np, s, hv]: MLA's values are narrower
         lse = torch.empty(
             q.shape[:3], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32, device=q.device
         )
@@ -161,13 +163,13 @@ def _flash_varlen(q: Tensor, k: Tensor, v: Tensor, ids: Tensor, scale: float, dr
     # [b·s, heads, hn], one causal attention per document
     from flash_attn import flash_attn_varlen_func
 
-    b, heads, s, hn = q.shape
+    b, heads, s, _ = q.shape
     cumulative, longest = cu_seqlens(ids)
-    flat = [t.permute(0, 2, 1, 3).reshape(b * s, t.size(1), hn) for t in (q, k, v)]
+    flat = [t.permute(0, 2, 1, 3).reshape(b * s, t.size(1), t.size(3)) for t in (q, k, v)]
     out = flash_attn_varlen_func(
         *flat, cumulative, cumulative, longest, longest, dropout_p=dropout, softmax_scale=scale, causal=True
     )
-    return out.view(b, s, heads, hn).permute(0, 2, 1, 3)
+    return out.view(b, s, heads, v.size(3)).permute(0, 2, 1, 3)
 
 
 def attended_pairs(ids: Tensor) -> int:
@@ -230,13 +232,20 @@ def per_token_rotary(rope: Any, position_ids: Tensor) -> Tensor:
 @functools.cache
 def gpt_model_with_positions() -> type:
     """megatron-core's GPTModel whose RoPE reads position_ids (data.reset_position_ids): 0.16
-    computes it from the position in the sample only (gpt_model.py, _preprocess)."""
+    computes it from the position in the sample only (gpt_model.py, _preprocess). Multi-latent
+    attention applies its own RoPE inside each layer (and takes no rotary embedding from the
+    model): it is handed the position ids [b, s/cp] themselves in that argument
+    (model/attention/mla.py:PositionedMLASelfAttention)."""
     from megatron.core.models.gpt import GPTModel
 
     class PositionedGPTModel(GPTModel):
-        def _preprocess(self, input_ids: Tensor, position_ids: Tensor, *args: Any, **kwargs: Any) -> Any:
+        def _preprocess(self, input_ids: Tensor, position_ids: Tensor | None, *args: Any, **kwargs: Any) -> Any:
             out = super()._preprocess(input_ids, position_ids, *args, **kwargs)
-            if out[1] is None or position_ids is None:  # no RoPE here (inference's precomputed cos/sin)
+            if position_ids is None:
+                return out
+            if self.config.multi_latent_attention:  # (generation: MLA's positions from its KV cache)
+                return out if kwargs.get("inference_context") is not None else (out[0], position_ids, *out[2:])
+            if out[1] is None:  # no RoPE here (inference's precomputed cos/sin)
                 return out
             return (out[0], per_token_rotary(self.rotary_pos_emb, position_ids), *out[2:])
 

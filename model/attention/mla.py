@@ -3,6 +3,7 @@ layers: the `model.mla` keys, the combinations refused, the TransformerConfig fi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -100,6 +101,51 @@ def use_mla(spec: Any) -> None:
     from model.layers import RMSNorm
 
     attention = get_gpt_layer_local_spec(multi_latent_attention=True, normalization="RMSNorm").submodules.self_attention
+    attention.module = positioned_mla()
     attention.submodules.q_layernorm = RMSNorm  # built only with a query latent (q_lora_rank)
     attention.submodules.kv_layernorm = RMSNorm
     spec.submodules.self_attention = attention
+
+
+@functools.cache
+def positioned_mla() -> type:
+    """megatron-core's MLASelfAttention that takes per-token positions: data.reset_position_ids
+    hands each layer the position ids [b, s/cp] in `rotary_pos_emb` (megatron-core's MLA takes no
+    rotary embedding there: model/attention/documents.py:gpt_model_with_positions), and the layer's
+    RoPE is read at them for the call. Without them, upstream's MLA as it is."""
+    import torch
+    from megatron.core.transformer.multi_latent_attention import MLASelfAttention
+
+    class RopeAtPositions(torch.nn.Module):
+        """An MLA layer's RoPE module (megatron-core's RotaryEmbedding or YarnRotaryEmbedding) read at
+        each token's own position: `positions` [b, s/cp] -> [s/cp, b, 1, dim] (with YaRN's mscale),
+        rows of the module's own table for the whole sample, so a position's angles are the ones it
+        has without documents."""
+
+        def __init__(self, rope: torch.nn.Module, positions: torch.Tensor):
+            super().__init__()
+            self.rope: Any = rope
+            self.positions = positions
+
+        def get_rotary_seq_len(self, *args: Any, **kwargs: Any) -> int:
+            return self.rope.get_rotary_seq_len(*args, **kwargs)
+
+        def forward(self, seq_len: int, packed_seq: bool = False) -> Any:
+            table = self.rope.get_emb(seq_len)  # [s, 1, 1, dim] for the whole sample (yarn: and its mscale)
+            emb, rest = (table[0], table[1:]) if isinstance(table, tuple) else (table, ())
+            emb = emb[:, 0, 0][self.positions.t()].unsqueeze(2)  # [s/cp, b, 1, dim]
+            return (emb, *rest) if rest else emb
+
+    class PositionedMLASelfAttention(MLASelfAttention):
+        def forward(self, hidden_states: Any, attention_mask: Any, *args: Any, **kwargs: Any) -> Any:
+            positions = kwargs.pop("rotary_pos_emb", None)
+            if positions is None:
+                return super().forward(hidden_states, attention_mask, *args, **kwargs)
+            rope: Any = getattr(self, "rotary_pos_emb")  # noqa: B009 (typed Any: megatron-core sets it in __init__)
+            self.rotary_pos_emb = RopeAtPositions(rope, positions)
+            try:
+                return super().forward(hidden_states, attention_mask, *args, **kwargs)
+            finally:
+                self.rotary_pos_emb = rope
+
+    return PositionedMLASelfAttention

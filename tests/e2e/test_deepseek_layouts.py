@@ -1,9 +1,10 @@
 """tiny_deepseek (multi-latent attention, group-limited sigmoid routing with the expert bias, a shared
-expert, a dense first layer) at every layout: each curve equals the single-process one. Layouts are
+expert, a dense first layer) with one multi-token prediction module at every layout: each curve equals
+the single-process one, the MTP loss included. Layouts are
 combined, four forked runs of 4 ranks covering tensor + sequence, pipeline (uneven and virtual),
 expert, expert × tensor (experts whole or split), data, context (ring and Ulysses, with MLA's value
-heads narrower than its query/key heads), the distributed optimizer, FSDP and recompute (full, and
-selective with MLA's up-projections)."""
+heads narrower than its query/key heads, and MTP's roll across context-parallel ranks), the
+distributed optimizer, FSDP and recompute (full, and selective with MLA's up-projections)."""
 
 import pytest
 
@@ -17,7 +18,10 @@ from tests.helpers.runs import assert_close_curves, assert_close_validation, rea
 # gradient left partial across tensor ranks) the tensor-parallel run is 2.5e-5 off in grad norm at
 # step 1 and a per-expert load 2.4e-2 off by step 3; CP2 ring attention with its softmax scale taken
 # from the value width (1/sqrt(16)) instead of MLA's query/key width (1/sqrt(24)) is 4.0e-5 off in
-# loss, 1.6e-4 in grad norm and 3.0e-2 in a per-expert load by step 4.
+# loss, 1.6e-4 in grad norm and 3.0e-2 in a per-expert load by step 4. With the MTP module (measured
+# 2026-12-07): mtp_loss within 1.1e-7, grad norm within 2.5e-7 (FSDP × CP2 Ulysses), the rest as
+# above, the MTP layer's loads identical; MTP's labels and loss mask rolled inside each
+# context-parallel rank (no exchange across ranks) is 1.2e-3 off in grad norm at step 1 in both CP runs.
 FP32_REL = 1e-5
 KEYS = (
     "loss",
@@ -27,11 +31,13 @@ KEYS = (
     "moe_expert_load",
     "moe_expert_bias_min",
     "moe_expert_bias_max",
+    "mtp_loss",
 )
 # 4 steps, loss-token counts that differ between micro-batches and ranks, a validation at step 4; no
 # checkpoint (an export from these layouts is tests/distributed/test_hf_layouts.py's)
 STEPS = [
     "train.steps=4",
+    "model.mtp_num_layers=1",
     "data.eod_mask_loss=true",
     "data.split=90,10,0",
     "train.eval_interval=4",
@@ -86,6 +92,7 @@ def deepseek_reference(synthetic_corpus, tmp_path_factory):
 def test_layout_reproduces_single_process(name, deepseek_reference, synthetic_corpus, tmp_path):
     run_pretrain(4, "tiny_deepseek", tiny_overrides(synthetic_corpus, tmp_path, *STEPS, *LAYOUTS[name]))
     metrics = read_metrics(tmp_path)
-    assert set(metrics[0]["moe_expert_load"]) == {"2", "3", "4"}  # layer 1 is dense (first_dense_layers)
+    # layer 1 is dense (first_dense_layers); layer 5 is the MTP module's
+    assert set(metrics[0]["moe_expert_load"]) == {"2", "3", "4", "5"}
     assert_close_curves(metrics, deepseek_reference, rel=FP32_REL, keys=KEYS)
     assert_close_validation(metrics, deepseek_reference, rel=FP32_REL)

@@ -92,6 +92,9 @@ SITE_TESTS = {
     ),
     "SequentialMLP.sharded_state_dict": "distributed/test_fsdp.py::test_every_fsdp_shard_is_saved_at_its_own_address",
     "GPTModel._postprocess": "unit/test_mtp.py::test_upstream_forward_without_labels_is_fixed",
+    "gpt_model.roll_tensor": (
+        "distributed/test_mtp_context_parallel.py::test_mtp_at_context_parallel_2_equals_one_rank_and_needs_the_token_count_fix"
+    ),
     "DistributedOptimizer._build_model_and_main_param_groups": (
         "e2e/test_optimizer_offload.py::test_offload_under_the_distributed_optimizer_trains_the_same_curve_and_resumes"
     ),
