@@ -146,6 +146,10 @@ def transformer_config(model: ModelConfig, build: ModelBuild) -> TransformerConf
         # (docs/megatron-core-on-cpu.md, "Silent traps"); NCCL batches correctly.
         batch_p2p_comm=build.batch_p2p_comm,
         overlap_p2p_comm=build.overlap_p2p_comm,
+        # Each chunk's output freed once sent to the next stage (its autograd graph stays): as
+        # Megatron-LM and Megatron-Bridge always run; the memory model counts it so
+        # (planning/memory.py:chunk_bytes). On gloo an overlapped send needs upstream/gloo_p2p.py.
+        deallocate_pipeline_outputs=True,
         use_cpu_initialization=True,  # CPU init is also what makes init TP-size invariant
         perform_initialization=build.perform_initialization,
         **recompute_fields(model),

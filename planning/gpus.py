@@ -28,7 +28,10 @@ class Gpu:
     attention_efficiency: float = 0.5  # fused (flash/cuDNN) attention, forward and backward, of the bf16 peak
     gpus_per_node: int = 8  # the NVLink domain: GPUs whose traffic never leaves NVLink
     sms: int = 132  # streaming multiprocessors: one output tile each per wave (wave quantization)
-    memory_gib: float = 79.6  # what the driver reports as total (nvidia-smi's MiB / 1024): --dry-run --gpu's default
+    # the total PyTorch can allocate from (cudaMemGetInfo's, the "total capacity" of its OOM message), the
+    # low end of what drivers report: H100 80GB 79.10-79.18 GiB (nvidia-smi's 81,559 MiB = 79.65 GiB counts
+    # memory the driver keeps for itself); --dry-run --gpu's default. docs/planner.md lists the sources
+    memory_gib: float = 79.1
     # host link per GPU per direction, GB/s, for optimizer.cpu_offload's copies: about 80 % of PCIe
     # 5.0 x16's 64 GB/s (HGX H100/H200/B200); PCIe 4.0 on A100, NVLink-C2C to Grace on GB200. Assumed
     host_link_gbs: float = 50.0
@@ -55,14 +58,14 @@ class Gpu:
 GPUS = {
     # A100 SXM 80GB: 312 TFLOPS bf16, NVLink 3 (600 GB/s both directions), HDR 200 Gb/s, 2.0 TB/s HBM2e
     "a100": Gpu(
-        "a100", 312.0, 156.0, 300.0, 25.0, 2039.0, matmul_efficiency=0.859, sms=108, memory_gib=79.3, host_link_gbs=25.0
+        "a100", 312.0, 156.0, 300.0, 25.0, 2039.0, matmul_efficiency=0.859, sms=108, memory_gib=79.1, host_link_gbs=25.0
     ),
     # H100 SXM: 989 TFLOPS bf16, 1979 fp8, NVLink 4 (900 GB/s both directions), ConnectX-7 400 Gb/s, 3.35 TB/s
     "h100": Gpu("h100", 989.0, 494.0, 450.0, 50.0, 3350.0, 1979.0),
     # H200 SXM: H100's compute and links, 141 GB of HBM3e at 4.8 TB/s
-    "h200": Gpu("h200", 989.0, 494.0, 450.0, 50.0, 4800.0, 1979.0, memory_gib=140.4),
+    "h200": Gpu("h200", 989.0, 494.0, 450.0, 50.0, 4800.0, 1979.0, memory_gib=139.7),
     # B200 (HGX): 2.25 PFLOPS bf16 dense, 4.5 fp8, NVLink 5 (1.8 TB/s both directions), ConnectX-8 800 Gb/s, 8 TB/s
-    "b200": Gpu("b200", 2250.0, 1125.0, 900.0, 100.0, 8000.0, 4500.0, 0.776, 0.763, sms=148, memory_gib=179.1),
+    "b200": Gpu("b200", 2250.0, 1125.0, 900.0, 100.0, 8000.0, 4500.0, 0.776, 0.763, sms=148, memory_gib=178.3),
     # GB200 NVL72: 2.5 PFLOPS bf16 dense, 5 fp8 per GPU, one NVLink 5 domain of 72 GPUs, 8 TB/s
     "gb200": Gpu(
         "gb200",
@@ -76,7 +79,7 @@ GPUS = {
         0.763,
         gpus_per_node=72,
         sms=148,
-        memory_gib=184.0,
+        memory_gib=178.3,  # assumed: B200's (the same 192 GB of HBM3e); not seen reported
         host_link_gbs=450.0,
     ),
 }

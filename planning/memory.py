@@ -310,8 +310,8 @@ def chunk_bytes(setup: Setup, layers: tuple[int, int], first: bool, last: bool) 
         logits, loss_transient = act.logits_and_loss(m, setup.vocab, shape, kernels)
         items.append((logits, loss_transient))
         items += mtp_items(m, setup.vocab, shape, kernels, setup.target.gloo)
-    else:
-        items.append((hidden, 0))  # the chunk's output, kept by the schedule until its backward
+    # Any other chunk's output is freed once sent (deallocate_pipeline_outputs, model/gpt.py): only its
+    # autograd graph stays, so it holds no bytes here.
     return ChunkBytes(sum(k for k, _ in items), logits, backward_peak(items))
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from upstream import host_optimizer
+from upstream import gloo_p2p, host_optimizer
 from upstream.patch import Patch, PatchSet
 
 
@@ -201,7 +201,8 @@ class HostDeviceMesh:
 
 def _patches() -> list[Patch]:
     """The attribute patches, built lazily so importing this module never imports megatron."""
-    return [*_rng_patches(), *_device_patches(), *_recompute_and_collective_patches(), host_optimizer.cpu_patch()]
+    collective = _recompute_and_collective_patches()
+    return [*_rng_patches(), *_device_patches(), *collective, host_optimizer.cpu_patch(), gloo_p2p.patch()]
 
 
 def _rng_patches() -> list[Patch]:

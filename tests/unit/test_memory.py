@@ -224,15 +224,16 @@ def test_dry_run_target_is_the_recipe_device():
 
 # ------------------------------------------------------------------ pinned against measured peaks
 
-# Measured peaks of benchmarks/bench_memory_table.py (2026-11-30, torch 2.13.0 CPU, gloo; the worst
-# rank's pipeline stage; docs/benchmarks.md, "Memory model: predicted vs measured peak per rank"):
+# Measured peaks of benchmarks/bench_memory_table.py (2026-11-30, the pipeline rows 2026-12-07; torch
+# 2.13.0 CPU, gloo; the worst rank's pipeline stage; docs/benchmarks.md, "Memory model: predicted vs measured peak per rank"):
 # name -> (pipeline stage, predicted MiB then, measured MiB). The prediction is pinned to 0.01 MiB so
 # the model cannot drift unnoticed; a deliberate change reruns the table and updates both columns.
 PINNED = {
     "dense bf16 s4096": (0, 307.68, 313.87),
     "dense bf16 full-uniform-1": (0, 278.67, 280.18),
     "dense bf16 tp2 sp": (0, 223.83, 229.11),
-    "dense bf16 pp2 vpp2": (1, 197.54, 203.02),
+    "dense fp32 pp2 mbs1": (0, 297.70, 294.67),  # re-measured 2026-12-07: pipeline outputs freed once sent
+    "dense bf16 pp2 vpp2": (1, 195.54, 201.02),
     "dense fp32 cp2 a2a s2048": (0, 384.73, 381.60),
     "dense fp32 dp2 fsdp zero3": (0, 319.96, 320.27),
     "dense bf16 dp2 fsdp zero2": (0, 231.71, 238.15),
