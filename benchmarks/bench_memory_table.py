@@ -75,7 +75,7 @@ CONFIGS: dict[str, tuple[int, str, list[str]]] = {
         ["parallel.tensor=2", "parallel.sequence_parallel=true", "train.precision=bf16", "model.seq_length=2048"],
     ),
     "dense fp32 pp2 mbs1": (2, "tiny_gpt", ["parallel.pipeline=2", "train.global_batch_size=8"]),
-    # without overlap_p2p_comm: what its overlapped schedule holds beyond it is not modelled (next row)
+    # blocking and overlapped (overlap_p2p_comm: receives posted ahead, planning/schedule.py:overlap_held)
     "dense bf16 pp2 vpp2": (2, "tiny_gpt", [*VPP2, "parallel.overlap_p2p_comm=false"]),
     "dense bf16 pp2 vpp2 overlap_p2p": (2, "tiny_gpt", VPP2),
     "dense fp32 cp2 s2048": (2, "tiny_gpt", ["parallel.context=2", "model.seq_length=2048"]),

@@ -14,7 +14,7 @@ from parallel.layout import Layout
 from planning import activations as act
 from planning.activations import FP32, Kernels, Shape
 from planning.mtp import mtp_items, mtp_stage_parameters
-from planning.schedule import in_flight
+from planning.schedule import in_flight, overlap_held
 from planning.setup import stage_layers, validate_for_world, vocab_size
 from planning.te_memory import fp8_weight_bytes, userbuffer_bytes
 
@@ -365,15 +365,20 @@ def stage_activations(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, 
         for c, r in enumerate(ranges)
     ]
 
-    def peak(moment: tuple[list[int], int | None]) -> int:
-        live, backward = moment
-        held = sum(chunks[c].kept for c in live)
+    schedule = (layout.pipeline, len(ranges), pipeline_rank, setup.micro_batches)
+    p2p = overlap_held(*schedule, overlapped=setup.recipe.parallel.p2p_overlapped)  # pipeline tensors more
+    hidden = setup.shape.sharded_tokens * setup.model.hidden_size * setup.shape.dtype_bytes
+
+    def peak(moment: tuple[tuple[list[int], int | None], int]) -> int:
+        (live, backward), extra = moment
+        held = sum(chunks[c].kept for c in live) + extra * hidden
         return held if backward is None else held - chunks[backward].kept + chunks[backward].backward_peak
 
-    live, backward = max(in_flight(layout.pipeline, len(ranges), pipeline_rank, setup.micro_batches), key=peak)
+    worst = max(zip(in_flight(*schedule), p2p), key=peak)
+    live = worst[0][0]
     kept = sum(chunks[c].kept for c in live)
     logits = sum(chunks[c].logits for c in live)
-    return kept, logits, peak((live, backward)) - kept, len(live)
+    return kept, logits, peak(worst) - kept, len(live)
 
 
 # ------------------------------------------------------------------------------------------ estimate

@@ -234,6 +234,7 @@ PINNED = {
     "dense bf16 tp2 sp": (0, 223.83, 229.11),
     "dense fp32 pp2 mbs1": (0, 297.70, 294.67),  # re-measured 2026-12-07: pipeline outputs freed once sent
     "dense bf16 pp2 vpp2": (1, 195.54, 201.02),
+    "dense bf16 pp2 vpp2 overlap_p2p": (1, 198.54, 204.02),  # 2026-12-07, with overlap_held
     "dense fp32 cp2 a2a s2048": (0, 384.73, 381.60),
     "dense fp32 dp2 fsdp zero3": (0, 319.96, 320.27),
     "dense bf16 dp2 fsdp zero2": (0, 231.71, 238.15),
