@@ -79,7 +79,7 @@ class Matrix:
     none of it here. `parts`: row counts splitting the shard into separate matrices, per repeat
     (QKV: (q, k, v) per local query group; gated fc1: (ffn, ffn) once). `stacked`: the parameter
     holds local experts' matrices stacked [experts, rows, cols] (model/grouped_experts.py), each
-    stepped as a separate matrix would be; `partition_dim` is then that of one expert's slice."""
+    stepped as a separate matrix would be."""
 
     name: str
     param: torch.Tensor  # the model's parameter (its shape: this rank's shard)
@@ -217,39 +217,39 @@ def _own_piece(matrix: Matrix, shard_update: torch.Tensor) -> torch.Tensor:
 def _orthogonalize_shard(matrix: Matrix, shard: torch.Tensor, s: MuonSettings) -> torch.Tensor:
     """Newton-Schulz on each whole matrix that `shard` (this rank's tensor-parallel shard) is part
     of, scaled by its learning-rate ratio; returns this rank's shard of the result, fp32. A stack of
-    experts: every expert's slice on its own, as the sequential experts' separate matrices."""
-    if matrix.stacked:
-        return torch.stack([_orthogonalize_matrix(matrix, expert, s) for expert in shard.unbind(0)])
-    return _orthogonalize_matrix(matrix, shard, s)
-
-
-def _orthogonalize_matrix(matrix: Matrix, shard: torch.Tensor, s: MuonSettings) -> torch.Tensor:
-    """_orthogonalize_shard for one [rows, cols] shard (one expert's, for a stack)."""
+    experts is gathered whole (one collective per piece), then each expert's slice is orthogonalized
+    on its own, as the sequential experts' separate matrices."""
     pieces = _split(matrix, shard)
     out = []
     for piece in pieces:
         whole = _gather(piece, matrix.tp_group, matrix.partition_dim)
-        ratio = lr_ratio(s.adjust_lr, whole.size(0), whole.size(1))
-        orthogonal = newton_schulz(whole, s.ns_coefficients, s.ns_steps, s.eps, s.ns_dtype).float() * ratio
-        out.append(_scatter(orthogonal, matrix.tp_group, matrix.partition_dim))
+        ratio = lr_ratio(s.adjust_lr, whole.size(-2), whole.size(-1))
+        args = (s.ns_coefficients, s.ns_steps, s.eps, s.ns_dtype)
+        if matrix.stacked:
+            orthogonal = torch.stack([newton_schulz(expert, *args) for expert in whole.unbind(0)])
+        else:
+            orthogonal = newton_schulz(whole, *args)
+        out.append(_scatter(orthogonal.float() * ratio, matrix.tp_group, matrix.partition_dim))
     return _unsplit(matrix, out, shard.shape)
 
 
 def _split(matrix: Matrix, shard: torch.Tensor) -> list[torch.Tensor]:
     """The shard's pieces, one per separate matrix, each still this rank's shard of it: QKV's
-    [ng_local, q + k + v, h] into Q [ng_local * q, h], K, V; gated fc1's [gate; up] into halves."""
+    [ng_local, q + k + v, h] into Q [ng_local * q, h], K, V; gated fc1's [gate; up] into halves
+    (per expert for a stack: [experts, gate; up, h] into [experts, gate, h] and [experts, up, h])."""
     if matrix.parts is None:
         return [shard]
-    rows = shard.view(matrix.repeats, sum(matrix.parts), shard.size(-1))
-    return [p.reshape(-1, shard.size(-1)) for p in torch.split(rows, list(matrix.parts), dim=1)]
+    lead, cols = shard.shape[:-2], shard.size(-1)
+    rows = shard.reshape(*lead, matrix.repeats, sum(matrix.parts), cols)
+    return [p.reshape(*lead, -1, cols) for p in torch.split(rows, list(matrix.parts), dim=-2)]
 
 
 def _unsplit(matrix: Matrix, pieces: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
     if matrix.parts is None:
         return pieces[0]
-    cols = shape[-1]
-    per_repeat = [p.view(matrix.repeats, -1, cols) for p in pieces]
-    return torch.cat(per_repeat, dim=1).view(shape)
+    lead, cols = shape[:-2], shape[-1]
+    per_repeat = [p.reshape(*lead, matrix.repeats, -1, cols) for p in pieces]
+    return torch.cat(per_repeat, dim=-2).reshape(shape)
 
 
 def _split_by_tensor(matrix: Matrix) -> bool:
@@ -305,8 +305,6 @@ def model_matrices(chunks: Sequence[Any], groups: Any, split_qkv: bool) -> Itera
             tp_group = groups.expt_tp if expert else groups.tp
             stacked = is_expert_stack(param)
             dim = getattr(param, "partition_dim", -1) if getattr(param, "tensor_model_parallel", False) else -1
-            if stacked and dim != -1:
-                dim -= 1  # one expert's slice's dimension
             matrix = Matrix(name, param, None, tp_group, None if dim == -1 else dim, stacked=stacked)
             local_rows = param.shape[1 if stacked else 0]  # a DTensor (FSDP) says its whole shape
             if split_qkv and name.endswith("linear_qkv.weight"):

@@ -2,8 +2,9 @@
 tests/e2e/test_muon_reference.py holds to torch.optim.Muon + AdamW). Muon orthogonalizes whole
 matrices, which these layouts split: tensor parallelism (QKV and the gated fc1 split per rank; the
 shards are gathered), the distributed optimizer (flat ranges of a matrix on different ranks), FSDP
-(rows on different ranks), experts (each expert's matrices apart, split by expert tensor
-parallelism). A resume at another layout continues the curve; AdamW's state is not Muon's.
+(rows on different ranks), experts (each expert's matrices apart, sequential or stacked by grouped
+experts, split by expert tensor parallelism). A resume at another layout continues the curve;
+AdamW's state is not Muon's.
 
 Measured (2026-12-07, fp32 Newton-Schulz): every layout within 1.5e-7 of one process; with
 Newton-Schulz in bf16 (optimizer.ns_dtype=bf16) the same layouts are 1e-4 to 5e-4 apart (rounding
@@ -80,11 +81,11 @@ def test_experts_reproduce_single_process_grouped_or_not(synthetic_corpus, tmp_p
     optimizer, whose flat ranges cut layer 1's fc1 stack inside expert 1.
 
     Measured (2026-12-07, 6 steps): grouped one process equal in loss, grad norm within 5.5e-10;
-    both layouts within 4.3e-8 in loss and 6.8e-8 in grad norm. Negative controls (by hand, one
-    process): each stack orthogonalized as one [experts x out, in] matrix is 1.0e-4 off in loss at
-    step 2 (2.1e-3 by step 6); the stacks left to AdamW (the old silent behaviour) 1.3e-3 at step 2;
-    each expert's fc1 orthogonalized whole, not [gate; up] apart, 8.1e-5 off in grad norm at step 4;
-    at ETP2 the partition dimension of the stack (not of an expert's slice) fails the run."""
+    both layouts within 4.3e-8 in loss and 6.8e-8 in grad norm. Negative controls (by hand, failing
+    this test): each stack's gate (up, fc2) orthogonalized as one [experts x rows, cols] matrix, 3.4e-5
+    off in loss at step 2; the stacks left to AdamW (the old silent behaviour), 1.3e-3 at step 2; each
+    expert's fc1 orthogonalized whole, not [gate; up] apart, 8.1e-5 in grad norm at step 4; at EP2 x
+    ETP2 each rank orthogonalizing its own shard of an expert (no gather), 4.5e-5 in loss at step 2."""
     run_pretrain(1, "tiny_moe", tiny_overrides(synthetic_corpus, tmp_path / "one", *EXPERTS))
     reference = read_metrics(tmp_path / "one")
     runs = {
