@@ -225,11 +225,16 @@ def _orthogonalize_shard(matrix: Matrix, shard: torch.Tensor, s: MuonSettings) -
         whole = _gather(piece, matrix.tp_group, matrix.partition_dim)
         ratio = lr_ratio(s.adjust_lr, whole.size(-2), whole.size(-1))
         args = (s.ns_coefficients, s.ns_steps, s.eps, s.ns_dtype)
-        if matrix.stacked:
-            orthogonal = torch.stack([newton_schulz(expert, *args) for expert in whole.unbind(0)])
-        else:
-            orthogonal = newton_schulz(whole, *args)
-        out.append(_scatter(orthogonal.float() * ratio, matrix.tp_group, matrix.partition_dim))
+        if not matrix.stacked:
+            orthogonal = newton_schulz(whole, *args).float() * ratio
+            out.append(_scatter(orthogonal, matrix.tp_group, matrix.partition_dim))
+            continue
+        # each expert's result cut to this rank's shard at once, so no second whole stack is held
+        dim = None if matrix.partition_dim is None else matrix.partition_dim - 1
+        mine = torch.empty(piece.shape, dtype=torch.float32, device=piece.device)
+        for e, expert in enumerate(whole.unbind(0)):
+            mine[e] = _scatter(newton_schulz(expert, *args).float() * ratio, matrix.tp_group, dim)
+        out.append(mine)
     return _unsplit(matrix, out, shard.shape)
 
 
