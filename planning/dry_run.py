@@ -13,7 +13,7 @@ from model.gpt import parameter_counts
 from parallel.layout import Layout
 from planning.gpus import GPUS
 from planning.memory import Target, estimate_setup, setup_for, stage_parameters
-from planning.report import dry_run_setup, fit_lines, memory_json, table_lines
+from planning.report import dry_run_setup, duration, fit_lines, memory_json, table_lines
 from planning.setup import validate_for_world, vocab_size
 from planning.step_time import step_time
 
@@ -129,8 +129,9 @@ def dry_run(
             f"top-{recipe.model.moe.top_k} of {recipe.model.moe.num_experts} experts)"
         )
     for s in stages:
-        ranges = ", ".join(f"{a}-{b - 1}" for a, b in s.layers)
-        lines.append(f"  pipeline stage {s.pipeline_rank}: layers {ranges}; {s.params_per_rank:,} parameters per rank")
+        lines.append(
+            f"  pipeline stage {s.pipeline_rank}: {layers_text(s.layers)}; {s.params_per_rank:,} parameters per rank"
+        )
     lines += table_lines(estimate, setup)
     if gpu_memory_gib is not None:
         lines += fit_lines(estimate, setup, gpu_memory_gib)
@@ -146,13 +147,20 @@ def dry_run(
 def step_time_lines(t: dict[str, Any]) -> list[str]:
     """The step time as text: the total, the throughput, and each term with what of it is exposed."""
     lines = [
-        f"step time on {t['gpu']}: {t['seconds']:.3f} s, {t['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
+        f"step time on {t['gpu']}: {duration(t['seconds'])}, {t['tokens_per_s_per_gpu']:,.0f} tokens/s/GPU, "
         f"{t['tflops_per_gpu']:.0f} TFLOP/s/GPU ({t['flops_convention']})"
     ]
     for name, term in t["terms"].items():
         if term["seconds"]:
-            lines.append(f"  {name:<20} {term['seconds']:>9.3f} s, {term['exposed']:>9.3f} s exposed")
+            lines.append(f"  {name:<20} {duration(term['seconds']):>10}, {duration(term['exposed']):>10} exposed")
     return lines
+
+
+def layers_text(ranges: tuple[tuple[int, int], ...]) -> str:
+    """A stage's half-open layer ranges for people: "layer 0", "layers 0-3", "layers 0-1, 4-5"."""
+    if len(ranges) == 1 and ranges[0][1] - ranges[0][0] == 1:
+        return f"layer {ranges[0][0]}"
+    return "layers " + ", ".join(f"{a}" if b - a == 1 else f"{a}-{b - 1}" for a, b in ranges)
 
 
 def _report(

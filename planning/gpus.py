@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from common.errors import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class Gpu:
@@ -36,6 +38,17 @@ class Gpu:
 
     def peak(self, precision: str) -> float:
         return (self.bf16_tflops if precision != "fp32" else self.tf32_tflops) * 1e12
+
+    def fp8_peak(self) -> float:
+        """The dense FP8 peak in FLOP/s; refuses (one line) a GPU without FP8 tensor cores, never
+        scoring an FP8 recipe at its bf16 peak."""
+        if not self.fp8_tflops:
+            with_fp8 = " | ".join(name for name, gpu in GPUS.items() if gpu.fp8_tflops)
+            raise UserError(
+                f"fp8.enabled = true: {self.name} has no FP8 tensor cores; set fp8.enabled = false "
+                f"or plan for --gpu {with_fp8}"
+            )
+        return self.fp8_tflops * 1e12
 
     def bandwidth(self, span: int) -> float:
         """Bytes/s of a group spanning `span` consecutive ranks: NVLink inside a domain, else the network."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import TYPE_CHECKING, Any
 
 from common.errors import RecipeError
@@ -115,6 +116,34 @@ def cheapest_recompute(setup: Setup, gpu_bytes: int) -> Recompute | None:
 
 
 # ------------------------------------------------------------------------------------------ rendering
+
+
+def significant(x: float, digits: int = 3) -> str:
+    """`x` to `digits` significant digits in plain notation (0.000123, 1.73, 12.3; 1234 keeps its units)."""
+    if x == 0:
+        return "0"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(x))))
+    return f"{x:.{decimals}f}"
+
+
+def duration(seconds: float) -> str:
+    """A time for people: seconds with 3 decimals from a second up, else ms or µs to 3 significant digits."""
+    if seconds >= 1 or seconds == 0:
+        return f"{seconds:.3f} s"
+    if seconds >= 1e-3:
+        return f"{significant(seconds * 1e3)} ms"
+    return f"{significant(seconds * 1e6)} µs"
+
+
+def aligned(rows: list[list[str]], left: frozenset[int] = frozenset(), indent: str = "  ") -> list[str]:
+    """`rows` (the first the header) as text columns two spaces apart, each as wide as its longest
+    cell: right-aligned, but the columns in `left`."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = (c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
 
 
 def _gib(n: int) -> float:

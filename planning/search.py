@@ -12,7 +12,7 @@ from common.errors import RecipeError
 from model.config import check_model
 from model.gpt import parameter_counts
 from planning.memory import Setup, Target, estimate_setup, setup_for
-from planning.report import recompute_candidates, reserve_bytes
+from planning.report import aligned, recompute_candidates, reserve_bytes, significant
 from planning.step_time import step_time
 
 if TYPE_CHECKING:
@@ -261,19 +261,27 @@ def _data_text(o: dict[str, Any], data: int) -> str:
     return f"{data}{sharding}" + (f"/{shard}" if shard is not None else "")
 
 
+TABLE_HEAD = ["#", "tensor", "pipeline", "virtual", "context", "expert", "data", "recompute", "micro", "needed GiB"]
+TABLE_HEAD += ["step s", "MFU %"]
+
+
 def table(found: list[Candidate], gpu: Any, gpus: int) -> list[str]:
-    lines = [
-        "  #  tensor pipeline virtual context expert     data  recompute                 micro  needed GiB  step s    MFU"
-    ]
+    """The fitting layouts, one row each, every column as wide as its longest entry."""
+    rows = [TABLE_HEAD]
     for i, c in enumerate(found, 1):
         o, layout = c.overrides, c.setup.layout
         mfu = c.time.mfu(gpu, c.setup.recipe.train.precision, gpus)
-        lines.append(
-            f"{i:>3}  {_tensor_text(o):>6} {_pipeline_text(o):>8} {o['parallel.virtual_pipeline'] or '-':>7} "
-            f"{o['parallel.context']:>7} {_expert_text(o):>6} {_data_text(o, layout.data):>8}  {_recompute_text(o):<24}  "
-            f"{o['train.micro_batch_size']:>5}  {c.needed / 2**30:>10.1f}  {c.time.total:>6.2f}  {100 * mfu:>4.1f} %"
+        rows.append(
+            [f"{i}", _tensor_text(o), _pipeline_text(o), f"{o['parallel.virtual_pipeline'] or '-'}"]
+            + [f"{o['parallel.context']}", _expert_text(o), _data_text(o, layout.data), _recompute_text(o)]
+            + [
+                f"{o['train.micro_batch_size']}",
+                f"{c.needed / 2**30:.1f}",
+                significant(c.time.total),
+                f"{100 * mfu:.1f}",
+            ]
         )
-    return lines
+    return aligned(rows, left=frozenset({TABLE_HEAD.index("recompute")}))
 
 
 def as_overrides(overrides: dict[str, Any]) -> str:

@@ -104,8 +104,8 @@ def _layer_seconds(setup: Setup, gpu: Gpu, is_moe: bool, fp8: bool) -> float:
     m, shape = setup.model, setup.shape
     tp, b = shape.tensor, shape.dtype_bytes
     tokens = shape.tokens
-    peak = gpu.fp8_tflops * 1e12 if fp8 and gpu.fp8_tflops else gpu.peak(setup.recipe.train.precision)
-    gemm_b = 1 if fp8 and gpu.fp8_tflops else b
+    peak = gpu.fp8_peak() if fp8 else gpu.peak(setup.recipe.train.precision)
+    gemm_b = 1 if fp8 else b
     h, heads = m.hidden_size, m.num_attention_heads
     q = heads * head_dim(m)  # = h unless model.head_dim says otherwise
     kv = (m.num_query_groups or heads) * head_dim(m)
@@ -142,7 +142,7 @@ def _layer_seconds(setup: Setup, gpu: Gpu, is_moe: bool, fp8: bool) -> float:
         * b
         / (gpu.hbm_gbs * 1e9)
     )
-    if fp8 and gpu.fp8_tflops:
+    if fp8:
         # current scaling: each linear's input (forward) and output gradient (backward) is read for its
         # amax, read again and written as fp8 and as its fp8 transpose: 2 reads + 2 one-byte writes
         widths = shape.sharded_tokens * 2 * h + tokens * (q + (q + 2 * kv) + 2 * ffn + ffn) / tp + tokens * h / tp
@@ -163,6 +163,8 @@ def step_time(setup: Setup, gpu: Gpu) -> StepTime:
     pattern = moe_layer_pattern(m)
     tokens = shape.tokens  # per micro-batch on one rank's sequence shard
     mb, chunks = setup.micro_batches, layout.model_chunks
+    if recipe.fp8.enabled:
+        gpu.fp8_peak()  # refuses a GPU without FP8 tensor cores before any term is scored
     in_fp8 = [fp8_layer(recipe.fp8, m.num_layers, i) for i in range(m.num_layers)]
     layer_kinds = set(zip(pattern, in_fp8)) | set(_mtp_kinds(setup))
     kinds = {kind: _layer_seconds(setup, gpu, *kind) for kind in layer_kinds}  # (moe, fp8) once each
@@ -301,8 +303,8 @@ def tp_overlap_exposed(setup: Setup, gpu: Gpu, collective: float, is_moe: bool, 
 
 def _gemm_rate(setup: Setup, gpu: Gpu, fp8: bool) -> tuple[float, int]:
     """(peak FLOP/s, operand bytes) of the decoder's linears: the FP8 peak and one byte with fp8 on."""
-    if fp8 and gpu.fp8_tflops:
-        return gpu.fp8_tflops * 1e12, 1
+    if fp8:
+        return gpu.fp8_peak(), 1
     return gpu.peak(setup.recipe.train.precision), setup.shape.dtype_bytes
 
 

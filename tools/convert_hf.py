@@ -7,7 +7,8 @@
 recipe `model:` section matching the HF config (use it as a recipe's `base:`). dist_checkpointing
 reshards on load, so training may start at any layout. `export` reads a checkpoint saved at any
 layout (weights only or a training checkpoint; the recipe stored in it gives the architecture) and
-writes config.json + model.safetensors in fp32 into a folder that holds no Hugging Face model yet. Conversion runs in one CPU process and holds the
+writes config.json (with the bos/eos ids: the imported folder's, else data.tokenizer's end of document),
+generation_config.json and model.safetensors in fp32 into a folder that holds no Hugging Face model yet. Conversion runs in one CPU process and holds the
 whole model in memory (4 bytes per parameter). Errors are one line, exit code 2.
 """
 
@@ -171,6 +172,7 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     load_exactly(model, ours, f"{hf_dir}")
     recipe = Recipe(model=model_cfg)
     extra = {"step": 0, "recipe": recipe_to_dict(recipe), "vocab_size": model_cfg.vocab_size, "source": str(hf_dir)}
+    extra["hf_token_ids"] = hf_token_ids(hf_dir, hf_config)
     path = storage.save(out_dir, 0, [model], None, extra)
     (out_dir / "model.yaml").write_text(yaml.safe_dump({"model": recipe_to_dict(recipe)["model"]}, sort_keys=False))
     return path
@@ -203,14 +205,64 @@ def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     storage.load(path, [model], None)
     ours = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     tensors = ours_to_hf(ours, model_cfg, vocab_size)
+    config_ids, generation_ids = export_token_ids(extra)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(config | config_ids, indent=2) + "\n")
+    (out_dir / "generation_config.json").write_text(json.dumps(generation_ids, indent=2) + "\n")
     save_file(
         _unshared(_progress(sorted(tensors.items()), "writing")),
         str(out_dir / "model.safetensors"),
         metadata={"format": "pt"},
     )
     return out_dir
+
+
+TOKEN_IDS = ("bos_token_id", "eos_token_id")
+
+
+def hf_token_ids(hf_dir: pathlib.Path, hf_config: dict) -> dict[str, dict]:
+    """The special-token ids of a Hugging Face folder, which no tensor holds: config.json's and
+    generation_config.json's (which `generate` stops at), kept by import for export."""
+    ids = {"config": {k: hf_config[k] for k in TOKEN_IDS if k in hf_config}}
+    generation = hf_dir / "generation_config.json"
+    if generation.is_file():
+        try:
+            saved = json.loads(generation.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{generation} is not valid JSON: {exc}") from None
+        if not isinstance(saved, dict):
+            raise UserError(f"{generation}: expected a JSON object, got {type(saved).__name__}")
+        ids["generation"] = {k: saved[k] for k in TOKEN_IDS if k in saved}
+    return ids
+
+
+def export_token_ids(extra: dict) -> tuple[dict, dict]:
+    """(config.json's, generation_config.json's) bos/eos ids: the imported folder's own where the
+    checkpoint kept them, else the end-of-document id of the recipe's data.tokenizer (what training
+    ends each document with; it adds no BOS). Unknown ids are written as null (said on stdout), so
+    transformers assumes no family default (Llama's 1 and 2) in their place."""
+    kept = extra.get("hf_token_ids")
+    if kept:
+        return kept["config"], kept.get("generation", kept["config"])
+    name = ((extra.get("recipe") or {}).get("data") or {}).get("tokenizer", "byte")
+    eod = _tokenizer_eod(name)
+    ids = {"bos_token_id": None, "eos_token_id": eod}
+    return ids, ids
+
+
+def _tokenizer_eod(name: str) -> int | None:
+    """The end-of-document id of a tokenizer on this machine; None (said) for one that is not here:
+    export reads no hub."""
+    from data.tokenizer import build_tokenizer
+
+    if name != "byte" and not pathlib.Path(name).exists():
+        print(f"config.json: eos_token_id null: data.tokenizer '{name}' is not on this machine")
+        return None
+    try:
+        return build_tokenizer(name).eod
+    except UserError as exc:
+        print(f"config.json: eos_token_id null: {exc}")
+        return None
 
 
 def _unshared(items: Iterable[tuple[str, torch.Tensor]]) -> dict:

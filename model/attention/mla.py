@@ -42,11 +42,19 @@ def check_mla(model: Any, parallel: ParallelConfig) -> None:
         raise RecipeError("model.attention = mla is built on the local spec only: set model.transformer_impl = local")
     for key in ("num_query_groups", "head_dim"):
         if getattr(model, key) is not None:
-            raise RecipeError(f"model.{key} does not apply to model.attention = mla (set model.mla's head widths)")
+            raise RecipeError(
+                f"model.{key} does not apply to model.attention = mla: set model.{key} = null "
+                "(model.mla sets the head widths)"
+            )
     if model.add_bias_linear:
-        raise RecipeError("model.add_bias_linear is not built for model.attention = mla")
+        raise RecipeError(
+            "model.add_bias_linear is not built for model.attention = mla: set model.add_bias_linear = false"
+        )
     if model.qk_layernorm:
-        raise RecipeError("model.qk_layernorm does not apply to model.attention = mla (its latents have their norms)")
+        raise RecipeError(
+            "model.qk_layernorm does not apply to model.attention = mla: set model.qk_layernorm = false "
+            "(its latents have their norms)"
+        )
     if model.rope_scaling.type == "llama3":
         raise RecipeError(
             "model.rope_scaling.type = llama3 is not built for model.attention = mla (MLA applies its own "

@@ -15,6 +15,7 @@ from tests.helpers.warm import run_python
 transformers = pytest.importorskip("transformers", reason="transformers is in the test extra")
 
 VOCAB = 1000  # not a multiple of 128: the import pads the vocabulary, the export trims it
+TOKEN_IDS = (7, 9)  # bos, eos: export must keep them
 LOGITS_ATOL = 1e-4  # the issue's bound; measured 2.4e-7 for both models (fp32, 2026-11-23)
 
 
@@ -35,7 +36,9 @@ def hf_model(request, tmp_path_factory):
     """(name, HF dir saved with save_pretrained, imported checkpoint dir)."""
     make_config, cls = HF_MODELS[request.param]
     torch.manual_seed(0)
-    model = getattr(transformers, cls)(make_config())
+    config = make_config()
+    config.bos_token_id, config.eos_token_id = TOKEN_IDS  # not the families' defaults (1 and 2)
+    model = getattr(transformers, cls)(config)
     for p in model.parameters():  # norms start at 1 in HF; random makes the test see them
         if p.dim() == 1:
             torch.nn.init.uniform_(p, 0.5, 1.5)
@@ -68,6 +71,10 @@ def test_import_then_export_reproduces_the_tensors_exactly(hf_model, tmp_path):
     assert config["architectures"] == [HF_MODELS[name][1]]
     reloaded = getattr(transformers, HF_MODELS[name][1]).from_pretrained(tmp_path / "out")
     assert reloaded.config.vocab_size == VOCAB
+    # the special-token ids survive the round trip, where generate reads them
+    assert (config["bos_token_id"], config["eos_token_id"]) == TOKEN_IDS
+    generation = reloaded.generation_config
+    assert (generation.bos_token_id, generation.eos_token_id) == TOKEN_IDS
 
 
 def _our_logits(ckpt: pathlib.Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -153,3 +160,7 @@ def test_export_of_a_recipe_without_vocab_size(reference, tmp_path):
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["vocab_size"] == 257  # the byte tokenizer's ids, unpadded
+    # generate stops at the end of a document: the byte tokenizer's EOD; it has no BOS
+    assert (config["bos_token_id"], config["eos_token_id"]) == (None, 256)
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation == {"bos_token_id": None, "eos_token_id": 256}

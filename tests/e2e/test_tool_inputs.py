@@ -231,7 +231,7 @@ def test_plan_without_gpu_memory_takes_the_gpus_own(capsys):
 
     assert main(["--recipe", "tiny_gpt", "--gpus", "1", "--gpu", "h200", "--top", "1"]) == 0
     head = capsys.readouterr().out.splitlines()[0]
-    assert head.startswith(f"{REPO / 'recipes' / 'tiny_gpt.yaml'} on 1 x h200 (140.4 GiB): "), head
+    assert head.startswith(f"{REPO / 'recipes' / 'tiny_gpt.yaml'} on 1 x h200 (139.7 GiB): "), head
 
 
 def test_dry_run_names_what_would_stop_the_real_run(capsys, tmp_path):

@@ -26,11 +26,13 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
         ),
         (
             ["model.attention=mla"],
-            "model.num_query_groups does not apply to model.attention = mla (set model.mla's head widths)",
+            "model.num_query_groups does not apply to model.attention = mla: set model.num_query_groups = null "
+            "(model.mla sets the head widths)",
         ),
         (
             [*MLA, "model.qk_layernorm=true"],
-            "model.qk_layernorm does not apply to model.attention = mla (its latents have their norms)",
+            "model.qk_layernorm does not apply to model.attention = mla: set model.qk_layernorm = false "
+            "(its latents have their norms)",
         ),
         (
             [*MLA, "model.rope_scaling.type=llama3"],
@@ -50,7 +52,15 @@ GROUPS = ["model.moe.num_experts=8", "model.moe.score_function=sigmoid"]
             [*MLA, "train.precision=bf16", "fp8.enabled=true"],
             "fp8 on the local spec is not built for model.attention = mla (its latent projections)",
         ),
-        ([*MLA, "model.add_bias_linear=true"], "model.add_bias_linear is not built for model.attention = mla"),
+        (
+            [*MLA, "model.add_bias_linear=true"],
+            "model.add_bias_linear is not built for model.attention = mla: set model.add_bias_linear = false",
+        ),
+        (
+            [*MLA, "model.head_dim=16"],
+            "model.head_dim does not apply to model.attention = mla: set model.head_dim = null "
+            "(model.mla sets the head widths)",
+        ),
         (
             ["model.recompute_granularity=selective", "model.recompute_modules=[mla_up_proj]"],
             "model.recompute_modules: mla_up_proj has nothing to recompute: the model has no multi-latent "

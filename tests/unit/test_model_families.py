@@ -91,6 +91,7 @@ CASES = {
 }
 # what a recipe chooses beyond the architecture: context, kernels, dispatch
 NOT_ARCHITECTURE = ("seq_length", "transformer_impl", "make_vocab_size_divisible_by")
+NOT_ARCHITECTURE += ("recompute_granularity", "recompute_method", "recompute_num_layers")  # the layout's
 NOT_ARCHITECTURE_MOE = ("dispatcher", "grouped_gemm")
 
 
