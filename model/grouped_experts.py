@@ -179,12 +179,14 @@ def _merge_experts(pieces: list, *, glu: bool) -> torch.Tensor:
 
 def _stacked(weights: list[torch.Tensor]) -> torch.nn.Parameter:
     """One [experts, out, in] parameter from per-expert [out, in] ones, with their attributes
-    (tensor-parallel partition, expert `allreduce = False`), the partition dim moved past the stack."""
+    (tensor-parallel partition, expert `allreduce = False`), the partition dim moved past the stack,
+    marked `expert_stack` (Muon steps each expert's slice as a matrix)."""
     param = torch.nn.Parameter(torch.stack([w.detach() for w in weights]))
     for name, value in vars(weights[0]).items():
         setattr(param, name, value)
     if hasattr(param, "partition_dim"):
         param.partition_dim += 1
+    param.expert_stack = True  # type: ignore[attr-defined]  # pretrain/muon.py: expert by expert
     return param
 
 

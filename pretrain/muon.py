@@ -12,7 +12,8 @@ gated fc1 into its gate and up halves (docs/optimizers.md).
 Which matrix is which: a fused QKV weight [ng * (q + k + v), h] (per query group: its query heads,
 then its key and value head) is split into the Q, K and V matrices (optimizer.split_qkv; else
 orthogonalized whole), a gated fc1 [gate; up] into its two halves, as separate q/k/v and gate/up
-projections would be; every expert's matrices on their own.
+projections would be; every expert's matrices on their own, also where grouped experts hold them
+stacked [experts, rows, cols] (each expert's slice is stepped as a separate matrix).
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ class Matrix:
     copy, the distributed optimizer's flat range of it (`flat` = (start, end) in the flattened shard,
     `dp_group` the ranks holding the other ranges), or None where the distributed optimizer keeps
     none of it here. `parts`: row counts splitting the shard into separate matrices, per repeat
-    (QKV: (q, k, v) per local query group; gated fc1: (ffn, ffn) once)."""
+    (QKV: (q, k, v) per local query group; gated fc1: (ffn, ffn) once). `stacked`: the parameter
+    holds local experts' matrices stacked [experts, rows, cols] (model/grouped_experts.py), each
+    stepped as a separate matrix would be."""
 
     name: str
     param: torch.Tensor  # the model's parameter (its shape: this rank's shard)
@@ -87,6 +90,7 @@ class Matrix:
     repeats: int = 1
     flat: tuple[int, int] | None = None
     dp_group: Any = None
+    stacked: bool = False  # grouped experts' [experts, rows, cols]: each expert's slice on its own
 
 
 class MuonAdamW(torch.optim.AdamW):
@@ -212,32 +216,45 @@ def _own_piece(matrix: Matrix, shard_update: torch.Tensor) -> torch.Tensor:
 
 def _orthogonalize_shard(matrix: Matrix, shard: torch.Tensor, s: MuonSettings) -> torch.Tensor:
     """Newton-Schulz on each whole matrix that `shard` (this rank's tensor-parallel shard) is part
-    of, scaled by its learning-rate ratio; returns this rank's shard of the result, fp32."""
+    of, scaled by its learning-rate ratio; returns this rank's shard of the result, fp32. A stack of
+    experts is gathered whole (one collective per piece), then each expert's slice is orthogonalized
+    on its own, as the sequential experts' separate matrices."""
     pieces = _split(matrix, shard)
     out = []
     for piece in pieces:
         whole = _gather(piece, matrix.tp_group, matrix.partition_dim)
-        ratio = lr_ratio(s.adjust_lr, whole.size(0), whole.size(1))
-        orthogonal = newton_schulz(whole, s.ns_coefficients, s.ns_steps, s.eps, s.ns_dtype).float() * ratio
-        out.append(_scatter(orthogonal, matrix.tp_group, matrix.partition_dim))
+        ratio = lr_ratio(s.adjust_lr, whole.size(-2), whole.size(-1))
+        args = (s.ns_coefficients, s.ns_steps, s.eps, s.ns_dtype)
+        if not matrix.stacked:
+            orthogonal = newton_schulz(whole, *args).float() * ratio
+            out.append(_scatter(orthogonal, matrix.tp_group, matrix.partition_dim))
+            continue
+        # each expert's result cut to this rank's shard at once, so no second whole stack is held
+        dim = None if matrix.partition_dim is None else matrix.partition_dim - 1
+        mine = torch.empty(piece.shape, dtype=torch.float32, device=piece.device)
+        for e, expert in enumerate(whole.unbind(0)):
+            mine[e] = _scatter(newton_schulz(expert, *args).float() * ratio, matrix.tp_group, dim)
+        out.append(mine)
     return _unsplit(matrix, out, shard.shape)
 
 
 def _split(matrix: Matrix, shard: torch.Tensor) -> list[torch.Tensor]:
     """The shard's pieces, one per separate matrix, each still this rank's shard of it: QKV's
-    [ng_local, q + k + v, h] into Q [ng_local * q, h], K, V; gated fc1's [gate; up] into halves."""
+    [ng_local, q + k + v, h] into Q [ng_local * q, h], K, V; gated fc1's [gate; up] into halves
+    (per expert for a stack: [experts, gate; up, h] into [experts, gate, h] and [experts, up, h])."""
     if matrix.parts is None:
         return [shard]
-    rows = shard.view(matrix.repeats, sum(matrix.parts), shard.size(-1))
-    return [p.reshape(-1, shard.size(-1)) for p in torch.split(rows, list(matrix.parts), dim=1)]
+    lead, cols = shard.shape[:-2], shard.size(-1)
+    rows = shard.reshape(*lead, matrix.repeats, sum(matrix.parts), cols)
+    return [p.reshape(*lead, -1, cols) for p in torch.split(rows, list(matrix.parts), dim=-2)]
 
 
 def _unsplit(matrix: Matrix, pieces: list[torch.Tensor], shape: torch.Size) -> torch.Tensor:
     if matrix.parts is None:
         return pieces[0]
-    cols = shape[-1]
-    per_repeat = [p.view(matrix.repeats, -1, cols) for p in pieces]
-    return torch.cat(per_repeat, dim=1).view(shape)
+    lead, cols = shape[:-2], shape[-1]
+    per_repeat = [p.reshape(*lead, matrix.repeats, -1, cols) for p in pieces]
+    return torch.cat(per_repeat, dim=-2).reshape(shape)
 
 
 def _split_by_tensor(matrix: Matrix) -> bool:
@@ -264,8 +281,21 @@ def _scatter(whole: torch.Tensor, group: Any, dim: int | None) -> torch.Tensor:
 
 
 def is_muon_param(name: str, param: torch.Tensor) -> bool:
-    """A hidden weight matrix: 2-D and neither the embedding nor the output layer."""
+    """A hidden weight matrix: 2-D and neither the embedding nor the output layer, or a stack of
+    experts' matrices (grouped experts)."""
+    if is_expert_stack(param):
+        return True
     return param.dim() == 2 and not getattr(param, "is_embedding_or_output_parameter", False)
+
+
+def is_expert_stack(param: torch.Tensor) -> bool:
+    """Grouped experts' [experts, rows, cols] weight (model/grouped_experts.py marks it)."""
+    return param.dim() == 3 and getattr(param, "expert_stack", False)
+
+
+def _is_gated_fc1(name: str, config: Any) -> bool:
+    """A gated fc1 [gate; up]: a linear's, or grouped experts' stacked `weight1`."""
+    return bool(config.gated_linear_unit) and name.endswith(("linear_fc1.weight", "experts.weight1"))
 
 
 def model_matrices(chunks: Sequence[Any], groups: Any, split_qkv: bool) -> Iterator[tuple[str, torch.Tensor, Matrix]]:
@@ -278,14 +308,15 @@ def model_matrices(chunks: Sequence[Any], groups: Any, split_qkv: bool) -> Itera
                 continue
             expert = "experts" in name and "shared" not in name
             tp_group = groups.expt_tp if expert else groups.tp
+            stacked = is_expert_stack(param)
             dim = getattr(param, "partition_dim", -1) if getattr(param, "tensor_model_parallel", False) else -1
-            matrix = Matrix(name, param, None, tp_group, None if dim == -1 else dim)
-            local_rows = param.shape[0]  # a DTensor (FSDP) says its whole shape
+            matrix = Matrix(name, param, None, tp_group, None if dim == -1 else dim, stacked=stacked)
+            local_rows = param.shape[1 if stacked else 0]  # a DTensor (FSDP) says its whole shape
             if split_qkv and name.endswith("linear_qkv.weight"):
                 q = config.num_attention_heads // config.num_query_groups * config.kv_channels
                 parts = (q, config.kv_channels, config.kv_channels)
                 matrix.parts, matrix.repeats = parts, local_rows // sum(parts)
-            elif name.endswith("linear_fc1.weight") and config.gated_linear_unit:
+            elif _is_gated_fc1(name, config):
                 matrix.parts = (local_rows // 2, local_rows // 2)
             yield name, param, matrix
 
@@ -372,11 +403,12 @@ def describe(chunks: Sequence[Any], split_qkv: bool) -> str:
         for name, param in chunk.named_parameters():
             short = re.sub(r"\.\d+\.", ".*.", name.replace("module.", ""))
             if is_muon_param(name, param):
+                notes = ["each expert apart"] if is_expert_stack(param) else []
                 if split_qkv and short.endswith("linear_qkv.weight"):
-                    short += " (q, k, v apart)"
-                elif short.endswith("linear_fc1.weight") and chunk.config.gated_linear_unit:
-                    short += " (gate, up apart)"
-                muon[short] = None
+                    notes.append("q, k, v apart")
+                elif _is_gated_fc1(short, chunk.config):
+                    notes.append("gate, up apart")
+                muon[short + (f" ({'; '.join(notes)})" if notes else "")] = None
             else:
                 adamw[short] = None
     return f"optimizer: Muon for {', '.join(muon) or 'nothing'}; AdamW for {', '.join(adamw) or 'nothing'}"

@@ -163,12 +163,14 @@ def _check_muon(recipe: Recipe) -> None:
             "checkpoint.optimizer_format = dp_reshardable holds Adam's moments only, not Muon's momentum: "
             "use fully_reshardable with optimizer.name = muon"
         )
-    if recipe.model.moe.num_experts is not None and recipe.model.moe.grouped_gemm:
-        # pretrain/muon.py steps 2-D matrices: our stacked [experts, out, in] weights would go to
-        # AdamW, and transformer-engine's per-expert weightN to Muon with fc1 not split [gate; up]
+    moe = recipe.model.moe
+    if moe.num_experts is not None and moe.grouped_gemm and recipe.model.transformer_impl == "transformer_engine":
+        # transformer-engine's GroupedMLP keeps each expert's fc1 as a weightN that pretrain/muon.py
+        # does not split [gate; up] (our own grouped experts' stacks it does, expert by expert)
         raise RecipeError(
-            "optimizer.name = muon with model.moe.grouped_gemm = true is not built: Muon steps each expert's "
-            "matrices in sequential experts only (grouped ones hold them stacked); set model.moe.grouped_gemm = false"
+            "optimizer.name = muon with model.moe.grouped_gemm = true is not built for model.transformer_impl = "
+            "transformer_engine (its per-expert fc1 weights are not split [gate; up]); set model.transformer_impl = "
+            "local or model.moe.grouped_gemm = false"
         )
 
 

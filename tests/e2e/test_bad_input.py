@@ -195,9 +195,10 @@ NEW_KEYS = [
     ("tiny_gpt", ["optimizer.ns_steps=3"], "optimizer.ns_steps is a Muon key: set optimizer.name = muon to use it"),
     (
         "tiny_moe",
-        ["optimizer.name=muon", "model.moe.grouped_gemm=true"],
-        "optimizer.name = muon with model.moe.grouped_gemm = true is not built: Muon steps each expert's matrices "
-        "in sequential experts only (grouped ones hold them stacked); set model.moe.grouped_gemm = false",
+        ["optimizer.name=muon", "model.moe.grouped_gemm=true", "model.transformer_impl=transformer_engine"],
+        "optimizer.name = muon with model.moe.grouped_gemm = true is not built for model.transformer_impl = "
+        "transformer_engine (its per-expert fc1 weights are not split [gate; up]); set model.transformer_impl = "
+        "local or model.moe.grouped_gemm = false",
     ),
     (
         "tiny_gpt",

@@ -109,21 +109,32 @@ def test_flat_distributed_optimizer_checkpoints_are_refused():
     load_recipe("tiny_gpt", overrides)
 
 
-def test_grouped_experts_are_refused(megatron_single_process):
-    """Muon steps 2-D matrices: grouped experts' stacked [experts, out, in] weights went to AdamW
-    silently (only the start-up line said so); the recipe is refused in one line. Sequential experts
-    give Muon each expert's matrices."""
+def test_grouped_experts_are_stepped_by_muon_expert_by_expert(megatron_single_process):
+    """Grouped experts' stacked [experts, out, in] weights once went to AdamW silently (only the
+    start-up line said so); now Muon steps each expert's slice (tests/e2e/test_muon_layouts.py holds
+    the curve to the sequential experts'). transformer-engine's grouped experts stay refused."""
     from model.gpt import ModelBuild, build_model_chunks
     from pretrain.muon import describe
     from pretrain.recipe import load_recipe
 
     with pytest.raises(RecipeError) as err:
-        load_recipe("tiny_moe", ["optimizer.name=muon", "model.moe.grouped_gemm=true"])
+        load_recipe(
+            "tiny_moe",
+            ["optimizer.name=muon", "model.moe.grouped_gemm=true", "model.transformer_impl=transformer_engine"],
+        )
     assert str(err.value) == (
-        "optimizer.name = muon with model.moe.grouped_gemm = true is not built: Muon steps each expert's "
-        "matrices in sequential experts only (grouped ones hold them stacked); set model.moe.grouped_gemm = false"
+        "optimizer.name = muon with model.moe.grouped_gemm = true is not built for model.transformer_impl = "
+        "transformer_engine (its per-expert fc1 weights are not split [gate; up]); set model.transformer_impl = "
+        "local or model.moe.grouped_gemm = false"
     )
-    for grouped, expert in ((True, ".mlp.experts.weight1"), (False, ".mlp.experts.local_experts.*.linear_fc1.weight")):
-        model = load_recipe("tiny_moe", [f"model.moe.grouped_gemm={str(grouped).lower()}"]).model
+    for grouped, fc1, fc2 in (
+        (True, ".mlp.experts.weight1 (each expert apart; gate, up apart)", ".mlp.experts.weight2 (each expert apart)"),
+        (
+            False,
+            ".mlp.experts.local_experts.*.linear_fc1.weight (gate, up apart)",
+            ".local_experts.*.linear_fc2.weight",
+        ),
+    ):
+        model = load_recipe("tiny_moe", ["optimizer.name=muon", f"model.moe.grouped_gemm={str(grouped).lower()}"]).model
         muon, adamw = describe(build_model_chunks(model, ModelBuild(), 257), True).split("; AdamW for ")
-        assert expert in (adamw if grouped else muon), (grouped, muon, adamw)
+        assert fc1 in muon and fc2 in muon and "expert" not in adamw, (grouped, muon, adamw)
