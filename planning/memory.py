@@ -203,7 +203,7 @@ def static_state(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, int]:
         shard = shards["dense"].weights
         temporaries = max(temporaries, 2 * FP32 * _largest_parameter(setup) // shard)
     if muon:
-        temporaries = max(temporaries, muon_temporaries(setup, pipeline_rank))
+        temporaries = max(temporaries, muon_temporaries(setup, pipeline_rank, shards["expert"].optimizer))
     return weights + fp8_weight_bytes(setup, pipeline_rank), grads, optimizer, temporaries
 
 
