@@ -14,6 +14,7 @@ from parallel.layout import Layout
 from planning import activations as act
 from planning.activations import FP32, Kernels, Shape
 from planning.mtp import mtp_items, mtp_stage_parameters
+from planning.muon_memory import adam_parameters, muon_temporaries
 from planning.schedule import in_flight, overlap_held
 from planning.setup import stage_layers, validate_for_world, vocab_size
 from planning.te_memory import fp8_weight_bytes, userbuffer_bytes
@@ -162,33 +163,6 @@ def stage_parameters(setup: Setup, pipeline_rank: int) -> tuple[int, int]:
     return dense, expert
 
 
-def adam_parameters(setup: Setup, pipeline_rank: int) -> int:
-    """Under optimizer.name = muon: the dense parameters of one rank of a stage that AdamW still
-    steps (embedding, output layer, norms, biases); every other one is a Muon matrix. Expert
-    biases, a rounding error, are counted as Muon's."""
-    m, layout, vocab, tp = setup.model, setup.layout, setup.vocab, setup.layout.tensor
-    h, bias = m.hidden_size, int(m.add_bias_linear)
-    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
-    qkv = (heads + 2 * groups) * (h // heads)
-    layers = sum(b - a for a, b in setup.stage_ranges[pipeline_rank])
-    per_layer = 2 * h + bias * (qkv // tp + h + 2 * m.ffn_hidden_size // tp + h)
-    adam = layers * per_layer
-    if pipeline_rank == 0:
-        adam += vocab * h // tp
-    if pipeline_rank == layout.pipeline - 1:
-        adam += h + (vocab * h // tp if m.untie_embeddings or layout.pipeline > 1 else 0)
-        adam += m.mtp_num_layers * 3 * h + (vocab * h // tp if m.mtp_num_layers and layout.pipeline > 1 else 0)
-    return adam
-
-
-def largest_muon_matrix(m: ModelConfig) -> int:
-    """Elements of the largest whole matrix Muon orthogonalizes (QKV apart, fc1 as gate and up):
-    every rank rebuilds it whole (gathered over tensor, data or FSDP ranks) for the iteration."""
-    h, heads = m.hidden_size, m.num_attention_heads
-    ffn = max(m.ffn_hidden_size, m.moe.ffn_hidden_size or 0, m.moe.shared_expert_ffn_hidden_size or 0)
-    return max(ffn, heads * (h // heads)) * h
-
-
 def _buffer_numel(params: int, dp: int, distributed: bool) -> int:
     """Gradient-buffer elements: the distributed optimizer pads each buffer to lcm(dp, 128)."""
     if not distributed or params == 0:
@@ -229,8 +203,7 @@ def static_state(setup: Setup, pipeline_rank: int) -> tuple[int, int, int, int]:
         shard = shards["dense"].weights
         temporaries = max(temporaries, 2 * FP32 * _largest_parameter(setup) // shard)
     if muon:
-        # the update whole, the gathered matrix, the iteration's X, (b G + c G^2) and next X
-        temporaries = max(temporaries, 5 * FP32 * largest_muon_matrix(setup.model))
+        temporaries = max(temporaries, muon_temporaries(setup, pipeline_rank, shards["expert"].optimizer))
     return weights + fp8_weight_bytes(setup, pipeline_rank), grads, optimizer, temporaries
 
 

@@ -332,7 +332,8 @@ def muon_time(setup: Setup, gpu: Gpu) -> float:
     parallelism all-gathers each matrix's fp32 shards ((t-1)/t of it, NVLink); the distributed
     optimizer all-reduces it whole over the data x context ranks (2 (d-1)/d), FSDP all-gathers it
     ((d-1)/d), on the network."""
-    from planning.memory import adam_parameters, stage_parameters
+    from planning.memory import stage_parameters
+    from planning.muon_memory import adam_parameters
 
     m, layout, cfg = setup.model, setup.layout, setup.recipe.optimizer
     rate = gpu.peak("fp32" if cfg.ns_dtype == "fp32" else "bf16") * gpu.matmul_efficiency
