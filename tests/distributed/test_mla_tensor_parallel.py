@@ -5,6 +5,7 @@ process's; with the fix reverted the RoPE key's gradient is one rank's partial s
 import pytest
 import torch
 
+from tests.helpers.fixes import unfixed
 from tests.helpers.spawn import run_distributed
 
 FIX = "MLASelfAttention.get_query_key_value_tensors"
@@ -42,11 +43,9 @@ def _kv_down_grads(rank: int, world: int) -> dict:
 
     tp2 = Layout(world_size=world, tensor=2, sequence_parallel=True)
     result = {"one": grad(Layout(world_size=world)), "fixed": grad(tp2)}
-    fixes.FIXES.get(FIX).revert()
-    try:
+    assert fixes.FIXES.get(FIX).applied  # "fixed" ran with the fix
+    with unfixed(FIX):
         result["unfixed"] = grad(tp2)
-    finally:
-        assert FIX in fixes.apply_all()
     return result
 
 

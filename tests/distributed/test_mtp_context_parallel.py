@@ -17,6 +17,7 @@ negative control, a model that rolls across document ends, is tests/unit/test_mt
 import pytest
 import torch
 
+from tests.helpers.fixes import unfixed
 from tests.helpers.spawn import run_distributed
 
 FIX = "gpt_model.roll_tensor"
@@ -97,11 +98,9 @@ def _mtp_figures(rank: int, world: int) -> dict:
         "p2p": figures(cp2),
         "a2a": figures(Layout(world_size=world, context=2, context_comm="a2a")),
     }
-    fixes.FIXES.get(FIX).revert()
-    try:
+    assert fixes.FIXES.get(FIX).applied  # the figures above ran with the fix
+    with unfixed(FIX):
         result["unfixed"] = figures(cp2)
-    finally:
-        assert FIX in fixes.apply_all()
     return result
 
 
