@@ -135,12 +135,7 @@ def import_hf(hf_dir: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
         raise UserError(f"{hf_dir} is not a folder: give the Hugging Face model's folder (with config.json)")
     if not config_path.is_file():
         raise UserError(f"{hf_dir}: no config.json")
-    try:
-        hf_config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"{config_path} is not valid JSON: {exc}") from None
-    if not isinstance(hf_config, dict):
-        raise UserError(f"{config_path}: expected a JSON object, got {type(hf_config).__name__}")
+    hf_config = json_object(config_path)
     try:
         model_cfg = model_config_from_hf(hf_config)
     except KeyError as exc:
@@ -220,18 +215,25 @@ def export_hf(ckpt: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
 TOKEN_IDS = ("bos_token_id", "eos_token_id")
 
 
+def json_object(path: pathlib.Path) -> dict:
+    """A Hugging Face folder's JSON file (config.json, generation_config.json) as a dict; a
+    one-line UserError naming the file when it is not valid JSON or not an object."""
+    try:
+        loaded = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(loaded).__name__}")
+    return loaded
+
+
 def hf_token_ids(hf_dir: pathlib.Path, hf_config: dict) -> dict[str, dict]:
     """The special-token ids of a Hugging Face folder, which no tensor holds: config.json's and
     generation_config.json's (which `generate` stops at), kept by import for export."""
     ids = {"config": {k: hf_config[k] for k in TOKEN_IDS if k in hf_config}}
     generation = hf_dir / "generation_config.json"
     if generation.is_file():
-        try:
-            saved = json.loads(generation.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise UserError(f"{generation} is not valid JSON: {exc}") from None
-        if not isinstance(saved, dict):
-            raise UserError(f"{generation}: expected a JSON object, got {type(saved).__name__}")
+        saved = json_object(generation)
         ids["generation"] = {k: saved[k] for k in TOKEN_IDS if k in saved}
     return ids
 
